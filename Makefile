@@ -1,0 +1,78 @@
+# meterproof's front door. Every target sets up what it needs on a fresh Debian/Ubuntu
+# machine (apt packages when missing, a venv, the project), then runs one thing.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+MP       := $(VENV)/bin/meterproof
+APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-packages test lint typecheck pytest demo bench chaos certs device-cert revoke stack-up stack-down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+system-packages: ## apt-get install what is missing (mosquitto, redis, postgresql, venv)
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  sudo=""; [ "$$(id -u)" -ne 0 ] && sudo="sudo"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+setup: system-packages $(VENV)/.installed ## system packages + venv + project
+
+lint: setup ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup ## mypy --strict on our packages
+	$(VENV)/bin/mypy
+
+pytest: setup ## the test suite against real Mosquitto, PostgreSQL and Redis
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
+	exit $$rc
+
+test: lint typecheck pytest ## everything CI runs: lint, types, tests
+
+demo: setup ## local stack + PKI + registry + workers + a simulated fleet, then a summary
+	$(MP) demo
+
+bench: setup ## the benchmark suite; writes docs/benchmarks.md
+	$(MP) bench
+
+chaos: setup ## the fault campaign; writes docs/reliability.md
+	$(MP) chaos
+
+certs: setup ## root CA, broker certificate, empty CRL (never overwrites a CA)
+	$(MP) certs init
+
+device-cert: setup ## make device-cert METER=<id> [ALG=EdDSA]
+	@test -n "$(METER)" || { echo "usage: make device-cert METER=<meter id> [ALG=EdDSA|ES256|RS256|PS256]" >&2; exit 2; }
+	$(MP) certs issue "$(METER)" --alg "$(or $(ALG),EdDSA)"
+
+revoke: setup ## make revoke METER=<id>
+	@test -n "$(METER)" || { echo "usage: make revoke METER=<meter id>" >&2; exit 2; }
+	$(MP) certs revoke "$(METER)"
+
+stack-up: setup ## start Mosquitto, PostgreSQL and Redis on loopback (.run/)
+	$(MP) stack up
+
+stack-down: setup ## stop the local stack
+	$(MP) stack down
+
+clean: ## remove the venv and runtime state (keeps certs/out)
+	-$(MP) stack down 2>/dev/null
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ledger bridge: epochs, Merkle commitments, mints and exactly-once anchoring."""

@@ -1,0 +1,1 @@
+"""Operator PKI: root CA, broker and device certificates, revocation, signing keys."""

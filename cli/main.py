@@ -1,0 +1,43 @@
+"""Root of the `meterproof` command.
+
+Each group lives in the package that does the work and is imported only when used, so
+`meterproof --help` stays instant and a broken optional dependency breaks one group only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+#: command name -> "module:attribute" of a click command or group.
+COMMANDS: dict[str, str] = {
+    "certs": "certs.cli:certs",
+    "stack": "stack.cli:stack",
+    "simulate": "meter.cli:simulate",
+    "meter": "meter.cli:meter",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="meterproof")
+def main() -> None:
+    """meterproof: signed smart-meter readings, verified, stored and anchored.
+
+    Run `meterproof COMMAND --help` for each command's options.
+    """

@@ -1,0 +1,1 @@
+"""The ingest worker: source -> decode -> verify -> replay -> batch -> store -> ack/publish."""

@@ -1,0 +1,1 @@
+"""The reference meter client (sign + publish) and the fleet simulator."""

@@ -1,0 +1,1 @@
+"""Mosquitto broker configuration: templates rendered for the running environment."""
