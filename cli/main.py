@@ -10,6 +10,8 @@ import importlib
 
 import click
 
+from cli.logs import configure_logging
+
 #: command name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
     "certs": "certs.cli:certs",
@@ -36,8 +38,17 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="meterproof")
-def main() -> None:
+@click.option(
+    "--log-level",
+    envvar="METERPROOF_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Threshold for the JSON log lines written to stderr.",
+)
+def main(log_level: str) -> None:
     """meterproof: signed smart-meter readings, verified, stored and anchored.
 
     Run `meterproof COMMAND --help` for each command's options.
     """
+    configure_logging(level=log_level)
