@@ -51,4 +51,4 @@ class StackEnv(BaseSettings):
     @classmethod
     def load(cls, path: Path | None = None) -> StackEnv:
         """Environment variables win over the file; the file wins over defaults."""
-        return cls(_env_file=path or STACK_ENV_FILE)  # type: ignore[call-arg]
+        return cls(_env_file=path or STACK_ENV_FILE)
