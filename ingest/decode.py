@@ -1,0 +1,47 @@
+"""Rules 1 and 2 of reading-v1 section 5: the payload is a reading, for its own topic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ingest.records import Message, Rejection
+from schemas.codec import MalformedPayload, decode_reading
+from schemas.reading import RejectReason, SignedReading
+from schemas.signing import reading_hash, signing_bytes
+
+_PREFIX = "meters/"
+_SUFFIX = "/readings"
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    message: Message
+    reading: SignedReading
+    signing_bytes: bytes
+    reading_hash: bytes
+
+
+def topic_meter_id(topic: str) -> str | None:
+    """The publisher: the broker ACL lets only meter X write `meters/X/readings`."""
+    if topic.startswith(_PREFIX) and topic.endswith(_SUFFIX):
+        return topic[len(_PREFIX) : -len(_SUFFIX)] or None
+    return None
+
+
+def decode(message: Message) -> Decoded | Rejection:
+    try:
+        reading = decode_reading(message.payload)
+    except MalformedPayload as exc:
+        return Rejection(message, RejectReason.MALFORMED, str(exc))
+    message_bytes = signing_bytes(reading)
+    digest = reading_hash(message_bytes)
+    if topic_meter_id(message.topic) != reading.meter_id:
+        return Rejection(
+            message,
+            RejectReason.TOPIC_MISMATCH,
+            f"payload meter_id {reading.meter_id!r} on topic {message.topic!r}",
+            meter_id=topic_meter_id(message.topic),
+            seq=reading.seq,
+            reading_hash=digest,
+        )
+    return Decoded(message, reading, message_bytes, digest)

@@ -1,0 +1,84 @@
+"""Rules 3 to 6 of reading-v1 section 5: a registered, active meter; a key registered for
+the reading's algorithm; a good signature; a plausible timestamp. Pure: the registry
+snapshot and the clock are passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from ingest.decode import Decoded
+from ingest.records import Candidate, Rejection
+from schemas.reading import RejectReason, b64url_decode
+from schemas.signatures import PublicKey
+
+#: Statuses whose readings are accepted (section 5, rule 3).
+ACCEPTING_STATUSES: Final = frozenset({"active", "maintenance", "firmware_update"})
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredKey:
+    kid: str
+    key: PublicKey
+    valid_from_ms: int
+    valid_to_ms: int | None
+
+    def valid_at(self, now_ms: int) -> bool:
+        return self.valid_from_ms <= now_ms and (
+            self.valid_to_ms is None or now_ms <= self.valid_to_ms
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSnapshot:
+    """What the registry says about one meter at the time of the check."""
+
+    meter_id: str
+    status: str
+    keys: tuple[RegisteredKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TimeBounds:
+    max_future_ms: int = 300_000
+    max_age_ms: int = 7 * 24 * 3600 * 1000
+
+    def __post_init__(self) -> None:
+        if self.max_future_ms < 0 or self.max_age_ms <= 0:
+            raise ValueError("max_future must be >= 0 and max_age > 0")
+
+
+def verify(  # noqa: PLR0911 - one return per acceptance rule, in the spec's order
+    decoded: Decoded, meter: MeterSnapshot | None, *, now_ms: int, bounds: TimeBounds
+) -> Candidate | Rejection:
+    reading = decoded.reading
+
+    def reject(reason: RejectReason, detail: str) -> Rejection:
+        return Rejection(
+            decoded.message, reason, detail, reading.meter_id, reading.seq, decoded.reading_hash
+        )
+
+    if meter is None:
+        return reject(RejectReason.UNKNOWN_METER, "meter is not registered")
+    if meter.status not in ACCEPTING_STATUSES:
+        return reject(RejectReason.METER_NOT_ACTIVE, f"meter status is {meter.status}")
+    keys = [
+        k
+        for k in meter.keys
+        if k.key.alg == reading.alg
+        and k.valid_at(now_ms)
+        and (reading.kid is None or k.kid == reading.kid)
+    ]
+    if not keys:
+        kid = f" kid {reading.kid!r}" if reading.kid is not None else ""
+        return reject(RejectReason.UNSUPPORTED_ALG, f"no valid {reading.alg!r}{kid} key registered")
+    signature = b64url_decode(reading.sig)
+    if not any(k.key.verify(signature, decoded.signing_bytes) for k in keys):
+        return reject(RejectReason.BAD_SIGNATURE, f"signature does not verify ({reading.alg})")
+    if reading.ts > now_ms + bounds.max_future_ms:
+        return reject(RejectReason.TIMESTAMP_SKEW, f"ts is {reading.ts - now_ms} ms ahead")
+    if reading.ts < now_ms - bounds.max_age_ms:
+        return reject(RejectReason.STALE_READING, f"ts is {now_ms - reading.ts} ms old")
+    return Candidate(
+        decoded.message, reading, decoded.signing_bytes, decoded.reading_hash, verified_at_ms=now_ms
+    )
