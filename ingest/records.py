@@ -47,12 +47,20 @@ class Rejection:
 class Accepted:
     candidate: Candidate
 
+    @property
+    def message(self) -> Message:
+        return self.candidate.message
+
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
     """Already stored with the same hash: not an error, the meter just did not hear back."""
 
     candidate: Candidate
+
+    @property
+    def message(self) -> Message:
+        return self.candidate.message
 
 
 Outcome: TypeAlias = Accepted | Duplicate | Rejection

@@ -1,0 +1,87 @@
+"""Every option of an ingest worker, validated at start (env `METERPROOF_*`, `.run/stack.env`,
+or a TOML file named by `METERPROOF_CONFIG`). `docs/ingest.sample.toml` explains each one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from stack.env import STACK_ENV_FILE
+
+
+class IngestSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERPROOF_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True
+    )
+
+    # where things are
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+    pki_root: Path = Path("certs/out")
+    database_url: str = "postgresql://meterproof@127.0.0.1:5432/meterproof"
+    redis_url: str | None = Field(
+        default="redis://127.0.0.1:6379/0", description="None disables the replay fast path"
+    )
+
+    # the MQTT session
+    client_id: str = Field(default_factory=lambda: f"ingest-{socket.gethostname()}-0")
+    share_group: str = "ingest"
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60, le=0xFFFFFFFF)
+    receive_maximum: int = Field(default=4000, ge=20, le=65535)
+
+    # batching and backpressure
+    batch_max_size: int = Field(default=1000, ge=1, le=50_000)
+    batch_linger_ms: int = Field(default=25, ge=0, le=10_000)
+    queue_max: int = Field(default=8000, ge=1)
+    retry_initial_s: float = Field(default=0.2, gt=0)
+    retry_max_s: float = Field(default=5.0, gt=0)
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+
+    # acceptance rules (reading-v1 section 5)
+    max_future_s: int = Field(default=300, ge=0)
+    max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
+    rate_window_s: int = Field(default=60, gt=0)
+    rate_max_readings: int = Field(default=60, ge=1)
+    quarantine_failures: int = Field(default=5, ge=1)
+    quarantine_window_s: int = Field(default=600, gt=0)
+
+    # caches
+    key_cache_ttl_s: float = Field(default=30.0, gt=0)
+    replay_ttl_s: int = Field(default=900, ge=1)
+
+    # telemetry
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9108, ge=0, le=65535, description="0 disables /metrics")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> IngestSettings:
+        if self.queue_max < self.batch_max_size:
+            raise ValueError("queue_max must be at least batch_max_size")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be at least retry_initial_s")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then environment, then `.run/stack.env`, then the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml = os.environ.get("METERPROOF_CONFIG")
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)

@@ -1,0 +1,259 @@
+"""The store stage: one transaction per batch, and the only place rules 7-9 meet the database.
+
+Order inside the transaction, which is the design:
+  1. lock the batch's meters (`FOR UPDATE`, sorted: no deadlock between workers), so two
+     workers never judge the same meter's readings against a stale view;
+  2. read what is stored: hashes of the batch's (meter_id, seq), and each meter's readings
+     around the batch's timestamps (for the register and rate rules);
+  3. judge (pure, `ingest.judge`);
+  4. write accepted readings (`reading_log` + `readings`), rejected readings and security
+     events with COPY; quarantine meters over the failure threshold;
+  5. commit. Only after that does the worker acknowledge anything.
+`reading_log`'s primary key (meter_id, seq) stays the final judge of "seen": if it ever
+fires, the transaction rolls back and the batch is judged again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import orjson
+import psycopg
+from psycopg import AsyncConnection
+
+from ingest.errors import TransientError
+from ingest.judge import RateLimit, StoredPoint, judge
+from ingest.records import Accepted, Candidate, Outcome, Rejection
+from ingest.security import QuarantinePolicy, event_for
+from schemas.reading import b64url_decode
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def dt_to_ms(dt: datetime) -> int:
+    return (dt - EPOCH) // timedelta(milliseconds=1)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    outcomes: list[Outcome]
+    quarantined: list[str]
+
+
+_LOCK = "SELECT meter_id FROM meters WHERE meter_id = ANY(%s) ORDER BY meter_id FOR UPDATE"
+_SEEN = """
+SELECT l.meter_id, l.seq, l.reading_hash
+FROM reading_log l
+JOIN unnest(%s::text[], %s::numeric[]) AS k(meter_id, seq)
+  ON l.meter_id = k.meter_id AND l.seq = k.seq
+"""
+_HISTORY = """
+SELECT b.meter_id, x.ts, x.import_wh, x.export_wh
+FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS b(meter_id, lo, hi)
+CROSS JOIN LATERAL (
+    (SELECT ts, import_wh, export_wh FROM reading_log l
+      WHERE l.meter_id = b.meter_id AND l.ts < b.lo ORDER BY l.ts DESC LIMIT 1)
+    UNION ALL
+    (SELECT ts, import_wh, export_wh FROM reading_log l
+      WHERE l.meter_id = b.meter_id AND l.ts >= b.lo AND l.ts <= b.hi)
+    UNION ALL
+    (SELECT ts, import_wh, export_wh FROM reading_log l
+      WHERE l.meter_id = b.meter_id AND l.ts > b.hi ORDER BY l.ts LIMIT 1)
+) x
+"""
+_COPY_LOG = (
+    "COPY reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh) "
+    "FROM STDIN (FORMAT BINARY)"
+)
+_LOG_TYPES: Final = ["text", "numeric", "bytea", "timestamptz", "numeric", "numeric"]
+_COPY_READINGS = (
+    "COPY readings (meter_id, seq, ts, import_wh, export_wh, power_w, voltage_mv, current_ma,"
+    " frequency_mhz, power_factor_milli, alg, kid, sig, reading_hash, received_at, verified_at)"
+    " FROM STDIN (FORMAT BINARY)"
+)
+_READING_TYPES: Final = [
+    "text", "numeric", "timestamptz", "numeric", "numeric", "int8", "int8", "int8", "int8",
+    "int8", "text", "text", "bytea", "bytea", "timestamptz", "timestamptz",
+]  # fmt: skip
+_COPY_REJECTED = (
+    "COPY rejected_readings (payload, topic, tls_identity, meter_id, seq, reading_hash, reason,"
+    " detail, received_at) FROM STDIN (FORMAT BINARY)"
+)
+_REJECTED_TYPES: Final = [
+    "bytea", "text", "text", "text", "numeric", "bytea", "text", "text", "timestamptz",
+]  # fmt: skip
+_COPY_EVENTS = "COPY security_events (type, severity, meter_id, detail) FROM STDIN (FORMAT BINARY)"
+_EVENT_TYPES: Final = ["text", "security_severity", "text", "jsonb"]
+_FAILURES = """
+SELECT meter_id FROM security_events
+WHERE meter_id = ANY(%s) AND type = ANY(%s) AND at > now() - make_interval(secs => %s)
+GROUP BY meter_id HAVING count(*) >= %s
+"""
+_QUARANTINE = """
+UPDATE meters SET status = 'quarantined', updated_at = now()
+WHERE meter_id = ANY(%s) AND status IN ('active', 'maintenance', 'firmware_update')
+RETURNING meter_id
+"""
+
+
+class ReadingStore:
+    """Owns one connection; the worker calls it from one task, batch after batch."""
+
+    def __init__(
+        self,
+        conn: AsyncConnection[tuple[object, ...]],
+        *,
+        limit: RateLimit,
+        policy: QuarantinePolicy,
+    ) -> None:
+        self._conn = conn
+        self._limit = limit
+        self._policy = policy
+
+    async def commit_batch(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult:
+        try:
+            async with self._conn.transaction():
+                outcomes = await self._judge(candidates) if candidates else []
+                judged_rejections = [o for o in outcomes if isinstance(o, Rejection)]
+                accepted = [o.candidate for o in outcomes if isinstance(o, Accepted)]
+                all_rejections = [*rejections, *judged_rejections]
+                await self._write_accepted(accepted)
+                await self._write_rejections(all_rejections)
+                quarantined = await self._quarantine(all_rejections)
+        except psycopg.Error as exc:
+            raise TransientError("database", f"{type(exc).__name__}: {exc}") from exc
+        return BatchResult(outcomes, quarantined)
+
+    async def _judge(self, candidates: Sequence[Candidate]) -> list[Outcome]:
+        meters = sorted({c.reading.meter_id for c in candidates})
+        spans: dict[str, tuple[int, int]] = {}
+        for c in candidates:
+            lo, hi = spans.get(c.reading.meter_id, (c.reading.ts, c.reading.ts))
+            spans[c.reading.meter_id] = (min(lo, c.reading.ts), max(hi, c.reading.ts))
+        window = self._limit.window_ms
+        async with self._conn.cursor() as cur:
+            await cur.execute(_LOCK, (meters,))
+            await cur.execute(
+                _SEEN,
+                ([c.reading.meter_id for c in candidates], [c.reading.seq for c in candidates]),
+            )
+            seen = {(str(m), int(s)): bytes(h) for m, s, h in await cur.fetchall()}  # type: ignore[call-overload]
+            await cur.execute(
+                _HISTORY,
+                (
+                    list(spans),
+                    [ms_to_dt(lo - window) for lo, _ in spans.values()],
+                    [ms_to_dt(hi) for _, hi in spans.values()],
+                ),
+            )
+            history: dict[str, list[StoredPoint]] = defaultdict(list)
+            for meter_id, ts, imp, exp in await cur.fetchall():
+                history[str(meter_id)].append(StoredPoint(dt_to_ms(ts), int(imp), int(exp)))  # type: ignore[arg-type,call-overload]
+        return judge(candidates, seen=seen, history=history, limit=self._limit)
+
+    async def _write_accepted(self, accepted: Sequence[Candidate]) -> None:
+        if not accepted:
+            return
+        async with self._conn.cursor() as cur:
+            async with cur.copy(_COPY_LOG) as copy:
+                copy.set_types(_LOG_TYPES)
+                for c in accepted:
+                    r = c.reading
+                    await copy.write_row(
+                        (
+                            r.meter_id,
+                            r.seq,
+                            c.reading_hash,
+                            ms_to_dt(r.ts),
+                            r.import_wh,
+                            r.export_wh,
+                        )
+                    )
+            async with cur.copy(_COPY_READINGS) as copy:
+                copy.set_types(_READING_TYPES)
+                for c in accepted:
+                    r = c.reading
+                    await copy.write_row(
+                        (
+                            r.meter_id, r.seq, ms_to_dt(r.ts), r.import_wh, r.export_wh,
+                            r.power_w, r.voltage_mv, r.current_ma, r.frequency_mhz,
+                            r.power_factor_milli, r.alg, r.kid, b64url_decode(r.sig),
+                            c.reading_hash, ms_to_dt(c.message.received_at_ms),
+                            ms_to_dt(c.verified_at_ms),
+                        )
+                    )  # fmt: skip
+
+    async def _write_rejections(self, rejections: Sequence[Rejection]) -> None:
+        if not rejections:
+            return
+        async with self._conn.cursor() as cur:
+            async with cur.copy(_COPY_REJECTED) as copy:
+                copy.set_types(_REJECTED_TYPES)
+                for j in rejections:
+                    await copy.write_row(
+                        (
+                            j.message.payload, j.message.topic, j.message.tls_identity,
+                            j.meter_id, j.seq, j.reading_hash, j.reason.value, j.detail,
+                            ms_to_dt(j.message.received_at_ms),
+                        )
+                    )  # fmt: skip
+            async with cur.copy(_COPY_EVENTS) as copy:
+                copy.set_types(_EVENT_TYPES)
+                for j in rejections:
+                    event = event_for(j)
+                    await copy.write_row(
+                        (
+                            event.type,
+                            event.severity,
+                            j.meter_id,
+                            orjson.dumps(event.detail).decode(),
+                        )
+                    )
+
+    async def _quarantine(self, rejections: Sequence[Rejection]) -> list[str]:
+        suspects = sorted(
+            {j.meter_id for j in rejections if j.meter_id and self._policy.counts(j.reason)}
+        )
+        if not suspects:
+            return []
+        async with self._conn.cursor() as cur:
+            await cur.execute(
+                _FAILURES,
+                (
+                    suspects,
+                    sorted(self._policy.event_types()),
+                    self._policy.window_s,
+                    self._policy.failures,
+                ),
+            )
+            over = [str(row[0]) for row in await cur.fetchall()]
+            if not over:
+                return []
+            await cur.execute(_QUARANTINE, (over,))
+            quarantined = [str(row[0]) for row in await cur.fetchall()]
+            for meter_id in quarantined:
+                await cur.execute(
+                    "INSERT INTO security_events (type, severity, meter_id, detail)"
+                    " VALUES ('quarantined', 'critical', %s, %s)",
+                    (
+                        meter_id,
+                        orjson.dumps(
+                            {
+                                "failures": self._policy.failures,
+                                "window_s": self._policy.window_s,
+                                "by": "ingest",
+                            }
+                        ).decode(),
+                    ),
+                )
+        return quarantined

@@ -1,0 +1,80 @@
+"""Metrics, one pattern for names (`meterproof_<thing>_<unit>_total`), plus the two names the
+seeds ask for; and the HTTP endpoints orchestrators probe (/metrics, /healthz, /readyz).
+
+Telemetry is per batch: counters are incremented once per batch with the batch's counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+from schemas.reading import RejectReason
+
+RECEIVED = Counter("meterproof_readings_received_total", "Messages taken from the broker")
+ACCEPTED = Counter("meterproof_readings_accepted_total", "Readings stored for the first time")
+DUPLICATE = Counter("meterproof_readings_duplicate_total", "Readings already stored (same hash)")
+REJECTED = Counter(
+    "meterproof_readings_rejected_total", "Readings rejected, by spec reason", ["reason"]
+)
+SIGNATURE_FAILURES = Counter(
+    "energy_signature_verification_failures_total", "Readings whose signature did not verify"
+)
+BATCH_SIZE = Histogram(
+    "meterproof_batch_readings",
+    "Messages per committed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+COMMIT_SECONDS = Histogram(
+    "meterproof_batch_commit_seconds",
+    "Time of the store transaction of a batch",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+ORACLE_LATENCY = Histogram(
+    "oracle_latency_seconds",
+    "From the reading's ts to its commit (end-to-end latency)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+QUEUE_DEPTH = Gauge("meterproof_queue_depth_messages", "Messages received, not yet committed")
+DEPENDENCY_ERRORS = Counter(
+    "meterproof_dependency_errors_total", "Failures of a dependency", ["dependency"]
+)
+QUARANTINED = Counter("meterproof_meters_quarantined_total", "Meters quarantined by the worker")
+
+for _reason in RejectReason:  # every label exists from the start, at zero
+    REJECTED.labels(reason=_reason.value)
+for _dependency in ("database", "redis", "broker"):
+    DEPENDENCY_ERRORS.labels(dependency=_dependency)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Probes every few seconds would drown the JSON log."""
+
+
+def serve_http(
+    host: str, port: int, *, ready: Callable[[], bool]
+) -> tuple[WSGIServer, threading.Thread]:
+    """/metrics for Prometheus, /healthz (the process runs), /readyz (it can take work)."""
+    metrics = make_wsgi_app()
+
+    def app(environ: WSGIEnvironment, start: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            start("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            ok = ready()
+            start("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if ok else b"not ready\n"]
+        body: Iterable[bytes] = metrics(environ, start)
+        return body
+
+    server = make_server(host, port, app, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="telemetry", daemon=True)
+    thread.start()
+    return server, thread
