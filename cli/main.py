@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "stack": "stack.cli:stack",
     "simulate": "meter.cli:simulate",
     "meter": "meter.cli:meter",
+    "ingest": "ingest.cli:ingest",
 }
 
 

@@ -118,6 +118,9 @@ class ReadingStore:
         self._limit = limit
         self._policy = policy
 
+    async def close(self) -> None:
+        await self._conn.close()
+
     async def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:

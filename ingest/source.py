@@ -1,0 +1,112 @@
+"""The MQTT source: a persistent MQTT 5 session on the shared subscription, acknowledging
+each message only when the worker says its outcome is committed.
+
+gmqtt with `optimistic_acknowledgement=False` runs the async handler as a task per message
+and sends the PUBACK when that task returns; our handler returns only after the commit. A
+handler that never returns (worker killed, batch not committed at shutdown) sends no PUBACK,
+and the broker redelivers the message to the session on reconnect. The broker's inflight
+window (`max_inflight_messages`, and `receive_maximum` here) bounds how many are pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from gmqtt import Client
+from gmqtt.mqtt.constants import MQTTv50
+
+from ingest.records import Message
+
+READINGS_FILTER: Final = "meters/+/readings"
+log = structlog.get_logger("ingest.source")
+
+#: The worker's entry point: returns once the message's outcome is durable.
+Handler = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsIdentity:
+    ca: Path
+    cert: Path
+    key: Path
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+
+class MqttSource:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: TlsIdentity,
+        client_id: str,
+        share_group: str,
+        session_expiry_s: int,
+        receive_maximum: int,
+        handler: Handler,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self._handler = handler
+        self._topic = f"$share/{share_group}/{READINGS_FILTER}"
+        # clean_start=False from the very first connect: a v5 session first created with
+        # clean start does not survive a broker restart on this Mosquitto (facts.md).
+        self._client = Client(
+            client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=session_expiry_s,
+            receive_maximum=receive_maximum,
+        )
+        self._client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._client.connect(
+            self._host, self._port, ssl=self._tls.context(), version=MQTTv50, keepalive=30
+        )
+
+    def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:  # noqa: ANN401
+        # Subscribing again on a resumed session is harmless and covers a session the
+        # broker lost (expired, or a broker without persistence).
+        client.subscribe(self._topic, qos=1)
+        self.connected.set()
+        log.info("broker_connected", topic=self._topic, session_present=bool(flags))
+
+    def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
+        self.connected.clear()
+        log.warning("broker_disconnected", error=None if exc is None else str(exc))
+
+    async def _on_message(
+        self,
+        client: Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        properties: Any,  # noqa: ANN401
+    ) -> int:
+        await self._handler(Message(topic, payload, time.time_ns() // 1_000_000))
+        return 0  # PUBACK "success": sent by gmqtt only now, after the commit
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1; gmqtt keeps it and resends after a reconnect until the broker acknowledges."""
+        self._client.publish(topic, payload, qos=1, retain=retain)
+
+    async def stop(self) -> None:
+        await self._client.disconnect()

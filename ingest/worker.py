@@ -1,0 +1,297 @@
+"""One ingest worker process: source -> decode -> verify -> replay -> store -> ack/publish.
+
+The order of effects is the design, written down once, here:
+    store -> commit -> PUBACK -> receipt -> verified republish -> mark seen in Redis.
+Nothing is acknowledged before the commit that makes its outcome durable; a crash at any
+point leaves unacknowledged messages, which the broker redelivers and the store recognises.
+
+Backpressure: every received message waits in a bounded queue; when the database is slow
+or down, batches are retried with backoff while the queue and then the broker's inflight
+window fill, and the broker stops sending. Memory is bounded by `queue_max` and the
+session's receive maximum, never by the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from psycopg import AsyncConnection
+
+from certs.layout import PkiLayout
+from ingest import telemetry as t
+from ingest.batcher import next_batch
+from ingest.decode import Decoded, decode
+from ingest.errors import TransientError
+from ingest.judge import RateLimit
+from ingest.keys import KeyCache
+from ingest.publish import receipt, verified
+from ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
+from ingest.replay import RedisReplayCache, ReplayCache, same_reading
+from ingest.security import QuarantinePolicy
+from ingest.settings import IngestSettings
+from ingest.source import MqttSource, TlsIdentity
+from ingest.store import ReadingStore
+from ingest.verify import TimeBounds, verify
+from schemas.reading import RejectReason
+
+log = structlog.get_logger("ingest.worker")
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: Message
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class _NoReplayCache:
+    """Used when Redis is switched off: every lookup misses, the database decides."""
+
+    async def lookup(self, keys: Sequence[tuple[str, int]]) -> list[bytes | None]:
+        return [None] * len(keys)
+
+    async def remember(self, entries: Sequence[tuple[str, int, bytes]]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class Worker:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_max)
+        self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
+        self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
+        self._replay: ReplayCache = (
+            RedisReplayCache(settings.redis_url, ttl_s=settings.replay_ttl_s)
+            if settings.redis_url
+            else _NoReplayCache()
+        )
+        self._limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
+        self._policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
+        self._store: ReadingStore | None = None
+        pki = PkiLayout(settings.pki_root)
+        identity = pki.service("ingest")
+        self._source = MqttSource(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            tls=TlsIdentity(pki.ca_cert, identity.cert, identity.key),
+            client_id=settings.client_id,
+            share_group=settings.share_group,
+            session_expiry_s=settings.session_expiry_s,
+            receive_maximum=settings.receive_maximum,
+            handler=self._submit,
+        )
+        self.stopping = asyncio.Event()
+        self.committed = 0
+
+    def ready(self) -> bool:
+        return self._source.connected.is_set() and self._keys.listening.is_set()
+
+    async def _submit(self, message: Message) -> None:
+        """Called per message by the source; returns when its outcome is committed."""
+        pending = _Pending(message)
+        await self._queue.put(pending)
+        t.QUEUE_DEPTH.inc()
+        await pending.done
+
+    async def run(self) -> None:
+        listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
+        await self._source.start()
+        log.info("worker_started", client_id=self.settings.client_id)
+        try:
+            while not self.stopping.is_set():
+                getter = asyncio.ensure_future(
+                    next_batch(
+                        self._queue,
+                        max_size=self.settings.batch_max_size,
+                        linger_s=self.settings.batch_linger_ms / 1000,
+                    )
+                )
+                stop = asyncio.ensure_future(self.stopping.wait())
+                await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not getter.done():
+                    getter.cancel()
+                    break
+                await self._process_until_committed(getter.result())
+        finally:
+            await self._shutdown(listener)
+
+    async def _shutdown(self, listener: asyncio.Task[None]) -> None:
+        """Disconnect first, so nothing more is taken and no PUBACK can follow; what is
+        still queued was never committed and will be redelivered."""
+        self.stopping.set()
+        await self._source.stop()
+        dropped = 0
+        while not self._queue.empty():
+            self._queue.get_nowait().done.cancel()
+            dropped += 1
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await self._keys.close()
+        await self._replay.close()
+        if self._store is not None:
+            await self._store.close()
+        log.info("worker_stopped", committed=self.committed, left_for_redelivery=dropped)
+
+    async def _process_until_committed(self, batch: list[_Pending]) -> None:
+        delay = self.settings.retry_initial_s
+        while True:
+            try:
+                await self._process(batch)
+                return
+            except TransientError as exc:
+                t.DEPENDENCY_ERRORS.labels(dependency=exc.dependency).inc()
+                log.warning(
+                    "batch_retry", error=str(exc), size=len(batch), retry_in_s=round(delay, 3)
+                )
+                if self._store is not None:
+                    await self._store.close()
+                    self._store = None
+                if self.stopping.is_set():
+                    log.warning("batch_left_for_redelivery", size=len(batch))
+                    for p in batch:
+                        p.done.cancel()
+                    return
+                with contextlib.suppress(TimeoutError):
+                    jitter = random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+                    await asyncio.wait_for(self.stopping.wait(), delay * jitter)
+                delay = min(delay * 2, self.settings.retry_max_s)
+
+    async def _process(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        now_ms = time.time_ns() // 1_000_000
+        decoded: list[Decoded] = []
+        rejections: list[Rejection] = []
+        for p in batch:
+            d = decode(p.message)
+            if isinstance(d, Rejection):
+                rejections.append(d)
+            else:
+                decoded.append(d)
+        snapshots = await self._keys.snapshots({d.reading.meter_id for d in decoded})
+        candidates: list[Candidate] = []
+        for d in decoded:
+            v = verify(d, snapshots.get(d.reading.meter_id), now_ms=now_ms, bounds=self._bounds)
+            if isinstance(v, Rejection):
+                rejections.append(v)
+            else:
+                candidates.append(v)
+
+        cached = await self._replay.lookup(
+            [(c.reading.meter_id, c.reading.seq) for c in candidates]
+        )
+        fast: list[Outcome] = []
+        to_store: list[Candidate] = []
+        for c, hit in zip(candidates, cached, strict=True):
+            if hit is not None and same_reading(hit, c.reading_hash):
+                fast.append(Duplicate(c))
+            else:
+                to_store.append(c)
+
+        store = await self._get_store()
+        commit_started = time.perf_counter()
+        result = await store.commit_batch(to_store, rejections)
+        t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
+        # ---- committed: from here on, effects may be announced ----
+        outcomes: list[Outcome] = [*rejections, *result.outcomes, *fast]
+        for p in batch:
+            if not p.done.done():
+                p.done.set_result(None)  # PUBACK
+        t.QUEUE_DEPTH.dec(len(batch))
+        self._announce(outcomes)
+        await self._replay.remember(
+            [
+                (o.candidate.reading.meter_id, o.candidate.reading.seq, o.candidate.reading_hash)
+                for o in outcomes
+                if isinstance(o, Accepted | Duplicate)
+            ]
+        )
+        for meter_id in result.quarantined:
+            self._keys.invalidate(meter_id)
+            t.QUARANTINED.inc()
+            log.error("meter_quarantined", meter_id=meter_id, failures=self._policy.failures)
+        self.committed += len(batch)
+        self._record(batch, outcomes, now_ms, time.perf_counter() - started)
+
+    async def _get_store(self) -> ReadingStore:
+        if self._store is None:
+            try:
+                conn = await AsyncConnection.connect(self.settings.database_url)
+            except Exception as exc:
+                raise TransientError("database", f"connect: {exc}") from exc
+            self._store = ReadingStore(conn, limit=self._limit, policy=self._policy)
+        return self._store
+
+    def _announce(self, outcomes: Sequence[Outcome]) -> None:
+        for o in outcomes:
+            r = receipt(o)
+            if r is not None:
+                self._source.publish(*r)
+            if isinstance(o, Accepted):
+                self._source.publish(*verified(o.candidate))
+
+    def _record(
+        self, batch: list[_Pending], outcomes: Sequence[Outcome], now_ms: int, elapsed_s: float
+    ) -> None:
+        """One summary line per batch; one line per rejection (meter, reason, hash)."""
+        accepted = duplicate = 0
+        reasons: dict[str, int] = {}
+        for o in outcomes:
+            if isinstance(o, Accepted):
+                accepted += 1
+                t.ORACLE_LATENCY.observe(max(0.0, (now_ms - o.candidate.reading.ts) / 1000))
+            elif isinstance(o, Duplicate):
+                duplicate += 1
+            else:
+                reasons[o.reason.value] = reasons.get(o.reason.value, 0) + 1
+                log.warning(
+                    "reading_rejected",
+                    meter_id=o.meter_id,
+                    reason=o.reason.value,
+                    reading_hash=None if o.reading_hash is None else o.reading_hash.hex(),
+                    detail=o.detail,
+                )
+        t.RECEIVED.inc(len(batch))
+        t.ACCEPTED.inc(accepted)
+        t.DUPLICATE.inc(duplicate)
+        t.BATCH_SIZE.observe(len(batch))
+        for reason, n in reasons.items():
+            t.REJECTED.labels(reason=reason).inc(n)
+        if RejectReason.BAD_SIGNATURE.value in reasons:
+            t.SIGNATURE_FAILURES.inc(reasons[RejectReason.BAD_SIGNATURE.value])
+        log.info(
+            "batch_committed",
+            size=len(batch),
+            accepted=accepted,
+            duplicate=duplicate,
+            rejected=reasons,
+            ms=round(elapsed_s * 1000, 2),
+        )
+
+
+async def run_worker(settings: IngestSettings) -> None:
+    """Run until SIGTERM/SIGINT, then drain within `drain_timeout_s`."""
+    worker = Worker(settings)
+    server = None
+    if settings.metrics_port:
+        server, _ = t.serve_http(settings.metrics_host, settings.metrics_port, ready=worker.ready)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
+    try:
+        await worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
