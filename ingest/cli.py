@@ -48,11 +48,13 @@ def ingest(workers: int, client_id: str | None, config: str | None) -> None:
     if config:
         os.environ["METERPROOF_CONFIG"] = config
     try:
-        settings = IngestSettings(**({"client_id": client_id} if client_id else {}))
+        settings = IngestSettings()
+        if client_id:
+            settings = settings.model_copy(update={"client_id": client_id})
     except ValidationError as exc:
-        raise click.ClickException(
-            f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
-        ) from None
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
     if workers == 1:
         asyncio.run(_run(settings))
         return

@@ -12,12 +12,13 @@ import json
 import math
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 from uuid import UUID
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from certs.layout import IDENTITY_RE
@@ -28,8 +29,8 @@ from schemas.signatures import InvalidKeyError, load_public_key
 MAX_LABEL: Final = 256
 MAX_PEM_BYTES: Final = 16_384
 MAX_LOCATION_BYTES: Final = 4_096
-_KID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
-_WALLET_CHARS: Final = _KID_CHARS
+#: kids and wallet addresses: safe in a log line, a URL and a topic.
+_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 _HEX: Final = frozenset("0123456789abcdef")
 
 
@@ -65,6 +66,12 @@ class Severity(StrEnum):
     EMERGENCY = "emergency"
 
 
+#: Statuses whose readings are accepted (reading-v1 section 5, rule 3).
+ACCEPTING: Final = frozenset(
+    {MeterStatus.ACTIVE, MeterStatus.MAINTENANCE, MeterStatus.FIRMWARE_UPDATE}
+)
+
+
 #: How loud a status change is in the security event log.
 STATUS_SEVERITY: Final[Mapping[MeterStatus, Severity]] = {
     MeterStatus.PENDING_REGISTRATION: Severity.INFO,
@@ -79,7 +86,7 @@ STATUS_SEVERITY: Final[Mapping[MeterStatus, Severity]] = {
 }
 
 
-def show(value: str, limit: int = 40) -> str:
+def quoted(value: str, limit: int = 40) -> str:
     """A hostile value quoted for a one-line message: escaped, and cut if long."""
     return repr(value) if len(value) <= limit else repr(value[:limit]) + f"… ({len(value)} chars)"
 
@@ -88,7 +95,7 @@ def check_meter_id(value: str) -> str:
     """reading-v1's alphabet; `.` and `..` fit it but name directories in the PKI."""
     if not IDENTITY_RE.fullmatch(value) or value in {".", ".."}:
         raise InvalidInputError(
-            f"invalid meter id {show(value)}: 1-64 characters of [A-Za-z0-9._-], not '.' or '..'"
+            f"invalid meter id {quoted(value)}: 1-64 characters of [A-Za-z0-9._-], not '.' or '..'"
         )
     return value
 
@@ -99,20 +106,22 @@ def check_label(name: str, value: str) -> str:
         raise InvalidInputError(f"{name} must be 1 to {MAX_LABEL} characters, not {len(value)}")
     bad = next((c for c in value if unicodedata.category(c).startswith("C")), None)
     if bad is not None:
-        raise InvalidInputError(f"{name} {show(value)} contains control character U+{ord(bad):04X}")
+        raise InvalidInputError(
+            f"{name} {quoted(value)} contains control character U+{ord(bad):04X}"
+        )
     return value
 
 
 def check_kid(value: str) -> str:
-    if not 1 <= len(value) <= 64 or not set(value) <= _KID_CHARS:
-        raise InvalidInputError(f"invalid kid {show(value)}: 1-64 characters of [A-Za-z0-9._:-]")
+    if not 1 <= len(value) <= 64 or not set(value) <= _NAME_CHARS:
+        raise InvalidInputError(f"invalid kid {quoted(value)}: 1-64 characters of [A-Za-z0-9._:-]")
     return value
 
 
 def check_wallet(value: str) -> str:
-    if not 1 <= len(value) <= 128 or not set(value) <= _WALLET_CHARS:
+    if not 1 <= len(value) <= 128 or not set(value) <= _NAME_CHARS:
         raise InvalidInputError(
-            f"invalid owner wallet {show(value)}: 1-128 characters of [A-Za-z0-9._:-]"
+            f"invalid owner wallet {quoted(value)}: 1-128 characters of [A-Za-z0-9._:-]"
         )
     return value
 
@@ -121,14 +130,14 @@ def check_fingerprint(value: str) -> str:
     """SHA-256 of the certificate's DER, as lowercase hex; colons and case are forgiven."""
     digits = value.replace(":", "").lower()
     if len(digits) != 64 or not set(digits) <= _HEX:
-        raise InvalidInputError(f"invalid certificate fingerprint {show(value)}: 64 hex digits")
+        raise InvalidInputError(f"invalid certificate fingerprint {quoted(value)}: 64 hex digits")
     return digits
 
 
 def check_cert_serial(value: str) -> str:
     digits = value.replace(":", "").lower()
     if not 1 <= len(digits) <= 40 or not set(digits) <= _HEX:
-        raise InvalidInputError(f"invalid certificate serial {show(value)}: 1-40 hex digits")
+        raise InvalidInputError(f"invalid certificate serial {quoted(value)}: 1-40 hex digits")
     return digits
 
 
@@ -137,7 +146,7 @@ def parse_status(value: str) -> MeterStatus:
         return MeterStatus(value)
     except ValueError:
         choices = ", ".join(MeterStatus)
-        raise InvalidInputError(f"unknown status {show(value)}: one of {choices}") from None
+        raise InvalidInputError(f"unknown status {quoted(value)}: one of {choices}") from None
 
 
 def parse_location(text: str) -> dict[str, Any]:
@@ -207,26 +216,35 @@ class NewKey:
 
     def __post_init__(self) -> None:
         check_kid(self.kid)
-        key = load_public_key(self.alg, self.public_key_pem)
-        if key.pem() != self.public_key_pem:
+        if canonical_pem(self.alg, self.public_key_pem) != self.public_key_pem:
             raise InvalidInputError("public_key_pem is not in canonical form; use NewKey.parse")
 
     @classmethod
     def parse(cls, alg: str, pem: str | bytes, *, kid: str | None = None) -> NewKey:
         """Validate untrusted input: `alg` one of the four, the PEM a key of that type."""
-        if len(pem) > MAX_PEM_BYTES:
-            raise InvalidInputError(f"public key is longer than {MAX_PEM_BYTES} bytes")
         try:
             algorithm = Alg(alg)
         except ValueError:
             raise InvalidInputError(
-                f"unsupported alg {show(alg)}: one of {', '.join(Alg)}"
+                f"unsupported alg {quoted(alg)}: one of {', '.join(Alg)}"
             ) from None
-        try:
-            canonical = load_public_key(algorithm, pem).pem()
-        except (InvalidKeyError, UnicodeError) as exc:
-            raise InvalidInputError(f"bad {algorithm} public key: {_one_line(exc)}") from None
+        canonical = canonical_pem(algorithm, pem)
         return cls(algorithm, canonical, default_kid(canonical) if kid is None else kid)
+
+
+def canonical_pem(alg: Alg, pem: str | bytes) -> str:
+    """The SubjectPublicKeyInfo PEM as `cryptography` writes it, after checking that the
+    key fits `alg` (type, curve, RSA size)."""
+    if len(pem) > MAX_PEM_BYTES:
+        raise InvalidInputError(f"public key is longer than {MAX_PEM_BYTES} bytes")
+    try:
+        return load_public_key(alg, pem).pem()
+    except (InvalidKeyError, UnsupportedAlgorithm, UnicodeError) as exc:
+        raise InvalidInputError(f"bad {alg} public key: {_one_line(exc)}") from None
+
+
+#: The AMI device-identification fields: free text, checked by `check_label`.
+LABELS: Final = ("serial", "manufacturer", "model", "firmware_version", "hardware_revision")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,10 +281,6 @@ class NewMeter:
             raise InvalidInputError("cert_serial must be lowercase hex without colons")
 
 
-#: The AMI device-identification fields: free text, checked by `check_label`.
-LABELS: Final = ("serial", "manufacturer", "model", "firmware_version", "hardware_revision")
-
-
 @dataclass(frozen=True, slots=True)
 class MeterRecord:
     id: UUID
@@ -289,14 +303,7 @@ class MeterRecord:
 
     @property
     def accepts_readings(self) -> bool:
-        """reading-v1 section 5, rule 3."""
         return self.status in ACCEPTING
-
-
-#: Statuses whose readings are accepted (reading-v1 section 5, rule 3).
-ACCEPTING: Final = frozenset(
-    {MeterStatus.ACTIVE, MeterStatus.MAINTENANCE, MeterStatus.FIRMWARE_UPDATE}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +345,7 @@ class StatusChange:
 class KeyRotation:
     added: KeyRecord
     #: kids of the keys that now expire at the end of the overlap
-    retiring: tuple[str, ...] = field(default=())
+    retiring: tuple[str, ...]
 
 
 def _one_line(exc: BaseException) -> str:
