@@ -1,1 +1,47 @@
-"""Operator PKI: root CA, broker and device certificates, revocation, signing keys."""
+"""Operator PKI: root CA, broker and device certificates, revocation, signing keys.
+
+The Python API other packages use; `certs.layout` says where every file lives.
+"""
+
+from certs.authority import Validity
+from certs.bootstrap import InitResult, init_pki
+from certs.bulk import BulkRow, issue_bulk, read_bulk_csv, write_bulk_csv
+from certs.crl import RevokeResult, refresh_crl, revoke
+from certs.errors import IdentityConflictError, MissingCaError, PkiError, UnknownIdentityError
+from certs.identities import (
+    SERVICE_NAMES,
+    IdentityRecord,
+    IssuedDevice,
+    issue_device,
+    issue_integrator,
+    issue_service,
+    load_identity,
+)
+from certs.layout import DeviceFiles, IdentityFiles, PkiLayout
+
+__all__ = [
+    "SERVICE_NAMES",
+    "BulkRow",
+    "DeviceFiles",
+    "IdentityConflictError",
+    "IdentityFiles",
+    "IdentityRecord",
+    "InitResult",
+    "IssuedDevice",
+    "MissingCaError",
+    "PkiError",
+    "PkiLayout",
+    "RevokeResult",
+    "UnknownIdentityError",
+    "Validity",
+    "init_pki",
+    "issue_bulk",
+    "issue_device",
+    "issue_integrator",
+    "issue_service",
+    "load_identity",
+    "read_bulk_csv",
+    "refresh_crl",
+    "revoke",
+    "write_bulk_csv",
+]

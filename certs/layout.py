@@ -63,6 +63,15 @@ class PkiLayout:
         return self.ca_dir / "ca.key"
 
     @property
+    def issuing_cert(self) -> Path:
+        """The EC P-256 CA under the root that signs every leaf and the CRL."""
+        return self.ca_dir / "issuing.crt"
+
+    @property
+    def issuing_key(self) -> Path:
+        return self.ca_dir / "issuing.key"
+
+    @property
     def crl(self) -> Path:
         return self.ca_dir / "crl.pem"
 
@@ -87,18 +96,38 @@ class PkiLayout:
     def oracle_pub(self) -> Path:
         return self.root / "oracle" / "oracle.pub.pem"
 
+    @property
+    def devices_dir(self) -> Path:
+        return self.root / "devices"
+
+    @property
+    def services_dir(self) -> Path:
+        return self.root / "services"
+
+    @property
+    def integrators_dir(self) -> Path:
+        return self.root / "integrators"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where a directory of files is written before one rename publishes it whole."""
+        return self.root / ".staging"
+
     def device(self, meter_id: str) -> DeviceFiles:
-        return DeviceFiles(self.root / "devices" / _checked(meter_id))
+        return DeviceFiles(self.devices_dir / check_identity(meter_id))
 
     def service(self, name: str) -> IdentityFiles:
         """Ingest workers, the bridge and the broker admin share a role-named identity."""
-        return IdentityFiles(self.root / "services" / _checked(name))
+        return IdentityFiles(self.services_dir / check_identity(name))
 
     def integrator(self, name: str) -> IdentityFiles:
-        return IdentityFiles(self.root / "integrators" / _checked(name))
+        return IdentityFiles(self.integrators_dir / check_identity(name))
 
 
-def _checked(name: str) -> str:
-    if not IDENTITY_RE.fullmatch(name):
-        raise ValueError(f"invalid identity {name!r}: 1-64 characters of [A-Za-z0-9._-]")
+def check_identity(name: str) -> str:
+    """`.` and `..` fit the alphabet but would name a parent directory, so they are refused."""
+    if not IDENTITY_RE.fullmatch(name) or name in {".", ".."}:
+        raise ValueError(
+            f"invalid identity {name!r}: 1-64 characters of [A-Za-z0-9._-], not '.' or '..'"
+        )
     return name

@@ -1,0 +1,350 @@
+"""`meterproof certs ...`: the operator's PKI commands.
+
+Errors are one line on stderr with a non-zero exit (1 for a refused operation, 2 for a bad
+argument), never a traceback. Private keys are written to files and never printed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import string
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from certs import crl
+from certs.authority import CA_KEY_TYPES, CaKeyType
+from certs.bootstrap import DEFAULT_CA_DAYS, DEFAULT_SERVER_NAMES, init_pki
+from certs.bulk import (
+    MAX_PREFIX,
+    default_csv_path,
+    issue_bulk,
+    new_meter_ids,
+    read_meter_ids,
+    write_bulk_csv,
+)
+from certs.errors import PkiError
+from certs.identities import (
+    DEFAULT_DAYS,
+    IssuedDevice,
+    issue_device,
+    issue_integrator,
+    list_identities,
+    load_identity,
+)
+from certs.layout import DEFAULT_ROOT, PkiLayout, check_identity
+from schemas.reading import Alg
+from schemas.signatures import RSA_MAX_BITS, RSA_MIN_BITS
+from stack.env import STACK_ENV_FILE, StackEnv
+
+pass_layout = click.make_pass_decorator(PkiLayout)
+_LABEL_CHARS = frozenset(string.ascii_letters + string.digits + "-")
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (PkiError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _identity(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return check_identity(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _server_names(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    for value in values:
+        if not (_is_ip(value) or all(_is_label(label) for label in value.split("."))):
+            raise click.BadParameter(f"{value!r} is neither a DNS name nor an IP address")
+    return values
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_label(label: str) -> bool:
+    return 0 < len(label) <= 63 and set(label) <= _LABEL_CHARS
+
+
+def _check_rsa_bits(alg: str, rsa_bits: int | None) -> int:
+    if rsa_bits is not None and alg not in (Alg.RS256, Alg.PS256):
+        raise click.UsageError("--rsa-bits applies to RS256 and PS256 only")
+    return rsa_bits or RSA_MAX_BITS
+
+
+_alg_option = click.option(
+    "--alg",
+    type=click.Choice([alg.value for alg in Alg]),
+    default=Alg.EDDSA.value,
+    show_default=True,
+    help="Algorithm of the meter's reading-signing key (reading-v1 section 3).",
+)
+_rsa_bits_option = click.option(
+    "--rsa-bits",
+    type=click.IntRange(RSA_MIN_BITS, RSA_MAX_BITS),
+    help=f"RSA key size for RS256/PS256  [default: {RSA_MAX_BITS}]",
+)
+_days_option = click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=DEFAULT_DAYS,
+    show_default=True,
+    help="Certificate validity in days.",
+)
+
+
+@click.group()
+@click.option(
+    "--pki-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="METERPROOF_PKI_ROOT",
+    default=DEFAULT_ROOT,
+    show_default=True,
+    help="Folder of the operator PKI.",
+)
+@click.pass_context
+def certs(ctx: click.Context, pki_root: Path) -> None:
+    """Operator PKI: CA, broker and client certificates, signing keys, revocation."""
+    ctx.obj = PkiLayout(pki_root)
+
+
+@certs.command("init")
+@click.option(
+    "--ca-key",
+    type=click.Choice(CA_KEY_TYPES),
+    default="rsa4096",
+    show_default=True,
+    help="Key of a new root CA (it signs only the EC P-256 issuing CA).",
+)
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    callback=_server_names,
+    help=f"Extra DNS name or IP of the broker certificate (repeatable); "
+    f"{' and '.join(DEFAULT_SERVER_NAMES)} are always included.",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CA_DAYS,
+    show_default=True,
+    help="Validity of a new CA in days.",
+)
+@pass_layout
+def init_cmd(
+    layout: PkiLayout, ca_key: CaKeyType, server_names: tuple[str, ...], days: int
+) -> None:
+    """Create the CA, broker certificate, CRL, oracle key and service identities.
+
+    Only what is missing is created: an existing CA is never replaced, so running this
+    again is always safe. To reissue the broker certificate (say, with new --server-name
+    values), move server/ away and run it again.
+    """
+    with _one_line_errors():
+        result = init_pki(layout, ca_key=ca_key, server_names=server_names, days=days)
+    state = "created" if result.ca_created else "exists, left untouched"
+    click.echo(f"CA: {state} ({result.ca_key} root, EC P-256 issuing CA): {layout.ca_cert}")
+    state = "created" if result.server_created else "exists"
+    click.echo(f"broker certificate: {state}: {layout.server_cert}")
+    click.echo(f"CRL: {'signed' if result.crl_written else 'current'}: {layout.crl}")
+    click.echo(
+        f"oracle key: {'created' if result.oracle_created else 'exists'}: {layout.oracle_pub}"
+    )
+    issued = ", ".join(result.services_created) or "none (all exist)"
+    click.echo(f"service identities issued: {issued}")
+
+
+@certs.command("issue")
+@click.argument("meter_id", callback=_identity)
+@_alg_option
+@_rsa_bits_option
+@_days_option
+@pass_layout
+def issue_cmd(layout: PkiLayout, meter_id: str, alg: str, rsa_bits: int | None, days: int) -> None:
+    """Issue a meter: TLS key and certificate (CN = METER_ID) plus a signing key pair.
+
+    Prints where the files are and the signing public key to register; refuses an id
+    that is already a meter, service or integrator.
+    """
+    bits = _check_rsa_bits(alg, rsa_bits)
+    with _one_line_errors():
+        files = issue_device(layout, meter_id, alg=alg, rsa_bits=bits, days=days)
+        record = load_identity(files)
+        public_pem = files.signing_pub.read_text(encoding="ascii")
+    click.echo(f"meter {meter_id}: {files.directory}/")
+    click.echo("  tls.crt tls.key (broker login), signing.key signing.pub.pem, identity.json")
+    click.echo(
+        f"  certificate serial {record.serial}, valid until {record.not_after:%Y-%m-%d}, "
+        f"sha256 {record.sha256_fingerprint}"
+    )
+    click.echo(f"register this {alg} public key:")
+    click.echo(public_pem, nl=False)
+
+
+def _bulk_ids(count: int | None, prefix: str, from_csv: Path | None) -> list[str]:
+    if count is not None and from_csv is None:
+        return new_meter_ids(count, prefix)
+    if from_csv is not None and count is None and not prefix:
+        return read_meter_ids(from_csv)
+    raise click.UsageError("give either --count (and maybe --prefix) or --from-csv")
+
+
+@certs.command("issue-bulk")
+@click.option("--count", type=click.IntRange(min=1), help="Issue this many new meters.")
+@click.option(
+    "--prefix",
+    default="",
+    help=f"With --count: ids are PREFIX + a lowercase UUID4 (at most {MAX_PREFIX} chars).",
+)
+@click.option(
+    "--from-csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Issue the ids of this CSV's `meter_id` column.",
+)
+@_alg_option
+@_rsa_bits_option
+@_days_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Summary CSV to write  [default: PKI_ROOT/devices/bulk-<UTC time>.csv]",
+)
+@pass_layout
+def issue_bulk_cmd(
+    layout: PkiLayout,
+    *,
+    count: int | None,
+    prefix: str,
+    from_csv: Path | None,
+    alg: str,
+    rsa_bits: int | None,
+    days: int,
+    out: Path | None,
+) -> None:
+    """Issue many meters and write the summary CSV for `meterproof meters register --bulk`.
+
+    Columns: meter_id, alg, public_key_pem (newlines written as \\n), cert_fingerprint
+    (SHA-256 of the certificate DER, hex) and serial (hex). All ids are checked before
+    the first is issued.
+    """
+    bits = _check_rsa_bits(alg, rsa_bits)
+    path = out or default_csv_path(layout, datetime.now(UTC))
+    if path.exists():
+        raise click.UsageError(f"{path} exists")
+    with _one_line_errors():
+        ids = _bulk_ids(count, prefix, from_csv)
+    done: list[IssuedDevice] = []
+    step = max(1, len(ids) // 10)
+
+    def on_issued(device: IssuedDevice) -> None:
+        done.append(device)
+        if len(ids) >= 10 and len(done) % step == 0:
+            click.echo(f"issued {len(done)}/{len(ids)}", err=True)
+
+    started = time.perf_counter()
+    try:
+        issue_bulk(layout, ids, alg=alg, rsa_bits=bits, days=days, on_issued=on_issued)
+    except (PkiError, ValueError, OSError) as exc:
+        if not done:
+            raise click.ClickException(str(exc)) from exc
+        write_bulk_csv(done, path)
+        raise click.ClickException(
+            f"{exc}; the {len(done)} of {len(ids)} meters issued before are listed in {path}"
+        ) from exc
+    elapsed = time.perf_counter() - started
+    with _one_line_errors():
+        write_bulk_csv(done, path)
+    click.echo(f"issued {len(done)} meters ({alg}) in {elapsed:.2f} s; summary: {path}")
+
+
+@certs.command("issue-integrator")
+@click.argument("name", callback=_identity)
+@_days_option
+@pass_layout
+def issue_integrator_cmd(layout: PkiLayout, name: str, days: int) -> None:
+    """Issue a client certificate (CN = NAME) for a reader of verified readings and epochs.
+
+    The name must not be a meter id or a service name: the broker grants roles by CN.
+    """
+    with _one_line_errors():
+        files = issue_integrator(layout, name, days=days)
+        record = load_identity(files)
+    click.echo(f"integrator {name}: {files.directory}/ (tls.crt tls.key identity.json)")
+    click.echo(f"  certificate serial {record.serial}, valid until {record.not_after:%Y-%m-%d}")
+
+
+@certs.command("revoke")
+@click.argument("meter_id", callback=_identity)
+@click.option(
+    "--stack-env",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=STACK_ENV_FILE,
+    show_default=True,
+    help="The running stack's addresses; if absent, only the CRL is updated.",
+)
+@pass_layout
+def revoke_cmd(layout: PkiLayout, meter_id: str, stack_env: Path) -> None:
+    """Revoke a meter's certificate: re-sign the CRL and make the running broker refuse it.
+
+    Revoking twice is harmless; it retries the broker step.
+    """
+    with _one_line_errors():
+        result = crl.revoke(layout, meter_id)
+    state = "was already revoked" if result.already_revoked else "revoked"
+    click.echo(
+        f"meter {meter_id}: certificate {result.serial} {state}; CRL {result.crl} "
+        f"valid until {result.next_update:%Y-%m-%d}"
+    )
+    if not stack_env.exists():
+        click.echo(f"no running stack ({stack_env} absent): the broker loads the CRL when started")
+        return
+    from mosquitto.admin import enforce_revocation
+
+    env = StackEnv.load(stack_env)
+    try:
+        enforce_revocation(meter_id, env)
+    except ConnectionRefusedError as exc:
+        click.echo(f"the broker is not running ({exc}): it loads the CRL when started")
+        return
+    except OSError as exc:
+        raise click.ClickException(
+            f"CRL updated, but the broker did not confirm ({exc}); "
+            f"run `meterproof certs revoke {meter_id}` again"
+        ) from exc
+    click.echo(f"broker: {meter_id} disconnected and refused from now on")
+
+
+@certs.command("list")
+@pass_layout
+def list_cmd(layout: PkiLayout) -> None:
+    """Issued identities by role: name, signing algorithm, serial, expiry, status."""
+    revoked = {entry.serial for entry in crl.read_revoked(layout)}
+    now = datetime.now(UTC)
+    for _files, record in list_identities(layout):
+        status = (
+            "revoked"
+            if record.serial in revoked
+            else "expired"
+            if record.not_after < now
+            else "valid"
+        )
+        click.echo(
+            f"{record.role:<10} {record.name:<40} {record.alg or '-':<6} "
+            f"{record.serial:<40} {record.not_after:%Y-%m-%d} {status}"
+        )
