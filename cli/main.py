@@ -19,6 +19,10 @@ COMMANDS: dict[str, str] = {
     "simulate": "meter.cli:simulate",
     "meter": "meter.cli:meter",
     "ingest": "ingest.cli:ingest",
+    "bridge": "bridge.cli:bridge",
+    "ledger": "bridge.cli:ledger",
+    "db": "schemas.migrate:db",
+    "meters": "ingest.registry.cli:meters",
 }
 
 
