@@ -1,0 +1,170 @@
+"""Revocation that also cuts the revoked certificate's open connections.
+
+Mosquitto re-reads its CRL on SIGHUP, but only new TLS handshakes see it: a meter that was
+connected when its certificate was revoked stays connected. `enforce_revocation` therefore
+sends SIGHUP (new handshakes refused) and then asks the dynamic-security plugin to close
+every connection whose username (= certificate CN) is the revoked identity.
+
+Measured on Mosquitto 2.0.11 (Debian 12) with the rendered config (TLS listener with
+`use_identity_as_username`, `acl_file`, the plugin loaded, a loopback admin listener):
+
+(a) Loading the plugin next to acl_file. Certificate clients are never asked for a
+    password, even when the plugin knows their username without one. The plugin is asked
+    before acl_file; for a username it does not know it defers, and acl_file decides
+    exactly as without the plugin (own readings PUBACK 0, another meter's 135). For a
+    username it knows, its roles and then `defaultACLAccess` decide: with the defaults
+    `mosquitto_ctrl dynsec init` writes (receive allowed), a meter known to the plugin
+    received `verified/#` and another meter's receipts, which acl_file denies. With all
+    four defaults false it defers again, so `config.dynsec_config` writes them false and
+    the plugin keeps no client but the admin.
+(b) Cutting a connection. `createClient X` (no password) followed by `disableClient X` or
+    `deleteClient X` closed the open connection of the certificate client X within ~50 ms
+    (MQTT 5 DISCONNECT 0x98 "administrative action"). A disabled or deleted client
+    reconnected at once with its certificate: "disabled" only stops password logins, so the
+    CRL is what refuses the reconnect. After SIGHUP alone the revoked client was still
+    connected 1.5 s later. We create and delete in one request, which leaves no plugin
+    entry behind that could later change that name's ACLs.
+(c) The admin connection. The loopback listener authenticates through the plugin only:
+    the right password got CONNACK 0, a wrong one 135, none was refused. `mosquitto_ctrl`
+    works there (`mosquitto_ctrl -h 127.0.0.1 -p <admin port> -u 'dynsec:admin'
+    -P "$(cat <run_dir>/mosquitto/admin.password)" dynsec listClients`), but it exits 0 on
+    "Connection error: Not authorized" and on "Error: Client not found", and its `-o` options
+    file did not apply `-h/-p/-u/-P`, so the password would sit on a command line. We send
+    the same JSON commands it sends, over paho, and check every response.
+
+SIGHUP only raises a flag that the broker's loop handles before it reads the packets of a
+connection opened after the signal, so by the time the kick is processed the new CRL
+already refuses the reconnect (tests/test_broker_acl.py reconnects right after the cut).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import signal
+import threading
+from pathlib import Path
+from typing import Final, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from certs.layout import IDENTITY_RE
+from mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, broker_files
+from stack.env import StackEnv
+
+COMMAND_TOPIC: Final = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
+TIMEOUT: Final = 5.0
+_ALREADY_EXISTS: Final = "Client already exists"
+
+T = TypeVar("T")
+
+
+class BrokerNotRunningError(ConnectionRefusedError):
+    """No live broker behind the run directory's pid file: it loads the CRL when started."""
+
+
+class BrokerAdminError(OSError):
+    """The broker is running but did not confirm an admin command."""
+
+
+def enforce_revocation(identity: str, env: StackEnv) -> None:
+    """Make the running broker refuse `identity` from now on and close its connections.
+
+    Call after the CRL file has been rewritten. Idempotent: revoking twice is harmless.
+    """
+    if not IDENTITY_RE.fullmatch(identity):
+        raise ValueError(f"invalid identity {identity!r}: 1-64 characters of [A-Za-z0-9._-]")
+    files = broker_files(env.run_dir)
+    os.kill(_broker_pid(files), signal.SIGHUP)
+    responses = dynsec_commands(
+        files,
+        env.mqtt_admin_port,
+        [
+            {"command": "createClient", "username": identity},
+            {"command": "deleteClient", "username": identity},
+        ],
+    )
+    created, deleted = responses
+    if created.get("error") not in (None, _ALREADY_EXISTS) or "error" in deleted:
+        raise BrokerAdminError(f"dynamic-security refused to disconnect {identity}: {responses}")
+
+
+def dynsec_commands(
+    files: BrokerFiles, admin_port: int, commands: list[dict[str, str]]
+) -> list[dict[str, object]]:
+    """Send dynamic-security commands as the admin account; return one response each.
+
+    Raises ConnectionRefusedError when nothing listens on the admin port.
+    """
+    tag = secrets.token_hex(8)
+    tagged = [{**command, "correlationData": f"{tag}-{i}"} for i, command in enumerate(commands)]
+    expected = [command["correlationData"] for command in tagged]
+    connected: queue.Queue[ReasonCode] = queue.Queue()
+    subscribed = threading.Event()
+    replies: queue.Queue[bytes] = queue.Queue()
+
+    def on_connect(
+        _c: mqtt.Client, _u: object, _f: mqtt.ConnectFlags, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        connected.put(rc)
+
+    def on_subscribe(
+        _c: mqtt.Client, _u: object, _m: int, _rc: list[ReasonCode], _p: Properties | None
+    ) -> None:
+        subscribed.set()
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        replies.put(bytes(message.payload))
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"meterproof-admin-{tag}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.username_pw_set(ADMIN_USERNAME, admin_password(files))
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("127.0.0.1", admin_port, keepalive=30)
+    client.loop_start()
+    try:
+        rc = _get(connected, "CONNACK")
+        if rc.is_failure:
+            raise BrokerAdminError(f"admin login to 127.0.0.1:{admin_port} refused: {rc}")
+        client.subscribe(RESPONSE_TOPIC, qos=1)
+        if not subscribed.wait(TIMEOUT):
+            raise BrokerAdminError(f"no SUBACK for {RESPONSE_TOPIC} within {TIMEOUT} s")
+        client.publish(COMMAND_TOPIC, json.dumps({"commands": tagged}), qos=1)
+        while True:
+            reply = json.loads(_get(replies, "dynamic-security response"))
+            answers: list[dict[str, object]] = reply.get("responses", [])
+            if [answer.get("correlationData") for answer in answers] == expected:
+                return answers
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _get(source: queue.Queue[T], what: str) -> T:
+    try:
+        return source.get(timeout=TIMEOUT)
+    except queue.Empty:
+        raise BrokerAdminError(f"no {what} from the broker within {TIMEOUT} s") from None
+
+
+def _broker_pid(files: BrokerFiles) -> int:
+    """The pid in the pid file, if that process is still a mosquitto (not a recycled pid)."""
+    try:
+        pid = int(files.pid.read_text(encoding="ascii").split()[0])
+        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, IndexError, ValueError):
+        raise BrokerNotRunningError(f"no running broker recorded in {files.pid}") from None
+    if comm != "mosquitto":
+        raise BrokerNotRunningError(f"pid {pid} in {files.pid} is {comm!r}, not mosquitto")
+    return pid
