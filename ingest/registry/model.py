@@ -141,14 +141,6 @@ def check_cert_serial(value: str) -> str:
     return digits
 
 
-def parse_status(value: str) -> MeterStatus:
-    try:
-        return MeterStatus(value)
-    except ValueError:
-        choices = ", ".join(MeterStatus)
-        raise InvalidInputError(f"unknown status {quoted(value)}: one of {choices}") from None
-
-
 def parse_location(text: str) -> dict[str, Any]:
     """A JSON object; `gps_coordinates`, if given, must hold a real latitude and longitude."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_LOCATION_BYTES:

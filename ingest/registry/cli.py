@@ -1,0 +1,481 @@
+"""`meterproof meters ...`: the operator's registry commands.
+
+Errors are one line on stderr and never a traceback. Exit codes: 1 for a refused
+operation (unknown or already registered meter, decommissioned meter, database
+unreachable), 2 for bad input (malformed id, unknown status, bad key, bad CSV row).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import click
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from certs.layout import PkiLayout
+from ingest.registry import repository, sources
+from ingest.registry.errors import InvalidInputError, RegistryError, UnknownMeterError
+from ingest.registry.model import (
+    KeyRecord,
+    MeterRecord,
+    MeterStatus,
+    NewKey,
+    NewMeter,
+    SecurityEvent,
+    SecurityLevel,
+    check_meter_id,
+    parse_location,
+    quoted,
+)
+from schemas.reading import Alg
+from stack.env import STACK_ENV_FILE, StackEnv
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class InputError(click.ClickException):
+    """Bad input: one line, exit 2, like click's own usage errors but without the usage."""
+
+    exit_code = 2
+
+
+class _EnumChoice(click.Choice[str]):
+    """A choice whose refusal is one line (click's own prints the usage block too)."""
+
+    def __init__(self, enum: type[StrEnum]) -> None:
+        super().__init__([member.value for member in enum])
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        if isinstance(value, str) and value in self.choices:
+            return value
+        name = param.name if param is not None and param.name else "value"
+        raise InputError(
+            f"invalid {name} {quoted(str(value))}: one of {', '.join(map(str, self.choices))}"
+        )
+
+
+class _Group(click.Group):
+    """Turns the registry's and the database's exceptions into one-line errors."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except InvalidInputError as exc:
+            raise InputError(str(exc)) from None
+        except RegistryError as exc:
+            raise click.ClickException(str(exc)) from None
+        except psycopg.Error as exc:
+            raise click.ClickException(f"database: {_first_line(exc)}") from None
+
+
+def _database_option(command: F) -> F:
+    return click.option(
+        "--database-url",
+        envvar="METERPROOF_DATABASE_URL",
+        help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
+    )(command)
+
+
+def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_meter_id(value)
+    except InvalidInputError as exc:
+        raise InputError(str(exc)) from None
+
+
+@contextmanager
+def _connect(database_url: str | None) -> Iterator[repository.Conn]:
+    url = database_url or StackEnv.load().database_url
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        raise click.ClickException(
+            f"database unreachable at {_where(url)}: {_first_line(exc)}"
+        ) from None
+    with conn:
+        yield conn
+
+
+@click.group(cls=_Group)
+def meters() -> None:
+    """The meter registry: which meters exist, their status and signing keys.
+
+    Readings are accepted only from registered meters whose status is active,
+    maintenance or firmware_update, signed by one of their unexpired keys.
+    """
+
+
+@meters.command()
+@click.argument("meter_id", required=False, callback=_meter_id)
+@click.option(
+    "--from-pki",
+    is_flag=True,
+    help="Take the key, its algorithm and the certificate from the files `certs issue` wrote.",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A SubjectPublicKeyInfo PEM file (with --alg), instead of --from-pki.",
+)
+@click.option("--alg", type=_EnumChoice(Alg), help="The algorithm the key is registered for.")
+@click.option("--kid", help="Key id [default: 16 hex digits of SHA-256 of the key's DER].")
+@click.option(
+    "--bulk",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Register every meter of a CSV (the summary `certs issue-bulk` writes), all or none.",
+)
+@click.option("--status", type=_EnumChoice(MeterStatus), default="active", show_default=True)
+@click.option(
+    "--security-level", type=_EnumChoice(SecurityLevel), default="standard", show_default=True
+)
+@click.option("--owner-wallet", help="The ledger account credited for this meter's export.")
+@click.option("--serial", help="Device serial number.")
+@click.option("--manufacturer")
+@click.option("--model")
+@click.option("--firmware-version")
+@click.option("--hardware-revision")
+@click.option(
+    "--location",
+    help='Installation site as a JSON object, e.g. \'{"building": "E1", '
+    '"gps_coordinates": {"latitude": 13.7, "longitude": 100.5}}\'.',
+)
+@click.option(
+    "--pki-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="METERPROOF_PKI_ROOT",
+    help="Operator PKI folder [env METERPROOF_PKI_ROOT; default: the stack's, certs/out].",
+)
+@_database_option
+def register(
+    *,
+    meter_id: str | None,
+    from_pki: bool,
+    public_key: Path | None,
+    alg: str | None,
+    kid: str | None,
+    bulk: Path | None,
+    status: str,
+    security_level: str,
+    owner_wallet: str | None,
+    serial: str | None,
+    manufacturer: str | None,
+    model: str | None,
+    firmware_version: str | None,
+    hardware_revision: str | None,
+    location: str | None,
+    pki_root: Path | None,
+    database_url: str | None,
+) -> None:
+    """Register METER_ID with its signing key, or every meter of a --bulk CSV.
+
+    \b
+      meterproof meters register M1 --from-pki --owner-wallet W
+      meterproof meters register M2 --public-key m2.pub.pem --alg ES256
+      meterproof meters register --bulk certs/out/devices/bulk-....csv
+    """
+    level = SecurityLevel(security_level)
+    if bulk is not None:
+        per_meter = [meter_id, public_key, alg, kid, owner_wallet, serial, manufacturer, model]
+        per_meter += [firmware_version, hardware_revision, location]
+        if from_pki or any(value is not None for value in per_meter):
+            raise InputError("--bulk takes only --status and --security-level; the rest is per row")
+        began = time.perf_counter()
+        rows = sources.read_bulk(bulk, status=MeterStatus(status), security_level=level)
+        with _connect(database_url) as conn:
+            repository.register(conn, rows)
+        elapsed = time.perf_counter() - began
+        click.echo(f"registered {len(rows)} meters from {bulk} in {elapsed:.2f} s")
+        return
+    if meter_id is None:
+        raise InputError("give METER_ID, or --bulk CSV")
+    cert_fingerprint = cert_serial = None
+    if from_pki:
+        if public_key is not None or alg is not None:
+            raise InputError("--from-pki takes the key from the PKI: drop --public-key/--alg")
+        identity = sources.from_pki(PkiLayout(pki_root or StackEnv.load().pki_root), meter_id)
+        key = identity.key if kid is None else replace(identity.key, kid=kid)
+        cert_fingerprint, cert_serial = identity.cert_fingerprint, identity.cert_serial
+    elif public_key is not None and alg is not None:
+        key = NewKey.parse(alg, _read_key_file(public_key), kid=kid)
+    else:
+        raise InputError("give --from-pki, or --public-key FILE with --alg")
+    meter = NewMeter(
+        meter_id=meter_id,
+        key=key,
+        status=MeterStatus(status),
+        security_level=level,
+        owner_wallet=owner_wallet,
+        serial=serial,
+        manufacturer=manufacturer,
+        model=model,
+        firmware_version=firmware_version,
+        hardware_revision=hardware_revision,
+        location=None if location is None else parse_location(location),
+        cert_fingerprint=cert_fingerprint,
+        cert_serial=cert_serial,
+    )
+    with _connect(database_url) as conn:
+        repository.register(conn, [meter])
+    click.echo(f"registered {meter_id}: {key.alg} key {key.kid}, status {status}")
+
+
+@meters.command("list")
+@click.option("--status", type=_EnumChoice(MeterStatus), help="Only meters with this status.")
+@click.option("--security-level", type=_EnumChoice(SecurityLevel))
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
+@_database_option
+def list_command(
+    *,
+    status: str | None,
+    security_level: str | None,
+    limit: int,
+    as_json: bool,
+    database_url: str | None,
+) -> None:
+    """Registered meters, by meter id."""
+    with _connect(database_url) as conn:
+        found = repository.list_meters(
+            conn,
+            status=None if status is None else MeterStatus(status),
+            security_level=None if security_level is None else SecurityLevel(security_level),
+            limit=limit,
+        )
+    if as_json:
+        click.echo(json.dumps([_json(m) for m in found], indent=2))
+        return
+    for m in found:
+        click.echo(
+            f"{m.meter_id:<40} {m.status:<16} {m.security_level:<12} {m.owner_wallet or '-'}"
+        )
+
+
+@meters.command()
+@click.argument("meter_id", callback=_meter_id)
+@click.option("--events", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+@_database_option
+def show(meter_id: str, events: int, as_json: bool, database_url: str | None) -> None:
+    """A meter, all its keys (expired ones too) and its latest security events."""
+    with _connect(database_url) as conn:
+        meter = _require(repository.fetch_meter(conn, meter_id), meter_id)
+        keys = repository.all_keys(conn, meter_id)
+        recent = repository.recent_events(conn, meter_id, limit=events) if events else []
+    if as_json:
+        document = {
+            **_json(meter),
+            "keys": [_json(k) for k in keys],
+            "events": [_json(e) for e in recent],
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    for name, value in _json(meter).items():
+        shown = json.dumps(value) if isinstance(value, dict) else value
+        click.echo(f"{name + ':':<19} {'-' if value is None else shown}")
+    for k in keys:
+        until = "no end" if k.valid_to is None else f"until {k.valid_to:%Y-%m-%d %H:%M:%S%z}"
+        click.echo(f"key {k.kid:<20} {k.alg:<6} from {k.valid_from:%Y-%m-%d %H:%M:%S%z} {until}")
+    for e in recent:
+        click.echo(
+            f"event {e.at:%Y-%m-%d %H:%M:%S%z} {e.severity:<9} {e.type} {json.dumps(e.detail)}"
+        )
+
+
+@meters.command("set-status")
+@click.argument("meter_id", callback=_meter_id)
+@click.argument("status", type=_EnumChoice(MeterStatus))
+@click.option("--reason", help="Why, for the security event log.")
+@_database_option
+def set_status(meter_id: str, status: str, reason: str | None, database_url: str | None) -> None:
+    """Set METER_ID's STATUS; workers honour it within a second.
+
+    Readings are accepted while the status is active, maintenance or firmware_update.
+    Decommissioned is final (use `decommission`, which also revokes the certificate).
+    """
+    with _connect(database_url) as conn:
+        change = repository.set_status(conn, meter_id, MeterStatus(status), reason=reason)
+    _echo_change(change.meter_id, change.old, change.new)
+
+
+@meters.command()
+@click.argument("meter_id", callback=_meter_id)
+@click.option("--reason", help="Why, for the security event log.")
+@_database_option
+def quarantine(meter_id: str, reason: str | None, database_url: str | None) -> None:
+    """Stop accepting METER_ID's readings at once and log a critical security event."""
+    with _connect(database_url) as conn:
+        change = repository.set_status(
+            conn, meter_id, MeterStatus.QUARANTINED, reason=reason, event_type="quarantined"
+        )
+    _echo_change(change.meter_id, change.old, change.new)
+
+
+@meters.command("rotate-key")
+@click.argument("meter_id", callback=_meter_id)
+@click.option(
+    "--public-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The new key, a SubjectPublicKeyInfo PEM file.",
+)
+@click.option("--alg", type=_EnumChoice(Alg), required=True)
+@click.option("--kid", help="Key id [default: 16 hex digits of SHA-256 of the key's DER].")
+@click.option(
+    "--overlap-hours",
+    type=click.FloatRange(min=0, max=repository.MAX_OVERLAP.days * 24),
+    default=24,
+    show_default=True,
+    help="How long the current keys stay valid: readings signed before the meter "
+    "switched, or still queued, keep verifying meanwhile.",
+)
+@_database_option
+def rotate_key(
+    *,
+    meter_id: str,
+    public_key: Path,
+    alg: str,
+    kid: str | None,
+    overlap_hours: float,
+    database_url: str | None,
+) -> None:
+    """Add a new signing key to METER_ID; the current keys expire after the overlap."""
+    key = NewKey.parse(alg, _read_key_file(public_key), kid=kid)
+    with _connect(database_url) as conn:
+        rotation = repository.rotate_key(
+            conn, meter_id, key, overlap=timedelta(hours=overlap_hours)
+        )
+    retiring = ", ".join(rotation.retiring) or "none"
+    click.echo(
+        f"{meter_id}: added {key.alg} key {key.kid}; retiring {retiring} in {overlap_hours:g} h"
+    )
+
+
+@meters.command()
+@click.argument("meter_id", callback=_meter_id)
+@click.option("--reason", help="Why, for the security event log.")
+@click.option(
+    "--pki-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="METERPROOF_PKI_ROOT",
+    help="Operator PKI folder [env METERPROOF_PKI_ROOT; default: the stack's, certs/out].",
+)
+@click.option(
+    "--stack-env",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=STACK_ENV_FILE,
+    show_default=True,
+    help="The running stack's addresses; if absent, the broker is left alone.",
+)
+@_database_option
+def decommission(
+    *,
+    meter_id: str,
+    reason: str | None,
+    pki_root: Path | None,
+    stack_env: Path,
+    database_url: str | None,
+) -> None:
+    """Retire METER_ID for good and revoke its certificate.
+
+    The status becomes decommissioned (final), the certificate is revoked in the PKI, and
+    a running broker drops the meter's connection. Re-running retries the later steps.
+    """
+    with _connect(database_url) as conn:
+        change = repository.set_status(conn, meter_id, MeterStatus.DECOMMISSIONED, reason=reason)
+    _echo_change(change.meter_id, change.old, change.new)
+    _revoke_certificate(meter_id, pki_root, stack_env)
+
+
+def _revoke_certificate(meter_id: str, pki_root: Path | None, stack_env: Path) -> None:
+    from certs.crl import revoke
+    from certs.errors import PkiError, UnknownIdentityError
+
+    layout = PkiLayout(pki_root or StackEnv.load().pki_root)
+    try:
+        result = revoke(layout, meter_id)
+    except UnknownIdentityError:
+        click.echo(f"no certificate for {meter_id} in {layout.root}: nothing to revoke")
+        return
+    except (PkiError, OSError) as exc:
+        raise click.ClickException(
+            f"decommissioned, but revoking the certificate failed ({_first_line(exc)}); "
+            f"run `meterproof meters decommission {meter_id}` again"
+        ) from None
+    state = "was already revoked" if result.already_revoked else "revoked"
+    click.echo(f"certificate {result.serial} {state}; CRL re-signed")
+    if not stack_env.exists():
+        click.echo(f"no running stack ({stack_env} absent): the broker loads the CRL when started")
+        return
+    from mosquitto.admin import enforce_revocation
+
+    try:
+        enforce_revocation(meter_id, StackEnv.load(stack_env))
+    except ConnectionRefusedError:
+        click.echo("the broker is not running: it loads the CRL when started")
+        return
+    except OSError as exc:
+        raise click.ClickException(
+            f"certificate revoked, but the broker did not confirm ({_first_line(exc)}); "
+            f"run `meterproof meters decommission {meter_id}` again"
+        ) from None
+    click.echo(f"broker: {meter_id} disconnected and refused from now on")
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(64 * 1024)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _require(meter: MeterRecord | None, meter_id: str) -> MeterRecord:
+    if meter is None:
+        raise UnknownMeterError(f"no meter {quoted(meter_id)} is registered")
+    return meter
+
+
+def _echo_change(meter_id: str, old: MeterStatus, new: MeterStatus) -> None:
+    if old is new:
+        click.echo(f"{meter_id}: already {new}")
+    else:
+        click.echo(f"{meter_id}: {old} -> {new}")
+
+
+def _json(record: MeterRecord | KeyRecord | SecurityEvent) -> dict[str, Any]:
+    return {name: _plain(value) for name, value in asdict(record).items()}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    return value
+
+
+def _where(url: str) -> str:
+    """host:port/dbname, without a password the URL may carry."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the given URL (unparsable)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,230 @@
+"""The migration runner and the readings schema, against the session PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+
+from ingest.registry import repository
+from ingest.registry.model import MeterStatus, NewKey, NewMeter
+from schemas.migrate import MigrationError, db, ensure_partitions, load_migrations, migrate
+from schemas.reading import RejectReason
+from schemas.signatures import generate_private_key
+from stack.postgres import PostgresServer
+
+U64_MAX = 2**64 - 1
+
+
+@pytest.fixture
+def empty_url(postgres: PostgresServer) -> Iterator[str]:
+    """A database of this test's own with nothing in it, dropped afterwards."""
+    name = f"test_mig_{uuid.uuid4().hex}"
+    admin = postgres.database_url("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield postgres.database_url(name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True)
+
+
+def _register(conn: psycopg.Connection[Any], meter_id: str) -> None:
+    key = NewKey.parse("EdDSA", generate_private_key("EdDSA").public_key().pem())
+    repository.register(conn, [NewMeter(meter_id=meter_id, key=key)])
+
+
+def _reading(conn: psycopg.Connection[Any], meter_id: str, seq: int, ts: datetime) -> None:
+    conn.execute(
+        "INSERT INTO readings (meter_id, seq, ts, import_wh, export_wh, alg, sig, reading_hash,"
+        " received_at, verified_at) VALUES (%s, %s, %s, 1, 0, 'EdDSA', %s, %s, now(), now())",
+        (meter_id, seq, ts, b"\x01" * 64, hashlib.sha256(f"{meter_id}{seq}".encode()).digest()),
+    )
+
+
+def test_migrate_applies_every_file_once_and_records_checksums(empty_url: str) -> None:
+    files = load_migrations()
+    assert [m.version for m in files][:2] == ["0001_registry", "0002_readings"]
+    assert migrate(empty_url) == [m.version for m in files]
+    assert migrate(empty_url) == []
+    with _connect(empty_url) as conn:
+        rows = conn.execute("SELECT version, sha256 FROM schema_migrations ORDER BY 1").fetchall()
+    assert rows == [(m.version, hashlib.sha256(m.sql).hexdigest()) for m in files]
+
+
+def test_concurrent_runners_apply_each_migration_once(empty_url: str) -> None:
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(migrate(empty_url))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    applied = sorted(version for result in results for version in result)
+    assert applied == [m.version for m in load_migrations()]
+
+
+def test_a_changed_applied_migration_is_an_error(empty_url: str) -> None:
+    migrate(empty_url)
+    with _connect(empty_url) as conn:
+        conn.execute(
+            "UPDATE schema_migrations SET sha256 = %s WHERE version = '0001_registry'", ("0" * 64,)
+        )
+    with pytest.raises(MigrationError, match=r"0001_registry\.sql changed after it was applied"):
+        migrate(empty_url)
+    result = CliRunner().invoke(db, ["migrate", "--database-url", empty_url])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert "changed after it was applied" in result.output
+
+
+def test_an_applied_migration_without_a_file_is_an_error(empty_url: str) -> None:
+    migrate(empty_url)
+    with _connect(empty_url) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, sha256) VALUES ('0000_gone', 'x')")
+    with pytest.raises(MigrationError, match="0000_gone has no file"):
+        migrate(empty_url)
+
+
+def test_migrate_command_prints_versions_and_reports_an_unreachable_database(
+    empty_url: str, postgres: PostgresServer
+) -> None:
+    runner = CliRunner()
+    first = runner.invoke(db, ["migrate", "--database-url", empty_url])
+    assert first.exit_code == 0, first.output
+    assert first.output == "applied 0001_registry 0002_readings\n"
+    again = runner.invoke(db, ["migrate"], env={"METERPROOF_DATABASE_URL": empty_url})
+    assert again.output.startswith("up to date")
+    closed = postgres.database_url("x").replace(f":{postgres.port}/", ":1/")
+    down = runner.invoke(db, ["migrate", "--database-url", closed])
+    assert down.exit_code == 1
+    assert down.output.startswith("Error: database unreachable")
+    assert down.output.count("\n") == 1
+
+
+def test_native_partitioning_is_used_without_timescaledb(database_url: str) -> None:
+    with _connect(database_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
+        ).fetchone() == (0,)
+        strategy = conn.execute(
+            "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'readings'::regclass"
+        ).fetchone()
+        assert strategy == ("r",)
+        today = datetime.now(UTC).strftime("%Y%m%d")
+        week = (datetime.now(UTC) + timedelta(days=7)).strftime("%Y%m%d")
+        for name in (f"readings_{today}", f"readings_{week}", "readings_default"):
+            assert conn.execute("SELECT to_regclass(%s)", (name,)).fetchone() != (None,)
+
+
+def test_readings_far_in_the_past_or_future_land_in_the_default_partition(
+    database_url: str,
+) -> None:
+    with _connect(database_url) as conn:
+        _register(conn, "m1")
+        _reading(conn, "m1", 1, datetime(1999, 1, 1, tzinfo=UTC))
+        _reading(conn, "m1", 2, datetime(2200, 1, 1, 12, tzinfo=UTC))
+        _reading(conn, "m1", 3, datetime.now(UTC))
+        where = dict(
+            conn.execute("SELECT seq::int, tableoid::regclass::text FROM readings").fetchall()
+        )
+        assert where[1] == where[2] == "readings_default"
+        assert where[3] == f"readings_{datetime.now(UTC):%Y%m%d}"
+
+
+def test_creating_a_partition_moves_its_rows_out_of_the_default_partition(
+    database_url: str,
+) -> None:
+    far = datetime(2200, 1, 1, 12, tzinfo=UTC)
+    with _connect(database_url) as conn:
+        _register(conn, "m1")
+        _reading(conn, "m1", 1, far)
+        created = conn.execute("SELECT meterproof_ensure_partitions(%s, %s)", (far, far)).fetchone()
+        assert created == (1,)
+        assert conn.execute("SELECT tableoid::regclass::text FROM readings").fetchall() == [
+            ("readings_22000101",)
+        ]
+
+
+def test_ensure_partitions_creates_the_coming_days_once(database_url: str) -> None:
+    with _connect(database_url) as conn:
+        assert ensure_partitions(conn) == 0  # the migration made this week's
+        assert ensure_partitions(conn, days_ahead=30) == 23
+        assert ensure_partitions(conn, days_ahead=30) == 0
+        last = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y%m%d")
+        assert conn.execute("SELECT to_regclass(%s)", (f"readings_{last}",)).fetchone() != (None,)
+        with pytest.raises(ValueError, match="days_ahead"):
+            ensure_partitions(conn, days_ahead=-1)
+
+
+def test_reading_log_keeps_meter_and_seq_unique_and_u64_in_range(database_url: str) -> None:
+    now = datetime.now(UTC)
+    insert = (
+        "INSERT INTO reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh)"
+        " VALUES ('m1', %s, %s, %s, %s, 0)"
+    )
+    with _connect(database_url) as conn:
+        _register(conn, "m1")
+        conn.execute(insert, (U64_MAX, b"\x01" * 32, now, U64_MAX))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert, (U64_MAX, b"\x02" * 32, now + timedelta(seconds=1), 0))
+        for bad in (U64_MAX + 1, -1):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(insert, (bad, b"\x01" * 32, now, 0))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute(insert.replace("'m1'", "'unregistered'"), (1, b"\x01" * 32, now, 0))
+        stored = conn.execute("SELECT seq, import_wh, batch_id FROM reading_log").fetchone()
+        assert stored == (U64_MAX, U64_MAX, None)
+
+
+def test_timestamps_are_kept_to_the_millisecond(database_url: str) -> None:
+    ts = datetime(2030, 5, 6, 7, 8, 9, 123_000, tzinfo=UTC)
+    with _connect(database_url) as conn:
+        _register(conn, "m1")
+        _reading(conn, "m1", 1, ts)
+        assert conn.execute("SELECT ts FROM readings").fetchone() == (ts,)
+
+
+def test_rejected_readings_accept_exactly_the_spec_reason_codes(database_url: str) -> None:
+    insert = (
+        "INSERT INTO rejected_readings (payload, topic, reason, received_at)"
+        " VALUES ('\\x00ff', 'meters/x/readings', %s, now())"
+    )
+    with _connect(database_url) as conn:
+        for reason in RejectReason:
+            conn.execute(insert, (reason.value,))
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(insert, ("because",))
+
+
+def test_status_and_key_changes_notify_after_commit(database_url: str) -> None:
+    with _connect(database_url) as writer, _connect(database_url) as listener:
+        _register(writer, "m1")
+        listener.execute("LISTEN meterproof_registry")
+        with writer.transaction():
+            repository.set_status(writer, "m1", MeterStatus.INACTIVE)
+            assert list(listener.notifies(timeout=0.2, stop_after=1)) == []  # not before commit
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["m1"]
+        writer.execute("UPDATE meters SET owner_wallet = 'w' WHERE meter_id = 'm1'")
+        assert list(listener.notifies(timeout=0.2, stop_after=1)) == []  # not a status change
+        writer.execute("DELETE FROM meter_keys")
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["m1"]
