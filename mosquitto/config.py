@@ -196,6 +196,10 @@ def dynsec_config(password: str) -> dict[str, object]:
 
 
 def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable[str]:
+    roles = {
+        INGEST: "ingest workers: readings in (via $share/ingest), receipts and verified out",
+        BRIDGE: "ledger bridge: verified readings in, ledger epochs out",
+    }
     grants = {
         INGEST: [
             "topic read meters/+/readings",
@@ -210,14 +214,12 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
         "topic deny #"
     )
     for name in services:
-        role = "ingest workers" if name == INGEST else name
-        lines = grants.get(name, [])
         yield "\n".join(
             [
-                f"# Service {name!r}: {role}" + ("" if lines else ", no topic rights"),
+                f"# Service {name!r}: {roles.get(name, 'no topic rights')}",
                 f"user {_checked(name)}",
                 f"topic deny meters/{name}/#",
-                *lines,
+                *grants.get(name, []),
             ]
         )
     for name in integrators:

@@ -212,12 +212,17 @@ class Peer:
         self.subacks: queue.Queue[list[ReasonCode]] = queue.Queue()
         self._pubacks: dict[int, ReasonCode] = {}
         self._puback_seen = threading.Condition()
-        self.client.on_connect = lambda _c, _u, _f, rc, _p: self.connack.put(rc)
+        self.connack_properties: Properties | None = None
+        self.client.on_connect = self._on_connect
         self.client.on_connect_fail = lambda _c, _u: self.connack.put(None)
         self.client.on_disconnect = lambda _c, _u, _f, rc, _p: self._closed(rc)
         self.client.on_message = lambda _c, _u, message: self.messages.put(message)
         self.client.on_subscribe = lambda _c, _u, _m, rcs, _p: self.subacks.put(rcs)
         self.client.on_publish = self._on_publish
+
+    def _on_connect(self, _c, _u, _f, rc: ReasonCode, properties: Properties | None) -> None:
+        self.connack_properties = properties
+        self.connack.put(rc)
 
     def _closed(self, rc: ReasonCode) -> None:
         self.connack.put(None)
@@ -228,13 +233,19 @@ class Peer:
             self._pubacks[mid] = rc
             self._puback_seen.notify_all()
 
-    def connect(self, *, clean_start: bool = True, session_expiry: int = 0) -> bool:
+    def connect(
+        self, *, clean_start: bool = True, session_expiry: int = 0, keepalive: int = 60
+    ) -> bool:
         """True once CONNACK says success; False if TLS or the broker refused us."""
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = session_expiry
         try:
             self.client.connect(
-                "127.0.0.1", self.port, clean_start=clean_start, properties=properties
+                "127.0.0.1",
+                self.port,
+                keepalive=keepalive,
+                clean_start=clean_start,
+                properties=properties,
             )
         except (ssl.SSLError, OSError):
             return False
@@ -537,6 +548,20 @@ def test_admin_certificate_cannot_command_the_broker(mq: Broker) -> None:
     command = b'{"commands": [{"command": "listClients"}]}'
     assert admin.publish("$CONTROL/dynamic-security/v1", command) == NOT_AUTHORIZED
     assert admin.publish("meters/admin/readings", b"x") == NOT_AUTHORIZED
+
+
+def test_flow_limits_reach_the_clients(mq: Broker) -> None:
+    meter_id, identity = mq.meter("limits")
+    meter = mq.peer(identity)
+    assert meter.connect(keepalive=3600)
+    assert meter.connack_properties is not None
+    assert meter.connack_properties.ReceiveMaximum == 10000
+    assert meter.connack_properties.ServerKeepAlive == 300
+    assert meter.connack_properties.MaximumPacketSize == 8192
+
+    assert meter.publish(f"meters/{meter_id}/readings", b"r" * 4096) in (0, 16)
+    meter.client.publish(f"meters/{meter_id}/readings", b"r" * 8192, qos=1)
+    assert meter.disconnected.get(timeout=WAIT).getName() == "Packet too large"
 
 
 # ---------------------------------------------------------------------------------------
