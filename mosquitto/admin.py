@@ -62,7 +62,7 @@ RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
 TIMEOUT: Final = 5.0
 _ALREADY_EXISTS: Final = "Client already exists"
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class BrokerNotRunningError(ConnectionRefusedError):
@@ -151,7 +151,7 @@ def dynsec_commands(
         client.loop_stop()
 
 
-def _get(source: queue.Queue[T], what: str) -> T:
+def _get(source: queue.Queue[_T], what: str) -> _T:
     try:
         return source.get(timeout=TIMEOUT)
     except queue.Empty:

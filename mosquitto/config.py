@@ -28,7 +28,12 @@ from typing import Final
 
 from certs.layout import IDENTITY_RE, PkiLayout
 
-DYNSEC_PLUGIN: Final = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+#: Where Debian's `mosquitto` package puts the plugin (per architecture), then a source build.
+DYNSEC_PLUGIN_GLOBS: Final = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
 
 #: The dynamic-security admin account. The colon keeps it outside the identity alphabet, so
 #: no certificate our CA issues can carry it as CN: the plugin matches ACLs by username, and a
@@ -129,7 +134,7 @@ def render(
         user=pwd.getpwuid(os.geteuid()).pw_name,
         pid_file=files.pid,
         acl_file=files.acl,
-        dynsec_plugin=DYNSEC_PLUGIN,
+        dynsec_plugin=dynsec_plugin(),
         dynsec_file=files.dynsec,
         persistence_dir=files.persistence_dir,
         log_file=files.log,
@@ -148,6 +153,14 @@ def render(
         _write_private(files.dynsec, json.dumps(dynsec_config(password), indent=2) + "\n")
         _write_private(files.admin_password, password + "\n")
     return files
+
+
+def dynsec_plugin() -> Path:
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        found = sorted(Path("/").glob(pattern.removeprefix("/")))
+        if found:
+            return found[0]
+    raise FileNotFoundError("mosquitto_dynamic_security.so not found: install mosquitto 2.0")
 
 
 def admin_password(files: BrokerFiles) -> str:
