@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-import orjson
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 
 from ingest.errors import TransientError
 from ingest.judge import RateLimit, StoredPoint, judge
@@ -91,7 +91,7 @@ _REJECTED_TYPES: Final = [
     "bytea", "text", "text", "text", "numeric", "bytea", "text", "text", "timestamptz",
 ]  # fmt: skip
 _COPY_EVENTS = "COPY security_events (type, severity, meter_id, detail) FROM STDIN (FORMAT BINARY)"
-_EVENT_TYPES: Final = ["text", "security_severity", "text", "jsonb"]
+_EVENT_TYPES: Final = ["text", "text", "text", "jsonb"]  # enum labels travel as text
 _FAILURES = """
 SELECT meter_id FROM security_events
 WHERE meter_id = ANY(%s) AND type = ANY(%s) AND at > now() - make_interval(secs => %s)
@@ -219,7 +219,7 @@ class ReadingStore:
                             event.type,
                             event.severity,
                             j.meter_id,
-                            orjson.dumps(event.detail).decode(),
+                            Jsonb(event.detail),
                         )
                     )
 
@@ -250,13 +250,13 @@ class ReadingStore:
                     " VALUES ('quarantined', 'critical', %s, %s)",
                     (
                         meter_id,
-                        orjson.dumps(
+                        Jsonb(
                             {
                                 "failures": self._policy.failures,
                                 "window_s": self._policy.window_s,
                                 "by": "ingest",
                             }
-                        ).decode(),
+                        ),
                     ),
                 )
         return quarantined
