@@ -52,3 +52,28 @@ class StackEnv(BaseSettings):
     def load(cls, path: Path | None = None) -> StackEnv:
         """Environment variables win over the file; the file wins over defaults."""
         return cls(_env_file=path or STACK_ENV_FILE)
+
+    @classmethod
+    def read(cls, path: Path) -> StackEnv:
+        """Exactly what `write` wrote, ignoring the environment.
+
+        `stack status` and `stack down` describe the stack of one run dir, not whatever
+        stack a shell happened to `source`.
+        """
+        values: dict[str, object] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.startswith("METERPROOF_"):
+                values[key.removeprefix("METERPROOF_").lower()] = value
+        return cls.defaults(**values)
+
+    @classmethod
+    def defaults(cls, **values: object) -> StackEnv:
+        """The documented defaults updated with `values`, ignoring the environment.
+
+        Every field is passed explicitly, the only way to keep pydantic-settings from
+        filling the others in from METERPROOF_* variables.
+        """
+        return cls.model_validate(
+            {name: field.default for name, field in cls.model_fields.items()} | values
+        )

@@ -1,0 +1,61 @@
+"""Mosquitto, run from the files `mosquitto.config.render` wrote; ready once TLS accepts."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from mosquitto.config import BrokerFiles
+from stack.process import (
+    LOOPBACK,
+    SpawnedServer,
+    StackError,
+    check_ports_free,
+    executable,
+    port_accepts,
+)
+
+
+class BrokerServer(SpawnedServer):
+    """One `mosquitto -c files.conf`, with the pid file and log the config names.
+
+    The config decides the listeners: `port` is the mutual-TLS one, which readiness
+    probes; `admin_port` the plain loopback one for operator tools. `stop()` (SIGTERM)
+    writes the persistence file first; `kill()` loses what was acknowledged since the last
+    autosave.
+    """
+
+    name = "mosquitto"
+    program = "mosquitto"
+
+    def __init__(
+        self, files: BrokerFiles, *, port: int, admin_port: int, timeout: float = 10.0
+    ) -> None:
+        super().__init__(log=files.log, pid_file=files.pid, timeout=timeout)
+        self.files = files
+        self.port = port
+        self.admin_port = admin_port
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{LOOPBACK}:{self.port}"
+
+    def start(self) -> float:
+        if self.is_running():
+            return 0.0
+        check_ports_free(self.port, self.admin_port)
+        argv = [executable("mosquitto"), "-c", str(self.files.conf)]
+        return self._launch(
+            argv, ready=lambda: port_accepts(self.port), what=f"mosquitto on port {self.port}"
+        )
+
+    def kill9(self) -> None:
+        """The fault tests' name for `kill()`."""
+        self.kill()
+
+    def reload(self) -> None:
+        """SIGHUP: re-reads the CRL and ACL for new connections (open ones stay up)."""
+        pid = self.pid()
+        if pid is None:
+            raise StackError(f"mosquitto is not running (no live pid in {self.files.pid})")
+        os.kill(pid, signal.SIGHUP)

@@ -1,0 +1,130 @@
+"""`meterproof stack up|down|status|render`: the local stack for demos, benchmarks, hacking.
+
+The servers outlive the command (own sessions, logs in the run dir); `down` finds them
+again through the pid files there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from certs.errors import PkiError
+from stack.env import DEFAULT_RUN_DIR
+from stack.process import StackError
+from stack.services import LocalStack, Ports
+
+_PORT = click.IntRange(1, 65535)
+
+run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_RUN_DIR,
+    show_default=True,
+    help="State of the stack: server data, logs, pid files, stack.env.",
+)
+
+
+def _stack_options(command: Callable[[LocalStack, Ports], None]) -> Callable[..., None]:
+    """The run dir, PKI and port options, handed to `command` as a stack and its ports."""
+
+    @functools.wraps(command)
+    def with_stack(
+        *,
+        run_dir: Path,
+        pki_root: Path | None,
+        mqtt_port: int | None,
+        mqtt_admin_port: int | None,
+        pg_port: int | None,
+        redis_port: int | None,
+    ) -> None:
+        ports = Ports(
+            mqtt=mqtt_port, mqtt_admin=mqtt_admin_port, postgres=pg_port, redis=redis_port
+        )
+        command(LocalStack(run_dir=run_dir, pki_root=pki_root), ports)
+
+    options = [
+        run_dir_option,
+        click.option(
+            "--pki-root",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Operator PKI, created when missing [default: the recorded one, else certs/out].",
+        ),
+        click.option("--mqtt-port", type=_PORT, help="Mutual-TLS listener port."),
+        click.option("--mqtt-admin-port", type=_PORT, help="Plain loopback admin listener port."),
+        click.option("--pg-port", type=_PORT, help="PostgreSQL port."),
+        click.option("--redis-port", type=_PORT, help="Redis port."),
+    ]
+    decorated: Callable[..., None] = with_stack
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated
+
+
+@click.group()
+def stack() -> None:
+    """Mosquitto, PostgreSQL and Redis on loopback, all state under one run dir."""
+
+
+@stack.command()
+@_stack_options
+def up(local: LocalStack, ports: Ports) -> None:
+    """Start whatever is not running yet, apply migrations, write RUN_DIR/stack.env.
+
+    A port not given is the one recorded in RUN_DIR/stack.env (the first time: 8883,
+    1884, 5432, 6379) if that is free, else a free one.
+    """
+    try:
+        _, started = local.up(ports)
+    except (StackError, PkiError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if started:
+        click.echo("started " + ", ".join(f"{name} ({s:.2f} s)" for name, s in started.items()))
+    else:
+        click.echo("already up")
+    _echo_status(local)
+    click.echo(f"\nsource {local.env_file}")
+
+
+@stack.command()
+@_stack_options
+def render(local: LocalStack, ports: Ports) -> None:
+    """Create the PKI if missing, render the broker files and the env files; start nothing.
+
+    For compose.yaml: `docker compose --env-file RUN_DIR/compose.env up -d`. Ports are
+    chosen as for `up`.
+    """
+    try:
+        local.prepare(ports)
+    except (StackError, PkiError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {local.env_file} and {local.compose_env_file}")
+
+
+@stack.command()
+@run_dir_option
+def down(run_dir: Path) -> None:
+    """Stop the servers recorded in RUN_DIR (their data is kept)."""
+    try:
+        stopped = LocalStack(run_dir=run_dir).down()
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack.command()
+@run_dir_option
+def status(run_dir: Path) -> None:
+    """Show each server up or down with its address; exit 1 unless all are up."""
+    if not _echo_status(LocalStack(run_dir=run_dir)):
+        raise SystemExit(1)
+
+
+def _echo_status(local: LocalStack) -> bool:
+    statuses = local.status()
+    for service in statuses:
+        click.echo(f"{service.name:<10} {'up' if service.running else 'down':<5} {service.address}")
+    return all(service.running for service in statuses)

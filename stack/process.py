@@ -1,0 +1,240 @@
+"""Process plumbing shared by the server runners.
+
+Servers are spawned detached (own session, output to a log file, pid in a file) so that
+`meterproof stack up` can exit while they run and `stack down` can stop them later from
+another process. The process that spawned a server also reaps it, so tests leave no
+zombies; a zombie left to an init that does not reap counts as stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+_POLL_S = 0.02
+
+
+class StackError(RuntimeError):
+    """A server did not start or stop as asked; the message ends with its log tail."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port the kernel just handed out; another process could still take it first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen there now (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def port_accepts(port: int, host: str = LOOPBACK) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def check_ports_free(*ports: int) -> None:
+    """Refuse early: a probe could otherwise mistake another server on the port for ours."""
+    for port in ports:
+        if not port_is_free(port):
+            raise StackError(f"port {port} on {LOOPBACK} is already in use")
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
+
+
+def wait_for(
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    timeout: float,
+    log: Path,
+    alive: Callable[[], bool] = lambda: True,
+) -> float:
+    """Poll until `ready()`; return the seconds it took. Fails fast if the server died."""
+    start = time.monotonic()
+    while True:
+        if ready():
+            return time.monotonic() - start
+        if not alive():
+            raise StackError(f"{what}: the process exited; last lines of {log}:\n{log_tail(log)}")
+        if time.monotonic() - start > timeout:
+            raise StackError(
+                f"{what}: not ready after {timeout:.0f} s; last lines of {log}:\n{log_tail(log)}"
+            )
+        time.sleep(_POLL_S)
+
+
+def executable(name: str, *extra_dirs: Path) -> str:
+    """Find a server binary on PATH, then in `extra_dirs` (Debian keeps pg_ctl off PATH)."""
+    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(map(str, extra_dirs)))
+    if path is None:
+        raise StackError(f"{name} not found on PATH; `make system-packages` installs it")
+    return path
+
+
+def spawn(argv: Sequence[str], *, log: Path, pid_file: Path) -> int:
+    """Start `argv` in a new session with stdout and stderr appended to `log`.
+
+    posix_spawn rather than Popen: a server must outlive `stack up`, and a Popen object
+    dropped while its child runs is reported as a leak.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        pid = os.posix_spawn(
+            argv[0],
+            list(argv),
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(fd)
+    pid_file.write_text(f"{pid}\n", encoding="utf-8")
+    return pid
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; reaps it when it is our exited child."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not ours: ask the kernel below
+    else:
+        return done == 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_dead_zombie(pid)
+
+
+def _is_dead_zombie(pid: int) -> bool:
+    """An exited process nobody reaped (this machine's init does not reap orphans).
+
+    Only once its last thread is gone: a leader turns zombie while threads that still
+    hold its sockets are exiting.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        threads = sum(1 for _ in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z" and threads == 1
+
+
+def read_pid(pid_file: Path, *, program: str) -> int | None:
+    """The running pid recorded in `pid_file`, if it still belongs to `program`.
+
+    The program check stops a stale file (after a reboot) from naming a stranger. Not
+    for a pid just spawned: the kernel resumes the parent before it renames the child.
+    """
+    try:
+        pid = int(pid_file.read_text(encoding="ascii").split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+    if not pid_alive(pid):
+        return None
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
+    except OSError:
+        return pid
+    return pid if program.startswith(comm) else None
+
+
+def stop_process(pid: int, *, name: str, sig: signal.Signals, timeout: float, log: Path) -> None:
+    """Signal the server's process group and wait for the leader to exit."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(_POLL_S)
+            raise StackError(
+                f"{name} ignored {sig.name} for {timeout:.0f} s and was killed; "
+                f"last lines of {log}:\n{log_tail(log)}"
+            )
+        time.sleep(_POLL_S)
+
+
+class SpawnedServer(ABC):
+    """A server we spawn ourselves (Redis, Mosquitto): found again by its pid file, stopped
+    by signalling its process group."""
+
+    name: str
+    #: The executable's name as /proc/<pid>/comm shows it.
+    program: str
+
+    def __init__(self, *, log: Path, pid_file: Path, timeout: float) -> None:
+        self.log = log
+        self.pid_file = pid_file
+        self.timeout = timeout
+
+    @abstractmethod
+    def start(self) -> float:
+        """Start unless running; return the seconds until ready (0 when already running)."""
+
+    def stop(self) -> None:
+        """SIGTERM, the server's own clean shutdown."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown work at all, as in a crash."""
+        self._signal(signal.SIGKILL)
+
+    def restart(self) -> float:
+        self.stop()
+        return self.start()
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def pid(self) -> int | None:
+        return read_pid(self.pid_file, program=self.program)
+
+    def _launch(self, argv: Sequence[str], *, ready: Callable[[], bool], what: str) -> float:
+        pid = spawn(argv, log=self.log, pid_file=self.pid_file)
+        return wait_for(
+            ready, what=what, timeout=self.timeout, log=self.log, alive=lambda: pid_alive(pid)
+        )
+
+    def _signal(self, sig: signal.Signals) -> None:
+        pid = self.pid()
+        if pid is not None:
+            stop_process(pid, name=self.name, sig=sig, timeout=self.timeout, log=self.log)
+        self.pid_file.unlink(missing_ok=True)

@@ -1,0 +1,197 @@
+"""The local stack as one unit: PKI, broker config and the three servers under one run dir.
+
+`stack.env` in the run dir records where each server listens. Ports default to the
+recorded ones (the conventional ones the first time) when free, else to free ones, so
+shells that sourced the file keep working across `down` and `up`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from certs.bootstrap import init_pki
+from certs.layout import DEFAULT_ROOT, PkiLayout
+from mosquitto.config import broker_files, render
+from schemas.migrate import migrate
+from stack.broker import BrokerServer
+from stack.env import StackEnv
+from stack.postgres import PostgresServer
+from stack.process import LOOPBACK, StackError, free_port, port_is_free
+from stack.redis import RedisServer
+
+
+class Server(Protocol):
+    """What every runner offers (local process here, container in the test fixtures)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    def start(self) -> float: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+    def restart(self) -> float: ...
+    def is_running(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Requested ports; None means the recorded one if free, else any free one."""
+
+    mqtt: int | None = None
+    mqtt_admin: int | None = None
+    postgres: int | None = None
+    redis: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    address: str
+
+
+class LocalStack:
+    """The servers of one run dir; `pki_root` defaults to the recorded one, then certs/out."""
+
+    def __init__(self, *, run_dir: Path, pki_root: Path | None = None) -> None:
+        self.run_dir = run_dir.absolute()
+        self.env_file = self.run_dir / "stack.env"
+        self.compose_env_file = self.run_dir / "compose.env"
+        recorded = self.recorded()
+        self.layout = PkiLayout((pki_root or recorded.pki_root).absolute())
+
+    def recorded(self) -> StackEnv:
+        """The addresses last written here, or the defaults when there are none."""
+        if self.env_file.exists():
+            return StackEnv.read(self.env_file)
+        return StackEnv.defaults(run_dir=self.run_dir, pki_root=DEFAULT_ROOT)
+
+    def servers(self, env: StackEnv) -> tuple[PostgresServer, RedisServer, BrokerServer]:
+        """In start order; stop in reverse."""
+        return (
+            PostgresServer(directory=self.run_dir / "postgres", port=_url_port(env.database_url)),
+            RedisServer(directory=self.run_dir / "redis", port=_url_port(env.redis_url)),
+            BrokerServer(
+                broker_files(self.run_dir), port=env.mqtt_port, admin_port=env.mqtt_admin_port
+            ),
+        )
+
+    def status(self) -> list[ServiceStatus]:
+        return [
+            ServiceStatus(server.name, server.is_running(), _address(server))
+            for server in self.servers(self.recorded())
+        ]
+
+    def prepare(self, ports: Ports) -> StackEnv:
+        """Everything but starting: ports, PKI (created if missing), broker files, env files.
+
+        `compose.env` carries the same choices for `docker compose --env-file`.
+        """
+        env = self._choose_ports(ports)
+        init_pki(self.layout)
+        render(
+            run_dir=self.run_dir,
+            pki=self.layout,
+            tls_port=env.mqtt_port,
+            admin_port=env.mqtt_admin_port,
+        )
+        env.write(self.env_file)
+        self.compose_env_file.write_text(_compose_env(env), encoding="utf-8")
+        return env
+
+    def up(self, ports: Ports) -> tuple[StackEnv, dict[str, float]]:
+        """Prepare, start what is not running, migrate; return the seconds each start took.
+
+        If anything fails, the servers this call started are stopped again.
+        """
+        env = self.prepare(ports)
+        servers = self.servers(env)
+        started: list[Server] = []
+        seconds: dict[str, float] = {}
+        try:
+            for server in servers:
+                if not server.is_running():
+                    seconds[server.name] = server.start()
+                    started.append(server)
+            migrate(servers[0].url)
+        except Exception:
+            for running in reversed(started):
+                running.stop()
+            raise
+        return env, seconds
+
+    def down(self) -> list[str]:
+        """Stop every running server (pids from the run dir); return what was stopped."""
+        stopped = []
+        for server in reversed(self.servers(self.recorded())):
+            if server.is_running():
+                server.stop()
+                stopped.append(server.name)
+        return stopped
+
+    def _choose_ports(self, wanted: Ports) -> StackEnv:
+        recorded = self.recorded()
+        postgres, redis_, broker = self.servers(recorded)
+        taken: set[int] = set()
+
+        def choose(name: str, asked: int | None, previous: int, running: bool) -> int:
+            if running and asked not in (None, previous):
+                raise StackError(f"{name} runs on port {previous}; `stack down` to change it")
+            if running or (asked is None and previous not in taken and port_is_free(previous)):
+                port = previous
+            else:
+                port = asked or _free_port_not_in(taken)
+            taken.add(port)
+            return port
+
+        broker_up = broker.is_running()
+        mqtt = choose("mosquitto", wanted.mqtt, recorded.mqtt_port, broker_up)
+        admin = choose("mosquitto admin", wanted.mqtt_admin, recorded.mqtt_admin_port, broker_up)
+        pg = choose("postgres", wanted.postgres, postgres.port, postgres.is_running())
+        rd = choose("redis", wanted.redis, redis_.port, redis_.is_running())
+        return StackEnv.defaults(
+            run_dir=self.run_dir,
+            pki_root=self.layout.root,
+            mqtt_port=mqtt,
+            mqtt_admin_port=admin,
+            database_url=PostgresServer(directory=postgres.directory, port=pg).url,
+            redis_url=RedisServer(directory=redis_.directory, port=rd).url,
+        )
+
+
+def _compose_env(env: StackEnv) -> str:
+    """Variables compose.yaml interpolates: same ports and paths, and who owns the files."""
+    values = {
+        "METERPROOF_RUN_DIR": env.run_dir,
+        "METERPROOF_PKI_ROOT": env.pki_root,
+        "METERPROOF_MQTT_PORT": env.mqtt_port,
+        "METERPROOF_PG_PORT": _url_port(env.database_url),
+        "METERPROOF_REDIS_PORT": _url_port(env.redis_url),
+        "METERPROOF_UID": os.geteuid(),
+        "METERPROOF_GID": os.getegid(),
+    }
+    return "".join(f"{key}={value}\n" for key, value in values.items())
+
+
+def _free_port_not_in(taken: set[int]) -> int:
+    while (port := free_port()) in taken:
+        pass
+    return port
+
+
+def _url_port(url: str) -> int:
+    port = urlsplit(url).port
+    if port is None:
+        raise StackError(f"no port in {url!r}")
+    return port
+
+
+def _address(server: Server) -> str:
+    if isinstance(server, BrokerServer):
+        return f"{server.url} (admin mqtt://{LOOPBACK}:{server.admin_port})"
+    return server.url

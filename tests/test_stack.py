@@ -1,0 +1,248 @@
+"""The stack runners against the real servers, and `meterproof stack` end to end."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+import redis
+
+from certs.identities import issue_device
+from certs.layout import PkiLayout
+from mosquitto.config import broker_files
+from stack.broker import BrokerServer
+from stack.env import StackEnv
+from stack.postgres import PostgresServer
+from stack.process import StackError, free_port, pid_alive, port_accepts, read_pid
+from stack.redis import RedisServer
+from stack.services import LocalStack
+
+METERPROOF = str(Path(sys.executable).parent / "meterproof")
+
+
+def test_postgres_keeps_rows_across_stop_and_start(postgres: PostgresServer, database_url: str):
+    with psycopg.connect(database_url) as conn:
+        conn.execute("CREATE TABLE kept (n int)")
+        conn.execute("INSERT INTO kept SELECT generate_series(1, 100)")
+    postgres.stop()
+    assert not postgres.is_running()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(database_url, connect_timeout=2)
+    postgres.start()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (100,)
+
+
+def test_postgres_recovers_committed_rows_after_a_crash(
+    postgres: PostgresServer, database_url: str
+):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE crashed (n int)")
+        conn.execute("INSERT INTO crashed VALUES (1)")
+    postgres.kill()
+    assert not postgres.is_running()
+    postgres.start()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT n FROM crashed").fetchall() == [(1,)]
+        assert conn.execute("SHOW fsync").fetchone() == ("on",)
+
+
+def test_each_test_gets_an_empty_migrated_database(postgres: PostgresServer, database_url: str):
+    assert database_url != postgres.url
+    with psycopg.connect(database_url) as conn:
+        tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables")}
+    assert "schema_migrations" in tables
+    assert "kept" not in tables
+
+
+def test_redis_answers_ping_across_restart_and_kill(redis_server: RedisServer):
+    def ping() -> bool:
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    assert ping()
+    redis_server.restart()
+    assert ping()
+    redis_server.kill()
+    assert not redis_server.is_running()
+    assert not port_accepts(redis_server.port)
+    redis_server.start()
+    assert ping()
+
+
+def mqtt_connect(broker: BrokerServer, pki: PkiLayout, meter_id: str) -> mqtt.ReasonCode:
+    """CONNECT over mutual TLS with a fresh device certificate; the CONNACK's reason."""
+    device = issue_device(pki, meter_id)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=meter_id)
+    client.tls_set(ca_certs=str(pki.ca_cert), certfile=str(device.cert), keyfile=str(device.key))
+    acks: list[mqtt.ReasonCode] = []
+    client.on_connect = lambda _c, _u, _f, reason, _p: acks.append(reason)
+    client.connect("127.0.0.1", broker.port, keepalive=10)
+    try:
+        for _ in range(50):
+            client.loop(timeout=0.1)
+            if acks:
+                return acks[0]
+        raise AssertionError("no CONNACK within 5 s")
+    finally:
+        client.disconnect()
+        client.loop(timeout=0.1)
+
+
+def test_broker_accepts_a_device_across_restart_and_kill9(
+    broker: BrokerServer, pki: PkiLayout, make_meter_id
+):
+    assert mqtt_connect(broker, pki, make_meter_id()) == 0
+    broker.restart()
+    assert mqtt_connect(broker, pki, make_meter_id()) == 0
+    broker.kill9()
+    assert not broker.is_running()
+    assert not port_accepts(broker.port)
+    broker.start()
+    assert mqtt_connect(broker, pki, make_meter_id()) == 0
+
+
+def test_a_busy_port_is_refused_before_starting(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = RedisServer(directory=tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(StackError, match="already in use"):
+            server.start()
+    assert not server.is_running()
+
+
+def test_a_failed_start_quotes_the_server_log(tmp_path: Path):
+    port, admin_port = free_port(), free_port()
+    files = broker_files(tmp_path)
+    files.directory.mkdir()
+    files.conf.write_text(
+        f"listener {port} 127.0.0.1\ncafile {tmp_path}/missing.crt\n"
+        f"certfile {tmp_path}/missing.crt\nkeyfile {tmp_path}/missing.key\n"
+    )
+    server = BrokerServer(files, port=port, admin_port=admin_port)
+    with pytest.raises(StackError, match=r"(?s)the process exited.*missing\.crt"):
+        server.start()
+    assert not server.is_running()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    # Not tmp_path: as root, PostgreSQL runs as `postgres`, which cannot enter root's
+    # 0700 pytest directory.
+    directory = Path(tempfile.mkdtemp(prefix="meterproof-stack-"))
+    directory.chmod(0o755)
+    yield directory / "run"
+    LocalStack(run_dir=directory / "run").down()  # after a failed test
+    shutil.rmtree(directory)
+
+
+def stack(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [METERPROOF, "stack", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def free_ports() -> dict[str, int]:
+    """A distinct free port for each of `stack up`'s port options."""
+    options = ("--mqtt-port", "--mqtt-admin-port", "--pg-port", "--redis-port")
+    ports: set[int] = set()
+    while len(ports) < len(options):
+        ports.add(free_port())
+    return dict(zip(options, sorted(ports), strict=True))
+
+
+def as_options(ports: dict[str, int]) -> list[str]:
+    return [str(part) for item in ports.items() for part in item]
+
+
+def test_stack_up_status_down(run_dir: Path):
+    ports = free_ports()
+    pki_root = run_dir.parent / "pki"
+    up = stack("up", "--run-dir", run_dir, "--pki-root", pki_root, *as_options(ports))
+    assert up.returncode == 0, up.stderr
+    assert f"source {run_dir}/stack.env" in up.stdout
+
+    env = StackEnv.read(run_dir / "stack.env")
+    assert env.run_dir == run_dir
+    assert env.pki_root == pki_root
+    assert env.mqtt_port == ports["--mqtt-port"]
+    assert env.mqtt_admin_port == ports["--mqtt-admin-port"]
+    assert env.database_url == f"postgresql://meterproof@127.0.0.1:{ports['--pg-port']}/meterproof"
+    assert env.redis_url == f"redis://127.0.0.1:{ports['--redis-port']}/0"
+    assert PkiLayout(pki_root).ca_cert.exists()
+    with psycopg.connect(env.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() != (0,)
+
+    again = stack("up", "--run-dir", run_dir)
+    assert again.returncode == 0, again.stderr
+    assert "already up" in again.stdout
+    assert StackEnv.read(run_dir / "stack.env") == env
+    status = stack("status", "--run-dir", run_dir)
+    assert status.returncode == 0, status.stdout
+    assert [line.split()[:2] for line in status.stdout.splitlines()] == [
+        ["postgres", "up"],
+        ["redis", "up"],
+        ["mosquitto", "up"],
+    ]
+
+    pids = [
+        read_pid(run_dir / "postgres/data/postmaster.pid", program="postgres"),
+        read_pid(run_dir / "redis/redis.pid", program="redis-server"),
+        read_pid(run_dir / "mosquitto/mosquitto.pid", program="mosquitto"),
+    ]
+    assert None not in pids
+    down = stack("down", "--run-dir", run_dir)
+    assert down.returncode == 0, down.stderr
+    assert not any(pid_alive(pid) for pid in pids if pid is not None)
+    assert not any(port_accepts(port) for port in ports.values())
+    assert stack("status", "--run-dir", run_dir).returncode == 1
+
+
+def test_stack_up_stops_what_it_started_when_a_server_fails(run_dir: Path):
+    ports = free_ports()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["--redis-port"]))
+        taken.listen()
+        up = stack(
+            "up", "--run-dir", run_dir, "--pki-root", run_dir.parent / "pki", *as_options(ports)
+        )
+    assert up.returncode == 1
+    assert f"port {ports['--redis-port']} on 127.0.0.1 is already in use" in up.stderr
+    assert not port_accepts(ports["--pg-port"])  # PostgreSQL had started first
+    status = stack("status", "--run-dir", run_dir)
+    assert status.returncode == 1
+    assert [line.split()[1] for line in status.stdout.splitlines()] == ["down"] * 3
+
+
+def test_stack_render_prepares_compose_without_starting(run_dir: Path):
+    ports = free_ports()
+    rendered = stack(
+        "render", "--run-dir", run_dir, "--pki-root", run_dir.parent / "pki", *as_options(ports)
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    compose = dict(
+        line.split("=", 1) for line in (run_dir / "compose.env").read_text().splitlines()
+    )
+    assert compose["METERPROOF_RUN_DIR"] == str(run_dir)
+    assert compose["METERPROOF_MQTT_PORT"] == str(ports["--mqtt-port"])
+    assert compose["METERPROOF_PG_PORT"] == str(ports["--pg-port"])
+    assert compose["METERPROOF_REDIS_PORT"] == str(ports["--redis-port"])
+    assert (run_dir / "mosquitto" / "mosquitto.conf").exists()
+    assert StackEnv.read(run_dir / "stack.env").mqtt_port == ports["--mqtt-port"]
+    assert not any(port_accepts(port) for port in ports.values())
