@@ -32,7 +32,9 @@ def decode(message: Message) -> Decoded | Rejection:
     try:
         reading = decode_reading(message.payload)
     except MalformedPayload as exc:
-        return Rejection(message, RejectReason.MALFORMED, str(exc))
+        return Rejection(
+            message, RejectReason.MALFORMED, str(exc), meter_id=topic_meter_id(message.topic)
+        )
     message_bytes = signing_bytes(reading)
     digest = reading_hash(message_bytes)
     if topic_meter_id(message.topic) != reading.meter_id:

@@ -18,7 +18,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -65,9 +65,17 @@ class _NoReplayCache:
         return None
 
 
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class Worker:
-    def __init__(self, settings: IngestSettings) -> None:
+    def __init__(
+        self, settings: IngestSettings, *, clock: Callable[[], int] = wall_clock_ms
+    ) -> None:
+        """`clock` is the server time of rule 6 (unix ms); tests pin it to a vector's time."""
         self.settings = settings
+        self._clock = clock
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_max)
         self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
         self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
@@ -89,7 +97,7 @@ class Worker:
             share_group=settings.share_group,
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
-            handler=self._submit,
+            handler=self.submit,
         )
         self.stopping = asyncio.Event()
         self.committed = 0
@@ -97,7 +105,7 @@ class Worker:
     def ready(self) -> bool:
         return self._source.connected.is_set() and self._keys.listening.is_set()
 
-    async def _submit(self, message: Message) -> None:
+    async def submit(self, message: Message) -> None:
         """Called per message by the source; returns when its outcome is committed."""
         pending = _Pending(message)
         await self._queue.put(pending)
@@ -170,7 +178,7 @@ class Worker:
 
     async def _process(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self._clock()
         decoded: list[Decoded] = []
         rejections: list[Rejection] = []
         for p in batch:
@@ -204,7 +212,8 @@ class Worker:
         result = await store.commit_batch(to_store, rejections)
         t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
         # ---- committed: from here on, effects may be announced ----
-        outcomes: list[Outcome] = [*rejections, *result.outcomes, *fast]
+        by_message = {id(o.message): o for o in (*rejections, *result.outcomes, *fast)}
+        outcomes = [by_message[id(p.message)] for p in batch]  # receipts in arrival order
         for p in batch:
             if not p.done.done():
                 p.done.set_result(None)  # PUBACK

@@ -1,0 +1,210 @@
+"""Building blocks for end-to-end ingest tests: provisioned meters that publish and collect
+receipts over mutual TLS, and a worker running in the test's event loop or as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import psycopg
+from gmqtt import Client
+from gmqtt.mqtt.constants import MQTTv50
+
+from certs import issue_device
+from certs.layout import PkiLayout
+from ingest.registry import repository
+from ingest.registry.model import MeterStatus, NewKey, NewMeter
+from ingest.settings import IngestSettings
+from ingest.worker import Worker, wall_clock_ms
+from schemas.codec import encode_reading, sign_reading
+from schemas.reading import SignedReading
+from schemas.signatures import PrivateKey, load_private_key
+
+
+def provision(
+    pki: PkiLayout,
+    database_url: str | None,
+    meter_id: str,
+    *,
+    status: MeterStatus = MeterStatus.ACTIVE,
+    public_key_pem: str | None = None,
+    alg: str = "EdDSA",
+) -> PrivateKey:
+    """Issue the meter's certificate and signing key; register it unless database_url is None."""
+    files = pki.device(meter_id)
+    if not files.cert.exists():
+        issue_device(pki, meter_id, alg=alg)
+    key = load_private_key(alg, files.signing_key.read_bytes())
+    if database_url is not None:
+        pem = public_key_pem or files.signing_pub.read_text()
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            repository.register(conn, [NewMeter(meter_id, NewKey.parse(alg, pem), status=status)])
+    return key
+
+
+def tls_context(pki: PkiLayout, cert: os.PathLike[str], key: os.PathLike[str]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+@dataclass
+class ProbeMeter:
+    """A meter as a test needs it: publishes QoS 1 on its topic, collects its receipts."""
+
+    meter_id: str
+    key: PrivateKey | None
+    pki: PkiLayout
+    port: int
+    receipts: list[dict[str, Any]] = field(default_factory=list)
+    _client: Client | None = None
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def connect(self) -> None:
+        files = self.pki.device(self.meter_id)
+        client = Client(f"{self.meter_id}-{uuid.uuid4().hex[:6]}", clean_session=False,
+                        session_expiry_interval=300)  # fmt: skip
+        client.on_message = self._on_message
+        await client.connect("127.0.0.1", self.port, ssl=tls_context(self.pki, files.cert, files.key),
+                             version=MQTTv50)  # fmt: skip
+        client.subscribe(f"meters/{self.meter_id}/receipts", qos=1)
+        self._client = client
+        await asyncio.sleep(0.1)  # let the SUBACK arrive before the first receipt can
+
+    def _on_message(self, client: Client, topic: str, payload: bytes, qos: int, props: Any) -> int:
+        self.receipts.append(orjson.loads(payload))
+        self._arrived.set()
+        return 0
+
+    def reading(
+        self, seq: int, *, ts: int | None = None, imp: int = 0, exp: int = 0
+    ) -> SignedReading:
+        assert self.key is not None
+        fields = {"meter_id": self.meter_id, "seq": seq, "ts": ts or wall_clock_ms(),
+                  "import_wh": imp, "export_wh": exp}  # fmt: skip
+        return sign_reading(fields, self.key)
+
+    def publish(self, payload: bytes | SignedReading, *, topic: str | None = None) -> None:
+        assert self._client is not None
+        body = encode_reading(payload) if isinstance(payload, SignedReading) else payload
+        self._client.publish(topic or f"meters/{self.meter_id}/readings", body, qos=1)
+
+    async def wait_receipts(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.receipts) < count:
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.meter_id}: {len(self.receipts)} of {count} receipts")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return self.receipts
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.disconnect(session_expiry_interval=0)
+
+
+def puback_reason(pki: PkiLayout, meter_id: str, port: int, topic: str, payload: bytes) -> int:
+    """Publish once at QoS 1 as `meter_id` and return the broker's PUBACK reason code
+    (paho reports it; gmqtt does not)."""
+    files = pki.device(meter_id)
+    done = threading.Event()
+    codes: list[int] = []
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5,
+    )  # fmt: skip
+    client.tls_set_context(tls_context(pki, files.cert, files.key))
+
+    def on_publish(c: mqtt.Client, userdata: object, mid: int, rc: Any, props: Any) -> None:
+        codes.append(int(rc.value))
+        done.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1)
+        if not done.wait(5):
+            raise TimeoutError("no PUBACK")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0]
+
+
+def worker_settings(
+    *, pki: PkiLayout, port: int, database_url: str, redis_url: str | None, **overrides: Any
+) -> IngestSettings:
+    """A worker of its own share group and session, which expires soon after the test."""
+    tag = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "mqtt_port": port,
+        "pki_root": pki.root,
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "client_id": f"ingest-test-{tag}",
+        "share_group": f"g{tag}",
+        "session_expiry_s": 60,
+        "metrics_port": 0,
+        "batch_linger_ms": 10,
+        **overrides,
+    }
+    return IngestSettings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: IngestSettings, *, clock: Callable[[], int] = wall_clock_ms
+) -> AsyncIterator[Worker]:
+    worker = Worker(settings, clock=clock)
+    task = asyncio.create_task(worker.run())
+    deadline = time.monotonic() + 15
+    while not worker.ready():
+        if task.done():
+            task.result()
+        if time.monotonic() > deadline:
+            raise TimeoutError("worker did not become ready")
+        await asyncio.sleep(0.05)
+    try:
+        yield worker
+    finally:
+        worker.stopping.set()
+        await asyncio.wait_for(task, 20)
+
+
+def worker_process(settings: IngestSettings) -> subprocess.Popen[bytes]:
+    """The real command, as an operator starts it, configured through METERPROOF_* only."""
+    env = {**os.environ}
+    for name, value in settings.model_dump(mode="json").items():
+        env[f"METERPROOF_{name.upper()}"] = "" if value is None else str(value)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "ingest"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def stored_counts(database_url: str, meter_ids: list[str]) -> dict[tuple[str, int], int]:
+    """(meter_id, seq) -> how many rows `readings` holds for it."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT meter_id, seq, count(*) FROM readings WHERE meter_id = ANY(%s)"
+            " GROUP BY meter_id, seq",
+            (meter_ids,),
+        ).fetchall()
+    return {(str(m), int(s)): int(n) for m, s, n in rows}

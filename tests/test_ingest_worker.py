@@ -1,0 +1,282 @@
+"""The worker end to end: real Mosquitto (TLS, our ACL), PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from certs.layout import PkiLayout
+from ingest import telemetry
+from ingest.registry import repository
+from ingest.records import Message
+from ingest.registry.model import MeterStatus
+from stack.broker import BrokerServer
+from stack.redis import RedisServer
+from tests.ingest_harness import (
+    ProbeMeter,
+    provision,
+    puback_reason,
+    running_worker,
+    stored_counts,
+    worker_settings,
+)
+
+VECTORS = Path(__file__).parent.parent / "schemas" / "vectors"
+REJECTIONS: dict[str, Any] = json.loads((VECTORS / "rejections.json").read_text())
+
+
+def _events(database_url: str, meter_id: str) -> Counter[str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT type FROM security_events WHERE meter_id = %s", (meter_id,)
+        ).fetchall()
+    return Counter(str(r[0]) for r in rows)
+
+
+def test_every_rejection_vector_through_a_running_worker(
+    pki: PkiLayout, broker: BrokerServer, redis_server: RedisServer, database_url: str
+) -> None:
+    """Each vector from the identity that may publish on its topic; the two topics no
+    certificate can own are refused by the broker, and handed to the worker directly."""
+    meter_id = REJECTIONS["meter_id"]
+    own_topic = f"meters/{meter_id}/readings"
+    provision(pki, database_url, meter_id, public_key_pem=REJECTIONS["public_key_pem"])
+    other = "SM2025-ENG-001-ABC123"
+    provision(pki, database_url, other)
+    with psycopg.connect(database_url, autocommit=True) as conn:  # keys valid at vector time
+        conn.execute("UPDATE meter_keys SET valid_from = '2025-01-01'")
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
+        quarantine_failures=1000,
+    )  # fmt: skip
+    cases = REJECTIONS["cases"]
+    by_broker = [c for c in cases if c["topic"] in (own_topic, f"meters/{other}/readings")]
+    unroutable = [c for c in cases if c not in by_broker]
+    assert len(unroutable) == 2
+    before = {
+        r: telemetry.REJECTED.labels(reason=r)._value.get() for r in {c["reason"] for c in cases}
+    }
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+        async with running_worker(settings, clock=lambda: REJECTIONS["server_time_ms"]) as w:
+            meter = ProbeMeter(meter_id, None, pki, broker.port)
+            mismatch = ProbeMeter(other, None, pki, broker.port)
+            await meter.connect()
+            await mismatch.connect()
+            refused = [
+                await asyncio.to_thread(
+                    puback_reason, pki, meter_id, broker.port, c["topic"], c["payload"].encode()
+                )
+                for c in unroutable
+            ]
+            for case in by_broker:
+                sender = meter if case["topic"] == own_topic else mismatch
+                sender.publish(case["payload"].encode(), topic=case["topic"])
+            now = REJECTIONS["server_time_ms"]
+            await asyncio.gather(
+                *(w.submit(Message(c["topic"], c["payload"].encode(), now)) for c in unroutable)
+            )
+            own = await meter.wait_receipts(len(by_broker) - 1)
+            theirs = await mismatch.wait_receipts(1)
+            await meter.close()
+            await mismatch.close()
+            return own, theirs, refused
+
+    own, theirs, refused = asyncio.run(scenario())
+    assert refused == [135, 135], "the ACL refuses topics no identity owns (PUBACK 135)"
+    receipts = own + theirs
+    assert all(r["status"] == "rejected" for r in receipts)
+    assert Counter(r["reason"] for r in receipts) == Counter(c["reason"] for c in by_broker)
+    expected = Counter(c["reason"] for c in cases)
+    with psycopg.connect(database_url) as conn:
+        stored = Counter(
+            str(r[0]) for r in conn.execute("SELECT reason FROM rejected_readings").fetchall()
+        )
+    assert stored == expected
+    for reason, n in expected.items():
+        assert telemetry.REJECTED.labels(reason=reason)._value.get() - before[reason] == n
+    events = _events(database_url, meter_id)
+    assert events["bad_signature"] == expected["bad_signature"]
+    assert events["unsupported_alg"] == expected["unsupported_alg"]
+    assert _events(database_url, other)["topic_mismatch"] == 1
+
+
+def test_the_remaining_reasons_accept_and_duplicate(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    good, unknown, inactive = make_meter_id(), make_meter_id(), make_meter_id()
+    key = provision(pki, database_url, good)
+    provision(pki, None, unknown)
+    provision(pki, database_url, inactive, status=MeterStatus.INACTIVE)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
+        rate_max_readings=3, rate_window_s=60,
+    )  # fmt: skip
+    t0 = int(time.time() * 1000) - 60_000
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        async with running_worker(settings):
+            meters = {m: ProbeMeter(m, k, pki, broker.port) for m, k in
+                      ((good, key), (unknown, provision(pki, None, unknown)),
+                       (inactive, provision(pki, None, inactive)))}  # fmt: skip
+            for m in meters.values():
+                await m.connect()
+            g = meters[good]
+            first = g.reading(1, ts=t0, imp=100, exp=10)
+            g.publish(first)
+            await g.wait_receipts(1)
+            g.publish(first)  # duplicate
+            g.publish(g.reading(1, ts=t0, imp=101, exp=10))  # seq_reused
+            g.publish(g.reading(2, ts=t0 + 5_000, imp=99, exp=10))  # register_decreased
+            g.publish(g.reading(3, ts=t0 + 10_000, imp=102, exp=11))  # accepted
+            g.publish(g.reading(4, ts=t0 + 15_000, imp=103, exp=12))  # accepted (3rd in window)
+            g.publish(g.reading(5, ts=t0 + 20_000, imp=104, exp=13))  # rate_limited
+            meters[unknown].publish(meters[unknown].reading(1))
+            meters[inactive].publish(meters[inactive].reading(1))
+            out = {}
+            for m, expected in ((good, 7), (unknown, 1), (inactive, 1)):
+                out[m] = await meters[m].wait_receipts(expected)
+                await meters[m].close()
+            return out
+
+    receipts = asyncio.run(scenario())
+    statuses = [(r["status"], r["reason"]) for r in receipts[good]]
+    assert statuses == [
+        ("accepted", None),
+        ("duplicate", None),
+        ("rejected", "seq_reused"),
+        ("rejected", "register_decreased"),
+        ("accepted", None),
+        ("accepted", None),
+        ("rejected", "rate_limited"),
+    ]
+    assert receipts[unknown][0]["reason"] == "unknown_meter"
+    assert receipts[inactive][0]["reason"] == "meter_not_active"
+    assert stored_counts(database_url, [good]) == {(good, 1): 1, (good, 3): 1, (good, 4): 1}
+    events = _events(database_url, good)
+    assert events["seq_reused"] == 1
+    assert events["register_decreased"] == 1
+    assert events["rate_limited"] == 1
+
+
+def test_two_workers_on_one_shared_subscription_store_each_reading_once(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    ids = [make_meter_id() for _ in range(4)]
+    keys = {m: provision(pki, database_url, m) for m in ids}
+    first = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
+    )
+    second = first.model_copy(update={"client_id": first.client_id + "-b"})
+    per_meter = 50
+    t0 = int(time.time() * 1000) - 3_600_000
+
+    async def scenario() -> tuple[int, int]:
+        async with running_worker(first) as a, running_worker(second) as b:
+            meters = [ProbeMeter(m, keys[m], pki, broker.port) for m in ids]
+            for m in meters:
+                await m.connect()
+            for seq in range(1, per_meter + 1):
+                for m in meters:
+                    m.publish(m.reading(seq, ts=t0 + seq * 5_000, imp=seq, exp=seq))
+            for m in meters:
+                await m.wait_receipts(per_meter, timeout=30)
+                await m.close()
+            return a.committed, b.committed
+
+    committed_a, committed_b = asyncio.run(scenario())
+    assert committed_a > 0
+    assert committed_b > 0, "the shared subscription should split the load"
+    counts = stored_counts(database_url, ids)
+    assert len(counts) == len(ids) * per_meter
+    assert set(counts.values()) == {1}
+
+
+def test_quarantine_reaches_a_running_worker_within_a_second(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    meter_id: str,
+) -> None:
+    key = provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
+        key_cache_ttl_s=3600,
+    )  # fmt: skip
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with running_worker(settings):
+            meter = ProbeMeter(meter_id, key, pki, broker.port)
+            await meter.connect()
+            meter.publish(meter.reading(1, imp=1))
+            await meter.wait_receipts(1)
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                repository.set_status(conn, meter_id, MeterStatus.QUARANTINED, reason="test")
+            await asyncio.sleep(1.0)
+            meter.publish(meter.reading(2, imp=2))
+            receipts = await meter.wait_receipts(2)
+            await meter.close()
+            return receipts
+
+    receipts = asyncio.run(scenario())
+    assert receipts[0]["status"] == "accepted"
+    assert receipts[1]["reason"] == "meter_not_active"
+
+
+def test_repeated_bad_signatures_quarantine_the_meter(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    meter_id: str,
+) -> None:
+    key = provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
+        quarantine_failures=5,
+    )  # fmt: skip
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with running_worker(settings):
+            meter = ProbeMeter(meter_id, key, pki, broker.port)
+            await meter.connect()
+            for seq in range(1, 9):
+                forged = meter.reading(seq, imp=seq).model_copy(update={"export_wh": 10**6})
+                meter.publish(forged)
+                await meter.wait_receipts(seq)
+            meter.publish(meter.reading(20, imp=20))  # honest, but the meter is quarantined
+            receipts = await meter.wait_receipts(9)
+            await meter.close()
+            return receipts
+
+    receipts = asyncio.run(scenario())
+    reasons = [r["reason"] for r in receipts]
+    assert reasons[:5] == ["bad_signature"] * 5
+    assert set(reasons[5:]) == {"meter_not_active"}
+    with psycopg.connect(database_url) as conn:
+        status = conn.execute(
+            "SELECT status::text FROM meters WHERE meter_id = %s", (meter_id,)
+        ).fetchone()
+        critical = conn.execute(
+            "SELECT count(*) FROM security_events WHERE meter_id = %s AND type = 'quarantined'"
+            " AND severity = 'critical'",
+            (meter_id,),
+        ).fetchone()
+    assert status == ("quarantined",)
+    assert critical == (1,)
