@@ -74,11 +74,14 @@ class ProbeMeter:
 
     async def connect(self) -> None:
         files = self.pki.device(self.meter_id)
-        client = Client(f"{self.meter_id}-{uuid.uuid4().hex[:6]}", clean_session=False,
-                        session_expiry_interval=300)  # fmt: skip
+        client = Client(
+            f"{self.meter_id}-{uuid.uuid4().hex[:6]}",
+            clean_session=False,
+            session_expiry_interval=300,
+        )
         client.on_message = self._on_message
-        await client.connect("127.0.0.1", self.port, ssl=tls_context(self.pki, files.cert, files.key),
-                             version=MQTTv50)  # fmt: skip
+        ctx = tls_context(self.pki, files.cert, files.key)
+        await client.connect("127.0.0.1", self.port, ssl=ctx, version=MQTTv50)
         client.subscribe(f"meters/{self.meter_id}/receipts", qos=1)
         self._client = client
         await asyncio.sleep(0.1)  # let the SUBACK arrive before the first receipt can
@@ -101,8 +104,8 @@ class ProbeMeter:
         body = encode_reading(payload) if isinstance(payload, SignedReading) else payload
         self._client.publish(topic or f"meters/{self.meter_id}/readings", body, qos=1)
 
-    async def wait_receipts(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
+    async def wait_receipts(self, count: int, within_s: float = 20.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within_s
         while len(self.receipts) < count:
             self._arrived.clear()
             remaining = deadline - time.monotonic()

@@ -14,8 +14,8 @@ import psycopg
 
 from certs.layout import PkiLayout
 from ingest import telemetry
-from ingest.registry import repository
 from ingest.records import Message
+from ingest.registry import repository
 from ingest.registry.model import MeterStatus
 from stack.broker import BrokerServer
 from stack.redis import RedisServer
@@ -195,7 +195,7 @@ def test_two_workers_on_one_shared_subscription_store_each_reading_once(
                 for m in meters:
                     m.publish(m.reading(seq, ts=t0 + seq * 5_000, imp=seq, exp=seq))
             for m in meters:
-                await m.wait_receipts(per_meter, timeout=30)
+                await m.wait_receipts(per_meter, within_s=30)
                 await m.close()
             return a.committed, b.committed
 
