@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -85,6 +87,10 @@ class ProbeMeter:
         client.subscribe(f"meters/{self.meter_id}/receipts", qos=1)
         self._client = client
         await asyncio.sleep(0.1)  # let the SUBACK arrive before the first receipt can
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and bool(self._client.is_connected)
 
     def _on_message(self, client: Client, topic: str, payload: bytes, qos: int, props: Any) -> int:
         self.receipts.append(orjson.loads(payload))
@@ -189,17 +195,47 @@ async def running_worker(
         await asyncio.wait_for(task, 20)
 
 
-def worker_process(settings: IngestSettings) -> subprocess.Popen[bytes]:
-    """The real command, as an operator starts it, configured through METERPROOF_* only."""
-    env = {**os.environ}
-    for name, value in settings.model_dump(mode="json").items():
-        env[f"METERPROOF_{name.upper()}"] = "" if value is None else str(value)
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli", "ingest"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+@dataclass
+class WorkerProcess:
+    """The real command, as an operator starts it, configured through METERPROOF_* only;
+    its JSON log goes to a file (a pipe nobody reads would block the worker)."""
+
+    settings: IngestSettings
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ}
+        for name, value in self.settings.model_dump(mode="json").items():
+            env[f"METERPROOF_{name.upper()}"] = "" if value is None else str(value)
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", "ingest"], env=env, stdout=sink, stderr=sink
+            )
+        self._wait_for("broker_connected", offset)
+
+    def _wait_for(self, event: str, offset: int, within_s: float = 20.0) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if event.encode() in self.log.read_bytes()[offset:]:
+                time.sleep(0.3)  # the SUBSCRIBE was sent with the connect; let it land
+                return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"worker did not log {event}: {self.log.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
 
 
 def stored_counts(database_url: str, meter_ids: list[str]) -> dict[tuple[str, int], int]:
