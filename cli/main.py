@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "ledger": "bridge.cli:ledger",
     "db": "schemas.migrate:db",
     "meters": "ingest.registry.cli:meters",
+    "bench": "bench.cli:bench",
 }
 
 

@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
+from paho.mqtt.enums import CallbackAPIVersion
 
 from certs import issue_device
 from certs.layout import PkiLayout
@@ -133,7 +134,7 @@ def puback_reason(pki: PkiLayout, meter_id: str, port: int, topic: str, payload:
     done = threading.Event()
     codes: list[int] = []
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}",
+        CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}",
         protocol=mqtt.MQTTv5,
     )  # fmt: skip
     client.tls_set_context(tls_context(pki, files.cert, files.key))

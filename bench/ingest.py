@@ -1,0 +1,136 @@
+"""Backlog drain: N pre-signed Ed25519 readings queued for the workers' persistent sessions,
+then the workers started; readings stored and acknowledged per second, next to the rate at
+which a count-only subscriber drains the very same backlog (a second share group gets the
+same messages), measured in the same run on the same broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psycopg
+
+from bench.backlog import count_only_drain, open_session, publish_backlog, signed_payloads
+from certs import issue_bulk
+from certs.layout import PkiLayout
+from ingest.registry import repository
+from ingest.registry.model import NewKey, NewMeter
+from schemas.signatures import load_private_key
+from stack.env import StackEnv
+from stack.services import LocalStack, Ports
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    readings: int
+    meters: int
+    workers: int
+    publish_s: float
+    count_only_s: float
+    count_only_per_s: float
+    drain_s: float
+    drain_per_s: float
+    ratio_to_count_only: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _provision(pki: PkiLayout, database_url: str, count: int) -> dict[str, bytes]:
+    ids = [f"bench-{i:05d}" for i in range(count)]
+    issued = issue_bulk(pki, [i for i in ids if not pki.device(i).cert.exists()])
+    meters = [NewMeter(d.record.name, NewKey.parse("EdDSA", d.public_key_pem)) for d in issued]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        repository.register(conn, meters)
+    return {i: pki.device(i).signing_key.read_bytes() for i in ids}
+
+
+def _stored(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM reading_log").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _workers(env: StackEnv, workers: int, log: Path) -> subprocess.Popen[bytes]:
+    environ = {**os.environ, **dict(line.split("=", 1) for line in env.to_env_lines())}
+    environ["METERPROOF_METRICS_PORT"] = "0"
+    environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # one line per batch would cost CPU here
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli", "ingest", "--workers", str(workers),
+             "--client-id", "ingest-bench-0"],
+            env=environ, stdout=sink, stderr=sink,
+        )  # fmt: skip
+
+
+def run_drain(
+    *,
+    run_dir: Path,
+    readings: int = 100_000,
+    meters: int = 50,
+    workers: int = 2,
+    progress: Progress = print,
+) -> DrainResult:
+    """Everything on a private stack in `run_dir`, stopped afterwards."""
+    stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
+    env, _ = stack.up(Ports())
+    pki = PkiLayout(run_dir / "pki")
+    try:
+        per_meter = readings // meters
+        total = per_meter * meters
+        progress(f"registering {meters} meters, signing {total:,} readings")
+        keys = _provision(pki, env.database_url, meters)
+        t0 = int(time.time() * 1000) - per_meter * 5_000 - 60_000
+        backlogs = {
+            m: signed_payloads(m, load_private_key("EdDSA", k), per_meter, t0_ms=t0)
+            for m, k in keys.items()
+        }
+        ingest_id = pki.service("ingest")
+        sessions = {"bench-count": "$share/count/meters/+/readings"} | {
+            f"ingest-bench-{i}": "$share/ingest/meters/+/readings" for i in range(workers)
+        }
+        for client_id, topic in sessions.items():
+            asyncio.run(
+                open_session(pki, env.mqtt_port, ingest_id, client_id=client_id, topic=topic)
+            )
+        progress(f"publishing the backlog ({total:,} messages, QoS 1, {meters} meter identities)")
+        published = publish_backlog(pki, env.mqtt_port, backlogs)
+        progress(f"  queued in {published.seconds:.1f} s; count-only drain of the same backlog")
+        count_s = asyncio.run(
+            count_only_drain(pki, env.mqtt_port, ingest_id, client_id="bench-count",
+                             expected=total, on_progress=lambda n: progress(f"  counted {n:,}"))
+        )  # fmt: skip
+        progress(f"  {total / count_s:,.0f} msg/s; starting {workers} worker process(es)")
+        started = time.perf_counter()
+        proc = _workers(env, workers, run_dir / "workers.log")
+        try:
+            last_report = started
+            while (stored := _stored(env.database_url)) < total:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"workers exited; see {run_dir / 'workers.log'}")
+                if time.perf_counter() - last_report > 2:
+                    progress(f"  stored {stored:,} / {total:,}")
+                    last_report = time.perf_counter()
+                if time.perf_counter() - started > 900:
+                    raise TimeoutError(f"only {stored} of {total} stored after 900 s")
+                time.sleep(0.2)
+            drain_s = time.perf_counter() - started
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        return DrainResult(
+            readings=total, meters=meters, workers=workers, publish_s=published.seconds,
+            count_only_s=count_s, count_only_per_s=total / count_s, drain_s=drain_s,
+            drain_per_s=total / drain_s, ratio_to_count_only=count_s / drain_s,
+        )  # fmt: skip
+    finally:
+        stack.down()
