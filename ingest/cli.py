@@ -68,12 +68,18 @@ async def _run(settings: IngestSettings) -> None:
 
 
 def _supervise(settings: IngestSettings, workers: int) -> None:
-    """Start N workers with stable client ids, restart any that dies, stop all on SIGTERM."""
+    """Start N workers with stable client ids and metrics ports (base + i), restart any
+    that dies, stop all on SIGTERM."""
     base = settings.client_id.rsplit("-", 1)[0]
     ids = [f"{base}-{i}" for i in range(workers)]
     argv = [sys.executable, "-m", "cli", "ingest", "--workers", "1", "--client-id"]
-    env = {**os.environ, "METERPROOF_METRICS_PORT": "0"} if workers > 1 else dict(os.environ)
-    procs = {cid: subprocess.Popen([*argv, cid], env=env) for cid in ids}
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i
+        env = {**os.environ, "METERPROOF_METRICS_PORT": str(port)}
+        return subprocess.Popen([*argv, ids[i]], env=env)
+
+    procs = {cid: spawn(i) for i, cid in enumerate(ids)}
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -93,5 +99,5 @@ def _supervise(settings: IngestSettings, workers: int) -> None:
                 del procs[cid]
             else:
                 log.error("worker_died_restarting", client_id=cid, exit_code=code)
-                procs[cid] = subprocess.Popen([*argv, cid], env=env)
+                procs[cid] = spawn(ids.index(cid))
         time.sleep(0.2)
