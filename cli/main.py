@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "db": "schemas.migrate:db",
     "meters": "ingest.registry.cli:meters",
     "bench": "bench.cli:bench",
+    "demo": "demo.cli:demo",
 }
 
 

@@ -37,6 +37,8 @@ class IngestSettings(BaseSettings):
     share_group: str = "ingest"
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60, le=0xFFFFFFFF)
     receive_maximum: int = Field(default=4000, ge=20, le=65535)
+    publish_window: int = Field(default=1000, ge=1, le=65535)
+    broker_lost_exit_s: float = Field(default=60.0, gt=0)
 
     # batching and backpressure
     batch_max_size: int = Field(default=1000, ge=1, le=50_000)

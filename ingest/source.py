@@ -21,6 +21,7 @@ from typing import Any, Final
 import structlog
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.storage import PersistentStorage
 
 from ingest.records import Message
 
@@ -44,6 +45,39 @@ class TlsIdentity:
         return ctx
 
 
+class OutboundWindow(PersistentStorage):  # type: ignore[misc]
+    """gmqtt's store of unacknowledged outbound QoS 1 publishes, which also bounds them.
+
+    gmqtt sends as fast as it is asked and, once the broker's Receive Maximum worth of ids
+    is in flight, raises OverflowError (measured: a backlog drain announcing 2 publishes per
+    reading got there, and Mosquitto disconnects a client that exceeds the window).
+    `wait_for_room` lets the worker wait for PUBACKs instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        if len(self._messages) >= self.limit:
+            self._room.clear()
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        if len(self._messages) < self.limit:
+            self._room.set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._room.set()
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+
 class MqttSource:
     def __init__(
         self,
@@ -55,6 +89,7 @@ class MqttSource:
         share_group: str,
         session_expiry_s: int,
         receive_maximum: int,
+        publish_window: int,
         handler: Handler,
     ) -> None:
         self._host = host
@@ -64,9 +99,11 @@ class MqttSource:
         self._topic = f"$share/{share_group}/{READINGS_FILTER}"
         # clean_start=False from the very first connect: a v5 session first created with
         # clean start does not survive a broker restart on this Mosquitto (facts.md).
+        self._window = OutboundWindow(publish_window)
         self._client = Client(
             client_id,
             clean_session=False,
+            persistent_storage=self._window,
             optimistic_acknowledgement=False,
             session_expiry_interval=session_expiry_s,
             receive_maximum=receive_maximum,
@@ -104,8 +141,10 @@ class MqttSource:
         await self._handler(Message(topic, payload, time.time_ns() // 1_000_000))
         return 0  # PUBACK "success": sent by gmqtt only now, after the commit
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """QoS 1; gmqtt keeps it and resends after a reconnect until the broker acknowledges."""
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1, within the outbound window; gmqtt keeps it and resends it after a reconnect
+        until the broker acknowledges it."""
+        await self._window.wait_for_room()
         self._client.publish(topic, payload, qos=1, retain=retain)
 
     async def stop(self) -> None:

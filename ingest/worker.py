@@ -97,10 +97,12 @@ class Worker:
             share_group=settings.share_group,
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
+            publish_window=settings.publish_window,
             handler=self.submit,
         )
         self.stopping = asyncio.Event()
         self.committed = 0
+        self.failed = False
 
     def ready(self) -> bool:
         return self._source.connected.is_set() and self._keys.listening.is_set()
@@ -112,8 +114,25 @@ class Worker:
         t.QUEUE_DEPTH.inc()
         await pending.done
 
+    async def _watch_broker(self) -> None:
+        """gmqtt gives up on some refusals; a worker cut off for too long exits non-zero so
+        its supervisor (`--workers`, systemd, Kubernetes) starts a fresh one. Nothing is
+        lost: whatever it had not acknowledged is redelivered to the new connection."""
+        down_since: float | None = None
+        while not self.stopping.is_set():
+            await asyncio.sleep(1)
+            if self._source.connected.is_set():
+                down_since = None
+                continue
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > self.settings.broker_lost_exit_s:
+                log.error("broker_unreachable_exiting", after_s=self.settings.broker_lost_exit_s)
+                self.failed = True
+                self.stopping.set()
+
     async def run(self) -> None:
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
+        watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
         await self._source.start()
         log.info("worker_started", client_id=self.settings.client_id)
         try:
@@ -133,6 +152,7 @@ class Worker:
                     break
                 await self._process_until_committed(getter.result())
         finally:
+            watchdog.cancel()
             await self._shutdown(listener)
 
     async def _shutdown(self, listener: asyncio.Task[None]) -> None:
@@ -218,7 +238,7 @@ class Worker:
             if not p.done.done():
                 p.done.set_result(None)  # PUBACK
         t.QUEUE_DEPTH.dec(len(batch))
-        self._announce(outcomes)
+        await self._announce(outcomes)
         await self._replay.remember(
             [
                 (o.candidate.reading.meter_id, o.candidate.reading.seq, o.candidate.reading_hash)
@@ -242,13 +262,13 @@ class Worker:
             self._store = ReadingStore(conn, limit=self._limit, policy=self._policy)
         return self._store
 
-    def _announce(self, outcomes: Sequence[Outcome]) -> None:
+    async def _announce(self, outcomes: Sequence[Outcome]) -> None:
         for o in outcomes:
             r = receipt(o)
             if r is not None:
-                self._source.publish(*r)
+                await self._source.publish(*r)
             if isinstance(o, Accepted):
-                self._source.publish(*verified(o.candidate))
+                await self._source.publish(*verified(o.candidate))
 
     def _record(
         self, batch: list[_Pending], outcomes: Sequence[Outcome], now_ms: int, elapsed_s: float
@@ -304,3 +324,5 @@ async def run_worker(settings: IngestSettings) -> None:
         if server is not None:
             server.shutdown()
             server.server_close()
+    if worker.failed:
+        raise SystemExit(75)  # EX_TEMPFAIL: try again

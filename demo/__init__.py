@@ -1,0 +1,1 @@
+"""`meterproof demo`: the whole path on one machine, from signed reading to anchored entry."""
