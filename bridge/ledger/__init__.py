@@ -1,0 +1,1 @@
+"""Where entries are anchored: the `LedgerSink` protocol and its adapters (`local`)."""

@@ -1,0 +1,79 @@
+"""Every option of the bridge, validated at start (env `METERPROOF_*`, `.run/stack.env`, or a
+TOML file named by `METERPROOF_CONFIG`). docs/anchoring.md explains each one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from stack.env import STACK_ENV_FILE
+
+
+class BridgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERPROOF_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True
+    )
+
+    # where things are
+    database_url: str = "postgresql://meterproof@127.0.0.1:5432/meterproof"
+    pki_root: Path = Path("certs/out")
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+
+    # epochs
+    epoch_seconds: int = Field(default=900, ge=1, le=86_400)
+    seal_delay_s: float = Field(default=30.0, ge=0, le=3600)
+    claim_interval_s: float = Field(default=5.0, gt=0, le=600)
+
+    # anchoring
+    sink: Literal["local"] = "local"
+    sink_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+
+    # the epoch summary
+    summary_topic: str = Field(default="ledger/epochs", pattern=r"^ledger/[^#+]+$")
+    mqtt_client_id: str = Field(
+        default_factory=lambda: f"bridge-{socket.gethostname()}-{os.getpid()}",
+        description="unique per process: nothing is kept in the broker session",
+    )
+
+    # telemetry
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9109, ge=0, le=65535, description="0 disables /metrics")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> BridgeSettings:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be at least retry_initial_s")
+        return self
+
+    @property
+    def epoch_ms(self) -> int:
+        return self.epoch_seconds * 1000
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then environment, then `.run/stack.env`, then the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml = os.environ.get("METERPROOF_CONFIG")
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)

@@ -1,0 +1,43 @@
+"""The bridge's metrics, in the project's one pattern (`meterproof_<thing>_<unit>_total`),
+plus `energy_pending_credits_total` as the Energy Market seed names it. Updated per batch."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from bridge.ledger.sink import ErrorCode
+
+EPOCHS_SEALED = Counter("meterproof_epochs_sealed_total", "Batches sealed (one per epoch)")
+READINGS_ANCHORED = Counter(
+    "meterproof_readings_anchored_total", "Readings in batches the sink acknowledged"
+)
+READINGS_CLAIMED = Counter(
+    "meterproof_readings_claimed_total", "Readings claimed into a batch (anchored once sealed)"
+)
+GRID_MINTED = Counter("meterproof_grid_minted_total", "GRID minted by anchored batches (1 = 1 kWh)")
+SUBMISSIONS_FAILED = Counter(
+    "meterproof_submissions_failed_total", "Sink submissions that failed, by error code", ["code"]
+)
+SUMMARIES_PUBLISHED = Counter(
+    "meterproof_summaries_published_total", "Epoch summaries acknowledged by the broker"
+)
+BATCHES_PENDING = Gauge("meterproof_batches_pending", "Sealed batches not yet anchored")
+PENDING_CREDITS = Gauge(
+    "energy_pending_credits_total", "kWh (= GRID) in sealed batches not yet anchored"
+)
+ANCHORING_LAG = Histogram(
+    "meterproof_anchoring_lag_seconds",
+    "From the end of a batch's epoch to the sink's receipt",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600),
+)
+
+for _code in get_args(ErrorCode):
+    SUBMISSIONS_FAILED.labels(code=_code)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """/metrics on a daemon thread; port 0 turns it off."""
+    if port:
+        start_http_server(port, addr=host)
