@@ -362,24 +362,27 @@ def test_balances_and_entries(ledger: Ledger) -> None:
         ).output
     )
     assert [e["batch"] for e in view["entries"]] == [2, 3]
-    assert view["entries"][0]["mints"] == [
-        {
-            "meter_id": ledger.a,
-            "wallet": "w-a",
-            "export_delta_wh": 10,
-            "import_delta_wh": 0,
-            "grid_units": str(10**16),
-            "grid": "0.01",
-        },
-        {
-            "meter_id": ledger.b,
-            "wallet": None,
-            "export_delta_wh": 10,
-            "import_delta_wh": 0,
-            "grid_units": str(10**16),
-            "grid": "0.01",
-        },
-    ]
+    assert view["entries"][0]["mints"] == sorted(
+        [
+            {
+                "meter_id": ledger.a,
+                "wallet": "w-a",
+                "export_delta_wh": 10,
+                "import_delta_wh": 0,
+                "grid_units": str(10**16),
+                "grid": "0.01",
+            },
+            {
+                "meter_id": ledger.b,
+                "wallet": None,
+                "export_delta_wh": 10,
+                "import_delta_wh": 0,
+                "grid_units": str(10**16),
+                "grid": "0.01",
+            },
+        ],
+        key=lambda m: m["meter_id"],
+    )
     assert view["bridge"] == {"open": 1}
 
 
