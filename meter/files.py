@@ -1,0 +1,34 @@
+"""Crash-safe small-file writes shared by the seq state and the outbox."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one.
+
+    The rename alone survives a process crash (the page cache outlives the process);
+    `durable` adds the fsyncs that make it survive a power cut too, as firmware must.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

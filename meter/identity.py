@@ -1,0 +1,67 @@
+"""A meter's credentials as the PKI wrote them, and the TLS context they make."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from certs.layout import DeviceFiles, PkiLayout
+from schemas.reading import Alg
+from schemas.signatures import PrivateKey, load_private_key
+
+
+class IdentityError(RuntimeError):
+    """A device directory is missing a file or names another meter."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeterIdentity:
+    meter_id: str
+    alg: Alg
+    files: DeviceFiles
+    key: PrivateKey
+
+    @classmethod
+    def load(cls, files: DeviceFiles) -> MeterIdentity:
+        try:
+            meta = json.loads(files.meta.read_bytes())
+            key_pem = files.signing_key.read_bytes()
+        except (OSError, ValueError) as exc:
+            raise IdentityError(f"{files.directory}: {exc}") from None
+        meter_id, alg = meta.get("meter_id"), meta.get("alg")
+        if meter_id != files.directory.name or alg is None:
+            raise IdentityError(f"{files.meta}: not the identity of meter {files.directory.name}")
+        return cls(meter_id, Alg(alg), files, load_private_key(alg, key_pem))
+
+
+def discover(layout: PkiLayout, *, limit: int | None = None) -> list[MeterIdentity]:
+    """The meter identities of the PKI folder by meter id, the first `limit` of them."""
+    if not layout.devices_dir.is_dir():
+        return []
+    ids = sorted(
+        path.name for path in layout.devices_dir.iterdir() if (path / "identity.json").is_file()
+    )
+    return [MeterIdentity.load(layout.device(meter_id)) for meter_id in ids[:limit]]
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """paho leaves the socket of a failed handshake open (a ResourceWarning, an fd held
+    until GC); a broker that restarts under a fleet makes that common, so close it."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def client_tls(*, ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Mutual TLS: trust the operator root only; `cert` carries the issuing CA too."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_cert))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
