@@ -114,6 +114,7 @@ class _Row:
     import_wh: int
     export_wh: int
     computed: bytes | None
+    log_matches: bool  #: reading_log's ts and registers equal the stored reading's
 
     @property
     def name(self) -> str:
@@ -136,21 +137,21 @@ def _rows(conn: psycopg.Connection[Any]) -> Iterator[_Row]:
                 batch = None if f[0] == _NULL else int(f[0])
                 meter_id, seq, log_hash = f[1].decode(), int(f[2]), _hex(f[3])
                 if f[4] == _NULL:
-                    yield _Row(batch, meter_id, seq, log_hash, None, 0, 0, 0, None)
+                    yield _Row(batch, meter_id, seq, log_hash, None, 0, 0, 0, None, False)
                     continue
                 ts, imp, exp = int(f[5]), int(f[6]), int(f[7])
                 optional = [None if x == _NULL else int(x) for x in f[8:13]]
                 computed = reading_hash(meter_id, (seq, ts, imp, exp), optional)
-                stored = _hex(f[4])
-                if f[13] != b"t":
-                    stored = b""  # the log's copy of ts or registers differs from the reading
-                yield _Row(batch, meter_id, seq, log_hash, stored, ts, imp, exp, computed)
+                yield _Row(
+                    batch, meter_id, seq, log_hash, _hex(f[4]), ts, imp, exp, computed,
+                    f[13] == b"t",
+                )  # fmt: skip
 
 
 def _check_reading(row: _Row, entry: int | None) -> None:
     if row.stored_hash is None:
         raise _fail("is missing from the readings table (deleted)", entry=entry, reading=row.name)
-    if row.stored_hash == b"":
+    if not row.log_matches:
         raise _fail(
             "its ts or registers in reading_log differ from the stored reading (edited)",
             entry=entry,
