@@ -7,6 +7,7 @@ Every part runs as the real command a user would start (`meterproof ingest`, `br
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]
 WORKER_METRICS = 9108
-BRIDGE_METRICS = 9109
+BRIDGE_METRICS = 9100
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,18 +52,20 @@ def _cli(*args: str) -> list[str]:
 
 
 def _start(argv: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """In a session of its own, so stopping reaches the worker processes it starts too."""
     with log.open("ab") as sink:
-        return subprocess.Popen(argv, env=environ, stdout=sink, stderr=sink)
+        return subprocess.Popen(argv, env=environ, stdout=sink, stderr=sink, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _latency_ms(database_url: str, since: float) -> tuple[float, float, float]:
@@ -86,7 +89,10 @@ def _wait_anchored(database_url: str, within_s: float) -> bool:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         with psycopg.connect(database_url) as conn:
-            row = conn.execute("SELECT count(*) FROM reading_log WHERE batch_id IS NULL").fetchone()
+            row = conn.execute(
+                "SELECT count(*) FROM reading_log l LEFT JOIN bridge_batches b"
+                " ON b.batch = l.batch_id WHERE b.status IS DISTINCT FROM 'anchored'"
+            ).fetchone()
         if row is not None and row[0] == 0:
             return True
         time.sleep(1)
@@ -181,8 +187,8 @@ def _ledger_summary(env: StackEnv, say: Say) -> bool:
     say(f"    ledger verify: {verify.stdout.strip() or verify.stderr.strip()}")
     with psycopg.connect(env.database_url) as conn:
         row = conn.execute(
-            "SELECT encode(reading_hash, 'hex') FROM reading_log WHERE batch_id IS NOT NULL"
-            " ORDER BY stored_at DESC LIMIT 1"
+            "SELECT encode(l.reading_hash, 'hex') FROM reading_log l JOIN bridge_batches b"
+            " ON b.batch = l.batch_id WHERE b.status = 'anchored' ORDER BY l.stored_at DESC LIMIT 1"
         ).fetchone()
     if row is None:
         return False
