@@ -26,6 +26,7 @@ def bench(ctx: click.Context, quick: bool) -> None:
     ctx.obj = {"quick": quick}
     if ctx.invoked_subcommand is None:
         ctx.invoke(ingest)
+        ctx.invoke(bridge)
 
 
 @bench.command()
@@ -63,4 +64,40 @@ def ingest(ctx: click.Context, readings: int | None, worker_counts: tuple[int, .
         )
         runs.append(result.as_dict())
     saved = report.save("ingest", describe(), {"runs": runs})
+    click.echo(f"raw results: {saved}\nreport: {report.render()}")
+
+
+@bench.command()
+@click.option(
+    "--readings",
+    type=click.IntRange(10_000, 5_000_000),
+    default=None,
+    help="Readings in the epoch (default 1,000,000; 100,000 with --quick).",
+)
+@click.pass_context
+def bridge(ctx: click.Context, readings: int | None) -> None:
+    """Seal + anchor of one epoch, and `ledger verify` of all of it, on a private database."""
+    from dataclasses import asdict
+
+    from bridge.bench import bench_bridge
+    from schemas.migrate import migrate
+    from stack.postgres import PostgresServer
+
+    quick = bool(ctx.obj and ctx.obj.get("quick"))
+    size = readings or (100_000 if quick else 1_000_000)
+    _progress(f"== bridge: seal, anchor and verify an epoch of {size:,} readings")
+    with tempfile.TemporaryDirectory(prefix="meterproof-bench-") as tmp:
+        Path(tmp).chmod(0o755)  # PostgreSQL runs as its own unprivileged user
+        server = PostgresServer(directory=Path(tmp))
+        server.start()
+        try:
+            migrate(server.url)
+            result = bench_bridge(server.url, readings=size, meters=min(10_000, size // 10))
+        finally:
+            server.stop()
+    figures = {**asdict(result), "seal_and_anchor_s": result.seal_and_anchor_s}
+    _progress(
+        f"   seal+anchor {result.seal_and_anchor_s:.1f} s, ledger verify {result.verify_s:.1f} s"
+    )
+    saved = report.save("bridge", describe(), figures)
     click.echo(f"raw results: {saved}\nreport: {report.render()}")

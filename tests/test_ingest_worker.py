@@ -280,3 +280,54 @@ def test_repeated_bad_signatures_quarantine_the_meter(
         ).fetchone()
     assert status == ("quarantined",)
     assert critical == (1,)
+
+
+def test_health_readiness_and_metrics_endpoints(
+    pki: PkiLayout, broker: BrokerServer, redis_server: RedisServer, database_url: str
+) -> None:
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    from ingest.telemetry import serve_http
+    from stack.process import free_port
+
+    port = free_port()
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
+    )
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except HTTPError as exc:
+            return exc.code, ""
+
+    async def scenario() -> tuple[tuple[int, str], ...]:
+        async with running_worker(settings) as worker:
+            server, _ = serve_http("127.0.0.1", port, ready=worker.ready)
+            try:
+                ready = await asyncio.to_thread(get, "/readyz")
+                metrics = await asyncio.to_thread(get, "/metrics")
+                health = await asyncio.to_thread(get, "/healthz")
+                worker.stopping.set()
+                await asyncio.sleep(0.5)
+                stopping = await asyncio.to_thread(get, "/readyz")
+            finally:
+                server.shutdown()
+                server.server_close()
+            return ready, metrics, health, stopping
+
+    ready, metrics, health, stopping = asyncio.run(scenario())
+    assert ready[0] == 200
+    assert health[0] == 200
+    assert stopping[0] == 503, "a worker that stopped taking work must not look ready"
+    for name in (
+        "meterproof_readings_received_total",
+        "meterproof_readings_rejected_total",
+        "energy_signature_verification_failures_total",
+        "oracle_latency_seconds",
+        "meterproof_batch_commit_seconds",
+        "meterproof_queue_depth_messages",
+    ):
+        assert name in metrics[1], name
