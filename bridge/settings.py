@@ -9,21 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
-from stack.env import STACK_ENV_FILE
+from stack.env import ProcessSettings
 
 
-class BridgeSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="METERPROOF_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True
-    )
-
+class BridgeSettings(ProcessSettings):
     # where things are
     database_url: str = "postgresql://meterproof@127.0.0.1:5432/meterproof"
     pki_root: Path = Path("certs/out")
@@ -61,19 +51,3 @@ class BridgeSettings(BaseSettings):
     @property
     def epoch_ms(self) -> int:
         return self.epoch_seconds * 1000
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Arguments, then environment, then `.run/stack.env`, then the TOML file."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
-        toml = os.environ.get("METERPROOF_CONFIG")
-        if toml:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
-        return tuple(sources)

@@ -3,26 +3,15 @@ or a TOML file named by `METERPROOF_CONFIG`). `docs/ingest.sample.toml` explains
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 from pydantic import Field, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
-from stack.env import STACK_ENV_FILE
+from stack.env import ProcessSettings
 
 
-class IngestSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="METERPROOF_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True
-    )
-
+class IngestSettings(ProcessSettings):
     # where things are
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(default=8883, ge=1, le=65535)
@@ -71,19 +60,3 @@ class IngestSettings(BaseSettings):
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be at least retry_initial_s")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Arguments, then environment, then `.run/stack.env`, then the TOML file."""
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
-        toml = os.environ.get("METERPROOF_CONFIG")
-        if toml:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
-        return tuple(sources)

@@ -6,10 +6,16 @@ or the same `METERPROOF_*` variables from the environment, so nobody guesses a p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 DEFAULT_RUN_DIR = Path(".run")
 STACK_ENV_FILE = DEFAULT_RUN_DIR / "stack.env"
@@ -77,3 +83,28 @@ class StackEnv(BaseSettings):
         return cls.model_validate(
             {name: field.default for name, field in cls.model_fields.items()} | values
         )
+
+
+class ProcessSettings(BaseSettings):
+    """The base of every long-running process's settings (ingest, bridge): arguments win,
+    then `METERPROOF_*` variables, then `.run/stack.env`, then the TOML file named by
+    `METERPROOF_CONFIG`. Unknown keys are ignored, so one file can serve every process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="METERPROOF_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml = os.environ.get("METERPROOF_CONFIG")
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)
