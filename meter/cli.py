@@ -157,8 +157,9 @@ def simulate(
     """Run a fleet of simulated meters against the stack, then summarise the receipts.
 
     Every meter reads at --interval from its household curve (consumers import,
-    prosumers export around midday), keeps each reading until its receipt arrives and
-    republishes it if none comes. Progress goes to stdout (stderr with --json).
+    prosumers export around their local midday; the fleet spans all time zones), keeps
+    each reading until its receipt arrives and republishes it if none comes. Newly
+    issued meters get an owner wallet each. Progress goes to stdout (stderr with --json).
 
     \b
     Exit status: 0 every reading receipted as intended; 1 a receipt the meter did not

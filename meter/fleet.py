@@ -3,14 +3,17 @@ through the certs API with a mix of signature algorithms."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from certs import issue_bulk, write_bulk_csv
-from certs.bulk import default_csv_path, new_meter_ids
+from certs import IssuedDevice, issue_bulk
+from certs.bulk import CSV_COLUMNS, default_csv_path, new_meter_ids
+from certs.keys import replace_file
 from certs.layout import PkiLayout
 from meter.identity import MeterIdentity, discover
 from schemas.reading import Alg
@@ -59,8 +62,28 @@ def issue_fleet(
             ids = new_meter_ids(n, prefix=ID_PREFIX)
             devices += issue_bulk(layout, ids, alg=alg, rsa_bits=SIM_RSA_BITS)
     csv_path = default_csv_path(layout, datetime.now(UTC))
-    write_bulk_csv(devices, csv_path)
+    write_registration_csv(devices, csv_path)
     return [MeterIdentity.load(device.files) for device in devices], csv_path
+
+
+def wallet_of(meter_id: str) -> str:
+    """Each simulated household has a ledger account of its own, named after its meter,
+    so that what its roof exports is minted somewhere the demo can show."""
+    return f"wallet-{meter_id.removeprefix(ID_PREFIX)}"
+
+
+def write_registration_csv(devices: Sequence[IssuedDevice], path: Path) -> None:
+    """The `certs issue-bulk` summary plus `owner_wallet`, as `meters register --bulk`
+    reads it (each PEM newline written as the two characters backslash and n)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((*CSV_COLUMNS, "owner_wallet"))
+    for device in devices:
+        record = device.record
+        pem = device.public_key_pem.replace("\n", "\\n")
+        row = (record.name, record.alg, pem, record.sha256_fingerprint, record.serial)
+        writer.writerow((*row, wallet_of(record.name)))
+    replace_file(path, out.getvalue().encode("utf-8"))
 
 
 def pki_fleet(layout: PkiLayout, count: int | None) -> list[MeterIdentity]:

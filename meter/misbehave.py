@@ -26,10 +26,6 @@ class Misbehaviour(StrEnum):
     CLOCK_SKEW = "clock_skew"
     REGISTER_ROLLBACK = "register_rollback"
 
-    @property
-    def needs_history(self) -> bool:
-        return self in (Misbehaviour.REPLAY, Misbehaviour.SEQ_REUSE, Misbehaviour.REGISTER_ROLLBACK)
-
 
 #: What the worker must answer. A replay is not an error: the reading is already stored.
 EXPECTED: Final[dict[Misbehaviour, tuple[ReceiptStatus, RejectReason | None]]] = {

@@ -6,6 +6,10 @@ never decrease in `ts` order (every step adds a non-negative integer), need no s
 state, and carry on where they left off when a simulated meter or the whole simulator
 restarts - reusing a meter whose registers restarted from zero would be
 `register_decreased` for the ingest side.
+
+Each household keeps a fixed UTC offset (whole hours, never DST, so the day shape cannot
+jump an hour back). The fleet spreads over every time zone, so whenever a demo runs some
+prosumers are in their midday and export.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ STEPS: Final = DAY_MS // STEP_MS
 #: Installation dates are drawn before this instant, so they do not depend on "now".
 REFERENCE_MS: Final = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 YEAR_MS: Final = 365 * DAY_MS
-#: Local time of the simulated grid: a fixed offset (CET), never DST, so the day shape
-#: cannot jump an hour and make a register go backwards.
-UTC_OFFSET_MS: Final = 3_600_000
+HOUR_MS: Final = 3_600_000
 
 
 def _bump(hour: float, centre: float, width: float) -> float:
@@ -42,6 +44,7 @@ class Profile:
     evening_w: float
     pv_peak_w: float
     installed_ms: int
+    utc_offset_h: int = 0
     sunrise_h: float = 6.0
     sunset_h: float = 20.0
     _import: list[int] = field(init=False, repr=False, compare=False)
@@ -52,19 +55,17 @@ class Profile:
             raise ValueError("powers must not be negative")
         if not 0 <= self.sunrise_h < self.sunset_h <= 24:
             raise ValueError("need 0 <= sunrise_h < sunset_h <= 24")
+        if not -12 <= self.utc_offset_h <= 14:
+            raise ValueError(f"utc_offset_h {self.utc_offset_h} is not a time zone")
         imports, exports = [0], [0]
         for step in range(STEPS):
-            hour = (step + 0.5) * STEP_MS / 3_600_000
+            hour = (step + 0.5) * STEP_MS / HOUR_MS
             net_w = self.load_w(hour) - self.solar_w(hour)
             # W over 15 minutes = W / 4 Wh = W * 250 mWh
             imports.append(imports[-1] + round(max(net_w, 0.0) * 250))
             exports.append(exports[-1] + round(max(-net_w, 0.0) * 250))
         object.__setattr__(self, "_import", imports)
         object.__setattr__(self, "_export", exports)
-
-    @property
-    def prosumer(self) -> bool:
-        return self.pv_peak_w > 0
 
     def load_w(self, hour: float) -> float:
         return (
@@ -84,13 +85,17 @@ class Profile:
         """(import_wh, export_wh): cumulative since installation, never decreasing in ts."""
         if ts_ms <= self.installed_ms:
             return 0, 0
-        imp = _cumulative(self._import, ts_ms) - _cumulative(self._import, self.installed_ms)
-        exp = _cumulative(self._export, ts_ms) - _cumulative(self._export, self.installed_ms)
+        now, then = self.local_ms(ts_ms), self.local_ms(self.installed_ms)
+        imp = _cumulative(self._import, now) - _cumulative(self._import, then)
+        exp = _cumulative(self._export, now) - _cumulative(self._export, then)
         return imp // 1000, exp // 1000
+
+    def local_ms(self, ts_ms: int) -> int:
+        return ts_ms + self.utc_offset_h * HOUR_MS
 
     def measure(self, ts_ms: int, rng: random.Random) -> Measurement:
         """A full reading at `ts_ms`; only the instantaneous values carry noise."""
-        hour = ((ts_ms + UTC_OFFSET_MS) % DAY_MS) / 3_600_000
+        hour = (self.local_ms(ts_ms) % DAY_MS) / HOUR_MS
         import_wh, export_wh = self.registers_at(ts_ms)
         power_w = round((self.load_w(hour) - self.solar_w(hour)) * rng.uniform(0.95, 1.05))
         voltage_mv = round(rng.gauss(230_000, 1_500))
@@ -108,9 +113,9 @@ class Profile:
         )
 
 
-def _cumulative(table: list[int], ts_ms: int) -> int:
-    """mWh from local midnight of day 0 to `ts_ms`: whole days plus today's table."""
-    days, into_day = divmod(ts_ms + UTC_OFFSET_MS, DAY_MS)
+def _cumulative(table: list[int], local_ms: int) -> int:
+    """mWh from local midnight of day 0 to `local_ms`: whole days plus today's table."""
+    days, into_day = divmod(local_ms, DAY_MS)
     step, into_step = divmod(into_day, STEP_MS)
     in_step = (table[step + 1] - table[step]) * into_step // STEP_MS
     return days * table[-1] + table[step] + in_step
@@ -129,6 +134,7 @@ def profile_for(meter_id: str, *, prosumer_share: float = 0.4) -> Profile:
         evening_w=rng.uniform(600, 2200),
         pv_peak_w=rng.uniform(2500, 6500) if prosumer else 0.0,
         installed_ms=REFERENCE_MS - rng.randrange(YEAR_MS // 2, 5 * YEAR_MS),
+        utc_offset_h=rng.randint(-11, 12),
         sunrise_h=rng.uniform(5.5, 7.0),
         sunset_h=rng.uniform(19.0, 21.0),
     )

@@ -292,8 +292,10 @@ async def simulate_fleet(
                 )
             )
         started = time.monotonic()  # after the set-up, so the start offsets hold
-        reporter = asyncio.create_task(
-            _report(meters, started, config.progress_every_s, on_progress)
+        reporter = (
+            asyncio.create_task(_report(meters, started, config.progress_every_s, on_progress))
+            if on_progress is not None
+            else None
         )
         try:
             await asyncio.gather(*(_read(sim, started, config) for sim in meters))
@@ -301,10 +303,10 @@ async def simulate_fleet(
                 async with asyncio.timeout(config.receipt_timeout_s):
                     await asyncio.gather(*(sim.client.drain() for sim in meters))
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
-            if on_progress is not None:
+            if reporter is not None and on_progress is not None:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
                 on_progress(_progress(meters, started))
             await asyncio.gather(*(sim.client.stop() for sim in meters))
     return _summary(meters, time.monotonic() - started)
@@ -348,12 +350,11 @@ async def _read(sim: _SimMeter, started: float, config: FleetConfig) -> None:
 
 
 async def _report(
-    meters: Sequence[_SimMeter], started: float, every_s: float, hook: ProgressHook | None
+    meters: Sequence[_SimMeter], started: float, every_s: float, hook: ProgressHook
 ) -> None:
     while True:
         await asyncio.sleep(every_s)
-        if hook is not None:
-            hook(_progress(meters, started))
+        hook(_progress(meters, started))
 
 
 def _progress(meters: Sequence[_SimMeter], started: float) -> Progress:

@@ -38,10 +38,6 @@ class SeqState:
         self._reserved = self._load()
         self._next = self._reserved
 
-    @property
-    def next_seq(self) -> int:
-        return self._next
-
     def take(self) -> int:
         """The next unused seq, already marked used on disk."""
         seq = self._next

@@ -8,12 +8,13 @@ import asyncio
 import json
 from pathlib import Path
 
+import psycopg
 from click.testing import CliRunner
 
 from certs.layout import PkiLayout
 from meter.cli import simulate
 from meter.client import Broker
-from meter.fleet import issue_fleet
+from meter.fleet import issue_fleet, wallet_of
 from meter.misbehave import Misbehaviour
 from meter.registry import stack_registrar
 from meter.simulate import EXIT_OK, EXIT_UNRECEIPTED, FleetConfig, Progress, simulate_fleet
@@ -77,6 +78,14 @@ def test_every_misbehaviour_gets_the_receipt_the_spec_names(
     """Ten meters, two of each kind, against a real worker with a real registry."""
     identities, csv_path = issue_fleet(pki, 10, {Alg.EDDSA: 0.6, Alg.ES256: 0.4})
     assert stack_registrar(database_url)(csv_path) == 10
+    with psycopg.connect(database_url) as conn:
+        wallets = dict(
+            conn.execute(
+                "SELECT meter_id, owner_wallet FROM meters WHERE meter_id = ANY(%s)",
+                ([i.meter_id for i in identities],),
+            ).fetchall()
+        )
+    assert wallets == {i.meter_id: wallet_of(i.meter_id) for i in identities}
     settings = worker_settings(
         pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
     )

@@ -16,7 +16,7 @@ from meter.fleet import parse_alg_mix, split_counts
 from meter.measurement import Measurement
 from meter.misbehave import EXPECTED, Misbehaviour, corrupt_signature, roll_back, skew_clock
 from meter.outbox import Outbox, OutboxError
-from meter.profile import DAY_MS, UTC_OFFSET_MS, Profile, profile_for
+from meter.profile import DAY_MS, HOUR_MS, Profile, profile_for
 from meter.simulate import EXIT_OK, EXIT_UNEXPECTED, EXIT_UNRECEIPTED, FleetConfig, FleetSummary
 from meter.state import FIRST_SEQ, SeqState, StateError
 from schemas.codec import decode_reading, sign_reading
@@ -55,7 +55,7 @@ def test_registers_never_decrease(meter_id: str, start: int, steps: list[int]) -
 
 def test_registers_are_continuous_across_midnight_and_start_at_installation() -> None:
     profile = profile_for("m-midnight", prosumer_share=1.0)
-    local_midnight = NOW_MS + DAY_MS - UTC_OFFSET_MS
+    local_midnight = NOW_MS + DAY_MS - profile.utc_offset_h * HOUR_MS
     before = profile.registers_at(local_midnight - 1)
     after = profile.registers_at(local_midnight + 1)
     assert 0 <= after[0] - before[0] <= 1
@@ -64,10 +64,11 @@ def test_registers_are_continuous_across_midnight_and_start_at_installation() ->
 
 
 def test_prosumers_export_around_midday_and_consumers_only_import() -> None:
-    prosumer = Profile(base_w=200, morning_w=500, evening_w=1500, pv_peak_w=5000, installed_ms=0)
-    consumer = Profile(base_w=200, morning_w=500, evening_w=1500, pv_peak_w=0, installed_ms=0)
-    noon = NOW_MS + 12 * 3_600_000 - UTC_OFFSET_MS
-    hour = 3_600_000
+    household = {"base_w": 200, "morning_w": 500, "evening_w": 1500, "installed_ms": 0}
+    prosumer = Profile(**household, pv_peak_w=5000, utc_offset_h=9)
+    consumer = Profile(**household, pv_peak_w=0, utc_offset_h=9)
+    hour = HOUR_MS
+    noon = NOW_MS + 12 * hour - 9 * hour  # local noon in UTC+9
     noon_delta = _delta(prosumer, noon, noon + hour)
     assert noon_delta[1] > 1000  # a 5 kWp roof exports kWh-scale around noon
     evening = noon + 8 * hour  # after sunset both households only draw from the grid
@@ -94,9 +95,19 @@ def test_same_meter_same_household_and_plausible_measurement() -> None:
     assert set(measurement.fields()) >= {"ts", "import_wh", "export_wh", "power_w"}
 
 
+def test_the_fleet_spans_time_zones_so_someone_exports_at_any_hour() -> None:
+    profiles = [profile_for(f"m-{n}", prosumer_share=1.0) for n in range(200)]
+    assert len({p.utc_offset_h for p in profiles}) > 12
+    for hour in range(0, 24, 3):
+        t0 = NOW_MS + hour * HOUR_MS
+        assert any(_delta(p, t0, t0 + HOUR_MS)[1] > 0 for p in profiles)
+
+
 def test_profile_rejects_impossible_values() -> None:
     with pytest.raises(ValueError, match="negative"):
         Profile(base_w=-1, morning_w=0, evening_w=0, pv_peak_w=0, installed_ms=0)
+    with pytest.raises(ValueError, match="time zone"):
+        Profile(base_w=1, morning_w=0, evening_w=0, pv_peak_w=0, installed_ms=0, utc_offset_h=20)
     with pytest.raises(ValueError, match="prosumer_share"):
         profile_for("m", prosumer_share=1.5)
 
