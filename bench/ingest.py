@@ -66,7 +66,7 @@ def _workers(env: StackEnv, workers: int, log: Path) -> subprocess.Popen[bytes]:
     environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # one line per batch would cost CPU here
     with log.open("ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "cli", "ingest", "--workers", str(workers),
+            [sys.executable, "-P", "-m", "cli", "ingest", "--workers", str(workers),
              "--client-id", "ingest-bench-0"],
             env=environ, stdout=sink, stderr=sink,
         )  # fmt: skip

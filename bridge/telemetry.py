@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import get_args
 
+import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from bridge.ledger.sink import ErrorCode
@@ -38,6 +39,13 @@ for _code in get_args(ErrorCode):
 
 
 def serve_metrics(host: str, port: int) -> None:
-    """/metrics on a daemon thread; port 0 turns it off."""
-    if port:
+    """/metrics on a daemon thread; port 0 turns it off. A taken port is logged, not fatal:
+    anchoring matters more than its metrics."""
+    if not port:
+        return
+    try:
         start_http_server(port, addr=host)
+    except OSError as exc:
+        structlog.get_logger("bridge.telemetry").error(
+            "metrics_unavailable", port=port, error=str(exc)
+        )

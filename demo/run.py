@@ -48,7 +48,7 @@ def _environ(env: StackEnv, **extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *args]
+    return [sys.executable, "-P", "-m", "cli", *args]
 
 
 def _start(argv: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -72,7 +72,7 @@ def _supervise(settings: IngestSettings, workers: int) -> None:
     that dies, stop all on SIGTERM."""
     base = settings.client_id.rsplit("-", 1)[0]
     ids = [f"{base}-{i}" for i in range(workers)]
-    argv = [sys.executable, "-m", "cli", "ingest", "--workers", "1", "--client-id"]
+    argv = [sys.executable, "-P", "-m", "cli", "ingest", "--workers", "1", "--client-id"]
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i

@@ -314,7 +314,12 @@ async def run_worker(settings: IngestSettings) -> None:
     worker = Worker(settings)
     server = None
     if settings.metrics_port:
-        server, _ = t.serve_http(settings.metrics_host, settings.metrics_port, ready=worker.ready)
+        try:
+            server, _ = t.serve_http(
+                settings.metrics_host, settings.metrics_port, ready=worker.ready
+            )
+        except OSError as exc:  # a taken port must not stop ingestion (a crash loop would)
+            log.error("metrics_unavailable", port=settings.metrics_port, error=str(exc))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)

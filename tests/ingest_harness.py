@@ -212,7 +212,7 @@ class WorkerProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "ingest"], env=env, stdout=sink, stderr=sink
+                [sys.executable, "-P", "-m", "cli", "ingest"], env=env, stdout=sink, stderr=sink
             )
         self._wait_for("broker_connected", offset)
 

@@ -528,7 +528,17 @@ def _bridge_process(
     }
     if crash_at:
         env["METERPROOF_BRIDGE_CRASH_AT"] = crash_at
-    argv = [sys.executable, "-m", "cli", "bridge", "--epoch-seconds", "1", "--seal-delay", "0.1"]
+    argv = [
+        sys.executable,
+        "-P",
+        "-m",
+        "cli",
+        "bridge",
+        "--epoch-seconds",
+        "1",
+        "--seal-delay",
+        "0.1",
+    ]
     return subprocess.Popen([*argv, "--claim-interval", "0.1"], env=env, cwd=cwd)
 
 
@@ -681,7 +691,7 @@ def test_bridge_refuses_to_start_without_the_oracle_key(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     env["METERPROOF_PKI_ROOT"] = str(tmp_path / "nothing")
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "bridge", "--once"],
+        [sys.executable, "-P", "-m", "cli", "bridge", "--once"],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -697,7 +707,7 @@ def test_bridge_refuses_to_start_without_the_oracle_key(tmp_path: Path) -> None:
 def test_bridge_help_explains_itself(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "bridge", "--help"],
+        [sys.executable, "-P", "-m", "cli", "bridge", "--help"],
         env=env,
         cwd=tmp_path,
         capture_output=True,
