@@ -39,7 +39,7 @@ from certs.identities import (
 from certs.layout import DEFAULT_ROOT, PkiLayout, check_identity
 from schemas.reading import Alg
 from schemas.signatures import RSA_MAX_BITS, RSA_MIN_BITS
-from stack.env import STACK_ENV_FILE, StackEnv
+from stack.env import STACK_ENV_FILE
 
 pass_layout = click.make_pass_decorator(PkiLayout)
 _LABEL_CHARS = frozenset(string.ascii_letters + string.digits + "-")
@@ -311,23 +311,15 @@ def revoke_cmd(layout: PkiLayout, meter_id: str, stack_env: Path) -> None:
         f"meter {meter_id}: certificate {result.serial} {state}; CRL {result.crl} "
         f"valid until {result.next_update:%Y-%m-%d}"
     )
-    if not stack_env.exists():
-        click.echo(f"no running stack ({stack_env} absent): the broker loads the CRL when started")
-        return
-    from mosquitto.admin import enforce_revocation
+    from mosquitto.admin import revoke_on_running_broker
 
-    env = StackEnv.load(stack_env)
     try:
-        enforce_revocation(meter_id, env)
-    except ConnectionRefusedError as exc:
-        click.echo(f"the broker is not running ({exc}): it loads the CRL when started")
-        return
+        click.echo(revoke_on_running_broker(meter_id, stack_env))
     except OSError as exc:
         raise click.ClickException(
             f"CRL updated, but the broker did not confirm ({exc}); "
             f"run `meterproof certs revoke {meter_id}` again"
         ) from exc
-    click.echo(f"broker: {meter_id} disconnected and refused from now on")
 
 
 @certs.command("list")

@@ -95,6 +95,19 @@ def enforce_revocation(identity: str, env: StackEnv) -> None:
         raise BrokerAdminError(f"dynamic-security refused to disconnect {identity}: {responses}")
 
 
+def revoke_on_running_broker(identity: str, stack_env: Path) -> str:
+    """Apply a revocation already in the CRL to the stack recorded in `stack_env`, if any,
+    and say what happened. Raises OSError when a running broker did not confirm: the caller
+    tells the operator to run its command again (revoking twice is harmless)."""
+    if not stack_env.exists():
+        return f"no running stack ({stack_env} absent): the broker loads the CRL when started"
+    try:
+        enforce_revocation(identity, StackEnv.load(stack_env))
+    except ConnectionRefusedError:
+        return "the broker is not running: it loads the CRL when started"
+    return f"broker: {identity} disconnected and refused from now on"
+
+
 def dynsec_commands(
     files: BrokerFiles, admin_port: int, commands: list[dict[str, str]]
 ) -> list[dict[str, object]]:

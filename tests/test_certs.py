@@ -11,8 +11,6 @@ import shutil
 import socket
 import ssl
 import stat
-import sys
-import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -426,7 +424,7 @@ def test_revoke_cli_without_a_stack_only_updates_the_crl(pki: PkiLayout, tmp_pat
 
 
 def _fake_admin(monkeypatch: pytest.MonkeyPatch, effect: BaseException | None) -> list[object]:
-    """Stands in for `mosquitto.admin`; the broker tests exercise the real one."""
+    """Stands in for the broker call of `mosquitto.admin`; the broker tests exercise it."""
     calls: list[object] = []
 
     def enforce_revocation(identity: str, env: StackEnv) -> None:
@@ -434,9 +432,9 @@ def _fake_admin(monkeypatch: pytest.MonkeyPatch, effect: BaseException | None) -
         if effect is not None:
             raise effect
 
-    module = types.ModuleType("mosquitto.admin")
-    module.enforce_revocation = enforce_revocation  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mosquitto.admin", module)
+    import mosquitto.admin
+
+    monkeypatch.setattr(mosquitto.admin, "enforce_revocation", enforce_revocation)
     return calls
 
 

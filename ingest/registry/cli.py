@@ -417,22 +417,15 @@ def _revoke_certificate(meter_id: str, pki_root: Path | None, stack_env: Path) -
         ) from None
     state = "was already revoked" if result.already_revoked else "revoked"
     click.echo(f"certificate {result.serial} {state}; CRL re-signed")
-    if not stack_env.exists():
-        click.echo(f"no running stack ({stack_env} absent): the broker loads the CRL when started")
-        return
-    from mosquitto.admin import enforce_revocation
+    from mosquitto.admin import revoke_on_running_broker
 
     try:
-        enforce_revocation(meter_id, StackEnv.load(stack_env))
-    except ConnectionRefusedError:
-        click.echo("the broker is not running: it loads the CRL when started")
-        return
+        click.echo(revoke_on_running_broker(meter_id, stack_env))
     except OSError as exc:
         raise click.ClickException(
             f"certificate revoked, but the broker did not confirm ({_first_line(exc)}); "
             f"run `meterproof meters decommission {meter_id}` again"
         ) from None
-    click.echo(f"broker: {meter_id} disconnected and refused from now on")
 
 
 def _read_key_file(path: Path) -> bytes:
