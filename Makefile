@@ -10,7 +10,7 @@ MP       := $(VENV)/bin/meterproof
 APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages test lint typecheck pytest demo bench chaos certs device-cert revoke stack-up stack-down clean
+.PHONY: help setup system-packages test lint typecheck pytest demo bench chaos fuzz certs device-cert revoke stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench: setup ## the benchmark suite; writes docs/benchmarks.md
 
 chaos: setup ## the fault campaign; writes docs/reliability.md
 	$(MP) chaos
+
+fuzz: setup ## 100,000+ generated and mutated payloads through decode and verify
+	$(MP) fuzz
 
 certs: setup ## root CA, broker certificate, empty CRL (never overwrites a CA)
 	$(MP) certs init

@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "db": "schemas.migrate:db",
     "meters": "ingest.registry.cli:meters",
     "bench": "bench.cli:bench",
+    "chaos": "chaos.cli:chaos",
+    "fuzz": "fuzz.cli:fuzz",
     "demo": "demo.cli:demo",
 }
 

@@ -22,6 +22,7 @@ class IngestSettings(ProcessSettings):
     )
 
     # the MQTT session
+    identity: str = Field(default="ingest", description="service certificate under pki_root")
     client_id: str = Field(default_factory=lambda: f"ingest-{socket.gethostname()}-0")
     share_group: str = "ingest"
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60, le=0xFFFFFFFF)

@@ -88,7 +88,7 @@ class Worker:
         self._policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
         self._store: ReadingStore | None = None
         pki = PkiLayout(settings.pki_root)
-        identity = pki.service("ingest")
+        identity = pki.service(settings.identity)
         self._source = MqttSource(
             host=settings.mqtt_host,
             port=settings.mqtt_port,
