@@ -32,7 +32,7 @@ from ingest.registry.model import NewKey, NewMeter
 from ingest.replay import RedisReplayCache
 from ingest.store import _COPY_LOG, _COPY_READINGS, _LOG_TYPES, _READING_TYPES, ms_to_dt
 from schemas.reading import Alg, b64url_decode
-from schemas.signatures import PrivateKey, generate_private_key
+from schemas.signatures import PrivateKey, PublicKey, generate_private_key
 from stack.process import executable
 
 Progress = Callable[[str], None]
@@ -155,21 +155,29 @@ def broker_limit(
     )
 
 
-def pipeline_rows(meters: int, per_meter: int) -> list[Decoded]:
-    """Decoded, genuinely signed readings: what the pipeline holds just before it stores."""
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """Decoded, genuinely signed readings (what the pipeline holds just before it stores)
+    and each meter's public key."""
+
+    rows: list[Decoded]
+    keys: dict[str, PublicKey]
+
+
+def pipeline_rows(meters: int, per_meter: int) -> Fleet:
     now_ms = int(time.time() * 1000)
     t0 = now_ms - per_meter * 5_000 - 60_000
-    rows: list[Decoded] = []
+    fleet = Fleet([], {})
     for m in range(meters):
         meter_id = f"bench-copy-{m:04d}"
-        for payload in signed_payloads(
-            meter_id, generate_private_key(Alg.EDDSA), per_meter, t0_ms=t0
-        ):
+        private = generate_private_key(Alg.EDDSA)
+        fleet.keys[meter_id] = private.public_key()
+        for payload in signed_payloads(meter_id, private, per_meter, t0_ms=t0):
             decoded = decode(Message(f"meters/{meter_id}/readings", payload, now_ms))
             if isinstance(decoded, Rejection):
                 raise RuntimeError(f"bench reading rejected: {decoded.reason}")
-            rows.append(decoded)
-    return rows
+            fleet.rows.append(decoded)
+    return fleet
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,17 +232,15 @@ def _copy_batches(
     return time.perf_counter() - started
 
 
-def copy_limit(database_url: str, rows: Sequence[Decoded], *, batch: int = 1_000) -> CopyLimit:
+def copy_limit(database_url: str, fleet: Fleet, *, batch: int = 1_000) -> CopyLimit:
     """Binary COPY, one transaction per batch of the worker's default size, fsync on, with
     the store's own column lists and types (imported, so they cannot drift apart): into
     `readings` alone (the issue's limit), and into `reading_log` + `readings`, which is
     what every accepted reading costs the pipeline."""
-    meter_ids = sorted({d.reading.meter_id for d in rows})
+    rows = fleet.rows
     with psycopg.connect(database_url, autocommit=True) as conn:
-        keys = [generate_private_key(Alg.EDDSA).public_key().pem() for _ in meter_ids]
         repository.register(
-            conn,
-            [NewMeter(m, NewKey.parse("EdDSA", k)) for m, k in zip(meter_ids, keys, strict=True)],
+            conn, [NewMeter(m, NewKey.parse("EdDSA", k.pem())) for m, k in fleet.keys.items()]
         )
         conn.execute("TRUNCATE readings")
         readings_s = _copy_batches(conn, rows, batch=batch, with_log=False)
@@ -295,7 +301,7 @@ def run_limits(
     run_dir: Path,
     reader_name: str,
     broker_messages: int,
-    rows: int,
+    fleet: Fleet,
     crypto_seconds: float,
     progress: Progress,
 ) -> Limits:
@@ -317,17 +323,16 @@ def run_limits(
             reader_name=reader_name, messages=broker_messages,
         )  # fmt: skip
         progress(f"  {broker.per_s:,.0f} msg/s")
-        meters = 50
-        progress(f"signing {rows:,} readings for the database and Redis limits")
-        decoded = pipeline_rows(meters, max(1, rows // meters))
-        progress(f"database: binary COPY of {len(decoded):,} rows, 1,000 per transaction")
-        copy = copy_limit(env.database_url, decoded)
+        progress(f"database: binary COPY of {len(fleet.rows):,} rows, 1,000 per transaction")
+        copy = copy_limit(env.database_url, fleet)
         progress(
             f"  readings alone {copy.readings_per_s:,.0f} rows/s; "
             f"reading_log + readings {copy.both_tables_per_s:,.0f} readings/s"
         )
-        progress(f"redis: replay lookup + remember of {len(decoded):,} readings, 1,000 per batch")
-        redis_ = redis_limit(env.redis_url, decoded)
+        progress(
+            f"redis: replay lookup + remember of {len(fleet.rows):,} readings, 1,000 per batch"
+        )
+        redis_ = redis_limit(env.redis_url, fleet.rows)
         progress(
             f"  {redis_.readings_per_s:,.0f} readings/s ({redis_.commands_per_s:,.0f} commands/s)"
         )

@@ -1,0 +1,222 @@
+"""Where a reading's CPU goes: per-stage cost in µs per reading, two ways.
+
+1. From a sampling profile of the drain run: py-spy records collapsed stacks of the worker
+   processes (`--subprocesses`, `--nonblocking`: the workers are never paused) while they
+   drain the backlog. py-spy leaves out idle threads (waiting in epoll, on a lock), so a
+   sample is on-CPU time. Each stack is given to one stage by its frames (see `classify`);
+   samples / rate / readings is the stage's CPU µs per reading, summed over workers.
+2. Directly, in-process: decode + verify + judge over pre-signed payloads on one pinned
+   core, timed with perf_counter. No I/O, so this is "validation" alone, exactly.
+
+The profile is statistical (± a few samples per stage) and its process start and imports
+are kept apart as "startup", not charged to readings.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from bench.limits import one_core
+from ingest.decode import Decoded, decode
+from ingest.judge import RateLimit, judge
+from ingest.records import Candidate, Rejection
+from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from schemas.signatures import PublicKey
+from stack.process import executable
+
+#: (path fragment, function fragment or "", stage), tried on each frame from the leaf up;
+#: the first frame that matches any rule decides. Our own modules name their stage; of
+#: the libraries, only those a single stage uses are listed here.
+RULES: Final[tuple[tuple[str, str, str], ...]] = (
+    ("ingest/decode.py", "", "decode"),
+    ("schemas/codec.py", "", "decode"),
+    ("schemas/signing.py", "", "decode"),  # signing bytes + reading hash, made in decode
+    ("ingest/verify.py", "", "verify"),
+    ("schemas/signatures.py", "", "verify"),
+    ("ingest/keys.py", "", "verify"),  # the registry snapshot the signature is checked with
+    ("nacl/", "", "verify"),
+    ("ingest/replay.py", "", "replay check"),
+    ("redis/", "", "replay check"),
+    ("ingest/judge.py", "", "judge (rules 7-9)"),
+    ("ingest/store.py", "", "store"),
+    ("psycopg", "", "store"),
+    ("ingest/publish.py", "", "publish"),
+    ("ingest/source.py", "publish", "publish"),
+    ("ingest/source.py", "OutboundWindow", "publish"),
+    ("ingest/worker.py", "_announce", "publish"),
+    ("gmqtt/", "handle_puback_packet", "publish"),  # the broker's PUBACKs of our publishes
+    ("gmqtt/client.py", "publish", "publish"),
+    ("gmqtt/", "handle_publish_callback", "acknowledge"),
+    ("gmqtt/", "send_puback", "acknowledge"),
+    ("ingest/source.py", "", "receive"),
+    ("ingest/batcher.py", "", "receive"),
+    ("ingest/worker.py", "submit", "receive"),
+    ("ingest/worker.py", "_record", "telemetry + logs"),
+    ("ingest/telemetry.py", "", "telemetry + logs"),
+    ("prometheus_client/", "", "telemetry + logs"),
+    ("structlog/", "", "telemetry + logs"),
+    ("logging/", "", "telemetry + logs"),
+    ("ingest/worker.py", "_process", "worker bookkeeping"),
+)
+#: When no rule matched: socket and TLS work in the event loop is receiving (sending is
+#: caught above by the publish and acknowledge frames that call into it).
+TRANSPORT: Final = ("gmqtt/", "ssl", "sslproto.py", "selector_events.py", "selectors.py")
+STARTUP: Final = ("<frozen importlib", "importlib/")
+STAGES: Final = (
+    "receive", "decode", "verify", "replay check", "judge (rules 7-9)", "store",
+    "acknowledge", "publish", "worker bookkeeping", "telemetry + logs", "event loop + other",
+)  # fmt: skip
+
+
+def frames_of(line: str) -> tuple[list[str], int] | None:
+    """One line of py-spy's raw (collapsed) output: frames root first, and its count."""
+    stack, _, count = line.rstrip().rpartition(" ")
+    if not stack or not count.isdigit():
+        return None
+    frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+    return frames, int(count)
+
+
+def _frame_parts(frame: str) -> tuple[str, str]:
+    """`func (path:line)` -> (func, path)."""
+    func, _, where = frame.partition(" (")
+    return func, where.rpartition(":")[0]
+
+
+def classify(frames: Sequence[str]) -> str:
+    if any(_frame_parts(f)[1].startswith(STARTUP) for f in frames):
+        return "startup"
+    for frame in reversed(frames):
+        func, path = _frame_parts(frame)
+        for fragment, function, stage in RULES:
+            if fragment in path and function in func:
+                return stage
+    for frame in reversed(frames):
+        _, path = _frame_parts(frame)
+        if any(t in path for t in TRANSPORT):
+            return "receive"
+    return "event loop + other"
+
+
+@dataclass(frozen=True, slots=True)
+class StageCost:
+    stage: str
+    samples: int
+    us_per_reading: float
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    rate_hz: int
+    readings: int
+    workers: int
+    samples: int
+    startup_samples: int
+    stages: list[StageCost]
+
+    @property
+    def total_us(self) -> float:
+        return sum(s.us_per_reading for s in self.stages)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_us_per_reading": self.total_us}
+
+
+def attribute(lines: Iterable[str], *, rate_hz: int, readings: int, workers: int) -> Profile:
+    counts: Counter[str] = Counter()
+    for line in lines:
+        parsed = frames_of(line)
+        if parsed is not None:
+            counts[classify(parsed[0])] += parsed[1]
+    startup = counts.pop("startup", 0)
+    us_per_sample = 1e6 / rate_hz
+    stages = [
+        StageCost(stage, counts[stage], counts[stage] * us_per_sample / readings)
+        for stage in STAGES
+    ]
+    return Profile(rate_hz, readings, workers, sum(counts.values()) + startup, startup, stages)
+
+
+@contextmanager
+def py_spy(pid: int, out: Path, *, rate_hz: int) -> Iterator[None]:
+    """Record `pid` and its children until the block ends; SIGINT makes py-spy write out."""
+    spy = subprocess.Popen(
+        [executable("py-spy", Path(__file__).resolve().parents[1] / ".venv/bin"), "record",
+         "--format", "raw", "--nonblocking", "--subprocesses", "--rate", str(rate_hz),
+         "--pid", str(pid), "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    if not out.exists():
+        error = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
+        raise RuntimeError(f"py-spy wrote no profile: {error.strip()}")
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    readings: int
+    batch: int
+    decode_us: float
+    verify_us: float
+    judge_us: float
+
+    @property
+    def total_us(self) -> float:
+        return self.decode_us + self.verify_us + self.judge_us
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_us": self.total_us}
+
+
+def validation_cost(
+    decoded: Sequence[Decoded], keys: dict[str, PublicKey], *, batch: int = 1_000
+) -> Validation:
+    """decode + verify + judge of pre-signed payloads, on one pinned core, in batches of
+    the worker's size (judge sees a batch, with nothing stored before it)."""
+    snapshots = {
+        m: MeterSnapshot(m, "active", (RegisteredKey("k", key, 0, None),))
+        for m, key in keys.items()
+    }
+    bounds = TimeBounds()
+    limit = RateLimit(window_ms=60_000, max_readings=60)
+    messages = [d.message for d in decoded]
+    decode_s = verify_s = judge_s = 0.0
+    with one_core():
+        for i in range(0, len(messages), batch):
+            now_ms = time.time_ns() // 1_000_000
+            t0 = time.perf_counter()
+            out = [decode(m) for m in messages[i : i + batch]]
+            t1 = time.perf_counter()
+            checked = [
+                verify(d, snapshots.get(d.reading.meter_id), now_ms=now_ms, bounds=bounds)
+                for d in out
+                if isinstance(d, Decoded)
+            ]
+            t2 = time.perf_counter()
+            candidates = [c for c in checked if isinstance(c, Candidate)]
+            judge(candidates, seen={}, history={}, limit=limit)
+            t3 = time.perf_counter()
+            if len(candidates) != len(out) or any(isinstance(d, Rejection) for d in out):
+                raise RuntimeError("a pre-signed bench reading was rejected")
+            decode_s += t1 - t0
+            verify_s += t2 - t1
+            judge_s += t3 - t2
+    n = len(messages)
+    return Validation(n, batch, decode_s * 1e6 / n, verify_s * 1e6 / n, judge_s * 1e6 / n)
