@@ -1,0 +1,221 @@
+"""The invariants every input must keep, checked one case at a time.
+
+1. Nothing escapes: the target returns an outcome the worker can acknowledge.
+2. A rejection carries one of the spec's reason codes.
+3. Where the generator knows what the spec requires (`Case.expect`), the outcome is one of it.
+4. An accepted payload reads the same to a second parser (the standard library's `json`,
+   strictly): two parsers must never disagree about what was signed.
+5. What the store would write for the outcome, PostgreSQL can hold (else: a poison message).
+Memory is sampled as it goes; growth after the warm-up beyond a bound is a failure too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psutil  # type: ignore[import-untyped, unused-ignore]
+
+from fuzz.target import SPEC_REASONS, Target, label, unstorable
+from ingest.records import Accepted, Message
+
+MIB: Final = 1024 * 1024
+KINDS: Final = ("exception", "unknown_reason", "unexpected", "disagreement", "unstorable")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    topic: str
+    payload: bytes
+    origin: str  # engine:generator, e.g. "hypothesis:extra_key"
+    expect: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    kind: str
+    origin: str
+    topic: str
+    payload: bytes
+    detail: str
+
+    def reproducer(self) -> str:
+        return (
+            f"[{self.kind}] from {self.origin}\n  topic:   {self.topic!r}\n"
+            f"  payload: {self.payload[:600]!r}{' ...' if len(self.payload) > 600 else ''}\n"
+            f"  base64:  {base64.b64encode(self.payload).decode()[:2000]}\n"
+            f"  {self.detail.strip()[-1500:]}"
+        )
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "origin": self.origin,
+            "topic": self.topic,
+            "payload_b64": base64.b64encode(self.payload).decode(),
+            "detail": self.detail[-4000:],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Failure:
+        return cls(
+            data["kind"],
+            data["origin"],
+            data["topic"],
+            base64.b64decode(data["payload_b64"]),
+            data["detail"],
+        )
+
+
+@dataclass(slots=True)
+class Memory:
+    """RSS in bytes: at start, after the warm-up (caches, imports, the judge's bounded
+    store have filled), the peak, and at the end."""
+
+    warmup: int
+    start: int = 0
+    warm: int | None = None
+    peak: int = 0
+    end: int = 0
+
+    def sample(self, inputs: int) -> None:
+        rss = int(psutil.Process().memory_info().rss)
+        if not self.start:
+            self.start = rss
+        if self.warm is None and inputs >= self.warmup:
+            self.warm = rss
+        self.peak = max(self.peak, rss)
+        self.end = rss
+
+    @property
+    def growth(self) -> int:
+        return self.end - (self.warm if self.warm is not None else self.start)
+
+    def to_json(self) -> dict[str, int | None]:
+        return {
+            "start": self.start,
+            "warm": self.warm,
+            "peak": self.peak,
+            "end": self.end,
+            "growth": self.growth,
+        }
+
+
+@dataclass(slots=True)
+class Tally:
+    inputs: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    engines: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    examples: list[Failure] = field(default_factory=list)
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add a tally reported as JSON (by the atheris subprocess)."""
+        self.inputs += int(other["inputs"])
+        self.outcomes.update(other["outcomes"])
+        self.engines.update(other["engines"])
+        self.failures.update(other["failures"])
+        self.examples += [Failure.from_json(f) for f in other["examples"]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "engines": dict(self.engines),
+            "failures": dict(self.failures),
+            "examples": [f.to_json() for f in self.examples],
+        }
+
+
+class Checker:
+    """Runs cases through `target` and keeps the tally; `keep` reproducers per failure
+    kind and origin are kept, every failure is counted."""
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        received_at_ms: int,
+        keep: int = 3,
+        sample_every: int = 1_000,
+        warmup: int = 2_000,
+    ) -> None:
+        self.target = target
+        self.tally = Tally()
+        self.memory = Memory(warmup=warmup)
+        self._received_at_ms = received_at_ms
+        self._keep = keep
+        self._kept: Counter[tuple[str, str]] = Counter()
+        self._sample_every = sample_every
+        self.memory.sample(0)
+
+    def check(self, case: Case) -> str | None:
+        """The outcome's label, or None when the case failed (and is counted)."""
+        tally = self.tally
+        tally.inputs += 1
+        tally.engines[case.origin.split(":", 1)[0]] += 1
+        if tally.inputs % self._sample_every == 0:
+            self.memory.sample(tally.inputs)
+        message = Message(case.topic, case.payload, self._received_at_ms)
+        try:
+            outcome = self.target(message)
+            name = label(outcome)
+        except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
+            return self._fail("exception", case, traceback.format_exc())
+        if name not in SPEC_REASONS and name not in ("accepted", "duplicate"):
+            return self._fail("unknown_reason", case, f"outcome {name!r} is not a spec reason")
+        if case.expect is not None and name not in case.expect:
+            return self._fail("unexpected", case, f"got {name}, spec says {sorted(case.expect)}")
+        if isinstance(outcome, Accepted):
+            disagreement = _second_parser_disagrees(case.payload, outcome)
+            if disagreement is not None:
+                return self._fail("disagreement", case, disagreement)
+        refused = unstorable(outcome)
+        if refused is not None:
+            return self._fail("unstorable", case, f"{name}: {refused}")
+        tally.outcomes[name] += 1
+        return name
+
+    def finish(self) -> None:
+        self.memory.sample(self.tally.inputs)
+
+    def _fail(self, kind: str, case: Case, detail: str) -> str | None:
+        self.tally.failures[kind] += 1
+        self.tally.outcomes[f"FAILED:{kind}"] += 1
+        key = (kind, case.origin)
+        if self._kept[key] < self._keep:
+            self._kept[key] += 1
+            self.tally.examples.append(Failure(kind, case.origin, case.topic, case.payload, detail))
+        return None  # the checker's answer for "this case failed"
+
+
+def _second_parser_disagrees(payload: bytes, outcome: Accepted) -> str | None:
+    pairs: list[tuple[str, object]] = []
+
+    def hook(items: list[tuple[str, object]]) -> dict[str, object]:
+        pairs.extend(items)
+        return dict(items)
+
+    try:
+        text = payload.decode("utf-8", errors="strict")
+        parsed = json.loads(
+            text, object_pairs_hook=hook, parse_float=_refuse, parse_constant=_refuse
+        )
+    except (ValueError, RecursionError) as exc:
+        return f"accepted, but the standard library refuses it: {exc}"
+    if text.startswith("\ufeff"):
+        return "accepted with a byte-order mark"
+    if len(pairs) != len({k for k, _ in pairs}):
+        return "accepted with a key given twice"
+    wire = outcome.candidate.reading.wire_dict()
+    if parsed != wire or any(type(parsed[k]) is not type(v) for k, v in wire.items()):
+        return f"second parser reads {parsed!r}, the model {wire!r}"
+    return None
+
+
+def _refuse(token: str) -> object:
+    raise ValueError(f"non-integer number {token}")

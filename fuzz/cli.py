@@ -1,0 +1,225 @@
+"""`meterproof fuzz`: generated and mutated payloads through decode -> verify -> judge."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fuzz.checker import MIB, Checker, Memory, Tally
+from fuzz.engines import (
+    atheris_available,
+    run_atheris,
+    run_hypothesis,
+    run_mutations,
+    run_vectors,
+)
+from fuzz.generate import Generators
+from fuzz.target import PipelineTarget, Target, fleet_topics, load_fleet
+
+ENGINES = ("all", "hypothesis", "mutate", "atheris")
+
+
+@dataclass(slots=True)
+class Report:
+    tally: Tally
+    memory: Memory
+    seconds: float
+    atheris: str  # "yes", "no (not installed)", "not asked"
+    atheris_memory: dict[str, Any] | None = None
+    shares: dict[str, int] = field(default_factory=dict)
+
+    def memory_failures(self, bound_mib: float) -> list[str]:
+        out = []
+        if self.memory.growth > bound_mib * MIB:
+            out.append(f"in-process RSS grew {self.memory.growth / MIB:.1f} MiB after warm-up")
+        if self.atheris_memory and self.atheris_memory["growth"] > bound_mib * MIB:
+            out.append(f"atheris RSS grew {self.atheris_memory['growth'] / MIB:.1f} MiB")
+        return out
+
+    def to_json(self, bound_mib: float) -> dict[str, Any]:
+        return {
+            "inputs": self.tally.inputs,
+            "seconds": round(self.seconds, 2),
+            "rate_per_s": round(self.tally.inputs / self.seconds) if self.seconds else None,
+            "shares": self.shares,
+            "atheris": self.atheris,
+            "memory_bound_mib": bound_mib,
+            "memory": self.memory.to_json(),
+            "atheris_memory": self.atheris_memory,
+            **self.tally.to_json(),
+        }
+
+
+def split(payloads: int, engine: str, *, with_atheris: bool) -> dict[str, int]:
+    """all: 40% hypothesis, 40% byte mutation, 20% atheris (its share goes to mutation when
+    atheris is missing)."""
+    if engine != "all":
+        return {engine: payloads}
+    hyp = payloads * 2 // 5
+    ath = payloads // 5 if with_atheris else 0
+    return {"hypothesis": hyp, "mutate": payloads - hyp - ath, "atheris": ath}
+
+
+def run_campaign(
+    *,
+    payloads: int,
+    engine: str,
+    seed: int,
+    target: Target | None = None,
+    echo: bool = True,
+) -> Report:
+    """The whole run, in-process except atheris; `target` replaces the pipeline (tests
+    feed a broken one to prove the checker catches it)."""
+    started = time.perf_counter()
+    fleet = load_fleet()
+    checker = Checker(
+        target or PipelineTarget(fleet),
+        received_at_ms=fleet.now_ms,
+        warmup=min(2_000, max(payloads // 10, 1)),
+    )
+    have_atheris = atheris_available()
+    shares = split(payloads, engine, with_atheris=have_atheris)
+    atheris_state = "not asked"
+    if "atheris" in shares and shares["atheris"] and not have_atheris:
+        raise click.UsageError("atheris is not installed (pip install atheris)")
+
+    def progress() -> None:
+        if echo:
+            t = checker.tally
+            rate = t.inputs / max(time.perf_counter() - started, 1e-9)
+            click.echo(
+                f"  {t.inputs:>9,} inputs  {rate:>7,.0f}/s  rss {checker.memory.end / MIB:6.1f} MiB"
+                f"  failures {sum(t.failures.values())}",
+                err=True,
+            )
+
+    run_vectors(checker, fleet)
+    generators = Generators(fleet, seed=seed)
+    seeds = [(t, p) for t, p, _ in fleet.vector_cases]
+    seeds += generators.seed_payloads(random.Random(seed), per_signer=4)  # noqa: S311 - reproducible inputs
+    if shares.get("hypothesis"):
+        if echo:
+            click.echo(f"hypothesis: {shares['hypothesis']:,} structured cases", err=True)
+        run_hypothesis(
+            checker,
+            generators,
+            count=shares["hypothesis"],
+            seed=seed,
+            progress=_every(progress, 20),
+        )
+    if shares.get("mutate"):
+        if echo:
+            click.echo(f"mutate: {shares['mutate']:,} byte-level mutations", err=True)
+        run_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+    checker.finish()
+    atheris_memory = None
+    if shares.get("atheris"):
+        if echo:
+            click.echo(f"atheris: {shares['atheris']:,} libFuzzer inputs (subprocess)", err=True)
+        result = run_atheris(
+            count=shares["atheris"],
+            seed=seed,
+            seeds=seeds,
+            topics=fleet_topics(fleet),
+            timeout_s=120 + shares["atheris"] / 100,
+        )
+        checker.tally.merge(result["tally"])
+        atheris_memory = result["memory"]
+        atheris_state = "yes"
+    elif engine == "all":
+        atheris_state = "no (not installed)" if not have_atheris else "not asked"
+    return Report(
+        checker.tally,
+        checker.memory,
+        time.perf_counter() - started,
+        atheris_state,
+        atheris_memory,
+        shares,
+    )
+
+
+def _every(progress: Callable[[], None], n: int) -> Callable[[], None]:
+    calls = [0]
+
+    def maybe() -> None:
+        calls[0] += 1
+        if calls[0] % n == 0:
+            progress()
+
+    return maybe
+
+
+def summary(report: Report, bound_mib: float) -> str:
+    t, m = report.tally, report.memory
+    lines = [
+        f"inputs: {t.inputs:,} in {report.seconds:.1f} s "
+        f"({t.inputs / max(report.seconds, 1e-9):,.0f}/s); engines: "
+        + ", ".join(f"{k} {v:,}" for k, v in sorted(t.engines.items())),
+        f"atheris: {report.atheris}",
+        "outcomes:",
+        *(f"  {name:<22} {n:>9,}" for name, n in sorted(t.outcomes.items())),
+        f"rss (in-process): start {m.start / MIB:.1f} MiB, after warm-up "
+        f"{(m.warm or m.start) / MIB:.1f}, peak {m.peak / MIB:.1f}, end {m.end / MIB:.1f}; "
+        f"growth {m.growth / MIB:+.1f} MiB (bound {bound_mib:g})",
+    ]
+    if report.atheris_memory:
+        a = report.atheris_memory
+        lines.append(
+            f"rss (atheris): start {a['start'] / MIB:.1f} MiB, peak {a['peak'] / MIB:.1f}, "
+            f"end {a['end'] / MIB:.1f}; growth {a['growth'] / MIB:+.1f} MiB"
+        )
+    failures = sum(t.failures.values())
+    lines.append(
+        f"failures: {failures}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in t.failures.items()) + ")" if failures else "")
+    )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--payloads", type=click.IntRange(1, 10_000_000), default=100_000, show_default=True,
+              help="Inputs in all (the spec vectors come on top).")  # fmt: skip
+@click.option("--engine", type=click.Choice(ENGINES), default="all", show_default=True,
+              help="all: 40% hypothesis, 40% byte mutation, 20% atheris if installed.")  # fmt: skip
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True,
+              help="Same seed, same inputs (atheris: same libFuzzer seed).")  # fmt: skip
+@click.option("--max-rss-growth-mb", type=click.FloatRange(min=1), default=64.0, show_default=True,
+              help="Fail if RSS grows more than this after the warm-up.")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the report as JSON here.")  # fmt: skip
+@click.option("--show", type=click.IntRange(0, 1000), default=10, show_default=True,
+              help="Reproducers to print on failure.")  # fmt: skip
+def fuzz(
+    *,
+    payloads: int,
+    engine: str,
+    seed: int,
+    max_rss_growth_mb: float,
+    json_out: Path | None,
+    show: int,
+) -> None:
+    """Hostile payloads through the worker's decode -> verify -> judge path, in-process.
+
+    Fails (exit 1) on an escaped exception, a rejection whose reason is not the spec's, an
+    outcome other than the one the spec requires for a generated case, an accepted payload a
+    second JSON parser reads differently, an outcome PostgreSQL could not store, or RSS
+    growth beyond --max-rss-growth-mb; each failure is printed as a reproducer.
+    """
+    report = run_campaign(payloads=payloads, engine=engine, seed=seed)
+    click.echo(summary(report, max_rss_growth_mb))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json(max_rss_growth_mb), indent=2) + "\n")
+    problems = report.memory_failures(max_rss_growth_mb)
+    for failure in report.tally.examples[:show]:
+        click.echo(failure.reproducer(), err=True)
+    for problem in problems:
+        click.echo(f"memory: {problem}", err=True)
+    if report.tally.failures or problems:
+        raise SystemExit(1)
