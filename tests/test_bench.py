@@ -1,0 +1,184 @@
+"""The benchmark's pure helpers: rates from samples, percentiles, verdicts, the py-spy stage
+rules, and the report rendered from sample JSON (never a timed test: speed is measured by
+`meterproof bench`, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.profile import attribute, classify, frames_of
+from bench.sampling import at_least, at_most, percentile, rates
+
+MACHINE = {
+    "date": "2026-11-23 04:00 UTC",
+    "cpu": "Test CPU",
+    "cores": "2",
+    "memory": "1.0 GiB",
+    "os": "Linux",
+    "python": "3.11.7",
+    "mosquitto": "mosquitto version 2.0.11",
+    "postgresql": "postgres 15",
+    "redis": "Redis 7",
+    "meterproof": "0.1.0",
+    "pynacl": "1.6.2",
+    "gmqtt": "0.8.0",
+}
+
+
+def test_rates_use_windows_of_at_least_the_given_length():
+    samples = [(0.0, 0), (0.2, 100), (0.9, 400), (1.0, 500), (1.5, 600), (2.5, 2500)]
+    assert rates(samples, window_s=1.0) == [(1.0, 500.0), (2.5, 1333.3333333333333)]
+    assert rates([], window_s=1.0) == []
+    with pytest.raises(ValueError, match="window_s"):
+        rates(samples, window_s=0)
+
+
+def test_percentile_is_a_measured_value():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 99) == 5.0
+    assert percentile(values, 0) == 1.0
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+
+
+def test_verdicts_ratio_above_one_means_better():
+    assert at_least(11_000, 22_000).met is False
+    assert at_least(11_000, 22_000).ratio == 0.5
+    assert at_most(1.5, 2.0).met is True
+    assert at_most(4.0, 2.0).ratio == 0.5
+    assert at_most(0.0, 2.0).ratio == math.inf
+
+
+@pytest.mark.parametrize(
+    ("stack", "stage"),
+    [
+        (
+            "run (ingest/worker.py:150);_process (ingest/worker.py:210);"
+            "verify (ingest/verify.py:80);b64url_decode (schemas/reading.py:30)",
+            "verify",
+        ),
+        (
+            "_process (ingest/worker.py:200);decode (ingest/decode.py:35);"
+            "decode_reading (schemas/codec.py:40);model_validate (pydantic/main.py:500)",
+            "decode",
+        ),
+        (
+            "_process (ingest/worker.py:230);commit_batch (ingest/store.py:130);"
+            "_judge (ingest/store.py:160);judge (ingest/judge.py:90)",
+            "judge (rules 7-9)",
+        ),
+        (
+            "_process (ingest/worker.py:230);commit_batch (ingest/store.py:130);"
+            "execute (psycopg/cursor_async.py:90);wait (psycopg/waiting.py:10)",
+            "store",
+        ),
+        (
+            "_run_once (asyncio/base_events.py:1922);_run (asyncio/events.py:80);"
+            "MqttPackageHandler.__handle_publish_callback (gmqtt/mqtt/handler.py:567);"
+            "MqttPackageHandler._send_puback (gmqtt/mqtt/handler.py:258);"
+            "write (asyncio/sslproto.py:220)",
+            "acknowledge",
+        ),
+        (
+            "_process (ingest/worker.py:240);_announce (ingest/worker.py:270);"
+            "MqttSource.publish (ingest/source.py:150);publish (gmqtt/client.py:300);"
+            "write (asyncio/sslproto.py:220)",
+            "publish",
+        ),
+        (
+            "_run_once (asyncio/base_events.py:1922);_read_ready (asyncio/selector_events.py:800);"
+            "data_received (asyncio/sslproto.py:300);read (ssl.py:1100)",
+            "receive",
+        ),
+        (
+            "_process (ingest/worker.py:230);lookup (ingest/replay.py:70);"
+            "execute_command (redis/asyncio/client.py:600)",
+            "replay check",
+        ),
+        (
+            "<module> (cli/__main__.py:3);_find_and_load (<frozen importlib._bootstrap>:1)",
+            "startup",
+        ),
+        ("_run_once (asyncio/base_events.py:1900)", "event loop + other"),
+    ],
+)
+def test_stacks_go_to_the_stage_of_their_deepest_naming_frame(stack, stage):
+    assert classify(stack.split(";")) == stage
+
+
+def test_profile_attribution_converts_samples_to_microseconds_per_reading():
+    lines = [
+        'process 7:"python -m cli ingest";_process (ingest/worker.py:1);'
+        "verify (ingest/verify.py:2) 30",
+        "_process (ingest/worker.py:1);decode (ingest/decode.py:3) 10",
+        "<module> (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1) 50",
+        "not a profile line",
+    ]
+    assert frames_of(lines[0]) == (
+        ["_process (ingest/worker.py:1)", "verify (ingest/verify.py:2)"],
+        30,
+    )
+    profile = attribute(lines, rate_hz=100, readings=1_000, workers=1)
+    costs = {s.stage: s.us_per_reading for s in profile.stages}
+    assert costs["verify"] == pytest.approx(300.0)  # 30 samples x 10 ms / 1,000 readings
+    assert costs["decode"] == pytest.approx(100.0)
+    assert profile.startup_samples == 50
+    assert profile.total_us == pytest.approx(400.0)
+
+
+def _write(results: Path, suite: str, figures: dict[str, object]) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{suite}-20261123T040000Z.json").write_text(
+        json.dumps({"suite": suite, "machine": MACHINE, "figures": figures})
+    )
+
+
+def _drain_run(workers: int, per_s: float, count_only: float) -> dict[str, object]:
+    return {
+        "readings": 20_000, "meters": 50, "workers": workers, "publish_s": 2.0,
+        "count_only_s": 20_000 / count_only, "count_only_per_s": count_only,
+        "drain_s": 20_000 / per_s, "drain_per_s": per_s, "ratio_to_count_only": per_s / count_only,
+        "samples": [[0.0, 0], [1.0, 5_000], [2.0, 11_000], [3.0, 20_000]],
+    }  # fmt: skip
+
+
+def test_report_shows_only_measured_suites_and_the_targets_they_decide(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    _write(
+        results, "ingest", {"runs": [_drain_run(1, 4_000, 50_000), _drain_run(2, 30_000, 50_000)]}
+    )
+    _write(
+        results,
+        "registration",
+        {
+            "meters": 1_000, "commands_issue_s": 1.5, "commands_register_s": 0.9,
+            "commands_total_s": 2.4, "inprocess_issue_s": 0.7, "inprocess_csv_s": 0.05,
+            "inprocess_register_s": 0.1, "inprocess_total_s": 0.85, "registered": 2_000,
+        },
+    )  # fmt: skip
+    report.render(results, out)
+    text = out.read_text()
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
+    assert "30,000/s (2 workers)" in rows["backlog drain >= 22,000 verified readings/s"]
+    assert "| yes | 1.36 |" in rows["backlog drain >= 22,000 verified readings/s"]
+    assert (
+        "| 60% of 50,000/s | yes |" in rows["backlog drain >= 50% of the count-only receive rate"]
+    )
+    assert "**no** | 0.83" in rows["1,000 registrations (certificates + registry rows) < 2 s"]
+    # suites that never ran leave no section and no target row behind
+    assert "Sustained load" not in text
+    assert "Limits of this machine" not in text
+    assert "validation" not in text.lower()
+    assert (out.parent / "img" / "bench-throughput.png").stat().st_size > 0
+    assert (out.parent / "img" / "bench-scaling.png").stat().st_size > 0
+    assert not (out.parent / "img" / "bench-latency.png").exists()
