@@ -1,0 +1,115 @@
+"""`meterproof fuzz` at CI size, and proof that its checker can fail."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import fuzz.cli
+from fuzz.checker import MIB
+from fuzz.cli import run_campaign
+from fuzz.target import SPEC_REASONS, PipelineTarget, load_fleet, unstorable
+from ingest.records import Message, Rejection
+from schemas.reading import RejectReason
+
+#: Pinned by test_an_unknown_key_with_nul_is_storable until schemas/codec.py is fixed;
+#: remove it from here together with that test's xfail marker.
+KNOWN_DEFECTS = {"unstorable"}
+
+
+def test_a_ci_sized_campaign_keeps_every_invariant() -> None:
+    report = run_campaign(payloads=3_000, engine="all", seed=7, echo=False)
+    tally = report.tally
+    assert tally.inputs >= 3_000
+    assert set(tally.engines) == {"vectors", "hypothesis", "mutate", "atheris"}
+    unexpected = {k: n for k, n in tally.failures.items() if k not in KNOWN_DEFECTS}
+    assert not unexpected, "\n".join(
+        f.reproducer() for f in tally.examples if f.kind not in KNOWN_DEFECTS
+    )
+    reasons = {name for name in tally.outcomes if name in SPEC_REASONS}
+    assert len(reasons) >= 9, f"the generators reach too few rules: {sorted(tally.outcomes)}"
+    assert tally.outcomes["accepted"] > 0
+    assert not report.memory_failures(64)
+
+
+def _broken(kind: str):  # noqa: ANN202 - a stand-in target of the checker's own shape
+    fleet = load_fleet()
+    real = PipelineTarget(fleet)
+
+    def target(message: Message) -> object:
+        if b'"seq"' in message.payload and kind == "raise":
+            raise KeyError("boom from a broken stage")
+        outcome = real(message)
+        if kind == "unknown" and isinstance(outcome, Rejection):
+            return Rejection(message, "spoofed_reason", "x")  # type: ignore[arg-type]
+        if kind == "wrong":
+            return Rejection(message, RejectReason.RATE_LIMITED, "everything is a flood")
+        return outcome
+
+    return target
+
+
+@pytest.mark.parametrize(
+    ("kind", "failure"),
+    [("raise", "exception"), ("unknown", "unknown_reason"), ("wrong", "unexpected")],
+)
+def test_the_checker_catches_a_broken_target(kind: str, failure: str) -> None:
+    report = run_campaign(
+        payloads=300, engine="hypothesis", seed=3, target=_broken(kind), echo=False
+    )
+    assert report.tally.failures[failure] > 0
+    example = next(f for f in report.tally.examples if f.kind == failure)
+    assert example.payload
+    assert "payload:" in example.reproducer()
+    if kind == "raise":
+        assert "KeyError: 'boom from a broken stage'" in example.detail
+
+
+def test_the_memory_check_catches_a_leak() -> None:
+    kept: list[bytes] = []
+    real = PipelineTarget(load_fleet())
+
+    def leaking(message: Message) -> object:
+        kept.append(bytes(40_000) + message.payload)
+        return real(message)
+
+    report = run_campaign(payloads=3_000, engine="mutate", seed=1, target=leaking, echo=False)
+    assert report.memory.growth > 64 * MIB
+    assert report.memory_failures(64)
+
+
+def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = _broken("raise")
+    monkeypatch.setattr(fuzz.cli, "PipelineTarget", lambda fleet: broken)
+    result = CliRunner().invoke(
+        fuzz.cli.fuzz, ["--payloads", "200", "--engine", "mutate", "--seed", "5", "--show", "1"]
+    )
+    assert result.exit_code == 1
+    assert "failures:" in result.output
+    assert "[exception]" in result.output
+    assert "KeyError" in result.output
+
+
+def test_the_command_passes_on_the_real_path(tmp_path) -> None:
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        fuzz.cli.fuzz, ["--payloads", "1000", "--engine", "mutate", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert '"inputs": 1048' in out.read_text()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="schemas/codec.py _first_error copies an unknown key verbatim into the detail; "
+    "a key with \\u0000 makes the rejected row's COPY fail, so the worker retries the "
+    "batch forever (poison message)",
+)
+def test_an_unknown_key_with_nul_is_storable() -> None:
+    fleet = load_fleet()
+    topic, valid, _ = fleet.vector_cases[0]
+    payload = valid[:-1] + b',"\\u0000":1}'
+    outcome = PipelineTarget(fleet)(Message(topic, payload, fleet.now_ms))
+    assert isinstance(outcome, Rejection)
+    assert outcome.reason is RejectReason.MALFORMED
+    assert unstorable(outcome) is None
