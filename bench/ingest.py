@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 
 from bench.backlog import count_only_drain, open_session, publish_backlog, signed_payloads
-from certs import issue_bulk
+from certs import ingest_identity, issue_bulk
 from certs.layout import PkiLayout
 from ingest.registry import repository
 from ingest.registry.model import NewKey, NewMeter
@@ -66,8 +66,7 @@ def _workers(env: StackEnv, workers: int, log: Path) -> subprocess.Popen[bytes]:
     environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # one line per batch would cost CPU here
     with log.open("ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-P", "-m", "cli", "ingest", "--workers", str(workers),
-             "--client-id", "ingest-bench-0"],
+            [sys.executable, "-P", "-m", "cli", "ingest", "--workers", str(workers)],
             env=environ, stdout=sink, stderr=sink,
         )  # fmt: skip
 
@@ -82,7 +81,8 @@ def run_drain(
 ) -> DrainResult:
     """Everything on a private stack in `run_dir`, stopped afterwards."""
     stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
-    env, _ = stack.up(Ports())
+    # ingest-0 .. ingest-<workers-1> for the workers, one more for the count-only receiver
+    env, _ = stack.up(Ports(), ingest_workers=workers + 1)
     pki = PkiLayout(run_dir / "pki")
     try:
         per_meter = readings // meters
@@ -94,19 +94,19 @@ def run_drain(
             m: signed_payloads(m, load_private_key("EdDSA", k), per_meter, t0_ms=t0)
             for m, k in keys.items()
         }
-        ingest_id = pki.service("ingest")
-        sessions = {"bench-count": "$share/count/meters/+/readings"} | {
-            f"ingest-bench-{i}": "$share/ingest/meters/+/readings" for i in range(workers)
+        counter = ingest_identity(workers)
+        sessions = {counter: "$share/count/meters/+/readings"} | {
+            ingest_identity(i): f"$share/{env.share_group}/meters/+/readings"
+            for i in range(workers)
         }
-        for client_id, topic in sessions.items():
-            asyncio.run(
-                open_session(pki, env.mqtt_port, ingest_id, client_id=client_id, topic=topic)
-            )
+        for name, topic in sessions.items():
+            identity = pki.service(name)
+            asyncio.run(open_session(pki, env.mqtt_port, identity, client_id=name, topic=topic))
         progress(f"publishing the backlog ({total:,} messages, QoS 1, {meters} meter identities)")
         published = publish_backlog(pki, env.mqtt_port, backlogs)
         progress(f"  queued in {published.seconds:.1f} s; count-only drain of the same backlog")
         count_s = asyncio.run(
-            count_only_drain(pki, env.mqtt_port, ingest_id, client_id="bench-count",
+            count_only_drain(pki, env.mqtt_port, pki.service(counter), client_id=counter,
                              expected=total, on_progress=lambda n: progress(f"  counted {n:,}"))
         )  # fmt: skip
         progress(f"  {total / count_s:,.0f} msg/s; starting {workers} worker process(es)")

@@ -24,13 +24,15 @@ from certs.authority import (
 )
 from certs.crl import crl_is_fresh, refresh_crl
 from certs.errors import PkiError
-from certs.identities import DEFAULT_DAYS, SERVICE_NAMES, ServiceName, issue_service
+from certs.identities import DEFAULT_DAYS, ServiceName, issue_ingest_workers, issue_service
 from certs.keys import private_pem, public_pem, publish_directory
 from certs.layout import PkiLayout
 
 DEFAULT_CA_DAYS: Final = 3650
 #: Always in the broker certificate: the local stack listens on loopback.
 DEFAULT_SERVER_NAMES: Final = ("localhost", "127.0.0.1")
+#: Ingest worker identities issued by default: enough for `meterproof ingest --workers 2`.
+DEFAULT_INGEST_WORKERS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +42,7 @@ class InitResult:
     server_created: bool
     crl_written: bool
     oracle_created: bool
-    services_created: tuple[ServiceName, ...]
+    services_created: tuple[str, ...]
 
 
 def _incomplete(path: Path) -> PkiError:
@@ -105,8 +107,10 @@ def init_pki(
     ca_key: CaKeyType = "rsa4096",
     server_names: Sequence[str] = (),
     days: int = DEFAULT_CA_DAYS,
+    ingest_workers: int = DEFAULT_INGEST_WORKERS,
 ) -> InitResult:
-    """Create what is missing; `days` is the CA's validity, `server_names` extra SANs."""
+    """Create what is missing; `days` is the CA's validity, `server_names` extra SANs,
+    `ingest_workers` how many ingest worker identities (`ingest-0` ..) must exist."""
     ca_created = _ensure_ca(layout, ca_key, days)
     authority = Authority.load(layout)
     server_created = _ensure_server(layout, authority, server_names)
@@ -114,9 +118,12 @@ def init_pki(
     if crl_written:
         refresh_crl(layout)
     oracle_created = _ensure_oracle(layout)
-    services = tuple(name for name in SERVICE_NAMES if not layout.service(name).directory.exists())
-    for name in services:
-        issue_service(layout, name)
+    services = issue_ingest_workers(layout, ingest_workers)
+    singletons: tuple[ServiceName, ...] = ("bridge", "admin")
+    for role in singletons:
+        if not layout.service(role).directory.exists():
+            issue_service(layout, role)
+            services += (role,)
     return InitResult(
         ca_created=ca_created,
         ca_key=describe_root(layout),

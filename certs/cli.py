@@ -18,7 +18,12 @@ import click
 
 from certs import crl
 from certs.authority import CA_KEY_TYPES, CaKeyType
-from certs.bootstrap import DEFAULT_CA_DAYS, DEFAULT_SERVER_NAMES, init_pki
+from certs.bootstrap import (
+    DEFAULT_CA_DAYS,
+    DEFAULT_INGEST_WORKERS,
+    DEFAULT_SERVER_NAMES,
+    init_pki,
+)
 from certs.bulk import (
     MAX_PREFIX,
     default_csv_path,
@@ -30,9 +35,14 @@ from certs.bulk import (
 from certs.errors import PkiError
 from certs.identities import (
     DEFAULT_DAYS,
+    MAX_INGEST_INSTANCES,
+    SERVICE_NAMES,
     IssuedDevice,
+    ServiceName,
     issue_device,
+    issue_ingest_workers,
     issue_integrator,
+    issue_service,
     list_identities,
     load_identity,
 )
@@ -99,6 +109,13 @@ _rsa_bits_option = click.option(
     type=click.IntRange(RSA_MIN_BITS, RSA_MAX_BITS),
     help=f"RSA key size for RS256/PS256  [default: {RSA_MAX_BITS}]",
 )
+_stack_env_option = click.option(
+    "--stack-env",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=STACK_ENV_FILE,
+    show_default=True,
+    help="The running stack's addresses; if absent, only the PKI is changed.",
+)
 _days_option = click.option(
     "--days",
     type=click.IntRange(min=1),
@@ -146,9 +163,20 @@ def certs(ctx: click.Context, pki_root: Path) -> None:
     show_default=True,
     help="Validity of a new CA in days.",
 )
+@click.option(
+    "--ingest-workers",
+    type=click.IntRange(1, MAX_INGEST_INSTANCES),
+    default=DEFAULT_INGEST_WORKERS,
+    show_default=True,
+    help="Ingest worker identities (ingest-0, ingest-1, ...) that must exist.",
+)
 @pass_layout
 def init_cmd(
-    layout: PkiLayout, ca_key: CaKeyType, server_names: tuple[str, ...], days: int
+    layout: PkiLayout,
+    ca_key: CaKeyType,
+    server_names: tuple[str, ...],
+    days: int,
+    ingest_workers: int,
 ) -> None:
     """Create the CA, broker certificate, CRL, oracle key and service identities.
 
@@ -157,7 +185,13 @@ def init_cmd(
     values), move server/ away and run it again.
     """
     with _one_line_errors():
-        result = init_pki(layout, ca_key=ca_key, server_names=server_names, days=days)
+        result = init_pki(
+            layout,
+            ca_key=ca_key,
+            server_names=server_names,
+            days=days,
+            ingest_workers=ingest_workers,
+        )
     state = "created" if result.ca_created else "exists, left untouched"
     click.echo(f"CA: {state} ({result.ca_key} root, EC P-256 issuing CA): {layout.ca_cert}")
     state = "created" if result.server_created else "exists"
@@ -276,28 +310,71 @@ def issue_bulk_cmd(
 @certs.command("issue-integrator")
 @click.argument("name", callback=_identity)
 @_days_option
+@_stack_env_option
 @pass_layout
-def issue_integrator_cmd(layout: PkiLayout, name: str, days: int) -> None:
+def issue_integrator_cmd(layout: PkiLayout, name: str, days: int, stack_env: Path) -> None:
     """Issue a client certificate (CN = NAME) for a reader of verified readings and epochs.
 
-    The name must not be a meter id or a service name: the broker grants roles by CN.
+    The name must not be a meter id or a service name: the broker grants roles by CN. A
+    running stack's broker gets the new ACL at once. One connection per certificate.
     """
     with _one_line_errors():
         files = issue_integrator(layout, name, days=days)
         record = load_identity(files)
     click.echo(f"integrator {name}: {files.directory}/ (tls.crt tls.key identity.json)")
     click.echo(f"  certificate serial {record.serial}, valid until {record.not_after:%Y-%m-%d}")
+    _reload_broker(layout, stack_env)
+
+
+@certs.command("issue-service")
+@click.argument("role", type=click.Choice(SERVICE_NAMES))
+@click.option(
+    "--instances",
+    type=click.IntRange(1, MAX_INGEST_INSTANCES),
+    help="ingest only: make sure ingest-0 .. ingest-<N-1> exist  [default: 1]",
+)
+@_days_option
+@_stack_env_option
+@pass_layout
+def issue_service_cmd(
+    layout: PkiLayout, role: ServiceName, instances: int | None, days: int, stack_env: Path
+) -> None:
+    """Issue a service identity: `bridge`, `admin`, or ingest workers (one each).
+
+    The broker makes a certificate's CN its client id, so a certificate is one connection:
+    `meterproof ingest --workers N` needs ingest-0 .. ingest-<N-1>. Existing ingest
+    identities are kept; a running stack's broker gets the new ACL at once.
+    """
+    if instances is not None and role != "ingest":
+        raise click.UsageError("--instances applies to ingest only")
+    with _one_line_errors():
+        if role == "ingest":
+            issued = issue_ingest_workers(layout, instances or 1, days=days)
+        else:
+            issue_service(layout, role, days=days)
+            issued = (role,)
+    click.echo(f"issued: {', '.join(issued)}" if issued else "issued: none (all exist)")
+    for name in issued:
+        click.echo(f"  {layout.service(name).directory}/ (tls.crt tls.key identity.json)")
+    if issued:
+        _reload_broker(layout, stack_env)
+
+
+def _reload_broker(layout: PkiLayout, stack_env: Path) -> None:
+    from mosquitto.admin import identities_on_running_broker
+
+    try:
+        click.echo(identities_on_running_broker(layout, stack_env))
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(
+            f"issued, but the broker's ACL was not updated ({exc}); "
+            "`meterproof stack up` renders it again"
+        ) from exc
 
 
 @certs.command("revoke")
 @click.argument("meter_id", callback=_identity)
-@click.option(
-    "--stack-env",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=STACK_ENV_FILE,
-    show_default=True,
-    help="The running stack's addresses; if absent, only the CRL is updated.",
-)
+@_stack_env_option
 @pass_layout
 def revoke_cmd(layout: PkiLayout, meter_id: str, stack_env: Path) -> None:
     """Revoke a meter's certificate: re-sign the CRL and make the running broker refuse it.

@@ -10,6 +10,7 @@ kept in different hardware without touching the other.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,10 +28,37 @@ from schemas.signatures import generate_private_key
 
 Role = Literal["meter", "service", "integrator"]
 ServiceName = Literal["ingest", "bridge", "admin"]
-#: Ingest workers share one identity, as do bridge instances; `admin` is for operators'
-#: tools on the TLS listener. The names are reserved even before they are issued.
+#: Service roles. Each ingest worker has an identity of its own, `ingest-<instance>`: the
+#: broker makes the certificate CN the MQTT client id (use_username_as_clientid), so one
+#: certificate is one connection and one persistent session, and a meter cannot present a
+#: worker's client id. `bridge` and `admin` (operators' tools on the TLS listener) are one
+#: identity each. All these names are reserved even before they are issued; `ingest` alone
+#: is reserved too (earlier versions issued it; it has no topic rights any more).
 SERVICE_NAMES: Final[tuple[ServiceName, ...]] = get_args(ServiceName)
+INGEST_IDENTITY_RE: Final = re.compile(r"^ingest-(0|[1-9][0-9]{0,3})$")
+MAX_INGEST_INSTANCES: Final = 10_000
 DEFAULT_DAYS: Final = 825
+
+
+def ingest_identity(instance: int) -> str:
+    """The certificate CN (and so the MQTT client id) of ingest worker `instance`."""
+    if not 0 <= instance < MAX_INGEST_INSTANCES:
+        raise ValueError(f"ingest instance must be in 0..{MAX_INGEST_INSTANCES - 1}: {instance}")
+    return f"ingest-{instance}"
+
+
+def ingest_instance(identity: str) -> int:
+    """The inverse of `ingest_identity`; ValueError for any other name."""
+    if not INGEST_IDENTITY_RE.fullmatch(identity):
+        raise ValueError(f"{identity!r} is not an ingest worker identity (ingest-<0..9999>)")
+    return int(identity.removeprefix("ingest-"))
+
+
+def is_reserved(name: str) -> bool:
+    """A service name or an ingest worker identity: never a meter or integrator CN, because
+    the broker grants rights by CN and a meter called `ingest-7` would read every reading
+    once the ACL is rendered for ingest worker 7."""
+    return name in SERVICE_NAMES or INGEST_IDENTITY_RE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +128,8 @@ def _locations(layout: PkiLayout, name: str) -> Iterator[tuple[Role, IdentityFil
 
 def check_name_free(layout: PkiLayout, name: str, role: Role) -> None:
     """Raise IdentityConflictError if `name` is a CN of any role, or a reserved service."""
-    if name in SERVICE_NAMES and role != "service":
-        raise IdentityConflictError(f"{name!r} is reserved for the {name} service identity")
+    if is_reserved(name) and role != "service":
+        raise IdentityConflictError(f"{name!r} is reserved for a service identity")
     for other, files in _locations(layout, name):
         if files.directory.exists():
             raise IdentityConflictError(f"{name!r} already exists as a {other} identity")
@@ -205,14 +233,36 @@ def issue_device(
 
 
 def issue_service(
-    layout: PkiLayout, name: ServiceName, *, days: int = DEFAULT_DAYS
+    layout: PkiLayout, role: ServiceName, *, instance: int | None = None, days: int = DEFAULT_DAYS
 ) -> IdentityFiles:
-    if name not in SERVICE_NAMES:
-        raise ValueError(f"unknown service {name!r}: one of {', '.join(SERVICE_NAMES)}")
+    """Issue `bridge`, `admin`, or ingest worker `instance` (`ingest-<instance>`).
+
+    Ingest needs an instance number: one certificate per worker process, so a worker that
+    restarts finds its own session and no two workers can take over each other's.
+    """
+    if role not in SERVICE_NAMES:
+        raise ValueError(f"unknown service {role!r}: one of {', '.join(SERVICE_NAMES)}")
+    if (role == "ingest") != (instance is not None):
+        raise ValueError("an instance number is required for ingest, and only for ingest")
+    name = role if instance is None else ingest_identity(instance)
     files = layout.service(name)
     check_name_free(layout, name, "service")
     _publish(layout, Authority.load(layout), files, role="service", validity=Validity.of(days))
     return files
+
+
+def issue_ingest_workers(
+    layout: PkiLayout, count: int, *, days: int = DEFAULT_DAYS
+) -> tuple[str, ...]:
+    """Make sure `ingest-0` .. `ingest-<count-1>` exist; return the names issued now."""
+    if not 1 <= count <= MAX_INGEST_INSTANCES:
+        raise ValueError(f"count must be in 1..{MAX_INGEST_INSTANCES}, not {count}")
+    issued = []
+    for instance in range(count):
+        if not layout.service(ingest_identity(instance)).directory.exists():
+            issue_service(layout, "ingest", instance=instance, days=days)
+            issued.append(ingest_identity(instance))
+    return tuple(issued)
 
 
 def issue_integrator(

@@ -117,7 +117,7 @@ class PkiLayout:
         return DeviceFiles(self.devices_dir / check_identity(meter_id))
 
     def service(self, name: str) -> IdentityFiles:
-        """Ingest workers, the bridge and the broker admin share a role-named identity."""
+        """A service identity: `ingest-<instance>` per ingest worker, `bridge`, `admin`."""
         return IdentityFiles(self.services_dir / check_identity(name))
 
     def integrator(self, name: str) -> IdentityFiles:

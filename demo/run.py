@@ -102,7 +102,7 @@ def _wait_anchored(database_url: str, within_s: float) -> bool:
 def run_demo(options: DemoOptions, say: Say) -> int:
     say("1/6 local stack: Mosquitto (mutual TLS), PostgreSQL, Redis on loopback")
     stack = LocalStack(run_dir=options.run_dir)
-    env, _ = stack.up(Ports())
+    env, _ = stack.up(Ports(), ingest_workers=options.workers)
     say(f"    mqtts://{env.mqtt_host}:{env.mqtt_port}  {env.database_url}  {env.redis_url}")
     logs = options.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import click
 import structlog
 from pydantic import ValidationError
 
+from certs.identities import ingest_identity, ingest_instance
+from certs.layout import PkiLayout
 from ingest.settings import IngestSettings
 
 log = structlog.get_logger("ingest.cli")
@@ -27,10 +30,11 @@ log = structlog.get_logger("ingest.cli")
     help="Worker processes; each has its own persistent session on the shared subscription.",
 )
 @click.option(
-    "--client-id",
+    "--identity",
     default=None,
-    help="MQTT client id (the persistent session's name). Default: ingest-<host>-0; "
-    "with --workers N, ingest-<host>-<i>. Keep it stable: unacknowledged messages wait in it.",
+    help="This worker's certificate, ingest-<n>; the broker makes it the client id, so it "
+    "names the persistent session where unacknowledged readings wait. Default: the "
+    "`identity` setting (ingest-0); with --workers N, worker i is ingest-<n+i>.",
 )
 @click.option(
     "--config",
@@ -39,7 +43,7 @@ log = structlog.get_logger("ingest.cli")
     envvar="METERPROOF_CONFIG",
     help="TOML file of settings (see docs/ingest.sample.toml).",
 )
-def ingest(workers: int, client_id: str | None, config: str | None) -> None:
+def ingest(workers: int, identity: str | None, config: str | None) -> None:
     """Verify, deduplicate and store readings; acknowledge, receipt and republish after commit.
 
     Settings come from METERPROOF_* variables, .run/stack.env, and --config. SIGTERM drains
@@ -48,17 +52,45 @@ def ingest(workers: int, client_id: str | None, config: str | None) -> None:
     if config:
         os.environ["METERPROOF_CONFIG"] = config
     try:
-        settings = IngestSettings()
-        if client_id:
-            settings = settings.model_copy(update={"client_id": client_id})
+        overrides: dict[str, Any] = {"identity": identity} if identity else {}
+        settings = IngestSettings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
+        raise click.ClickException(
+            f"invalid setting {where}: {first['msg']}{_HINTS.get(where, '')}"
+        ) from None
+    identities = _identities(settings, workers)
     if workers == 1:
         asyncio.run(_run(settings))
         return
-    _supervise(settings, workers)
+    _supervise(settings, identities)
+
+
+_HINTS = {
+    "share_group": " (a secret: `meterproof stack up` writes one to .run/stack.env as "
+    "METERPROOF_SHARE_GROUP; never give it to meters)",
+}
+
+
+def _identities(settings: IngestSettings, workers: int) -> list[str]:
+    """The certificates the workers will use, each checked to exist before anything starts."""
+    first = ingest_instance(settings.identity)
+    try:
+        names = [ingest_identity(first + i) for i in range(workers)]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    pki = PkiLayout(settings.pki_root)
+    missing = [
+        n for n in names if not (pki.service(n).cert.is_file() and pki.service(n).key.is_file())
+    ]
+    if missing:
+        raise click.ClickException(
+            f"no certificate for ingest worker {', '.join(missing)} in {pki.services_dir}: "
+            f"each worker needs its own; run `meterproof certs issue-service ingest "
+            f"--instances {first + workers}`"
+        )
+    return names
 
 
 async def _run(settings: IngestSettings) -> None:
@@ -67,12 +99,15 @@ async def _run(settings: IngestSettings) -> None:
     await run_worker(settings)
 
 
-def _supervise(settings: IngestSettings, workers: int) -> None:
-    """Start N workers with stable client ids and metrics ports (base + i), restart any
-    that dies, stop all on SIGTERM."""
-    base = settings.client_id.rsplit("-", 1)[0]
-    ids = [f"{base}-{i}" for i in range(workers)]
-    argv = [sys.executable, "-P", "-m", "cli", "ingest", "--workers", "1", "--client-id"]
+def _has_certificate(pki: PkiLayout, name: str) -> bool:
+    files = pki.service(name)
+    return files.cert.is_file() and files.key.is_file()
+
+
+def _supervise(settings: IngestSettings, ids: list[str]) -> None:
+    """Start one worker per identity with metrics port base + i, restart any that dies,
+    stop all on SIGTERM."""
+    argv = [sys.executable, "-P", "-m", "cli", "ingest", "--workers", "1", "--identity"]
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i
@@ -98,6 +133,6 @@ def _supervise(settings: IngestSettings, workers: int) -> None:
             if stopping:
                 del procs[cid]
             else:
-                log.error("worker_died_restarting", client_id=cid, exit_code=code)
+                log.error("worker_died_restarting", identity=cid, exit_code=code)
                 procs[cid] = spawn(ids.index(cid))
         time.sleep(0.2)

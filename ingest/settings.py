@@ -3,12 +3,12 @@ or a TOML file named by `METERPROOF_CONFIG`). `docs/ingest.sample.toml` explains
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from stack.env import ProcessSettings
+from certs.identities import INGEST_IDENTITY_RE
+from stack.env import SHARE_GROUP_PATTERN, ProcessSettings
 
 
 class IngestSettings(ProcessSettings):
@@ -22,9 +22,15 @@ class IngestSettings(ProcessSettings):
     )
 
     # the MQTT session
-    identity: str = Field(default="ingest", description="service certificate under pki_root")
-    client_id: str = Field(default_factory=lambda: f"ingest-{socket.gethostname()}-0")
-    share_group: str = "ingest"
+    identity: str = Field(
+        default="ingest-0",
+        pattern=INGEST_IDENTITY_RE.pattern,
+        description="this worker's certificate under pki_root, also its client id",
+    )
+    share_group: str = Field(
+        pattern=SHARE_GROUP_PATTERN,
+        description="secret, no default: a client that can name the group takes readings",
+    )
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60, le=0xFFFFFFFF)
     receive_maximum: int = Field(default=4000, ge=20, le=65535)
     publish_window: int = Field(default=1000, ge=1, le=65535)
@@ -53,6 +59,12 @@ class IngestSettings(ProcessSettings):
     # telemetry
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9108, ge=0, le=65535, description="0 disables /metrics")
+
+    @property
+    def client_id(self) -> str:
+        """The broker replaces a client's id with its certificate CN
+        (use_username_as_clientid), so the session is named by the identity."""
+        return self.identity
 
     @model_validator(mode="after")
     def _coherent(self) -> IngestSettings:

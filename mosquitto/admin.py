@@ -53,8 +53,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from certs.layout import IDENTITY_RE
-from mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, broker_files
+from certs.layout import IDENTITY_RE, PkiLayout
+from mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, broker_files, render
 from stack.env import StackEnv
 
 COMMAND_TOPIC: Final = "$CONTROL/dynamic-security/v1"
@@ -106,6 +106,32 @@ def revoke_on_running_broker(identity: str, stack_env: Path) -> str:
     except ConnectionRefusedError:
         return "the broker is not running: it loads the CRL when started"
     return f"broker: {identity} disconnected and refused from now on"
+
+
+def reload_identities(env: StackEnv, pki: PkiLayout) -> None:
+    """Render the broker files again from the PKI's folders and SIGHUP the running broker,
+    so identities issued since the last render (ingest workers, integrators) get their
+    rights. The files are rewritten even when the broker is down (BrokerNotRunningError):
+    it reads them when started."""
+    files = render(
+        run_dir=env.run_dir, pki=pki, tls_port=env.mqtt_port, admin_port=env.mqtt_admin_port
+    )
+    os.kill(_broker_pid(files), signal.SIGHUP)
+
+
+def identities_on_running_broker(pki: PkiLayout, stack_env: Path) -> str:
+    """`reload_identities` for the stack recorded in `stack_env`, if it uses this PKI; say
+    what happened."""
+    if not stack_env.exists():
+        return f"no stack recorded ({stack_env} absent): its ACL is rendered by `stack up`"
+    env = StackEnv.load(stack_env)
+    if env.pki_root.resolve() != pki.root.resolve():
+        return f"the stack in {stack_env} uses the PKI {env.pki_root}: its ACL is unchanged"
+    try:
+        reload_identities(env, pki)
+    except ConnectionRefusedError:
+        return "broker ACL rendered; the broker is not running and reads it when started"
+    return "broker ACL rendered and reloaded: the new identities may connect now"
 
 
 def dynsec_commands(

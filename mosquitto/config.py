@@ -26,6 +26,7 @@ from pathlib import Path
 from string import Template
 from typing import Final
 
+from certs.identities import INGEST_IDENTITY_RE, SERVICE_NAMES
 from certs.layout import IDENTITY_RE, PkiLayout
 
 #: Where Debian's `mosquitto` package puts the plugin (per architecture), then a source build.
@@ -41,8 +42,8 @@ DYNSEC_PLUGIN_GLOBS: Final = (
 #: PKI does issue a service certificate called "admin").
 ADMIN_USERNAME: Final = "dynsec:admin"
 
-#: Service identities with topic rights of their own; any other service gets none.
-INGEST: Final = "ingest"
+#: The bridge's identity; ingest workers are `ingest-<instance>` (INGEST_IDENTITY_RE), one
+#: certificate each. Any other service (`admin`, the retired shared `ingest`) gets no rights.
 BRIDGE: Final = "bridge"
 
 _ADMIN_ROLE: Final = "meterproof-admin"
@@ -118,7 +119,7 @@ def render(
             raise FileNotFoundError(f"{name} {path} does not exist: create the PKI first")
     if integrators is None:
         integrators = _folder_names(pki.root / "integrators")
-    services = sorted({INGEST, BRIDGE, *_folder_names(pki.root / "services")})
+    services = sorted({*SERVICE_NAMES, *_folder_names(pki.root / "services")})
 
     files = broker_files(run_dir)
     files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -209,30 +210,35 @@ def dynsec_config(password: str) -> dict[str, object]:
 
 
 def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable[str]:
-    roles = {
-        INGEST: "ingest workers: readings in (via $share/ingest), receipts and verified out",
-        BRIDGE: "ledger bridge: verified readings in, ledger epochs out",
-    }
-    grants = {
-        INGEST: [
-            "topic read meters/+/readings",
-            "topic write meters/+/receipts",
-            "topic write verified/#",
-        ],
-        BRIDGE: ["topic read verified/#", "topic write ledger/#"],
-    }
+    ingest = [
+        "topic read meters/+/readings",
+        "topic write meters/+/receipts",
+        "topic write verified/#",
+    ]
     yield (
         "# The dynamic-security admin: its plugin role grants $CONTROL, this file nothing.\n"
         f"user {ADMIN_USERNAME}\n"
         "topic deny #"
     )
     for name in services:
+        if INGEST_IDENTITY_RE.fullmatch(name):
+            role, grants = "ingest worker: readings in, receipts and verified out", ingest
+        elif name == BRIDGE:
+            role, grants = (
+                "ledger bridge: verified readings in, ledger epochs out",
+                [
+                    "topic read verified/#",
+                    "topic write ledger/#",
+                ],
+            )
+        else:
+            role, grants = "no topic rights", []
         yield "\n".join(
             [
-                f"# Service {name!r}: {roles.get(name, 'no topic rights')}",
+                f"# Service {name!r}: {role}",
                 f"user {_checked(name)}",
                 f"topic deny meters/{name}/#",
-                *grants.get(name, []),
+                *grants,
             ]
         )
     for name in integrators:

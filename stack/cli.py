@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
+from certs.bootstrap import DEFAULT_INGEST_WORKERS
 from certs.errors import PkiError
+from certs.identities import MAX_INGEST_INSTANCES
 from stack.env import DEFAULT_RUN_DIR
 from stack.process import StackError
 from stack.services import LocalStack, Ports
@@ -28,8 +30,9 @@ run_dir_option = click.option(
 )
 
 
-def _stack_options(command: Callable[[LocalStack, Ports], None]) -> Callable[..., None]:
-    """The run dir, PKI and port options, handed to `command` as a stack and its ports."""
+def _stack_options(command: Callable[[LocalStack, Ports, int], None]) -> Callable[..., None]:
+    """The run dir, PKI, port and worker options, handed to `command` as a stack, its ports
+    and the number of ingest worker identities to make sure of."""
 
     @functools.wraps(command)
     def with_stack(
@@ -40,11 +43,12 @@ def _stack_options(command: Callable[[LocalStack, Ports], None]) -> Callable[...
         mqtt_admin_port: int | None,
         pg_port: int | None,
         redis_port: int | None,
+        ingest_workers: int,
     ) -> None:
         ports = Ports(
             mqtt=mqtt_port, mqtt_admin=mqtt_admin_port, postgres=pg_port, redis=redis_port
         )
-        command(LocalStack(run_dir=run_dir, pki_root=pki_root), ports)
+        command(LocalStack(run_dir=run_dir, pki_root=pki_root), ports, ingest_workers)
 
     options = [
         run_dir_option,
@@ -57,6 +61,14 @@ def _stack_options(command: Callable[[LocalStack, Ports], None]) -> Callable[...
         click.option("--mqtt-admin-port", type=_PORT, help="Plain loopback admin listener port."),
         click.option("--pg-port", type=_PORT, help="PostgreSQL port."),
         click.option("--redis-port", type=_PORT, help="Redis port."),
+        click.option(
+            "--ingest-workers",
+            type=click.IntRange(1, MAX_INGEST_INSTANCES),
+            default=DEFAULT_INGEST_WORKERS,
+            show_default=True,
+            help="Ingest worker certificates (ingest-0, ...) to issue if missing: "
+            "`meterproof ingest --workers N` needs N.",
+        ),
     ]
     decorated: Callable[..., None] = with_stack
     for option in reversed(options):
@@ -71,14 +83,14 @@ def stack() -> None:
 
 @stack.command()
 @_stack_options
-def up(local: LocalStack, ports: Ports) -> None:
+def up(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     """Start whatever is not running yet, apply migrations, write RUN_DIR/stack.env.
 
     A port not given is the one recorded in RUN_DIR/stack.env (the first time: 8883,
     1884, 5432, 6379) if that is free, else a free one.
     """
     try:
-        _, started = local.up(ports)
+        _, started = local.up(ports, ingest_workers=ingest_workers)
     except (StackError, PkiError) as exc:
         raise click.ClickException(str(exc)) from exc
     if started:
@@ -91,14 +103,14 @@ def up(local: LocalStack, ports: Ports) -> None:
 
 @stack.command()
 @_stack_options
-def render(local: LocalStack, ports: Ports) -> None:
+def render(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     """Create the PKI if missing, render the broker files and the env files; start nothing.
 
     For compose.yaml: `docker compose --env-file RUN_DIR/compose.env up -d`. Ports are
     chosen as for `up`.
     """
     try:
-        local.prepare(ports)
+        local.prepare(ports, ingest_workers=ingest_workers)
     except (StackError, PkiError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {local.env_file} and {local.compose_env_file}")

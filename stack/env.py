@@ -7,6 +7,7 @@ or the same `METERPROOF_*` variables from the environment, so nobody guesses a p
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pydantic import Field
@@ -19,6 +20,14 @@ from pydantic_settings import (
 
 DEFAULT_RUN_DIR = Path(".run")
 STACK_ENV_FILE = DEFAULT_RUN_DIR / "stack.env"
+#: What a share-group name may contain: MQTT forbids / + # in it, and 16 characters of
+#: this alphabet are ~96 bits, more than a meter can guess at ~740 TLS handshakes/s.
+SHARE_GROUP_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+
+
+def new_share_group() -> str:
+    """A secret name for the ingest workers' shared subscription (see `StackEnv.share_group`)."""
+    return secrets.token_urlsafe(24)
 
 
 class StackEnv(BaseSettings):
@@ -40,18 +49,30 @@ class StackEnv(BaseSettings):
         description="PostgreSQL connection URL",
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL")
+    share_group: str | None = Field(
+        default=None,
+        pattern=SHARE_GROUP_PATTERN,
+        description="secret name of the ingest workers' shared subscription: Mosquitto "
+        "2.0 lets any client join a shared subscription it can name, and takes readings "
+        "away from the workers for it (mosquitto/meterproof.acl.tmpl); never give it to meters",
+    )
 
     def to_env_lines(self) -> list[str]:
         """`KEY=value` lines that a shell can source and pydantic-settings can read."""
         return [
             f"METERPROOF_{name.upper()}={value}"
             for name, value in self.model_dump(mode="json").items()
+            if value is not None
         ]
 
     def write(self, path: Path) -> None:
+        """Mode 0600: the file holds the share-group secret."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(self.to_env_lines()) + "\n", encoding="utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(self.to_env_lines()) + "\n")
+        tmp.chmod(0o600)
         tmp.replace(path)
 
     @classmethod

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from certs.bootstrap import init_pki
+from certs.bootstrap import DEFAULT_INGEST_WORKERS, init_pki
 from certs.layout import DEFAULT_ROOT, PkiLayout
 from mosquitto.config import broker_files, render
 from schemas.migrate import migrate
 from stack.broker import BrokerServer
-from stack.env import StackEnv
+from stack.env import StackEnv, new_share_group
 from stack.postgres import PostgresServer
 from stack.process import LOOPBACK, StackError, free_port, port_is_free
 from stack.redis import RedisServer
@@ -87,29 +87,37 @@ class LocalStack:
             for server in self.servers(self.recorded())
         ]
 
-    def prepare(self, ports: Ports) -> StackEnv:
-        """Everything but starting: ports, PKI (created if missing), broker files, env files.
+    def prepare(self, ports: Ports, *, ingest_workers: int = DEFAULT_INGEST_WORKERS) -> StackEnv:
+        """Everything but starting: ports, PKI (created if missing, with at least
+        `ingest_workers` worker identities), broker files, env files. A running broker
+        reloads the ACL, so identities issued now may connect at once.
 
+        The workers' share-group secret is generated the first time and kept after.
         `compose.env` carries the same choices for `docker compose --env-file`.
         """
         env = self._choose_ports(ports)
-        init_pki(self.layout)
+        init_pki(self.layout, ingest_workers=ingest_workers)
         render(
             run_dir=self.run_dir,
             pki=self.layout,
             tls_port=env.mqtt_port,
             admin_port=env.mqtt_admin_port,
         )
+        broker = self.servers(env)[2]
+        if broker.is_running():
+            broker.reload()
         env.write(self.env_file)
         self.compose_env_file.write_text(_compose_env(env), encoding="utf-8")
         return env
 
-    def up(self, ports: Ports) -> tuple[StackEnv, dict[str, float]]:
+    def up(
+        self, ports: Ports, *, ingest_workers: int = DEFAULT_INGEST_WORKERS
+    ) -> tuple[StackEnv, dict[str, float]]:
         """Prepare, start what is not running, migrate; return the seconds each start took.
 
         If anything fails, the servers this call started are stopped again.
         """
-        env = self.prepare(ports)
+        env = self.prepare(ports, ingest_workers=ingest_workers)
         servers = self.servers(env)
         started: list[Server] = []
         seconds: dict[str, float] = {}
@@ -161,6 +169,7 @@ class LocalStack:
             mqtt_admin_port=admin,
             database_url=PostgresServer(directory=postgres.directory, port=pg).url,
             redis_url=RedisServer(directory=redis_.directory, port=rd).url,
+            share_group=recorded.share_group or new_share_group(),
         )
 
 

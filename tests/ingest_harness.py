@@ -1,10 +1,15 @@
 """Building blocks for end-to-end ingest tests: provisioned meters that publish and collect
-receipts over mutual TLS, and a worker running in the test's event loop or as a process."""
+receipts over mutual TLS, and a worker running in the test's event loop or as a process.
+
+The broker makes a certificate's CN its client id, so a certificate is one connection and
+one session: every worker gets an ingest identity of its own (`fresh_ingest_identity`)
+and a secret share group, as in production."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import ssl
@@ -24,9 +29,12 @@ import psycopg
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from certs import issue_device
-from certs.layout import PkiLayout
+from certs.identities import INGEST_IDENTITY_RE, ingest_instance
+from certs.layout import IdentityFiles, PkiLayout
 from ingest.registry import repository
 from ingest.registry.model import MeterStatus, NewKey, NewMeter
 from ingest.settings import IngestSettings
@@ -34,6 +42,9 @@ from ingest.worker import Worker, wall_clock_ms
 from schemas.codec import encode_reading, sign_reading
 from schemas.reading import SignedReading
 from schemas.signatures import PrivateKey, load_private_key
+from stack.env import new_share_group
+
+_identity_turn = itertools.count()
 
 
 def provision(
@@ -77,17 +88,19 @@ class ProbeMeter:
 
     async def connect(self) -> None:
         files = self.pki.device(self.meter_id)
-        client = Client(
-            f"{self.meter_id}-{uuid.uuid4().hex[:6]}",
-            clean_session=False,
-            session_expiry_interval=300,
-        )
+        client = Client(self.meter_id, clean_session=False, session_expiry_interval=300)
+        # Another connection with this meter's certificate (puback_reason) takes the
+        # session over; come back soon and subscribe again, in case the session went.
+        client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
         client.on_message = self._on_message
+        client.on_connect = self._on_connect
         ctx = tls_context(self.pki, files.cert, files.key)
         await client.connect("127.0.0.1", self.port, ssl=ctx, version=MQTTv50)
-        client.subscribe(f"meters/{self.meter_id}/receipts", qos=1)
         self._client = client
         await asyncio.sleep(0.1)  # let the SUBACK arrive before the first receipt can
+
+    def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
+        client.subscribe(f"meters/{self.meter_id}/receipts", qos=1)
 
     @property
     def connected(self) -> bool:
@@ -129,7 +142,12 @@ class ProbeMeter:
 
 def puback_reason(pki: PkiLayout, meter_id: str, port: int, topic: str, payload: bytes) -> int:
     """Publish once at QoS 1 as `meter_id` and return the broker's PUBACK reason code
-    (paho reports it; gmqtt does not)."""
+    (paho reports it; gmqtt does not).
+
+    One connection per certificate: a ProbeMeter of the same meter is disconnected and
+    comes back within a second. Its session is kept (clean start off, an expiry), so
+    receipts published meanwhile wait for it.
+    """
     files = pki.device(meter_id)
     done = threading.Event()
     codes: list[int] = []
@@ -144,7 +162,9 @@ def puback_reason(pki: PkiLayout, meter_id: str, port: int, topic: str, payload:
         done.set()
 
     client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 300
+    client.connect("127.0.0.1", port, clean_start=False, properties=properties)
     client.loop_start()
     try:
         client.publish(topic, payload, qos=1)
@@ -156,23 +176,60 @@ def puback_reason(pki: PkiLayout, meter_id: str, port: int, topic: str, payload:
     return codes[0]
 
 
+def end_session(pki: PkiLayout, identity: IdentityFiles, port: int) -> None:
+    """Connect with clean start and no expiry, then leave: the broker drops whatever
+    session (subscriptions, queued messages) an earlier test left under this identity,
+    and any connection still holding it."""
+    connected = threading.Event()
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=identity.directory.name, protocol=mqtt.MQTTv5
+    )
+    client.tls_set_context(tls_context(pki, identity.cert, identity.key))
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", port, clean_start=True)
+    client.loop_start()
+    try:
+        if not connected.wait(5):
+            raise TimeoutError(f"{identity.directory.name}: no CONNACK")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def fresh_ingest_identity(pki: PkiLayout, port: int) -> str:
+    """The next of the PKI's ingest worker identities in turn, its broker session ended.
+
+    The session PKI has a pool of them (tests/fixtures/servers.py), enough for the workers
+    one test runs at once.
+    """
+    names = sorted(
+        (p.name for p in pki.services_dir.iterdir() if INGEST_IDENTITY_RE.fullmatch(p.name)),
+        key=ingest_instance,
+    )
+    name = names[next(_identity_turn) % len(names)]
+    end_session(pki, pki.service(name), port)
+    return name
+
+
 def worker_settings(
     *, pki: PkiLayout, port: int, database_url: str, redis_url: str | None, **overrides: Any
 ) -> IngestSettings:
-    """A worker of its own share group and session, which expires soon after the test."""
-    tag = uuid.uuid4().hex[:8]
+    """A worker with an ingest identity of its own (its session ended first) and a new
+    secret share group, its session expiring soon after the test. For a second worker on
+    the same subscription: `worker_settings(..., share_group=first.share_group)`."""
     values: dict[str, Any] = {
         "mqtt_port": port,
         "pki_root": pki.root,
         "database_url": database_url,
         "redis_url": redis_url,
-        "client_id": f"ingest-test-{tag}",
-        "share_group": f"g{tag}",
+        "share_group": new_share_group(),
         "session_expiry_s": 60,
         "metrics_port": 0,
         "batch_linger_ms": 10,
         **overrides,
     }
+    if "identity" not in overrides:
+        values["identity"] = fresh_ingest_identity(pki, port)
     return IngestSettings.model_validate(values)
 
 

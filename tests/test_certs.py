@@ -35,6 +35,7 @@ from certs import (
     init_pki,
     issue_bulk,
     issue_device,
+    issue_ingest_workers,
     issue_integrator,
     issue_service,
     load_identity,
@@ -102,7 +103,7 @@ def test_init_creates_everything_and_a_second_run_changes_no_ca_byte(tmp_path: P
     first = init_pki(layout)
     assert (first.ca_created, first.server_created, first.crl_written) == (True, True, True)
     assert first.oracle_created
-    assert first.services_created == ("ingest", "bridge", "admin")
+    assert first.services_created == ("ingest-0", "ingest-1", "bridge", "admin")
     root_key = _cert(layout.ca_cert).public_key()
     assert isinstance(root_key, rsa.RSAPublicKey)
     assert root_key.key_size == 4096
@@ -237,7 +238,7 @@ def test_private_keys_are_0600_and_directories_0700_even_with_umask_0(tmp_path: 
         os.umask(previous)
     private = {layout.ca_key, layout.issuing_key, layout.server_key, layout.oracle_key}
     private |= set(layout.root.rglob("*.key"))
-    assert len(private) == 4 + 3 + 2 + 1  # CA, server, oracle; services; meter; integrator
+    assert len(private) == 4 + 4 + 2 + 1  # CA, server, oracle; services; meter; integrator
     for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for path in [layout.root, *(p for p in layout.root.rglob("*") if p.is_dir())]:
@@ -308,13 +309,40 @@ def test_names_are_one_namespace_across_roles(pki: PkiLayout) -> None:
     issue_integrator(pki, "acme")
     with pytest.raises(IdentityConflictError, match="integrator"):
         issue_device(pki, "acme")
-    for service in ("ingest", "bridge", "admin"):
+    for service in ("ingest", "bridge", "admin", "ingest-0", "ingest-7", "ingest-9999"):
         with pytest.raises(IdentityConflictError, match="reserved"):
             issue_device(pki, service)
         with pytest.raises(IdentityConflictError, match="reserved"):
             issue_integrator(pki, service)
+    issue_device(pki, "ingest-07")  # not an instance name: ingest-7 is
     with pytest.raises(IdentityConflictError, match="service"):
+        issue_service(pki, "ingest", instance=0)
+    with pytest.raises(IdentityConflictError, match="service"):
+        issue_service(pki, "bridge")
+
+
+def test_ingest_workers_get_one_identity_each(pki: PkiLayout) -> None:
+    with pytest.raises(ValueError, match="instance"):
         issue_service(pki, "ingest")
+    with pytest.raises(ValueError, match="instance"):
+        issue_service(pki, "bridge", instance=1)
+    assert issue_ingest_workers(pki, 4) == ("ingest-2", "ingest-3")
+    assert issue_ingest_workers(pki, 4) == ()
+    serials = {load_identity(pki.service(f"ingest-{i}")).serial for i in range(4)}
+    assert len(serials) == 4
+    assert _cn(_cert(pki.service("ingest-3").cert)) == "ingest-3"
+
+
+def test_issue_service_command(pki: PkiLayout, tmp_path: Path) -> None:
+    no_stack = ("--stack-env", str(tmp_path / "none"))
+    result = _run(pki, "issue-service", "ingest", "--instances", "3", *no_stack)
+    assert result.exit_code == 0, result.output
+    assert "issued: ingest-2" in result.stdout
+    assert "no stack recorded" in result.stdout
+    again = _run(pki, "issue-service", "ingest", "--instances", "3", *no_stack)
+    assert "issued: none" in again.stdout
+    _assert_one_line_error(_run(pki, "issue-service", "bridge", "--instances", "2", *no_stack))
+    _assert_one_line_error(_run(pki, "issue-service", "bridge", *no_stack))  # exists
 
 
 def test_integrator_identity(pki: PkiLayout) -> None:
@@ -329,7 +357,7 @@ def test_integrator_identity(pki: PkiLayout) -> None:
 
 
 def test_service_identities_are_client_certificates(pki: PkiLayout) -> None:
-    for name in ("ingest", "bridge", "admin"):
+    for name in ("ingest-0", "ingest-1", "bridge", "admin"):
         files = pki.service(name)
         assert _cn(_cert(files.cert)) == name
         assert load_identity(files).role == "service"
@@ -527,20 +555,22 @@ def test_issue_bulk_reports_each_device_as_it_goes(pki: PkiLayout) -> None:
 
 def test_no_private_key_material_in_any_output(tmp_path: Path) -> None:
     layout = PkiLayout(tmp_path / "pki")
+    no_stack = str(tmp_path / "none")
     outputs = [
         _run(layout, "init", "--ca-key", "ec-p384"),
         _run(layout, "issue", "m1"),
         _run(layout, "issue", "r1", "--alg", "RS256", "--rsa-bits", "2048"),
         _run(layout, "issue-bulk", "--count", "3"),
-        _run(layout, "issue-integrator", "acme"),
-        _run(layout, "revoke", "m1", "--stack-env", str(tmp_path / "none")),
+        _run(layout, "issue-integrator", "acme", "--stack-env", no_stack),
+        _run(layout, "issue-service", "ingest", "--instances", "3", "--stack-env", no_stack),
+        _run(layout, "revoke", "m1", "--stack-env", no_stack),
         _run(layout, "list"),
     ]
     assert all(result.exit_code == 0 for result in outputs), [r.output for r in outputs]
     text = "".join(result.stdout + result.stderr for result in outputs)
     assert "PRIVATE KEY" not in text
     secrets = list(layout.root.rglob("*.key"))
-    assert len(secrets) == 4 + 3 + 2 * 5 + 1  # CA, server, oracle; services; meters; acme
+    assert len(secrets) == 4 + 5 + 2 * 5 + 1  # CA, server, oracle; services; meters; acme
     for path in secrets:
         body = path.read_text().splitlines()[1]
         assert body not in text
@@ -558,7 +588,7 @@ def test_list_shows_roles_and_revocation(pki: PkiLayout) -> None:
     assert lines[("meter", "m1")] == "revoked"
     assert lines[("meter", "m2")] == "valid"
     assert lines[("integrator", "acme")] == "valid"
-    assert lines[("service", "ingest")] == "valid"
+    assert lines[("service", "ingest-0")] == "valid"
 
 
 # --- what OpenSSL (and so Mosquitto) makes of it ------------------------------------
@@ -602,7 +632,7 @@ def _handshake(
 
 def test_openssl_accepts_valid_clients_and_sees_their_cn(pki: PkiLayout) -> None:
     assert _handshake(pki, issue_device(pki, "m1")) == "m1"
-    assert _handshake(pki, pki.service("ingest"), server_hostname="127.0.0.1") == "ingest"
+    assert _handshake(pki, pki.service("ingest-0"), server_hostname="127.0.0.1") == "ingest-0"
     assert _handshake(pki, issue_integrator(pki, "acme")) == "acme"
 
 

@@ -2,8 +2,8 @@
 across a broker restart, a meter restart, an outage and a broker kill -9; receipts
 settle readings, silence gets them republished, rejections are reported.
 
-`FakeWorker` plays the ingest side: the `ingest` identity on a persistent shared
-subscription (clean_start=False from its first connect), answering with receipts as
+`FakeWorker` plays the ingest side: an ingest worker identity of its own on a persistent
+shared subscription (clean_start=False from its first connect), answering with receipts as
 each test's policy says. Every wait is bounded by WAIT_S.
 """
 
@@ -13,7 +13,6 @@ import asyncio
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -36,6 +35,8 @@ from schemas.codec import decode_reading
 from schemas.reading import Receipt, ReceiptStatus, RejectReason
 from schemas.signing import reading_hash, signing_bytes
 from stack.broker import BrokerServer
+from stack.env import new_share_group
+from tests.ingest_harness import fresh_ingest_identity
 
 WAIT_S = 20.0
 #: Reconnect quickly: the broker is restarted under the meters on purpose.
@@ -67,16 +68,15 @@ class FakeWorker:
         self._lock = threading.Lock()
         self._deliveries: list[Delivered] = []
         self._subscribed = threading.Event()
-        tag = uuid.uuid4().hex[:10]
-        self.client_id = f"ingest-test-{tag}"
-        self.topic = f"$share/t{tag}/meters/+/readings"
+        self.client_id = fresh_ingest_identity(pki, port)
+        self.topic = f"$share/{new_share_group()}/meters/+/readings"
         self._pki = pki
         self._port = port
         self._client: mqtt.Client | None = None
 
     def start(self) -> None:
         """Connect (again), with the same client id and so the same session."""
-        files = self._pki.service("ingest")
+        files = self._pki.service(self.client_id)
         # A fresh paho client per connection: a second loop_start leaks paho's socketpair.
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
