@@ -32,39 +32,41 @@ from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
 from schemas.signatures import PublicKey
 from stack.process import executable
 
-#: (path fragment, function fragment or "", stage), tried on each frame from the leaf up;
-#: the first frame that matches any rule decides. Our own modules name their stage; of
-#: the libraries, only those a single stage uses are listed here.
-RULES: Final[tuple[tuple[str, str, str], ...]] = (
-    ("ingest/decode.py", "", "decode"),
-    ("schemas/codec.py", "", "decode"),
-    ("schemas/signing.py", "", "decode"),  # signing bytes + reading hash, made in decode
-    ("ingest/verify.py", "", "verify"),
-    ("schemas/signatures.py", "", "verify"),
-    ("ingest/keys.py", "", "verify"),  # the registry snapshot the signature is checked with
-    ("nacl/", "", "verify"),
-    ("ingest/replay.py", "", "replay check"),
-    ("redis/", "", "replay check"),
-    ("ingest/judge.py", "", "judge (rules 7-9)"),
-    ("ingest/store.py", "", "store"),
-    ("psycopg", "", "store"),
-    ("ingest/publish.py", "", "publish"),
-    ("ingest/source.py", "publish", "publish"),
-    ("ingest/source.py", "OutboundWindow", "publish"),
-    ("ingest/worker.py", "_announce", "publish"),
-    ("gmqtt/", "handle_puback_packet", "publish"),  # the broker's PUBACKs of our publishes
-    ("gmqtt/client.py", "publish", "publish"),
-    ("gmqtt/", "handle_publish_callback", "acknowledge"),
-    ("gmqtt/", "send_puback", "acknowledge"),
-    ("ingest/source.py", "", "receive"),
-    ("ingest/batcher.py", "", "receive"),
-    ("ingest/worker.py", "submit", "receive"),
-    ("ingest/worker.py", "_record", "telemetry + logs"),
-    ("ingest/telemetry.py", "", "telemetry + logs"),
-    ("prometheus_client/", "", "telemetry + logs"),
-    ("structlog/", "", "telemetry + logs"),
-    ("logging/", "", "telemetry + logs"),
-    ("ingest/worker.py", "_process", "worker bookkeeping"),
+#: (path fragment, function names or () for any, stage), tried on each frame from the leaf
+#: up; the first frame that matches a rule decides. A function name is the last part of
+#: py-spy's qualified name (`MqttSource.publish_many` -> `publish_many`). Our own modules
+#: name their stage; of the libraries, only those a single stage uses are listed here.
+RULES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
+    ("ingest/decode.py", (), "decode"),
+    ("schemas/codec.py", (), "decode"),
+    ("schemas/signing.py", (), "decode"),  # signing bytes + reading hash, made in decode
+    ("ingest/verify.py", (), "verify"),
+    ("schemas/signatures.py", (), "verify"),
+    ("ingest/keys.py", (), "verify"),  # the registry snapshot the signature is checked with
+    ("nacl/", (), "verify"),
+    ("ingest/replay.py", (), "replay check"),
+    ("redis/", (), "replay check"),
+    ("ingest/judge.py", (), "judge (rules 7-9)"),
+    ("ingest/store.py", (), "store"),
+    ("psycopg", (), "store"),
+    ("ingest/publish.py", (), "publish"),
+    ("ingest/source.py", ("publish", "publish_many", "publish_packet", "wait_for_room"), "publish"),
+    ("ingest/source.py", ("push_message", "remove_message_by_mid", "full"), "publish"),
+    ("ingest/worker.py", ("_announce",), "publish"),
+    ("gmqtt/", ("_handle_puback_packet",), "publish"),  # the broker's PUBACKs of our publishes
+    ("gmqtt/client.py", ("publish",), "publish"),
+    ("ingest/source.py", ("ack",), "acknowledge"),
+    ("gmqtt/", ("__handle_publish_callback", "_send_puback"), "acknowledge"),
+    ("ingest/source.py", ("_transport_write",), ""),  # shared by ack and publish: caller decides
+    ("ingest/source.py", (), "receive"),
+    ("ingest/batcher.py", (), "receive"),
+    ("ingest/worker.py", ("submit", "_receive", "_next_batch"), "receive"),
+    ("ingest/worker.py", ("_record",), "telemetry + logs"),
+    ("ingest/telemetry.py", (), "telemetry + logs"),
+    ("prometheus_client/", (), "telemetry + logs"),
+    ("structlog/", (), "telemetry + logs"),
+    ("logging/", (), "telemetry + logs"),
+    ("ingest/worker.py", (), "worker bookkeeping"),
 )
 #: When no rule matched: socket and TLS work in the event loop is receiving (sending is
 #: caught above by the publish and acknowledge frames that call into it).
@@ -96,9 +98,10 @@ def classify(frames: Sequence[str]) -> str:
         return "startup"
     for frame in reversed(frames):
         func, path = _frame_parts(frame)
-        for fragment, function, stage in RULES:
-            if fragment in path and function in func:
-                return stage
+        name = func.rpartition(".")[2]
+        rule = next((r for r in RULES if r[0] in path and (not r[1] or name in r[1])), None)
+        if rule is not None and rule[2]:
+            return rule[2]
     for frame in reversed(frames):
         _, path = _frame_parts(frame)
         if any(t in path for t in TRANSPORT):
@@ -120,6 +123,8 @@ class Profile:
     workers: int
     samples: int
     startup_samples: int
+    us_per_sample: float
+    cpu_s: float | None
     stages: list[StageCost]
 
     @property
@@ -130,19 +135,26 @@ class Profile:
         return {**asdict(self), "total_us_per_reading": self.total_us}
 
 
-def attribute(lines: Iterable[str], *, rate_hz: int, readings: int, workers: int) -> Profile:
+def attribute(
+    lines: Iterable[str], *, rate_hz: int, readings: int, workers: int, cpu_s: float | None = None
+) -> Profile:
+    """Without `cpu_s` a sample is worth 1 / rate seconds. py-spy counts a thread that is
+    runnable but waiting for a core as busy, so on a loaded machine that overstates; given
+    the processes' measured CPU time (`cpu_s`, startup included), the samples only share
+    it out among the stages."""
     counts: Counter[str] = Counter()
     for line in lines:
         parsed = frames_of(line)
         if parsed is not None:
             counts[classify(parsed[0])] += parsed[1]
+    total = sum(counts.values())
     startup = counts.pop("startup", 0)
-    us_per_sample = 1e6 / rate_hz
+    us_per_sample = 1e6 / rate_hz if cpu_s is None or not total else cpu_s * 1e6 / total
     stages = [
         StageCost(stage, counts[stage], counts[stage] * us_per_sample / readings)
         for stage in STAGES
     ]
-    return Profile(rate_hz, readings, workers, sum(counts.values()) + startup, startup, stages)
+    return Profile(rate_hz, readings, workers, total, startup, us_per_sample, cpu_s, stages)
 
 
 @contextmanager

@@ -287,9 +287,14 @@ def _profile(p: Data, found: dict[str, Data]) -> list[str]:
         f"py-spy sampled the worker processes ({p['workers']} worker(s), {p['rate_hz']} Hz,",
         f"non-blocking, idle threads left out) through a separate drain of {p['readings']:,}",
         "readings. Each stack counts for the stage of its deepest frame that names one",
-        "(`bench/profile.py` has the rules); µs per reading = samples / rate / readings, CPU",
-        f"time summed over the workers. Process start and imports ({p['startup_samples']:,}",
-        "samples) are left out.",
+        "(`bench/profile.py` has the rules). "
+        + (
+            f"The samples share out the workers' measured CPU time ({p['cpu_s']:.1f} s, "
+            "user + system, from the kernel), so the column adds up to real CPU per reading."
+            if p.get("cpu_s")
+            else "µs per reading = samples / rate / readings."
+        ),
+        f"Process start and imports ({p['startup_samples']:,} samples) are left out.",
         "",
         "| stage | samples | CPU µs per reading | share |",
         "|---|---|---|---|",

@@ -106,6 +106,21 @@ def test_verdicts_ratio_above_one_means_better():
             "startup",
         ),
         ("_run_once (asyncio/base_events.py:1900)", "event loop + other"),
+        (
+            "_read_packet (gmqtt/mqtt/protocol.py:1);MqttSource._on_publish (ingest/source.py:2);"
+            "parse_publish (ingest/source.py:3)",
+            "receive",
+        ),
+        (
+            "Worker._commit (ingest/worker.py:1);MqttSource.ack (ingest/source.py:2);"
+            "MqttSource._transport_write (ingest/source.py:3);write (asyncio/sslproto.py:4)",
+            "acknowledge",
+        ),
+        (
+            "Worker._commit (ingest/worker.py:1);MqttSource.publish_many (ingest/source.py:2);"
+            "MqttSource._transport_write (ingest/source.py:3)",
+            "publish",
+        ),
     ],
 )
 def test_stacks_go_to_the_stage_of_their_deepest_naming_frame(stack, stage):
@@ -130,6 +145,9 @@ def test_profile_attribution_converts_samples_to_microseconds_per_reading():
     assert costs["decode"] == pytest.approx(100.0)
     assert profile.startup_samples == 50
     assert profile.total_us == pytest.approx(400.0)
+    # scaled to measured CPU: 90 samples share 0.18 s, 2 ms each
+    scaled = attribute(lines, rate_hz=100, readings=1_000, workers=1, cpu_s=0.18)
+    assert {s.stage: s.us_per_reading for s in scaled.stages}["verify"] == pytest.approx(60.0)
 
 
 def _write(results: Path, suite: str, figures: dict[str, object]) -> None:
