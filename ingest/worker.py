@@ -5,10 +5,10 @@ The order of effects is the design, written down once, here:
 Nothing is acknowledged before the commit that makes its outcome durable; a crash at any
 point leaves unacknowledged messages, which the broker redelivers and the store recognises.
 
-Backpressure: every received message waits in a bounded queue; when the database is slow
-or down, batches are retried with backoff while the queue and then the broker's inflight
-window fill, and the broker stops sending. Memory is bounded by `queue_max` and the
-session's receive maximum, never by the backlog.
+Backpressure: the broker sends at most the session's `receive_maximum` unacknowledged
+messages, and a message is acknowledged only after its batch commits; when the database is
+slow or down, batches are retried with backoff, the window fills, and the broker stops
+sending. Memory is bounded by the receive maximum, never by the backlog.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import structlog
 from psycopg import AsyncConnection
@@ -36,20 +38,23 @@ from ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rej
 from ingest.replay import RedisReplayCache, ReplayCache, same_reading
 from ingest.security import QuarantinePolicy
 from ingest.settings import IngestSettings
-from ingest.source import MqttSource, TlsIdentity
-from ingest.store import ReadingStore
+from ingest.source import Delivery, MqttSource, TlsIdentity
+from ingest.store import BatchResult, ReadingStore
 from ingest.verify import TimeBounds, verify
 from schemas.reading import RejectReason
 
 log = structlog.get_logger("ingest.worker")
+_T = TypeVar("_T")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Pending:
+    """A message waiting for its batch's commit: from the broker (acknowledged then by the
+    source) or handed in by `submit` (its future is resolved then)."""
+
     message: Message
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    delivery: Delivery | None = None
+    done: asyncio.Future[None] | None = None
 
 
 class _NoReplayCache:
@@ -69,6 +74,20 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A batch after the stages that need no lock: decoded, verified, looked up in Redis."""
+
+    batch: list[_Pending]
+    now_ms: int
+    rejections: list[Rejection]
+    fast: list[Outcome]
+    to_store: list[Candidate]
+
+    def meters(self) -> set[str]:
+        return {c.reading.meter_id for c in self.to_store}
+
+
 class Worker:
     def __init__(
         self, settings: IngestSettings, *, clock: Callable[[], int] = wall_clock_ms
@@ -76,7 +95,9 @@ class Worker:
         """`clock` is the server time of rule 6 (unix ms); tests pin it to a vector's time."""
         self.settings = settings
         self._clock = clock
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_max)
+        # Unbounded here, bounded in fact: the broker sends at most `receive_maximum`
+        # unacknowledged messages, and nothing leaves the queue unacknowledged for long.
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
         self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
         self._replay: ReplayCache = (
@@ -98,7 +119,7 @@ class Worker:
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
             publish_window=settings.publish_window,
-            handler=self.submit,
+            handler=self._receive,
         )
         self.stopping = asyncio.Event()
         self.committed = 0
@@ -107,12 +128,15 @@ class Worker:
     def ready(self) -> bool:
         return self._source.connected.is_set() and self._keys.listening.is_set()
 
+    def _receive(self, delivery: Delivery) -> None:
+        """Called by the source for every delivery; its PUBACK follows the batch's commit."""
+        self._queue.put_nowait(_Pending(delivery.message, delivery))
+
     async def submit(self, message: Message) -> None:
-        """Called per message by the source; returns when its outcome is committed."""
-        pending = _Pending(message)
-        await self._queue.put(pending)
-        t.QUEUE_DEPTH.inc()
-        await pending.done
+        """A message from elsewhere than the broker; returns when its outcome is committed."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(message, None, done))
+        await done
 
     async def _watch_broker(self) -> None:
         """gmqtt gives up on some refusals; a worker cut off for too long exits non-zero so
@@ -131,29 +155,52 @@ class Worker:
                 self.stopping.set()
 
     async def run(self) -> None:
+        """Two batches in hand: while one is in its transaction (waiting for PostgreSQL) and
+        then announced, the next is decoded and verified (CPU). Transactions stay one at a
+        time and in arrival order, so each judges against everything committed before it."""
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
         await self._source.start()
         log.info("worker_started", client_id=self.settings.client_id)
+        committing: asyncio.Task[set[str]] | None = None
         try:
             while not self.stopping.is_set():
-                getter = asyncio.ensure_future(
-                    next_batch(
-                        self._queue,
-                        max_size=self.settings.batch_max_size,
-                        linger_s=self.settings.batch_linger_ms / 1000,
-                    )
-                )
-                stop = asyncio.ensure_future(self.stopping.wait())
-                await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if not getter.done():
-                    getter.cancel()
+                batch = await self._next_batch()
+                if batch is None:
                     break
-                await self._process_until_committed(getter.result())
+                prepared = await self._retrying(partial(self._prepare, batch), batch)
+                if prepared is None:
+                    continue
+                if committing is not None:
+                    quarantined = await committing
+                    if quarantined & prepared.meters():  # verified before the quarantine
+                        prepared = await self._retrying(partial(self._prepare, batch), batch)
+                        if prepared is None:
+                            continue
+                committing = asyncio.create_task(self._commit(prepared))
         finally:
+            if committing is not None:
+                await committing
             watchdog.cancel()
             await self._shutdown(listener)
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        """The next batch, or None once stopping."""
+        getter = asyncio.ensure_future(
+            next_batch(
+                self._queue,
+                max_size=self.settings.batch_max_size,
+                linger_s=self.settings.batch_linger_ms / 1000,
+            )
+        )
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not getter.done():
+            getter.cancel()
+            return None
+        t.QUEUE_DEPTH.set(self._queue.qsize())
+        return getter.result()
 
     async def _shutdown(self, listener: asyncio.Task[None]) -> None:
         """Disconnect first, so nothing more is taken and no PUBACK can follow; what is
@@ -162,7 +209,7 @@ class Worker:
         await self._source.stop()
         dropped = 0
         while not self._queue.empty():
-            self._queue.get_nowait().done.cancel()
+            self._abandon([self._queue.get_nowait()])
             dropped += 1
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
@@ -172,12 +219,22 @@ class Worker:
             await self._store.close()
         log.info("worker_stopped", committed=self.committed, left_for_redelivery=dropped)
 
-    async def _process_until_committed(self, batch: list[_Pending]) -> None:
+    @staticmethod
+    def _abandon(batch: Sequence[_Pending]) -> None:
+        """Not committed: a broker message gets no PUBACK (redelivered), a submitted one fails."""
+        for p in batch:
+            if p.done is not None:
+                p.done.cancel()
+
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[_T]], batch: Sequence[_Pending]
+    ) -> _T | None:
+        """Retry a transient failure with backoff; None if stopping meanwhile (the batch is
+        then left for redelivery)."""
         delay = self.settings.retry_initial_s
         while True:
             try:
-                await self._process(batch)
-                return
+                return await attempt()
             except TransientError as exc:
                 t.DEPENDENCY_ERRORS.labels(dependency=exc.dependency).inc()
                 log.warning(
@@ -188,16 +245,15 @@ class Worker:
                     self._store = None
                 if self.stopping.is_set():
                     log.warning("batch_left_for_redelivery", size=len(batch))
-                    for p in batch:
-                        p.done.cancel()
-                    return
+                    self._abandon(batch)
+                    return None
                 with contextlib.suppress(TimeoutError):
                     jitter = random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
                     await asyncio.wait_for(self.stopping.wait(), delay * jitter)
                 delay = min(delay * 2, self.settings.retry_max_s)
 
-    async def _process(self, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
+    async def _prepare(self, batch: list[_Pending]) -> _Prepared:
+        """Rules 1-6 and the replay fast path: everything before the transaction."""
         now_ms = self._clock()
         decoded: list[Decoded] = []
         rejections: list[Rejection] = []
@@ -215,7 +271,6 @@ class Worker:
                 rejections.append(v)
             else:
                 candidates.append(v)
-
         cached = await self._replay.lookup(
             [(c.reading.meter_id, c.reading.seq) for c in candidates]
         )
@@ -226,18 +281,25 @@ class Worker:
                 fast.append(Duplicate(c))
             else:
                 to_store.append(c)
+        return _Prepared(batch, now_ms, rejections, fast, to_store)
 
-        store = await self._get_store()
-        commit_started = time.perf_counter()
-        result = await store.commit_batch(to_store, rejections)
-        t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
+    async def _commit(self, prepared: _Prepared) -> set[str]:
+        """The order of effects: commit -> PUBACK -> receipts and verified -> Redis.
+        Returns the meters this batch quarantined."""
+        started = time.perf_counter()
+        batch = prepared.batch
+        result = await self._retrying(partial(self._store_batch, prepared), batch)
+        if result is None:
+            return set()
         # ---- committed: from here on, effects may be announced ----
-        by_message = {id(o.message): o for o in (*rejections, *result.outcomes, *fast)}
+        by_message = {
+            id(o.message): o for o in (*prepared.rejections, *result.outcomes, *prepared.fast)
+        }
         outcomes = [by_message[id(p.message)] for p in batch]  # receipts in arrival order
+        self._source.ack(p.delivery for p in batch if p.delivery is not None)
         for p in batch:
-            if not p.done.done():
-                p.done.set_result(None)  # PUBACK
-        t.QUEUE_DEPTH.dec(len(batch))
+            if p.done is not None and not p.done.done():
+                p.done.set_result(None)
         await self._announce(outcomes)
         await self._replay.remember(
             [
@@ -251,7 +313,16 @@ class Worker:
             t.QUARANTINED.inc()
             log.error("meter_quarantined", meter_id=meter_id, failures=self._policy.failures)
         self.committed += len(batch)
-        self._record(batch, outcomes, now_ms, time.perf_counter() - started)
+        t.QUEUE_DEPTH.set(self._queue.qsize())
+        self._record(batch, outcomes, prepared.now_ms, time.perf_counter() - started)
+        return set(result.quarantined)
+
+    async def _store_batch(self, prepared: _Prepared) -> BatchResult:
+        store = await self._get_store()
+        commit_started = time.perf_counter()
+        result = await store.commit_batch(prepared.to_store, prepared.rejections)
+        t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
+        return result
 
     async def _get_store(self) -> ReadingStore:
         if self._store is None:
@@ -263,12 +334,14 @@ class Worker:
         return self._store
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
+        items: list[tuple[str, bytes]] = []
         for o in outcomes:
             r = receipt(o)
             if r is not None:
-                await self._source.publish(*r)
+                items.append(r)
             if isinstance(o, Accepted):
-                await self._source.publish(*verified(o.candidate))
+                items.append(verified(o.candidate))
+        await self._source.publish_many(items)
 
     def _record(
         self, batch: list[_Pending], outcomes: Sequence[Outcome], now_ms: int, elapsed_s: float
