@@ -1,0 +1,252 @@
+"""Injecting each fault kind into the running product, and timing its recovery.
+
+The product runs as a user runs it: `meterproof ingest --workers N` (whose supervisor
+restarts a dead worker) and `meterproof bridge`, each in a session of its own; the
+servers are the local stack's own runners. A fault's recovery time runs from the end of
+the fault (the process killed, the server back) until its backlog is drained
+(`chaos.backlog`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chaos.backlog import ingest_caught_up, unanchored_before
+from chaos.plan import CampaignConfig, FaultKind, PlannedFault
+from demo.run import _cli, _environ, _start, _stop
+from stack.broker import BrokerServer
+from stack.env import StackEnv
+from stack.postgres import PostgresServer
+from stack.redis import RedisServer
+
+_POLL_S = 0.25
+#: How long a broker killed with -9 stays down, as a service manager would restart it.
+BROKER_DOWN_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRecord:
+    """One injected fault; times in seconds since the load started."""
+
+    kind: FaultKind
+    variant: str
+    planned_s: float
+    began_s: float
+    ended_s: float
+    #: Fault end -> backlog drained; None when not drained within the recovery timeout.
+    recovery_s: float | None
+    #: SIGKILLs this fault delivered (a crash-point bridge fault kills twice).
+    kills: int = 0
+    note: str = ""
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The supervisor's live children (zombies not yet reaped do not count)."""
+    try:
+        children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
+    except OSError:
+        return []
+    live = []
+    for pid in map(int, children.split()):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        except OSError:
+            continue
+        if stat.rpartition(")")[2].split()[0] != "Z":
+            live.append(pid)
+    return live
+
+
+class ProductProcess:
+    """One `meterproof ...` command in its own session, restartable with extra env."""
+
+    def __init__(self, name: str, argv: list[str], environ: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.environ = environ
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.unexpected_exits: list[int] = []
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} was never started"
+        return self.proc.pid
+
+    def start(self, **extra_env: str) -> None:
+        self.proc = _start(self.argv, {**self.environ, **extra_env}, self.log)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """SIGKILL to the whole session: the process and anything it started."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def restart_if_dead(self) -> bool:
+        """Start again after an exit nobody asked for (recorded); True if it had died."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        self.unexpected_exits.append(self.proc.returncode)
+        self.start()
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _stop(self.proc)
+
+
+def ingest_process(env: StackEnv, config: CampaignConfig, log: Path) -> ProductProcess:
+    environ = _environ(env, METERPROOF_METRICS_PORT="0")
+    return ProductProcess("ingest", _cli("ingest", "--workers", str(config.workers)), environ, log)
+
+
+def bridge_process(env: StackEnv, config: CampaignConfig, log: Path) -> ProductProcess:
+    """Short epochs, so that many epochs are sealed and anchored during the campaign."""
+    environ = _environ(
+        env,
+        METERPROOF_EPOCH_SECONDS=str(config.epoch_s),
+        METERPROOF_SEAL_DELAY_S=str(config.seal_delay_s),
+        METERPROOF_CLAIM_INTERVAL_S=str(config.claim_interval_s),
+        METERPROOF_METRICS_PORT="0",
+    )
+    environ.pop("METERPROOF_BRIDGE_CRASH_AT", None)
+    return ProductProcess("bridge", _cli("bridge"), environ, log)
+
+
+@dataclass(slots=True)
+class Target:
+    """Everything a fault can hit, and where its backlog shows."""
+
+    config: CampaignConfig
+    postgres: PostgresServer
+    redis: RedisServer
+    broker: BrokerServer
+    ingest: ProductProcess
+    bridge: ProductProcess
+    state_root: Path
+    database_url: str
+
+
+class Injector:
+    def __init__(self, target: Target, *, load_started: float, rng: random.Random) -> None:
+        """`load_started` is wall-clock time (outbox files and the database use it too)."""
+        self.t = target
+        self.load_started = load_started
+        self.rng = rng
+
+    def since_load(self, wall: float | None = None) -> float:
+        return (time.time() if wall is None else wall) - self.load_started
+
+    def run(self, fault: PlannedFault) -> FaultRecord:
+        began = time.time()
+        kills, note = self._inject(fault)
+        ended = time.time()
+        recovery = self._wait_recovered(fault.kind, ended)
+        return FaultRecord(
+            kind=fault.kind,
+            variant=fault.variant,
+            planned_s=fault.at_s,
+            began_s=round(self.since_load(began), 2),
+            ended_s=round(self.since_load(ended), 2),
+            recovery_s=None if recovery is None else round(recovery, 2),
+            kills=kills,
+            note=note,
+        )
+
+    def _inject(self, fault: PlannedFault) -> tuple[int, str]:
+        t = self.t
+        match fault.kind:
+            case FaultKind.WORKER_KILL:
+                return self._kill_worker()
+            case FaultKind.BROKER_RESTART:
+                t.broker.restart()
+                return 0, ""
+            case FaultKind.BROKER_KILL:
+                t.broker.kill9()
+                time.sleep(BROKER_DOWN_S)
+                t.broker.start()
+                return 1, ""
+            case FaultKind.POSTGRES_STOP:
+                t.postgres.stop()
+                time.sleep(fault.outage_s)
+                t.postgres.start()
+                return 0, ""
+            case FaultKind.REDIS_STOP:
+                t.redis.stop()
+                time.sleep(fault.outage_s)
+                t.redis.start()
+                return 0, ""
+            case FaultKind.BRIDGE_KILL:
+                return self._kill_bridge(fault.variant)
+
+    def _kill_worker(self) -> tuple[int, str]:
+        pids = sorted(worker_pids(self.t.ingest.pid))
+        if not pids:
+            return 0, "no live worker to kill"
+        victim = self.rng.choice(pids)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+        return 1, f"worker {pids.index(victim)} of {len(pids)}"
+
+    def _kill_bridge(self, variant: str) -> tuple[int, str]:
+        """A SIGKILL now; for a crash-point variant, a restart armed to SIGKILL itself at
+        that step of anchoring (the next sealed epoch reaches it), then a clean restart."""
+        bridge, kills, note = self.t.bridge, 1, ""
+        bridge.kill9()
+        if variant != "random":
+            bridge.start(METERPROOF_BRIDGE_CRASH_AT=variant)
+            c = self.t.config
+            code = bridge.wait_exit(c.epoch_s + c.seal_delay_s + 30)
+            if code == -signal.SIGKILL:
+                kills, note = 2, f"then killed itself at {variant}"
+            else:
+                bridge.kill9()
+                kills, note = 2, f"did not reach {variant} in time (exit {code}); killed"
+        bridge.start()
+        return kills, note
+
+    def _recovered(self, kind: FaultKind, ended: float) -> bool:
+        t = self.t
+        if kind is FaultKind.BRIDGE_KILL:
+            return unanchored_before(t.database_url, ended) == 0
+        if kind is FaultKind.WORKER_KILL and len(worker_pids(t.ingest.pid)) < t.config.workers:
+            return False
+        return ingest_caught_up(t.state_root, ended)
+
+    def _wait_recovered(self, kind: FaultKind, ended: float) -> float | None:
+        deadline = ended + self.t.config.recovery_timeout_s
+        while time.time() < deadline:
+            if self._recovered(kind, ended):
+                return time.time() - ended
+            time.sleep(_POLL_S)
+        return None
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float, poll_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return predicate()

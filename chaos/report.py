@@ -1,0 +1,159 @@
+"""docs/reliability.md, rendered from one campaign's result: only figures that run saw."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from chaos.campaign import CampaignResult
+from chaos.faults import FaultRecord
+from chaos.plan import DESCRIPTION, FaultKind
+
+_KILLS = (FaultKind.WORKER_KILL, FaultKind.BROKER_KILL, FaultKind.BRIDGE_KILL)
+
+
+def _seconds(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
+
+
+def _fault_rows(faults: Sequence[FaultRecord], counts: dict[FaultKind, int]) -> list[str]:
+    rows = []
+    for kind in FaultKind:
+        mine = [f for f in faults if f.kind is kind]
+        recovered = [f.recovery_s for f in mine if f.recovery_s is not None]
+        events = sum(f.kills for f in mine) if kind in _KILLS else len(mine)
+        outage = [f.ended_s - f.began_s for f in mine]
+        rows.append(
+            f"| {kind.value} | {DESCRIPTION[kind]} | {counts.get(kind, 0)} | {len(mine)} |"
+            f" {events} | {_seconds(outage)} | {_seconds(recovered)} |"
+            f" {len(mine) - len(recovered)} |"
+        )
+    return rows
+
+
+def render(result: CampaignResult, *, command: str) -> str:
+    c, m = result.config, result.machine
+    verdict = "PASSED" if result.ok else "FAILED"
+    lines = [
+        "# Reliability: the chaos campaign",
+        "",
+        f"Produced by `{command}` (`make chaos` runs the full campaign); rewritten by every run.",
+        "The campaign starts a private stack on loopback (Mosquitto with mutual TLS, PostgreSQL,",
+        "Redis), the product as a user runs it (`meterproof ingest --workers "
+        f"{c.workers}`, `meterproof bridge`",
+        f"with {c.epoch_s}-second epochs) and a simulated fleet (`meterproof simulate`), injects",
+        "the planned faults one at a time at seeded random moments under that steady load, lets",
+        "everything settle, and audits. It exits non-zero on any loss, duplicate, unanchored",
+        "reading, mint mismatch or `ledger verify` failure.",
+        "",
+        f"## Run: {verdict}",
+        "",
+        f"- date: {m['date']} (started {result.started:%Y-%m-%d %H:%M:%S} UTC)",
+        f"- machine: {m['cores']} cores ({m['cpu']}), {m['memory']}, {m['os']}",
+        f"- versions: Python {m['python']}, {m['mosquitto']}, {m['postgresql']},"
+        f" {m['redis']}, meterproof {m['meterproof']}",
+        f"- bound {c.duration_s:.0f} s, took {result.elapsed_s:.0f} s: load {result.load_s:.0f} s"
+        f" (first reading stored -> fleet done), final anchoring settle {result.settle_s:.0f} s",
+        f"- fleet: {c.meters} meters, a reading every {c.interval_s:g} s each"
+        f" ({c.readings_per_meter} per meter, ~{c.meters / c.interval_s:.0f} readings/s),"
+        f" republish after {c.republish_after_s:g} s without receipt; seed {c.seed}",
+        f"- outages: PostgreSQL {c.postgres_outage_s:g} s, Redis {c.redis_outage_s:g} s;"
+        f" recovery timeout {c.recovery_timeout_s:g} s",
+        "",
+    ]
+    problems = result.problems()
+    if problems:
+        lines += ["Problems:", "", *(f"- {p}" for p in problems), ""]
+    lines += [
+        "## Faults injected",
+        "",
+        "Recovery is the time from the end of a fault (process killed, server back up) until",
+        "its backlog is drained: for ingest-side faults, until no reading written by a meter",
+        "before that moment is still in any meter's outbox (a reading leaves its outbox only",
+        "with its receipt, sent after commit); for the bridge, until every reading stored",
+        "before that moment is in an anchored batch (this includes the epoch still open, up",
+        f"to {c.epoch_s} s + {c.seal_delay_s:g} s seal delay). min / median / max, seconds.",
+        "",
+        "| fault | what | planned | injected | kills / stops | fault duration | recovery"
+        " | not recovered |",
+        "|---|---|---|---|---|---|---|---|",
+        *_fault_rows(result.faults, result.plan.counts()),
+        "",
+    ]
+    lines += _readings(result)
+    lines += _timeline(result.faults)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _readings(result: CampaignResult) -> list[str]:
+    a, fleet = result.audit, result.fleet
+    if a is None:
+        return ["## Readings", "", "No audit: the campaign stopped before it.", ""]
+    s, anc, mint = a.store, a.anchor, a.mint
+    rejected = ", ".join(f"{r} {n}" for r, n in a.rejected.items()) or "none"
+    exits = (
+        "; ".join(
+            f"{name}: {', '.join(map(str, codes))}"
+            for name, codes in result.unexpected_exits.items()
+            if codes
+        )
+        or "none"
+    )
+    return [
+        "## Readings",
+        "",
+        "Audited by (meter_id, seq) once the fleet had stopped and the product was stopped.",
+        "",
+        "| | readings |",
+        "|---|---|",
+        f"| generated (every meter's seqs 1..{result.config.readings_per_meter}) |"
+        f" {s.generated:,} |",
+        f"| sent, by the fleet's own count | {fleet.get('sent', '-')} |",
+        f"| stored (reading_log and readings) | {s.stored:,} |",
+        f"| lost | {s.lost:,} |",
+        f"| duplicated (extra rows in readings) | {s.duplicated:,} |",
+        f"| stored but never generated | {s.unexpected:,} |",
+        f"| anchored | {anc.anchored:,} |",
+        f"| not anchored | {anc.unanchored:,} |",
+        f"| republished by meters (no receipt in time) | {fleet.get('republished', '-')} |",
+        f"| receipted as duplicate (already stored) | {fleet.get('duplicate', '-')} |",
+        "",
+        f"- anchoring: {anc.batches} anchored batches, {anc.ledger_entries} ledger entries"
+        f" holding {anc.ledger_readings:,} readings; {anc.batch_count_mismatches} batches with"
+        f" a wrong count, {anc.entry_mismatches} without exactly one entry",
+        f"- minting: {mint.meters_minted} meters minted, {mint.minted_units / 10**18:.3f} GRID;"
+        f" {mint.mismatches} meters differ from the mint rule recomputed from the registers",
+        f"- `ledger verify`: {a.verify_line}",
+        f"- rejected by ingest: {rejected}",
+        f"- product processes that exited on their own (restarted): {exits}",
+        *(f"- {e}" for e in (*s.examples, *mint.examples)),
+        "",
+    ]
+
+
+def _timeline(faults: Sequence[FaultRecord]) -> list[str]:
+    rows = [
+        f"| {n} | {f.planned_s:.1f} | {f.began_s:.1f} | {f.kind.value} | {f.variant} |"
+        f" {f.ended_s - f.began_s:.1f} |"
+        f" {'-' if f.recovery_s is None else f'{f.recovery_s:.1f}'} | {f.note} |"
+        for n, f in enumerate(faults, 1)
+    ]
+    return [
+        "## Every fault",
+        "",
+        "Seconds since the first reading was stored. A fault starts at its planned moment, or",
+        "later when the one before it recovered late.",
+        "",
+        "| # | planned | began | fault | variant | duration | recovery | note |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def write(result: CampaignResult, path: Path, *, command: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(result, command=command), encoding="utf-8")
