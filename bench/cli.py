@@ -1,32 +1,150 @@
-"""`meterproof bench`: benchmark suites, bounded in time, with progress on stderr."""
+"""`meterproof bench`: benchmark suites, bounded in time, with progress on stderr.
+
+Without a subcommand every suite runs, in an order that puts the limits first (so the
+pipeline's figures have their reference in the same run), each with a time budget: a suite
+whose budget no longer fits in the bound is skipped and said so, and the report keeps that
+suite's previous result, dated. Each suite's size is chosen so it fits its budget on the
+2-core machine the figures were taken on.
+"""
 
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import click
 
 from bench import report
 from bench.machine import describe
 
+_STARTED = time.monotonic()
+
 
 def _progress(line: str) -> None:
-    click.echo(line, err=True)
+    elapsed = int(time.monotonic() - _STARTED)
+    click.echo(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}", err=True)
+
+
+@contextmanager
+def _run_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="meterproof-bench-") as tmp:
+        Path(tmp).chmod(0o755)  # PostgreSQL runs as its own unprivileged user
+        yield Path(tmp)
+
+
+def _quick(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("quick"))
+
+
+def _saved(ctx: click.Context, suite: str, figures: dict[str, object]) -> None:
+    saved = report.save(suite, describe(), figures, quick=_quick(ctx))
+    _progress(f"raw results: {saved}; report: {report.render()}")
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Seconds a suite may take: the whole run's bound is the sum of these."""
+
+    full: int
+    quick: int
+
+
+BUDGETS: Final[dict[str, Budget]] = {
+    "limits": Budget(45, 12),
+    "registration": Budget(20, 10),
+    "ingest": Budget(300, 45),
+    "load": Budget(240, 25),
+    "bridge": Budget(120, 13),
+}
+BOUND_S: Final = {False: 15 * 60, True: 2 * 60}
 
 
 @click.group(invoke_without_command=True)
-@click.option("--quick", is_flag=True, help="Smaller runs (about two minutes in all).")
+@click.option("--quick", is_flag=True, help="Smaller runs (at most two minutes in all).")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool) -> None:
-    """Measure the pipeline against this machine's raw limits; writes docs/benchmarks.md.
+    """Measure the pipeline against this machine's raw limits; writes docs/benchmarks.md,
+    raw JSON under bench/results/ and plots under docs/img/.
 
-    Without a subcommand, every suite runs.
+    Without a subcommand every suite runs, within 15 minutes (2 with --quick).
     """
     ctx.obj = {"quick": quick}
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(ingest)
-        ctx.invoke(bridge)
+    if ctx.invoked_subcommand is not None:
+        return
+    bound = BOUND_S[quick]
+    deadline = time.monotonic() + bound
+    skipped = []
+    for name, budget in BUDGETS.items():
+        allowed = budget.quick if quick else budget.full
+        left = deadline - time.monotonic()
+        if allowed > left:
+            _progress(
+                f"== {name}: skipped, its {allowed} s budget no longer fits ({left:.0f} s left)"
+            )
+            skipped.append(name)
+            continue
+        began = time.monotonic()
+        command = bench.get_command(ctx, name)
+        assert command is not None
+        ctx.invoke(command)
+        took = time.monotonic() - began
+        over = " - OVER BUDGET" if took > allowed else ""
+        _progress(f"== {name}: {took:.0f} s of its {allowed} s budget{over}")
+    total = time.monotonic() - (deadline - bound)
+    click.echo(f"all suites: {total:.0f} s (bound {bound} s); report: {report.REPORT}")
+    if skipped:
+        click.echo(f"skipped (previous results kept in the report): {', '.join(skipped)}")
+
+
+@bench.command()
+@click.pass_context
+def limits(ctx: click.Context) -> None:
+    """Raw limits: signature checks on one core, broker, COPY, Redis, validation cost."""
+    from bench.limits import pipeline_rows, run_limits
+    from bench.profile import validation_cost
+
+    quick = _quick(ctx)
+    rows = 10_000 if quick else 100_000
+    _progress(f"== limits (signing {rows:,} readings for the database, Redis and validation)")
+    fleet = pipeline_rows(50, rows // 50)
+    with _run_dir() as tmp:
+        measured = run_limits(
+            run_dir=tmp,
+            reader_name="ingest-0",
+            broker_messages=10_000 if quick else 50_000,
+            fleet=fleet,
+            crypto_seconds=0.5 if quick else 2.0,
+            progress=_progress,
+        )
+    validation = validation_cost(fleet.rows, fleet.keys)
+    _progress(
+        f"validation in-process: decode {validation.decode_us:.1f} + verify "
+        f"{validation.verify_us:.1f} + judge {validation.judge_us:.1f} = "
+        f"{validation.total_us:.1f} µs per reading"
+    )
+    _saved(ctx, "limits", {**measured.as_dict(), "validation": validation.as_dict()})
+
+
+@bench.command()
+@click.option("--meters", type=click.IntRange(10, 100_000), default=1_000, show_default=True)
+@click.pass_context
+def registration(ctx: click.Context, meters: int) -> None:
+    """Certificates + registry rows for a fleet, as the two commands and in-process."""
+    from bench.registration import run_registration
+
+    _progress(f"== registration: {meters:,} meters (certs issue-bulk + meters register --bulk)")
+    with _run_dir() as tmp:
+        result = run_registration(run_dir=tmp, meters=meters)
+    _progress(
+        f"   {result.commands_total_s:.2f} s as commands, {result.inprocess_total_s:.2f} s "
+        "in-process"
+    )
+    _saved(ctx, "registration", result.as_dict())
 
 
 @bench.command()
@@ -34,7 +152,7 @@ def bench(ctx: click.Context, quick: bool) -> None:
     "--readings",
     type=click.IntRange(1_000, 1_000_000),
     default=None,
-    help="Backlog size (default 100,000; 20,000 with --quick).",
+    help="Backlog size (default 200,000; 20,000 with --quick).",
 )
 @click.option(
     "--workers",
@@ -43,39 +161,114 @@ def bench(ctx: click.Context, quick: bool) -> None:
     multiple=True,
     help="Worker process counts to run (default: 1 and 2).",
 )
+@click.option(
+    "--profile/--no-profile",
+    default=True,
+    show_default=True,
+    help="A further 1-worker drain of half the backlog under py-spy, for per-stage costs.",
+)
 @click.pass_context
-def ingest(ctx: click.Context, readings: int | None, worker_counts: tuple[int, ...]) -> None:
+def ingest(
+    ctx: click.Context, readings: int | None, worker_counts: tuple[int, ...], profile: bool
+) -> None:
     """Backlog drain with 1 and 2 workers next to the count-only receive rate."""
     from bench.ingest import run_drain
 
-    quick = bool(ctx.obj and ctx.obj.get("quick"))
-    size = readings or (20_000 if quick else 100_000)
+    quick = _quick(ctx)
+    size = readings or (20_000 if quick else 200_000)
     runs = []
     for workers in worker_counts or (1, 2):
         _progress(f"== backlog drain: {size:,} readings, {workers} worker(s)")
-        with tempfile.TemporaryDirectory(prefix="meterproof-bench-") as tmp:
-            Path(tmp).chmod(0o755)  # PostgreSQL runs as its own unprivileged user
-            result = run_drain(
-                run_dir=Path(tmp), readings=size, workers=workers, progress=_progress
-            )
+        with _run_dir() as tmp:
+            result = run_drain(run_dir=tmp, readings=size, workers=workers, progress=_progress)
         _progress(
             f"   {result.drain_per_s:,.0f} readings/s stored+acked "
             f"({result.ratio_to_count_only:.0%} of count-only {result.count_only_per_s:,.0f}/s)"
         )
         runs.append(result.as_dict())
-    saved = report.save("ingest", describe(), {"runs": runs})
-    click.echo(f"raw results: {saved}\nreport: {report.render()}")
+    figures: dict[str, object] = {"runs": runs}
+    if profile:
+        figures["profile"] = _profiled_drain(max(10_000, size // 2))
+    _saved(ctx, "ingest", figures)
+
+
+def _profiled_drain(size: int) -> dict[str, object]:
+    from bench.ingest import run_drain
+    from bench.profile import attribute, py_spy
+
+    rate = 200
+    _progress(f"== profile: drain of {size:,} readings, 1 worker, py-spy at {rate} Hz")
+    with _run_dir() as tmp:
+        out = tmp / "profile.txt"
+        result = run_drain(
+            run_dir=tmp,
+            readings=size,
+            workers=1,
+            progress=_progress,
+            observe=lambda pid: py_spy(pid, out, rate_hz=rate),
+        )
+        profile = attribute(
+            out.read_text().splitlines(),
+            rate_hz=rate,
+            readings=result.readings,
+            workers=1,
+            cpu_s=result.worker_cpu_s,
+        )
+    _progress(
+        f"   {profile.total_us:.0f} µs of worker CPU per reading: "
+        + ", ".join(f"{s.stage} {s.us_per_reading:.0f}" for s in profile.stages if s.samples)
+    )
+    return {**profile.as_dict(), "drain_per_s": result.drain_per_s}
 
 
 @bench.command()
 @click.option(
-    "--readings",
-    type=click.IntRange(10_000, 5_000_000),
+    "--rates",
     default=None,
-    help="Readings in the epoch (default 1,000,000; 100,000 with --quick).",
+    help="Comma-separated offered readings/s (default 1000,2000,5000,10000; 1000,2000 quick).",
 )
+@click.option("--seconds", type=click.FloatRange(1, 600), default=None, help="Per tier.")
+@click.option("--meters", type=click.IntRange(2, 20_000), default=None)
+@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.pass_context
-def bridge(ctx: click.Context, readings: int | None) -> None:
+def load(
+    ctx: click.Context,
+    rates: str | None,
+    seconds: float | None,
+    meters: int | None,
+    workers: int,
+) -> None:
+    """Sustained tiers from connected meters: accepted rate, publish->receipt latency, CPU."""
+    from bench.load import run_tiers
+
+    quick = _quick(ctx)
+    tiers = [int(r) for r in rates.split(",")] if rates else (
+        [1_000, 2_000] if quick else [1_000, 2_000, 5_000, 10_000]
+    )  # fmt: skip
+    per_tier = seconds or (4.0 if quick else 30.0)
+    fleet = meters or (200 if quick else 2_000)
+    _progress(f"== load: {fleet:,} meters, tiers {tiers} readings/s, {per_tier:g} s each")
+    with _run_dir() as tmp:
+        figures = run_tiers(
+            tmp,
+            rates=tiers,
+            seconds_per_tier=per_tier,
+            meters=fleet,
+            workers=workers,
+            progress=_progress,
+        )
+    for t in figures["tiers"]:
+        lat = t.get("latency_ms") or {}
+        _progress(
+            f"   {t['offered_per_s']:,}/s offered: {t['accepted_per_s']:,.0f}/s accepted, "
+            f"p99 {lat.get('p99', float('nan')):,.0f} ms, sustained {t.get('sustained')}"
+        )
+    _saved(ctx, "load", figures)
+
+
+@bench.command()
+@click.pass_context
+def bridge(ctx: click.Context) -> None:
     """Seal + anchor of one epoch, and `ledger verify` of all of it, on a private database."""
     from dataclasses import asdict
 
@@ -83,21 +276,17 @@ def bridge(ctx: click.Context, readings: int | None) -> None:
     from schemas.migrate import migrate
     from stack.postgres import PostgresServer
 
-    quick = bool(ctx.obj and ctx.obj.get("quick"))
-    size = readings or (100_000 if quick else 1_000_000)
+    size = 100_000 if _quick(ctx) else 1_000_000
     _progress(f"== bridge: seal, anchor and verify an epoch of {size:,} readings")
-    with tempfile.TemporaryDirectory(prefix="meterproof-bench-") as tmp:
-        Path(tmp).chmod(0o755)  # PostgreSQL runs as its own unprivileged user
-        server = PostgresServer(directory=Path(tmp))
+    with _run_dir() as tmp:
+        server = PostgresServer(directory=tmp)
         server.start()
         try:
             migrate(server.url)
             result = bench_bridge(server.url, readings=size, meters=min(10_000, size // 10))
         finally:
             server.stop()
-    figures = {**asdict(result), "seal_and_anchor_s": result.seal_and_anchor_s}
     _progress(
         f"   seal+anchor {result.seal_and_anchor_s:.1f} s, ledger verify {result.verify_s:.1f} s"
     )
-    saved = report.save("bridge", describe(), figures)
-    click.echo(f"raw results: {saved}\nreport: {report.render()}")
+    _saved(ctx, "bridge", {**asdict(result), "seal_and_anchor_s": result.seal_and_anchor_s})

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -40,8 +42,12 @@ class DrainResult:
     drain_s: float
     drain_per_s: float
     ratio_to_count_only: float
+    worker_cpu_s: float
+    cpu_us_per_reading: float
+    #: (seconds since the workers were started, readings stored), for throughput over time
+    samples: list[tuple[float, int]]
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -71,15 +77,71 @@ def _workers(env: StackEnv, workers: int, log: Path) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) from /proc/<pid>/stat, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants so far."""
+    stats = {
+        int(p.name): stat
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and (stat := _proc_stat(int(p.name))) is not None
+    }
+    tree, grew = {pid}, True
+    while grew:
+        children = {child for child, (parent, _) in stats.items() if parent in tree}
+        grew = not children <= tree
+        tree |= children
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def _wait_stored(
+    proc: subprocess.Popen[bytes],
+    database_url: str,
+    total: int,
+    started: float,
+    *,
+    log: Path,
+    progress: Progress,
+) -> list[tuple[float, int]]:
+    """Poll the stored count until it reaches `total`; the samples make the throughput curve."""
+    samples = [(0.0, 0)]
+    last_report = started
+    while (stored := _stored(database_url)) < total:
+        now = time.perf_counter()
+        samples.append((now - started, stored))
+        if proc.poll() is not None:
+            raise RuntimeError(f"workers exited with {proc.returncode}; see {log}")
+        if now - last_report > 2:
+            progress(f"  stored {stored:,} / {total:,}")
+            last_report = now
+        if now - started > 900:
+            raise TimeoutError(f"only {stored} of {total} stored after 900 s")
+        time.sleep(0.2)
+    samples.append((time.perf_counter() - started, stored))
+    return samples
+
+
 def run_drain(
     *,
     run_dir: Path,
-    readings: int = 100_000,
+    readings: int = 200_000,
     meters: int = 50,
     workers: int = 2,
     progress: Progress = print,
+    observe: Callable[[int], AbstractContextManager[object]] = lambda pid: nullcontext(),
 ) -> DrainResult:
-    """Everything on a private stack in `run_dir`, stopped afterwards."""
+    """Everything on a private stack in `run_dir`, stopped afterwards.
+
+    `observe(pid)` wraps the drain once the workers' supervisor `pid` is started (the
+    profile attaches py-spy there); it ends when every reading is stored."""
     stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
     # ingest-0 .. ingest-<workers-1> for the workers, one more for the count-only receiver
     env, _ = stack.up(Ports(), ingest_workers=workers + 1)
@@ -111,19 +173,16 @@ def run_drain(
         )  # fmt: skip
         progress(f"  {total / count_s:,.0f} msg/s; starting {workers} worker process(es)")
         started = time.perf_counter()
-        proc = _workers(env, workers, run_dir / "workers.log")
+        log = run_dir / "workers.log"
+        proc = _workers(env, workers, log)
+        samples: list[tuple[float, int]] = []
         try:
-            last_report = started
-            while (stored := _stored(env.database_url)) < total:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"workers exited; see {run_dir / 'workers.log'}")
-                if time.perf_counter() - last_report > 2:
-                    progress(f"  stored {stored:,} / {total:,}")
-                    last_report = time.perf_counter()
-                if time.perf_counter() - started > 900:
-                    raise TimeoutError(f"only {stored} of {total} stored after 900 s")
-                time.sleep(0.2)
-            drain_s = time.perf_counter() - started
+            with observe(proc.pid):
+                samples = _wait_stored(
+                    proc, env.database_url, total, started, log=log, progress=progress
+                )
+            drain_s = samples[-1][0]
+            cpu_s = _tree_cpu_s(proc.pid)  # before SIGTERM: the shutdown is not the drain
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -131,6 +190,8 @@ def run_drain(
             readings=total, meters=meters, workers=workers, publish_s=published.seconds,
             count_only_s=count_s, count_only_per_s=total / count_s, drain_s=drain_s,
             drain_per_s=total / drain_s, ratio_to_count_only=count_s / drain_s,
+            worker_cpu_s=cpu_s, cpu_us_per_reading=cpu_s * 1e6 / total,
+            samples=[(round(t, 3), n) for t, n in samples],
         )  # fmt: skip
     finally:
         stack.down()

@@ -29,11 +29,14 @@ PEERS: Final = (
 )
 
 
-def save(suite: str, machine: dict[str, str], figures: dict[str, Any]) -> Path:
+def save(
+    suite: str, machine: dict[str, str], figures: dict[str, Any], *, quick: bool = False
+) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS / f"{suite}-{stamp}.json"
-    path.write_text(json.dumps({"suite": suite, "machine": machine, "figures": figures}, indent=2))
+    data = {"suite": suite, "quick": quick, "machine": machine, "figures": figures}
+    path.write_text(json.dumps(data, indent=2))
     return path
 
 
@@ -51,7 +54,8 @@ def _n(value: float) -> str:
 
 
 def _measured(data: Data) -> str:
-    return f"Measured {data['machine']['date']}; raw: `{data['file']}`."
+    quick = " with `--quick` (small sizes: startup weighs more)" if data.get("quick") else ""
+    return f"Measured {data['machine']['date']}{quick}; raw: `{data['file']}`."
 
 
 def _best_drain(ingest: Data) -> Data:
