@@ -1,0 +1,132 @@
+"""Sustained live load: rising tiers of readings/s from many connected meters, end to end.
+
+Interface (stable; `meterproof bench load` and the report call it):
+
+    run_tiers(run_dir: Path, *, rates: Sequence[int], seconds_per_tier: float, meters: int,
+              workers: int, progress: Callable[[str], None]) -> dict[str, Any]
+
+Everything runs on a private stack in `run_dir` (stopped afterwards): broker, PostgreSQL,
+Redis, `meterproof ingest --workers N` with receipts and verified republish on, and the
+generator processes (`bench.loadgen`), all on this machine. Each meter has its own device
+certificate and connection. Readings are signed before a tier starts; a tier publishes them
+at the offered rate and times each one from publish to its receipt.
+
+Returned keys:
+- `meters`, `workers`, `generators`, `seconds_per_tier`, `warmup` (one reading per meter
+  first, so key caches are warm; a tier dict as below), `connect` (see `connect_summary`).
+- `tiers`: one dict per rate, in order:
+  `offered_per_s`, `seconds`, `expected`, `published`, `published_per_s` (what the
+  generator really sent), `receipted_in_window_per_s` (receipts that arrived while
+  publishing), `accepted`, `accepted_per_s` (receipts with status accepted / publishing
+  time), `stored` (new `reading_log` rows in PostgreSQL), `statuses` and `reasons`
+  (receipt counts), `unreceipted` (no receipt after the grace period), `latency_ms`
+  (`p50`, `p95`, `p99`, `max`, `count`: publish -> receipt), `backlog` (`growth_per_s`,
+  `end`, `max`, `series`: published - receipted, per second), `sustained` and `verdict`
+  (see `bench.loadgen.plan.sustained`), `cpu` (`cores` per group - broker, postgres,
+  redis, workers, generator - where 1.0 is one core busy; `processes`; `machine_cores`;
+  `rss_mib`), `generator_cpu_s`, `sign_s`, `disconnects`, `connected`.
+- `max_sustained_per_s`: the highest offered rate whose tier was sustained (None if none).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import plan
+from bench.loadgen.control import BenchStack, Generators, measure
+
+Progress = Callable[[str], None]
+
+WARMUP_RATE = 2_000
+
+
+def max_seq(meters: int, processes: int, readings: Sequence[int]) -> int:
+    """An upper bound of the seq any meter reaches over phases of `readings` each."""
+    smallest = meters // processes
+    return sum(plan.per_meter(-(-n // processes), smallest) for n in readings) + 1
+
+
+def connect_summary(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Handshakes/s over the ramp: meters connected / (last CONNACK - first attempt)."""
+    connected = sum(a["connected"] for a in answers)
+    began = min(a["started"] for a in answers)
+    ended = max(a["finished"] for a in answers)
+    errors: dict[str, int] = {}
+    for a in answers:
+        for kind, n in a["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    return {
+        "meters": sum(a["meters"] for a in answers),
+        "connected": connected,
+        "seconds": round(ended - began, 2),
+        "handshakes_per_s": round(connected / max(ended - began, 1e-9), 1),
+        "per_second": plan.add_series([a["per_second"] for a in answers]),
+        "errors": errors,
+    }
+
+
+def run_tiers(
+    run_dir: Path,
+    *,
+    rates: Sequence[int],
+    seconds_per_tier: float,
+    meters: int,
+    workers: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    if not rates or min(rates) <= 0 or seconds_per_tier <= 0 or meters < 2 or workers < 1:
+        raise ValueError("need rates > 0, seconds_per_tier > 0, meters >= 2, workers >= 1")
+    processes = plan.generator_count(meters)
+    phases = [meters, *(round(r * seconds_per_tier) for r in rates)]
+    ts_base = plan.ts_base_ms(int(time.time() * 1000), max_seq(meters, processes, phases))
+    with BenchStack(run_dir, meters=meters, workers=workers, progress=progress).running() as b:
+        progress(f"connecting {meters:,} meters from {processes} generator processes")
+        gens = Generators(
+            env=b.env_required,
+            meter_ids=b.meter_ids,
+            processes=processes,
+            ts_base_ms=ts_base,
+            run_dir=run_dir,
+        )
+        try:
+            connect = connect_summary(gens.answers(timeout=600))
+            progress(
+                f"  {connect['connected']:,} connected in {connect['seconds']} s "
+                f"({connect['handshakes_per_s']:,.0f} handshakes/s)"
+            )
+            warm_rate = min(WARMUP_RATE, meters)
+            warmup = measure(
+                b,
+                gens,
+                rate=warm_rate,
+                seconds=meters / warm_rate,
+                tag="warmup",
+                progress=progress,
+            )
+            tiers = [
+                measure(
+                    b,
+                    gens,
+                    rate=rate,
+                    seconds=seconds_per_tier,
+                    tag=f"{rate}-per-s",
+                    progress=progress,
+                )
+                for rate in rates
+            ]
+        finally:
+            gens.stop()
+    held = [t["offered_per_s"] for t in tiers if t["sustained"]]
+    return {
+        "meters": meters,
+        "workers": workers,
+        "generators": processes,
+        "seconds_per_tier": seconds_per_tier,
+        "connect": connect,
+        "warmup": warmup,
+        "tiers": tiers,
+        "max_sustained_per_s": max(held, default=None),
+    }

@@ -1,0 +1,418 @@
+"""The parent side of a load run: a private stack with ingest workers, the generator
+processes, CPU accounting per process group, and one measured phase at a given rate."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil  # type: ignore[import-untyped, unused-ignore]
+import psycopg
+
+from bench.ingest import _provision as provision_meters
+from bench.loadgen import plan
+from stack.env import StackEnv
+from stack.process import port_is_free, read_pid
+from stack.services import LocalStack, Ports
+
+Progress = Callable[[str], None]
+
+
+def _stream_lines(stream: IO[str], sink: queue.Queue[str]) -> None:
+    for line in stream:
+        sink.put(line)
+
+
+class GeneratorProcess:
+    """One `python -P -m bench.loadgen job.json`, spoken to in JSON lines."""
+
+    def __init__(self, job: dict[str, Any], run_dir: Path) -> None:
+        self.name: str = job["name"]
+        job_file = run_dir / f"{self.name}.json"
+        job_file.write_text(json.dumps(job), encoding="utf-8")
+        self._log = (run_dir / f"{self.name}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "bench.loadgen", str(job_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(
+            target=_stream_lines, args=(self.proc.stdout, self._lines), daemon=True
+        ).start()
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                answer: dict[str, Any] = json.loads(self._lines.get(timeout=0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"generator {self.name} exited ({self.proc.returncode}); "
+                        f"see {self._log.name}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"generator {self.name}: no answer in {timeout} s") from None
+                continue
+            return answer
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.send({"cmd": "stop"})
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+class Generators:
+    """The fleet split over generator processes; every call goes to all of them."""
+
+    def __init__(
+        self,
+        *,
+        env: StackEnv,
+        meter_ids: Sequence[str],
+        processes: int,
+        ts_base_ms: int,
+        run_dir: Path,
+    ) -> None:
+        self.procs = [
+            GeneratorProcess(
+                {
+                    "name": f"gen-{i}",
+                    "pki_root": str(env.pki_root),
+                    "host": env.mqtt_host,
+                    "port": env.mqtt_port,
+                    "ts_base_ms": ts_base_ms,
+                    "out_dir": str(run_dir),
+                    "meters": ids,
+                },
+                run_dir,
+            )
+            for i, ids in enumerate(plan.split(list(meter_ids), processes))
+        ]
+
+    @property
+    def pids(self) -> list[int]:
+        return [g.proc.pid for g in self.procs]
+
+    def answers(self, timeout: float) -> list[dict[str, Any]]:
+        return [g.reply(timeout) for g in self.procs]
+
+    def prepare(self, total: int, rate: float, timeout: float = 900) -> list[dict[str, Any]]:
+        for g, count in zip(self.procs, plan.share(total, len(self.procs)), strict=True):
+            g.send({"cmd": "prepare", "count": count, "rate": rate / len(self.procs)})
+        return self.answers(timeout)
+
+    def go(self, *, start_at: float, grace_s: float, tag: str) -> None:
+        for g in self.procs:
+            g.send({"cmd": "go", "start_at": start_at, "grace_s": grace_s, "tag": tag})
+
+    def stop(self) -> None:
+        for g in self.procs:
+            g.stop()
+
+
+@dataclass(slots=True)
+class CpuSampler:
+    """CPU seconds per process group between `start` and `stop`, sampled every second so
+    processes that appear meanwhile (PostgreSQL backends) count from when first seen."""
+
+    groups: dict[str, Callable[[], list[int]]]
+    first: dict[tuple[str, int], float] = field(default_factory=dict)
+    last: dict[tuple[str, int], float] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    rss: dict[str, int] = field(default_factory=dict)
+    started: float = 0.0
+    machine0: Any = None
+
+    def sample(self) -> None:
+        for group, pids in self.groups.items():
+            rss = 0
+            for pid in pids():
+                try:
+                    proc = psutil.Process(pid)
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        rss += proc.memory_info().rss
+                        self.names.setdefault(pid, proc.name())
+                except psutil.Error:
+                    continue
+                total = times.user + times.system
+                self.first.setdefault((group, pid), total)
+                self.last[(group, pid)] = total
+            self.rss[group] = rss
+
+    def start(self) -> None:
+        self.first.clear()
+        self.last.clear()
+        self.started = time.monotonic()
+        self.machine0 = psutil.cpu_times()
+        self.sample()
+
+    def summary(self) -> dict[str, Any]:
+        """Cores used per group (1.0 = one core busy), per process, and the whole machine's
+        (other users included: the machine is shared)."""
+        self.sample()
+        wall = max(time.monotonic() - self.started, 1e-9)
+        per_group = dict.fromkeys(self.groups, 0.0)
+        per_process: dict[str, float] = {}
+        for (group, pid), last in self.last.items():
+            used = (last - self.first[(group, pid)]) / wall
+            per_group[group] += used
+            per_process[f"{group}/{self.names.get(pid, '?')}[{pid}]"] = round(used, 3)
+        m0, m1 = self.machine0, psutil.cpu_times()
+        busy = (m1.user + m1.system + m1.nice + getattr(m1, "softirq", 0)) - (
+            m0.user + m0.system + m0.nice + getattr(m0, "softirq", 0)
+        )
+        return {
+            "cores": {g: round(per_group[g], 3) for g in self.groups},
+            "processes": per_process,
+            "machine_cores": round(busy / wall, 3),
+            "rss_mib": {g: round(v / 2**20, 1) for g, v in self.rss.items()},
+        }
+
+
+def _tree(pid: int | None) -> list[int]:
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+class BenchStack:
+    """A private stack (PKI, broker, PostgreSQL, Redis) in `run_dir`, `meters` registered
+    device identities, and `meterproof ingest --workers N` running and ready."""
+
+    def __init__(self, run_dir: Path, *, meters: int, workers: int, progress: Progress) -> None:
+        self.run_dir = run_dir
+        self.workers = workers
+        self.progress = progress
+        self.meters = meters
+        self.stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
+        self.env: StackEnv | None = None
+        self.meter_ids: list[str] = []
+        self.worker_proc: subprocess.Popen[bytes] | None = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[BenchStack]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o755)  # PostgreSQL runs as its own unprivileged user
+        self.env, _ = self.stack.up(Ports(), ingest_workers=self.workers)
+        try:
+            self.progress(f"issuing and registering {self.meters:,} meter identities")
+            began = time.perf_counter()
+            keys = provision_meters(self.stack.layout, self.env.database_url, self.meters)
+            self.meter_ids = sorted(keys)
+            self.progress(
+                f"  {time.perf_counter() - began:.1f} s; starting {self.workers} worker(s)"
+            )
+            self._start_workers()
+            yield self
+        finally:
+            if self.worker_proc is not None:
+                self.worker_proc.send_signal(signal.SIGTERM)
+                try:
+                    self.worker_proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.worker_proc.kill()
+                    self.worker_proc.wait(10)
+            self.stack.down()
+
+    @property
+    def env_required(self) -> StackEnv:
+        if self.env is None:
+            raise RuntimeError("the stack is not running")
+        return self.env
+
+    def _start_workers(self) -> None:
+        assert self.env is not None
+        base = _free_port_run(self.workers)
+        environ = {**os.environ, **dict(line.split("=", 1) for line in self.env.to_env_lines())}
+        environ["METERPROOF_METRICS_PORT"] = str(base)
+        environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # a line per batch would cost CPU here
+        with (self.run_dir / "workers.log").open("ab") as sink:
+            self.worker_proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "cli", "ingest", "--workers", str(self.workers)],
+                env=environ,
+                stdout=sink,
+                stderr=sink,
+            )
+        deadline = time.monotonic() + 60
+        for i in range(self.workers):
+            while not _ready(base + i):
+                if self.worker_proc.poll() is not None:
+                    raise RuntimeError(f"workers exited; see {self.run_dir / 'workers.log'}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {i} not ready; see {self.run_dir / 'workers.log'}")
+                time.sleep(0.2)
+        time.sleep(0.5)  # the SUBACK of the shared subscription follows readiness
+
+    def stored(self) -> int:
+        assert self.env is not None
+        with psycopg.connect(self.env.database_url) as conn:
+            row = conn.execute("SELECT count(*) FROM reading_log").fetchone()
+        return int(row[0]) if row else 0
+
+    def broker_pid(self) -> int | None:
+        return self.stack.servers(self.stack.recorded())[2].pid()
+
+    def cpu_groups(self, generators: Generators) -> dict[str, Callable[[], list[int]]]:
+        postgres, redis_, broker = self.stack.servers(self.stack.recorded())
+        return {
+            "broker": lambda: _tree(broker.pid()),
+            "postgres": lambda: _tree(
+                read_pid(postgres.data_dir / "postmaster.pid", program="postgres")
+            ),
+            "redis": lambda: _tree(redis_.pid()),
+            "workers": lambda: _tree(self.worker_proc.pid if self.worker_proc else None),
+            "generator": lambda: generators.pids,
+        }
+
+
+def _free_port_run(count: int) -> int:
+    """A base port with `count` free ports after it (worker i serves /readyz on base + i)."""
+    for base in range(19_100, 30_000, 97):
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no run of free ports for the workers' /readyz")
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def measure(
+    bench: BenchStack,
+    gens: Generators,
+    *,
+    rate: float,
+    seconds: float,
+    tag: str,
+    progress: Progress,
+    grace_s: float = 30.0,
+) -> dict[str, Any]:
+    """Offer `rate` readings/s for `seconds`; everything a tier reports (see bench.load)."""
+    expected = round(rate * seconds)
+    prepared = gens.prepare(expected, rate)
+    sampler = CpuSampler(bench.cpu_groups(gens))
+    stored_before = bench.stored()
+    start_at = time.time() + 1.0
+    gens.go(start_at=start_at, grace_s=grace_s, tag=tag)
+    time.sleep(max(0.0, start_at - time.time()))
+    sampler.start()
+    finished: list[dict[str, Any]] = []
+    cpu: dict[str, Any] | None = None
+    pending = list(gens.procs)
+    while pending:
+        for g in list(pending):
+            with contextlib.suppress(TimeoutError):
+                finished.append(g.reply(timeout=1.0))
+                pending.remove(g)
+        if cpu is None and time.time() > start_at + seconds:
+            cpu = sampler.summary()  # the publishing window only, not the grace period
+        elif cpu is None:
+            sampler.sample()
+    if cpu is None:
+        cpu = sampler.summary()
+    stored = bench.stored() - stored_before
+    published = sum(f["published"] for f in finished)
+    pub_series = plan.add_series([f["published_per_second"] for f in finished])
+    rec_series = plan.add_series([f["receipted_per_second"] for f in finished])
+    backlog = plan.backlog_series(pub_series, rec_series)
+    publishing = backlog[: max(1, round(seconds))]
+    growth = plan.backlog_growth(publishing)
+    unreceipted = sum(f["unreceipted"] for f in finished)
+    verdict = plan.sustained(
+        offered_per_s=rate,
+        published=published,
+        expected=expected,
+        growth_per_s=growth,
+        unreceipted=unreceipted,
+    )
+    latencies = array("f")
+    for f in finished:
+        path = Path(f["latencies_file"])
+        latencies.frombytes(path.read_bytes())
+        path.unlink()
+    statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for f in finished:
+        statuses.update(f["statuses"])
+        reasons.update(f["reasons"])
+    publish_s = max(f["publish_s"] for f in finished)
+    in_window = sum(rec_series[: max(1, round(seconds))])
+    result = {
+        "offered_per_s": rate,
+        "seconds": seconds,
+        "expected": expected,
+        "published": published,
+        "published_per_s": round(published / publish_s, 1),
+        "receipted_in_window_per_s": round(in_window / seconds, 1),
+        "accepted": statuses.get("accepted", 0),
+        "accepted_per_s": round(statuses.get("accepted", 0) / publish_s, 1),
+        "stored": stored,
+        "statuses": dict(statuses),
+        "reasons": dict(reasons),
+        "unreceipted": unreceipted,
+        "latency_ms": plan.latency_summary(sorted(latencies)),
+        "backlog": {
+            "growth_per_s": round(growth, 1),
+            "end": publishing[-1] if publishing else 0,
+            "max": max(publishing, default=0),
+            "series": backlog,
+        },
+        "sustained": verdict.sustained,
+        "verdict": verdict.why,
+        "cpu": cpu,
+        "generator_cpu_s": round(sum(f["cpu_s"] for f in finished), 2),
+        "sign_s": round(max(p["sign_s"] for p in prepared), 1),
+        "disconnects": sum(f["disconnects"] for f in finished),
+        "connected": sum(f["connected"] for f in finished),
+    }
+    lat = result["latency_ms"]
+    progress(
+        f"  {tag}: offered {rate:,.0f}/s, published {result['published_per_s']:,.0f}/s, "
+        f"accepted {result['accepted_per_s']:,.0f}/s, p50/p95/p99 "
+        f"{_ms(lat['p50'])}/{_ms(lat['p95'])}/{_ms(lat['p99'])} ms, backlog growth "
+        f"{growth:,.0f}/s -> {'sustained' if verdict.sustained else verdict.why}"
+    )
+    return result
+
+
+def _ms(value: float | int | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
