@@ -154,6 +154,7 @@ class Injector:
         self.t = target
         self.load_started = load_started
         self.rng = rng
+        self._victim: int | None = None
 
     def since_load(self, wall: float | None = None) -> float:
         return (time.time() if wall is None else wall) - self.load_started
@@ -204,7 +205,7 @@ class Injector:
         pids = sorted(worker_pids(self.t.ingest.pid))
         if not pids:
             return 0, "no live worker to kill"
-        victim = self.rng.choice(pids)
+        victim = self._victim = self.rng.choice(pids)
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
         return 1, f"worker {pids.index(victim)} of {len(pids)}"
@@ -230,8 +231,10 @@ class Injector:
         t = self.t
         if kind is FaultKind.BRIDGE_KILL:
             return unanchored_before(t.database_url, ended) == 0
-        if kind is FaultKind.WORKER_KILL and len(worker_pids(t.ingest.pid)) < t.config.workers:
-            return False
+        if kind is FaultKind.WORKER_KILL:
+            live = worker_pids(t.ingest.pid)
+            if self._victim in live or len(live) < t.config.workers:
+                return False  # not dead yet, or not replaced yet
         return ingest_caught_up(t.state_root, ended)
 
     def _wait_recovered(self, kind: FaultKind, ended: float) -> float | None:

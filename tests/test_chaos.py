@@ -1,0 +1,201 @@
+"""The chaos campaign: its plan and audit logic with plain values and a database corrupted on
+purpose, and a small campaign with every fault kind against a real stack of its own."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from bridge.mint import UNITS_PER_WH
+from chaos.audit import (
+    Audit,
+    MintCheck,
+    check_anchoring,
+    check_store,
+    compare,
+    expected_mints,
+)
+from chaos.campaign import run_campaign
+from chaos.plan import (
+    FULL_COUNTS,
+    CampaignConfig,
+    FaultKind,
+    PlanError,
+    expected_cost_s,
+    full_config,
+    make_plan,
+    quick_config,
+)
+from chaos.report import render
+
+# ---------------------------------------------------------------------------------------
+# plan
+# ---------------------------------------------------------------------------------------
+
+
+def test_full_plan_has_the_issue_counts_and_fits_the_window_in_order() -> None:
+    config = full_config()
+    plan = make_plan(config)
+    assert plan.counts() == dict(FULL_COUNTS)
+    assert plan.counts()[FaultKind.WORKER_KILL] >= 20
+    assert plan.counts()[FaultKind.BRIDGE_KILL] >= 10
+    start, end = plan.window
+    assert config.duration_s <= 900
+    assert all(start <= f.at_s <= end for f in plan.faults)
+    for before, after in zip(plan.faults, plan.faults[1:], strict=False):
+        # each fault's slot leaves room for its expected cost before the next one
+        assert (
+            after.at_s >= before.at_s + expected_cost_s(before.kind, config, before.variant) - 0.01
+        )
+    assert {f.outage_s for f in plan.faults if f.kind is FaultKind.POSTGRES_STOP} == {20.0}
+    variants = {f.variant for f in plan.faults if f.kind is FaultKind.BRIDGE_KILL}
+    assert variants == {"random", "before_submit", "during_submit", "after_submit"}
+
+
+def test_quick_plan_covers_every_kind_within_three_minutes() -> None:
+    config = quick_config()
+    assert config.duration_s <= 180
+    counts = make_plan(config).counts()
+    assert all(counts[kind] >= 1 for kind in FaultKind)
+
+
+def test_plan_is_reproducible_from_its_seed_and_differs_across_seeds() -> None:
+    a, b, c = (make_plan(full_config(seed=s)) for s in (7, 7, 8))
+    assert a == b
+    assert [f.kind for f in a.faults] != [f.kind for f in c.faults]
+
+
+def test_a_plan_that_cannot_fit_its_bound_is_refused() -> None:
+    with pytest.raises(PlanError, match="fault window"):
+        make_plan(full_config(duration_s=300))
+    with pytest.raises(ValueError, match="at least 2 s"):
+        full_config(interval_s=1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# audit logic
+# ---------------------------------------------------------------------------------------
+
+
+def test_compare_counts_lost_duplicated_unexpected_and_inconsistent() -> None:
+    generated = {"a": 3, "b": 2}
+    clean = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)]
+    ok = compare(generated, clean, clean)
+    assert (ok.generated, ok.stored, ok.lost, ok.duplicated, ok.unexpected) == (5, 5, 0, 0, 0)
+    assert ok.inconsistent == 0
+
+    log = [("a", 1), ("a", 3), ("b", 1), ("b", 2), ("b", 9)]
+    rows = [("a", 1), ("a", 3), ("a", 3), ("a", 3), ("b", 1), ("b", 9)]
+    bad = compare(generated, log, rows)
+    assert bad.lost == 1  # a/2 nowhere
+    assert bad.duplicated == 2  # a/3 three times
+    assert bad.unexpected == 1  # b/9 was never generated
+    assert bad.inconsistent == 1  # b/2 only in reading_log
+    assert bad.stored == 4
+    assert any("lost a seq 2" in e for e in bad.examples)
+
+
+def test_expected_mints_follow_the_first_anchored_reading_not_seq_1() -> None:
+    rows = [
+        # meter a: seq 1 arrived late, in batch 2, so the baseline is seq 2 in batch 1
+        ("a", 1, 2_000, 2, 150),
+        ("a", 1, 3_000, 3, 190),
+        ("a", 2, 1_000, 1, 100),
+        # meter b: no export increase, no mint
+        ("b", 1, 1_000, 1, 40),
+        ("b", 1, 2_000, 2, 40),
+    ]
+    assert expected_mints(rows) == {"a": 40 * UNITS_PER_WH}
+
+
+def _insert_reading(conn: psycopg.Connection[object], meter: str, seq: int, ts: datetime) -> None:
+    digest = seq.to_bytes(32, "big")
+    conn.execute(
+        "INSERT INTO readings (meter_id, seq, ts, import_wh, export_wh, alg, sig, reading_hash,"
+        " received_at, verified_at) VALUES (%s, %s, %s, %s, 0, 'EdDSA', %s, %s, now(), now())",
+        (meter, seq, ts, seq, b"s" * 64, digest),
+    )
+
+
+def test_audit_finds_a_gap_and_a_duplicate_across_partitions(
+    database_url: str, meter_id: str
+) -> None:
+    ts = datetime.now(UTC).replace(microsecond=0)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO meters (meter_id) VALUES (%s)", (meter_id,))
+        for seq in (1, 2, 3):  # seq 4 generated, never stored
+            _insert_reading(conn, meter_id, seq, ts + timedelta(seconds=seq))
+            conn.execute(
+                "INSERT INTO reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh)"
+                " VALUES (%s, %s, %s, %s, %s, 0)",
+                (meter_id, seq, seq.to_bytes(32, "big"), ts + timedelta(seconds=seq), seq),
+            )
+        clean = check_store(conn, {meter_id: 3})
+        assert (clean.lost, clean.duplicated, clean.inconsistent) == (0, 0, 0)
+
+        # the same (meter_id, seq) a day earlier lands in another partition: no key stops it
+        _insert_reading(conn, meter_id, 2, ts - timedelta(days=1))
+        store = check_store(conn, {meter_id: 4})
+        anchor = check_anchoring(conn)
+    assert (store.generated, store.stored, store.lost, store.duplicated) == (4, 3, 1, 1)
+    assert anchor.unanchored == 3
+    assert anchor.anchored == 0
+    audit = Audit(store, anchor, MintCheck(0, 0, 0), True, "OK")
+    problems = audit.problems()
+    assert "1 readings lost" in problems
+    assert "1 duplicate rows" in problems
+    assert "3 stored readings not anchored" in problems
+    assert not audit.clean
+
+
+# ---------------------------------------------------------------------------------------
+# a small campaign, every fault kind once
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_small_campaign_with_every_fault_kind_loses_and_duplicates_nothing() -> None:
+    config = CampaignConfig(
+        duration_s=120,
+        counts=dict.fromkeys(FaultKind, 1),
+        meters=30,
+        workers=2,
+        seed=3,
+        warmup_s=8,
+        cooldown_s=3,
+        settle_s=20,
+        postgres_outage_s=4,
+        redis_outage_s=2,
+        recovery_timeout_s=20,
+        epoch_s=2,
+        seal_delay_s=0.5,
+        republish_after_s=3,
+    )
+    lines: list[str] = []
+    # not tmp_path: PostgreSQL's own user must reach the directory (pytest's are 0700)
+    with tempfile.TemporaryDirectory(prefix="meterproof-chaos-test-") as work_dir:
+        result = run_campaign(config, work_dir=Path(work_dir), say=lines.append)
+
+    assert result.audit is not None, "\n".join(lines)
+    assert result.problems() == [], "\n".join(lines)
+    injected = {f.kind for f in result.faults}
+    assert injected == set(FaultKind), "\n".join(lines)
+    store = result.audit.store
+    assert store.generated == 30 * config.readings_per_meter
+    assert store.stored == store.generated
+    assert (store.lost, store.duplicated) == (0, 0)
+    assert result.audit.anchor.anchored == store.generated
+    assert result.audit.verify_line.startswith("OK")
+    killed = [f for f in result.faults if f.kind is FaultKind.WORKER_KILL]
+    assert killed[0].kills == 1
+    assert "worker" in killed[0].note
+
+    report = render(result, command="pytest")
+    assert "## Run: PASSED" in report
+    assert f"| generated (every meter's seqs 1..{config.readings_per_meter}) |" in report
+    assert "| lost | 0 |" in report
+    assert result.machine["cores"] in report
