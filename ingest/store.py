@@ -52,7 +52,7 @@ _LOCK = "SELECT meter_id FROM meters WHERE meter_id = ANY(%s) ORDER BY meter_id 
 _SEEN = """
 SELECT l.meter_id, l.seq, l.reading_hash
 FROM reading_log l
-JOIN unnest(%s::text[], %s::numeric[]) AS k(meter_id, seq)
+JOIN unnest(%s::text[], %s::text::numeric[]) AS k(meter_id, seq)
   ON l.meter_id = k.meter_id AND l.seq = k.seq
 """
 _HISTORY = """
@@ -146,10 +146,10 @@ class ReadingStore:
         window = self._limit.window_ms
         async with self._conn.cursor() as cur:
             await cur.execute(_LOCK, (meters,))
-            await cur.execute(
-                _SEEN,
-                ([c.reading.meter_id for c in candidates], [c.reading.seq for c in candidates]),
-            )
+            # seqs travel as one array literal: psycopg dumps a list of ints element by
+            # element (measured ~4 us per reading with the meter ids, client side).
+            seqs = "{" + ",".join([str(c.reading.seq) for c in candidates]) + "}"
+            await cur.execute(_SEEN, ([c.reading.meter_id for c in candidates], seqs))
             seen = {(str(m), int(s)): bytes(h) for m, s, h in await cur.fetchall()}  # type: ignore[call-overload]
             await cur.execute(
                 _HISTORY,
@@ -167,32 +167,35 @@ class ReadingStore:
     async def _write_accepted(self, accepted: Sequence[Candidate]) -> None:
         if not accepted:
             return
+        # received_at and verified_at repeat across a batch (one clock read per batch, few
+        # distinct milliseconds of arrival): convert each distinct value once.
+        times: dict[int, datetime] = {}
+
+        def at(ms: int) -> datetime:
+            dt = times.get(ms)
+            if dt is None:
+                dt = times[ms] = ms_to_dt(ms)
+            return dt
+
+        stamps = [ms_to_dt(c.reading.ts) for c in accepted]
         async with self._conn.cursor() as cur:
             async with cur.copy(_COPY_LOG) as copy:
                 copy.set_types(_LOG_TYPES)
-                for c in accepted:
+                for c, ts in zip(accepted, stamps, strict=True):
                     r = c.reading
                     await copy.write_row(
-                        (
-                            r.meter_id,
-                            r.seq,
-                            c.reading_hash,
-                            ms_to_dt(r.ts),
-                            r.import_wh,
-                            r.export_wh,
-                        )
+                        (r.meter_id, r.seq, c.reading_hash, ts, r.import_wh, r.export_wh)
                     )
             async with cur.copy(_COPY_READINGS) as copy:
                 copy.set_types(_READING_TYPES)
-                for c in accepted:
+                for c, ts in zip(accepted, stamps, strict=True):
                     r = c.reading
                     await copy.write_row(
                         (
-                            r.meter_id, r.seq, ms_to_dt(r.ts), r.import_wh, r.export_wh,
+                            r.meter_id, r.seq, ts, r.import_wh, r.export_wh,
                             r.power_w, r.voltage_mv, r.current_ma, r.frequency_mhz,
                             r.power_factor_milli, r.alg, r.kid, b64url_decode(r.sig),
-                            c.reading_hash, ms_to_dt(c.message.received_at_ms),
-                            ms_to_dt(c.verified_at_ms),
+                            c.reading_hash, at(c.message.received_at_ms), at(c.verified_at_ms),
                         )
                     )  # fmt: skip
 
