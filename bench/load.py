@@ -50,7 +50,8 @@ def max_seq(meters: int, processes: int, readings: Sequence[int]) -> int:
 
 
 def connect_summary(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Handshakes/s over the ramp: meters connected / (last CONNACK - first attempt)."""
+    """Handshakes/s over the ramp: meters connected / (last CONNACK - first attempt);
+    `contexts_s` is the time spent loading certificates before it."""
     connected = sum(a["connected"] for a in answers)
     began = min(a["started"] for a in answers)
     ended = max(a["finished"] for a in answers)
@@ -62,6 +63,7 @@ def connect_summary(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "meters": sum(a["meters"] for a in answers),
         "connected": connected,
         "seconds": round(ended - began, 2),
+        "contexts_s": round(max(a["contexts_s"] for a in answers), 2),
         "handshakes_per_s": round(connected / max(ended - began, 1e-9), 1),
         "per_second": plan.add_series([a["per_second"] for a in answers]),
         "errors": errors,

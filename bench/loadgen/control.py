@@ -54,9 +54,10 @@ class GeneratorProcess:
         )
         assert self.proc.stdout is not None
         self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(
+        self._reader = threading.Thread(
             target=_stream_lines, args=(self.proc.stdout, self._lines), daemon=True
-        ).start()
+        )
+        self._reader.start()
 
     def send(self, command: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -88,6 +89,11 @@ class GeneratorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._reader.join(5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         self._log.close()
 
 

@@ -1,0 +1,183 @@
+"""The load generator's arithmetic, and one tiny end-to-end run of the real generator
+processes against the real broker and a real worker (no timing is asserted)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from array import array
+from pathlib import Path
+
+import pytest
+
+from bench.connections import listener_max_connections
+from bench.load import connect_summary, max_seq
+from bench.loadgen import plan
+from bench.loadgen.control import Generators
+from certs.layout import PkiLayout
+from stack.broker import BrokerServer
+from stack.env import StackEnv
+from tests.ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
+
+
+def test_split_and_share_cover_everything_evenly() -> None:
+    items = [f"m{i}" for i in range(11)]
+    slices = plan.split(items, 3)
+    assert sorted(x for s in slices for x in s) == sorted(items)
+    assert [len(s) for s in slices] == [4, 4, 3]
+    assert plan.share(11, 3) == [4, 4, 3]
+    assert sum(plan.share(7, 7)) == 7
+    with pytest.raises(ValueError, match="at least 1"):
+        plan.split(items, 0)
+
+
+def test_generator_count_respects_the_file_limit() -> None:
+    assert plan.generator_count(200) == 2
+    assert plan.generator_count(20_000) == 3
+    assert plan.generator_count(50_000) * plan.METERS_PER_GENERATOR >= 50_000
+
+
+def test_presigned_timestamps_stay_in_the_past_and_inside_the_max_age() -> None:
+    now = 1_800_000_000_000
+    base = plan.ts_base_ms(now, 5_000)
+    assert plan.reading_ts(base, 5_000) <= now - 60_000
+    assert plan.reading_ts(base, 1) - plan.reading_ts(base, 0) == plan.TS_STEP_MS
+    assert now - base <= plan.MAX_BACKDATE_MS
+    with pytest.raises(ValueError, match="acceptance window"):
+        plan.ts_base_ms(now, plan.MAX_BACKDATE_MS // plan.TS_STEP_MS)
+
+
+def test_one_reading_per_second_of_meter_time_is_within_the_rate_rule() -> None:
+    # reading-v1 rule 9 as configured by default: at most 60 in any 60 s of meter time
+    window = [plan.reading_ts(0, s) for s in range(1, 200)]
+    densest = max(sum(1 for t in window if last - 60_000 < t <= last) for last in window)
+    assert densest <= 60
+
+
+def test_max_seq_bounds_the_round_robin_of_every_process() -> None:
+    meters, processes, phases = 203, 2, [203, 5_000, 12_345]
+    highest = 0
+    sizes = [len(s) for s in plan.split([str(i) for i in range(meters)], processes)]
+    seqs = [[0] * size for size in sizes]
+    for total in phases:
+        for p, count in enumerate(plan.share(total, processes)):
+            for k in range(count):
+                seqs[p][k % sizes[p]] += 1
+                highest = max(highest, seqs[p][k % sizes[p]])
+    assert highest <= max_seq(meters, processes, phases)
+
+
+def test_token_bucket_follows_the_rate_and_catches_up_without_overshooting() -> None:
+    assert plan.due(0.0, 1000, 0, 10_000) == 0
+    assert plan.due(0.5, 1000, 0, 10_000) == 500
+    assert plan.due(0.5, 1000, 500, 10_000) == 0
+    assert plan.due(2.0, 1000, 500, 10_000) == 1_500  # a late tick catches up
+    assert plan.due(99.0, 1000, 9_990, 10_000) == 10  # never past the total
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = sorted(float(v) for v in range(1, 101))
+    assert plan.percentile(values, 50) == 50.0
+    assert plan.percentile(values, 99) == 99.0
+    assert plan.percentile(values, 100) == 100.0
+    assert plan.percentile([], 50) is None
+    summary = plan.latency_summary([1.0, 2.0, 3.0])
+    assert summary["p50"] == 2.0
+    assert summary["max"] == 3.0
+    assert summary["count"] == 3
+
+
+def test_backlog_is_published_minus_receipted_and_its_growth_shows_overload() -> None:
+    assert plan.add_series([[1, 2], [3]]) == [4, 2]
+    assert plan.backlog_series([10, 10, 10], [5, 10, 15]) == [5, 5, 0]
+    assert plan.backlog_series([10, 10], [0, 0, 20]) == [10, 20, 0]
+    keeping_up = [100] * 20
+    falling_behind = [100 + 50 * s for s in range(20)]
+    assert plan.backlog_growth(keeping_up) == 0.0
+    assert plan.backlog_growth(falling_behind) == pytest.approx(50.0)
+    assert plan.backlog_growth([1, 2, 3]) == 0.0
+
+
+def test_verdict_names_what_broke() -> None:
+    ok = plan.sustained(
+        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=3, unreceipted=0
+    )
+    assert ok.sustained
+    slow_gen = plan.sustained(
+        offered_per_s=1000, published=9_000, expected=10_000, growth_per_s=0, unreceipted=0
+    )
+    assert not slow_gen.sustained
+    assert "generator" in slow_gen.why
+    growing = plan.sustained(
+        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=11, unreceipted=0
+    )
+    assert not growing.sustained
+    assert "backlog" in growing.why
+    lost = plan.sustained(
+        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=0, unreceipted=1
+    )
+    assert not lost.sustained
+
+
+def test_connect_summary_adds_processes_up() -> None:
+    answers = [
+        {"meters": 3, "connected": 3, "started": 10.0, "finished": 11.0, "contexts_s": 0.1,
+         "per_second": [2, 1], "errors": {}},
+        {"meters": 3, "connected": 2, "started": 10.5, "finished": 12.0, "contexts_s": 0.2,
+         "per_second": [2], "errors": {"ConnectionRefusedError": 1}},
+    ]  # fmt: skip
+    summary = connect_summary(answers)
+    assert summary["connected"] == 5
+    assert summary["seconds"] == 2.0
+    assert summary["handshakes_per_s"] == 2.5
+    assert summary["per_second"] == [4, 1]
+    assert summary["errors"] == {"ConnectionRefusedError": 1}
+
+
+def test_max_connections_is_read_from_the_tls_listener_only() -> None:
+    conf = (
+        "max_queued_messages 10\nlistener 8883 127.0.0.1\nprotocol mqtt\n"
+        "# max_connections 5\nmax_connections 19000\n"
+        "listener 1884 127.0.0.1\nmax_connections 16\n"
+    )
+    assert listener_max_connections(conf, 8883) == 19000
+    assert listener_max_connections(conf, 1884) == 16
+    assert listener_max_connections("listener 8883\n", 8883) is None
+
+
+def test_generator_processes_publish_and_match_every_receipt(
+    pki: PkiLayout, broker: BrokerServer, stack_env: StackEnv, database_url: str, tmp_path: Path
+) -> None:
+    meters = [f"lg-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
+    for meter_id in meters:
+        provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=stack_env.redis_url
+    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    worker.start()
+    env = stack_env.model_copy(update={"database_url": database_url})
+    ts_base = plan.ts_base_ms(int(time.time() * 1000), 10)
+    gens = Generators(env=env, meter_ids=meters, processes=2, ts_base_ms=ts_base, run_dir=tmp_path)
+    try:
+        connected = gens.answers(timeout=60)
+        assert sum(a["connected"] for a in connected) == 4
+        prepared = gens.prepare(8, 40)
+        assert sum(p["count"] for p in prepared) == 8
+        gens.go(start_at=time.time() + 0.2, grace_s=20, tag="smoke/1")
+        done = gens.answers(timeout=60)
+    finally:
+        gens.stop()
+        worker.stop()
+    assert sum(d["published"] for d in done) == 8
+    assert sum(d["statuses"].get("accepted", 0) for d in done) == 8
+    assert sum(d["unreceipted"] for d in done) == 0
+    assert sum(sum(d["receipted_per_second"]) for d in done) == 8
+    latencies = array("f")
+    for d in done:
+        latencies.frombytes(Path(d["latencies_file"]).read_bytes())
+    assert len(latencies) == 8
+    assert all(v > 0 for v in latencies)
+    assert sorted(stored_counts(database_url, meters)) == sorted(
+        (m, s) for m in meters for s in (1, 2)
+    )
