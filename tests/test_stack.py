@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +16,11 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 import redis
+from click.testing import CliRunner
 
-from certs.identities import issue_device
-from certs.layout import PkiLayout
+from certs.cli import certs as certs_cli
+from certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
+from certs.layout import IdentityFiles, PkiLayout
 from mosquitto.config import broker_files
 from stack.broker import BrokerServer
 from stack.env import StackEnv
@@ -246,3 +250,50 @@ def test_stack_render_prepares_compose_without_starting(run_dir: Path):
     assert (run_dir / "mosquitto" / "mosquitto.conf").exists()
     assert StackEnv.read(run_dir / "stack.env").mqtt_port == ports["--mqtt-port"]
     assert not any(port_accepts(port) for port in ports.values())
+
+
+def test_issuing_a_worker_identity_reloads_the_running_brokers_acl(
+    broker: BrokerServer, pki: PkiLayout, stack_env: StackEnv, make_meter_id
+):
+    """The broker grants rights by CN from its rendered ACL: `certs issue-service` renders
+    it again and sends SIGHUP, so the new worker may read readings at once."""
+    issued = [p for p in pki.services_dir.iterdir() if INGEST_IDENTITY_RE.fullmatch(p.name)]
+    new = ingest_identity(len(issued))
+    result = CliRunner().invoke(
+        certs_cli,
+        ["--pki-root", str(pki.root), "issue-service", "ingest",
+         "--instances", str(len(issued) + 1), "--stack-env", str(stack_env.run_dir / "stack.env")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"issued: {new}" in result.output
+    assert "reloaded" in result.output
+    assert f"user {new}\n" in broker.files.acl.read_text()
+
+    meter_id = make_meter_id()
+    issue_device(pki, meter_id)
+    worker, meter = _client(pki, pki.service(new)), _client(pki, pki.device(meter_id))
+    got: list[bytes] = []
+    worker.on_message = lambda _c, _u, message: got.append(message.payload)
+    try:
+        for client in (worker, meter):
+            client.connect("127.0.0.1", broker.port)
+            client.loop_start()
+        worker.subscribe("meters/+/readings", qos=1)
+        time.sleep(0.3)
+        meter.publish(f"meters/{meter_id}/readings", b"r", qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [b"r"]
+    finally:
+        for client in (worker, meter):
+            client.disconnect()
+            client.loop_stop()
+
+
+def _client(pki: PkiLayout, files: IdentityFiles) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.load_cert_chain(files.cert, files.key)
+    client.tls_set_context(context)
+    return client
