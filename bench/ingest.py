@@ -26,6 +26,7 @@ from ingest.registry import repository
 from ingest.registry.model import NewKey, NewMeter
 from schemas.signatures import load_private_key
 from stack.env import StackEnv
+from stack.process import free_port
 from stack.services import LocalStack, Ports
 
 Progress = Callable[[str], None]
@@ -129,6 +130,16 @@ def _wait_stored(
     return samples
 
 
+def private_ports() -> Ports:
+    """Free ports, never the conventional ones: a developer's stack (or another benchmark)
+    may take those between the check and the start."""
+    taken: set[int] = set()
+    while len(taken) < 4:
+        taken.add(free_port())
+    mqtt, admin, pg, rd = sorted(taken)
+    return Ports(mqtt=mqtt, mqtt_admin=admin, postgres=pg, redis=rd)
+
+
 def run_drain(
     *,
     run_dir: Path,
@@ -144,7 +155,7 @@ def run_drain(
     profile attaches py-spy there); it ends when every reading is stored."""
     stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
     # ingest-0 .. ingest-<workers-1> for the workers, one more for the count-only receiver
-    env, _ = stack.up(Ports(), ingest_workers=workers + 1)
+    env, _ = stack.up(private_ports(), ingest_workers=workers + 1)
     pki = PkiLayout(run_dir / "pki")
     try:
         per_meter = readings // meters
