@@ -61,7 +61,8 @@ BUDGETS: Final[dict[str, Budget]] = {
     "limits": Budget(60, 15),
     "registration": Budget(20, 8),
     "ingest": Budget(300, 32),
-    "load": Budget(240, 28),
+    "load": Budget(210, 28),
+    "connections": Budget(180, 20),
     "bridge": Budget(120, 16),
 }
 BOUND_S: Final = {False: 15 * 60, True: 2 * 60}
@@ -286,6 +287,44 @@ def load(
             f"p99 {lat.get('p99', float('nan')):,.0f} ms, sustained {t.get('sustained')}"
         )
     _saved(ctx, "load", figures)
+
+
+@bench.command()
+@click.option("--meters", type=click.IntRange(2, 40_000), default=None, help="20,000; quick 300.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 600),
+    default=None,
+    help="s between a meter's readings.",
+)
+@click.option("--seconds", type=click.FloatRange(1, 600), default=None, help="Reporting phase.")
+@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.pass_context
+def connections(
+    ctx: click.Context,
+    meters: int | None,
+    interval: float | None,
+    seconds: float | None,
+    workers: int,
+) -> None:
+    """Concurrent mutual-TLS meters on one broker, each reporting on an interval."""
+    from bench.connections import run_connections
+
+    quick = _quick(ctx)
+    fleet = meters or (300 if quick else 20_000)
+    every = interval or (5.0 if quick else 10.0)
+    phase = seconds or (3.0 if quick else 30.0)
+    _progress(f"== connections: {fleet:,} meters, one reading each every {every:g} s")
+    with _run_dir() as tmp:
+        figures = run_connections(
+            tmp, meters=fleet, interval_s=every, seconds=phase, workers=workers, progress=_progress
+        )
+    _progress(
+        f"   {figures['held']:,} of {fleet:,} held, "
+        f"{figures['connect']['handshakes_per_s']:,.0f} handshakes/s, "
+        f"ingest kept up: {figures['ingest_kept_up']}"
+    )
+    _saved(ctx, "connections", figures)
 
 
 @bench.command()

@@ -131,6 +131,16 @@ def targets(found: dict[str, Data]) -> list[TargetRow]:
                 at_most(validation, 1_000.0),
             )
         )
+    conns = found.get("connections")
+    if conns is not None and conns["figures"]["meters"] >= 20_000:  # the target's size
+        f = conns["figures"]
+        rows.append(
+            (
+                "20,000 concurrent mutual-TLS meters on one broker",
+                f"{f['held']:,} held; ingest kept up: {'yes' if f['ingest_kept_up'] else 'no'}",
+                at_least(f["held"], 20_000),
+            )
+        )
     bridge = found.get("bridge")
     if bridge is not None and bridge["figures"]["readings"] >= 1_000_000:  # the target's size
         f = bridge["figures"]
@@ -398,30 +408,51 @@ def _load(data: Data, found: dict[str, Data]) -> list[str]:
     return [*lines, _measured(data), ""]
 
 
-def _scalars(prefix: str, value: Any) -> list[tuple[str, str]]:  # noqa: ANN401 - any JSON
-    if isinstance(value, dict):
-        out = []
-        for k, v in value.items():
-            out += _scalars(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return [(prefix, str(value))]
-    if isinstance(value, int | float):
-        return [(prefix, f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3g}")]
-    return []  # lists (series) are for plots, not for the table
-
-
 def _connections(data: Data, found: dict[str, Data]) -> list[str]:
-    rows = _scalars("", data["figures"])
+    f = data["figures"]
+    c, mem, key = f["connect"], f.get("broker_memory") or {}, f.get("broker_key") or {}
+    cap = f.get("broker_limits") or {}
+    rep = f["reporting"]
+    lat = rep.get("latency_ms") or {}
+    errors = ", ".join(f"{k} {v:,}" for k, v in (c.get("errors") or {}).items()) or "none"
     return [
         "## Concurrent connections",
         "",
-        "Meters holding a mutual-TLS MQTT 5 connection each, at once, on one broker",
-        "(`bench/connections.py` describes the run).",
+        f"{f['meters']:,} meters, each its own mutual-TLS MQTT 5 session with its own device",
+        f"certificate, from {f['generators']} generator processes, connect to one broker; then",
+        f"each publishes a reading every {f['interval_s']:g} s for {f['seconds']:g} s "
+        f"({_n(f['offered_per_s'])} readings/s) to {f['workers']} worker(s).",
         "",
         "| figure | value |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
+        f"| sessions held at the end | **{f['held']:,}** of {f['meters']:,} |",
+        f"| connect ramp | {c['connected']:,} in {c['seconds']} s "
+        f"({_n(c['handshakes_per_s'])} handshakes/s); errors: {errors} |",
+        *(
+            [f"| broker CPU per handshake | {c['broker_cpu_ms_per_handshake']:.2f} ms |"]
+            if c.get("broker_cpu_ms_per_handshake") is not None
+            else []
+        ),
+        *(
+            [f"| broker key ({key['type']}) signatures/s, one core | {_n(key['signs_per_s'])} |"]
+            if key
+            else []
+        ),
+        *(
+            [
+                f"| broker memory | {mem['rss_before_mib']:,.0f} -> {mem['rss_after_mib']:,.0f} "
+                f"MiB ({mem['per_connection_kib']:,.1f} KiB per connection) |"
+            ]
+            if mem
+            else []
+        ),
+        f"| broker caps | max_connections {cap.get('max_connections')}, open files "
+        f"{cap.get('open_files')} |",
+        f"| reporting: accepted | {_n(rep['accepted_per_s'])} readings/s |",
+        "| reporting: publish -> receipt p50 / p95 / p99 | "
+        + " / ".join(f"{lat[q]:,.0f}" if q in lat else "-" for q in ("p50", "p95", "p99"))
+        + " ms |",
+        f"| ingest kept up | {'yes' if f['ingest_kept_up'] else 'no'} |",
         "",
         _measured(data),
         "",
