@@ -10,6 +10,7 @@ database nobody writes to.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -39,7 +40,7 @@ from chaos.plan import CampaignConfig, Plan, make_plan
 from demo.run import _cli, _environ
 from meter.identity import discover
 from stack.env import StackEnv
-from stack.process import free_port
+from stack.process import StackError, free_port
 from stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]
@@ -92,7 +93,8 @@ def _stack_ports() -> Ports:
 def run_campaign(config: CampaignConfig, *, work_dir: Path, say: Say) -> CampaignResult:
     """Run the whole campaign in `work_dir` (created, chmod 0755 for PostgreSQL's user)."""
     plan = make_plan(config)  # refuse a plan that does not fit before starting anything
-    result = CampaignResult(config, plan, describe(), datetime.now(UTC))
+    machine = describe() | {"load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    result = CampaignResult(config, plan, machine, datetime.now(UTC))
     began = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     work_dir.chmod(0o755)  # PostgreSQL runs as its own unprivileged user
@@ -109,8 +111,8 @@ def run_campaign(config: CampaignConfig, *, work_dir: Path, say: Say) -> Campaig
             result=result,
             say=say,
         )
-    except CampaignError as exc:
-        result.notes.append(str(exc))
+    except (CampaignError, StackError) as exc:  # a part never came (back) up: no audit
+        result.notes.append(str(exc).splitlines()[0])
         say(str(exc))
     finally:
         stack.down()

@@ -52,7 +52,8 @@ def render(result: CampaignResult, *, command: str) -> str:
         f"## Run: {verdict}",
         "",
         f"- date: {m['date']} (started {result.started:%Y-%m-%d %H:%M:%S} UTC)",
-        f"- machine: {m['cores']} cores ({m['cpu']}), {m['memory']}, {m['os']}",
+        f"- machine: {m['cores']} cores ({m['cpu']}), {m['memory']}, {m['os']};"
+        f" load average at start {m.get('load_average', '-')}",
         f"- versions: Python {m['python']}, {m['mosquitto']}, {m['postgresql']},"
         f" {m['redis']}, meterproof {m['meterproof']}",
         f"- bound {c.duration_s:.0f} s, took {result.elapsed_s:.0f} s: load {result.load_s:.0f} s"
@@ -84,6 +85,7 @@ def render(result: CampaignResult, *, command: str) -> str:
         "",
     ]
     lines += _readings(result)
+    lines += _HOW
     lines += _timeline(result.faults)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -132,6 +134,30 @@ def _readings(result: CampaignResult) -> list[str]:
         *(f"- {e}" for e in (*s.examples, *mint.examples)),
         "",
     ]
+
+
+_HOW = [
+    "## What the audit checks",
+    "",
+    "- generated: a fresh fleet that is never restarted takes seqs 1..R in order, so every",
+    "  meter generated exactly seqs 1..R (R = readings per meter); the fleet's own count of",
+    "  readings sent must agree;",
+    "- stored exactly once: each (meter_id, seq) in `reading_log` (primary key) and exactly",
+    "  one row in the partitioned `readings` (its unique key holds per partition only, so",
+    "  copies are counted there); nothing stored that no meter generated;",
+    "- anchored exactly once: every stored reading's batch is anchored, each anchored batch's",
+    "  count equals the readings naming it, each batch has exactly one ledger entry (by",
+    "  idempotency key), and the entries' counts add up to the anchored readings;",
+    "- `meterproof ledger verify` (roots, hash chain, signatures, mints, balances) exits 0;",
+    "- minted GRID per meter equals the mint rule recomputed from the stored registers:",
+    "  highest anchored export minus the export of the meter's first anchored reading.",
+    "",
+    "How to run: `make chaos` (this report, <= 15 minutes), `meterproof chaos --quick`",
+    "(every fault kind, <= 3 minutes, report in `.run/reliability-quick.md`), `--seed`,",
+    "`--meters`, `--duration`, `--work-dir` (keeps the stack's logs and the meters' state).",
+    "`tests/test_chaos.py` runs a smaller campaign with every fault kind inside `make test`.",
+    "",
+]
 
 
 def _timeline(faults: Sequence[FaultRecord]) -> list[str]:
