@@ -17,14 +17,16 @@ Returned keys:
 - `tiers`: one dict per rate, in order:
   `offered_per_s`, `seconds`, `expected`, `published`, `published_per_s` (what the
   generator really sent), `receipted_in_window_per_s` (receipts that arrived while
-  publishing), `accepted`, `accepted_per_s` (receipts with status accepted / publishing
-  time), `stored` (new `reading_log` rows in PostgreSQL), `statuses` and `reasons`
-  (receipt counts), `unreceipted` (no receipt after the grace period), `latency_ms`
-  (`p50`, `p95`, `p99`, `max`, `count`: publish -> receipt), `backlog` (`growth_per_s`,
-  `end`, `max`, `series`: published - receipted, per second), `sustained` and `verdict`
-  (see `bench.loadgen.plan.sustained`), `cpu` (`cores` per group - broker, postgres,
-  redis, workers, generator - where 1.0 is one core busy; `processes`; `machine_cores`;
-  `rss_mib`), `generator_cpu_s`, `sign_s`, `disconnects`, `connected`.
+  publishing), `accepted`, `accepted_per_s` (receipts with status accepted divided by
+  `receipt_span_s`, the time from the start to the last receipt: the offered rate while
+  the pipeline keeps up, its capacity when it does not), `stored` (new `reading_log`
+  rows in PostgreSQL), `statuses` and `reasons` (receipt counts), `unreceipted` (no
+  receipt after the grace period), `latency_ms` (`p50`, `p95`, `p99`, `max`, `count`:
+  publish -> receipt), `backlog` (`growth_per_s`, `end`, `max`, `series`: published -
+  receipted, per second), `sustained` and `verdict` (see `bench.loadgen.plan.sustained`),
+  `cpu` (`cores` per group - broker, postgres, redis, workers, generator - where 1.0 is
+  one core busy; `processes`; `machine_cores`; `rss_mib`), `generator_cpu_s`, `sign_s`,
+  `disconnects`, `connected`.
 - `max_sustained_per_s`: the highest offered rate whose tier was sustained (None if none).
 """
 

@@ -381,6 +381,10 @@ def measure(
         statuses.update(f["statuses"])
         reasons.update(f["reasons"])
     publish_s = max(f["publish_s"] for f in finished)
+    # accepted/s over the time it took to receipt them: the offered rate while keeping up,
+    # the pipeline's capacity when overloaded (the backlog drains after publishing stops)
+    go = min(f["go"] for f in finished)
+    span_s = max(publish_s, max(f["last_receipt"] for f in finished) - go)
     in_window = sum(rec_series[: max(1, round(seconds))])
     result = {
         "offered_per_s": rate,
@@ -390,7 +394,8 @@ def measure(
         "published_per_s": round(published / publish_s, 1),
         "receipted_in_window_per_s": round(in_window / seconds, 1),
         "accepted": statuses.get("accepted", 0),
-        "accepted_per_s": round(statuses.get("accepted", 0) / publish_s, 1),
+        "accepted_per_s": round(statuses.get("accepted", 0) / span_s, 1),
+        "receipt_span_s": round(span_s, 2),
         "stored": stored,
         "statuses": dict(statuses),
         "reasons": dict(reasons),

@@ -46,12 +46,13 @@ class Run:
     reasons: Counter[str] = field(default_factory=Counter)
     latencies_ms: array[float] = field(default_factory=lambda: array("f"))
     unmatched: int = 0
+    last_receipt: float = 0.0
 
-    def bump(self, series: list[int], now: float) -> None:
+    def bump(self, series: list[int], now: float, n: int = 1) -> None:
         second = max(0, int(now - self.go))
         while len(series) <= second:
             series.append(0)
-        series[second] += 1
+        series[second] += n
 
 
 class Meter:
@@ -118,7 +119,8 @@ class Generator:
             run.unmatched += 1  # a receipt for a redelivery already counted
             return
         run.latencies_ms.append((now - sent) * 1000)
-        run.bump(run.receipted, time.time())
+        run.last_receipt = time.time()
+        run.bump(run.receipted, run.last_receipt)
         run.statuses[body["status"]] += 1
         if body.get("reason"):
             run.reasons[body["reason"]] += 1
@@ -197,7 +199,7 @@ class Generator:
             for meter, seq, payload in batch[sent : sent + n]:
                 meter.pending[seq] = now
                 meter.client.publish(meter.topic, payload, qos=1)
-                run.bump(run.published, now_wall)
+            run.bump(run.published, now_wall, n)
             sent += n
             await asyncio.sleep(TICK_S)
         publish_s = time.monotonic() - started
@@ -214,6 +216,8 @@ class Generator:
         return {
             "event": "done",
             "published": sent,
+            "go": run.go,
+            "last_receipt": run.last_receipt,
             "publish_s": publish_s,
             "published_per_second": run.published,
             "receipted_per_second": run.receipted,
