@@ -182,7 +182,13 @@ def test_two_workers_on_one_shared_subscription_store_each_reading_once(
     first = worker_settings(
         pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
     )
-    second = first.model_copy(update={"client_id": first.client_id + "-b"})
+    second = worker_settings(  # its own certificate: one connection per certificate
+        pki=pki,
+        port=broker.port,
+        database_url=database_url,
+        redis_url=redis_server.url,
+        share_group=first.share_group,
+    )
     per_meter = 50
     t0 = int(time.time() * 1000) - 3_600_000
 
