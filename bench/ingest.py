@@ -26,7 +26,7 @@ from ingest.registry import repository
 from ingest.registry.model import NewKey, NewMeter
 from schemas.signatures import load_private_key
 from stack.env import StackEnv
-from stack.process import free_port
+from stack.process import StackError, free_port
 from stack.services import LocalStack, Ports
 
 Progress = Callable[[str], None]
@@ -130,14 +130,25 @@ def _wait_stored(
     return samples
 
 
-def private_ports() -> Ports:
-    """Free ports, never the conventional ones: a developer's stack (or another benchmark)
-    may take those between the check and the start."""
+def _private_ports() -> Ports:
     taken: set[int] = set()
     while len(taken) < 4:
         taken.add(free_port())
     mqtt, admin, pg, rd = sorted(taken)
     return Ports(mqtt=mqtt, mqtt_admin=admin, postgres=pg, redis=rd)
+
+
+def up_on_free_ports(stack: LocalStack, *, ingest_workers: int, tries: int = 3) -> StackEnv:
+    """Start `stack` on free ports, never the conventional ones (a developer's stack may
+    hold those). A free port can still be taken before its server starts (seconds later,
+    after initdb: an outgoing connection on this shared machine may get it as its
+    ephemeral port), so a start that finds its port taken is tried again on new ports."""
+    for _ in range(tries - 1):
+        try:
+            return stack.up(_private_ports(), ingest_workers=ingest_workers)[0]
+        except StackError:
+            stack.down()
+    return stack.up(_private_ports(), ingest_workers=ingest_workers)[0]
 
 
 def run_drain(
@@ -155,7 +166,7 @@ def run_drain(
     profile attaches py-spy there); it ends when every reading is stored."""
     stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
     # ingest-0 .. ingest-<workers-1> for the workers, one more for the count-only receiver
-    env, _ = stack.up(private_ports(), ingest_workers=workers + 1)
+    env = up_on_free_ports(stack, ingest_workers=workers + 1)
     pki = PkiLayout(run_dir / "pki")
     try:
         per_meter = readings // meters

@@ -85,9 +85,9 @@ def scaling(
         left.plot(
             labels,
             [r["count_only_per_s"] for r in drain_runs],
-            "o--",
+            "o",
             color="black",
-            label="count-only receive /s",
+            label="count-only receive /s (same run)",
         )
         left.axhline(DRAIN_TARGET, linestyle=":", color="grey", label="target 22,000/s")
         left.set_xlabel("worker processes")
