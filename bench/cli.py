@@ -195,14 +195,14 @@ def ingest(
         )
         runs.append(result.as_dict())
         if measured:
-            figures["profile"] = {**measured, "run": "the 1-worker drain above (under py-spy)"}
+            figures["profile"] = {**measured, "run": "the 1-worker drain above"}
     if profile and "profile" not in figures:
         size = max(10_000, size // 2)
         _progress(f"== profile: drain of {size:,} readings, 1 worker, under py-spy")
         result, measured = _drain(size, 1, profiled=True)
         figures["profile"] = {
             **measured,
-            "run": "a separate drain",
+            "run": "a separate 1-worker drain",
             "drain_per_s": result.drain_per_s,
         }
     _saved(ctx, "ingest", {"runs": runs, **figures})

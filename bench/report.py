@@ -49,6 +49,10 @@ def latest(suite: str, results: Path = RESULTS) -> Data | None:
     return data
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
 def _n(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -89,7 +93,7 @@ def targets(found: dict[str, Data]) -> list[TargetRow]:
         rows.append(
             (
                 "backlog drain >= 22,000 verified readings/s",
-                f"{_n(best['drain_per_s'])}/s ({best['workers']} workers)",
+                f"{_n(best['drain_per_s'])}/s ({_workers(best['workers'])})",
                 at_least(best["drain_per_s"], 22_000),
             )
         )
@@ -236,7 +240,7 @@ def _peers(found: dict[str, Data]) -> list[str]:
     if ingest is not None:
         best = _best_drain(ingest)
         ours["drain"] = (
-            f"{_n(best['drain_per_s'])} verified readings/s (drain, {best['workers']} workers)"
+            f"{_n(best['drain_per_s'])} verified readings/s (drain, {_workers(best['workers'])})"
         )
         ours["receive"] = f"{_n(best['count_only_per_s'])} msg/s (gmqtt count-only)"
     if limits is not None:
@@ -305,8 +309,8 @@ def _profile(p: Data, found: dict[str, Data]) -> list[str]:
         "### Per-stage cost (from a profile of a drain run)",
         "",
         f"py-spy sampled the worker process ({p['rate_hz']} Hz, non-blocking, idle threads",
-        f"left out) through {p.get('run', 'a separate drain')} of {p['readings']:,} readings",
-        "with one worker. Each stack counts for the stage of its deepest frame that names one",
+        f"left out) during {p.get('run', 'a separate 1-worker drain')} ({p['readings']:,}",
+        "readings). Each stack counts for the stage of its deepest frame that names one",
         "(`bench/profile.py` has the rules). "
         + (
             f"The samples share out the workers' measured CPU time ({p['cpu_s']:.1f} s, "
@@ -333,6 +337,18 @@ def _profile(p: Data, found: dict[str, Data]) -> list[str]:
         f"{found['ingest']['machine']['cores']} cores, shared with Mosquitto, PostgreSQL, "
         "Redis and the benchmark's own clients.",
     ]
+    if "cpu_us_per_reading" in best:
+        busy = best["cpu_us_per_reading"] * best["drain_per_s"] / 1e6
+        lines.append(
+            f"During that drain the workers used {busy:.2f} cores "
+            f"({best['cpu_us_per_reading']:,.0f} µs per reading x {_n(best['drain_per_s'])}/s): "
+            + (
+                "they were waiting much of the time (commits, the broker, the shared cores), "
+                "so CPU per reading is not the only limit."
+                if busy < 0.8 * best["workers"]
+                else "they were CPU-bound."
+            )
+        )
     limits = found.get("limits")
     if limits is not None:
         ed = next(c for c in limits["figures"]["crypto"] if c["alg"] == "EdDSA")
