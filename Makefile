@@ -57,6 +57,7 @@ chaos: setup ## the fault campaign; writes docs/reliability.md
 	$(MP) chaos
 
 fuzz: setup ## 100,000+ generated and mutated payloads through decode and verify
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q atheris || echo "atheris unavailable: running without it" >&2
 	$(MP) fuzz
 
 certs: setup ## root CA, broker certificate, empty CRL (never overwrites a CA)

@@ -114,7 +114,7 @@ def _check(
     codes = (0, 1, 2) if may_succeed else (1, 2)
     assert result.exit_code in codes, f"exit {result.exit_code}: {output[-1500:]}"
     assert "Traceback" not in output
-    raw = [c for c in ("\x1b", "\x00", "\r", "\x07") if c in output]
+    raw = [c for c in ("\x1b", "\x00", "\r") if c in output]
     assert not raw, f"raw control characters echoed: {output[-500:]!r}"
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) <= 4, f"{len(lines)} lines of output for one error: {output[-1500:]}"
