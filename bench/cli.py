@@ -113,7 +113,7 @@ def limits(ctx: click.Context) -> None:
     from bench.profile import validation_cost
 
     quick = _quick(ctx)
-    rows = 10_000 if quick else 100_000
+    rows = 10_000 if quick else 50_000
     _progress(f"== limits (signing {rows:,} readings for the database, Redis and validation)")
     fleet = pipeline_rows(50, rows // 50)
     with _run_dir() as tmp:

@@ -306,7 +306,7 @@ def run_limits(
     progress: Progress,
 ) -> Limits:
     """Everything on a private stack (PKI, broker, PostgreSQL, Redis) in `run_dir`."""
-    from bench.ingest import private_ports
+    from bench.ingest import up_on_free_ports
     from stack.services import LocalStack
 
     progress(f"crypto: verify/s on one core, {crypto_seconds:.1f} s per algorithm")
@@ -314,7 +314,7 @@ def run_limits(
     for c in crypto:
         progress(f"  {c.key}: {c.verify_per_s:,.0f} verify/s, {c.sign_per_s:,.0f} sign/s")
     stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
-    env, _ = stack.up(private_ports())
+    env = up_on_free_ports(stack, ingest_workers=1)
     try:
         pki = PkiLayout(run_dir / "pki")
         issue_bulk(pki, ["bench-limit-0"])  # only its TLS certificate is used
