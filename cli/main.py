@@ -44,6 +44,15 @@ class LazyGroup(click.Group):
             raise TypeError(f"{target} is not a click command")
         return command
 
+    def invoke(self, ctx: click.Context) -> object:
+        """An operating-system error about a path the user typed (too long, not a folder,
+        permission denied) is bad input, not a bug: one line, exit 1, no traceback."""
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            name = exc.filename if exc.filename is None else repr(str(exc.filename)[:80])
+            raise click.ClickException(f"{exc.strerror or exc}: {name}") from None
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="meterproof")

@@ -164,6 +164,8 @@ def migrate_command(database_url: str | None) -> None:
         raise click.ClickException(str(exc)) from None
     except psycopg.OperationalError as exc:
         raise click.ClickException(f"database unreachable: {_first_line(exc)}") from None
+    except psycopg.Error as exc:  # e.g. a URL psycopg cannot parse
+        raise click.ClickException(f"database error: {_first_line(exc)}") from None
     if applied:
         click.echo("applied " + " ".join(applied))
     else:

@@ -41,14 +41,7 @@ IDS = [
     "ledger proof {v} --database-url {db}",
     "meter run --meter-id {v} --count 1",
     "simulate --meters 1 --readings 1 --alg-mix {v}",
-    pytest.param(
-        "db migrate --database-url {v}",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="schemas/migrate.py db migrate lets psycopg.ProgrammingError (an unparsable "
-            "--database-url) escape as a traceback",
-        ),
-    ),
+    "db migrate --database-url {v}",
 ]
 PATHS = [
     "certs --pki-root {v} list",
@@ -61,16 +54,6 @@ PATHS = [
     "meter run --meter-id m --stack-env {v}",
     "meters register --bulk {v} --database-url {db}",
 ]
-
-
-#: Pinned defects in files this suite does not own (each an OSError "File name too long"
-#: escaping as a traceback); see the fix in the hostile-input report.
-ESCAPING_OSERROR = {
-    "certs --pki-root {v} list": "certs/crl.py read_revoked",
-    "stack status --run-dir {v}": "stack/services.py recorded",
-    "stack down --run-dir {v}": "stack/services.py recorded",
-    "meter run --meter-id m --stack-env {v}": "stack/env.py StackEnv.load",
-}
 
 
 def _argv(template: str, value: str, db: str) -> list[str]:
@@ -134,13 +117,6 @@ def test_hostile_ids_and_values(
 
 @pytest.mark.parametrize("value_name", ["traversal", "long", "control"])
 @pytest.mark.parametrize("template", PATHS)
-def test_hostile_paths(
-    template: str, value_name: str, database_url: str, workdir: Path, request: pytest.FixtureRequest
-) -> None:
+def test_hostile_paths(template: str, value_name: str, database_url: str, workdir: Path) -> None:
     """An operator's own path may point anywhere (an empty folder is not an error)."""
-    if value_name == "long" and template in ESCAPING_OSERROR:
-        where = ESCAPING_OSERROR[template]
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason=f"{where}: OSError(ENAMETOOLONG) escapes")
-        )
     _check(template, value_name, database_url, workdir, may_succeed=True)
