@@ -37,7 +37,7 @@ def decode_reading(payload: bytes) -> SignedReading:
         reading = SignedReading.model_validate(obj)
     except ValidationError as exc:
         raise MalformedPayload(_first_error(exc)) from None
-    if _has_duplicate_key(payload, obj):
+    if _has_duplicate_key(payload, obj, reading):
         raise MalformedPayload("a key is given twice")
     return reading
 
@@ -58,15 +58,16 @@ def sign_reading(
     return unsigned.model_copy(update={"sig": sig})
 
 
-def _has_duplicate_key(payload: bytes, obj: dict[str, Any]) -> bool:
-    """In a validated reading every value is an int or a string, so without escapes each
-    key and string value accounts for exactly two quote characters."""
+def _has_duplicate_key(payload: bytes, obj: dict[str, Any], reading: SignedReading) -> bool:
+    """In a validated reading every value is an int or a string (`meter_id`, `alg`, `sig`
+    and, if present, `kid`), so without escapes each key and string value accounts for
+    exactly two quote characters."""
     if b"\\" not in payload:
-        strings = len(obj) + sum(isinstance(v, str) for v in obj.values())
-        return payload.count(b'"') != 2 * strings
-    keys: list[str] = []
-    json.loads(payload, object_pairs_hook=lambda pairs: keys.extend(k for k, _ in pairs))
-    return len(keys) != len(set(keys))
+        strings = 3 + (reading.kid is not None)
+        return payload.count(b'"') != 2 * (len(obj) + strings)
+    keys_seen: list[str] = []
+    json.loads(payload, object_pairs_hook=lambda pairs: keys_seen.extend(k for k, _ in pairs))
+    return len(keys_seen) != len(set(keys_seen))
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -126,7 +126,9 @@ def test_kill9_of_a_worker_mid_stream_loses_nothing(
         stream = asyncio.create_task(_stream(meters, count, 0.05, t0))
         rng = random.Random(7)
         try:
-            while not stream.done() and kills < 3:
+            # Three kills whatever the machine's speed: on a slow one the stream may end
+            # first, and the later kills then hit the worker while it drains the backlog.
+            while kills < 3:
                 await asyncio.sleep(rng.uniform(0.8, 1.6))
                 await asyncio.to_thread(worker.kill9)
                 kills += 1
