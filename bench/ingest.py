@@ -52,7 +52,7 @@ class DrainResult:
         return asdict(self)
 
 
-def _provision(pki: PkiLayout, database_url: str, count: int) -> dict[str, bytes]:
+def provision_meters(pki: PkiLayout, database_url: str, count: int) -> dict[str, bytes]:
     ids = [f"bench-{i:05d}" for i in range(count)]
     issued = issue_bulk(pki, [i for i in ids if not pki.device(i).cert.exists()])
     meters = [NewMeter(d.record.name, NewKey.parse("EdDSA", d.public_key_pem)) for d in issued]
@@ -172,7 +172,7 @@ def run_drain(
         per_meter = readings // meters
         total = per_meter * meters
         progress(f"registering {meters} meters, signing {total:,} readings")
-        keys = _provision(pki, env.database_url, meters)
+        keys = provision_meters(pki, env.database_url, meters)
         t0 = int(time.time() * 1000) - per_meter * 5_000 - 60_000
         backlogs = {
             m: signed_payloads(m, load_private_key("EdDSA", k), per_meter, t0_ms=t0)

@@ -23,7 +23,7 @@ from typing import IO, Any
 import psutil  # type: ignore[import-untyped, unused-ignore]
 import psycopg
 
-from bench.ingest import _provision as provision_meters
+from bench.ingest import provision_meters
 from bench.loadgen import plan
 from stack.env import StackEnv
 from stack.process import port_is_free, read_pid
