@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import structlog
 from psycopg import AsyncConnection
@@ -46,6 +46,8 @@ from schemas.reading import RejectReason
 
 log = structlog.get_logger("ingest.worker")
 _T = TypeVar("_T")
+#: Signature checks between two turns of the event loop (~3 ms of CPU).
+_YIELD_EVERY: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,7 @@ class Worker:
             publish_window=settings.publish_window,
             handler=self._receive,
         )
+        self._announcing: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.committed = 0
         self.failed = False
@@ -156,9 +159,10 @@ class Worker:
                 self.stopping.set()
 
     async def run(self) -> None:
-        """Two batches in hand: while one is in its transaction (waiting for PostgreSQL) and
-        then announced, the next is decoded and verified (CPU). Transactions stay one at a
-        time and in arrival order, so each judges against everything committed before it."""
+        """Batches overlap: while one is in its transaction (waiting for PostgreSQL), the next
+        is decoded and verified (CPU, yielding to the loop between chunks) and the previous
+        one announced. Transactions stay one at a time and in arrival order, so each judges
+        against everything committed before it."""
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
         await self._source.start()
@@ -182,6 +186,8 @@ class Worker:
         finally:
             if committing is not None:
                 await committing
+            if self._announcing is not None:
+                await self._announcing
             watchdog.cancel()
             await self._shutdown(listener)
 
@@ -266,12 +272,16 @@ class Worker:
                 decoded.append(d)
         snapshots = await self._keys.snapshots({d.reading.meter_id for d in decoded})
         candidates: list[Candidate] = []
-        for d in decoded:
+        for i, d in enumerate(decoded, start=1):
             v = verify(d, snapshots.get(d.reading.meter_id), now_ms=now_ms, bounds=self._bounds)
             if isinstance(v, Rejection):
                 rejections.append(v)
             else:
                 candidates.append(v)
+            if i % _YIELD_EVERY == 0:
+                # Let the previous batch's transaction take its next round trip: without
+                # this, its 7 round trips waited for a whole batch's signatures (~50 ms).
+                await asyncio.sleep(0)
         cached = await self._replay.lookup(
             [(c.reading.meter_id, c.reading.seq) for c in candidates]
         )
@@ -286,7 +296,9 @@ class Worker:
 
     async def _commit(self, prepared: _Prepared) -> set[str]:
         """The order of effects: commit -> PUBACK -> receipts and verified -> Redis.
-        Returns the meters this batch quarantined."""
+        Returns the meters this batch quarantined once it is committed and acknowledged;
+        its announcement goes on meanwhile, so the next transaction need not wait for it
+        (at most one announcement runs behind the transaction in hand)."""
         started = time.perf_counter()
         batch = prepared.batch
         result = await self._retrying(partial(self._store_batch, prepared), batch)
@@ -301,14 +313,6 @@ class Worker:
         for p in batch:
             if p.done is not None and not p.done.done():
                 p.done.set_result(None)
-        await self._announce(outcomes)
-        await self._replay.remember(
-            [
-                (o.candidate.reading.meter_id, o.candidate.reading.seq, o.candidate.reading_hash)
-                for o in outcomes
-                if isinstance(o, Accepted | Duplicate)
-            ]
-        )
         for meter_id in result.quarantined:
             self._keys.invalidate(meter_id)
             t.QUARANTINED.inc()
@@ -316,6 +320,9 @@ class Worker:
         self.committed += len(batch)
         t.QUEUE_DEPTH.set(self._queue.qsize())
         self._record(batch, outcomes, prepared.now_ms, time.perf_counter() - started)
+        if self._announcing is not None:
+            await self._announcing
+        self._announcing = asyncio.create_task(self._announce(outcomes))
         return set(result.quarantined)
 
     async def _store_batch(self, prepared: _Prepared) -> BatchResult:
@@ -335,6 +342,7 @@ class Worker:
         return self._store
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
+        """Receipts and verified readings of a committed batch, then Redis learns it."""
         items: list[tuple[str, bytes]] = []
         for o in outcomes:
             r = receipt(o)
@@ -343,6 +351,13 @@ class Worker:
             if isinstance(o, Accepted):
                 items.append(verified(o.candidate))
         await self._source.publish_many(items)
+        await self._replay.remember(
+            [
+                (o.candidate.reading.meter_id, o.candidate.reading.seq, o.candidate.reading_hash)
+                for o in outcomes
+                if isinstance(o, Accepted | Duplicate)
+            ]
+        )
 
     def _record(
         self, batch: list[_Pending], outcomes: Sequence[Outcome], now_ms: int, elapsed_s: float
