@@ -213,7 +213,7 @@ def check_mints(conn: psycopg.Connection[Any]) -> MintCheck:
     }
     wrong = sorted(m for m in want.keys() | minted.keys() if want.get(m, 0) != minted.get(m, 0))
     return MintCheck(
-        meters_minted=len(minted),
+        meters_minted=sum(1 for units in minted.values() if units),
         minted_units=sum(minted.values()),
         mismatches=len(wrong),
         examples=tuple(

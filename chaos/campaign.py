@@ -183,7 +183,7 @@ def _run(
             result.notes.append("not every stored reading was anchored at the settle bound")
         result.settle_s = round(time.time() - settle_began, 1)
         for process in (ingest, bridge):
-            process.restart_if_dead()
+            process.restart_if_dead(restart=False)  # about to stop anyway: only record it
             result.unexpected_exits[process.name] = list(process.unexpected_exits)
     # ingest and bridge stopped: the audit reads a database nobody writes to any more
     generated = {m.meter_id: config.readings_per_meter for m in discover(PkiLayout(env.pki_root))}

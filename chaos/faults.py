@@ -103,12 +103,15 @@ class ProductProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def restart_if_dead(self) -> bool:
-        """Start again after an exit nobody asked for (recorded); True if it had died."""
+    def restart_if_dead(self, *, restart: bool = True) -> bool:
+        """Record an exit nobody asked for and start again; True if it had died."""
         if self.proc is None or self.proc.poll() is None:
             return False
         self.unexpected_exits.append(self.proc.returncode)
-        self.start()
+        if restart:
+            self.start()
+        else:
+            self.proc = None
         return True
 
     def stop(self) -> None:

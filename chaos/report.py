@@ -10,6 +10,11 @@ from chaos.campaign import CampaignResult
 from chaos.faults import FaultRecord
 from chaos.plan import DESCRIPTION, FaultKind
 
+
+def _count(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
 _KILLS = (FaultKind.WORKER_KILL, FaultKind.BROKER_KILL, FaultKind.BRIDGE_KILL)
 
 
@@ -77,6 +82,10 @@ def render(result: CampaignResult, *, command: str) -> str:
         "with its receipt, sent after commit); for the bridge, until every reading stored",
         "before that moment is in an anchored batch (this includes the epoch still open, up",
         f"to {c.epoch_s} s + {c.seal_delay_s:g} s seal delay). min / median / max, seconds.",
+        "A recovery close to the meters' republish timer"
+        f" ({c.republish_after_s:g} s) means a reading the broker",
+        "had acknowledged got no receipt in time and was stored only once its meter",
+        "republished it from its outbox.",
         "",
         "| fault | what | planned | injected | kills / stops | fault duration | recovery"
         " | not recovered |",
@@ -113,20 +122,19 @@ def _readings(result: CampaignResult) -> list[str]:
         "|---|---|",
         f"| generated (every meter's seqs 1..{result.config.readings_per_meter}) |"
         f" {s.generated:,} |",
-        f"| sent, by the fleet's own count | {fleet.get('sent', '-')} |",
+        f"| sent, by the fleet's own count | {_count(fleet.get('sent'))} |",
         f"| stored (reading_log and readings) | {s.stored:,} |",
         f"| lost | {s.lost:,} |",
         f"| duplicated (extra rows in readings) | {s.duplicated:,} |",
         f"| stored but never generated | {s.unexpected:,} |",
         f"| anchored | {anc.anchored:,} |",
         f"| not anchored | {anc.unanchored:,} |",
-        f"| republished by meters (no receipt in time) | {fleet.get('republished', '-')} |",
-        f"| receipted as duplicate (already stored) | {fleet.get('duplicate', '-')} |",
+        f"| republished by meters (no receipt in time) | {_count(fleet.get('republished'))} |",
         "",
         f"- anchoring: {anc.batches} anchored batches, {anc.ledger_entries} ledger entries"
         f" holding {anc.ledger_readings:,} readings; {anc.batch_count_mismatches} batches with"
         f" a wrong count, {anc.entry_mismatches} without exactly one entry",
-        f"- minting: {mint.meters_minted} meters minted, {mint.minted_units / 10**18:.3f} GRID;"
+        f"- minting: {mint.minted_units / 10**18:.3f} GRID to {mint.meters_minted} meters;"
         f" {mint.mismatches} meters differ from the mint rule recomputed from the registers",
         f"- `ledger verify`: {a.verify_line}",
         f"- rejected by ingest: {rejected}",
