@@ -160,14 +160,14 @@ def test_audit_finds_a_gap_and_a_duplicate_across_partitions(
 @pytest.mark.slow
 def test_small_campaign_with_every_fault_kind_loses_and_duplicates_nothing() -> None:
     config = CampaignConfig(
-        duration_s=120,
+        duration_s=130,
         counts=dict.fromkeys(FaultKind, 1),
         meters=30,
         workers=2,
         seed=3,
         warmup_s=8,
         cooldown_s=3,
-        settle_s=20,
+        settle_s=30,  # a bound: the fleet ends as soon as every receipt is in
         postgres_outage_s=4,
         redis_outage_s=2,
         recovery_timeout_s=20,
