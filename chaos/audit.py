@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from bridge.mint import UNITS_PER_WH
-from demo.run import _cli, _environ
+from stack.commands import command_environ, meterproof_argv
 from stack.env import StackEnv
 
 Key = tuple[str, int]
@@ -225,8 +225,8 @@ def check_mints(conn: psycopg.Connection[Any]) -> MintCheck:
 def ledger_verify(env: StackEnv) -> tuple[bool, str]:
     """The operator's own command, so the audit trusts nothing the campaign computed."""
     done = subprocess.run(
-        _cli("ledger", "verify"),
-        env=_environ(env),
+        meterproof_argv("ledger", "verify"),
+        env=command_environ(env),
         capture_output=True,
         text=True,
         check=False,

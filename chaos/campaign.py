@@ -37,8 +37,8 @@ from chaos.faults import (
     worker_pids,
 )
 from chaos.plan import CampaignConfig, Plan, make_plan
-from demo.run import _cli, _environ
 from meter.identity import discover
+from stack.commands import command_environ, meterproof_argv
 from stack.env import StackEnv
 from stack.process import StackError, free_port
 from stack.services import LocalStack, Ports
@@ -195,7 +195,7 @@ def _start_fleet(
     env: StackEnv, config: CampaignConfig, state_root: Path, logs: Path
 ) -> subprocess.Popen[bytes]:
     """`meterproof simulate` as a user runs it; it issues and registers its meters."""
-    argv = _cli(
+    argv = meterproof_argv(
         "simulate", "--meters", str(config.meters),
         "--readings", str(config.readings_per_meter),
         "--interval", str(config.interval_s),
@@ -208,7 +208,7 @@ def _start_fleet(
         "--json",
     )  # fmt: skip
     with (logs / "fleet.json").open("wb") as out, (logs / "fleet.log").open("ab") as err:
-        return subprocess.Popen(argv, env=_environ(env), stdout=out, stderr=err)
+        return subprocess.Popen(argv, env=command_environ(env), stdout=out, stderr=err)
 
 
 def _end_fleet(fleet: subprocess.Popen[bytes]) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from chaos.backlog import ingest_caught_up, unanchored_before
 from chaos.plan import CampaignConfig, FaultKind, PlannedFault
-from demo.run import _cli, _environ, _start, _stop
 from stack.broker import BrokerServer
+from stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from stack.env import StackEnv
 from stack.postgres import PostgresServer
 from stack.redis import RedisServer
@@ -82,7 +82,7 @@ class ProductProcess:
         return self.proc.pid
 
     def start(self, **extra_env: str) -> None:
-        self.proc = _start(self.argv, {**self.environ, **extra_env}, self.log)
+        self.proc = start_command(self.argv, {**self.environ, **extra_env}, self.log)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -116,17 +116,19 @@ class ProductProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            _stop(self.proc)
+            stop_command(self.proc)
 
 
 def ingest_process(env: StackEnv, config: CampaignConfig, log: Path) -> ProductProcess:
-    environ = _environ(env, METERPROOF_METRICS_PORT="0")
-    return ProductProcess("ingest", _cli("ingest", "--workers", str(config.workers)), environ, log)
+    environ = command_environ(env, METERPROOF_METRICS_PORT="0")
+    return ProductProcess(
+        "ingest", meterproof_argv("ingest", "--workers", str(config.workers)), environ, log
+    )
 
 
 def bridge_process(env: StackEnv, config: CampaignConfig, log: Path) -> ProductProcess:
     """Short epochs, so that many epochs are sealed and anchored during the campaign."""
-    environ = _environ(
+    environ = command_environ(
         env,
         METERPROOF_EPOCH_SECONDS=str(config.epoch_s),
         METERPROOF_SEAL_DELAY_S=str(config.seal_delay_s),
@@ -134,7 +136,7 @@ def bridge_process(env: StackEnv, config: CampaignConfig, log: Path) -> ProductP
         METERPROOF_METRICS_PORT="0",
     )
     environ.pop("METERPROOF_BRIDGE_CRASH_AT", None)
-    return ProductProcess("bridge", _cli("bridge"), environ, log)
+    return ProductProcess("bridge", meterproof_argv("bridge"), environ, log)
 
 
 @dataclass(slots=True)

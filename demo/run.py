@@ -7,12 +7,8 @@ Every part runs as the real command a user would start (`meterproof ingest`, `br
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +19,7 @@ from typing import Any
 
 import psycopg
 
+from stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from stack.env import StackEnv
 from stack.services import LocalStack, Ports
 
@@ -40,32 +37,6 @@ class DemoOptions:
     workers: int = 2
     epoch_s: int = 10
     run_dir: Path = Path(".run")
-
-
-def _environ(env: StackEnv, **extra: str) -> dict[str, str]:
-    values = dict(line.split("=", 1) for line in env.to_env_lines())
-    return {**os.environ, **values, **extra}
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-P", "-m", "cli", *args]
-
-
-def _start(argv: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """In a session of its own, so stopping reaches the worker processes it starts too."""
-    with log.open("ab") as sink:
-        return subprocess.Popen(argv, env=environ, stdout=sink, stderr=sink, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _latency_ms(database_url: str, since: float) -> tuple[float, float, float]:
@@ -109,16 +80,16 @@ def run_demo(options: DemoOptions, say: Say) -> int:
     started = time.time()
     with ExitStack() as running:
         say(f"2/6 {options.workers} ingest workers (metrics on :{WORKER_METRICS}..)")
-        workers = _start(
-            _cli("ingest", "--workers", str(options.workers)),
-            _environ(env, METERPROOF_METRICS_PORT=str(WORKER_METRICS)),
+        workers = start_command(
+            meterproof_argv("ingest", "--workers", str(options.workers)),
+            command_environ(env, METERPROOF_METRICS_PORT=str(WORKER_METRICS)),
             logs / "ingest.log",
         )
-        running.callback(_stop, workers)
+        running.callback(stop_command, workers)
         say(f"3/6 ledger bridge, {options.epoch_s}-second epochs (metrics on :{BRIDGE_METRICS})")
-        bridge = _start(
-            _cli("bridge"),
-            _environ(
+        bridge = start_command(
+            meterproof_argv("bridge"),
+            command_environ(
                 env,
                 METERPROOF_EPOCH_SECONDS=str(options.epoch_s),
                 METERPROOF_SEAL_DELAY_S="1",
@@ -127,7 +98,7 @@ def run_demo(options: DemoOptions, say: Say) -> int:
             ),
             logs / "bridge.log",
         )
-        running.callback(_stop, bridge)
+        running.callback(stop_command, bridge)
         time.sleep(2)  # workers and bridge connect and subscribe
         say(
             f"4/6 simulated fleet: {options.meters} meters x {options.readings} readings, "
@@ -135,14 +106,14 @@ def run_demo(options: DemoOptions, say: Say) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="meterproof-demo-") as state:
             sim = subprocess.run(
-                _cli(
+                meterproof_argv(
                     "simulate", "--meters", str(options.meters),
                     "--readings", str(options.readings),
                     "--interval", str(options.interval_s),
                     "--misbehave", str(options.misbehave),
                     "--state-dir", state, "--json",
                 ),
-                env=_environ(env), stdout=subprocess.PIPE, check=False,
+                env=command_environ(env), stdout=subprocess.PIPE, check=False,
             )  # fmt: skip
         if not sim.stdout.strip():
             say("    the simulator printed no summary; see the lines above")
@@ -172,10 +143,12 @@ def run_demo(options: DemoOptions, say: Say) -> int:
 
 
 def _ledger_summary(env: StackEnv, say: Say) -> bool:
-    environ = _environ(env)
+    environ = command_environ(env)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(_cli(*args), env=environ, capture_output=True, text=True, check=False)
+        return subprocess.run(
+            meterproof_argv(*args), env=environ, capture_output=True, text=True, check=False
+        )
 
     say("    ledger entries:")
     for line in cli("ledger", "entries", "--limit", "5").stdout.splitlines():
