@@ -47,6 +47,8 @@ from stack.env import StackEnv
 log = structlog.get_logger("meter.client")
 
 DEFAULT_SESSION_EXPIRY_S: Final = 86_400
+#: MQTT 5 PUBACK reason: the broker accepted the message but no subscription matched it.
+NO_MATCHING_SUBSCRIBERS: Final = 16
 
 
 def readings_topic(meter_id: str) -> str:
@@ -85,6 +87,9 @@ class ClientSettings:
     #: attempt up to `max_republish_after_s`.
     republish_after_s: float = 30.0
     max_republish_after_s: float = 600.0
+    #: Retry a reading the broker routed to nobody (PUBACK reason 16) after this long;
+    #: doubles per attempt up to `republish_after_s`.
+    unrouted_retry_s: float = 1.0
     #: Readings handed to MQTT without a PUBACK yet (also paho's in-flight window).
     max_inflight: int = 10
     #: Publishes per second, first sends and republishes alike; bursts up to max_inflight.
@@ -113,6 +118,7 @@ class ClientSettings:
             max_republish_after=self.max_republish_after_s,
             max_inflight=self.max_inflight,
             bucket=TokenBucket(rate=self.publish_rate, burst=self.max_inflight),
+            unrouted_retry=min(self.unrouted_retry_s, self.republish_after_s),
         )
 
 
@@ -295,8 +301,11 @@ class MeterClient:
             # e.g. 135 not authorized: the broker dropped it; the receipt timer retries.
             self.stats.refused += 1
             log.error("meter.publish_refused", meter_id=self.meter_id, seq=seq, reason=str(reason))
+        routed = reason.value != NO_MATCHING_SUBSCRIBERS
+        if not routed:
+            log.info("meter.publish_unrouted", meter_id=self.meter_id, seq=seq)
         now = time.monotonic()
-        self._delivery.acked(seq, now)
+        self._delivery.acked(seq, now, routed=routed)
         self._pump(now)
 
     def _message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:

@@ -7,6 +7,12 @@ after a reconnect; an acknowledged reading whose receipt does not arrive in time
 queued again, since a broker killed with -9 may have lost it, and the ingest side
 deduplicates. The timeout doubles per attempt so that a fleet whose workers are down
 does not republish its whole backlog every few seconds.
+
+A PUBACK saying "no matching subscribers" (MQTT 5 reason 16) means the broker dropped the
+reading at once: no worker's subscription exists, as happens for a moment after a broker
+restart, because Mosquitto 2.0 does not restore shared subscriptions from its persistence
+file. Waiting for a receipt then is waiting for nothing, so such a reading is retried after
+`unrouted_retry` instead, doubling per attempt up to `republish_after`.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class Delivery:
         max_republish_after: float,
         max_inflight: int,
         bucket: TokenBucket,
+        unrouted_retry: float = 1.0,
     ) -> None:
         if republish_after <= 0:
             raise ValueError(f"republish_after must be positive, not {republish_after}")
@@ -53,7 +60,10 @@ class Delivery:
             raise ValueError("max_republish_after must be at least republish_after")
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
+        if not 0 < unrouted_retry <= republish_after:
+            raise ValueError("need 0 < unrouted_retry <= republish_after")
         self.republish_after = republish_after
+        self.unrouted_retry = unrouted_retry
         self.max_republish_after = max_republish_after
         self.max_inflight = max_inflight
         self.bucket = bucket
@@ -102,13 +112,17 @@ class Delivery:
             out.append(seq)
         return out
 
-    def acked(self, seq: int, now: float) -> None:
-        """PUBACK: the broker has it; start waiting for the receipt."""
+    def acked(self, seq: int, now: float, *, routed: bool = True) -> None:
+        """PUBACK: the broker has it; start waiting for the receipt. `routed=False` (reason
+        16, no matching subscribers): the broker dropped it, so retry soon."""
         if seq not in self._in_flight:
             return
         self._in_flight.discard(seq)
         attempt = max(1, self._attempts[seq])
-        wait = min(self.republish_after * 2 ** (attempt - 1), self.max_republish_after)
+        if routed:
+            wait = min(self.republish_after * 2 ** (attempt - 1), self.max_republish_after)
+        else:
+            wait = min(self.unrouted_retry * 2 ** (attempt - 1), self.republish_after)
         self._deadlines[seq] = now + wait
 
     def settled(self, seq: int) -> None:

@@ -362,3 +362,34 @@ def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
     meter = asyncio.run(scenario())
     assert worker.seqs(meter_id) == set(range(1, 11))
     assert meter.stats.accepted + meter.stats.duplicate == 10
+
+
+def test_a_reading_no_worker_subscription_took_is_retried_before_the_receipt_timeout(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str, tmp_path: Path
+) -> None:
+    """After a broker restart Mosquitto 2.0 has no shared subscription until a worker
+    subscribes again, and answers PUBACK 16. The meter retries soon, not after the receipt
+    timeout (here far longer than the wait below)."""
+    worker = FakeWorker(pki, broker.port, policy=accept)
+    settings = replace(FAST, republish_after_s=120.0, max_republish_after_s=120.0)
+
+    async def scenario() -> MeterClient:
+        async with Network() as network:
+            meter = make_meter(pki, broker, network, meter_id, tmp_path, settings)
+            meter.start()
+            await wait_until(lambda: meter.connected, "meter connected")
+            seq = submit(meter)  # nobody subscribes to readings yet: PUBACK 16
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(worker.start)
+            try:
+                await wait_until(lambda: seq in worker.seqs(meter_id), "the retried reading")
+                async with asyncio.timeout(WAIT_S):
+                    await meter.drain()
+            finally:
+                worker.stop()
+            await meter.stop()
+            return meter
+
+    meter = asyncio.run(scenario())
+    assert meter.stats.accepted == 1
+    assert meter.stats.republished >= 1

@@ -223,6 +223,20 @@ def test_delivery_republishes_without_receipt_with_doubling_timeouts() -> None:
     assert delivery.expire(32.0) == [7]
 
 
+def test_an_unrouted_reading_is_retried_soon_then_backs_off_to_the_receipt_timeout() -> None:
+    delivery = _delivery()  # unrouted retry 1 s by default, receipt timeout 10 s
+    delivery.add(5)
+    waits = []
+    now = 0.0
+    for _ in range(6):
+        assert delivery.take(now) == [5]
+        delivery.acked(5, now, routed=False)  # PUBACK 16: no worker subscription exists
+        due = next(t / 10 for t in range(int(now * 10), 1000) if delivery.expire(t / 10))
+        waits.append(round(due - now, 1))
+        now = due
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
 def test_delivery_forgets_a_receipted_reading_wherever_it_is() -> None:
     delivery = _delivery(inflight=1)
     for seq in (1, 2):
