@@ -275,9 +275,6 @@ class Worker:
                 log.warning(
                     "batch_retry", error=str(exc), size=len(batch), retry_in_s=round(delay, 3)
                 )
-                if self._store is not None:
-                    await self._store_loop.run(self._store.close())
-                    self._store = None
                 if self.stopping.is_set():
                     log.warning("batch_left_for_redelivery", size=len(batch))
                     self._abandon(batch)
@@ -354,11 +351,19 @@ class Worker:
         return set(result.quarantined)
 
     async def _store_batch(self, prepared: _Prepared) -> BatchResult:
+        """Only this path closes the store's connection after a failure: the next batch,
+        prepared meanwhile (its key lookup failing too), must not close it under the
+        transaction in hand, whose wait on the socket would then never end."""
         store = await self._get_store()
         commit_started = time.perf_counter()
-        result = await self._store_loop.run(
-            store.commit_batch(prepared.to_store, prepared.rejections)
-        )
+        try:
+            result = await self._store_loop.run(
+                store.commit_batch(prepared.to_store, prepared.rejections)
+            )
+        except TransientError:
+            self._store = None
+            await self._store_loop.run(store.close())
+            raise
         t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
         return result
 
