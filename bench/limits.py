@@ -30,7 +30,7 @@ from ingest.records import Message, Rejection
 from ingest.registry import repository
 from ingest.registry.model import NewKey, NewMeter
 from ingest.replay import RedisReplayCache
-from ingest.store import _COPY_LOG, _COPY_READINGS, _LOG_TYPES, _READING_TYPES, ms_to_dt
+from ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES, ms_to_dt
 from schemas.reading import Alg, b64url_decode
 from schemas.signatures import PrivateKey, PublicKey, generate_private_key
 from stack.process import executable
@@ -202,8 +202,8 @@ def _copy_batches(
         chunk = rows[i : i + batch]
         with conn.transaction(), conn.cursor() as cur:
             if with_log:
-                with cur.copy(_COPY_LOG) as copy:
-                    copy.set_types(_LOG_TYPES)
+                with cur.copy(COPY_LOG) as copy:
+                    copy.set_types(LOG_TYPES)
                     for d in chunk:
                         r = d.reading
                         copy.write_row(
@@ -216,8 +216,8 @@ def _copy_batches(
                                 r.export_wh,
                             )
                         )
-            with cur.copy(_COPY_READINGS) as copy:
-                copy.set_types(_READING_TYPES)
+            with cur.copy(COPY_READINGS) as copy:
+                copy.set_types(READING_TYPES)
                 for d in chunk:
                     r = d.reading
                     received = ms_to_dt(d.message.received_at_ms)

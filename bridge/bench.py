@@ -25,15 +25,11 @@ from bridge.ledger.local import LocalSink
 from bridge.oracle import Oracle
 from bridge.rehash import reading_hash
 from bridge.verify import verify
+from ingest.store import COPY_LOG, LOG_TYPES
 from schemas.signatures import Ed25519Public, generate_private_key
 
 EPOCH_MS: Final = 900_000
 _WALLETS: Final = 100
-_LOG_COPY: Final = (
-    "COPY reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh)"
-    " FROM STDIN (FORMAT BINARY)"
-)
-_LOG_TYPES: Final = ["text", "numeric", "bytea", "timestamptz", "numeric", "numeric"]
 _READINGS_COPY: Final = (
     "COPY readings (meter_id, seq, ts, import_wh, export_wh, power_w, alg, sig, reading_hash,"
     " received_at, verified_at) FROM STDIN (FORMAT BINARY)"
@@ -172,8 +168,8 @@ def _chunks(epoch: Epoch, readings: int, meters: int, chunk: int) -> Iterator[li
 def _write(conn: psycopg.Connection[Any], rows: list[Row]) -> None:
     """One transaction per chunk, both tables, as ingest's store does."""
     with conn.transaction(), conn.cursor() as cur:
-        with cur.copy(_LOG_COPY) as copy:
-            copy.set_types(_LOG_TYPES)
+        with cur.copy(COPY_LOG) as copy:
+            copy.set_types(LOG_TYPES)
             for meter_id, seq, ts, imp, exp, _power, digest in rows:
                 copy.write_row((meter_id, seq, digest, ms_to_dt(ts), imp, exp))
         with cur.copy(_READINGS_COPY) as copy:

@@ -39,7 +39,6 @@ class IngestSettings(ProcessSettings):
     # batching and backpressure
     batch_max_size: int = Field(default=1000, ge=1, le=50_000)
     batch_linger_ms: int = Field(default=25, ge=0, le=10_000)
-    queue_max: int = Field(default=8000, ge=1)
     retry_initial_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=5.0, gt=0)
     drain_timeout_s: float = Field(default=10.0, gt=0)
@@ -68,8 +67,6 @@ class IngestSettings(ProcessSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> IngestSettings:
-        if self.queue_max < self.batch_max_size:
-            raise ValueError("queue_max must be at least batch_max_size")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be at least retry_initial_s")
         return self

@@ -69,17 +69,18 @@ CROSS JOIN LATERAL (
       WHERE l.meter_id = b.meter_id AND l.ts > b.hi ORDER BY l.ts LIMIT 1)
 ) x
 """
-_COPY_LOG = (
+#: The store's COPY layouts, public so benchmarks measure the very rows the store writes.
+COPY_LOG: Final = (
     "COPY reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh) "
     "FROM STDIN (FORMAT BINARY)"
 )
-_LOG_TYPES: Final = ["text", "numeric", "bytea", "timestamptz", "numeric", "numeric"]
-_COPY_READINGS = (
+LOG_TYPES: Final = ["text", "numeric", "bytea", "timestamptz", "numeric", "numeric"]
+COPY_READINGS: Final = (
     "COPY readings (meter_id, seq, ts, import_wh, export_wh, power_w, voltage_mv, current_ma,"
     " frequency_mhz, power_factor_milli, alg, kid, sig, reading_hash, received_at, verified_at)"
     " FROM STDIN (FORMAT BINARY)"
 )
-_READING_TYPES: Final = [
+READING_TYPES: Final = [
     "text", "numeric", "timestamptz", "numeric", "numeric", "int8", "int8", "int8", "int8",
     "int8", "text", "text", "bytea", "bytea", "timestamptz", "timestamptz",
 ]  # fmt: skip
@@ -179,15 +180,15 @@ class ReadingStore:
 
         stamps = [ms_to_dt(c.reading.ts) for c in accepted]
         async with self._conn.cursor() as cur:
-            async with cur.copy(_COPY_LOG) as copy:
-                copy.set_types(_LOG_TYPES)
+            async with cur.copy(COPY_LOG) as copy:
+                copy.set_types(LOG_TYPES)
                 for c, ts in zip(accepted, stamps, strict=True):
                     r = c.reading
                     await copy.write_row(
                         (r.meter_id, r.seq, c.reading_hash, ts, r.import_wh, r.export_wh)
                     )
-            async with cur.copy(_COPY_READINGS) as copy:
-                copy.set_types(_READING_TYPES)
+            async with cur.copy(COPY_READINGS) as copy:
+                copy.set_types(READING_TYPES)
                 for c, ts in zip(accepted, stamps, strict=True):
                     r = c.reading
                     await copy.write_row(

@@ -71,6 +71,13 @@ def _has_duplicate_key(payload: bytes, obj: dict[str, Any], reading: SignedReadi
 
 
 def _first_error(exc: ValidationError) -> str:
+    """The location may be an unknown key the client chose: escaped when it holds anything
+    unprintable (PostgreSQL `text` cannot store NUL, and a log line must stay one line), and
+    shortened, because the detail is stored and logged for every rejection."""
     err = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(p) for p in err["loc"]) or "payload"
+    if not where.isprintable():
+        where = ascii(where)
+    if len(where) > 80:
+        where = where[:77] + "..."
     return f"{where}: {err['msg']}"

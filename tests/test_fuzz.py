@@ -15,10 +15,6 @@ from fuzz.target import SPEC_REASONS, PipelineTarget, load_fleet, unstorable
 from ingest.records import Message, Rejection
 from schemas.reading import RejectReason
 
-#: Pinned by test_an_unknown_key_with_nul_is_storable until schemas/codec.py is fixed;
-#: remove it from here together with that test's xfail marker.
-KNOWN_DEFECTS = {"unstorable"}
-
 
 def test_a_ci_sized_campaign_keeps_every_invariant() -> None:
     report = run_campaign(payloads=3_000, engine="all", seed=7, echo=False)
@@ -27,10 +23,7 @@ def test_a_ci_sized_campaign_keeps_every_invariant() -> None:
     # atheris is a test dependency on Linux; elsewhere the campaign runs without it.
     atheris = {"atheris"} if atheris_available() else set()
     assert set(tally.engines) == {"vectors", "hypothesis", "mutate", *atheris}
-    unexpected = {k: n for k, n in tally.failures.items() if k not in KNOWN_DEFECTS}
-    assert not unexpected, "\n".join(
-        f.reproducer() for f in tally.examples if f.kind not in KNOWN_DEFECTS
-    )
+    assert not tally.failures, "\n".join(f.reproducer() for f in tally.examples)
     reasons = {name for name in tally.outcomes if name in SPEC_REASONS}
     assert len(reasons) >= 9, f"the generators reach too few rules: {sorted(tally.outcomes)}"
     assert tally.outcomes["accepted"] > 0
@@ -104,12 +97,6 @@ def test_the_command_passes_on_the_real_path(tmp_path) -> None:
     assert '"inputs": 1048' in out.read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas/codec.py _first_error copies an unknown key verbatim into the detail; "
-    "a key with \\u0000 makes the rejected row's COPY fail, so the worker retries the "
-    "batch forever (poison message)",
-)
 def test_an_unknown_key_with_nul_is_storable() -> None:
     fleet = load_fleet()
     topic, valid, _ = fleet.vector_cases[0]

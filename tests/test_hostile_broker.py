@@ -15,7 +15,6 @@ from typing import Any
 
 import psutil
 import psycopg
-import pytest
 import redis
 
 from certs.layout import PkiLayout
@@ -357,12 +356,6 @@ def test_hostile_values_in_payloads_are_rejected_with_a_spec_code(
     assert sum(_rejected(database_url, meter_id).values()) == len(cases)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas/codec.py _first_error puts an unknown key verbatim in the detail: a key "
-    "with \\u0000 makes the rejected row's COPY fail, and the worker retries that batch "
-    "forever while every later reading waits (poison message)",
-)
 def test_a_nul_in_an_unknown_key_does_not_block_the_worker(
     pki: PkiLayout,
     broker: BrokerServer,
