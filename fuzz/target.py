@@ -19,6 +19,7 @@ from ingest.decode import decode
 from ingest.judge import RateLimit, StoredPoint, judge
 from ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
 from ingest.security import event_for
+from ingest.store import storable_text
 from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
 from schemas.reading import Alg
 from schemas.signatures import PrivateKey, load_private_key, load_public_key
@@ -215,7 +216,7 @@ def unstorable(outcome: object) -> str | None:
     if isinstance(outcome, Rejection):
         event = event_for(outcome)
         texts = [
-            ("topic", outcome.message.topic),
+            ("topic", storable_text(outcome.message.topic)),  # as the store writes it
             ("tls_identity", outcome.message.tls_identity),
             ("meter_id", outcome.meter_id),
             ("detail", outcome.detail),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ingest.records import Message, Rejection
@@ -11,6 +12,7 @@ from schemas.signing import reading_hash, signing_bytes
 
 _PREFIX = "meters/"
 _SUFFIX = "/readings"
+_METER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # reading-v1's meter_id alphabet
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +24,12 @@ class Decoded:
 
 
 def topic_meter_id(topic: str) -> str | None:
-    """The publisher: the broker ACL lets only meter X write `meters/X/readings`."""
+    """The publisher: the broker ACL lets only meter X write `meters/X/readings`. A segment
+    outside the meter-id alphabet names no meter (and must not reach a query or the
+    quarantine: a NUL there would make the batch unstorable and retried for ever)."""
     if topic.startswith(_PREFIX) and topic.endswith(_SUFFIX):
-        return topic[len(_PREFIX) : -len(_SUFFIX)] or None
+        meter_id = topic[len(_PREFIX) : -len(_SUFFIX)]
+        return meter_id if _METER_ID.fullmatch(meter_id) else None
     return None
 
 

@@ -105,6 +105,12 @@ RETURNING meter_id
 """
 
 
+def storable_text(text: str) -> str:
+    """PostgreSQL `text` cannot hold NUL; the broker refuses such topics, the store must
+    not depend on it (a refused COPY would be retried for ever)."""
+    return text if "\x00" not in text else ascii(text)
+
+
 class ReadingStore:
     """Owns one connection; the worker calls it from one task, batch after batch."""
 
@@ -209,8 +215,9 @@ class ReadingStore:
                 for j in rejections:
                     await copy.write_row(
                         (
-                            j.message.payload, j.message.topic, j.message.tls_identity,
-                            j.meter_id, j.seq, j.reading_hash, j.reason.value, j.detail,
+                            j.message.payload, storable_text(j.message.topic),
+                            j.message.tls_identity, j.meter_id, j.seq, j.reading_hash,
+                            j.reason.value, j.detail,
                             ms_to_dt(j.message.received_at_ms),
                         )
                     )  # fmt: skip
