@@ -109,7 +109,7 @@ class OutboundWindow(PersistentStorage):  # type: ignore[misc]
         await self._room.wait()
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
         value, byte = divmod(value, 128)
@@ -124,7 +124,7 @@ def publish_packet(topic: bytes, payload: bytes, mid: int) -> bytes:
     return b"".join(
         (
             bytes((_PUBLISH_QOS1,)),
-            _varint(body_len),
+            encode_varint(body_len),
             _U16.pack(len(topic)),
             topic,
             _U16.pack(mid),
@@ -145,15 +145,27 @@ def parse_publish(cmd: int, raw: bytes) -> tuple[str, int | None, bytes]:
     if cmd & 0x06:
         mid = raw[pos] << 8 | raw[pos + 1]
         pos += 2
-    length = shift = 0
-    while True:
-        byte = raw[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
+    properties = read_varint(raw, pos, len(raw))
+    if properties is None:
+        raise ValueError("PUBLISH ends inside its properties length")
+    length, pos = properties
     return topic, mid, raw[pos + length :]
+
+
+def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """MQTT's variable byte integer at data[pos:end]: (value, position after it), or None
+    when the bytes end first. ValueError past four bytes, as the protocol allows no more."""
+    value = shift = 0
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise ValueError("variable byte integer longer than four bytes")
+    return None
 
 
 class MqttSource:
@@ -249,18 +261,13 @@ class MqttSource:
             connection._last_data_in = time.monotonic()  # gmqtt's keepalive reads it
             pos, end = 0, len(data)
             while end - pos >= 2:
-                start, length, shift = pos + 1, 0, 0
-                while True:
-                    if start >= end:
-                        return pos
-                    byte = data[start]
-                    start += 1
-                    length |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        return -1  # gmqtt's answer to a malformed length: drop the link
+                try:
+                    remaining = read_varint(data, pos + 1, end)
+                except ValueError:
+                    return -1  # gmqtt's answer to a malformed length: drop the link
+                if remaining is None:
+                    return pos
+                length, start = remaining
                 if start + length > end:
                     return pos
                 cmd = data[pos]

@@ -1,10 +1,12 @@
-"""The outbound window: announcements wait for PUBACKs instead of overrunning the broker."""
+"""The outbound window, and the MQTT framing the worker reads and writes itself."""
 
 from __future__ import annotations
 
 import asyncio
 
-from ingest.source import OutboundWindow
+import pytest
+
+from ingest.source import OutboundWindow, encode_varint, read_varint
 
 
 def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
@@ -25,3 +27,18 @@ def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
         return blocked, reopened, window.is_empty
 
     assert asyncio.run(scenario()) == (True, True, True)
+
+
+@pytest.mark.parametrize("value", [0, 127, 128, 16_383, 16_384, 268_435_455])
+def test_variable_byte_integers_round_trip_and_stop_where_they_end(value: int) -> None:
+    encoded = encode_varint(value)
+    assert read_varint(b"\x30" + encoded + b"rest", 1, 1 + len(encoded) + 4) == (
+        value,
+        1 + len(encoded),
+    )
+    assert read_varint(encoded[:-1], 0, len(encoded) - 1) is None  # bytes end inside it
+
+
+def test_a_variable_byte_integer_longer_than_four_bytes_is_malformed() -> None:
+    with pytest.raises(ValueError, match="four bytes"):
+        read_varint(b"\x80\x80\x80\x80\x01", 0, 5)
