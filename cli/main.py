@@ -50,8 +50,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except OSError as exc:
-            name = exc.filename if exc.filename is None else repr(str(exc.filename)[:80])
-            raise click.ClickException(f"{exc.strerror or exc}: {name}") from None
+            where = "" if exc.filename is None else f": {str(exc.filename)[:80]!r}"
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
