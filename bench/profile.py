@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from bench.limits import one_core
 from ingest.decode import Decoded, decode
-from ingest.judge import RateLimit, judge
+from ingest.judge import RateLimit, StoredContext, judge
 from ingest.records import Candidate, Rejection
 from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
 from schemas.signatures import PublicKey
@@ -210,6 +210,7 @@ def validation_cost(
     limit = RateLimit(window_ms=60_000, max_readings=60)
     messages = [d.message for d in decoded]
     decode_s = verify_s = judge_s = 0.0
+    nothing_stored = StoredContext(None, 0, None, None)
     with one_core():
         for i in range(0, len(messages), batch):
             now_ms = time.time_ns() // 1_000_000
@@ -223,7 +224,7 @@ def validation_cost(
             ]
             t2 = time.perf_counter()
             candidates = [c for c in checked if isinstance(c, Candidate)]
-            judge(candidates, seen={}, history={}, limit=limit)
+            judge(candidates, [nothing_stored] * len(candidates), limit=limit)
             t3 = time.perf_counter()
             if len(candidates) != len(out) or any(isinstance(d, Rejection) for d in out):
                 raise RuntimeError("a pre-signed bench reading was rejected")

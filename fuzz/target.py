@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ingest.decode import decode
-from ingest.judge import RateLimit, StoredPoint, judge
+from ingest.judge import RateLimit, StoredPoint, context_of, judge
 from ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
 from ingest.security import event_for
 from ingest.store import storable_text
@@ -180,7 +180,8 @@ class PipelineTarget:
         checked = verify(decoded, meter, now_ms=self._fleet.now_ms, bounds=self._bounds)
         if isinstance(checked, Rejection):
             return checked
-        outcome = judge([checked], seen=self._seen, history=self._history, limit=self._limit)[0]
+        stored = context_of([checked], seen=self._seen, history=self._history, limit=self._limit)
+        outcome = judge([checked], stored, limit=self._limit)[0]
         if isinstance(outcome, Accepted):
             r = outcome.candidate.reading
             if len(self._seen) >= self._max_seen:

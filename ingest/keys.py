@@ -30,9 +30,9 @@ log = structlog.get_logger("ingest.keys")
 
 _FETCH = """
 SELECT m.meter_id, m.status::text, k.kid, k.alg, k.public_key_pem, k.valid_from, k.valid_to
-FROM meters m LEFT JOIN meter_keys k ON k.meter = m.id
-WHERE m.meter_id = ANY(%s)
-"""
+FROM unnest(%s::text[]) AS u(meter_id)
+JOIN meters m USING (meter_id) LEFT JOIN meter_keys k ON k.meter = m.id
+"""  # a join: `= ANY(...)` compared every meter with every id asked for (see ingest.store)
 
 
 class KeyCache:

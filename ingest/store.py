@@ -3,8 +3,8 @@
 Order inside the transaction, which is the design:
   1. lock the batch's meters (`FOR UPDATE`, sorted: no deadlock between workers), so two
      workers never judge the same meter's readings against a stale view;
-  2. read what is stored: hashes of the batch's (meter_id, seq), and each meter's readings
-     around the batch's timestamps (for the register and rate rules);
+  2. read what is stored around each candidate (`ingest.judge.StoredContext`): the hash
+     under its (meter_id, seq), its nearest neighbours in ts, its rate window's count;
   3. judge (pure, `ingest.judge`);
   4. write accepted readings (`reading_log` + `readings`), rejected readings and security
      events with COPY; quarantine meters over the failure threshold;
@@ -15,7 +15,6 @@ fires, the transaction rolls back and the batch is judged again.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +25,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from ingest.errors import TransientError
-from ingest.judge import RateLimit, StoredPoint, judge
+from ingest.judge import RateLimit, StoredContext, StoredPoint, judge
 from ingest.records import Accepted, Candidate, Outcome, Rejection
 from ingest.security import QuarantinePolicy, event_for
 from schemas.reading import b64url_decode
@@ -48,26 +47,38 @@ class BatchResult:
     quarantined: list[str]
 
 
-_LOCK = "SELECT meter_id FROM meters WHERE meter_id = ANY(%s) ORDER BY meter_id FOR UPDATE"
-_SEEN = """
-SELECT l.meter_id, l.seq, l.reading_hash
-FROM reading_log l
-JOIN unnest(%s::text[], %s::text::numeric[]) AS k(meter_id, seq)
-  ON l.meter_id = k.meter_id AND l.seq = k.seq
+#: A join, not `meter_id = ANY(...)`: the planner turns that into a scan of every meter
+#: compared with every id of the batch (measured: 41 ms for 300 of 2,000 meters).
+_LOCK = """
+SELECT m.meter_id FROM unnest(%s::text::text[]) AS u(meter_id) JOIN meters m USING (meter_id)
+ORDER BY m.meter_id FOR UPDATE OF m
 """
-_HISTORY = """
-SELECT b.meter_id, x.ts, x.import_wh, x.export_wh
-FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS b(meter_id, lo, hi)
-CROSS JOIN LATERAL (
-    (SELECT ts, import_wh, export_wh FROM reading_log l
-      WHERE l.meter_id = b.meter_id AND l.ts < b.lo ORDER BY l.ts DESC LIMIT 1)
-    UNION ALL
-    (SELECT ts, import_wh, export_wh FROM reading_log l
-      WHERE l.meter_id = b.meter_id AND l.ts >= b.lo AND l.ts <= b.hi)
-    UNION ALL
-    (SELECT ts, import_wh, export_wh FROM reading_log l
-      WHERE l.meter_id = b.meter_id AND l.ts > b.hi ORDER BY l.ts LIMIT 1)
-) x
+#: One row per candidate, in order: what `ingest.judge.StoredContext` holds. Timestamps
+#: travel as unix ms both ways (exact: readings carry whole ms), never as datetimes.
+_CONTEXT = """
+WITH c AS (
+    SELECT u.meter_id, u.seq, timestamptz 'epoch' + u.ts_ms * interval '1 millisecond' AS ts, u.i
+    FROM unnest(%(meters)s::text::text[], %(seqs)s::text::numeric[], %(ts)s::text::int8[])
+        WITH ORDINALITY AS u(meter_id, seq, ts_ms, i)
+)
+SELECT l.reading_hash,
+    (SELECT count(*) FROM (
+        SELECT FROM reading_log r
+        WHERE r.meter_id = c.meter_id AND r.ts > c.ts - %(window)s * interval '1 millisecond'
+          AND r.ts <= c.ts
+        LIMIT %(max)s) w),
+    b.ts_ms, b.import_wh, b.export_wh, a.ts_ms, a.import_wh, a.export_wh
+FROM c
+LEFT JOIN reading_log l ON l.meter_id = c.meter_id AND l.seq = c.seq
+LEFT JOIN LATERAL (
+    SELECT (extract(epoch FROM r.ts) * 1000)::int8 AS ts_ms, r.import_wh, r.export_wh
+    FROM reading_log r WHERE r.meter_id = c.meter_id AND r.ts < c.ts
+    ORDER BY r.ts DESC LIMIT 1) b ON true
+LEFT JOIN LATERAL (
+    SELECT (extract(epoch FROM r.ts) * 1000)::int8 AS ts_ms, r.import_wh, r.export_wh
+    FROM reading_log r WHERE r.meter_id = c.meter_id AND r.ts > c.ts
+    ORDER BY r.ts LIMIT 1) a ON true
+ORDER BY c.i
 """
 #: The store's COPY layouts, public so benchmarks measure the very rows the store writes.
 COPY_LOG: Final = (
@@ -145,31 +156,34 @@ class ReadingStore:
         return BatchResult(outcomes, quarantined)
 
     async def _judge(self, candidates: Sequence[Candidate]) -> list[Outcome]:
-        meters = sorted({c.reading.meter_id for c in candidates})
-        spans: dict[str, tuple[int, int]] = {}
-        for c in candidates:
-            lo, hi = spans.get(c.reading.meter_id, (c.reading.ts, c.reading.ts))
-            spans[c.reading.meter_id] = (min(lo, c.reading.ts), max(hi, c.reading.ts))
-        window = self._limit.window_ms
+        return judge(candidates, await self.stored_contexts(candidates), limit=self._limit)
+
+    async def stored_contexts(self, candidates: Sequence[Candidate]) -> list[StoredContext]:
+        """Locks the candidates' meters (until the transaction ends) and reads what rules
+        7-9 need of the stored readings, one context per candidate, in order."""
+        # Arrays travel as literals: psycopg dumps a list element by element (measured ~4 us
+        # per reading). Meter ids are validated ([A-Za-z0-9._-]), so none needs escaping.
+        meters = "{" + ",".join(sorted({c.reading.meter_id for c in candidates})) + "}"
+        params = {
+            "meters": "{" + ",".join([c.reading.meter_id for c in candidates]) + "}",
+            "seqs": "{" + ",".join([str(c.reading.seq) for c in candidates]) + "}",
+            "ts": "{" + ",".join([str(c.reading.ts) for c in candidates]) + "}",
+            "window": self._limit.window_ms,
+            "max": self._limit.max_readings,
+        }
         async with self._conn.cursor() as cur:
             await cur.execute(_LOCK, (meters,))
-            # seqs travel as one array literal: psycopg dumps a list of ints element by
-            # element (measured ~4 us per reading with the meter ids, client side).
-            seqs = "{" + ",".join([str(c.reading.seq) for c in candidates]) + "}"
-            await cur.execute(_SEEN, ([c.reading.meter_id for c in candidates], seqs))
-            seen = {(str(m), int(s)): bytes(h) for m, s, h in await cur.fetchall()}  # type: ignore[call-overload]
-            await cur.execute(
-                _HISTORY,
-                (
-                    list(spans),
-                    [ms_to_dt(lo - window) for lo, _ in spans.values()],
-                    [ms_to_dt(hi) for _, hi in spans.values()],
-                ),
+            await cur.execute(_CONTEXT, params)
+            rows = await cur.fetchall()
+        return [
+            StoredContext(
+                None if h is None else bytes(h),  # type: ignore[call-overload]
+                int(n),  # type: ignore[call-overload]
+                None if bt is None else StoredPoint(bt, int(bi), int(be)),  # type: ignore[arg-type,call-overload]
+                None if at is None else StoredPoint(at, int(ai), int(ae)),  # type: ignore[arg-type,call-overload]
             )
-            history: dict[str, list[StoredPoint]] = defaultdict(list)
-            for meter_id, ts, imp, exp in await cur.fetchall():
-                history[str(meter_id)].append(StoredPoint(dt_to_ms(ts), int(imp), int(exp)))  # type: ignore[arg-type,call-overload]
-        return judge(candidates, seen=seen, history=history, limit=self._limit)
+            for h, n, bt, bi, be, at, ai, ae in rows
+        ]
 
     async def _write_accepted(self, accepted: Sequence[Candidate]) -> None:
         if not accepted:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from functools import cache
 
-from ingest.judge import RateLimit, StoredPoint, judge
+import pytest
+
+from ingest.judge import RateLimit, StoredContext, StoredPoint, context_of, judge
 from ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
 from schemas.codec import sign_reading
 from schemas.reading import Alg
@@ -29,6 +32,18 @@ def cand(seq: int, ts: int, imp: int, exp: int, meter: str = "m1") -> Candidate:
     )
 
 
+def decide(
+    batch: list[Candidate],
+    *,
+    seen: Mapping[tuple[str, int], bytes],
+    history: Mapping[str, Iterable[StoredPoint]],
+    limit: RateLimit,
+) -> list[Outcome]:
+    """Judged against stored readings held in memory (`test_ingest_store` holds the
+    database's contexts equal to these)."""
+    return judge(batch, context_of(batch, seen=seen, history=history, limit=limit), limit=limit)
+
+
 def reasons(outcomes: list[Outcome]) -> list[str]:
     out = []
     for o in outcomes:
@@ -48,7 +63,7 @@ def test_duplicate_and_seq_reused_against_the_store_and_within_a_batch() -> None
         cand(2, T0 + 5000, 11, 0),  # redelivered inside the batch
         cand(2, T0 + 6000, 12, 0),  # reused inside the batch
     ]
-    out = judge(
+    out = decide(
         batch,
         seen={("m1", 1): stored.reading_hash},
         history={"m1": [StoredPoint(T0, 10, 0)]},
@@ -67,7 +82,7 @@ def test_registers_never_decrease_in_ts_order_even_out_of_order() -> None:
         cand(13, T0 + 30_000, 199, 70),  # import below the latest stored
         cand(14, T0 + 30_000, 200, 70),  # equal registers are fine
     ]
-    out = judge(batch, seen={}, history=history, limit=RateLimit())
+    out = decide(batch, seen={}, history=history, limit=RateLimit())
     assert reasons(out) == [
         "accepted",
         "register_decreased",
@@ -80,7 +95,7 @@ def test_registers_never_decrease_in_ts_order_even_out_of_order() -> None:
 def test_rate_limit_counts_meter_time_not_arrival() -> None:
     limit = RateLimit(window_ms=10_000, max_readings=3)
     flood = [cand(i, T0 + i, 1, 1) for i in range(1, 6)]  # 5 readings within 5 ms of ts
-    assert reasons(judge(flood, seen={}, history={}, limit=limit)) == [
+    assert reasons(decide(flood, seen={}, history={}, limit=limit)) == [
         "accepted",
         "accepted",
         "accepted",
@@ -88,14 +103,36 @@ def test_rate_limit_counts_meter_time_not_arrival() -> None:
         "rate_limited",
     ]
     backlog = [cand(i, T0 + i * 5_000, i, 0) for i in range(1, 200)]  # a week-like backlog
-    assert set(reasons(judge(backlog, seen={}, history={}, limit=limit))) == {"accepted"}
+    assert set(reasons(decide(backlog, seen={}, history={}, limit=limit))) == {"accepted"}
 
 
 def test_meters_are_independent() -> None:
-    out = judge(
+    out = decide(
         [cand(1, T0, 5, 5, "a"), cand(1, T0, 1, 1, "b")],
         seen={},
         history={"a": [StoredPoint(T0 - 1, 4, 4)], "b": [StoredPoint(T0 - 1, 2, 2)]},
         limit=RateLimit(),
     )
     assert reasons(out) == ["accepted", "register_decreased"]
+
+
+def test_stored_window_count_and_this_batch_add_up() -> None:
+    limit = RateLimit(window_ms=10_000, max_readings=3)
+    history = {"m1": [StoredPoint(T0 - 9_000, 1, 1), StoredPoint(T0 - 5_000, 1, 1)]}
+    batch = [cand(10, T0, 1, 1), cand(11, T0 + 1, 1, 1), cand(12, T0 + 9_001, 1, 1)]
+    # at T0: 2 stored in the window, accepted; T0+1: 2 stored + 1 of this batch, limited;
+    # T0+9,001: the window (T0-999 .. T0+9,001] holds only T0 of this batch, accepted
+    assert reasons(decide(batch, seen={}, history=history, limit=limit)) == [
+        "accepted",
+        "rate_limited",
+        "accepted",
+    ]
+
+
+def test_one_context_per_candidate_is_required() -> None:
+    with pytest.raises(ValueError, match="2 candidates but 1 stored contexts"):
+        judge(
+            [cand(1, T0, 1, 1), cand(2, T0 + 1, 1, 1)],
+            [StoredContext(None, 0, None, None)],
+            limit=RateLimit(),
+        )

@@ -1,0 +1,106 @@
+"""The store asks PostgreSQL for each candidate's `StoredContext`; `ingest.judge.context_of`
+computes the same from readings in memory (the judge's own tests and the fuzzer use it).
+Here the two must agree, on a real database, for histories and candidates chosen to sit on
+every edge the rules have: equal ts, one ms either side, the rate window's both ends, seqs
+already stored, and windows fuller than the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import psycopg
+from psycopg import AsyncConnection
+
+from ingest.judge import RateLimit, StoredPoint, context_of
+from ingest.records import Candidate, Message
+from ingest.registry import repository
+from ingest.registry.model import NewKey, NewMeter
+from ingest.security import QuarantinePolicy
+from ingest.store import ReadingStore
+from schemas.codec import sign_reading
+from schemas.signatures import PrivateKey, generate_private_key
+from schemas.signing import reading_hash, signing_bytes
+
+T0 = 1_767_225_600_000
+LIMIT = RateLimit(window_ms=10_000, max_readings=4)
+
+
+def candidate(key: PrivateKey, meter_id: str, seq: int, ts: int, imp: int, exp: int) -> Candidate:
+    reading = sign_reading(
+        {"meter_id": meter_id, "seq": seq, "ts": ts, "import_wh": imp, "export_wh": exp}, key
+    )
+    message = signing_bytes(reading)
+    return Candidate(
+        Message(f"meters/{meter_id}/readings", b"", ts), reading, message,
+        reading_hash(message), ts,
+    )  # fmt: skip
+
+
+def probe_ts(rng: random.Random, stored: list[int]) -> int:
+    """A ts on an edge of the stored ones: equal, 1 ms off, or a window's length off."""
+    base = rng.choice(stored) if stored else T0
+    offset = rng.choice(
+        [0, 1, -1, LIMIT.window_ms, -LIMIT.window_ms, LIMIT.window_ms - 1, -LIMIT.window_ms + 1]
+    )
+    return base + offset if rng.random() < 0.8 else T0 + rng.randrange(-20_000, 80_000)
+
+
+def test_database_contexts_equal_the_in_memory_ones(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    rng = random.Random(20261123)
+    key = generate_private_key("EdDSA")
+    meters = [make_meter_id() for _ in range(4)]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        repository.register(
+            conn, [NewMeter(m, NewKey.parse("EdDSA", key.public_key().pem())) for m in meters]
+        )
+    # Histories: distinct ts per meter (which of two equal-ts neighbours is nearer is not
+    # defined), registers rising with ts, dense enough that windows overflow the limit.
+    history: dict[str, list[StoredPoint]] = {}
+    seen: dict[tuple[str, int], bytes] = {}
+    stored: list[Candidate] = []
+    for meter_id in meters[:3]:  # the fourth has nothing stored
+        times = sorted(rng.sample(range(T0, T0 + 60_000, 250), 40))
+        order = rng.sample(range(len(times)), len(times))  # seqs not in ts order
+        for seq, i in enumerate(order, start=1):
+            stored.append(candidate(key, meter_id, seq, times[i], 100 + i, 10 + i))
+    for c in stored:
+        r = c.reading
+        history.setdefault(r.meter_id, []).append(StoredPoint(r.ts, r.import_wh, r.export_wh))
+        seen[(r.meter_id, r.seq)] = c.reading_hash
+    probes = []
+    for _ in range(400):
+        meter_id = rng.choice(meters)
+        ts = probe_ts(rng, [p.ts_ms for p in history.get(meter_id, [])])
+        seq = rng.randrange(1, 60)  # about two in three already stored
+        probes.append(candidate(key, meter_id, seq, ts, rng.randrange(90, 160), 20))
+
+    async def from_database() -> list[object]:
+        conn = await AsyncConnection.connect(database_url)
+        store = ReadingStore(
+            conn, limit=RateLimit(10_000, 100_000), policy=QuarantinePolicy()
+        )  # stores every history reading
+        try:
+            result = await store.commit_batch(stored, [])
+            assert {type(o).__name__ for o in result.outcomes} == {"Accepted"}
+            async with conn.transaction():
+                return list(await ReadingStore(
+                    conn, limit=LIMIT, policy=QuarantinePolicy()
+                ).stored_contexts(probes))  # fmt: skip
+        finally:
+            await conn.close()
+
+    expected = context_of(probes, seen=seen, history=history, limit=LIMIT)
+    got = asyncio.run(from_database())
+    for probe, want, have in zip(probes, expected, got, strict=True):
+        r = probe.reading
+        assert have == want, f"{r.meter_id} seq {r.seq} ts {r.ts - T0}"
+    # the edges were reached, so the comparison meant something
+    assert any(c.in_window == LIMIT.max_readings for c in expected)
+    assert any(0 < c.in_window < LIMIT.max_readings for c in expected)
+    assert any(c.reading_hash is not None for c in expected)
+    assert any(c.before is None for c in expected)
+    assert any(c.after is None for c in expected)
