@@ -60,10 +60,10 @@ class Budget:
 BUDGETS: Final[dict[str, Budget]] = {
     "limits": Budget(60, 15),
     "registration": Budget(20, 8),
-    "ingest": Budget(300, 32),
-    "load": Budget(210, 28),
-    "connections": Budget(180, 20),
-    "bridge": Budget(120, 16),
+    "ingest": Budget(240, 32),
+    "load": Budget(240, 28),
+    "connections": Budget(260, 20),
+    "bridge": Budget(80, 16),
 }
 BOUND_S: Final = {False: 15 * 60, True: 2 * 60}
 
@@ -253,13 +253,22 @@ def _unobserved(pid: int) -> AbstractContextManager[object]:
 @click.option("--seconds", type=click.FloatRange(1, 600), default=None, help="Per tier.")
 @click.option("--meters", type=click.IntRange(2, 20_000), default=None)
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.option(
+    "--search",
+    type=click.IntRange(0, 6),
+    default=None,
+    help="Further tiers halving the gap between the highest sustained rate and the lowest "
+    "unsustained one above it, then one at half the highest sustained (default 2; quick 0).",
+)
 @click.pass_context
 def load(
     ctx: click.Context,
+    *,
     rates: str | None,
     seconds: float | None,
     meters: int | None,
     workers: int,
+    search: int | None,
 ) -> None:
     """Sustained tiers from connected meters: accepted rate, publish->receipt latency, CPU."""
     from bench.load import run_tiers
@@ -268,8 +277,9 @@ def load(
     tiers = [int(r) for r in rates.split(",")] if rates else (
         [1_000, 2_000] if quick else [1_000, 2_000, 5_000, 10_000]
     )  # fmt: skip
-    per_tier = seconds or (4.0 if quick else 20.0)
+    per_tier = seconds or (4.0 if quick else 15.0)
     fleet = meters or (200 if quick else 2_000)
+    steps = search if search is not None else (0 if quick else 2)
     _progress(f"== load: {fleet:,} meters, tiers {tiers} readings/s, {per_tier:g} s each")
     with _run_dir() as tmp:
         figures = run_tiers(
@@ -279,6 +289,7 @@ def load(
             meters=fleet,
             workers=workers,
             progress=_progress,
+            search_steps=steps,
         )
     for t in figures["tiers"]:
         lat = t.get("latency_ms") or {}
@@ -295,9 +306,11 @@ def load(
     "--interval",
     type=click.FloatRange(0.1, 600),
     default=None,
-    help="s between a meter's readings.",
+    help="s between a meter's readings (default 5).",
 )
-@click.option("--seconds", type=click.FloatRange(1, 600), default=None, help="Reporting phase.")
+@click.option(
+    "--seconds", type=click.FloatRange(1, 600), default=None, help="Reporting phase (120; quick 3)."
+)
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
 @click.pass_context
 def connections(
@@ -312,8 +325,8 @@ def connections(
 
     quick = _quick(ctx)
     fleet = meters or (300 if quick else 20_000)
-    every = interval or (5.0 if quick else 10.0)
-    phase = seconds or (3.0 if quick else 30.0)
+    every = interval or 5.0
+    phase = seconds or (3.0 if quick else 120.0)
     _progress(f"== connections: {fleet:,} meters, one reading each every {every:g} s")
     with _run_dir() as tmp:
         figures = run_connections(

@@ -26,7 +26,10 @@ Returned keys:
   receipted, per second), `sustained` and `verdict` (see `bench.loadgen.plan.sustained`),
   `cpu` (`cores` per group - broker, postgres, redis, workers, generator - where 1.0 is
   one core busy; `processes`; `machine_cores`; `rss_mib`), `generator_cpu_s`, `sign_s`,
-  `disconnects`, `connected`.
+  `disconnects`, `connected`, and `probe`: "given" (one of `rates`), "search" (chosen by
+  `search_steps`: halfway between the highest sustained rate and the lowest unsustained
+  one above it, on a `resolution` grid) or "half of the highest sustained" (measured
+  when no tier is within half a step of it: the latency target is judged there).
 - `max_sustained_per_s`: the highest offered rate whose tier was sustained (None if none).
 """
 
@@ -80,11 +83,17 @@ def run_tiers(
     meters: int,
     workers: int,
     progress: Callable[[str], None],
+    search_steps: int = 0,
+    resolution: int = 250,
 ) -> dict[str, Any]:
     if not rates or min(rates) <= 0 or seconds_per_tier <= 0 or meters < 2 or workers < 1:
         raise ValueError("need rates > 0, seconds_per_tier > 0, meters >= 2, workers >= 1")
+    if search_steps < 0 or resolution < 1:
+        raise ValueError("need search_steps >= 0 and resolution >= 1")
     processes = plan.generator_count(meters)
-    phases = [meters, *(round(r * seconds_per_tier) for r in rates)]
+    # the searched rates lie below the highest given one; the half-rate tier adds one more
+    extra = [max(rates)] * (search_steps + (1 if search_steps else 0))
+    phases = [meters, *(round(r * seconds_per_tier) for r in [*rates, *extra])]
     ts_base = plan.ts_base_ms(int(time.time() * 1000), max_seq(meters, processes, phases))
     with BenchStack(run_dir, meters=meters, workers=workers, progress=progress).running() as b:
         progress(f"connecting {meters:,} meters from {processes} generator processes")
@@ -110,17 +119,30 @@ def run_tiers(
                 tag="warmup",
                 progress=progress,
             )
-            tiers = [
-                measure(
-                    b,
-                    gens,
-                    rate=rate,
-                    seconds=seconds_per_tier,
-                    tag=f"{rate}-per-s",
+
+            def tier(rate: int, probe: str) -> dict[str, Any]:
+                t = measure(
+                    b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
                     progress=progress,
+                )  # fmt: skip
+                return {**t, "probe": probe}
+
+            tiers = [tier(rate, "given") for rate in rates]
+            for _ in range(search_steps):
+                rate = plan.next_probe(
+                    [(t["offered_per_s"], t["sustained"]) for t in tiers], resolution
                 )
-                for rate in rates
-            ]
+                if rate is None:
+                    break
+                tiers.append(tier(rate, "search"))
+            held = [t["offered_per_s"] for t in tiers if t["sustained"]]
+            half = (
+                plan.half_rate(max(held), [t["offered_per_s"] for t in tiers], resolution)
+                if search_steps and held
+                else None
+            )
+            if half is not None:
+                tiers.append(tier(half, "half of the highest sustained"))
         finally:
             gens.stop()
     held = [t["offered_per_s"] for t in tiers if t["sustained"]]

@@ -168,6 +168,66 @@ def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
     return None
 
 
+PacketHandler = Callable[[int, bytes], None]
+
+
+def read_directly(client: Client, *, on_publish: PacketHandler, on_puback: PacketHandler) -> None:
+    """Split the connection's incoming bytes into packets here rather than in gmqtt, and
+    hand PUBLISH and PUBACK bodies to the two handlers.
+
+    gmqtt wraps every packet in an object and routes it through four calls that format
+    debug log arguments: ~2.5 us a packet, and each reading brings a worker three (its
+    PUBLISH and the PUBACKs of its receipt and verified reading). Call it from the CONNACK:
+    it applies to that connection only. Packets other than PUBLISH and PUBACK still go
+    through gmqtt, and bytes of a superseded connection are dropped as gmqtt drops them.
+    """
+    connection = client._connection
+    handler = client._package_handler
+
+    def read_packets(data: bytes) -> int:
+        if handler.current_connection is not connection:
+            return len(data)
+        connection._last_data_in = time.monotonic()  # gmqtt's keepalive reads it
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            try:
+                remaining = read_varint(data, pos + 1, end)
+            except ValueError:
+                return -1  # gmqtt's answer to a malformed length: drop the link
+            if remaining is None:
+                return pos
+            length, start = remaining
+            if start + length > end:
+                return pos
+            cmd = data[pos]
+            kind = cmd & 0xF0
+            if kind == _PUBLISH:
+                on_publish(cmd, data[start : start + length])
+            elif kind == _PUBACK_CMD:
+                on_puback(cmd, data[start : start + length])
+            else:
+                connection.put_package(Package(cmd, data[start : start + length]))
+            pos = start + length
+        return pos
+
+    connection._protocol._read_packet = read_packets
+
+
+def puback_packet(mid: int) -> bytes:
+    """PUBACK, success, in MQTT 5's short form."""
+    return _PUBACK.pack(0x40, 2, mid)
+
+
+def write_raw(client: Client, data: bytes) -> bool:
+    """Bytes straight onto the client's connection (gmqtt exposes no raw write); False
+    when there is no open connection."""
+    connection = client._connection
+    if connection is None or connection.is_closing():
+        return False
+    connection.send_package(data)
+    return True
+
+
 class MqttSource:
     def __init__(
         self,
@@ -244,59 +304,20 @@ class MqttSource:
         self._window.remove_message_by_mid(mid)
 
     def _read_directly(self, link: int) -> None:
-        """Split this connection's incoming bytes into packets here rather than in gmqtt.
-
-        gmqtt wraps every packet in an object and routes it through four calls that format
-        debug log arguments: ~2.5 us a packet, and each reading brings three (its PUBLISH
-        and the PUBACKs of its receipt and verified reading). Installed from the CONNACK,
-        on that connection's protocol only; packets other than PUBLISH and PUBACK still go
-        through gmqtt, and bytes of a superseded connection are dropped as gmqtt drops them.
-        """
-        connection = self._client._connection
-        handler = self._packets
-
-        def read_packets(data: bytes) -> int:
-            if handler.current_connection is not connection:
-                return len(data)
-            connection._last_data_in = time.monotonic()  # gmqtt's keepalive reads it
-            pos, end = 0, len(data)
-            while end - pos >= 2:
-                try:
-                    remaining = read_varint(data, pos + 1, end)
-                except ValueError:
-                    return -1  # gmqtt's answer to a malformed length: drop the link
-                if remaining is None:
-                    return pos
-                length, start = remaining
-                if start + length > end:
-                    return pos
-                cmd = data[pos]
-                kind = cmd & 0xF0
-                if kind == _PUBLISH:
-                    self._on_publish(cmd, data[start : start + length], link)
-                elif kind == _PUBACK_CMD:
-                    self._on_puback(cmd, data[start : start + length])
-                else:
-                    connection.put_package(Package(cmd, data[start : start + length]))
-                pos = start + length
-            return pos
-
-        connection._protocol._read_packet = read_packets
+        read_directly(
+            self._client,
+            on_publish=lambda cmd, raw: self._on_publish(cmd, raw, link),
+            on_puback=self._on_puback,
+        )
 
     def _transport_write(self, data: bytes) -> bool:
-        connection = self._client._connection  # gmqtt exposes no raw write
-        if connection is None or connection.is_closing():
-            return False
-        connection.send_package(data)
-        return True
+        return write_raw(self._client, data)
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         """PUBACK (success) every delivery of the current link in one write; call only once
         their outcomes are committed. Returns how many were acknowledged."""
         link = self._link
-        acks = [
-            _PUBACK.pack(0x40, 2, d.mid) for d in deliveries if d.mid is not None and d.link == link
-        ]
+        acks = [puback_packet(d.mid) for d in deliveries if d.mid is not None and d.link == link]
         if acks and self._transport_write(b"".join(acks)):
             return len(acks)
         return 0

@@ -181,3 +181,22 @@ def test_generator_processes_publish_and_match_every_receipt(
     assert sorted(stored_counts(database_url, meters)) == sorted(
         (m, s) for m in meters for s in (1, 2)
     )
+
+
+def test_the_search_halves_the_gap_above_the_highest_sustained_rate() -> None:
+    given = [(1_000, True), (2_000, True), (5_000, True), (10_000, False)]
+    assert plan.next_probe(given, 250) == 7_500
+    assert plan.next_probe([*given, (7_500, False)], 250) == 6_250
+    assert plan.next_probe([*given, (7_500, True)], 250) == 8_750
+    # a failure below the best (noise) does not bound the search
+    assert plan.next_probe([(1_000, False), (2_000, True), (4_000, False)], 500) == 3_000
+    assert plan.next_probe([(5_000, True), (5_250, False)], 250) is None  # a step apart
+    assert plan.next_probe([(5_000, True)], 250) is None  # nothing failed above
+    assert plan.next_probe([(1_000, False)], 250) is None  # nothing sustained
+
+
+def test_half_rate_is_measured_unless_it_was_already() -> None:
+    assert plan.half_rate(6_250, [1_000, 2_000, 5_000, 10_000, 7_500, 6_250], 250) == 3_000
+    assert plan.half_rate(4_000, [1_000, 2_000, 5_000], 250) is None  # 2,000 is half
+    assert plan.half_rate(5_000, [1_000], 250) == 2_500
+    assert plan.half_rate(400, [], 250) is None  # rounds to nothing

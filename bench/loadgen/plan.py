@@ -143,3 +143,26 @@ def sustained(
     if unreceipted:
         return Verdict(False, f"{unreceipted} readings without a receipt after the grace period")
     return Verdict(True, "no backlog growth, every reading receipted")
+
+
+def next_probe(results: Sequence[tuple[int, bool]], resolution: int) -> int | None:
+    """The next rate to offer in the search for the highest sustained one: halfway between
+    the highest sustained rate and the lowest unsustained rate above it, on a `resolution`
+    grid; None when nothing was sustained or failed above, or the two are a step apart."""
+    held = [rate for rate, ok in results if ok]
+    if not held:
+        return None
+    best = max(held)
+    above = [rate for rate, ok in results if not ok and rate > best]
+    if not above:
+        return None
+    lowest_failed = min(above)
+    probe = round((best + lowest_failed) / 2 / resolution) * resolution
+    return probe if best < probe < lowest_failed else None
+
+
+def half_rate(best: int, measured: Sequence[int], resolution: int) -> int | None:
+    """Half the highest sustained rate, down to the `resolution` grid, where the latency
+    target is judged; None if that rate was measured already (or rounds to nothing)."""
+    half = best // 2 // resolution * resolution
+    return None if half <= 0 or half in measured else half
