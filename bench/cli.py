@@ -258,7 +258,7 @@ def _unobserved(pid: int) -> AbstractContextManager[object]:
     type=click.IntRange(0, 6),
     default=None,
     help="Further tiers halving the gap between the highest sustained rate and the lowest "
-    "unsustained one above it, then one at half the highest sustained (default 2; quick 0).",
+    "unsustained one above it, then one at half the highest sustained (default 3; quick 0).",
 )
 @click.pass_context
 def load(
@@ -279,7 +279,7 @@ def load(
     )  # fmt: skip
     per_tier = seconds or (4.0 if quick else 15.0)
     fleet = meters or (200 if quick else 2_000)
-    steps = search if search is not None else (0 if quick else 2)
+    steps = search if search is not None else (0 if quick else 3)
     _progress(f"== load: {fleet:,} meters, tiers {tiers} readings/s, {per_tier:g} s each")
     with _run_dir() as tmp:
         figures = run_tiers(

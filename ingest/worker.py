@@ -152,6 +152,8 @@ class Worker:
             handler=self._receive,
         )
         self._announcing: asyncio.Task[None] | None = None
+        self._store_free = asyncio.Event()  # no transaction in flight: a batch need not linger
+        self._store_free.set()
         self.stopping = asyncio.Event()
         self.committed = 0
         self.failed = False
@@ -210,6 +212,8 @@ class Worker:
                         if prepared is None:
                             continue
                 committing = asyncio.create_task(self._commit(prepared))
+                self._store_free.clear()
+                committing.add_done_callback(lambda _: self._store_free.set())
         finally:
             if committing is not None:
                 await committing
@@ -225,6 +229,7 @@ class Worker:
                 self._queue,
                 max_size=self.settings.batch_max_size,
                 linger_s=self.settings.batch_linger_ms / 1000,
+                ready=self._store_free,
             )
         )
         stop = asyncio.ensure_future(self.stopping.wait())
