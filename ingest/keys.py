@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Collection, Mapping
 from typing import Final
@@ -58,12 +59,18 @@ class KeyCache:
                 missing.append(meter_id)
         if missing:
             fetched = await self._fetch(missing)
-            expires = time.monotonic() + self._ttl_s
+            now = time.monotonic()
             for meter_id in missing:
                 snapshot = fetched.get(meter_id)
-                self._entries[meter_id] = (expires, snapshot)
+                self._entries[meter_id] = (now + self.lifetime(), snapshot)
                 found[meter_id] = snapshot
         return found
+
+    def lifetime(self) -> float:
+        """Between half the TTL and all of it: a fleet cached at once (a start, a burst)
+        must not expire at once, or every TTL one batch would refetch and parse every
+        meter's key while its readings wait."""
+        return self._ttl_s * random.uniform(0.5, 1.0)  # noqa: S311 - spread, not secrecy
 
     async def _fetch(self, meter_ids: list[str]) -> dict[str, MeterSnapshot]:
         try:

@@ -32,6 +32,14 @@ from schemas.reading import b64url_decode
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
+#: The store's connection plans every statement for its own parameters and the tables as
+#: they are. psycopg prepares a statement after five runs, and PostgreSQL may then keep one
+#: generic plan for the connection's life: planned while `reading_log` was nearly empty, it
+#: cost more with every row stored (measured from an empty database, batches of 15: the
+#: lock and context queries went from 38 to 135 us of backend CPU per reading over 24,000
+#: readings, until an autoanalyze; with this, 45-52 throughout).
+STORE_OPTIONS: Final = "-c plan_cache_mode=force_custom_plan"
+
 
 def ms_to_dt(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)

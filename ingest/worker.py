@@ -41,7 +41,7 @@ from ingest.replay import RedisReplayCache, ReplayCache, same_reading
 from ingest.security import QuarantinePolicy
 from ingest.settings import IngestSettings
 from ingest.source import Delivery, MqttSource, TlsIdentity
-from ingest.store import BatchResult, ReadingStore
+from ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
 from ingest.verify import TimeBounds, verify
 from schemas.reading import RejectReason
 
@@ -376,7 +376,7 @@ class Worker:
         if self._store is None:
             try:
                 conn = await self._store_loop.run(
-                    AsyncConnection.connect(self.settings.database_url)
+                    AsyncConnection.connect(self.settings.database_url, options=STORE_OPTIONS)
                 )
             except Exception as exc:
                 raise TransientError("database", f"connect: {exc}") from exc

@@ -18,7 +18,7 @@ from ingest.records import Candidate, Message
 from ingest.registry import repository
 from ingest.registry.model import NewKey, NewMeter
 from ingest.security import QuarantinePolicy
-from ingest.store import ReadingStore
+from ingest.store import STORE_OPTIONS, ReadingStore
 from schemas.codec import sign_reading
 from schemas.signatures import PrivateKey, generate_private_key
 from schemas.signing import reading_hash, signing_bytes
@@ -104,3 +104,11 @@ def test_database_contexts_equal_the_in_memory_ones(
     assert any(c.reading_hash is not None for c in expected)
     assert any(c.before is None for c in expected)
     assert any(c.after is None for c in expected)
+
+
+def test_the_store_connection_plans_each_statement_for_its_parameters(database_url: str) -> None:
+    """A generic plan cached while `reading_log` was empty made every batch dearer as the
+    table grew (measured; see ingest.store.STORE_OPTIONS)."""
+    with psycopg.connect(database_url, options=STORE_OPTIONS) as conn:
+        row = conn.execute("SHOW plan_cache_mode").fetchone()
+    assert row == ("force_custom_plan",)
