@@ -30,9 +30,10 @@ from ingest.records import Message, Rejection
 from ingest.registry import repository
 from ingest.registry.model import NewKey, NewMeter
 from ingest.replay import RedisReplayCache
-from ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES, ms_to_dt
+from ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES
 from schemas.reading import Alg, b64url_decode
 from schemas.signatures import PrivateKey, PublicKey, generate_private_key
+from schemas.timestamps import ms_to_dt
 from stack.process import executable
 
 Progress = Callable[[str], None]

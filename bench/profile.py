@@ -30,6 +30,7 @@ from ingest.judge import RateLimit, StoredContext, judge
 from ingest.records import Candidate, Rejection
 from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
 from schemas.signatures import PublicKey
+from schemas.timestamps import wall_ms
 from stack.process import executable
 
 #: (path fragment, function names or () for any, stage), tried on each frame from the leaf
@@ -213,7 +214,7 @@ def validation_cost(
     nothing_stored = StoredContext(None, 0, None, None)
     with one_core():
         for i in range(0, len(messages), batch):
-            now_ms = time.time_ns() // 1_000_000
+            now_ms = wall_ms()
             t0 = time.perf_counter()
             out = [decode(m) for m in messages[i : i + batch]]
             t1 = time.perf_counter()

@@ -25,11 +25,12 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from bridge.entry import GENESIS, Entry, Header, seal
-from bridge.epochs import Epoch, dt_to_ms, ms_to_dt, next_epoch
+from bridge.epochs import Epoch, next_epoch
 from bridge.ledger.sink import Receipt
 from bridge.mint import MeterBatch, MeterState, Mint, mint_batch
 from bridge.oracle import Oracle
 from schemas.merkle import merkle_root
+from schemas.timestamps import dt_to_ms, ms_to_dt
 
 Conn = psycopg.Connection[Any]
 

@@ -8,10 +8,7 @@ readings taken just before the boundary are not needlessly late.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +46,3 @@ def next_epoch(*, previous_end_ms: int | None, oldest_unclaimed_ms: int, length_
     if previous_end_ms is None or candidate.start_ms >= previous_end_ms:
         return candidate
     return Epoch(-(-previous_end_ms // length_ms), length_ms)
-
-
-_UNIX: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def ms_to_dt(ms: int) -> datetime:
-    return _UNIX + timedelta(milliseconds=ms)
-
-
-def dt_to_ms(dt: datetime) -> int:
-    return (dt - _UNIX) // timedelta(milliseconds=1)
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000

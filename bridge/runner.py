@@ -25,7 +25,6 @@ import structlog
 
 from bridge.batches import BatchStore, Step
 from bridge.entry import Entry
-from bridge.epochs import wall_ms
 from bridge.faults import crash_point
 from bridge.ledger.sink import LedgerSink, Receipt, SinkError, SinkRejectedError
 from bridge.mint import UNITS_PER_GRID, format_grid
@@ -43,6 +42,7 @@ from bridge.telemetry import (
     SUBMISSIONS_FAILED,
 )
 from schemas.migrate import ensure_partitions
+from schemas.timestamps import wall_ms
 
 log = structlog.get_logger("bridge")
 

@@ -21,10 +21,10 @@ import structlog
 from psycopg import AsyncConnection
 
 from ingest.errors import TransientError
-from ingest.store import dt_to_ms
 from ingest.telemetry import DEPENDENCY_ERRORS
 from ingest.verify import MeterSnapshot, RegisteredKey
 from schemas.signatures import InvalidKeyError, load_public_key
+from schemas.timestamps import dt_to_ms
 
 CHANNEL: Final = "meterproof_registry"
 log = structlog.get_logger("ingest.keys")

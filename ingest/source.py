@@ -35,6 +35,7 @@ from gmqtt.mqtt.package import Package
 from gmqtt.storage import PersistentStorage
 
 from ingest.records import Message
+from schemas.timestamps import wall_ms
 
 READINGS_FILTER: Final = "meters/+/readings"
 log = structlog.get_logger("ingest.source")
@@ -294,7 +295,7 @@ class MqttSource:
         except (IndexError, UnicodeDecodeError):
             log.critical("invalid_publish_skipped", size=len(raw))
             return
-        message = Message(topic, payload, time.time_ns() // 1_000_000)
+        message = Message(topic, payload, wall_ms())
         self._handler(Delivery(message, mid, self._link if link is None else link))
 
     def _on_puback(self, cmd: int, raw: bytes) -> None:

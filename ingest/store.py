@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Final
 
 import psycopg
@@ -29,8 +29,7 @@ from ingest.judge import RateLimit, StoredContext, StoredPoint, judge
 from ingest.records import Accepted, Candidate, Outcome, Rejection
 from ingest.security import QuarantinePolicy, event_for
 from schemas.reading import b64url_decode
-
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+from schemas.timestamps import ms_to_dt
 
 #: The store's connection plans every statement for its own parameters and the tables as
 #: they are. psycopg prepares a statement after five runs, and PostgreSQL may then keep one
@@ -39,14 +38,6 @@ EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 #: lock and context queries went from 38 to 135 us of backend CPU per reading over 24,000
 #: readings, until an autoanalyze; with this, 45-52 throughout).
 STORE_OPTIONS: Final = "-c plan_cache_mode=force_custom_plan"
-
-
-def ms_to_dt(ms: int) -> datetime:
-    return EPOCH + timedelta(milliseconds=ms)
-
-
-def dt_to_ms(dt: datetime) -> int:
-    return (dt - EPOCH) // timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from ingest.source import Delivery, MqttSource, TlsIdentity
 from ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
 from ingest.verify import TimeBounds, verify
 from schemas.reading import RejectReason
+from schemas.timestamps import wall_ms
 
 log = structlog.get_logger("ingest.worker")
 _T = TypeVar("_T")
@@ -99,10 +100,6 @@ class _NoReplayCache:
         return None
 
 
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     """A batch after the stages that need no lock: decoded, verified, looked up in Redis."""
@@ -118,9 +115,7 @@ class _Prepared:
 
 
 class Worker:
-    def __init__(
-        self, settings: IngestSettings, *, clock: Callable[[], int] = wall_clock_ms
-    ) -> None:
+    def __init__(self, settings: IngestSettings, *, clock: Callable[[], int] = wall_ms) -> None:
         """`clock` is the server time of rule 6 (unix ms); tests pin it to a vector's time."""
         self.settings = settings
         self._clock = clock

@@ -59,10 +59,6 @@ def receipts_topic(meter_id: str) -> str:
     return f"meters/{meter_id}/receipts"
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True, slots=True)
 class Broker:
     """Where to connect, and the one CA certificate a client trusts (the operator root)."""

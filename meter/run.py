@@ -11,10 +11,11 @@ from pathlib import Path
 
 import structlog
 
-from meter.client import Broker, ClientSettings, ClientStats, MeterClient, now_ms
+from meter.client import Broker, ClientSettings, ClientStats, MeterClient
 from meter.identity import MeterIdentity
 from meter.network import Network
 from meter.profile import profile_for
+from schemas.timestamps import wall_ms
 
 log = structlog.get_logger("meter.run")
 
@@ -47,7 +48,7 @@ async def run_meter(
             log.info("meter.started", meter_id=identity.meter_id, backlog=client.pending)
             sent = 0
             while not stop.is_set():
-                reading = client.submit(profile.measure(now_ms(), rng))
+                reading = client.submit(profile.measure(wall_ms(), rng))
                 sent += 1
                 log.info("meter.reading", meter_id=identity.meter_id, seq=reading.seq)
                 if count is not None and sent >= count:

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import structlog
 
-from meter.client import Broker, ClientSettings, MeterClient, now_ms
+from meter.client import Broker, ClientSettings, MeterClient
 from meter.identity import MeterIdentity
 from meter.measurement import Measurement
 from meter.misbehave import EXPECTED, Misbehaviour, corrupt_signature, roll_back, skew_clock
@@ -38,6 +38,7 @@ from meter.outbox import Pending
 from meter.profile import Profile, profile_for
 from schemas.codec import decode_reading
 from schemas.reading import Receipt, ReceiptStatus, SignedReading
+from schemas.timestamps import wall_ms
 
 log = structlog.get_logger("meter.simulate")
 
@@ -228,7 +229,7 @@ class _SimMeter:
     misbehaviour: Misbehaviour | None
 
     def take_reading(self, index: int) -> None:
-        measurement = self.profile.measure(now_ms(), self.rng)
+        measurement = self.profile.measure(wall_ms(), self.rng)
         kind = self.misbehaviour if index % 2 == 1 else None
         reading = self._bad_reading(kind, measurement) if kind else None
         if kind is None or reading is None:

@@ -38,10 +38,11 @@ from certs.layout import IdentityFiles, PkiLayout
 from ingest.registry import repository
 from ingest.registry.model import MeterStatus, NewKey, NewMeter
 from ingest.settings import IngestSettings
-from ingest.worker import Worker, wall_clock_ms
+from ingest.worker import Worker
 from schemas.codec import encode_reading, sign_reading
 from schemas.reading import SignedReading
 from schemas.signatures import PrivateKey, load_private_key
+from schemas.timestamps import wall_ms
 from stack.env import new_share_group
 
 _identity_turn = itertools.count()
@@ -115,7 +116,7 @@ class ProbeMeter:
         self, seq: int, *, ts: int | None = None, imp: int = 0, exp: int = 0
     ) -> SignedReading:
         assert self.key is not None
-        fields = {"meter_id": self.meter_id, "seq": seq, "ts": ts or wall_clock_ms(),
+        fields = {"meter_id": self.meter_id, "seq": seq, "ts": ts or wall_ms(),
                   "import_wh": imp, "export_wh": exp}  # fmt: skip
         return sign_reading(fields, self.key)
 
@@ -235,7 +236,7 @@ def worker_settings(
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: IngestSettings, *, clock: Callable[[], int] = wall_clock_ms
+    settings: IngestSettings, *, clock: Callable[[], int] = wall_ms
 ) -> AsyncIterator[Worker]:
     worker = Worker(settings, clock=clock)
     task = asyncio.create_task(worker.run())

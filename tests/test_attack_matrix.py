@@ -7,7 +7,6 @@ matrix with their node ids."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import os
@@ -16,7 +15,6 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +32,10 @@ from certs.cli import certs as certs_cli
 from certs.layout import IdentityFiles, PkiLayout
 from ingest.settings import IngestSettings
 from schemas.codec import encode_reading, sign_reading
-from schemas.reading import SignedReading
+from schemas.reading import SignedReading, b64url
 from schemas.signatures import PrivateKey, generate_private_key
 from schemas.signing import signing_bytes
+from schemas.timestamps import wall_ms
 from stack.broker import BrokerServer
 from stack.env import StackEnv
 from stack.redis import RedisServer
@@ -88,14 +87,6 @@ def _with(reading: SignedReading, **changes: Any) -> bytes:
     return orjson.dumps({**orjson.loads(encode_reading(reading)), **changes})
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # ---------------------------------------------------------------------------------------
 # Forged readings
 # ---------------------------------------------------------------------------------------
@@ -122,7 +113,7 @@ def test_a_reading_signed_by_a_key_it_carries_or_names_is_refused(
         ).fetchone()
     assert row is not None
     attacker_kid = str(row[0])
-    t0 = _now_ms() - 60_000
+    t0 = wall_ms() - 60_000
     forged = _reading(victim, attacker_key, 1, ts=t0)
     payloads = [
         _with(forged, jwk=attacker_key.public_key().pem()),
@@ -157,13 +148,13 @@ def test_algorithm_confusion_is_refused(
     meter_id = make_meter_id()
     key = provision(pki, database_url, meter_id)
     public_pem = pki.device(meter_id).signing_pub.read_bytes()
-    t0 = _now_ms() - 60_000
+    t0 = wall_ms() - 60_000
     genuine = _reading(meter_id, key, 1, ts=t0)
     hs256 = hmac.new(public_pem, signing_bytes(genuine), hashlib.sha256).digest()
     es256 = _reading(meter_id, generate_private_key("ES256"), 1, ts=t0)
     payloads = [
         _with(genuine, alg="none", sig="AA"),
-        _with(genuine, alg="HS256", sig=_b64url(hs256)),
+        _with(genuine, alg="HS256", sig=b64url(hs256)),
         encode_reading(es256),
         _with(genuine, alg="ES256"),
         encode_reading(genuine),
@@ -196,7 +187,7 @@ def test_replay_after_the_cache_forgot_it_is_still_caught(
     register_decreased."""
     meter_id = make_meter_id()
     key = provision(pki, database_url, meter_id)
-    t0 = _now_ms() - 600_000
+    t0 = wall_ms() - 600_000
     first = _reading(meter_id, key, 1, ts=t0, imp=5_000)
     settings = _settings(pki, broker, database_url, redis_server.url)
 
@@ -239,7 +230,7 @@ def test_timestamps_from_the_future_or_long_ago_are_refused(
     meter_id = make_meter_id()
     key = provision(pki, database_url, meter_id)
     settings = _settings(pki, broker, database_url, redis_server.url)
-    now = _now_ms()
+    now = wall_ms()
     payloads = [
         encode_reading(_reading(meter_id, key, 1, ts=now + (settings.max_future_s + 60) * 1000)),
         encode_reading(_reading(meter_id, key, 2, ts=now - (settings.max_age_s + 60) * 1000)),
@@ -290,7 +281,7 @@ def test_a_meter_guessing_the_share_group_takes_no_reading_from_the_workers(
     provision(pki, database_url, intruder_id)
     settings = _settings(pki, broker, database_url, redis_server.url)
     count = 12
-    t0 = _now_ms() - 600_000
+    t0 = wall_ms() - 600_000
 
     async def scenario() -> list[dict[str, Any]]:
         async with running_worker(settings):
@@ -432,7 +423,7 @@ def test_private_keys_never_reach_the_logs(
     key = provision(pki, database_url, meter_id)
     settings = _settings(pki, broker, database_url, redis_server.url)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
-    t0 = _now_ms() - 60_000
+    t0 = wall_ms() - 60_000
 
     async def scenario() -> None:
         meter = ProbeMeter(meter_id, key, pki, broker.port)

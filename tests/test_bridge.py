@@ -30,7 +30,6 @@ from psycopg import AsyncConnection
 
 from bridge.batches import BatchStore
 from bridge.entry import GENESIS, Entry, seal
-from bridge.epochs import ms_to_dt, wall_ms
 from bridge.ledger.local import LocalSink
 from bridge.ledger.sink import SinkRejectedError
 from bridge.mint import UNITS_PER_WH, Mint
@@ -54,6 +53,7 @@ from schemas.codec import sign_reading
 from schemas.reading import SignedReading, b64url
 from schemas.signatures import PrivateKey, generate_private_key
 from schemas.signing import reading_hash, signing_bytes
+from schemas.timestamps import ms_to_dt, wall_ms
 from stack.broker import BrokerServer
 from stack.process import free_port
 from tests.test_bridge_pure import rfc6962_root

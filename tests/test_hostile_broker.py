@@ -18,9 +18,9 @@ import psycopg
 import redis
 
 from certs.layout import PkiLayout
-from ingest.worker import wall_clock_ms
 from schemas.codec import encode_reading
 from schemas.reading import b64url, b64url_decode
+from schemas.timestamps import wall_ms
 from stack.broker import BrokerServer
 from stack.redis import RedisServer
 from tests.ingest_harness import (
@@ -152,7 +152,7 @@ def test_a_flooding_meter_is_rate_limited_then_quarantined(
         pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
         rate_max_readings=20, rate_window_s=60, quarantine_failures=5,
     )  # fmt: skip
-    t0 = wall_clock_ms() - 120_000
+    t0 = wall_ms() - 120_000
     flood = 200
 
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -202,7 +202,7 @@ def test_ten_thousand_bad_signatures_from_one_meter(
     )
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     count = 10_000
-    t0 = wall_clock_ms() - count * 1_000
+    t0 = wall_ms() - count * 1_000
     meter = ProbeMeter(meter_id, wrong_key, pki, broker.port)
     forged = [
         encode_reading(meter.reading(seq, ts=t0 + seq * 1_000, imp=seq, exp=0))
@@ -256,7 +256,7 @@ def test_a_replay_an_hour_later_is_a_duplicate_judged_by_the_database(
         pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
         replay_ttl_s=1,
     )  # fmt: skip
-    now = wall_clock_ms()
+    now = wall_ms()
     meter = ProbeMeter(meter_id, key, pki, broker.port)
     captured = encode_reading(meter.reading(7, ts=now - 1_000, imp=500, exp=20))
     forged = encode_reading(meter.reading(7, ts=now - 1_000, imp=900, exp=20))
@@ -269,7 +269,7 @@ def test_a_replay_an_hour_later_is_a_duplicate_judged_by_the_database(
             await meter.wait_receipts(1)
         await asyncio.sleep(1.5)
         remembered = int(cache.exists(f"mp:seen:{meter_id}:7"))
-        async with running_worker(settings, clock=lambda: wall_clock_ms() + 3_600_000):
+        async with running_worker(settings, clock=lambda: wall_ms() + 3_600_000):
             meter.publish(captured)
             meter.publish(forged)
             receipts = await meter.wait_receipts(3)

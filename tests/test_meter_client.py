@@ -27,13 +27,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from certs import issue_device
 from certs.layout import PkiLayout
-from meter.client import Broker, ClientSettings, MeterClient, now_ms
+from meter.client import Broker, ClientSettings, MeterClient
 from meter.identity import MeterIdentity, client_tls
 from meter.network import Network
 from meter.profile import profile_for
 from schemas.codec import decode_reading
 from schemas.reading import Receipt, ReceiptStatus, RejectReason
 from schemas.signing import reading_hash, signing_bytes
+from schemas.timestamps import wall_ms
 from stack.broker import BrokerServer
 from stack.env import new_share_group
 from tests.ingest_harness import fresh_ingest_identity
@@ -174,7 +175,7 @@ def make_meter(
 
 
 def submit(client: MeterClient) -> int:
-    measurement = profile_for(client.meter_id).measure(now_ms(), random.Random())
+    measurement = profile_for(client.meter_id).measure(wall_ms(), random.Random())
     return client.submit(measurement).seq
 
 

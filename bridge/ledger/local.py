@@ -20,10 +20,10 @@ from psycopg import errors
 from psycopg.rows import tuple_row
 
 from bridge.entry import GENESIS, Entry, Header
-from bridge.epochs import dt_to_ms
 from bridge.faults import crash_point
 from bridge.ledger.sink import Receipt, SinkRejectedError, SinkUnavailableError
 from bridge.mint import Mint
+from schemas.timestamps import dt_to_ms
 
 _NAME: Final = "local"
 _BY_KEY: Final = (
