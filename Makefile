@@ -37,11 +37,12 @@ lint: setup ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: setup ## mypy --strict on our packages
+typecheck: setup ## mypy --strict on the meterproof package
+	@mkdir -p .run/typecheck && ln -sfn ../.. .run/typecheck/meterproof
 	$(VENV)/bin/mypy
 
 pytest: setup ## the test suite against real Mosquitto, PostgreSQL and Redis
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -20,9 +20,9 @@ from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 from paho.mqtt.enums import CallbackAPIVersion
 
-from certs.layout import IdentityFiles, PkiLayout
-from schemas.codec import encode_reading, sign_reading
-from schemas.signatures import PrivateKey
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.signatures import PrivateKey
 
 
 def tls_context(pki: PkiLayout, identity: IdentityFiles) -> ssl.SSLContext:

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
-from bench import report
-from bench.machine import describe
+from meterproof.bench import report
+from meterproof.bench.machine import describe
 
 if TYPE_CHECKING:
-    from bench.ingest import DrainResult
+    from meterproof.bench.ingest import DrainResult
 
 _STARTED = time.monotonic()
 
@@ -109,8 +109,8 @@ def bench(ctx: click.Context, quick: bool) -> None:
 @click.pass_context
 def limits(ctx: click.Context) -> None:
     """Raw limits: signature checks on one core, broker, COPY, Redis, validation cost."""
-    from bench.limits import pipeline_rows, run_limits
-    from bench.profile import validation_cost
+    from meterproof.bench.limits import pipeline_rows, run_limits
+    from meterproof.bench.profile import validation_cost
 
     quick = _quick(ctx)
     rows = 10_000 if quick else 50_000
@@ -139,7 +139,7 @@ def limits(ctx: click.Context) -> None:
 @click.pass_context
 def registration(ctx: click.Context, meters: int) -> None:
     """Certificates + registry rows for a fleet, as the two commands and in-process."""
-    from bench.registration import run_registration
+    from meterproof.bench.registration import run_registration
 
     _progress(f"== registration: {meters:,} meters (certs issue-bulk + meters register --bulk)")
     with _run_dir() as tmp:
@@ -211,8 +211,8 @@ def ingest(
 def _drain(size: int, workers: int, *, profiled: bool) -> tuple[DrainResult, dict[str, object]]:
     """One drain on a private stack; with `profiled`, py-spy records the workers throughout
     and the stages share out their measured CPU time."""
-    from bench.ingest import run_drain
-    from bench.profile import attribute, py_spy
+    from meterproof.bench.ingest import run_drain
+    from meterproof.bench.profile import attribute, py_spy
 
     rate = 200
     with _run_dir() as tmp:
@@ -271,7 +271,7 @@ def load(
     search: int | None,
 ) -> None:
     """Sustained tiers from connected meters: accepted rate, publish->receipt latency, CPU."""
-    from bench.load import run_tiers
+    from meterproof.bench.load import run_tiers
 
     quick = _quick(ctx)
     tiers = [int(r) for r in rates.split(",")] if rates else (
@@ -321,7 +321,7 @@ def connections(
     workers: int,
 ) -> None:
     """Concurrent mutual-TLS meters on one broker, each reporting on an interval."""
-    from bench.connections import run_connections
+    from meterproof.bench.connections import run_connections
 
     quick = _quick(ctx)
     fleet = meters or (300 if quick else 20_000)
@@ -346,9 +346,9 @@ def bridge(ctx: click.Context) -> None:
     """Seal + anchor of one epoch, and `ledger verify` of all of it, on a private database."""
     from dataclasses import asdict
 
-    from bridge.bench import bench_bridge
-    from schemas.migrate import migrate
-    from stack.postgres import PostgresServer
+    from meterproof.bench.bridge import bench_bridge
+    from meterproof.db.migrate import migrate
+    from meterproof.stack.postgres import PostgresServer
 
     size = 100_000 if _quick(ctx) else 1_000_000
     _progress(f"== bridge: seal, anchor and verify an epoch of {size:,} readings")

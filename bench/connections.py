@@ -38,11 +38,11 @@ import psutil  # type: ignore[import-untyped, unused-ignore]
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from bench.load import WARMUP_RATE, connect_summary, max_seq
-from bench.loadgen import plan
-from bench.loadgen.control import BenchStack, Generators, measure
-from certs.layout import PkiLayout
-from mosquitto.config import broker_files
+from meterproof.bench.load import WARMUP_RATE, connect_summary, max_seq
+from meterproof.bench.loadgen import plan
+from meterproof.bench.loadgen.control import BenchStack, Generators, measure
+from meterproof.certs.layout import PkiLayout
+from meterproof.mosquitto.config import broker_files
 
 
 def broker_key_sign_rate(pki: PkiLayout, seconds: float = 1.0) -> dict[str, Any]:

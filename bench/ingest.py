@@ -19,15 +19,20 @@ from typing import Any
 
 import psycopg
 
-from bench.backlog import count_only_drain, open_session, publish_backlog, signed_payloads
-from certs import ingest_identity, issue_bulk
-from certs.layout import PkiLayout
-from ingest.registry import repository
-from ingest.registry.model import NewKey, NewMeter
-from schemas.signatures import load_private_key
-from stack.env import StackEnv
-from stack.process import StackError, free_port
-from stack.services import LocalStack, Ports
+from meterproof.bench.backlog import (
+    count_only_drain,
+    open_session,
+    publish_backlog,
+    signed_payloads,
+)
+from meterproof.certs import ingest_identity, issue_bulk
+from meterproof.certs.layout import PkiLayout
+from meterproof.registry import repository
+from meterproof.registry.model import NewKey, NewMeter
+from meterproof.schemas.signatures import load_private_key
+from meterproof.stack.env import StackEnv
+from meterproof.stack.process import StackError, free_port
+from meterproof.stack.services import LocalStack, Ports
 
 Progress = Callable[[str], None]
 
@@ -73,7 +78,7 @@ def _workers(env: StackEnv, workers: int, log: Path) -> subprocess.Popen[bytes]:
     environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # one line per batch would cost CPU here
     with log.open("ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-P", "-m", "cli", "ingest", "--workers", str(workers)],
+            [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", str(workers)],
             env=environ, stdout=sink, stderr=sink,
         )  # fmt: skip
 

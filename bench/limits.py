@@ -22,19 +22,19 @@ from typing import Any, Final
 
 import psycopg
 
-from bench.backlog import signed_payloads
-from certs import issue_bulk
-from certs.layout import IdentityFiles, PkiLayout
-from ingest.decode import Decoded, decode
-from ingest.records import Message, Rejection
-from ingest.registry import repository
-from ingest.registry.model import NewKey, NewMeter
-from ingest.replay import RedisReplayCache
-from ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES
-from schemas.reading import Alg, b64url_decode
-from schemas.signatures import PrivateKey, PublicKey, generate_private_key
-from schemas.timestamps import ms_to_dt
-from stack.process import executable
+from meterproof.bench.backlog import signed_payloads
+from meterproof.certs import issue_bulk
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.ingest.decode import Decoded, decode
+from meterproof.ingest.records import Message, Rejection
+from meterproof.ingest.replay import RedisReplayCache
+from meterproof.ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES
+from meterproof.registry import repository
+from meterproof.registry.model import NewKey, NewMeter
+from meterproof.schemas.reading import Alg, b64url_decode
+from meterproof.schemas.signatures import PrivateKey, PublicKey, generate_private_key
+from meterproof.schemas.timestamps import ms_to_dt
+from meterproof.stack.process import executable
 
 Progress = Callable[[str], None]
 PAYLOAD_BYTES: Final = 200
@@ -307,8 +307,8 @@ def run_limits(
     progress: Progress,
 ) -> Limits:
     """Everything on a private stack (PKI, broker, PostgreSQL, Redis) in `run_dir`."""
-    from bench.ingest import up_on_free_ports
-    from stack.services import LocalStack
+    from meterproof.bench.ingest import up_on_free_ports
+    from meterproof.stack.services import LocalStack
 
     progress(f"crypto: verify/s on one core, {crypto_seconds:.1f} s per algorithm")
     crypto = crypto_limits(seconds=crypto_seconds)

@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import plan
-from bench.loadgen.control import BenchStack, Generators, measure
+from meterproof.bench.loadgen import plan
+from meterproof.bench.loadgen.control import BenchStack, Generators, measure
 
 Progress = Callable[[str], None]
 

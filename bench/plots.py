@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.sampling import rates
+from meterproof.bench.sampling import rates
 
 DRAIN_TARGET: Final = 22_000
 

@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from bench.limits import one_core
-from ingest.decode import Decoded, decode
-from ingest.judge import RateLimit, StoredContext, judge
-from ingest.records import Candidate, Rejection
-from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
-from schemas.signatures import PublicKey
-from schemas.timestamps import wall_ms
-from stack.process import executable
+from meterproof.bench.limits import one_core
+from meterproof.ingest.decode import Decoded, decode
+from meterproof.ingest.judge import RateLimit, StoredContext, judge
+from meterproof.ingest.records import Candidate, Rejection
+from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from meterproof.schemas.signatures import PublicKey
+from meterproof.schemas.timestamps import wall_ms
+from meterproof.stack.process import executable
 
 #: (path fragment, function names or () for any, stage), tried on each frame from the leaf
 #: up; the first frame that matches a rule decides. A function name is the last part of

@@ -18,14 +18,14 @@ from typing import Any
 
 import psycopg
 
-from certs import issue_bulk
-from certs.bootstrap import init_pki
-from certs.bulk import new_meter_ids, write_bulk_csv
-from certs.layout import PkiLayout
-from ingest.registry import repository, sources
-from ingest.registry.model import MeterStatus, SecurityLevel
-from schemas.migrate import migrate
-from stack.postgres import PostgresServer
+from meterproof.certs import issue_bulk
+from meterproof.certs.bootstrap import init_pki
+from meterproof.certs.bulk import new_meter_ids, write_bulk_csv
+from meterproof.certs.layout import PkiLayout
+from meterproof.db.migrate import migrate
+from meterproof.registry import repository, sources
+from meterproof.registry.model import MeterStatus, SecurityLevel
+from meterproof.stack.postgres import PostgresServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,7 @@ class RegistrationResult:
 def _command(argv: list[str]) -> float:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "cli", *argv],
+        [sys.executable, "-P", "-m", "meterproof", *argv],
         capture_output=True,
         text=True,
         check=False,

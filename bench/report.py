@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from bench import plots
-from bench.sampling import Verdict, at_least, at_most
+from meterproof.bench import plots
+from meterproof.bench.sampling import Verdict, at_least, at_most
 
 RESULTS: Final = Path("bench/results")
 REPORT: Final = Path("docs/benchmarks.md")

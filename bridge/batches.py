@@ -24,17 +24,17 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
-from bridge.entry import GENESIS, Entry, Header, seal
-from bridge.epochs import Epoch, next_epoch
-from bridge.ledger.sink import Receipt
-from bridge.mint import MeterBatch, MeterState, Mint, mint_batch
-from bridge.oracle import Oracle
-from schemas.merkle import merkle_root
-from schemas.timestamps import dt_to_ms, ms_to_dt
+from meterproof.bridge.entry import GENESIS, Entry, Header, seal
+from meterproof.bridge.epochs import Epoch, next_epoch
+from meterproof.bridge.ledger.sink import Receipt
+from meterproof.bridge.mint import MeterBatch, MeterState, Mint, mint_batch
+from meterproof.bridge.oracle import Oracle
+from meterproof.schemas.merkle import merkle_root
+from meterproof.schemas.timestamps import dt_to_ms, ms_to_dt
 
 Conn = psycopg.Connection[Any]
 
-#: Serialises bridges on one database (schemas.migrate uses ...184 and ...185).
+#: Serialises bridges on one database (db.migrate uses ...184 and ...185).
 _LOCK_KEY: Final = 7302166411205843186
 _HEAD: Final = """
 SELECT batch, epoch, epoch_ms, status, entry_hash FROM bridge_batches

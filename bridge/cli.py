@@ -17,9 +17,9 @@ import orjson
 import psycopg
 from pydantic import ValidationError
 
-from bridge.settings import BridgeSettings
-from certs.layout import PkiLayout
-from schemas.signatures import InvalidKeyError
+from meterproof.bridge.settings import BridgeSettings
+from meterproof.certs.layout import PkiLayout
+from meterproof.schemas.signatures import InvalidKeyError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -91,11 +91,11 @@ def bridge(
     Settings come from METERPROOF_* variables, .run/stack.env and --config. SIGTERM ends
     the current pass and exits; a batch left pending is anchored by the next start.
     """
-    from bridge.ledger.local import LocalSink
-    from bridge.oracle import load_oracle
-    from bridge.publish import SummaryPublisher
-    from bridge.runner import Runner
-    from bridge.telemetry import serve_metrics
+    from meterproof.bridge.ledger.local import LocalSink
+    from meterproof.bridge.oracle import load_oracle
+    from meterproof.bridge.publish import SummaryPublisher
+    from meterproof.bridge.runner import Runner
+    from meterproof.bridge.telemetry import serve_metrics
 
     if config:
         os.environ["METERPROOF_CONFIG"] = config
@@ -161,7 +161,7 @@ def _oracle_option(command: F) -> F:
 
 
 def _trusted_key(oracle_pub: Path | None, *, required: bool) -> bytes | None:
-    from bridge.oracle import load_oracle_public
+    from meterproof.bridge.oracle import load_oracle_public
 
     path = oracle_pub or PkiLayout(_settings().pki_root).oracle_pub
     if oracle_pub is None and not path.is_file() and not required:
@@ -178,8 +178,8 @@ def _trusted_key(oracle_pub: Path | None, *, required: bool) -> bytes | None:
 def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
     """Recompute every root, the hash chain, every signature, every mint and balance from
     the stored readings; print OK or the first discrepancy (exit 1)."""
-    from bridge.oracle import describe
-    from bridge.verify import verify
+    from meterproof.bridge.oracle import describe
+    from meterproof.bridge.verify import verify
 
     trusted = _trusted_key(oracle_pub, required=True)
     assert trusted is not None
@@ -192,7 +192,7 @@ def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
     if report.discrepancy is not None:
         click.echo(f"DISCREPANCY {report.discrepancy}")
         sys.exit(1)
-    from bridge.mint import format_grid
+    from meterproof.bridge.mint import format_grid
 
     click.echo(
         f"OK {report.entries} entries, {report.anchored_readings} anchored readings"
@@ -210,7 +210,7 @@ def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
 def proof_command(reading_hash: str, output: Any, database_url: str | None) -> None:  # noqa: ANN401
     """The RFC 6962 audit path of READING_HASH (64 hex digits) to its batch root, with the
     signed ledger entry, as JSON; check it with `ledger check-proof`."""
-    from bridge.proof import ProofError, build_proof
+    from meterproof.bridge.proof import ProofError, build_proof
 
     if not _HASH_RE.fullmatch(reading_hash):
         raise click.BadParameter("expected 64 lowercase hex digits", param_hint="READING_HASH")
@@ -228,8 +228,8 @@ def proof_command(reading_hash: str, output: Any, database_url: str | None) -> N
 def check_proof_command(file: Any, oracle_pub: Path | None) -> None:  # noqa: ANN401
     """Check an inclusion proof offline (FILE, or - for stdin): audit path, root, header,
     entry hash and oracle signature. Exit 1 if anything does not hold."""
-    from bridge.oracle import describe
-    from bridge.proof import ProofError, check_proof
+    from meterproof.bridge.oracle import describe
+    from meterproof.bridge.proof import ProofError, check_proof
 
     trusted = _trusted_key(oracle_pub, required=False)
     try:
@@ -251,8 +251,8 @@ def check_proof_command(file: Any, oracle_pub: Path | None) -> None:  # noqa: AN
 @_database_option
 def balances_command(as_json: bool, database_url: str | None) -> None:
     """GRID per wallet in the local ledger (1 GRID = 1 kWh exported, 18 decimals)."""
-    from bridge.ledger.local import balances
-    from bridge.mint import format_grid
+    from meterproof.bridge.ledger.local import balances
+    from meterproof.bridge.mint import format_grid
 
     with _connect(database_url or _settings().database_url) as conn:
         found = balances(conn)
@@ -284,10 +284,10 @@ def balances_command(as_json: bool, database_url: str | None) -> None:
 @_database_option
 def entries_command(limit: int, as_json: bool, database_url: str | None) -> None:
     """The most recent ledger entries, and the oracle public key that signs them."""
-    from bridge.entry import entry_json
-    from bridge.ledger.local import recent_entries
-    from bridge.mint import format_grid
-    from bridge.oracle import describe
+    from meterproof.bridge.entry import entry_json
+    from meterproof.bridge.ledger.local import recent_entries
+    from meterproof.bridge.mint import format_grid
+    from meterproof.bridge.oracle import describe
 
     published = _trusted_key(None, required=False)
     with _connect(database_url or _settings().database_url) as conn:

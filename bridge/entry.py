@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.mint import Mint, format_grid
-from schemas.signatures import Ed25519Public, PrivateKey
+from meterproof.bridge.mint import Mint, format_grid
+from meterproof.schemas.signatures import Ed25519Public, PrivateKey
 
 HEADER_MAGIC: Final = b"MPL1"
 MINTS_MAGIC: Final = b"MPM1"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.signatures import (
+from meterproof.schemas.signatures import (
     Ed25519Public,
     InvalidKeyError,
     PrivateKey,

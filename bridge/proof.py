@@ -15,11 +15,11 @@ from typing import Any, Final
 import psycopg
 from psycopg.rows import tuple_row
 
-from bridge.entry import Entry, EntryError, Header, entry_json, header_from_json
-from bridge.ledger.sink import Receipt
-from bridge.mint import Mint
-from schemas.merkle import audit_path, verify_inclusion
-from schemas.signatures import Ed25519Public
+from meterproof.bridge.entry import Entry, EntryError, Header, entry_json, header_from_json
+from meterproof.bridge.ledger.sink import Receipt
+from meterproof.bridge.mint import Mint
+from meterproof.schemas.merkle import audit_path, verify_inclusion
+from meterproof.schemas.signatures import Ed25519Public
 
 PROOF_VERSION: Final = 1
 HASH_RULE: Final = (

@@ -21,11 +21,11 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridge.batches import Anchored
-from bridge.entry import header_json
-from bridge.mint import format_grid
-from bridge.telemetry import SUMMARIES_PUBLISHED
-from certs.layout import IdentityFiles
+from meterproof.bridge.batches import Anchored
+from meterproof.bridge.entry import header_json
+from meterproof.bridge.mint import format_grid
+from meterproof.bridge.telemetry import SUMMARIES_PUBLISHED
+from meterproof.certs.layout import IdentityFiles
 
 log = structlog.get_logger("bridge.publish")
 

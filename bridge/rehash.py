@@ -13,7 +13,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
-from schemas.signing import MAGIC
+from meterproof.schemas.signing import MAGIC
 
 _FIXED: Final = struct.Struct(">QQQQB")
 _OPTIONAL: Final = tuple(struct.Struct(f">{n}q") for n in range(6))

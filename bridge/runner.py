@@ -23,15 +23,15 @@ from typing import Protocol
 import psycopg
 import structlog
 
-from bridge.batches import BatchStore, Step
-from bridge.entry import Entry
-from bridge.faults import crash_point
-from bridge.ledger.sink import LedgerSink, Receipt, SinkError, SinkRejectedError
-from bridge.mint import UNITS_PER_GRID, format_grid
-from bridge.oracle import Oracle
-from bridge.publish import summary
-from bridge.settings import BridgeSettings
-from bridge.telemetry import (
+from meterproof.bridge.batches import BatchStore, Step
+from meterproof.bridge.entry import Entry
+from meterproof.bridge.faults import crash_point
+from meterproof.bridge.ledger.sink import LedgerSink, Receipt, SinkError, SinkRejectedError
+from meterproof.bridge.mint import UNITS_PER_GRID, format_grid
+from meterproof.bridge.oracle import Oracle
+from meterproof.bridge.publish import summary
+from meterproof.bridge.settings import BridgeSettings
+from meterproof.bridge.telemetry import (
     ANCHORING_LAG,
     BATCHES_PENDING,
     EPOCHS_SEALED,
@@ -41,8 +41,8 @@ from bridge.telemetry import (
     READINGS_CLAIMED,
     SUBMISSIONS_FAILED,
 )
-from schemas.migrate import ensure_partitions
-from schemas.timestamps import wall_ms
+from meterproof.db.migrate import ensure_partitions
+from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("bridge")
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stack.env import ProcessSettings
+from meterproof.stack.env import ProcessSettings
 
 
 class BridgeSettings(ProcessSettings):

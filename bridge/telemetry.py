@@ -8,7 +8,7 @@ from typing import get_args
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from bridge.ledger.sink import ErrorCode
+from meterproof.bridge.ledger.sink import ErrorCode
 
 EPOCHS_SEALED = Counter("meterproof_epochs_sealed_total", "Batches sealed (one per epoch)")
 READINGS_ANCHORED = Counter(

@@ -27,10 +27,10 @@ from typing import Any, Final
 import psycopg
 from psycopg.rows import tuple_row
 
-from bridge.entry import GENESIS, Entry, EntryError, Header
-from bridge.mint import MeterBatch, MeterState, Mint, advance
-from bridge.rehash import reading_hash
-from schemas.merkle import merkle_root
+from meterproof.bridge.entry import GENESIS, Entry, EntryError, Header
+from meterproof.bridge.mint import MeterBatch, MeterState, Mint, advance
+from meterproof.bridge.rehash import reading_hash
+from meterproof.schemas.merkle import merkle_root
 
 _NULL: Final = b"\\N"
 _ROWS: Final = """COPY (

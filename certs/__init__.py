@@ -3,12 +3,17 @@
 The Python API other packages use; `certs.layout` says where every file lives.
 """
 
-from certs.authority import Validity
-from certs.bootstrap import InitResult, init_pki
-from certs.bulk import BulkRow, issue_bulk, read_bulk_csv, write_bulk_csv
-from certs.crl import RevokeResult, refresh_crl, revoke
-from certs.errors import IdentityConflictError, MissingCaError, PkiError, UnknownIdentityError
-from certs.identities import (
+from meterproof.certs.authority import Validity
+from meterproof.certs.bootstrap import InitResult, init_pki
+from meterproof.certs.bulk import BulkRow, issue_bulk, read_bulk_csv, write_bulk_csv
+from meterproof.certs.crl import RevokeResult, refresh_crl, revoke
+from meterproof.certs.errors import (
+    IdentityConflictError,
+    MissingCaError,
+    PkiError,
+    UnknownIdentityError,
+)
+from meterproof.certs.identities import (
     SERVICE_NAMES,
     IdentityRecord,
     IssuedDevice,
@@ -19,7 +24,7 @@ from certs.identities import (
     issue_service,
     load_identity,
 )
-from certs.layout import DeviceFiles, IdentityFiles, PkiLayout
+from meterproof.certs.layout import DeviceFiles, IdentityFiles, PkiLayout
 
 __all__ = [
     "SERVICE_NAMES",

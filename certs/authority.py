@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certs.errors import MissingCaError
-from certs.keys import private_pem, publish_directory
-from certs.layout import PkiLayout
+from meterproof.certs.errors import MissingCaError
+from meterproof.certs.keys import private_pem, publish_directory
+from meterproof.certs.layout import PkiLayout
 
 CaKeyType = Literal["rsa4096", "ec-p384"]
 CA_KEY_TYPES: Final[tuple[CaKeyType, ...]] = ("rsa4096", "ec-p384")

@@ -14,7 +14,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from certs.authority import (
+from meterproof.certs.authority import (
     Authority,
     CaKeyType,
     Validity,
@@ -22,11 +22,16 @@ from certs.authority import (
     describe_root,
     subject_alt_names,
 )
-from certs.crl import crl_is_fresh, refresh_crl
-from certs.errors import PkiError
-from certs.identities import DEFAULT_DAYS, ServiceName, issue_ingest_workers, issue_service
-from certs.keys import private_pem, public_pem, publish_directory
-from certs.layout import PkiLayout
+from meterproof.certs.crl import crl_is_fresh, refresh_crl
+from meterproof.certs.errors import PkiError
+from meterproof.certs.identities import (
+    DEFAULT_DAYS,
+    ServiceName,
+    issue_ingest_workers,
+    issue_service,
+)
+from meterproof.certs.keys import private_pem, public_pem, publish_directory
+from meterproof.certs.layout import PkiLayout
 
 DEFAULT_CA_DAYS: Final = 3650
 #: Always in the broker certificate: the local stack listens on loopback.

@@ -30,12 +30,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from certs.authority import Authority, Validity
-from certs.errors import PkiError
-from certs.identities import DEFAULT_DAYS, IssuedDevice, check_name_free, issue_meter
-from certs.keys import replace_file
-from certs.layout import IDENTITY_RE, PkiLayout, check_identity
-from schemas.reading import Alg
+from meterproof.certs.authority import Authority, Validity
+from meterproof.certs.errors import PkiError
+from meterproof.certs.identities import DEFAULT_DAYS, IssuedDevice, check_name_free, issue_meter
+from meterproof.certs.keys import replace_file
+from meterproof.certs.layout import IDENTITY_RE, PkiLayout, check_identity
+from meterproof.schemas.reading import Alg
 
 CSV_COLUMNS: Final = ("meter_id", "alg", "public_key_pem", "cert_fingerprint", "serial")
 _UUID_LENGTH: Final = 36

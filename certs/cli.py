@@ -16,15 +16,15 @@ from pathlib import Path
 
 import click
 
-from certs import crl
-from certs.authority import CA_KEY_TYPES, CaKeyType
-from certs.bootstrap import (
+from meterproof.certs import crl
+from meterproof.certs.authority import CA_KEY_TYPES, CaKeyType
+from meterproof.certs.bootstrap import (
     DEFAULT_CA_DAYS,
     DEFAULT_INGEST_WORKERS,
     DEFAULT_SERVER_NAMES,
     init_pki,
 )
-from certs.bulk import (
+from meterproof.certs.bulk import (
     MAX_PREFIX,
     default_csv_path,
     issue_bulk,
@@ -32,8 +32,8 @@ from certs.bulk import (
     read_meter_ids,
     write_bulk_csv,
 )
-from certs.errors import PkiError
-from certs.identities import (
+from meterproof.certs.errors import PkiError
+from meterproof.certs.identities import (
     DEFAULT_DAYS,
     MAX_INGEST_INSTANCES,
     SERVICE_NAMES,
@@ -46,10 +46,10 @@ from certs.identities import (
     list_identities,
     load_identity,
 )
-from certs.layout import DEFAULT_ROOT, PkiLayout, check_identity
-from schemas.reading import Alg
-from schemas.signatures import RSA_MAX_BITS, RSA_MIN_BITS
-from stack.env import STACK_ENV_FILE
+from meterproof.certs.layout import DEFAULT_ROOT, PkiLayout, check_identity
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import RSA_MAX_BITS, RSA_MIN_BITS
+from meterproof.stack.env import STACK_ENV_FILE
 
 pass_layout = click.make_pass_decorator(PkiLayout)
 _LABEL_CHARS = frozenset(string.ascii_letters + string.digits + "-")
@@ -361,7 +361,7 @@ def issue_service_cmd(
 
 
 def _reload_broker(layout: PkiLayout, stack_env: Path) -> None:
-    from mosquitto.admin import identities_on_running_broker
+    from meterproof.mosquitto.admin import identities_on_running_broker
 
     try:
         click.echo(identities_on_running_broker(layout, stack_env))
@@ -388,7 +388,7 @@ def revoke_cmd(layout: PkiLayout, meter_id: str, stack_env: Path) -> None:
         f"meter {meter_id}: certificate {result.serial} {state}; CRL {result.crl} "
         f"valid until {result.next_update:%Y-%m-%d}"
     )
-    from mosquitto.admin import revoke_on_running_broker
+    from meterproof.mosquitto.admin import revoke_on_running_broker
 
     try:
         click.echo(revoke_on_running_broker(meter_id, stack_env))

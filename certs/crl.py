@@ -22,11 +22,11 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from certs.authority import Authority
-from certs.errors import UnknownIdentityError
-from certs.identities import load_identity
-from certs.keys import PRIVATE_FILE_MODE, replace_file
-from certs.layout import PkiLayout
+from meterproof.certs.authority import Authority
+from meterproof.certs.errors import UnknownIdentityError
+from meterproof.certs.identities import load_identity
+from meterproof.certs.keys import PRIVATE_FILE_MODE, replace_file
+from meterproof.certs.layout import PkiLayout
 
 CRL_VALIDITY: Final = timedelta(days=30)
 

@@ -19,12 +19,12 @@ from typing import Any, Final, Literal, get_args
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certs.authority import Authority, Validity, fingerprint, serial_hex
-from certs.errors import IdentityConflictError
-from certs.keys import private_pem, publish_directory
-from certs.layout import DeviceFiles, IdentityFiles, PkiLayout
-from schemas.reading import Alg
-from schemas.signatures import generate_private_key
+from meterproof.certs.authority import Authority, Validity, fingerprint, serial_hex
+from meterproof.certs.errors import IdentityConflictError
+from meterproof.certs.keys import private_pem, publish_directory
+from meterproof.certs.layout import DeviceFiles, IdentityFiles, PkiLayout
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import generate_private_key
 
 Role = Literal["meter", "service", "integrator"]
 ServiceName = Literal["ingest", "bridge", "admin"]

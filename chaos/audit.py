@@ -23,9 +23,9 @@ from typing import Any
 
 import psycopg
 
-from bridge.mint import UNITS_PER_WH
-from stack.commands import command_environ, meterproof_argv
-from stack.env import StackEnv
+from meterproof.bridge.mint import UNITS_PER_WH
+from meterproof.stack.commands import command_environ, meterproof_argv
+from meterproof.stack.env import StackEnv
 
 Key = tuple[str, int]
 _EXAMPLES = 5

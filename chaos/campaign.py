@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.machine import describe
-from certs.layout import PkiLayout
-from chaos.audit import Audit, run_audit
-from chaos.backlog import stored_count, unanchored_before
-from chaos.faults import (
+from meterproof.bench.machine import describe
+from meterproof.certs.layout import PkiLayout
+from meterproof.chaos.audit import Audit, run_audit
+from meterproof.chaos.backlog import stored_count, unanchored_before
+from meterproof.chaos.faults import (
     FaultRecord,
     Injector,
     ProductProcess,
@@ -36,12 +36,12 @@ from chaos.faults import (
     wait_until,
     worker_pids,
 )
-from chaos.plan import CampaignConfig, Plan, make_plan
-from meter.identity import discover
-from stack.commands import command_environ, meterproof_argv
-from stack.env import StackEnv
-from stack.process import StackError, free_port
-from stack.services import LocalStack, Ports
+from meterproof.chaos.plan import CampaignConfig, Plan, make_plan
+from meterproof.meter.identity import discover
+from meterproof.stack.commands import command_environ, meterproof_argv
+from meterproof.stack.env import StackEnv
+from meterproof.stack.process import StackError, free_port
+from meterproof.stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]
 

@@ -58,9 +58,9 @@ def chaos(
     Progress goes to stderr; the figures to the report. Exit status 0 when the audit is
     clean, 1 on any loss, duplicate, unanchored reading, mint mismatch or verify failure.
     """
-    from chaos.campaign import run_campaign
-    from chaos.plan import PlanError, full_config, make_plan, quick_config
-    from chaos.report import write
+    from meterproof.chaos.campaign import run_campaign
+    from meterproof.chaos.plan import PlanError, full_config, make_plan, quick_config
+    from meterproof.chaos.report import write
 
     changes: dict[str, object] = {"seed": seed}
     if duration is not None:

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chaos.backlog import ingest_caught_up, unanchored_before
-from chaos.plan import CampaignConfig, FaultKind, PlannedFault
-from stack.broker import BrokerServer
-from stack.commands import command_environ, meterproof_argv, start_command, stop_command
-from stack.env import StackEnv
-from stack.postgres import PostgresServer
-from stack.redis import RedisServer
+from meterproof.chaos.backlog import ingest_caught_up, unanchored_before
+from meterproof.chaos.plan import CampaignConfig, FaultKind, PlannedFault
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
+from meterproof.stack.env import StackEnv
+from meterproof.stack.postgres import PostgresServer
+from meterproof.stack.redis import RedisServer
 
 _POLL_S = 0.25
 #: How long a broker killed with -9 stays down, as a service manager would restart it.

@@ -6,9 +6,9 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from chaos.campaign import CampaignResult
-from chaos.faults import FaultRecord
-from chaos.plan import DESCRIPTION, FaultKind
+from meterproof.chaos.campaign import CampaignResult
+from meterproof.chaos.faults import FaultRecord
+from meterproof.chaos.plan import DESCRIPTION, FaultKind
 
 
 def _count(value: object) -> str:

@@ -10,23 +10,23 @@ import importlib
 
 import click
 
-from cli.logs import configure_logging
+from meterproof.cli.logs import configure_logging
 
 #: command name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
-    "certs": "certs.cli:certs",
-    "stack": "stack.cli:stack",
-    "simulate": "meter.cli:simulate",
-    "meter": "meter.cli:meter",
-    "ingest": "ingest.cli:ingest",
-    "bridge": "bridge.cli:bridge",
-    "ledger": "bridge.cli:ledger",
-    "db": "schemas.migrate:db",
-    "meters": "ingest.registry.cli:meters",
-    "bench": "bench.cli:bench",
-    "chaos": "chaos.cli:chaos",
-    "fuzz": "fuzz.cli:fuzz",
-    "demo": "demo.cli:demo",
+    "certs": "meterproof.certs.cli:certs",
+    "stack": "meterproof.stack.cli:stack",
+    "simulate": "meterproof.meter.cli:simulate",
+    "meter": "meterproof.meter.cli:meter",
+    "ingest": "meterproof.ingest.cli:ingest",
+    "bridge": "meterproof.bridge.cli:bridge",
+    "ledger": "meterproof.bridge.cli:ledger",
+    "db": "meterproof.db.migrate:db",
+    "meters": "meterproof.registry.cli:meters",
+    "bench": "meterproof.bench.cli:bench",
+    "chaos": "meterproof.chaos.cli:chaos",
+    "fuzz": "meterproof.fuzz.cli:fuzz",
+    "demo": "meterproof.demo.cli:demo",
 }
 
 

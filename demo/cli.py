@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from demo.run import DemoOptions, run_demo
+from meterproof.demo.run import DemoOptions, run_demo
 
 
 @click.command()

@@ -19,9 +19,9 @@ from typing import Any
 
 import psycopg
 
-from stack.commands import command_environ, meterproof_argv, start_command, stop_command
-from stack.env import StackEnv
-from stack.services import LocalStack, Ports
+from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
+from meterproof.stack.env import StackEnv
+from meterproof.stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]
 WORKER_METRICS = 9108

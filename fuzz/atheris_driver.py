@@ -14,11 +14,11 @@ from pathlib import Path
 
 import atheris  # type: ignore[import-untyped, unused-ignore]
 
-with atheris.instrument_imports(include=["schemas", "ingest"]):
-    import schemas.codec  # noqa: F401 - imported here to be instrumented
+with atheris.instrument_imports(include=["meterproof.schemas", "meterproof.ingest"]):
+    import meterproof.schemas.codec  # noqa: F401 - imported here to be instrumented
 
-from fuzz.checker import Case, Checker
-from fuzz.target import PipelineTarget, fleet_topics, load_fleet
+from meterproof.fuzz.checker import Case, Checker
+from meterproof.fuzz.target import PipelineTarget, fleet_topics, load_fleet
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from typing import Any, Final
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 
-from fuzz.target import SPEC_REASONS, Target, label, unstorable
-from ingest.records import Accepted, Message
+from meterproof.fuzz.target import SPEC_REASONS, Target, label, unstorable
+from meterproof.ingest.records import Accepted, Message
 
 MIB: Final = 1024 * 1024
 KINDS: Final = ("exception", "unknown_reason", "unexpected", "disagreement", "unstorable")

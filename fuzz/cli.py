@@ -12,16 +12,16 @@ from typing import Any
 
 import click
 
-from fuzz.checker import MIB, Checker, Memory, Tally
-from fuzz.engines import (
+from meterproof.fuzz.checker import MIB, Checker, Memory, Tally
+from meterproof.fuzz.engines import (
     atheris_available,
     run_atheris,
     run_hypothesis,
     run_mutations,
     run_vectors,
 )
-from fuzz.generate import Generators
-from fuzz.target import PipelineTarget, Target, fleet_topics, load_fleet
+from meterproof.fuzz.generate import Generators
+from meterproof.fuzz.target import PipelineTarget, Target, fleet_topics, load_fleet
 
 ENGINES = ("all", "hypothesis", "mutate", "atheris")
 

@@ -17,9 +17,9 @@ from typing import Any, Final
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from fuzz.checker import Case, Checker
-from fuzz.generate import Generators
-from fuzz.target import Fleet
+from meterproof.fuzz.checker import Case, Checker
+from meterproof.fuzz.generate import Generators
+from meterproof.fuzz.target import Fleet
 
 Progress = Callable[[], None]
 CHUNK: Final = 500
@@ -165,8 +165,8 @@ def run_atheris(
             (corpus / f"seed-{i:04d}").write_bytes(bytes([topics.index(topic)]) + payload)
         summary = Path(tmp) / "summary.json"
         log = Path(tmp) / "libfuzzer.log"
-        argv = [sys.executable, "-P", "-m", "fuzz.atheris_driver", "--summary", str(summary),
-                "--warmup", str(min(2_000, max(count // 10, 1))),
+        argv = [sys.executable, "-P", "-m", "meterproof.fuzz.atheris_driver",
+                "--summary", str(summary), "--warmup", str(min(2_000, max(count // 10, 1))),
                 "--", str(corpus), f"-atheris_runs={count}", f"-seed={seed}", "-max_len=8192",
                 "-rss_limit_mb=2048", "-timeout=30", "-print_final_stats=1"]  # fmt: skip
         with log.open("wb") as sink:

@@ -16,10 +16,10 @@ from typing import Any, Final
 
 from hypothesis import strategies as st
 
-from fuzz.checker import Case
-from fuzz.target import JUDGED, Fleet, Signer
-from schemas.codec import encode_reading, sign_reading
-from schemas.reading import (
+from meterproof.fuzz.checker import Case
+from meterproof.fuzz.target import JUDGED, Fleet, Signer
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.reading import (
     I64_MAX,
     I64_MIN,
     MAX_PAYLOAD_BYTES,

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ingest.decode import decode
-from ingest.judge import RateLimit, StoredPoint, context_of, judge
-from ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
-from ingest.security import event_for
-from ingest.store import storable_text
-from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
-from schemas.reading import Alg
-from schemas.signatures import PrivateKey, load_private_key, load_public_key
+from meterproof.ingest.decode import decode
+from meterproof.ingest.judge import RateLimit, StoredPoint, context_of, judge
+from meterproof.ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
+from meterproof.ingest.security import event_for
+from meterproof.ingest.store import storable_text
+from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import PrivateKey, load_private_key, load_public_key
 
 VECTORS: Final = Path(__file__).resolve().parent.parent / "schemas" / "vectors"
 

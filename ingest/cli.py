@@ -14,9 +14,9 @@ import click
 import structlog
 from pydantic import ValidationError
 
-from certs.identities import ingest_identity, ingest_instance
-from certs.layout import PkiLayout
-from ingest.settings import IngestSettings
+from meterproof.certs.identities import ingest_identity, ingest_instance
+from meterproof.certs.layout import PkiLayout
+from meterproof.ingest.settings import IngestSettings
 
 log = structlog.get_logger("ingest.cli")
 
@@ -94,7 +94,7 @@ def _identities(settings: IngestSettings, workers: int) -> list[str]:
 
 
 async def _run(settings: IngestSettings) -> None:
-    from ingest.worker import run_worker
+    from meterproof.ingest.worker import run_worker
 
     await run_worker(settings)
 
@@ -107,7 +107,7 @@ def _has_certificate(pki: PkiLayout, name: str) -> bool:
 def _supervise(settings: IngestSettings, ids: list[str]) -> None:
     """Start one worker per identity with metrics port base + i, restart any that dies,
     stop all on SIGTERM."""
-    argv = [sys.executable, "-P", "-m", "cli", "ingest", "--workers", "1", "--identity"]
+    argv = [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", "1", "--identity"]
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ingest.records import Message, Rejection
-from schemas.codec import MalformedPayload, decode_reading
-from schemas.reading import RejectReason, SignedReading
-from schemas.signing import reading_hash, signing_bytes
+from meterproof.ingest.records import Message, Rejection
+from meterproof.schemas.codec import MalformedPayload, decode_reading
+from meterproof.schemas.reading import RejectReason, SignedReading
+from meterproof.schemas.signing import reading_hash, signing_bytes
 
 _PREFIX = "meters/"
 _SUFFIX = "/readings"

@@ -19,8 +19,8 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ingest.records import Accepted, Candidate, Duplicate, Outcome, Rejection
-from schemas.reading import RejectReason
+from meterproof.ingest.records import Accepted, Candidate, Duplicate, Outcome, Rejection
+from meterproof.schemas.reading import RejectReason
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,11 @@ import psycopg
 import structlog
 from psycopg import AsyncConnection
 
-from ingest.errors import TransientError
-from ingest.telemetry import DEPENDENCY_ERRORS
-from ingest.verify import MeterSnapshot, RegisteredKey
-from schemas.signatures import InvalidKeyError, load_public_key
-from schemas.timestamps import dt_to_ms
+from meterproof.ingest.errors import TransientError
+from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
+from meterproof.ingest.verify import MeterSnapshot, RegisteredKey
+from meterproof.schemas.signatures import InvalidKeyError, load_public_key
+from meterproof.schemas.timestamps import dt_to_ms
 
 CHANNEL: Final = "meterproof_registry"
 log = structlog.get_logger("ingest.keys")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from ingest.decode import topic_meter_id
-from ingest.records import Candidate, Outcome, receipt_fields
+from meterproof.ingest.decode import topic_meter_id
+from meterproof.ingest.records import Candidate, Outcome, receipt_fields
 
 _RECEIPT: Final = b'{"seq":%s,"reading_hash":%s,"status":"%s","reason":%s}'
 _VERIFIED_TAIL: Final = b',"reading_hash":"%s","verified_at":%d}'

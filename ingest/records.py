@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from schemas.reading import ReceiptStatus, RejectReason, SignedReading
+from meterproof.schemas.reading import ReceiptStatus, RejectReason, SignedReading
 
 
 @dataclass(frozen=True, slots=True)

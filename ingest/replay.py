@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from ingest.telemetry import DEPENDENCY_ERRORS
+from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
 
 _HASH_BYTES: Final = 16  # a truncated SHA-256 is plenty to tell "same reading" apart
 #: One call per batch: a pipeline of SET .. EX cost ~10 us of worker CPU per reading in

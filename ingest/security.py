@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from ingest.records import Rejection
-from schemas.reading import RejectReason
+from meterproof.ingest.records import Rejection
+from meterproof.schemas.reading import RejectReason
 
 #: reason -> (security event type, severity). The reason code stays the only label.
 EVENTS: Final[dict[RejectReason, tuple[str, str]]] = {

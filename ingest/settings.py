@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from certs.identities import INGEST_IDENTITY_RE
-from stack.env import SHARE_GROUP_PATTERN, ProcessSettings
+from meterproof.certs.identities import INGEST_IDENTITY_RE
+from meterproof.stack.env import SHARE_GROUP_PATTERN, ProcessSettings
 
 
 class IngestSettings(ProcessSettings):

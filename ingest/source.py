@@ -34,8 +34,8 @@ from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.package import Package
 from gmqtt.storage import PersistentStorage
 
-from ingest.records import Message
-from schemas.timestamps import wall_ms
+from meterproof.ingest.records import Message
+from meterproof.schemas.timestamps import wall_ms
 
 READINGS_FILTER: Final = "meters/+/readings"
 log = structlog.get_logger("ingest.source")

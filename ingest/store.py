@@ -24,12 +24,12 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from ingest.errors import TransientError
-from ingest.judge import RateLimit, StoredContext, StoredPoint, judge
-from ingest.records import Accepted, Candidate, Outcome, Rejection
-from ingest.security import QuarantinePolicy, event_for
-from schemas.reading import b64url_decode
-from schemas.timestamps import ms_to_dt
+from meterproof.ingest.errors import TransientError
+from meterproof.ingest.judge import RateLimit, StoredContext, StoredPoint, judge
+from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
+from meterproof.ingest.security import QuarantinePolicy, event_for
+from meterproof.schemas.reading import b64url_decode
+from meterproof.schemas.timestamps import ms_to_dt
 
 #: The store's connection plans every statement for its own parameters and the tables as
 #: they are. psycopg prepares a statement after five runs, and PostgreSQL may then keep one

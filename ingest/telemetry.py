@@ -13,7 +13,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
-from schemas.reading import RejectReason
+from meterproof.schemas.reading import RejectReason
 
 RECEIVED = Counter("meterproof_readings_received_total", "Messages taken from the broker")
 ACCEPTED = Counter("meterproof_readings_accepted_total", "Readings stored for the first time")

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from ingest.decode import Decoded
-from ingest.records import Candidate, Rejection
-from schemas.reading import RejectReason, b64url_decode
-from schemas.signatures import PublicKey
+from meterproof.ingest.decode import Decoded
+from meterproof.ingest.records import Candidate, Rejection
+from meterproof.schemas.reading import RejectReason, b64url_decode
+from meterproof.schemas.signatures import PublicKey
 
 #: Statuses whose readings are accepted (section 5, rule 3).
 ACCEPTING_STATUSES: Final = frozenset({"active", "maintenance", "firmware_update"})

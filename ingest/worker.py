@@ -28,23 +28,23 @@ from typing import Any, Final, TypeVar
 import structlog
 from psycopg import AsyncConnection
 
-from certs.layout import PkiLayout
-from ingest import telemetry as t
-from ingest.batcher import next_batch
-from ingest.decode import Decoded, decode
-from ingest.errors import TransientError
-from ingest.judge import RateLimit
-from ingest.keys import KeyCache
-from ingest.publish import receipt, verified
-from ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
-from ingest.replay import RedisReplayCache, ReplayCache, same_reading
-from ingest.security import QuarantinePolicy
-from ingest.settings import IngestSettings
-from ingest.source import Delivery, MqttSource, TlsIdentity
-from ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
-from ingest.verify import TimeBounds, verify
-from schemas.reading import RejectReason
-from schemas.timestamps import wall_ms
+from meterproof.certs.layout import PkiLayout
+from meterproof.ingest import telemetry as t
+from meterproof.ingest.batcher import next_batch
+from meterproof.ingest.decode import Decoded, decode
+from meterproof.ingest.errors import TransientError
+from meterproof.ingest.judge import RateLimit
+from meterproof.ingest.keys import KeyCache
+from meterproof.ingest.publish import receipt, verified
+from meterproof.ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
+from meterproof.ingest.replay import RedisReplayCache, ReplayCache, same_reading
+from meterproof.ingest.security import QuarantinePolicy
+from meterproof.ingest.settings import IngestSettings
+from meterproof.ingest.source import Delivery, MqttSource, TlsIdentity
+from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
+from meterproof.ingest.verify import TimeBounds, verify
+from meterproof.schemas.reading import RejectReason
+from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("ingest.worker")
 _T = TypeVar("_T")

@@ -18,17 +18,17 @@ import click
 import structlog
 from click.decorators import FC
 
-from certs.errors import PkiError
-from certs.layout import PkiLayout, check_identity
-from meter.client import Broker, ClientSettings
-from meter.fleet import issue_fleet, parse_alg_mix, pki_fleet
-from meter.identity import IdentityError, MeterIdentity
-from meter.outbox import OutboxError
-from meter.registry import RegistrationError, register_command, stack_registrar
-from meter.run import run_meter
-from meter.simulate import EXIT_UNRECEIPTED, FleetConfig, Progress, run_simulation
-from meter.state import StateError
-from stack.env import STACK_ENV_FILE, StackEnv
+from meterproof.certs.errors import PkiError
+from meterproof.certs.layout import PkiLayout, check_identity
+from meterproof.meter.client import Broker, ClientSettings
+from meterproof.meter.fleet import issue_fleet, parse_alg_mix, pki_fleet
+from meterproof.meter.identity import IdentityError, MeterIdentity
+from meterproof.meter.outbox import OutboxError
+from meterproof.meter.registry import RegistrationError, register_command, stack_registrar
+from meterproof.meter.run import run_meter
+from meterproof.meter.simulate import EXIT_UNRECEIPTED, FleetConfig, Progress, run_simulation
+from meterproof.meter.state import StateError
+from meterproof.stack.env import STACK_ENV_FILE, StackEnv
 
 log = structlog.get_logger("meter.cli")
 DEFAULT_FLEET = 100

@@ -33,16 +33,16 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from certs.layout import PkiLayout
-from meter.delivery import Delivery, TokenBucket
-from meter.identity import MeterIdentity, client_tls
-from meter.measurement import Measurement
-from meter.network import Link, Network
-from meter.outbox import Outbox, Pending
-from meter.state import SeqState
-from schemas.codec import sign_reading
-from schemas.reading import Receipt, ReceiptStatus, SignedReading
-from stack.env import StackEnv
+from meterproof.certs.layout import PkiLayout
+from meterproof.meter.delivery import Delivery, TokenBucket
+from meterproof.meter.identity import MeterIdentity, client_tls
+from meterproof.meter.measurement import Measurement
+from meterproof.meter.network import Link, Network
+from meterproof.meter.outbox import Outbox, Pending
+from meterproof.meter.state import SeqState
+from meterproof.schemas.codec import sign_reading
+from meterproof.schemas.reading import Receipt, ReceiptStatus, SignedReading
+from meterproof.stack.env import StackEnv
 
 log = structlog.get_logger("meter.client")
 

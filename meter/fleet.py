@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from certs import IssuedDevice, issue_bulk
-from certs.bulk import CSV_COLUMNS, default_csv_path, new_meter_ids
-from certs.keys import replace_file
-from certs.layout import PkiLayout
-from meter.identity import MeterIdentity, discover
-from schemas.reading import Alg
+from meterproof.certs import IssuedDevice, issue_bulk
+from meterproof.certs.bulk import CSV_COLUMNS, default_csv_path, new_meter_ids
+from meterproof.certs.keys import replace_file
+from meterproof.certs.layout import PkiLayout
+from meterproof.meter.identity import MeterIdentity, discover
+from meterproof.schemas.reading import Alg
 
 ID_PREFIX: Final = "sim-"
 #: RSA-4096 key generation takes about a second per key; simulated meters use 2048 bits.

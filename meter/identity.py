@@ -7,9 +7,9 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from certs.layout import DeviceFiles, PkiLayout
-from schemas.reading import Alg
-from schemas.signatures import PrivateKey, load_private_key
+from meterproof.certs.layout import DeviceFiles, PkiLayout
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import PrivateKey, load_private_key
 
 
 class IdentityError(RuntimeError):

@@ -11,8 +11,14 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Final
 
-from meter.measurement import Measurement
-from schemas.reading import ReceiptStatus, RejectReason, SignedReading, b64url, b64url_decode
+from meterproof.meter.measurement import Measurement
+from meterproof.schemas.reading import (
+    ReceiptStatus,
+    RejectReason,
+    SignedReading,
+    b64url,
+    b64url_decode,
+)
 
 #: Far beyond the 300 s the spec tolerates.
 CLOCK_SKEW_MS: Final = 3_600_000

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from meter.files import atomic_write
-from schemas.codec import MalformedPayload, decode_reading, encode_reading
-from schemas.reading import SignedReading
-from schemas.signing import reading_hash, signing_bytes
+from meterproof.meter.files import atomic_write
+from meterproof.schemas.codec import MalformedPayload, decode_reading, encode_reading
+from meterproof.schemas.reading import SignedReading
+from meterproof.schemas.signing import reading_hash, signing_bytes
 
 
 class OutboxError(RuntimeError):

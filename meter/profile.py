@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Final
 
-from meter.measurement import Measurement
+from meterproof.meter.measurement import Measurement
 
 DAY_MS: Final = 86_400_000
 STEP_MS: Final = 900_000  # integrated in 15-minute steps, a meter's usual register period

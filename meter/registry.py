@@ -29,9 +29,9 @@ def stack_registrar(database_url: str) -> Registrar:
     """Register every meter of the CSV as `active`, all or none, in one transaction."""
 
     def register(csv_path: Path) -> int:
-        from ingest.registry import repository, sources
-        from ingest.registry.errors import RegistryError
-        from ingest.registry.model import MeterStatus, SecurityLevel
+        from meterproof.registry import repository, sources
+        from meterproof.registry.errors import RegistryError
+        from meterproof.registry.model import MeterStatus, SecurityLevel
 
         try:
             rows = sources.read_bulk(

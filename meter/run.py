@@ -11,11 +11,11 @@ from pathlib import Path
 
 import structlog
 
-from meter.client import Broker, ClientSettings, ClientStats, MeterClient
-from meter.identity import MeterIdentity
-from meter.network import Network
-from meter.profile import profile_for
-from schemas.timestamps import wall_ms
+from meterproof.meter.client import Broker, ClientSettings, ClientStats, MeterClient
+from meterproof.meter.identity import MeterIdentity
+from meterproof.meter.network import Network
+from meterproof.meter.profile import profile_for
+from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("meter.run")
 

@@ -29,16 +29,22 @@ from typing import Any, Final
 
 import structlog
 
-from meter.client import Broker, ClientSettings, MeterClient
-from meter.identity import MeterIdentity
-from meter.measurement import Measurement
-from meter.misbehave import EXPECTED, Misbehaviour, corrupt_signature, roll_back, skew_clock
-from meter.network import Network
-from meter.outbox import Pending
-from meter.profile import Profile, profile_for
-from schemas.codec import decode_reading
-from schemas.reading import Receipt, ReceiptStatus, SignedReading
-from schemas.timestamps import wall_ms
+from meterproof.meter.client import Broker, ClientSettings, MeterClient
+from meterproof.meter.identity import MeterIdentity
+from meterproof.meter.measurement import Measurement
+from meterproof.meter.misbehave import (
+    EXPECTED,
+    Misbehaviour,
+    corrupt_signature,
+    roll_back,
+    skew_clock,
+)
+from meterproof.meter.network import Network
+from meterproof.meter.outbox import Pending
+from meterproof.meter.profile import Profile, profile_for
+from meterproof.schemas.codec import decode_reading
+from meterproof.schemas.reading import Receipt, ReceiptStatus, SignedReading
+from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("meter.simulate")
 

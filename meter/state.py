@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Final
 
-from meter.files import atomic_write
-from schemas.reading import U64_MAX
+from meterproof.meter.files import atomic_write
+from meterproof.schemas.reading import U64_MAX
 
 FIRST_SEQ: Final = 1
 

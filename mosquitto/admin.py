@@ -53,9 +53,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from certs.layout import IDENTITY_RE, PkiLayout
-from mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, broker_files, render
-from stack.env import StackEnv
+from meterproof.certs.layout import IDENTITY_RE, PkiLayout
+from meterproof.mosquitto.config import (
+    ADMIN_USERNAME,
+    BrokerFiles,
+    admin_password,
+    broker_files,
+    render,
+)
+from meterproof.stack.env import StackEnv
 
 COMMAND_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"

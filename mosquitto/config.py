@@ -26,8 +26,8 @@ from pathlib import Path
 from string import Template
 from typing import Final
 
-from certs.identities import INGEST_IDENTITY_RE, SERVICE_NAMES
-from certs.layout import IDENTITY_RE, PkiLayout
+from meterproof.certs.identities import INGEST_IDENTITY_RE, SERVICE_NAMES
+from meterproof.certs.layout import IDENTITY_RE, PkiLayout
 
 #: Where Debian's `mosquitto` package puts the plugin (per architecture), then a source build.
 DYNSEC_PLUGIN_GLOBS: Final = (

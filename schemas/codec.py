@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from schemas.reading import MAX_PAYLOAD_BYTES, SignedReading, b64url
-from schemas.signatures import PrivateKey
-from schemas.signing import signing_bytes
+from meterproof.schemas.reading import MAX_PAYLOAD_BYTES, SignedReading, b64url
+from meterproof.schemas.signatures import PrivateKey
+from meterproof.schemas.signing import signing_bytes
 
 
 class MalformedPayload(ValueError):  # noqa: N818 - named for the spec's reason code

@@ -12,7 +12,7 @@ from typing import Final
 
 from pydantic import BaseModel
 
-from schemas.reading import Receipt, SignedReading, VerifiedReading
+from meterproof.schemas.reading import Receipt, SignedReading, VerifiedReading
 
 SCHEMA_DIR: Final = Path(__file__).parent / "json"
 MODELS: Final[dict[str, type[BaseModel]]] = {

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from schemas.reading import Alg
+from meterproof.schemas.reading import Alg
 
 RSA_MIN_BITS: Final = 2048
 RSA_MAX_BITS: Final = 4096

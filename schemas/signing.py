@@ -6,7 +6,7 @@ import hashlib
 import struct
 from typing import Final
 
-from schemas.reading import OPTIONAL_FIELDS, SignedReading
+from meterproof.schemas.reading import OPTIONAL_FIELDS, SignedReading
 
 MAGIC: Final = b"SMR1"
 _FIXED: Final = struct.Struct(">QQQQB")

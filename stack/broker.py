@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from mosquitto.config import BrokerFiles
-from stack.process import (
+from meterproof.mosquitto.config import BrokerFiles
+from meterproof.stack.process import (
     LOOPBACK,
     SpawnedServer,
     StackError,

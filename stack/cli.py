@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from certs.bootstrap import DEFAULT_INGEST_WORKERS
-from certs.errors import PkiError
-from certs.identities import MAX_INGEST_INSTANCES
-from stack.env import DEFAULT_RUN_DIR
-from stack.process import StackError
-from stack.services import LocalStack, Ports
+from meterproof.certs.bootstrap import DEFAULT_INGEST_WORKERS
+from meterproof.certs.errors import PkiError
+from meterproof.certs.identities import MAX_INGEST_INSTANCES
+from meterproof.stack.env import DEFAULT_RUN_DIR
+from meterproof.stack.process import StackError
+from meterproof.stack.services import LocalStack, Ports
 
 _PORT = click.IntRange(1, 65535)
 

@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stack.env import StackEnv
+from meterproof.stack.env import StackEnv
 
 
 def meterproof_argv(*args: str) -> list[str]:
     """`-P`: a `certs/` folder in the working directory must not shadow the package."""
-    return [sys.executable, "-P", "-m", "cli", *args]
+    return [sys.executable, "-P", "-m", "meterproof", *args]
 
 
 def command_environ(env: StackEnv, **extra: str) -> dict[str, str]:

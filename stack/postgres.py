@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from stack.process import (
+from meterproof.stack.process import (
     LOOPBACK,
     StackError,
     check_ports_free,

@@ -8,7 +8,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stack.process import LOOPBACK, SpawnedServer, check_ports_free, executable, free_port
+from meterproof.stack.process import (
+    LOOPBACK,
+    SpawnedServer,
+    check_ports_free,
+    executable,
+    free_port,
+)
 
 
 class RedisServer(SpawnedServer):

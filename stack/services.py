@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from certs.bootstrap import DEFAULT_INGEST_WORKERS, init_pki
-from certs.layout import DEFAULT_ROOT, PkiLayout
-from mosquitto.config import broker_files, render
-from schemas.migrate import migrate
-from stack.broker import BrokerServer
-from stack.env import StackEnv, new_share_group
-from stack.postgres import PostgresServer
-from stack.process import LOOPBACK, StackError, free_port, port_is_free
-from stack.redis import RedisServer
+from meterproof.certs.bootstrap import DEFAULT_INGEST_WORKERS, init_pki
+from meterproof.certs.layout import DEFAULT_ROOT, PkiLayout
+from meterproof.db.migrate import migrate
+from meterproof.mosquitto.config import broker_files, render
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.env import StackEnv, new_share_group
+from meterproof.stack.postgres import PostgresServer
+from meterproof.stack.process import LOOPBACK, StackError, free_port, port_is_free
+from meterproof.stack.redis import RedisServer
 
 
 class Server(Protocol):

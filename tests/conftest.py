@@ -1,3 +1,3 @@
 """Fixtures live in small plugin modules under tests/fixtures; each says what it yields."""
 
-pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.isolation"]
+pytest_plugins = ["fixtures.servers", "fixtures.isolation"]

@@ -32,18 +32,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from certs import issue_device
-from certs.identities import INGEST_IDENTITY_RE, ingest_instance
-from certs.layout import IdentityFiles, PkiLayout
-from ingest.registry import repository
-from ingest.registry.model import MeterStatus, NewKey, NewMeter
-from ingest.settings import IngestSettings
-from ingest.worker import Worker
-from schemas.codec import encode_reading, sign_reading
-from schemas.reading import SignedReading
-from schemas.signatures import PrivateKey, load_private_key
-from schemas.timestamps import wall_ms
-from stack.env import new_share_group
+from meterproof.certs import issue_device
+from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_instance
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.ingest.settings import IngestSettings
+from meterproof.ingest.worker import Worker
+from meterproof.registry import repository
+from meterproof.registry.model import MeterStatus, NewKey, NewMeter
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.reading import SignedReading
+from meterproof.schemas.signatures import PrivateKey, load_private_key
+from meterproof.schemas.timestamps import wall_ms
+from meterproof.stack.env import new_share_group
 
 _identity_turn = itertools.count()
 
@@ -270,7 +270,10 @@ class WorkerProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "cli", "ingest"], env=env, stdout=sink, stderr=sink
+                [sys.executable, "-P", "-m", "meterproof", "ingest"],
+                env=env,
+                stdout=sink,
+                stderr=sink,
             )
         self._wait_for("broker_connected", offset)
 

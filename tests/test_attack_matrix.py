@@ -25,22 +25,7 @@ import psycopg
 import pytest
 import redis
 from click.testing import CliRunner
-from paho.mqtt.enums import CallbackAPIVersion
-from pydantic import ValidationError
-
-from certs.cli import certs as certs_cli
-from certs.layout import IdentityFiles, PkiLayout
-from ingest.settings import IngestSettings
-from schemas.codec import encode_reading, sign_reading
-from schemas.reading import SignedReading, b64url
-from schemas.signatures import PrivateKey, generate_private_key
-from schemas.signing import signing_bytes
-from schemas.timestamps import wall_ms
-from stack.broker import BrokerServer
-from stack.env import StackEnv
-from stack.redis import RedisServer
-from stack.services import LocalStack, Ports
-from tests.ingest_harness import (
+from ingest_harness import (
     ProbeMeter,
     WorkerProcess,
     provision,
@@ -49,6 +34,21 @@ from tests.ingest_harness import (
     tls_context,
     worker_settings,
 )
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+
+from meterproof.certs.cli import certs as certs_cli
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.ingest.settings import IngestSettings
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.reading import SignedReading, b64url
+from meterproof.schemas.signatures import PrivateKey, generate_private_key
+from meterproof.schemas.signing import signing_bytes
+from meterproof.schemas.timestamps import wall_ms
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.env import StackEnv
+from meterproof.stack.redis import RedisServer
+from meterproof.stack.services import LocalStack, Ports
 
 WAIT_S = 10.0
 #: Share-group names a meter might try: the old default and the obvious ones.
@@ -318,7 +318,7 @@ def test_the_share_group_is_a_generated_secret(pki: PkiLayout, tmp_path: Path) -
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "cli", "ingest"],
+        [sys.executable, "-P", "-m", "meterproof", "ingest"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

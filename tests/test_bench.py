@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
-from bench.profile import attribute, classify, frames_of
-from bench.sampling import at_least, at_most, percentile, rates
+from meterproof.bench import report
+from meterproof.bench.profile import attribute, classify, frames_of
+from meterproof.bench.sampling import at_least, at_most, percentile, rates
 
 MACHINE = {
     "date": "2026-11-23 04:00 UTC",
@@ -129,7 +129,7 @@ def test_stacks_go_to_the_stage_of_their_deepest_naming_frame(stack, stage):
 
 def test_profile_attribution_converts_samples_to_microseconds_per_reading():
     lines = [
-        'process 7:"python -m cli ingest";_process (ingest/worker.py:1);'
+        'process 7:"python -m meterproof ingest";_process (ingest/worker.py:1);'
         "verify (ingest/verify.py:2) 30",
         "_process (ingest/worker.py:1);decode (ingest/decode.py:3) 10",
         "<module> (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1) 50",

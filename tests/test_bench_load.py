@@ -9,15 +9,15 @@ from array import array
 from pathlib import Path
 
 import pytest
+from ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
 
-from bench.connections import listener_max_connections
-from bench.load import connect_summary, max_seq
-from bench.loadgen import plan
-from bench.loadgen.control import Generators
-from certs.layout import PkiLayout
-from stack.broker import BrokerServer
-from stack.env import StackEnv
-from tests.ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
+from meterproof.bench.connections import listener_max_connections
+from meterproof.bench.load import connect_summary, max_seq
+from meterproof.bench.loadgen import plan
+from meterproof.bench.loadgen.control import Generators
+from meterproof.certs.layout import PkiLayout
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.env import StackEnv
 
 
 def test_split_and_share_cover_everything_evenly() -> None:

@@ -3,7 +3,7 @@ late readings, mints, a sink that is down, the sink's own guarantees, kill -9 of
 bridge process at each step of anchoring, and the retained epoch summary.
 
 In-process tests drive `Runner.run_once` with a fixed clock and 1-second epochs starting
-at T0; the process tests run `python -m cli bridge` on the wall clock.
+at T0; the process tests run `python -m meterproof bridge` on the wall clock.
 """
 
 from __future__ import annotations
@@ -27,36 +27,36 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import AsyncConnection
+from test_bridge_pure import rfc6962_root
 
-from bridge.batches import BatchStore
-from bridge.entry import GENESIS, Entry, seal
-from bridge.ledger.local import LocalSink
-from bridge.ledger.sink import SinkRejectedError
-from bridge.mint import UNITS_PER_WH, Mint
-from bridge.oracle import Oracle, load_oracle
-from bridge.proof import build_proof, check_proof
-from bridge.publish import SummaryPublisher
-from bridge.runner import Runner
-from bridge.settings import BridgeSettings
-from bridge.telemetry import SUBMISSIONS_FAILED
-from bridge.verify import verify
-from certs.identities import issue_integrator
-from certs.layout import PkiLayout
-from ingest.judge import RateLimit
-from ingest.records import Candidate, Message
-from ingest.registry import repository
-from ingest.registry.model import NewKey, NewMeter
-from ingest.security import QuarantinePolicy
-from ingest.store import ReadingStore
-from mosquitto.config import render
-from schemas.codec import sign_reading
-from schemas.reading import SignedReading, b64url
-from schemas.signatures import PrivateKey, generate_private_key
-from schemas.signing import reading_hash, signing_bytes
-from schemas.timestamps import ms_to_dt, wall_ms
-from stack.broker import BrokerServer
-from stack.process import free_port
-from tests.test_bridge_pure import rfc6962_root
+from meterproof.bridge.batches import BatchStore
+from meterproof.bridge.entry import GENESIS, Entry, seal
+from meterproof.bridge.ledger.local import LocalSink
+from meterproof.bridge.ledger.sink import SinkRejectedError
+from meterproof.bridge.mint import UNITS_PER_WH, Mint
+from meterproof.bridge.oracle import Oracle, load_oracle
+from meterproof.bridge.proof import build_proof, check_proof
+from meterproof.bridge.publish import SummaryPublisher
+from meterproof.bridge.runner import Runner
+from meterproof.bridge.settings import BridgeSettings
+from meterproof.bridge.telemetry import SUBMISSIONS_FAILED
+from meterproof.bridge.verify import verify
+from meterproof.certs.identities import issue_integrator
+from meterproof.certs.layout import PkiLayout
+from meterproof.ingest.judge import RateLimit
+from meterproof.ingest.records import Candidate, Message
+from meterproof.ingest.security import QuarantinePolicy
+from meterproof.ingest.store import ReadingStore
+from meterproof.mosquitto.config import render
+from meterproof.registry import repository
+from meterproof.registry.model import NewKey, NewMeter
+from meterproof.schemas.codec import sign_reading
+from meterproof.schemas.reading import SignedReading, b64url
+from meterproof.schemas.signatures import PrivateKey, generate_private_key
+from meterproof.schemas.signing import reading_hash, signing_bytes
+from meterproof.schemas.timestamps import ms_to_dt, wall_ms
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.process import free_port
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a multiple of every epoch length used here
 EPOCH_MS = 1000
@@ -532,7 +532,7 @@ def _bridge_process(
         sys.executable,
         "-P",
         "-m",
-        "cli",
+        "meterproof",
         "bridge",
         "--epoch-seconds",
         "1",
@@ -691,7 +691,7 @@ def test_bridge_refuses_to_start_without_the_oracle_key(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     env["METERPROOF_PKI_ROOT"] = str(tmp_path / "nothing")
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "cli", "bridge", "--once"],
+        [sys.executable, "-P", "-m", "meterproof", "bridge", "--once"],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -707,7 +707,7 @@ def test_bridge_refuses_to_start_without_the_oracle_key(tmp_path: Path) -> None:
 def test_bridge_help_explains_itself(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "cli", "bridge", "--help"],
+        [sys.executable, "-P", "-m", "meterproof", "bridge", "--help"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

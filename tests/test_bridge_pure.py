@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.entry import (
+from meterproof.bridge.entry import (
     GENESIS,
     HEADER_SIZE,
     Entry,
@@ -23,16 +23,16 @@ from bridge.entry import (
     header_from_json,
     seal,
 )
-from bridge.epochs import Epoch, containing, next_epoch
-from bridge.mint import UNITS_PER_WH, MeterBatch, Mint, advance, format_grid, mint_batch
-from bridge.rehash import reading_hash
-from bridge.runner import backoff_s
-from schemas.codec import decode_reading
-from schemas.merkle import audit_path, merkle_root, verify_inclusion
-from schemas.reading import OPTIONAL_FIELDS, SignedReading
-from schemas.signatures import Ed25519Public, generate_private_key
-from schemas.signing import reading_hash as canonical_hash
-from schemas.signing import signing_bytes
+from meterproof.bridge.epochs import Epoch, containing, next_epoch
+from meterproof.bridge.mint import UNITS_PER_WH, MeterBatch, Mint, advance, format_grid, mint_batch
+from meterproof.bridge.rehash import reading_hash
+from meterproof.bridge.runner import backoff_s
+from meterproof.schemas.codec import decode_reading
+from meterproof.schemas.merkle import audit_path, merkle_root, verify_inclusion
+from meterproof.schemas.reading import OPTIONAL_FIELDS, SignedReading
+from meterproof.schemas.signatures import Ed25519Public, generate_private_key
+from meterproof.schemas.signing import reading_hash as canonical_hash
+from meterproof.schemas.signing import signing_bytes
 
 
 def rfc6962_root(leaves: list[bytes]) -> bytes:
@@ -224,7 +224,7 @@ def test_json_view_round_trips_only_when_the_header_matches() -> None:
 
 def _vectors() -> list[SignedReading]:
     data = json.loads(
-        resources.files("schemas").joinpath("vectors/signed-readings.json").read_text()
+        resources.files("meterproof.schemas").joinpath("vectors/signed-readings.json").read_text()
     )
     return [decode_reading(v["payload"].encode()) for k in data["keys"] for v in k["vectors"]]
 
@@ -257,7 +257,9 @@ def test_fast_rehash_equals_the_contract_on_random_readings(
 
 
 def test_roots_match_the_vectors_and_an_independent_rfc6962() -> None:
-    data = json.loads(resources.files("schemas").joinpath("vectors/merkle.json").read_text())
+    data = json.loads(
+        resources.files("meterproof.schemas").joinpath("vectors/merkle.json").read_text()
+    )
     for tree in data["trees"]:
         leaves = [bytes.fromhex(h) for h in tree["leaves"]]
         assert merkle_root(leaves).hex() == tree["root"] == rfc6962_root(leaves).hex()

@@ -33,10 +33,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from certs.layout import IdentityFiles, PkiLayout
-from mosquitto.admin import BrokerNotRunningError, enforce_revocation
-from mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, render
-from stack.env import StackEnv, new_share_group
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.mosquitto.admin import BrokerNotRunningError, enforce_revocation
+from meterproof.mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, render
+from meterproof.stack.env import StackEnv, new_share_group
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 

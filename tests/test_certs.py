@@ -24,9 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-import certs.crl
-import certs.keys
-from certs import (
+from meterproof.certs import (
     IdentityConflictError,
     MissingCaError,
     PkiError,
@@ -43,11 +41,13 @@ from certs import (
     refresh_crl,
     revoke,
 )
-from certs.cli import certs as certs_cli
-from certs.crl import CRL_VALIDITY
-from certs.layout import IdentityFiles
-from schemas.signatures import load_private_key, load_public_key
-from stack.env import StackEnv
+from meterproof.certs import crl as certs_crl
+from meterproof.certs import keys as certs_keys
+from meterproof.certs.cli import certs as certs_cli
+from meterproof.certs.crl import CRL_VALIDITY
+from meterproof.certs.layout import IdentityFiles
+from meterproof.schemas.signatures import load_private_key, load_public_key
+from meterproof.stack.env import StackEnv
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_init_recreates_a_missing_server_certificate_crl_and_service(pki: PkiLay
 def test_init_re_signs_a_crl_past_half_its_life(
     pki: PkiLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(certs.crl, "CRL_VALIDITY", timedelta(days=1))
+    monkeypatch.setattr(certs_crl, "CRL_VALIDITY", timedelta(days=1))
     refresh_crl(pki)
     monkeypatch.undo()
     assert init_pki(pki).crl_written
@@ -281,7 +281,7 @@ def test_issuing_without_a_ca_is_refused(tmp_path: Path) -> None:
 def test_a_failed_issue_leaves_no_half_written_identity(
     pki: PkiLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = certs.keys.write_new_file
+    real = certs_keys.write_new_file
     calls = []
 
     def failing(path: Path, data: bytes, *, mode: int) -> None:
@@ -290,7 +290,7 @@ def test_a_failed_issue_leaves_no_half_written_identity(
             raise OSError(28, "No space left on device")
         real(path, data, mode=mode)
 
-    monkeypatch.setattr(certs.keys, "write_new_file", failing)
+    monkeypatch.setattr(certs_keys, "write_new_file", failing)
     with pytest.raises(OSError, match="No space"):
         issue_device(pki, "m1")
     assert not pki.device("m1").directory.exists()
@@ -460,9 +460,9 @@ def _fake_admin(monkeypatch: pytest.MonkeyPatch, effect: BaseException | None) -
         if effect is not None:
             raise effect
 
-    import mosquitto.admin
+    from meterproof.mosquitto import admin
 
-    monkeypatch.setattr(mosquitto.admin, "enforce_revocation", enforce_revocation)
+    monkeypatch.setattr(admin, "enforce_revocation", enforce_revocation)
     return calls
 
 

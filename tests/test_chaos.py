@@ -10,8 +10,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bridge.mint import UNITS_PER_WH
-from chaos.audit import (
+from meterproof.bridge.mint import UNITS_PER_WH
+from meterproof.chaos.audit import (
     Audit,
     MintCheck,
     check_anchoring,
@@ -19,8 +19,8 @@ from chaos.audit import (
     compare,
     expected_mints,
 )
-from chaos.campaign import run_campaign
-from chaos.plan import (
+from meterproof.chaos.campaign import run_campaign
+from meterproof.chaos.plan import (
     FULL_COUNTS,
     CampaignConfig,
     FaultKind,
@@ -30,7 +30,7 @@ from chaos.plan import (
     make_plan,
     quick_config,
 )
-from chaos.report import render
+from meterproof.chaos.report import render
 
 # ---------------------------------------------------------------------------------------
 # plan

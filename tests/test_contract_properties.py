@@ -10,11 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import MalformedPayload, decode_reading, encode_reading, sign_reading
-from schemas.jsonschema import MODELS, SCHEMA_DIR, render
-from schemas.reading import I64_MAX, I64_MIN, OPTIONAL_FIELDS, U64_MAX, Alg, b64url_decode
-from schemas.signatures import InvalidKeyError, PrivateKey, generate_private_key, load_public_key
-from schemas.signing import signing_bytes
+from meterproof.schemas.codec import MalformedPayload, decode_reading, encode_reading, sign_reading
+from meterproof.schemas.jsonschema import MODELS, SCHEMA_DIR, render
+from meterproof.schemas.reading import (
+    I64_MAX,
+    I64_MIN,
+    OPTIONAL_FIELDS,
+    U64_MAX,
+    Alg,
+    b64url_decode,
+)
+from meterproof.schemas.signatures import (
+    InvalidKeyError,
+    PrivateKey,
+    generate_private_key,
+    load_public_key,
+)
+from meterproof.schemas.signing import signing_bytes
 
 u64 = st.integers(min_value=0, max_value=U64_MAX)
 i64 = st.integers(min_value=I64_MIN, max_value=I64_MAX)

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from schemas.codec import MalformedPayload, decode_reading
-from schemas.merkle import audit_path, merkle_root, verify_inclusion
-from schemas.reading import b64url_decode
-from schemas.signatures import load_private_key, load_public_key
-from schemas.signing import reading_hash, signing_bytes
+from meterproof.schemas.codec import MalformedPayload, decode_reading
+from meterproof.schemas.merkle import audit_path, merkle_root, verify_inclusion
+from meterproof.schemas.reading import b64url_decode
+from meterproof.schemas.signatures import load_private_key, load_public_key
+from meterproof.schemas.signing import reading_hash, signing_bytes
 
 VECTORS = Path(__file__).parent.parent / "schemas" / "vectors"
 

@@ -7,13 +7,13 @@ from collections.abc import Callable
 import pytest
 from click.testing import CliRunner
 
-import fuzz.cli
-from fuzz.checker import MIB
-from fuzz.cli import run_campaign
-from fuzz.engines import atheris_available
-from fuzz.target import SPEC_REASONS, PipelineTarget, load_fleet, unstorable
-from ingest.records import Message, Rejection
-from schemas.reading import RejectReason
+from meterproof.fuzz import cli as fuzz_cli
+from meterproof.fuzz.checker import MIB
+from meterproof.fuzz.cli import run_campaign
+from meterproof.fuzz.engines import atheris_available
+from meterproof.fuzz.target import SPEC_REASONS, PipelineTarget, load_fleet, unstorable
+from meterproof.ingest.records import Message, Rejection
+from meterproof.schemas.reading import RejectReason
 
 
 def test_a_ci_sized_campaign_keeps_every_invariant() -> None:
@@ -78,9 +78,9 @@ def test_the_memory_check_catches_a_leak() -> None:
 
 def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.MonkeyPatch) -> None:
     broken = _broken("raise")
-    monkeypatch.setattr(fuzz.cli, "PipelineTarget", lambda fleet: broken)
+    monkeypatch.setattr(fuzz_cli, "PipelineTarget", lambda fleet: broken)
     result = CliRunner().invoke(
-        fuzz.cli.fuzz, ["--payloads", "200", "--engine", "mutate", "--seed", "5", "--show", "1"]
+        fuzz_cli.fuzz, ["--payloads", "200", "--engine", "mutate", "--seed", "5", "--show", "1"]
     )
     assert result.exit_code == 1
     assert "failures:" in result.output
@@ -91,7 +91,7 @@ def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.Monke
 def test_the_command_passes_on_the_real_path(tmp_path) -> None:
     out = tmp_path / "report.json"
     result = CliRunner().invoke(
-        fuzz.cli.fuzz, ["--payloads", "1000", "--engine", "mutate", "--json", str(out)]
+        fuzz_cli.fuzz, ["--payloads", "1000", "--engine", "mutate", "--json", str(out)]
     )
     assert result.exit_code == 0, result.output
     assert '"inputs": 1048' in out.read_text()

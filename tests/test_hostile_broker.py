@@ -16,14 +16,7 @@ from typing import Any
 import psutil
 import psycopg
 import redis
-
-from certs.layout import PkiLayout
-from schemas.codec import encode_reading
-from schemas.reading import b64url, b64url_decode
-from schemas.timestamps import wall_ms
-from stack.broker import BrokerServer
-from stack.redis import RedisServer
-from tests.ingest_harness import (
+from ingest_harness import (
     ProbeMeter,
     WorkerProcess,
     provision,
@@ -31,6 +24,13 @@ from tests.ingest_harness import (
     stored_counts,
     worker_settings,
 )
+
+from meterproof.certs.layout import PkiLayout
+from meterproof.schemas.codec import encode_reading
+from meterproof.schemas.reading import b64url, b64url_decode
+from meterproof.schemas.timestamps import wall_ms
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.redis import RedisServer
 
 #: mosquitto.conf.tmpl: max_packet_size 8192 (not message_size_limit, see its comment).
 MAX_PACKET = 8192

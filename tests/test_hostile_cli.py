@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from meterproof.cli.main import main
 
 HOSTILE = {
     "sql": "x'; DROP TABLE meters; --",

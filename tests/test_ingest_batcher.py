@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ingest.batcher import next_batch
+from meterproof.ingest.batcher import next_batch
 
 
 async def _feed(queue: asyncio.Queue[int], items: range, every_s: float) -> None:

@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from certs.layout import PkiLayout
-from stack.broker import BrokerServer
-from stack.postgres import PostgresServer
-from stack.redis import RedisServer
-from tests.ingest_harness import (
+from ingest_harness import (
     ProbeMeter,
     WorkerProcess,
     provision,
@@ -24,6 +19,11 @@ from tests.ingest_harness import (
     stored_counts,
     worker_settings,
 )
+
+from meterproof.certs.layout import PkiLayout
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.postgres import PostgresServer
+from meterproof.stack.redis import RedisServer
 
 pytestmark = pytest.mark.slow
 

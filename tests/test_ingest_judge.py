@@ -7,12 +7,12 @@ from functools import cache
 
 import pytest
 
-from ingest.judge import RateLimit, StoredContext, StoredPoint, context_of, judge
-from ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
-from schemas.codec import sign_reading
-from schemas.reading import Alg
-from schemas.signatures import PrivateKey, generate_private_key
-from schemas.signing import reading_hash, signing_bytes
+from meterproof.ingest.judge import RateLimit, StoredContext, StoredPoint, context_of, judge
+from meterproof.ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
+from meterproof.schemas.codec import sign_reading
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import PrivateKey, generate_private_key
+from meterproof.schemas.signing import reading_hash, signing_bytes
 
 T0 = 1_767_225_600_000
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from ingest.decode import Decoded, decode
-from ingest.records import Candidate, Message, Rejection
-from ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
-from schemas.reading import RejectReason
-from schemas.signatures import generate_private_key, load_public_key
+from meterproof.ingest.decode import Decoded, decode
+from meterproof.ingest.records import Candidate, Message, Rejection
+from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from meterproof.schemas.reading import RejectReason
+from meterproof.schemas.signatures import generate_private_key, load_public_key
 
 VECTORS = Path(__file__).parent.parent / "schemas" / "vectors"
 REJECTIONS: dict[str, Any] = json.loads((VECTORS / "rejections.json").read_text())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ingest.source import OutboundWindow, encode_varint, read_varint
+from meterproof.ingest.source import OutboundWindow, encode_varint, read_varint
 
 
 def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:

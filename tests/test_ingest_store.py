@@ -13,15 +13,15 @@ from collections.abc import Callable
 import psycopg
 from psycopg import AsyncConnection
 
-from ingest.judge import RateLimit, StoredPoint, context_of
-from ingest.records import Candidate, Message
-from ingest.registry import repository
-from ingest.registry.model import NewKey, NewMeter
-from ingest.security import QuarantinePolicy
-from ingest.store import STORE_OPTIONS, ReadingStore
-from schemas.codec import sign_reading
-from schemas.signatures import PrivateKey, generate_private_key
-from schemas.signing import reading_hash, signing_bytes
+from meterproof.ingest.judge import RateLimit, StoredPoint, context_of
+from meterproof.ingest.records import Candidate, Message
+from meterproof.ingest.security import QuarantinePolicy
+from meterproof.ingest.store import STORE_OPTIONS, ReadingStore
+from meterproof.registry import repository
+from meterproof.registry.model import NewKey, NewMeter
+from meterproof.schemas.codec import sign_reading
+from meterproof.schemas.signatures import PrivateKey, generate_private_key
+from meterproof.schemas.signing import reading_hash, signing_bytes
 
 T0 = 1_767_225_600_000
 LIMIT = RateLimit(window_ms=10_000, max_readings=4)

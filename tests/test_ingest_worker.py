@@ -11,15 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-
-from certs.layout import PkiLayout
-from ingest import telemetry
-from ingest.records import Message
-from ingest.registry import repository
-from ingest.registry.model import MeterStatus
-from stack.broker import BrokerServer
-from stack.redis import RedisServer
-from tests.ingest_harness import (
+from ingest_harness import (
     ProbeMeter,
     provision,
     puback_reason,
@@ -27,6 +19,14 @@ from tests.ingest_harness import (
     stored_counts,
     worker_settings,
 )
+
+from meterproof.certs.layout import PkiLayout
+from meterproof.ingest import telemetry
+from meterproof.ingest.records import Message
+from meterproof.registry import repository
+from meterproof.registry.model import MeterStatus
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.redis import RedisServer
 
 VECTORS = Path(__file__).parent.parent / "schemas" / "vectors"
 REJECTIONS: dict[str, Any] = json.loads((VECTORS / "rejections.json").read_text())
@@ -294,8 +294,8 @@ def test_health_readiness_and_metrics_endpoints(
     from urllib.error import HTTPError
     from urllib.request import urlopen
 
-    from ingest.telemetry import serve_http
-    from stack.process import free_port
+    from meterproof.ingest.telemetry import serve_http
+    from meterproof.stack.process import free_port
 
     port = free_port()
     settings = worker_settings(

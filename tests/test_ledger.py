@@ -14,15 +14,15 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from test_bridge import T0, Clock, in_process, make_fleet, query
 
-from bridge.entry import Header, seal
-from bridge.mint import Mint
-from bridge.oracle import Oracle, describe, load_oracle
-from certs.layout import PkiLayout
-from cli.main import COMMANDS, main
-from schemas.signatures import Ed25519Public, generate_private_key
-from stack.process import free_port
-from tests.test_bridge import T0, Clock, in_process, make_fleet, query
+from meterproof.bridge.entry import Header, seal
+from meterproof.bridge.mint import Mint
+from meterproof.bridge.oracle import Oracle, describe, load_oracle
+from meterproof.certs.layout import PkiLayout
+from meterproof.cli.main import COMMANDS, main
+from meterproof.schemas.signatures import Ed25519Public, generate_private_key
+from meterproof.stack.process import free_port
 
 ATTACKER_KEY = generate_private_key("EdDSA")
 
@@ -388,7 +388,7 @@ def test_balances_and_entries(ledger: Ledger) -> None:
 
 def test_every_command_has_help() -> None:
     runner = CliRunner()
-    assert COMMANDS["ledger"] == "bridge.cli:ledger"
+    assert COMMANDS["ledger"] == "meterproof.bridge.cli:ledger"
     for args in (
         ["bridge"],
         ["ledger"],

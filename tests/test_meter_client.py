@@ -20,24 +20,24 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from ingest_harness import fresh_ingest_identity
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from certs import issue_device
-from certs.layout import PkiLayout
-from meter.client import Broker, ClientSettings, MeterClient
-from meter.identity import MeterIdentity, client_tls
-from meter.network import Network
-from meter.profile import profile_for
-from schemas.codec import decode_reading
-from schemas.reading import Receipt, ReceiptStatus, RejectReason
-from schemas.signing import reading_hash, signing_bytes
-from schemas.timestamps import wall_ms
-from stack.broker import BrokerServer
-from stack.env import new_share_group
-from tests.ingest_harness import fresh_ingest_identity
+from meterproof.certs import issue_device
+from meterproof.certs.layout import PkiLayout
+from meterproof.meter.client import Broker, ClientSettings, MeterClient
+from meterproof.meter.identity import MeterIdentity, client_tls
+from meterproof.meter.network import Network
+from meterproof.meter.profile import profile_for
+from meterproof.schemas.codec import decode_reading
+from meterproof.schemas.reading import Receipt, ReceiptStatus, RejectReason
+from meterproof.schemas.signing import reading_hash, signing_bytes
+from meterproof.schemas.timestamps import wall_ms
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.env import new_share_group
 
 WAIT_S = 20.0
 #: Reconnect quickly: the broker is restarted under the meters on purpose.

@@ -10,20 +10,26 @@ from pathlib import Path
 
 import psycopg
 from click.testing import CliRunner
+from ingest_harness import running_worker, worker_settings
+from test_meter_client import WAIT_S, FakeWorker, accept
 
-from certs.layout import PkiLayout
-from meter.cli import simulate
-from meter.client import Broker
-from meter.fleet import issue_fleet, wallet_of
-from meter.misbehave import Misbehaviour
-from meter.registry import stack_registrar
-from meter.simulate import EXIT_OK, EXIT_UNRECEIPTED, FleetConfig, Progress, simulate_fleet
-from schemas.reading import Alg, RejectReason
-from stack.broker import BrokerServer
-from stack.env import StackEnv
-from stack.redis import RedisServer
-from tests.ingest_harness import running_worker, worker_settings
-from tests.test_meter_client import WAIT_S, FakeWorker, accept
+from meterproof.certs.layout import PkiLayout
+from meterproof.meter.cli import simulate
+from meterproof.meter.client import Broker
+from meterproof.meter.fleet import issue_fleet, wallet_of
+from meterproof.meter.misbehave import Misbehaviour
+from meterproof.meter.registry import stack_registrar
+from meterproof.meter.simulate import (
+    EXIT_OK,
+    EXIT_UNRECEIPTED,
+    FleetConfig,
+    Progress,
+    simulate_fleet,
+)
+from meterproof.schemas.reading import Alg, RejectReason
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.env import StackEnv
+from meterproof.stack.redis import RedisServer
 
 
 def test_fleet_delivers_every_reading_across_a_broker_restart(

@@ -11,18 +11,36 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meter.delivery import Delivery, TokenBucket
-from meter.fleet import parse_alg_mix, split_counts
-from meter.measurement import Measurement
-from meter.misbehave import EXPECTED, Misbehaviour, corrupt_signature, roll_back, skew_clock
-from meter.outbox import Outbox, OutboxError
-from meter.profile import DAY_MS, HOUR_MS, Profile, profile_for
-from meter.simulate import EXIT_OK, EXIT_UNEXPECTED, EXIT_UNRECEIPTED, FleetConfig, FleetSummary
-from meter.state import FIRST_SEQ, SeqState, StateError
-from schemas.codec import decode_reading, sign_reading
-from schemas.reading import Alg, ReceiptStatus, RejectReason, SignedReading, b64url_decode
-from schemas.signatures import generate_private_key
-from schemas.signing import signing_bytes
+from meterproof.meter.delivery import Delivery, TokenBucket
+from meterproof.meter.fleet import parse_alg_mix, split_counts
+from meterproof.meter.measurement import Measurement
+from meterproof.meter.misbehave import (
+    EXPECTED,
+    Misbehaviour,
+    corrupt_signature,
+    roll_back,
+    skew_clock,
+)
+from meterproof.meter.outbox import Outbox, OutboxError
+from meterproof.meter.profile import DAY_MS, HOUR_MS, Profile, profile_for
+from meterproof.meter.simulate import (
+    EXIT_OK,
+    EXIT_UNEXPECTED,
+    EXIT_UNRECEIPTED,
+    FleetConfig,
+    FleetSummary,
+)
+from meterproof.meter.state import FIRST_SEQ, SeqState, StateError
+from meterproof.schemas.codec import decode_reading, sign_reading
+from meterproof.schemas.reading import (
+    Alg,
+    ReceiptStatus,
+    RejectReason,
+    SignedReading,
+    b64url_decode,
+)
+from meterproof.schemas.signatures import generate_private_key
+from meterproof.schemas.signing import signing_bytes
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 KEY = generate_private_key(Alg.EDDSA)

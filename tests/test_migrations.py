@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from ingest.registry import repository
-from ingest.registry.model import MeterStatus, NewKey, NewMeter
-from schemas.migrate import MigrationError, db, ensure_partitions, load_migrations, migrate
-from schemas.reading import RejectReason
-from schemas.signatures import generate_private_key
-from stack.postgres import PostgresServer
+from meterproof.db.migrate import MigrationError, db, ensure_partitions, load_migrations, migrate
+from meterproof.registry import repository
+from meterproof.registry.model import MeterStatus, NewKey, NewMeter
+from meterproof.schemas.reading import RejectReason
+from meterproof.schemas.signatures import generate_private_key
+from meterproof.stack.postgres import PostgresServer
 
 U64_MAX = 2**64 - 1
 

@@ -14,14 +14,14 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from certs.bulk import issue_bulk, new_meter_ids, write_bulk_csv
-from certs.crl import read_revoked
-from certs.identities import issue_device, load_identity
-from certs.layout import PkiLayout
-from ingest.registry import repository
-from ingest.registry.cli import meters
-from ingest.registry.errors import InvalidInputError, StateError, UnknownMeterError
-from ingest.registry.model import (
+from meterproof.certs.bulk import issue_bulk, new_meter_ids, write_bulk_csv
+from meterproof.certs.crl import read_revoked
+from meterproof.certs.identities import issue_device, load_identity
+from meterproof.certs.layout import PkiLayout
+from meterproof.registry import repository
+from meterproof.registry.cli import meters
+from meterproof.registry.errors import InvalidInputError, StateError, UnknownMeterError
+from meterproof.registry.model import (
     MeterStatus,
     NewKey,
     NewMeter,
@@ -29,8 +29,8 @@ from ingest.registry.model import (
     Severity,
     default_kid,
 )
-from schemas.signatures import generate_private_key
-from stack.process import free_port
+from meterproof.schemas.signatures import generate_private_key
+from meterproof.stack.process import free_port
 
 
 def _pem(alg: str = "EdDSA") -> str:

@@ -18,16 +18,16 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from certs.cli import certs as certs_cli
-from certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
-from certs.layout import IdentityFiles, PkiLayout
-from mosquitto.config import broker_files
-from stack.broker import BrokerServer
-from stack.env import StackEnv
-from stack.postgres import PostgresServer
-from stack.process import StackError, free_port, pid_alive, port_accepts, read_pid
-from stack.redis import RedisServer
-from stack.services import LocalStack
+from meterproof.certs.cli import certs as certs_cli
+from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.mosquitto.config import broker_files
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.env import StackEnv
+from meterproof.stack.postgres import PostgresServer
+from meterproof.stack.process import StackError, free_port, pid_alive, port_accepts, read_pid
+from meterproof.stack.redis import RedisServer
+from meterproof.stack.services import LocalStack
 
 METERPROOF = str(Path(sys.executable).parent / "meterproof")
 

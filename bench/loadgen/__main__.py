@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.loadgen.generator import serve
+from meterproof.bench.loadgen.generator import serve
 
 if __name__ == "__main__":
     asyncio.run(serve(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))))

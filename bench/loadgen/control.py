@@ -23,11 +23,11 @@ from typing import IO, Any
 import psutil  # type: ignore[import-untyped, unused-ignore]
 import psycopg
 
-from bench.ingest import provision_meters
-from bench.loadgen import plan
-from stack.env import StackEnv
-from stack.process import port_is_free, read_pid
-from stack.services import LocalStack, Ports
+from meterproof.bench.ingest import provision_meters
+from meterproof.bench.loadgen import plan
+from meterproof.stack.env import StackEnv
+from meterproof.stack.process import port_is_free, read_pid
+from meterproof.stack.services import LocalStack, Ports
 
 Progress = Callable[[str], None]
 
@@ -38,7 +38,7 @@ def _stream_lines(stream: IO[str], sink: queue.Queue[str]) -> None:
 
 
 class GeneratorProcess:
-    """One `python -P -m bench.loadgen job.json`, spoken to in JSON lines."""
+    """One `python -P -m meterproof.bench.loadgen job.json`, spoken to in JSON lines."""
 
     def __init__(self, job: dict[str, Any], run_dir: Path) -> None:
         self.name: str = job["name"]
@@ -46,7 +46,7 @@ class GeneratorProcess:
         job_file.write_text(json.dumps(job), encoding="utf-8")
         self._log = (run_dir / f"{self.name}.log").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "bench.loadgen", str(job_file)],
+            [sys.executable, "-P", "-m", "meterproof.bench.loadgen", str(job_file)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -269,7 +269,15 @@ class BenchStack:
         environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # a line per batch would cost CPU here
         with (self.run_dir / "workers.log").open("ab") as sink:
             self.worker_proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "cli", "ingest", "--workers", str(self.workers)],
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "meterproof",
+                    "ingest",
+                    "--workers",
+                    str(self.workers),
+                ],
                 env=environ,
                 stdout=sink,
                 stderr=sink,

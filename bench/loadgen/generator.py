@@ -24,11 +24,17 @@ import orjson
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 
-from bench.loadgen.plan import due, reading_ts
-from certs.layout import PkiLayout
-from ingest.source import parse_publish, puback_packet, publish_packet, read_directly, write_raw
-from schemas.codec import encode_reading, sign_reading
-from schemas.signatures import PrivateKey, load_private_key
+from meterproof.bench.loadgen.plan import due, reading_ts
+from meterproof.certs.layout import PkiLayout
+from meterproof.ingest.source import (
+    parse_publish,
+    puback_packet,
+    publish_packet,
+    read_directly,
+    write_raw,
+)
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.signatures import PrivateKey, load_private_key
 
 #: Handshakes in flight at once per process: enough to keep the broker busy, few enough
 #: that a slow broker does not time out a thousand of them at once.

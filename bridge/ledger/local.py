@@ -19,11 +19,11 @@ import psycopg
 from psycopg import errors
 from psycopg.rows import tuple_row
 
-from bridge.entry import GENESIS, Entry, Header
-from bridge.faults import crash_point
-from bridge.ledger.sink import Receipt, SinkRejectedError, SinkUnavailableError
-from bridge.mint import Mint
-from schemas.timestamps import dt_to_ms
+from meterproof.bridge.entry import GENESIS, Entry, Header
+from meterproof.bridge.faults import crash_point
+from meterproof.bridge.ledger.sink import Receipt, SinkRejectedError, SinkUnavailableError
+from meterproof.bridge.mint import Mint
+from meterproof.schemas.timestamps import dt_to_ms
 
 _NAME: Final = "local"
 _BY_KEY: Final = (

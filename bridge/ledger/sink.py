@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from bridge.entry import Entry
+from meterproof.bridge.entry import Entry
 
 #: Bounded error codes: the only label a submission failure carries in logs and metrics.
 ErrorCode = Literal[

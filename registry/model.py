@@ -21,10 +21,10 @@ from uuid import UUID
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from certs.layout import IDENTITY_RE
-from ingest.registry.errors import InvalidInputError
-from schemas.reading import Alg
-from schemas.signatures import InvalidKeyError, load_public_key
+from meterproof.certs.layout import IDENTITY_RE
+from meterproof.registry.errors import InvalidInputError
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import InvalidKeyError, load_public_key
 
 MAX_LABEL: Final = 256
 MAX_PEM_BYTES: Final = 16_384

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from certs.layout import PkiLayout
-from ingest.registry.errors import InvalidInputError
-from ingest.registry.model import (
+from meterproof.certs.layout import PkiLayout
+from meterproof.registry.errors import InvalidInputError
+from meterproof.registry.model import (
     MAX_PEM_BYTES,
     MeterStatus,
     NewKey,

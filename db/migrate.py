@@ -43,7 +43,7 @@ class Migration:
 def load_migrations() -> list[Migration]:
     """The packaged files in order; a stray name or a reused number is an error."""
     found: dict[str, Migration] = {}
-    for entry in resources.files("schemas").joinpath("migrations").iterdir():
+    for entry in resources.files("meterproof.db").joinpath("migrations").iterdir():
         if not entry.name.endswith(".sql"):
             continue
         match = _FILE_RE.fullmatch(entry.name)
@@ -155,7 +155,7 @@ def db() -> None:
 def migrate_command(database_url: str | None) -> None:
     """Apply pending migrations and print the versions applied; safe to re-run."""
     if database_url is None:
-        from stack.env import StackEnv
+        from meterproof.stack.env import StackEnv
 
         database_url = StackEnv.load().database_url
     try:

@@ -19,13 +19,13 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from ingest.registry.errors import (
+from meterproof.registry.errors import (
     InvalidInputError,
     MeterExistsError,
     StateError,
     UnknownMeterError,
 )
-from ingest.registry.model import (
+from meterproof.registry.model import (
     STATUS_SEVERITY,
     KeyRecord,
     KeyRotation,
@@ -40,7 +40,7 @@ from ingest.registry.model import (
     check_label,
     quoted,
 )
-from schemas.reading import Alg
+from meterproof.schemas.reading import Alg
 
 Conn = psycopg.Connection[Any]
 

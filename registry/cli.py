@@ -22,10 +22,10 @@ import click
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from certs.layout import PkiLayout
-from ingest.registry import repository, sources
-from ingest.registry.errors import InvalidInputError, RegistryError, UnknownMeterError
-from ingest.registry.model import (
+from meterproof.certs.layout import PkiLayout
+from meterproof.registry import repository, sources
+from meterproof.registry.errors import InvalidInputError, RegistryError, UnknownMeterError
+from meterproof.registry.model import (
     KeyRecord,
     MeterRecord,
     MeterStatus,
@@ -37,8 +37,8 @@ from ingest.registry.model import (
     parse_location,
     quoted,
 )
-from schemas.reading import Alg
-from stack.env import STACK_ENV_FILE, StackEnv
+from meterproof.schemas.reading import Alg
+from meterproof.stack.env import STACK_ENV_FILE, StackEnv
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -401,8 +401,8 @@ def decommission(
 
 
 def _revoke_certificate(meter_id: str, pki_root: Path | None, stack_env: Path) -> None:
-    from certs.crl import revoke
-    from certs.errors import PkiError, UnknownIdentityError
+    from meterproof.certs.crl import revoke
+    from meterproof.certs.errors import PkiError, UnknownIdentityError
 
     layout = PkiLayout(pki_root or StackEnv.load().pki_root)
     try:
@@ -417,7 +417,7 @@ def _revoke_certificate(meter_id: str, pki_root: Path | None, stack_env: Path) -
         ) from None
     state = "was already revoked" if result.already_revoked else "revoked"
     click.echo(f"certificate {result.serial} {state}; CRL re-signed")
-    from mosquitto.admin import revoke_on_running_broker
+    from meterproof.mosquitto.admin import revoke_on_running_broker
 
     try:
         click.echo(revoke_on_running_broker(meter_id, stack_env))

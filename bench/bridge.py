@@ -19,15 +19,15 @@ from typing import Any, Final
 
 import psycopg
 
-from bridge.batches import BatchStore
-from bridge.epochs import Epoch, containing
-from bridge.ledger.local import LocalSink
-from bridge.oracle import Oracle
-from bridge.rehash import reading_hash
-from bridge.verify import verify
-from ingest.store import COPY_LOG, LOG_TYPES
-from schemas.signatures import Ed25519Public, generate_private_key
-from schemas.timestamps import ms_to_dt, wall_ms
+from meterproof.bridge.batches import BatchStore
+from meterproof.bridge.epochs import Epoch, containing
+from meterproof.bridge.ledger.local import LocalSink
+from meterproof.bridge.oracle import Oracle
+from meterproof.bridge.rehash import reading_hash
+from meterproof.bridge.verify import verify
+from meterproof.ingest.store import COPY_LOG, LOG_TYPES
+from meterproof.schemas.signatures import Ed25519Public, generate_private_key
+from meterproof.schemas.timestamps import ms_to_dt, wall_ms
 
 EPOCH_MS: Final = 900_000
 _WALLETS: Final = 100

@@ -1,0 +1,1 @@
+"""The PostgreSQL schema: versioned plain-SQL migrations and the `meterproof db` command."""
