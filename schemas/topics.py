@@ -1,0 +1,45 @@
+"""Every MQTT topic of the wire contract, spelled once.
+
+A meter publishes on `meters/{id}/readings` and hears on `meters/{id}/receipts`;
+integrators read `verified/{id}/readings`; the bridge announces epochs on
+`ledger/epochs`. Meter ids never contain `/`, `+` or `#` (`reading.METER_ID_PATTERN`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+READINGS_FILTER: Final = "meters/+/readings"
+RECEIPTS_FILTER: Final = "meters/+/receipts"
+VERIFIED_FILTER: Final = "verified/+/readings"
+LEDGER_EPOCHS: Final = "ledger/epochs"
+
+_READINGS_PREFIX: Final = "meters/"
+_READINGS_SUFFIX: Final = "/readings"
+
+
+def readings(meter_id: str) -> str:
+    return f"meters/{meter_id}/readings"
+
+
+def receipts(meter_id: str) -> str:
+    return f"meters/{meter_id}/receipts"
+
+
+def verified(meter_id: str) -> str:
+    return f"verified/{meter_id}/readings"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """An MQTT 5 shared subscription: the broker hands each message to one member."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def meter_of_readings(topic: str) -> str | None:
+    """The meter a readings topic names (`meters/{id}/readings`), unchecked; None when
+    the topic has another shape."""
+    if topic.startswith(_READINGS_PREFIX) and topic.endswith(_READINGS_SUFFIX):
+        middle = topic[len(_READINGS_PREFIX) : -len(_READINGS_SUFFIX)]
+        if middle and "/" not in middle:
+            return middle
+    return None
