@@ -42,3 +42,8 @@ class UnavailableError(MeterproofError):
     def __init__(self, dependency: str, detail: str) -> None:
         super().__init__(f"{dependency}: {detail}")
         self.dependency = dependency
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (a database's error spans several)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -27,10 +27,10 @@ from meterproof.bench.backlog import (
 )
 from meterproof.certs import ingest_identity, issue_bulk
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import StackEnv
 from meterproof.registry import repository
 from meterproof.registry.model import NewKey, NewMeter
 from meterproof.schemas.signatures import load_private_key
-from meterproof.stack.env import StackEnv
 from meterproof.stack.process import StackError, free_port
 from meterproof.stack.services import LocalStack, Ports
 

@@ -19,6 +19,8 @@ from pydantic import ValidationError
 
 from meterproof.bridge.settings import BridgeSettings
 from meterproof.certs.layout import PkiLayout
+from meterproof.cli.errors import Group
+from meterproof.errors import first_line
 from meterproof.schemas.signatures import InvalidKeyError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,15 +37,11 @@ def _settings(**overrides: Any) -> BridgeSettings:  # noqa: ANN401 - click optio
         raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _connect(url: str) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(url, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        raise click.ClickException(f"database unreachable: {_first_line(exc)}") from None
+        raise click.ClickException(f"database unreachable: {first_line(exc)}") from None
 
 
 @click.command()
@@ -136,7 +134,7 @@ def bridge(
     publisher.close(flush_s=2.0)
 
 
-@click.group()
+@click.group(cls=Group)
 def ledger() -> None:
     """Audit the ledger: verify it against the readings, prove a reading's inclusion,
     check a proof offline, list entries and GRID balances."""
@@ -188,7 +186,7 @@ def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
         with _connect(url) as conn, _connect(url) as ledger_conn:
             report = verify(conn, ledger_conn, trusted)
     except psycopg.OperationalError as exc:
-        raise click.ClickException(f"database unreachable: {_first_line(exc)}") from None
+        raise click.ClickException(f"database unreachable: {first_line(exc)}") from None
     if report.discrepancy is not None:
         click.echo(f"DISCREPANCY {report.discrepancy}")
         sys.exit(1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meterproof.bridge.mint import Mint, format_grid
+from meterproof.errors import InputError
 from meterproof.schemas.signatures import Ed25519Public, PrivateKey
 
 HEADER_MAGIC: Final = b"MPL1"
@@ -25,7 +26,7 @@ _MINT_FIXED: Final = struct.Struct(">QQ32s")
 HEADER_SIZE: Final = _HEADER.size
 
 
-class EntryError(ValueError):
+class EntryError(InputError):
     """Bytes or fields that do not form a valid entry; `str()` says which part."""
 
 

@@ -18,6 +18,7 @@ from psycopg.rows import tuple_row
 from meterproof.bridge.entry import Entry, EntryError, Header, entry_json, header_from_json
 from meterproof.bridge.ledger.sink import Receipt
 from meterproof.bridge.mint import Mint
+from meterproof.errors import NotFoundError
 from meterproof.schemas.merkle import audit_path, verify_inclusion
 from meterproof.schemas.signatures import Ed25519Public
 
@@ -41,7 +42,7 @@ WHERE batch = %s ORDER BY meter_id COLLATE "C"
 """
 
 
-class ProofError(Exception):
+class ProofError(NotFoundError):
     """No proof for this reading (yet); `str()` says why in one line."""
 
 

@@ -42,6 +42,7 @@ from meterproof.bridge.telemetry import (
     SUBMISSIONS_FAILED,
 )
 from meterproof.db.migrate import ensure_partitions
+from meterproof.errors import first_line
 from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("bridge")
@@ -120,7 +121,7 @@ class Runner:
                 maximum=s.retry_max_s,
                 jitter=self._jitter(),
             )
-            log.error("database_failed", error=_first_line(exc), retry_in_s=round(delay, 2))
+            log.error("database_failed", error=first_line(exc), retry_in_s=round(delay, 2))
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -233,7 +234,7 @@ class Runner:
         try:
             latest = self._store().latest_anchored()
         except psycopg.Error as exc:
-            log.warning("summary_deferred", error=_first_line(exc))
+            log.warning("summary_deferred", error=first_line(exc))
             return
         if latest is not None:
             self._publisher.publish(summary(latest))
@@ -247,7 +248,3 @@ class Runner:
         if pending:
             wake = min(wake, self._retry_at_ms)
         return max(_MIN_SLEEP_S, (wake - now) / 1000)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

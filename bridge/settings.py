@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from meterproof.stack.env import ProcessSettings
+from meterproof.config import ProcessSettings
 
 
 class BridgeSettings(ProcessSettings):
-    # where things are
-    database_url: str = "postgresql://meterproof@127.0.0.1:5432/meterproof"
-    pki_root: Path = Path("certs/out")
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+    """The addresses (database_url, pki_root, mqtt_host, mqtt_port) come from
+    `ProcessSettings`; everything else is the bridge's own."""
 
     # epochs
     epoch_seconds: int = Field(default=900, ge=1, le=86_400)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from meterproof.errors import ConflictError, MeterproofError, NotFoundError
 
-class PkiError(Exception):
+
+class PkiError(MeterproofError):
     """An operator error with a one-line explanation; nothing was half-written."""
 
 
-class MissingCaError(PkiError):
+class MissingCaError(PkiError, NotFoundError):
     """Run `meterproof certs init` first."""
 
 
-class IdentityConflictError(PkiError):
+class IdentityConflictError(PkiError, ConflictError):
     """The name is taken (by any role); pick another one."""
 
 
-class UnknownIdentityError(PkiError):
+class UnknownIdentityError(PkiError, NotFoundError):
     """No identity of that name was issued by this PKI."""

@@ -7,11 +7,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from meterproof.config import DEFAULT_PKI_ROOT
+
 #: The spec's meter id alphabet (reading-v1 section 1); also used for service and
 #: integrator names so that every identity is safe in a topic, a path and a CN.
 IDENTITY_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-DEFAULT_ROOT = Path("certs/out")
+DEFAULT_ROOT = DEFAULT_PKI_ROOT
 
 
 @dataclass(frozen=True, slots=True)

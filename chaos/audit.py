@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 
 from meterproof.bridge.mint import UNITS_PER_WH
+from meterproof.config import StackEnv
 from meterproof.stack.commands import command_environ, meterproof_argv
-from meterproof.stack.env import StackEnv
 
 Key = tuple[str, int]
 _EXAMPLES = 5

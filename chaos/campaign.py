@@ -37,16 +37,17 @@ from meterproof.chaos.faults import (
     worker_pids,
 )
 from meterproof.chaos.plan import CampaignConfig, Plan, make_plan
+from meterproof.config import StackEnv
+from meterproof.errors import MeterproofError
 from meterproof.meter.identity import discover
 from meterproof.stack.commands import command_environ, meterproof_argv
-from meterproof.stack.env import StackEnv
 from meterproof.stack.process import StackError, free_port
 from meterproof.stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]
 
 
-class CampaignError(RuntimeError):
+class CampaignError(MeterproofError):
     """The campaign could not run (a part never came up); no audit was possible."""
 
 

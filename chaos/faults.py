@@ -21,9 +21,9 @@ from pathlib import Path
 
 from meterproof.chaos.backlog import ingest_caught_up, unanchored_before
 from meterproof.chaos.plan import CampaignConfig, FaultKind, PlannedFault
+from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
-from meterproof.stack.env import StackEnv
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
 
+from meterproof.errors import InputError
+
 
 class FaultKind(StrEnum):
     WORKER_KILL = "worker_kill9"
@@ -166,7 +168,7 @@ class Plan:
         return out
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """The faults asked for do not fit the time bound."""
 
 

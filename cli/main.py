@@ -10,6 +10,7 @@ import importlib
 
 import click
 
+from meterproof.cli.errors import Group
 from meterproof.cli.logs import configure_logging
 
 #: command name -> "module:attribute" of a click command or group.
@@ -21,7 +22,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "meterproof.ingest.cli:ingest",
     "bridge": "meterproof.bridge.cli:bridge",
     "ledger": "meterproof.bridge.cli:ledger",
-    "db": "meterproof.db.migrate:db",
+    "db": "meterproof.db.cli:db",
     "meters": "meterproof.registry.cli:meters",
     "bench": "meterproof.bench.cli:bench",
     "chaos": "meterproof.chaos.cli:chaos",
@@ -30,7 +31,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -43,15 +44,6 @@ class LazyGroup(click.Group):
         if not isinstance(command, click.Command):
             raise TypeError(f"{target} is not a click command")
         return command
-
-    def invoke(self, ctx: click.Context) -> object:
-        """An operating-system error about a path the user typed (too long, not a folder,
-        permission denied) is bad input, not a bug: one line, exit 1, no traceback."""
-        try:
-            return super().invoke(ctx)
-        except OSError as exc:
-            where = "" if exc.filename is None else f": {str(exc.filename)[:80]!r}"
-            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ error instead of a silent divergence between databases. Runners started at the s
 (several workers, `stack up`) queue on a transaction-scoped advisory lock, and each
 re-reads what is applied after taking it.
 
-The library functions import nothing of ours; only the `db` command reads the stack env.
+The `db` command (`db/cli.py`) runs it.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
-import click
 import psycopg
 from psycopg.rows import tuple_row
+
+from meterproof.errors import MeterproofError, first_line
 
 #: Any constant works, as long as nothing else takes the same advisory lock.
 _LOCK_KEY: Final = 7302166411205843184
 _FILE_RE: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(MeterproofError):
     """The migration files and the database disagree; nothing was applied."""
 
 
@@ -91,7 +92,7 @@ def _apply_next(conn: psycopg.Connection[Any], migrations: list[Migration]) -> s
         try:
             conn.execute(migration.sql)
         except psycopg.Error as exc:
-            raise MigrationError(f"{migration.version}.sql failed: {_first_line(exc)}") from exc
+            raise MigrationError(f"{migration.version}.sql failed: {first_line(exc)}") from exc
         conn.execute(
             "INSERT INTO schema_migrations (version, sha256) VALUES (%s, %s)",
             (migration.version, migration.sha256),
@@ -135,38 +136,3 @@ def ensure_partitions(conn: psycopg.Connection[Any], *, days_ahead: int = 7) -> 
     created = row[0]
     assert isinstance(created, int)
     return created
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-@click.group()
-def db() -> None:
-    """The PostgreSQL schema."""
-
-
-@db.command("migrate")
-@click.option(
-    "--database-url",
-    envvar="METERPROOF_DATABASE_URL",
-    help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
-)
-def migrate_command(database_url: str | None) -> None:
-    """Apply pending migrations and print the versions applied; safe to re-run."""
-    if database_url is None:
-        from meterproof.stack.env import StackEnv
-
-        database_url = StackEnv.load().database_url
-    try:
-        applied = migrate(database_url)
-    except MigrationError as exc:
-        raise click.ClickException(str(exc)) from None
-    except psycopg.OperationalError as exc:
-        raise click.ClickException(f"database unreachable: {_first_line(exc)}") from None
-    except psycopg.Error as exc:  # e.g. a URL psycopg cannot parse
-        raise click.ClickException(f"database error: {_first_line(exc)}") from None
-    if applied:
-        click.echo("applied " + " ".join(applied))
-    else:
-        click.echo(f"up to date ({len(load_migrations())} migrations applied)")

@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 
+from meterproof.config import StackEnv
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
-from meterproof.stack.env import StackEnv
 from meterproof.stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]

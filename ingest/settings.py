@@ -3,23 +3,15 @@ or a TOML file named by `METERPROOF_CONFIG`). `docs/ingest.sample.toml` explains
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field, model_validator
 
 from meterproof.certs.identities import INGEST_IDENTITY_RE
-from meterproof.stack.env import SHARE_GROUP_PATTERN, ProcessSettings
+from meterproof.config import SHARE_GROUP_PATTERN, ProcessSettings
 
 
 class IngestSettings(ProcessSettings):
-    # where things are
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = Field(default=8883, ge=1, le=65535)
-    pki_root: Path = Path("certs/out")
-    database_url: str = "postgresql://meterproof@127.0.0.1:5432/meterproof"
-    redis_url: str | None = Field(
-        default="redis://127.0.0.1:6379/0", description="None disables the replay fast path"
-    )
+    """The addresses (mqtt_host, mqtt_port, pki_root, database_url, redis_url) come from
+    `ProcessSettings`; everything else is the worker's own."""
 
     # the MQTT session
     identity: str = Field(
@@ -41,7 +33,6 @@ class IngestSettings(ProcessSettings):
     batch_linger_ms: int = Field(default=25, ge=0, le=10_000)
     retry_initial_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=5.0, gt=0)
-    drain_timeout_s: float = Field(default=10.0, gt=0)
 
     # acceptance rules (reading-v1 section 5)
     max_future_s: int = Field(default=300, ge=0)

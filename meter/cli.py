@@ -18,28 +18,21 @@ import click
 import structlog
 from click.decorators import FC
 
-from meterproof.certs.errors import PkiError
 from meterproof.certs.layout import PkiLayout, check_identity
+from meterproof.cli.errors import Group, one_line
+from meterproof.cli.options import stack_env_option
+from meterproof.config import StackEnv
+from meterproof.errors import MeterproofError
 from meterproof.meter.client import Broker, ClientSettings
 from meterproof.meter.fleet import issue_fleet, parse_alg_mix, pki_fleet
-from meterproof.meter.identity import IdentityError, MeterIdentity
-from meterproof.meter.outbox import OutboxError
-from meterproof.meter.registry import RegistrationError, register_command, stack_registrar
+from meterproof.meter.identity import MeterIdentity
+from meterproof.meter.registry import register_command, stack_registrar
 from meterproof.meter.run import run_meter
 from meterproof.meter.simulate import EXIT_UNRECEIPTED, FleetConfig, Progress, run_simulation
-from meterproof.meter.state import StateError
-from meterproof.stack.env import STACK_ENV_FILE, StackEnv
 
 log = structlog.get_logger("meter.cli")
 DEFAULT_FLEET = 100
 
-_stack_env_option = click.option(
-    "--stack-env",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=STACK_ENV_FILE,
-    show_default=True,
-    help="The stack's addresses (broker, PKI folder, database); METERPROOF_* variables win.",
-)
 _state_dir_option = click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -69,9 +62,9 @@ def _republish_after_option(default: float) -> Callable[[FC], FC]:
 def _one_line_errors() -> Iterator[None]:
     try:
         yield
-    except (PkiError, IdentityError, StateError, OutboxError, RegistrationError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (ValueError, OSError) as exc:  # a bad option value, an unreadable file
+    except (MeterproofError, OSError) as exc:
+        raise one_line(exc) from exc
+    except ValueError as exc:  # a bad option value
         raise click.ClickException(str(exc)) from exc
 
 
@@ -136,7 +129,7 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     help="Seconds between progress lines.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@_stack_env_option
+@stack_env_option
 def simulate(
     *,
     meters: int | None,
@@ -212,7 +205,7 @@ def simulate(
     sys.exit(summary.exit_code)
 
 
-@click.group()
+@click.group(cls=Group)
 def meter() -> None:
     """One reference meter (the client firmware would run)."""
 
@@ -234,7 +227,7 @@ def meter() -> None:
 @_receipt_timeout_option
 @_republish_after_option(30.0)
 @_state_dir_option
-@_stack_env_option
+@stack_env_option
 def run(
     *,
     meter_id: str,

@@ -34,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import StackEnv
 from meterproof.meter.delivery import Delivery, TokenBucket
 from meterproof.meter.identity import MeterIdentity, client_tls
 from meterproof.meter.measurement import Measurement
@@ -42,7 +43,6 @@ from meterproof.meter.outbox import Outbox, Pending
 from meterproof.meter.state import SeqState
 from meterproof.schemas.codec import sign_reading
 from meterproof.schemas.reading import Receipt, ReceiptStatus, SignedReading
-from meterproof.stack.env import StackEnv
 
 log = structlog.get_logger("meter.client")
 

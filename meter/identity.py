@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meterproof.certs.layout import DeviceFiles, PkiLayout
+from meterproof.errors import InputError
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import PrivateKey, load_private_key
 
 
-class IdentityError(RuntimeError):
+class IdentityError(InputError):
     """A device directory is missing a file or names another meter."""
 
 

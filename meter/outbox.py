@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from meterproof.errors import MeterproofError
 from meterproof.meter.files import atomic_write
 from meterproof.schemas.codec import MalformedPayload, decode_reading, encode_reading
 from meterproof.schemas.reading import SignedReading
 from meterproof.schemas.signing import reading_hash, signing_bytes
 
 
-class OutboxError(RuntimeError):
+class OutboxError(MeterproofError):
     """An outbox file is not a reading this meter could have written."""
 
 

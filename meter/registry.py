@@ -13,10 +13,12 @@ from pathlib import Path
 
 import psycopg
 
+from meterproof.errors import MeterproofError
+
 Registrar = Callable[[Path], int]
 
 
-class RegistrationError(RuntimeError):
+class RegistrationError(MeterproofError):
     """The registry refused or could not be reached; the message says what to run."""
 
 

@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 from typing import Final
 
+from meterproof.errors import MeterproofError
 from meterproof.meter.files import atomic_write
 from meterproof.schemas.reading import U64_MAX
 
 FIRST_SEQ: Final = 1
 
 
-class StateError(RuntimeError):
+class StateError(MeterproofError):
     """The state file is unreadable: refuse to guess a nonce, an operator must look."""
 
 

@@ -54,6 +54,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from meterproof.certs.layout import IDENTITY_RE, PkiLayout
+from meterproof.config import StackEnv
+from meterproof.errors import MeterproofError
 from meterproof.mosquitto.config import (
     ADMIN_USERNAME,
     BrokerFiles,
@@ -61,7 +63,6 @@ from meterproof.mosquitto.config import (
     broker_files,
     render,
 )
-from meterproof.stack.env import StackEnv
 
 COMMAND_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
@@ -71,11 +72,11 @@ _ALREADY_EXISTS: Final = "Client already exists"
 _T = TypeVar("_T")
 
 
-class BrokerNotRunningError(ConnectionRefusedError):
+class BrokerNotRunningError(MeterproofError, ConnectionRefusedError):
     """No live broker behind the run directory's pid file: it loads the CRL when started."""
 
 
-class BrokerAdminError(OSError):
+class BrokerAdminError(MeterproofError, OSError):
     """The broker is running but did not confirm an admin command."""
 
 

@@ -23,8 +23,12 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from meterproof.certs.layout import PkiLayout
+from meterproof.cli.errors import Group
+from meterproof.cli.options import stack_env_option
+from meterproof.config import StackEnv
+from meterproof.errors import first_line
 from meterproof.registry import repository, sources
-from meterproof.registry.errors import InvalidInputError, RegistryError, UnknownMeterError
+from meterproof.registry.errors import InvalidInputError, UnknownMeterError
 from meterproof.registry.model import (
     KeyRecord,
     MeterRecord,
@@ -38,7 +42,6 @@ from meterproof.registry.model import (
     quoted,
 )
 from meterproof.schemas.reading import Alg
-from meterproof.stack.env import STACK_ENV_FILE, StackEnv
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,20 +69,6 @@ class _EnumChoice(click.Choice[str]):
         )
 
 
-class _Group(click.Group):
-    """Turns the registry's and the database's exceptions into one-line errors."""
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except InvalidInputError as exc:
-            raise InputError(str(exc)) from None
-        except RegistryError as exc:
-            raise click.ClickException(str(exc)) from None
-        except psycopg.Error as exc:
-            raise click.ClickException(f"database: {_first_line(exc)}") from None
-
-
 def _database_option(command: F) -> F:
     return click.option(
         "--database-url",
@@ -104,13 +93,13 @@ def _connect(database_url: str | None) -> Iterator[repository.Conn]:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
         raise click.ClickException(
-            f"database unreachable at {_where(url)}: {_first_line(exc)}"
+            f"database unreachable at {_where(url)}: {first_line(exc)}"
         ) from None
     with conn:
         yield conn
 
 
-@click.group(cls=_Group)
+@click.group(cls=Group)
 def meters() -> None:
     """The meter registry: which meters exist, their status and signing keys.
 
@@ -373,13 +362,7 @@ def rotate_key(
     envvar="METERPROOF_PKI_ROOT",
     help="Operator PKI folder [env METERPROOF_PKI_ROOT; default: the stack's, certs/out].",
 )
-@click.option(
-    "--stack-env",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=STACK_ENV_FILE,
-    show_default=True,
-    help="The running stack's addresses; if absent, the broker is left alone.",
-)
+@stack_env_option
 @_database_option
 def decommission(
     *,
@@ -412,7 +395,7 @@ def _revoke_certificate(meter_id: str, pki_root: Path | None, stack_env: Path) -
         return
     except (PkiError, OSError) as exc:
         raise click.ClickException(
-            f"decommissioned, but revoking the certificate failed ({_first_line(exc)}); "
+            f"decommissioned, but revoking the certificate failed ({first_line(exc)}); "
             f"run `meterproof meters decommission {meter_id}` again"
         ) from None
     state = "was already revoked" if result.already_revoked else "revoked"
@@ -423,7 +406,7 @@ def _revoke_certificate(meter_id: str, pki_root: Path | None, stack_env: Path) -
         click.echo(revoke_on_running_broker(meter_id, stack_env))
     except OSError as exc:
         raise click.ClickException(
-            f"certificate revoked, but the broker did not confirm ({_first_line(exc)}); "
+            f"certificate revoked, but the broker did not confirm ({first_line(exc)}); "
             f"run `meterproof meters decommission {meter_id}` again"
         ) from None
 
@@ -468,7 +451,3 @@ def _where(url: str) -> str:
     except psycopg.Error:
         return "the given URL (unparsable)"
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

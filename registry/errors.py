@@ -5,22 +5,24 @@ Database failures are not translated here: callers already handle `psycopg.Error
 
 from __future__ import annotations
 
+from meterproof.errors import ConflictError, InputError, MeterproofError, NotFoundError
 
-class RegistryError(Exception):
+
+class RegistryError(MeterproofError):
     """A one-line explanation for an operator; nothing was written."""
 
 
-class InvalidInputError(RegistryError, ValueError):
+class InvalidInputError(RegistryError, InputError):
     """A malformed id, label, key, status or CSV row: fix the input and retry."""
 
 
-class UnknownMeterError(RegistryError, LookupError):
+class UnknownMeterError(RegistryError, NotFoundError):
     """No meter with that id is registered."""
 
 
-class MeterExistsError(RegistryError):
+class MeterExistsError(RegistryError, ConflictError):
     """The meter id is registered already."""
 
 
-class StateError(RegistryError):
+class StateError(RegistryError, ConflictError):
     """The meter's state forbids the change (a decommissioned meter stays decommissioned)."""

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from meterproof.db.migrate import MigrationError, db, ensure_partitions, load_migrations, migrate
+from meterproof.db.cli import db
+from meterproof.db.migrate import MigrationError, ensure_partitions, load_migrations, migrate
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus, NewKey, NewMeter
 from meterproof.schemas.reading import RejectReason

@@ -25,7 +25,7 @@ import psycopg
 
 from meterproof.bench.ingest import provision_meters
 from meterproof.bench.loadgen import plan
-from meterproof.stack.env import StackEnv
+from meterproof.config import StackEnv
 from meterproof.stack.process import port_is_free, read_pid
 from meterproof.stack.services import LocalStack, Ports
 

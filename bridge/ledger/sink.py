@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from meterproof.bridge.entry import Entry
+from meterproof.errors import MeterproofError
 
 #: Bounded error codes: the only label a submission failure carries in logs and metrics.
 ErrorCode = Literal[
@@ -23,7 +24,7 @@ ErrorCode = Literal[
 ]
 
 
-class SinkError(Exception):
+class SinkError(MeterproofError):
     def __init__(self, code: ErrorCode, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code: ErrorCode = code

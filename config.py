@@ -1,0 +1,159 @@
+"""Where every meterproof process finds its stack, with each address and default declared
+once, and the settings base every long-running process builds on.
+
+Sources, strongest first: arguments, `METERPROOF_*` variables, the stack env file
+(`.run/stack.env`, written by `meterproof stack up`; `METERPROOF_STACK_ENV` names
+another: a file that does not exist means no stack), then for process settings the TOML file named
+by `METERPROOF_CONFIG`. Unknown keys are ignored, so one file serves every process.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Final
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_RUN_DIR: Final = Path(".run")
+STACK_ENV_FILE: Final = DEFAULT_RUN_DIR / "stack.env"
+DEFAULT_PKI_ROOT: Final = Path("certs/out")
+DEFAULT_DATABASE_URL: Final = "postgresql://meterproof@127.0.0.1:5432/meterproof"
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: What a share-group name may contain: MQTT forbids / + # in it, and 16 characters of
+#: this alphabet are ~96 bits, more than a meter can guess at ~740 TLS handshakes/s.
+SHARE_GROUP_PATTERN: Final = r"^[A-Za-z0-9_-]{16,64}$"
+
+
+def stack_env_file() -> Path:
+    """The stack env file every command reads: `METERPROOF_STACK_ENV`, else the default."""
+    return Path(os.environ.get("METERPROOF_STACK_ENV") or STACK_ENV_FILE)
+
+
+def new_share_group() -> str:
+    """A secret name for the ingest workers' shared subscription (see `share_group`)."""
+    return secrets.token_urlsafe(24)
+
+
+class Addresses(BaseSettings):
+    """Where the broker, database, Redis and PKI are: loopback defaults, declared once."""
+
+    model_config = SettingsConfigDict(env_prefix="METERPROOF_", extra="ignore", frozen=True)
+
+    pki_root: Path = Field(default=DEFAULT_PKI_ROOT, description="operator PKI folder")
+    mqtt_host: str = Field(default="127.0.0.1", description="broker host for TLS clients")
+    mqtt_port: int = Field(default=8883, ge=1, le=65535, description="mutual-TLS listener")
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, description="PostgreSQL URL")
+    redis_url: str | None = Field(
+        default=DEFAULT_REDIS_URL, description="Redis URL; None disables the replay fast path"
+    )
+    share_group: str | None = Field(
+        default=None,
+        pattern=SHARE_GROUP_PATTERN,
+        description="secret name of the ingest workers' shared subscription: Mosquitto "
+        "2.0 lets any client join a shared subscription it can name, and takes readings "
+        "away from the workers for it (mosquitto/meterproof.acl.tmpl); never give it to meters",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The stack env file is looked up when settings are built, not when this module is
+        imported, so a test or a command can point it elsewhere (or nowhere)."""
+        if isinstance(dotenv_settings, DotEnvSettingsSource) and dotenv_settings.env_file is None:
+            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=stack_env_file())
+        return init_settings, env_settings, dotenv_settings
+
+
+class StackEnv(Addresses):
+    """The addresses of one running stack, as `meterproof stack up` records them."""
+
+    run_dir: Path = Field(default=DEFAULT_RUN_DIR, description="state of the local stack")
+    mqtt_admin_port: int = Field(
+        default=1884, ge=1, le=65535, description="loopback-only plain listener, admin only"
+    )
+    redis_url: str = Field(default=DEFAULT_REDIS_URL, description="Redis URL")
+
+    def to_env_lines(self) -> list[str]:
+        """`KEY=value` lines that a shell can source and pydantic-settings can read."""
+        return [
+            f"METERPROOF_{name.upper()}={value}"
+            for name, value in self.model_dump(mode="json").items()
+            if value is not None
+        ]
+
+    def write(self, path: Path) -> None:
+        """Mode 0600: the file holds the share-group secret."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(self.to_env_lines()) + "\n")
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> StackEnv:
+        """Environment variables win over the file; the file wins over defaults."""
+        return cls() if path is None else cls(_env_file=path)
+
+    @classmethod
+    def read(cls, path: Path) -> StackEnv:
+        """Exactly what `write` wrote, ignoring the environment.
+
+        `stack status` and `stack down` describe the stack of one run dir, not whatever
+        stack a shell happened to `source`.
+        """
+        values: dict[str, object] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.startswith("METERPROOF_"):
+                values[key.removeprefix("METERPROOF_").lower()] = value
+        return cls.defaults(**values)
+
+    @classmethod
+    def defaults(cls, **values: object) -> StackEnv:
+        """The documented defaults updated with `values`, ignoring the environment.
+
+        Every field is passed explicitly, the only way to keep pydantic-settings from
+        filling the others in from METERPROOF_* variables.
+        """
+        return cls.model_validate(
+            {name: field.default for name, field in cls.model_fields.items()} | values
+        )
+
+
+class ProcessSettings(Addresses):
+    """The base of every long-running process's settings (ingest, bridge): the addresses,
+    plus the TOML file named by `METERPROOF_CONFIG` as the weakest source."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = super().settings_customise_sources(
+            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        )
+        toml = os.environ.get("METERPROOF_CONFIG")
+        if toml:
+            sources = (*sources, TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return sources
