@@ -1,0 +1,70 @@
+"""Settings: addresses declared once, the sample config in step, sources in their order."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from meterproof.bridge.settings import BridgeSettings
+from meterproof.config import Addresses, StackEnv, new_share_group
+from meterproof.ingest.settings import IngestSettings
+
+SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "ingest.sample.toml"
+
+
+def _sample() -> tuple[dict[str, object], set[str]]:
+    """The sample's values, and the keys it documents only in a comment (`# key = ...`)."""
+    text = SAMPLE.read_text(encoding="utf-8")
+    commented = set(re.findall(r"^# ([a-z_]+) = ", text, flags=re.MULTILINE))
+    return tomllib.loads(text), commented
+
+
+def test_the_sample_config_documents_every_worker_option_with_its_default() -> None:
+    values, commented = _sample()
+    assert set(values) | commented == set(IngestSettings.model_fields)
+    for name, value in values.items():
+        default = IngestSettings.model_fields[name].default
+        assert str(value) == str(default), f"{name}: sample {value!r}, default {default!r}"
+
+
+@pytest.mark.parametrize("settings", [IngestSettings, BridgeSettings, StackEnv])
+def test_addresses_are_declared_once(settings: type[Addresses]) -> None:
+    """A process's settings inherit the addresses; none declares its own default again
+    (the ingest worker only makes the share group required)."""
+    own = set(vars(settings).get("__annotations__", {}))
+    assert own & set(Addresses.model_fields) <= {"share_group", "redis_url"}
+    for name in set(Addresses.model_fields) - {"share_group", "redis_url"}:
+        assert settings.model_fields[name].default == Addresses.model_fields[name].default
+
+
+def test_the_stack_env_file_is_found_when_settings_are_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    group = new_share_group()
+    env_file = tmp_path / "stack.env"
+    StackEnv.defaults(mqtt_port=18883, share_group=group).write(env_file)
+    base = {"database_url": "postgresql://x@127.0.0.1/x"}
+    with pytest.raises(ValueError, match="share_group"):  # the tests point it nowhere
+        IngestSettings.model_validate(base)
+
+    monkeypatch.setenv("METERPROOF_STACK_ENV", str(env_file))
+    settings = IngestSettings.model_validate(base)
+    assert (settings.share_group, settings.mqtt_port) == (group, 18883)
+    monkeypatch.setenv("METERPROOF_MQTT_PORT", "28883")  # the environment wins over the file
+    assert IngestSettings.model_validate(base).mqtt_port == 28883
+    assert IngestSettings.model_validate({**base, "mqtt_port": 3}).mqtt_port == 3
+
+
+def test_the_toml_file_is_the_weakest_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "bridge.toml"
+    toml.write_text('epoch_seconds = 60\ndatabase_url = "postgresql://toml@127.0.0.1/x"\n')
+    monkeypatch.setenv("METERPROOF_CONFIG", str(toml))
+    monkeypatch.setenv("METERPROOF_DATABASE_URL", "postgresql://env@127.0.0.1/x")
+    settings = BridgeSettings()
+    assert settings.epoch_seconds == 60
+    assert settings.database_url == "postgresql://env@127.0.0.1/x"
