@@ -9,7 +9,6 @@ retained one and read older epochs from the ledger (`meterproof ledger entries`)
 
 from __future__ import annotations
 
-import ssl
 import threading
 from collections import deque
 from pathlib import Path
@@ -26,6 +25,7 @@ from meterproof.bridge.entry import header_json
 from meterproof.bridge.mint import format_grid
 from meterproof.bridge.telemetry import SUMMARIES_PUBLISHED
 from meterproof.certs.layout import IdentityFiles
+from meterproof.certs.tls import client_context
 
 log = structlog.get_logger("bridge.publish")
 
@@ -59,9 +59,7 @@ class SummaryPublisher:
         client_id: str,
         topic: str,
     ) -> None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(ca_cert)
-        context.load_cert_chain(identity.cert, identity.key)
+        context = client_context(cert=identity.cert, key=identity.key, ca_cert=ca_cert)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )

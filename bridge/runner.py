@@ -23,6 +23,7 @@ from typing import Protocol
 import psycopg
 import structlog
 
+from meterproof.backoff import Backoff
 from meterproof.bridge.batches import BatchStore, Step
 from meterproof.bridge.entry import Entry
 from meterproof.bridge.faults import crash_point
@@ -56,12 +57,6 @@ class Publisher(Protocol):
     def publish(self, payload: bytes) -> None: ...
 
 
-def backoff_s(failures: int, *, initial: float, maximum: float, jitter: float) -> float:
-    """Exponential, capped, with "equal jitter": half fixed, half random (jitter in [0, 1))."""
-    ceiling = min(maximum, initial * 2.0 ** max(failures - 1, 0))
-    return ceiling / 2 + ceiling / 2 * jitter
-
-
 class Runner:
     def __init__(
         self,
@@ -78,10 +73,9 @@ class Runner:
         self._oracle = oracle
         self._publisher = publisher
         self._clock = clock
-        self._jitter = jitter
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
-        self._sink_failures = 0
-        self._db_failures = 0
+        self._sink_backoff = Backoff(settings.retry_initial_s, settings.retry_max_s, jitter)
+        self._db_backoff = Backoff(settings.retry_initial_s, settings.retry_max_s, jitter)
         self._retry_at_ms = 0
         self._partitions_at_ms: int | None = None
 
@@ -114,19 +108,13 @@ class Runner:
             self._anchor(store)
             pending, units = store.pending_count()
         except psycopg.Error as exc:
-            self._db_failures += 1
-            delay = backoff_s(
-                self._db_failures,
-                initial=s.retry_initial_s,
-                maximum=s.retry_max_s,
-                jitter=self._jitter(),
-            )
+            delay = self._db_backoff.next_s()
             log.error("database_failed", error=first_line(exc), retry_in_s=round(delay, 2))
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
             return delay
-        self._db_failures = 0
+        self._db_backoff.reset()
         BATCHES_PENDING.set(pending)
         PENDING_CREDITS.set(units / UNITS_PER_GRID)
         return self._next_wake(step, pending)
@@ -172,7 +160,7 @@ class Runner:
             except SinkError as exc:
                 self._failed(store, pending.batch, exc)
                 return
-            self._sink_failures = 0
+            self._sink_backoff.reset()
             store.mark_anchored(pending.batch, receipt)
             self._anchored(entry, receipt)
 
@@ -189,14 +177,7 @@ class Runner:
         return receipt
 
     def _failed(self, store: BatchStore, batch: int, exc: SinkError) -> None:
-        s = self._settings
-        self._sink_failures += 1
-        delay = backoff_s(
-            self._sink_failures,
-            initial=s.retry_initial_s,
-            maximum=s.retry_max_s,
-            jitter=self._jitter(),
-        )
+        delay = self._sink_backoff.next_s()
         self._retry_at_ms = self._clock() + round(delay * 1000)
         SUBMISSIONS_FAILED.labels(code=exc.code).inc()
         store.record_failure(batch, str(exc))
@@ -206,7 +187,7 @@ class Runner:
             batch=batch,
             code=exc.code,
             detail=str(exc),
-            failures=self._sink_failures,
+            failures=self._sink_backoff.failures,
             retry_in_s=round(delay, 2),
         )
 

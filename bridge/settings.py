@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from meterproof.config import ProcessSettings
+from meterproof.schemas import topics
 
 
 class BridgeSettings(ProcessSettings):
@@ -28,7 +29,7 @@ class BridgeSettings(ProcessSettings):
     retry_max_s: float = Field(default=60.0, gt=0)
 
     # the epoch summary
-    summary_topic: str = Field(default="ledger/epochs", pattern=r"^ledger/[^#+]+$")
+    summary_topic: str = Field(default=topics.LEDGER_EPOCHS, pattern=r"^ledger/[^#+]+$")
     mqtt_client_id: str = Field(
         default_factory=lambda: f"bridge-{socket.gethostname()}-{os.getpid()}",
         description="unique per process: nothing is kept in the broker session",

@@ -10,18 +10,18 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from meterproof.certs.layout import IdentityFiles
-
 
 def client_context(
     *,
-    identity: IdentityFiles,
+    cert: Path,
+    key: Path,
     ca_cert: Path | None = None,
     ca_pem: str | None = None,
     minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
 ) -> ssl.SSLContext:
-    """Mutual TLS to the broker. The root comes from `ca_cert` or, for a process that opens
-    thousands of connections and should read it once, from `ca_pem`."""
+    """Mutual TLS to the broker with the identity's `cert` (chain) and `key`. The root comes
+    from `ca_cert` or, for a process that opens thousands of connections and should read
+    it once, from `ca_pem`."""
     if (ca_cert is None) == (ca_pem is None):
         raise ValueError("give exactly one of ca_cert and ca_pem")
     context = ssl.create_default_context(
@@ -30,5 +30,5 @@ def client_context(
         cadata=ca_pem,
     )
     context.minimum_version = minimum
-    context.load_cert_chain(str(identity.cert), str(identity.key))
+    context.load_cert_chain(str(cert), str(key))
     return context

@@ -41,6 +41,7 @@ from meterproof.meter.measurement import Measurement
 from meterproof.meter.network import Link, Network
 from meterproof.meter.outbox import Outbox, Pending
 from meterproof.meter.state import SeqState
+from meterproof.schemas import topics
 from meterproof.schemas.codec import sign_reading
 from meterproof.schemas.reading import Receipt, ReceiptStatus, SignedReading
 
@@ -49,14 +50,6 @@ log = structlog.get_logger("meter.client")
 DEFAULT_SESSION_EXPIRY_S: Final = 86_400
 #: MQTT 5 PUBACK reason: the broker accepted the message but no subscription matched it.
 NO_MATCHING_SUBSCRIBERS: Final = 16
-
-
-def readings_topic(meter_id: str) -> str:
-    return f"meters/{meter_id}/readings"
-
-
-def receipts_topic(meter_id: str) -> str:
-    return f"meters/{meter_id}/receipts"
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +246,7 @@ class MeterClient:
         if self._link is None:
             return
         # Also with a session present: cheap, and a broker that lost it lost this too.
-        self._link.client.subscribe(receipts_topic(self.meter_id), qos=1)
+        self._link.client.subscribe(topics.receipts(self.meter_id), qos=1)
         log.debug("meter.connected", meter_id=self.meter_id, session_present=session_present)
         self._pump(time.monotonic())
 
@@ -275,7 +268,7 @@ class MeterClient:
             entry = self._outbox.get(seq)
             if entry is None:
                 continue
-            info = self._link.client.publish(readings_topic(self.meter_id), entry.payload, qos=1)
+            info = self._link.client.publish(topics.readings(self.meter_id), entry.payload, qos=1)
             self._mids[info.mid] = seq
             if self._delivery.attempts(seq) > 1:
                 self.stats.republished += 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meterproof.certs.layout import DeviceFiles, PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.errors import InputError
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import PrivateKey, load_private_key
@@ -60,9 +61,8 @@ class _ClosingSSLSocket(ssl.SSLSocket):
 
 
 def client_tls(*, ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """Mutual TLS: trust the operator root only; `cert` carries the issuing CA too."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_cert))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    """A meter's mutual-TLS context: TLS 1.2 and up, as firmware stacks offer, with
+    sockets that close after a failed handshake."""
+    context = client_context(cert=cert, key=key, ca_cert=ca_cert, minimum=ssl.TLSVersion.TLSv1_2)
     context.sslsocket_class = _ClosingSSLSocket
     return context

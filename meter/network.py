@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 import ssl
 import threading
@@ -26,6 +25,8 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from meterproof.backoff import Backoff
 
 if TYPE_CHECKING:
     from paho.mqtt.client import SocketLike
@@ -157,9 +158,7 @@ class Link:
         self.name = name
         self.listener = listener
         self.state: LinkState = "idle"
-        self._min_s = reconnect_min_s
-        self._max_s = reconnect_max_s
-        self._failures = 0
+        self._backoff = Backoff(initial=reconnect_min_s, maximum=reconnect_max_s)
         self._warned = False  # one warning per outage, not one per attempt
         self._retry: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Future[MQTTErrorCode] | None = None
@@ -223,7 +222,6 @@ class Link:
         if error is None:
             self.state = "handshaking"  # TLS is up and CONNECT queued; CONNACK next
             return
-        self._failures += 1
         level = log.debug if self._warned else log.warning
         level("mqtt.connect_failed", client_id=self.name, error=repr(error))
         self._warned = True
@@ -231,11 +229,7 @@ class Link:
 
     def _schedule_retry(self) -> None:
         self.state = "down"
-        delay = min(self._max_s, self._min_s * 2 ** min(self._failures, 16))
-        self._retry = self.network.loop.call_later(
-            random.uniform(delay / 2, delay),  # noqa: S311 - jitter, not crypto
-            self.connect_now,
-        )
+        self._retry = self.network.loop.call_later(self._backoff.next_s(), self.connect_now)
 
     def _connected(
         self,
@@ -250,7 +244,7 @@ class Link:
             log.warning("mqtt.connect_refused", client_id=self.name, reason=str(reason))
             return
         self.state = "up"
-        self._failures = 0
+        self._backoff.reset()
         self._warned = False
         self.listener.link_up(session_present=flags.session_present)
 
@@ -266,7 +260,6 @@ class Link:
             self._closed.set()
             return
         was_up = self.state == "up"
-        self._failures += 1
         self._schedule_retry()
         if was_up:
             log.info("mqtt.link_lost", client_id=self.name, reason=str(reason))

@@ -28,6 +28,7 @@ from typing import Final
 
 from meterproof.certs.identities import INGEST_IDENTITY_RE, SERVICE_NAMES
 from meterproof.certs.layout import IDENTITY_RE, PkiLayout
+from meterproof.schemas import topics
 
 #: Where Debian's `mosquitto` package puts the plugin (per architecture), then a source build.
 DYNSEC_PLUGIN_GLOBS: Final = (
@@ -211,9 +212,9 @@ def dynsec_config(password: str) -> dict[str, object]:
 
 def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable[str]:
     ingest = [
-        "topic read meters/+/readings",
-        "topic write meters/+/receipts",
-        "topic write verified/#",
+        f"topic read {topics.READINGS_FILTER}",
+        f"topic write {topics.RECEIPTS_FILTER}",
+        f"topic write {topics.VERIFIED_ALL}",
     ]
     yield (
         "# The dynamic-security admin: its plugin role grants $CONTROL, this file nothing.\n"
@@ -227,8 +228,8 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
             role, grants = (
                 "ledger bridge: verified readings in, ledger epochs out",
                 [
-                    "topic read verified/#",
-                    "topic write ledger/#",
+                    f"topic read {topics.VERIFIED_ALL}",
+                    f"topic write {topics.LEDGER_ALL}",
                 ],
             )
         else:
@@ -237,7 +238,7 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
             [
                 f"# Service {name!r}: {role}",
                 f"user {_checked(name)}",
-                f"topic deny meters/{name}/#",
+                f"topic deny {topics.of_meter(name)}",
                 *grants,
             ]
         )
@@ -246,9 +247,9 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
             [
                 f"# Integrator {name!r}: reads verified readings and ledger epochs only",
                 f"user {_checked(name)}",
-                f"topic deny meters/{name}/#",
-                "topic read verified/#",
-                "topic read ledger/#",
+                f"topic deny {topics.of_meter(name)}",
+                f"topic read {topics.VERIFIED_ALL}",
+                f"topic read {topics.LEDGER_ALL}",
             ]
         )
 

@@ -13,6 +13,9 @@ READINGS_FILTER: Final = "meters/+/readings"
 RECEIPTS_FILTER: Final = "meters/+/receipts"
 VERIFIED_FILTER: Final = "verified/+/readings"
 LEDGER_EPOCHS: Final = "ledger/epochs"
+#: Everything under a root, as broker ACLs grant it.
+VERIFIED_ALL: Final = "verified/#"
+LEDGER_ALL: Final = "ledger/#"
 
 _READINGS_PREFIX: Final = "meters/"
 _READINGS_SUFFIX: Final = "/readings"
@@ -28,6 +31,11 @@ def receipts(meter_id: str) -> str:
 
 def verified(meter_id: str) -> str:
     return f"verified/{meter_id}/readings"
+
+
+def of_meter(meter_id: str) -> str:
+    """Every topic of one meter, as an ACL names them."""
+    return f"meters/{meter_id}/#"
 
 
 def shared(group: str, topic_filter: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meterproof.backoff import backoff_s
 from meterproof.bridge.entry import (
     GENESIS,
     HEADER_SIZE,
@@ -26,7 +27,6 @@ from meterproof.bridge.entry import (
 from meterproof.bridge.epochs import Epoch, containing, next_epoch
 from meterproof.bridge.mint import UNITS_PER_WH, MeterBatch, Mint, advance, format_grid, mint_batch
 from meterproof.bridge.rehash import reading_hash
-from meterproof.bridge.runner import backoff_s
 from meterproof.schemas.codec import decode_reading
 from meterproof.schemas.merkle import audit_path, merkle_root, verify_inclusion
 from meterproof.schemas.reading import OPTIONAL_FIELDS, SignedReading

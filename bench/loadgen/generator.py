@@ -26,6 +26,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from meterproof.bench.loadgen.plan import due, reading_ts
 from meterproof.certs.layout import PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.ingest.source import (
     parse_publish,
     puback_packet,
@@ -33,6 +34,7 @@ from meterproof.ingest.source import (
     read_directly,
     write_raw,
 )
+from meterproof.schemas import topics
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.signatures import PrivateKey, load_private_key
 
@@ -69,7 +71,7 @@ class Meter:
         self.meter_id = meter_id
         self.key = key
         self.client = client
-        self.topic = f"meters/{meter_id}/readings".encode()
+        self.topic = topics.readings(meter_id).encode()
         self.next_seq = 1
         self.mid = 0
         self.pending: dict[int, float] = {}
@@ -110,7 +112,7 @@ class Generator:
 
         def on_connect(client: Client, flags: int, rc: int, props: Any) -> None:  # noqa: ANN401
             read_directly(client, on_publish=on_receipt, on_puback=_ignore)
-            client.subscribe(f"meters/{meter_id}/receipts", qos=1)
+            client.subscribe(topics.receipts(meter_id), qos=1)
 
         def on_disconnect(client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
             meter.disconnects += 1
@@ -121,10 +123,7 @@ class Generator:
 
     def _context(self, meter_id: str, ca_pem: str) -> ssl.SSLContext:
         files = self.pki.device(meter_id)
-        ctx = ssl.create_default_context(cadata=ca_pem)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.load_cert_chain(str(files.cert), str(files.key))
-        return ctx
+        return client_context(cert=files.cert, key=files.key, ca_pem=ca_pem)
 
     def _receipt(self, meter: Meter, payload: bytes) -> None:
         now = time.monotonic()
