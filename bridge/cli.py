@@ -93,7 +93,7 @@ def bridge(
     from meterproof.bridge.oracle import load_oracle
     from meterproof.bridge.publish import SummaryPublisher
     from meterproof.bridge.runner import Runner
-    from meterproof.bridge.telemetry import serve_metrics
+    from meterproof.probes import serve_probes
 
     if config:
         os.environ["METERPROOF_CONFIG"] = config
@@ -126,12 +126,14 @@ def bridge(
         runner.close()
         publisher.close(flush_s=5.0)
         return
-    serve_metrics(settings.metrics_host, settings.metrics_port)
+    probes = serve_probes(settings.metrics_host, settings.metrics_port, ready=runner.ready)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     runner.run(stop)
     publisher.close(flush_s=2.0)
+    if probes is not None:
+        probes.close()
 
 
 @click.group(cls=Group)

@@ -78,6 +78,7 @@ class Runner:
         self._db_backoff = Backoff(settings.retry_initial_s, settings.retry_max_s, jitter)
         self._retry_at_ms = 0
         self._partitions_at_ms: int | None = None
+        self._database_reached = False
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop` is set; each pass ends before the process does."""
@@ -85,6 +86,11 @@ class Runner:
         while not stop.is_set():
             stop.wait(self.run_once())
         self.close()
+
+    def ready(self) -> bool:
+        """The last pass reached the database: the bridge can seal and anchor (a failing
+        sink is retried and shows in its own metrics, the bridge itself is still able)."""
+        return self._database_reached
 
     def close(self) -> None:
         self._sink.close()
@@ -108,6 +114,7 @@ class Runner:
             self._anchor(store)
             pending, units = store.pending_count()
         except psycopg.Error as exc:
+            self._database_reached = False
             delay = self._db_backoff.next_s()
             log.error("database_failed", error=first_line(exc), retry_in_s=round(delay, 2))
             if self._conn is not None:
@@ -115,6 +122,7 @@ class Runner:
                 self._conn = None
             return delay
         self._db_backoff.reset()
+        self._database_reached = True
         BATCHES_PENDING.set(pending)
         PENDING_CREDITS.set(units / UNITS_PER_GRID)
         return self._next_wake(step, pending)

@@ -37,7 +37,9 @@ class BridgeSettings(ProcessSettings):
 
     # telemetry
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9100, ge=0, le=65535, description="0 disables /metrics")
+    metrics_port: int = Field(
+        default=9100, ge=0, le=65535, description="/metrics, /healthz, /readyz; 0 turns them off"
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> BridgeSettings:

@@ -1,12 +1,13 @@
-"""The bridge's metrics, in the project's one pattern (`meterproof_<thing>_<unit>_total`),
-plus `energy_pending_credits_total` as the Energy Market seed names it. Updated per batch."""
+"""The bridge's metrics, in the project's one pattern (`meterproof_<thing>_<unit>_total`
+for counters), plus the Energy Market seed's unsettled-credits gauge, whose `_total`
+suffix Prometheus reserves for counters: it is `energy_pending_credits_kwh` here.
+Updated per batch."""
 
 from __future__ import annotations
 
 from typing import get_args
 
-import structlog
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from meterproof.bridge.ledger.sink import ErrorCode
 
@@ -26,7 +27,7 @@ SUMMARIES_PUBLISHED = Counter(
 )
 BATCHES_PENDING = Gauge("meterproof_batches_pending", "Sealed batches not yet anchored")
 PENDING_CREDITS = Gauge(
-    "energy_pending_credits_total", "kWh (= GRID) in sealed batches not yet anchored"
+    "energy_pending_credits_kwh", "kWh (= GRID) in sealed batches not yet anchored"
 )
 ANCHORING_LAG = Histogram(
     "meterproof_anchoring_lag_seconds",
@@ -36,16 +37,3 @@ ANCHORING_LAG = Histogram(
 
 for _code in get_args(ErrorCode):
     SUBMISSIONS_FAILED.labels(code=_code)
-
-
-def serve_metrics(host: str, port: int) -> None:
-    """/metrics on a daemon thread; port 0 turns it off. A taken port is logged, not fatal:
-    anchoring matters more than its metrics."""
-    if not port:
-        return
-    try:
-        start_http_server(port, addr=host)
-    except OSError as exc:
-        structlog.get_logger("bridge.telemetry").error(
-            "metrics_unavailable", port=port, error=str(exc)
-        )

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Lower layers first; a module may import its own layer and those before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("contract", {"schemas"}),
-    ("neutral", {"config", "errors", "backoff", "cli"}),
+    ("neutral", {"config", "errors", "backoff", "probes", "cli"}),
     ("infrastructure", {"certs", "mosquitto", "registry", "db"}),
     ("product", {"meter", "ingest", "bridge"}),
     ("tools", {"stack", "bench", "chaos", "fuzz", "demo", "__main__"}),
