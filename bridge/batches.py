@@ -146,7 +146,8 @@ class Anchored:
 
 
 class BatchStore:
-    """The bridge's tables over one connection (autocommit off; one transaction per call)."""
+    """The bridge's tables over one autocommit connection; each call is one explicit
+    transaction, so nothing is left open between passes."""
 
     def __init__(self, conn: Conn) -> None:
         self._conn = conn

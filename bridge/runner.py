@@ -49,7 +49,8 @@ from meterproof.schemas.timestamps import wall_ms
 log = structlog.get_logger("bridge")
 
 _MIN_SLEEP_S = 0.01
-#: How often the bridge, like the workers, creates the coming days' readings partitions.
+#: How often the bridge creates the coming days' readings partitions (the only process that
+#: does; `db migrate` creates the first week).
 _PARTITIONS_EVERY_MS = 3_600_000
 
 
