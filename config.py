@@ -1,10 +1,10 @@
 """Where every meterproof process finds its stack, with each address and default declared
-once, and the settings base every long-running process builds on.
+once, in the settings base every process builds on.
 
 Sources, strongest first: arguments, `METERPROOF_*` variables, the stack env file
 (`.run/stack.env`, written by `meterproof stack up`; `METERPROOF_STACK_ENV` names
-another: a file that does not exist means no stack), then for process settings the TOML file named
-by `METERPROOF_CONFIG`. Unknown keys are ignored, so one file serves every process.
+another: a file that does not exist means no stack), then the TOML file named by
+`METERPROOF_CONFIG`. Unknown keys are ignored, so one file serves every process.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def new_share_group() -> str:
     return secrets.token_urlsafe(24)
 
 
-class Addresses(BaseSettings):
-    """Where the broker, database, Redis and PKI are: loopback defaults, declared once."""
+class Settings(BaseSettings):
+    """The base of every process's settings: where the broker, database, Redis and PKI
+    are (loopback defaults, declared once), read from the sources above."""
 
     model_config = SettingsConfigDict(env_prefix="METERPROOF_", extra="ignore", frozen=True)
 
@@ -73,13 +74,18 @@ class Addresses(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """The stack env file is looked up when settings are built, not when this module is
-        imported, so a test or a command can point it elsewhere (or nowhere)."""
+        imported, so a test or a command can point it elsewhere (or nowhere); the TOML
+        file is the weakest source."""
         if isinstance(dotenv_settings, DotEnvSettingsSource) and dotenv_settings.env_file is None:
             dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=stack_env_file())
-        return init_settings, env_settings, dotenv_settings
+        sources = [init_settings, env_settings, dotenv_settings]
+        toml = os.environ.get("METERPROOF_CONFIG")
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)
 
 
-class StackEnv(Addresses):
+class StackEnv(Settings):
     """The addresses of one running stack, as `meterproof stack up` records them."""
 
     run_dir: Path = Field(default=DEFAULT_RUN_DIR, description="state of the local stack")
@@ -135,25 +141,3 @@ class StackEnv(Addresses):
         return cls.model_validate(
             {name: field.default for name, field in cls.model_fields.items()} | values
         )
-
-
-class ProcessSettings(Addresses):
-    """The base of every long-running process's settings (ingest, bridge): the addresses,
-    plus the TOML file named by `METERPROOF_CONFIG` as the weakest source."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = super().settings_customise_sources(
-            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-        )
-        toml = os.environ.get("METERPROOF_CONFIG")
-        if toml:
-            sources = (*sources, TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
-        return sources

@@ -9,13 +9,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from meterproof.config import ProcessSettings
+from meterproof.config import Settings
 from meterproof.schemas import topics
 
 
-class BridgeSettings(ProcessSettings):
+class BridgeSettings(Settings):
     """The addresses (database_url, pki_root, mqtt_host, mqtt_port) come from
-    `ProcessSettings`; everything else is the bridge's own."""
+    `Settings`; everything else is the bridge's own."""
 
     # epochs
     epoch_seconds: int = Field(default=900, ge=1, le=86_400)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from meterproof.certs.identities import INGEST_IDENTITY_RE
-from meterproof.config import SHARE_GROUP_PATTERN, ProcessSettings
+from meterproof.config import SHARE_GROUP_PATTERN, Settings
 
 
-class IngestSettings(ProcessSettings):
+class IngestSettings(Settings):
     """The addresses (mqtt_host, mqtt_port, pki_root, database_url, redis_url) come from
-    `ProcessSettings`; everything else is the worker's own."""
+    `Settings`; everything else is the worker's own."""
 
     # the MQTT session
     identity: str = Field(

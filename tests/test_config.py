@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meterproof.bridge.settings import BridgeSettings
-from meterproof.config import Addresses, StackEnv, new_share_group
+from meterproof.config import Settings, StackEnv, new_share_group
 from meterproof.ingest.settings import IngestSettings
 
 SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "ingest.sample.toml"
@@ -31,13 +31,13 @@ def test_the_sample_config_documents_every_worker_option_with_its_default() -> N
 
 
 @pytest.mark.parametrize("settings", [IngestSettings, BridgeSettings, StackEnv])
-def test_addresses_are_declared_once(settings: type[Addresses]) -> None:
+def test_addresses_are_declared_once(settings: type[Settings]) -> None:
     """A process's settings inherit the addresses; none declares its own default again
     (the ingest worker only makes the share group required)."""
     own = set(vars(settings).get("__annotations__", {}))
-    assert own & set(Addresses.model_fields) <= {"share_group", "redis_url"}
-    for name in set(Addresses.model_fields) - {"share_group", "redis_url"}:
-        assert settings.model_fields[name].default == Addresses.model_fields[name].default
+    assert own & set(Settings.model_fields) <= {"share_group", "redis_url"}
+    for name in set(Settings.model_fields) - {"share_group", "redis_url"}:
+        assert settings.model_fields[name].default == Settings.model_fields[name].default
 
 
 def test_the_stack_env_file_is_found_when_settings_are_built(
