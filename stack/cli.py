@@ -1,7 +1,9 @@
 """`meterproof stack up|down|status|render`: the local stack for demos, benchmarks, hacking.
 
 The servers outlive the command (own sessions, logs in the run dir); `down` finds them
-again through the pid files there.
+again through the pid files there. Expected failures (a port taken, a missing binary, a
+folder PostgreSQL cannot reach) end in one line and a non-zero exit: the group is a
+`cli.errors.Group`, so whichever way the group is invoked, none ends in a traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from pathlib import Path
 import click
 
 from meterproof.certs.bootstrap import DEFAULT_INGEST_WORKERS
-from meterproof.certs.errors import PkiError
 from meterproof.certs.identities import MAX_INGEST_INSTANCES
+from meterproof.cli.errors import Group
 from meterproof.stack.env import DEFAULT_RUN_DIR
-from meterproof.stack.process import StackError
 from meterproof.stack.services import LocalStack, Ports
 
 _PORT = click.IntRange(1, 65535)
@@ -76,7 +77,7 @@ def _stack_options(command: Callable[[LocalStack, Ports, int], None]) -> Callabl
     return decorated
 
 
-@click.group()
+@click.group(cls=Group)
 def stack() -> None:
     """Mosquitto, PostgreSQL and Redis on loopback, all state under one run dir."""
 
@@ -89,10 +90,7 @@ def up(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     A port not given is the one recorded in RUN_DIR/stack.env (the first time: 8883,
     1884, 5432, 6379) if that is free, else a free one.
     """
-    try:
-        _, started = local.up(ports, ingest_workers=ingest_workers)
-    except (StackError, PkiError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    _, started = local.up(ports, ingest_workers=ingest_workers)
     if started:
         click.echo("started " + ", ".join(f"{name} ({s:.2f} s)" for name, s in started.items()))
     else:
@@ -109,21 +107,21 @@ def render(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     For compose.yaml: `docker compose --env-file RUN_DIR/compose.env up -d`. Ports are
     chosen as for `up`.
     """
-    try:
-        local.prepare(ports, ingest_workers=ingest_workers)
-    except (StackError, PkiError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    local.prepare(ports, ingest_workers=ingest_workers)
     click.echo(f"wrote {local.env_file} and {local.compose_env_file}")
 
 
 @stack.command()
 @run_dir_option
-def down(run_dir: Path) -> None:
-    """Stop the servers recorded in RUN_DIR (their data is kept)."""
-    try:
-        stopped = LocalStack(run_dir=run_dir).down()
-    except StackError as exc:
-        raise click.ClickException(str(exc)) from exc
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Also delete PostgreSQL's data, which may live outside RUN_DIR (as root, in "
+    "~postgres/meterproof when postgres cannot enter RUN_DIR).",
+)
+def down(run_dir: Path, purge: bool) -> None:
+    """Stop the servers recorded in RUN_DIR (their data is kept unless --purge)."""
+    stopped = LocalStack(run_dir=run_dir).down(purge=purge)
     click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 

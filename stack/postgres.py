@@ -1,16 +1,31 @@
 """A private PostgreSQL cluster on loopback, driven by initdb and pg_ctl.
 
 Durability stays at the defaults (fsync on) because the benchmarks quote its numbers.
-Authentication is `trust`, for 127.0.0.1 over TCP only; the Unix socket is off. initdb
-refuses to run as root, so as root the cluster runs as the `postgres` system user.
+Authentication is `trust`, for 127.0.0.1 over TCP only; the Unix socket is off.
+
+initdb refuses to run as root, so as root the cluster runs as the `postgres` system
+user, which must be able to enter every folder above its data. A clone in `/root` or
+under a `mktemp -d` folder (both 0700) is out of its reach, and opening those folders
+up would be a change to the user's machine nobody asked for. So a new cluster goes
+where it is reachable: in the run dir when `postgres` can enter it, else in that user's
+home (`~postgres/meterproof/<run dir path>-<hash>`, which it owns), with the run dir's
+`postgres` entry a symlink to it. The link is the record: `status` and `down` follow
+it, as a person does, and a cluster never moves once made. Deleting the run dir drops
+the record, so the next cluster made for the same path starts afresh instead of
+reviving the old data; `remove()` deletes a cluster wherever it lives. A location that
+fits neither is refused before initdb, in one line that says what to change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
+import re
+import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -22,7 +37,7 @@ from meterproof.stack.process import (
     check_ports_free,
     executable,
     free_port,
-    log_tail,
+    log_hint,
     read_pid,
 )
 
@@ -35,10 +50,13 @@ unix_socket_directories = ''
 """
 _HBA = f"host all all {LOOPBACK}/32 trust\n"
 _UNPRIVILEGED_USER = "postgres"
+#: Under the unprivileged user's home: clusters whose run dir that user cannot enter.
+_ELSEWHERE = "meterproof"
 
 
 class PostgresServer:
-    """A cluster in `directory/data` with its log at `directory/postgres.log`.
+    """A cluster in `directory/data` with its log at `directory/postgres.log`;
+    `directory` may be a symlink to where the cluster really lives (see the module).
 
     `stop()` then `start()` keeps the data; `kill()` is an immediate shutdown (no
     checkpoint, crash recovery on the next start), the closest pg_ctl has to a crash.
@@ -54,9 +72,9 @@ class PostgresServer:
         os_user: str | None = None,
         timeout: float = 60.0,
     ) -> None:
-        self.directory = directory
-        self.data_dir = directory / "data"
-        self.log = directory / "postgres.log"
+        self.directory = directory.absolute()
+        self.data_dir = self.directory / "data"
+        self.log = self.directory / "postgres.log"
         self.port = port or free_port()
         self.os_user = os_user or (_UNPRIVILEGED_USER if os.geteuid() == 0 else None)
         self.timeout = timeout
@@ -68,6 +86,11 @@ class PostgresServer:
     def database_url(self, database: str) -> str:
         return f"postgresql://{ROLE}@{LOOPBACK}:{self.port}/{database}"
 
+    @property
+    def home(self) -> Path:
+        """Where the cluster's files really are: `directory`, or where its link points."""
+        return self.directory.resolve()
+
     def start(self) -> float:
         """initdb when the cluster is new, then start it; return the seconds taken."""
         if self.is_running():
@@ -77,8 +100,9 @@ class PostgresServer:
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         self._pg_ctl(
-            "start", "-w", "-t", f"{self.timeout:.0f}", "-l", str(self.log), "-o", f"-p {self.port}"
-        )
+            "start", "-w", "-t", f"{self.timeout:.0f}", "-l", str(self.home / self.log.name),
+            "-o", f"-p {self.port}",
+        )  # fmt: skip
         self._ensure_database()
         return time.monotonic() - began
 
@@ -96,18 +120,24 @@ class PostgresServer:
         self.stop()
         return self.start()
 
+    def remove(self) -> None:
+        """Stop, then delete the cluster and its log, wherever they live."""
+        self.stop()
+        if self.directory.is_symlink():
+            shutil.rmtree(self.home, ignore_errors=True)
+            self.directory.unlink()
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
     def is_running(self) -> bool:
         return read_pid(self.data_dir / "postmaster.pid", program="postgres") is not None
 
     def _initdb(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self.os_user is not None:
-            account = _account(self.os_user)
-            os.chown(self.directory, account.pw_uid, account.pw_gid)
+        self._place()
         self._run(
             _pg_bin("initdb"),
             "-D",
-            str(self.data_dir),
+            str(self.home / "data"),
             "-U",
             ROLE,
             "--auth=trust",
@@ -119,6 +149,43 @@ class PostgresServer:
             conf.write(_SETTINGS)
         (self.data_dir / "pg_hba.conf").write_text(_HBA, encoding="utf-8")
 
+    def _place(self) -> None:
+        """Make the folder a new cluster goes in, owned by the user it runs as."""
+        if self.os_user is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return
+        account = _account(self.os_user)
+        if self.directory.is_symlink():
+            _make_owned(self.home, account)  # placed before; initdb never finished
+            return
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        if _can_enter(account, self.directory.parent):
+            _make_owned(self.directory, account)
+        else:
+            self._link_elsewhere(account)
+
+    def _link_elsewhere(self, account: pwd.struct_passwd) -> None:
+        """Point `directory` at a fresh folder in the user's home (see the module)."""
+        elsewhere = Path(account.pw_dir) / _ELSEWHERE
+        if not _can_enter(account, Path(account.pw_dir)):
+            raise StackError(
+                f"PostgreSQL runs as {account.pw_name!r}, which can enter neither "
+                f"{self.directory.parent} nor its home {account.pw_dir}: "
+                "give --run-dir a folder it can reach (for example under /var/tmp)"
+            )
+        target = elsewhere / _folder_name(self.directory)
+        if read_pid(target / "data" / "postmaster.pid", program="postgres") is not None:
+            raise StackError(
+                f"a cluster made for {self.directory} still runs from {target}, but the run "
+                f"dir lost its link: stop it (pg_ctl -D {target}/data stop) and start again"
+            )
+        shutil.rmtree(target, ignore_errors=True)  # the run dir that made it was deleted
+        if self.directory.exists():
+            shutil.rmtree(self.directory)  # holds no cluster: initdb was never reached
+        _make_owned(elsewhere, account)
+        _make_owned(target, account)
+        self.directory.symlink_to(target, target_is_directory=True)
+
     def _ensure_database(self) -> None:
         """Checked at every start, so a first start that failed after initdb heals."""
         with psycopg.connect(self.database_url("postgres"), autocommit=True) as conn:
@@ -127,27 +194,52 @@ class PostgresServer:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
 
     def _pg_ctl(self, *args: str) -> None:
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data_dir), *args)
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.home / "data"), *args)
 
     def _run(self, *argv: str) -> None:
         account = None if self.os_user is None else _account(self.os_user)
-        result = subprocess.run(
-            argv,
-            cwd=self.directory,
-            capture_output=True,
-            text=True,
-            check=False,
-            user=None if account is None else account.pw_uid,
-            group=None if account is None else account.pw_gid,
-            extra_groups=None if account is None else [],
-        )
+        result = _run_as(account, argv, cwd=self.home)
         if result.returncode != 0:
-            command = " ".join([Path(argv[0]).name, *argv[1:]])
-            as_user = "" if account is None else f" as {account.pw_name} (it must reach the dir)"
+            as_user = "" if account is None else f" as {account.pw_name}"
+            said = [line.strip() for line in result.stderr.splitlines() if line.strip()]
             raise StackError(
-                f"{command} failed{as_user} ({result.returncode}): {result.stderr.strip()}\n"
-                f"last lines of {self.log}:\n{log_tail(self.log)}"
+                f"{Path(argv[0]).name} failed{as_user} ({result.returncode}): "
+                f"{said[0] if said else 'no message'}; {log_hint(self.log)}"
             )
+
+
+def _run_as(
+    account: pwd.struct_passwd | None, argv: Sequence[str], *, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `argv` as `account` (with its own group only), or as we are when None."""
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        user=None if account is None else account.pw_uid,
+        group=None if account is None else account.pw_gid,
+        extra_groups=None if account is None else [],
+    )
+
+
+def _can_enter(account: pwd.struct_passwd, folder: Path) -> bool:
+    """Asked of the system as that user, so ACLs and every folder above count."""
+    probe = executable("test", Path("/usr/bin"), Path("/bin"))
+    return _run_as(account, [probe, "-x", str(folder)]).returncode == 0
+
+
+def _make_owned(folder: Path, account: pwd.struct_passwd) -> None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(folder, account.pw_uid, account.pw_gid)
+
+
+def _folder_name(directory: Path) -> str:
+    """Readable, and one per run dir path: the path's tail plus a hash of all of it."""
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9._]+", "-", str(directory)).strip("-")[-48:]
+    return f"{readable}-{digest}"
 
 
 def _account(name: str) -> pwd.struct_passwd:

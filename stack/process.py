@@ -9,6 +9,7 @@ zombies; a zombie left to an init that does not reap counts as stopped.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,12 +18,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from meterproof.errors import MeterproofError
+
 LOOPBACK = "127.0.0.1"
 _POLL_S = 0.02
 
 
-class StackError(RuntimeError):
-    """A server did not start or stop as asked; the message ends with its log tail."""
+class StackError(MeterproofError):
+    """A server did not start or stop as asked: one line that names the log to read."""
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -59,12 +62,22 @@ def check_ports_free(*ports: int) -> None:
             raise StackError(f"port {port} on {LOOPBACK} is already in use")
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
+_ERROR_LINE = re.compile(r"\b(error|fatal|panic)\b", re.IGNORECASE)
+
+
+def log_hint(path: Path) -> str:
+    """Where the log is and its line most likely to be the cause, so an error stays one
+    line: the first error among the last few (a server's cause comes before the
+    follow-up lines, as OpenSSL's stack after Mosquitto's), else the last line."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
+    except OSError:
+        return f"no log at {path}"
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-5:]
+    if not tail:
+        return f"{path} is empty"
+    cause = next((line for line in tail if _ERROR_LINE.search(line)), tail[-1])
+    return f"{path} says: {cause}"
 
 
 def wait_for(
@@ -81,11 +94,9 @@ def wait_for(
         if ready():
             return time.monotonic() - start
         if not alive():
-            raise StackError(f"{what}: the process exited; last lines of {log}:\n{log_tail(log)}")
+            raise StackError(f"{what}: the process exited; {log_hint(log)}")
         if time.monotonic() - start > timeout:
-            raise StackError(
-                f"{what}: not ready after {timeout:.0f} s; last lines of {log}:\n{log_tail(log)}"
-            )
+            raise StackError(f"{what}: not ready after {timeout:.0f} s; {log_hint(log)}")
         time.sleep(_POLL_S)
 
 
@@ -186,8 +197,7 @@ def stop_process(pid: int, *, name: str, sig: signal.Signals, timeout: float, lo
             while pid_alive(pid):
                 time.sleep(_POLL_S)
             raise StackError(
-                f"{name} ignored {sig.name} for {timeout:.0f} s and was killed; "
-                f"last lines of {log}:\n{log_tail(log)}"
+                f"{name} ignored {sig.name} for {timeout:.0f} s and was killed; {log_hint(log)}"
             )
         time.sleep(_POLL_S)
 

@@ -133,13 +133,20 @@ class LocalStack:
             raise
         return env, seconds
 
-    def down(self) -> list[str]:
-        """Stop every running server (pids from the run dir); return what was stopped."""
+    def down(self, *, purge: bool = False) -> list[str]:
+        """Stop every running server (pids from the run dir); return what was stopped.
+
+        `purge` also deletes PostgreSQL's data, which may live outside the run dir, so
+        deleting the run dir afterwards leaves nothing behind.
+        """
         stopped = []
-        for server in reversed(self.servers(self.recorded())):
+        servers = self.servers(self.recorded())
+        for server in reversed(servers):
             if server.is_running():
                 server.stop()
                 stopped.append(server.name)
+        if purge:
+            servers[0].remove()
         return stopped
 
     def _choose_ports(self, wanted: Ports) -> StackEnv:
