@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import redis
 from click.testing import CliRunner
+from waiting import wait_until
 
 from meterproof.certs.cli import certs as certs_cli
 from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
@@ -141,24 +142,91 @@ def test_a_failed_start_quotes_the_server_log(tmp_path: Path):
     assert not server.is_running()
 
 
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables")}
+
+
+def test_a_cluster_under_a_folder_only_we_may_enter_starts_and_keeps_its_data(tmp_path: Path):
+    """As root the cluster runs as `postgres`, which cannot enter a 0700 folder of root's
+    (a clone in /root): it must live elsewhere, linked from the run dir. Run as anyone
+    else, the folder is ours and the cluster stays in it."""
+    tmp_path.chmod(0o700)
+    server = PostgresServer(directory=tmp_path / "run" / "postgres")
+    try:
+        server.start()
+        with psycopg.connect(server.url) as conn:
+            conn.execute("CREATE TABLE kept (n int)")
+        server.restart()
+        assert "kept" in tables(server.url)
+        home = server.home
+        if server.os_user is None:
+            assert home == server.directory
+        else:
+            assert server.directory.is_symlink()
+            assert tmp_path not in home.parents
+            assert home.stat().st_uid == pwd.getpwnam(server.os_user).pw_uid
+    finally:
+        server.remove()
+    assert not home.exists()
+    assert not server.directory.is_symlink()
+    assert not server.directory.exists()
+
+
+def test_a_deleted_run_dir_takes_its_cluster_with_it(tmp_path: Path):
+    """`make clean` deletes the run dir: the next cluster for that path starts empty, even
+    when the old one lived outside the run dir."""
+    tmp_path.chmod(0o700)
+    directory = tmp_path / "run" / "postgres"
+    first = PostgresServer(directory=directory)
+    first.start()
+    with psycopg.connect(first.url) as conn:
+        conn.execute("CREATE TABLE kept (n int)")
+    first.stop()
+    shutil.rmtree(tmp_path / "run")
+    second = PostgresServer(directory=directory, port=first.port)
+    try:
+        second.start()
+        assert "kept" not in tables(second.url)
+    finally:
+        second.remove()
+
+
+def test_a_cluster_that_cannot_start_says_why_in_one_line(tmp_path: Path):
+    server = PostgresServer(directory=tmp_path / "postgres")
+    try:
+        server.start()
+        server.stop()
+        with (server.data_dir / "postgresql.conf").open("a", encoding="utf-8") as conf:
+            conf.write("shared_buffers = plenty\n")
+        with pytest.raises(StackError) as failed:
+            server.start()
+    finally:
+        server.remove()
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("pg_ctl failed")
+    assert f"{server.log} says: " in message
+    assert "contains errors" in message
+
+
 @pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Not tmp_path: as root, PostgreSQL runs as `postgres`, which cannot enter root's
-    # 0700 pytest directory.
-    directory = Path(tempfile.mkdtemp(prefix="meterproof-stack-"))
-    directory.chmod(0o755)
-    yield directory / "run"
-    LocalStack(run_dir=directory / "run").down()  # after a failed test
-    shutil.rmtree(directory)
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    """In a folder only we may enter: as root, the cluster then lives outside it."""
+    tmp_path.chmod(0o700)
+    yield tmp_path / "run"
+    LocalStack(run_dir=tmp_path / "run").down(purge=True)  # after a failed test, too
 
 
-def stack(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def stack(*args: str | Path, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    environ = dict(os.environ) if path is None else {**os.environ, "PATH": path}
     return subprocess.run(
         [METERPROOF, "stack", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=environ,
     )
 
 
@@ -216,6 +284,8 @@ def test_stack_up_status_down(run_dir: Path):
     assert not any(pid_alive(pid) for pid in pids if pid is not None)
     assert not any(port_accepts(port) for port in ports.values())
     assert stack("status", "--run-dir", run_dir).returncode == 1
+    again = stack("down", "--run-dir", run_dir)
+    assert (again.returncode, again.stdout) == (0, "nothing was running\n")
 
 
 def test_stack_up_stops_what_it_started_when_a_server_fails(run_dir: Path):
@@ -227,11 +297,29 @@ def test_stack_up_stops_what_it_started_when_a_server_fails(run_dir: Path):
             "up", "--run-dir", run_dir, "--pki-root", run_dir.parent / "pki", *as_options(ports)
         )
     assert up.returncode == 1
-    assert f"port {ports['--redis-port']} on 127.0.0.1 is already in use" in up.stderr
+    in_use = f"Error: port {ports['--redis-port']} on 127.0.0.1 is already in use"
+    assert up.stderr.splitlines() == [in_use]
     assert not port_accepts(ports["--pg-port"])  # PostgreSQL had started first
     status = stack("status", "--run-dir", run_dir)
     assert status.returncode == 1
     assert [line.split()[1] for line in status.stdout.splitlines()] == ["down"] * 3
+
+
+def test_a_missing_server_binary_is_one_line_and_nothing_is_left_running(
+    run_dir: Path, tmp_path: Path
+):
+    ports = free_ports()
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    up = stack(
+        "up", "--run-dir", run_dir, "--pki-root", tmp_path / "pki", *as_options(ports),
+        path=str(empty),
+    )  # fmt: skip
+    assert up.returncode == 1
+    assert up.stderr.splitlines() == [
+        "Error: redis-server not found on PATH; `make system-packages` installs it"
+    ]
+    assert not any(port_accepts(port) for port in ports.values())
 
 
 def test_stack_render_prepares_compose_without_starting(run_dir: Path):
@@ -273,17 +361,17 @@ def test_issuing_a_worker_identity_reloads_the_running_brokers_acl(
     issue_device(pki, meter_id)
     worker, meter = _client(pki, pki.service(new)), _client(pki, pki.device(meter_id))
     got: list[bytes] = []
+    subacks: list[list[mqtt.ReasonCode]] = []
     worker.on_message = lambda _c, _u, message: got.append(message.payload)
+    worker.on_subscribe = lambda _c, _u, _mid, reasons, _p: subacks.append(reasons)
     try:
         for client in (worker, meter):
             client.connect("127.0.0.1", broker.port)
             client.loop_start()
         worker.subscribe("meters/+/readings", qos=1)
-        time.sleep(0.3)
+        wait_until(lambda: subacks, what="the broker acknowledges the subscription")
         meter.publish(f"meters/{meter_id}/readings", b"r", qos=1).wait_for_publish(5)
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: got, what="the new worker receives the reading")
         assert got == [b"r"]
     finally:
         for client in (worker, meter):
