@@ -79,5 +79,5 @@ stack-down: setup ## stop the local stack
 	$(MP) stack down
 
 clean: ## remove the venv and runtime state (keeps certs/out)
-	-$(MP) stack down 2>/dev/null
+	-$(MP) stack down --purge 2>/dev/null
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
