@@ -46,9 +46,10 @@ from meterproof.certs.identities import (
     list_identities,
     load_identity,
 )
-from meterproof.certs.layout import DEFAULT_ROOT, PkiLayout, check_identity
+from meterproof.certs.layout import PkiLayout, check_identity
 from meterproof.cli.errors import Group
 from meterproof.cli.options import stack_env_option
+from meterproof.config import DEFAULT_PKI_ROOT
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import RSA_MAX_BITS, RSA_MIN_BITS
 
@@ -124,7 +125,7 @@ _days_option = click.option(
     "--pki-root",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="METERPROOF_PKI_ROOT",
-    default=DEFAULT_ROOT,
+    default=DEFAULT_PKI_ROOT,
     show_default=True,
     help="Folder of the operator PKI.",
 )

@@ -13,8 +13,6 @@ from meterproof.config import DEFAULT_PKI_ROOT
 #: integrator names so that every identity is safe in a topic, a path and a CN.
 IDENTITY_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-DEFAULT_ROOT = DEFAULT_PKI_ROOT
-
 
 @dataclass(frozen=True, slots=True)
 class IdentityFiles:
@@ -50,7 +48,7 @@ class DeviceFiles(IdentityFiles):
 
 @dataclass(frozen=True, slots=True)
 class PkiLayout:
-    root: Path = DEFAULT_ROOT
+    root: Path = DEFAULT_PKI_ROOT
 
     @property
     def ca_dir(self) -> Path:

@@ -17,7 +17,7 @@ import click
 from meterproof.certs.bootstrap import DEFAULT_INGEST_WORKERS
 from meterproof.certs.identities import MAX_INGEST_INSTANCES
 from meterproof.cli.errors import Group
-from meterproof.stack.env import DEFAULT_RUN_DIR
+from meterproof.config import DEFAULT_RUN_DIR
 from meterproof.stack.services import LocalStack, Ports
 
 _PORT = click.IntRange(1, 65535)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterproof.stack.env import StackEnv
+from meterproof.config import StackEnv
 
 
 def meterproof_argv(*args: str) -> list[str]:

@@ -14,11 +14,11 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from meterproof.certs.bootstrap import DEFAULT_INGEST_WORKERS, init_pki
-from meterproof.certs.layout import DEFAULT_ROOT, PkiLayout
+from meterproof.certs.layout import PkiLayout
+from meterproof.config import DEFAULT_PKI_ROOT, StackEnv, new_share_group
 from meterproof.db.migrate import migrate
 from meterproof.mosquitto.config import broker_files, render
 from meterproof.stack.broker import BrokerServer
-from meterproof.stack.env import StackEnv, new_share_group
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import LOOPBACK, StackError, free_port, port_is_free
 from meterproof.stack.redis import RedisServer
@@ -69,7 +69,7 @@ class LocalStack:
         """The addresses last written here, or the defaults when there are none."""
         if self.env_file.exists():
             return StackEnv.read(self.env_file)
-        return StackEnv.defaults(run_dir=self.run_dir, pki_root=DEFAULT_ROOT)
+        return StackEnv.defaults(run_dir=self.run_dir, pki_root=DEFAULT_PKI_ROOT)
 
     def servers(self, env: StackEnv) -> tuple[PostgresServer, RedisServer, BrokerServer]:
         """In start order; stop in reverse."""

@@ -22,9 +22,9 @@ from waiting import wait_until
 from meterproof.certs.cli import certs as certs_cli
 from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.config import StackEnv
 from meterproof.mosquitto.config import broker_files
 from meterproof.stack.broker import BrokerServer
-from meterproof.stack.env import StackEnv
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import StackError, free_port, pid_alive, port_accepts, read_pid
 from meterproof.stack.redis import RedisServer
