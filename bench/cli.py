@@ -21,6 +21,7 @@ import click
 
 from meterproof.bench import report
 from meterproof.bench.machine import describe
+from meterproof.cli.errors import Group
 
 if TYPE_CHECKING:
     from meterproof.bench.ingest import DrainResult
@@ -68,7 +69,7 @@ BUDGETS: Final[dict[str, Budget]] = {
 BOUND_S: Final = {False: 15 * 60, True: 2 * 60}
 
 
-@click.group(invoke_without_command=True)
+@click.group(cls=Group, invoke_without_command=True)
 @click.option("--quick", is_flag=True, help="Smaller runs (at most two minutes in all).")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool) -> None:
