@@ -218,7 +218,6 @@ def unstorable(outcome: object) -> str | None:
         event = event_for(outcome)
         texts = [
             ("topic", storable_text(outcome.message.topic)),  # as the store writes it
-            ("tls_identity", outcome.message.tls_identity),
             ("meter_id", outcome.meter_id),
             ("detail", outcome.detail),
             ("event", json.dumps(event.detail, ensure_ascii=False)),

@@ -81,9 +81,7 @@ def _identities(settings: IngestSettings, workers: int) -> list[str]:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     pki = PkiLayout(settings.pki_root)
-    missing = [
-        n for n in names if not (pki.service(n).cert.is_file() and pki.service(n).key.is_file())
-    ]
+    missing = [n for n in names if not _has_certificate(pki, n)]
     if missing:
         raise click.ClickException(
             f"no certificate for ingest worker {', '.join(missing)} in {pki.services_dir}: "

@@ -6,12 +6,11 @@ import re
 from dataclasses import dataclass
 
 from meterproof.ingest.records import Message, Rejection
+from meterproof.schemas import topics
 from meterproof.schemas.codec import MalformedPayload, decode_reading
 from meterproof.schemas.reading import RejectReason, SignedReading
 from meterproof.schemas.signing import reading_hash, signing_bytes
 
-_PREFIX = "meters/"
-_SUFFIX = "/readings"
 _METER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # reading-v1's meter_id alphabet
 
 
@@ -27,10 +26,8 @@ def topic_meter_id(topic: str) -> str | None:
     """The publisher: the broker ACL lets only meter X write `meters/X/readings`. A segment
     outside the meter-id alphabet names no meter (and must not reach a query or the
     quarantine: a NUL there would make the batch unstorable and retried for ever)."""
-    if topic.startswith(_PREFIX) and topic.endswith(_SUFFIX):
-        meter_id = topic[len(_PREFIX) : -len(_SUFFIX)]
-        return meter_id if _METER_ID.fullmatch(meter_id) else None
-    return None
+    meter_id = topics.meter_of_readings(topic)
+    return meter_id if meter_id is not None and _METER_ID.fullmatch(meter_id) else None
 
 
 def decode(message: Message) -> Decoded | Rejection:
@@ -43,7 +40,7 @@ def decode(message: Message) -> Decoded | Rejection:
     message_bytes = signing_bytes(reading)
     digest = reading_hash(message_bytes)
     # The exact topic of a valid meter_id: no alphabet check needed on this, the hot path.
-    if message.topic != f"{_PREFIX}{reading.meter_id}{_SUFFIX}":
+    if message.topic != topics.readings(reading.meter_id):
         return Rejection(
             message,
             RejectReason.TOPIC_MISMATCH,

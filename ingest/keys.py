@@ -20,7 +20,7 @@ import psycopg
 import structlog
 from psycopg import AsyncConnection
 
-from meterproof.ingest.errors import TransientError
+from meterproof.errors import UnavailableError
 from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
 from meterproof.ingest.verify import MeterSnapshot, RegisteredKey
 from meterproof.schemas.signatures import InvalidKeyError, load_public_key
@@ -82,7 +82,7 @@ class KeyCache:
         except psycopg.Error as exc:
             if self._conn is not None:
                 await self._conn.close()
-            raise TransientError("database", f"key lookup: {exc}") from exc
+            raise UnavailableError("database", f"key lookup: {exc}") from exc
         statuses: dict[str, str] = {}
         keys: dict[str, list[RegisteredKey]] = {}
         for meter_id, status, kid, alg, pem, valid_from, valid_to in rows:

@@ -10,6 +10,7 @@ from typing import Final
 
 from meterproof.ingest.decode import topic_meter_id
 from meterproof.ingest.records import Candidate, Outcome, receipt_fields
+from meterproof.schemas import topics
 
 _RECEIPT: Final = b'{"seq":%s,"reading_hash":%s,"status":"%s","reason":%s}'
 _VERIFIED_TAIL: Final = b',"reading_hash":"%s","verified_at":%d}'
@@ -28,7 +29,7 @@ def receipt(outcome: Outcome) -> tuple[str, bytes] | None:
         status.value.encode(),
         b"null" if reason is None else b'"%s"' % reason.value.encode(),
     )
-    return f"meters/{publisher}/receipts", body
+    return topics.receipts(publisher), body
 
 
 def verified(candidate: Candidate) -> tuple[str, bytes]:
@@ -41,4 +42,4 @@ def verified(candidate: Candidate) -> tuple[str, bytes]:
         candidate.reading_hash.hex().encode(),
         candidate.verified_at_ms,
     )
-    return f"verified/{candidate.reading.meter_id}/readings", body
+    return topics.verified(candidate.reading.meter_id), body

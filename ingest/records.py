@@ -19,7 +19,6 @@ class Message:
     topic: str
     payload: bytes
     received_at_ms: int
-    tls_identity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

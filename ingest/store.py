@@ -24,7 +24,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from meterproof.ingest.errors import TransientError
+from meterproof.errors import UnavailableError
 from meterproof.ingest.judge import RateLimit, StoredContext, StoredPoint, judge
 from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy, event_for
@@ -95,11 +95,11 @@ READING_TYPES: Final = [
     "int8", "text", "text", "bytea", "bytea", "timestamptz", "timestamptz",
 ]  # fmt: skip
 _COPY_REJECTED = (
-    "COPY rejected_readings (payload, topic, tls_identity, meter_id, seq, reading_hash, reason,"
-    " detail, received_at) FROM STDIN (FORMAT BINARY)"
+    "COPY rejected_readings (payload, topic, meter_id, seq, reading_hash, reason, detail,"
+    " received_at) FROM STDIN (FORMAT BINARY)"
 )
 _REJECTED_TYPES: Final = [
-    "bytea", "text", "text", "text", "numeric", "bytea", "text", "text", "timestamptz",
+    "bytea", "text", "text", "numeric", "bytea", "text", "text", "timestamptz",
 ]  # fmt: skip
 _COPY_EVENTS = "COPY security_events (type, severity, meter_id, detail) FROM STDIN (FORMAT BINARY)"
 _EVENT_TYPES: Final = ["text", "text", "text", "jsonb"]  # enum labels travel as text
@@ -151,7 +151,7 @@ class ReadingStore:
                 await self._write_rejections(all_rejections)
                 quarantined = await self._quarantine(all_rejections)
         except psycopg.Error as exc:
-            raise TransientError("database", f"{type(exc).__name__}: {exc}") from exc
+            raise UnavailableError("database", f"{type(exc).__name__}: {exc}") from exc
         return BatchResult(outcomes, quarantined)
 
     async def _judge(self, candidates: Sequence[Candidate]) -> list[Outcome]:
@@ -229,8 +229,7 @@ class ReadingStore:
                     await copy.write_row(
                         (
                             j.message.payload, storable_text(j.message.topic),
-                            j.message.tls_identity, j.meter_id, j.seq, j.reading_hash,
-                            j.reason.value, j.detail,
+                            j.meter_id, j.seq, j.reading_hash, j.reason.value, j.detail,
                             ms_to_dt(j.message.received_at_ms),
                         )
                     )  # fmt: skip
