@@ -13,6 +13,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
+from meterproof.ingest._wire import Drop
 from meterproof.schemas.reading import RejectReason
 
 RECEIVED = Counter("meterproof_readings_received_total", "Messages taken from the broker")
@@ -44,11 +45,18 @@ DEPENDENCY_ERRORS = Counter(
     "meterproof_dependency_errors_total", "Failures of a dependency", ["dependency"]
 )
 QUARANTINED = Counter("meterproof_meters_quarantined_total", "Meters quarantined by the worker")
+PACKETS_DROPPED = Counter(
+    "meterproof_mqtt_packets_dropped_total",
+    "MQTT packets (or the rest of a stream) dropped as malformed, by reason",
+    ["reason"],
+)
 
 for _reason in RejectReason:  # every label exists from the start, at zero
     REJECTED.labels(reason=_reason.value)
 for _dependency in ("database", "redis", "broker"):
     DEPENDENCY_ERRORS.labels(dependency=_dependency)
+for _drop in Drop:
+    PACKETS_DROPPED.labels(reason=_drop.value)
 
 
 class _QuietHandler(WSGIRequestHandler):

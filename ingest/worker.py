@@ -9,6 +9,9 @@ Backpressure: the broker sends at most the session's `receive_maximum` unacknowl
 messages, and a message is acknowledged only after its batch commits; when the database is
 slow or down, batches are retried with backoff, the window fills, and the broker stops
 sending. Memory is bounded by the receive maximum, never by the backlog.
+
+The worker receives its source and its store factory (`run_worker` wires the MQTT source
+and PostgreSQL), the way the bridge's runner receives its ledger sink.
 """
 
 from __future__ import annotations
@@ -16,33 +19,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import random
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
+import psycopg
 import structlog
 from psycopg import AsyncConnection
 
-from meterproof.certs.layout import PkiLayout
+from meterproof.backoff import Backoff
+from meterproof.errors import UnavailableError
 from meterproof.ingest import telemetry as t
 from meterproof.ingest.batcher import next_batch
-from meterproof.ingest.decode import Decoded, decode
-from meterproof.ingest.errors import TransientError
+from meterproof.ingest.decode import Decoded
 from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.keys import KeyCache
+from meterproof.ingest.pipeline import decode_all, split_replayed, verify_all
 from meterproof.ingest.publish import receipt, verified
-from meterproof.ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
-from meterproof.ingest.replay import RedisReplayCache, ReplayCache, same_reading
+from meterproof.ingest.records import Accepted, Candidate, Duplicate, Outcome, Rejection
+from meterproof.ingest.replay import RedisReplayCache, ReplayCache
 from meterproof.ingest.security import QuarantinePolicy
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.source import Delivery, MqttSource, TlsIdentity
+from meterproof.ingest.source import Delivery, Source, mqtt_source
 from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
-from meterproof.ingest.verify import TimeBounds, verify
+from meterproof.ingest.verify import TimeBounds
 from meterproof.schemas.reading import RejectReason
 from meterproof.schemas.timestamps import wall_ms
 
@@ -52,14 +56,18 @@ _T = TypeVar("_T")
 _YIELD_EVERY: Final = 64
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A message waiting for its batch's commit: from the broker (acknowledged then by the
-    source) or handed in by `submit` (its future is resolved then)."""
+class BatchStore(Protocol):
+    """One transaction per batch: rules 7-9, the rows, the quarantines (`ReadingStore`)."""
 
-    message: Message
-    delivery: Delivery | None = None
-    done: asyncio.Future[None] | None = None
+    async def commit_batch(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult: ...
+
+    async def close(self) -> None: ...
+
+
+#: Opens a store on the store's own loop; raises `UnavailableError` when it cannot.
+StoreFactory = Callable[[], Coroutine[Any, Any, BatchStore]]
 
 
 class _StoreLoop:
@@ -104,10 +112,10 @@ class _NoReplayCache:
 class _Prepared:
     """A batch after the stages that need no lock: decoded, verified, looked up in Redis."""
 
-    batch: list[_Pending]
+    batch: list[Delivery]
     now_ms: int
     rejections: list[Rejection]
-    fast: list[Outcome]
+    fast: list[Duplicate]
     to_store: list[Candidate]
 
     def meters(self) -> set[str]:
@@ -115,13 +123,22 @@ class _Prepared:
 
 
 class Worker:
-    def __init__(self, settings: IngestSettings, *, clock: Callable[[], int] = wall_ms) -> None:
+    def __init__(
+        self,
+        settings: IngestSettings,
+        *,
+        source: Source,
+        store_factory: StoreFactory,
+        clock: Callable[[], int] = wall_ms,
+    ) -> None:
         """`clock` is the server time of rule 6 (unix ms); tests pin it to a vector's time."""
         self.settings = settings
         self._clock = clock
+        self._source = source
+        self._store_factory = store_factory
         # Unbounded here, bounded in fact: the broker sends at most `receive_maximum`
         # unacknowledged messages, and nothing leaves the queue unacknowledged for long.
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
         self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
         self._replay: ReplayCache = (
@@ -129,23 +146,8 @@ class Worker:
             if settings.redis_url
             else _NoReplayCache()
         )
-        self._limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
-        self._policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
-        self._store: ReadingStore | None = None
+        self._store: BatchStore | None = None
         self._store_loop = _StoreLoop()
-        pki = PkiLayout(settings.pki_root)
-        identity = pki.service(settings.identity)
-        self._source = MqttSource(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
-            tls=TlsIdentity(pki.ca_cert, identity.cert, identity.key),
-            client_id=settings.client_id,
-            share_group=settings.share_group,
-            session_expiry_s=settings.session_expiry_s,
-            receive_maximum=settings.receive_maximum,
-            publish_window=settings.publish_window,
-            handler=self._receive,
-        )
         self._announcing: asyncio.Task[None] | None = None
         self._store_free = asyncio.Event()  # no transaction in flight: a batch need not linger
         self._store_free.set()
@@ -154,17 +156,11 @@ class Worker:
         self.failed = False
 
     def ready(self) -> bool:
-        return self._source.connected.is_set() and self._keys.listening.is_set()
+        return self._source.connected and self._keys.listening.is_set()
 
     def _receive(self, delivery: Delivery) -> None:
         """Called by the source for every delivery; its PUBACK follows the batch's commit."""
-        self._queue.put_nowait(_Pending(delivery.message, delivery))
-
-    async def submit(self, message: Message) -> None:
-        """A message from elsewhere than the broker; returns when its outcome is committed."""
-        done = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(message, None, done))
-        await done
+        self._queue.put_nowait(delivery)
 
     async def _watch_broker(self) -> None:
         """gmqtt gives up on some refusals; a worker cut off for too long exits non-zero so
@@ -173,7 +169,7 @@ class Worker:
         down_since: float | None = None
         while not self.stopping.is_set():
             await asyncio.sleep(1)
-            if self._source.connected.is_set():
+            if self._source.connected:
                 down_since = None
                 continue
             down_since = down_since or time.monotonic()
@@ -189,7 +185,7 @@ class Worker:
         it."""
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
-        await self._source.start()
+        await self._source.start(self._receive)
         log.info("worker_started", client_id=self.settings.client_id)
         committing: asyncio.Task[set[str]] | None = None
         try:
@@ -217,7 +213,7 @@ class Worker:
             watchdog.cancel()
             await self._shutdown(listener)
 
-    async def _next_batch(self) -> list[_Pending] | None:
+    async def _next_batch(self) -> list[Delivery] | None:
         """The next batch, or None once stopping."""
         getter = asyncio.ensure_future(
             next_batch(
@@ -241,10 +237,7 @@ class Worker:
         still queued was never committed and will be redelivered."""
         self.stopping.set()
         await self._source.stop()
-        dropped = 0
-        while not self._queue.empty():
-            self._abandon([self._queue.get_nowait()])
-            dropped += 1
+        dropped = self._queue.qsize()
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
         await self._keys.close()
@@ -254,69 +247,51 @@ class Worker:
         self._store_loop.close()
         log.info("worker_stopped", committed=self.committed, left_for_redelivery=dropped)
 
-    @staticmethod
-    def _abandon(batch: Sequence[_Pending]) -> None:
-        """Not committed: a broker message gets no PUBACK (redelivered), a submitted one fails."""
-        for p in batch:
-            if p.done is not None:
-                p.done.cancel()
-
     async def _retrying(
-        self, attempt: Callable[[], Awaitable[_T]], batch: Sequence[_Pending]
+        self, attempt: Callable[[], Awaitable[_T]], batch: Sequence[Delivery]
     ) -> _T | None:
-        """Retry a transient failure with backoff; None if stopping meanwhile (the batch is
-        then left for redelivery)."""
-        delay = self.settings.retry_initial_s
+        """Retry an unavailable dependency with backoff; None if stopping meanwhile (the
+        batch is then left unacknowledged, for redelivery)."""
+        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
         while True:
             try:
                 return await attempt()
-            except TransientError as exc:
+            except UnavailableError as exc:
                 t.DEPENDENCY_ERRORS.labels(dependency=exc.dependency).inc()
+                delay = backoff.next_s()
                 log.warning(
                     "batch_retry", error=str(exc), size=len(batch), retry_in_s=round(delay, 3)
                 )
                 if self.stopping.is_set():
                     log.warning("batch_left_for_redelivery", size=len(batch))
-                    self._abandon(batch)
                     return None
                 with contextlib.suppress(TimeoutError):
-                    jitter = random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-                    await asyncio.wait_for(self.stopping.wait(), delay * jitter)
-                delay = min(delay * 2, self.settings.retry_max_s)
+                    await asyncio.wait_for(self.stopping.wait(), delay)
 
-    async def _prepare(self, batch: list[_Pending]) -> _Prepared:
-        """Rules 1-6 and the replay fast path: everything before the transaction."""
+    async def _prepare(self, batch: list[Delivery]) -> _Prepared:
+        """Rules 1-6 and the replay fast path: everything before the transaction, in
+        slices between which the loop receives, acknowledges and announces."""
         now_ms = self._clock()
         decoded: list[Decoded] = []
         rejections: list[Rejection] = []
-        for i, p in enumerate(batch, start=1):
-            d = decode(p.message)
-            if isinstance(d, Rejection):
-                rejections.append(d)
-            else:
-                decoded.append(d)
-            if i % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+        for i in range(0, len(batch), _YIELD_EVERY):
+            passed, rejected = decode_all(d.message for d in batch[i : i + _YIELD_EVERY])
+            decoded += passed
+            rejections += rejected
+            await asyncio.sleep(0)
         snapshots = await self._keys.snapshots({d.reading.meter_id for d in decoded})
         candidates: list[Candidate] = []
-        for i, d in enumerate(decoded, start=1):
-            v = verify(d, snapshots.get(d.reading.meter_id), now_ms=now_ms, bounds=self._bounds)
-            if isinstance(v, Rejection):
-                rejections.append(v)
-            else:
-                candidates.append(v)
-            if i % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # receive, acknowledge and announce meanwhile
+        for i in range(0, len(decoded), _YIELD_EVERY):
+            verified_now, rejected = verify_all(
+                decoded[i : i + _YIELD_EVERY], snapshots, now_ms=now_ms, bounds=self._bounds
+            )
+            candidates += verified_now
+            rejections += rejected
+            await asyncio.sleep(0)
         cached = await self._replay.lookup(
             [(c.reading.meter_id, c.reading.seq) for c in candidates]
         )
-        fast: list[Outcome] = []
-        to_store: list[Candidate] = []
-        for c, hit in zip(candidates, cached, strict=True):
-            if hit is not None and same_reading(hit, c.reading_hash):
-                fast.append(Duplicate(c))
-            else:
-                to_store.append(c)
+        fast, to_store = split_replayed(candidates, cached)
         return _Prepared(batch, now_ms, rejections, fast, to_store)
 
     async def _commit(self, prepared: _Prepared) -> set[str]:
@@ -333,15 +308,14 @@ class Worker:
         by_message = {
             id(o.message): o for o in (*prepared.rejections, *result.outcomes, *prepared.fast)
         }
-        outcomes = [by_message[id(p.message)] for p in batch]  # receipts in arrival order
-        self._source.ack(p.delivery for p in batch if p.delivery is not None)
-        for p in batch:
-            if p.done is not None and not p.done.done():
-                p.done.set_result(None)
+        outcomes = [by_message[id(d.message)] for d in batch]  # receipts in arrival order
+        self._source.ack(batch)
         for meter_id in result.quarantined:
             self._keys.invalidate(meter_id)
             t.QUARANTINED.inc()
-            log.error("meter_quarantined", meter_id=meter_id, failures=self._policy.failures)
+            log.error(
+                "meter_quarantined", meter_id=meter_id, failures=self.settings.quarantine_failures
+            )
         self.committed += len(batch)
         t.QUEUE_DEPTH.set(self._queue.qsize())
         self._record(batch, outcomes, prepared.now_ms, time.perf_counter() - started)
@@ -360,22 +334,16 @@ class Worker:
             result = await self._store_loop.run(
                 store.commit_batch(prepared.to_store, prepared.rejections)
             )
-        except TransientError:
+        except UnavailableError:
             self._store = None
             await self._store_loop.run(store.close())
             raise
         t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
         return result
 
-    async def _get_store(self) -> ReadingStore:
+    async def _get_store(self) -> BatchStore:
         if self._store is None:
-            try:
-                conn = await self._store_loop.run(
-                    AsyncConnection.connect(self.settings.database_url, options=STORE_OPTIONS)
-                )
-            except Exception as exc:
-                raise TransientError("database", f"connect: {exc}") from exc
-            self._store = ReadingStore(conn, limit=self._limit, policy=self._policy)
+            self._store = await self._store_loop.run(self._store_factory())
         return self._store
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
@@ -397,7 +365,7 @@ class Worker:
         )
 
     def _record(
-        self, batch: list[_Pending], outcomes: Sequence[Outcome], now_ms: int, elapsed_s: float
+        self, batch: list[Delivery], outcomes: Sequence[Outcome], now_ms: int, elapsed_s: float
     ) -> None:
         """One summary line per batch; one line per rejection (meter, reason, hash)."""
         accepted = duplicate = 0
@@ -435,9 +403,24 @@ class Worker:
         )
 
 
+def postgres_store(settings: IngestSettings) -> StoreFactory:
+    """The store factory of a real worker: `ReadingStore` on its own connection."""
+    limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
+    policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
+
+    async def connect() -> BatchStore:
+        try:
+            conn = await AsyncConnection.connect(settings.database_url, options=STORE_OPTIONS)
+        except (psycopg.Error, OSError) as exc:
+            raise UnavailableError("database", f"connect: {exc}") from exc
+        return ReadingStore(conn, limit=limit, policy=policy)
+
+    return connect
+
+
 async def run_worker(settings: IngestSettings) -> None:
-    """Run until SIGTERM/SIGINT, then drain within `drain_timeout_s`."""
-    worker = Worker(settings)
+    """Run until SIGTERM/SIGINT; the batch in hand is committed, the rest redelivered."""
+    worker = Worker(settings, source=mqtt_source(settings), store_factory=postgres_store(settings))
     # The cyclic GC ran every ~700 new containers (a reading makes dozens), scanning the
     # batch in hand again and again; the pipeline makes no cycles worth hunting that often.
     # What exists now (modules, settings) lives as long as the process: never scan it.

@@ -31,12 +31,14 @@ from gmqtt.mqtt.constants import MQTTv50
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from waiting import async_wait_until, wait_until
 
 from meterproof.certs import issue_device
 from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_instance
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.worker import Worker
+from meterproof.ingest.source import Source, mqtt_source
+from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus, NewKey, NewMeter
 from meterproof.schemas.codec import encode_reading, sign_reading
@@ -86,6 +88,7 @@ class ProbeMeter:
     receipts: list[dict[str, Any]] = field(default_factory=list)
     _client: Client | None = None
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def connect(self) -> None:
         files = self.pki.device(self.meter_id)
@@ -95,13 +98,18 @@ class ProbeMeter:
         client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
         client.on_message = self._on_message
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         ctx = tls_context(self.pki, files.cert, files.key)
         await client.connect("127.0.0.1", self.port, ssl=ctx, version=MQTTv50)
         self._client = client
-        await asyncio.sleep(0.1)  # let the SUBACK arrive before the first receipt can
+        # Subscribed before the first receipt can be published.
+        await asyncio.wait_for(self._subscribed.wait(), 10)
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
         client.subscribe(f"meters/{self.meter_id}/receipts", qos=1)
+
+    def _on_subscribe(self, client: Client, mid: int, granted: Any, properties: Any) -> None:
+        self._subscribed.set()
 
     @property
     def connected(self) -> bool:
@@ -236,17 +244,23 @@ def worker_settings(
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: IngestSettings, *, clock: Callable[[], int] = wall_ms
+    settings: IngestSettings,
+    *,
+    clock: Callable[[], int] = wall_ms,
+    source: Source | None = None,
 ) -> AsyncIterator[Worker]:
-    worker = Worker(settings, clock=clock)
+    """A worker in this event loop, ready (subscribed, listening to the registry); its
+    source is the real MQTT one unless the test gives another."""
+    worker = Worker(
+        settings,
+        source=source or mqtt_source(settings),
+        store_factory=postgres_store(settings),
+        clock=clock,
+    )
     task = asyncio.create_task(worker.run())
-    deadline = time.monotonic() + 15
-    while not worker.ready():
-        if task.done():
-            task.result()
-        if time.monotonic() > deadline:
-            raise TimeoutError("worker did not become ready")
-        await asyncio.sleep(0.05)
+    await async_wait_until(lambda: task.done() or worker.ready(), what="worker ready")
+    if task.done():
+        task.result()  # the worker failed to start: raise its error here
     try:
         yield worker
     finally:
@@ -275,19 +289,17 @@ class WorkerProcess:
                 stdout=sink,
                 stderr=sink,
             )
-        self._wait_for("broker_connected", offset)
+        self._wait_for("broker_subscribed", offset)
 
-    def _wait_for(self, event: str, offset: int, within_s: float = 20.0) -> None:
-        deadline = time.monotonic() + within_s
-        while time.monotonic() < deadline:
-            if event.encode() in self.log.read_bytes()[offset:]:
-                time.sleep(0.3)  # the SUBSCRIBE was sent with the connect; let it land
-                return
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"worker did not log {event}: {self.log.read_text()[-2000:]}")
+    def _wait_for(self, event: str, offset: int) -> None:
+        proc = self.proc
+        assert proc is not None
+        wait_until(
+            lambda: event.encode() in self.log.read_bytes()[offset:] or proc.poll() is not None,
+            what=f"worker logs {event}",
+        )
+        if event.encode() not in self.log.read_bytes()[offset:]:
+            raise RuntimeError(f"worker exited before {event}: {self.log.read_text()[-2000:]}")
 
     def kill9(self) -> None:
         assert self.proc is not None

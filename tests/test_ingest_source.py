@@ -1,12 +1,23 @@
-"""The outbound window, and the MQTT framing the worker reads and writes itself."""
+"""The MQTT source against a real Mosquitto: every gmqtt internal `ingest._gmqtt` uses is
+exercised here (taking PUBLISH/PUBACK over, reading each connection directly, raw writes,
+packet ids, the outbound window), so a gmqtt that changes them fails this file loudly."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-import pytest
+from ingest_harness import ProbeMeter, provision, worker_settings
+from waiting import async_wait_until
 
-from meterproof.ingest.source import OutboundWindow, encode_varint, read_varint
+from meterproof.certs.layout import PkiLayout
+from meterproof.ingest import _gmqtt
+from meterproof.ingest._gmqtt import OutboundWindow
+from meterproof.ingest._wire import Drop
+from meterproof.ingest.source import Delivery, mqtt_source
+from meterproof.ingest.telemetry import PACKETS_DROPPED
+from meterproof.schemas import topics
+from meterproof.stack.broker import BrokerServer
 
 
 def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
@@ -16,29 +27,89 @@ def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
         await asyncio.wait_for(window.wait_for_room(), 0.1)
         window.push_message(2, b"b")
         waiter = asyncio.ensure_future(window.wait_for_room())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
         blocked = not waiter.done()
         window.remove_message_by_mid(1)
-        await asyncio.sleep(0)
-        reopened = waiter.done()
+        await asyncio.wait_for(waiter, 0.1)
         window.push_message(3, b"c")
         window.clear()  # a new clean session: nothing is in flight any more
         await asyncio.wait_for(window.wait_for_room(), 0.1)
-        return blocked, reopened, window.is_empty
+        return blocked, waiter.done(), window.is_empty
 
     assert asyncio.run(scenario()) == (True, True, True)
 
 
-@pytest.mark.parametrize("value", [0, 127, 128, 16_383, 16_384, 268_435_455])
-def test_variable_byte_integers_round_trip_and_stop_where_they_end(value: int) -> None:
-    encoded = encode_varint(value)
-    assert read_varint(b"\x30" + encoded + b"rest", 1, 1 + len(encoded) + 4) == (
-        value,
-        1 + len(encoded),
-    )
-    assert read_varint(encoded[:-1], 0, len(encoded) - 1) is None  # bytes end inside it
+def test_receive_ack_reconnect_redeliver_and_publish_through_the_real_broker(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str
+) -> None:
+    provision(pki, None, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
+        publish_window=2,
+    )  # fmt: skip
 
+    async def scenario() -> dict[str, Any]:
+        got: list[Delivery] = []
+        source = mqtt_source(settings)
+        await source.start(got.append)
+        await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+        meter = ProbeMeter(meter_id, None, pki, broker.port)
+        await meter.connect()
+        for n in (1, 2):
+            meter.publish(b'{"n":%d}' % n)
+        await async_wait_until(lambda: len(got) == 2, what="two deliveries")
+        first, second = got
+        acked = source.ack([first])
 
-def test_a_variable_byte_integer_longer_than_four_bytes_is_malformed() -> None:
-    with pytest.raises(ValueError, match="four bytes"):
-        read_varint(b"\x80\x80\x80\x80\x01", 0, 5)
+        # A byte the broker never sends: dropped, counted, and the link stays up.
+        before = PACKETS_DROPPED.labels(reason=Drop.TOPIC.value)._value.get()
+        connection = source._client._connection
+        connection._protocol.data_received(b"\x32\x06\x00\x01+\x00\x09\x00")
+        await async_wait_until(
+            lambda: PACKETS_DROPPED.labels(reason=Drop.TOPIC.value)._value.get() > before,
+            what="the dropped PUBLISH counted",
+        )
+        link_survived = source.connected and source._client._connection is connection
+
+        # A packet type the broker must refuse: it closes the link, gmqtt reconnects, and
+        # the unacknowledged delivery comes again on the new link.
+        assert _gmqtt.write_raw(source._client, b"\x00\x00")
+        await async_wait_until(lambda: len(got) == 3, what="the redelivery")
+        again = got[2]
+        stale_ack = source.ack([second])  # its link is gone: the id is ambiguous now
+        fresh_ack = source.ack([again])
+
+        # Outbound: more publishes than the window holds; each waits for PUBACKs.
+        await source.publish_many([(topics.receipts(meter_id), b'{"r":%d}' % n) for n in range(5)])
+        receipts = await meter.wait_receipts(5)
+        await source.stop()
+
+        # The acknowledged deliveries are gone from the session: a new source with the same
+        # identity gets the next message first, nothing older.
+        fresh: list[Delivery] = []
+        resumed = mqtt_source(settings)
+        await resumed.start(fresh.append)
+        await async_wait_until(lambda: resumed.connected, what="resubscribed")
+        meter.publish(b'{"n":3}')
+        await async_wait_until(lambda: fresh, what="the next delivery")
+        resumed.ack(fresh)
+        await resumed.stop()
+        await meter.close()
+        return {
+            "payloads": [d.message.payload for d in got],
+            "links": [d.link for d in got],
+            "mids": (second.mid, again.mid),
+            "acks": (acked, stale_ack, fresh_ack),
+            "link_survived": link_survived,
+            "receipts": receipts,
+            "resumed": [d.message.payload for d in fresh],
+        }
+
+    out = asyncio.run(scenario())
+    assert out["payloads"] == [b'{"n":1}', b'{"n":2}', b'{"n":2}']
+    assert out["links"] == [1, 1, 2]
+    assert out["mids"][0] == out["mids"][1]  # the broker resends under the same id
+    assert out["acks"] == (1, 0, 1)
+    assert out["link_survived"]
+    assert out["receipts"] == [{"r": n} for n in range(5)]
+    assert out["resumed"] == [b'{"n":3}']

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,13 @@ from ingest_harness import (
     stored_counts,
     worker_settings,
 )
+from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.ingest import telemetry
 from meterproof.ingest.records import Message
+from meterproof.ingest.settings import IngestSettings
+from meterproof.ingest.source import Delivery, Handler, MqttSource, mqtt_source
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus
 from meterproof.stack.broker import BrokerServer
@@ -40,11 +43,46 @@ def _events(database_url: str, meter_id: str) -> Counter[str]:
     return Counter(str(r[0]) for r in rows)
 
 
+class WithUnroutable:
+    """The real source, plus messages on topics the broker lets no identity publish on,
+    delivered as a compromised broker could (QoS 0: nothing to acknowledge)."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self._real: MqttSource = mqtt_source(settings)
+        self._deliver: Handler | None = None
+        self.committed: list[Delivery] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._real.connected
+
+    async def start(self, deliver: Handler) -> None:
+        self._deliver = deliver
+        await self._real.start(deliver)
+
+    def inject(self, message: Message) -> Delivery:
+        assert self._deliver is not None
+        delivery = Delivery(message, None, 0)
+        self._deliver(delivery)
+        return delivery
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        batch = list(deliveries)
+        self.committed += batch  # the worker acknowledges only what it committed
+        return self._real.ack(batch)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        await self._real.publish_many(items)
+
+    async def stop(self) -> None:
+        await self._real.stop()
+
+
 def test_every_rejection_vector_through_a_running_worker(
     pki: PkiLayout, broker: BrokerServer, redis_server: RedisServer, database_url: str
 ) -> None:
     """Each vector from the identity that may publish on its topic; the two topics no
-    certificate can own are refused by the broker, and handed to the worker directly."""
+    certificate can own are refused by the broker, and delivered by an injected source."""
     meter_id = REJECTIONS["meter_id"]
     own_topic = f"meters/{meter_id}/readings"
     provision(pki, database_url, meter_id, public_key_pem=REJECTIONS["public_key_pem"])
@@ -65,7 +103,9 @@ def test_every_rejection_vector_through_a_running_worker(
     }
 
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
-        async with running_worker(settings, clock=lambda: REJECTIONS["server_time_ms"]) as w:
+        source = WithUnroutable(settings)
+        clock = lambda: REJECTIONS["server_time_ms"]  # noqa: E731
+        async with running_worker(settings, clock=clock, source=source):
             meter = ProbeMeter(meter_id, None, pki, broker.port)
             mismatch = ProbeMeter(other, None, pki, broker.port)
             await meter.connect()
@@ -80,8 +120,12 @@ def test_every_rejection_vector_through_a_running_worker(
                 sender = meter if case["topic"] == own_topic else mismatch
                 sender.publish(case["payload"].encode(), topic=case["topic"])
             now = REJECTIONS["server_time_ms"]
-            await asyncio.gather(
-                *(w.submit(Message(c["topic"], c["payload"].encode(), now)) for c in unroutable)
+            injected = [
+                source.inject(Message(c["topic"], c["payload"].encode(), now)) for c in unroutable
+            ]
+            await async_wait_until(
+                lambda: all(d in source.committed for d in injected),
+                what="the injected messages committed",
             )
             own = await meter.wait_receipts(len(by_broker) - 1)
             theirs = await mismatch.wait_receipts(1)

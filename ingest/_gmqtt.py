@@ -1,0 +1,153 @@
+"""Every use of gmqtt's private internals, in one place, for gmqtt 0.8 (pinned in
+pyproject; `tests/test_ingest_source.py` runs each of them against a real broker).
+
+gmqtt's own way to delay a PUBACK (`optimistic_acknowledgement=False`) runs the handler
+as one task per message and writes one PUBACK per message: measured, about 20 us of
+worker CPU per reading, a sixth of all of it. And gmqtt wraps every packet in an object
+and routes it through four calls that format debug log arguments: ~2.5 us a packet, and
+each reading brings a worker three (its PUBLISH and the PUBACKs of its receipt and
+verified reading). So the source takes PUBLISH and PUBACK over: the connection's bytes
+are split here (framing in `ingest._wire`) and those two packets handed to the source;
+everything else still goes through gmqtt. What that needs of gmqtt, and nothing else:
+
+- `Client._package_handler`: its `_handle_publish_packet` / `_handle_puback_packet`
+  (resolved on the instance first) for packets gmqtt parses itself, such as those that
+  arrive in the same read as the CONNACK; its `id_generator` for outbound packet ids;
+- `Client._connection`: `_protocol._read_packet` (replaced per connection),
+  `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`;
+- `PersistentStorage._messages`, to bound the outbound window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Final
+
+from gmqtt import Client
+from gmqtt.mqtt.handler import MqttPackageHandler
+from gmqtt.mqtt.package import Package
+from gmqtt.mqtt.protocol import MQTTProtocol
+from gmqtt.mqtt.utils import IdGenerator
+from gmqtt.storage import PersistentStorage
+
+from meterproof.ingest._wire import PUBACK, PUBLISH, Drop, split
+
+#: What this module reaches into; checked at import, so a gmqtt that moved any of it fails
+#: at start, not at the first packet.
+_REQUIRED: Final = (
+    (MQTTProtocol, "_read_packet"),
+    (MqttPackageHandler, "_handle_publish_packet"),
+    (MqttPackageHandler, "_handle_puback_packet"),
+    (MqttPackageHandler, "current_connection"),
+    (IdGenerator, "next_id"),
+    (IdGenerator, "free_id"),
+)
+_missing = [f"{cls.__name__}.{name}" for cls, name in _REQUIRED if not hasattr(cls, name)]
+if _missing:  # pragma: no cover - only a gmqtt other than the pinned one gets here
+    raise ImportError(f"gmqtt lacks what ingest._gmqtt uses: {', '.join(_missing)}")
+
+PacketHandler = Callable[[int, bytes], None]
+
+
+class OutboundWindow(PersistentStorage):  # type: ignore[misc]
+    """gmqtt's store of unacknowledged outbound QoS 1 publishes, which also bounds them.
+
+    Once the broker's Receive Maximum worth of ids is in flight, gmqtt raises OverflowError
+    and Mosquitto disconnects a client that exceeds the window (measured in a backlog drain
+    announcing 2 publishes per reading). `wait_for_room` lets the worker wait for PUBACKs.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        if not hasattr(self, "_messages"):  # pragma: no cover - another gmqtt
+            raise ImportError("gmqtt's PersistentStorage no longer keeps _messages")
+        self.limit = limit
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        if len(self._messages) >= self.limit:
+            self._room.clear()
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        if len(self._messages) < self.limit:
+            self._room.set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._room.set()
+
+    @property
+    def full(self) -> bool:
+        return not self._room.is_set()
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+
+def take_over(client: Client, *, on_publish: PacketHandler, on_puback: PacketHandler) -> None:
+    """PUBLISH and PUBACK that gmqtt parses itself go to the two handlers too (gmqtt reads
+    a connection's first bytes, CONNACK and whatever follows it in the same read)."""
+    handler = client._package_handler
+    handler._handle_publish_packet = on_publish
+    handler._handle_puback_packet = on_puback
+
+
+def read_directly(
+    client: Client,
+    *,
+    on_publish: PacketHandler,
+    on_puback: PacketHandler,
+    on_broken: Callable[[Drop], None],
+) -> None:
+    """Split the current connection's incoming bytes here rather than in gmqtt. Call it
+    from the CONNACK: it applies to that connection only. Bytes of a superseded connection
+    are dropped as gmqtt drops them; a stream that cannot be split is reported to
+    `on_broken` and the link closed (gmqtt's answer to -1)."""
+    connection = client._connection
+    handler = client._package_handler
+
+    def read_packets(data: bytes) -> int:
+        if handler.current_connection is not connection:
+            return len(data)
+        connection._last_data_in = time.monotonic()
+        frames = split(data)
+        for first, body in frames.packets:
+            kind = first & 0xF0
+            if kind == PUBLISH:
+                on_publish(first, body)
+            elif kind == PUBACK:
+                on_puback(first, body)
+            else:
+                connection.put_package(Package(first, body))
+        if frames.broken is not None:
+            on_broken(frames.broken)
+            return -1
+        return frames.consumed
+
+    connection._protocol._read_packet = read_packets
+
+
+def write_raw(client: Client, data: bytes) -> bool:
+    """Bytes straight onto the client's connection (gmqtt exposes no raw write); False
+    when there is no open connection."""
+    connection = client._connection
+    if connection is None or connection.is_closing():
+        return False
+    connection.send_package(data)
+    return True
+
+
+def next_packet_id(client: Client) -> int:
+    """An outbound packet id from gmqtt's own allocator, so it never collides with the
+    SUBSCRIBE ids gmqtt allocates."""
+    value: int = client._package_handler.id_generator.next_id()
+    return value
+
+
+def free_packet_id(client: Client, packet_id: int) -> None:
+    client._package_handler.id_generator.free_id(packet_id)
