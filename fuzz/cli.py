@@ -1,4 +1,5 @@
-"""`meterproof fuzz`: generated and mutated payloads through decode -> verify -> judge."""
+"""`meterproof fuzz`: generated and mutated payloads through decode -> verify -> judge, or
+(`--target wire`) raw connection bytes through the MQTT framing."""
 
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ from meterproof.fuzz.engines import (
 )
 from meterproof.fuzz.generate import Generators
 from meterproof.fuzz.target import PipelineTarget, Target, fleet_topics, load_fleet
+from meterproof.fuzz.wire import (
+    WireChecker,
+    WireTally,
+    run_wire_hypothesis,
+    run_wire_mutations,
+    seed_streams,
+)
 
 ENGINES = ("all", "hypothesis", "mutate", "atheris")
+TARGETS = ("pipeline", "wire")
 
 
 @dataclass(slots=True)
@@ -123,11 +132,12 @@ def run_campaign(
     if shares.get("atheris"):
         if echo:
             click.echo(f"atheris: {shares['atheris']:,} libFuzzer inputs (subprocess)", err=True)
+        topics = fleet_topics(fleet)
         result = run_atheris(
+            target="pipeline",
+            corpus=[bytes([topics.index(topic)]) + payload for topic, payload in seeds],
             count=shares["atheris"],
             seed=seed,
-            seeds=seeds,
-            topics=fleet_topics(fleet),
             timeout_s=120 + shares["atheris"] / 100,
         )
         checker.tally.merge(result["tally"])
@@ -143,6 +153,108 @@ def run_campaign(
         atheris_memory,
         shares,
     )
+
+
+@dataclass(slots=True)
+class WireReport:
+    tally: WireTally
+    memory: Memory
+    seconds: float
+    atheris: str
+    atheris_memory: dict[str, Any] | None = None
+
+    def memory_failures(self, bound_mib: float) -> list[str]:
+        out = []
+        if self.memory.growth > bound_mib * MIB:
+            out.append(f"in-process RSS grew {self.memory.growth / MIB:.1f} MiB after warm-up")
+        if self.atheris_memory and self.atheris_memory["growth"] > bound_mib * MIB:
+            out.append(f"atheris RSS grew {self.atheris_memory['growth'] / MIB:.1f} MiB")
+        return out
+
+    def to_json(self, bound_mib: float) -> dict[str, Any]:
+        return {
+            "target": "wire",
+            "seconds": round(self.seconds, 2),
+            "atheris": self.atheris,
+            "memory_bound_mib": bound_mib,
+            "memory": self.memory.to_json(),
+            "atheris_memory": self.atheris_memory,
+            **self.tally.to_json(),
+        }
+
+
+def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True) -> WireReport:
+    """Raw connection bytes through the framing: the same engines and split as payloads."""
+    started = time.perf_counter()
+    checker = WireChecker(warmup=min(2_000, max(inputs // 10, 1)))
+    have_atheris = atheris_available()
+    shares = split(inputs, engine, with_atheris=have_atheris)
+    if shares.get("atheris") and not have_atheris:
+        raise click.UsageError("atheris is not installed (pip install atheris)")
+
+    def progress() -> None:
+        if echo:
+            t = checker.tally
+            click.echo(
+                f"  {t.inputs:>9,} inputs  rss {checker.memory.end / MIB:6.1f} MiB"
+                f"  failures {sum(t.failures.values())}",
+                err=True,
+            )
+
+    seeds = seed_streams()
+    for stream in seeds:
+        checker.check(stream, "seeds:wire")
+    if shares.get("hypothesis"):
+        run_wire_hypothesis(
+            checker, count=shares["hypothesis"], seed=seed, progress=_every(progress, 20)
+        )
+    if shares.get("mutate"):
+        run_wire_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+    checker.finish()
+    atheris_state = "no (not installed)" if engine == "all" and not have_atheris else "not asked"
+    atheris_memory = None
+    if shares.get("atheris"):
+        result = run_atheris(
+            target="wire",
+            corpus=seeds,
+            count=shares["atheris"],
+            seed=seed,
+            timeout_s=120 + shares["atheris"] / 100,
+        )
+        checker.tally.merge(result["tally"])
+        atheris_memory = result["memory"]
+        atheris_state = "yes"
+    return WireReport(
+        checker.tally, checker.memory, time.perf_counter() - started, atheris_state, atheris_memory
+    )
+
+
+def wire_summary(report: WireReport, bound_mib: float) -> str:
+    t, m = report.tally, report.memory
+    failures = sum(t.failures.values())
+    lines = [
+        f"inputs: {t.inputs:,} raw streams in {report.seconds:.1f} s; engines: "
+        + ", ".join(f"{k} {v:,}" for k, v in sorted(t.engines.items())),
+        f"atheris: {report.atheris}",
+        "packets parsed:",
+        *(f"  {name:<22} {n:>9,}" for name, n in sorted(t.packets.items())),
+        "dropped, by reason:",
+        *(f"  {name:<22} {n:>9,}" for name, n in sorted(t.drops.items())),
+        f"rss (in-process): start {m.start / MIB:.1f} MiB, after warm-up "
+        f"{(m.warm or m.start) / MIB:.1f}, peak {m.peak / MIB:.1f}, end {m.end / MIB:.1f}; "
+        f"growth {m.growth / MIB:+.1f} MiB (bound {bound_mib:g})",
+    ]
+    if report.atheris_memory:
+        a = report.atheris_memory
+        lines.append(
+            f"rss (atheris): start {a['start'] / MIB:.1f} MiB, peak {a['peak'] / MIB:.1f}, "
+            f"end {a['end'] / MIB:.1f}; growth {a['growth'] / MIB:+.1f} MiB"
+        )
+    lines.append(
+        f"failures: {failures}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in t.failures.items()) + ")" if failures else "")
+    )
+    return "\n".join(lines)
 
 
 def _every(progress: Callable[[], None], n: int) -> Callable[[], None]:
@@ -184,8 +296,11 @@ def summary(report: Report, bound_mib: float) -> str:
 
 
 @click.command()
+@click.option("--target", type=click.Choice(TARGETS), default="pipeline", show_default=True,
+              help="pipeline: payloads through decode -> verify -> judge; wire: raw "
+              "connection bytes through the MQTT framing.")  # fmt: skip
 @click.option("--payloads", type=click.IntRange(1, 10_000_000), default=100_000, show_default=True,
-              help="Inputs in all (the spec vectors come on top).")  # fmt: skip
+              help="Inputs in all (the spec vectors or seed streams come on top).")  # fmt: skip
 @click.option("--engine", type=click.Choice(ENGINES), default="all", show_default=True,
               help="all: 40% hypothesis, 40% byte mutation, 20% atheris if installed.")  # fmt: skip
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True,
@@ -198,6 +313,7 @@ def summary(report: Report, bound_mib: float) -> str:
               help="Reproducers to print on failure.")  # fmt: skip
 def fuzz(
     *,
+    target: str,
     payloads: int,
     engine: str,
     seed: int,
@@ -210,10 +326,16 @@ def fuzz(
     Fails (exit 1) on an escaped exception, a rejection whose reason is not the spec's, an
     outcome other than the one the spec requires for a generated case, an accepted payload a
     second JSON parser reads differently, an outcome PostgreSQL could not store, or RSS
-    growth beyond --max-rss-growth-mb; each failure is printed as a reproducer.
+    growth beyond --max-rss-growth-mb; each failure is printed as a reproducer. With
+    --target wire: on an escaped exception or a framing invariant broken (see fuzz/wire.py).
     """
-    report = run_campaign(payloads=payloads, engine=engine, seed=seed)
-    click.echo(summary(report, max_rss_growth_mb))
+    report: Report | WireReport
+    if target == "wire":
+        report = run_wire_campaign(inputs=payloads, engine=engine, seed=seed)
+        click.echo(wire_summary(report, max_rss_growth_mb))
+    else:
+        report = run_campaign(payloads=payloads, engine=engine, seed=seed)
+        click.echo(summary(report, max_rss_growth_mb))
     if json_out is not None:
         json_out.write_text(json.dumps(report.to_json(max_rss_growth_mb), indent=2) + "\n")
     problems = report.memory_failures(max_rss_growth_mb)

@@ -154,20 +154,22 @@ def atheris_available() -> bool:
 
 
 def run_atheris(
-    *, count: int, seed: int, seeds: list[tuple[str, bytes]], topics: list[str], timeout_s: float
+    *, target: str, corpus: list[bytes], count: int, seed: int, timeout_s: float
 ) -> dict[str, Any]:
     """libFuzzer exits the process when done, so it runs in a child that writes its tally
-    and memory figures as JSON on the way out (`-atheris_runs` exits through Python)."""
+    and memory figures as JSON on the way out (`-atheris_runs` exits through Python).
+    `target` is `pipeline` (first byte: the topic, rest: the payload) or `wire` (raw
+    connection bytes); `corpus` are its seed inputs."""
     with tempfile.TemporaryDirectory(prefix="meterproof-atheris-") as tmp:
-        corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
-        for i, (topic, payload) in enumerate(seeds):
-            (corpus / f"seed-{i:04d}").write_bytes(bytes([topics.index(topic)]) + payload)
+        seeds = Path(tmp) / "corpus"
+        seeds.mkdir()
+        for i, data in enumerate(corpus):
+            (seeds / f"seed-{i:04d}").write_bytes(data)
         summary = Path(tmp) / "summary.json"
         log = Path(tmp) / "libfuzzer.log"
-        argv = [sys.executable, "-P", "-m", "meterproof.fuzz.atheris_driver",
+        argv = [sys.executable, "-P", "-m", "meterproof.fuzz.atheris_driver", "--target", target,
                 "--summary", str(summary), "--warmup", str(min(2_000, max(count // 10, 1))),
-                "--", str(corpus), f"-atheris_runs={count}", f"-seed={seed}", "-max_len=8192",
+                "--", str(seeds), f"-atheris_runs={count}", f"-seed={seed}", "-max_len=8192",
                 "-rss_limit_mb=2048", "-timeout=30", "-print_final_stats=1"]  # fmt: skip
         with log.open("wb") as sink:
             proc = subprocess.run(argv, stdout=sink, stderr=sink, timeout=timeout_s, check=False)

@@ -2,7 +2,8 @@
 
 `Fleet` is a registry in memory built from the spec's vector keys (so every run is
 deterministic and needs no key generation); `PipelineTarget` runs one message through
-`decode`, `verify` and `judge` against it, keeping a bounded in-memory "store" so that
+`ingest.pipeline.check` (decode, verify: the worker's own composition) and `judge`
+against it, keeping a bounded in-memory "store" so that
 duplicates, reused seqs, register and rate rules are reachable too.
 """
 
@@ -15,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from meterproof.ingest.decode import decode
 from meterproof.ingest.judge import RateLimit, StoredPoint, context_of, judge
+from meterproof.ingest.pipeline import check
 from meterproof.ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
 from meterproof.ingest.security import event_for
 from meterproof.ingest.store import storable_text
-from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import PrivateKey, load_private_key, load_public_key
 
@@ -173,11 +174,7 @@ class PipelineTarget:
         self._history: dict[str, deque[StoredPoint]] = {}
 
     def __call__(self, message: Message) -> Outcome:
-        decoded = decode(message)
-        if isinstance(decoded, Rejection):
-            return decoded
-        meter = self._fleet.meters.get(decoded.reading.meter_id)
-        checked = verify(decoded, meter, now_ms=self._fleet.now_ms, bounds=self._bounds)
+        checked = check(message, self._fleet.meters, now_ms=self._fleet.now_ms, bounds=self._bounds)
         if isinstance(checked, Rejection):
             return checked
         stored = context_of([checked], seen=self._seen, history=self._history, limit=self._limit)

@@ -9,9 +9,11 @@ from click.testing import CliRunner
 
 from meterproof.fuzz import cli as fuzz_cli
 from meterproof.fuzz.checker import MIB
-from meterproof.fuzz.cli import run_campaign
+from meterproof.fuzz.cli import run_campaign, run_wire_campaign
 from meterproof.fuzz.engines import atheris_available
 from meterproof.fuzz.target import SPEC_REASONS, PipelineTarget, load_fleet, unstorable
+from meterproof.ingest import _wire
+from meterproof.ingest._wire import Drop, Publish
 from meterproof.ingest.records import Message, Rejection
 from meterproof.schemas.reading import RejectReason
 
@@ -105,3 +107,70 @@ def test_an_unknown_key_with_nul_is_storable() -> None:
     assert isinstance(outcome, Rejection)
     assert outcome.reason is RejectReason.MALFORMED
     assert unstorable(outcome) is None
+
+
+def test_a_ci_sized_wire_campaign_keeps_every_invariant() -> None:
+    report = run_wire_campaign(inputs=3_000, engine="all", seed=7, echo=False)
+    tally = report.tally
+    assert tally.inputs >= 3_000
+    atheris = {"atheris"} if atheris_available() else set()
+    assert set(tally.engines) == {"seeds", "hypothesis", "mutate", *atheris}
+    assert not tally.failures, "\n".join(f.reproducer() for f in tally.examples)
+    assert set(tally.drops) == {d.value for d in Drop}, "every drop reason is reached"
+    assert tally.packets["publish"] > 0
+    assert tally.packets["puback"] > 0
+    assert not report.memory_failures(64)
+
+
+def _split_losing_a_byte(data: bytes) -> _wire.Frames:
+    frames = _real_split(data)
+    if frames.packets and len(frames.packets[0][1]) > 3:
+        first, body = frames.packets[0]
+        frames.packets[0] = (first, body[1:])
+    return frames
+
+
+def _parse_raising(first: int, body: bytes) -> Publish | Drop:
+    if b"meters" in body:
+        raise IndexError("boom from a broken parser")
+    return _real_parse(first, body)
+
+
+def _parse_letting_wildcards_in(first: int, body: bytes) -> Publish | Drop:
+    parsed = _real_parse(first, body)
+    if parsed is Drop.TOPIC:
+        return Publish("meters/+/readings", 1, b"")
+    return parsed
+
+
+_real_split = _wire.split
+_real_parse = _wire.parse_publish
+
+
+@pytest.mark.parametrize(
+    ("name", "broken", "failure"),
+    [
+        ("split", _split_losing_a_byte, "split"),
+        ("parse_publish", _parse_raising, "exception"),
+        ("parse_publish", _parse_letting_wildcards_in, "publish"),
+    ],
+)
+def test_the_wire_checker_catches_broken_framing(
+    monkeypatch: pytest.MonkeyPatch, name: str, broken: object, failure: str
+) -> None:
+    monkeypatch.setattr(_wire, name, broken)
+    report = run_wire_campaign(inputs=1_000, engine="mutate", seed=3, echo=False)
+    assert report.tally.failures[failure] > 0
+    example = next(f for f in report.tally.examples if f.kind == failure)
+    assert "base64:" in example.reproducer()
+
+
+def test_the_wire_command_passes_on_the_real_framing(tmp_path) -> None:
+    out = tmp_path / "wire.json"
+    result = CliRunner().invoke(
+        fuzz_cli.fuzz,
+        ["--target", "wire", "--payloads", "1000", "--engine", "mutate", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "dropped, by reason:" in result.output
+    assert '"target": "wire"' in out.read_text()
