@@ -25,12 +25,14 @@ import psycopg
 from meterproof.bench.backlog import signed_payloads
 from meterproof.certs import issue_bulk
 from meterproof.certs.layout import IdentityFiles, PkiLayout
-from meterproof.ingest.decode import Decoded, decode
-from meterproof.ingest.records import Message, Rejection
+from meterproof.ingest.decode import Decoded
+from meterproof.ingest.pipeline import decode_all
+from meterproof.ingest.records import Message
 from meterproof.ingest.replay import RedisReplayCache
 from meterproof.ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES
 from meterproof.registry import repository
 from meterproof.registry.model import NewKey, NewMeter
+from meterproof.schemas import topics
 from meterproof.schemas.reading import Alg, b64url_decode
 from meterproof.schemas.signatures import PrivateKey, PublicKey, generate_private_key
 from meterproof.schemas.timestamps import ms_to_dt
@@ -173,11 +175,14 @@ def pipeline_rows(meters: int, per_meter: int) -> Fleet:
         meter_id = f"bench-copy-{m:04d}"
         private = generate_private_key(Alg.EDDSA)
         fleet.keys[meter_id] = private.public_key()
-        for payload in signed_payloads(meter_id, private, per_meter, t0_ms=t0):
-            decoded = decode(Message(f"meters/{meter_id}/readings", payload, now_ms))
-            if isinstance(decoded, Rejection):
-                raise RuntimeError(f"bench reading rejected: {decoded.reason}")
-            fleet.rows.append(decoded)
+        topic = topics.readings(meter_id)
+        decoded, rejected = decode_all(
+            Message(topic, payload, now_ms)
+            for payload in signed_payloads(meter_id, private, per_meter, t0_ms=t0)
+        )
+        if rejected:
+            raise RuntimeError(f"bench reading rejected: {rejected[0].reason}")
+        fleet.rows.extend(decoded)
     return fleet
 
 

@@ -5,8 +5,9 @@
    drain the backlog. py-spy leaves out idle threads (waiting in epoll, on a lock), so a
    sample is on-CPU time. Each stack is given to one stage by its frames (see `classify`);
    samples / rate / readings is the stage's CPU µs per reading, summed over workers.
-2. Directly, in-process: decode + verify + judge over pre-signed payloads on one pinned
-   core, timed with perf_counter. No I/O, so this is "validation" alone, exactly.
+2. Directly, in-process: decode + verify (`ingest.pipeline`, as the worker calls them) +
+   judge over pre-signed payloads on one pinned core, timed with perf_counter. No I/O,
+   so this is "validation" alone, exactly.
 
 The profile is statistical (± a few samples per stage) and its process start and imports
 are kept apart as "startup", not charged to readings.
@@ -25,10 +26,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from meterproof.bench.limits import one_core
-from meterproof.ingest.decode import Decoded, decode
+from meterproof.ingest.decode import Decoded
 from meterproof.ingest.judge import RateLimit, StoredContext, judge
-from meterproof.ingest.records import Candidate, Rejection
-from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from meterproof.ingest.pipeline import decode_all, verify_all
+from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds
 from meterproof.schemas.signatures import PublicKey
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.process import executable
@@ -39,6 +40,9 @@ from meterproof.stack.process import executable
 #: name their stage; of the libraries, only those a single stage uses are listed here.
 RULES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("ingest/decode.py", (), "decode"),
+    ("ingest/pipeline.py", ("decode_all",), "decode"),
+    ("ingest/pipeline.py", ("verify_all",), "verify"),
+    ("ingest/pipeline.py", ("split_replayed",), "replay check"),
     ("schemas/codec.py", (), "decode"),
     ("schemas/signing.py", (), "decode"),  # signing bytes + reading hash, made in decode
     ("ingest/verify.py", (), "verify"),
@@ -51,17 +55,27 @@ RULES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("ingest/store.py", (), "store"),
     ("psycopg", (), "store"),
     ("ingest/publish.py", (), "publish"),
-    ("ingest/source.py", ("publish", "publish_many", "publish_packet", "wait_for_room"), "publish"),
-    ("ingest/source.py", ("push_message", "remove_message_by_mid", "full"), "publish"),
+    ("ingest/source.py", ("publish", "publish_many", "_on_puback"), "publish"),
+    ("ingest/_wire.py", ("publish_packet", "parse_puback"), "publish"),
+    (
+        "ingest/_gmqtt.py",
+        ("push_message", "remove_message_by_mid", "full", "wait_for_room"),
+        "publish",
+    ),
+    ("ingest/_gmqtt.py", ("next_packet_id", "free_packet_id"), "publish"),
     ("ingest/worker.py", ("_announce",), "publish"),
     ("gmqtt/", ("_handle_puback_packet",), "publish"),  # the broker's PUBACKs of our publishes
     ("gmqtt/client.py", ("publish",), "publish"),
     ("ingest/source.py", ("ack",), "acknowledge"),
+    ("ingest/_wire.py", ("puback_packet",), "acknowledge"),
     ("gmqtt/", ("__handle_publish_callback", "_send_puback"), "acknowledge"),
     ("ingest/source.py", ("_transport_write",), ""),  # shared by ack and publish: caller decides
+    ("ingest/_gmqtt.py", ("write_raw",), ""),
     ("ingest/source.py", (), "receive"),
+    ("ingest/_wire.py", (), "receive"),
+    ("ingest/_gmqtt.py", (), "receive"),
     ("ingest/batcher.py", (), "receive"),
-    ("ingest/worker.py", ("submit", "_receive", "_next_batch"), "receive"),
+    ("ingest/worker.py", ("_receive", "_next_batch"), "receive"),
     ("ingest/worker.py", ("_record",), "telemetry + logs"),
     ("ingest/telemetry.py", (), "telemetry + logs"),
     ("prometheus_client/", (), "telemetry + logs"),
@@ -216,18 +230,13 @@ def validation_cost(
         for i in range(0, len(messages), batch):
             now_ms = wall_ms()
             t0 = time.perf_counter()
-            out = [decode(m) for m in messages[i : i + batch]]
+            passed, malformed = decode_all(messages[i : i + batch])
             t1 = time.perf_counter()
-            checked = [
-                verify(d, snapshots.get(d.reading.meter_id), now_ms=now_ms, bounds=bounds)
-                for d in out
-                if isinstance(d, Decoded)
-            ]
+            candidates, rejected = verify_all(passed, snapshots, now_ms=now_ms, bounds=bounds)
             t2 = time.perf_counter()
-            candidates = [c for c in checked if isinstance(c, Candidate)]
             judge(candidates, [nothing_stored] * len(candidates), limit=limit)
             t3 = time.perf_counter()
-            if len(candidates) != len(out) or any(isinstance(d, Rejection) for d in out):
+            if malformed or rejected:
                 raise RuntimeError("a pre-signed bench reading was rejected")
             decode_s += t1 - t0
             verify_s += t2 - t1
