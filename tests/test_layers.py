@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("neutral", {"config", "errors", "backoff", "probes", "cli"}),
     ("infrastructure", {"certs", "mosquitto", "registry", "db"}),
     ("product", {"meter", "ingest", "bridge"}),
-    ("tools", {"stack", "bench", "chaos", "fuzz", "demo", "__main__"}),
+    ("tools", {"stack", "bench", "chaos", "fuzz", "demo", "conformance", "__main__"}),
 ]
 RANK = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}
 
