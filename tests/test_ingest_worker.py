@@ -361,7 +361,7 @@ def test_health_readiness_and_metrics_endpoints(
                 metrics = await asyncio.to_thread(get, "/metrics")
                 health = await asyncio.to_thread(get, "/healthz")
                 worker.stopping.set()
-                await asyncio.sleep(0.5)
+                await async_wait_until(lambda: not worker.ready(), what="the worker stops")
                 stopping = await asyncio.to_thread(get, "/readyz")
             finally:
                 server.shutdown()
