@@ -27,13 +27,7 @@ from gmqtt.mqtt.constants import MQTTv50
 from meterproof.bench.loadgen.plan import due, reading_ts
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
-from meterproof.ingest.source import (
-    parse_publish,
-    puback_packet,
-    publish_packet,
-    read_directly,
-    write_raw,
-)
+from meterproof.ingest import _gmqtt, _wire
 from meterproof.schemas import topics
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.signatures import PrivateKey, load_private_key
@@ -83,7 +77,7 @@ class Meter:
         the machine's CPU leaves less for the pipeline it measures. Nothing is resent: a
         reading lost with its connection shows as unreceipted."""
         self.mid = self.mid % 0xFFFF + 1
-        write_raw(self.client, publish_packet(self.topic, payload, self.mid))
+        _gmqtt.write_raw(self.client, _wire.publish_packet(self.topic, payload, self.mid))
 
 
 class Generator:
@@ -104,14 +98,18 @@ class Generator:
         key = load_private_key("EdDSA", files.signing_key.read_bytes())
         meter = Meter(meter_id, key, Client(meter_id, clean_session=True))
 
-        def on_receipt(cmd: int, raw: bytes) -> None:
-            _, mid, payload = parse_publish(cmd, raw)
-            if mid is not None:
-                write_raw(meter.client, puback_packet(mid))
-            self._receipt(meter, payload)
+        def on_receipt(first: int, body: bytes) -> None:
+            publish = _wire.parse_publish(first, body)
+            if isinstance(publish, _wire.Drop):
+                return  # not from Mosquitto: its receipt stays unmatched
+            if publish.packet_id is not None:
+                _gmqtt.write_raw(meter.client, _wire.puback_packet(publish.packet_id))
+            self._receipt(meter, publish.payload)
 
         def on_connect(client: Client, flags: int, rc: int, props: Any) -> None:  # noqa: ANN401
-            read_directly(client, on_publish=on_receipt, on_puback=_ignore)
+            _gmqtt.read_directly(
+                client, on_publish=on_receipt, on_puback=_ignore, on_broken=_ignore_broken
+            )
             client.subscribe(topics.receipts(meter_id), qos=1)
 
         def on_disconnect(client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
@@ -253,6 +251,10 @@ class Generator:
             *(m.client.disconnect() for m in self.meters if m.client.is_connected),
             return_exceptions=True,
         )
+
+
+def _ignore_broken(reason: _wire.Drop) -> None:
+    """gmqtt closes the link; the meter reconnects and counts a disconnect."""
 
 
 def _ignore(cmd: int, raw: bytes) -> None:
