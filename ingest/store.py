@@ -21,13 +21,14 @@ from datetime import datetime
 from typing import Final
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
 from meterproof.errors import UnavailableError
 from meterproof.ingest.judge import RateLimit, StoredContext, StoredPoint, judge
 from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy, event_for
+from meterproof.registry.model import ACCEPTING
 from meterproof.schemas.reading import b64url_decode
 from meterproof.schemas.timestamps import ms_to_dt
 
@@ -108,11 +109,13 @@ SELECT meter_id FROM security_events
 WHERE meter_id = ANY(%s) AND type = ANY(%s) AND at > now() - make_interval(secs => %s)
 GROUP BY meter_id HAVING count(*) >= %s
 """
-_QUARANTINE = """
+#: Only a meter whose readings are accepted can be quarantined by them; the literals come
+#: from `registry.model.ACCEPTING`, the one list (a constant list keeps the plan simple).
+_QUARANTINE = sql.SQL("""
 UPDATE meters SET status = 'quarantined', updated_at = now()
-WHERE meter_id = ANY(%s) AND status IN ('active', 'maintenance', 'firmware_update')
+WHERE meter_id = ANY(%s) AND status IN ({accepting})
 RETURNING meter_id
-"""
+""").format(accepting=sql.SQL(", ").join(sql.Literal(s.value) for s in sorted(ACCEPTING)))
 
 
 def storable_text(text: str) -> str:

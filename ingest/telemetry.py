@@ -1,17 +1,12 @@
 """Metrics, one pattern for names (`meterproof_<thing>_<unit>_total`), plus the two names the
-seeds ask for; and the HTTP endpoints orchestrators probe (/metrics, /healthz, /readyz).
+seeds ask for. The HTTP endpoints that serve them are `meterproof.probes`.
 
 Telemetry is per batch: counters are incremented once per batch with the batch's counts.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from wsgiref.types import StartResponse, WSGIEnvironment
-
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import Counter, Gauge, Histogram
 
 from meterproof.ingest._wire import Drop
 from meterproof.schemas.reading import RejectReason
@@ -57,32 +52,3 @@ for _dependency in ("database", "redis", "broker"):
     DEPENDENCY_ERRORS.labels(dependency=_dependency)
 for _drop in Drop:
     PACKETS_DROPPED.labels(reason=_drop.value)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Probes every few seconds would drown the JSON log."""
-
-
-def serve_http(
-    host: str, port: int, *, ready: Callable[[], bool]
-) -> tuple[WSGIServer, threading.Thread]:
-    """/metrics for Prometheus, /healthz (the process runs), /readyz (it can take work)."""
-    metrics = make_wsgi_app()
-
-    def app(environ: WSGIEnvironment, start: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/healthz":
-            start("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        if path == "/readyz":
-            ok = ready()
-            start("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ready\n" if ok else b"not ready\n"]
-        body: Iterable[bytes] = metrics(environ, start)
-        return body
-
-    server = make_server(host, port, app, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="telemetry", daemon=True)
-    thread.start()
-    return server, thread

@@ -5,15 +5,12 @@ snapshot and the clock are passed in."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
 
 from meterproof.ingest.decode import Decoded
 from meterproof.ingest.records import Candidate, Rejection
+from meterproof.registry.model import ACCEPTING
 from meterproof.schemas.reading import RejectReason, b64url_decode
 from meterproof.schemas.signatures import PublicKey
-
-#: Statuses whose readings are accepted (section 5, rule 3).
-ACCEPTING_STATUSES: Final = frozenset({"active", "maintenance", "firmware_update"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +57,7 @@ def verify(  # noqa: PLR0911 - one return per acceptance rule, in the spec's ord
 
     if meter is None:
         return reject(RejectReason.UNKNOWN_METER, "meter is not registered")
-    if meter.status not in ACCEPTING_STATUSES:
+    if meter.status not in ACCEPTING:
         return reject(RejectReason.METER_NOT_ACTIVE, f"meter status is {meter.status}")
     keys = [
         k

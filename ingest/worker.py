@@ -47,6 +47,7 @@ from meterproof.ingest.settings import IngestSettings
 from meterproof.ingest.source import Delivery, Source, mqtt_source
 from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
 from meterproof.ingest.verify import TimeBounds
+from meterproof.probes import serve_probes
 from meterproof.schemas.reading import RejectReason
 from meterproof.schemas.timestamps import wall_ms
 
@@ -426,22 +427,14 @@ async def run_worker(settings: IngestSettings) -> None:
     # What exists now (modules, settings) lives as long as the process: never scan it.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    server = None
-    if settings.metrics_port:
-        try:
-            server, _ = t.serve_http(
-                settings.metrics_host, settings.metrics_port, ready=worker.ready
-            )
-        except OSError as exc:  # a taken port must not stop ingestion (a crash loop would)
-            log.error("metrics_unavailable", port=settings.metrics_port, error=str(exc))
+    probes = serve_probes(settings.metrics_host, settings.metrics_port, ready=worker.ready)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     try:
         await worker.run()
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if probes is not None:
+            probes.close()
     if worker.failed:
         raise SystemExit(75)  # EX_TEMPFAIL: try again

@@ -338,7 +338,7 @@ def test_health_readiness_and_metrics_endpoints(
     from urllib.error import HTTPError
     from urllib.request import urlopen
 
-    from meterproof.ingest.telemetry import serve_http
+    from meterproof.probes import serve_probes
     from meterproof.stack.process import free_port
 
     port = free_port()
@@ -355,7 +355,8 @@ def test_health_readiness_and_metrics_endpoints(
 
     async def scenario() -> tuple[tuple[int, str], ...]:
         async with running_worker(settings) as worker:
-            server, _ = serve_http("127.0.0.1", port, ready=worker.ready)
+            probes = serve_probes("127.0.0.1", port, ready=worker.ready)
+            assert probes is not None
             try:
                 ready = await asyncio.to_thread(get, "/readyz")
                 metrics = await asyncio.to_thread(get, "/metrics")
@@ -364,8 +365,7 @@ def test_health_readiness_and_metrics_endpoints(
                 await async_wait_until(lambda: not worker.ready(), what="the worker stops")
                 stopping = await asyncio.to_thread(get, "/readyz")
             finally:
-                server.shutdown()
-                server.server_close()
+                probes.close()
             return ready, metrics, health, stopping
 
     ready, metrics, health, stopping = asyncio.run(scenario())
