@@ -1,4 +1,4 @@
-"""Versioned plain-SQL migrations (`schemas/migrations/NNNN_name.sql`) and their runner.
+"""Versioned plain-SQL migrations (`db/migrations/NNNN_name.sql`) and their runner.
 
 Each file is applied in its own transaction and recorded in `schema_migrations` with its
 SHA-256, so a re-run is a no-op and an edited, renamed or deleted applied file is an
