@@ -16,7 +16,7 @@ TS_STEP_MS: Final = 1_000
 MAX_BACKDATE_MS: Final = 6 * 24 * 3600 * 1000
 
 #: Meters per generator process: each meter is one TLS socket, and a process may open at
-#: most 20,000 files here (facts.md); the rest is headroom for certificates being read.
+#: most 20,000 files here (docs/platform.md); the rest is headroom for certificates being read.
 METERS_PER_GENERATOR: Final = 9_000
 
 
