@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "chaos": "meterproof.chaos.cli:chaos",
     "fuzz": "meterproof.fuzz.cli:fuzz",
     "demo": "meterproof.demo.cli:demo",
+    "p1": "meterproof.meter.p1.cli:p1",
 }
 
 
