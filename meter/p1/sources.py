@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import serialx
+import structlog
 from dsmr_parser.clients.settings import SERIAL_SETTINGS_V2_2, SERIAL_SETTINGS_V5
 
 from meterproof.errors import InputError, UnavailableError
 from meterproof.meter.p1.telegram import Version
+
+log = structlog.get_logger("meter.p1")
 
 READ_BYTES: Final = 4096
 #: A meter sends a telegram every 1 s (DSMR 5) to 10 s (DSMR 2.2 to 4): this long
@@ -88,6 +91,7 @@ class SerialSource:
             )
         except (OSError, serialx.SerialException) as exc:
             raise UnavailableError(self.name, str(exc)) from None
+        log.info("p1.source_open", source=self.name, **serial_settings(self.version))
         try:
             async for chunk in _read(reader, self.name, self.idle_timeout_s):
                 yield chunk
@@ -116,6 +120,7 @@ class TcpSource:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise UnavailableError(self.name, str(exc) or "connect timed out") from None
+        log.info("p1.source_open", source=self.name)
         try:
             async for chunk in _read(reader, self.name, self.idle_timeout_s):
                 yield chunk
