@@ -55,8 +55,10 @@ class Publish(NamedTuple):
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Puback:
+class Puback(NamedTuple):
+    """A NamedTuple like `Publish`: two arrive per reading (its receipt's and its verified
+    reading's)."""
+
     packet_id: int
     reason_code: int
 
