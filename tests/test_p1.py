@@ -305,6 +305,9 @@ def test_run_needs_exactly_one_source() -> None:
     code, _, err = invoke("run", "--meter-id", "m-1", "--tcp", "no-port")
     assert code == 2
     assert "HOST:PORT" in err
+    code, _, err = invoke("run", "--meter-id", "m-1", "--file", "/nonexistent/p1.txt")
+    assert code == 2
+    assert "does not exist" in err
 
 
 def test_registers_stay_exact_where_a_float_would_not() -> None:

@@ -314,3 +314,29 @@ def test_a_dropped_tcp_stream_is_reopened_and_its_cut_telegram_refused(
     assert log.count("p1.source_open") == 2
     assert '"event": "p1.source_lost"' in log
     assert '"reason": "truncated"' in log
+
+
+def test_a_recording_is_published_once_and_the_run_ends_when_all_is_receipted(
+    tmp_path: Path,
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    reader: Callable[[], Reader],
+) -> None:
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
+    )
+    sent = telegrams(5)
+    recording = tmp_path / "recording.txt"
+    recording.write_bytes(b"".join(sent))
+    p1 = reader()
+
+    async def scenario() -> None:
+        async with running_worker(settings):
+            p1.start("--file", str(recording))
+            assert p1.proc is not None
+            assert await asyncio.to_thread(p1.proc.wait, 30) == 0
+
+    asyncio.run(scenario())
+    assert_all_stored_once(database_url, p1, sent, sent)

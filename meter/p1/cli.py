@@ -120,7 +120,10 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @click.option("--serial", metavar="DEVICE", help="A serial port, e.g. /dev/ttyUSB0.")
 @click.option("--tcp", metavar="HOST:PORT", help="A TCP stream (ser2net-style adapters).")
 @click.option(
-    "--file", "path", type=click.Path(dir_okay=False, path_type=Path), help="A recording."
+    "--file",
+    "path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A recording, read once.",
 )
 @click.option(
     "--meter-id",

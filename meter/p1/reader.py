@@ -272,10 +272,12 @@ async def run_p1(
             reading = asyncio.create_task(pump(source, reader, settings))
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (reading, stopping):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            stopping.cancel()
+            reading.cancel()  # a no-op once a file is read
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading  # raises what ended it early, e.g. an unreadable file
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settings.receipt_timeout_s):
                     await client.drain()

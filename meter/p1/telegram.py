@@ -13,8 +13,9 @@ are exact `Decimal` arithmetic, never float):
 - `power_w` = 1.7.0 - 2.7.0: the net over all phases, positive when importing;
 - `voltage_mv` / `current_ma` = phase L1 (32.7.0 / 31.7.0): the wire contract has one
   field each; L2 and L3 stay in `P1Reading.voltages_mv` / `currents_ma`;
-- `ts` = 0-0:1.0.0 in UTC milliseconds (S = UTC+2, W = UTC+1), None when the telegram
-  has no time (DSMR 2.2/3): the reader then uses its own clock.
+- `ts` = 0-0:1.0.0, Dutch local time, in UTC milliseconds (its S/W flag tells the two
+  02:30s of the autumn DST change apart); None when the telegram has no time (DSMR
+  2.2/3): the reader then uses its own clock.
 """
 
 from __future__ import annotations
