@@ -24,10 +24,12 @@ from fixtures.p1.telegrams import (
     frame,
     smarty,
 )
+from prometheus_client import REGISTRY
 
 from meterproof.cli.main import main
 from meterproof.meter.measurement import Measurement
-from meterproof.meter.p1.reader import Gate
+from meterproof.meter.outbox import hash_of
+from meterproof.meter.p1.reader import Gate, JournalEntry, P1Reader, TelegramJournal
 from meterproof.meter.p1.telegram import (
     MAX_TELEGRAM_BYTES,
     Decoded,
@@ -37,6 +39,9 @@ from meterproof.meter.p1.telegram import (
     Version,
     decode_plain,
 )
+from meterproof.schemas.codec import sign_reading
+from meterproof.schemas.reading import SignedReading
+from meterproof.schemas.signatures import generate_private_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "p1"
 WINTER_MS = int(datetime(2026, 3, 15, 13, 30, tzinfo=UTC).timestamp() * 1000)
@@ -316,3 +321,63 @@ def test_registers_stay_exact_where_a_float_would_not() -> None:
     [decoded], _ = decode_all(dsmr5("260315143000W", regs))
     assert decoded.reading is not None
     assert decoded.reading.import_wh == 300
+
+
+class StubClient:
+    """The three calls the reader makes of a `MeterClient`, signing for real."""
+
+    meter_id = "p1-stub"
+
+    def __init__(self) -> None:
+        self.key = generate_private_key("EdDSA")
+        self.sent: list[SignedReading] = []
+
+    def reserve_seq(self) -> int:
+        return len(self.sent) + 1
+
+    def sign(self, seq: int, measurement: Measurement) -> SignedReading:
+        fields = {"meter_id": self.meter_id, "seq": seq, **measurement.fields()}
+        return sign_reading(fields, self.key)
+
+    def send(self, reading: SignedReading) -> None:
+        self.sent.append(reading)
+
+
+def counted(outcome: Outcome) -> float:
+    value = REGISTRY.get_sample_value("meterproof_p1_telegrams_total", {"outcome": outcome})
+    return value or 0.0
+
+
+def test_the_reader_counts_every_outcome_and_journals_each_published_telegram(
+    tmp_path: Path,
+) -> None:
+    client = StubClient()
+    journal = TelegramJournal(tmp_path / "journal.jsonl", durable=False)
+    reader = P1Reader(client, TelegramDecoder(), journal, interval_s=0, clock=lambda: 5)  # type: ignore[arg-type]
+    before = {o: counted(o) for o in Outcome}
+    garbage_before = REGISTRY.get_sample_value("meterproof_p1_garbage_bytes_total") or 0.0
+    stream = [(FIXTURES / n).read_bytes() for n in ("garbage.txt", "broken-crc.txt", "dsmr22.txt")]
+    for data in stream:
+        reader.take(data)
+    reader.take(b"/cut short")
+    reader.end_of_stream()
+    # garbage.txt's two telegrams, then dsmr22 (reader clock 5 ms: earlier than them)
+    assert reader.stats.outcomes == {
+        "accepted": 2, "crc_mismatch": 1, "time_backwards": 1, "truncated": 1,
+    }  # fmt: skip
+    assert {o: counted(o) - before[o] for o in Outcome if counted(o) != before[o]} == {
+        Outcome.ACCEPTED: 2, Outcome.CRC_MISMATCH: 1, Outcome.TIME_BACKWARDS: 1,
+        Outcome.TRUNCATED: 1,
+    }  # fmt: skip
+    assert REGISTRY.get_sample_value("meterproof_p1_garbage_bytes_total") == garbage_before + 26
+    telegram_hashes = [
+        decode_plain(t).sha256 for t in split_telegrams((FIXTURES / "garbage.txt").read_bytes())
+    ]
+    assert journal.entries() == [
+        JournalEntry(r.seq, hash_of(r), digest, r.ts)
+        for r, digest in zip(client.sent, telegram_hashes, strict=True)
+    ]
+
+
+def split_telegrams(data: bytes) -> list[bytes]:
+    return [b"/" + part[: part.index(b"!") + 7] for part in data.split(b"/")[1:]]
