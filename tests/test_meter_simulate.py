@@ -11,7 +11,8 @@ from pathlib import Path
 import psycopg
 from click.testing import CliRunner
 from ingest_harness import running_worker, worker_settings
-from test_meter_client import WAIT_S, FakeWorker, accept
+from meter_harness import FakeWorker, accept
+from waiting import WITHIN_S, async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.meter.cli import simulate
@@ -42,7 +43,7 @@ def test_fleet_delivers_every_reading_across_a_broker_restart(
     config = FleetConfig(
         interval_s=0.5,
         readings=6,
-        receipt_timeout_s=WAIT_S,
+        receipt_timeout_s=WITHIN_S,
         republish_after_s=2.0,
         progress_every_s=0.5,
         seed=7,
@@ -58,7 +59,11 @@ def test_fleet_delivers_every_reading_across_a_broker_restart(
                 on_progress=progress.append,
             )
         )
-        await asyncio.sleep(1.2)  # mid-run: some meters are still starting up
+        # Mid-run: the first readings are receipted, most are still to come (six per meter,
+        # 0.5 s apart), and some meters may still be starting up.
+        await async_wait_until(
+            lambda: progress and progress[-1].accepted > 0, what="the first readings accepted"
+        )
         await asyncio.to_thread(broker.restart)
         summary = await fleet
         assert summary.sent == summary.accepted + summary.duplicate == 72
@@ -96,7 +101,7 @@ def test_every_misbehaviour_gets_the_receipt_the_spec_names(
         pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
     )
     config = FleetConfig(
-        interval_s=0.5, readings=6, misbehave=1.0, receipt_timeout_s=WAIT_S, seed=3
+        interval_s=0.5, readings=6, misbehave=1.0, receipt_timeout_s=WITHIN_S, seed=3
     )
 
     async def scenario() -> None:
