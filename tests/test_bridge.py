@@ -8,7 +8,6 @@ at T0; the process tests run `python -m meterproof bridge` on the wall clock.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import signal
@@ -16,8 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,19 @@ import orjson
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from bridge_harness import (
+    EPOCH_MS,
+    T0,
+    Clock,
+    Fleet,
+    in_process,
+    make_fleet,
+    query,
+    rfc6962_root,
+    settings_for,
+)
 from paho.mqtt.enums import CallbackAPIVersion
-from psycopg import AsyncConnection
-from test_bridge_pure import rfc6962_root
+from waiting import wait_until
 
 from meterproof.bridge.batches import BatchStore
 from meterproof.bridge.entry import GENESIS, Entry, seal
@@ -38,128 +46,29 @@ from meterproof.bridge.oracle import Oracle, load_oracle
 from meterproof.bridge.proof import build_proof, check_proof
 from meterproof.bridge.publish import SummaryPublisher
 from meterproof.bridge.runner import Runner
-from meterproof.bridge.settings import BridgeSettings
 from meterproof.bridge.telemetry import SUBMISSIONS_FAILED
 from meterproof.bridge.verify import verify
 from meterproof.certs.identities import issue_integrator
 from meterproof.certs.layout import PkiLayout
-from meterproof.ingest.judge import RateLimit
-from meterproof.ingest.records import Candidate, Message
-from meterproof.ingest.security import QuarantinePolicy
-from meterproof.ingest.store import ReadingStore
 from meterproof.mosquitto.config import render
-from meterproof.registry import repository
-from meterproof.registry.model import NewKey, NewMeter
-from meterproof.schemas.codec import sign_reading
 from meterproof.schemas.reading import SignedReading, b64url
-from meterproof.schemas.signatures import PrivateKey, generate_private_key
+from meterproof.schemas.signatures import generate_private_key
 from meterproof.schemas.signing import reading_hash, signing_bytes
 from meterproof.schemas.timestamps import ms_to_dt, wall_ms
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.process import free_port
 
-T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a multiple of every epoch length used here
-EPOCH_MS = 1000
 INTEGRATOR = "ledger-reader"
 
 
 # ---------------------------------------------------------------------------------------
-# helpers: a fleet that stores readings through ingest's real store, and an in-process bridge
+# helpers (the fleet and the in-process bridge are in bridge_harness)
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Fleet:
-    """Registered meters that store signed readings through `ingest.store.ReadingStore`."""
-
-    database_url: str
-    key: PrivateKey
-    wallets: dict[str, str | None]
-
-    def store(self, readings: Sequence[tuple[str, int, int, int, int]]) -> list[str]:
-        """(meter_id, seq, ts_ms, import_wh, export_wh) -> outcome kind per reading."""
-        candidates = [self.candidate(*r) for r in readings]
-
-        async def commit() -> list[str]:
-            conn = await AsyncConnection.connect(self.database_url, autocommit=True)
-            store = ReadingStore(
-                conn,
-                limit=RateLimit(window_ms=1000, max_readings=100_000),
-                policy=QuarantinePolicy(),
-            )
-            try:
-                result = await store.commit_batch(candidates, [])
-            finally:
-                await store.close()
-            return [type(o).__name__ for o in result.outcomes]
-
-        return asyncio.run(commit())
-
-    def candidate(self, meter_id: str, seq: int, ts: int, imp: int, exp: int) -> Candidate:
-        reading = sign_reading(
-            {"meter_id": meter_id, "seq": seq, "ts": ts, "import_wh": imp, "export_wh": exp},
-            self.key,
-        )
-        message = signing_bytes(reading)
-        return Candidate(
-            Message(f"meters/{meter_id}/readings", b"", ts), reading, message,
-            reading_hash(message), ts,
-        )  # fmt: skip
-
-
-def make_fleet(
-    database_url: str, make_meter_id: Callable[[], str], wallets: Sequence[str | None]
-) -> tuple[Fleet, list[str]]:
-    key = generate_private_key("EdDSA")
-    pem = key.public_key().pem()
-    ids = [make_meter_id() for _ in wallets]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        repository.register(
-            conn,
-            [
-                NewMeter(m, NewKey.parse("EdDSA", pem), owner_wallet=w)
-                for m, w in zip(ids, wallets, strict=True)
-            ],
-        )
-    return Fleet(database_url, key, dict(zip(ids, wallets, strict=True))), ids
 
 
 @pytest.fixture
 def oracle(pki: PkiLayout) -> Oracle:
     return load_oracle(pki.oracle_key)
-
-
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def settings_for(database_url: str, **overrides: Any) -> BridgeSettings:
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "epoch_seconds": EPOCH_MS // 1000,
-        "seal_delay_s": 0,
-        "sink_timeout_s": 0.5,
-        "retry_initial_s": 0.05,
-        "retry_max_s": 0.2,
-        "metrics_port": 0,
-        **overrides,
-    }
-    return BridgeSettings(**values)
-
-
-def in_process(database_url: str, oracle: Oracle, clock: Clock, **overrides: Any) -> Runner:
-    settings = settings_for(database_url, **overrides)
-    sink = LocalSink(database_url, trusted_key=oracle.public_key, timeout_s=settings.sink_timeout_s)
-    return Runner(settings, sink=sink, oracle=oracle, publisher=None, clock=clock, jitter=lambda: 0)
-
-
-def query(database_url: str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
 
 def verify_ok(database_url: str, oracle: Oracle) -> int:
@@ -542,14 +451,6 @@ def _bridge_process(
     return subprocess.Popen([*argv, "--claim-interval", "0.1"], env=env, cwd=cwd)
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("crash_at", "ledger_entries_at_crash"),
@@ -579,7 +480,7 @@ def test_kill_9_at_each_step_then_restart_anchors_everything_exactly_once(
     fleet.store([(a, 3, now, 7, 190), (b, 2, closed + 700, 1, 4), (b, 3, now + 50, 2, 9)])
     proc = _bridge_process(database_url, pki, tmp_path, crash_at=None, mqtt_port=free_port())
     try:
-        _wait(
+        wait_until(
             lambda: (
                 query(
                     database_url,
@@ -588,8 +489,8 @@ def test_kill_9_at_each_step_then_restart_anchors_everything_exactly_once(
                 )
                 == [(0,)]
             ),
-            20,
-            "every reading to be anchored",
+            what="every reading anchored",
+            within_s=20,
         )
     finally:
         proc.send_signal(signal.SIGTERM)

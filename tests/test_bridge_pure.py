@@ -9,6 +9,7 @@ import random
 from importlib import resources
 
 import pytest
+from bridge_harness import rfc6962_root
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,18 +34,6 @@ from meterproof.schemas.reading import OPTIONAL_FIELDS, SignedReading
 from meterproof.schemas.signatures import Ed25519Public, generate_private_key
 from meterproof.schemas.signing import reading_hash as canonical_hash
 from meterproof.schemas.signing import signing_bytes
-
-
-def rfc6962_root(leaves: list[bytes]) -> bytes:
-    """Straight from RFC 6962 section 2.1, recursive, independent of schemas.merkle."""
-    if not leaves:
-        return hashlib.sha256(b"").digest()
-    if len(leaves) == 1:
-        return hashlib.sha256(b"\x00" + leaves[0]).digest()
-    k = 1
-    while k * 2 < len(leaves):
-        k *= 2
-    return hashlib.sha256(b"\x01" + rfc6962_root(leaves[:k]) + rfc6962_root(leaves[k:])).digest()
 
 
 def fast_hash(r: SignedReading) -> bytes:

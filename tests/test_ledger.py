@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from bridge_harness import T0, Clock, in_process, make_fleet, query
 from click.testing import CliRunner, Result
-from test_bridge import T0, Clock, in_process, make_fleet, query
 
 from meterproof.bridge.entry import Header, seal
 from meterproof.bridge.mint import Mint
