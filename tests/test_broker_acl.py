@@ -15,7 +15,6 @@ import ssl
 import stat
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from waiting import wait_until
 
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.mosquitto.admin import BrokerNotRunningError, enforce_revocation
@@ -346,12 +346,18 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
             files.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
         )
     broker = Broker(ca, files, env)
+
+    def listening() -> bool:
+        assert process.poll() is None, (files.directory / "stderr.log").read_text()
+        return _accepts(tls_port) and _accepts(admin_port)
+
     try:
-        deadline = time.monotonic() + 10
-        while not (_accepts(tls_port) and _accepts(admin_port)):
-            assert process.poll() is None, (files.directory / "stderr.log").read_text()
-            assert time.monotonic() < deadline, files.log.read_text()
-            time.sleep(0.05)
+        try:
+            wait_until(listening, what="the broker listening on both ports", within_s=10)
+        except AssertionError as exc:
+            if files.log.exists():
+                exc.add_note(files.log.read_text())
+            raise
         yield broker
     finally:
         process.terminate()
