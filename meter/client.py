@@ -118,6 +118,9 @@ class ClientStats:
     submitted: int = 0
     published: int = 0
     republished: int = 0
+    #: PUBACKs: the broker took the reading (`unrouted` of them: nobody subscribed yet)
+    acknowledged: int = 0
+    unrouted: int = 0
     refused: int = 0
     accepted: int = 0
     duplicate: int = 0
@@ -286,12 +289,14 @@ class MeterClient:
         seq = self._mids.pop(mid, None)
         if seq is None:
             return
+        self.stats.acknowledged += 1
         if reason.is_failure:
             # e.g. 135 not authorized: the broker dropped it; the receipt timer retries.
             self.stats.refused += 1
             log.error("meter.publish_refused", meter_id=self.meter_id, seq=seq, reason=str(reason))
         routed = reason.value != NO_MATCHING_SUBSCRIBERS
         if not routed:
+            self.stats.unrouted += 1
             log.info("meter.publish_unrouted", meter_id=self.meter_id, seq=seq)
         now = time.monotonic()
         self._delivery.acked(seq, now, routed=routed)
