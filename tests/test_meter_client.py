@@ -35,7 +35,6 @@ from meterproof.stack.broker import BrokerServer
 
 #: Reconnect quickly: the broker is restarted under the meters on purpose.
 FAST = ClientSettings(reconnect_min_s=0.2, reconnect_max_s=1.0)
-#: MQTT 5 PUBACK reason: the broker took the message and routed it to a subscription.
 
 
 @pytest.fixture
