@@ -36,6 +36,7 @@ from waiting import async_wait_until, wait_until
 from meterproof.certs import issue_device
 from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_instance
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.config import new_share_group
 from meterproof.ingest.settings import IngestSettings
 from meterproof.ingest.source import Source, mqtt_source
 from meterproof.ingest.worker import Worker, postgres_store
@@ -45,7 +46,6 @@ from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import SignedReading
 from meterproof.schemas.signatures import PrivateKey, load_private_key
 from meterproof.schemas.timestamps import wall_ms
-from meterproof.stack.env import new_share_group
 
 _identity_turn = itertools.count()
 

@@ -18,11 +18,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from waiting import WITHIN_S
 
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import new_share_group
 from meterproof.meter.identity import client_tls
 from meterproof.schemas.codec import decode_reading
 from meterproof.schemas.reading import Receipt, ReceiptStatus
 from meterproof.schemas.signing import reading_hash, signing_bytes
-from meterproof.stack.env import new_share_group
 
 
 @dataclass(frozen=True, slots=True)

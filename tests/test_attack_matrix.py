@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from meterproof.certs.cli import certs as certs_cli
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.config import StackEnv
 from meterproof.ingest.settings import IngestSettings
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import SignedReading, b64url
@@ -46,7 +47,6 @@ from meterproof.schemas.signatures import PrivateKey, generate_private_key
 from meterproof.schemas.signing import signing_bytes
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.broker import BrokerServer
-from meterproof.stack.env import StackEnv
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack, Ports
 

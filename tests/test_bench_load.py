@@ -16,8 +16,8 @@ from meterproof.bench.load import connect_summary, max_seq
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.control import Generators
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
-from meterproof.stack.env import StackEnv
 
 
 def test_split_and_share_cover_everything_evenly() -> None:

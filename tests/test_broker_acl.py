@@ -34,9 +34,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from waiting import wait_until
 
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.config import StackEnv, new_share_group
 from meterproof.mosquitto.admin import BrokerNotRunningError, enforce_revocation
 from meterproof.mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, render
-from meterproof.stack.env import StackEnv, new_share_group
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 

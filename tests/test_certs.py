@@ -46,8 +46,8 @@ from meterproof.certs import keys as certs_keys
 from meterproof.certs.cli import certs as certs_cli
 from meterproof.certs.crl import CRL_VALIDITY
 from meterproof.certs.layout import IdentityFiles
+from meterproof.config import StackEnv
 from meterproof.schemas.signatures import load_private_key, load_public_key
-from meterproof.stack.env import StackEnv
 
 
 @pytest.fixture(scope="module")

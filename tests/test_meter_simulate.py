@@ -15,6 +15,7 @@ from meter_harness import FakeWorker, accept
 from waiting import WITHIN_S, async_wait_until
 
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import StackEnv
 from meterproof.meter.cli import simulate
 from meterproof.meter.client import Broker
 from meterproof.meter.fleet import issue_fleet, wallet_of
@@ -29,7 +30,6 @@ from meterproof.meter.simulate import (
 )
 from meterproof.schemas.reading import Alg, RejectReason
 from meterproof.stack.broker import BrokerServer
-from meterproof.stack.env import StackEnv
 from meterproof.stack.redis import RedisServer
 
 
