@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -31,6 +32,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.meter.p1.reader import JOURNAL_NAME
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.process import free_port
 from meterproof.stack.redis import RedisServer
 
 #: between two telegrams on the line (a real meter: 1 s); the telegram times are 1 s apart
@@ -233,16 +235,21 @@ def test_a_reader_over_tcp_refuses_bad_telegrams_and_stores_the_good_ones(
     stream = [b"\xff\x00noise", good[0], good[1], broken, good[3][:200], good[4], good[5]]
     published = [good[0], good[1], good[4], good[5]]
     p1 = reader()
+    metrics_port = free_port()
 
-    async def scenario() -> None:
+    async def scenario() -> bytes:
         async with running_worker(settings), ser2net(stream) as (port, done):
-            p1.start("--tcp", f"127.0.0.1:{port}")
+            p1.start("--tcp", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port))
             await done.wait()
             await until_stored(database_url, p1.meter_id, len(published))
             await async_wait_until(lambda: p1.outbox() == [], what="every reading receipted")
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())
             assert await asyncio.to_thread(p1.stop) == 0
+            return bytes(metrics)
 
-    asyncio.run(scenario())
+    metrics = asyncio.run(scenario())
+    assert b'meterproof_p1_telegrams_total{outcome="crc_mismatch"} 1.0' in metrics
     assert_all_stored_once(database_url, p1, good, published)
     log = p1.log.read_text()
     assert '"reason": "crc_mismatch"' in log

@@ -160,6 +160,13 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Seq state, outbox and telegram journal  [default: <run dir>/meters/<meter id>]",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Serve /metrics, /healthz and /readyz on 127.0.0.1 at this port; 0: off.",
+)
 @stack_env_option
 def run(
     *,
@@ -173,6 +180,7 @@ def run(
     receipt_timeout: float,
     republish_after: float,
     state_dir: Path | None,
+    metrics_port: int,
     stack_env: Path,
 ) -> None:
     """Read telegrams from one source, sign each accepted one as --meter-id and publish
@@ -210,6 +218,7 @@ def run(
             decoder=decoder,
             settings=settings,
             client_settings=client_settings,
+            metrics_port=metrics_port,
         )
     )
     refused = {k: v for k, v in sorted(result.p1.outcomes.items()) if k != Outcome.ACCEPTED}

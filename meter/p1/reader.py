@@ -40,6 +40,7 @@ from meterproof.meter.network import Network
 from meterproof.meter.outbox import hash_of
 from meterproof.meter.p1.sources import Source
 from meterproof.meter.p1.telegram import Decoded, Outcome, TelegramDecoder
+from meterproof.probes import serve_probes
 from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("meter.p1")
@@ -249,9 +250,11 @@ async def run_p1(
     decoder: TelegramDecoder,
     settings: ReaderSettings,
     client_settings: ClientSettings | None = None,
+    metrics_port: int = 0,
 ) -> RunResult:
     """Read until the source ends (a file) or SIGINT/SIGTERM, then wait a bounded time
-    for the receipts of what was published."""
+    for the receipts of what was published. With `metrics_port`, /metrics, /healthz and
+    /readyz (ready while connected to the broker) are served on loopback."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -268,6 +271,7 @@ async def run_p1(
             journal = TelegramJournal(state_dir / JOURNAL_NAME, durable=client.settings.durable)
             reader = P1Reader(client, decoder, journal, interval_s=settings.interval_s)
             client.start()
+            probes = serve_probes("127.0.0.1", metrics_port, ready=lambda: client.connected)
             log.info("p1.started", meter_id=client.meter_id, source=source.name)
             reading = asyncio.create_task(pump(source, reader, settings))
             stopping = asyncio.create_task(stop.wait())
@@ -282,6 +286,8 @@ async def run_p1(
                 async with asyncio.timeout(settings.receipt_timeout_s):
                     await client.drain()
             await client.stop()
+            if probes is not None:
+                probes.close()
             log.info(
                 "p1.summary",
                 meter_id=client.meter_id,
