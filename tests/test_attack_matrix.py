@@ -92,6 +92,7 @@ def _with(reading: SignedReading, **changes: Any) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_reading_signed_by_a_key_it_carries_or_names_is_refused(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -305,6 +306,7 @@ def test_a_meter_guessing_the_share_group_takes_no_reading_from_the_workers(
     assert len(stored_counts(database_url, [honest])) == count
 
 
+@pytest.mark.slow
 def test_the_share_group_is_a_generated_secret(pki: PkiLayout, tmp_path: Path) -> None:
     """No default a meter could know: the worker refuses to start without one (one-line
     error), and refuses a short or guessable one; `stack up` generates one per run dir,
@@ -374,6 +376,7 @@ def _meter_connection(
     return client, closed
 
 
+@pytest.mark.slow
 def test_certs_revoke_cuts_the_open_connection_and_refuses_the_next(
     pki: PkiLayout, broker: BrokerServer, stack_env: StackEnv, make_meter_id: Callable[[], str]
 ) -> None:
@@ -408,6 +411,7 @@ def _key_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if not line.startswith("-----")]
 
 
+@pytest.mark.slow
 def test_private_keys_never_reach_the_logs(
     tmp_path: Path,
     pki: PkiLayout,

@@ -145,6 +145,7 @@ def test_max_connections_is_read_from_the_tls_listener_only() -> None:
     assert listener_max_connections("listener 8883\n", 8883) is None
 
 
+@pytest.mark.slow
 def test_generator_processes_publish_and_match_every_receipt(
     pki: PkiLayout, broker: BrokerServer, stack_env: StackEnv, database_url: str, tmp_path: Path
 ) -> None:

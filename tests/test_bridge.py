@@ -295,6 +295,7 @@ def test_minted_totals_equal_the_export_increase_with_shuffled_and_repeated_arri
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sink_down_delays_anchoring_and_batches_land_in_order(
     database_url: str, make_meter_id: Callable[[], str], oracle: Oracle
 ) -> None:
@@ -588,6 +589,7 @@ def test_summary_is_retained_on_ledger_epochs_and_waits_for_a_broker_that_was_do
     assert summary["receipt"]["sink"] == "local"
 
 
+@pytest.mark.slow
 def test_bridge_refuses_to_start_without_the_oracle_key(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     env["METERPROOF_PKI_ROOT"] = str(tmp_path / "nothing")
@@ -605,6 +607,7 @@ def test_bridge_refuses_to_start_without_the_oracle_key(tmp_path: Path) -> None:
     assert done.stderr.count(b"\n") == 1
 
 
+@pytest.mark.slow
 def test_bridge_help_explains_itself(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     done = subprocess.run(

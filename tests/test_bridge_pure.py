@@ -225,6 +225,7 @@ def test_fast_rehash_equals_the_contract_on_the_spec_vectors() -> None:
         assert fast_hash(r) == canonical_hash(signing_bytes(r))
 
 
+@pytest.mark.slow
 @given(
     meter_id=st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z"),
     numbers=st.tuples(*[st.integers(0, 2**64 - 1)] * 4),

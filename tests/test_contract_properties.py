@@ -68,6 +68,7 @@ def test_round_trip_and_verify(fields: dict[str, int | str], alg: Alg) -> None:
     assert key.public_key().verify(b64url_decode(decoded.sig), signing_bytes(decoded))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(fields=reading_fields(), alg=st.sampled_from([Alg.EDDSA, Alg.ES256]), data=st.data())
 def test_any_single_bit_change_of_a_signed_field_fails(

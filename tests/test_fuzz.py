@@ -18,6 +18,7 @@ from meterproof.ingest.records import Message, Rejection
 from meterproof.schemas.reading import RejectReason
 
 
+@pytest.mark.slow
 def test_a_ci_sized_campaign_keeps_every_invariant() -> None:
     report = run_campaign(payloads=3_000, engine="all", seed=7, echo=False)
     tally = report.tally
@@ -49,6 +50,7 @@ def _broken(kind: str) -> Callable[[Message], object]:
     return target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "failure"),
     [("raise", "exception"), ("unknown", "unknown_reason"), ("wrong", "unexpected")],
@@ -65,6 +67,7 @@ def test_the_checker_catches_a_broken_target(kind: str, failure: str) -> None:
         assert "KeyError: 'boom from a broken stage'" in example.detail
 
 
+@pytest.mark.slow
 def test_the_memory_check_catches_a_leak() -> None:
     kept: list[bytes] = []
     real = PipelineTarget(load_fleet())
@@ -78,6 +81,7 @@ def test_the_memory_check_catches_a_leak() -> None:
     assert report.memory_failures(64)
 
 
+@pytest.mark.slow
 def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.MonkeyPatch) -> None:
     broken = _broken("raise")
     monkeypatch.setattr(fuzz_cli, "PipelineTarget", lambda fleet: broken)
@@ -90,6 +94,7 @@ def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.Monke
     assert "KeyError" in result.output
 
 
+@pytest.mark.slow
 def test_the_command_passes_on_the_real_path(tmp_path) -> None:
     out = tmp_path / "report.json"
     result = CliRunner().invoke(
@@ -99,6 +104,7 @@ def test_the_command_passes_on_the_real_path(tmp_path) -> None:
     assert '"inputs": 1048' in out.read_text()
 
 
+@pytest.mark.slow
 def test_an_unknown_key_with_nul_is_storable() -> None:
     fleet = load_fleet()
     topic, valid, _ = fleet.vector_cases[0]
@@ -109,6 +115,7 @@ def test_an_unknown_key_with_nul_is_storable() -> None:
     assert unstorable(outcome) is None
 
 
+@pytest.mark.slow
 def test_a_ci_sized_wire_campaign_keeps_every_invariant() -> None:
     report = run_wire_campaign(inputs=3_000, engine="all", seed=7, echo=False)
     tally = report.tally

@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import psycopg
+import pytest
 import redis
 from ingest_harness import (
     ProbeMeter,
@@ -184,6 +185,7 @@ def test_a_flooding_meter_is_rate_limited_then_quarantined(
     assert len(stored_counts(database_url, [meter_id])) == 20
 
 
+@pytest.mark.slow
 def test_ten_thousand_bad_signatures_from_one_meter(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -241,6 +243,7 @@ def test_ten_thousand_bad_signatures_from_one_meter(
     assert growth < 150 * 1024 * 1024, f"worker RSS grew {growth / 2**20:.0f} MiB: {rss}"
 
 
+@pytest.mark.slow
 def test_a_replay_an_hour_later_is_a_duplicate_judged_by_the_database(
     pki: PkiLayout,
     broker: BrokerServer,

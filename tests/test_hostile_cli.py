@@ -107,6 +107,7 @@ def _check(
     assert _tables(database_url) == tables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value_name", list(HOSTILE))
 @pytest.mark.parametrize("template", IDS)
 def test_hostile_ids_and_values(
@@ -115,6 +116,7 @@ def test_hostile_ids_and_values(
     _check(template, value_name, database_url, workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value_name", ["traversal", "long", "control"])
 @pytest.mark.parametrize("template", PATHS)
 def test_hostile_paths(template: str, value_name: str, database_url: str, workdir: Path) -> None:

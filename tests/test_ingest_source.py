@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from ingest_harness import ProbeMeter, provision, worker_settings
 from waiting import async_wait_until
 
@@ -39,6 +40,7 @@ def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
     assert asyncio.run(scenario()) == (True, True, True)
 
 
+@pytest.mark.slow
 def test_receive_ack_reconnect_redeliver_and_publish_through_the_real_broker(
     pki: PkiLayout, broker: BrokerServer, meter_id: str
 ) -> None:

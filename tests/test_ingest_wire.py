@@ -205,6 +205,7 @@ def test_a_value_that_does_not_fit_is_refused_when_encoding() -> None:
 # ---- fuzzed: arbitrary bytes ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(max_examples=3_000, deadline=None)
 @given(st.binary(max_size=600))
 def test_any_bytes_are_split_without_raising_and_nothing_is_lost(data: bytes) -> None:
@@ -219,6 +220,7 @@ def test_any_bytes_are_split_without_raising_and_nothing_is_lost(data: bytes) ->
     assert rebuilt == data[: frames.consumed]  # only shortest lengths pass
 
 
+@pytest.mark.slow
 @settings(max_examples=3_000, deadline=None)
 @given(st.integers(0, 255), st.binary(max_size=300))
 def test_any_body_parses_or_drops_and_never_raises(first: int, body: bytes) -> None:
@@ -233,6 +235,7 @@ _topic_text = st.text(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=1_000, deadline=None)
 @given(_topic_text, st.integers(1, 65535), st.binary(max_size=20_000), st.data())
 def test_well_formed_publishes_survive_any_cut_of_the_stream(
@@ -270,6 +273,7 @@ def _source() -> tuple[MqttSource, list[Delivery]]:
     return source, deliveries
 
 
+@pytest.mark.slow
 @settings(max_examples=2_000, deadline=None)
 @given(st.integers(0x30, 0x3F), st.binary(max_size=200))
 def test_the_source_delivers_or_counts_every_publish(first: int, body: bytes) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from ingest_harness import (
     ProbeMeter,
     provision,
@@ -78,6 +79,7 @@ class WithUnroutable:
         await self._real.stop()
 
 
+@pytest.mark.slow
 def test_every_rejection_vector_through_a_running_worker(
     pki: PkiLayout, broker: BrokerServer, redis_server: RedisServer, database_url: str
 ) -> None:
@@ -257,6 +259,7 @@ def test_two_workers_on_one_shared_subscription_store_each_reading_once(
     assert set(counts.values()) == {1}
 
 
+@pytest.mark.slow
 def test_quarantine_reaches_a_running_worker_within_a_second(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -332,6 +335,7 @@ def test_repeated_bad_signatures_quarantine_the_meter(
     assert critical == (1,)
 
 
+@pytest.mark.slow
 def test_health_readiness_and_metrics_endpoints(
     pki: PkiLayout, broker: BrokerServer, redis_server: RedisServer, database_url: str
 ) -> None:

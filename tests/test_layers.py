@@ -118,6 +118,7 @@ def test_the_distribution_lists_every_package_and_only_ours() -> None:
     assert all(p == "meterproof" or p.startswith("meterproof.") for p in setuptools["packages"])
 
 
+@pytest.mark.slow
 def test_only_meterproof_is_importable_from_outside_the_checkout(tmp_path: Path) -> None:
     """What a user who pip-installs meterproof gets: one import package, no generic names."""
     probe = (

@@ -77,6 +77,7 @@ def assert_no_seq_reused(deliveries: list[Delivered]) -> None:
     assert all(len(p) == 1 for p in payloads.values())
 
 
+@pytest.mark.slow
 def test_every_reading_arrives_across_a_broker_restart(
     pki: PkiLayout, broker: BrokerServer, worker: FakeWorker, meter_id: str, tmp_path: Path
 ) -> None:
@@ -138,6 +139,7 @@ def test_a_restarted_meter_never_reuses_a_seq_and_uploads_its_backlog(
     assert_no_seq_reused(worker.deliveries(meter_id))
 
 
+@pytest.mark.slow
 def test_receipts_settle_readings_and_silence_gets_them_republished(
     pki: PkiLayout, broker: BrokerServer, worker: FakeWorker, meter_id: str, tmp_path: Path
 ) -> None:
@@ -204,6 +206,7 @@ def test_a_rejected_receipt_is_reported(
     assert meter.pending == 0  # a rejection is final: republishing would not change it
 
 
+@pytest.mark.slow
 def test_buffers_while_the_broker_is_down_and_uploads_the_backlog(
     pki: PkiLayout, broker: BrokerServer, worker: FakeWorker, meter_id: str, tmp_path: Path
 ) -> None:
@@ -232,6 +235,7 @@ def test_buffers_while_the_broker_is_down_and_uploads_the_backlog(
     assert worker.seqs(meter_id) == set(range(1, 31))
 
 
+@pytest.mark.slow
 def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
     pki: PkiLayout, broker: BrokerServer, worker: FakeWorker, meter_id: str, tmp_path: Path
 ) -> None:
@@ -266,6 +270,7 @@ def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
     assert meter.stats.accepted + meter.stats.duplicate == 10
 
 
+@pytest.mark.slow
 def test_a_reading_no_worker_subscription_took_is_retried_before_the_receipt_timeout(
     pki: PkiLayout, broker: BrokerServer, meter_id: str, tmp_path: Path
 ) -> None:

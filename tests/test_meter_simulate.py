@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import psycopg
+import pytest
 from click.testing import CliRunner
 from ingest_harness import running_worker, worker_settings
 from meter_harness import FakeWorker, accept
@@ -33,6 +34,7 @@ from meterproof.stack.broker import BrokerServer
 from meterproof.stack.redis import RedisServer
 
 
+@pytest.mark.slow
 def test_fleet_delivers_every_reading_across_a_broker_restart(
     pki: PkiLayout, broker: BrokerServer, tmp_path: Path
 ) -> None:
@@ -79,6 +81,7 @@ def test_fleet_delivers_every_reading_across_a_broker_restart(
     assert progress[-1].pending == 0
 
 
+@pytest.mark.slow
 def test_every_misbehaviour_gets_the_receipt_the_spec_names(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -130,6 +133,7 @@ def test_every_misbehaviour_gets_the_receipt_the_spec_names(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_simulate_command_exits_3_and_keeps_readings_nobody_receipted(
     pki: PkiLayout, broker: BrokerServer, tmp_path: Path
 ) -> None:

@@ -219,6 +219,7 @@ def test_rejected_readings_accept_exactly_the_spec_reason_codes(database_url: st
             conn.execute(insert, ("because",))
 
 
+@pytest.mark.slow
 def test_status_and_key_changes_notify_after_commit(database_url: str) -> None:
     with _connect(database_url) as writer, _connect(database_url) as listener:
         _register(writer, "m1")

@@ -145,6 +145,7 @@ async def until_stored(database_url: str, meter_id: str, count: int, within_s: f
     )
 
 
+@pytest.mark.slow
 def test_a_reader_on_a_pseudo_terminal_stores_every_telegram_and_empties_its_outbox(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -220,6 +221,7 @@ async def ser2net(
         await asyncio.gather(*handlers)
 
 
+@pytest.mark.slow
 def test_a_reader_over_tcp_refuses_bad_telegrams_and_stores_the_good_ones(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -293,6 +295,7 @@ def test_the_reader_survives_a_broker_restart_without_losing_a_reading(
     assert "mqtt.link_lost" in p1.log.read_text()  # the restart did cut the reader off
 
 
+@pytest.mark.slow
 def test_a_dropped_tcp_stream_is_reopened_and_its_cut_telegram_refused(
     pki: PkiLayout,
     broker: BrokerServer,
@@ -323,6 +326,7 @@ def test_a_dropped_tcp_stream_is_reopened_and_its_cut_telegram_refused(
     assert '"reason": "truncated"' in log
 
 
+@pytest.mark.slow
 def test_a_recording_is_published_once_and_the_run_ends_when_all_is_receipted(
     tmp_path: Path,
     pki: PkiLayout,

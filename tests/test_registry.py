@@ -156,6 +156,7 @@ def _write(path: Path, key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> Pat
     return path
 
 
+@pytest.mark.slow
 def test_bulk_registers_a_certs_issue_bulk_csv_of_1000_meters(
     cli: Callable[..., Result], conn: psycopg.Connection[Any], pki: PkiLayout, tmp_path: Path
 ) -> None:

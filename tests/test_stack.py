@@ -46,6 +46,7 @@ def test_postgres_keeps_rows_across_stop_and_start(postgres: PostgresServer, dat
         assert conn.execute("SELECT count(*) FROM kept").fetchone() == (100,)
 
 
+@pytest.mark.slow
 def test_postgres_recovers_committed_rows_after_a_crash(
     postgres: PostgresServer, database_url: str
 ):
@@ -147,6 +148,7 @@ def tables(url: str) -> set[str]:
         return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables")}
 
 
+@pytest.mark.slow
 def test_a_cluster_under_a_folder_only_we_may_enter_starts_and_keeps_its_data(tmp_path: Path):
     """As root the cluster runs as `postgres`, which cannot enter a 0700 folder of root's
     (a clone in /root): it must live elsewhere, linked from the run dir. Run as anyone
@@ -173,6 +175,7 @@ def test_a_cluster_under_a_folder_only_we_may_enter_starts_and_keeps_its_data(tm
     assert not server.directory.exists()
 
 
+@pytest.mark.slow
 def test_a_deleted_run_dir_takes_its_cluster_with_it(tmp_path: Path):
     """`make clean` deletes the run dir: the next cluster for that path starts empty, even
     when the old one lived outside the run dir."""
@@ -192,6 +195,7 @@ def test_a_deleted_run_dir_takes_its_cluster_with_it(tmp_path: Path):
         second.remove()
 
 
+@pytest.mark.slow
 def test_a_cluster_that_cannot_start_says_why_in_one_line(tmp_path: Path):
     server = PostgresServer(directory=tmp_path / "postgres")
     try:
@@ -243,6 +247,7 @@ def as_options(ports: dict[str, int]) -> list[str]:
     return [str(part) for item in ports.items() for part in item]
 
 
+@pytest.mark.slow
 def test_stack_up_status_down(run_dir: Path):
     ports = free_ports()
     pki_root = run_dir.parent / "pki"
@@ -288,6 +293,7 @@ def test_stack_up_status_down(run_dir: Path):
     assert (again.returncode, again.stdout) == (0, "nothing was running\n")
 
 
+@pytest.mark.slow
 def test_stack_up_stops_what_it_started_when_a_server_fails(run_dir: Path):
     ports = free_ports()
     with socket.socket() as taken:
@@ -305,6 +311,7 @@ def test_stack_up_stops_what_it_started_when_a_server_fails(run_dir: Path):
     assert [line.split()[1] for line in status.stdout.splitlines()] == ["down"] * 3
 
 
+@pytest.mark.slow
 def test_a_missing_server_binary_is_one_line_and_nothing_is_left_running(
     run_dir: Path, tmp_path: Path
 ):
@@ -322,6 +329,7 @@ def test_a_missing_server_binary_is_one_line_and_nothing_is_left_running(
     assert not any(port_accepts(port) for port in ports.values())
 
 
+@pytest.mark.slow
 def test_stack_render_prepares_compose_without_starting(run_dir: Path):
     ports = free_ports()
     rendered = stack(
