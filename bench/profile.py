@@ -29,7 +29,8 @@ from meterproof.bench.limits import one_core
 from meterproof.ingest.decode import Decoded
 from meterproof.ingest.judge import RateLimit, StoredContext, judge
 from meterproof.ingest.pipeline import decode_all, verify_all
-from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds
+from meterproof.ingest.verify import TimeBounds
+from meterproof.registry.snapshots import MeterSnapshot, RegisteredKey
 from meterproof.schemas.signatures import PublicKey
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.process import executable

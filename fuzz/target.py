@@ -21,7 +21,8 @@ from meterproof.ingest.pipeline import check
 from meterproof.ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
 from meterproof.ingest.security import event_for
 from meterproof.ingest.store import storable_text
-from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds
+from meterproof.ingest.verify import TimeBounds
+from meterproof.registry.snapshots import MeterSnapshot, RegisteredKey
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import PrivateKey, load_private_key, load_public_key
 

@@ -14,7 +14,6 @@ import contextlib
 import random
 import time
 from collections.abc import Collection, Mapping
-from typing import Final
 
 import psycopg
 import structlog
@@ -22,18 +21,9 @@ from psycopg import AsyncConnection
 
 from meterproof.errors import UnavailableError
 from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
-from meterproof.ingest.verify import MeterSnapshot, RegisteredKey
-from meterproof.schemas.signatures import InvalidKeyError, load_public_key
-from meterproof.schemas.timestamps import dt_to_ms
+from meterproof.registry.snapshots import CHANNEL, MeterSnapshot, fetch_snapshots
 
-CHANNEL: Final = "meterproof_registry"
 log = structlog.get_logger("ingest.keys")
-
-_FETCH = """
-SELECT m.meter_id, m.status::text, k.kid, k.alg, k.public_key_pem, k.valid_from, k.valid_to
-FROM unnest(%s::text[]) AS u(meter_id)
-JOIN meters m USING (meter_id) LEFT JOIN meter_keys k ON k.meter = m.id
-"""  # a join: `= ANY(...)` compared every meter with every id asked for (see ingest.store)
 
 
 class KeyCache:
@@ -76,35 +66,11 @@ class KeyCache:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await AsyncConnection.connect(self._url, autocommit=True)
-            async with self._conn.cursor() as cur:
-                await cur.execute(_FETCH, (meter_ids,))
-                rows = await cur.fetchall()
+            return await fetch_snapshots(self._conn, meter_ids)
         except psycopg.Error as exc:
             if self._conn is not None:
                 await self._conn.close()
             raise UnavailableError("database", f"key lookup: {exc}") from exc
-        statuses: dict[str, str] = {}
-        keys: dict[str, list[RegisteredKey]] = {}
-        for meter_id, status, kid, alg, pem, valid_from, valid_to in rows:
-            mid = str(meter_id)
-            statuses[mid] = str(status)
-            keys.setdefault(mid, [])
-            if pem is None:
-                continue
-            try:
-                key = load_public_key(str(alg), str(pem))
-            except InvalidKeyError as exc:
-                log.error("registered_key_unusable", meter_id=mid, kid=kid, error=str(exc))
-                continue
-            keys[mid].append(
-                RegisteredKey(
-                    str(kid),
-                    key,
-                    dt_to_ms(valid_from),  # type: ignore[arg-type]
-                    None if valid_to is None else dt_to_ms(valid_to),  # type: ignore[arg-type]
-                )
-            )
-        return {m: MeterSnapshot(m, statuses[m], tuple(keys[m])) for m in statuses}
 
     async def listen(self, stop: asyncio.Event, *, retry_s: float = 1.0) -> None:
         """Run until `stop`: invalidate on every notification, reconnect after a loss."""

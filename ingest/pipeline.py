@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from meterproof.ingest.decode import Decoded, decode
 from meterproof.ingest.records import Candidate, Duplicate, Message, Rejection
 from meterproof.ingest.replay import same_reading
-from meterproof.ingest.verify import MeterSnapshot, TimeBounds, verify
+from meterproof.ingest.verify import TimeBounds, verify
+from meterproof.registry.snapshots import MeterSnapshot
 
 
 def decode_all(messages: Iterable[Message]) -> tuple[list[Decoded], list[Rejection]]:

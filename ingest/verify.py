@@ -9,30 +9,8 @@ from dataclasses import dataclass
 from meterproof.ingest.decode import Decoded
 from meterproof.ingest.records import Candidate, Rejection
 from meterproof.registry.model import ACCEPTING
+from meterproof.registry.snapshots import MeterSnapshot
 from meterproof.schemas.reading import RejectReason, b64url_decode
-from meterproof.schemas.signatures import PublicKey
-
-
-@dataclass(frozen=True, slots=True)
-class RegisteredKey:
-    kid: str
-    key: PublicKey
-    valid_from_ms: int
-    valid_to_ms: int | None
-
-    def valid_at(self, now_ms: int) -> bool:
-        return self.valid_from_ms <= now_ms and (
-            self.valid_to_ms is None or now_ms <= self.valid_to_ms
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class MeterSnapshot:
-    """What the registry says about one meter at the time of the check."""
-
-    meter_id: str
-    status: str
-    keys: tuple[RegisteredKey, ...]
 
 
 @dataclass(frozen=True, slots=True)

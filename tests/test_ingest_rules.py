@@ -10,7 +10,8 @@ import pytest
 
 from meterproof.ingest.decode import Decoded, decode
 from meterproof.ingest.records import Candidate, Message, Rejection
-from meterproof.ingest.verify import MeterSnapshot, RegisteredKey, TimeBounds, verify
+from meterproof.ingest.verify import TimeBounds, verify
+from meterproof.registry.snapshots import MeterSnapshot, RegisteredKey
 from meterproof.schemas.reading import RejectReason
 from meterproof.schemas.signatures import generate_private_key, load_public_key
 
