@@ -1,4 +1,5 @@
-"""One structlog configuration for every meterproof process: JSON lines on stderr."""
+"""One structlog configuration for every meterproof process: on stderr, readable lines on a
+terminal and JSON lines otherwise (a file, a pipe, a log collector)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import sys
 import structlog
 
 
-def configure_logging(*, level: str = "INFO", json: bool = True) -> None:
-    """Idempotent; called once by the command root before any work starts."""
+def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
+    """Idempotent; called once by the command root before any work starts. `json` None:
+    JSON unless stderr is a terminal."""
+    if json is None:
+        json = not sys.stderr.isatty()
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")

@@ -55,7 +55,7 @@ class LazyGroup(Group):
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Threshold for the JSON log lines written to stderr.",
+    help="Threshold for the log lines written to stderr (JSON unless stderr is a terminal).",
 )
 def main(log_level: str) -> None:
     """meterproof: signed smart-meter readings, verified, stored and anchored.

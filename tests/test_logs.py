@@ -1,0 +1,45 @@
+"""Log lines a person can read on a terminal, JSON lines for everything else."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+PROBE = (
+    "from meterproof.cli.logs import configure_logging; import structlog; "
+    "configure_logging(); structlog.get_logger('t').warning('batch_retry', size=3)"
+)
+
+
+def test_json_lines_when_stderr_is_not_a_terminal() -> None:
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", PROBE], capture_output=True, check=True, timeout=30
+    )
+    line = json.loads(done.stderr)
+    assert (line["event"], line["level"], line["size"]) == ("batch_retry", "warning", 3)
+
+
+def test_readable_lines_on_a_terminal() -> None:
+    parent, child = os.openpty()
+    try:
+        subprocess.run([sys.executable, "-P", "-c", PROBE], stderr=child, check=True, timeout=30)
+        os.close(child)
+        child = -1
+        text = b""
+        while chunk := _read(parent):
+            text += chunk
+    finally:
+        if child != -1:
+            os.close(child)
+        os.close(parent)
+    assert b"batch_retry" in text
+    assert not text.lstrip().startswith(b"{")
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the terminal's other side is closed
+        return b""
