@@ -342,6 +342,43 @@ def connections(
 
 
 @bench.command()
+@click.option(
+    "--baseline",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Another checkout (e.g. `git worktree add /tmp/base <commit>`) with its own .venv.",
+)
+@click.option("--label", default="", help="What changed, for the report.")
+@click.option("--rounds", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--readings", type=click.IntRange(1_000, 1_000_000), default=100_000)
+@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.pass_context
+def compare(
+    ctx: click.Context, *, baseline: Path, label: str, rounds: int, readings: int, workers: int
+) -> None:
+    """Backlog drains of --baseline and of this checkout, alternated round by round on this
+    machine, and the ratio of their means (drain rate, worker CPU per reading)."""
+    from meterproof.bench.compare import run_compare
+
+    _progress(f"== compare: {rounds} rounds of {readings:,} readings, {workers} worker(s)")
+    figures = run_compare(
+        baseline,
+        Path.cwd(),
+        label=label,
+        rounds=rounds,
+        readings=readings,
+        workers=workers,
+        progress=_progress,
+    )
+    ratio = figures["ratio"]
+    _progress(
+        f"   current/baseline: drain {ratio['drain_per_s']:.3f}, "
+        f"worker CPU per reading {ratio['cpu_us_per_reading']:.3f}"
+    )
+    _saved(ctx, "compare", figures)
+
+
+@bench.command()
 @click.pass_context
 def bridge(ctx: click.Context) -> None:
     """Seal + anchor of one epoch, and `ledger verify` of all of it, on a private database."""

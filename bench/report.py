@@ -15,7 +15,9 @@ from meterproof.bench.sampling import Verdict, at_least, at_most
 
 RESULTS: Final = Path("bench/results")
 REPORT: Final = Path("docs/benchmarks.md")
-SUITES: Final = ("limits", "ingest", "registration", "load", "connections", "bridge")
+SUITES: Final = (
+    "limits", "ingest", "registration", "load", "connections", "bridge", "compare",
+)  # fmt: skip
 
 Data = dict[str, Any]
 
@@ -604,6 +606,42 @@ def _bridge(data: Data, found: dict[str, Data]) -> list[str]:
     ]
 
 
+def _compare(data: Data, found: dict[str, Data]) -> list[str]:
+    f = data["figures"]
+    rows = [
+        f"| {i} | {b['drain_per_s']:,.0f} | {c['drain_per_s']:,.0f} "
+        f"| {b['cpu_us_per_reading']:.1f} | {c['cpu_us_per_reading']:.1f} |"
+        for i, (b, c) in enumerate(zip(f["runs"]["baseline"], f["runs"]["current"], strict=True), 1)
+    ]
+    means, ratio = f["means"], f["ratio"]
+    return [
+        "## Before and after (same machine, alternating runs)",
+        "",
+        f"{f['label'] or 'A change'}: backlog drains of {f['readings']:,} readings with "
+        f"{_workers(f['workers'])}, the baseline checkout and this one alternating round by",
+        "round (`meterproof bench compare --baseline <checkout>`), each side running its own",
+        "code from its own venv.",
+        "",
+        f"- baseline: {f['baseline']}",
+        f"- current: {f['current']}",
+        "",
+        "| round | baseline /s | current /s | baseline worker CPU µs / reading "
+        "| current worker CPU µs / reading |",
+        "|---|---|---|---|---|",
+        *rows,
+        f"| **mean** | **{means['baseline']['drain_per_s']:,.0f}** "
+        f"| **{means['current']['drain_per_s']:,.0f}** "
+        f"| **{means['baseline']['cpu_us_per_reading']:.1f}** "
+        f"| **{means['current']['cpu_us_per_reading']:.1f}** |",
+        "",
+        f"Current / baseline: drain rate {ratio['drain_per_s']:.3f}, worker CPU per reading "
+        f"{ratio['cpu_us_per_reading']:.3f}.",
+        "",
+        _measured(data),
+        "",
+    ]
+
+
 SECTIONS: Final[dict[str, Callable[[Data, dict[str, Data]], list[str]]]] = {
     "limits": _limits,
     "ingest": _ingest,
@@ -611,6 +649,7 @@ SECTIONS: Final[dict[str, Callable[[Data, dict[str, Data]], list[str]]]] = {
     "load": _load,
     "connections": _connections,
     "bridge": _bridge,
+    "compare": _compare,
 }
 
 _VERSIONS: Final = (
