@@ -75,7 +75,8 @@ WITH claimed AS (
 )
 SELECT count(*) FROM claimed
 """  # noqa: E501
-#: The leaf order of reading-v1 section 8; "C" makes meter_id order bytewise everywhere.
+#: The leaf order of docs/spec/reading-v1.md section 14; "C" makes meter_id order bytewise
+#: everywhere.
 _LEAVES: Final = """
 SELECT coalesce(string_agg(reading_hash, ''::bytea ORDER BY ts, meter_id COLLATE "C", seq),
                 ''::bytea)

@@ -2,7 +2,7 @@
 
 `schemas.signing.signing_bytes` is the contract's definition, but it takes a validated
 `SignedReading`, which costs more than the hash itself; `ledger verify` rehashes every
-stored reading. This builds the same bytes (reading-v1 section 4) straight from the
+stored reading. This builds the same bytes (docs/spec/reading-v1.md section 6) straight from the
 columns; tests pin it to `schemas.signing` on the spec's vectors and on random readings.
 """
 

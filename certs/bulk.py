@@ -52,7 +52,7 @@ class BulkRow:
 
 
 def new_meter_ids(count: int, prefix: str = "") -> list[str]:
-    """Lowercase UUID4s, as the registry assigns them (reading-v1 section 1)."""
+    """Lowercase UUID4s, as the registry assigns them (docs/spec/reading-v1.md section 1)."""
     if count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
     if len(prefix) > MAX_PREFIX or not IDENTITY_RE.fullmatch(prefix + "0"):

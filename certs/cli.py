@@ -104,7 +104,7 @@ _alg_option = click.option(
     type=click.Choice([alg.value for alg in Alg]),
     default=Alg.EDDSA.value,
     show_default=True,
-    help="Algorithm of the meter's reading-signing key (reading-v1 section 3).",
+    help="Algorithm of the meter's reading-signing key (docs/spec/reading-v1.md section 4).",
 )
 _rsa_bits_option = click.option(
     "--rsa-bits",

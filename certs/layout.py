@@ -9,7 +9,7 @@ from pathlib import Path
 
 from meterproof.config import DEFAULT_PKI_ROOT
 
-#: The spec's meter id alphabet (reading-v1 section 1); also used for service and
+#: The spec's meter id alphabet (docs/spec/reading-v1.md section 1); also used for service and
 #: integrator names so that every identity is safe in a topic, a path and a CN.
 IDENTITY_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

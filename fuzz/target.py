@@ -28,8 +28,8 @@ from meterproof.schemas.signatures import PrivateKey, load_private_key, load_pub
 
 VECTORS: Final = Path(__file__).resolve().parent.parent / "schemas" / "vectors"
 
-#: reading-v1 section 5, written out here rather than taken from `RejectReason`, so that a
-#: code added to the enum but not to the spec is caught as an unknown reason.
+#: docs/spec/reading-v1.md section 9, written out here rather than taken from `RejectReason`,
+#: so that a code added to the enum but not to the spec is caught as an unknown reason.
 SPEC_REASONS: Final = frozenset(
     {
         "malformed",

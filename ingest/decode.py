@@ -1,4 +1,5 @@
-"""Rules 1 and 2 of reading-v1 section 5: the payload is a reading, for its own topic."""
+"""Rules 1 and 2 of docs/spec/reading-v1.md section 9: the payload is a reading, for its own
+topic."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from meterproof.schemas.codec import MalformedPayload, decode_reading
 from meterproof.schemas.reading import RejectReason, SignedReading
 from meterproof.schemas.signing import reading_hash, signing_bytes
 
-_METER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # reading-v1's meter_id alphabet
+#: The meter_id alphabet of docs/spec/reading-v1.md section 1.
+_METER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)

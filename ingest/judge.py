@@ -1,4 +1,4 @@
-"""Rules 7 to 9 of reading-v1 section 5, decided from what the database holds.
+"""Rules 7 to 9 of docs/spec/reading-v1.md section 9, decided from what the database holds.
 
 The store adapter locks the batch's meters and asks, for each candidate, only what the
 rules need of the stored readings (`StoredContext`): the hash stored under its seq, the

@@ -33,7 +33,8 @@ def receipt(outcome: Outcome) -> tuple[str, bytes] | None:
 
 
 def verified(candidate: Candidate) -> tuple[str, bytes]:
-    """The signed fields as received, plus `reading_hash` and `verified_at` (reading-v1 s7).
+    """The signed fields as received, plus `reading_hash` and `verified_at`
+    (docs/spec/reading-v1.md section 13).
 
     The received payload is reused byte for byte: decode proved it one flat JSON object
     with nothing but whitespace after it and none of the two added keys, so the object is

@@ -34,7 +34,7 @@ class IngestSettings(Settings):
     retry_initial_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=5.0, gt=0)
 
-    # acceptance rules (reading-v1 section 5)
+    # acceptance rules (docs/spec/reading-v1.md section 9)
     max_future_s: int = Field(default=300, ge=0)
     max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
     rate_window_s: int = Field(default=60, gt=0)

@@ -1,6 +1,6 @@
-"""Rules 3 to 6 of reading-v1 section 5: a registered, active meter; a key registered for
-the reading's algorithm; a good signature; a plausible timestamp. Pure: the registry
-snapshot and the clock are passed in."""
+"""Rules 3 to 6 of docs/spec/reading-v1.md section 9: a registered, active meter; a key
+registered for the reading's algorithm; a good signature; a plausible timestamp. Pure: the
+registry snapshot and the clock are passed in."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Deliberately bad readings for demos, each with the receipt the ingest side must send.
 
-Each kind exercises one acceptance rule of reading-v1 section 5. The ones that need an
+Each kind exercises one acceptance rule of docs/spec/reading-v1.md section 9. The ones that need an
 earlier stored reading (a replay, a reused seq, a rollback) take the meter's last
 *accepted* reading, so the outcome does not depend on timing.
 """

@@ -66,7 +66,7 @@ class Severity(StrEnum):
     EMERGENCY = "emergency"
 
 
-#: Statuses whose readings are accepted (reading-v1 section 5, rule 3).
+#: Statuses whose readings are accepted (docs/spec/reading-v1.md section 9, rule 3).
 ACCEPTING: Final = frozenset(
     {MeterStatus.ACTIVE, MeterStatus.MAINTENANCE, MeterStatus.FIRMWARE_UPDATE}
 )
@@ -92,7 +92,8 @@ def quoted(value: str, limit: int = 40) -> str:
 
 
 def check_meter_id(value: str) -> str:
-    """reading-v1's alphabet; `.` and `..` fit it but name directories in the PKI."""
+    """The meter_id alphabet of docs/spec/reading-v1.md section 1; `.` and `..` fit it but
+    name directories in the PKI."""
     if not IDENTITY_RE.fullmatch(value) or value in {".", ".."}:
         raise InvalidInputError(
             f"invalid meter id {quoted(value)}: 1-64 characters of [A-Za-z0-9._-], not '.' or '..'"

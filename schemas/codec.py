@@ -20,7 +20,8 @@ from meterproof.schemas.signing import signing_bytes
 
 
 class MalformedPayload(ValueError):  # noqa: N818 - named for the spec's reason code
-    """The payload is not a reading-v1 signed reading; `str()` is the detail."""
+    """The payload is not a signed reading (docs/spec/reading-v1.md sections 4-5); `str()`
+    is the detail."""
 
 
 def decode_reading(payload: bytes) -> SignedReading:

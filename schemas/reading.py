@@ -1,4 +1,4 @@
-"""The messages of reading-v1: the signed reading, the receipt, the verified reading.
+"""The messages of docs/spec/reading-v1.md: the signed reading, the receipt, the verified reading.
 
 The models are strict on purpose: two parsers must never disagree about what was signed,
 so anything the spec does not allow (unknown fields, floats, nulls, out-of-range integers,
@@ -20,7 +20,7 @@ U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1
 
-#: The optional signed fields in signing-mask bit order (reading-v1 section 4).
+#: The optional signed fields in signing-mask bit order (docs/spec/reading-v1.md section 6).
 OPTIONAL_FIELDS: Final = (
     "power_w",
     "voltage_mv",

@@ -1,4 +1,4 @@
-"""Sign and verify for the four algorithms of reading-v1.
+"""Sign and verify for the four algorithms of docs/spec/reading-v1.md section 7.
 
 A key is always loaded *for* an algorithm and refuses any other key type, so a reading can
 never choose how it is checked (no `none`, no HMAC, no ES256 against an Ed25519 key).

@@ -1,4 +1,5 @@
-"""The signing bytes of reading-v1 section 4 and the `reading_hash` that names a reading."""
+"""The signing bytes of docs/spec/reading-v1.md section 6 and the `reading_hash` that names
+a reading."""
 
 from __future__ import annotations
 

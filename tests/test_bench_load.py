@@ -48,7 +48,7 @@ def test_presigned_timestamps_stay_in_the_past_and_inside_the_max_age() -> None:
 
 
 def test_one_reading_per_second_of_meter_time_is_within_the_rate_rule() -> None:
-    # reading-v1 rule 9 as configured by default: at most 60 in any 60 s of meter time
+    # docs/spec/reading-v1.md rule 9 as configured by default: at most 60 in any 60 s of meter time
     window = [plan.reading_ts(0, s) for s in range(1, 200)]
     densest = max(sum(1 for t in window if last - 60_000 < t <= last) for last in window)
     assert densest <= 60

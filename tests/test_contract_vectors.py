@@ -1,4 +1,5 @@
-"""The independent implementation's vectors, every one of them (reading-v1 section 4, 8)."""
+"""The independent implementation's vectors, every one of them (docs/spec/reading-v1.md
+sections 6, 14)."""
 
 from __future__ import annotations
 

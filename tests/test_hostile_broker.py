@@ -146,7 +146,7 @@ def test_a_flooding_meter_is_rate_limited_then_quarantined(
     database_url: str,
     meter_id: str,
 ) -> None:
-    """reading-v1 rule 9 stops the flood; QuarantinePolicy counts `rate_limited` as a
+    """docs/spec/reading-v1.md rule 9 stops the flood; QuarantinePolicy counts `rate_limited` as a
     security failure, so `quarantine_failures` of them within the window quarantine it."""
     key = provision(pki, database_url, meter_id)
     settings = worker_settings(

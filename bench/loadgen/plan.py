@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Final
 
 #: Meter time between two readings of one meter. The worker limits a meter to 60 readings
-#: per 60 s of meter time (reading-v1 rule 9), so one per second is the densest honest pace.
+#: per 60 s of meter time (docs/spec/reading-v1.md, rule 9), so one per second is the
+#: densest honest pace.
 TS_STEP_MS: Final = 1_000
 
 #: Oldest reading we pre-sign, relative to now; far inside the 7-day maximum age.
