@@ -8,7 +8,6 @@ a backlog is only "queued" once the broker acknowledged all of it.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,14 +20,9 @@ from gmqtt.mqtt.constants import MQTTv50
 from paho.mqtt.enums import CallbackAPIVersion
 
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.signatures import PrivateKey
-
-
-def tls_context(pki: PkiLayout, identity: IdentityFiles) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    ctx.load_cert_chain(str(identity.cert), str(identity.key))
-    return ctx
 
 
 def signed_payloads(meter_id: str, key: PrivateKey, count: int, *, t0_ms: int) -> list[bytes]:
@@ -73,7 +67,8 @@ def publish_backlog(
             CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{meter_id}",
             protocol=mqtt.MQTTv5,
         )  # fmt: skip
-        client.tls_set_context(tls_context(pki, pki.device(meter_id)))
+        files = pki.device(meter_id)
+        client.tls_set_context(client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert))
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         client.on_publish = on_publish
@@ -100,7 +95,12 @@ async def open_session(
     """Create a persistent session subscribed to `topic`, then leave it offline, so the
     broker queues what is published meanwhile (clean start off from the first connect)."""
     client = Client(client_id, clean_session=False, session_expiry_interval=3600)
-    await client.connect("127.0.0.1", port, ssl=tls_context(pki, identity), version=MQTTv50)
+    await client.connect(
+        "127.0.0.1",
+        port,
+        ssl=client_context(cert=identity.cert, key=identity.key, ca_cert=pki.ca_cert),
+        version=MQTTv50,
+    )
     client.subscribe(topic, qos=1)
     await asyncio.sleep(0.3)  # let the SUBACK arrive before leaving
     await client.disconnect()
@@ -133,7 +133,12 @@ async def count_only_drain(
                     receive_maximum=10_000)  # fmt: skip
     client.on_message = on_message
     started = time.perf_counter()
-    await client.connect("127.0.0.1", port, ssl=tls_context(pki, identity), version=MQTTv50)
+    await client.connect(
+        "127.0.0.1",
+        port,
+        ssl=client_context(cert=identity.cert, key=identity.key, ca_cert=pki.ca_cert),
+        version=MQTTv50,
+    )
     await asyncio.wait_for(finished.wait(), 600)
     elapsed = time.perf_counter() - started
     await client.disconnect(session_expiry_interval=0)

@@ -36,6 +36,7 @@ from waiting import async_wait_until, wait_until
 from meterproof.certs import issue_device
 from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_instance
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.config import new_share_group
 from meterproof.ingest.settings import IngestSettings
 from meterproof.ingest.source import Source, mqtt_source
@@ -71,10 +72,9 @@ def provision(
     return key
 
 
-def tls_context(pki: PkiLayout, cert: os.PathLike[str], key: os.PathLike[str]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+def tls_context(pki: PkiLayout, cert: Path, key: Path) -> ssl.SSLContext:
+    """A test client's mutual TLS to the session broker, as every client of ours builds it."""
+    return client_context(cert=cert, key=key, ca_cert=pki.ca_cert)
 
 
 @dataclass

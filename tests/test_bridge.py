@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from meterproof.bridge.telemetry import SUBMISSIONS_FAILED
 from meterproof.bridge.verify import verify
 from meterproof.certs.identities import issue_integrator
 from meterproof.certs.layout import PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.mosquitto.config import render
 from meterproof.schemas.reading import SignedReading, b64url
 from meterproof.schemas.signatures import generate_private_key
@@ -530,9 +530,7 @@ def reader(pki: PkiLayout, broker: BrokerServer) -> PkiLayout:
 def _retained_summary(pki: PkiLayout, port: int, timeout: float) -> dict[str, Any]:
     """Subscribe as the integrator and return the first (retained) ledger/epochs message."""
     files = pki.integrator(INTEGRATOR)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(pki.ca_cert)
-    context.load_cert_chain(files.cert, files.key)
+    context = client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert)
     got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{INTEGRATOR}-{time.time_ns()}")
     client.tls_set_context(context)

@@ -6,7 +6,6 @@ import os
 import pwd
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from waiting import wait_until
 from meterproof.certs.cli import certs as certs_cli
 from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
 from meterproof.mosquitto.config import broker_files
 from meterproof.stack.broker import BrokerServer
@@ -389,7 +389,5 @@ def test_issuing_a_worker_identity_reloads_the_running_brokers_acl(
 
 def _client(pki: PkiLayout, files: IdentityFiles) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    context = ssl.create_default_context(cafile=str(pki.ca_cert))
-    context.load_cert_chain(files.cert, files.key)
-    client.tls_set_context(context)
+    client.tls_set_context(client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert))
     return client
