@@ -1,0 +1,332 @@
+"""The verdicts, one pure function per check over an `Observation`.
+
+Each check names the section of docs/spec/reading-v1.md it holds the meter to, passes
+or fails with one reason per finding (at most `MAX_REASONS` shown), or is skipped when
+the run did not produce what it needs (a capture has no session; a phase was left out).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from meterproof.conformance.observations import Observation, Published
+from meterproof.registry.model import default_kid
+from meterproof.schemas import topics
+from meterproof.schemas.codec import MalformedPayload, decode_reading
+from meterproof.schemas.reading import SignedReading, b64url_decode
+from meterproof.schemas.signing import reading_hash, signing_bytes
+
+Status = Literal["pass", "fail", "skip"]
+
+MAX_REASONS: Final = 5
+#: reading-v1 section 9, rule 6: the server's default bounds.
+MAX_FUTURE_MS: Final = 300_000
+MAX_AGE_MS: Final = 7 * 24 * 3600 * 1000
+#: A receipt takes this long to reach the meter and stop a republish already under way.
+RECEIPT_GRACE_S: Final = 2.0
+#: Copies of one reading closer than this are a republish storm, not a timer.
+MIN_REPUBLISH_GAP_S: Final = 1.0
+#: Reconnect attempts closer than this are a tight loop.
+MIN_RETRY_GAP_S: Final = 0.2
+KEEPALIVE_RANGE_S: Final = (5, 300)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    check: str
+    status: Status
+    summary: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+@dataclass(slots=True)
+class _Findings:
+    """Reasons gathered while a check runs; only the first few are kept, all counted."""
+
+    reasons: list[str] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+    def verdict(self, check: str, summary: str) -> Verdict:
+        if not self.count:
+            return Verdict(check, "pass", summary)
+        more = self.count - len(self.reasons)
+        extra = (f"... and {more} more",) if more else ()
+        return Verdict(check, "fail", summary, (*self.reasons, *extra))
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    published: Published
+    reading: SignedReading
+    digest: str
+
+
+def _parsed(obs: Observation) -> list[_Parsed]:
+    out = []
+    for p in obs.published:
+        try:
+            reading = decode_reading(p.payload)
+        except MalformedPayload:
+            continue
+        out.append(_Parsed(p, reading, reading_hash(signing_bytes(reading)).hex()))
+    return out
+
+
+def _distinct(parsed: list[_Parsed]) -> list[_Parsed]:
+    """First arrival of each distinct payload, in arrival order."""
+    seen: set[bytes] = set()
+    out = []
+    for p in parsed:
+        if p.published.payload not in seen:
+            seen.add(p.published.payload)
+            out.append(p)
+    return out
+
+
+def _label(p: Published, index: int) -> str:
+    return f"payload {index} at {p.at_s:.1f} s" if p.wall_ms is not None else f"payload {index}"
+
+
+def strict_json(obs: Observation) -> Verdict:
+    """Section 5: every payload is one strict reading-v1 object."""
+    findings = _Findings()
+    for i, p in enumerate(obs.published):
+        try:
+            decode_reading(p.payload)
+        except MalformedPayload as exc:
+            findings.add(f"{_label(p, i)}: malformed: {exc}")
+    if not obs.published:
+        return Verdict("strict_json", "fail", "no payloads", ("the meter sent nothing",))
+    return findings.verdict("strict_json", f"{len(obs.published)} payloads")
+
+
+def key_binding(obs: Observation) -> Verdict:
+    """Sections 1, 2, 7: `alg` is the key's, `kid` (if sent) names it, `meter_id` is the
+    meter's own and its topic's."""
+    findings = _Findings()
+    kid = default_kid(obs.key.pem())
+    parsed = _distinct(_parsed(obs))
+    for p in parsed:
+        r = p.reading
+        where = f"seq {r.seq}"
+        if r.alg != obs.key.alg.value:
+            findings.add(f"{where}: alg {r.alg!r} but the key is registered for {obs.key.alg}")
+        if r.kid is not None and r.kid != kid:
+            findings.add(f"{where}: kid {r.kid!r} does not name the key (its kid is {kid})")
+        if obs.meter_id is not None and r.meter_id != obs.meter_id:
+            findings.add(f"{where}: meter_id {r.meter_id!r}, the meter is {obs.meter_id!r}")
+        if p.published.topic and p.published.topic != topics.readings(r.meter_id):
+            findings.add(f"{where}: published on {p.published.topic!r} (topic_mismatch)")
+    if not parsed:
+        return Verdict("key_binding", "skip", "no parsable payload")
+    return findings.verdict("key_binding", f"{len(parsed)} readings, key {obs.key.alg}")
+
+
+def signature(obs: Observation) -> Verdict:
+    """Section 6: the signature verifies over the signing bytes (not the JSON text)."""
+    findings = _Findings()
+    checked = 0
+    for p in _distinct(_parsed(obs)):
+        if p.reading.alg != obs.key.alg.value:
+            continue  # key_binding names it; verifying with another algorithm means nothing
+        checked += 1
+        if not obs.key.verify(b64url_decode(p.reading.sig), signing_bytes(p.reading)):
+            findings.add(
+                f"seq {p.reading.seq}: signature does not verify over the signing bytes "
+                f"(bad_signature; `conformance explain` shows the expected bytes)"
+            )
+    if not checked:
+        return Verdict("signing_bytes", "skip", "no parsable payload with the key's alg")
+    return findings.verdict("signing_bytes", f"{checked} signatures")
+
+
+def seq_and_ts(obs: Observation) -> Verdict:
+    """Sections 4, 9, 11: seq strictly increasing and never reused, ts plausible and not
+    going back, registers never decreasing."""
+    findings = _Findings()
+    by_seq: dict[int, str] = {}
+    previous: SignedReading | None = None
+    readings = _distinct(_parsed(obs))
+    for p in readings:
+        r = p.reading
+        known = by_seq.get(r.seq)
+        if known is not None:
+            if known != p.digest:
+                findings.add(f"seq {r.seq} used again for other values (seq_reused)")
+            continue  # the same reading again: a republish, judged elsewhere
+        by_seq[r.seq] = p.digest
+        wall = p.published.wall_ms
+        if wall is not None and r.ts > wall + MAX_FUTURE_MS:
+            findings.add(f"seq {r.seq}: ts {r.ts - wall} ms ahead of the clock (timestamp_skew)")
+        if wall is not None and r.ts < wall - MAX_AGE_MS:
+            findings.add(f"seq {r.seq}: ts {wall - r.ts} ms old (stale_reading)")
+        if previous is not None:
+            if r.seq <= previous.seq:
+                findings.add(f"seq {r.seq} sent after seq {previous.seq}: not increasing")
+            elif r.ts < previous.ts:
+                findings.add(f"seq {r.seq}: ts {r.ts} before seq {previous.seq}'s {previous.ts}")
+            elif r.import_wh < previous.import_wh or r.export_wh < previous.export_wh:
+                findings.add(
+                    f"seq {r.seq}: registers ({r.import_wh}, {r.export_wh}) below seq "
+                    f"{previous.seq}'s ({previous.import_wh}, {previous.export_wh}) "
+                    "(register_decreased)"
+                )
+        previous = r
+    if not readings:
+        return Verdict("seq_ts", "skip", "no parsable payload")
+    return findings.verdict("seq_ts", f"{len(by_seq)} distinct readings")
+
+
+def receipt_handling(obs: Observation) -> Verdict:
+    """Sections 3, 10: subscribed to its receipts at QoS 1, and a receipted reading is
+    never published again."""
+    if not obs.live:
+        return Verdict("receipt_handling", "skip", "needs a live meter")
+    findings = _Findings()
+    own = topics.receipts(obs.meter_id or "")
+    qos = [s.qos for s in obs.subscribes if s.topic == own]
+    if not qos:
+        findings.add(f"never subscribed to {own}")
+    elif min(qos) < 1:
+        findings.add(f"subscribed to {own} at QoS {min(qos)}, not 1")
+    receipted = {(r.seq, r.reading_hash): r.at_s for r in obs.receipts if r.seq is not None}
+    for p in _parsed(obs):
+        sent = receipted.get((p.reading.seq, p.digest))
+        if sent is not None and p.published.at_s > sent + RECEIPT_GRACE_S:
+            findings.add(
+                f"seq {p.reading.seq} published again {p.published.at_s - sent:.1f} s after "
+                "its receipt"
+            )
+    if not receipted:
+        findings.add("no reading was receipted, so nothing shows the receipts were heard")
+    return findings.verdict("receipt_handling", f"{len(receipted)} receipts sent")
+
+
+def republish(obs: Observation) -> Verdict:
+    """Section 11: while receipts are withheld, the same bytes are published again, on a
+    timer rather than in a storm."""
+    if obs.silence is None:
+        return Verdict("republish", "skip", "the silence phase did not run")
+    findings = _Findings()
+    parsed = _parsed(obs)
+    first_bytes: dict[int, bytes] = {}
+    copies: dict[bytes, list[float]] = {}
+    for p in parsed:
+        seq = p.reading.seq
+        payload = p.published.payload
+        if seq in first_bytes and first_bytes[seq] != payload:
+            other = decode_reading(first_bytes[seq])
+            same = reading_hash(signing_bytes(other)).hex() == p.digest
+            findings.add(
+                f"seq {seq} sent again with other bytes"
+                + (" (signed again)" if same else " and other values")
+            )
+        first_bytes.setdefault(seq, payload)
+        copies.setdefault(payload, []).append(p.published.at_s)
+    again = 0
+    for times in copies.values():
+        in_silence = [t for t in times if t in obs.silence]
+        if len(times) > 1 and any(t in obs.silence for t in times[1:]):
+            again += 1
+        gaps = [b - a for a, b in itertools.pairwise(in_silence)]
+        if gaps and min(gaps) < MIN_REPUBLISH_GAP_S:
+            findings.add(f"one reading republished {min(gaps):.2f} s after its last copy")
+    seconds = obs.silence.end_s - obs.silence.start_s
+    if not again:
+        findings.add(f"no unreceipted reading was published again during {seconds:.0f} s")
+    return findings.verdict(
+        "republish", f"{again} readings republished in {seconds:.0f} s without receipts"
+    )
+
+
+def reconnect_backoff(obs: Observation) -> Verdict:
+    """Section 12: retries spaced out and growing while the broker is away, then back."""
+    if obs.outage is None:
+        return Verdict("reconnect_backoff", "skip", "the outage phase did not run")
+    findings = _Findings()
+    attempts = sorted(obs.attempts)
+    seconds = obs.outage.end_s - obs.outage.start_s
+    times = [obs.outage.start_s, *attempts]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    if gaps and min(gaps) < MIN_RETRY_GAP_S:
+        findings.add(
+            f"{len(attempts)} attempts in {seconds:.0f} s, {min(gaps) * 1000:.0f} ms apart "
+            "at the closest: a tight loop"
+        )
+    elif len(gaps) >= 4:
+        half = len(gaps) // 2
+        early, late = sum(gaps[:half]) / half, sum(gaps[-half:]) / half
+        if late < 1.5 * early:
+            findings.add(
+                f"retries do not back off: {early:.2f} s apart at first, {late:.2f} s later"
+            )
+    if not attempts:
+        findings.add(f"no connection attempt during the {seconds:.0f} s outage")
+    if not any(c.at_s > obs.outage.end_s for c in obs.connects):
+        findings.add(f"not reconnected {obs.reconnect_wait_s:.0f} s after the broker returned")
+    return findings.verdict(
+        "reconnect_backoff",
+        f"{len(attempts)} attempts in {seconds:.0f} s"
+        + (f", gaps {', '.join(f'{g:.2f}' for g in gaps[:8])} s" if gaps else ""),
+    )
+
+
+def session(obs: Observation) -> Verdict:
+    """Section 3: MQTT 3.1.1 or 5, clean start off on every connect, a keepalive in
+    range, readings at QoS 1 and not retained."""
+    if not obs.live:
+        return Verdict("session", "skip", "needs a live meter")
+    findings = _Findings()
+    for c in obs.connects:
+        when = f"connect at {c.at_s:.1f} s"
+        if c.clean_start:
+            findings.add(f"{when}: clean start on (receipts sent meanwhile are lost)")
+        if c.protocol not in ("3.1.1", "5"):
+            findings.add(f"{when}: MQTT {c.protocol}")
+        low, high = KEEPALIVE_RANGE_S
+        if not low <= c.keepalive_s <= high:
+            findings.add(f"{when}: keepalive {c.keepalive_s} s, not {low}..{high}")
+    for p in obs.published:
+        if p.qos != 1:
+            findings.add(f"a reading at {p.at_s:.1f} s published at QoS {p.qos}")
+        if p.retain:
+            findings.add(f"a reading at {p.at_s:.1f} s published retained")
+    if not obs.connects:
+        findings.add("the broker logged no connection of the meter")
+    versions = sorted({c.protocol for c in obs.connects})
+    return findings.verdict(
+        "session", f"{len(obs.connects)} connects, MQTT {'/'.join(versions) or '-'}"
+    )
+
+
+#: What a capture of payloads can show.
+PAYLOAD_CHECKS: Final[tuple[Callable[[Observation], Verdict], ...]] = (
+    signature,
+    strict_json,
+    key_binding,
+    seq_and_ts,
+)
+#: A live meter also shows how it behaves.
+LIVE_CHECKS: Final[tuple[Callable[[Observation], Verdict], ...]] = (
+    *PAYLOAD_CHECKS,
+    receipt_handling,
+    republish,
+    reconnect_backoff,
+    session,
+)
+
+
+def run_checks(obs: Observation) -> list[Verdict]:
+    return [check(obs) for check in (LIVE_CHECKS if obs.live else PAYLOAD_CHECKS)]

@@ -1,0 +1,465 @@
+"""A live run against a vendor's meter: a private broker, the meter's identity, the kit
+as the ingest side, and three phases, then an `Observation` for the checks.
+
+The kit does not run PostgreSQL or a worker: it subscribes to the meter's readings topic
+itself with an ingest identity and answers with the product's own decode/verify/judge
+stages (`answer.Answerer`), which lets it withhold receipts at will and know exactly
+which receipt it sent when. The phases:
+
+1. normal: receipts flow;
+2. silence: receipts are withheld, so an unreceipted reading must come again, unchanged;
+   then the withheld receipts are sent;
+3. outage: the broker stops (writing its sessions to disk), a plain TCP listener on its
+   port counts the meter's connection attempts and closes each at once, then the broker
+   starts again and the kit waits for the meter to reconnect and publish.
+
+Connect and subscribe records come from the broker's log, with `log_type subscribe`
+added to the rendered config; the log is tailed while the run goes, since its own
+timestamps are whole seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from meterproof.certs.bootstrap import init_pki
+from meterproof.certs.identities import issue_device
+from meterproof.certs.layout import PkiLayout
+from meterproof.certs.tls import client_context
+from meterproof.config import StackEnv
+from meterproof.conformance.answer import Answerer, describe
+from meterproof.conformance.observations import (
+    Connected,
+    Observation,
+    Published,
+    ReceiptSent,
+    Subscribed,
+    Window,
+    parse_log_line,
+)
+from meterproof.errors import UnavailableError
+from meterproof.mosquitto.config import BrokerFiles, render
+from meterproof.schemas import topics
+from meterproof.schemas.reading import Alg
+from meterproof.schemas.signatures import PublicKey, load_public_key
+from meterproof.schemas.timestamps import wall_ms
+from meterproof.stack.broker import BrokerServer
+from meterproof.stack.process import LOOPBACK, free_port
+
+#: The variables a meter command is started with (docs/conformance.md, `--help`).
+ENV_PREFIX: Final = "METERPROOF_CONFORMANCE_"
+OBSERVER: Final = "ingest-0"
+_LOG_POLL_S: Final = 0.05
+_STOP_GRACE_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """Seconds per phase; 0 leaves a phase out (its checks are then skipped)."""
+
+    connect_timeout_s: float = 20.0
+    normal_s: float = 8.0
+    silence_s: float = 10.0
+    outage_s: float = 8.0
+    reconnect_wait_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.normal_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("the normal phase and the connect timeout must be positive")
+        if min(self.silence_s, self.outage_s, self.reconnect_wait_s) < 0:
+            raise ValueError("phase lengths cannot be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class VendorKey:
+    """The meter's own signing key (public half), when the vendor does not take the kit's."""
+
+    pem: bytes
+    alg: Alg
+
+
+@dataclass(frozen=True, slots=True)
+class MeterCommand:
+    command: str
+    meter_id: str | None = None
+    key: VendorKey | None = None
+    alg: Alg = Alg.EDDSA
+
+
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class _Recorder:
+    """What the paho thread and the log tailer record, behind one lock."""
+
+    t0: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    published: list[Published] = field(default_factory=list)
+    connects: list[Connected] = field(default_factory=list)
+    subscribes: list[Subscribed] = field(default_factory=list)
+    receipts: list[ReceiptSent] = field(default_factory=list)
+    attempts: list[float] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+
+class _Observer:
+    """The kit's ingest side on the broker: records each reading, answers or withholds."""
+
+    def __init__(
+        self, rec: _Recorder, answerer: Answerer, *, layout: PkiLayout, port: int, meter_id: str
+    ) -> None:
+        self._rec = rec
+        self._answerer = answerer
+        self._topic = topics.readings(meter_id)
+        self._answering = True
+        self._held: list[tuple[str, bytes]] = []
+        self._subscribed = threading.Event()
+        self._answering_lock = threading.Lock()
+        self._layout = layout
+        self._port = port
+        self._client: mqtt.Client | None = None
+
+    def start(self) -> None:
+        """Connect (again) with the same persistent session; a fresh paho client each
+        time, since a second `loop_start` on one client leaks its socket pair."""
+        files = self._layout.service(OBSERVER)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=OBSERVER, protocol=mqtt.MQTTv5)
+        client.tls_set_context(
+            client_context(ca_cert=self._layout.ca_cert, cert=files.cert, key=files.key)
+        )
+        client.on_connect = self._connected
+        client.on_subscribe = lambda *_: self._subscribed.set()
+        client.on_message = self._message
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 600
+        self._subscribed.clear()
+        client.connect(LOOPBACK, self._port, clean_start=False, properties=properties)
+        client.loop_start()
+        self._client = client
+        if not self._subscribed.wait(10):
+            raise UnavailableError("broker", "the kit's subscription was not acknowledged")
+
+    def stop(self) -> None:
+        """Disconnect, keeping the session: readings published meanwhile wait for us."""
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def withhold(self) -> None:
+        with self._rec.lock:
+            self._answering = False
+
+    def resume(self) -> None:
+        """Answer everything withheld, in arrival order, then everything new."""
+        with self._rec.lock:
+            self._answering = True
+            held, self._held = self._held, []
+        for topic, payload in held:
+            self._answer(topic, payload)
+
+    def _connected(
+        self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
+    ) -> None:
+        if not reason.is_failure:
+            client.subscribe(self._topic, qos=1)
+
+    def _message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        payload = bytes(message.payload)
+        with self._rec.lock:
+            self._rec.published.append(
+                Published(
+                    self._rec.now(),
+                    message.topic,
+                    payload,
+                    qos=message.qos,
+                    retain=bool(message.retain),
+                    wall_ms=wall_ms(),
+                )
+            )
+            if not self._answering:
+                self._held.append((message.topic, payload))
+                return
+        self._answer(message.topic, payload)
+
+    def _answer(self, topic: str, payload: bytes) -> None:
+        with self._answering_lock:  # paho's thread and `resume()` on the main one
+            body, outcome = self._answerer.answer(topic, payload, wall_ms())
+            if body is None or self._client is None:
+                return
+            self._client.publish(body[0], body[1], qos=1)
+        seq, digest, status = describe(outcome)
+        with self._rec.lock:
+            self._rec.receipts.append(ReceiptSent(self._rec.now(), seq, digest, status))
+
+
+class _LogTail:
+    """Reads the broker's log as it grows and keeps the meter's connect/subscribe lines."""
+
+    def __init__(self, rec: _Recorder, path: Path, meter_id: str) -> None:
+        self._rec = rec
+        self._path = path
+        self._meter_id = meter_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conformance-log", daemon=True)
+        self._offset = path.stat().st_size if path.exists() else 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_LOG_POLL_S):
+            self._read()
+
+    def _read(self) -> None:
+        if not self._path.exists():
+            return
+        with self._path.open("rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        end = chunk.rfind(b"\n") + 1
+        self._offset += end
+        at = self._rec.now()
+        for raw in chunk[:end].decode("utf-8", "replace").splitlines():
+            record = parse_log_line(at, raw)
+            if record is None or record.client_id != self._meter_id:
+                continue
+            with self._rec.lock:
+                if isinstance(record, Connected):
+                    self._rec.connects.append(record)
+                else:
+                    self._rec.subscribes.append(record)
+
+
+class _Doorman:
+    """Stands on the broker's port while it is down: takes each connection attempt, notes
+    when, and closes it at once, as a broker that is not there yet would fail it."""
+
+    def __init__(self, rec: _Recorder, port: int) -> None:
+        self._rec = rec
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((LOOPBACK, port))
+        self._sock.listen(64)
+        self._sock.settimeout(_LOG_POLL_S)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conformance-door", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._rec.lock:
+                self._rec.attempts.append(self._rec.now())
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+
+def _private_broker(run_dir: Path, layout: PkiLayout) -> tuple[BrokerServer, BrokerFiles]:
+    port = free_port()
+    files = render(run_dir=run_dir, pki=layout, tls_port=port, admin_port=None)
+    conf = files.conf.read_text(encoding="utf-8")
+    marker = "log_type information\n"
+    if marker not in conf:
+        raise RuntimeError("the broker template no longer logs information lines")
+    files.conf.write_text(conf.replace(marker, marker + "log_type subscribe\n"), encoding="utf-8")
+    return BrokerServer(files, port=port, admin_port=free_port()), files
+
+
+def meter_environment(
+    *, env: StackEnv, layout: PkiLayout, meter_id: str, alg: Alg, issued_key: bool, run_dir: Path
+) -> dict[str, str]:
+    """The meter command's environment: the caller's, without its METERPROOF_* variables
+    (a sourced stack.env must not send the reference meter to another broker), plus where
+    to connect and with what."""
+    device = layout.device(meter_id)
+    ours = {
+        "METERPROOF_STACK_ENV": str(run_dir / "stack.env"),
+        f"{ENV_PREFIX}MQTT_HOST": env.mqtt_host,
+        f"{ENV_PREFIX}MQTT_PORT": str(env.mqtt_port),
+        f"{ENV_PREFIX}CA_CERT": str(layout.ca_cert),
+        f"{ENV_PREFIX}CERT": str(device.cert),
+        f"{ENV_PREFIX}KEY": str(device.key),
+        f"{ENV_PREFIX}METER_ID": meter_id,
+        f"{ENV_PREFIX}ALG": alg.value,
+        f"{ENV_PREFIX}STATE_DIR": str(run_dir / "meter-state"),
+    }
+    if issued_key:
+        ours[f"{ENV_PREFIX}SIGNING_KEY"] = str(device.signing_key)
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
+    return inherited | ours
+
+
+@contextlib.contextmanager
+def _meter_process(command: str, environment: dict[str, str], log: IO[bytes]) -> Iterator[None]:
+    """The vendor's command in its own process group, stopped with SIGTERM then SIGKILL."""
+    process = subprocess.Popen(  # noqa: S602 - the vendor's own command line, by design
+        command,
+        shell=True,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(_LOG_POLL_S)
+    return predicate()
+
+
+def run_meter(
+    meter: MeterCommand, *, run_dir: Path, phases: Phases, progress: Progress
+) -> Observation:
+    """Run the phases against the vendor's meter command; everything lives in `run_dir`."""
+    run_dir = run_dir.absolute()
+    layout = PkiLayout(run_dir / "pki")
+    init_pki(layout, ca_key="ec-p384", ingest_workers=1)
+    meter_id = meter.meter_id or f"conformance-{uuid.uuid4().hex[:12]}"
+    alg = meter.key.alg if meter.key is not None else meter.alg
+    issue_device(layout, meter_id, alg=alg, rsa_bits=2048)
+    key: PublicKey = load_public_key(
+        alg, meter.key.pem if meter.key else layout.device(meter_id).signing_pub.read_bytes()
+    )
+    broker, files = _private_broker(run_dir, layout)
+    env = StackEnv.defaults(run_dir=run_dir, pki_root=layout.root, mqtt_port=broker.port)
+    env.write(run_dir / "stack.env")
+    environment = meter_environment(
+        env=env,
+        layout=layout,
+        meter_id=meter_id,
+        alg=alg,
+        issued_key=meter.key is None,
+        run_dir=run_dir,
+    )
+    rec = _Recorder(time.monotonic())
+    obs = Observation(meter_id, key, live=True)
+    progress(f"meter {meter_id} ({alg}), broker {broker.url}, files in {run_dir}")
+    broker.start()
+    observer = _Observer(
+        rec, Answerer(meter_id, key), layout=layout, port=broker.port, meter_id=meter_id
+    )
+    tail = _LogTail(rec, files.log, meter_id)
+    tail.start()
+    try:
+        observer.start()
+        with (
+            (run_dir / "meter.log").open("wb") as log,
+            _meter_process(meter.command, environment, log),
+        ):
+            progress(f"meter command started, output in {run_dir / 'meter.log'}")
+            if not _wait(lambda: bool(rec.published), phases.connect_timeout_s):
+                progress(f"no reading within {phases.connect_timeout_s:.0f} s; stopping")
+            else:
+                _phases(
+                    rec, obs, observer=observer, broker=broker, phases=phases, progress=progress
+                )
+    finally:
+        with contextlib.suppress(Exception):
+            observer.stop()
+        tail.stop()
+        if broker.is_running():
+            broker.stop()
+    with rec.lock:
+        obs.published = list(rec.published)
+        obs.connects = list(rec.connects)
+        obs.subscribes = list(rec.subscribes)
+        obs.receipts = list(rec.receipts)
+        obs.attempts = list(rec.attempts)
+    return obs
+
+
+def _phases(
+    rec: _Recorder,
+    obs: Observation,
+    *,
+    observer: _Observer,
+    broker: BrokerServer,
+    phases: Phases,
+    progress: Progress,
+) -> None:
+    progress(f"phase normal: {phases.normal_s:.0f} s, receipts flow")
+    time.sleep(phases.normal_s)
+    if phases.silence_s:
+        progress(f"phase silence: {phases.silence_s:.0f} s, receipts withheld")
+        start = rec.now()
+        observer.withhold()
+        time.sleep(phases.silence_s)
+        obs.silence = Window(start, rec.now())
+        observer.resume()
+        progress("receipts resumed")
+        time.sleep(1.0)
+    if phases.outage_s:
+        progress(f"phase outage: broker down {phases.outage_s:.0f} s, counting reconnects")
+        observer.stop()  # its own reconnects must not count as the meter's
+        broker.stop()
+        start = rec.now()
+        door = _Doorman(rec, broker.port)
+        time.sleep(phases.outage_s)
+        door.close()
+        broker.start()
+        obs.outage = Window(start, rec.now())
+        observer.start()
+        obs.reconnect_wait_s = phases.reconnect_wait_s
+        outage = obs.outage
+
+        def back() -> bool:
+            with rec.lock:
+                return any(c.at_s > outage.end_s for c in rec.connects) and any(
+                    p.at_s > outage.end_s for p in rec.published
+                )
+
+        progress("broker back; waiting for the meter to reconnect and publish")
+        if _wait(back, phases.reconnect_wait_s):
+            time.sleep(1.0)  # a moment for its receipt subscription and outbox
+        else:
+            progress(f"the meter did not come back within {phases.reconnect_wait_s:.0f} s")
