@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "fuzz": "meterproof.fuzz.cli:fuzz",
     "demo": "meterproof.demo.cli:demo",
     "p1": "meterproof.meter.p1.cli:p1",
+    "conformance": "meterproof.conformance.cli:conformance",
 }
 
 
