@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from meterproof.certs.layout import check_identity
 from meterproof.cli.errors import Group
 from meterproof.conformance.capture import key_for, load_capture
 from meterproof.conformance.checks import Verdict, run_checks
@@ -24,6 +25,13 @@ from meterproof.schemas.codec import MalformedPayload, decode_reading
 from meterproof.schemas.reading import Alg
 
 _ALGS = click.Choice([a.value for a in Alg])
+
+
+def _identity(value: str) -> str:
+    try:
+        return check_identity(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _report(verdicts: Sequence[Verdict], *, json_out: bool, **context: object) -> None:
@@ -70,9 +78,13 @@ def capture(
     "--command",
     "command",
     required=True,
-    help="The shell command that starts the meter (see the variables below).",
+    help="The shell command that starts the meter (see the variables above).",
 )
-@click.option("--meter-id", help="The meter's id  [default: a fresh conformance-<hex>]")
+@click.option(
+    "--meter-id",
+    callback=lambda _c, _p, v: v if v is None else _identity(v),
+    help="The meter's id  [default: a fresh conformance-<hex>]",
+)
 @click.option("--alg", type=_ALGS, default="EdDSA", show_default=True, help="Of the issued key.")
 @click.option(
     "--public-key",
