@@ -4,7 +4,9 @@ A shared machine's speed moves by tens of percent from minute to minute, so a fi
 from yesterday says little about today's change. Here each round drains the same backlog
 with the baseline checkout and then with this one, each through its own `meterproof
 bench ingest` (its own venv, so each side runs its own code), in a fresh temporary folder
-so neither writes into a checkout. The ratio of the means is the comparison.
+so neither writes into a checkout. The ratio of the means is the comparison; the median of
+the rounds' ratios, and the load average before each run, show how much the machine's
+other work moved it.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ def run_compare(
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for i in range(1, rounds + 1):
         for side, command in sides.items():
+            load = os.getloadavg()[0]  # what else the shared machine was doing
             run = drain_once(command, readings=readings, workers=workers, timeout_s=timeout_s)
-            runs[side].append(run)
+            runs[side].append({**run, "load_1m_before": load})
             progress(
                 f"   round {i}/{rounds} {side}: {run['drain_per_s']:,.0f} readings/s, "
                 f"{run['cpu_us_per_reading']:.1f} µs worker CPU per reading"
@@ -92,6 +95,12 @@ def run_compare(
         "means": means,
         "ratio": {
             key: means["current"][key] / means["baseline"][key]
+            for key in ("drain_per_s", "cpu_us_per_reading")
+        },
+        "median_round_ratio": {
+            key: statistics.median(
+                c[key] / b[key] for b, c in zip(runs["baseline"], runs["current"], strict=True)
+            )
             for key in ("drain_per_s", "cpu_us_per_reading")
         },
     }

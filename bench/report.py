@@ -606,13 +606,20 @@ def _bridge(data: Data, found: dict[str, Data]) -> list[str]:
     ]
 
 
+def _load_before(run: Data) -> str:
+    load = run.get("load_1m_before")
+    return "?" if load is None else f"{load:.2f}"
+
+
 def _compare(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
     rows = [
         f"| {i} | {b['drain_per_s']:,.0f} | {c['drain_per_s']:,.0f} "
-        f"| {b['cpu_us_per_reading']:.1f} | {c['cpu_us_per_reading']:.1f} |"
+        f"| {b['cpu_us_per_reading']:.1f} | {c['cpu_us_per_reading']:.1f} "
+        f"| {_load_before(b)} / {_load_before(c)} |"
         for i, (b, c) in enumerate(zip(f["runs"]["baseline"], f["runs"]["current"], strict=True), 1)
     ]
+    median = f.get("median_round_ratio")
     means, ratio = f["means"], f["ratio"]
     return [
         "## Before and after (same machine, alternating runs)",
@@ -626,16 +633,22 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
         f"- current: {f['current']}",
         "",
         "| round | baseline /s | current /s | baseline worker CPU µs / reading "
-        "| current worker CPU µs / reading |",
-        "|---|---|---|---|---|",
+        "| current worker CPU µs / reading | load average before (baseline / current) |",
+        "|---|---|---|---|---|---|",
         *rows,
         f"| **mean** | **{means['baseline']['drain_per_s']:,.0f}** "
         f"| **{means['current']['drain_per_s']:,.0f}** "
         f"| **{means['baseline']['cpu_us_per_reading']:.1f}** "
-        f"| **{means['current']['cpu_us_per_reading']:.1f}** |",
+        f"| **{means['current']['cpu_us_per_reading']:.1f}** | |",
         "",
-        f"Current / baseline: drain rate {ratio['drain_per_s']:.3f}, worker CPU per reading "
-        f"{ratio['cpu_us_per_reading']:.3f}.",
+        f"Current / baseline, ratio of the means: drain rate {ratio['drain_per_s']:.3f}, worker "
+        f"CPU per reading {ratio['cpu_us_per_reading']:.3f}."
+        + (
+            ""
+            if median is None
+            else f" Median of the rounds' ratios: {median['drain_per_s']:.3f} and "
+            f"{median['cpu_us_per_reading']:.3f}."
+        ),
         "",
         _measured(data),
         "",
