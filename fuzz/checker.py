@@ -16,7 +16,7 @@ import json
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 
@@ -131,7 +131,47 @@ class Tally:
         }
 
 
-class Checker:
+class _Counts(Protocol):
+    inputs: int
+    engines: Counter[str]
+
+
+TallyT = TypeVar("TallyT", bound=_Counts)
+
+
+class Counting(Generic[TallyT]):
+    """What a checker does around its invariants: counts each input by engine (its
+    origin's prefix), samples RSS every `sample_every` inputs, and keeps `keep` reproducers
+    per failure kind and origin (the failures themselves are all counted by the checker)."""
+
+    def __init__(self, tally: TallyT, *, keep: int, sample_every: int, warmup: int) -> None:
+        self.tally = tally
+        self.memory = Memory(warmup=warmup)
+        self._keep = keep
+        self._kept: Counter[tuple[str, str]] = Counter()
+        self._sample_every = sample_every
+        self.memory.sample(0)
+
+    def finish(self) -> None:
+        self.memory.sample(self.tally.inputs)
+
+    def _count(self, origin: str) -> None:
+        tally = self.tally
+        tally.inputs += 1
+        tally.engines[origin.split(":", 1)[0]] += 1
+        if tally.inputs % self._sample_every == 0:
+            self.memory.sample(tally.inputs)
+
+    def _keeps(self, kind: str, origin: str) -> bool:
+        """Whether this failure's reproducer is kept (the first `keep` of its kind and origin)."""
+        key = (kind, origin)
+        if self._kept[key] >= self._keep:
+            return False
+        self._kept[key] += 1
+        return True
+
+
+class Checker(Counting[Tally]):
     """Runs cases through `target` and keeps the tally; `keep` reproducers per failure
     kind and origin are kept, every failure is counted."""
 
@@ -144,22 +184,13 @@ class Checker:
         sample_every: int = 1_000,
         warmup: int = 2_000,
     ) -> None:
+        super().__init__(Tally(), keep=keep, sample_every=sample_every, warmup=warmup)
         self.target = target
-        self.tally = Tally()
-        self.memory = Memory(warmup=warmup)
         self._received_at_ms = received_at_ms
-        self._keep = keep
-        self._kept: Counter[tuple[str, str]] = Counter()
-        self._sample_every = sample_every
-        self.memory.sample(0)
 
     def check(self, case: Case) -> str | None:
         """The outcome's label, or None when the case failed (and is counted)."""
-        tally = self.tally
-        tally.inputs += 1
-        tally.engines[case.origin.split(":", 1)[0]] += 1
-        if tally.inputs % self._sample_every == 0:
-            self.memory.sample(tally.inputs)
+        self._count(case.origin)
         message = Message(case.topic, case.payload, self._received_at_ms)
         try:
             outcome = self.target(message)
@@ -177,18 +208,13 @@ class Checker:
         refused = unstorable(outcome)
         if refused is not None:
             return self._fail("unstorable", case, f"{name}: {refused}")
-        tally.outcomes[name] += 1
+        self.tally.outcomes[name] += 1
         return name
-
-    def finish(self) -> None:
-        self.memory.sample(self.tally.inputs)
 
     def _fail(self, kind: str, case: Case, detail: str) -> str | None:
         self.tally.failures[kind] += 1
         self.tally.outcomes[f"FAILED:{kind}"] += 1
-        key = (kind, case.origin)
-        if self._kept[key] < self._keep:
-            self._kept[key] += 1
+        if self._keeps(kind, case.origin):
             self.tally.examples.append(Failure(kind, case.origin, case.topic, case.payload, detail))
         return None  # the checker's answer for "this case failed"
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import click
 
@@ -17,7 +17,7 @@ from meterproof.fuzz.checker import MIB, Checker, Memory, Tally
 from meterproof.fuzz.engines import (
     atheris_available,
     run_atheris,
-    run_hypothesis,
+    run_hypothesis_chunks,
     run_mutations,
     run_vectors,
 )
@@ -26,23 +26,28 @@ from meterproof.fuzz.target import PipelineTarget, Target, fleet_topics, load_fl
 from meterproof.fuzz.wire import (
     WireChecker,
     WireTally,
-    run_wire_hypothesis,
     run_wire_mutations,
     seed_streams,
+    wire_streams,
 )
 
 ENGINES = ("all", "hypothesis", "mutate", "atheris")
 TARGETS = ("pipeline", "wire")
 
 
+TallyT = TypeVar("TallyT", Tally, WireTally)
+
+
 @dataclass(slots=True)
-class Report:
-    tally: Tally
+class CampaignReport(Generic[TallyT]):
+    """What a campaign reports, whichever its target; `Report` and `WireReport` add what
+    leads their JSON."""
+
+    tally: TallyT
     memory: Memory
     seconds: float
     atheris: str  # "yes", "no (not installed)", "not asked"
     atheris_memory: dict[str, Any] | None = None
-    shares: dict[str, int] = field(default_factory=dict)
 
     def memory_failures(self, bound_mib: float) -> list[str]:
         out = []
@@ -54,15 +59,29 @@ class Report:
 
     def to_json(self, bound_mib: float) -> dict[str, Any]:
         return {
-            "inputs": self.tally.inputs,
-            "seconds": round(self.seconds, 2),
-            "rate_per_s": round(self.tally.inputs / self.seconds) if self.seconds else None,
-            "shares": self.shares,
+            **self._lead_json(),
             "atheris": self.atheris,
             "memory_bound_mib": bound_mib,
             "memory": self.memory.to_json(),
             "atheris_memory": self.atheris_memory,
             **self.tally.to_json(),
+        }
+
+    def _lead_json(self) -> dict[str, Any]:
+        """The keys that open the JSON, before the shared ones."""
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class Report(CampaignReport[Tally]):
+    shares: dict[str, int] = field(default_factory=dict)
+
+    def _lead_json(self) -> dict[str, Any]:
+        return {
+            "inputs": self.tally.inputs,
+            "seconds": round(self.seconds, 2),
+            "rate_per_s": round(self.tally.inputs / self.seconds) if self.seconds else None,
+            "shares": self.shares,
         }
 
 
@@ -74,6 +93,18 @@ def split(payloads: int, engine: str, *, with_atheris: bool) -> dict[str, int]:
     hyp = payloads * 2 // 5
     ath = payloads // 5 if with_atheris else 0
     return {"hypothesis": hyp, "mutate": payloads - hyp - ath, "atheris": ath}
+
+
+def _run_atheris(
+    tally: Tally | WireTally, *, target: str, corpus: list[bytes], count: int, seed: int
+) -> dict[str, Any]:
+    """atheris's share, in its subprocess: its tally is added to `tally`; returns its memory."""
+    result = run_atheris(
+        target=target, corpus=corpus, count=count, seed=seed, timeout_s=120 + count / 100
+    )
+    tally.merge(result["tally"])
+    memory: dict[str, Any] = result["memory"]
+    return memory
 
 
 def run_campaign(
@@ -116,9 +147,10 @@ def run_campaign(
     if shares.get("hypothesis"):
         if echo:
             click.echo(f"hypothesis: {shares['hypothesis']:,} structured cases", err=True)
-        run_hypothesis(
-            checker,
-            generators,
+        run_hypothesis_chunks(
+            generators.cases(),
+            checker.check,
+            lambda: checker.tally.inputs,
             count=shares["hypothesis"],
             seed=seed,
             progress=_every(progress, 20),
@@ -133,15 +165,13 @@ def run_campaign(
         if echo:
             click.echo(f"atheris: {shares['atheris']:,} libFuzzer inputs (subprocess)", err=True)
         topics = fleet_topics(fleet)
-        result = run_atheris(
+        atheris_memory = _run_atheris(
+            checker.tally,
             target="pipeline",
             corpus=[bytes([topics.index(topic)]) + payload for topic, payload in seeds],
             count=shares["atheris"],
             seed=seed,
-            timeout_s=120 + shares["atheris"] / 100,
         )
-        checker.tally.merge(result["tally"])
-        atheris_memory = result["memory"]
         atheris_state = "yes"
     elif engine == "all":
         atheris_state = "no (not installed)" if not have_atheris else "not asked"
@@ -156,31 +186,9 @@ def run_campaign(
 
 
 @dataclass(slots=True)
-class WireReport:
-    tally: WireTally
-    memory: Memory
-    seconds: float
-    atheris: str
-    atheris_memory: dict[str, Any] | None = None
-
-    def memory_failures(self, bound_mib: float) -> list[str]:
-        out = []
-        if self.memory.growth > bound_mib * MIB:
-            out.append(f"in-process RSS grew {self.memory.growth / MIB:.1f} MiB after warm-up")
-        if self.atheris_memory and self.atheris_memory["growth"] > bound_mib * MIB:
-            out.append(f"atheris RSS grew {self.atheris_memory['growth'] / MIB:.1f} MiB")
-        return out
-
-    def to_json(self, bound_mib: float) -> dict[str, Any]:
-        return {
-            "target": "wire",
-            "seconds": round(self.seconds, 2),
-            "atheris": self.atheris,
-            "memory_bound_mib": bound_mib,
-            "memory": self.memory.to_json(),
-            "atheris_memory": self.atheris_memory,
-            **self.tally.to_json(),
-        }
+class WireReport(CampaignReport[WireTally]):
+    def _lead_json(self) -> dict[str, Any]:
+        return {"target": "wire", "seconds": round(self.seconds, 2)}
 
 
 def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True) -> WireReport:
@@ -205,8 +213,13 @@ def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True)
     for stream in seeds:
         checker.check(stream, "seeds:wire")
     if shares.get("hypothesis"):
-        run_wire_hypothesis(
-            checker, count=shares["hypothesis"], seed=seed, progress=_every(progress, 20)
+        run_hypothesis_chunks(
+            wire_streams(),
+            lambda data: checker.check(data, "hypothesis:stream"),
+            lambda: checker.tally.inputs,
+            count=shares["hypothesis"],
+            seed=seed,
+            progress=_every(progress, 20),
         )
     if shares.get("mutate"):
         run_wire_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
@@ -214,15 +227,9 @@ def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True)
     atheris_state = "no (not installed)" if engine == "all" and not have_atheris else "not asked"
     atheris_memory = None
     if shares.get("atheris"):
-        result = run_atheris(
-            target="wire",
-            corpus=seeds,
-            count=shares["atheris"],
-            seed=seed,
-            timeout_s=120 + shares["atheris"] / 100,
+        atheris_memory = _run_atheris(
+            checker.tally, target="wire", corpus=seeds, count=shares["atheris"], seed=seed
         )
-        checker.tally.merge(result["tally"])
-        atheris_memory = result["memory"]
         atheris_state = "yes"
     return WireReport(
         checker.tally, checker.memory, time.perf_counter() - started, atheris_state, atheris_memory
@@ -230,8 +237,7 @@ def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True)
 
 
 def wire_summary(report: WireReport, bound_mib: float) -> str:
-    t, m = report.tally, report.memory
-    failures = sum(t.failures.values())
+    t = report.tally
     lines = [
         f"inputs: {t.inputs:,} raw streams in {report.seconds:.1f} s; engines: "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(t.engines.items())),
@@ -240,20 +246,8 @@ def wire_summary(report: WireReport, bound_mib: float) -> str:
         *(f"  {name:<22} {n:>9,}" for name, n in sorted(t.packets.items())),
         "dropped, by reason:",
         *(f"  {name:<22} {n:>9,}" for name, n in sorted(t.drops.items())),
-        f"rss (in-process): start {m.start / MIB:.1f} MiB, after warm-up "
-        f"{(m.warm or m.start) / MIB:.1f}, peak {m.peak / MIB:.1f}, end {m.end / MIB:.1f}; "
-        f"growth {m.growth / MIB:+.1f} MiB (bound {bound_mib:g})",
+        *_memory_and_failures(report, bound_mib),
     ]
-    if report.atheris_memory:
-        a = report.atheris_memory
-        lines.append(
-            f"rss (atheris): start {a['start'] / MIB:.1f} MiB, peak {a['peak'] / MIB:.1f}, "
-            f"end {a['end'] / MIB:.1f}; growth {a['growth'] / MIB:+.1f} MiB"
-        )
-    lines.append(
-        f"failures: {failures}"
-        + (" (" + ", ".join(f"{k} {v}" for k, v in t.failures.items()) + ")" if failures else "")
-    )
     return "\n".join(lines)
 
 
@@ -269,7 +263,7 @@ def _every(progress: Callable[[], None], n: int) -> Callable[[], None]:
 
 
 def summary(report: Report, bound_mib: float) -> str:
-    t, m = report.tally, report.memory
+    t = report.tally
     lines = [
         f"inputs: {t.inputs:,} in {report.seconds:.1f} s "
         f"({t.inputs / max(report.seconds, 1e-9):,.0f}/s); engines: "
@@ -277,6 +271,15 @@ def summary(report: Report, bound_mib: float) -> str:
         f"atheris: {report.atheris}",
         "outcomes:",
         *(f"  {name:<22} {n:>9,}" for name, n in sorted(t.outcomes.items())),
+        *_memory_and_failures(report, bound_mib),
+    ]
+    return "\n".join(lines)
+
+
+def _memory_and_failures(report: CampaignReport[Any], bound_mib: float) -> list[str]:
+    """The last lines of either summary: RSS in-process and under atheris, then failures."""
+    m, failures = report.memory, report.tally.failures
+    lines = [
         f"rss (in-process): start {m.start / MIB:.1f} MiB, after warm-up "
         f"{(m.warm or m.start) / MIB:.1f}, peak {m.peak / MIB:.1f}, end {m.end / MIB:.1f}; "
         f"growth {m.growth / MIB:+.1f} MiB (bound {bound_mib:g})",
@@ -287,12 +290,12 @@ def summary(report: Report, bound_mib: float) -> str:
             f"rss (atheris): start {a['start'] / MIB:.1f} MiB, peak {a['peak'] / MIB:.1f}, "
             f"end {a['end'] / MIB:.1f}; growth {a['growth'] / MIB:+.1f} MiB"
         )
-    failures = sum(t.failures.values())
+    total = sum(failures.values())
     lines.append(
-        f"failures: {failures}"
-        + (" (" + ", ".join(f"{k} {v}" for k, v in t.failures.items()) + ")" if failures else "")
+        f"failures: {total}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in failures.items()) + ")" if total else "")
     )
-    return "\n".join(lines)
+    return lines
 
 
 @click.command()

@@ -12,16 +12,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
+from hypothesis.strategies import SearchStrategy
 
 from meterproof.fuzz.checker import Case, Checker
-from meterproof.fuzz.generate import Generators
 from meterproof.fuzz.target import Fleet
 
 Progress = Callable[[], None]
+T = TypeVar("T")
 CHUNK: Final = 500
 
 #: Bytes and tokens that change how a JSON parser or validator reads what follows.
@@ -43,16 +44,23 @@ def run_vectors(checker: Checker, fleet: Fleet) -> None:
         checker.check(Case(topic, payload, "vectors:spec", expect))
 
 
-def run_hypothesis(
-    checker: Checker, generators: Generators, *, count: int, seed: int, progress: Progress
+def run_hypothesis_chunks(
+    strategy: SearchStrategy[T],
+    check: Callable[[T], object],
+    inputs: Callable[[], int],
+    *,
+    count: int,
+    seed: int,
+    progress: Progress,
 ) -> None:
-    """In chunks of fresh `given` runs: hypothesis remembers every example of a run, so one
-    run of 100,000 would grow memory that is hypothesis's, not the worker path's."""
-    strategy = generators.cases()
-    target = checker.tally.inputs + count
+    """`count` more inputs (as `inputs()` counts them) from `strategy` through `check`, in
+    chunks of fresh `given` runs of at most CHUNK examples: hypothesis remembers every
+    example of a run, so one run of 100,000 would grow memory that is hypothesis's, not the
+    code under test's. Chunk `n` is seeded `seed * 1_000_003 + n`; `progress` after each."""
+    target = inputs() + count
     chunk = 0
-    while checker.tally.inputs < target:
-        n = min(CHUNK, target - checker.tally.inputs)
+    while inputs() < target:
+        n = min(CHUNK, target - inputs())
 
         @hypothesis_seed(seed * 1_000_003 + chunk)
         @settings(
@@ -64,14 +72,14 @@ def run_hypothesis(
             verbosity=Verbosity.quiet,
         )
         @given(strategy)
-        def run(case: Case) -> None:
-            checker.check(case)
+        def run(example: T) -> None:
+            check(example)
 
-        before = checker.tally.inputs
+        before = inputs()
         run()
         chunk += 1
         progress()
-        if checker.tally.inputs == before:
+        if inputs() == before:
             break  # hypothesis found nothing more to generate; never spin
 
 

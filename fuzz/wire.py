@@ -21,16 +21,13 @@ import base64
 import random
 import traceback
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from meterproof.fuzz.checker import Memory
-from meterproof.fuzz.engines import CHUNK, mutate
+from meterproof.fuzz.checker import Counting
+from meterproof.fuzz.engines import Progress, mutate
 from meterproof.ingest import _wire as wire
 from meterproof.ingest._wire import Drop, Puback, Publish
 
@@ -125,25 +122,16 @@ def _puback_problem(first: int, puback: Puback) -> str | None:
     return None
 
 
-class WireChecker:
+class WireChecker(Counting[WireTally]):
     """Runs raw inputs through the framing and keeps the tally; `keep` reproducers per
     failure kind and origin are kept, every failure is counted."""
 
     def __init__(self, *, keep: int = 3, sample_every: int = 1_000, warmup: int = 2_000) -> None:
-        self.tally = WireTally()
-        self.memory = Memory(warmup=warmup)
-        self._keep = keep
-        self._kept: Counter[tuple[str, str]] = Counter()
-        self._sample_every = sample_every
-        self.memory.sample(0)
+        super().__init__(WireTally(), keep=keep, sample_every=sample_every, warmup=warmup)
 
     def check(self, data: bytes, origin: str) -> bool:
         """True when every invariant held (a failure is counted and kept)."""
-        tally = self.tally
-        tally.inputs += 1
-        tally.engines[origin.split(":", 1)[0]] += 1
-        if tally.inputs % self._sample_every == 0:
-            self.memory.sample(tally.inputs)
+        self._count(origin)
         try:
             problem = self._examine(data)
         except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
@@ -151,15 +139,10 @@ class WireChecker:
         if problem is None:
             return True
         kind, detail = problem
-        tally.failures[kind] += 1
-        key = (kind, origin)
-        if self._kept[key] < self._keep:
-            self._kept[key] += 1
-            tally.examples.append(WireFailure(kind, origin, data, detail))
+        self.tally.failures[kind] += 1
+        if self._keeps(kind, origin):
+            self.tally.examples.append(WireFailure(kind, origin, data, detail))
         return False
-
-    def finish(self) -> None:
-        self.memory.sample(self.tally.inputs)
 
     def _examine(self, data: bytes) -> tuple[str, str] | None:
         frames = wire.split(data)
@@ -304,38 +287,6 @@ def wire_streams() -> st.SearchStrategy[bytes]:
     return st.builds(
         _cut, st.lists(_packet(), min_size=1, max_size=4), st.sampled_from((0, 0, 0, 1, 3))
     )
-
-
-Progress = Callable[[], None]
-
-
-def run_wire_hypothesis(checker: WireChecker, *, count: int, seed: int, progress: Progress) -> None:
-    """In chunks of fresh `given` runs, as the payload campaign does (bounded memory)."""
-    target = checker.tally.inputs + count
-    chunk = 0
-    strategy = wire_streams()
-    while checker.tally.inputs < target:
-        n = min(CHUNK, target - checker.tally.inputs)
-
-        @hypothesis_seed(seed * 1_000_003 + chunk)
-        @settings(
-            max_examples=n,
-            database=None,
-            deadline=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-            verbosity=Verbosity.quiet,
-        )
-        @given(strategy)
-        def run(data: bytes) -> None:
-            checker.check(data, "hypothesis:stream")
-
-        before = checker.tally.inputs
-        run()
-        chunk += 1
-        progress()
-        if checker.tally.inputs == before:
-            break
 
 
 def run_wire_mutations(
