@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ TallyT = TypeVar("TallyT", Tally, WireTally)
 
 
 @dataclass(slots=True)
-class CampaignReport(Generic[TallyT]):
+class CampaignReport(ABC, Generic[TallyT]):
     """What a campaign reports, whichever its target; `Report` and `WireReport` add what
     leads their JSON."""
 
@@ -67,9 +68,9 @@ class CampaignReport(Generic[TallyT]):
             **self.tally.to_json(),
         }
 
+    @abstractmethod
     def _lead_json(self) -> dict[str, Any]:
         """The keys that open the JSON, before the shared ones."""
-        raise NotImplementedError
 
 
 @dataclass(slots=True)
