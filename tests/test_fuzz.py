@@ -115,6 +115,19 @@ def test_an_unknown_key_with_nul_is_storable() -> None:
     assert unstorable(outcome) is None
 
 
+def test_a_topic_with_nul_names_no_meter_and_is_storable() -> None:
+    """The broker and the wire module refuse such a topic; the worker must not depend on it:
+    a NUL segment names no meter (nothing is quarantined or queried) and the stored topic is
+    escaped, so the rejection commits instead of poisoning its batch."""
+    fleet = load_fleet()
+    _, valid, _ = fleet.vector_cases[0]
+    outcome = PipelineTarget(fleet)(Message("meters/a\x00b/readings", valid, fleet.now_ms))
+    assert isinstance(outcome, Rejection)
+    assert outcome.reason is RejectReason.TOPIC_MISMATCH
+    assert outcome.meter_id is None
+    assert unstorable(outcome) is None
+
+
 @pytest.mark.slow
 def test_a_ci_sized_wire_campaign_keeps_every_invariant() -> None:
     report = run_wire_campaign(inputs=3_000, engine="all", seed=7, echo=False)
