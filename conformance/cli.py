@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import click
 
@@ -23,6 +24,9 @@ from meterproof.conformance.report import as_json, as_table, passed
 from meterproof.errors import InputError
 from meterproof.schemas.codec import MalformedPayload, decode_reading
 from meterproof.schemas.reading import Alg
+
+#: The phases' defaults, declared once in `Phases`.
+_DEFAULT: Final = Phases()
 
 _ALGS = click.Choice([a.value for a in Alg])
 
@@ -94,35 +98,35 @@ def capture(
 @click.option(
     "--normal",
     type=click.FloatRange(min=1),
-    default=8.0,
+    default=_DEFAULT.normal_s,
     show_default=True,
     help="Seconds of normal operation, receipts flowing.",
 )
 @click.option(
     "--silence",
     type=click.FloatRange(min=0),
-    default=10.0,
+    default=_DEFAULT.silence_s,
     show_default=True,
     help="Seconds without receipts; the meter must republish (0: skip).",
 )
 @click.option(
     "--outage",
     type=click.FloatRange(min=0),
-    default=8.0,
+    default=_DEFAULT.outage_s,
     show_default=True,
     help="Seconds the broker is down; reconnects are counted (0: skip).",
 )
 @click.option(
     "--connect-timeout",
     type=click.FloatRange(min=1),
-    default=20.0,
+    default=_DEFAULT.connect_timeout_s,
     show_default=True,
     help="Seconds to wait for the first reading.",
 )
 @click.option(
     "--reconnect-wait",
     type=click.FloatRange(min=1),
-    default=20.0,
+    default=_DEFAULT.reconnect_wait_s,
     show_default=True,
     help="Seconds to wait for the meter after the outage.",
 )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -61,6 +60,7 @@ from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import PublicKey, load_public_key
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.commands import stop_command
 from meterproof.stack.process import LOOPBACK, free_port
 
 #: The variables a meter command is started with (docs/conformance.md, `--help`).
@@ -338,14 +338,7 @@ def _meter_process(command: str, environment: dict[str, str], log: IO[bytes]) ->
     try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_command(process, timeout_s=_STOP_GRACE_S)
 
 
 def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
