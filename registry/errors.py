@@ -26,3 +26,14 @@ class MeterExistsError(RegistryError, ConflictError):
 
 class StateError(RegistryError, ConflictError):
     """The meter's state forbids the change (a decommissioned meter stays decommissioned)."""
+
+
+class RefusedError(RegistryError, InputError):
+    """A proof, challenge or grant that is refused; `code` is its stable reason code.
+
+    The refusal is recorded (security or consent events) and nothing else changed.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, set[str]]] = [
     ("contract", {"schemas"}),
     ("neutral", {"config", "errors", "backoff", "probes", "cli"}),
-    ("infrastructure", {"certs", "mosquitto", "registry", "db"}),
+    ("infrastructure", {"certs", "mosquitto", "registry", "db", "consent"}),
     ("product", {"meter", "ingest", "bridge"}),
     ("tools", {"stack", "bench", "chaos", "fuzz", "demo", "conformance", "__main__"}),
 ]

@@ -1,0 +1,94 @@
+"""The one decision every door asks: may integrator X see reading R for scope S?
+
+The MQTT live feed (ingest/audience.py) and the HTTP API's reads and streams all call
+`may_see`; none of them filters by itself. `ConsentView` is a snapshot of the active
+consents, resolved to meters through the *current* wallet links, so a meter that changes
+owner leaves the old owner's wallet-wide consents at once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from meterproof.consent.model import Decision, Grant, Refusal, Scope
+
+
+class ConsentView:
+    """Active grants indexed by (integrator, meter) and by meter; immutable once built."""
+
+    def __init__(
+        self,
+        *,
+        integrators: Mapping[str, bool],
+        grants: Iterable[Grant],
+        links: Mapping[str, str],
+    ) -> None:
+        """`integrators`: name -> active; `links`: meter id -> its current account."""
+        self._integrators = dict(integrators)
+        meters_of: dict[str, list[str]] = defaultdict(list)
+        for meter_id, account in links.items():
+            meters_of[account].append(meter_id)
+        self._grants: dict[tuple[str, str], list[Grant]] = defaultdict(list)
+        self._audience: dict[str, set[str]] = defaultdict(set)
+        for grant in grants:
+            if grant.meter_id is not None:
+                meters = [grant.meter_id]
+            else:
+                meters = meters_of.get(grant.account or "", [])
+            for meter_id in meters:
+                self._grants[grant.integrator, meter_id].append(grant)
+                if Scope.LIVE in grant.scopes and self._integrators.get(grant.integrator):
+                    self._audience[meter_id].add(grant.integrator)
+        self.size = sum(len(g) for g in self._grants.values())
+
+    def integrator_active(self, name: str) -> bool | None:
+        """True, False (revoked), or None (unknown)."""
+        return self._integrators.get(name)
+
+    def grants(self, integrator: str, meter_id: str) -> list[Grant]:
+        return self._grants.get((integrator, meter_id), [])
+
+    def live_candidates(self, meter_id: str) -> set[str]:
+        """Integrators with some live grant for the meter: each still goes through
+        `may_see`, which checks the reading's time and the expiry."""
+        return self._audience.get(meter_id, set())
+
+
+EMPTY = ConsentView(integrators={}, grants=(), links={})
+
+
+def may_see(
+    integrator: str, meter_id: str, ts_ms: int, scope: Scope, *, view: ConsentView, now_ms: int
+) -> Decision:
+    """Allowed when an active, unexpired consent of `integrator` covers the meter, the
+    scope and the reading time `ts_ms`; otherwise the most specific refusal."""
+    active = view.integrator_active(integrator)
+    if active is None:
+        return Decision(refusal=Refusal.UNKNOWN_INTEGRATOR)
+    if not active:
+        return Decision(refusal=Refusal.INTEGRATOR_REVOKED)
+    refusal = Refusal.NO_CONSENT
+    for grant in view.grants(integrator, meter_id):
+        if grant.expired(now_ms):
+            refusal = min(refusal, Refusal.EXPIRED, key=_SPECIFICITY.__getitem__)
+        elif scope not in grant.scopes:
+            refusal = min(refusal, Refusal.SCOPE, key=_SPECIFICITY.__getitem__)
+        elif not grant.covers_time(ts_ms):
+            refusal = min(refusal, Refusal.PERIOD, key=_SPECIFICITY.__getitem__)
+        else:
+            return Decision(consent=grant.id)
+    return Decision(refusal=refusal)
+
+
+def live_audience(meter_id: str, ts_ms: int, view: ConsentView, now_ms: int) -> list[str]:
+    """The integrators who receive this reading on their live feed, sorted."""
+    return sorted(
+        name
+        for name in view.live_candidates(meter_id)
+        if may_see(name, meter_id, ts_ms, Scope.LIVE, view=view, now_ms=now_ms).allowed
+    )
+
+
+#: When several consents refuse, the one closest to allowing names the reason.
+_SPECIFICITY = {Refusal.PERIOD: 0, Refusal.SCOPE: 1, Refusal.EXPIRED: 2, Refusal.NO_CONSENT: 3}
