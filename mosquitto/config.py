@@ -215,6 +215,7 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
         f"topic read {topics.READINGS_FILTER}",
         f"topic write {topics.RECEIPTS_FILTER}",
         f"topic write {topics.VERIFIED_ALL}",
+        f"topic write {topics.INTEGRATORS_VERIFIED_ALL}",
     ]
     yield (
         "# The dynamic-security admin: its plugin role grants $CONTROL, this file nothing.\n"
@@ -245,10 +246,11 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
     for name in integrators:
         yield "\n".join(
             [
-                f"# Integrator {name!r}: reads verified readings and ledger epochs only",
+                f"# Integrator {name!r}: its consented feed (workers publish only what the"
+                " owners' consents cover) and ledger epochs",
                 f"user {_checked(name)}",
                 f"topic deny {topics.of_meter(name)}",
-                f"topic read {topics.VERIFIED_ALL}",
+                f"topic read {topics.integrator_feed(name)}",
                 f"topic read {topics.LEDGER_ALL}",
             ]
         )

@@ -1,8 +1,10 @@
 """Every MQTT topic of the wire contract, spelled once.
 
-A meter publishes on `meters/{id}/readings` and hears on `meters/{id}/receipts`;
-integrators read `verified/{id}/readings`; the bridge announces epochs on
-`ledger/epochs`. Meter ids never contain `/`, `+` or `#` (`reading.METER_ID_PATTERN`).
+A meter publishes on `meters/{id}/readings` and hears on `meters/{id}/receipts`; every
+verified reading goes to `verified/{id}/readings` (services: the bridge), and to
+`integrators/{name}/verified/{id}/readings` for each integrator whose consent covers it;
+the bridge announces epochs on `ledger/epochs`. Meter ids and integrator names never
+contain `/`, `+` or `#` (`reading.METER_ID_PATTERN`, `certs.layout.IDENTITY_RE`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ LEDGER_EPOCHS: Final = "ledger/epochs"
 #: Everything under a root, as broker ACLs grant it.
 VERIFIED_ALL: Final = "verified/#"
 LEDGER_ALL: Final = "ledger/#"
+#: Every integrator's consented feed, as the ingest workers' ACL grants it.
+INTEGRATORS_VERIFIED_ALL: Final = "integrators/+/verified/#"
 
 _READINGS_PREFIX: Final = "meters/"
 _READINGS_SUFFIX: Final = "/readings"
@@ -31,6 +35,16 @@ def receipts(meter_id: str) -> str:
 
 def verified(meter_id: str) -> str:
     return f"verified/{meter_id}/readings"
+
+
+def integrator_verified(integrator: str, meter_id: str) -> str:
+    """One integrator's copy of a meter's verified readings (docs/consent.md)."""
+    return f"integrators/{integrator}/verified/{meter_id}/readings"
+
+
+def integrator_feed(integrator: str) -> str:
+    """Everything one integrator may read of verified readings, as its ACL names it."""
+    return f"integrators/{integrator}/verified/#"
 
 
 def of_meter(meter_id: str) -> str:

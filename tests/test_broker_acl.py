@@ -516,15 +516,19 @@ def test_meter_reads_only_its_own_receipts(mq: Broker) -> None:
     meter.assert_no_message()
 
 
-def test_integrator_reads_verified_and_ledger_and_publishes_nothing(mq: Broker) -> None:
+def test_integrator_reads_its_own_feed_and_ledger_and_publishes_nothing(mq: Broker) -> None:
+    """The raw verified stream is for services: an integrator's `verified/#` receives
+    nothing, its own consented feed everything the workers put there, another
+    integrator's feed nothing (docs/consent.md)."""
     meter_id, _ = mq.meter("integ")
     integrator = mq.connected(mq.pki.integrator(INTEGRATOR))
-    integrator.subscribe("verified/#", "ledger/#")
+    integrator.subscribe("verified/#", "ledger/#", "integrators/#")
     ingest = mq.connected(mq.pki.service(INGEST))
     bridge = mq.connected(mq.pki.service("bridge"))
 
     for topic in (
         f"verified/{meter_id}/readings",
+        f"integrators/{INTEGRATOR}/verified/{meter_id}/readings",
         "ledger/epochs",
         f"meters/{INTEGRATOR}/readings",
         f"meters/{meter_id}/readings",
@@ -532,10 +536,15 @@ def test_integrator_reads_verified_and_ledger_and_publishes_nothing(mq: Broker) 
     ):
         assert integrator.publish(topic, b"x") == NOT_AUTHORIZED, topic
 
-    assert ingest.publish(f"verified/{meter_id}/readings", b"verified") == 0
-    assert integrator.next_message().topic == f"verified/{meter_id}/readings"
+    assert ingest.publish(f"verified/{meter_id}/readings", b"raw") == 0
+    assert ingest.publish(f"integrators/someone-else/verified/{meter_id}/readings", b"no") == 0
+    own = f"integrators/{INTEGRATOR}/verified/{meter_id}/readings"
+    assert ingest.publish(own, b"consented") == 0
+    message = integrator.next_message()
+    assert (message.topic, message.payload) == (own, b"consented")
     assert bridge.publish("ledger/epochs", b"epoch") == 0
     assert integrator.next_message().topic == "ledger/epochs"
+    integrator.assert_no_message()
 
 
 def test_bridge_writes_ledger_only(mq: Broker) -> None:
