@@ -34,6 +34,7 @@ from psycopg import AsyncConnection
 from meterproof.backoff import Backoff
 from meterproof.errors import UnavailableError
 from meterproof.ingest import telemetry as t
+from meterproof.ingest.audience import Audience
 from meterproof.ingest.batcher import next_batch
 from meterproof.ingest.decode import Decoded
 from meterproof.ingest.judge import RateLimit
@@ -48,6 +49,7 @@ from meterproof.ingest.source import Delivery, Source, mqtt_source
 from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
 from meterproof.ingest.verify import TimeBounds
 from meterproof.probes import serve_probes
+from meterproof.schemas import topics
 from meterproof.schemas.reading import RejectReason
 from meterproof.schemas.timestamps import wall_ms
 
@@ -142,6 +144,7 @@ class Worker:
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
         self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
+        self._audience = Audience(database_url=settings.database_url)
         self._replay: ReplayCache = (
             RedisReplayCache(settings.redis_url, ttl_s=settings.replay_ttl_s)
             if settings.redis_url
@@ -157,7 +160,11 @@ class Worker:
         self.failed = False
 
     def ready(self) -> bool:
-        return self._source.connected and self._keys.listening.is_set()
+        return (
+            self._source.connected
+            and self._keys.listening.is_set()
+            and self._audience.loaded.is_set()
+        )
 
     def _receive(self, delivery: Delivery) -> None:
         """Called by the source for every delivery; its PUBACK follows the batch's commit."""
@@ -185,6 +192,7 @@ class Worker:
         at a time and in arrival order, so each judges against everything committed before
         it."""
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
+        audience = asyncio.create_task(self._audience.run(self.stopping), name="consent-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
         await self._source.start(self._receive)
         log.info("worker_started", client_id=self.settings.client_id)
@@ -212,7 +220,7 @@ class Worker:
             if self._announcing is not None:
                 await self._announcing
             watchdog.cancel()
-            await self._shutdown(listener)
+            await self._shutdown(listener, audience)
 
     async def _next_batch(self) -> list[Delivery] | None:
         """The next batch, or None once stopping."""
@@ -233,14 +241,15 @@ class Worker:
         t.QUEUE_DEPTH.set(self._queue.qsize())
         return getter.result()
 
-    async def _shutdown(self, listener: asyncio.Task[None]) -> None:
+    async def _shutdown(self, *listeners: asyncio.Task[None]) -> None:
         """Disconnect first, so nothing more is taken and no PUBACK can follow; what is
         still queued was never committed and will be redelivered."""
         self.stopping.set()
         await self._source.stop()
         dropped = self._queue.qsize()
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
+        for listener in listeners:
+            listener.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
         await self._keys.close()
         await self._replay.close()
         if self._store is not None:
@@ -348,14 +357,22 @@ class Worker:
         return self._store
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
-        """Receipts and verified readings of a committed batch, then Redis learns it."""
+        """Receipts, verified readings and the integrators' consented copies of a committed
+        batch, then Redis learns it."""
         items: list[tuple[str, bytes]] = []
+        now_ms = self._clock()
         for o in outcomes:
             r = receipt(o)
             if r is not None:
                 items.append(r)
             if isinstance(o, Accepted):
-                items.append(verified(o.candidate))
+                topic, body = verified(o.candidate)
+                items.append((topic, body))
+                meter_id, ts = o.candidate.reading.meter_id, o.candidate.reading.ts
+                items.extend(
+                    (topics.integrator_verified(name, meter_id), body)
+                    for name in self._audience.of(meter_id, ts, now_ms)
+                )
         await self._source.publish_many(items)
         await self._replay.remember(
             [
