@@ -26,7 +26,7 @@ from meterproof.certs.authority import Authority
 from meterproof.certs.errors import UnknownIdentityError
 from meterproof.certs.identities import load_identity
 from meterproof.certs.keys import PRIVATE_FILE_MODE, replace_file
-from meterproof.certs.layout import PkiLayout
+from meterproof.certs.layout import IdentityFiles, PkiLayout
 
 CRL_VALIDITY: Final = timedelta(days=30)
 
@@ -134,13 +134,18 @@ def revoke(layout: PkiLayout, meter_id: str) -> RevokeResult:
     files = layout.device(meter_id)
     if not files.meta.exists():
         raise UnknownIdentityError(f"no meter {meter_id!r} in {layout.root}")
+    return revoke_identity(layout, files, meter_id)
+
+
+def revoke_identity(layout: PkiLayout, files: IdentityFiles, name: str) -> RevokeResult:
+    """`revoke` for any identity the CA issued (a meter, an integrator)."""
     serial = load_identity(files).serial
     authority = Authority.load(layout)
     with _locked(layout):
         entries = read_revoked(layout)
         already = any(entry.serial == serial for entry in entries)
         if not already:
-            entries.append(RevokedEntry(serial, meter_id, datetime.now(UTC)))
+            entries.append(RevokedEntry(serial, name, datetime.now(UTC)))
             _write_index(layout, entries)
         next_update = _write_crl(layout, authority, entries)
-    return RevokeResult(meter_id, serial, already, layout.crl, next_update)
+    return RevokeResult(name, serial, already, layout.crl, next_update)

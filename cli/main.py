@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "ledger": "meterproof.bridge.cli:ledger",
     "db": "meterproof.db.cli:db",
     "meters": "meterproof.registry.cli:meters",
+    "integrators": "meterproof.consent.cli:integrators",
+    "consent": "meterproof.consent.cli:consent",
     "bench": "meterproof.bench.cli:bench",
     "chaos": "meterproof.chaos.cli:chaos",
     "fuzz": "meterproof.fuzz.cli:fuzz",

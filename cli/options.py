@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
-from meterproof.config import stack_env_file
+from meterproof.config import StackEnv, stack_env_file
+from meterproof.errors import first_line
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 stack_env_option = click.option(
     "--stack-env",
@@ -16,3 +24,34 @@ stack_env_option = click.option(
     help="The running stack's addresses (broker, PKI folder, database); if the file is "
     "absent there is no running stack. METERPROOF_* variables win over it.",
 )
+
+
+def database_option(command: F) -> F:
+    return click.option(
+        "--database-url",
+        envvar="METERPROOF_DATABASE_URL",
+        help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
+    )(command)
+
+
+@contextmanager
+def connect_database(database_url: str | None) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to `database_url` or the running stack's database."""
+    url = database_url or StackEnv.load().database_url
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        raise click.ClickException(
+            f"database unreachable at {_where(url)}: {first_line(exc)}"
+        ) from None
+    with conn:
+        yield conn
+
+
+def _where(url: str) -> str:
+    """host:port/dbname, without a password the URL may carry."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the given URL (unparsable)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"

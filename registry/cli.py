@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
 import click
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.cli.errors import Group
-from meterproof.cli.options import stack_env_option
+from meterproof.cli.options import connect_database, database_option, stack_env_option
 from meterproof.config import StackEnv
 from meterproof.errors import first_line
-from meterproof.registry import repository, sources
+from meterproof.registry import repository, sources, wallets
+from meterproof.registry.accounts import AccountId
 from meterproof.registry.errors import InvalidInputError, UnknownMeterError
 from meterproof.registry.model import (
     KeyRecord,
@@ -69,14 +68,6 @@ class _EnumChoice(click.Choice[str]):
         )
 
 
-def _database_option(command: F) -> F:
-    return click.option(
-        "--database-url",
-        envvar="METERPROOF_DATABASE_URL",
-        help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
-    )(command)
-
-
 def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
@@ -84,19 +75,6 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -
         return check_meter_id(value)
     except InvalidInputError as exc:
         raise InputError(str(exc)) from None
-
-
-@contextmanager
-def _connect(database_url: str | None) -> Iterator[repository.Conn]:
-    url = database_url or StackEnv.load().database_url
-    try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=5)
-    except psycopg.Error as exc:
-        raise click.ClickException(
-            f"database unreachable at {_where(url)}: {first_line(exc)}"
-        ) from None
-    with conn:
-        yield conn
 
 
 @click.group(cls=Group)
@@ -148,7 +126,7 @@ def meters() -> None:
     envvar="METERPROOF_PKI_ROOT",
     help="Operator PKI folder [env METERPROOF_PKI_ROOT; default: the stack's, certs/out].",
 )
-@_database_option
+@database_option
 def register(
     *,
     meter_id: str | None,
@@ -184,7 +162,7 @@ def register(
             raise InputError("--bulk takes only --status and --security-level; the rest is per row")
         began = time.perf_counter()
         rows = sources.read_bulk(bulk, status=MeterStatus(status), security_level=level)
-        with _connect(database_url) as conn:
+        with connect_database(database_url) as conn:
             repository.register(conn, rows)
         elapsed = time.perf_counter() - began
         click.echo(f"registered {len(rows)} meters from {bulk} in {elapsed:.2f} s")
@@ -217,33 +195,124 @@ def register(
         cert_fingerprint=cert_fingerprint,
         cert_serial=cert_serial,
     )
-    with _connect(database_url) as conn:
+    with connect_database(database_url) as conn:
         repository.register(conn, [meter])
     click.echo(f"registered {meter_id}: {key.alg} key {key.kid}, status {status}")
+
+
+_WALLET_HELP = (
+    "The owner's account, CAIP-10: eip155:<chain id>:<0x address> (EVM, personal_sign)"
+    " or solana:<genesis prefix>:<base58 public key> (Ed25519)."
+)
+
+
+@meters.command("link-wallet")
+@click.argument("meter_id", callback=_meter_id)
+@click.option("--wallet", required=True, help=_WALLET_HELP)
+@click.option("--challenge", type=click.UUID, help="Step 2: the challenge id step 1 printed.")
+@click.option(
+    "--signature",
+    type=click.File("r"),
+    help="Step 2: a file with the wallet's signature over the document (0x hex for eip155,"
+    " base58 for solana).",
+)
+@click.option("--kid", help="Step 2: the meter key that signed the document.")
+@click.option(
+    "--meter-signature",
+    type=click.File("r"),
+    help="Step 2: a file with the meter's signature (base64url) over the same document,"
+    " e.g. from `meterproof meter sign-document`.",
+)
+@database_option
+def link_wallet_command(
+    *,
+    meter_id: str,
+    wallet: str,
+    challenge: UUID | None,
+    signature: Any,  # noqa: ANN401 - click's text file
+    kid: str | None,
+    meter_signature: Any,  # noqa: ANN401 - click's text file
+    database_url: str | None,
+) -> None:
+    """Prove that WALLET owns the meter: future GRID mints go to it, and it may grant consent.
+
+    \b
+    Step 1, without --challenge: prints the document (valid 10 minutes) that the wallet
+    and the meter must both sign, to stdout; the challenge id is in it.
+    Step 2, with --challenge --signature --kid --meter-signature: checks both signatures
+    and links. A meter linked before is relinked; the history of links is kept.
+    """
+    account = AccountId.parse(wallet)
+    with connect_database(database_url) as conn:
+        if challenge is None:
+            issued = wallets.issue_link_challenge(conn, meter_id, account)
+            click.echo(issued.document, nl=False)
+            click.echo(f"sign this with {account} and with the meter's key, then run again"
+                       f" with --challenge {issued.id}", err=True)  # fmt: skip
+            return
+        if signature is None or meter_signature is None or kid is None:
+            raise InputError("step 2 needs --signature, --kid and --meter-signature")
+        link = wallets.link_wallet(
+            conn, meter_id=meter_id, account=account, challenge_id=challenge,
+            wallet_signature=signature.read(), meter_kid=kid,
+            meter_signature=meter_signature.read(),
+        )  # fmt: skip
+    click.echo(f"{link.meter_id}: linked to {link.account} at {link.linked_at:%Y-%m-%d %H:%M:%S%z}")
+
+
+@meters.command("unlink-wallet")
+@click.argument("meter_id", callback=_meter_id)
+@click.option("--reason", required=True, help="Why (recorded in the link history).")
+@database_option
+def unlink_wallet_command(*, meter_id: str, reason: str, database_url: str | None) -> None:
+    """End the meter's current wallet link (an operator's act); its GRID then stays
+    claimable until a wallet is linked again, and wallet-wide consents stop covering it."""
+    with connect_database(database_url) as conn:
+        link = wallets.unlink_wallet(conn, meter_id, by="operator", reason=reason)
+    click.echo(f"{meter_id}: unlinked from {link.account}")
+
+
+@meters.command("wallet-history")
+@click.argument("meter_id", callback=_meter_id)
+@database_option
+def wallet_history_command(*, meter_id: str, database_url: str | None) -> None:
+    """Every wallet the meter was linked to, newest first."""
+    with connect_database(database_url) as conn:
+        history = wallets.link_history(conn, meter_id)
+    for h in history:
+        until = "now" if h.unlinked_at is None else f"{h.unlinked_at:%Y-%m-%d %H:%M:%S}"
+        why = "" if h.unlink_reason is None else f" ({h.unlink_reason}, by {h.unlinked_by})"
+        click.echo(f"{h.linked_at:%Y-%m-%d %H:%M:%S} .. {until:<19} {h.account}{why}")
 
 
 @meters.command("list")
 @click.option("--status", type=_EnumChoice(MeterStatus), help="Only meters with this status.")
 @click.option("--security-level", type=_EnumChoice(SecurityLevel))
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--wallet", help="Only meters currently linked to this CAIP-10 account.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
-@_database_option
+@database_option
 def list_command(
     *,
     status: str | None,
     security_level: str | None,
     limit: int,
+    wallet: str | None,
     as_json: bool,
     database_url: str | None,
 ) -> None:
     """Registered meters, by meter id."""
-    with _connect(database_url) as conn:
-        found = repository.list_meters(
-            conn,
-            status=None if status is None else MeterStatus(status),
-            security_level=None if security_level is None else SecurityLevel(security_level),
-            limit=limit,
-        )
+    with connect_database(database_url) as conn:
+        if wallet is None:
+            found = repository.list_meters(
+                conn,
+                status=None if status is None else MeterStatus(status),
+                security_level=None if security_level is None else SecurityLevel(security_level),
+                limit=limit,
+            )
+        else:
+            linked = wallets.meters_of_wallet(conn, AccountId.parse(wallet))[:limit]
+            found = [m for m in map(partial(repository.fetch_meter, conn), linked) if m]
     if as_json:
         click.echo(json.dumps([_json(m) for m in found], indent=2))
         return
@@ -257,10 +326,10 @@ def list_command(
 @click.argument("meter_id", callback=_meter_id)
 @click.option("--events", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-@_database_option
+@database_option
 def show(meter_id: str, events: int, as_json: bool, database_url: str | None) -> None:
     """A meter, all its keys (expired ones too) and its latest security events."""
-    with _connect(database_url) as conn:
+    with connect_database(database_url) as conn:
         meter = _require(repository.fetch_meter(conn, meter_id), meter_id)
         keys = repository.all_keys(conn, meter_id)
         recent = repository.recent_events(conn, meter_id, limit=events) if events else []
@@ -288,14 +357,14 @@ def show(meter_id: str, events: int, as_json: bool, database_url: str | None) ->
 @click.argument("meter_id", callback=_meter_id)
 @click.argument("status", type=_EnumChoice(MeterStatus))
 @click.option("--reason", help="Why, for the security event log.")
-@_database_option
+@database_option
 def set_status(meter_id: str, status: str, reason: str | None, database_url: str | None) -> None:
     """Set METER_ID's STATUS; workers honour it within a second.
 
     Readings are accepted while the status is active, maintenance or firmware_update.
     Decommissioned is final (use `decommission`, which also revokes the certificate).
     """
-    with _connect(database_url) as conn:
+    with connect_database(database_url) as conn:
         change = repository.set_status(conn, meter_id, MeterStatus(status), reason=reason)
     _echo_change(change.meter_id, change.old, change.new)
 
@@ -303,10 +372,10 @@ def set_status(meter_id: str, status: str, reason: str | None, database_url: str
 @meters.command()
 @click.argument("meter_id", callback=_meter_id)
 @click.option("--reason", help="Why, for the security event log.")
-@_database_option
+@database_option
 def quarantine(meter_id: str, reason: str | None, database_url: str | None) -> None:
     """Stop accepting METER_ID's readings at once and log a critical security event."""
-    with _connect(database_url) as conn:
+    with connect_database(database_url) as conn:
         change = repository.set_status(
             conn, meter_id, MeterStatus.QUARANTINED, reason=reason, event_type="quarantined"
         )
@@ -331,7 +400,7 @@ def quarantine(meter_id: str, reason: str | None, database_url: str | None) -> N
     help="How long the current keys stay valid: readings signed before the meter "
     "switched, or still queued, keep verifying meanwhile.",
 )
-@_database_option
+@database_option
 def rotate_key(
     *,
     meter_id: str,
@@ -343,7 +412,7 @@ def rotate_key(
 ) -> None:
     """Add a new signing key to METER_ID; the current keys expire after the overlap."""
     key = NewKey.parse(alg, _read_key_file(public_key), kid=kid)
-    with _connect(database_url) as conn:
+    with connect_database(database_url) as conn:
         rotation = repository.rotate_key(
             conn, meter_id, key, overlap=timedelta(hours=overlap_hours)
         )
@@ -363,7 +432,7 @@ def rotate_key(
     help="Operator PKI folder [env METERPROOF_PKI_ROOT; default: the stack's, certs/out].",
 )
 @stack_env_option
-@_database_option
+@database_option
 def decommission(
     *,
     meter_id: str,
@@ -377,7 +446,7 @@ def decommission(
     The status becomes decommissioned (final), the certificate is revoked in the PKI, and
     a running broker drops the meter's connection. Re-running retries the later steps.
     """
-    with _connect(database_url) as conn:
+    with connect_database(database_url) as conn:
         change = repository.set_status(conn, meter_id, MeterStatus.DECOMMISSIONED, reason=reason)
     _echo_change(change.meter_id, change.old, change.new)
     _revoke_certificate(meter_id, pki_root, stack_env)
@@ -442,12 +511,3 @@ def _plain(value: object) -> object:
     if isinstance(value, UUID):
         return str(value)
     return value
-
-
-def _where(url: str) -> str:
-    """host:port/dbname, without a password the URL may carry."""
-    try:
-        info = conninfo_to_dict(url)
-    except psycopg.Error:
-        return "the given URL (unparsable)"
-    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
