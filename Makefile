@@ -31,7 +31,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-setup: system-packages $(VENV)/.installed ## system packages + venv + project
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { sudo=""; [ "$$(id -u)" -ne 0 ] && sudo="sudo"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq nodejs npm; }
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+setup: system-packages $(VENV)/.installed node_modules/.installed ## system packages + venv + project + the EVM toolchain (npm: solc, ganache)
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check .
