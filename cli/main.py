@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "demo": "meterproof.demo.cli:demo",
     "p1": "meterproof.meter.p1.cli:p1",
     "conformance": "meterproof.conformance.cli:conformance",
+    "api": "meterproof.api.cli:api",
 }
 
 

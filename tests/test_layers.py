@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("contract", {"schemas"}),
     ("neutral", {"config", "errors", "backoff", "probes", "cli"}),
     ("infrastructure", {"certs", "mosquitto", "registry", "db", "consent"}),
-    ("product", {"meter", "ingest", "bridge"}),
+    ("product", {"meter", "ingest", "bridge", "api"}),
     ("tools", {"stack", "bench", "chaos", "fuzz", "demo", "conformance", "__main__"}),
 ]
 RANK = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}
