@@ -79,7 +79,7 @@ def issue_challenge(
             *fields,
             ("challenge", str(challenge_id)),
             ("nonce", secrets.token_hex(16)),
-            ("expires", documents.timestamp(expires_at)),
+            ("valid_until", documents.timestamp(expires_at)),
         ],
     )
     with conn.transaction():
