@@ -43,6 +43,7 @@ SPEC_REASONS: Final = frozenset(
         "seq_reused",
         "register_decreased",
         "rate_limited",
+        "store_refused",
     }
 )
 #: Outcomes of rules 7-9 (the in-memory store decides them): any of these is right for a

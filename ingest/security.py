@@ -22,6 +22,7 @@ EVENTS: Final[dict[RejectReason, tuple[str, str]]] = {
     RejectReason.SEQ_REUSED: ("seq_reused", "critical"),
     RejectReason.REGISTER_DECREASED: ("register_decreased", "high"),
     RejectReason.RATE_LIMITED: ("rate_limited", "medium"),
+    RejectReason.STORE_REFUSED: ("store_refused", "high"),
 }
 
 

@@ -11,6 +11,14 @@ Order inside the transaction, which is the design:
   5. commit. Only after that does the worker acknowledge anything.
 `reading_log`'s primary key (meter_id, seq) stays the final judge of "seen": if it ever
 fires, the transaction rolls back and the batch is judged again.
+
+The poison-batch guard: an error a retry cannot fix (a constraint, a value the database
+refuses; `refused` says which by SQLSTATE) would otherwise come back on every retry of the
+batch and hold up every reading in it for ever. So the batch is written again in one
+transaction, bisected on savepoints until the refused readings stand alone; each is
+parked in `rejected_readings` as `store_refused` (with its raw bytes and the database's
+message) and the rest commits. Anything else (a lost connection, a shutdown, a deadlock)
+stays `UnavailableError`: retried by the worker, nothing acknowledged meanwhile.
 """
 
 from __future__ import annotations
@@ -21,16 +29,19 @@ from datetime import datetime
 from typing import Final
 
 import psycopg
+import structlog
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
-from meterproof.errors import UnavailableError
+from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.judge import RateLimit, StoredContext, StoredPoint, judge
 from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy, event_for
 from meterproof.registry.model import ACCEPTING
-from meterproof.schemas.reading import b64url_decode
+from meterproof.schemas.reading import RejectReason, b64url_decode
 from meterproof.schemas.timestamps import ms_to_dt
+
+log = structlog.get_logger("ingest.store")
 
 #: The store's connection plans every statement for its own parameters and the tables as
 #: they are. psycopg prepares a statement after five runs, and PostgreSQL may then keep one
@@ -39,6 +50,21 @@ from meterproof.schemas.timestamps import ms_to_dt
 #: lock and context queries went from 38 to 135 us of backend CPU per reading over 24,000
 #: readings, until an autoanalyze; with this, 45-52 throughout).
 STORE_OPTIONS: Final = "-c plan_cache_mode=force_custom_plan"
+
+
+#: SQLSTATE classes of errors that the same rows would meet again on any retry: data
+#: exceptions (22: a value out of range, a NUL in text), integrity constraints (23: CHECK,
+#: NOT NULL, foreign key), program limits (54: a row too large for an index) and errors a
+#: trigger raises (P0). Everything else is retried: a lost connection or shutdown (08, 57),
+#: resources (53), a deadlock or serialization failure (40), and also 42 (an undefined
+#: table or column, a privilege): that is the deployment's fault, not a reading's, and
+#: bisecting it would park every reading of every batch until the schema is fixed.
+_REFUSED_CLASSES: Final = frozenset({"22", "23", "54", "P0"})
+
+
+def refused(exc: psycopg.Error) -> bool:
+    """True when the database refused the rows themselves, so a retry cannot succeed."""
+    return exc.sqlstate is not None and exc.sqlstate[:2] in _REFUSED_CLASSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +144,10 @@ RETURNING meter_id
 """).format(accepting=sql.SQL(", ").join(sql.Literal(s.value) for s in sorted(ACCEPTING)))
 
 
+def _unavailable(exc: psycopg.Error) -> UnavailableError:
+    return UnavailableError("database", f"{type(exc).__name__}: {exc}")
+
+
 def storable_text(text: str) -> str:
     """PostgreSQL `text` cannot hold NUL; the broker refuses such topics, the store must
     not depend on it (a refused COPY would be retried for ever)."""
@@ -144,18 +174,94 @@ class ReadingStore:
     async def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:
+        """One transaction; if the database refuses some of its rows, a second one that
+        parks them and commits the rest (the module's poison-batch guard)."""
         try:
             async with self._conn.transaction():
-                outcomes = await self._judge(candidates) if candidates else []
-                judged_rejections = [o for o in outcomes if isinstance(o, Rejection)]
-                accepted = [o.candidate for o in outcomes if isinstance(o, Accepted)]
-                all_rejections = [*rejections, *judged_rejections]
-                await self._write_accepted(accepted)
-                await self._write_rejections(all_rejections)
-                quarantined = await self._quarantine(all_rejections)
+                return await self._write(candidates, rejections)
         except psycopg.Error as exc:
-            raise UnavailableError("database", f"{type(exc).__name__}: {exc}") from exc
-        return BatchResult(outcomes, quarantined)
+            if not refused(exc):
+                raise _unavailable(exc) from exc
+            refusal = exc
+        log.warning(
+            "batch_refused_bisecting",
+            sqlstate=refusal.sqlstate,
+            error=first_line(refusal),
+            size=len(candidates) + len(rejections),
+        )
+        try:
+            async with self._conn.transaction():
+                # every meter now, in order: halves locking theirs in turn could deadlock
+                await self._lock(candidates)
+                return await self._divide([*candidates, *rejections], refusal)
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    async def _write(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult:
+        outcomes = await self._judge(candidates) if candidates else []
+        judged_rejections = [o for o in outcomes if isinstance(o, Rejection)]
+        accepted = [o.candidate for o in outcomes if isinstance(o, Accepted)]
+        all_rejections = [*rejections, *judged_rejections]
+        await self._write_accepted(accepted)
+        await self._write_rejections(all_rejections)
+        return BatchResult(outcomes, await self._quarantine(all_rejections))
+
+    async def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
+        """Write the items on a savepoint; if the database refuses them, divide them."""
+        try:
+            async with self._conn.transaction():
+                return await self._write(
+                    [i for i in items if isinstance(i, Candidate)],
+                    [i for i in items if isinstance(i, Rejection)],
+                )
+        except psycopg.Error as exc:
+            if not refused(exc):
+                raise
+            return await self._divide(items, exc)
+
+    async def _divide(
+        self, items: Sequence[Candidate | Rejection], refusal: psycopg.Error
+    ) -> BatchResult:
+        """Park a single refused item, else write each half on its own. Halves go in
+        arrival order, so a later half is judged against an earlier one exactly as a later
+        batch would be."""
+        if len(items) == 1:
+            return await self._park(items[0], refusal)
+        half = len(items) // 2
+        first, second = await self._bisect(items[:half]), await self._bisect(items[half:])
+        return BatchResult(
+            [*first.outcomes, *second.outcomes], [*first.quarantined, *second.quarantined]
+        )
+
+    async def _park(self, item: Candidate | Rejection, exc: psycopg.Error) -> BatchResult:
+        """Keep a refused item's raw bytes in `rejected_readings` as `store_refused`. A
+        refused candidate's outcome says so (its receipt: rejected, store_refused); a
+        refused rejection keeps its own outcome, already decided before the store."""
+        detail = f"SQLSTATE {exc.sqlstate}: {first_line(exc)}"
+        if isinstance(item, Candidate):
+            r = item.reading
+            parked = Rejection(
+                item.message, RejectReason.STORE_REFUSED, detail, r.meter_id, r.seq,
+                item.reading_hash,
+            )  # fmt: skip
+        else:
+            parked = Rejection(
+                item.message, RejectReason.STORE_REFUSED, f"{item.reason.value}; {detail}",
+                item.meter_id, item.seq, item.reading_hash,
+            )  # fmt: skip
+        async with self._conn.transaction():
+            await self._write_rejections([parked])
+        log.error(
+            "reading_parked",
+            meter_id=parked.meter_id,
+            seq=parked.seq,
+            reading_hash=None if parked.reading_hash is None else parked.reading_hash.hex(),
+            sqlstate=exc.sqlstate,
+            error=first_line(exc),
+        )
+        return BatchResult([parked] if isinstance(item, Candidate) else [], [])
 
     async def _judge(self, candidates: Sequence[Candidate]) -> list[Outcome]:
         return judge(candidates, await self.stored_contexts(candidates), limit=self._limit)
@@ -163,9 +269,6 @@ class ReadingStore:
     async def stored_contexts(self, candidates: Sequence[Candidate]) -> list[StoredContext]:
         """Locks the candidates' meters (until the transaction ends) and reads what rules
         7-9 need of the stored readings, one context per candidate, in order."""
-        # Arrays travel as literals: psycopg dumps a list element by element (measured ~4 us
-        # per reading). Meter ids are validated ([A-Za-z0-9._-]), so none needs escaping.
-        meters = "{" + ",".join(sorted({c.reading.meter_id for c in candidates})) + "}"
         params = {
             "meters": "{" + ",".join([c.reading.meter_id for c in candidates]) + "}",
             "seqs": "{" + ",".join([str(c.reading.seq) for c in candidates]) + "}",
@@ -173,8 +276,8 @@ class ReadingStore:
             "window": self._limit.window_ms,
             "max": self._limit.max_readings,
         }
+        await self._lock(candidates)
         async with self._conn.cursor() as cur:
-            await cur.execute(_LOCK, (meters,))
             await cur.execute(_CONTEXT, params)
             rows = await cur.fetchall()
         return [
@@ -186,6 +289,15 @@ class ReadingStore:
             )
             for h, n, bt, bi, be, at, ai, ae in rows
         ]
+
+    async def _lock(self, candidates: Sequence[Candidate]) -> None:
+        """`FOR UPDATE` on the candidates' meters, in meter id order, until the transaction
+        ends; taking a lock again is free."""
+        # Arrays travel as literals: psycopg dumps a list element by element (measured ~4 us
+        # per reading). Meter ids are validated ([A-Za-z0-9._-]), so none needs escaping.
+        meters = "{" + ",".join(sorted({c.reading.meter_id for c in candidates})) + "}"
+        async with self._conn.cursor() as cur:
+            await cur.execute(_LOCK, (meters,))
 
     async def _write_accepted(self, accepted: Sequence[Candidate]) -> None:
         if not accepted:

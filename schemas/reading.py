@@ -53,6 +53,7 @@ class RejectReason(StrEnum):
     SEQ_REUSED = "seq_reused"
     REGISTER_DECREASED = "register_decreased"
     RATE_LIMITED = "rate_limited"
+    STORE_REFUSED = "store_refused"
 
 
 class ReceiptStatus(StrEnum):
