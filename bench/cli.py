@@ -65,6 +65,7 @@ BUDGETS: Final[dict[str, Budget]] = {
     "load": Budget(240, 28),
     "connections": Budget(260, 20),
     "bridge": Budget(80, 16),
+    "consent": Budget(200, 30),
 }
 BOUND_S: Final = {False: 15 * 60, True: 2 * 60}
 
@@ -207,6 +208,27 @@ def ingest(
             "drain_per_s": result.drain_per_s,
         }
     _saved(ctx, "ingest", {"runs": runs, **figures})
+
+
+@bench.command()
+@click.pass_context
+def consent(ctx: click.Context) -> None:
+    """The drain without consents, with 1,000 integrators and 10,000 consents in place, and
+    with every drained meter consented to one integrator (one more publish per reading)."""
+    from meterproof.bench import consent as seeding
+    from meterproof.bench.ingest import run_drain
+
+    size = 10_000 if _quick(ctx) else 100_000
+    runs = {}
+    for case, prepare in seeding.CASES.items():
+        _progress(f"== drain of {size:,} readings, 2 workers, consents: {case}")
+        with _run_dir() as tmp:
+            result = run_drain(run_dir=tmp, readings=size, workers=2, progress=_progress,
+                               prepare=prepare)  # fmt: skip
+        _progress(f"   {result.drain_per_s:,.0f}/s, {result.cpu_us_per_reading:.0f} µs CPU/reading")
+        runs[case] = result.as_dict()
+    _saved(ctx, "consent", {"integrators": seeding.INTEGRATORS, "consents": seeding.CONSENTS,
+                            "runs": runs})  # fmt: skip
 
 
 def _drain(size: int, workers: int, *, profiled: bool) -> tuple[DrainResult, dict[str, object]]:

@@ -164,8 +164,12 @@ def run_drain(
     workers: int = 2,
     progress: Progress = print,
     observe: Callable[[int], AbstractContextManager[object]] = lambda pid: nullcontext(),
+    prepare: Callable[[str, list[str]], None] | None = None,
 ) -> DrainResult:
     """Everything on a private stack in `run_dir`, stopped afterwards.
+
+    `prepare(database_url, meter_ids)` runs once the fleet is registered, before any
+    worker starts (the consent benchmark puts its consents in place there).
 
     `observe(pid)` wraps the drain once the workers' supervisor `pid` is started (the
     profile attaches py-spy there); it ends when every reading is stored."""
@@ -178,6 +182,8 @@ def run_drain(
         total = per_meter * meters
         progress(f"registering {meters} meters, signing {total:,} readings")
         keys = provision_meters(pki, env.database_url, meters)
+        if prepare is not None:
+            prepare(env.database_url, list(keys))
         t0 = int(time.time() * 1000) - per_meter * 5_000 - 60_000
         backlogs = {
             m: signed_payloads(m, load_private_key("EdDSA", k), per_meter, t0_ms=t0)
