@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.servers", "fixtures.isolation", "fixtures.chain"]
+pytest_plugins = ["fixtures.servers", "fixtures.isolation", "fixtures.chain", "fixtures.api"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,0 +1,468 @@
+"""The FastAPI application: routes, who may call each, and the services they share.
+
+`create_app` wires the services in its lifespan: a PostgreSQL pool for reads, the consent
+view (`ingest.audience.Audience`, reloaded on NOTIFY), and an ingest `Worker` on the
+in-process `HttpSource` for submissions (api/submit.py). Every integrator read goes
+through `consent.policy.may_see`; nothing here filters by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any, Final, TypeVar
+from uuid import UUID
+
+import psycopg
+import structlog
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, Field
+
+from meterproof.api import reads
+from meterproof.api.auth import TOKEN_PATH, Principal, Role, Scope, Token, Tokens, require
+from meterproof.api.edge import Edge
+from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
+from meterproof.api.settings import ApiSettings
+from meterproof.api.submit import HttpSource, receipts
+from meterproof.consent.model import Scope as ConsentScope
+from meterproof.consent.policy import may_see
+from meterproof.errors import UnavailableError
+from meterproof.ingest.audience import REFUSALS, Audience
+from meterproof.ingest.worker import Worker, postgres_store
+from meterproof.registry import repository, wallets
+from meterproof.registry.accounts import AccountId
+from meterproof.schemas.reading import Receipt, SignedReading, VerifiedReading
+from meterproof.schemas.timestamps import wall_ms
+
+log = structlog.get_logger("api")
+_T = TypeVar("_T")
+
+router = APIRouter()
+MeterIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$", max_length=64)]
+#: Every operation may answer these; all with a problem body.
+_PROBLEMS: Final = (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
+_REASONS: Final = {
+    400: "bad request", 401: "no or bad credentials", 403: "refused", 404: "not found",
+    409: "conflict with the current state", 413: "body too large",
+    415: "unsupported media type", 422: "invalid input or a refused reading",
+    429: "rate limited", 503: "a dependency is unavailable; retry",
+}  # fmt: skip
+_MAX_BATCH: Final = 1000
+_CSV: Final = "text/csv"
+
+#: Who may call what: token holders need the scope, a meter is its certificate's CN.
+RegistryReader = Annotated[
+    Principal, Depends(require(Role.OPERATOR, Role.METER, scope=Scope.METERS))
+]
+ReadingsReader = Annotated[
+    Principal,
+    Depends(require(Role.OPERATOR, Role.INTEGRATOR, Role.METER, scope=Scope.READINGS)),
+]
+WalletsReader = Annotated[Principal, Depends(require(Role.OPERATOR, scope=Scope.METERS))]
+WalletLinker = Annotated[
+    Principal, Depends(require(Role.OPERATOR, Role.METER, scope=Scope.WALLETS))
+]
+MeterCaller = Annotated[Principal, Depends(require(Role.METER))]
+
+
+class Health(BaseModel):
+    status: str
+    submissions: bool = Field(description="the in-process pipeline is running")
+
+
+class MeterOut(BaseModel):
+    meter_id: str
+    status: str
+    security_level: str
+    owner_wallet: str | None
+    serial: str | None
+    manufacturer: str | None
+    model: str | None
+    firmware_version: str | None
+    hardware_revision: str | None
+    location: dict[str, Any] | None
+    capabilities: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class HistoryPage(BaseModel):
+    meter_id: str
+    readings: list[VerifiedReading]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: done")
+
+
+class Batch(BaseModel):
+    """Each item is one signed reading-v1 payload, as a string: its bytes are judged as
+    sent, exactly as on MQTT."""
+
+    readings: list[Annotated[str, Field(max_length=4096)]] = Field(
+        min_length=1, max_length=_MAX_BATCH
+    )
+
+
+class BatchReceipts(BaseModel):
+    receipts: list[Receipt]
+
+
+class LinkRequest(BaseModel):
+    account: str = Field(max_length=200, description="CAIP-10 account id")
+
+
+class ChallengeOut(BaseModel):
+    challenge_id: UUID
+    account: str
+    meter_id: str | None
+    document: str = Field(description="sign these exact UTF-8 bytes, with the wallet and the meter")
+    expires_at: datetime
+
+
+class OwnershipProof(BaseModel):
+    account: str = Field(max_length=200)
+    challenge_id: UUID
+    wallet_signature: str = Field(max_length=1000)
+    meter_kid: str = Field(max_length=64)
+    meter_signature: str = Field(max_length=2000)
+
+
+class LinkOut(BaseModel):
+    meter_id: str
+    account: str
+    linked_at: datetime
+
+
+class WalletMeters(BaseModel):
+    account: str
+    meters: list[str]
+
+
+class Services:
+    """What the routes share, built in the lifespan."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.pool = AsyncConnectionPool(
+            settings.database_url, min_size=1, max_size=8, open=False,
+            kwargs={"autocommit": True},
+        )  # fmt: skip
+        self.audience = Audience(database_url=settings.database_url)
+        self.source = HttpSource()
+        self.worker = Worker(
+            settings.ingest_settings(),
+            source=self.source,
+            store_factory=postgres_store(settings.ingest_settings()),
+        )
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def _registry(settings: ApiSettings, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+    """A registry function (synchronous, psycopg) on a connection of its own, off the loop."""
+
+    def run() -> _T:
+        try:
+            with psycopg.connect(settings.database_url, autocommit=True) as conn:
+                return work(conn)
+        except psycopg.Error as exc:
+            raise UnavailableError("database", str(exc)) from exc
+
+    return await asyncio.to_thread(run)
+
+
+def _consented(services: Services, who: Principal, meter_id: str, ts_ms: int) -> ApiError | None:
+    """None when `who` may see the meter's reading at `ts_ms`; else the refusal to answer."""
+    if who.role is Role.OPERATOR:
+        return None
+    if who.role is Role.METER:
+        if who.name == meter_id:
+            return None
+        return ApiError(403, "not_this_meter", "a meter reads its own readings only")
+    decision = may_see(
+        who.name, meter_id, ts_ms, ConsentScope.HISTORY,
+        view=services.audience.view, now_ms=wall_ms(),
+    )  # fmt: skip
+    if decision.refusal is None:
+        return None
+    REFUSALS.labels(door="http", integrator=who.name, reason=decision.refusal).inc()
+    return ApiError(403, decision.refusal.value, f"the consent policy refuses: {decision.refusal}")
+
+
+def _own_meter(who: Principal, meter_id: str) -> None:
+    if who.role is Role.METER and who.name != meter_id:
+        raise ApiError(403, "not_this_meter", f"certificate {who.name} is not meter {meter_id}")
+
+
+@router.get("/health", tags=["public"])
+async def health(request: Request) -> Health:
+    """Unauthenticated: the process answers, and whether submissions are running."""
+    return Health(status="ok", submissions=_services(request).worker.ready())
+
+
+@router.post(
+    TOKEN_PATH,
+    tags=["auth"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["grant_type", "client_id", "client_secret"],
+                        "properties": {
+                            "grant_type": {"type": "string", "enum": ["client_credentials"]},
+                            "client_id": {"type": "string"},
+                            "client_secret": {"type": "string"},
+                            "scope": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def token(request: Request) -> Token:
+    """OAuth2 client credentials: an access token for an operator or an integrator."""
+    tokens: Tokens = request.app.state.tokens
+    return await tokens.issue(await request.body(), request.headers.get("content-type", ""))
+
+
+@router.get("/api/meters/{meter_id}", tags=["registry"])
+async def get_meter(
+    request: Request,
+    meter_id: MeterIdPath,
+    who: RegistryReader,
+) -> MeterOut:
+    """A meter's registry record: operators, or the meter itself."""
+    _own_meter(who, meter_id)
+    record = await _registry(
+        _services(request).settings, lambda c: repository.fetch_meter(c, meter_id)
+    )
+    if record is None:
+        raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
+    return MeterOut.model_validate(
+        {
+            **asdict(record),
+            "status": record.status.value,
+            "security_level": record.security_level.value,
+        }
+    )
+
+
+@router.get("/api/meters/{meter_id}/latest", tags=["readings"])
+async def latest(
+    request: Request,
+    meter_id: MeterIdPath,
+    who: ReadingsReader,
+) -> VerifiedReading:
+    """The meter's most recent stored reading; an integrator's passes the consent policy."""
+    services = _services(request)
+    reading = await reads.latest(services.pool, meter_id)
+    refusal = _consented(services, who, meter_id, reading["ts"] if reading else wall_ms())
+    if refusal is not None:
+        raise refusal
+    if reading is None:
+        raise ApiError(404, "no_readings", f"no stored reading of meter {meter_id}")
+    return VerifiedReading.model_validate(reading)
+
+
+@router.get(
+    "/api/meters/{meter_id}/history",
+    tags=["readings"],
+    responses={200: {"content": {_CSV: {"schema": {"type": "string"}}}}},
+)
+async def history(
+    request: Request,
+    meter_id: MeterIdPath,
+    who: ReadingsReader,
+    *,
+    from_ms: Annotated[int, Query(alias="from", ge=0, le=2**63 - 1)] = 0,
+    to_ms: Annotated[int | None, Query(alias="to", ge=0, le=2**63 - 1)] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+) -> HistoryPage:
+    """Readings with from <= ts < to (unix ms), oldest first, a page at a time. An
+    integrator gets the readings the consent policy lets it see; none: 403 with the
+    policy's reason."""
+    services = _services(request)
+    end = to_ms if to_ms is not None else wall_ms() + 86_400_000
+    after = None if cursor is None else reads.decode_cursor(cursor)
+    page = await reads.history(
+        services.pool, meter_id, from_ms=from_ms, to_ms=end, after=after, limit=limit
+    )
+    allowed = [r for r in page if _consented(services, who, meter_id, r["ts"]) is None]
+    if not allowed:
+        refusal = _consented(services, who, meter_id, page[0]["ts"] if page else from_ms)
+        if refusal is not None:
+            raise refusal
+    next_cursor = reads.encode_cursor(page[-1]) if len(page) == limit else None
+    if format == "csv":
+        headers = {"X-Next-Cursor": next_cursor} if next_cursor else {}
+        return PlainTextResponse(reads.as_csv(allowed), media_type=_CSV, headers=headers)  # type: ignore[return-value]
+    return HistoryPage(
+        meter_id=meter_id,
+        readings=[VerifiedReading.model_validate(r) for r in allowed],
+        next_cursor=next_cursor,
+    )
+
+
+@router.post(
+    "/api/meters/{meter_id}/energy",
+    tags=["submissions"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": SignedReading.model_json_schema()}},
+        }
+    },
+)
+async def submit(
+    request: Request,
+    meter_id: MeterIdPath,
+    who: MeterCaller,
+) -> Receipt:
+    """One signed reading-v1 payload from the meter the client certificate names,
+    judged by the ingest worker; answered after the commit with the MQTT receipt (a
+    rejection: 422, the reason as `code`, the receipt in the problem body)."""
+    _own_meter(who, meter_id)
+    services = _services(request)
+    body = await request.body()
+    (receipt,) = await receipts(
+        services.source.submit(meter_id, [body]), services.settings.api_submit_timeout_s
+    )
+    if receipt["status"] == "rejected":
+        raise ApiError(422, str(receipt["reason"]), "the reading was refused", receipt=receipt)
+    return Receipt.model_validate(receipt)
+
+
+@router.post("/api/meters/energy/batch", tags=["submissions"])
+async def submit_batch(
+    request: Request,
+    batch: Annotated[Batch, Body()],
+    who: MeterCaller,
+) -> BatchReceipts:
+    """Several payloads of the calling meter; one receipt per item, in order, after
+    their commit."""
+    services = _services(request)
+    futures = services.source.submit(who.name, [r.encode() for r in batch.readings])
+    found = await receipts(futures, services.settings.api_submit_timeout_s)
+    return BatchReceipts(receipts=[Receipt.model_validate(r) for r in found])
+
+
+@router.get("/api/wallets/{account}/meters", tags=["wallets"])
+async def meters_by_wallet(
+    request: Request,
+    account: Annotated[str, Path(max_length=200)],
+    who: WalletsReader,
+) -> WalletMeters:
+    """The meters currently linked to a CAIP-10 account."""
+    parsed = AccountId.parse(account)
+    meters = await _registry(
+        _services(request).settings, lambda c: wallets.meters_of_wallet(c, parsed)
+    )
+    return WalletMeters(account=str(parsed), meters=meters)
+
+
+@router.post("/api/meters/{meter_id}/link-wallet", tags=["wallets"])
+async def link_wallet(
+    request: Request,
+    meter_id: MeterIdPath,
+    body: LinkRequest,
+    who: WalletLinker,
+) -> ChallengeOut:
+    """A single-use challenge: the document the wallet and the meter both sign."""
+    _own_meter(who, meter_id)
+    account = AccountId.parse(body.account)
+    challenge = await _registry(
+        _services(request).settings, lambda c: wallets.issue_link_challenge(c, meter_id, account)
+    )
+    return ChallengeOut(
+        challenge_id=challenge.id, account=challenge.account, meter_id=challenge.meter_id,
+        document=challenge.document, expires_at=challenge.expires_at,
+    )  # fmt: skip
+
+
+@router.post("/api/meters/{meter_id}/verify-ownership", tags=["wallets"])
+async def verify_ownership(
+    request: Request,
+    meter_id: MeterIdPath,
+    proof: OwnershipProof,
+    who: WalletLinker,
+) -> LinkOut:
+    """Both signatures over the challenge's document: the wallet becomes the owner."""
+    _own_meter(who, meter_id)
+    account = AccountId.parse(proof.account)
+    link = await _registry(
+        _services(request).settings,
+        lambda c: wallets.link_wallet(
+            c, meter_id=meter_id, account=account, challenge_id=proof.challenge_id,
+            wallet_signature=proof.wallet_signature, meter_kid=proof.meter_kid,
+            meter_signature=proof.meter_signature,
+        ),
+    )  # fmt: skip
+    return LinkOut(meter_id=link.meter_id, account=link.account, linked_at=link.linked_at)
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings)
+        app.state.services = services
+        app.state.tokens = Tokens(settings)
+        await services.pool.open()
+        stop = asyncio.Event()
+        consents = asyncio.create_task(services.audience.run(stop), name="consent-view")
+        worker = asyncio.create_task(services.worker.run(), name="submissions")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(services.audience.loaded.wait(), 10)
+        log.info("api_started", port=settings.api_port)
+        try:
+            yield
+        finally:
+            stop.set()
+            services.worker.stopping.set()
+            await asyncio.gather(consents, worker, return_exceptions=True)
+            await services.pool.close()
+
+    app = FastAPI(
+        title="meterproof",
+        version="1",
+        summary="Signed smart-meter readings: submissions, reads, wallet links (docs/api.md)",
+        lifespan=lifespan,
+    )
+    install(app)
+    app.add_middleware(Edge, max_body_bytes=settings.api_max_body_bytes)
+
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated document, with every error answer documented as the problem body
+    it is (FastAPI would describe its own validation error shape)."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        content = {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                answers = operation.setdefault("responses", {})
+                for code in _PROBLEMS:
+                    answers[str(code)] = {"description": _REASONS[code], "content": content}
+        app.openapi_schema = document
+    return app.openapi_schema

@@ -1,0 +1,200 @@
+"""Who is calling: a meter by its client certificate, an operator or an integrator by a
+short-lived bearer token from the OAuth2 client-credentials endpoint.
+
+Tokens are HS256 JWTs signed with the server's key (`ApiSettings.token_key`), naming the
+client (`sub`), its role and its scopes; they are checked on every request, and an
+integrator's reads also pass the consent policy, which refuses a revoked integrator at
+once, whatever its token says. A meter is the CN of a client certificate the operator CA
+issued, verified by the TLS handshake: the same binding as on the broker."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import jwt
+import psycopg
+from fastapi import Depends, Request
+from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
+from fastapi.security import OAuth2
+from pydantic import BaseModel
+
+from meterproof.api.errors import ApiError
+from meterproof.api.settings import ApiSettings
+from meterproof.consent.repository import secret_digest
+from meterproof.errors import UnavailableError
+
+ISSUER: Final = "meterproof"
+AUDIENCE: Final = "meterproof-api"
+OPERATOR: Final = "operator"
+TOKEN_PATH: Final = "/api/auth/token"  # noqa: S105 - a path, not a secret
+#: The state key the TLS protocol puts a verified client certificate's CN under.
+PEER_CN: Final = "tls_peer_cn"
+
+
+class Role(StrEnum):
+    OPERATOR = "operator"
+    INTEGRATOR = "integrator"
+    METER = "meter"
+
+
+class Scope(StrEnum):
+    READINGS = "readings:read"  #: history, latest (integrators: through the consent policy)
+    METERS = "meters:read"  #: the registry's records, meters by wallet
+    WALLETS = "wallets:link"  #: wallet-link challenges and proofs
+
+
+#: What each client may ask for; a token carries what it asked for, all of it by default.
+GRANTABLE: Final = {
+    Role.OPERATOR: frozenset(Scope),
+    Role.INTEGRATOR: frozenset({Scope.READINGS}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    role: Role
+    name: str
+    scopes: frozenset[str]
+
+
+class Token(BaseModel):
+    """RFC 6749 section 5.1."""
+
+    access_token: str
+    token_type: str = "Bearer"  # noqa: S105 - the RFC 6750 type name
+    expires_in: int
+    scope: str
+
+
+#: Declares the flow in the OpenAPI document; the header is read by `authenticate`.
+bearer = OAuth2(
+    flows=OAuthFlows(
+        clientCredentials=OAuthFlowClientCredentials(
+            tokenUrl=TOKEN_PATH, scopes={s.value: s.name.lower() for s in Scope}
+        )
+    ),
+    auto_error=False,
+)
+
+
+class Tokens:
+    def __init__(self, settings: ApiSettings) -> None:
+        self._settings = settings
+        self._key = settings.token_key()
+
+    async def issue(self, body: bytes, content_type: str) -> Token:
+        """Client credentials from a form body (RFC 6749 section 4.4): the operator's secret
+        from settings, or an integrator's secret against its stored digest."""
+        if not content_type.startswith("application/x-www-form-urlencoded"):
+            raise ApiError(415, "unsupported_media_type", "send application/x-www-form-urlencoded")
+        try:
+            form = {k: v[0] for k, v in parse_qs(body.decode(), strict_parsing=False).items()}
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_request", "the form is not UTF-8") from None
+        if form.get("grant_type") != "client_credentials":
+            raise ApiError(400, "unsupported_grant_type", "grant_type must be client_credentials")
+        client, secret = form.get("client_id", ""), form.get("client_secret", "")
+        role = await self._authenticate_client(client, secret)
+        requested = set(form.get("scope", "").split()) or set(GRANTABLE[role])
+        if not requested <= GRANTABLE[role]:
+            raise ApiError(400, "invalid_scope", f"{role} clients may ask for {_names(role)}")
+        now = int(time.time())
+        ttl = self._settings.api_token_ttl_s
+        claims = {
+            "iss": ISSUER, "aud": AUDIENCE, "sub": client, "role": role.value,
+            "scope": " ".join(sorted(requested)), "iat": now, "exp": now + ttl,
+            "jti": uuid.uuid4().hex,
+        }  # fmt: skip
+        token = jwt.encode(claims, self._key, algorithm="HS256")
+        return Token(access_token=token, expires_in=ttl, scope=claims["scope"])
+
+    async def _authenticate_client(self, client: str, secret: str) -> Role:
+        operator = self._settings.api_operator_secret
+        if client == OPERATOR:
+            if operator is not None and hmac.compare_digest(
+                secret.encode(), operator.get_secret_value().encode()
+            ):
+                return Role.OPERATOR
+            raise ApiError(401, "invalid_client", "unknown client or wrong secret")
+        row = await _integrator_secret(self._settings.database_url, client)
+        if row is None or not hmac.compare_digest(bytes(row[0]), secret_digest(secret)):
+            raise ApiError(401, "invalid_client", "unknown client or wrong secret")
+        if row[1] != "active":
+            raise ApiError(401, "integrator_revoked", f"integrator {client} is revoked")
+        return Role.INTEGRATOR
+
+    def principal(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            )  # fmt: skip
+            role = Role(claims["role"])
+            scopes = frozenset(str(claims["scope"]).split())
+        except jwt.ExpiredSignatureError:
+            raise ApiError(
+                401, "token_expired", "the access token expired", headers=_CHALLENGE
+            ) from None
+        except (jwt.InvalidTokenError, KeyError, ValueError) as exc:
+            raise ApiError(401, "invalid_token", str(exc), headers=_CHALLENGE) from None
+        return Principal(role, str(claims["sub"]), scopes)
+
+
+_CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="meterproof"'}
+
+
+def _names(role: Role) -> str:
+    return " ".join(sorted(GRANTABLE[role]))
+
+
+async def _integrator_secret(database_url: str, name: str) -> tuple[bytes, str] | None:
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT secret_sha256, status FROM integrators WHERE name = %s", (name,)
+            )
+            row = await cur.fetchone()
+    except psycopg.Error as exc:
+        raise UnavailableError("database", f"integrator lookup: {exc}") from exc
+    return None if row is None else (bytes(row[0]), str(row[1]))
+
+
+def require(
+    *roles: Role, scope: Scope | None = None
+) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency: the caller, if it is one of `roles` (with `scope` for token holders)."""
+
+    async def dependency(
+        request: Request, authorization: str | None = Depends(bearer)
+    ) -> Principal:
+        tokens: Tokens = request.app.state.tokens
+        if authorization:
+            kind, _, token = authorization.partition(" ")
+            if kind.lower() != "bearer" or not token:
+                raise ApiError(
+                    401, "invalid_token", "use Authorization: Bearer <token>", headers=_CHALLENGE
+                )
+            who = tokens.principal(token.strip())
+        elif isinstance(cn := request.scope.get("state", {}).get(PEER_CN), str):
+            who = Principal(Role.METER, cn, frozenset())
+        else:
+            raise ApiError(
+                401,
+                "unauthenticated",
+                "a bearer token or a meter certificate is required",
+                headers=_CHALLENGE,
+            )
+        if who.role not in roles:
+            raise ApiError(403, "wrong_client", f"{who.role} clients may not call this")
+        if scope is not None and who.role is not Role.METER and scope not in who.scopes:
+            raise ApiError(403, "insufficient_scope", f"the token lacks scope {scope}")
+        return who
+
+    return dependency

@@ -1,0 +1,77 @@
+"""Serving the app: uvicorn over HTTPS, TLS 1.3 only, with the operator CA's server
+certificate (the broker's), and client certificates of the same CA asked for but
+optional: a meter proves itself with one, token holders need none.
+
+uvicorn does not pass the peer certificate to the app, so the HTTP protocol here puts the
+verified certificate's CN into the connection's ASGI state, where `api.auth` reads it."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import structlog
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from meterproof.api.app import create_app
+from meterproof.api.auth import PEER_CN
+from meterproof.api.settings import ApiSettings
+from meterproof.certs.layout import PkiLayout
+from meterproof.errors import InputError
+from meterproof.probes import serve_probes
+
+log = structlog.get_logger("api.server")
+
+
+class _PeerCertificateProtocol(H11Protocol):
+    def connection_made(self, transport: Any) -> None:  # noqa: ANN401 - asyncio's transport
+        """Each connection copies the shared state; only this one's gets its peer's CN."""
+        peer = transport.get_extra_info("peercert")
+        cn = _common_name(peer) if peer else None
+        self.app_state = {**self.app_state, PEER_CN: cn} if cn else dict(self.app_state)
+        super().connection_made(transport)
+
+
+def _common_name(peer: dict[str, Any]) -> str | None:
+    for rdn in peer.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def config(settings: ApiSettings) -> uvicorn.Config:
+    pki = PkiLayout(settings.pki_root)
+    for path in (pki.server_cert, pki.server_key, pki.ca_cert):
+        if not path.is_file():
+            raise InputError(f"missing {path}: run `meterproof certs init` (make certs) first")
+    conf = uvicorn.Config(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        ssl_certfile=str(pki.server_cert),
+        ssl_keyfile=str(pki.server_key),
+        ssl_ca_certs=str(pki.ca_cert),
+        ssl_cert_reqs=ssl.CERT_OPTIONAL,
+        http=_PeerCertificateProtocol,
+        ws="none",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+    conf.load()
+    assert conf.ssl is not None
+    conf.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+    return conf
+
+
+async def serve(settings: ApiSettings) -> None:
+    """Until SIGTERM/SIGINT (uvicorn's handlers): in-flight requests finish first."""
+    probes = serve_probes("127.0.0.1", settings.api_metrics_port, ready=lambda: True)
+    try:
+        await uvicorn.Server(config(settings)).serve()
+    finally:
+        if probes is not None:
+            probes.close()

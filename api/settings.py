@@ -1,0 +1,58 @@
+"""Every option of `meterproof api`, validated at start, from the same sources as every
+other process (`METERPROOF_*`, `.run/stack.env`, the TOML file of `METERPROOF_CONFIG`).
+
+The acceptance rules of submitted readings are not here: the API's in-process worker
+reads them as `IngestSettings` from the same sources, so HTTP and MQTT judge alike."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+
+from meterproof.config import DEFAULT_RUN_DIR, Settings, new_share_group
+from meterproof.ingest.settings import IngestSettings
+
+
+class ApiSettings(Settings):
+    api_host: str = Field(default="127.0.0.1", description="address the HTTPS listener binds")
+    api_port: int = Field(default=8443, ge=0, le=65535, description="HTTPS port (TLS 1.3)")
+    api_token_key_file: Path = Field(
+        default=DEFAULT_RUN_DIR / "api-token.key",
+        description="HS256 key of the access tokens; generated (mode 0600) when missing",
+    )
+    api_token_ttl_s: int = Field(default=300, ge=30, le=3600, description="access token life")
+    api_operator_secret: SecretStr | None = Field(
+        default=None,
+        description="client secret of the `operator` client; None: no operator tokens",
+    )
+    api_max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, le=64 << 20, description="larger request bodies get 413"
+    )
+    api_submit_timeout_s: float = Field(
+        default=15.0, gt=0, description="how long a submission waits for its commit"
+    )
+    api_metrics_port: int = Field(
+        default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
+    )
+
+    def ingest_settings(self) -> IngestSettings:
+        """The in-process worker's settings: this process's addresses, the acceptance rules
+        from the sources every worker reads. It never subscribes, so without a share group
+        a throwaway one stands in."""
+        addresses: dict[str, Any] = self.model_dump(include=set(Settings.model_fields))
+        addresses["share_group"] = self.share_group or new_share_group()
+        return IngestSettings(**addresses, metrics_port=0)
+
+    def token_key(self) -> bytes:
+        """The signing key of access tokens, created on first use (0600)."""
+        path = self.api_token_key_file
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+        return path.read_text(encoding="utf-8").strip().encode()

@@ -1,0 +1,112 @@
+"""HTTP submissions through the ingest worker itself, not beside it.
+
+`HttpSource` is an `ingest.source.Source` whose deliveries are HTTP request bodies,
+published as `meters/{id}/readings` by the meter the client certificate names. The API
+runs an `ingest.worker.Worker` on it, so a submitted reading is decoded, verified,
+deduplicated, judged and stored by exactly the code that serves MQTT, with the same
+reason codes, log lines and metrics. The worker publishes a receipt only after the batch's
+commit; the source hands it to the waiting request, which answers with it.
+
+The worker publishes each meter's receipts in arrival order (one announcement at a time,
+outcomes in batch order), so the receipts of one meter resolve that meter's waiting
+requests first in, first out. A request that timed out keeps its place: its receipt is
+still consumed, then dropped.
+
+Decision: the verified copy the worker also publishes (`verified/{id}/readings`) is not
+forwarded to the broker by this source; the bridge reads stored readings from PostgreSQL
+(reading_log), so anchoring does not depend on it, but live MQTT feeds do not see readings
+that came over HTTP (docs/api.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+import orjson
+import structlog
+
+from meterproof.api.errors import ApiError
+from meterproof.ingest.records import Message
+from meterproof.ingest.source import Delivery, Handler
+from meterproof.schemas import topics
+from meterproof.schemas.timestamps import wall_ms
+
+log = structlog.get_logger("api.submit")
+
+_RECEIPTS_PREFIX: Final = "meters/"
+_RECEIPTS_SUFFIX: Final = "/receipts"
+
+
+class HttpSource:
+    def __init__(self) -> None:
+        self._deliver: Handler | None = None
+        self._waiting: dict[str, deque[asyncio.Future[bytes]]] = defaultdict(deque)
+
+    @property
+    def connected(self) -> bool:
+        return self._deliver is not None
+
+    async def start(self, deliver: Handler) -> None:
+        self._deliver = deliver
+
+    async def stop(self) -> None:
+        """Requests still waiting get 503: their readings were not committed."""
+        self._deliver = None
+        for queue in self._waiting.values():
+            for future in queue:
+                if not future.done():
+                    future.set_exception(
+                        ApiError(503, "unavailable", "the server stopped before the commit")
+                    )
+        self._waiting.clear()
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        """Nothing to acknowledge: the request is answered when its receipt arrives."""
+        return 0
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        for topic, body in items:
+            if not (topic.startswith(_RECEIPTS_PREFIX) and topic.endswith(_RECEIPTS_SUFFIX)):
+                continue  # a verified copy: see the module's decision
+            meter_id = topic[len(_RECEIPTS_PREFIX) : -len(_RECEIPTS_SUFFIX)]
+            queue = self._waiting.get(meter_id)
+            if not queue:
+                log.error("receipt_without_request", meter_id=meter_id)
+                continue
+            future = queue.popleft()
+            if not queue:
+                del self._waiting[meter_id]
+            if not future.done():
+                future.set_result(body)
+
+    def submit(self, meter_id: str, payloads: Sequence[bytes]) -> list[asyncio.Future[bytes]]:
+        """Deliver `payloads` as `meter_id` published them; each future is its receipt."""
+        if self._deliver is None:
+            raise ApiError(503, "unavailable", "the submission pipeline is not running")
+        loop = asyncio.get_running_loop()
+        topic = topics.readings(meter_id)
+        futures: list[asyncio.Future[bytes]] = []
+        for payload in payloads:
+            future: asyncio.Future[bytes] = loop.create_future()
+            self._waiting[meter_id].append(future)
+            self._deliver(Delivery(Message(topic, payload, wall_ms()), None, 0))
+            futures.append(future)
+        return futures
+
+
+async def receipts(
+    futures: Sequence[asyncio.Future[bytes]], timeout_s: float
+) -> list[dict[str, object]]:
+    """The receipts, parsed, once all are in; 503 if the commit takes longer than `timeout_s`
+    (the reading may still be stored: submitting it again is answered `duplicate`)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            bodies = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+    except TimeoutError:
+        raise ApiError(
+            503, "commit_timeout", "no commit in time; submit again (a stored one is a duplicate)"
+        ) from None
+    return [orjson.loads(b) for b in bodies]
