@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 
 from meterproof.config import StackEnv
+from meterproof.demo.consent import ConsentDemo
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from meterproof.stack.services import LocalStack, Ports
 
@@ -99,6 +100,9 @@ def run_demo(options: DemoOptions, say: Say) -> int:
             logs / "bridge.log",
         )
         running.callback(stop_command, bridge)
+        consent = ConsentDemo(env, say)
+        consent.start()
+        running.callback(consent.stop)
         time.sleep(2)  # workers and bridge connect and subscribe
         say(
             f"4/6 simulated fleet: {options.meters} meters x {options.readings} readings, "
@@ -135,11 +139,12 @@ def run_demo(options: DemoOptions, say: Say) -> int:
             f"    latency     receive->commit p50 {p50:.1f} ms, p99 {p99:.1f} ms",
         ):
             say(line)
+        consent_ok = consent.summary()
         ledger_ok = _ledger_summary(env, say) if anchored else False
         if not anchored:
             say("    not every reading was anchored in time; see .run/logs/bridge.log")
     _next_steps(env, say)
-    return 0 if fleet["exit_code"] == 0 and anchored and ledger_ok else 1
+    return 0 if fleet["exit_code"] == 0 and anchored and ledger_ok and consent_ok else 1
 
 
 def _ledger_summary(env: StackEnv, say: Say) -> bool:

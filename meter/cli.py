@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 import structlog
@@ -29,6 +30,8 @@ from meterproof.meter.identity import MeterIdentity
 from meterproof.meter.registry import register_command, stack_registrar
 from meterproof.meter.run import run_meter
 from meterproof.meter.simulate import EXIT_UNRECEIPTED, FleetConfig, Progress, run_simulation
+from meterproof.registry.model import default_kid
+from meterproof.schemas.reading import b64url
 
 log = structlog.get_logger("meter.cli")
 DEFAULT_FLEET = 100
@@ -264,3 +267,24 @@ def run(
         f"unreceipted {unreceipted}"
     )
     sys.exit(EXIT_UNRECEIPTED if unreceipted else 0)
+
+
+@meter.command("sign-document")
+@click.argument("document", type=click.File("r"))
+@click.option("--meter-id", required=True, callback=_meter_id, help="A meter of the PKI folder.")
+@stack_env_option
+def sign_document(*, document: Any, meter_id: str, stack_env: Path) -> None:  # noqa: ANN401
+    """Sign a meterproof document (from `meters link-wallet`) with the meter's reading key.
+
+    This is the meter's half of a wallet link: firmware (or a P1 reader) signs the exact
+    UTF-8 bytes with the key it signs readings with. The base64url signature goes to
+    stdout; the key id to pass as --kid goes to stderr.
+    """
+    text = document.read()
+    if not text.startswith("meterproof "):
+        raise click.ClickException("not a meterproof document (it starts 'meterproof ')")
+    env = StackEnv.load(stack_env)
+    with _one_line_errors():
+        identity = MeterIdentity.load(PkiLayout(env.pki_root).device(meter_id))
+    click.echo(b64url(identity.key.sign(text.encode("utf-8"))))
+    click.echo(f"--kid {default_kid(identity.key.public_key().pem())}", err=True)

@@ -1,0 +1,166 @@
+"""The demo's consent step, beside the fleet: an integrator, two owners and what it receives.
+
+As soon as the simulated fleet's meters are registered, a household links a wallet to its
+meter with both proofs (the wallet's EIP-191 signature and the meter's own), grants the
+integrator live consent by signing; the operator grants it a second meter with a recorded
+reason. Meanwhile the integrator, connected from the start, subscribes to everything its
+certificate lets it ask for; the summary shows it received exactly those two meters.
+Every step is the real command a user runs; only the wallet is a throwaway key of the
+demo's (a real owner signs in their wallet app).
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import subprocess
+import tempfile
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import psycopg
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from paho.mqtt.enums import CallbackAPIVersion
+
+from meterproof.certs.layout import PkiLayout
+from meterproof.certs.tls import client_context
+from meterproof.config import StackEnv
+from meterproof.meter.fleet import ID_PREFIX
+from meterproof.stack.commands import command_environ, meterproof_argv
+
+INTEGRATOR = "demo-integrator"
+Say = collections.abc.Callable[[str], None]
+
+
+class ConsentDemo:
+    def __init__(self, env: StackEnv, say: Say) -> None:
+        self._env = env
+        self._say = say
+        self._received: collections.Counter[str] = collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="consent-demo", daemon=True)
+        self._client: mqtt.Client | None = None
+        self._files = tempfile.TemporaryDirectory(prefix="meterproof-consent-")
+        self.consented: list[str] = []
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self._cli("integrators", "add", INTEGRATOR)
+        self._client = self._subscribe()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+        self._files.cleanup()
+
+    def summary(self) -> bool:
+        """Say what the integrator received; True if exactly the consented meters."""
+        if self.error is not None:
+            self._say(f"    consent step failed: {self.error}")
+            return False
+        got = ", ".join(f"{t} x{n}" for t, n in sorted(self._received.items())) or "nothing"
+        self._say(f"    integrator {INTEGRATOR} received: {got}")
+        meters = {topic.split("/")[3] for topic in self._received}
+        exact = meters == set(self.consented)
+        self._say(
+            f"    consented meters {', '.join(self.consented)}: "
+            + ("exactly those, nothing else" if exact else "MISMATCH")
+        )
+        return exact
+
+    def _run(self) -> None:
+        try:
+            meters = self._fleet_meters(2)
+            owner = Account.create()
+            wallet = f"eip155:1337:{owner.address}"
+            self._link(meters[0], wallet, owner)
+            document = self._cli("consent", "request", "--integrator", INTEGRATOR,
+                                 "--meter", meters[0], "--scope", "live,history",
+                                 "--signer", wallet)  # fmt: skip
+            self._cli("consent", "grant", "--integrator", INTEGRATOR, "--meter", meters[0],
+                      "--scope", "live,history", "--signer", wallet,
+                      "--challenge", _field(document, "challenge"),
+                      "--signature", self._file(_personal_sign(owner, document)))  # fmt: skip
+            self._cli("consent", "grant", "--integrator", INTEGRATOR, "--meter", meters[1],
+                      "--scope", "live", "--operator-reason", "demo: support case 42")  # fmt: skip
+            self.consented = meters
+            self._say(f"    consent: {wallet[:24]}.. linked to {meters[0]} with both proofs and")
+            self._say(f"    granted {INTEGRATOR} live data; the operator granted {meters[1]}")
+        except subprocess.CalledProcessError as exc:
+            self.error = f"`meterproof {exc.cmd}` exited {exc.returncode}: {exc.stderr}"
+        except TimeoutError as exc:
+            self.error = str(exc)
+
+    def _link(self, meter_id: str, wallet: str, owner: LocalAccount) -> None:
+        document = self._cli("meters", "link-wallet", meter_id, "--wallet", wallet)
+        meter_signature = subprocess.run(
+            meterproof_argv("meter", "sign-document", "--meter-id", meter_id, self._file(document)),
+            env=command_environ(self._env), capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        kid = meter_signature.stderr.strip().removeprefix("--kid ")
+        self._cli("meters", "link-wallet", meter_id, "--wallet", wallet,
+                  "--challenge", _field(document, "challenge"),
+                  "--signature", self._file(_personal_sign(owner, document)),
+                  "--kid", kid,
+                  "--meter-signature", self._file(meter_signature.stdout))  # fmt: skip
+
+    def _fleet_meters(self, count: int) -> list[str]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self._stop.is_set():
+            with psycopg.connect(self._env.database_url) as conn:
+                rows = conn.execute(
+                    "SELECT meter_id FROM meters WHERE meter_id LIKE %s AND status = 'active'"
+                    " ORDER BY meter_id LIMIT %s",
+                    (f"{ID_PREFIX}%", count),
+                ).fetchall()
+            if len(rows) == count:
+                return [r[0] for r in rows]
+            time.sleep(0.5)
+        raise TimeoutError("the fleet's meters were not registered within 60 s")
+
+    def _subscribe(self) -> mqtt.Client:
+        pki = PkiLayout(self._env.pki_root)
+        files = pki.integrator(INTEGRATOR)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=INTEGRATOR)
+        client.tls_set_context(client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert))
+        client.on_message = lambda _c, _u, m: self._received.update([m.topic])
+        client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(
+            [("verified/#", 1), (f"integrators/{INTEGRATOR}/verified/#", 1)]
+        )
+        client.connect(self._env.mqtt_host, self._env.mqtt_port)
+        client.loop_start()
+        return client
+
+    def _file(self, text: str) -> str:
+        with tempfile.NamedTemporaryFile("w", dir=self._files.name, delete=False) as handle:
+            handle.write(text)
+        return handle.name
+
+    def _cli(self, *args: str) -> str:
+        done = subprocess.run(
+            meterproof_argv(*args), env=command_environ(self._env), capture_output=True,
+            text=True, check=False, timeout=60,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise subprocess.CalledProcessError(
+                done.returncode, " ".join(args[:2]), done.stdout, done.stderr.strip()[-300:]
+            )
+        return done.stdout
+
+
+def _personal_sign(owner: LocalAccount, document: str) -> str:
+    return "0x" + bytes(owner.sign_message(encode_defunct(text=document)).signature).hex()
+
+
+def _field(document: str, key: str) -> str:
+    for line in document.splitlines():
+        if line.startswith(f"{key}: "):
+            return line.removeprefix(f"{key}: ")
+    raise TimeoutError(f"no {key} in the document")
