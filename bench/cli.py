@@ -214,21 +214,28 @@ def ingest(
 @click.pass_context
 def consent(ctx: click.Context) -> None:
     """The drain without consents, with 1,000 integrators and 10,000 consents in place, and
-    with every drained meter consented to one integrator (one more publish per reading)."""
+    with every drained meter consented to one integrator (one more publish per reading).
+
+    The three run in turn, in rounds (3, or 1 with --quick); each keeps its best round, so
+    a burst of load from another process on the shared machine does not decide a ratio.
+    """
     from meterproof.bench import consent as seeding
     from meterproof.bench.ingest import run_drain
 
-    size = 10_000 if _quick(ctx) else 100_000
-    runs = {}
-    for case, prepare in seeding.CASES.items():
-        _progress(f"== drain of {size:,} readings, 2 workers, consents: {case}")
-        with _run_dir() as tmp:
-            result = run_drain(run_dir=tmp, readings=size, workers=2, progress=_progress,
-                               prepare=prepare)  # fmt: skip
-        _progress(f"   {result.drain_per_s:,.0f}/s, {result.cpu_us_per_reading:.0f} µs CPU/reading")
-        runs[case] = result.as_dict()
+    size, rounds = (10_000, 1) if _quick(ctx) else (50_000, 3)
+    best: dict[str, dict[str, object]] = {}
+    for turn in range(1, rounds + 1):
+        for case, prepare in seeding.CASES.items():
+            _progress(f"== round {turn}/{rounds}: {size:,} readings, 2 workers, consents: {case}")
+            with _run_dir() as tmp:
+                result = run_drain(run_dir=tmp, readings=size, workers=2, progress=_progress,
+                                   prepare=prepare)  # fmt: skip
+            _progress(f"   {result.drain_per_s:,.0f}/s, {result.cpu_us_per_reading:.0f} µs/reading")
+            kept = best.get(case)
+            if kept is None or result.drain_per_s > float(str(kept["drain_per_s"])):
+                best[case] = result.as_dict()
     _saved(ctx, "consent", {"integrators": seeding.INTEGRATORS, "consents": seeding.CONSENTS,
-                            "runs": runs})  # fmt: skip
+                            "rounds": rounds, "runs": best})  # fmt: skip
 
 
 def _drain(size: int, workers: int, *, profiled: bool) -> tuple[DrainResult, dict[str, object]]:

@@ -668,7 +668,8 @@ def _consent(data: Data, found: dict[str, Data]) -> list[str]:
         "## The drain with the consent policy in place",
         "",
         f"`meterproof bench consent`: three drains of {base['readings']:,} readings with 2"
-        " workers, one after the other in one run. Each worker holds the consent view and asks"
+        f" workers, in turn, {f.get('rounds', 1)} round(s) in one run, the best round of each"
+        " kept. Each worker holds the consent view and asks"
         " `may_see` for every stored reading; with a consent, the reading is also published to"
         " that integrator's feed.",
         "",
