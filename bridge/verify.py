@@ -13,6 +13,10 @@ and at the end every other stored reading is rehashed, nothing stored is missing
 the work queue, the wallet balances equal the sums of the mints, and the bridge's record of
 each anchored batch names the ledger's entry.
 
+Entries whose readings retention removed (`retired_batches`, a prefix; db/retention.py)
+get the chain and mint-list checks only: their readings are gone, and the mint replay
+continues after the last of them from the state retention recorded (`retired_mint_state`).
+
 One sorted COPY streams all rows; a second connection walks the ledger beside it.
 """
 
@@ -63,6 +67,12 @@ FROM (SELECT wallet, sum(grid_units) AS units FROM ledger_mints
 FULL JOIN ledger_balances b ON b.wallet = m.wallet
 ORDER BY 1
 """
+_RETIRED: Final = "SELECT coalesce(max(batch), 0), count(*) FROM retired_batches"
+_RETIRED_STATES: Final = """
+SELECT meter_id, baseline_export_wh, baseline_import_wh, max_export_wh, max_import_wh,
+       first_batch, last_batch
+FROM retired_mint_state
+"""
 _BRIDGE_RECORD: Final = """
 SELECT b.batch, b.entry_hash, e.entry_hash FROM bridge_batches b
 LEFT JOIN ledger_entries e ON e.seq = b.batch
@@ -87,6 +97,7 @@ class Discrepancy:
 @dataclass(slots=True)
 class Report:
     entries: int = 0
+    retired_entries: int = 0
     anchored_readings: int = 0
     rehashed: int = 0
     wallets: int = 0
@@ -206,6 +217,7 @@ def _walk(
     report: Report,
 ) -> None:
     conn.execute("SET work_mem = '256MB'")
+    retired_through, retired_states = _retirement(conn)
     rows = _rows(conn)
     pending: _Row | None = next(rows, None)
     replay = _Replay()
@@ -220,6 +232,7 @@ def _walk(
         mints = _LedgerMints(iter(mint_rows))
         for expected_seq, row in enumerate(entries, start=1):
             entry = _check_entry(row, expected_seq, prev, trusted_key, mints)
+            retired = expected_seq <= retired_through
             batch: list[_Row] = []
             while pending is not None and pending.batch is not None:
                 if pending.batch > expected_seq:
@@ -227,20 +240,43 @@ def _walk(
                 if pending.batch < expected_seq:
                     raise _fail("is claimed by a batch the ledger has no entry for",
                                 entry=pending.batch, reading=pending.name)  # fmt: skip
-                _check_reading(pending, expected_seq)
-                batch.append(pending)
+                if not retired:  # else a row retention has yet to delete
+                    _check_reading(pending, expected_seq)
+                    batch.append(pending)
                 pending = next(rows, None)
-            _check_batch(entry, batch, replay)
+            if retired:
+                report.retired_entries += 1
+                if expected_seq == retired_through:
+                    replay.states = dict(retired_states)
+            else:
+                _check_batch(entry, batch, replay)
             report.entries += 1
             report.anchored_readings += len(batch)
             report.rehashed += len(batch)
             report.minted_units += entry.minted_units
             prev = entry.header.entry_hash
+    if report.entries < retired_through:
+        raise _fail("retention retired batches the ledger has no entry for", entry=retired_through)
     while pending is not None:  # pending, open or unclaimed: rehash only
         _check_reading(pending, pending.batch)
         report.rehashed += 1
         pending = next(rows, None)
     _check_rest(conn, report)
+
+
+def _retirement(conn: psycopg.Connection[Any]) -> tuple[int, dict[str, MeterState]]:
+    """The last retired batch (0: none) and the mint state after it."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(_RETIRED).fetchone()
+        assert row is not None
+        through, count = int(row[0]), int(row[1])
+        if count != through:
+            raise _fail("the retired batches are not the first ones, in order", entry=through)
+        states = {
+            str(r[0]): MeterState(*(int(v) for v in r[1:]))
+            for r in cur.execute(_RETIRED_STATES).fetchall()
+        }
+    return through, states
 
 
 class _LedgerMints:

@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 import click
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from pydantic import ValidationError
 
-from meterproof.config import StackEnv, stack_env_file
+from meterproof.config import Settings, StackEnv, stack_env_file
 from meterproof.errors import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound=Settings)
 
 stack_env_option = click.option(
     "--stack-env",
@@ -24,6 +26,17 @@ stack_env_option = click.option(
     help="The running stack's addresses (broker, PKI folder, database); if the file is "
     "absent there is no running stack. METERPROOF_* variables win over it.",
 )
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:  # noqa: ANN401 - click option values
+    """Command-line values (None: not given) win over the environment, `.run/stack.env`
+    and the TOML file; an invalid value is one line naming the setting."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
 
 
 def database_option(command: F) -> F:

@@ -1,17 +1,18 @@
-"""`meterproof db`: the PostgreSQL schema, from the command line."""
+"""`meterproof db`: the PostgreSQL schema, its retention, its backups, from the command line."""
 
 from __future__ import annotations
 
 import click
 
 from meterproof.cli.errors import Group
+from meterproof.cli.options import connect_database, database_option, load_settings
 from meterproof.config import StackEnv
 from meterproof.db.migrate import load_migrations, migrate
 
 
 @click.group(cls=Group)
 def db() -> None:
-    """The PostgreSQL schema."""
+    """The PostgreSQL schema, retention and backups."""
 
 
 @db.command("migrate")
@@ -27,3 +28,43 @@ def migrate_command(database_url: str | None) -> None:
         click.echo("applied " + " ".join(applied))
     else:
         click.echo(f"up to date ({len(load_migrations())} migrations applied)")
+
+
+@db.command("prune")
+@database_option
+@click.option(
+    "--retain-days",
+    type=int,
+    help="Keep raw readings this many days, at least 8 [env METERPROOF_RETAIN_DAYS; default 30].",
+)
+@click.option(
+    "--chunk-rows",
+    type=int,
+    help="Rows deleted per transaction [env METERPROOF_PRUNE_CHUNK_ROWS; default 10000].",
+)
+def prune_command(
+    database_url: str | None, retain_days: int | None, chunk_rows: int | None
+) -> None:
+    """Remove raw readings older than the retention window that the ledger has anchored:
+    retire whole anchored batches in order (keeping each meter's watermark and the mint
+    state `ledger verify` needs), delete their rows in chunks, drop empty old partitions.
+    Readings not yet anchored are never removed. Rollups are kept. Safe to stop and
+    re-run; run it daily (cron, a systemd timer)."""
+    from meterproof.db.retention import RetentionSettings, horizon_for, prune
+
+    settings = load_settings(
+        RetentionSettings, retain_days=retain_days, prune_chunk_rows=chunk_rows
+    )
+    horizon = horizon_for(settings.retain_days)
+    click.echo(f"pruning anchored readings older than {horizon:%Y-%m-%d %H:%M:%S} UTC")
+    with connect_database(database_url) as conn:
+        report = prune(
+            conn, horizon=horizon, chunk_rows=settings.prune_chunk_rows, progress=click.echo
+        )
+    click.echo(
+        f"done: {len(report.retired_batches)} batches retired ({report.retired_readings:,}"
+        f" readings), {report.deleted_readings:,} readings and {report.deleted_log_rows:,}"
+        f" reading_log rows deleted, {len(report.dropped_partitions)} partitions dropped;"
+        f" {report.kept_older:,} older readings kept (not anchored yet, or in a batch with"
+        " newer readings)"
+    )

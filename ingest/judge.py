@@ -53,7 +53,7 @@ class RateLimit:
 class StoredContext:
     """What is stored around one candidate, before its batch."""
 
-    reading_hash: bytes | None  # stored under the candidate's (meter_id, seq)
+    reading_hash: bytes | None  # stored under the candidate's (meter_id, seq); b"": retired
     in_window: int  # stored readings of the meter in its rate window, up to max_readings
     before: StoredPoint | None  # the latest stored reading with an earlier ts
     after: StoredPoint | None  # the earliest stored reading with a later ts
@@ -169,7 +169,10 @@ def judge(
             outcomes.append(
                 Duplicate(c)
                 if known == c.reading_hash
-                else reject(RejectReason.SEQ_REUSED, f"seq {r.seq} already stored as {known.hex()}")
+                else reject(
+                    RejectReason.SEQ_REUSED,
+                    f"seq {r.seq} already stored as {known.hex() or 'a retired reading'}",
+                )
             )
             continue
         batch = accepted_by_meter.get(r.meter_id)

@@ -81,13 +81,17 @@ ORDER BY m.meter_id FOR UPDATE OF m
 """
 #: One row per candidate, in order: what `ingest.judge.StoredContext` holds. Timestamps
 #: travel as unix ms both ways (exact: readings carry whole ms), never as datetimes.
+#: Retention (db/retention.py) leaves a watermark per meter for what it removed from
+#: reading_log: a seq at or below its highest retired seq was stored (an empty hash,
+#: which no candidate has, so rule 7 says seq_reused), and its latest retired reading is
+#: the neighbour before any candidate later than it.
 _CONTEXT = """
 WITH c AS (
     SELECT u.meter_id, u.seq, timestamptz 'epoch' + u.ts_ms * interval '1 millisecond' AS ts, u.i
     FROM unnest(%(meters)s::text::text[], %(seqs)s::text::numeric[], %(ts)s::text::int8[])
         WITH ORDINALITY AS u(meter_id, seq, ts_ms, i)
 )
-SELECT l.reading_hash,
+SELECT coalesce(l.reading_hash, CASE WHEN c.seq <= h.max_seq THEN ''::bytea END),
     (SELECT count(*) FROM (
         SELECT FROM reading_log r
         WHERE r.meter_id = c.meter_id AND r.ts > c.ts - %(window)s * interval '1 millisecond'
@@ -96,10 +100,14 @@ SELECT l.reading_hash,
     b.ts_ms, b.import_wh, b.export_wh, a.ts_ms, a.import_wh, a.export_wh
 FROM c
 LEFT JOIN reading_log l ON l.meter_id = c.meter_id AND l.seq = c.seq
+LEFT JOIN reading_watermarks h ON h.meter_id = c.meter_id
 LEFT JOIN LATERAL (
-    SELECT (extract(epoch FROM r.ts) * 1000)::int8 AS ts_ms, r.import_wh, r.export_wh
-    FROM reading_log r WHERE r.meter_id = c.meter_id AND r.ts < c.ts
-    ORDER BY r.ts DESC LIMIT 1) b ON true
+    SELECT (extract(epoch FROM x.ts) * 1000)::int8 AS ts_ms, x.import_wh, x.export_wh FROM (
+        (SELECT r.ts, r.import_wh, r.export_wh FROM reading_log r
+         WHERE r.meter_id = c.meter_id AND r.ts < c.ts ORDER BY r.ts DESC LIMIT 1)
+        UNION ALL
+        SELECT h.ts, h.import_wh, h.export_wh WHERE h.ts < c.ts
+    ) x ORDER BY x.ts DESC LIMIT 1) b ON true
 LEFT JOIN LATERAL (
     SELECT (extract(epoch FROM r.ts) * 1000)::int8 AS ts_ms, r.import_wh, r.export_wh
     FROM reading_log r WHERE r.meter_id = c.meter_id AND r.ts > c.ts
