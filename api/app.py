@@ -29,6 +29,7 @@ from meterproof.api.edge import Edge
 from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
 from meterproof.api.settings import ApiSettings
 from meterproof.api.submit import HttpSource, receipts
+from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
 from meterproof.consent.policy import may_see
 from meterproof.errors import UnavailableError
@@ -290,19 +291,22 @@ async def history(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
 ) -> HistoryPage:
-    """Readings with from <= ts < to (unix ms), oldest first, a page at a time. An
-    integrator gets the readings the consent policy lets it see; none: 403 with the
-    policy's reason."""
+    """Readings with from <= ts < to (unix ms), oldest first, a page at a time. Each
+    reading passes the consent policy for an integrator: one outside its consented
+    period is left out (a page may then be short, follow `next_cursor`); any other
+    refusal answers 403 with the policy's reason, as does an empty page without consent."""
     services = _services(request)
     end = to_ms if to_ms is not None else wall_ms() + 86_400_000
     after = None if cursor is None else reads.decode_cursor(cursor)
     page = await reads.history(
         services.pool, meter_id, from_ms=from_ms, to_ms=end, after=after, limit=limit
     )
-    allowed = [r for r in page if _consented(services, who, meter_id, r["ts"]) is None]
-    if not allowed:
-        refusal = _consented(services, who, meter_id, page[0]["ts"] if page else from_ms)
-        if refusal is not None:
+    allowed = []
+    for reading in page or [{"ts": from_ms}]:
+        refusal = _consented(services, who, meter_id, reading["ts"])
+        if refusal is None:
+            allowed += [reading] if page else []
+        elif refusal.code != Refusal.PERIOD:
             raise refusal
     next_cursor = reads.encode_cursor(page[-1]) if len(page) == limit else None
     if format == "csv":
@@ -339,9 +343,12 @@ async def submit(
     (receipt,) = await receipts(
         services.source.submit(meter_id, [body]), services.settings.api_submit_timeout_s
     )
-    if receipt["status"] == "rejected":
-        raise ApiError(422, str(receipt["reason"]), "the reading was refused", receipt=receipt)
-    return Receipt.model_validate(receipt)
+    if receipt.reason is not None:
+        raise ApiError(
+            422, receipt.reason.value, "the reading was refused",
+            receipt=receipt.model_dump(mode="json"),
+        )  # fmt: skip
+    return receipt
 
 
 @router.post("/api/meters/energy/batch", tags=["submissions"])
@@ -355,7 +362,7 @@ async def submit_batch(
     services = _services(request)
     futures = services.source.submit(who.name, [r.encode() for r in batch.readings])
     found = await receipts(futures, services.settings.api_submit_timeout_s)
-    return BatchReceipts(receipts=[Receipt.model_validate(r) for r in found])
+    return BatchReceipts(receipts=found)
 
 
 @router.get("/api/wallets/{account}/meters", tags=["wallets"])

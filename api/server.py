@@ -60,6 +60,7 @@ def config(settings: ApiSettings) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         server_header=False,
+        proxy_headers=False,
     )
     conf.load()
     assert conf.ssl is not None

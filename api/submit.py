@@ -25,13 +25,13 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-import orjson
 import structlog
 
 from meterproof.api.errors import ApiError
 from meterproof.ingest.records import Message
 from meterproof.ingest.source import Delivery, Handler
 from meterproof.schemas import topics
+from meterproof.schemas.reading import Receipt
 from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("api.submit")
@@ -109,4 +109,4 @@ async def receipts(
         raise ApiError(
             503, "commit_timeout", "no commit in time; submit again (a stored one is a duplicate)"
         ) from None
-    return [orjson.loads(b) for b in bodies]
+    return [Receipt.model_validate_json(b) for b in bodies]

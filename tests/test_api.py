@@ -1,0 +1,213 @@
+"""The HTTP API against a real server process (tests/fixtures/api.py) on the session's
+PostgreSQL, Redis and PKI: tokens, consented reads, submissions through the pipeline, and
+bad input answered with a problem body and a stable code."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import jwt
+import psycopg
+from fixtures.api import ApiServer
+from ingest_harness import provision
+from waiting import wait_until
+
+from meterproof.consent import repository as consent
+from meterproof.consent.model import Scope
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.signatures import PrivateKey
+from meterproof.schemas.timestamps import wall_ms
+
+
+def _problem(answer: Any, status: int, code: str) -> dict[str, Any]:
+    """The answer is the one error body: RFC 9457 with our code and a correlation id."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = answer.json()
+    assert body["code"] == code, body
+    assert body["status"] == status
+    assert body["correlation_id"] == answer.headers["x-correlation-id"]
+    return body
+
+
+def _reading(meter_id: str, key: PrivateKey, seq: int, ts: int, imp: int = 0) -> bytes:
+    fields = {"meter_id": meter_id, "seq": seq, "ts": ts, "import_wh": imp, "export_wh": 0}
+    return encode_reading(sign_reading(fields, key))
+
+
+def _integrator(api: ApiServer, name: str) -> str:
+    with psycopg.connect(api.database_url, autocommit=True) as conn:
+        return consent.add_integrator(conn, name, cert_serial="0a1b")
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_client_credentials_issue_scoped_short_lived_tokens(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    form = {"grant_type": "client_credentials", "client_id": "operator"}
+    with api_server.client() as http:
+        _problem(http.post("/api/auth/token", data={**form, "client_secret": "no"}), 401,
+                 "invalid_client")  # fmt: skip
+        _problem(http.post("/api/auth/token", data={**form, "grant_type": "password"}), 400,
+                 "unsupported_grant_type")  # fmt: skip
+        _problem(http.post("/api/auth/token", json=form), 415, "unsupported_media_type")
+        narrow = api_server.token("operator", "operator-secret-for-tests-only", "readings:read")
+        _problem(http.get(f"/api/meters/{meter_id}", headers=_bearer(narrow)), 403,
+                 "insufficient_scope")  # fmt: skip
+        full = api_server.operator_token()
+        record = http.get(f"/api/meters/{meter_id}", headers=_bearer(full))
+        assert record.status_code == 200, record.text
+        assert record.json()["meter_id"] == meter_id
+        _problem(http.get(f"/api/meters/{meter_id}", headers=_bearer(full[:-2])), 401,
+                 "invalid_token")  # fmt: skip
+        claims = jwt.decode(full, options={"verify_signature": False})
+        assert 0 < claims["exp"] - claims["iat"] <= 300
+        key = (api_server.log.parent / "token.key").read_text().strip().encode()
+        expired = jwt.encode({**claims, "exp": int(time.time()) - 1}, key, algorithm="HS256")
+        _problem(http.get(f"/api/meters/{meter_id}", headers=_bearer(expired)), 401,
+                 "token_expired")  # fmt: skip
+        _problem(http.get(f"/api/meters/{meter_id}"), 401, "unauthenticated")
+
+        secret = _integrator(api_server, f"acme-{meter_id[-12:]}")
+        wide = {**form, "client_id": f"acme-{meter_id[-12:]}", "client_secret": secret}
+        _problem(http.post("/api/auth/token", data={**wide, "scope": "meters:read"}), 400,
+                 "invalid_scope")  # fmt: skip
+        integrator = api_server.token(wide["client_id"], secret)
+        _problem(http.get(f"/api/meters/{meter_id}", headers=_bearer(integrator)), 403,
+                 "wrong_client")  # fmt: skip
+
+
+def test_integrator_reads_pass_the_consent_policy(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    t0 = wall_ms() - 60_000
+    with api_server.meter_client(meter_id) as meter:
+        for seq in range(1, 4):
+            answer = meter.post(
+                f"/api/meters/{meter_id}/energy", content=_reading(meter_id, key, seq, t0 + seq)
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "accepted"
+    name = f"acme-{meter_id[-12:]}"
+    token = api_server.token(name, _integrator(api_server, name))
+    with api_server.client(headers=_bearer(token)) as http:
+        wait_until(
+            lambda: (
+                http.get(f"/api/meters/{meter_id}/latest").json()["code"] != "unknown_integrator"
+            ),
+            what="the new integrator reaches the API's consent view",
+        )
+        _problem(http.get(f"/api/meters/{meter_id}/latest"), 403, "no_consent")
+        _problem(http.get(f"/api/meters/{meter_id}/history"), 403, "no_consent")
+        with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+            consent.grant(
+                conn,
+                consent.GrantRequest(
+                    integrator=name, meter_id=meter_id, account=None,
+                    scopes=frozenset({Scope.HISTORY}),
+                    data_from=datetime.fromtimestamp((t0 + 2) / 1000, UTC),
+                    data_to=None, expires_at=None,
+                ),
+                operator_reason="test",
+            )  # fmt: skip
+        latest = wait_until(
+            lambda: (a := http.get(f"/api/meters/{meter_id}/latest")).status_code == 200 and a,
+            what="the grant reaches the API's consent view",
+        )
+        assert latest.json()["seq"] == 3
+        page = http.get(f"/api/meters/{meter_id}/history", params={"limit": 2})
+        assert [r["seq"] for r in page.json()["readings"]] == [2], "seq 1 predates the consent"
+        rest = http.get(
+            f"/api/meters/{meter_id}/history", params={"cursor": page.json()["next_cursor"]}
+        )
+        assert [r["seq"] for r in rest.json()["readings"]] == [3]
+        assert rest.json()["next_cursor"] is None
+        table = http.get(f"/api/meters/{meter_id}/history", params={"format": "csv"})
+        assert table.headers["content-type"].startswith("text/csv")
+        assert [r["seq"] for r in csv.DictReader(io.StringIO(table.text))] == ["2", "3"]
+        _problem(http.get(f"/api/meters/{meter_id}/history", params={"cursor": "??"}), 400,
+                 "invalid_cursor")  # fmt: skip
+        with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+            consent.revoke_integrator(conn, name, reason="test")
+        wait_until(
+            lambda: http.get(f"/api/meters/{meter_id}/latest").status_code == 403,
+            what="the revocation reaches the API's consent view",
+        )
+        _problem(http.get(f"/api/meters/{meter_id}/latest"), 403, "integrator_revoked")
+
+
+def test_submissions_answer_after_the_commit_with_the_mqtt_receipt(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id, other = make_meter_id(), make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    provision(api_server.pki, api_server.database_url, other)
+    now = wall_ms()
+    good = _reading(meter_id, key, 1, now)
+    tampered = good.replace(b'"import_wh":0', b'"import_wh":7')
+    with api_server.meter_client(meter_id) as meter:
+        first = meter.post(f"/api/meters/{meter_id}/energy", content=good)
+        assert first.status_code == 200, first.text
+        receipt = first.json()
+        assert (receipt["status"], receipt["seq"]) == ("accepted", 1)
+        with psycopg.connect(api_server.database_url) as conn:
+            stored = conn.execute(
+                "SELECT encode(reading_hash, 'hex') FROM reading_log WHERE meter_id = %s",
+                (meter_id,),
+            ).fetchall()
+        assert stored == [(receipt["reading_hash"],)], "stored before the answer"
+        refused = _problem(
+            meter.post(f"/api/meters/{meter_id}/energy", content=tampered), 422, "bad_signature"
+        )
+        assert refused["receipt"]["status"] == "rejected"
+        _problem(meter.post(f"/api/meters/{meter_id}/energy", content=b"{"), 422, "malformed")
+        _problem(meter.post(f"/api/meters/{other}/energy", content=good), 403, "not_this_meter")
+        batch = meter.post(
+            "/api/meters/energy/batch",
+            json={"readings": [good.decode(), _reading(meter_id, key, 2, now + 1).decode(),
+                               tampered.decode()]},
+        )  # fmt: skip
+        assert batch.status_code == 200, batch.text
+        assert [(r["status"], r["reason"]) for r in batch.json()["receipts"]] == [
+            ("duplicate", None), ("accepted", None), ("rejected", "bad_signature"),
+        ]  # fmt: skip
+    with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+        assert http.get(f"/api/meters/{meter_id}/latest").json()["seq"] == 2
+    with api_server.client() as anonymous:
+        _problem(anonymous.post(f"/api/meters/{meter_id}/energy", content=good), 401,
+                 "unauthenticated")  # fmt: skip
+
+
+def test_bad_input_gets_a_4xx_with_a_stable_code(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+        _problem(http.get("/api/meters/bad%20id/latest"), 422, "invalid_request")
+        _problem(http.get(f"/api/meters/{meter_id}x"), 404, "unknown_meter")
+        _problem(http.get(f"/api/meters/{meter_id}/latest"), 404, "no_readings")
+        _problem(http.get(f"/api/meters/{meter_id}/history", params={"limit": "many"}), 422,
+                 "invalid_request")  # fmt: skip
+        _problem(http.get("/api/wallets/not-an-account/meters"), 422, "invalid_input")
+        _problem(http.post(f"/api/meters/{meter_id}/link-wallet", content=b"{]"), 422,
+                 "invalid_request")  # fmt: skip
+        _problem(http.post("/api/auth/token", content=b"x" * (2 << 20)), 413, "too_large")
+        _problem(http.get("/nowhere"), 404, "not_found")
+        given = http.get("/nowhere", headers={"X-Correlation-ID": "trace-12345678"})
+        assert given.headers["x-correlation-id"] == "trace-12345678"
+    with api_server.meter_client(meter_id) as meter:
+        _problem(meter.post("/api/meters/energy/batch", json={"readings": []}), 422,
+                 "invalid_request")  # fmt: skip
