@@ -97,9 +97,7 @@ class HttpSource:
         return futures
 
 
-async def receipts(
-    futures: Sequence[asyncio.Future[bytes]], timeout_s: float
-) -> list[dict[str, object]]:
+async def receipts(futures: Sequence[asyncio.Future[bytes]], timeout_s: float) -> list[Receipt]:
     """The receipts, parsed, once all are in; 503 if the commit takes longer than `timeout_s`
     (the reading may still be stored: submitting it again is answered `duplicate`)."""
     try:
