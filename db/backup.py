@@ -1,0 +1,97 @@
+"""Backups as `pg_dump` custom-format archives, restored with `pg_restore` into a fresh
+database (docs/scaling.md, "Backup and restore", says why a dump and not a base backup).
+
+A dump is one consistent snapshot (a repeatable-read transaction) taken over an ordinary
+connection, while ingest and the bridge keep writing; it restores into any PostgreSQL of
+the same or a newer major version. What it holds is the whole database: readings and their
+log, rollups, watermarks, the ledger, the registry, and `schema_migrations`, so `db migrate`
+on the restored database knows where it stands. Triggers are created after the data is
+loaded, so restoring does not roll readings up a second time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+
+from meterproof.errors import (
+    ConflictError,
+    MeterproofError,
+    NotFoundError,
+    UnavailableError,
+    first_line,
+)
+
+#: Anything in the target's own schemas makes it not fresh.
+_NOT_EMPTY: Final = """
+SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+  AND n.nspname NOT LIKE 'pg_temp%%' AND n.nspname NOT LIKE 'pg_toast_temp%%'
+"""
+
+
+class BackupError(MeterproofError):
+    """pg_dump or pg_restore failed; nothing was replaced or half-restored."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackupResult:
+    path: Path
+    size_bytes: int
+    seconds: float
+
+
+def backup(database_url: str, out: Path) -> BackupResult:
+    """Dump the database to `out` (custom format, compressed). Written beside it first and
+    renamed when complete, so a file with that name is always a whole backup."""
+    partial = out.with_name(f".{out.name}.partial")
+    began = time.monotonic()
+    try:
+        _run("pg_dump", "--format=custom", f"--file={partial}", f"--dbname={database_url}")
+    except MeterproofError:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(out)
+    return BackupResult(out, out.stat().st_size, time.monotonic() - began)
+
+
+def restore(archive: Path, database_url: str) -> float:
+    """Restore `archive` into the empty database at `database_url`, all or nothing (one
+    transaction); return the seconds taken. Refuses a database that holds anything."""
+    if not archive.is_file():
+        raise NotFoundError(f"no backup at {archive}")
+    try:
+        with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute(_NOT_EMPTY).fetchone()
+    except psycopg.OperationalError as exc:
+        raise UnavailableError("database", first_line(exc)) from exc
+    assert row is not None
+    if row[0]:
+        raise ConflictError(
+            f"the target database holds {row[0]} relations: restore into a fresh one"
+            " (createdb, or a new server)"
+        )
+    began = time.monotonic()
+    _run(
+        "pg_restore", "--exit-on-error", "--single-transaction", "--no-owner",
+        "--no-privileges", f"--dbname={database_url}", str(archive),
+    )  # fmt: skip
+    return time.monotonic() - began
+
+
+def _run(tool: str, *args: str) -> None:
+    executable = shutil.which(tool)
+    if executable is None:
+        raise NotFoundError(f"{tool} not found: install the PostgreSQL client tools")
+    result: subprocess.CompletedProcess[Any] = subprocess.run(
+        [executable, *args], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        said = [line for line in result.stderr.splitlines() if line.strip()]
+        raise BackupError(f"{tool} failed ({result.returncode}): {said[0] if said else '?'}")
