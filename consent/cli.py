@@ -10,6 +10,7 @@ from typing import Any
 from uuid import UUID
 
 import click
+import psycopg
 
 from meterproof.certs import crl
 from meterproof.certs.identities import issue_integrator, load_identity
@@ -20,6 +21,7 @@ from meterproof.config import DEFAULT_PKI_ROOT
 from meterproof.consent import repository
 from meterproof.consent.model import Scope
 from meterproof.errors import InputError
+from meterproof.registry import documents, wallets
 from meterproof.registry.accounts import AccountId
 from meterproof.registry.model import check_label, check_meter_id
 
@@ -261,16 +263,17 @@ def grant_command(
 ) -> None:
     """Grant an integrator access, as the owner (--signer --challenge --signature) or as
     the operator (--operator-reason)."""
-    request = _request(**grant)
     owner = (signer, challenge, signature)
     if (operator_reason is None) == all(v is None for v in owner):
         raise InputError("give either --signer, --challenge and --signature, or --operator-reason")
     if operator_reason is None and any(v is None for v in owner):
         raise InputError("an owner's grant needs --signer, --challenge and --signature")
     with connect_database(database_url) as conn:
+        if challenge is not None and grant["data_from"] is None:
+            grant["data_from"] = _signed_from(conn, challenge)
         made = repository.grant(
             conn,
-            request,
+            _request(**grant),
             signer=None if signer is None else AccountId.parse(signer),
             challenge_id=challenge,
             signature=None if signature is None else signature.read(),
@@ -355,6 +358,16 @@ def show_command(*, consent_id: UUID, database_url: str | None) -> None:
     for e in found.events:
         click.echo(f"  {e['at']:%F %T%z} {e['event']:<8} by {e['actor']}: {e['reason']}"
                    f"{'' if not e['detail'] else ' ' + json.dumps(e['detail'])}")  # fmt: skip
+
+
+def _signed_from(conn: psycopg.Connection[Any], challenge: UUID) -> datetime | None:
+    """The `from` of the document an owner signed: `consent request` defaulted it to its
+    own time, which a later `grant` without --from must not move."""
+    document = wallets.challenge_document(conn, challenge)
+    if document is None:
+        return None
+    signed = documents.parse(document)[1].get("from", "-")
+    return None if signed == "-" else datetime.fromisoformat(signed)
 
 
 def _consent_line(c: repository.Consent) -> str:

@@ -309,3 +309,11 @@ def _verify_meter(
         ) from exc
     if not key.verify(raw, document.encode("utf-8")):
         raise RefusedError("bad_meter_signature", f"{meter_id}'s key {kid!r} did not sign this")
+
+
+def challenge_document(conn: Conn, challenge_id: UUID) -> str | None:
+    """The exact text a challenge asked to be signed, or None if there is no such one."""
+    row = conn.execute(
+        "SELECT document FROM wallet_challenges WHERE id = %s", (challenge_id,)
+    ).fetchone()
+    return None if row is None else str(row[0])
