@@ -124,14 +124,38 @@ def test_migrate_command_prints_versions_and_reports_an_unreachable_database(
     assert down.output.count("\n") == 1
 
 
-def test_native_partitioning_is_used_without_timescaledb(database_url: str) -> None:
+def _timescale(conn: psycopg.Connection[Any]) -> bool:
+    """Which mode migration 0002 chose for this server (tests run on both: the Debian
+    packages have no TimescaleDB, `--servers=docker` runs the TimescaleDB image)."""
+    row = conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+    return row == (1,)
+
+
+def test_timescaledb_is_used_exactly_when_the_server_can_load_it(database_url: str) -> None:
     with _connect(database_url) as conn:
-        assert conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
-        ).fetchone() == (0,)
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),"
+            " current_setting('shared_preload_libraries') LIKE '%timescaledb%'"
+        ).fetchone()
+        assert row is not None
+        assert _timescale(conn) == (row[0] and row[1])
+
+
+def test_readings_are_split_by_day_in_either_mode(database_url: str) -> None:
+    """Native range partitions of one UTC day (this week's made ahead, a DEFAULT one), or
+    a hypertable on ts with one-day chunks and no native partitioning."""
+    with _connect(database_url) as conn:
         strategy = conn.execute(
             "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'readings'::regclass"
         ).fetchone()
+        if _timescale(conn):
+            assert strategy is None
+            dimension = conn.execute(
+                "SELECT column_name, time_interval FROM timescaledb_information.dimensions"
+                " WHERE hypertable_name = 'readings'"
+            ).fetchall()
+            assert dimension == [("ts", timedelta(days=1))]
+            return
         assert strategy == ("r",)
         today = datetime.now(UTC).strftime("%Y%m%d")
         week = (datetime.now(UTC) + timedelta(days=7)).strftime("%Y%m%d")
@@ -139,9 +163,11 @@ def test_native_partitioning_is_used_without_timescaledb(database_url: str) -> N
             assert conn.execute("SELECT to_regclass(%s)", (name,)).fetchone() != (None,)
 
 
-def test_readings_far_in_the_past_or_future_land_in_the_default_partition(
+def test_readings_far_in_the_past_or_future_are_stored_in_either_mode(
     database_url: str,
 ) -> None:
+    """Natively in the DEFAULT partition (no day partition that far out), under
+    TimescaleDB in a chunk of their own day."""
     with _connect(database_url) as conn:
         _register(conn, "m1")
         _reading(conn, "m1", 1, datetime(1999, 1, 1, tzinfo=UTC))
@@ -150,6 +176,11 @@ def test_readings_far_in_the_past_or_future_land_in_the_default_partition(
         where = dict(
             conn.execute("SELECT seq::int, tableoid::regclass::text FROM readings").fetchall()
         )
+        assert sorted(where) == [1, 2, 3]
+        if _timescale(conn):
+            assert len(set(where.values())) == 3
+            assert all(w.startswith("_timescaledb_internal.") for w in where.values())
+            return
         assert where[1] == where[2] == "readings_default"
         assert where[3] == f"readings_{datetime.now(UTC):%Y%m%d}"
 
@@ -157,11 +188,15 @@ def test_readings_far_in_the_past_or_future_land_in_the_default_partition(
 def test_creating_a_partition_moves_its_rows_out_of_the_default_partition(
     database_url: str,
 ) -> None:
+    """Under TimescaleDB there is nothing to create: the function says so (0)."""
     far = datetime(2200, 1, 1, 12, tzinfo=UTC)
     with _connect(database_url) as conn:
         _register(conn, "m1")
         _reading(conn, "m1", 1, far)
         created = conn.execute("SELECT meterproof_ensure_partitions(%s, %s)", (far, far)).fetchone()
+        if _timescale(conn):
+            assert created == (0,)
+            return
         assert created == (1,)
         assert conn.execute("SELECT tableoid::regclass::text FROM readings").fetchall() == [
             ("readings_22000101",)
@@ -170,11 +205,15 @@ def test_creating_a_partition_moves_its_rows_out_of_the_default_partition(
 
 def test_ensure_partitions_creates_the_coming_days_once(database_url: str) -> None:
     with _connect(database_url) as conn:
-        assert ensure_partitions(conn) == 0  # the migration made this week's
-        assert ensure_partitions(conn, days_ahead=30) == 23
+        assert ensure_partitions(conn) == 0  # the migration made this week's, or TimescaleDB
+        expected = 0 if _timescale(conn) else 23
+        assert ensure_partitions(conn, days_ahead=30) == expected
         assert ensure_partitions(conn, days_ahead=30) == 0
-        last = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y%m%d")
-        assert conn.execute("SELECT to_regclass(%s)", (f"readings_{last}",)).fetchone() != (None,)
+        if not _timescale(conn):
+            last = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y%m%d")
+            assert conn.execute("SELECT to_regclass(%s)", (f"readings_{last}",)).fetchone() != (
+                None,
+            )
         with pytest.raises(ValueError, match="days_ahead"):
             ensure_partitions(conn, days_ahead=-1)
 
