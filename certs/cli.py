@@ -48,8 +48,7 @@ from meterproof.certs.identities import (
 )
 from meterproof.certs.layout import PkiLayout, check_identity
 from meterproof.cli.errors import Group
-from meterproof.cli.options import stack_env_option
-from meterproof.config import DEFAULT_PKI_ROOT
+from meterproof.cli.options import pki_root_option, stack_env_option
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import RSA_MAX_BITS, RSA_MIN_BITS
 
@@ -121,14 +120,7 @@ _days_option = click.option(
 
 
 @click.group(cls=Group)
-@click.option(
-    "--pki-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="METERPROOF_PKI_ROOT",
-    default=DEFAULT_PKI_ROOT,
-    show_default=True,
-    help="Folder of the operator PKI.",
-)
+@pki_root_option
 @click.pass_context
 def certs(ctx: click.Context, pki_root: Path) -> None:
     """Operator PKI: CA, broker and client certificates, signing keys, revocation."""

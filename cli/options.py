@@ -12,11 +12,20 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import ValidationError
 
-from meterproof.config import Settings, StackEnv, stack_env_file
+from meterproof.config import DEFAULT_PKI_ROOT, Settings, StackEnv, stack_env_file
 from meterproof.errors import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound=Settings)
+
+pki_root_option = click.option(
+    "--pki-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="METERPROOF_PKI_ROOT",
+    default=DEFAULT_PKI_ROOT,
+    show_default=True,
+    help="Folder of the operator PKI.",
+)
 
 stack_env_option = click.option(
     "--stack-env",

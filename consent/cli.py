@@ -16,23 +16,18 @@ from meterproof.certs import crl
 from meterproof.certs.identities import issue_integrator, load_identity
 from meterproof.certs.layout import PkiLayout, check_identity
 from meterproof.cli.errors import Group
-from meterproof.cli.options import connect_database, database_option, stack_env_option
-from meterproof.config import DEFAULT_PKI_ROOT
+from meterproof.cli.options import (
+    connect_database,
+    database_option,
+    pki_root_option,
+    stack_env_option,
+)
 from meterproof.consent import repository
 from meterproof.consent.model import Scope
 from meterproof.errors import InputError
 from meterproof.registry import documents, wallets
 from meterproof.registry.accounts import AccountId
 from meterproof.registry.model import check_label, check_meter_id
-
-_pki_option = click.option(
-    "--pki-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="METERPROOF_PKI_ROOT",
-    default=DEFAULT_PKI_ROOT,
-    show_default=True,
-    help="Folder of the operator PKI.",
-)
 
 
 def _name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -51,7 +46,7 @@ def integrators() -> None:
 @integrators.command("add")
 @click.argument("name", callback=_name)
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
-@_pki_option
+@pki_root_option
 @stack_env_option
 @database_option
 def add_command(
@@ -111,7 +106,7 @@ def show_integrator_command(*, name: str, database_url: str | None) -> None:
 @integrators.command("revoke")
 @click.argument("name", callback=_name)
 @click.option("--reason", required=True, help="Why (recorded).")
-@_pki_option
+@pki_root_option
 @stack_env_option
 @database_option
 def revoke_integrator_command(

@@ -44,11 +44,15 @@ class ConsentDemo:
         self._thread = threading.Thread(target=self._run, name="consent-demo", daemon=True)
         self._client: mqtt.Client | None = None
         self._files = tempfile.TemporaryDirectory(prefix="meterproof-consent-")
+        self._since = time.time()
         self.consented: list[str] = []
         self.error: str | None = None
 
     def start(self) -> None:
-        self._cli("integrators", "add", INTEGRATOR)
+        """The integrator (kept from an earlier demo on this stack), then its connection."""
+        self._since = time.time()
+        if INTEGRATOR not in self._cli("integrators", "list"):
+            self._cli("integrators", "add", INTEGRATOR)
         self._client = self._subscribe()
         self._thread.start()
 
@@ -117,8 +121,8 @@ class ConsentDemo:
             with psycopg.connect(self._env.database_url) as conn:
                 rows = conn.execute(
                     "SELECT meter_id FROM meters WHERE meter_id LIKE %s AND status = 'active'"
-                    " ORDER BY meter_id LIMIT %s",
-                    (f"{ID_PREFIX}%", count),
+                    " AND created_at >= to_timestamp(%s) ORDER BY meter_id LIMIT %s",
+                    (f"{ID_PREFIX}%", self._since, count),
                 ).fetchall()
             if len(rows) == count:
                 return [r[0] for r in rows]
