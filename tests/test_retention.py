@@ -275,3 +275,24 @@ def test_the_judge_and_the_rollups_after_pruning_equal_those_of_the_full_history
                     meter_id,
                     width,
                 )
+
+
+def test_daily_partitions_emptied_by_retention_are_dropped(
+    database_url: str, make_meter_id: Callable[[], str], oracle: Oracle
+) -> None:
+    day = 24 * HOUR
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT meterproof_ensure_partitions(%s, %s)", (ms_to_dt(T0), ms_to_dt(T0 + day))
+        )
+    fleet, (a,) = make_fleet(database_url, make_meter_id, ["w"])
+    fleet.store([(a, 1, T0 + HOUR, 1, 1), (a, 2, T0 + day + HOUR, 2, 2)])
+    anchor(database_url, oracle, T0 + 2 * day)
+    first, second = f"readings_{ms_to_dt(T0):%Y%m%d}", f"readings_{ms_to_dt(T0 + day):%Y%m%d}"
+    lines: list[str] = []
+    report = run_prune(database_url, T0 + day + 2 * HOUR, lines)
+    assert report.retired_batches == [1, 2]
+    assert report.dropped_partitions == [first]  # the second day is not over at the horizon
+    assert f"dropped empty partition {first}" in lines
+    present = query(database_url, "SELECT to_regclass(%s), to_regclass(%s)", (first, second))
+    assert present == [(None, second)]
