@@ -326,6 +326,27 @@ class BatchStore:
                 (Jsonb(receipt.to_json()), batch),
             )
 
+    def recently_anchored(self, limit: int) -> list[tuple[int, str]]:
+        """(batch, idempotency key) of the newest `limit` anchored batches, oldest first."""
+        with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
+            rows = cur.execute(
+                "SELECT batch, idempotency_key FROM bridge_batches WHERE status = 'anchored'"
+                " ORDER BY batch DESC LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return [(int(b), str(k)) for b, k in reversed(rows)]
+
+    def reopen(self, batch: int) -> int:
+        """Back to pending from `batch` on (the sink lost them: a reorg drops a suffix of
+        the chain); attempts are kept, so each is looked up before it is sent again."""
+        with self._conn.transaction():
+            done = self._conn.execute(
+                "UPDATE bridge_batches SET status = 'pending', receipt = NULL,"
+                " anchored_at = NULL WHERE batch >= %s AND status = 'anchored'",
+                (batch,),
+            )
+        return done.rowcount
+
     def pending_count(self) -> tuple[int, int]:
         """(pending batches, GRID units they will mint)."""
         with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from meterproof.bridge.settings import BridgeSettings
 from meterproof.certs.layout import PkiLayout
 from meterproof.cli.errors import Group
-from meterproof.errors import first_line
+from meterproof.errors import MeterproofError, first_line
 from meterproof.schemas.signatures import InvalidKeyError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -89,10 +89,10 @@ def bridge(
     Settings come from METERPROOF_* variables, .run/stack.env and --config. SIGTERM ends
     the current pass and exits; a batch left pending is anchored by the next start.
     """
-    from meterproof.bridge.ledger.local import LocalSink
     from meterproof.bridge.oracle import load_oracle
     from meterproof.bridge.publish import SummaryPublisher
     from meterproof.bridge.runner import Runner
+    from meterproof.bridge.sinks import open_sink
     from meterproof.probes import serve_probes
 
     if config:
@@ -108,9 +108,10 @@ def bridge(
     identity = layout.service("bridge")
     if not identity.cert.is_file():
         raise click.ClickException(f"no bridge identity in {identity.directory}: run `certs init`")
-    sink = LocalSink(
-        settings.database_url, trusted_key=oracle.public_key, timeout_s=settings.sink_timeout_s
-    )
+    try:
+        sink = open_sink(settings, trusted_key=oracle.public_key)
+    except MeterproofError as exc:
+        raise click.ClickException(str(exc)) from None
     publisher = SummaryPublisher(
         host=settings.mqtt_host,
         port=settings.mqtt_port,

@@ -2,7 +2,8 @@
 
 `METERPROOF_BRIDGE_CRASH_AT=before_submit|during_submit|after_submit` makes the bridge
 SIGKILL itself right before it hands a pending batch to the sink, inside the sink's open
-transaction, or after the sink acknowledged but before the receipt is recorded. The crash
+transaction (the evm sink: after broadcasting, before any receipt), or after the sink
+acknowledged but before the receipt is recorded. The crash
 tests restart the bridge without it and check that every batch is anchored exactly once.
 Unset (always, outside tests) it does nothing.
 """

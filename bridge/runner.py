@@ -27,13 +27,21 @@ from meterproof.backoff import Backoff
 from meterproof.bridge.batches import BatchStore, Step
 from meterproof.bridge.entry import Entry
 from meterproof.bridge.faults import crash_point
-from meterproof.bridge.ledger.sink import LedgerSink, Receipt, SinkError, SinkRejectedError
+from meterproof.bridge.ledger.sink import (
+    LedgerSink,
+    Receipt,
+    SinkError,
+    SinkPendingError,
+    SinkRejectedError,
+)
 from meterproof.bridge.mint import UNITS_PER_GRID, format_grid
 from meterproof.bridge.oracle import Oracle
 from meterproof.bridge.publish import summary
 from meterproof.bridge.settings import BridgeSettings
 from meterproof.bridge.telemetry import (
     ANCHORING_LAG,
+    ANCHORS_LOST,
+    AWAITING_CONFIRMATION,
     BATCHES_PENDING,
     EPOCHS_SEALED,
     GRID_MINTED,
@@ -79,6 +87,7 @@ class Runner:
         self._db_backoff = Backoff(settings.retry_initial_s, settings.retry_max_s, jitter)
         self._retry_at_ms = 0
         self._partitions_at_ms: int | None = None
+        self._recheck_at_ms = 0
         self._database_reached = False
 
     def run(self, stop: threading.Event) -> None:
@@ -112,6 +121,7 @@ class Runner:
                 oracle=self._oracle,
             )
             self._record(step)
+            self._recheck(store)
             self._anchor(store)
             pending, units = store.pending_count()
         except psycopg.Error as exc:
@@ -166,12 +176,39 @@ class Runner:
             entry = pending.entry
             try:
                 receipt = self._deliver(store, pending.batch, entry, pending.attempts)
+            except SinkPendingError as exc:
+                AWAITING_CONFIRMATION.inc()
+                self._retry_at_ms = self._clock() + round(self._settings.retry_initial_s * 1000)
+                log.info("anchor_unconfirmed", batch=pending.batch, detail=str(exc))
+                return
             except SinkError as exc:
                 self._failed(store, pending.batch, exc)
                 return
             self._sink_backoff.reset()
             store.mark_anchored(pending.batch, receipt)
             self._anchored(entry, receipt)
+
+    def _recheck(self, store: BatchStore) -> None:
+        """Ask the sink again for the newest anchored batches: a chain can drop an anchor
+        in a reorg. The first one missing goes back to pending with everything after it,
+        and is anchored again (looked up first, so never twice)."""
+        every_ms = round(self._settings.recheck_interval_s * 1000)
+        if not every_ms or self._clock() < self._recheck_at_ms:
+            return
+        self._recheck_at_ms = self._clock() + every_ms
+        for batch, key in store.recently_anchored(self._settings.recheck_batches):
+            try:
+                found = self._sink.fetch(key)
+            except SinkPendingError:
+                continue
+            except SinkError as exc:
+                log.warning("recheck_failed", batch=batch, code=exc.code, detail=str(exc))
+                return
+            if found is None:
+                reopened = store.reopen(batch)
+                ANCHORS_LOST.inc(reopened)
+                log.error("anchor_lost", batch=batch, reopened=reopened, sink=self._sink.name)
+                break
 
     def _deliver(self, store: BatchStore, batch: int, entry: Entry, attempts: int) -> Receipt:
         key = entry.header.idempotency_key

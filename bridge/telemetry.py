@@ -25,6 +25,14 @@ SUBMISSIONS_FAILED = Counter(
 SUMMARIES_PUBLISHED = Counter(
     "meterproof_summaries_published_total", "Epoch summaries acknowledged by the broker"
 )
+ANCHORS_LOST = Counter(
+    "meterproof_anchors_lost_total",
+    "Anchored batches the sink no longer holds (a chain reorg), set back to pending",
+)
+AWAITING_CONFIRMATION = Counter(
+    "meterproof_anchor_confirmation_waits_total",
+    "Passes that found the batch recorded but not yet final (fewer than N blocks deep)",
+)
 BATCHES_PENDING = Gauge("meterproof_batches_pending", "Sealed batches not yet anchored")
 PENDING_CREDITS = Gauge(
     "energy_pending_credits_kwh", "kWh (= GRID) in sealed batches not yet anchored"

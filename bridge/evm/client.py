@@ -18,7 +18,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import Web3Exception, Web3RPCError
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception
 
 from meterproof.bridge.evm.compile import load_artifact
 from meterproof.errors import InputError, UnavailableError
@@ -79,19 +79,22 @@ def new_key(path: Path) -> LocalAccount:
 
 
 def connect(url: str, *, timeout_s: float) -> Web3:
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout_s}))
+    """No retries inside web3: the bridge's runner retries with its own backoff."""
+    provider = Web3.HTTPProvider(
+        url, request_kwargs={"timeout": timeout_s}, exception_retry_configuration=None
+    )
+    return Web3(provider)
 
 
 def node_call(call: Callable[[], T]) -> T:
-    """Run one web3 call; a transport or RPC failure becomes NodeUnavailableError (reverts
-    of contract calls are the caller's to read, so ContractLogicError passes through)."""
+    """Run one web3 call; a transport or RPC failure becomes NodeUnavailableError. A revert
+    (ContractLogicError) and an unknown transaction (TransactionNotFound) are answers, not
+    outages: they pass through for the caller to read."""
     try:
         return call()
-    except (requests.RequestException, OSError, Web3RPCError) as exc:
-        raise NodeUnavailableError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
-    except Web3Exception as exc:
-        if type(exc).__name__.startswith("Contract"):
-            raise
+    except (ContractLogicError, TransactionNotFound):
+        raise
+    except (requests.RequestException, OSError, Web3Exception) as exc:
         raise NodeUnavailableError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 

@@ -21,6 +21,7 @@ ErrorCode = Literal[
     "conflict",  # the key is recorded with a different entry
     "out_of_order",  # the entry does not extend the ledger's head
     "invalid_entry",  # bad signature, untrusted oracle key or mint hash
+    "unconfirmed",  # recorded, but not yet final (a chain: fewer than N blocks deep)
 ]
 
 
@@ -35,6 +36,14 @@ class SinkUnavailableError(SinkError):
 
     def __init__(self, detail: str) -> None:
         super().__init__("unavailable", detail)
+
+
+class SinkPendingError(SinkError):
+    """Recorded but not final yet: the bridge asks again soon (`fetch`), without backing off
+    and without counting a failure; never a reason to submit again."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("unconfirmed", detail)
 
 
 class SinkRejectedError(SinkError):
