@@ -69,12 +69,13 @@ class ConsentDemo:
         if self.error is not None:
             self._say(f"    consent step failed: {self.error}")
             return False
-        got = ", ".join(f"{t} x{n}" for t, n in sorted(self._received.items())) or "nothing"
-        self._say(f"    integrator {INTEGRATOR} received: {got}")
-        meters = {topic.split("/")[3] for topic in self._received}
-        exact = meters == set(self.consented)
+        per_meter = collections.Counter(topic.split("/")[3] for topic in self._received)
+        raw = sum(n for topic, n in self._received.items() if topic.startswith("verified/"))
+        got = ", ".join(f"{n} of {m}" for m, n in sorted(per_meter.items())) or "nothing"
+        self._say(f"    integrator {INTEGRATOR} received {got} on its feed; {raw} on verified/#")
+        exact = set(per_meter) == set(self.consented) and raw == 0
         self._say(
-            f"    consented meters {', '.join(self.consented)}: "
+            f"    consented: {', '.join(self.consented)}: "
             + ("exactly those, nothing else" if exact else "MISMATCH")
         )
         return exact
