@@ -69,7 +69,10 @@ class ConsentDemo:
         if self.error is not None:
             self._say(f"    consent step failed: {self.error}")
             return False
-        per_meter = collections.Counter(topic.split("/")[3] for topic in self._received)
+        per_meter: collections.Counter[str] = collections.Counter()
+        for topic, n in self._received.items():
+            if topic.startswith("integrators/"):
+                per_meter[topic.split("/")[3]] += n
         raw = sum(n for topic, n in self._received.items() if topic.startswith("verified/"))
         got = ", ".join(f"{n} of {m}" for m, n in sorted(per_meter.items())) or "nothing"
         self._say(f"    integrator {INTEGRATOR} received {got} on its feed; {raw} on verified/#")
