@@ -55,6 +55,8 @@ _REASONS: Final = {
 }  # fmt: skip
 _MAX_BATCH: Final = 1000
 _CSV: Final = "text/csv"
+#: 9999-12-31T23:59:59.999Z: the latest time PostgreSQL's timestamptz holds with room.
+_MAX_MS: Final = 253_402_300_799_999
 
 #: Who may call what: token holders need the scope, a meter is its certificate's CN.
 RegistryReader = Annotated[
@@ -285,8 +287,8 @@ async def history(
     meter_id: MeterIdPath,
     who: ReadingsReader,
     *,
-    from_ms: Annotated[int, Query(alias="from", ge=0, le=2**63 - 1)] = 0,
-    to_ms: Annotated[int | None, Query(alias="to", ge=0, le=2**63 - 1)] = None,
+    from_ms: Annotated[int, Query(alias="from", ge=0, le=_MAX_MS)] = 0,
+    to_ms: Annotated[int | None, Query(alias="to", ge=0, le=_MAX_MS)] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
