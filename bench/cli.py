@@ -221,9 +221,12 @@ def consent(ctx: click.Context) -> None:
     """
     from meterproof.bench import consent as seeding
     from meterproof.bench.ingest import run_drain
+    from meterproof.bench.load import run_tiers
 
-    size, rounds = (10_000, 1) if _quick(ctx) else (50_000, 3)
+    quick = _quick(ctx)
+    size, rounds, live_s = (10_000, 1, 8.0) if quick else (50_000, 3, 20.0)
     best: dict[str, dict[str, object]] = {}
+    live: dict[str, dict[str, float]] = {}
     for turn in range(1, rounds + 1):
         for case, prepare in seeding.CASES.items():
             _progress(f"== round {turn}/{rounds}: {size:,} readings, 2 workers, consents: {case}")
@@ -234,8 +237,16 @@ def consent(ctx: click.Context) -> None:
             kept = best.get(case)
             if kept is None or result.drain_per_s > float(str(kept["drain_per_s"])):
                 best[case] = result.as_dict()
+            _progress(f"== round {turn}/{rounds}: live, {seeding.LIVE_RATE:,}/s, consents: {case}")
+            with _run_dir() as tmp:
+                tier = run_tiers(tmp, rates=[seeding.LIVE_RATE], seconds_per_tier=live_s,
+                                 meters=seeding.LIVE_METERS, workers=2, progress=_progress,
+                                 prepare=prepare)["tiers"][0]  # fmt: skip
+            figures = seeding.live_figures(tier)
+            if case not in live or figures["server_us"] < live[case]["server_us"]:
+                live[case] = figures
     _saved(ctx, "consent", {"integrators": seeding.INTEGRATORS, "consents": seeding.CONSENTS,
-                            "rounds": rounds, "runs": best})  # fmt: skip
+                            "rounds": rounds, "runs": best, "live": live})  # fmt: skip
 
 
 def _drain(size: int, workers: int, *, profiled: bool) -> tuple[DrainResult, dict[str, object]]:

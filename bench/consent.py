@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 
+LIVE_RATE: Final = 1_000  #: readings/s offered by connected meters in the live runs
+LIVE_METERS: Final = 200
+#: The server side of a live run: what a deployment pays, the load generator excluded.
+SERVER: Final = ("workers", "postgres", "broker", "redis")
 INTEGRATORS: Final = 1_000
 CONSENTS: Final = 10_000
 _FROM: Final = datetime(2026, 1, 1, tzinfo=UTC)
@@ -68,3 +72,14 @@ CASES: Final[dict[str, Callable[[str, list[str]], None] | None]] = {
     "policy": policy_in_place,
     "delivering": delivering,
 }
+
+
+def live_figures(tier: dict[str, Any]) -> dict[str, float]:
+    """Accepted rate, server CPU per accepted reading and p99 publish->receipt of a tier."""
+    cores = tier["cpu"]["cores"]
+    accepted = max(float(tier["accepted_per_s"]), 1.0)
+    return {
+        "accepted_per_s": accepted,
+        "server_us": round(sum(cores.get(g, 0.0) for g in SERVER) * 1e6 / accepted, 1),
+        "p99_ms": float(tier["latency_ms"]["p99"] or 0.0),
+    }

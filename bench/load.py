@@ -85,6 +85,7 @@ def run_tiers(
     progress: Callable[[str], None],
     search_steps: int = 0,
     resolution: int = 250,
+    prepare: Callable[[str, list[str]], None] | None = None,
 ) -> dict[str, Any]:
     if not rates or min(rates) <= 0 or seconds_per_tier <= 0 or meters < 2 or workers < 1:
         raise ValueError("need rates > 0, seconds_per_tier > 0, meters >= 2, workers >= 1")
@@ -95,7 +96,8 @@ def run_tiers(
     extra = [max(rates)] * (search_steps + (1 if search_steps else 0))
     phases = [meters, *(round(r * seconds_per_tier) for r in [*rates, *extra])]
     ts_base = plan.ts_base_ms(int(time.time() * 1000), max_seq(meters, processes, phases))
-    with BenchStack(run_dir, meters=meters, workers=workers, progress=progress).running() as b:
+    stack = BenchStack(run_dir, meters=meters, workers=workers, progress=progress, prepare=prepare)
+    with stack.running() as b:
         progress(f"connecting {meters:,} meters from {processes} generator processes")
         gens = Generators(
             env=b.env_required,

@@ -220,8 +220,18 @@ class BenchStack:
     """A private stack (PKI, broker, PostgreSQL, Redis) in `run_dir`, `meters` registered
     device identities, and `meterproof ingest --workers N` running and ready."""
 
-    def __init__(self, run_dir: Path, *, meters: int, workers: int, progress: Progress) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        meters: int,
+        workers: int,
+        progress: Progress,
+        prepare: Callable[[str, list[str]], None] | None = None,
+    ) -> None:
+        """`prepare(database_url, meter_ids)` runs before the workers start."""
         self.run_dir = run_dir
+        self.prepare = prepare
         self.workers = workers
         self.progress = progress
         self.meters = meters
@@ -240,6 +250,8 @@ class BenchStack:
             began = time.perf_counter()
             keys = provision_meters(self.stack.layout, self.env.database_url, self.meters)
             self.meter_ids = sorted(keys)
+            if self.prepare is not None:
+                self.prepare(self.env.database_url, self.meter_ids)
             self.progress(
                 f"  {time.perf_counter() - began:.1f} s; starting {self.workers} worker(s)"
             )
