@@ -27,6 +27,7 @@ from meterproof.api import reads
 from meterproof.api.auth import TOKEN_PATH, Principal, Role, Scope, Token, Tokens, require
 from meterproof.api.edge import Edge
 from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
+from meterproof.api.limits import Limit, Limiter, limited
 from meterproof.api.settings import ApiSettings
 from meterproof.api.submit import HttpSource, receipts
 from meterproof.consent.model import Refusal
@@ -203,7 +204,7 @@ def _own_meter(who: Principal, meter_id: str) -> None:
         raise ApiError(403, "not_this_meter", f"certificate {who.name} is not meter {meter_id}")
 
 
-@router.get("/health", tags=["public"])
+@router.get("/health", tags=["public"], dependencies=[Depends(limited(Limit.STATUS))])
 async def health(request: Request) -> Health:
     """Unauthenticated: the process answers, and whether submissions are running."""
     return Health(status="ok", submissions=_services(request).worker.ready())
@@ -211,6 +212,7 @@ async def health(request: Request) -> Health:
 
 @router.post(
     TOKEN_PATH,
+    dependencies=[Depends(limited(Limit.AUTH))],
     tags=["auth"],
     openapi_extra={
         "requestBody": {
@@ -238,7 +240,9 @@ async def token(request: Request) -> Token:
     return await tokens.issue(await request.body(), request.headers.get("content-type", ""))
 
 
-@router.get("/api/meters/{meter_id}", tags=["registry"])
+@router.get(
+    "/api/meters/{meter_id}", tags=["registry"], dependencies=[Depends(limited(Limit.STATUS))]
+)
 async def get_meter(
     request: Request,
     meter_id: MeterIdPath,
@@ -260,7 +264,11 @@ async def get_meter(
     )
 
 
-@router.get("/api/meters/{meter_id}/latest", tags=["readings"])
+@router.get(
+    "/api/meters/{meter_id}/latest",
+    tags=["readings"],
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
+)
 async def latest(
     request: Request,
     meter_id: MeterIdPath,
@@ -279,6 +287,7 @@ async def latest(
 
 @router.get(
     "/api/meters/{meter_id}/history",
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
     tags=["readings"],
     responses={200: {"content": {_CSV: {"schema": {"type": "string"}}}}},
 )
@@ -323,6 +332,7 @@ async def history(
 
 @router.post(
     "/api/meters/{meter_id}/energy",
+    dependencies=[Depends(limited(Limit.SUBMISSION))],
     tags=["submissions"],
     openapi_extra={
         "requestBody": {
@@ -353,7 +363,11 @@ async def submit(
     return receipt
 
 
-@router.post("/api/meters/energy/batch", tags=["submissions"])
+@router.post(
+    "/api/meters/energy/batch",
+    tags=["submissions"],
+    dependencies=[Depends(limited(Limit.SUBMISSION))],
+)
 async def submit_batch(
     request: Request,
     batch: Annotated[Batch, Body()],
@@ -367,7 +381,11 @@ async def submit_batch(
     return BatchReceipts(receipts=found)
 
 
-@router.get("/api/wallets/{account}/meters", tags=["wallets"])
+@router.get(
+    "/api/wallets/{account}/meters",
+    tags=["wallets"],
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
+)
 async def meters_by_wallet(
     request: Request,
     account: Annotated[str, Path(max_length=200)],
@@ -381,7 +399,11 @@ async def meters_by_wallet(
     return WalletMeters(account=str(parsed), meters=meters)
 
 
-@router.post("/api/meters/{meter_id}/link-wallet", tags=["wallets"])
+@router.post(
+    "/api/meters/{meter_id}/link-wallet",
+    tags=["wallets"],
+    dependencies=[Depends(limited(Limit.AUTH))],
+)
 async def link_wallet(
     request: Request,
     meter_id: MeterIdPath,
@@ -400,7 +422,11 @@ async def link_wallet(
     )  # fmt: skip
 
 
-@router.post("/api/meters/{meter_id}/verify-ownership", tags=["wallets"])
+@router.post(
+    "/api/meters/{meter_id}/verify-ownership",
+    tags=["wallets"],
+    dependencies=[Depends(limited(Limit.AUTH))],
+)
 async def verify_ownership(
     request: Request,
     meter_id: MeterIdPath,
@@ -427,6 +453,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         services = Services(settings)
         app.state.services = services
         app.state.tokens = Tokens(settings)
+        app.state.limiter = Limiter(settings)
         await services.pool.open()
         stop = asyncio.Event()
         consents = asyncio.create_task(services.audience.run(stop), name="consent-view")

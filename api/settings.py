@@ -35,6 +35,10 @@ class ApiSettings(Settings):
     api_submit_timeout_s: float = Field(
         default=15.0, gt=0, description="how long a submission waits for its commit"
     )
+    api_rate_auth_per_min: int = Field(default=10, ge=1, description="per caller")
+    api_rate_submission_per_min: int = Field(default=4, ge=1, description="per meter")
+    api_rate_status_per_min: int = Field(default=60, ge=1, description="per caller")
+    api_rate_analytics_per_min: int = Field(default=20, ge=1, description="per caller")
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
     )
