@@ -1,6 +1,6 @@
 """The HTTP API against a real server process (tests/fixtures/api.py) on the session's
-PostgreSQL, Redis and PKI: tokens, consented reads, submissions through the pipeline, and
-bad input answered with a problem body and a stable code."""
+PostgreSQL, Redis and PKI: tokens, consented reads, submissions through the pipeline, wallet
+links, and bad input answered with a problem body and a stable code."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import jwt
 import psycopg
+from eth_account import Account
+from eth_account.messages import encode_defunct
 from fixtures.api import ApiServer
 from ingest_harness import provision
 from waiting import wait_until
@@ -20,6 +22,7 @@ from waiting import wait_until
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
 from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.reading import b64url
 from meterproof.schemas.signatures import PrivateKey
 from meterproof.schemas.timestamps import wall_ms
 
@@ -211,3 +214,53 @@ def test_bad_input_gets_a_4xx_with_a_stable_code(
     with api_server.meter_client(meter_id) as meter:
         _problem(meter.post("/api/meters/energy/batch", json={"readings": []}), 422,
                  "invalid_request")  # fmt: skip
+
+
+def test_a_meter_and_its_wallet_link_by_proving_both_keys(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    meter_key = provision(api_server.pki, api_server.database_url, meter_id)
+    with psycopg.connect(api_server.database_url) as conn:
+        row = conn.execute(
+            "SELECT k.kid FROM meter_keys k JOIN meters m ON m.id = k.meter WHERE m.meter_id = %s",
+            (meter_id,),
+        ).fetchone()
+    assert row is not None
+    wallet = Account.create()
+    account = f"eip155:1337:{wallet.address}"
+
+    def wallet_sign(document: str) -> str:
+        return "0x" + wallet.sign_message(encode_defunct(text=document)).signature.hex()
+
+    with api_server.meter_client(meter_id) as meter:
+        challenge = meter.post(f"/api/meters/{meter_id}/link-wallet", json={"account": account})
+        assert challenge.status_code == 200, challenge.text
+        document = challenge.json()["document"]
+        assert document.startswith("meterproof link-wallet v1")
+        proof = {
+            "account": account,
+            "challenge_id": challenge.json()["challenge_id"],
+            "wallet_signature": wallet_sign(document),
+            "meter_kid": row[0],
+            "meter_signature": b64url(meter_key.sign(document.encode())),
+        }
+        forged = meter.post(
+            f"/api/meters/{meter_id}/verify-ownership",
+            json={**proof, "wallet_signature": wallet_sign(document + "x")},
+        )
+        assert (forged.status_code, forged.json()["code"]) == (403, "bad_wallet_signature")
+        again = meter.post(f"/api/meters/{meter_id}/link-wallet", json={"account": account})
+        proof["challenge_id"] = again.json()["challenge_id"]
+        proof["wallet_signature"] = wallet_sign(again.json()["document"])
+        proof["meter_signature"] = b64url(meter_key.sign(again.json()["document"].encode()))
+        linked = meter.post(f"/api/meters/{meter_id}/verify-ownership", json=proof)
+        assert linked.status_code == 200, linked.text
+        assert linked.json()["account"] == account
+        replayed = meter.post(f"/api/meters/{meter_id}/verify-ownership", json=proof)
+        assert (replayed.status_code, replayed.json()["code"]) == (403, "challenge_used")
+    headers = {"Authorization": f"Bearer {api_server.operator_token()}"}
+    with api_server.client(headers=headers) as http:
+        owned = http.get(f"/api/wallets/{account}/meters")
+        assert owned.status_code == 200, owned.text
+        assert owned.json()["meters"] == [meter_id]
