@@ -279,7 +279,15 @@ def revoke(
 
 def record_expiries(conn: Conn) -> int:
     """Append an `expired` event to each consent whose expiry has passed (idempotent: any
-    number of processes may run it). The policy refuses them already; this is the audit."""
+    number of processes may run it). The policy refuses them already; this is the audit.
+
+    Nothing is inserted (and so nothing NOTIFYs every view to reload) unless one is due:
+    the workers run this every few seconds."""
+    due = conn.execute(
+        "SELECT EXISTS (SELECT FROM consent_state WHERE status = 'expired' AND ended IS NULL)"
+    ).fetchone()
+    if due is None or not due[0]:
+        return 0
     with conn.transaction():
         cur = conn.execute(
             "INSERT INTO consent_events (consent, event, actor, reason)"

@@ -362,3 +362,19 @@ def test_consents_and_their_events_are_append_only(
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(statement, (made.id,))
+
+
+def test_the_expiry_sweep_wakes_no_cache_when_nothing_expired(
+    conn: Conn, database_url: str, meters: dict[str, PrivateKey]
+) -> None:
+    """Workers sweep every few seconds; a sweep that records nothing must not make every
+    worker reload its view."""
+    (meter_a, _), _ = meters.items()
+    _integrator(conn)
+    consents.grant(conn, _request(meter_a), operator_reason="open-ended")
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {consents.CHANNEL}")
+        assert consents.record_expiries(conn) == 0
+        assert list(listener.notifies(timeout=0.5)) == []
+        consents.revoke_integrator(conn, "acme", reason="test")
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [consents.CHANNEL]
