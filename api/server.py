@@ -41,6 +41,12 @@ def _common_name(peer: dict[str, Any]) -> str | None:
     return None
 
 
+def _ready(app: Any) -> bool:  # noqa: ANN401 - uvicorn types its app loosely
+    """Ready once the lifespan has started the submission pipeline and it is running."""
+    services = getattr(app.state, "services", None)
+    return services is not None and bool(services.worker.ready())
+
+
 def config(settings: ApiSettings) -> uvicorn.Config:
     pki = PkiLayout(settings.pki_root)
     for path in (pki.server_cert, pki.server_key, pki.ca_cert):
@@ -70,9 +76,11 @@ def config(settings: ApiSettings) -> uvicorn.Config:
 
 async def serve(settings: ApiSettings) -> None:
     """Until SIGTERM/SIGINT (uvicorn's handlers): in-flight requests finish first."""
-    probes = serve_probes("127.0.0.1", settings.api_metrics_port, ready=lambda: True)
+    conf = config(settings)
+    app = conf.app
+    probes = serve_probes("127.0.0.1", settings.api_metrics_port, ready=lambda: _ready(app))
     try:
-        await uvicorn.Server(config(settings)).serve()
+        await uvicorn.Server(conf).serve()
     finally:
         if probes is not None:
             probes.close()

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import re
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import psycopg
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from fixtures.api import ApiServer
+from fixtures.api import OPERATOR_SECRET, ApiServer
 from ingest_harness import provision
 from waiting import wait_until
 
@@ -264,3 +270,57 @@ def test_a_meter_and_its_wallet_link_by_proving_both_keys(
         owned = http.get(f"/api/wallets/{account}/meters")
         assert owned.status_code == 200, owned.text
         assert owned.json()["meters"] == [meter_id]
+
+
+def test_the_curl_lines_of_docs_api_md_work(
+    api_server: ApiServer, make_meter_id: Callable[[], str], tmp_path: Path
+) -> None:
+    """The Examples block, run by bash as written (its `export` lines aside: they name
+    the checkout's stack), with the readings it submits in its working directory."""
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    now = wall_ms()
+    (tmp_path / "reading.json").write_bytes(_reading(meter_id, key, 1, now))
+    batch = [_reading(meter_id, key, seq, now + seq).decode() for seq in (2, 3)]
+    (tmp_path / "batch.json").write_text(json.dumps({"readings": batch}))
+    doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    block = re.search(r"## Examples.*?```sh\n(.*?)```", doc, re.S)
+    assert block is not None
+    script = "\n".join(line for line in block[1].splitlines() if not line.startswith("export "))
+    env = {
+        **os.environ, "API": api_server.url, "CA": str(api_server.pki.ca_cert),
+        "METER": meter_id, "DEV": str(api_server.pki.device(meter_id).directory),
+        "METERPROOF_API_OPERATOR_SECRET": OPERATOR_SECRET,
+    }  # fmt: skip
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"status":"accepted"' in done.stdout
+    assert _latest(api_server, meter_id)["seq"] == 3
+    lines = done.stdout.count(meter_id + ",")
+    assert lines == 3, "the CSV history lists the three readings"
+
+
+def _latest(api: ApiServer, meter_id: str) -> dict[str, Any]:
+    with api.client(headers=_bearer(api.operator_token())) as http:
+        body: dict[str, Any] = http.get(f"/api/meters/{meter_id}/latest").json()
+        return body
+
+
+def test_requests_are_counted_per_route_and_status(api_server: ApiServer) -> None:
+    with api_server.client() as http:
+        http.get("/health")
+        http.get("/api/meters/some-meter/latest")
+        metrics = httpx.get(api_server.metrics_url).text
+    assert re.search(
+        r'meterproof_api_requests_total\{method="GET",route="/health",status="200"\} [1-9]', metrics
+    )
+    assert re.search(
+        r'meterproof_api_requests_total\{method="GET",route="/api/meters/\{meter_id\}/latest",'
+        r'status="401"\} [1-9]',
+        metrics,
+    )
+    assert re.search(r'meterproof_api_refusals_total\{code="unauthenticated"\} [1-9]', metrics)
+    assert httpx.get(api_server.metrics_url.replace("/metrics", "/readyz")).status_code == 200
