@@ -55,15 +55,19 @@ def setup(database_url: str, meters: Sequence[str], extra_sql: str = REFUSE) -> 
 def commit(
     database_url: str, candidates: Sequence[Candidate], rejections: Sequence[Rejection] = ()
 ) -> BatchResult:
-    async def run() -> BatchResult:
-        conn = await AsyncConnection.connect(database_url)
-        store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
-        try:
-            return await store.commit_batch(candidates, rejections)
-        finally:
-            await conn.close()
+    return asyncio.run(commit_async(database_url, candidates, rejections))
 
-    return asyncio.run(run())
+
+async def commit_async(
+    database_url: str, candidates: Sequence[Candidate], rejections: Sequence[Rejection] = ()
+) -> BatchResult:
+    """One batch through a store of its own."""
+    conn = await AsyncConnection.connect(database_url)
+    try:
+        store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
+        return await store.commit_batch(candidates, rejections)
+    finally:
+        await conn.close()
 
 
 def test_refused_readings_are_parked_and_the_rest_of_the_batch_commits(
@@ -194,15 +198,6 @@ def test_a_lost_connection_is_unavailable_and_the_batch_commits_after_it(
     assert asyncio.run(run()) == [Accepted, Accepted]
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM rejected_readings").fetchone() == (0,)
-
-
-async def commit_async(database_url: str, batch: Sequence[Candidate]) -> BatchResult:
-    conn = await AsyncConnection.connect(database_url)
-    try:
-        store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
-        return await store.commit_batch(batch, [])
-    finally:
-        await conn.close()
 
 
 @pytest.mark.slow

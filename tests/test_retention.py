@@ -17,7 +17,7 @@ from bridge_harness import T0, Clock, in_process, make_fleet, query
 from click.testing import CliRunner
 from psycopg import AsyncConnection
 from test_ingest_store import candidate
-from test_rollups import all_rollups
+from test_rollups import all_rollups, store_batches
 
 from meterproof.bridge.oracle import Oracle, load_oracle
 from meterproof.bridge.verify import Report, verify
@@ -26,7 +26,7 @@ from meterproof.db.cli import db
 from meterproof.db.retention import PruneReport, prune
 from meterproof.db.rollups import Rollup, Width
 from meterproof.ingest.judge import RateLimit, StoredPoint, context_of, judge
-from meterproof.ingest.records import Candidate, Outcome, Rejection
+from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy
 from meterproof.ingest.store import ReadingStore
 from meterproof.schemas.timestamps import ms_to_dt
@@ -132,21 +132,6 @@ def test_the_prune_command_prints_progress_and_refuses_a_window_the_judge_needs(
     lines = ok.output.splitlines()
     assert lines[0].startswith("pruning anchored readings older than ")
     assert lines[-1].startswith("done: 0 batches retired (0 readings)")
-
-
-def _store(database_url: str, batches: list[list[Candidate]]) -> list[str]:
-    async def run() -> list[str]:
-        conn = await AsyncConnection.connect(database_url)
-        store = ReadingStore(conn, limit=RateLimit(1000, 1000), policy=QuarantinePolicy())
-        try:
-            kinds: list[str] = []
-            for batch in batches:
-                kinds += [type(o).__name__ for o in (await store.commit_batch(batch, [])).outcomes]
-            return kinds
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def _contexts(database_url: str, probes: list[Candidate], limit: RateLimit) -> list[Any]:
@@ -265,8 +250,8 @@ def test_the_judge_and_the_rollups_after_pruning_equal_those_of_the_full_history
     # the rest arrives out of order, with copies; rollups equal the full history's
     batches = [[fleet.candidate(*r) for r in later_part[i::3]] for i in range(3)]
     batches.append([fleet.candidate(*r) for r in rng.sample(timeline[-10:], 4) if r[2] >= horizon])
-    kinds = _store(database_url, batches)
-    assert kinds.count("Accepted") == len(later_part)
+    kinds = store_batches(database_url, batches)
+    assert kinds.count(Accepted) == len(later_part)
     with psycopg.connect(database_url) as conn:
         for width in Width:
             want_rollups = _brute_force(timeline, width)
