@@ -30,10 +30,13 @@ from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
 from meterproof.api.limits import Limit, Limiter, limited
 from meterproof.api.settings import ApiSettings
 from meterproof.api.submit import HttpSource, receipts
+from meterproof.bridge.entry import entry_json
+from meterproof.bridge.ledger import local as ledger
+from meterproof.bridge.proof import ProofError, build_proof
 from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
 from meterproof.consent.policy import may_see
-from meterproof.errors import UnavailableError
+from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.audience import REFUSALS, Audience
 from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.registry import repository, wallets
@@ -71,6 +74,7 @@ WalletsReader = Annotated[Principal, Depends(require(Role.OPERATOR, scope=Scope.
 WalletLinker = Annotated[
     Principal, Depends(require(Role.OPERATOR, Role.METER, scope=Scope.WALLETS))
 ]
+LedgerReader = ReadingsReader
 MeterCaller = Annotated[Principal, Depends(require(Role.METER))]
 
 
@@ -181,7 +185,14 @@ async def _registry(settings: ApiSettings, work: Callable[[psycopg.Connection[An
     return await asyncio.to_thread(run)
 
 
-def _consented(services: Services, who: Principal, meter_id: str, ts_ms: int) -> ApiError | None:
+def _consented(
+    services: Services,
+    who: Principal,
+    meter_id: str,
+    ts_ms: int,
+    *,
+    scope: ConsentScope = ConsentScope.HISTORY,
+) -> ApiError | None:
     """None when `who` may see the meter's reading at `ts_ms`; else the refusal to answer."""
     if who.role is Role.OPERATOR:
         return None
@@ -190,7 +201,7 @@ def _consented(services: Services, who: Principal, meter_id: str, ts_ms: int) ->
             return None
         return ApiError(403, "not_this_meter", "a meter reads its own readings only")
     decision = may_see(
-        who.name, meter_id, ts_ms, ConsentScope.HISTORY,
+        who.name, meter_id, ts_ms, scope,
         view=services.audience.view, now_ms=wall_ms(),
     )  # fmt: skip
     if decision.refusal is None:
@@ -445,6 +456,79 @@ async def verify_ownership(
         ),
     )  # fmt: skip
     return LinkOut(meter_id=link.meter_id, account=link.account, linked_at=link.linked_at)
+
+
+class LedgerEntries(BaseModel):
+    entries: list[dict[str, Any]] = Field(description="oldest first, as `ledger show` prints them")
+
+
+class LedgerBalance(BaseModel):
+    wallet: str | None = Field(description="null: GRID minted to meters without a wallet")
+    grid_units: str = Field(description="decimal string: units exceed JSON's safe integers")
+    last_entry: int
+
+
+class LedgerBalances(BaseModel):
+    balances: list[LedgerBalance]
+
+
+@router.get(
+    "/api/ledger/entries",
+    tags=["ledger", "public"],
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
+)
+async def ledger_entries(
+    request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> LedgerEntries:
+    """Unauthenticated: the newest anchored ledger entries with their mints."""
+    found = await _registry(
+        _services(request).settings, lambda c: ledger.recent_entries(c, limit=limit)
+    )
+    return LedgerEntries(
+        entries=[{**entry_json(r.entry), "recorded_at_ms": r.recorded_at_ms} for r in found]
+    )
+
+
+@router.get(
+    "/api/ledger/balances",
+    tags=["ledger", "public"],
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
+)
+async def ledger_balances(request: Request) -> LedgerBalances:
+    """Unauthenticated: GRID per wallet, largest first."""
+    found = await _registry(_services(request).settings, ledger.balances)
+    return LedgerBalances(
+        balances=[LedgerBalance(wallet=b.wallet, grid_units=str(b.grid_units),
+                                last_entry=b.last_entry) for b in found]
+    )  # fmt: skip
+
+
+@router.get(
+    "/api/ledger/proofs/{reading_hash}",
+    tags=["ledger"],
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
+)
+async def ledger_proof(
+    request: Request,
+    reading_hash: Annotated[str, Path(pattern="^[0-9a-f]{64}$")],
+    who: LedgerReader,
+) -> dict[str, Any]:
+    """A stored reading's RFC 6962 inclusion proof and the signed entry committing to it
+    (checkable offline: bridge/proof.py). An integrator's passes the consent policy with
+    scope `ledger`."""
+    services = _services(request)
+    digest = bytes.fromhex(reading_hash)
+    found = await reads.owner_of(services.pool, digest)
+    if found is None:
+        raise ApiError(404, "unknown_reading", f"no stored reading {reading_hash}")
+    refusal = _consented(services, who, *found, scope=ConsentScope.LEDGER)
+    if refusal is not None:
+        raise refusal
+    try:
+        proof: dict[str, Any] = await _registry(services.settings, lambda c: build_proof(c, digest))
+    except ProofError as exc:
+        raise ApiError(404, "not_anchored", first_line(exc)) from None
+    return proof
 
 
 def create_app(settings: ApiSettings) -> FastAPI:

@@ -88,8 +88,15 @@ async def history(
     return [_reading(r) for r in rows]
 
 
-async def meter_exists(pool: AsyncConnectionPool, meter_id: str) -> bool:
-    return bool(await _query(pool, "SELECT 1 FROM meters WHERE meter_id = %s", (meter_id,)))
+async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str, int] | None:
+    """(meter id, ts in unix ms) of a stored reading, for the consent policy."""
+    rows = await _query(
+        pool,
+        "SELECT meter_id, (extract(epoch FROM ts) * 1000)::bigint FROM reading_log"
+        " WHERE reading_hash = %s LIMIT 1",
+        (reading_hash,),
+    )
+    return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
 
 def as_csv(readings: Sequence[dict[str, Any]]) -> str:

@@ -19,12 +19,15 @@ from typing import Any
 import httpx
 import jwt
 import psycopg
+from bridge_harness import Clock, in_process
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from fixtures.api import OPERATOR_SECRET, ApiServer
 from ingest_harness import provision
 from waiting import wait_until
 
+from meterproof.bridge.oracle import load_oracle
+from meterproof.bridge.proof import check_proof
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
 from meterproof.schemas.codec import encode_reading, sign_reading
@@ -324,3 +327,40 @@ def test_requests_are_counted_per_route_and_status(api_server: ApiServer) -> Non
     )
     assert re.search(r'meterproof_api_refusals_total\{code="unauthenticated"\} [1-9]', metrics)
     assert httpx.get(api_server.metrics_url.replace("/metrics", "/readyz")).status_code == 200
+
+
+def test_ledger_reads_public_entries_and_consented_proofs(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    now = wall_ms()
+    with api_server.meter_client(meter_id) as meter:
+        receipt = meter.post(
+            f"/api/meters/{meter_id}/energy", content=_reading(meter_id, key, 1, now, imp=5)
+        ).json()
+    proof_path = f"/api/ledger/proofs/{receipt['reading_hash']}"
+    operator = _bearer(api_server.operator_token())
+    with api_server.client() as http:
+        _problem(http.get(proof_path, headers=operator), 404, "not_anchored")
+        _problem(http.get(proof_path), 401, "unauthenticated")
+        runner = in_process(api_server.database_url, load_oracle(api_server.pki.oracle_key),
+                            Clock(now + 10_000))  # fmt: skip
+        runner.run_once()
+        runner.close()
+        proof = http.get(proof_path, headers=operator)
+        assert proof.status_code == 200, proof.text
+        oracle_key = load_oracle(api_server.pki.oracle_key).public_key
+        assert check_proof(proof.json(), trusted_key=oracle_key).tree_size >= 1
+        entries = http.get("/api/ledger/entries")  # no credentials: public
+        assert entries.status_code == 200, entries.text
+        hashes = [e["entry_hash"] for e in entries.json()["entries"]]
+        assert proof.json()["entry"]["entry_hash"] in hashes
+        assert http.get("/api/ledger/balances").status_code == 200
+        name = f"acme-{meter_id[-12:]}"
+        token = _bearer(api_server.token(name, _integrator(api_server, name)))
+        wait_until(
+            lambda: http.get(proof_path, headers=token).json()["code"] != "unknown_integrator",
+            what="the new integrator reaches the API's consent view",
+        )
+        _problem(http.get(proof_path, headers=token), 403, "no_consent")
