@@ -442,3 +442,21 @@ def bridge(ctx: click.Context) -> None:
         f"   seal+anchor {result.seal_and_anchor_s:.1f} s, ledger verify {result.verify_s:.1f} s"
     )
     _saved(ctx, "bridge", {**asdict(result), "seal_and_anchor_s": result.seal_and_anchor_s})
+
+
+@bench.command()
+@click.option("--claims", type=click.IntRange(2, 512), default=None, help="Sampled per tree.")
+@click.pass_context
+def chain(ctx: click.Context, claims: int | None) -> None:
+    """GRID on a ganache dev node: gas and seconds per epoch at 1,000 / 100,000 / 1,000,000
+    meters (direct mints against the claim tree), and epoch close -> N confirmations.
+    Not part of the default run (it needs `make setup`'s node_modules); about 2 minutes."""
+    from meterproof.bench.chain import SIZES, run_chain
+
+    quick = _quick(ctx)
+    sizes = SIZES[:2] if quick else SIZES
+    sample = claims or (8 if quick else 32)
+    _progress(f"== chain: claim trees of {', '.join(f'{n:,}' for n in sizes)} leaves")
+    with _run_dir() as tmp:
+        figures = run_chain(tmp, sizes=sizes, claims=sample, progress=_progress)
+    _saved(ctx, "chain", figures)

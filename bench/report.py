@@ -17,6 +17,7 @@ RESULTS: Final = Path("bench/results")
 REPORT: Final = Path("docs/benchmarks.md")
 SUITES: Final = (
     "limits", "ingest", "registration", "load", "connections", "bridge", "consent", "compare",
+    "chain",
 )  # fmt: skip
 
 Data = dict[str, Any]

@@ -178,28 +178,57 @@ def _trusted_key(oracle_pub: Path | None, *, required: bool) -> bytes | None:
 @_oracle_option
 def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
     """Recompute every root, the hash chain, every signature, every mint and balance from
-    the stored readings; print OK or the first discrepancy (exit 1)."""
+    the stored readings; with the `evm` sink, also every anchor, claim tree, mint per wallet
+    and the total supply against the chain. Print OK or the first discrepancy (exit 1)."""
+    from meterproof.bridge.mint import format_grid
     from meterproof.bridge.oracle import describe
-    from meterproof.bridge.verify import verify
+    from meterproof.bridge.verify import BRIDGE_RECORD, LOCAL_LEDGER, verify
 
     trusted = _trusted_key(oracle_pub, required=True)
     assert trusted is not None
-    url = database_url or _settings().database_url
+    settings = _settings()
+    url = database_url or settings.database_url
+    source = BRIDGE_RECORD if settings.sink == "evm" else LOCAL_LEDGER
     try:
         with _connect(url) as conn, _connect(url) as ledger_conn:
-            report = verify(conn, ledger_conn, trusted)
+            report = verify(conn, ledger_conn, trusted, source=source)
+            chain = _audit_chain(conn, settings) if report.discrepancy is None else None
     except psycopg.OperationalError as exc:
         raise click.ClickException(f"database unreachable: {first_line(exc)}") from None
     if report.discrepancy is not None:
         click.echo(f"DISCREPANCY {report.discrepancy}")
         sys.exit(1)
-    from meterproof.bridge.mint import format_grid
-
+    if chain is not None and chain.discrepancy is not None:
+        click.echo(f"DISCREPANCY chain: {chain.discrepancy}")
+        sys.exit(1)
+    wallets = f"{report.wallets} wallet balances" if chain is None else "balances on chain"
     click.echo(
         f"OK {report.entries} entries, {report.anchored_readings} anchored readings"
         f" ({report.rehashed} rehashed), {format_grid(report.minted_units)} GRID minted,"
-        f" {report.wallets} wallet balances; oracle {describe(trusted)}"
+        f" {wallets}; oracle {describe(trusted)}"
     )
+    if chain is not None:
+        click.echo(
+            f"OK chain: {chain.batches} anchors, {chain.wallets} wallets,"
+            f" {format_grid(chain.direct_units)} GRID minted directly,"
+            f" {format_grid(chain.claim_units)} in claim trees"
+            f" ({format_grid(chain.claimed_units)} claimed),"
+            f" total supply {format_grid(chain.total_supply)}"
+        )
+
+
+def _audit_chain(conn: psycopg.Connection[Any], settings: BridgeSettings) -> Any:  # noqa: ANN401
+    """The chain audit of the `evm` sink (a ChainReport), None for the local sink."""
+    if settings.sink != "evm":
+        return None
+    from meterproof.bridge.evm.audit import audit_chain
+    from meterproof.bridge.evm.client import Deployment, connect
+
+    try:
+        w3 = connect(settings.evm_rpc_url, timeout_s=settings.sink_timeout_s)
+        return audit_chain(conn, w3, Deployment.load(settings.evm_contracts_file))
+    except MeterproofError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @ledger.command("proof")

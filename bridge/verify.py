@@ -18,6 +18,10 @@ get the chain and mint-list checks only: their readings are gone, and the mint r
 continues after the last of them from the state retention recorded (`retired_mint_state`).
 
 One sorted COPY streams all rows; a second connection walks the ledger beside it.
+
+With a chain as the ledger (`BRIDGE_RECORD`), the walk reads the bridge's own record of
+the anchored entries instead of the local ledger's tables, and `bridge.evm.audit`
+compares that record with the chain's state and events.
 """
 
 from __future__ import annotations
@@ -79,6 +83,36 @@ LEFT JOIN ledger_entries e ON e.seq = b.batch
 WHERE b.status = 'anchored' AND e.entry_hash IS DISTINCT FROM b.entry_hash
 ORDER BY b.batch LIMIT 1
 """
+
+
+#: The bridge's anchored entries in the local ledger's column shape (header slices: the
+#: prev hash at byte 28, the mint hash at 100, the oracle key at 132; SQL counts from 1).
+_BRIDGE_ENTRIES: Final = """
+SELECT batch, idempotency_key, epoch, epoch_ms, substring(header from 29 for 32), merkle_root,
+       reading_count, substring(header from 101 for 32), substring(header from 133 for 32),
+       header, signature, entry_hash, minted_units
+FROM bridge_batches WHERE status = 'anchored' ORDER BY batch
+"""
+_BRIDGE_MINTS: Final = """
+SELECT m.batch, m.meter_id, m.owner_wallet, m.export_delta_wh, m.import_delta_wh, m.grid_units
+FROM bridge_mints m JOIN bridge_batches b USING (batch)
+WHERE b.status = 'anchored' ORDER BY m.batch, m.meter_id COLLATE "C"
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class EntrySource:
+    """Where the walk reads the anchored entries: the local ledger's tables (then its
+    balances and the bridge's record are checked against them too), or the bridge's own
+    record (when the ledger is a chain, audited against the bridge's record separately)."""
+
+    entries: str
+    mints: str
+    local_ledger: bool
+
+
+LOCAL_LEDGER: Final = EntrySource(_ENTRIES, _LEDGER_MINTS, local_ledger=True)
+BRIDGE_RECORD: Final = EntrySource(_BRIDGE_ENTRIES, _BRIDGE_MINTS, local_ledger=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +233,16 @@ class _Replay:
 
 
 def verify(
-    conn: psycopg.Connection[Any], ledger: psycopg.Connection[Any], trusted_key: bytes
+    conn: psycopg.Connection[Any],
+    ledger: psycopg.Connection[Any],
+    trusted_key: bytes,
+    *,
+    source: EntrySource = LOCAL_LEDGER,
 ) -> Report:
-    """`conn` streams the readings, `ledger` (another connection) walks the ledger."""
+    """`conn` streams the readings, `ledger` (another connection) walks the entries."""
     report = Report()
     try:
-        _walk(conn, ledger, trusted_key, report)
+        _walk(conn, ledger, trusted_key, report, source)
     except _Found as found:
         report.discrepancy = found.discrepancy
     return report
@@ -215,6 +253,7 @@ def _walk(
     ledger: psycopg.Connection[Any],
     trusted_key: bytes,
     report: Report,
+    source: EntrySource,
 ) -> None:
     conn.execute("SET work_mem = '256MB'")
     retired_through, retired_states = _retirement(conn)
@@ -227,8 +266,8 @@ def _walk(
         ledger.cursor("verify_entries", row_factory=tuple_row) as entries,
         ledger.cursor("verify_mints", row_factory=tuple_row) as mint_rows,
     ):
-        entries.execute(_ENTRIES)
-        mint_rows.execute(_LEDGER_MINTS)
+        entries.execute(source.entries)
+        mint_rows.execute(source.mints)
         mints = _LedgerMints(iter(mint_rows))
         for expected_seq, row in enumerate(entries, start=1):
             entry = _check_entry(row, expected_seq, prev, trusted_key, mints)
@@ -261,7 +300,7 @@ def _walk(
         _check_reading(pending, pending.batch)
         report.rehashed += 1
         pending = next(rows, None)
-    _check_rest(conn, report)
+    _check_rest(conn, report, local_ledger=source.local_ledger)
 
 
 def _retirement(conn: psycopg.Connection[Any]) -> tuple[int, dict[str, MeterState]]:
@@ -372,7 +411,7 @@ def _check_batch(entry: Entry, rows: list[_Row], replay: _Replay) -> None:
             )
 
 
-def _check_rest(conn: psycopg.Connection[Any], report: Report) -> None:
+def _check_rest(conn: psycopg.Connection[Any], report: Report, *, local_ledger: bool) -> None:
     with conn.cursor(row_factory=tuple_row) as cur:
         row = cur.execute(_UNLOGGED).fetchone()
         if row is not None:
@@ -380,6 +419,8 @@ def _check_rest(conn: psycopg.Connection[Any], report: Report) -> None:
                 "is stored but missing from reading_log, so it can never be anchored",
                 reading=f"{row[0]}/{row[1]} ({bytes(row[2]).hex()})",
             )
+        if not local_ledger:
+            return
         for wallet, summed, recorded in cur.execute(_BALANCES).fetchall():
             if summed != recorded:
                 raise _fail(f"wallet {wallet}: balance {recorded}, its mints sum to {summed}")

@@ -34,7 +34,8 @@ class ChainNode(SpawnedServer):
     """ganache whose pid file, log and chain database live in `directory`.
 
     `funded` are 0x private keys given ether at genesis (a restart keeps the database,
-    so the same keys must be passed again)."""
+    so the same keys must be passed again); `block_time_s` > 0 mines on an interval, as a
+    public chain does, instead of one block per transaction."""
 
     name = "ganache"
     program = "node"
@@ -45,6 +46,7 @@ class ChainNode(SpawnedServer):
         directory: Path,
         funded: Sequence[str],
         port: int | None = None,
+        block_time_s: float = 0,
         timeout: float = 30.0,
     ) -> None:
         super().__init__(
@@ -53,6 +55,7 @@ class ChainNode(SpawnedServer):
         self.directory = directory
         self.funded = list(funded)
         self.port = port or free_port()
+        self.block_time_s = block_time_s  #: 0: a block per transaction (instamine)
 
     @property
     def url(self) -> str:
@@ -69,6 +72,7 @@ class ChainNode(SpawnedServer):
         argv = [executable("node"), str(cli), "--server.host", LOOPBACK]
         argv += ["--server.port", str(self.port), "--chain.chainId", str(CHAIN_ID)]
         argv += ["--database.dbPath", str(self.directory / "chain"), "--logging.quiet"]
+        argv += ["--miner.blockTime", f"{self.block_time_s:g}"]
         for key in self.funded:
             argv += ["--wallet.accounts", f"{key},{FUNDING_WEI}"]
         return self._launch(argv, ready=self._answers, what=f"ganache on port {self.port}")
