@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
 from uuid import UUID
 
@@ -36,6 +36,7 @@ from meterproof.bridge.proof import ProofError, build_proof
 from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
 from meterproof.consent.policy import may_see
+from meterproof.db.rollups import Width, rollups_async
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.audience import REFUSALS, Audience
 from meterproof.ingest.worker import Worker, postgres_store
@@ -61,6 +62,7 @@ _MAX_BATCH: Final = 1000
 _CSV: Final = "text/csv"
 #: 9999-12-31T23:59:59.999Z: the latest time PostgreSQL's timestamptz holds with room.
 _MAX_MS: Final = 253_402_300_799_999
+_MAX_ROLLUP_MS: Final = 366 * 86_400_000
 
 #: Who may call what: token holders need the scope, a meter is its certificate's CN.
 RegistryReader = Annotated[
@@ -210,6 +212,21 @@ def _consented(
     return ApiError(403, decision.refusal.value, f"the consent policy refuses: {decision.refusal}")
 
 
+def _visible(
+    services: Services, who: Principal, meter_id: str, times: list[int], *, empty_at: int
+) -> list[bool]:
+    """Whether `who` may see each item of a page by its time: one outside the consented
+    period is left out, any other refusal answers the whole request (an empty page is
+    asked about `empty_at`, so a read without consent is refused even when empty)."""
+    shown = []
+    for ts in times or [empty_at]:
+        refusal = _consented(services, who, meter_id, ts)
+        if refusal is not None and refusal.code != Refusal.PERIOD:
+            raise refusal
+        shown.append(refusal is None)
+    return shown if times else []
+
+
 def _own_meter(who: Principal, meter_id: str) -> None:
     if who.role is Role.METER and who.name != meter_id:
         raise ApiError(403, "not_this_meter", f"certificate {who.name} is not meter {meter_id}")
@@ -323,13 +340,8 @@ async def history(
     page = await reads.history(
         services.pool, meter_id, from_ms=from_ms, to_ms=end, after=after, limit=limit
     )
-    allowed = []
-    for reading in page or [{"ts": from_ms}]:
-        refusal = _consented(services, who, meter_id, reading["ts"])
-        if refusal is None:
-            allowed += [reading] if page else []
-        elif refusal.code != Refusal.PERIOD:
-            raise refusal
+    visible = _visible(services, who, meter_id, [r["ts"] for r in page], empty_at=from_ms)
+    allowed = [r for r, shown in zip(page, visible, strict=True) if shown]
     next_cursor = reads.encode_cursor(page[-1]) if len(page) == limit else None
     if format == "csv":
         headers = {"X-Next-Cursor": next_cursor} if next_cursor else {}
@@ -456,6 +468,59 @@ async def verify_ownership(
         ),
     )  # fmt: skip
     return LinkOut(meter_id=link.meter_id, account=link.account, linked_at=link.linked_at)
+
+
+class RollupOut(BaseModel):
+    start_ms: int = Field(description="the interval is [start_ms, start_ms + width)")
+    import_wh: int
+    export_wh: int
+    readings: int = Field(description="readings whose ts is in the interval")
+
+
+class Rollups(BaseModel):
+    meter_id: str
+    width: Width
+    rollups: list[RollupOut]
+
+
+@router.get(
+    "/api/meters/{meter_id}/rollups",
+    tags=["readings"],
+    dependencies=[Depends(limited(Limit.ANALYTICS))],
+)
+async def meter_rollups(
+    request: Request,
+    meter_id: MeterIdPath,
+    who: ReadingsReader,
+    *,
+    width: Width = Width.QUARTER,
+    from_ms: Annotated[int, Query(alias="from", ge=0, le=_MAX_MS)],
+    to_ms: Annotated[int, Query(alias="to", ge=0, le=_MAX_MS)],
+) -> Rollups:
+    """Energy imported and exported per interval (15m, 1h, 1d) from register differences,
+    from the rollups kept with every stored batch (db/rollups.py), never from raw
+    readings. Intervals starting in [from, to), at most 366 days; an integrator's pass
+    the consent policy at their start like history's readings."""
+    if not 0 < to_ms - from_ms <= _MAX_ROLLUP_MS:
+        raise ApiError(422, "invalid_period", "to must be after from, by at most 366 days")
+    services = _services(request)
+    async with services.pool.connection() as conn:
+        found = await rollups_async(conn, meter_id, width, _utc(from_ms), _utc(to_ms))
+    intervals = [
+        RollupOut(start_ms=int(r.start.timestamp() * 1000), import_wh=r.import_wh,
+                  export_wh=r.export_wh, readings=r.readings)
+        for r in found
+    ]  # fmt: skip
+    visible = _visible(services, who, meter_id, [i.start_ms for i in intervals], empty_at=from_ms)
+    return Rollups(
+        meter_id=meter_id,
+        width=width,
+        rollups=[i for i, shown in zip(intervals, visible, strict=True) if shown],
+    )
+
+
+def _utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 class LedgerEntries(BaseModel):

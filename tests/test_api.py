@@ -364,3 +364,28 @@ def test_ledger_reads_public_entries_and_consented_proofs(
             what="the new integrator reaches the API's consent view",
         )
         _problem(http.get(proof_path, headers=token), 403, "no_consent")
+
+
+def test_rollups_come_from_register_differences_per_interval(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    quarter = 900_000
+    base = wall_ms() // quarter * quarter - 3 * quarter
+    readings = [(1, base + 1000, 100), (2, base + 2000, 150), (3, base + quarter + 1000, 400)]
+    with api_server.meter_client(meter_id) as meter:
+        for seq, ts, imp in readings:
+            answer = meter.post(
+                f"/api/meters/{meter_id}/energy", content=_reading(meter_id, key, seq, ts, imp)
+            )
+            assert answer.status_code == 200, answer.text
+        window = {"from": base, "to": base + 2 * quarter}
+        found = meter.get(f"/api/meters/{meter_id}/rollups", params=window)
+        assert found.status_code == 200, found.text
+        rows = [(r["start_ms"], r["import_wh"], r["readings"]) for r in found.json()["rollups"]]
+        assert rows == [(base, 50, 2), (base + quarter, 250, 1)]
+        hourly = meter.get(f"/api/meters/{meter_id}/rollups", params={**window, "width": "1h"})
+        assert sum(r["import_wh"] for r in hourly.json()["rollups"]) == 300
+        _problem(meter.get(f"/api/meters/{meter_id}/rollups", params={"from": 5, "to": 5}), 422,
+                 "invalid_period")  # fmt: skip
