@@ -11,7 +11,7 @@ Order inside the transaction, which is the design:
   5. commit. Only after that does the worker acknowledge anything.
 `reading_log`'s primary key (meter_id, seq) stays the final judge of "seen": if it ever
 fires, the transaction rolls back and the batch is judged again (by the guard's second
-transaction, below, which sees the committed reading and answers duplicate).
+transaction, below).
 
 The poison-batch guard: an error a retry cannot fix (a constraint, a value the database
 refuses; `refused` says which by SQLSTATE) would otherwise come back on every retry of the
