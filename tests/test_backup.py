@@ -43,10 +43,7 @@ def fresh_server() -> Iterator[PostgresServer]:
 
 def contents(database_url: str) -> dict[str, list[tuple[object, ...]]]:
     """Every row of the tables that matter, in a stable order."""
-    return {
-        t: sorted(query(database_url, f"SELECT * FROM {t}"), key=repr)
-        for t in TABLES
-    }
+    return {t: sorted(query(database_url, f"SELECT * FROM {t}"), key=repr) for t in TABLES}
 
 
 @pytest.mark.slow
