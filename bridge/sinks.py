@@ -5,6 +5,7 @@ from __future__ import annotations
 from meterproof.bridge.ledger.local import LocalSink
 from meterproof.bridge.ledger.sink import LedgerSink
 from meterproof.bridge.settings import BridgeSettings
+from meterproof.errors import InputError
 
 
 def open_sink(settings: BridgeSettings, *, trusted_key: bytes) -> LedgerSink:
@@ -18,9 +19,15 @@ def open_sink(settings: BridgeSettings, *, trusted_key: bytes) -> LedgerSink:
     from meterproof.bridge.evm.journal import Journal
     from meterproof.bridge.evm.sink import EvmSink
 
+    deployment = Deployment.load(settings.evm_contracts_file)
+    if deployment.chain_id != settings.evm_chain_id:
+        raise InputError(
+            f"{settings.evm_contracts_file} names chain {deployment.chain_id}, the setting"
+            f" evm_chain_id is {settings.evm_chain_id}"
+        )
     return EvmSink(
         connect(settings.evm_rpc_url, timeout_s=settings.sink_timeout_s),
-        Deployment.load(settings.evm_contracts_file),
+        deployment,
         oracle=load_key(settings.evm_oracle_key_file),
         journal=Journal(settings.database_url, timeout_s=settings.sink_timeout_s),
         confirmations=settings.evm_confirmations,

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "meterproof.ingest.cli:ingest",
     "bridge": "meterproof.bridge.cli:bridge",
     "ledger": "meterproof.bridge.cli:ledger",
+    "chain": "meterproof.bridge.evm.cli:chain",
     "db": "meterproof.db.cli:db",
     "meters": "meterproof.registry.cli:meters",
     "integrators": "meterproof.consent.cli:integrators",

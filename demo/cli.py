@@ -42,6 +42,13 @@ from meterproof.demo.run import DemoOptions, run_demo
     help="Bridge epoch length in seconds (production default: 900).",
 )
 @click.option(
+    "--sink",
+    type=click.Choice(["local", "evm"]),
+    default="local",
+    show_default=True,
+    help="Ledger: the PostgreSQL ledger, or GRID contracts on a local EVM dev node (ganache).",
+)
+@click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path(".run"),
@@ -50,7 +57,7 @@ from meterproof.demo.run import DemoOptions, run_demo
 )
 def demo(  # noqa: PLR0917 - click passes each option as a parameter
     meters: int, readings: int, interval: float, misbehave: float, workers: int,
-         epoch_s: int, run_dir: Path) -> None:  # fmt: skip
+         epoch_s: int, sink: str, run_dir: Path) -> None:  # fmt: skip
     """Run the whole path locally and print what happened.
 
     Starts (or reuses) the local stack, creates the PKI, starts ingest workers and the
@@ -58,5 +65,5 @@ def demo(  # noqa: PLR0917 - click passes each option as a parameter
     bridge to anchor everything, and prints a summary with a Merkle proof checked end to
     end. No Docker needed.
     """
-    options = DemoOptions(meters, readings, interval, misbehave, workers, epoch_s, run_dir)
+    options = DemoOptions(meters, readings, interval, misbehave, workers, epoch_s, run_dir, sink)
     raise SystemExit(run_demo(options, click.echo))

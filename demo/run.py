@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -23,6 +23,9 @@ from meterproof.config import StackEnv
 from meterproof.demo.consent import ConsentDemo
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from meterproof.stack.services import LocalStack, Ports
+
+if TYPE_CHECKING:
+    from meterproof.demo.chain import DemoChain
 
 Say = Callable[[str], None]
 WORKER_METRICS = 9108
@@ -38,6 +41,7 @@ class DemoOptions:
     workers: int = 2
     epoch_s: int = 10
     run_dir: Path = Path(".run")
+    sink: str = "local"  #: or "evm": anchor on a local EVM dev node (demo/chain.py)
 
 
 def _latency_ms(database_url: str, since: float) -> tuple[float, float, float]:
@@ -87,11 +91,19 @@ def run_demo(options: DemoOptions, say: Say) -> int:
             logs / "ingest.log",
         )
         running.callback(stop_command, workers)
+        chain = None
+        if options.sink == "evm":
+            from meterproof.demo.chain import start_chain
+
+            chain = start_chain(options.run_dir)
+            say(f"    EVM dev node {chain.node.url}, GridAnchor {chain.deployment.anchor}")
+        sink_env = chain.environ if chain else {}
         say(f"3/6 ledger bridge, {options.epoch_s}-second epochs (metrics on :{BRIDGE_METRICS})")
         bridge = start_command(
             meterproof_argv("bridge"),
             command_environ(
                 env,
+                **sink_env,
                 METERPROOF_EPOCH_SECONDS=str(options.epoch_s),
                 METERPROOF_SEAL_DELAY_S="1",
                 METERPROOF_CLAIM_INTERVAL_S="1",
@@ -140,20 +152,25 @@ def run_demo(options: DemoOptions, say: Say) -> int:
         ):
             say(line)
         consent_ok = consent.summary()
-        ledger_ok = _ledger_summary(env, say) if anchored else False
+        ledger_ok = _ledger_summary(env, say, chain) if anchored else False
         if not anchored:
             say("    not every reading was anchored in time; see .run/logs/bridge.log")
     _next_steps(env, say)
     return 0 if fleet["exit_code"] == 0 and anchored and ledger_ok and consent_ok else 1
 
 
-def _ledger_summary(env: StackEnv, say: Say) -> bool:
-    environ = command_environ(env)
+def _ledger_summary(env: StackEnv, say: Say, chain: DemoChain | None) -> bool:
+    environ = command_environ(env, **(chain.environ if chain else {}))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             meterproof_argv(*args), env=environ, capture_output=True, text=True, check=False
         )
+
+    if chain is not None:
+        from meterproof.demo.chain import chain_summary
+
+        return chain_summary(chain, env.database_url, cli, say)
 
     say("    ledger entries:")
     for line in cli("ledger", "entries", "--limit", "5").stdout.splitlines():
