@@ -42,6 +42,7 @@ from meterproof.ingest.audience import REFUSALS, Audience
 from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.registry import repository, wallets
 from meterproof.registry.accounts import AccountId
+from meterproof.registry.model import MeterStatus
 from meterproof.schemas.reading import Receipt, SignedReading, VerifiedReading
 from meterproof.schemas.timestamps import wall_ms
 
@@ -72,6 +73,7 @@ ReadingsReader = Annotated[
     Principal,
     Depends(require(Role.OPERATOR, Role.INTEGRATOR, Role.METER, scope=Scope.READINGS)),
 ]
+RegistryWriter = Annotated[Principal, Depends(require(Role.OPERATOR, scope=Scope.METERS_WRITE))]
 WalletsReader = Annotated[Principal, Depends(require(Role.OPERATOR, scope=Scope.METERS))]
 WalletLinker = Annotated[
     Principal, Depends(require(Role.OPERATOR, Role.METER, scope=Scope.WALLETS))
@@ -468,6 +470,103 @@ async def verify_ownership(
         ),
     )  # fmt: skip
     return LinkOut(meter_id=link.meter_id, account=link.account, linked_at=link.linked_at)
+
+
+class StatusChangeIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=200, description="recorded in the event")
+
+
+class StatusChangeOut(BaseModel):
+    meter_id: str
+    previous: str
+    status: str
+    changed: bool
+
+
+class SecurityEventOut(BaseModel):
+    id: int
+    type: str
+    severity: str
+    detail: dict[str, Any]
+    at: datetime
+
+
+class SecurityStatus(BaseModel):
+    meter_id: str
+    status: str
+    security_level: str
+    events: list[SecurityEventOut] = Field(description="newest first")
+
+
+async def _set_status(
+    request: Request, meter_id: str, status: MeterStatus, reason: str
+) -> StatusChangeOut:
+    change = await _registry(
+        _services(request).settings,
+        lambda c: repository.set_status(c, meter_id, status, reason=reason),
+    )
+    log.info("meter_status_set", meter_id=meter_id, old=change.old, new=change.new, via="api")
+    return StatusChangeOut(
+        meter_id=meter_id, previous=change.old.value, status=change.new.value,
+        changed=change.changed,
+    )  # fmt: skip
+
+
+@router.post(
+    "/api/meters/{meter_id}/decommission",
+    tags=["registry"],
+    dependencies=[Depends(limited(Limit.AUTH))],
+)
+async def decommission(
+    request: Request, meter_id: MeterIdPath, body: StatusChangeIn, who: RegistryWriter
+) -> StatusChangeOut:
+    """Operators: the meter's readings are refused from now on, for good."""
+    return await _set_status(request, meter_id, MeterStatus.DECOMMISSIONED, body.reason)
+
+
+@router.post(
+    "/api/meters/{meter_id}/quarantine",
+    tags=["registry"],
+    dependencies=[Depends(limited(Limit.AUTH))],
+)
+async def quarantine(
+    request: Request, meter_id: MeterIdPath, body: StatusChangeIn, who: RegistryWriter
+) -> StatusChangeOut:
+    """Operators: refuse the meter's readings until it is set active again (the
+    workers' key caches hear of it within a second)."""
+    return await _set_status(request, meter_id, MeterStatus.QUARANTINED, body.reason)
+
+
+@router.get(
+    "/api/meters/{meter_id}/security/status",
+    tags=["registry"],
+    dependencies=[Depends(limited(Limit.STATUS))],
+)
+async def security_status(
+    request: Request,
+    meter_id: MeterIdPath,
+    who: RegistryReader,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> SecurityStatus:
+    """The meter's status and its latest security events: operators, or the meter."""
+    _own_meter(who, meter_id)
+
+    def read(conn: psycopg.Connection[Any]) -> SecurityStatus | None:
+        record = repository.fetch_meter(conn, meter_id)
+        if record is None:
+            return None
+        events = repository.recent_events(conn, meter_id, limit=limit)
+        return SecurityStatus(
+            meter_id=meter_id, status=record.status.value,
+            security_level=record.security_level.value,
+            events=[SecurityEventOut(id=e.id, type=e.type, severity=e.severity.value,
+                                     detail=e.detail, at=e.at) for e in events],
+        )  # fmt: skip
+
+    found = await _registry(_services(request).settings, read)
+    if found is None:
+        raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
+    return found
 
 
 class RollupOut(BaseModel):

@@ -47,6 +47,7 @@ class Role(StrEnum):
 class Scope(StrEnum):
     READINGS = "readings:read"  #: history, latest (integrators: through the consent policy)
     METERS = "meters:read"  #: the registry's records, meters by wallet
+    METERS_WRITE = "meters:write"  #: decommission, quarantine
     WALLETS = "wallets:link"  #: wallet-link challenges and proofs
 
 

@@ -385,7 +385,41 @@ def test_rollups_come_from_register_differences_per_interval(
         assert found.status_code == 200, found.text
         rows = [(r["start_ms"], r["import_wh"], r["readings"]) for r in found.json()["rollups"]]
         assert rows == [(base, 50, 2), (base + quarter, 250, 1)]
-        hourly = meter.get(f"/api/meters/{meter_id}/rollups", params={**window, "width": "1h"})
+        hours = {"from": base // 3_600_000 * 3_600_000, "to": window["to"], "width": "1h"}
+        hourly = meter.get(f"/api/meters/{meter_id}/rollups", params=hours)
         assert sum(r["import_wh"] for r in hourly.json()["rollups"]) == 300
         _problem(meter.get(f"/api/meters/{meter_id}/rollups", params={"from": 5, "to": 5}), 422,
                  "invalid_period")  # fmt: skip
+
+
+def test_operators_quarantine_and_decommission_and_the_pipeline_follows(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    now = wall_ms()
+    reason = {"reason": "tamper alarm"}
+    with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+        held = http.post(f"/api/meters/{meter_id}/quarantine", json=reason)
+        assert held.json() == {
+            "meter_id": meter_id, "previous": "active", "status": "quarantined", "changed": True,
+        }  # fmt: skip
+        with api_server.meter_client(meter_id) as meter:
+            refused = wait_until(
+                lambda: (a := meter.post(f"/api/meters/{meter_id}/energy",
+                                         content=_reading(meter_id, key, 1, now))).status_code
+                == 422 and a,
+                what="the quarantine reaches the pipeline's key cache",
+            )  # fmt: skip
+            assert refused.json()["code"] == "meter_not_active"
+            status = meter.get(f"/api/meters/{meter_id}/security/status").json()
+        assert status["status"] == "quarantined"
+        changes = [e["detail"] for e in status["events"] if e["type"] == "status_changed"]
+        assert changes[0] == {"from": "active", "to": "quarantined", "reason": "tamper alarm"}
+        assert http.post(f"/api/meters/{meter_id}/decommission", json=reason).json()["changed"]
+        _problem(http.post(f"/api/meters/{meter_id}/quarantine", json=reason), 409, "conflict")
+        _problem(http.post("/api/meters/nobody-here/quarantine", json=reason), 404, "not_found")
+    readings = api_server.token("operator", OPERATOR_SECRET, "readings:read")
+    with api_server.client(headers=_bearer(readings)) as http:
+        _problem(http.post(f"/api/meters/{meter_id}/quarantine", json=reason), 403,
+                 "insufficient_scope")  # fmt: skip
