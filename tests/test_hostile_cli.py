@@ -42,6 +42,9 @@ IDS = [
     "meter run --meter-id {v} --count 1",
     "simulate --meters 1 --readings 1 --alg-mix {v}",
     "db migrate --database-url {v}",
+    "db prune --database-url {v}",
+    "db prune --retain-days {v} --chunk-rows {v} --database-url {db}",
+    "db backup --database-url {v} --out b.dump",
 ]
 PATHS = [
     "certs --pki-root {v} list",
@@ -53,6 +56,7 @@ PATHS = [
     "ingest --config {v}",
     "meter run --meter-id m --stack-env {v}",
     "meters register --bulk {v} --database-url {db}",
+    "db restore {v} --database-url {db}",
 ]
 
 
