@@ -21,20 +21,12 @@ from meterproof.bridge.oracle import Oracle
 from meterproof.bridge.proof import build_proof
 from meterproof.bridge.runner import Runner
 from meterproof.bridge.verify import BRIDGE_RECORD, Report, verify
-from meterproof.schemas.signatures import Ed25519Public, generate_private_key
-
-
-@pytest.fixture
-def oracle() -> Oracle:
-    key = generate_private_key("EdDSA")
-    public = key.public_key()
-    assert isinstance(public, Ed25519Public)
-    return Oracle(key, public.raw)
+from meterproof.schemas.signatures import generate_private_key
 
 
 @pytest.fixture
 def anchored(
-    database_url: str, make_meter_id: Callable[[], str], chain: Chain, oracle: Oracle
+    database_url: str, make_meter_id: Callable[[], str], chain: Chain, ed25519_oracle: Oracle
 ) -> dict[str, str]:
     """Two batches on chain: the first with two wallets (more than direct_max 1, so all in
     its claim tree), the second with one (minted directly); meter c has no EVM wallet."""
@@ -49,7 +41,7 @@ def anchored(
         confirmations=1, direct_max=1, stall_s=60, timeout_s=2, priority_fee_wei=10**9,
     )  # fmt: skip
     clock = Clock(T0 + EPOCH_MS + 1)
-    runner = Runner(settings_for(database_url, sink="evm"), sink=sink, oracle=oracle,
+    runner = Runner(settings_for(database_url, sink="evm"), sink=sink, oracle=ed25519_oracle,
                     publisher=None, clock=clock, jitter=lambda: 0)  # fmt: skip
     runner.run_once()
     fleet.store([(a, 3, T0 + EPOCH_MS + 10, 0, 150)])
@@ -70,9 +62,9 @@ def _verify(database_url: str, oracle: Oracle, chain: Chain) -> tuple[Report, Ch
 
 
 def test_verify_checks_the_readings_and_the_chain(
-    database_url: str, chain: Chain, oracle: Oracle, anchored: dict[str, str]
+    database_url: str, chain: Chain, ed25519_oracle: Oracle, anchored: dict[str, str]
 ) -> None:
-    report, on_chain = _verify(database_url, oracle, chain)
+    report, on_chain = _verify(database_url, ed25519_oracle, chain)
     assert report.discrepancy is None, report.discrepancy
     assert on_chain.discrepancy is None, on_chain.discrepancy
     assert (report.entries, report.anchored_readings) == (2, 7)
@@ -94,31 +86,31 @@ def test_verify_checks_the_readings_and_the_chain(
         1, index_c, leaf_c.units, leaf_c.meter_id, p.proof(index_c), keys.alice.address
     )
     chain.send(keys.oracle, release)
-    _, on_chain = _verify(database_url, oracle, chain)
+    _, on_chain = _verify(database_url, ed25519_oracle, chain)
     assert on_chain.discrepancy is None, on_chain.discrepancy
     assert on_chain.claimed_units == (20 + 7) * UNITS_PER_WH
     assert on_chain.total_supply == (20 + 20 + 7) * UNITS_PER_WH
 
 
 def test_verify_finds_an_edited_mint_and_an_anchor_the_record_lacks(
-    database_url: str, chain: Chain, oracle: Oracle, anchored: dict[str, str]
+    database_url: str, chain: Chain, ed25519_oracle: Oracle, anchored: dict[str, str]
 ) -> None:
     edit = "UPDATE bridge_mints SET export_delta_wh = %s, grid_units = %s * 1000000000000000" \
         " WHERE batch = 1 AND meter_id = %s"  # fmt: skip
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(edit, (31, 31, anchored["a"]))
-    report, _ = _verify(database_url, oracle, chain)
+    report, _ = _verify(database_url, ed25519_oracle, chain)
     assert report.discrepancy is not None
     assert "mint" in report.discrepancy.detail
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(edit, (30, 30, anchored["a"]))
-    assert _verify(database_url, oracle, chain)[1].discrepancy is None
+    assert _verify(database_url, ed25519_oracle, chain)[1].discrepancy is None
 
     ((prev,),) = query(database_url, "SELECT entry_hash FROM bridge_batches WHERE batch = 2")
     stray = sealed_entry(3, bytes(prev), [bytes(32)], [], generate_private_key("EdDSA"))
     chain.send(chain.keys.oracle, chain.anchor.functions.anchor(
         stray.header.encode(), stray.signature, (bytes(32), 0, 0), [], []))  # fmt: skip
-    _, on_chain = _verify(database_url, oracle, chain)
+    _, on_chain = _verify(database_url, ed25519_oracle, chain)
     assert on_chain.discrepancy == "the chain's head is batch 3, the record's 2"
 
 

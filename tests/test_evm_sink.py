@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,8 @@ from meterproof.bridge.oracle import Oracle
 from meterproof.bridge.runner import Runner
 from meterproof.bridge.telemetry import ANCHORS_LOST
 from meterproof.certs.layout import PkiLayout
-from meterproof.schemas.signatures import Ed25519Public, generate_private_key
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.process import free_port
-
-
-@pytest.fixture
-def oracle() -> Oracle:
-    key = generate_private_key("EdDSA")
-    public = key.public_key()
-    assert isinstance(public, Ed25519Public)
-    return Oracle(key, public.raw)
 
 
 def _sink(chain: Chain, database_url: str, **overrides: Any) -> EvmSink:
@@ -53,24 +45,6 @@ def _sink(chain: Chain, database_url: str, **overrides: Any) -> EvmSink:
     return EvmSink(chain.w3, chain.deployment, oracle=chain.keys.oracle, journal=journal, **options)
 
 
-@pytest.fixture
-def make_runner(database_url: str, oracle: Oracle) -> Iterator[Callable[[Clock, EvmSink], Runner]]:
-    """In-process bridges on the `evm` sink, rechecking anchors every second; closed after."""
-    made: list[Runner] = []
-
-    def make(clock: Clock, sink: EvmSink) -> Runner:
-        settings = settings_for(database_url, sink="evm", recheck_interval_s=1)
-        runner = Runner(
-            settings, sink=sink, oracle=oracle, publisher=None, clock=clock, jitter=lambda: 0
-        )
-        made.append(runner)
-        return runner
-
-    yield make
-    for runner in made:
-        runner.close()
-
-
 def _two_meters(database_url: str, make_meter_id: Callable[[], str], chain: Chain) -> Fleet:
     """Meter a (Alice's EVM wallet) exports 60 Wh in epoch T0, meter b (no wallet) 6 Wh."""
     alice = f"eip155:1337:{chain.keys.alice.address}"
@@ -78,6 +52,37 @@ def _two_meters(database_url: str, make_meter_id: Callable[[], str], chain: Chai
     fleet.store([(a, 1, T0 + 1, 0, 100), (a, 2, T0 + 500, 0, 160),
                  (b, 1, T0 + 2, 0, 3), (b, 2, T0 + 600, 0, 9)])  # fmt: skip
     return fleet
+
+
+@dataclass
+class Bridge:
+    runner: Runner
+    clock: Clock
+    sink: EvmSink
+
+
+@pytest.fixture
+def start_bridge(
+    database_url: str, make_meter_id: Callable[[], str], chain: Chain, ed25519_oracle: Oracle
+) -> Iterator[Callable[..., Bridge]]:
+    """Meters a and b store their readings of epoch T0 (`_two_meters`), then an in-process
+    bridge on the evm sink (options: the sink's) rechecking anchors every second, its
+    clock just past the epoch; closed after the test."""
+    made: list[Runner] = []
+
+    def start(**sink_options: Any) -> Bridge:
+        _two_meters(database_url, make_meter_id, chain)
+        clock = Clock(T0 + EPOCH_MS + 1)
+        sink = _sink(chain, database_url, **sink_options)
+        settings = settings_for(database_url, sink="evm", recheck_interval_s=1)
+        runner = Runner(settings, sink=sink, oracle=ed25519_oracle, publisher=None,
+                        clock=clock, jitter=lambda: 0)  # fmt: skip
+        made.append(runner)
+        return Bridge(runner, clock, sink)
+
+    yield start
+    for runner in made:
+        runner.close()
 
 
 def _status(database_url: str) -> list[tuple[Any, ...]]:
@@ -105,12 +110,10 @@ def _anchored_receipt(database_url: str) -> dict[str, Any]:
 
 
 def test_a_batch_counts_as_anchored_only_n_blocks_deep(
-    database_url: str, make_meter_id: Callable[[], str], chain: Chain, make_runner: Any
+    database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
-    _two_meters(database_url, make_meter_id, chain)
-    clock = Clock(T0 + EPOCH_MS + 1)
-    runner = make_runner(clock, _sink(chain, database_url, confirmations=3,
-                                                        timeout_s=0.2))  # fmt: skip
+    bridge = start_bridge(confirmations=3, timeout_s=0.2)
+    runner, clock = bridge.runner, bridge.clock
     runner.run_once()
     assert _status(database_url) == [(1, "pending")]
     ((_, tx_hash),) = _events(chain)  # sent and mined: 1 block deep
@@ -126,12 +129,10 @@ def test_a_batch_counts_as_anchored_only_n_blocks_deep(
 
 
 def test_a_transaction_that_never_mines_is_replaced_by_nonce(
-    database_url: str, make_meter_id: Callable[[], str], chain: Chain, make_runner: Any
+    database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
-    _two_meters(database_url, make_meter_id, chain)
-    clock = Clock(T0 + EPOCH_MS + 1)
-    runner = make_runner(clock,
-                     _sink(chain, database_url, stall_s=0.5, timeout_s=0.2))  # fmt: skip
+    bridge = start_bridge(stall_s=0.5, timeout_s=0.2)
+    runner, clock = bridge.runner, bridge.clock
     chain.node.rpc("miner_stop")
     runner.run_once()
     time.sleep(0.6)  # the stall limit passes
@@ -164,11 +165,10 @@ def test_a_transaction_that_never_mines_is_replaced_by_nonce(
 
 
 def test_a_reorg_that_drops_the_anchor_is_noticed_and_anchored_again(
-    database_url: str, make_meter_id: Callable[[], str], chain: Chain, make_runner: Any
+    database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
-    _two_meters(database_url, make_meter_id, chain)
-    clock = Clock(T0 + EPOCH_MS + 1)
-    runner = make_runner(clock, _sink(chain, database_url))
+    bridge = start_bridge()
+    runner, clock = bridge.runner, bridge.clock
     snapshot = chain.node.rpc("evm_snapshot")
     runner.run_once()
     assert _status(database_url) == [(1, "anchored")]
@@ -185,11 +185,10 @@ def test_a_reorg_that_drops_the_anchor_is_noticed_and_anchored_again(
 
 
 def test_a_node_restart_delays_anchoring_and_loses_nothing(
-    database_url: str, make_meter_id: Callable[[], str], chain: Chain, make_runner: Any
+    database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
-    _two_meters(database_url, make_meter_id, chain)
-    clock = Clock(T0 + EPOCH_MS + 1)
-    runner = make_runner(clock, _sink(chain, database_url))
+    bridge = start_bridge()
+    runner, clock = bridge.runner, bridge.clock
     chain.node.kill()
     runner.run_once()
     ((status, error),) = query(database_url, "SELECT status, last_error FROM bridge_batches")
@@ -204,12 +203,11 @@ def test_a_node_restart_delays_anchoring_and_loses_nothing(
 
 
 def test_submitting_an_anchored_batch_again_returns_its_receipt_and_sends_nothing(
-    database_url: str, make_meter_id: Callable[[], str], chain: Chain, make_runner: Any
+    database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
-    _two_meters(database_url, make_meter_id, chain)
-    clock = Clock(T0 + EPOCH_MS + 1)
-    sink = _sink(chain, database_url)
-    make_runner(clock, sink).run_once()
+    bridge = start_bridge()
+    bridge.runner.run_once()
+    sink = bridge.sink
     with psycopg.connect(database_url, autocommit=True) as conn:
         entry = BatchStore(conn).latest_anchored()
     assert entry is not None
