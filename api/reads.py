@@ -26,10 +26,17 @@ FIELDS: Final = (
     "meter_id", "seq", "ts", "import_wh", "export_wh", "power_w", "voltage_mv", "current_ma",
     "frequency_mhz", "power_factor_milli", "alg", "kid", "sig", "reading_hash", "verified_at",
 )  # fmt: skip
+#: The readings whose keys `{keys}` selects from reading_log, in its (meter_id, ts, seq)
+#: index order: `readings` has no index in ts order (its unique key leads with seq), so
+#: each row is then fetched by that key from the partition its ts names.
 _SELECT: Final[LiteralString] = (
-    "SELECT meter_id, seq, (extract(epoch FROM ts) * 1000)::bigint, import_wh, export_wh,"
-    " power_w, voltage_mv, current_ma, frequency_mhz, power_factor_milli, alg, kid, sig,"
-    " reading_hash, (extract(epoch FROM verified_at) * 1000)::bigint FROM readings"
+    "SELECT r.meter_id, r.seq, (extract(epoch FROM r.ts) * 1000)::bigint, r.import_wh,"
+    " r.export_wh, r.power_w, r.voltage_mv, r.current_ma, r.frequency_mhz,"
+    " r.power_factor_milli, r.alg, r.kid, r.sig, r.reading_hash,"
+    " (extract(epoch FROM r.verified_at) * 1000)::bigint"
+    " FROM (SELECT meter_id, seq, ts FROM reading_log WHERE meter_id = %s {keys}) k"
+    " JOIN LATERAL (SELECT * FROM readings x WHERE x.meter_id = k.meter_id AND x.seq = k.seq"
+    " AND x.ts = k.ts) r ON true ORDER BY k.ts {order}, k.seq {order}"
 )
 
 
@@ -56,9 +63,8 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
 
 
 async def latest(pool: AsyncConnectionPool, meter_id: str) -> dict[str, Any] | None:
-    rows = await _query(
-        pool, _SELECT + " WHERE meter_id = %s ORDER BY ts DESC, seq DESC LIMIT 1", (meter_id,)
-    )
+    query = _SELECT.format(keys="ORDER BY ts DESC, seq DESC LIMIT 1", order="DESC")
+    rows = await _query(pool, query, (meter_id,))
     return _reading(rows[0]) if rows else None
 
 
@@ -73,18 +79,9 @@ async def history(
 ) -> list[dict[str, Any]]:
     """Readings with from_ms <= ts < to_ms, after the cursor, in (ts, seq) order."""
     after_ts, after_seq = after if after is not None else (from_ms - 1, 0)
-    rows = await _query(
-        pool,
-        _SELECT
-        + " WHERE meter_id = %s AND ts >= "
-        + _MS
-        + " AND ts < "
-        + _MS
-        + " AND (ts, seq) > ("
-        + _MS
-        + ", %s::numeric) ORDER BY ts, seq LIMIT %s",
-        (meter_id, from_ms, to_ms, after_ts, after_seq, limit),
-    )
+    keys = f"AND ts >= {_MS} AND ts < {_MS} AND (ts, seq) > ({_MS}, %s::numeric)"
+    query = _SELECT.format(keys=keys + " ORDER BY ts, seq LIMIT %s", order="ASC")
+    rows = await _query(pool, query, (meter_id, from_ms, to_ms, after_ts, after_seq, limit))
     return [_reading(r) for r in rows]
 
 
