@@ -45,7 +45,10 @@ def load_settings(cls: type[S], **overrides: Any) -> S:  # noqa: ANN401 - click 
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
+        said = first["msg"].removeprefix("Value error, ")  # a check across settings: no loc
+        raise click.ClickException(
+            f"invalid setting {where}: {said}" if where else f"invalid settings: {said}"
+        ) from None
 
 
 def database_option(command: F) -> F:

@@ -37,7 +37,8 @@ def migrate_command(database_url: str | None) -> None:
 @click.option(
     "--retain-days",
     type=int,
-    help="Keep raw readings this many days, at least 8 [env METERPROOF_RETAIN_DAYS; default 30].",
+    help="Keep raw readings this many days: more than the workers' max_age_s + rate window"
+    " + an hour (8 days by default) [env METERPROOF_RETAIN_DAYS; default 30].",
 )
 @click.option(
     "--chunk-rows",

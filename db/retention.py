@@ -13,8 +13,9 @@ What is removed, and in which order (`prune`):
 
 Why the judge and the rollups stay exact (tests/test_retention.py compares them with a
 database that kept everything): every retired reading is older than the horizon, and the
-horizon is older than anything a worker still judges (`retain_days` >= 8 > max_age_s
-(7 days) + the rate window), so for any candidate
+horizon is older than anything a worker still judges (`RetentionSettings` refuses a
+`retain_days` that is not above the workers' max_age_s + rate window + an hour of clock
+margin), so for any candidate
   - rule 8's reading just before it is the later of reading_log's and the watermark
     (every retired reading is earlier than the candidate, and the watermark is the latest
     of them); the reading just after it and its rate window are never retired;
@@ -37,10 +38,12 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from meterproof.config import Settings
 
+#: Between the pruner's clock and the workers'.
+_CLOCK_MARGIN_S: Final = 3600
 #: Serialises pruners on one database (db.migrate uses ...184, ...185, the bridge ...186).
 _LOCK_KEY: Final = 7302166411205843187
 _NEXT: Final = """
@@ -122,14 +125,27 @@ class RetentionSettings(Settings):
 
     retain_days: int = Field(
         default=30,
-        ge=8,
-        description="raw readings older than this many days are removed once anchored; at "
-        "least 8, above the workers' max_age_s (7 days) and rate window, which judge "
-        "against reading_log (raise it with max_age_s)",
+        ge=1,
+        description="raw readings older than this many days are removed once anchored; "
+        "more than the workers' max_age_s + rate_window_s + an hour (8 days by default)",
     )
     prune_chunk_rows: int = Field(
         default=10_000, ge=1, le=1_000_000, description="rows deleted per transaction"
     )
+    # The workers' own settings (the same variables as ingest.settings.IngestSettings):
+    # what they still judge against reading_log must never be retired.
+    max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
+    rate_window_s: int = Field(default=60, gt=0)
+
+    @model_validator(mode="after")
+    def _behind_the_judge(self) -> RetentionSettings:
+        needed_s = self.max_age_s + self.rate_window_s + _CLOCK_MARGIN_S
+        if self.retain_days * 86_400 < needed_s:
+            raise ValueError(
+                f"retain_days must cover max_age_s + rate_window_s + an hour"
+                f" ({needed_s / 86_400:.2f} days): the workers judge against what it keeps"
+            )
+        return self
 
 
 @dataclass(slots=True)

@@ -124,7 +124,18 @@ def test_the_prune_command_prints_progress_and_refuses_a_window_the_judge_needs(
     runner = CliRunner()
     short = runner.invoke(db, ["prune", "--database-url", database_url, "--retain-days", "7"])
     assert short.exit_code == 1
-    assert short.output.startswith("Error: invalid setting retain_days: ")
+    assert short.output == (
+        "Error: invalid settings: retain_days must cover max_age_s + rate_window_s + an hour"
+        " (7.04 days): the workers judge against what it keeps\n"
+    )
+    ten_days = {"METERPROOF_MAX_AGE_S": str(10 * 86_400)}
+    raised = runner.invoke(
+        db, ["prune", "--database-url", database_url, "--retain-days", "10"], env=ten_days
+    )
+    assert raised.exit_code == 1
+    assert "(10.04 days)" in raised.output
+    zero = runner.invoke(db, ["prune", "--database-url", database_url, "--chunk-rows", "0"])
+    assert zero.output.startswith("Error: invalid setting prune_chunk_rows: ")
     ok = runner.invoke(
         db, ["prune", "--chunk-rows", "5"], env={"METERPROOF_DATABASE_URL": database_url}
     )
