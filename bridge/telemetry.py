@@ -33,6 +33,12 @@ AWAITING_CONFIRMATION = Counter(
     "meterproof_anchor_confirmation_waits_total",
     "Passes that found the batch recorded but not yet final (fewer than N blocks deep)",
 )
+RELEASES = Counter(
+    "meterproof_grid_releases_total",
+    "Claim leaves of meters without an EVM wallet at sealing, released to the wallet linked"
+    " since (`chain release`), by outcome",
+    ["outcome"],
+)
 BATCHES_PENDING = Gauge("meterproof_batches_pending", "Sealed batches not yet anchored")
 PENDING_CREDITS = Gauge(
     "energy_pending_credits_kwh", "kWh (= GRID) in sealed batches not yet anchored"
@@ -45,3 +51,5 @@ ANCHORING_LAG = Histogram(
 
 for _code in get_args(ErrorCode):
     SUBMISSIONS_FAILED.labels(code=_code)
+for _outcome in ("released", "reverted"):
+    RELEASES.labels(outcome=_outcome)

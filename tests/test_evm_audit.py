@@ -15,6 +15,7 @@ from fixtures.chain import Chain, sealed_entry
 from meterproof.bridge.evm.audit import ChainReport, audit_chain
 from meterproof.bridge.evm.claims import plan
 from meterproof.bridge.evm.journal import Journal
+from meterproof.bridge.evm.release import release_linked
 from meterproof.bridge.evm.sink import EvmSink
 from meterproof.bridge.mint import UNITS_PER_WH, Mint
 from meterproof.bridge.oracle import Oracle
@@ -130,3 +131,23 @@ def test_a_ledger_proof_is_accepted_by_the_contract_view(
                 proof["entry"]["batch"], bytes(32), proof["leaf_index"], path
             )
             assert wrong.call() is False
+
+
+def test_grid_of_a_meter_that_links_an_evm_wallet_later_is_released_to_it_once(
+    database_url: str, chain: Chain, ed25519_oracle: Oracle, anchored: dict[str, str]
+) -> None:
+    keys = chain.keys
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert release_linked(conn, chain.w3, chain.deployment, keys.oracle, timeout_s=30) == []
+        conn.execute(
+            "UPDATE meters SET owner_wallet = %s WHERE meter_id = %s",
+            (f"eip155:1337:{keys.bob.address}", anchored["c"]),
+        )
+        (released,) = release_linked(conn, chain.w3, chain.deployment, keys.oracle, timeout_s=30)
+        assert release_linked(conn, chain.w3, chain.deployment, keys.oracle, timeout_s=30) == []
+    assert (released.batch, released.meter_id, released.to) == (1, anchored["c"], keys.bob.address)
+    assert released.units == 7 * UNITS_PER_WH
+    assert chain.grid.functions.balanceOf(keys.bob.address).call() == 7 * UNITS_PER_WH
+    _, on_chain = _verify(database_url, ed25519_oracle, chain)
+    assert on_chain.discrepancy is None, on_chain.discrepancy
+    assert on_chain.claimed_units == 7 * UNITS_PER_WH

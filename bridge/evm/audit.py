@@ -62,7 +62,8 @@ def audit_chain(conn: psycopg.Connection[Any], w3: Web3, deployment: Deployment)
     return report
 
 
-def _entries(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, Entry]]:
+def anchored_entries(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, Entry]]:
+    """(status, entry) of every anchored or pending batch, in batch order."""
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(_BATCHES).fetchall()
         for batch, status, header, signature in rows:
@@ -72,12 +73,13 @@ def _entries(conn: psycopg.Connection[Any]) -> Iterator[tuple[str, Entry]]:
             yield str(status), Entry(Header.decode(bytes(header)), bytes(signature), mints)
 
 
-def _stored(anchor: Any, batch: int) -> Any:  # noqa: ANN401 - a web3 contract and tuple
+def stored_batch(anchor: Any, batch: int) -> Any:  # noqa: ANN401 - a web3 contract and tuple
     return node_call(lambda: anchor.functions.batches(batch).call())
 
 
-def _matching_plan(entry: Entry, stored: Any) -> Plan | None:  # noqa: ANN401 - a web3 tuple
-    """The form this batch was anchored in: everything direct it could, or all in the tree."""
+def anchored_plan(entry: Entry, stored: Any) -> Plan | None:  # noqa: ANN401 - a web3 tuple
+    """The plan this batch was anchored with (everything direct it could, or all in the
+    tree), told apart by what the chain stored; None if neither matches."""
     for direct_max in (10**9, -1):
         p = plan(entry.header.batch, entry.mints, direct_max=direct_max)
         if (bytes(stored[2]), stored[5], stored[6], stored[8]) == (
@@ -98,9 +100,9 @@ def _audit(
     head = int(node_call(lambda: anchor.functions.head().call()))
     minted_expected: dict[str, int] = defaultdict(int)
     last_anchored, pending = 0, set()
-    for status, entry in _entries(conn):
+    for status, entry in anchored_entries(conn):
         h = entry.header
-        stored = _stored(anchor, h.batch)
+        stored = stored_batch(anchor, h.batch)
         if status == "pending":
             pending.add(h.batch)
             if h.batch <= head and bytes(stored[0]) != h.entry_hash:
@@ -115,7 +117,7 @@ def _audit(
             raise _Found(f"batch {h.batch}: the chain's reading root or count differs")
         if anchored_events.get(h.batch) != 1:
             raise _Found(f"batch {h.batch}: {anchored_events.get(h.batch, 0)} Anchored events")
-        p = _matching_plan(entry, stored)
+        p = anchored_plan(entry, stored)
         if p is None:
             raise _Found(f"batch {h.batch}: the claim tree or direct mints differ from its mints")
         for address, units in p.direct:
@@ -144,7 +146,7 @@ def _audit_grid(
         minted_expected[str(args["account"])] += int(args["amount"])
         report.claimed_units += int(args["amount"])
     for batch, units in claimed.items():
-        on_chain = _stored(anchor, batch)[7]
+        on_chain = stored_batch(anchor, batch)[7]
         if on_chain != units:
             raise _Found(f"batch {batch}: claimed {on_chain}, its Claimed events add up to {units}")
     minted: dict[str, int] = defaultdict(int)

@@ -107,3 +107,31 @@ def check_proof_command(file: Any) -> None:  # noqa: ANN401 - a click file
         f"OK GridAnchor {deployment.anchor}.verifyReading: leaf {index} of batch {batch}"
         f" on chain {deployment.chain_id}"
     )
+
+
+@chain.command("release")
+def release_command() -> None:
+    """Send the GRID that waits in claim trees for meters without an EVM wallet at sealing
+    to the EVM wallet each has linked since (the oracle attests the link)."""
+    import psycopg
+
+    from meterproof.bridge.evm.client import Deployment, connect, load_key
+    from meterproof.bridge.evm.release import release_linked
+    from meterproof.bridge.mint import format_grid
+    from meterproof.errors import first_line
+
+    s = _bridge_settings()
+    try:
+        deployment = Deployment.load(s.evm_contracts_file)
+        oracle = load_key(s.evm_oracle_key_file)
+        w3 = connect(s.evm_rpc_url, timeout_s=s.sink_timeout_s)
+        with psycopg.connect(s.database_url, autocommit=True, connect_timeout=5) as conn:
+            released = release_linked(conn, w3, deployment, oracle, timeout_s=60)
+    except psycopg.OperationalError as exc:
+        raise click.ClickException(f"database unreachable: {first_line(exc)}") from None
+    except MeterproofError as exc:
+        raise click.ClickException(str(exc)) from None
+    for r in released:
+        click.echo(f"batch {r.batch} leaf {r.index} ({r.meter_id}): {format_grid(r.units)} GRID"
+                   f" to {r.to} in {r.tx_hash}")  # fmt: skip
+    click.echo(f"{len(released)} leaves released")

@@ -19,6 +19,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception
+from web3.types import TxReceipt
 
 from meterproof.bridge.evm.compile import load_artifact
 from meterproof.errors import InputError, UnavailableError
@@ -96,6 +97,22 @@ def node_call(call: Callable[[], T]) -> T:
         raise
     except (requests.RequestException, OSError, Web3Exception) as exc:
         raise NodeUnavailableError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def transact(w3: Web3, account: LocalAccount, call: Any, *, timeout_s: float) -> TxReceipt:  # noqa: ANN401 - a web3 contract call or constructor
+    """Sign `call` as `account` at its next nonce, send it and wait for the mined receipt
+    (reverted or not: the caller reads `status`). For one-off transactions; the sink's
+    anchors go through its journal instead."""
+    tx = call.build_transaction(
+        {
+            "from": account.address,
+            "nonce": node_call(lambda: w3.eth.get_transaction_count(account.address)),
+            "chainId": node_call(lambda: w3.eth.chain_id),
+        }
+    )
+    signed = account.sign_transaction(tx)
+    tx_hash = node_call(lambda: w3.eth.send_raw_transaction(signed.raw_transaction))
+    return node_call(lambda: w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout_s))
 
 
 def contracts(w3: Web3, deployment: Deployment) -> tuple[Contract, Contract]:
