@@ -4,7 +4,12 @@ total supply), and a reading's proof accepted by the contract's view."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -14,6 +19,7 @@ from fixtures.chain import Chain, sealed_entry
 
 from meterproof.bridge.evm.audit import ChainReport, audit_chain
 from meterproof.bridge.evm.claims import plan
+from meterproof.bridge.evm.client import Deployment, contracts, load_key
 from meterproof.bridge.evm.journal import Journal
 from meterproof.bridge.evm.release import release_linked
 from meterproof.bridge.evm.sink import EvmSink
@@ -151,3 +157,76 @@ def test_grid_of_a_meter_that_links_an_evm_wallet_later_is_released_to_it_once(
     _, on_chain = _verify(database_url, ed25519_oracle, chain)
     assert on_chain.discrepancy is None, on_chain.discrepancy
     assert on_chain.claimed_units == 7 * UNITS_PER_WH
+
+
+def _environ(folder: Path, chain: Chain, database_url: str) -> dict[str, str]:
+    """The bridge's settings for the `evm` sink, with its files in `folder`."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")},
+        "METERPROOF_STACK_ENV": str(folder / "none.env"),
+        "METERPROOF_DATABASE_URL": database_url,
+        "METERPROOF_SINK": "evm",
+        "METERPROOF_EVM_RPC_URL": chain.node.url,
+        "METERPROOF_EVM_CONTRACTS_FILE": str(folder / "contracts.json"),
+        "METERPROOF_EVM_ORACLE_KEY_FILE": str(folder / "oracle.key"),
+    }
+
+
+def _cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-P", "-m", "meterproof", *args]
+    return subprocess.run(argv, env=environ, capture_output=True, text=True, check=False,
+                          timeout=60)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_commands_verify_against_the_chain_and_check_a_proof_on_chain(
+    database_url: str,
+    chain: Chain,
+    ed25519_oracle: Oracle,
+    anchored: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    chain.deployment.save(tmp_path / "contracts.json")
+    (tmp_path / "oracle.key").write_text(chain.keys.oracle.key.to_0x_hex())
+    environ = _environ(tmp_path, chain, database_url)
+    pem = tmp_path / "oracle.pub.pem"
+    pem.write_bytes(ed25519_oracle.key.public_key().pem().encode())
+    done = _cli(environ, "ledger", "verify", "--oracle-pub", str(pem))
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first.startswith("OK 2 entries, 7 anchored readings")
+    assert second.startswith("OK chain: 2 anchors")
+
+    ((reading_hash,),) = query(database_url, "SELECT encode(reading_hash, 'hex') FROM reading_log"
+                               " ORDER BY ts LIMIT 1")  # fmt: skip
+    proof = _cli(environ, "ledger", "proof", reading_hash)
+    assert proof.returncode == 0, proof.stderr
+    (tmp_path / "proof.json").write_text(proof.stdout)
+    checked = _cli(environ, "chain", "check-proof", str(tmp_path / "proof.json"))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith(f"OK GridAnchor {chain.deployment.anchor}.verifyReading")
+    forged = json.loads(proof.stdout)
+    forged["reading_hash"] = "00" * 32
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    refused = _cli(environ, "chain", "check-proof", str(tmp_path / "forged.json"))
+    assert refused.returncode == 1
+    assert refused.stdout.startswith("INVALID")
+
+
+@pytest.mark.slow
+def test_chain_deploy_writes_the_contracts_file_naming_a_new_oracle(
+    database_url: str, chain: Chain, tmp_path: Path
+) -> None:
+    admin_file = tmp_path / "admin.key"
+    admin_file.write_text(chain.keys.admin.key.to_0x_hex())
+    done = _cli(_environ(tmp_path, chain, database_url), "chain", "deploy",
+                "--admin-key-file", str(admin_file))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    deployed = Deployment.load(tmp_path / "contracts.json")
+    assert deployed.anchor != chain.deployment.anchor
+    oracle = load_key(tmp_path / "oracle.key")  # created by the command
+    assert oracle.address not in {chain.keys.oracle.address, chain.keys.admin.address}
+    anchor, _ = contracts(chain.w3, deployed)
+    assert anchor.functions.oracle().call() == oracle.address
+    assert anchor.functions.owner().call() == chain.keys.admin.address
+    assert (tmp_path / "oracle.key").stat().st_mode & 0o077 == 0
