@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from meterproof.bridge.evm.compile import (
     ARTIFACTS,
     NAMES,
@@ -14,6 +16,7 @@ from meterproof.bridge.evm.compile import (
 )
 
 
+@pytest.mark.slow
 def test_the_committed_artifacts_equal_a_fresh_compilation(tmp_path: Path) -> None:
     assert solc_available(), "solcjs is missing from node_modules: run `make setup`"
     fresh = compile_contracts()

@@ -109,6 +109,7 @@ def _anchored_receipt(database_url: str) -> dict[str, Any]:
     return dict(receipt)
 
 
+@pytest.mark.slow
 def test_a_batch_counts_as_anchored_only_n_blocks_deep(
     database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
@@ -128,6 +129,7 @@ def test_a_batch_counts_as_anchored_only_n_blocks_deep(
     _assert_minted_once(chain)
 
 
+@pytest.mark.slow
 def test_a_transaction_that_never_mines_is_replaced_by_nonce(
     database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
@@ -164,6 +166,7 @@ def test_a_transaction_that_never_mines_is_replaced_by_nonce(
     _assert_minted_once(chain)
 
 
+@pytest.mark.slow
 def test_a_reorg_that_drops_the_anchor_is_noticed_and_anchored_again(
     database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
@@ -184,6 +187,7 @@ def test_a_reorg_that_drops_the_anchor_is_noticed_and_anchored_again(
     _assert_minted_once(chain)
 
 
+@pytest.mark.slow
 def test_a_node_restart_delays_anchoring_and_loses_nothing(
     database_url: str, chain: Chain, start_bridge: Callable[..., Bridge]
 ) -> None:
