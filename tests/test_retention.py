@@ -64,6 +64,7 @@ def verified(database_url: str, oracle: Oracle) -> Report:
         return verify(a, b, oracle.public_key)
 
 
+@pytest.mark.slow
 def test_only_anchored_batches_older_than_the_horizon_go_and_the_ledger_still_verifies(
     database_url: str, make_meter_id: Callable[[], str], oracle: Oracle
 ) -> None:

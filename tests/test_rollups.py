@@ -172,6 +172,7 @@ def test_a_difference_across_a_boundary_belongs_to_the_later_readings_interval(
             rollups(conn, meter_id, "5m", day, day)
 
 
+@pytest.mark.slow
 def test_a_month_of_quarter_hours_reads_in_well_under_50_ms(
     database_url: str, make_meter_id: Callable[[], str]
 ) -> None:
