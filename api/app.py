@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
 from uuid import UUID
@@ -43,7 +42,7 @@ from meterproof.ingest.audience import REFUSALS, Audience
 from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.registry import repository, wallets
 from meterproof.registry.accounts import AccountId
-from meterproof.registry.model import MeterStatus
+from meterproof.registry.model import MeterRecord, MeterStatus
 from meterproof.schemas.reading import Receipt, SignedReading, VerifiedReading
 from meterproof.schemas.timestamps import wall_ms
 
@@ -51,6 +50,26 @@ log = structlog.get_logger("api")
 _T = TypeVar("_T")
 
 router = APIRouter()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _route(
+    method: str,
+    path: str,
+    tag: str,
+    limit: Limit,
+    *,
+    also: Sequence[str] = (),
+    **extra: Any,  # noqa: ANN401 - FastAPI route options
+) -> Callable[[_F], _F]:
+    """A route of `router`, tagged, and counted against its rate-limit class."""
+    decorate: Callable[[_F], _F] = router.api_route(
+        path, methods=[method], tags=[tag, *also],
+        dependencies=[Depends(limited(limit))], **extra,
+    )  # fmt: skip
+    return decorate
+
+
 MeterIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$", max_length=64)]
 #: Every operation may answer these; all with a problem body.
 _PROBLEMS: Final = (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
@@ -86,22 +105,6 @@ MeterCaller = Annotated[Principal, Depends(require(Role.METER))]
 class Health(BaseModel):
     status: str
     submissions: bool = Field(description="the in-process pipeline is running")
-
-
-class MeterOut(BaseModel):
-    meter_id: str
-    status: str
-    security_level: str
-    owner_wallet: str | None
-    serial: str | None
-    manufacturer: str | None
-    model: str | None
-    firmware_version: str | None
-    hardware_revision: str | None
-    location: dict[str, Any] | None
-    capabilities: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
 
 
 class HistoryPage(BaseModel):
@@ -235,16 +238,17 @@ def _own_meter(who: Principal, meter_id: str) -> None:
         raise ApiError(403, "not_this_meter", f"certificate {who.name} is not meter {meter_id}")
 
 
-@router.get("/health", tags=["public"], dependencies=[Depends(limited(Limit.STATUS))])
+@_route("GET", "/health", "public", Limit.STATUS)
 async def health(request: Request) -> Health:
     """Unauthenticated: the process answers, and whether submissions are running."""
     return Health(status="ok", submissions=_services(request).worker.ready())
 
 
-@router.post(
+@_route(
+    "POST",
     TOKEN_PATH,
-    dependencies=[Depends(limited(Limit.AUTH))],
-    tags=["auth"],
+    "auth",
+    Limit.AUTH,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -271,14 +275,12 @@ async def token(request: Request) -> Token:
     return await tokens.issue(await request.body(), request.headers.get("content-type", ""))
 
 
-@router.get(
-    "/api/meters/{meter_id}", tags=["registry"], dependencies=[Depends(limited(Limit.STATUS))]
-)
+@_route("GET", "/api/meters/{meter_id}", "registry", Limit.STATUS)
 async def get_meter(
     request: Request,
     meter_id: MeterIdPath,
     who: RegistryReader,
-) -> MeterOut:
+) -> MeterRecord:
     """A meter's registry record: operators, or the meter itself."""
     _own_meter(who, meter_id)
     record = await _registry(
@@ -286,20 +288,10 @@ async def get_meter(
     )
     if record is None:
         raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
-    return MeterOut.model_validate(
-        {
-            **asdict(record),
-            "status": record.status.value,
-            "security_level": record.security_level.value,
-        }
-    )
+    return record
 
 
-@router.get(
-    "/api/meters/{meter_id}/latest",
-    tags=["readings"],
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-)
+@_route("GET", "/api/meters/{meter_id}/latest", "readings", Limit.ANALYTICS)
 async def latest(
     request: Request,
     meter_id: MeterIdPath,
@@ -316,10 +308,11 @@ async def latest(
     return VerifiedReading.model_validate(reading)
 
 
-@router.get(
+@_route(
+    "GET",
     "/api/meters/{meter_id}/history",
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-    tags=["readings"],
+    "readings",
+    Limit.ANALYTICS,
     response_model=HistoryPage,
     responses={200: {"content": {_CSV: {"schema": {"type": "string"}}}}},
 )
@@ -356,10 +349,11 @@ async def history(
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-@router.post(
+@_route(
+    "POST",
     "/api/meters/{meter_id}/energy",
-    dependencies=[Depends(limited(Limit.SUBMISSION))],
-    tags=["submissions"],
+    "submissions",
+    Limit.SUBMISSION,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -389,11 +383,7 @@ async def submit(
     return receipt
 
 
-@router.post(
-    "/api/meters/energy/batch",
-    tags=["submissions"],
-    dependencies=[Depends(limited(Limit.SUBMISSION))],
-)
+@_route("POST", "/api/meters/energy/batch", "submissions", Limit.SUBMISSION)
 async def submit_batch(
     request: Request,
     batch: Annotated[Batch, Body()],
@@ -407,11 +397,7 @@ async def submit_batch(
     return BatchReceipts(receipts=found)
 
 
-@router.get(
-    "/api/wallets/{account}/meters",
-    tags=["wallets"],
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-)
+@_route("GET", "/api/wallets/{account}/meters", "wallets", Limit.ANALYTICS)
 async def meters_by_wallet(
     request: Request,
     account: Annotated[str, Path(max_length=200)],
@@ -425,11 +411,7 @@ async def meters_by_wallet(
     return WalletMeters(account=str(parsed), meters=meters)
 
 
-@router.post(
-    "/api/meters/{meter_id}/link-wallet",
-    tags=["wallets"],
-    dependencies=[Depends(limited(Limit.AUTH))],
-)
+@_route("POST", "/api/meters/{meter_id}/link-wallet", "wallets", Limit.AUTH)
 async def link_wallet(
     request: Request,
     meter_id: MeterIdPath,
@@ -448,11 +430,7 @@ async def link_wallet(
     )  # fmt: skip
 
 
-@router.post(
-    "/api/meters/{meter_id}/verify-ownership",
-    tags=["wallets"],
-    dependencies=[Depends(limited(Limit.AUTH))],
-)
+@_route("POST", "/api/meters/{meter_id}/verify-ownership", "wallets", Limit.AUTH)
 async def verify_ownership(
     request: Request,
     meter_id: MeterIdPath,
@@ -513,11 +491,7 @@ async def _set_status(
     )  # fmt: skip
 
 
-@router.post(
-    "/api/meters/{meter_id}/decommission",
-    tags=["registry"],
-    dependencies=[Depends(limited(Limit.AUTH))],
-)
+@_route("POST", "/api/meters/{meter_id}/decommission", "registry", Limit.AUTH)
 async def decommission(
     request: Request, meter_id: MeterIdPath, body: StatusChangeIn, who: RegistryWriter
 ) -> StatusChangeOut:
@@ -525,11 +499,7 @@ async def decommission(
     return await _set_status(request, meter_id, MeterStatus.DECOMMISSIONED, body.reason)
 
 
-@router.post(
-    "/api/meters/{meter_id}/quarantine",
-    tags=["registry"],
-    dependencies=[Depends(limited(Limit.AUTH))],
-)
+@_route("POST", "/api/meters/{meter_id}/quarantine", "registry", Limit.AUTH)
 async def quarantine(
     request: Request, meter_id: MeterIdPath, body: StatusChangeIn, who: RegistryWriter
 ) -> StatusChangeOut:
@@ -538,11 +508,7 @@ async def quarantine(
     return await _set_status(request, meter_id, MeterStatus.QUARANTINED, body.reason)
 
 
-@router.get(
-    "/api/meters/{meter_id}/security/status",
-    tags=["registry"],
-    dependencies=[Depends(limited(Limit.STATUS))],
-)
+@_route("GET", "/api/meters/{meter_id}/security/status", "registry", Limit.STATUS)
 async def security_status(
     request: Request,
     meter_id: MeterIdPath,
@@ -583,11 +549,7 @@ class Rollups(BaseModel):
     rollups: list[RollupOut]
 
 
-@router.get(
-    "/api/meters/{meter_id}/rollups",
-    tags=["readings"],
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-)
+@_route("GET", "/api/meters/{meter_id}/rollups", "readings", Limit.ANALYTICS)
 async def meter_rollups(
     request: Request,
     meter_id: MeterIdPath,
@@ -637,11 +599,7 @@ class LedgerBalances(BaseModel):
     balances: list[LedgerBalance]
 
 
-@router.get(
-    "/api/ledger/entries",
-    tags=["ledger", "public"],
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-)
+@_route("GET", "/api/ledger/entries", "ledger", Limit.ANALYTICS, also=["public"])
 async def ledger_entries(
     request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> LedgerEntries:
@@ -654,11 +612,7 @@ async def ledger_entries(
     )
 
 
-@router.get(
-    "/api/ledger/balances",
-    tags=["ledger", "public"],
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-)
+@_route("GET", "/api/ledger/balances", "ledger", Limit.ANALYTICS, also=["public"])
 async def ledger_balances(request: Request) -> LedgerBalances:
     """Unauthenticated: GRID per wallet, largest first."""
     found = await _registry(_services(request).settings, ledger.balances)
@@ -668,11 +622,7 @@ async def ledger_balances(request: Request) -> LedgerBalances:
     )  # fmt: skip
 
 
-@router.get(
-    "/api/ledger/proofs/{reading_hash}",
-    tags=["ledger"],
-    dependencies=[Depends(limited(Limit.ANALYTICS))],
-)
+@_route("GET", "/api/ledger/proofs/{reading_hash}", "ledger", Limit.ANALYTICS)
 async def ledger_proof(
     request: Request,
     reading_hash: Annotated[str, Path(pattern="^[0-9a-f]{64}$")],

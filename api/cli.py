@@ -1,15 +1,15 @@
-"""`meterproof api`: the HTTPS API (docs/api.md)."""
+"""`meterproof api`: the HTTP API (docs/api.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
 import click
 from pydantic import ValidationError
 
 from meterproof.api.settings import ApiSettings
+from meterproof.cli.options import load_settings
 
 
 @click.command()
@@ -22,7 +22,7 @@ from meterproof.api.settings import ApiSettings
     type=click.Path(exists=True, dir_okay=False),
     default=None,
     envvar="METERPROOF_CONFIG",
-    help="TOML file of settings.",
+    help="TOML file of settings (docs/api.md).",
 )
 def api(host: str | None, port: int | None, config: str | None) -> None:
     """Serve the HTTP API over HTTPS (TLS 1.3, the operator CA's server certificate).
@@ -33,13 +33,8 @@ def api(host: str | None, port: int | None, config: str | None) -> None:
     """
     if config:
         os.environ["METERPROOF_CONFIG"] = config
-    overrides: dict[str, Any] = {}
-    if host is not None:
-        overrides["api_host"] = host
-    if port is not None:
-        overrides["api_port"] = port
+    settings = load_settings(ApiSettings, api_host=host, api_port=port)
     try:
-        settings = ApiSettings(**overrides)
         settings.ingest_settings()
     except ValidationError as exc:
         first = exc.errors()[0]

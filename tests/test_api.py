@@ -22,7 +22,7 @@ import psycopg
 from bridge_harness import Clock, in_process
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from fixtures.api import OPERATOR_SECRET, ApiServer
+from fixtures.api import OPERATOR_SECRET, ApiServer, signed
 from ingest_harness import provision
 from waiting import wait_until
 
@@ -30,9 +30,7 @@ from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
-from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import b64url
-from meterproof.schemas.signatures import PrivateKey
 from meterproof.schemas.timestamps import wall_ms
 
 
@@ -45,11 +43,6 @@ def _problem(answer: Any, status: int, code: str) -> dict[str, Any]:
     assert body["status"] == status
     assert body["correlation_id"] == answer.headers["x-correlation-id"]
     return body
-
-
-def _reading(meter_id: str, key: PrivateKey, seq: int, ts: int, imp: int = 0) -> bytes:
-    fields = {"meter_id": meter_id, "seq": seq, "ts": ts, "import_wh": imp, "export_wh": 0}
-    return encode_reading(sign_reading(fields, key))
 
 
 def _integrator(api: ApiServer, name: str) -> str:
@@ -108,7 +101,7 @@ def test_integrator_reads_pass_the_consent_policy(
     with api_server.meter_client(meter_id) as meter:
         for seq in range(1, 4):
             answer = meter.post(
-                f"/api/meters/{meter_id}/energy", content=_reading(meter_id, key, seq, t0 + seq)
+                f"/api/meters/{meter_id}/energy", content=signed(meter_id, key, seq, t0 + seq)
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["status"] == "accepted"
@@ -167,7 +160,7 @@ def test_submissions_answer_after_the_commit_with_the_mqtt_receipt(
     key = provision(api_server.pki, api_server.database_url, meter_id)
     provision(api_server.pki, api_server.database_url, other)
     now = wall_ms()
-    good = _reading(meter_id, key, 1, now)
+    good = signed(meter_id, key, 1, now)
     tampered = good.replace(b'"import_wh":0', b'"import_wh":7')
     with api_server.meter_client(meter_id) as meter:
         first = meter.post(f"/api/meters/{meter_id}/energy", content=good)
@@ -188,7 +181,7 @@ def test_submissions_answer_after_the_commit_with_the_mqtt_receipt(
         _problem(meter.post(f"/api/meters/{other}/energy", content=good), 403, "not_this_meter")
         batch = meter.post(
             "/api/meters/energy/batch",
-            json={"readings": [good.decode(), _reading(meter_id, key, 2, now + 1).decode(),
+            json={"readings": [good.decode(), signed(meter_id, key, 2, now + 1).decode(),
                                tampered.decode()]},
         )  # fmt: skip
         assert batch.status_code == 200, batch.text
@@ -283,8 +276,8 @@ def test_the_curl_lines_of_docs_api_md_work(
     meter_id = make_meter_id()
     key = provision(api_server.pki, api_server.database_url, meter_id)
     now = wall_ms()
-    (tmp_path / "reading.json").write_bytes(_reading(meter_id, key, 1, now))
-    batch = [_reading(meter_id, key, seq, now + seq).decode() for seq in (2, 3)]
+    (tmp_path / "reading.json").write_bytes(signed(meter_id, key, 1, now))
+    batch = [signed(meter_id, key, seq, now + seq).decode() for seq in (2, 3)]
     (tmp_path / "batch.json").write_text(json.dumps({"readings": batch}))
     doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
     block = re.search(r"## Examples.*?```sh\n(.*?)```", doc, re.S)
@@ -337,7 +330,7 @@ def test_ledger_reads_public_entries_and_consented_proofs(
     now = wall_ms()
     with api_server.meter_client(meter_id) as meter:
         receipt = meter.post(
-            f"/api/meters/{meter_id}/energy", content=_reading(meter_id, key, 1, now, imp=5)
+            f"/api/meters/{meter_id}/energy", content=signed(meter_id, key, 1, now, imp=5)
         ).json()
     proof_path = f"/api/ledger/proofs/{receipt['reading_hash']}"
     operator = _bearer(api_server.operator_token())
@@ -377,7 +370,7 @@ def test_rollups_come_from_register_differences_per_interval(
     with api_server.meter_client(meter_id) as meter:
         for seq, ts, imp in readings:
             answer = meter.post(
-                f"/api/meters/{meter_id}/energy", content=_reading(meter_id, key, seq, ts, imp)
+                f"/api/meters/{meter_id}/energy", content=signed(meter_id, key, seq, ts, imp)
             )
             assert answer.status_code == 200, answer.text
         window = {"from": base, "to": base + 2 * quarter}
@@ -407,7 +400,7 @@ def test_operators_quarantine_and_decommission_and_the_pipeline_follows(
         with api_server.meter_client(meter_id) as meter:
             refused = wait_until(
                 lambda: (a := meter.post(f"/api/meters/{meter_id}/energy",
-                                         content=_reading(meter_id, key, 1, now))).status_code
+                                         content=signed(meter_id, key, 1, now))).status_code
                 == 422 and a,
                 what="the quarantine reaches the pipeline's key cache",
             )  # fmt: skip

@@ -11,10 +11,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from fixtures.api import ApiServer
+from fixtures.api import ApiServer, signed
 from ingest_harness import provision
 
-from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.timestamps import wall_ms
 
 DAY = 17_280
@@ -39,10 +38,8 @@ def test_batch_rate_and_read_latency_of_one_meter_day(
     key = provision(api_server.pki, api_server.database_url, meter_id)
     start = wall_ms() - DAY * 5000
     payloads = [
-        encode_reading(sign_reading({"meter_id": meter_id, "seq": i + 1, "ts": start + i * 5000,
-                                     "import_wh": i * 3, "export_wh": i}, key)).decode()
-        for i in range(DAY)
-    ]  # fmt: skip
+        signed(meter_id, key, i + 1, start + i * 5000, imp=i * 3).decode() for i in range(DAY)
+    ]
     with api_server.meter_client(meter_id) as meter:
         began = time.perf_counter()
         statuses: list[str] = []

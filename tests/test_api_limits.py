@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from fixtures.api import ApiServer
+from fixtures.api import ApiServer, signed
 from ingest_harness import provision
 
-from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.timestamps import wall_ms
 
 
@@ -24,11 +23,7 @@ def test_submissions_are_limited_per_meter_with_headers(
     key = provision(api_server.pki, api_server.database_url, first)
     provision(api_server.pki, api_server.database_url, second)
     now = wall_ms()
-    payloads = [
-        encode_reading(sign_reading({"meter_id": first, "seq": seq, "ts": now + seq,
-                                     "import_wh": 0, "export_wh": 0}, key))
-        for seq in (1, 2, 3)
-    ]  # fmt: skip
+    payloads = [signed(first, key, seq, now + seq) for seq in (1, 2, 3)]
     with api_server.meter_client(first) as meter:
         answers = [meter.post(f"/api/meters/{first}/energy", content=p) for p in payloads]
     assert [a.status_code for a in answers] == [200, 200, 429]
