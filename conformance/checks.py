@@ -244,6 +244,48 @@ def republish(obs: Observation) -> Verdict:
     )
 
 
+def power_cut(obs: Observation) -> Verdict:
+    """Section 11: a meter that loses power keeps its outbox and its seq. What it had
+    published without a receipt when the power went comes again, byte for byte, after it
+    starts; its first new reading goes on above every seq it used before."""
+    cut = obs.power_cut
+    if cut is None:
+        return Verdict("power_cut", "skip", "the power-cut phase did not run")
+    parsed = _parsed(obs)
+    if not parsed:
+        return Verdict("power_cut", "skip", "no parsable payload")
+    findings = _Findings()
+    receipted = {(r.seq, r.reading_hash) for r in obs.receipts if r.at_s <= cut.end_s}
+    before = [p for p in parsed if p.published.at_s <= cut.end_s]
+    after = [p for p in parsed if p.published.at_s > cut.end_s]
+    after_bytes = {p.published.payload for p in after}
+    digests: dict[int, set[str]] = {}
+    for p in parsed:
+        digests.setdefault(p.reading.seq, set()).add(p.digest)
+    owed = {  # a seq used for other values too is seq_ts's finding, not this one's
+        (p.reading.seq, p.digest): p.published.payload
+        for p in before
+        if p.published.at_s >= cut.start_s
+        and (p.reading.seq, p.digest) not in receipted
+        and len(digests[p.reading.seq]) == 1
+    }
+    lost = sorted(seq for (seq, _), payload in owed.items() if payload not in after_bytes)
+    if lost:
+        findings.add(f"unreceipted before the cut, not sent again after it: seq {lost[:8]}")
+    if not owed:
+        findings.add("no unreceipted reading when the power went: nothing could be judged")
+    top = max((p.reading.seq for p in before), default=0)
+    known = {(p.reading.seq, p.digest) for p in before}
+    fresh = [p.reading.seq for p in after if (p.reading.seq, p.digest) not in known]
+    if not after:
+        findings.add("no reading after the restart")
+    elif fresh and min(fresh) <= top:
+        findings.add(f"after the restart seq {min(fresh)} follows seq {top}: the counter was lost")
+    return findings.verdict(
+        "power_cut", f"{len(owed)} unreceipted at the cut, {len(after)} readings after it"
+    )
+
+
 def reconnect_backoff(obs: Observation) -> Verdict:
     """Section 12: retries spaced out and growing while the broker is away, then back."""
     if obs.outage is None:
@@ -317,6 +359,7 @@ LIVE_CHECKS: Final[tuple[Callable[[Observation], Verdict], ...]] = (
     receipt_handling,
     republish,
     reconnect_backoff,
+    power_cut,
     session,
 )
 

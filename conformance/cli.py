@@ -117,6 +117,14 @@ def capture(
     help="Seconds the broker is down; reconnects are counted (0: skip).",
 )
 @click.option(
+    "--power-cut",
+    type=click.FloatRange(min=0),
+    default=_DEFAULT.power_cut_s,
+    show_default=True,
+    help="Seconds without receipts before the meter command is killed (SIGKILL) and started "
+    "again on the same state dir; its outbox and seq must survive (0: skip).",
+)
+@click.option(
     "--connect-timeout",
     type=click.FloatRange(min=1),
     default=_DEFAULT.connect_timeout_s,
@@ -145,6 +153,7 @@ def meter(
     normal: float,
     silence: float,
     outage: float,
+    power_cut: float,
     connect_timeout: float,
     reconnect_wait: float,
     run_dir: Path | None,
@@ -169,7 +178,8 @@ def meter(
       METERPROOF_STACK_ENV                           the same, for the reference meter
 
     Then: normal operation (--normal), receipts withheld (--silence), the broker down
-    (--outage) and back. Progress goes to stderr, the report to stdout.
+    (--outage) and back, and a power cut (--power-cut): receipts withheld, the command
+    killed and started again. Progress goes to stderr, the report to stdout.
 
     \b
     The reference meter, for comparison:
@@ -185,6 +195,7 @@ def meter(
             normal_s=normal,
             silence_s=silence,
             outage_s=outage,
+            power_cut_s=power_cut,
             reconnect_wait_s=reconnect_wait,
         )
     except ValueError as exc:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
@@ -68,6 +69,8 @@ ENV_PREFIX: Final = "METERPROOF_CONFORMANCE_"
 OBSERVER: Final = "ingest-0"
 _LOG_POLL_S: Final = 0.05
 _STOP_GRACE_S: Final = 5.0
+#: After a restart, how long the kit waits for the outbox once the meter publishes again.
+REPUBLISH_WAIT_S: Final = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +82,12 @@ class Phases:
     silence_s: float = 10.0
     outage_s: float = 8.0
     reconnect_wait_s: float = 20.0
+    power_cut_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.normal_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("the normal phase and the connect timeout must be positive")
-        if min(self.silence_s, self.outage_s, self.reconnect_wait_s) < 0:
+        if min(self.silence_s, self.outage_s, self.reconnect_wait_s, self.power_cut_s) < 0:
             raise ValueError("phase lengths cannot be negative")
 
 
@@ -169,6 +173,13 @@ class _Observer:
     def withhold(self) -> None:
         with self._rec.lock:
             self._answering = False
+
+    def forget(self) -> None:
+        """Answer from now on, and never what was withheld: as a worker that crashed
+        before its commit, so only the meter's own outbox can bring those back."""
+        with self._rec.lock:
+            self._answering = True
+            self._held = []
 
     def resume(self) -> None:
         """Answer everything withheld, in arrival order, then everything new."""
@@ -324,21 +335,36 @@ def meter_environment(
     return inherited | ours
 
 
-@contextlib.contextmanager
-def _meter_process(command: str, environment: dict[str, str], log: IO[bytes]) -> Iterator[None]:
-    """The vendor's command in its own process group, stopped with SIGTERM then SIGKILL."""
-    process = subprocess.Popen(  # noqa: S602 - the vendor's own command line, by design
-        command,
-        shell=True,
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield
-    finally:
-        stop_command(process, timeout_s=_STOP_GRACE_S)
+class _MeterProcess:
+    """The vendor's command in its own process group: started, its power cut (SIGKILL of
+    the whole group, no chance to save anything), started again, stopped at the end with
+    SIGTERM then SIGKILL."""
+
+    def __init__(self, command: str, environment: dict[str, str], log: IO[bytes]) -> None:
+        self._command = command
+        self._environment = environment
+        self._log = log
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(  # noqa: S602 - the vendor's own command, by design
+            self._command,
+            shell=True,
+            env=self._environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def cut_power(self) -> None:
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_command(self._process, timeout_s=_STOP_GRACE_S)
 
 
 def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
@@ -385,17 +411,18 @@ def run_meter(
     tail.start()
     try:
         observer.start()
-        with (
-            (run_dir / "meter.log").open("wb") as log,
-            _meter_process(meter.command, environment, log),
-        ):
-            progress(f"meter command started, output in {run_dir / 'meter.log'}")
-            if not _wait(lambda: bool(rec.published), phases.connect_timeout_s):
-                progress(f"no reading within {phases.connect_timeout_s:.0f} s; stopping")
-            else:
-                _phases(
-                    rec, obs, observer=observer, broker=broker, phases=phases, progress=progress
-                )
+        with (run_dir / "meter.log").open("wb") as log:
+            process = _MeterProcess(meter.command, environment, log)
+            process.start()
+            try:
+                progress(f"meter command started, output in {run_dir / 'meter.log'}")
+                if not _wait(lambda: bool(rec.published), phases.connect_timeout_s):
+                    progress(f"no reading within {phases.connect_timeout_s:.0f} s; stopping")
+                else:
+                    _phases(rec, obs, observer=observer, broker=broker, process=process,
+                            phases=phases, progress=progress)  # fmt: skip
+            finally:
+                process.stop()
     finally:
         with contextlib.suppress(Exception):
             observer.stop()
@@ -417,6 +444,7 @@ def _phases(
     *,
     observer: _Observer,
     broker: BrokerServer,
+    process: _MeterProcess,
     phases: Phases,
     progress: Progress,
 ) -> None:
@@ -456,3 +484,38 @@ def _phases(
             time.sleep(1.0)  # a moment for its receipt subscription and outbox
         else:
             progress(f"the meter did not come back within {phases.reconnect_wait_s:.0f} s")
+    if phases.power_cut_s:
+        _power_cut(rec, obs, observer=observer, process=process, phases=phases,
+                   progress=progress)  # fmt: skip
+
+
+def _power_cut(
+    rec: _Recorder,
+    obs: Observation,
+    *,
+    observer: _Observer,
+    process: _MeterProcess,
+    phases: Phases,
+    progress: Progress,
+) -> None:
+    """Receipts withheld, then the meter's power cut and restored: what it had not had
+    receipted must come again (its outbox survived) and its seq must go on (section 11)."""
+    progress(f"phase power cut: receipts withheld {phases.power_cut_s:.0f} s, then SIGKILL")
+    start = rec.now()
+    observer.withhold()
+    time.sleep(phases.power_cut_s)
+    process.cut_power()
+    cut = rec.now()
+    observer.forget()
+    obs.power_cut = Window(start, cut)
+    progress("power restored: the meter command starts again on the same state")
+    process.start()
+
+    def publishing() -> bool:
+        with rec.lock:
+            return any(p.at_s > cut for p in rec.published)
+
+    if _wait(publishing, phases.reconnect_wait_s):
+        time.sleep(REPUBLISH_WAIT_S)  # its outbox's turn, on the meter's own timer
+    else:
+        progress(f"no reading {phases.reconnect_wait_s:.0f} s after the restart")

@@ -77,7 +77,7 @@ class Window:
 class Observation:
     """Everything one run (or one capture) offers the checks.
 
-    `silence`, `outage` stay None when that phase did not run (a capture has neither);
+    `silence`, `outage`, `power_cut` stay None when that phase did not run (a capture has neither);
     `live` is False for a capture, whose session behaviour cannot be seen."""
 
     meter_id: str | None
@@ -89,6 +89,8 @@ class Observation:
     receipts: list[ReceiptSent] = field(default_factory=list)
     silence: Window | None = None
     outage: Window | None = None
+    #: receipts withheld from `start_s`, the meter killed at `end_s` and started again
+    power_cut: Window | None = None
     #: connection attempts the kit's stand-in listener took during the outage
     attempts: list[float] = field(default_factory=list)
     #: how long after the outage the kit waited for the meter to come back

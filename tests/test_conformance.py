@@ -108,13 +108,17 @@ def test_seq_and_ts_misbehaviour_is_named(key: PrivateKey, payloads: object, rea
 
 
 def _live(key: PrivateKey, **changes: object) -> Observation:
-    """A conforming live run: 3 readings, a receipt each, one republished in silence."""
-    p = [_payload(key, s) for s in (1, 2, 3)]
+    """A conforming live run: 5 readings, a receipt each, one republished in silence, one
+    sent unreceipted before a power cut and again after it."""
+    p = [_payload(key, s) for s in (1, 2, 3, 4, 5)]
     published = [
         Published(1.0, TOPIC, p[0], wall_ms=NOW),
         Published(2.0, TOPIC, p[1], wall_ms=NOW),
         Published(5.0, TOPIC, p[1], wall_ms=NOW),  # republished during the silence
         Published(12.0, TOPIC, p[2], wall_ms=NOW),  # after the outage
+        Published(14.0, TOPIC, p[3], wall_ms=NOW),  # no receipt: the power goes at 16.0
+        Published(18.0, TOPIC, p[3], wall_ms=NOW),  # from the outbox, after the restart
+        Published(19.0, TOPIC, p[4], wall_ms=NOW),  # the counter went on
     ]
     obs = Observation(
         METER,
@@ -127,11 +131,14 @@ def _live(key: PrivateKey, **changes: object) -> Observation:
             ReceiptSent(1.1, 1, _digest(p[0]), "accepted"),
             ReceiptSent(6.1, 2, _digest(p[1]), "accepted"),
             ReceiptSent(12.1, 3, _digest(p[2]), "accepted"),
+            ReceiptSent(18.1, 4, _digest(p[3]), "accepted"),
+            ReceiptSent(19.1, 5, _digest(p[4]), "accepted"),
         ],
         silence=Window(1.5, 6.0),
         outage=Window(7.0, 10.5),
         attempts=[7.4, 8.1, 9.3],
         reconnect_wait_s=5.0,
+        power_cut=Window(13.0, 16.0),
     )
     for name, value in changes.items():
         setattr(obs, name, value)
@@ -140,7 +147,7 @@ def _live(key: PrivateKey, **changes: object) -> Observation:
 
 def test_a_conforming_live_run_passes(key: PrivateKey) -> None:
     verdicts = run_checks(_live(key))
-    assert len(verdicts) == 8
+    assert len(verdicts) == 9
     assert all(v.passed for v in verdicts), [v for v in verdicts if not v.passed]
 
 
@@ -162,6 +169,20 @@ def test_live_misbehaviour_is_named(
     verdict = _by_check(run_checks(_live(key, **changes)))[check]
     assert verdict.status == "fail"
     assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+def test_a_power_cut_that_loses_the_outbox_or_the_counter_is_named(key: PrivateKey) -> None:
+    lost_outbox = _live(key)
+    del lost_outbox.published[5]  # seq 4 never came again
+    verdict = _by_check(run_checks(lost_outbox))["power_cut"]
+    assert verdict.status == "fail"
+    assert any("not sent again after it: seq [4]" in r for r in verdict.reasons)
+
+    restarted_at_one = _live(key)
+    restarted_at_one.published[6] = Published(19.0, TOPIC, _payload(key, 1, wh=99_999), wall_ms=NOW)
+    verdict = _by_check(run_checks(restarted_at_one))["power_cut"]
+    assert verdict.status == "fail"
+    assert any("the counter was lost" in r for r in verdict.reasons), verdict.reasons
 
 
 def test_receipt_handling_cannot_judge_without_a_parsed_receipt(key: PrivateKey) -> None:
@@ -235,10 +256,11 @@ REFERENCE = (
     '--meter-id "$METERPROOF_CONFORMANCE_METER_ID" --interval 1 --republish-after 2 '
     '--state-dir "$METERPROOF_CONFORMANCE_STATE_DIR"'
 )
-SHORT = ["--normal", "3", "--silence", "5", "--outage", "5", "--reconnect-wait", "12"]
+SHORT = ["--normal", "3", "--silence", "5", "--outage", "5", "--power-cut", "4",
+         "--reconnect-wait", "12"]  # fmt: skip
 
 
-def _kit(command: str, run_dir: Path) -> tuple[int, dict[str, object]]:
+def _kit(command: str, run_dir: Path, *extra: str) -> tuple[int, dict[str, object]]:
     result = subprocess.run(
         [
             sys.executable,
@@ -251,11 +273,12 @@ def _kit(command: str, run_dir: Path) -> tuple[int, dict[str, object]]:
             "--run-dir",
             str(run_dir),
             *SHORT,
+            *extra,
             "--command",
             command,
         ],
         capture_output=True,
-        timeout=90,
+        timeout=180,
         check=False,
         cwd=run_dir.parent,
     )
@@ -278,9 +301,14 @@ DEFECTS = {
     "float": {"strict_json"},
     "wrong-alg": {"key_binding"},
     "seq-reuse": {"seq_ts"},
-    "no-republish": {"republish"},
+    "no-republish": {"republish", "power_cut"},  # nor after a restart
     "tight-reconnect": {"reconnect_backoff", "session"},
+    "forgets-state": {"seq_ts", "power_cut"},
 }
+#: Without a session (clean start, expiry 0), the readings in flight when the power goes
+#: are lost in ways that other checks then name, differently from run to run: this defect
+#: is judged without the power cut.
+EXTRA = {"tight-reconnect": ("--power-cut", "0")}
 
 
 @pytest.mark.slow
@@ -289,7 +317,7 @@ def test_each_broken_meter_is_named_by_its_check(tmp_path: Path) -> None:
 
     def run(defect: str) -> tuple[int, dict[str, object]]:
         command = f"{sys.executable} -P {script} --defect {defect}"
-        return _kit(command, tmp_path / defect)
+        return _kit(command, tmp_path / defect, *EXTRA.get(defect, ()))
 
     with ThreadPoolExecutor(len(DEFECTS)) as pool:
         results = dict(zip(DEFECTS, pool.map(run, DEFECTS), strict=True))
@@ -297,7 +325,8 @@ def test_each_broken_meter_is_named_by_its_check(tmp_path: Path) -> None:
         checks = report["checks"]
         failed = {c["check"] for c in checks if c["status"] == "fail"}  # type: ignore[union-attr]
         assert code == 1, defect
-        assert failed == DEFECTS[defect], (defect, checks)
+        reasons = {c["check"]: c["reasons"] for c in checks if c["status"] == "fail"}  # type: ignore[index]
+        assert failed == DEFECTS[defect], (defect, reasons)
 
 
 def test_a_reading_signed_anew_is_not_a_republish() -> None:

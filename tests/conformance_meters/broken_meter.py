@@ -4,12 +4,15 @@ Started by `meterproof conformance meter` with the METERPROOF_CONFORMANCE_* vari
 Honest behaviour: MQTT 5, clean start off, keepalive 30 s, receipts subscribed at QoS 1,
 a reading a second at QoS 1, each kept until a receipt names its seq and reading_hash and
 republished byte for byte 2 s after it was sent, reconnects backing off (paho's own
-doubling). `--defect` breaks one thing, which exactly one check must name.
+doubling), its seq and unreceipted readings kept in the state folder across restarts.
+`--defect` breaks one thing, which the checks it lists in tests/test_conformance.py
+must name.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -30,12 +33,32 @@ from meterproof.schemas.signatures import load_private_key
 from meterproof.schemas.signing import reading_hash, signing_bytes
 from meterproof.schemas.timestamps import wall_ms
 
-DEFECTS = ("wrong-bytes", "float", "wrong-alg", "seq-reuse", "no-republish", "tight-reconnect")
+DEFECTS = (
+    "wrong-bytes", "float", "wrong-alg", "seq-reuse", "no-republish", "tight-reconnect",
+    "forgets-state",
+)  # fmt: skip
 REPUBLISH_AFTER_S = 2.0
 
 
 def _env(name: str) -> str:
     return os.environ[f"METERPROOF_CONFORMANCE_{name}"]
+
+
+def _load(state: Path) -> tuple[int, dict[int, tuple[str, bytes, float]]]:
+    """(next seq, unreceipted readings) as saved before a restart, due for republishing."""
+    if not state.exists():
+        return 1, {}
+    saved = json.loads(state.read_text())
+    pending = {int(s): (h, base64.b64decode(p), 0.0) for s, (h, p) in saved["pending"].items()}
+    return saved["seq"], pending
+
+
+def _save(state: Path, seq: int, pending: dict[int, tuple[str, bytes, float]]) -> None:
+    body = {"seq": seq, "pending": {s: [h, base64.b64encode(p).decode()]
+                                    for s, (h, p, _) in pending.items()}}  # fmt: skip
+    temporary = state.with_suffix(".tmp")
+    temporary.write_text(json.dumps(body))
+    temporary.replace(state)
 
 
 def main() -> None:
@@ -46,7 +69,12 @@ def main() -> None:
     key = load_private_key(_env("ALG"), Path(_env("SIGNING_KEY")).read_bytes())
     tight = defect == "tight-reconnect"
 
-    pending: dict[int, tuple[str, bytes, float]] = {}  # seq -> (hash, payload, last sent)
+    state = Path(_env("STATE_DIR")) / "broken-meter.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    remember = defect != "forgets-state"
+    # seq -> (hash, payload, last sent)
+    seq, pending = _load(state) if remember else (1, {})
+    next_seq = [seq]  # what a save records, from the loop and from receipts
     lock = threading.Lock()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -71,6 +99,8 @@ def main() -> None:
             held = pending.get(body["seq"])
             if held is not None and held[0] == body["reading_hash"]:
                 del pending[body["seq"]]
+                if remember:
+                    _save(state, next_seq[0], pending)
 
     client.on_connect = connected
     client.on_message = receipt
@@ -82,7 +112,7 @@ def main() -> None:
     client.loop_start()
 
     topic = f"meters/{meter_id}/readings"
-    seq, energy, sent = 1, 1000, 0
+    energy, sent = 1000 + 7 * seq, 0
     while not stop.wait(1.0):
         energy += 7
         fields = {
@@ -112,6 +142,9 @@ def main() -> None:
             ]
             for s, p in due:
                 pending[s] = (pending[s][0], p, now)
+            next_seq[0] = seq + 1
+            if remember:  # saved before it is sent: a power cut cannot lose it
+                _save(state, next_seq[0], pending)
         for _, p in [*due, (seq, payload)]:
             client.publish(topic, p, qos=1)
         sent += 1
