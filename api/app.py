@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import orjson
 import psycopg
@@ -42,8 +42,16 @@ from meterproof.ingest.audience import REFUSALS, Audience
 from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.registry import repository, wallets
 from meterproof.registry.accounts import AccountId
-from meterproof.registry.model import MeterRecord, MeterStatus
-from meterproof.schemas.reading import Receipt, SignedReading, VerifiedReading
+from meterproof.registry.model import (
+    ACCEPTING,
+    MeterRecord,
+    MeterStatus,
+    NewKey,
+    NewMeter,
+    SecurityLevel,
+)
+from meterproof.registry.snapshots import fetch_snapshots
+from meterproof.schemas.reading import Receipt, SignedReading, VerifiedReading, b64url_decode
 from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("api")
@@ -84,6 +92,11 @@ _CSV: Final = "text/csv"
 #: 9999-12-31T23:59:59.999Z: the latest time PostgreSQL's timestamptz holds with room.
 _MAX_MS: Final = 253_402_300_799_999
 _MAX_ROLLUP_MS: Final = 366 * 86_400_000
+#: JWT audiences of the meter's registration token and of its key-proof challenge.
+_REGISTRATION: Final = "meterproof-registration"
+_REGISTRATION_TTL_S: Final = 7 * 86_400
+_KEY_PROOF: Final = "meterproof-key-proof"
+_CHALLENGE_TTL_S: Final = 300
 
 #: Who may call what: token holders need the scope, a meter is its certificate's CN.
 RegistryReader = Annotated[
@@ -534,6 +547,126 @@ async def security_status(
     if found is None:
         raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
     return found
+
+
+class NewMeterIn(BaseModel):
+    meter_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    alg: str = Field(max_length=16, description="EdDSA, ES256, RS256 or PS256")
+    public_key_pem: str = Field(max_length=4096, description="the reading-signing key")
+    security_level: SecurityLevel = SecurityLevel.STANDARD
+    serial: str | None = Field(default=None, max_length=200)
+    manufacturer: str | None = Field(default=None, max_length=200)
+    model: str | None = Field(default=None, max_length=200)
+    firmware_version: str | None = Field(default=None, max_length=200)
+
+
+class Registered(BaseModel):
+    meter: MeterRecord
+    registration_token: str = Field(
+        description="for the meter's first key proof (auth/challenge), which activates it"
+    )
+    expires_in: int
+
+
+class KeyProof(BaseModel):
+    challenge: str = Field(max_length=2000, description="from GET auth/challenge")
+    kid: str = Field(max_length=64)
+    signature: str = Field(max_length=2000, description="base64url, over the challenge's bytes")
+    registration_token: str | None = Field(default=None, max_length=2000)
+
+
+class ChallengeIssued(BaseModel):
+    challenge: str = Field(description="sign these exact UTF-8 bytes with a registered key")
+    expires_in: int
+
+
+class AuthStatus(BaseModel):
+    meter_id: str
+    status: str
+    accepts_readings: bool
+
+
+@_route("POST", "/api/meters", "registry", Limit.AUTH, status_code=201)
+async def register(request: Request, body: NewMeterIn, who: RegistryWriter) -> Registered:
+    """Operators: the meter is registered `pending_registration` with its signing key; it
+    becomes active when it first proves that key (auth/challenge) with the token."""
+    meter = NewMeter(
+        body.meter_id, NewKey.parse(body.alg, body.public_key_pem),
+        status=MeterStatus.PENDING_REGISTRATION, security_level=body.security_level,
+        serial=body.serial, manufacturer=body.manufacturer, model=body.model,
+        firmware_version=body.firmware_version,
+    )  # fmt: skip
+    settings = _services(request).settings
+
+    def write(conn: psycopg.Connection[Any]) -> MeterRecord | None:
+        repository.register(conn, [meter])
+        return repository.fetch_meter(conn, meter.meter_id)
+
+    record = await _registry(settings, write)
+    assert record is not None, "registered in the transaction just committed"
+    tokens: Tokens = request.app.state.tokens
+    token = tokens.sign(_REGISTRATION, meter.meter_id, _REGISTRATION_TTL_S)
+    log.info("meter_registered", meter_id=meter.meter_id, by=who.name, via="api")
+    return Registered(meter=record, registration_token=token, expires_in=_REGISTRATION_TTL_S)
+
+
+@_route("GET", "/api/meters/{meter_id}/auth/challenge", "registry", Limit.AUTH)
+async def auth_challenge(
+    request: Request, meter_id: MeterIdPath, who: MeterCaller
+) -> ChallengeIssued:
+    """The meter itself: a short-lived challenge to sign with a registered key."""
+    _own_meter(who, meter_id)
+    tokens: Tokens = request.app.state.tokens
+    challenge = tokens.sign(_KEY_PROOF, meter_id, _CHALLENGE_TTL_S, nonce=uuid4().hex)
+    return ChallengeIssued(challenge=challenge, expires_in=_CHALLENGE_TTL_S)
+
+
+@_route("POST", "/api/meters/{meter_id}/auth/challenge", "registry", Limit.AUTH)
+async def prove_key(
+    request: Request, meter_id: MeterIdPath, proof: KeyProof, who: MeterCaller
+) -> AuthStatus:
+    """The meter proves it holds a registered signing key; a meter pending registration
+    (with its registration token) becomes active."""
+    _own_meter(who, meter_id)
+    services = _services(request)
+    tokens: Tokens = request.app.state.tokens
+    if tokens.check(proof.challenge, _KEY_PROOF, what="challenge")["sub"] != meter_id:
+        raise ApiError(403, "wrong_challenge", "the challenge was issued to another meter")
+    async with services.pool.connection() as conn:
+        found = (await fetch_snapshots(conn, [meter_id])).get(meter_id)
+    key = next((k for k in found.keys if k.kid == proof.kid), None) if found else None
+    if found is None or key is None or not key.valid_at(wall_ms()):
+        raise ApiError(403, "unknown_kid", f"{meter_id} has no key {proof.kid!r} valid now")
+    try:
+        signature = b64url_decode(proof.signature.strip())
+    except ValueError:
+        raise ApiError(403, "bad_meter_signature", "the signature is not base64url") from None
+    if not key.key.verify(signature, proof.challenge.encode()):
+        raise ApiError(403, "bad_meter_signature", f"key {proof.kid!r} did not sign this")
+    status = MeterStatus(found.status)
+    if status is MeterStatus.PENDING_REGISTRATION:
+        if proof.registration_token is None:
+            raise ApiError(403, "registration_token_required", "a pending meter needs it")
+        claims = tokens.check(proof.registration_token, _REGISTRATION, what="registration")
+        if claims["sub"] != meter_id:
+            raise ApiError(403, "wrong_registration", "the token registers another meter")
+        changed = await _set_status(request, meter_id, MeterStatus.ACTIVE, "proved its key")
+        status = MeterStatus(changed.status)
+    return AuthStatus(meter_id=meter_id, status=status, accepts_readings=status in ACCEPTING)
+
+
+@_route("GET", "/api/meters/{meter_id}/auth/status", "registry", Limit.STATUS)
+async def auth_status(request: Request, meter_id: MeterIdPath, who: RegistryReader) -> AuthStatus:
+    """Whether the meter is registered and accepted: operators, or the meter itself."""
+    _own_meter(who, meter_id)
+    record = await _registry(
+        _services(request).settings, lambda c: repository.fetch_meter(c, meter_id)
+    )
+    if record is None:
+        raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
+    return AuthStatus(
+        meter_id=meter_id, status=record.status, accepts_readings=record.accepts_readings
+    )
 
 
 class RollupOut(BaseModel):

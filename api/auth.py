@@ -47,7 +47,7 @@ class Role(StrEnum):
 class Scope(StrEnum):
     READINGS = "readings:read"  #: history, latest (integrators: through the consent policy)
     METERS = "meters:read"  #: the registry's records, meters by wallet
-    METERS_WRITE = "meters:write"  #: decommission, quarantine
+    METERS_WRITE = "meters:write"  #: register, decommission, quarantine
     WALLETS = "wallets:link"  #: wallet-link challenges and proofs
 
 
@@ -106,15 +106,35 @@ class Tokens:
         requested = set(form.get("scope", "").split()) or set(GRANTABLE[role])
         if not requested <= GRANTABLE[role]:
             raise ApiError(400, "invalid_scope", f"{role} clients may ask for {_names(role)}")
-        now = int(time.time())
         ttl = self._settings.api_token_ttl_s
-        claims = {
-            "iss": ISSUER, "aud": AUDIENCE, "sub": client, "role": role.value,
-            "scope": " ".join(sorted(requested)), "iat": now, "exp": now + ttl,
-            "jti": uuid.uuid4().hex,
-        }  # fmt: skip
-        token = jwt.encode(claims, self._key, algorithm="HS256")
-        return Token(access_token=token, expires_in=ttl, scope=claims["scope"])
+        scope = " ".join(sorted(requested))
+        token = self.sign(AUDIENCE, client, ttl, role=role.value, scope=scope)
+        return Token(access_token=token, expires_in=ttl, scope=scope)
+
+    def sign(self, audience: str, subject: str, ttl_s: int, **claims: str) -> str:
+        """A JWT of this server for `audience` (access, registration, meter challenge)."""
+        now = int(time.time())
+        return jwt.encode(
+            {"iss": ISSUER, "aud": audience, "sub": subject, "iat": now, "exp": now + ttl_s,
+             "jti": uuid.uuid4().hex, **claims},
+            self._key, algorithm="HS256",
+        )  # fmt: skip
+
+    def check(self, token: str, audience: str, *, what: str) -> dict[str, Any]:
+        """The claims of a JWT this server signed for `audience`; 401 `<what>_expired` or
+        `invalid_<what>` otherwise."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, self._key, algorithms=["HS256"], audience=audience, issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            )  # fmt: skip
+        except jwt.ExpiredSignatureError:
+            raise ApiError(
+                401, f"{what}_expired", f"the {what} expired", headers=_CHALLENGE
+            ) from None
+        except jwt.InvalidTokenError as exc:
+            raise ApiError(401, f"invalid_{what}", str(exc), headers=_CHALLENGE) from None
+        return claims
 
     async def _authenticate_client(self, client: str, secret: str) -> Role:
         operator = self._settings.api_operator_secret
@@ -132,20 +152,13 @@ class Tokens:
         return Role.INTEGRATOR
 
     def principal(self, token: str) -> Principal:
+        claims = self.check(token, AUDIENCE, what="token")
         try:
-            claims = jwt.decode(
-                token, self._key, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER,
-                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
-            )  # fmt: skip
-            role = Role(claims["role"])
-            scopes = frozenset(str(claims["scope"]).split())
-        except jwt.ExpiredSignatureError:
-            raise ApiError(
-                401, "token_expired", "the access token expired", headers=_CHALLENGE
-            ) from None
-        except (jwt.InvalidTokenError, KeyError, ValueError) as exc:
+            return Principal(
+                Role(claims["role"]), str(claims["sub"]), frozenset(str(claims["scope"]).split())
+            )
+        except (KeyError, ValueError) as exc:
             raise ApiError(401, "invalid_token", str(exc), headers=_CHALLENGE) from None
-        return Principal(role, str(claims["sub"]), scopes)
 
 
 _CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="meterproof"'}

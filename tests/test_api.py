@@ -416,3 +416,50 @@ def test_operators_quarantine_and_decommission_and_the_pipeline_follows(
     with api_server.client(headers=_bearer(readings)) as http:
         _problem(http.post(f"/api/meters/{meter_id}/quarantine", json=reason), 403,
                  "insufficient_scope")  # fmt: skip
+
+
+def test_a_registered_meter_is_activated_by_proving_its_key(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, None, meter_id)  # certificate and key, not registered
+    pem = api_server.pki.device(meter_id).signing_pub.read_text()
+    body = {"meter_id": meter_id, "alg": "EdDSA", "public_key_pem": pem, "serial": "SN-1"}
+    with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+        made = http.post("/api/meters", json=body)
+        assert made.status_code == 201, made.text
+        assert made.json()["meter"]["status"] == "pending_registration"
+        registration = made.json()["registration_token"]
+        _problem(http.post("/api/meters", json=body), 409, "conflict")
+    with api_server.meter_client(meter_id) as meter:
+        _problem(meter.post(f"/api/meters/{meter_id}/energy", content=signed(meter_id, key, 1,
+                 wall_ms())), 422, "meter_not_active")  # fmt: skip
+        challenge = meter.get(f"/api/meters/{meter_id}/auth/challenge").json()["challenge"]
+        with psycopg.connect(api_server.database_url) as conn:
+            row = conn.execute(
+                "SELECT k.kid FROM meter_keys k JOIN meters m ON m.id = k.meter"
+                " WHERE m.meter_id = %s", (meter_id,),
+            ).fetchone()  # fmt: skip
+        assert row is not None
+        proof = {"challenge": challenge, "kid": row[0],
+                 "signature": b64url(key.sign(challenge.encode()))}  # fmt: skip
+        path = f"/api/meters/{meter_id}/auth/challenge"
+        _problem(meter.post(path, json=proof), 403, "registration_token_required")
+        forged = {
+            **proof,
+            "signature": b64url(key.sign(b"other")),
+            "registration_token": registration,
+        }
+        _problem(meter.post(path, json=forged), 403, "bad_meter_signature")
+        _problem(meter.post(path, json={**proof, "registration_token": "x.y.z"}), 401,
+                 "invalid_registration")  # fmt: skip
+        proven = meter.post(path, json={**proof, "registration_token": registration})
+        assert proven.json() == {"meter_id": meter_id, "status": "active", "accepts_readings": True}
+        assert meter.get(f"/api/meters/{meter_id}/auth/status").json()["status"] == "active"
+        accepted = wait_until(
+            lambda: (a := meter.post(f"/api/meters/{meter_id}/energy",
+                                     content=signed(meter_id, key, 1, wall_ms()))).status_code
+            == 200 and a,
+            what="the activation reaches the pipeline's key cache",
+        )  # fmt: skip
+        assert accepted.json()["status"] == "accepted"
