@@ -25,7 +25,7 @@ from meterproof.stack.commands import command_environ, meterproof_argv, start_co
 from meterproof.stack.services import LocalStack, Ports
 
 if TYPE_CHECKING:
-    from meterproof.demo.chain import DemoChain
+    from meterproof.stack.chain import DevChain
 
 Say = Callable[[str], None]
 WORKER_METRICS = 9108
@@ -159,7 +159,7 @@ def run_demo(options: DemoOptions, say: Say) -> int:
     return 0 if fleet["exit_code"] == 0 and anchored and ledger_ok and consent_ok else 1
 
 
-def _ledger_summary(env: StackEnv, say: Say, chain: DemoChain | None) -> bool:
+def _ledger_summary(env: StackEnv, say: Say, chain: DevChain | None) -> bool:
     environ = command_environ(env, **(chain.environ if chain else {}))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,5 @@
-"""A local EVM dev node (ganache, from the checkout's node_modules) on loopback.
+"""A local EVM dev node (ganache, from the checkout's node_modules) on loopback, and the
+GRID contracts on it for `stack chain` and `demo --sink evm`.
 
 It answers JSON-RPC exactly as a public EVM node would, so the `evm` ledger sink is tested
 and demonstrated against a real chain: blocks, receipts, reverts, a mempool whose mining
@@ -12,9 +13,15 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from meterproof.bridge.evm.client import Deployment, connect, load_key, new_key, node_call
+from meterproof.bridge.evm.deploy import deploy
 from meterproof.stack.process import (
     LOOPBACK,
     SpawnedServer,
@@ -95,3 +102,60 @@ class ChainNode(SpawnedServer):
             return int(self.rpc("eth_chainId"), 16) == CHAIN_ID
         except (OSError, urllib.error.URLError, ValueError):
             return False
+
+
+@dataclass(frozen=True, slots=True)
+class DevChain:
+    node: ChainNode
+    deployment: Deployment
+    environ: dict[str, str]  #: the bridge's settings for this chain (also in `env_file`)
+    env_file: Path
+
+
+def _key(path: Path) -> LocalAccount:
+    return load_key(path) if path.exists() else new_key(path)
+
+
+def start_dev_chain(
+    run_dir: Path, *, port: int = 8545, block_time_s: float = 1, confirmations: int = 2
+) -> DevChain:
+    """The node of RUN_DIR/chain with the admin and oracle accounts of RUN_DIR/evm funded
+    at genesis (created when missing), GridAnchor deployed once and reused while the node
+    holds it, and RUN_DIR/evm/chain.env with the settings that point the bridge at it."""
+    folder = run_dir.absolute() / "evm"
+    admin, oracle = _key(folder / "admin.key"), _key(folder / "oracle.key")
+    funded = ["0x" + bytes(a.key).hex() for a in (admin, oracle)]
+    node = ChainNode(
+        directory=run_dir.absolute() / "chain", funded=funded, port=port, block_time_s=block_time_s
+    )
+    node.start()
+    w3 = connect(node.url, timeout_s=30)
+    contracts_file = folder / "contracts.json"
+    deployment = Deployment.load(contracts_file) if contracts_file.exists() else None
+    if deployment is None or not _has_code(w3, deployment.anchor):
+        deployment = deploy(w3, admin, oracle.address)
+        deployment.save(contracts_file)
+    environ = {
+        "METERPROOF_SINK": "evm",
+        "METERPROOF_EVM_RPC_URL": node.url,
+        "METERPROOF_EVM_CHAIN_ID": str(deployment.chain_id),
+        "METERPROOF_EVM_CONTRACTS_FILE": str(contracts_file),
+        "METERPROOF_EVM_ORACLE_KEY_FILE": str(folder / "oracle.key"),
+        "METERPROOF_EVM_CONFIRMATIONS": str(confirmations),
+    }
+    env_file = folder / "chain.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in environ.items()))
+    return DevChain(node, deployment, environ, env_file)
+
+
+def _has_code(w3: Web3, address: str) -> bool:
+    return bool(node_call(lambda: w3.eth.get_code(Web3.to_checksum_address(address))))
+
+
+def stop_dev_chain(run_dir: Path) -> bool:
+    """Stop the node of RUN_DIR/chain if it runs (its chain is kept); True if it did."""
+    node = ChainNode(directory=run_dir.absolute() / "chain", funded=[])
+    if not node.is_running():
+        return False
+    node.stop()
+    return True

@@ -121,8 +121,35 @@ def render(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
 )
 def down(run_dir: Path, purge: bool) -> None:
     """Stop the servers recorded in RUN_DIR (their data is kept unless --purge)."""
+    from meterproof.stack.chain import stop_dev_chain
+
     stopped = LocalStack(run_dir=run_dir).down(purge=purge)
+    if stop_dev_chain(run_dir):
+        stopped.append("ganache")
     click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack.command("chain")
+@run_dir_option
+@click.option("--port", type=_PORT, default=8545, show_default=True, help="JSON-RPC port.")
+@click.option(
+    "--block-time",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between blocks; 0 mines one block per transaction.",
+)
+def chain_command(run_dir: Path, port: int, block_time: float) -> None:
+    """Start a local EVM dev node (ganache from node_modules, `make setup`) with the admin
+    and oracle accounts of RUN_DIR/evm funded, deploy the GRID contracts once, and write
+    RUN_DIR/evm/chain.env: source it after stack.env and the bridge anchors on the chain.
+    `stack down` stops the node; its chain is kept in RUN_DIR/chain."""
+    from meterproof.stack.chain import start_dev_chain
+
+    chain = start_dev_chain(run_dir, port=port, block_time_s=block_time)
+    click.echo(f"ganache {chain.node.url}: GridAnchor {chain.deployment.anchor},"
+               f" GRID {chain.deployment.grid}")  # fmt: skip
+    click.echo(f"\nsource {chain.env_file}")
 
 
 @stack.command()
