@@ -93,7 +93,11 @@ def issue_challenge(
 
 def issue_link_challenge(conn: Conn, meter_id: str, account: AccountId) -> Challenge:
     """The document the wallet and the meter both sign to link `account` to `meter_id`."""
-    _accepting_meter(conn, check_meter_id(meter_id))
+    try:
+        _accepting_meter(conn, check_meter_id(meter_id))
+    except RefusedError as refusal:
+        record_refusal(conn, "link_wallet", refusal, meter_id=meter_id, account=str(account))
+        raise
     return issue_challenge(
         conn,
         purpose=documents.LINK_WALLET,

@@ -162,9 +162,9 @@ def test_a_replayed_or_expired_challenge_is_refused(
 
 
 def test_linking_an_unknown_meter_is_refused(conn: Conn) -> None:
-    with pytest.raises(RefusedError) as caught:
-        wallets.issue_link_challenge(conn, "no-such-meter", EvmWallet.new().account)
-    assert caught.value.code == "unknown_meter"
+    account = EvmWallet.new().account
+    _refused(conn, "unknown_meter", "security_events",
+             lambda: wallets.issue_link_challenge(conn, "nobody", account))  # fmt: skip
 
 
 # -- consents ---------------------------------------------------------------------------
