@@ -65,7 +65,6 @@ BUDGETS: Final[dict[str, Budget]] = {
     "load": Budget(240, 28),
     "connections": Budget(260, 20),
     "bridge": Budget(80, 16),
-    "consent": Budget(200, 30),
 }
 BOUND_S: Final = {False: 15 * 60, True: 2 * 60}
 
