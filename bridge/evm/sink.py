@@ -110,7 +110,7 @@ class EvmSink:
         except NodeUnavailableError as exc:
             raise SinkUnavailableError(str(exc)) from exc
 
-    def plan(self, entry: Entry) -> Plan:
+    def _plan(self, entry: Entry) -> Plan:
         return plan(entry.header.batch, entry.mints, direct_max=self._direct_max)
 
     def _check_chain(self) -> None:
@@ -201,7 +201,7 @@ class EvmSink:
         return self._sign_and_send(entry, key, mined_nonce, None)
 
     def _call(self, entry: Entry) -> Any:  # noqa: ANN401 - a web3 contract function
-        p = self.plan(entry)
+        p = self._plan(entry)
         return self._anchor.functions.anchor(
             entry.header.encode(),
             entry.signature,
