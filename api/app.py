@@ -17,13 +17,13 @@ from uuid import UUID, uuid4
 import orjson
 import psycopg
 import structlog
-from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
-from meterproof.api import reads
+from meterproof.api import reads, stream
 from meterproof.api.auth import TOKEN_PATH, Principal, Role, Scope, Token, Tokens, require
 from meterproof.api.edge import Edge
 from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
@@ -777,6 +777,12 @@ async def ledger_proof(
     except ProofError as exc:
         raise ApiError(404, "not_anchored", first_line(exc)) from None
     return proof
+
+
+@router.websocket("/api/meters/{meter_id}/stream/energy")
+async def stream_energy(websocket: WebSocket, meter_id: MeterIdPath) -> None:
+    """The meter's readings as they are stored (api/stream.py)."""
+    await stream.energy(websocket, meter_id)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine, MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -180,6 +180,36 @@ async def _integrator_secret(database_url: str, name: str) -> tuple[bytes, str] 
     return None if row is None else (bytes(row[0]), str(row[1]))
 
 
+def identify(
+    tokens: Tokens,
+    scope: MutableMapping[str, Any],
+    authorization: str | None,
+    roles: Collection[Role],
+    needed: Scope | None,
+) -> Principal:
+    """The caller of an HTTP request or a WebSocket (its ASGI `scope`): a bearer token,
+    else a meter certificate's CN; refused unless one of `roles`, with `needed`."""
+    if authorization:
+        kind, _, token = authorization.partition(" ")
+        if kind.lower() != "bearer" or not token:
+            raise ApiError(
+                401, "invalid_token", "use Authorization: Bearer <token>", headers=_CHALLENGE
+            )
+        who = tokens.principal(token.strip())
+    elif isinstance(cn := scope.get("state", {}).get(PEER_CN), str):
+        who = Principal(Role.METER, cn, frozenset())
+    else:
+        raise ApiError(
+            401, "unauthenticated", "a bearer token or a meter certificate is required",
+            headers=_CHALLENGE,
+        )  # fmt: skip
+    if who.role not in roles:
+        raise ApiError(403, "wrong_client", f"{who.role} clients may not call this")
+    if needed is not None and who.role is not Role.METER and needed not in who.scopes:
+        raise ApiError(403, "insufficient_scope", f"the token lacks scope {needed}")
+    return who
+
+
 def require(
     *roles: Role, scope: Scope | None = None
 ) -> Callable[..., Coroutine[Any, Any, Principal]]:
@@ -188,27 +218,6 @@ def require(
     async def dependency(
         request: Request, authorization: str | None = Depends(bearer)
     ) -> Principal:
-        tokens: Tokens = request.app.state.tokens
-        if authorization:
-            kind, _, token = authorization.partition(" ")
-            if kind.lower() != "bearer" or not token:
-                raise ApiError(
-                    401, "invalid_token", "use Authorization: Bearer <token>", headers=_CHALLENGE
-                )
-            who = tokens.principal(token.strip())
-        elif isinstance(cn := request.scope.get("state", {}).get(PEER_CN), str):
-            who = Principal(Role.METER, cn, frozenset())
-        else:
-            raise ApiError(
-                401,
-                "unauthenticated",
-                "a bearer token or a meter certificate is required",
-                headers=_CHALLENGE,
-            )
-        if who.role not in roles:
-            raise ApiError(403, "wrong_client", f"{who.role} clients may not call this")
-        if scope is not None and who.role is not Role.METER and scope not in who.scopes:
-            raise ApiError(403, "insufficient_scope", f"the token lacks scope {scope}")
-        return who
+        return identify(request.app.state.tokens, request.scope, authorization, roles, scope)
 
     return dependency

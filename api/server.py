@@ -3,7 +3,8 @@ certificate (the broker's), and client certificates of the same CA asked for but
 optional: a meter proves itself with one, token holders need none.
 
 uvicorn does not pass the peer certificate to the app, so the HTTP protocol here puts the
-verified certificate's CN into the connection's ASGI state, where `api.auth` reads it."""
+verified certificate's CN into the connection's ASGI state, where `api.auth` reads it; a
+WebSocket upgrade hands the same state to the WebSocket protocol."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def config(settings: ApiSettings) -> uvicorn.Config:
         ssl_ca_certs=str(pki.ca_cert),
         ssl_cert_reqs=ssl.CERT_OPTIONAL,
         http=_PeerCertificateProtocol,
-        ws="none",
+        ws="websockets",
         lifespan="on",
         log_config=None,
         access_log=False,

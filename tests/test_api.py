@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,12 +20,15 @@ from typing import Any
 import httpx
 import jwt
 import psycopg
+import pytest
 from bridge_harness import Clock, in_process
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from fixtures.api import OPERATOR_SECRET, ApiServer, signed
 from ingest_harness import provision
 from waiting import wait_until
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
@@ -463,3 +467,52 @@ def test_a_registered_meter_is_activated_by_proving_its_key(
             what="the activation reaches the pipeline's key cache",
         )  # fmt: skip
         assert accepted.json()["status"] == "accepted"
+
+
+def test_a_live_stream_follows_the_consent_and_closes_on_revocation(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    allowed, refused = f"live-{meter_id[-12:]}", f"none-{meter_id[-12:]}"
+    tokens = {n: api_server.token(n, _integrator(api_server, n)) for n in (allowed, refused)}
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        grant = consent.grant(
+            conn,
+            consent.GrantRequest(
+                integrator=allowed, meter_id=meter_id, account=None,
+                scopes=frozenset({Scope.LIVE}), data_from=datetime(2020, 1, 1, tzinfo=UTC),
+                data_to=None, expires_at=None,
+            ),
+            operator_reason="test",
+        )  # fmt: skip
+    with api_server.client() as http:
+        for name, code in ((allowed, "scope"), (refused, "no_consent")):
+            wait_until(
+                lambda name=name, code=code: http.get(
+                    f"/api/meters/{meter_id}/latest", headers=_bearer(tokens[name])
+                ).json()["code"] == code,
+                what="the API's consent view knows both integrators",
+            )  # fmt: skip
+    uri = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream/energy"
+    tls = ssl.create_default_context(cafile=str(api_server.pki.ca_cert))
+    with (
+        connect(uri, ssl=tls, additional_headers=_bearer(tokens[refused])) as nobody,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        nobody.recv(timeout=5)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "no_consent")
+    with connect(uri, ssl=tls, additional_headers=_bearer(tokens[allowed])) as stream:
+        with api_server.meter_client(meter_id) as meter:
+            sent = meter.post(f"/api/meters/{meter_id}/energy", content=signed(meter_id, key, 1,
+                              wall_ms()))  # fmt: skip
+        live = json.loads(stream.recv(timeout=5))
+        assert (live["seq"], live["reading_hash"]) == (1, sent.json()["reading_hash"])
+        with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+            consent.revoke(conn, grant.id, operator_reason="test")
+        revoked_at = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            stream.recv(timeout=5)
+        took = time.monotonic() - revoked_at
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "no_consent")
+    assert took < 1.0, f"disconnected {took:.2f} s after the revocation's commit"
