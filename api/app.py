@@ -181,11 +181,8 @@ class Services:
         )  # fmt: skip
         self.audience = Audience(database_url=settings.database_url)
         self.source = HttpSource()
-        self.worker = Worker(
-            settings.ingest_settings(),
-            source=self.source,
-            store_factory=postgres_store(settings.ingest_settings()),
-        )
+        rules = settings.ingest_settings()
+        self.worker = Worker(rules, source=self.source, store_factory=postgres_store(rules))
 
 
 def _services(request: Request) -> Services:
