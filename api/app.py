@@ -782,6 +782,18 @@ async def stream_energy(websocket: WebSocket, meter_id: MeterIdPath) -> None:
     await stream.energy(websocket, meter_id)
 
 
+@router.websocket("/api/meters/{meter_id}/stream/status")
+async def stream_status(websocket: WebSocket, meter_id: MeterIdPath) -> None:
+    """The meter's registry status, then each change (api/stream.py)."""
+    await stream.status(websocket, meter_id)
+
+
+@router.websocket("/api/meters/{meter_id}/stream/alerts")
+async def stream_alerts(websocket: WebSocket, meter_id: MeterIdPath) -> None:
+    """The meter's security events as they are recorded (api/stream.py)."""
+    await stream.alerts(websocket, meter_id)
+
+
 def create_app(settings: ApiSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -96,6 +96,37 @@ async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str,
     return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
 
+async def meter_status(pool: AsyncConnectionPool, meter_id: str) -> str | None:
+    rows = await _query(pool, "SELECT status::text FROM meters WHERE meter_id = %s", (meter_id,))
+    return str(rows[0][0]) if rows else None
+
+
+async def last_event_id(pool: AsyncConnectionPool, meter_id: str) -> int:
+    """The newest security event of the meter (0: none); uses (meter_id, at)'s index."""
+    rows = await _query(
+        pool,
+        "SELECT id FROM security_events WHERE meter_id = %s ORDER BY at DESC, id DESC LIMIT 1",
+        (meter_id,),
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+async def events_after(
+    pool: AsyncConnectionPool, meter_id: str, after_id: int, *, limit: int
+) -> list[dict[str, Any]]:
+    """The meter's security events recorded after `after_id`, oldest first."""
+    rows = await _query(
+        pool,
+        "SELECT id, type, severity::text, detail, (extract(epoch FROM at) * 1000)::bigint"
+        " FROM security_events WHERE meter_id = %s AND id > %s ORDER BY id LIMIT %s",
+        (meter_id, after_id, limit),
+    )
+    return [
+        {"id": int(r[0]), "type": r[1], "severity": r[2], "detail": r[3], "at_ms": int(r[4])}
+        for r in rows
+    ]
+
+
 def as_csv(readings: Sequence[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")

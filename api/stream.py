@@ -1,20 +1,24 @@
-"""`stream/energy`: a meter's readings over a WebSocket as they are stored, for the meter
-itself, operators, and integrators whose consent covers them (scope `live`).
+"""WebSocket streams of one meter: `stream/energy` (its readings as they are stored),
+`stream/status` (its registry status and each change) and `stream/alerts` (its security
+events as they are recorded).
 
-The feed is PostgreSQL, not the broker: every `POLL_S` the stream asks reading_log's
-(meter_id, ts, seq) index for what was stored after the last reading it sent, so readings
-from both doors (MQTT and HTTP) arrive, each passing `may_see` for its own time. On every
-tick the integrator's consent is asked again at the current time, against the view
-reloaded on NOTIFY: a revoked consent or integrator closes the stream (code 4403, the
-policy's reason) within POLL_S plus the view's reload, about a second. A query per open
-stream per tick is the cost; many streams want the broker's per-integrator feed instead
-(docs/api.md)."""
+The feed is PostgreSQL, not the broker: every `POLL_S` a stream asks for what came after
+the last thing it sent (reading_log's (meter_id, ts, seq) index, the security events'
+ids), so readings from both doors (MQTT and HTTP) arrive. Energy is for the meter itself,
+operators, and integrators whose consent covers it (scope `live`): each reading passes
+`may_see` for its own time, and on every tick the integrator's consent is asked again at
+the current time against the view reloaded on NOTIFY, so a revoked consent or integrator
+closes the stream (code 4403, the policy's reason) within POLL_S plus the view's reload.
+Status and alerts are for operators and the meter itself. A query per open stream per
+tick is the cost; many streams want the broker's per-integrator feed instead (docs/api.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Final
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -38,63 +42,110 @@ log = structlog.get_logger("api.stream")
 POLL_S: Final = 0.2
 _PAGE: Final = 500
 #: WebSocket close codes: 4000 + the HTTP status the same refusal gets.
-_CLOSE: Final = {401: 4401, 403: 4403}
+_CLOSE: Final = {401: 4401, 403: 4403, 404: 4404}
+_OWNER_ROLES: Final = (Role.OPERATOR, Role.METER)
+
+#: What to send now; raises ApiError to close the stream.
+Poll = Callable[[], Awaitable[list[dict[str, Any]]]]
+#: Given the caller, its first check and its poll.
+Start = Callable[[Principal], Awaitable[Poll]]
 
 
 async def energy(websocket: WebSocket, meter_id: str) -> None:
-    """Accept, then send each stored reading (the verified reading's JSON) until the
-    client leaves or the policy refuses."""
-    await websocket.accept()
-    try:
-        who = identify(
-            websocket.app.state.tokens, websocket.scope, websocket.headers.get("authorization"),
-            (Role.OPERATOR, Role.INTEGRATOR, Role.METER), Scope.READINGS,
-        )  # fmt: skip
-        if who.role is Role.METER and who.name != meter_id:
-            raise ApiError(403, "not_this_meter", "a meter streams its own readings only")
-        audience: Audience = websocket.app.state.services.audience
-        pool: AsyncConnectionPool = websocket.app.state.services.pool
+    audience: Audience = websocket.app.state.services.audience
+    pool: AsyncConnectionPool = websocket.app.state.services.pool
+
+    async def start(who: Principal) -> Poll:
         _check(audience, who, meter_id, wall_ms())
         last = await reads.latest(pool, meter_id)
         after = (last["ts"], last["seq"]) if last else (0, 0)
-        log.info("stream_opened", meter_id=meter_id, who=who.name, role=who.role)
-        await _follow(
-            websocket, audience=audience, pool=pool, who=who, meter_id=meter_id, after=after
-        )
-    except ApiError as refusal:
-        REFUSALS.labels(code=refusal.code).inc()
-        log.warning("stream_refused", meter_id=meter_id, code=refusal.code, detail=refusal.detail)
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code=_CLOSE.get(refusal.status, 4400), reason=refusal.code)
-    except WebSocketDisconnect:
-        log.info("stream_closed", meter_id=meter_id)
 
-
-async def _follow(
-    websocket: WebSocket,
-    *,
-    audience: Audience,
-    pool: AsyncConnectionPool,
-    who: Principal,
-    meter_id: str,
-    after: tuple[int, int],
-) -> None:
-    gone = asyncio.create_task(websocket.receive())  # the client's close, or anything
-    try:
-        while not gone.done():
+        async def poll() -> list[dict[str, Any]]:
+            nonlocal after
             now = wall_ms()
             _check(audience, who, meter_id, now)
             page = await reads.history(
                 pool, meter_id, from_ms=after[0], to_ms=now + 86_400_000, after=after,
                 limit=_PAGE,
             )  # fmt: skip
-            for reading in page:
-                after = (reading["ts"], reading["seq"])
-                if _allowed(audience, who, meter_id, reading["ts"], now):
-                    await websocket.send_text(orjson.dumps(reading).decode())
-            await asyncio.wait({gone}, timeout=POLL_S)
-    finally:
-        gone.cancel()
+            if page:
+                after = (page[-1]["ts"], page[-1]["seq"])
+            return [r for r in page if _allowed(audience, who, meter_id, r["ts"], now)]
+
+        return poll
+
+    roles = (*_OWNER_ROLES, Role.INTEGRATOR)
+    await _serve(websocket, meter_id, roles, Scope.READINGS, start)
+
+
+async def status(websocket: WebSocket, meter_id: str) -> None:
+    pool: AsyncConnectionPool = websocket.app.state.services.pool
+
+    async def start(who: Principal) -> Poll:
+        sent: str | None = None
+
+        async def poll() -> list[dict[str, Any]]:
+            nonlocal sent
+            now = await reads.meter_status(pool, meter_id)
+            if now is None:
+                raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
+            changed, sent = now != sent, now
+            return [{"meter_id": meter_id, "status": now, "at_ms": wall_ms()}] if changed else []
+
+        return poll
+
+    await _serve(websocket, meter_id, _OWNER_ROLES, Scope.METERS, start)
+
+
+async def alerts(websocket: WebSocket, meter_id: str) -> None:
+    pool: AsyncConnectionPool = websocket.app.state.services.pool
+
+    async def start(who: Principal) -> Poll:
+        after = await reads.last_event_id(pool, meter_id)
+
+        async def poll() -> list[dict[str, Any]]:
+            nonlocal after
+            events = await reads.events_after(pool, meter_id, after, limit=_PAGE)
+            if events:
+                after = events[-1]["id"]
+            return events
+
+        return poll
+
+    await _serve(websocket, meter_id, _OWNER_ROLES, Scope.METERS, start)
+
+
+async def _serve(
+    websocket: WebSocket, meter_id: str, roles: Collection[Role], needed: Scope, start: Start
+) -> None:
+    """Accept, authenticate, then send what each poll finds, one JSON text message each,
+    until the client leaves or a refusal closes the stream."""
+    await websocket.accept()
+    try:
+        who = identify(
+            websocket.app.state.tokens, websocket.scope, websocket.headers.get("authorization"),
+            roles, needed,
+        )  # fmt: skip
+        if who.role is Role.METER and who.name != meter_id:
+            raise ApiError(403, "not_this_meter", "a meter streams its own data only")
+        poll = await start(who)
+        log.info("stream_opened", path=websocket.url.path, who=who.name, role=who.role)
+        gone = asyncio.create_task(websocket.receive())  # the client's close, or anything
+        try:
+            while not gone.done():
+                for message in await poll():
+                    await websocket.send_text(orjson.dumps(message).decode())
+                await asyncio.wait({gone}, timeout=POLL_S)
+        finally:
+            gone.cancel()
+    except ApiError as refusal:
+        REFUSALS.labels(code=refusal.code).inc()
+        log.warning("stream_refused", path=websocket.url.path, code=refusal.code,
+                    detail=refusal.detail)  # fmt: skip
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code=_CLOSE.get(refusal.status, 4400), reason=refusal.code)
+    except WebSocketDisconnect:
+        log.info("stream_closed", path=websocket.url.path)
 
 
 def _allowed(audience: Audience, who: Principal, meter_id: str, ts_ms: int, now_ms: int) -> bool:

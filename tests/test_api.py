@@ -32,6 +32,7 @@ from websockets.sync.client import connect
 
 from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
+from meterproof.certs.tls import client_context
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
 from meterproof.schemas.reading import b64url
@@ -516,3 +517,28 @@ def test_a_live_stream_follows_the_consent_and_closes_on_revocation(
         took = time.monotonic() - revoked_at
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "no_consent")
     assert took < 1.0, f"disconnected {took:.2f} s after the revocation's commit"
+
+
+def test_status_and_alert_streams_follow_the_registry(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    files = api_server.pki.device(meter_id)
+    tls = client_context(cert=files.cert, key=files.key, ca_cert=api_server.pki.ca_cert)
+    base = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream"
+    with connect(f"{base}/status", ssl=tls) as status, connect(f"{base}/alerts", ssl=tls) as alerts:
+        assert json.loads(status.recv(timeout=5))["status"] == "active"
+        with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+            http.post(f"/api/meters/{meter_id}/quarantine", json={"reason": "tamper alarm"})
+        assert json.loads(status.recv(timeout=5))["status"] == "quarantined"
+        alert = json.loads(alerts.recv(timeout=5))
+        assert (alert["type"], alert["detail"]["reason"]) == ("status_changed", "tamper alarm")
+    other = make_meter_id()
+    provision(api_server.pki, None, other)
+    with (
+        connect(base.replace(meter_id, other) + "/alerts", ssl=tls) as foreign,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        foreign.recv(timeout=5)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "not_this_meter")
