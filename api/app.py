@@ -190,8 +190,9 @@ def _services(request: Request) -> Services:
     return services
 
 
-async def _registry(settings: ApiSettings, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-    """A registry function (synchronous, psycopg) on a connection of its own, off the loop."""
+async def _blocking(settings: ApiSettings, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+    """A synchronous psycopg function (registry, wallets, ledger, proofs) on a connection of
+    its own, in a thread: the event loop keeps serving meanwhile."""
 
     def run() -> _T:
         try:
@@ -293,7 +294,7 @@ async def get_meter(
 ) -> MeterRecord:
     """A meter's registry record: operators, or the meter itself."""
     _own_meter(who, meter_id)
-    record = await _registry(
+    record = await _blocking(
         _services(request).settings, lambda c: repository.fetch_meter(c, meter_id)
     )
     if record is None:
@@ -415,7 +416,7 @@ async def meters_by_wallet(
 ) -> WalletMeters:
     """The meters currently linked to a CAIP-10 account."""
     parsed = AccountId.parse(account)
-    meters = await _registry(
+    meters = await _blocking(
         _services(request).settings, lambda c: wallets.meters_of_wallet(c, parsed)
     )
     return WalletMeters(account=str(parsed), meters=meters)
@@ -431,7 +432,7 @@ async def link_wallet(
     """A single-use challenge: the document the wallet and the meter both sign."""
     _own_meter(who, meter_id)
     account = AccountId.parse(body.account)
-    challenge = await _registry(
+    challenge = await _blocking(
         _services(request).settings, lambda c: wallets.issue_link_challenge(c, meter_id, account)
     )
     return ChallengeOut(
@@ -450,7 +451,7 @@ async def verify_ownership(
     """Both signatures over the challenge's document: the wallet becomes the owner."""
     _own_meter(who, meter_id)
     account = AccountId.parse(proof.account)
-    link = await _registry(
+    link = await _blocking(
         _services(request).settings,
         lambda c: wallets.link_wallet(
             c, meter_id=meter_id, account=account, challenge_id=proof.challenge_id,
@@ -490,7 +491,7 @@ class SecurityStatus(BaseModel):
 async def _set_status(
     request: Request, meter_id: str, status: MeterStatus, reason: str
 ) -> StatusChangeOut:
-    change = await _registry(
+    change = await _blocking(
         _services(request).settings,
         lambda c: repository.set_status(c, meter_id, status, reason=reason),
     )
@@ -540,7 +541,7 @@ async def security_status(
                                      detail=e.detail, at=e.at) for e in events],
         )  # fmt: skip
 
-    found = await _registry(_services(request).settings, read)
+    found = await _blocking(_services(request).settings, read)
     if found is None:
         raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
     return found
@@ -599,7 +600,7 @@ async def register(request: Request, body: NewMeterIn, who: RegistryWriter) -> R
         repository.register(conn, [meter])
         return repository.fetch_meter(conn, meter.meter_id)
 
-    record = await _registry(settings, write)
+    record = await _blocking(settings, write)
     assert record is not None, "registered in the transaction just committed"
     tokens: Tokens = request.app.state.tokens
     token = tokens.sign(_REGISTRATION, meter.meter_id, _REGISTRATION_TTL_S)
@@ -656,7 +657,7 @@ async def prove_key(
 async def auth_status(request: Request, meter_id: MeterIdPath, who: RegistryReader) -> AuthStatus:
     """Whether the meter is registered and accepted: operators, or the meter itself."""
     _own_meter(who, meter_id)
-    record = await _registry(
+    record = await _blocking(
         _services(request).settings, lambda c: repository.fetch_meter(c, meter_id)
     )
     if record is None:
@@ -734,7 +735,7 @@ async def ledger_entries(
     request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> LedgerEntries:
     """Unauthenticated: the newest anchored ledger entries with their mints."""
-    found = await _registry(
+    found = await _blocking(
         _services(request).settings, lambda c: ledger.recent_entries(c, limit=limit)
     )
     return LedgerEntries(
@@ -745,7 +746,7 @@ async def ledger_entries(
 @_route("GET", "/api/ledger/balances", "ledger", Limit.ANALYTICS, also=["public"])
 async def ledger_balances(request: Request) -> LedgerBalances:
     """Unauthenticated: GRID per wallet, largest first."""
-    found = await _registry(_services(request).settings, ledger.balances)
+    found = await _blocking(_services(request).settings, ledger.balances)
     return LedgerBalances(
         balances=[LedgerBalance(wallet=b.wallet, grid_units=str(b.grid_units),
                                 last_entry=b.last_entry) for b in found]
@@ -770,7 +771,7 @@ async def ledger_proof(
     if refusal is not None:
         raise refusal
     try:
-        proof: dict[str, Any] = await _registry(services.settings, lambda c: build_proof(c, digest))
+        proof: dict[str, Any] = await _blocking(services.settings, lambda c: build_proof(c, digest))
     except ProofError as exc:
         raise ApiError(404, "not_anchored", first_line(exc)) from None
     return proof
