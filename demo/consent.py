@@ -66,6 +66,7 @@ class ConsentDemo:
 
     def summary(self) -> bool:
         """Say what the integrator received; True if exactly the consented meters."""
+        self._thread.join(60)  # its commands are done before anything is judged
         if self.error is not None:
             self._say(f"    consent step failed: {self.error}")
             return False
@@ -77,15 +78,21 @@ class ConsentDemo:
         got = ", ".join(f"{n} of {m}" for m, n in sorted(per_meter.items())) or "nothing"
         self._say(f"    integrator {INTEGRATOR} received {got} on its feed; {raw} on verified/#")
         exact = set(per_meter) == set(self.consented) and raw == 0
-        self._say(
-            f"    consented: {', '.join(self.consented)}: "
-            + ("exactly those, nothing else" if exact else "MISMATCH")
-        )
+        late = sorted(set(self.consented) - set(per_meter))
+        verdict = "exactly those, nothing else" if exact else "MISMATCH"
+        if late and set(per_meter) <= set(self.consented) and raw == 0:
+            verdict += f" (no reading of {', '.join(late)} came after its grant: the fleet ended)"
+        self._say(f"    consented: {', '.join(sorted(self.consented))}: {verdict}")
         return exact
 
     def _run(self) -> None:
+        """The operator's grant first (one command, so the flow starts early), then the
+        owner's link and grant; the fleet's readings keep coming meanwhile."""
         try:
             meters = self._fleet_meters(2)
+            self._cli("consent", "grant", "--integrator", INTEGRATOR, "--meter", meters[1],
+                      "--scope", "live", "--operator-reason", "demo: support case 42")  # fmt: skip
+            self.consented.append(meters[1])
             owner = Account.create()
             wallet = f"eip155:1337:{owner.address}"
             self._link(meters[0], wallet, owner)
@@ -96,11 +103,9 @@ class ConsentDemo:
                       "--scope", "live,history", "--signer", wallet,
                       "--challenge", _field(document, "challenge"),
                       "--signature", self._file(_personal_sign(owner, document)))  # fmt: skip
-            self._cli("consent", "grant", "--integrator", INTEGRATOR, "--meter", meters[1],
-                      "--scope", "live", "--operator-reason", "demo: support case 42")  # fmt: skip
-            self.consented = meters
-            self._say(f"    consent: {wallet[:24]}.. linked to {meters[0]} with both proofs and")
-            self._say(f"    granted {INTEGRATOR} live data; the operator granted {meters[1]}")
+            self.consented.append(meters[0])
+            self._say(f"    consent: the operator granted {INTEGRATOR} {meters[1]}; a wallet")
+            self._say(f"    {wallet[:24]}.. linked to {meters[0]} with both proofs and granted it")
         except subprocess.CalledProcessError as exc:
             self.error = f"`meterproof {exc.cmd}` exited {exc.returncode}: {exc.stderr}"
         except TimeoutError as exc:
