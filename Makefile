@@ -7,7 +7,7 @@ SHELL := /bin/bash
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 MP       := $(VENV)/bin/meterproof
-APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv
+APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv patroni etcd-server
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-packages test lint typecheck pytest demo bench chaos fuzz certs device-cert revoke stack-up stack-down clean
@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-system-packages: ## apt-get install what is missing (mosquitto, redis, postgresql, venv)
+system-packages: ## apt-get install what is missing (mosquitto, redis, postgresql, patroni, etcd, venv)
 	@missing=""; for p in $(APT_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \

@@ -45,11 +45,12 @@ def _stack_options(command: Callable[[LocalStack, Ports, int], None]) -> Callabl
         pg_port: int | None,
         redis_port: int | None,
         ingest_workers: int,
+        ha: bool = False,
     ) -> None:
         ports = Ports(
             mqtt=mqtt_port, mqtt_admin=mqtt_admin_port, postgres=pg_port, redis=redis_port
         )
-        command(LocalStack(run_dir=run_dir, pki_root=pki_root), ports, ingest_workers)
+        command(LocalStack(run_dir=run_dir, pki_root=pki_root, ha=ha), ports, ingest_workers)
 
     options = [
         run_dir_option,
@@ -83,12 +84,20 @@ def stack() -> None:
 
 
 @stack.command()
+@click.option(
+    "--ha",
+    is_flag=True,
+    help="PostgreSQL with automatic failover: three etcd members and two nodes under "
+    "Patroni (synchronous standby) on free ports in RUN_DIR/ha; kept once made.",
+)
 @_stack_options
 def up(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     """Start whatever is not running yet, apply migrations, write RUN_DIR/stack.env.
 
     A port not given is the one recorded in RUN_DIR/stack.env (the first time: 8883,
-    1884, 5432, 6379) if that is free, else a free one.
+    1884, 5432, 6379) if that is free, else a free one. With --ha the database URL names
+    both PostgreSQL nodes with target_session_attrs=read-write: clients reach whichever is
+    primary, and `stack status` shows which one that is.
     """
     _, started = local.up(ports, ingest_workers=ingest_workers)
     if started:

@@ -76,7 +76,7 @@ class PostgresServer:
         self.data_dir = self.directory / "data"
         self.log = self.directory / "postgres.log"
         self.port = port or free_port()
-        self.os_user = os_user or (_UNPRIVILEGED_USER if os.geteuid() == 0 else None)
+        self.os_user = os_user or default_os_user()
         self.timeout = timeout
 
     @property
@@ -133,9 +133,9 @@ class PostgresServer:
         return read_pid(self.data_dir / "postmaster.pid", program="postgres") is not None
 
     def _initdb(self) -> None:
-        self._place()
+        place_cluster(self.directory, self.os_user)
         self._run(
-            _pg_bin("initdb"),
+            pg_bin("initdb"),
             "-D",
             str(self.home / "data"),
             "-U",
@@ -149,55 +149,15 @@ class PostgresServer:
             conf.write(_SETTINGS)
         (self.data_dir / "pg_hba.conf").write_text(_HBA, encoding="utf-8")
 
-    def _place(self) -> None:
-        """Make the folder a new cluster goes in, owned by the user it runs as."""
-        if self.os_user is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            return
-        account = _account(self.os_user)
-        if self.directory.is_symlink():
-            _make_owned(self.home, account)  # placed before; initdb never finished
-            return
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        if _can_enter(account, self.directory.parent):
-            _make_owned(self.directory, account)
-        else:
-            self._link_elsewhere(account)
-
-    def _link_elsewhere(self, account: pwd.struct_passwd) -> None:
-        """Point `directory` at a fresh folder in the user's home (see the module)."""
-        elsewhere = Path(account.pw_dir) / _ELSEWHERE
-        if not _can_enter(account, Path(account.pw_dir)):
-            raise StackError(
-                f"PostgreSQL runs as {account.pw_name!r}, which can enter neither "
-                f"{self.directory.parent} nor its home {account.pw_dir}: "
-                "give --run-dir a folder it can reach (for example under /var/tmp)"
-            )
-        target = elsewhere / _folder_name(self.directory)
-        if read_pid(target / "data" / "postmaster.pid", program="postgres") is not None:
-            raise StackError(
-                f"a cluster made for {self.directory} still runs from {target}, but the run "
-                f"dir lost its link: stop it (pg_ctl -D {target}/data stop) and start again"
-            )
-        shutil.rmtree(target, ignore_errors=True)  # the run dir that made it was deleted
-        if self.directory.exists():
-            shutil.rmtree(self.directory)  # holds no cluster: initdb was never reached
-        _make_owned(elsewhere, account)
-        _make_owned(target, account)
-        self.directory.symlink_to(target, target_is_directory=True)
-
     def _ensure_database(self) -> None:
         """Checked at every start, so a first start that failed after initdb heals."""
-        with psycopg.connect(self.database_url("postgres"), autocommit=True) as conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
-                return
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+        ensure_database(self.database_url("postgres"))
 
     def _pg_ctl(self, *args: str) -> None:
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.home / "data"), *args)
+        self._run(pg_bin("pg_ctl"), "-D", str(self.home / "data"), *args)
 
     def _run(self, *argv: str) -> None:
-        account = None if self.os_user is None else _account(self.os_user)
+        account = None if self.os_user is None else os_account(self.os_user)
         result = _run_as(account, argv, cwd=self.home)
         if result.returncode != 0:
             as_user = "" if account is None else f" as {account.pw_name}"
@@ -206,6 +166,60 @@ class PostgresServer:
                 f"{Path(argv[0]).name} failed{as_user} ({result.returncode}): "
                 f"{said[0] if said else 'no message'}; {log_hint(self.log)}"
             )
+
+
+def ensure_database(maintenance_url: str) -> None:
+    """Create meterproof's database through `maintenance_url` unless it exists."""
+    with psycopg.connect(maintenance_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
+            return
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+
+
+def default_os_user() -> str | None:
+    """The user clusters run as: `postgres` as root (initdb refuses root), else ourselves."""
+    return _UNPRIVILEGED_USER if os.geteuid() == 0 else None
+
+
+def place_cluster(directory: Path, os_user: str | None) -> None:
+    """Make the folder a new cluster goes in, owned by the user it runs as: `directory`
+    itself when that user can enter its parent, else a link to a folder in its home (see
+    the module)."""
+    if os_user is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        return
+    account = os_account(os_user)
+    if directory.is_symlink():
+        _make_owned(directory.resolve(), account)  # placed before; initdb never finished
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if _can_enter(account, directory.parent):
+        _make_owned(directory, account)
+    else:
+        _link_elsewhere(directory, account)
+
+
+def _link_elsewhere(directory: Path, account: pwd.struct_passwd) -> None:
+    """Point `directory` at a fresh folder in the user's home (see the module)."""
+    elsewhere = Path(account.pw_dir) / _ELSEWHERE
+    if not _can_enter(account, Path(account.pw_dir)):
+        raise StackError(
+            f"PostgreSQL runs as {account.pw_name!r}, which can enter neither "
+            f"{directory.parent} nor its home {account.pw_dir}: "
+            "give --run-dir a folder it can reach (for example under /var/tmp)"
+        )
+    target = elsewhere / _folder_name(directory)
+    if read_pid(target / "data" / "postmaster.pid", program="postgres") is not None:
+        raise StackError(
+            f"a cluster made for {directory} still runs from {target}, but the run "
+            f"dir lost its link: stop it (pg_ctl -D {target}/data stop) and start again"
+        )
+    shutil.rmtree(target, ignore_errors=True)  # the run dir that made it was deleted
+    if directory.exists():
+        shutil.rmtree(directory)  # holds no cluster: initdb was never reached
+    _make_owned(elsewhere, account)
+    _make_owned(target, account)
+    directory.symlink_to(target, target_is_directory=True)
 
 
 def _run_as(
@@ -242,7 +256,7 @@ def _folder_name(directory: Path) -> str:
     return f"{readable}-{digest}"
 
 
-def _account(name: str) -> pwd.struct_passwd:
+def os_account(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
@@ -251,7 +265,7 @@ def _account(name: str) -> pwd.struct_passwd:
         ) from None
 
 
-def _pg_bin(name: str) -> str:
+def pg_bin(name: str) -> str:
     """Debian keeps the server tools in /usr/lib/postgresql/<major>/bin, off PATH."""
     versions = sorted(
         Path("/usr/lib/postgresql").glob("*/bin"),

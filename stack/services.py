@@ -3,6 +3,11 @@
 `stack.env` in the run dir records where each server listens. Ports default to the
 recorded ones (the conventional ones the first time) when free, else to free ones, so
 shells that sourced the file keep working across `down` and `up`.
+
+With `ha`, the database is `stack.ha.HaCluster` (etcd, two PostgreSQL nodes under
+Patroni) in RUN_DIR/ha instead of one PostgreSQL, and stack.env's database URL names both
+nodes. A run dir keeps the kind it was first brought up with: the cluster's record
+(RUN_DIR/ha/cluster.json) makes later `up`, `status` and `down` use the cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from meterproof.config import DEFAULT_PKI_ROOT, StackEnv, new_share_group
 from meterproof.db.migrate import migrate
 from meterproof.mosquitto.config import broker_files, render
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.ha import HaCluster, describe
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import LOOPBACK, StackError, free_port, port_is_free
 from meterproof.stack.redis import RedisServer
@@ -58,10 +64,13 @@ class ServiceStatus:
 class LocalStack:
     """The servers of one run dir; `pki_root` defaults to the recorded one, then certs/out."""
 
-    def __init__(self, *, run_dir: Path, pki_root: Path | None = None) -> None:
+    def __init__(self, *, run_dir: Path, pki_root: Path | None = None, ha: bool = False) -> None:
+        """`ha` asks for the Patroni cluster; a run dir that holds one uses it anyway."""
         self.run_dir = run_dir.absolute()
         self.env_file = self.run_dir / "stack.env"
         self.compose_env_file = self.run_dir / "compose.env"
+        self.ha_dir = self.run_dir / "ha"
+        self.ha = ha or HaCluster.record(self.ha_dir).exists()
         recorded = self.recorded()
         self.layout = PkiLayout((pki_root or recorded.pki_root).absolute())
 
@@ -72,7 +81,7 @@ class LocalStack:
         return StackEnv.defaults(run_dir=self.run_dir, pki_root=DEFAULT_PKI_ROOT)
 
     def servers(self, env: StackEnv) -> tuple[PostgresServer, RedisServer, BrokerServer]:
-        """In start order; stop in reverse."""
+        """The single-PostgreSQL stack's servers, in start order; stop in reverse."""
         return (
             PostgresServer(directory=self.run_dir / "postgres", port=_url_port(env.database_url)),
             RedisServer(directory=self.run_dir / "redis", port=_url_port(env.redis_url)),
@@ -81,11 +90,25 @@ class LocalStack:
             ),
         )
 
+    def database(self, env: StackEnv) -> PostgresServer | HaCluster:
+        """The cluster when `ha` (recorded on free ports the first time), else the single
+        PostgreSQL."""
+        return HaCluster.create(self.ha_dir) if self.ha else self.servers(env)[0]
+
+    def _running_order(self, env: StackEnv) -> tuple[Server, RedisServer, BrokerServer]:
+        """What `up`, `down` and `status` walk: `servers` with the database chosen above."""
+        _, redis_, broker = self.servers(env)
+        return self.database(env), redis_, broker
+
     def status(self) -> list[ServiceStatus]:
-        return [
-            ServiceStatus(server.name, server.is_running(), _address(server))
-            for server in self.servers(self.recorded())
-        ]
+        """One line per process; a cluster's PostgreSQL nodes say which one is primary."""
+        statuses = []
+        for server in self._running_order(self.recorded()):
+            if isinstance(server, HaCluster):
+                statuses += [ServiceStatus(*row) for row in describe(server)]
+            else:
+                statuses.append(ServiceStatus(server.name, server.is_running(), _address(server)))
+        return statuses
 
     def prepare(self, ports: Ports, *, ingest_workers: int = DEFAULT_INGEST_WORKERS) -> StackEnv:
         """Everything but starting: ports, PKI (created if missing, with at least
@@ -95,6 +118,9 @@ class LocalStack:
         The workers' share-group secret is generated the first time and kept after.
         `compose.env` carries the same choices for `docker compose --env-file`.
         """
+        single = PostgresServer(directory=self.run_dir / "postgres")
+        if self.ha and not HaCluster.record(self.ha_dir).exists() and single.is_running():
+            raise StackError(f"the single PostgreSQL of {self.run_dir} runs: `stack down` first")
         env = self._choose_ports(ports)
         init_pki(self.layout, ingest_workers=ingest_workers)
         render(
@@ -118,7 +144,7 @@ class LocalStack:
         If anything fails, the servers this call started are stopped again.
         """
         env = self.prepare(ports, ingest_workers=ingest_workers)
-        servers = self.servers(env)
+        servers = self._running_order(env)
         started: list[Server] = []
         seconds: dict[str, float] = {}
         try:
@@ -140,18 +166,20 @@ class LocalStack:
         deleting the run dir afterwards leaves nothing behind.
         """
         stopped = []
-        servers = self.servers(self.recorded())
+        database = self.database(self.recorded())
+        servers = self._running_order(self.recorded())
         for server in reversed(servers):
-            if server.is_running():
+            if server.is_running() or (isinstance(server, HaCluster) and server.partly_running()):
                 server.stop()
                 stopped.append(server.name)
         if purge:
-            servers[0].remove()
+            database.remove()
         return stopped
 
     def _choose_ports(self, wanted: Ports) -> StackEnv:
         recorded = self.recorded()
-        postgres, redis_, broker = self.servers(recorded)
+        _, redis_, broker = self.servers(recorded)
+        postgres = self.database(recorded)
         taken: set[int] = set()
 
         def choose(name: str, asked: int | None, previous: int, running: bool) -> int:
@@ -167,14 +195,20 @@ class LocalStack:
         broker_up = broker.is_running()
         mqtt = choose("mosquitto", wanted.mqtt, recorded.mqtt_port, broker_up)
         admin = choose("mosquitto admin", wanted.mqtt_admin, recorded.mqtt_admin_port, broker_up)
-        pg = choose("postgres", wanted.postgres, postgres.port, postgres.is_running())
+        if isinstance(postgres, HaCluster):
+            if wanted.postgres is not None:
+                raise StackError("--pg-port does not apply to the cluster: its ports are free ones")
+            database_url = postgres.url
+        else:
+            pg = choose("postgres", wanted.postgres, postgres.port, postgres.is_running())
+            database_url = PostgresServer(directory=postgres.directory, port=pg).url
         rd = choose("redis", wanted.redis, redis_.port, redis_.is_running())
         return StackEnv.defaults(
             run_dir=self.run_dir,
             pki_root=self.layout.root,
             mqtt_port=mqtt,
             mqtt_admin_port=admin,
-            database_url=PostgresServer(directory=postgres.directory, port=pg).url,
+            database_url=database_url,
             redis_url=RedisServer(directory=redis_.directory, port=rd).url,
             share_group=recorded.share_group or new_share_group(),
         )
@@ -201,7 +235,10 @@ def _free_port_not_in(taken: set[int]) -> int:
 
 
 def _url_port(url: str) -> int:
-    port = urlsplit(url).port
+    """The port of the URL's first host (a cluster's URL names every node)."""
+    parts = urlsplit(url)
+    first = parts._replace(netloc=parts.netloc.split(",")[0])
+    port = first.port
     if port is None:
         raise StackError(f"no port in {url!r}")
     return port
