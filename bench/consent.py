@@ -81,5 +81,6 @@ def live_figures(tier: dict[str, Any]) -> dict[str, float]:
     return {
         "accepted_per_s": accepted,
         "server_us": round(sum(cores.get(g, 0.0) for g in SERVER) * 1e6 / accepted, 1),
+        "workers_us": round(cores.get("workers", 0.0) * 1e6 / accepted, 1),
         "p99_ms": float(tier["latency_ms"]["p99"] or 0.0),
     }
