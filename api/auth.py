@@ -36,6 +36,8 @@ OPERATOR: Final = "operator"
 TOKEN_PATH: Final = "/api/auth/token"  # noqa: S105 - a path, not a secret
 #: The state key the TLS protocol puts a verified client certificate's CN under.
 PEER_CN: Final = "tls_peer_cn"
+#: ... and the CN of a certificate the CA's revoked index lists.
+PEER_REVOKED: Final = "tls_peer_revoked"
 
 
 class Role(StrEnum):
@@ -198,6 +200,8 @@ def identify(
         who = tokens.principal(token.strip())
     elif isinstance(cn := scope.get("state", {}).get(PEER_CN), str):
         who = Principal(Role.METER, cn, frozenset())
+    elif PEER_REVOKED in scope.get("state", {}):
+        raise ApiError(401, "certificate_revoked", "the client certificate is revoked")
     else:
         raise ApiError(
             401, "unauthenticated", "a bearer token or a meter certificate is required",

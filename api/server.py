@@ -4,7 +4,10 @@ optional: a meter proves itself with one, token holders need none.
 
 uvicorn does not pass the peer certificate to the app, so the HTTP protocol here puts the
 verified certificate's CN into the connection's ASGI state, where `api.auth` reads it; a
-WebSocket upgrade hands the same state to the WebSocket protocol."""
+WebSocket upgrade hands the same state to the WebSocket protocol. A certificate the
+operator revoked (`certs revoke`, the CA's revoked index) is marked instead, and its caller
+is refused `certificate_revoked`: the index is read again whenever it changes, so a
+revocation holds from the next connection on, as on the broker."""
 
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from meterproof.api.app import create_app
-from meterproof.api.auth import PEER_CN
+from meterproof.api.auth import PEER_CN, PEER_REVOKED
 from meterproof.api.settings import ApiSettings
+from meterproof.certs.crl import read_revoked
 from meterproof.certs.layout import PkiLayout
 from meterproof.errors import InputError
 from meterproof.probes import serve_probes
@@ -25,13 +29,44 @@ from meterproof.probes import serve_probes
 log = structlog.get_logger("api.server")
 
 
-class _PeerCertificateProtocol(H11Protocol):
-    def connection_made(self, transport: Any) -> None:  # noqa: ANN401 - asyncio's transport
-        """Each connection copies the shared state; only this one's gets its peer's CN."""
-        peer = transport.get_extra_info("peercert")
-        cn = _common_name(peer) if peer else None
-        self.app_state = {**self.app_state, PEER_CN: cn} if cn else dict(self.app_state)
-        super().connection_made(transport)
+class RevokedSerials:
+    """The serials of the CA's revoked index, reread when the file changes."""
+
+    def __init__(self, pki: PkiLayout) -> None:
+        self._pki = pki
+        self._stamp: tuple[int, int] | None = None
+        self._serials: frozenset[str] = frozenset()
+
+    def __contains__(self, serial: str) -> bool:
+        try:
+            stat = self._pki.revoked_index.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            return False
+        if stamp != self._stamp:
+            self._serials = frozenset(e.serial for e in read_revoked(self._pki))
+            self._stamp = stamp
+        return serial in self._serials
+
+
+def _protocol(revoked: RevokedSerials) -> type[H11Protocol]:
+    class PeerCertificateProtocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # noqa: ANN401 - asyncio's
+            """Each connection copies the shared state; only this one's gets its peer."""
+            state = dict(self.app_state)
+            peer = transport.get_extra_info("peercert")
+            cn = _common_name(peer) if peer else None
+            if cn is not None:
+                serial = str(peer.get("serialNumber", "")).lower().lstrip("0")
+                if serial in revoked:
+                    state[PEER_REVOKED] = cn
+                    log.warning("revoked_certificate_presented", cn=cn, serial=serial)
+                else:
+                    state[PEER_CN] = cn
+            self.app_state = state
+            super().connection_made(transport)
+
+    return PeerCertificateProtocol
 
 
 def _common_name(peer: dict[str, Any]) -> str | None:
@@ -61,7 +96,7 @@ def config(settings: ApiSettings) -> uvicorn.Config:
         ssl_keyfile=str(pki.server_key),
         ssl_ca_certs=str(pki.ca_cert),
         ssl_cert_reqs=ssl.CERT_OPTIONAL,
-        http=_PeerCertificateProtocol,
+        http=_protocol(RevokedSerials(pki)),
         ws="websockets",
         lifespan="on",
         log_config=None,

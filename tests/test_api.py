@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ from websockets.sync.client import connect
 
 from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
+from meterproof.certs import crl as certs_crl
+from meterproof.certs.bootstrap import init_pki
+from meterproof.certs.identities import issue_device
+from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
@@ -542,3 +546,28 @@ def test_status_and_alert_streams_follow_the_registry(
     ):
         foreign.recv(timeout=5)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "not_this_meter")
+
+
+def test_foreign_expired_and_revoked_certificates_are_refused(
+    api_server: ApiServer, make_meter_id: Callable[[], str], tmp_path: Path
+) -> None:
+    meter_id, old = make_meter_id(), make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    reading = signed(meter_id, key, 1, wall_ms())
+    rogue = PkiLayout(tmp_path / "rogue")
+    init_pki(rogue, ca_key="ec-p384")
+    foreign = issue_device(rogue, meter_id)  # the same CN and issuer name, another CA key
+    now = datetime.now(UTC)
+    expired = issue_device(api_server.pki, old, not_before=now - timedelta(days=9), not_after=now)
+    for files in (foreign, expired):
+        tls = client_context(cert=files.cert, key=files.key, ca_cert=api_server.pki.ca_cert)
+        with httpx.Client(base_url=api_server.url, verify=tls) as http, pytest.raises(
+            httpx.TransportError
+        ):  # fmt: skip
+            http.post(f"/api/meters/{meter_id}/energy", content=reading)
+    with api_server.meter_client(meter_id) as meter:
+        assert meter.get(f"/api/meters/{meter_id}/auth/status").status_code == 200
+    certs_crl.revoke(api_server.pki, meter_id)
+    with api_server.meter_client(meter_id) as meter:
+        _problem(meter.post(f"/api/meters/{meter_id}/energy", content=reading), 401,
+                 "certificate_revoked")  # fmt: skip
