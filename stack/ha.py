@@ -213,7 +213,8 @@ class PatroniNode(SpawnedServer):
             return 0.0
         check_ports_free(self.pg_port, self.rest_port)
         place_cluster(self.directory, self.os_user)
-        config = self.directory / "patroni.json"  # JSON is YAML: no YAML writer needed
+        # Where the user it runs as can reach it: `directory` may be a link (see the module).
+        config = self.directory.resolve() / "patroni.json"  # JSON is YAML: no YAML writer
         config.write_text(json.dumps(self._config(), indent=1), encoding="utf-8")
         argv = [executable("patroni"), str(config)]
         if self.os_user is not None:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.servers", "fixtures.isolation", "fixtures.chain", "fixtures.api"]
+pytest_plugins = [
+    "fixtures.servers",
+    "fixtures.isolation",
+    "fixtures.chain",
+    "fixtures.api",
+    "fixtures.ha",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:

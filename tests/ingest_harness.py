@@ -321,3 +321,59 @@ def stored_counts(database_url: str, meter_ids: list[str]) -> dict[tuple[str, in
             (meter_ids,),
         ).fetchall()
     return {(str(m), int(s)): int(n) for m, s, n in rows}
+
+
+#: As the reference meter does (meter/delivery.py): a reading with no receipt this long
+#: after it was sent goes out again. The broker may take a reading (PUBACK) and lose it
+#: in a restart before any worker has it; only the meter's republish brings it home.
+REPUBLISH_AFTER_S = 5.0
+
+
+async def stream_readings(
+    meters: list[ProbeMeter], count: int, interval_s: float, t0: int
+) -> dict[tuple[str, int], SignedReading]:
+    """What a meter does: one reading after another; while offline it waits (buffers).
+    Returns what was sent, for `until_stored` to republish."""
+    sent: dict[tuple[str, int], SignedReading] = {}
+    for seq in range(1, count + 1):
+        for m in meters:
+            while not m.connected:  # noqa: ASYNC110 - gmqtt offers a flag, not an event
+                await asyncio.sleep(0.05)
+            reading = m.reading(seq, ts=t0 + seq * 1_000, imp=seq, exp=seq // 2)
+            m.publish(reading)
+            sent[m.meter_id, seq] = reading
+        await asyncio.sleep(interval_s)
+    return sent
+
+
+async def until_stored(
+    database_url: str,
+    meters: list[ProbeMeter],
+    sent: dict[tuple[str, int], SignedReading],
+    within_s: float,
+) -> None:
+    """Until every reading is stored, republishing the unreceipted ones as a meter does."""
+    ids = [m.meter_id for m in meters]
+    deadline = time.monotonic() + within_s
+    republish_at = time.monotonic() + REPUBLISH_AFTER_S
+    while time.monotonic() < deadline:
+        counts = await asyncio.to_thread(stored_counts, database_url, ids)
+        if len(counts) >= len(sent):
+            return
+        if time.monotonic() >= republish_at:
+            for m in meters:
+                receipted = {r["seq"] for r in m.receipts}
+                for (meter_id, seq), reading in sent.items():
+                    if meter_id == m.meter_id and seq not in receipted and m.connected:
+                        m.publish(reading)
+            republish_at = time.monotonic() + REPUBLISH_AFTER_S
+        await asyncio.sleep(0.25)
+
+
+def audit_exactly_once(database_url: str, ids: list[str], count: int) -> None:
+    counts = stored_counts(database_url, ids)
+    missing = {(m, s) for m in ids for s in range(1, count + 1)} - set(counts)
+    assert not missing, f"lost {len(missing)} readings, e.g. {sorted(missing)[:3]}"
+    twice = {k: n for k, n in counts.items() if n != 1}
+    assert not twice, f"stored more than once: {twice}"
+    assert len(counts) == len(ids) * count

@@ -14,14 +14,15 @@ import pytest
 from ingest_harness import (
     ProbeMeter,
     WorkerProcess,
+    audit_exactly_once,
     provision,
     running_worker,
-    stored_counts,
+    stream_readings,
+    until_stored,
     worker_settings,
 )
 
 from meterproof.certs.layout import PkiLayout
-from meterproof.schemas.reading import SignedReading
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
@@ -29,62 +30,6 @@ from meterproof.stack.redis import RedisServer
 pytestmark = pytest.mark.slow
 
 METERS = 3
-
-
-#: As the reference meter does (meter/delivery.py): a reading with no receipt this long
-#: after it was sent goes out again. The broker may take a reading (PUBACK) and lose it
-#: in a restart before any worker has it; only the meter's republish brings it home.
-REPUBLISH_AFTER_S = 5.0
-
-
-async def _stream(
-    meters: list[ProbeMeter], count: int, interval_s: float, t0: int
-) -> dict[tuple[str, int], SignedReading]:
-    """What a meter does: one reading after another; while offline it waits (buffers).
-    Returns what was sent, for `_until_stored` to republish."""
-    sent: dict[tuple[str, int], SignedReading] = {}
-    for seq in range(1, count + 1):
-        for m in meters:
-            while not m.connected:  # noqa: ASYNC110 - gmqtt offers a flag, not an event
-                await asyncio.sleep(0.05)
-            reading = m.reading(seq, ts=t0 + seq * 1_000, imp=seq, exp=seq // 2)
-            m.publish(reading)
-            sent[m.meter_id, seq] = reading
-        await asyncio.sleep(interval_s)
-    return sent
-
-
-async def _until_stored(
-    database_url: str,
-    meters: list[ProbeMeter],
-    sent: dict[tuple[str, int], SignedReading],
-    within_s: float,
-) -> None:
-    """Until every reading is stored, republishing the unreceipted ones as a meter does."""
-    ids = [m.meter_id for m in meters]
-    deadline = time.monotonic() + within_s
-    republish_at = time.monotonic() + REPUBLISH_AFTER_S
-    while time.monotonic() < deadline:
-        counts = await asyncio.to_thread(stored_counts, database_url, ids)
-        if len(counts) >= len(sent):
-            return
-        if time.monotonic() >= republish_at:
-            for m in meters:
-                receipted = {r["seq"] for r in m.receipts}
-                for (meter_id, seq), reading in sent.items():
-                    if meter_id == m.meter_id and seq not in receipted and m.connected:
-                        m.publish(reading)
-            republish_at = time.monotonic() + REPUBLISH_AFTER_S
-        await asyncio.sleep(0.25)
-
-
-def _audit(database_url: str, ids: list[str], count: int) -> None:
-    counts = stored_counts(database_url, ids)
-    missing = {(m, s) for m in ids for s in range(1, count + 1)} - set(counts)
-    assert not missing, f"lost {len(missing)} readings, e.g. {sorted(missing)[:3]}"
-    twice = {k: n for k, n in counts.items() if n != 1}
-    assert not twice, f"stored more than once: {twice}"
-    assert len(counts) == len(ids) * count
 
 
 async def _meters(
@@ -117,16 +62,16 @@ def _run_stream_with_fault(
     async def scenario() -> None:
         async with running_worker(settings):
             meters = await _meters(pki, broker.port, ids, keys)
-            stream = asyncio.create_task(_stream(meters, count, 0.05, t0))
+            stream = asyncio.create_task(stream_readings(meters, count, 0.05, t0))
             await asyncio.sleep(0.5)
             await fault()
             sent = await stream
-            await _until_stored(database_url, meters, sent, drain_s)
+            await until_stored(database_url, meters, sent, drain_s)
             for m in meters:
                 await m.close()
 
     asyncio.run(scenario())
-    _audit(database_url, ids, count)
+    audit_exactly_once(database_url, ids, count)
 
 
 def test_kill9_of_a_worker_mid_stream_loses_nothing(
@@ -152,7 +97,7 @@ def test_kill9_of_a_worker_mid_stream_loses_nothing(
         worker = WorkerProcess(settings, tmp_path / "worker.log")
         await asyncio.to_thread(worker.start)
         meters = await _meters(pki, broker.port, ids, keys)
-        stream = asyncio.create_task(_stream(meters, count, 0.05, t0))
+        stream = asyncio.create_task(stream_readings(meters, count, 0.05, t0))
         rng = random.Random(7)
         try:
             # Three kills whatever the machine's speed: on a slow one the stream may end
@@ -163,7 +108,7 @@ def test_kill9_of_a_worker_mid_stream_loses_nothing(
                 kills += 1
                 await asyncio.to_thread(worker.start)
             sent = await stream
-            await _until_stored(database_url, meters, sent, 60)
+            await until_stored(database_url, meters, sent, 60)
         finally:
             await asyncio.to_thread(worker.stop)
             for m in meters:
@@ -171,7 +116,7 @@ def test_kill9_of_a_worker_mid_stream_loses_nothing(
 
     asyncio.run(scenario())
     assert kills == 3
-    _audit(database_url, ids, count)
+    audit_exactly_once(database_url, ids, count)
 
 
 def test_graceful_broker_restart_loses_nothing(
