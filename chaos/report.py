@@ -1,10 +1,12 @@
-"""docs/reliability.md, rendered from one campaign's result: only figures that run saw."""
+"""docs/reliability.md, rendered from one campaign's result: only figures that run saw (and
+the hand-written part after `KEPT_MARKER`, kept as it is)."""
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from meterproof.chaos.campaign import CampaignResult
 from meterproof.chaos.faults import FaultRecord
@@ -188,6 +190,14 @@ def _timeline(faults: Sequence[FaultRecord]) -> list[str]:
     ]
 
 
+#: What follows this line in the report is hand-written (the failover design and the
+#: figures the HA tests measured) and survives every run.
+KEPT_MARKER: Final = "<!-- hand-written from here on: meterproof chaos keeps it -->"
+
+
 def write(result: CampaignResult, path: Path, *, command: str) -> None:
+    """Render the run, keeping the hand-written part of an existing report."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(result, command=command), encoding="utf-8")
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    _, marker, kept = old.partition(KEPT_MARKER)
+    path.write_text(render(result, command=command) + marker + kept, encoding="utf-8")

@@ -63,6 +63,8 @@ PRIMARY_ROLES: Final = frozenset({"leader", "master", "primary"})
 #: Patroni member states in which a node serves (the primary) or replays (a standby).
 RUNNING_STATES: Final = frozenset({"running", "streaming"})
 _HTTP_TIMEOUT_S: Final = 2.0
+#: libpq's connect_timeout in the cluster's URL, per node tried.
+CONNECT_TIMEOUT_S: Final = 3
 #: Leader key TTL, HA loop and DCS retry: Patroni needs loop_wait + 2 * retry_timeout <=
 #: ttl; a lost primary's key expires within `ttl`, a crash is seen within `loop_wait`.
 _DCS: Final = {"ttl": 10, "loop_wait": 1, "retry_timeout": 4}
@@ -340,9 +342,12 @@ class HaCluster:
         return self.database_url(DATABASE)
 
     def database_url(self, database: str) -> str:
-        """Both nodes; libpq keeps the first that accepts writes (see the module)."""
+        """Both nodes; libpq keeps the first that accepts writes (see the module). The
+        timeout is per host: a node whose machine is gone (no refusal, no answer) costs
+        a client that long, not the kernel's minutes of TCP retries."""
         hosts = ",".join(f"{LOOPBACK}:{node.pg_port}" for node in self.nodes)
-        return f"postgresql://{ROLE}@{hosts}/{database}?target_session_attrs=read-write"
+        query = f"target_session_attrs=read-write&connect_timeout={CONNECT_TIMEOUT_S}"
+        return f"postgresql://{ROLE}@{hosts}/{database}?{query}"
 
     def start(self) -> float:
         """Start what is not running, wait for a primary with a synchronous standby, make
