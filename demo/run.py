@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from meterproof.config import StackEnv
+from meterproof.demo.api import ApiDemo
 from meterproof.demo.consent import ConsentDemo
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from meterproof.stack.services import LocalStack, Ports
@@ -112,6 +113,9 @@ def run_demo(options: DemoOptions, say: Say) -> int:
             logs / "bridge.log",
         )
         running.callback(stop_command, bridge)
+        api = ApiDemo(env, logs, say)
+        say(f"    HTTP API on {api.url} (TLS 1.3, the operator CA)")
+        api_up = api.start(running)
         consent = ConsentDemo(env, say)
         consent.start()
         running.callback(consent.stop)
@@ -155,8 +159,22 @@ def run_demo(options: DemoOptions, say: Say) -> int:
         ledger_ok = _ledger_summary(env, say, chain) if anchored else False
         if not anchored:
             say("    not every reading was anchored in time; see .run/logs/bridge.log")
+        newest = _newest_anchored(env.database_url)
+        api_ok = api_up and newest is not None and api.curl_lines(*newest)
     _next_steps(env, say)
-    return 0 if fleet["exit_code"] == 0 and anchored and ledger_ok and consent_ok else 1
+    passed = fleet["exit_code"] == 0 and anchored and ledger_ok and consent_ok and api_ok
+    return 0 if passed else 1
+
+
+def _newest_anchored(database_url: str) -> tuple[str, str] | None:
+    """(meter id, reading hash) of the newest anchored reading."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT l.meter_id, encode(l.reading_hash, 'hex') FROM reading_log l"
+            " JOIN bridge_batches b ON b.batch = l.batch_id WHERE b.status = 'anchored'"
+            " ORDER BY l.stored_at DESC LIMIT 1"
+        ).fetchone()
+    return None if row is None else (str(row[0]), str(row[1]))
 
 
 def _ledger_summary(env: StackEnv, say: Say, chain: DevChain | None) -> bool:
@@ -201,7 +219,8 @@ def _next_steps(env: StackEnv, say: Say) -> None:
     say("where to look next:")
     say(f"    metrics   curl http://127.0.0.1:{WORKER_METRICS}/metrics  (bridge :{BRIDGE_METRICS})")
     say(f"    database  psql '{env.database_url}'  (tables: readings, rejected_readings, ...)")
-    say("    topics    verified/+/readings and ledger/epochs (integrator certificates:")
-    say("              meterproof certs issue-integrator NAME), meters/<id>/receipts")
-    say("    logs      .run/logs/ingest.log, .run/logs/bridge.log")
+    say("    topics    integrators/<name>/verified/# (what consents allow: `meterproof consent`),")
+    say("              ledger/epochs, meters/<id>/receipts; docs/consent.md")
+    say("    HTTP API  https://127.0.0.1:8443/docs (OpenAPI), docs/api.md")
+    say("    logs      .run/logs/ingest.log, .run/logs/bridge.log, .run/logs/api.log")
     say("    the stack keeps running: `meterproof stack down` stops it")
