@@ -221,6 +221,7 @@ def _next_steps(env: StackEnv, say: Say) -> None:
     say(f"    database  psql '{env.database_url}'  (tables: readings, rejected_readings, ...)")
     say("    topics    integrators/<name>/verified/# (what consents allow: `meterproof consent`),")
     say("              ledger/epochs, meters/<id>/receipts; docs/consent.md")
-    say("    HTTP API  https://127.0.0.1:8443/docs (OpenAPI), docs/api.md")
+    say("    HTTP API  stops with the demo; `METERPROOF_API_OPERATOR_SECRET=... meterproof api`")
+    say("              serves it again (https://127.0.0.1:8443/docs), docs/api.md")
     say("    logs      .run/logs/ingest.log, .run/logs/bridge.log, .run/logs/api.log")
     say("    the stack keeps running: `meterproof stack down` stops it")
