@@ -69,3 +69,15 @@ def stored_count(database_url: str) -> int | None:
     except psycopg.OperationalError:
         return None
     return int(row[0]) if row else None
+
+
+def stored_since(database_url: str, since: float) -> bool:
+    """Some reading was stored after `since` (False while the database does not answer)."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=3) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM reading_log WHERE stored_at > to_timestamp(%s) LIMIT 1", (since,)
+            ).fetchone()
+    except psycopg.OperationalError:
+        return False
+    return row is not None

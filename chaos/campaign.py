@@ -82,13 +82,15 @@ class CampaignResult:
         return not self.problems()
 
 
-def _stack_ports() -> Ports:
-    """Free ports, never the conventional ones: a developer's own stack may hold those."""
+def _stack_ports(*, ha: bool) -> Ports:
+    """Free ports, never the conventional ones: a developer's own stack may hold those.
+    A cluster picks its own."""
     ports: list[int] = []
     while len(ports) < 4:
         if (port := free_port()) not in ports:
             ports.append(port)
-    return Ports(mqtt=ports[0], mqtt_admin=ports[1], postgres=ports[2], redis=ports[3])
+    postgres = None if ha else ports[2]
+    return Ports(mqtt=ports[0], mqtt_admin=ports[1], postgres=postgres, redis=ports[3])
 
 
 def run_campaign(config: CampaignConfig, *, work_dir: Path, say: Say) -> CampaignResult:
@@ -99,9 +101,10 @@ def run_campaign(config: CampaignConfig, *, work_dir: Path, say: Say) -> Campaig
     began = time.monotonic()
     work_dir.mkdir(parents=True, exist_ok=True)
     work_dir.chmod(0o755)  # PostgreSQL runs as its own unprivileged user
-    stack = LocalStack(run_dir=work_dir / "stack", pki_root=work_dir / "pki")
-    say(f"stack: starting Mosquitto, PostgreSQL and Redis in {work_dir}")
-    env, _ = stack.up(_stack_ports())
+    stack = LocalStack(run_dir=work_dir / "stack", pki_root=work_dir / "pki", ha=config.ha)
+    database = "a Patroni cluster (3 etcd, 2 PostgreSQL)" if config.ha else "PostgreSQL"
+    say(f"stack: starting Mosquitto, {database} and Redis in {work_dir}")
+    env, _ = stack.up(_stack_ports(ha=config.ha))
     try:
         _run(
             config=config,
@@ -133,7 +136,8 @@ def _run(
 ) -> None:
     logs = work_dir / "logs"
     logs.mkdir(exist_ok=True)
-    postgres, redis_, broker = stack.servers(env)
+    _, redis_, broker = stack.servers(env)
+    postgres = stack.database(env)
     state_root = work_dir / "meters"
     ingest = ingest_process(env, config, logs / "ingest.log")
     bridge = bridge_process(env, config, logs / "bridge.log")

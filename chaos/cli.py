@@ -14,10 +14,20 @@ import click
 #: never replaces the full campaign's report.
 FULL_REPORT = Path("docs/reliability.md")
 QUICK_REPORT = Path(".run/reliability-quick.md")
+#: The same for the campaign on the Patroni cluster (`--ha`), which has faults of its own.
+HA_FULL_REPORT = Path("docs/reliability-ha.md")
+HA_QUICK_REPORT = Path(".run/reliability-ha-quick.md")
 
 
 @click.command()
 @click.option("--quick", is_flag=True, help="Every fault kind at least once, within 3 minutes.")
+@click.option(
+    "--ha",
+    is_flag=True,
+    help="PostgreSQL as a Patroni cluster (`stack up --ha`): kill -9 of the primary, a "
+    "switchover and an etcd member lost instead of the PostgreSQL stop [--quick: 4 minutes; "
+    f"report {HA_FULL_REPORT}, --quick {HA_QUICK_REPORT}].",
+)
 @click.option(
     "--duration",
     type=click.FloatRange(60, 3600),
@@ -44,6 +54,7 @@ QUICK_REPORT = Path(".run/reliability-quick.md")
 def chaos(
     *,
     quick: bool,
+    ha: bool,
     duration: float | None,
     seed: int,
     meters: int | None,
@@ -68,7 +79,7 @@ def chaos(
     if meters is not None:
         changes["meters"] = meters
     try:
-        config = (quick_config if quick else full_config)(**changes)
+        config = (quick_config if quick else full_config)(ha=ha, **changes)
         make_plan(config)
     except (PlanError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -84,8 +95,9 @@ def chaos(
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    path = report or (QUICK_REPORT if quick else FULL_REPORT)
-    command = "meterproof chaos" + (" --quick" if quick else "")
+    defaults = (HA_QUICK_REPORT, HA_FULL_REPORT) if ha else (QUICK_REPORT, FULL_REPORT)
+    path = report or defaults[0 if quick else 1]
+    command = "meterproof chaos" + (" --ha" if ha else "") + (" --quick" if quick else "")
     write(result, path, command=command)
     say(f"report: {path}")
     for problem in result.problems():

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from meterproof.chaos.backlog import ingest_caught_up, unanchored_before
-from meterproof.chaos.plan import CampaignConfig, FaultKind, PlannedFault
+from meterproof.chaos.backlog import ingest_caught_up, stored_since, unanchored_before
+from meterproof.chaos.plan import ETCD_DOWN_S, HA_KINDS, CampaignConfig, FaultKind, PlannedFault
 from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
+from meterproof.stack.ha import HaCluster
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
 
@@ -144,7 +145,7 @@ class Target:
     """Everything a fault can hit, and where its backlog shows."""
 
     config: CampaignConfig
-    postgres: PostgresServer
+    postgres: PostgresServer | HaCluster
     redis: RedisServer
     broker: BrokerServer
     ingest: ProductProcess
@@ -165,8 +166,12 @@ class Injector:
         return (time.time() if wall is None else wall) - self.load_started
 
     def run(self, fault: PlannedFault) -> FaultRecord:
+        if fault.kind in HA_KINDS:
+            # The last failover's crashed node back as the synchronous standby first:
+            # without one there is nothing to fail over to.
+            self._cluster().wait_replicated(timeout=self.t.config.recovery_timeout_s)
         began = time.time()
-        kills, note = self._inject(fault)
+        kills, note = self._inject_ha(fault.kind) if fault.kind in HA_KINDS else self._inject(fault)
         ended = time.time()
         recovery = self._wait_recovered(fault.kind, ended)
         return FaultRecord(
@@ -205,6 +210,42 @@ class Injector:
                 return 0, ""
             case FaultKind.BRIDGE_KILL:
                 return self._kill_bridge(fault.variant)
+        raise ValueError(f"{fault.kind} is not a fault of the single-PostgreSQL stack")
+
+    def _inject_ha(self, kind: FaultKind) -> tuple[int, str]:
+        """The cluster's faults; their note names the node or member hit."""
+        cluster = self._cluster()
+        if kind is FaultKind.PRIMARY_KILL:
+            return self._kill_primary(cluster)
+        if kind is FaultKind.SWITCHOVER:
+            old = cluster.primary()
+            new = cluster.switchover()
+            return 0, f"{'-' if old is None else old.name} -> {new.name}"
+        member = self.rng.choice(cluster.etcd)
+        member.kill()
+        time.sleep(ETCD_DOWN_S)
+        member.start()
+        return 1, member.name
+
+    def _cluster(self) -> HaCluster:
+        if not isinstance(self.t.postgres, HaCluster):
+            raise TypeError("an HA fault needs the Patroni cluster (--ha)")
+        return self.t.postgres
+
+    def _kill_primary(self, cluster: HaCluster) -> tuple[int, str]:
+        """kill -9 of the primary's postmaster; the fault lasts until a reading is stored
+        after the kill, which can only be on the new primary: its duration is the
+        failover time as the pipeline sees it."""
+        old = cluster.primary()
+        if old is None:
+            return 0, "no primary to kill"
+        killed_at = time.time()
+        old.kill_postgres()
+        deadline = killed_at + self.t.config.recovery_timeout_s
+        while time.time() < deadline and not stored_since(self.t.database_url, killed_at):
+            time.sleep(0.1)
+        new = cluster.primary()
+        return 1, f"{old.name} -> {'-' if new is None else new.name}"
 
     def _kill_worker(self) -> tuple[int, str]:
         pids = sorted(worker_pids(self.t.ingest.pid))

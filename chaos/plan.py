@@ -26,7 +26,15 @@ class FaultKind(StrEnum):
     POSTGRES_STOP = "postgres_stop"
     REDIS_STOP = "redis_stop"
     BRIDGE_KILL = "bridge_kill9"
+    PRIMARY_KILL = "pg_primary_kill9"
+    SWITCHOVER = "pg_switchover"
+    ETCD_KILL = "etcd_member_kill9"
 
+
+#: The faults only a Patroni cluster (`--ha`) can take, and the one it cannot: stopping
+#: "the" PostgreSQL means something else when there are two.
+HA_KINDS: Final = frozenset({FaultKind.PRIMARY_KILL, FaultKind.SWITCHOVER, FaultKind.ETCD_KILL})
+SINGLE_KINDS: Final = frozenset({FaultKind.POSTGRES_STOP})
 
 DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.WORKER_KILL: "kill -9 of one ingest worker (the supervisor restarts it)",
@@ -35,6 +43,10 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.POSTGRES_STOP: "PostgreSQL stopped (fast shutdown), started after the outage",
     FaultKind.REDIS_STOP: "Redis stopped, started after the outage",
     FaultKind.BRIDGE_KILL: "kill -9 of the bridge at a random moment or at a crash point",
+    FaultKind.PRIMARY_KILL: "kill -9 of the PostgreSQL primary's postmaster; Patroni fails "
+    "over to the synchronous standby (duration: kill -> first reading stored after it)",
+    FaultKind.SWITCHOVER: "planned switchover to the standby through Patroni's REST API",
+    FaultKind.ETCD_KILL: "kill -9 of one of three etcd members, started again 5 s later",
 }
 
 #: How a bridge fault kills: at a random moment, or (after that kill) once more at one of
@@ -45,6 +57,8 @@ BRIDGE_VARIANTS: Final = ("random", "before_submit", "during_submit", "after_sub
 #: 2-core machine), and to audit, on top of the load and the settle bound; with room to
 #: spare for a plan that slips.
 SETUP_ALLOWANCE_S: Final = 20.0
+#: How long a killed etcd member stays down before it is started again.
+ETCD_DOWN_S: Final = 5.0
 AUDIT_ALLOWANCE_S: Final = 15.0
 
 
@@ -72,6 +86,8 @@ class CampaignConfig:
     seal_delay_s: float = 1.0
     claim_interval_s: float = 0.5
     republish_after_s: float = 10.0
+    #: PostgreSQL as a Patroni cluster (`stack up --ha`): the HA faults instead of the stop.
+    ha: bool = False
 
     def __post_init__(self) -> None:
         if self.meters < 1 or self.workers < 1:
@@ -82,6 +98,9 @@ class CampaignConfig:
             raise ValueError(f"interval must be at least 2 s, not {self.interval_s}")
         if any(n < 0 for n in self.counts.values()):
             raise ValueError("fault counts must not be negative")
+        unfit = SINGLE_KINDS if self.ha else HA_KINDS
+        if wrong := sorted(kind.value for kind in unfit if self.counts.get(kind)):
+            raise ValueError(f"{', '.join(wrong)} need {'no ' if self.ha else ''}--ha")
         for name in ("postgres_outage_s", "redis_outage_s", "recovery_timeout_s", "settle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -120,18 +139,34 @@ QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.REDIS_STOP: 1,
     FaultKind.BRIDGE_KILL: 2,
 }
+#: The same, with the cluster's faults in place of the PostgreSQL stop.
+HA_FULL_COUNTS: Final[Mapping[FaultKind, int]] = {
+    **{kind: n for kind, n in FULL_COUNTS.items() if kind not in SINGLE_KINDS},
+    FaultKind.PRIMARY_KILL: 3,
+    FaultKind.SWITCHOVER: 3,
+    FaultKind.ETCD_KILL: 3,
+}
+HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
+    **{kind: n for kind, n in QUICK_COUNTS.items() if kind not in SINGLE_KINDS},
+    FaultKind.PRIMARY_KILL: 1,
+    FaultKind.SWITCHOVER: 1,
+    FaultKind.ETCD_KILL: 1,
+}
 
 
-def full_config(**changes: object) -> CampaignConfig:
+def full_config(*, ha: bool = False, **changes: object) -> CampaignConfig:
     """The issue's campaign: 15 minutes, every fault kind at least the asked number of times."""
-    return CampaignConfig(duration_s=900, counts=FULL_COUNTS).with_changes(**changes)
+    counts = HA_FULL_COUNTS if ha else FULL_COUNTS
+    return CampaignConfig(duration_s=900, counts=counts, ha=ha).with_changes(**changes)
 
 
-def quick_config(**changes: object) -> CampaignConfig:
-    """Every fault kind at least once in 3 minutes; shorter PostgreSQL outage, smaller fleet."""
+def quick_config(*, ha: bool = False, **changes: object) -> CampaignConfig:
+    """Every fault kind at least once in 3 minutes (4 with the cluster's three more);
+    shorter PostgreSQL outage, smaller fleet."""
     base = CampaignConfig(
-        duration_s=180,
-        counts=QUICK_COUNTS,
+        duration_s=240 if ha else 180,
+        counts=HA_QUICK_COUNTS if ha else QUICK_COUNTS,
+        ha=ha,
         meters=100,
         settle_s=30,
         epoch_s=2,
@@ -182,6 +217,10 @@ def expected_cost_s(kind: FaultKind, config: CampaignConfig, variant: str = "-")
         FaultKind.POSTGRES_STOP: config.postgres_outage_s + 10.0,
         FaultKind.REDIS_STOP: config.redis_outage_s + 4.0,
         FaultKind.BRIDGE_KILL: (anchoring + 3.0) * (1 if variant == "random" else 2),
+        # failover, then the crashed node's rewind and resync as the standby
+        FaultKind.PRIMARY_KILL: 20.0,
+        FaultKind.SWITCHOVER: 15.0,
+        FaultKind.ETCD_KILL: ETCD_DOWN_S + 5.0,
     }
     return costs[kind]
 

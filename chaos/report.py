@@ -17,7 +17,13 @@ def _count(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else "-"
 
 
-_KILLS = (FaultKind.WORKER_KILL, FaultKind.BROKER_KILL, FaultKind.BRIDGE_KILL)
+_KILLS = (
+    FaultKind.WORKER_KILL,
+    FaultKind.BROKER_KILL,
+    FaultKind.BRIDGE_KILL,
+    FaultKind.PRIMARY_KILL,
+    FaultKind.ETCD_KILL,
+)
 
 
 def _seconds(values: Sequence[float]) -> str:
@@ -30,6 +36,8 @@ def _fault_rows(faults: Sequence[FaultRecord], counts: dict[FaultKind, int]) -> 
     rows = []
     for kind in FaultKind:
         mine = [f for f in faults if f.kind is kind]
+        if not mine and not counts.get(kind):
+            continue  # a kind of the other stack (single PostgreSQL or cluster)
         recovered = [f.recovery_s for f in mine if f.recovery_s is not None]
         events = sum(f.kills for f in mine) if kind in _KILLS else len(mine)
         outage = [f.ended_s - f.began_s for f in mine]
@@ -48,7 +56,11 @@ def render(result: CampaignResult, *, command: str) -> str:
         "# Reliability: the chaos campaign",
         "",
         f"Produced by `{command}` (`make chaos` runs the full campaign); rewritten by every run.",
-        "The campaign starts a private stack on loopback (Mosquitto with mutual TLS, PostgreSQL,",
+        "The campaign starts a private stack on loopback (Mosquitto with mutual TLS,",
+        "PostgreSQL as a Patroni cluster (`stack up --ha`: 3 etcd members, a primary and a"
+        " synchronous standby),"
+        if c.ha
+        else "PostgreSQL,",
         "Redis), the product as a user runs it (`meterproof ingest --workers "
         f"{c.workers}`, `meterproof bridge`",
         f"with {c.epoch_s}-second epochs) and a simulated fleet (`meterproof simulate`), injects",
@@ -165,6 +177,9 @@ _HOW = [
     "How to run: `make chaos` (this report, <= 15 minutes), `meterproof chaos --quick`",
     "(every fault kind, <= 3 minutes, report in `.run/reliability-quick.md`), `--seed`,",
     "`--meters`, `--duration`, `--work-dir` (keeps the stack's logs and the meters' state).",
+    "`--ha` runs it on the Patroni cluster of `stack up --ha` with its own faults (kill -9 of",
+    "the primary, switchover, an etcd member lost) in place of the PostgreSQL stop (`--ha",
+    "--quick`: <= 4 minutes, report in `.run/reliability-ha-quick.md`).",
     "`tests/test_chaos.py` runs a smaller campaign with every fault kind inside `make test`.",
     "",
 ]

@@ -123,7 +123,22 @@ class HaPorts:
         path.write_text(json.dumps(asdict(self)) + "\n", encoding="utf-8")
 
 
-class EtcdMember(SpawnedServer):
+class _Member(SpawnedServer):
+    """One process of the cluster, named `<role>-<index>`, its log and pid file named after
+    its program in `directory`."""
+
+    def __init__(self, *, role: str, directory: Path, index: int, timeout: float) -> None:
+        super().__init__(
+            log=directory / f"{self.program}.log",
+            pid_file=directory / f"{self.program}.pid",
+            timeout=timeout,
+        )
+        self.directory = directory
+        self.index = index
+        self.name = f"{role}-{index}"
+
+
+class EtcdMember(_Member):
     """One member of the three-member etcd that holds Patroni's leader key."""
 
     program = "etcd"
@@ -131,12 +146,7 @@ class EtcdMember(SpawnedServer):
     def __init__(
         self, *, directory: Path, index: int, ports: HaPorts, timeout: float = 30.0
     ) -> None:
-        super().__init__(
-            log=directory / "etcd.log", pid_file=directory / "etcd.pid", timeout=timeout
-        )
-        self.directory = directory
-        self.index = index
-        self.name = f"etcd-{index}"
+        super().__init__(role="etcd", directory=directory, index=index, timeout=timeout)
         self.client_port = ports.etcd_client[index]
         self.peer_port = ports.etcd_peer[index]
         self._cluster = ",".join(
@@ -176,7 +186,7 @@ class EtcdMember(SpawnedServer):
         return hashlib.sha256(self._cluster.encode()).hexdigest()[:12]
 
 
-class PatroniNode(SpawnedServer):
+class PatroniNode(_Member):
     """Patroni and the PostgreSQL it runs, with config, log and data in `directory`."""
 
     program = "patroni"
@@ -190,12 +200,7 @@ class PatroniNode(SpawnedServer):
         os_user: str | None,
         timeout: float = 60.0,
     ) -> None:
-        super().__init__(
-            log=directory / "patroni.log", pid_file=directory / "patroni.pid", timeout=timeout
-        )
-        self.directory = directory
-        self.index = index
-        self.name = f"pg-{index}"
+        super().__init__(role="pg", directory=directory, index=index, timeout=timeout)
         self.pg_port = ports.postgres[index]
         self.rest_port = ports.rest[index]
         self.os_user = os_user

@@ -22,6 +22,8 @@ from meterproof.chaos.audit import (
 from meterproof.chaos.campaign import run_campaign
 from meterproof.chaos.plan import (
     FULL_COUNTS,
+    HA_KINDS,
+    SINGLE_KINDS,
     CampaignConfig,
     FaultKind,
     PlanError,
@@ -30,7 +32,7 @@ from meterproof.chaos.plan import (
     make_plan,
     quick_config,
 )
-from meterproof.chaos.report import render
+from meterproof.chaos.report import KEPT_MARKER, render, write
 
 # ---------------------------------------------------------------------------------------
 # plan
@@ -40,7 +42,7 @@ from meterproof.chaos.report import render
 def test_full_plan_has_the_issue_counts_and_fits_the_window_in_order() -> None:
     config = full_config()
     plan = make_plan(config)
-    assert plan.counts() == dict(FULL_COUNTS)
+    assert {kind: n for kind, n in plan.counts().items() if n} == dict(FULL_COUNTS)
     assert plan.counts()[FaultKind.WORKER_KILL] >= 20
     assert plan.counts()[FaultKind.BRIDGE_KILL] >= 10
     start, end = plan.window
@@ -60,7 +62,22 @@ def test_quick_plan_covers_every_kind_within_three_minutes() -> None:
     config = quick_config()
     assert config.duration_s <= 180
     counts = make_plan(config).counts()
-    assert all(counts[kind] >= 1 for kind in FaultKind)
+    assert {kind for kind, n in counts.items() if n >= 1} == set(FaultKind) - HA_KINDS
+
+
+def test_ha_quick_plan_swaps_the_postgres_stop_for_the_clusters_faults() -> None:
+    config = quick_config(ha=True)
+    assert config.duration_s <= 240
+    counts = make_plan(config).counts()
+    assert {kind for kind, n in counts.items() if n >= 1} == set(FaultKind) - SINGLE_KINDS
+    assert make_plan(full_config(ha=True)).counts()[FaultKind.PRIMARY_KILL] >= 3
+
+
+def test_a_fault_of_the_other_stack_is_refused() -> None:
+    with pytest.raises(ValueError, match="pg_primary_kill9 need --ha"):
+        CampaignConfig(duration_s=900, counts={FaultKind.PRIMARY_KILL: 1})
+    with pytest.raises(ValueError, match="postgres_stop need no --ha"):
+        CampaignConfig(duration_s=900, counts={FaultKind.POSTGRES_STOP: 1}, ha=True)
 
 
 def test_plan_is_reproducible_from_its_seed_and_differs_across_seeds() -> None:
@@ -158,10 +175,10 @@ def test_audit_finds_a_gap_and_a_duplicate_across_partitions(
 
 
 @pytest.mark.slow
-def test_small_campaign_with_every_fault_kind_loses_and_duplicates_nothing() -> None:
+def test_small_campaign_with_every_fault_kind_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     config = CampaignConfig(
         duration_s=130,
-        counts=dict.fromkeys(FaultKind, 1),
+        counts=dict.fromkeys(set(FaultKind) - HA_KINDS, 1),
         meters=30,
         workers=2,
         seed=3,
@@ -183,7 +200,7 @@ def test_small_campaign_with_every_fault_kind_loses_and_duplicates_nothing() -> 
     assert result.audit is not None, "\n".join(lines)
     assert result.problems() == [], "\n".join(lines)
     injected = {f.kind for f in result.faults}
-    assert injected == set(FaultKind), "\n".join(lines)
+    assert injected == set(FaultKind) - HA_KINDS, "\n".join(lines)
     store = result.audit.store
     assert store.generated == 30 * config.readings_per_meter
     assert store.stored == store.generated
@@ -199,3 +216,11 @@ def test_small_campaign_with_every_fault_kind_loses_and_duplicates_nothing() -> 
     assert f"| generated (every meter's seqs 1..{config.readings_per_meter}) |" in report
     assert "| lost | 0 |" in report
     assert result.machine["cores"] in report
+
+    # A new run replaces the figures and keeps the hand-written part after the marker.
+    path = tmp_path / "reliability.md"
+    path.write_text(f"old figures\n{KEPT_MARKER}\n## Hand-written\n", encoding="utf-8")
+    write(result, path, command="pytest")
+    text = path.read_text(encoding="utf-8")
+    assert "old figures" not in text
+    assert text == report + f"{KEPT_MARKER}\n## Hand-written\n"

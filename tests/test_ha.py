@@ -58,6 +58,24 @@ def _receipted(meters: list[ProbeMeter]) -> set[tuple[str, int]]:
     return {(m.meter_id, int(r["seq"])) for m in meters for r in m.receipts}
 
 
+#: Runs a stream of readings through one fault (the `through_fault` fixture).
+ThroughFault = Callable[[Callable[[], object]], Loaded]
+
+
+@pytest.fixture
+def through_fault(
+    ha_cluster: HaCluster,
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    make_meter_id: Callable[[], str],
+) -> ThroughFault:
+    def run(fault: Callable[[], object]) -> Loaded:
+        return _through_fault(ha_cluster, pki, broker, redis_server.url, make_meter_id, fault)
+
+    return run
+
+
 def _through_fault(
     cluster: HaCluster,
     pki: PkiLayout,
@@ -141,19 +159,13 @@ def _longest_pause(cluster: HaCluster, loaded: Loaded) -> float:
 
 
 def test_primary_killed_under_load_fails_over_and_loses_nothing(
-    ha_cluster: HaCluster,
-    pki: PkiLayout,
-    broker: BrokerServer,
-    redis_server: RedisServer,
-    make_meter_id: Callable[[], str],
+    ha_cluster: HaCluster, through_fault: ThroughFault
 ) -> None:
     ha_cluster.wait_replicated()
     old, standby = ha_cluster.primary(), ha_cluster.standby()
     assert old is not None
     assert standby is not None
-    loaded = _through_fault(
-        ha_cluster, pki, broker, redis_server.url, make_meter_id, old.kill_postgres
-    )
+    loaded = through_fault(old.kill_postgres)
     assert ha_cluster.primary() is standby, "the synchronous standby did not take over"
     _audit(ha_cluster, loaded)
     assert loaded.receipted_before, "the kill came before any receipt"
@@ -167,18 +179,12 @@ def test_primary_killed_under_load_fails_over_and_loses_nothing(
 
 
 def test_planned_switchover_under_load_loses_nothing(
-    ha_cluster: HaCluster,
-    pki: PkiLayout,
-    broker: BrokerServer,
-    redis_server: RedisServer,
-    make_meter_id: Callable[[], str],
+    ha_cluster: HaCluster, through_fault: ThroughFault
 ) -> None:
     ha_cluster.wait_replicated(timeout=60)
     standby = ha_cluster.standby()
     assert standby is not None
-    loaded = _through_fault(
-        ha_cluster, pki, broker, redis_server.url, make_meter_id, ha_cluster.switchover
-    )
+    loaded = through_fault(ha_cluster.switchover)
     assert ha_cluster.primary() is standby
     _audit(ha_cluster, loaded)
     print(f"switchover: pause {_longest_pause(ha_cluster, loaded):.2f} s")
@@ -186,17 +192,13 @@ def test_planned_switchover_under_load_loses_nothing(
 
 
 def test_etcd_member_lost_under_load_changes_nothing(
-    ha_cluster: HaCluster,
-    pki: PkiLayout,
-    broker: BrokerServer,
-    redis_server: RedisServer,
-    make_meter_id: Callable[[], str],
+    ha_cluster: HaCluster, through_fault: ThroughFault
 ) -> None:
     """Two of three members keep the quorum: the leader key stays, the primary stays."""
     ha_cluster.wait_replicated(timeout=60)
     primary = ha_cluster.primary()
     member = ha_cluster.etcd[0]
-    loaded = _through_fault(ha_cluster, pki, broker, redis_server.url, make_meter_id, member.kill)
+    loaded = through_fault(member.kill)
     assert not member.is_running()
     assert ha_cluster.primary() is primary
     _audit(ha_cluster, loaded)
