@@ -256,6 +256,14 @@ class PatroniNode(_Member):
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def crash(self) -> None:
+        """kill -9 of Patroni and its PostgreSQL at once, as when the machine dies: its
+        leader key, if it held it, stays in etcd until its TTL runs out."""
+        pid = self.postmaster_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)  # first: nothing commits after this
+        self.kill()
+
     def _answers(self) -> bool:
         return bool(self.state())
 
@@ -378,10 +386,7 @@ class HaCluster:
     def kill(self) -> None:
         """Every process of the cluster killed at once, as in a power cut."""
         for node in self.nodes:
-            pid = node.postmaster_pid()
-            node.kill()
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
+            node.crash()
         for member in self.etcd:
             member.kill()
 
