@@ -256,6 +256,23 @@ class PatroniNode(_Member):
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def freeze(self) -> None:
+        """SIGSTOP of this node's PostgreSQL processes: a node that stops answering but
+        keeps its connections open (a hung disk, a paused VM), the worst case of a standby
+        falling behind. `thaw` lets it go on."""
+        self._signal_postgres(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal_postgres(signal.SIGCONT)
+
+    def _signal_postgres(self, sig: signal.Signals) -> None:
+        pid = self.postmaster_pid()
+        if pid is None:
+            raise StackError(f"{self.name}: PostgreSQL is not running")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
+        for each in [pid, *map(int, children.split())]:
+            os.kill(each, sig)
+
     def crash(self) -> None:
         """kill -9 of Patroni and its PostgreSQL at once, as when the machine dies: its
         leader key, if it held it, stays in etcd until its TTL runs out."""

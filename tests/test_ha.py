@@ -212,6 +212,27 @@ def test_planned_switchover_under_load_loses_nothing(
     ha_cluster.wait_replicated(timeout=60)
 
 
+def test_a_frozen_standby_holds_commits_until_patroni_drops_it(
+    ha_cluster: HaCluster, through_fault: ThroughFault
+) -> None:
+    """A synchronous standby that stops answering with its connections open holds every
+    commit until its Patroni member key expires (it cannot report) and the primary goes
+    on alone; nothing is acknowledged meanwhile, so nothing is lost."""
+    ha_cluster.wait_replicated()
+    primary, standby = ha_cluster.primary(), ha_cluster.standby()
+    assert standby is not None
+    try:
+        loaded = through_fault(standby.freeze)
+    finally:
+        standby.thaw()
+    assert ha_cluster.primary() is primary
+    _audit(ha_cluster, loaded)
+    pause_s = _longest_pause(ha_cluster, loaded)
+    print(f"standby frozen: pause {pause_s:.2f} s")
+    assert pause_s < NODE_LOST_BOUND_S
+    ha_cluster.wait_replicated(timeout=60)
+
+
 def test_etcd_member_lost_under_load_changes_nothing(
     ha_cluster: HaCluster, through_fault: ThroughFault
 ) -> None:
