@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meterproof.chaos.backlog import ingest_caught_up, stored_since, unanchored_before
-from meterproof.chaos.plan import ETCD_DOWN_S, HA_KINDS, CampaignConfig, FaultKind, PlannedFault
+from meterproof.chaos.plan import (
+    ETCD_DOWN_S,
+    HA_KINDS,
+    STANDBY_FROZEN_S,
+    CampaignConfig,
+    FaultKind,
+    PlannedFault,
+)
 from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
@@ -221,6 +228,16 @@ class Injector:
             old = cluster.primary()
             new = cluster.switchover()
             return 0, f"{'-' if old is None else old.name} -> {new.name}"
+        if kind is FaultKind.STANDBY_FREEZE:
+            standby = cluster.standby()
+            if standby is None:
+                return 0, "no standby to freeze"
+            standby.freeze()
+            try:
+                time.sleep(STANDBY_FROZEN_S)
+            finally:
+                standby.thaw()
+            return 0, standby.name
         member = self.rng.choice(cluster.etcd)
         member.kill()
         time.sleep(ETCD_DOWN_S)

@@ -29,11 +29,14 @@ class FaultKind(StrEnum):
     PRIMARY_KILL = "pg_primary_kill9"
     SWITCHOVER = "pg_switchover"
     ETCD_KILL = "etcd_member_kill9"
+    STANDBY_FREEZE = "pg_standby_frozen"
 
 
 #: The faults only a Patroni cluster (`--ha`) can take, and the one it cannot: stopping
 #: "the" PostgreSQL means something else when there are two.
-HA_KINDS: Final = frozenset({FaultKind.PRIMARY_KILL, FaultKind.SWITCHOVER, FaultKind.ETCD_KILL})
+HA_KINDS: Final = frozenset(
+    {FaultKind.PRIMARY_KILL, FaultKind.SWITCHOVER, FaultKind.ETCD_KILL, FaultKind.STANDBY_FREEZE}
+)
 SINGLE_KINDS: Final = frozenset({FaultKind.POSTGRES_STOP})
 
 DESCRIPTION: Final[Mapping[FaultKind, str]] = {
@@ -47,6 +50,8 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     "over to the synchronous standby (duration: kill -> first reading stored after it)",
     FaultKind.SWITCHOVER: "planned switchover to the standby through Patroni's REST API",
     FaultKind.ETCD_KILL: "kill -9 of one of three etcd members, started again 5 s later",
+    FaultKind.STANDBY_FREEZE: "the synchronous standby's PostgreSQL stopped (SIGSTOP, "
+    "connections open) for 15 s: a standby falling behind at its worst",
 }
 
 #: How a bridge fault kills: at a random moment, or (after that kill) once more at one of
@@ -59,6 +64,8 @@ BRIDGE_VARIANTS: Final = ("random", "before_submit", "during_submit", "after_sub
 SETUP_ALLOWANCE_S: Final = 20.0
 #: How long a killed etcd member stays down before it is started again.
 ETCD_DOWN_S: Final = 5.0
+#: How long the standby stays frozen: longer than Patroni takes to drop it (~10 s).
+STANDBY_FROZEN_S: Final = 15.0
 AUDIT_ALLOWANCE_S: Final = 15.0
 
 
@@ -145,12 +152,14 @@ HA_FULL_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.PRIMARY_KILL: 3,
     FaultKind.SWITCHOVER: 3,
     FaultKind.ETCD_KILL: 3,
+    FaultKind.STANDBY_FREEZE: 2,
 }
 HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     **{kind: n for kind, n in QUICK_COUNTS.items() if kind not in SINGLE_KINDS},
     FaultKind.PRIMARY_KILL: 1,
     FaultKind.SWITCHOVER: 1,
     FaultKind.ETCD_KILL: 1,
+    FaultKind.STANDBY_FREEZE: 1,
 }
 
 
@@ -221,6 +230,8 @@ def expected_cost_s(kind: FaultKind, config: CampaignConfig, variant: str = "-")
         FaultKind.PRIMARY_KILL: 20.0,
         FaultKind.SWITCHOVER: 15.0,
         FaultKind.ETCD_KILL: ETCD_DOWN_S + 5.0,
+        # frozen, then caught up and made synchronous again
+        FaultKind.STANDBY_FREEZE: STANDBY_FROZEN_S + 10.0,
     }
     return costs[kind]
 
