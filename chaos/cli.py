@@ -25,8 +25,8 @@ HA_QUICK_REPORT = Path(".run/reliability-ha-quick.md")
     "--ha",
     is_flag=True,
     help="PostgreSQL as a Patroni cluster (`stack up --ha`): kill -9 of the primary, a "
-    "switchover and an etcd member lost instead of the PostgreSQL stop [--quick: 4 minutes; "
-    f"report {HA_FULL_REPORT}, --quick {HA_QUICK_REPORT}].",
+    "switchover, an etcd member lost and a frozen standby instead of the PostgreSQL stop "
+    f"[--quick: 4 minutes; report {HA_FULL_REPORT}, --quick {HA_QUICK_REPORT}].",
 )
 @click.option(
     "--duration",

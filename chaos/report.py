@@ -178,9 +178,10 @@ _HOW = [
     "(every fault kind, <= 3 minutes, report in `.run/reliability-quick.md`), `--seed`,",
     "`--meters`, `--duration`, `--work-dir` (keeps the stack's logs and the meters' state).",
     "`--ha` runs it on the Patroni cluster of `stack up --ha` with its own faults (kill -9 of",
-    "the primary, switchover, an etcd member lost) in place of the PostgreSQL stop (`--ha",
-    "--quick`: <= 4 minutes, report in `.run/reliability-ha-quick.md`).",
-    "`tests/test_chaos.py` runs a smaller campaign with every fault kind inside `make test`.",
+    "the primary, switchover, an etcd member lost, a frozen standby) in place of the",
+    "PostgreSQL stop (`--ha --quick`: <= 4 minutes, report in `.run/reliability-ha-quick.md`).",
+    "`tests/test_chaos.py` runs a smaller campaign with every fault kind of the single",
+    "PostgreSQL inside `make test`; `tests/test_ha.py` each cluster fault under a worker.",
     "",
 ]
 
