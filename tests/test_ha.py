@@ -11,8 +11,6 @@ kill must be on the new primary, or its meter, holding a receipt, never sends it
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from ingest_harness import (
     until_stored,
     worker_settings,
 )
+from test_stack import stack
 from waiting import async_wait_until, wait_until
 
 from meterproof.certs.layout import PkiLayout
@@ -216,8 +215,9 @@ def test_a_frozen_standby_holds_commits_until_patroni_drops_it(
     ha_cluster: HaCluster, through_fault: ThroughFault
 ) -> None:
     """A synchronous standby that stops answering with its connections open holds every
-    commit until its Patroni member key expires (it cannot report) and the primary goes
-    on alone; nothing is acknowledged meanwhile, so nothing is lost."""
+    commit until Patroni drops it from the synchronous standbys (about the member key's
+    TTL here) and the primary goes on alone; nothing is acknowledged meanwhile, so
+    nothing is lost."""
     ha_cluster.wait_replicated()
     primary, standby = ha_cluster.primary(), ha_cluster.standby()
     assert standby is not None
@@ -250,24 +250,13 @@ def test_etcd_member_lost_under_load_changes_nothing(
     ha_cluster.wait_replicated()
 
 
-def _stack(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    meterproof = str(Path(sys.executable).parent / "meterproof")
-    return subprocess.run(
-        [meterproof, "stack", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-
-
 def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Path) -> None:
     """The command as an operator runs it, in a folder only we may enter (as root the
     nodes then live in ~postgres, behind links), and `down --purge` leaves nothing."""
     tmp_path.chmod(0o700)
     run_dir = tmp_path / "run"
     try:
-        up = _stack("up", "--ha", "--run-dir", run_dir, "--pki-root", tmp_path / "pki")
+        up = stack("up", "--ha", "--run-dir", run_dir, "--pki-root", tmp_path / "pki")
         assert up.returncode == 0, up.stderr
         cluster = HaCluster.recorded(run_dir / "ha")
         assert cluster is not None
@@ -279,7 +268,7 @@ def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Pa
         with psycopg.connect(env.database_url) as conn:
             assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() != (0,)
 
-        status = _stack("status", "--run-dir", run_dir)
+        status = stack("status", "--run-dir", run_dir)
         assert status.returncode == 0, status.stdout
         rows = {line.split()[0]: line for line in status.stdout.splitlines()}
         assert set(rows) == {"etcd-0", "etcd-1", "etcd-2", "pg-0", "pg-1", "redis", "mosquitto"}
@@ -291,10 +280,10 @@ def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Pa
         pids = [p.pid() for p in [*cluster.etcd, *cluster.nodes]]
         pids += [n.postmaster_pid() for n in cluster.nodes]
         homes = [node.directory.resolve() for node in cluster.nodes]
-        down = _stack("down", "--purge", "--run-dir", run_dir)
+        down = stack("down", "--purge", "--run-dir", run_dir)
         assert down.returncode == 0, down.stderr
         assert not any(pid_alive(pid) for pid in pids if pid is not None)
         assert not any(home.exists() for home in homes)
-        assert _stack("status", "--run-dir", run_dir).returncode == 1
+        assert stack("status", "--run-dir", run_dir).returncode == 1
     finally:
         LocalStack(run_dir=run_dir).down(purge=True)  # after a failed test, too
