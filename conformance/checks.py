@@ -153,29 +153,30 @@ def signature(obs: Observation) -> Verdict:
 
 
 def seq_and_ts(obs: Observation) -> Verdict:
-    """Sections 4, 9, 11: seq strictly increasing and never reused, ts plausible and not
-    going back, registers never decreasing."""
+    """Sections 4, 9, 11: seq never reused for other values, ts plausible, and in seq order
+    neither ts nor the registers go back. Arrival order is not judged: a reading whose
+    first copy was lost (an outage, a power cut) comes again from the outbox after later
+    ones, as section 11 asks."""
     findings = _Findings()
-    by_seq: dict[int, str] = {}
-    previous: SignedReading | None = None
-    readings = _distinct(_parsed(obs))
-    for p in readings:
+    by_seq: dict[int, _Parsed] = {}
+    for p in _distinct(_parsed(obs)):
         r = p.reading
         known = by_seq.get(r.seq)
         if known is not None:
-            if known != p.digest:
+            if known.digest != p.digest:
                 findings.add(f"seq {r.seq} used again for other values (seq_reused)")
             continue  # the same reading again: a republish, judged elsewhere
-        by_seq[r.seq] = p.digest
+        by_seq[r.seq] = p
         wall = p.published.wall_ms
         if wall is not None and r.ts > wall + MAX_FUTURE_MS:
             findings.add(f"seq {r.seq}: ts {r.ts - wall} ms ahead of the clock (timestamp_skew)")
         if wall is not None and r.ts < wall - MAX_AGE_MS:
             findings.add(f"seq {r.seq}: ts {wall - r.ts} ms old (stale_reading)")
+    previous: SignedReading | None = None
+    for seq in sorted(by_seq):
+        r = by_seq[seq].reading
         if previous is not None:
-            if r.seq <= previous.seq:
-                findings.add(f"seq {r.seq} sent after seq {previous.seq}: not increasing")
-            elif r.ts < previous.ts:
+            if r.ts < previous.ts:
                 findings.add(f"seq {r.seq}: ts {r.ts} before seq {previous.seq}'s {previous.ts}")
             elif r.import_wh < previous.import_wh or r.export_wh < previous.export_wh:
                 findings.add(
@@ -184,7 +185,7 @@ def seq_and_ts(obs: Observation) -> Verdict:
                     "(register_decreased)"
                 )
         previous = r
-    if not readings:
+    if not by_seq:
         return Verdict("seq_ts", "skip", "no parsable payload")
     return findings.verdict("seq_ts", f"{len(by_seq)} distinct readings")
 
