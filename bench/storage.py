@@ -38,7 +38,7 @@ from meterproof.stack.postgres import PostgresServer
 START_MS: Final = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 QUARTER_MS: Final = 900_000
 DAY_MS: Final = 86_400_000
-TABLES: Final = ("readings", "reading_log", "meter_rollups", "reading_watermarks",
+TABLES: Final = ("readings", "reading_log", "meter_quarters", "reading_watermarks",
                  "retired_batches", "retired_mint_state")  # fmt: skip
 #: A table, or the sum of its partitions (heap, TOAST, indexes).
 _SIZE: Final = """
@@ -106,7 +106,7 @@ def _trigger_cost(conn: psycopg.Connection[Any], meters: int, rounds: int) -> tu
         spent = time.perf_counter() - began
         on, off = (on + spent, off) if enabled else (on, off + spent)
     conn.execute("ALTER TABLE reading_log ENABLE TRIGGER reading_log_rollups")
-    for table in ("readings", "reading_log", "meter_rollups"):
+    for table in ("readings", "reading_log", "meter_quarters"):
         conn.execute(f"TRUNCATE {table}")
     return on / rounds, off / rounds
 
@@ -190,7 +190,7 @@ def _report(
     total_before = sum(v[0] for v in before.values())
     total_compact = sum(v[0] for v in compact.values())
     raw_before = before["readings"][0] + before["reading_log"][0]
-    rollups = before["meter_rollups"][0]
+    rollups = before["meter_quarters"][0]
     lines += [
         "",
         f"- per reading, raw (`readings` + `reading_log`):"
@@ -199,7 +199,7 @@ def _report(
         f" (raw {raw_before / meter_days:,.0f} B, rollups {rollups / meter_days:,.0f} B)",
         f"- per meter-day after retention, all tables (compacted) over the {days} days:"
         f" {total_compact / meter_days:,.0f} B; a retired meter-day keeps only its rollups"
-        f" ({compact['meter_rollups'][0] / meter_days:,.0f} B)",
+        f" ({compact['meter_quarters'][0] / meter_days:,.0f} B)",
         f"- writing: {before['readings'][1] / write_s:,.0f} readings/s (both tables, rollups"
         f" included); a round of {meters}: {trigger[0] * 1000:.1f} ms with the rollup trigger,"
         f" {trigger[1] * 1000:.1f} ms without (20 rounds each, alternated)",

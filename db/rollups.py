@@ -1,6 +1,8 @@
 """Per-meter energy per 15 minutes, hour and UTC day, for billing and the API: read from
-`meter_rollups`, which the database keeps up to date in the same transaction as each
-stored batch (migration 0005), so no query here ever scans raw readings.
+`meter_quarters`, which the database keeps up to date in the same transaction as each
+stored batch (migrations 0005, 0007), so no query here ever scans raw readings. Hours and
+days are sums of their quarters, made here: one upsert per quarter is what the batch
+transaction pays, not three.
 
 What a row means, exactly: a reading's register difference from its predecessor (in
 (ts, seq) order; none for a meter's first reading) belongs to the interval that holds the
@@ -13,7 +15,7 @@ b minus those of the last reading before a, whatever order the readings arrived 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
@@ -22,7 +24,7 @@ from psycopg.rows import tuple_row
 
 
 class Width(StrEnum):
-    """The rollup intervals; the value is what `meter_rollups.width` holds."""
+    """The rollup intervals; the value is the `width` of the `meter_rollups` view (0007)."""
 
     QUARTER = "15m"
     HOUR = "1h"
@@ -39,12 +41,29 @@ class Rollup:
     readings: int
 
 
-#: Intervals that start in [from, to), oldest first; one index range of the primary key.
-ROLLUPS_SQL: Final = """
-SELECT bucket, import_wh, export_wh, readings FROM meter_rollups
-WHERE meter_id = %s AND width = %s AND bucket >= %s AND bucket < %s
+#: Quarters that start in [from, to), oldest first: one range of the primary key.
+QUARTERS_SQL: Final = """
+SELECT bucket, import_wh, export_wh, readings FROM meter_quarters
+WHERE meter_id = %(meter)s AND bucket >= %(from)s AND bucket < %(to)s
 ORDER BY bucket
 """
+#: Hours or days that start in [from, to), oldest first, summed from one range of quarters:
+#: from the first interval's start to the last one's end. A quarter lies wholly inside its
+#: hour and UTC day, so the sums are exact.
+SUMMED_SQL: Final = """
+SELECT i.start, sum(q.import_wh), sum(q.export_wh), sum(q.readings)
+FROM meter_quarters q
+CROSS JOIN LATERAL (SELECT date_bin(%(step)s, q.bucket, timestamptz '2000-01-01 00:00:00+00')
+                    AS start) i
+WHERE q.meter_id = %(meter)s
+  AND q.bucket >= date_bin(%(step)s, %(from)s, timestamptz '2000-01-01 00:00:00+00')
+  AND q.bucket < date_bin(%(step)s, %(to)s, timestamptz '2000-01-01 00:00:00+00') + %(step)s
+  AND i.start >= %(from)s AND i.start < %(to)s
+GROUP BY i.start
+ORDER BY i.start
+"""
+#: What the summed widths' intervals last.
+STEPS: Final = {Width.HOUR: timedelta(hours=1), Width.DAY: timedelta(days=1)}
 
 
 def rollups(
@@ -56,9 +75,9 @@ def rollups(
 ) -> list[Rollup]:
     """The meter's rollups of `width` ("15m", "1h", "1d") starting in [from_ts, to_ts);
     intervals without readings have no row. Timestamps must be timezone-aware."""
-    params = _params(meter_id, width, from_ts, to_ts)
+    query, params = _query(meter_id, width, from_ts, to_ts)
     with conn.cursor(row_factory=tuple_row) as cur:
-        return [_rollup(row) for row in cur.execute(ROLLUPS_SQL, params).fetchall()]
+        return [_rollup(row) for row in cur.execute(query, params).fetchall()]
 
 
 async def rollups_async(
@@ -69,18 +88,22 @@ async def rollups_async(
     to_ts: datetime,
 ) -> list[Rollup]:
     """`rollups` on an async connection."""
-    params = _params(meter_id, width, from_ts, to_ts)
+    query, params = _query(meter_id, width, from_ts, to_ts)
     async with conn.cursor(row_factory=tuple_row) as cur:
-        await cur.execute(ROLLUPS_SQL, params)
+        await cur.execute(query, params)
         return [_rollup(row) for row in await cur.fetchall()]
 
 
-def _params(
+def _query(
     meter_id: str, width: Width | str, from_ts: datetime, to_ts: datetime
-) -> tuple[str, str, datetime, datetime]:
+) -> tuple[str, dict[str, Any]]:
+    """Quarters as stored; hours and days grouped (grouping quarters doubles their read)."""
     if from_ts.tzinfo is None or to_ts.tzinfo is None:
         raise ValueError("rollup bounds must be timezone-aware")
-    return meter_id, Width(width).value, from_ts, to_ts
+    params: dict[str, Any] = {"meter": meter_id, "from": from_ts, "to": to_ts}
+    if (w := Width(width)) is Width.QUARTER:
+        return QUARTERS_SQL, params
+    return SUMMED_SQL, params | {"step": STEPS[w]}
 
 
 def _rollup(row: tuple[Any, ...]) -> Rollup:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,10 +17,10 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from test_ingest_store import candidate
 
-from meterproof.db.migrate import load_migrations
+from meterproof.db.migrate import load_migrations, migrate
 from meterproof.db.rollups import Rollup, Width, rollups, rollups_async
 from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.records import Accepted, Candidate, Duplicate
@@ -28,6 +29,7 @@ from meterproof.ingest.store import ReadingStore
 from meterproof.registry import repository
 from meterproof.registry.model import NewKey, NewMeter
 from meterproof.schemas.signatures import generate_private_key
+from meterproof.stack.postgres import PostgresServer
 
 #: A UTC midnight: every width has a boundary here.
 MIDNIGHT = 1_767_225_600_000
@@ -173,11 +175,12 @@ def test_a_difference_across_a_boundary_belongs_to_the_later_readings_interval(
 
 
 @pytest.mark.slow
-def test_a_month_of_quarter_hours_reads_in_well_under_50_ms(
-    database_url: str, make_meter_id: Callable[[], str]
+@pytest.mark.parametrize(("width", "per_day"), [(Width.QUARTER, 96), (Width.HOUR, 24)])
+def test_a_month_of_quarter_hours_or_hours_reads_in_well_under_50_ms(
+    database_url: str, make_meter_id: Callable[[], str], width: Width, per_day: int
 ) -> None:
     """What the API asks for: a 31-day month of 15-minute rollups (2,976 rows) of one meter
-    among others, read through the async function."""
+    among others, read through the async function; or its hours, summed from as many."""
     meters = [make_meter_id() for _ in range(5)]
     register(database_url, *meters)
     start = datetime.fromtimestamp(MIDNIGHT / 1000, UTC)
@@ -190,7 +193,7 @@ def test_a_month_of_quarter_hours_reads_in_well_under_50_ms(
             (start, meters),
         )
         conn.commit()
-        conn.execute("ANALYZE meter_rollups")
+        conn.execute("ANALYZE meter_quarters")
         conn.commit()
 
     async def read() -> tuple[list[Rollup], float]:
@@ -201,7 +204,7 @@ def test_a_month_of_quarter_hours_reads_in_well_under_50_ms(
             got = await rollups_async(
                 conn,
                 meters[2],
-                Width.QUARTER,
+                width,
                 start + timedelta(days=5),
                 start + timedelta(days=36),
             )
@@ -210,27 +213,59 @@ def test_a_month_of_quarter_hours_reads_in_well_under_50_ms(
             await conn.close()
 
     got, elapsed = asyncio.run(read())
-    assert len(got) == 31 * 96
-    assert {(r.import_wh, r.export_wh, r.readings) for r in got} == {(10, 1, 1)}
+    assert len(got) == 31 * per_day
+    n = 96 // per_day
+    assert {(r.import_wh, r.export_wh, r.readings) for r in got} == {(10 * n, n, n)}
     assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
 
 
-def test_pre_existing_readings_are_rolled_up_by_the_migration_as_by_the_trigger(
-    database_url: str, meter_id: str
+def test_migration_0007_keeps_every_widths_rollups_of_0005(
+    postgres: PostgresServer, make_meter_id: Callable[[], str]
 ) -> None:
-    """Migration 0005's backfill and its trigger compute the same thing."""
-    register(database_url, meter_id)
-    signed = [candidate(KEY, meter_id, s, MIDNIGHT + s * 400_000, s * 7, s) for s in range(1, 12)]
-    store_batches(database_url, [signed[5:], signed[:5]])
-    with psycopg.connect(database_url) as conn:
-        by_trigger = {w: all_rollups(conn, meter_id, w) for w in Width}
-        conn.execute("DELETE FROM meter_rollups")
-        conn.execute(_backfill_sql())
-        assert {w: all_rollups(conn, meter_id, w) for w in Width} == by_trigger
-
-
-def _backfill_sql() -> bytes:
-    """The migration's last statement, as shipped."""
-    (migration,) = [m for m in load_migrations() if m.version.startswith("0005_")]
-    marker = b"-- Readings stored before this migration"
-    return migration.sql[migration.sql.index(marker) :]
+    """Readings stored under 0005's trigger (three widths kept), then 0007 (quarters kept,
+    hours and days summed when read): each width reads the same, and later batches, out
+    of order, roll up as the brute force says."""
+    name = f"test_{uuid.uuid4().hex}"
+    with psycopg.connect(postgres.database_url("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = postgres.database_url(name)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:  # `db migrate` as of 0006
+            conn.execute(
+                "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now(), sha256 text NOT NULL)"
+            )
+            for migration in [m for m in load_migrations() if m.version < "0007"]:
+                conn.execute(migration.sql)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, sha256) VALUES (%s, %s)",
+                    (migration.version, migration.sha256),
+                )
+        meter_id = make_meter_id()
+        register(url, meter_id)
+        signed = [
+            candidate(KEY, meter_id, s, MIDNIGHT + s * 700_000, s * 7, s) for s in range(1, 300)
+        ]
+        store_batches(url, [signed[150:250], signed[:150]])
+        with psycopg.connect(url) as conn:
+            before = {
+                w: [
+                    Rollup(b, int(i), int(e), int(n))
+                    for b, i, e, n in conn.execute(
+                        "SELECT bucket, import_wh, export_wh, readings FROM meter_rollups"
+                        " WHERE meter_id = %s AND width = %s ORDER BY bucket",
+                        (meter_id, w.value),
+                    )
+                ]
+                for w in Width
+            }
+        assert [v for v in migrate(url) if v >= "0007"] == ["0007_quarter_rollups"]
+        with psycopg.connect(url) as conn:
+            assert {w: all_rollups(conn, meter_id, w) for w in Width} == before
+        store_batches(url, [signed[250:], signed[100:200]])
+        with psycopg.connect(url) as conn:
+            for width in Width:
+                assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
+    finally:
+        with psycopg.connect(postgres.database_url("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
