@@ -9,9 +9,11 @@ owner leaves the old owner's wallet-wide consents at once.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 
 from meterproof.consent.model import Decision, Grant, Refusal, Scope
+
+_NOBODY: frozenset[str] = frozenset()
 
 
 class ConsentView:
@@ -49,10 +51,10 @@ class ConsentView:
     def grants(self, integrator: str, meter_id: str) -> list[Grant]:
         return self._grants.get((integrator, meter_id), [])
 
-    def live_candidates(self, meter_id: str) -> set[str]:
+    def live_candidates(self, meter_id: str) -> Set[str]:
         """Integrators with some live grant for the meter: each still goes through
         `may_see`, which checks the reading's time and the expiry."""
-        return self._audience.get(meter_id, set())
+        return self._audience.get(meter_id, _NOBODY)  # per reading: allocate nothing
 
 
 EMPTY = ConsentView(integrators={}, grants=(), links={})
