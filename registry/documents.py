@@ -19,7 +19,9 @@ from meterproof.registry.errors import InvalidInputError
 LINK_WALLET: Final = "link-wallet"
 CONSENT: Final = "consent"
 CONSENT_REVOKE: Final = "consent-revoke"
-KINDS: Final = (LINK_WALLET, CONSENT, CONSENT_REVOKE)
+#: What a P1 reader signs when it shows a pairing code (registry/pairing.py).
+PAIR_READER: Final = "pair-reader"
+KINDS: Final = (LINK_WALLET, CONSENT, CONSENT_REVOKE, PAIR_READER)
 
 
 def render(kind: str, fields: Sequence[tuple[str, str]]) -> str:
@@ -47,6 +49,14 @@ def parse(text: str) -> tuple[str, dict[str, str]]:
             raise InvalidInputError(f"bad document line {line[:60]!r}")
         fields[key] = value
     return title[1], fields
+
+
+def parse_timestamp(text: str) -> datetime:
+    """The inverse of `timestamp` for a time that is given; InvalidInputError otherwise."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise InvalidInputError(f"not a document time: {text[:40]!r}") from None
 
 
 def timestamp(at: datetime | None) -> str:

@@ -5,7 +5,9 @@ document to sign (registry/documents.py). `link_wallet` then needs (a) the walle
 signature over that document, checked by registry/accounts.py, and (b) the meter's
 confirmation: the same document signed with one of the meter's registered reading keys.
 Only someone who holds the wallet *and* can make the device sign can link, so neither a
-stolen wallet key nor a cloned meter id is enough.
+stolen wallet key nor a cloned meter id is enough. A challenge may also come from a
+pairing code a P1 reader showed (registry/pairing.py): the reader has then signed the
+document already, and `link_wallet` takes its signature from the pairing.
 
 Links are history: a new link closes the current one (`unlinked_at`), never deletes it;
 `meters.owner_wallet`, which the bridge credits, follows the current link by trigger
@@ -94,7 +96,7 @@ def issue_challenge(
 def issue_link_challenge(conn: Conn, meter_id: str, account: AccountId) -> Challenge:
     """The document the wallet and the meter both sign to link `account` to `meter_id`."""
     try:
-        _accepting_meter(conn, check_meter_id(meter_id))
+        accepting_meter(conn, check_meter_id(meter_id))
     except RefusedError as refusal:
         record_refusal(conn, "link_wallet", refusal, meter_id=meter_id, account=str(account))
         raise
@@ -146,13 +148,16 @@ def link_wallet(
     account: AccountId,
     challenge_id: UUID,
     wallet_signature: str,
-    meter_kid: str,
-    meter_signature: str,
+    meter_kid: str | None = None,
+    meter_signature: str | None = None,
 ) -> WalletLink:
-    """Link `account` to the meter if both signatures verify over the challenge's document."""
+    """Link `account` to the meter if both signatures verify over the challenge's document.
+
+    Without `meter_kid` and `meter_signature` the meter's half comes from the pairing that
+    issued the challenge (`pairing_not_signed` while the reader has not signed it)."""
     try:
         with conn.transaction(), conn.cursor() as cur:
-            _accepting_meter(conn, meter_id)
+            accepting_meter(conn, meter_id)
             challenge = take_challenge(
                 cur,
                 challenge_id,
@@ -164,7 +169,9 @@ def link_wallet(
                 account.verify(challenge.document, wallet_signature)
             except BadSignatureError as exc:
                 raise RefusedError("bad_wallet_signature", str(exc)) from exc
-            _verify_meter(cur, meter_id, meter_kid, challenge.document, meter_signature)
+            if meter_kid is None or meter_signature is None:
+                meter_kid, meter_signature = _paired_signature(cur, challenge.id)
+            verify_meter_signature(cur, meter_id, meter_kid, challenge.document, meter_signature)
             current = cur.execute(
                 "SELECT account_id FROM wallet_links WHERE meter_id = %s AND unlinked_at IS NULL",
                 (meter_id,),
@@ -279,7 +286,7 @@ def record_refusal(
     )
 
 
-def _accepting_meter(conn: Conn, meter_id: str) -> None:
+def accepting_meter(conn: Conn, meter_id: str) -> None:
     """Refuse an unknown meter or one whose status refuses readings; lock its row (inside
     a transaction) so its status cannot change under a link being made."""
     row = conn.execute(
@@ -292,7 +299,22 @@ def _accepting_meter(conn: Conn, meter_id: str) -> None:
         raise RefusedError("meter_not_accepting", f"{meter_id} is {row[0]}")
 
 
-def _verify_meter(
+def _paired_signature(cur: psycopg.Cursor[Any], challenge_id: UUID) -> tuple[str, str]:
+    """(kid, signature) the P1 reader gave for a challenge its pairing code issued."""
+    row = cur.execute(
+        "SELECT meter_kid, meter_signature FROM pairing_codes WHERE challenge = %s",
+        (challenge_id,),
+    ).fetchone()
+    if row is None:
+        raise RefusedError(
+            "bad_meter_signature", "no meter signature given and no pairing issued this challenge"
+        )
+    if row[1] is None:
+        raise RefusedError("pairing_not_signed", "the reader has not signed the link document yet")
+    return str(row[0]), str(row[1])
+
+
+def verify_meter_signature(
     cur: psycopg.Cursor[Any], meter_id: str, kid: str, document: str, signature: str
 ) -> None:
     """The meter's confirmation: `document` signed with its key `kid`, valid now."""

@@ -1,9 +1,10 @@
-"""`meterproof p1`: read a DSMR P1 port as a signing meter (`run`), or check a recording
-without publishing anything (`parse`).
+"""`meterproof p1`: read a DSMR P1 port as a signing meter (`run`), check a recording
+without publishing anything (`parse`), or pair the reader with its owner's wallet (`pair`).
 
 Exit status of `parse`: 0 when at least one telegram parsed, 1 when none did, 2 bad
 arguments. Of `run`: 0 every published reading receipted, 2 bad arguments, 3 readings
-still unreceipted after --receipt-timeout (kept in the outbox for the next run).
+still unreceipted after --receipt-timeout (kept in the outbox for the next run). Of
+`pair`: 0 the link document signed, 1 the code expired or was refused, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
 from meterproof.certs.layout import PkiLayout, check_identity
 from meterproof.cli.errors import Group
-from meterproof.cli.options import stack_env_option
+from meterproof.cli.options import connect_database, stack_env_option
 from meterproof.config import StackEnv
 from meterproof.errors import InputError
 from meterproof.meter.client import Broker, ClientSettings
 from meterproof.meter.identity import MeterIdentity
+from meterproof.meter.p1.pairing import SIGNED
+from meterproof.meter.p1.pairing import pair as pair_reader
 from meterproof.meter.p1.reader import ReaderSettings, run_p1
 from meterproof.meter.p1.sources import (
     FileSource,
@@ -229,3 +233,36 @@ def run(
         f"unreceipted {result.unreceipted}"
     )
     sys.exit(EXIT_UNRECEIPTED if result.unreceipted else 0)
+
+
+@p1.command("pair")
+@click.option(
+    "--meter-id",
+    required=True,
+    callback=_meter_id,
+    help="The reader's device identity in the PKI folder: it signs the offer and the link.",
+)
+@click.option(
+    "--valid-for",
+    type=click.IntRange(5, 1800),
+    default=600,
+    show_default=True,
+    help="Seconds the code can be entered.",
+)
+@stack_env_option
+def pair(*, meter_id: str, valid_for: int, stack_env: Path) -> None:
+    """Show a one-time pairing code and sign the owner's wallet link when they enter it.
+
+    The owner enters the code where they link a wallet; the code names this reader, and
+    this command then signs the resulting link document with the device key (after
+    checking it links this reader under this code). The owner's wallet signature over the
+    same document completes the link, so the code alone links nothing. A code is used
+    once and lives --valid-for seconds. Runs against the stack's registry database.
+    """
+    env = StackEnv.load(stack_env)
+    identity = MeterIdentity.load(PkiLayout(env.pki_root).device(meter_id))
+    with connect_database(env.database_url) as conn:
+        result = pair_reader(identity, conn, ttl=timedelta(seconds=valid_for), show=click.echo)
+    if result.outcome != SIGNED:
+        click.echo(f"pairing ended: {result.outcome}", err=True)
+        sys.exit(1)
