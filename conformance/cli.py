@@ -21,6 +21,7 @@ from meterproof.conformance.checks import Verdict, run_checks
 from meterproof.conformance.explain import markdown
 from meterproof.conformance.kit import MeterCommand, Phases, VendorKey, run_meter
 from meterproof.conformance.report import as_json, as_table, passed
+from meterproof.conformance.vendor import VendorIdentity
 from meterproof.errors import InputError
 from meterproof.schemas.codec import MalformedPayload, decode_reading
 from meterproof.schemas.reading import Alg
@@ -96,6 +97,23 @@ def capture(
     help="The meter's own signing public key (PEM), instead of a key the kit issues.",
 )
 @click.option(
+    "--vendor-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The meter's own TLS certificate (PEM) from the vendor's CA, instead of one the "
+    "kit issues; its CN is the meter id.",
+)
+@click.option(
+    "--vendor-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The vendor's CA certificate(s), PEM: the private broker trusts them for this run.",
+)
+@click.option(
+    "--vendor-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The TLS private key of --vendor-cert, only if the meter command needs the kit to "
+    "hand it over (METERPROOF_CONFORMANCE_KEY); a meter that holds its own leaves it out.",
+)
+@click.option(
     "--normal",
     type=click.FloatRange(min=1),
     default=_DEFAULT.normal_s,
@@ -150,6 +168,9 @@ def meter(
     meter_id: str | None,
     alg: str,
     public_key: Path | None,
+    vendor_cert: Path | None,
+    vendor_ca: Path | None,
+    vendor_key: Path | None,
     normal: float,
     silence: float,
     outage: float,
@@ -161,8 +182,10 @@ def meter(
 ) -> None:
     """Run a meter against a private broker and judge what it does.
 
-    The kit creates a private CA, issues the meter's TLS identity (and a signing key,
-    unless --public-key names the meter's own), starts Mosquitto on a free loopback port,
+    The kit creates a private CA, issues the meter's TLS identity (or accepts the vendor's:
+    --vendor-cert, --vendor-ca, checked first and refused with a named reason, e.g.
+    vendor_cert_untrusted) and a signing key (unless --public-key names the meter's own),
+    starts Mosquitto on a free loopback port,
     registers the meter with its key in its own ingest side, and runs COMMAND with these
     variables set:
 
@@ -170,6 +193,7 @@ def meter(
       METERPROOF_CONFORMANCE_MQTT_HOST, _MQTT_PORT   the broker (mutual TLS 1.3)
       METERPROOF_CONFORMANCE_CA_CERT                 the CA to trust (PEM)
       METERPROOF_CONFORMANCE_CERT, _KEY              the meter's TLS certificate and key
+                                                     (_KEY unset: --vendor-cert without key)
       METERPROOF_CONFORMANCE_METER_ID                its meter_id (the certificate's CN)
       METERPROOF_CONFORMANCE_ALG                     the signing algorithm
       METERPROOF_CONFORMANCE_SIGNING_KEY             the issued signing key (PKCS#8 PEM),
@@ -200,7 +224,12 @@ def meter(
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    spec = MeterCommand(command, meter_id=meter_id, key=vendor, alg=Alg(alg))
+    if (vendor_cert is None) != (vendor_ca is None) or (vendor_key and not vendor_cert):
+        raise InputError("--vendor-cert and --vendor-ca go together; --vendor-key needs them")
+    identity = None if vendor_cert is None or vendor_ca is None else VendorIdentity(
+        vendor_cert, vendor_ca, vendor_key
+    )  # fmt: skip
+    spec = MeterCommand(command, meter_id=meter_id, key=vendor, alg=Alg(alg), identity=identity)
 
     def progress(line: str) -> None:
         click.echo(f"conformance: {line}", err=True)

@@ -41,7 +41,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from meterproof.certs.bootstrap import init_pki
 from meterproof.certs.identities import issue_device
-from meterproof.certs.layout import PkiLayout
+from meterproof.certs.layout import DeviceFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
 from meterproof.conformance.answer import Answerer, describe
@@ -54,6 +54,7 @@ from meterproof.conformance.observations import (
     Window,
     parse_log_line,
 )
+from meterproof.conformance.vendor import VendorIdentity, accept, trust_bundle
 from meterproof.errors import UnavailableError
 from meterproof.mosquitto.config import BrokerFiles, render
 from meterproof.schemas import topics
@@ -105,6 +106,8 @@ class MeterCommand:
     meter_id: str | None = None
     key: VendorKey | None = None
     alg: Alg = Alg.EDDSA
+    #: The vendor's own TLS identity, instead of one the kit issues.
+    identity: VendorIdentity | None = None
 
 
 Progress = Callable[[str], None]
@@ -300,15 +303,36 @@ class _Doorman:
         self._sock.close()
 
 
-def _private_broker(run_dir: Path, layout: PkiLayout) -> tuple[BrokerServer, BrokerFiles]:
+def _private_broker(
+    run_dir: Path, layout: PkiLayout, vendor: VendorIdentity | None
+) -> tuple[BrokerServer, BrokerFiles]:
+    """Our broker config, logging subscribes too; with a vendor identity its `cafile` is
+    our CA plus the vendor's, and it has no `crlfile`: Mosquitto then checks every client
+    certificate against a CRL of its issuer, and the kit has none of the vendor's."""
     port = free_port()
-    files = render(run_dir=run_dir, pki=layout, tls_port=port, admin_port=None)
+    cafile = None if vendor is None else trust_bundle(layout.ca_cert, vendor, run_dir / "trust.pem")
+    files = render(run_dir=run_dir, pki=layout, tls_port=port, admin_port=None, cafile=cafile)
     conf = files.conf.read_text(encoding="utf-8")
     marker = "log_type information\n"
     if marker not in conf:
         raise RuntimeError("the broker template no longer logs information lines")
-    files.conf.write_text(conf.replace(marker, marker + "log_type subscribe\n"), encoding="utf-8")
+    conf = conf.replace(marker, marker + "log_type subscribe\n")
+    if vendor is not None:
+        lines = conf.splitlines(keepends=True)
+        conf = "".join(line for line in lines if not line.startswith("crlfile "))
+    files.conf.write_text(conf, encoding="utf-8")
     return BrokerServer(files, port=port, admin_port=free_port()), files
+
+
+def _install_vendor_identity(device: DeviceFiles, vendor: VendorIdentity) -> None:
+    """The vendor's certificate (and key, if given) in place of the kit's, so the meter
+    command finds them where the variables say; the kit's TLS key goes if it is not
+    replaced, since it does not match the vendor's certificate."""
+    device.cert.write_bytes(vendor.cert.read_bytes())
+    if vendor.key is not None:
+        device.key.write_bytes(vendor.key.read_bytes())
+    else:
+        device.key.unlink(missing_ok=True)
 
 
 def meter_environment(
@@ -324,11 +348,12 @@ def meter_environment(
         f"{ENV_PREFIX}MQTT_PORT": str(env.mqtt_port),
         f"{ENV_PREFIX}CA_CERT": str(layout.ca_cert),
         f"{ENV_PREFIX}CERT": str(device.cert),
-        f"{ENV_PREFIX}KEY": str(device.key),
         f"{ENV_PREFIX}METER_ID": meter_id,
         f"{ENV_PREFIX}ALG": alg.value,
         f"{ENV_PREFIX}STATE_DIR": str(run_dir / "meter-state"),
     }
+    if device.key.exists():  # not when a vendor brought its certificate without the key
+        ours[f"{ENV_PREFIX}KEY"] = str(device.key)
     if issued_key:
         ours[f"{ENV_PREFIX}SIGNING_KEY"] = str(device.signing_key)
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
@@ -376,20 +401,30 @@ def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
     return predicate()
 
 
+def _identities(meter: MeterCommand, layout: PkiLayout) -> tuple[str, Alg, PublicKey]:
+    """The run's PKI and the meter's id, algorithm and signing key; a vendor identity is
+    checked (and refused) before anything starts."""
+    if meter.identity is not None:
+        meter_id = accept(meter.identity, meter.meter_id)
+    else:
+        meter_id = meter.meter_id or f"conformance-{uuid.uuid4().hex[:12]}"
+    init_pki(layout, ca_key="ec-p384", ingest_workers=1)
+    alg = meter.key.alg if meter.key is not None else meter.alg
+    issue_device(layout, meter_id, alg=alg, rsa_bits=2048)  # the signing key, if ours
+    if meter.identity is not None:
+        _install_vendor_identity(layout.device(meter_id), meter.identity)
+    pem = meter.key.pem if meter.key else layout.device(meter_id).signing_pub.read_bytes()
+    return meter_id, alg, load_public_key(alg, pem)
+
+
 def run_meter(
     meter: MeterCommand, *, run_dir: Path, phases: Phases, progress: Progress
 ) -> Observation:
     """Run the phases against the vendor's meter command; everything lives in `run_dir`."""
     run_dir = run_dir.absolute()
     layout = PkiLayout(run_dir / "pki")
-    init_pki(layout, ca_key="ec-p384", ingest_workers=1)
-    meter_id = meter.meter_id or f"conformance-{uuid.uuid4().hex[:12]}"
-    alg = meter.key.alg if meter.key is not None else meter.alg
-    issue_device(layout, meter_id, alg=alg, rsa_bits=2048)
-    key: PublicKey = load_public_key(
-        alg, meter.key.pem if meter.key else layout.device(meter_id).signing_pub.read_bytes()
-    )
-    broker, files = _private_broker(run_dir, layout)
+    meter_id, alg, key = _identities(meter, layout)
+    broker, files = _private_broker(run_dir, layout, meter.identity)
     env = StackEnv.defaults(run_dir=run_dir, pki_root=layout.root, mqtt_port=broker.port)
     env.write(run_dir / "stack.env")
     environment = meter_environment(
@@ -402,7 +437,9 @@ def run_meter(
     )
     rec = _Recorder(time.monotonic())
     obs = Observation(meter_id, key, live=True)
-    progress(f"meter {meter_id} ({alg}), broker {broker.url}, files in {run_dir}")
+    whose = "the vendor's CA" if meter.identity is not None else "the kit's CA"
+    progress(f"meter {meter_id} ({alg}, TLS identity from {whose}), broker {broker.url}, "
+             f"files in {run_dir}")  # fmt: skip
     broker.start()
     observer = _Observer(
         rec, Answerer(meter_id, key), layout=layout, port=broker.port, meter_id=meter_id

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conformance_meters.vendor_ca import VendorCa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client import REGISTRY
 
 from meterproof.cli.main import main
 from meterproof.conformance.checks import Verdict, run_checks
@@ -24,6 +27,7 @@ from meterproof.conformance.observations import (
     Window,
     parse_log_line,
 )
+from meterproof.conformance.vendor import IdentityRefusedError, VendorIdentity, accept
 from meterproof.schemas.codec import decode_reading, encode_reading, sign_reading
 from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import PrivateKey, generate_private_key
@@ -266,7 +270,7 @@ SHORT = ["--normal", "3", "--silence", "5", "--outage", "5", "--power-cut", "4",
          "--reconnect-wait", "12"]  # fmt: skip
 
 
-def _kit(command: str, run_dir: Path) -> tuple[int, dict[str, object]]:
+def _kit(command: str, run_dir: Path, *extra: str) -> tuple[int, dict[str, object]]:
     result = subprocess.run(
         [
             sys.executable,
@@ -279,6 +283,7 @@ def _kit(command: str, run_dir: Path) -> tuple[int, dict[str, object]]:
             "--run-dir",
             str(run_dir),
             *SHORT,
+            *extra,
             "--command",
             command,
         ],
@@ -339,3 +344,69 @@ def test_a_reading_signed_anew_is_not_a_republish() -> None:
     verdict = _by_check(run_checks(obs))["republish"]
     assert verdict.status == "fail"
     assert "seq 2 sent again signed anew" in verdict.reasons[0]
+
+
+# A vendor's own identity: a certificate of the vendor's CA, which the kit's broker trusts
+# for that run only.
+
+
+def _vendor_refusal(vendor: VendorIdentity, meter_id: str | None = None) -> str:
+    with pytest.raises(IdentityRefusedError) as caught:
+        accept(vendor, meter_id)
+    return caught.value.code
+
+
+def test_a_vendor_identity_is_accepted_or_refused_with_a_named_reason(tmp_path: Path) -> None:
+    acme = VendorCa.create(tmp_path / "acme")
+    cert, key = acme.issue(tmp_path / "devices", "acme-0001")
+    assert accept(VendorIdentity(cert, acme.path, key), None) == "acme-0001"
+    assert accept(VendorIdentity(cert, acme.path), "acme-0001") == "acme-0001"
+
+    other = VendorCa.create(tmp_path / "other", "Other Root CA")
+    stranger, stranger_key = other.issue(tmp_path / "other-devices", "acme-0001")
+    expired, _ = acme.issue(tmp_path / "old", "acme-0002", days=-1)
+    bad_cn, _ = acme.issue(tmp_path / "bad", "acme 0003/..")
+    server, _ = acme.issue(tmp_path / "server", "acme-0004", usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    leaf_as_ca = VendorCa.create(tmp_path / "leaf", "Not A CA", ca=False)
+    before = REGISTRY.get_sample_value(
+        "meterproof_conformance_identity_refusals_total", {"reason": "vendor_cert_untrusted"}
+    )
+    cases = {
+        "vendor_cert_untrusted": VendorIdentity(stranger, acme.path),
+        "vendor_cert_expired": VendorIdentity(expired, acme.path),
+        "vendor_cert_bad_cn": VendorIdentity(bad_cn, acme.path),
+        "vendor_cert_not_client": VendorIdentity(server, acme.path),
+        "vendor_key_mismatch": VendorIdentity(cert, acme.path, stranger_key),
+        "vendor_ca_not_ca": VendorIdentity(cert, leaf_as_ca.path),
+        "vendor_cert_unreadable": VendorIdentity(acme.path.parent / "missing.pem", acme.path),
+    }
+    assert {code: _vendor_refusal(v) for code, v in cases.items()} == {c: c for c in cases}
+    assert (
+        _vendor_refusal(VendorIdentity(cert, acme.path), "acme-9999") == "vendor_cert_cn_mismatch"
+    )
+    after = REGISTRY.get_sample_value(
+        "meterproof_conformance_identity_refusals_total", {"reason": "vendor_cert_untrusted"}
+    )
+    assert (after or 0) == (before or 0) + 1
+
+    args = ["conformance", "meter", "--command", "true", "--run-dir", str(tmp_path / "run"),
+            "--vendor-cert", str(stranger), "--vendor-ca", str(acme.path)]  # fmt: skip
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    assert "vendor_cert_untrusted" in refused.output
+    assert not (tmp_path / "run" / "mosquitto").exists()  # refused before anything started
+
+
+@pytest.mark.slow
+def test_a_meter_with_its_vendors_certificate_conforms(tmp_path: Path) -> None:
+    """The reference meter with a certificate of a separately made vendor CA: the kit's
+    broker trusts that CA for the run and the CN is the meter id."""
+    acme = VendorCa.create(tmp_path / "acme")
+    cert, key = acme.issue(tmp_path / "devices", "acme-meter-7")
+    vendor = ["--vendor-cert", str(cert), "--vendor-ca", str(acme.path), "--vendor-key", str(key)]
+    code, report = _kit(REFERENCE, tmp_path / "run", *vendor)
+    failing = [c for c in report["checks"] if c["status"] != "pass"]  # type: ignore[union-attr]
+    assert code == 0, failing
+    assert report["meter_id"] == "acme-meter-7"
+    log = (tmp_path / "run" / "mosquitto" / "mosquitto.log").read_text()
+    assert "as acme-meter-7 (p5" in log
