@@ -285,10 +285,15 @@ class ReadingStore:
             "window": self._limit.window_ms,
             "max": self._limit.max_readings,
         }
-        await self._lock(candidates)
-        async with self._conn.cursor() as cur:
-            await cur.execute(_CONTEXT, params)
-            rows = await cur.fetchall()
+        # One round trip for both statements: in a pipeline the server still runs them
+        # in turn, and under READ COMMITTED the context's snapshot is taken after the
+        # lock was granted, so it sees whatever the previous holder committed.
+        async with self._conn.pipeline() as pipeline:
+            await self._lock(candidates)
+            async with self._conn.cursor() as cur:
+                await cur.execute(_CONTEXT, params)
+                await pipeline.sync()
+                rows = await cur.fetchall()
         return [
             StoredContext(
                 None if h is None else bytes(h),  # type: ignore[call-overload]

@@ -155,6 +155,7 @@ class Worker:
         self._announcing: asyncio.Task[None] | None = None
         self._store_free = asyncio.Event()  # no transaction in flight: a batch need not linger
         self._store_free.set()
+        self._last_handed = 0.0  # loop time the last batch went to the store
         self.stopping = asyncio.Event()
         self.committed = 0
         self.failed = False
@@ -212,6 +213,7 @@ class Worker:
                         if prepared is None:
                             continue
                 committing = asyncio.create_task(self._commit(prepared))
+                self._last_handed = asyncio.get_running_loop().time()
                 self._store_free.clear()
                 committing.add_done_callback(lambda _: self._store_free.set())
         finally:
@@ -230,6 +232,7 @@ class Worker:
                 max_size=self.settings.batch_max_size,
                 linger_s=self.settings.batch_linger_ms / 1000,
                 ready=self._store_free,
+                not_before=self._last_handed + self.settings.batch_linger_ms / 1000,
             )
         )
         stop = asyncio.ensure_future(self.stopping.wait())

@@ -1,4 +1,5 @@
-"""Group commit: a batch lingers for more readings only while the store is busy."""
+"""Group commit: a batch lingers for more readings while the store is busy, and while
+the previous transaction started less than a linger ago."""
 
 from __future__ import annotations
 
@@ -48,3 +49,43 @@ def test_a_busy_store_gathers_until_it_is_free_or_the_linger_ends() -> None:
     until_free, capped = asyncio.run(scenario())
     assert 5 <= len(until_free) <= 40  # ~0.1 s of arrivals every 5 ms, not 5 s of them
     assert 3 <= len(capped) <= 20  # no `ready`: the 50 ms linger bounds it
+
+
+def test_a_free_store_takes_no_second_transaction_within_the_linger() -> None:
+    """A trickle: the store is free, but the previous transaction started just now, so the
+    batch gathers until one linger after that start, not one reading per transaction."""
+
+    async def scenario() -> tuple[list[int], float, list[int]]:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        ready = asyncio.Event()
+        ready.set()
+        feeder = asyncio.create_task(_feed(queue, range(1000), 0.005))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        gathered = await next_batch(
+            queue, max_size=1000, linger_s=5.0, ready=ready, not_before=began + 0.1
+        )
+        took = loop.time() - began
+        # long past: the free store takes what is there at once
+        at_once = await next_batch(queue, max_size=1000, linger_s=5.0, ready=ready)
+        feeder.cancel()
+        return gathered, took, at_once
+
+    gathered, took, at_once = asyncio.run(scenario())
+    assert 5 <= len(gathered) <= 40  # ~0.1 s of arrivals every 5 ms
+    assert 0.09 <= took < 1.0  # until not_before, far from the 5 s linger
+    assert len(at_once) <= 3
+
+
+def test_the_linger_bounds_the_wait_for_not_before() -> None:
+    async def scenario() -> float:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        queue.put_nowait(0)
+        ready = asyncio.Event()
+        ready.set()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await next_batch(queue, max_size=10, linger_s=0.05, ready=ready, not_before=began + 10)
+        return loop.time() - began
+
+    assert asyncio.run(scenario()) < 1.0
