@@ -1,6 +1,11 @@
 """Rules 3 to 6 of docs/spec/reading-v1.md section 9: a registered, active meter; a key
 registered for the reading's algorithm; a good signature; a plausible timestamp. Pure: the
-registry snapshot and the clock are passed in."""
+registry snapshot and the clock are passed in.
+
+A seed-003 provider reading (`Decoded.provider`) goes through the very same rules: its
+provider's key is the meter's key whose kid is the provider id, its signature is checked
+over the provider's own signed bytes, and its time must be within `provider_skew_ms` of
+now both ways, as the seed says (older is `timestamp_skew` too, not `stale_reading`)."""
 
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from meterproof.schemas.reading import RejectReason, b64url_decode
 class TimeBounds:
     max_future_ms: int = 300_000
     max_age_ms: int = 7 * 24 * 3600 * 1000
+    #: Seed 003: a provider's timestamp within +-300 s of the server's clock.
+    provider_skew_ms: int = 300_000
 
     def __post_init__(self) -> None:
-        if self.max_future_ms < 0 or self.max_age_ms <= 0:
-            raise ValueError("max_future must be >= 0 and max_age > 0")
+        if self.max_future_ms < 0 or self.max_age_ms <= 0 or self.provider_skew_ms < 0:
+            raise ValueError("max_future and provider_skew must be >= 0 and max_age > 0")
 
 
 def verify(  # noqa: PLR0911 - one return per acceptance rule, in the spec's order
@@ -50,9 +57,16 @@ def verify(  # noqa: PLR0911 - one return per acceptance rule, in the spec's ord
     signature = b64url_decode(reading.sig)
     if not any(k.key.verify(signature, decoded.signing_bytes) for k in keys):
         return reject(RejectReason.BAD_SIGNATURE, f"signature does not verify ({reading.alg})")
-    if reading.ts > now_ms + bounds.max_future_ms:
+    if decoded.provider:
+        if abs(reading.ts - now_ms) > bounds.provider_skew_ms:
+            return reject(
+                RejectReason.TIMESTAMP_SKEW,
+                f"timestamp is {(reading.ts - now_ms) / 1000:+.0f} s from the server's clock,"
+                f" beyond +-{bounds.provider_skew_ms // 1000} s",
+            )
+    elif reading.ts > now_ms + bounds.max_future_ms:
         return reject(RejectReason.TIMESTAMP_SKEW, f"ts is {reading.ts - now_ms} ms ahead")
-    if reading.ts < now_ms - bounds.max_age_ms:
+    elif reading.ts < now_ms - bounds.max_age_ms:
         return reject(RejectReason.STALE_READING, f"ts is {now_ms - reading.ts} ms old")
     return Candidate(
         decoded.message, reading, decoded.signing_bytes, decoded.reading_hash, verified_at_ms=now_ms
