@@ -59,6 +59,12 @@ class Problem(BaseModel):
     receipt: dict[str, Any] | None = Field(
         default=None, description="for a refused submission: the receipt a meter gets over MQTT"
     )
+    error: str | None = Field(
+        default=None, description="seed 003's error name, on its /energy endpoints only"
+    )
+    reason: str | None = Field(
+        default=None, description="seed 003's reason, on its /energy endpoints only"
+    )
 
 
 class ApiError(MeterproofError):
@@ -72,6 +78,8 @@ class ApiError(MeterproofError):
         *,
         receipt: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        error: str | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(f"{code}: {detail}")
         self.status = status
@@ -79,6 +87,8 @@ class ApiError(MeterproofError):
         self.detail = detail
         self.receipt = receipt
         self.headers = headers or {}
+        self.error = error
+        self.reason = reason
 
 
 def correlation_id(request: Request) -> str:
@@ -114,6 +124,8 @@ def problem(request: Request, error: ApiError) -> JSONResponse:
         code=error.code,
         correlation_id=cid,
         receipt=error.receipt,
+        error=error.error,
+        reason=error.reason,
     )
     return JSONResponse(
         body.model_dump(exclude_none=True),

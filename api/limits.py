@@ -1,7 +1,8 @@
 """Rate limits per class of endpoint (seed 000's defaults, configurable), per caller.
 
 A fixed one-minute window per (class, caller), in this process: the caller is the meter
-of a client certificate, else the bearer token, else the client address. Every limited
+of a client certificate, else the bearer token, else the client address (seed 003's
+submissions count per provider id, seed 003's 100 a minute by default). Every limited
 answer carries `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds); a refused one is
 429 `rate_limited` (the pipeline's code for a meter over its rate) with `Retry-After`.
 Several API processes each count their own callers: the limit is per process."""
@@ -32,6 +33,7 @@ class Limit(StrEnum):
     SUBMISSION = "submission"  #: readings, per device
     STATUS = "status"  #: health, registry records
     ANALYTICS = "analytics"  #: latest, history, meters by wallet
+    PROVIDER = "provider"  #: seed 003 reading submissions, per provider id
 
 
 def per_minute(settings: ApiSettings, kind: Limit) -> int:
@@ -40,6 +42,7 @@ def per_minute(settings: ApiSettings, kind: Limit) -> int:
         Limit.SUBMISSION: settings.api_rate_submission_per_min,
         Limit.STATUS: settings.api_rate_status_per_min,
         Limit.ANALYTICS: settings.api_rate_analytics_per_min,
+        Limit.PROVIDER: settings.api_rate_provider_per_min,
     }[kind]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 
+from meterproof.certs.identities import INGEST_IDENTITY_RE
 from meterproof.config import DEFAULT_RUN_DIR, Settings, new_share_group
 from meterproof.ingest.settings import IngestSettings
 
@@ -39,6 +40,18 @@ class ApiSettings(Settings):
     api_rate_submission_per_min: int = Field(default=4, ge=1, description="per meter")
     api_rate_status_per_min: int = Field(default=60, ge=1, description="per caller")
     api_rate_analytics_per_min: int = Field(default=20, ge=1, description="per caller")
+    api_rate_provider_per_min: int = Field(
+        default=100, ge=1, description="seed 003 reading submissions, per provider"
+    )
+    api_mqtt_identity: str | None = Field(
+        default=None,
+        pattern=INGEST_IDENTITY_RE.pattern,
+        description="an ingest worker identity no worker uses, to republish HTTP readings"
+        " on MQTT; None: they are not republished",
+    )
+    api_republish_max_pending: int = Field(
+        default=100_000, ge=1, description="announcements queued while the broker is away"
+    )
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
     )

@@ -12,10 +12,14 @@ outcomes in batch order), so the receipts of one meter resolve that meter's wait
 requests first in, first out. A request that timed out keeps its place: its receipt is
 still consumed, then dropped.
 
-Decision: the verified copy the worker also publishes (`verified/{id}/readings`) is not
-forwarded to the broker by this source; the bridge reads stored readings from PostgreSQL
-(reading_log), so anchoring does not depend on it, but live MQTT feeds do not see readings
-that came over HTTP (docs/api.md).
+Seed-003 provider readings travel the same way on `providers/{meter}/readings`
+(`schemas.provider.topic`); the worker's decode stage knows that topic, and their receipts
+come back on the meter's receipts topic, in the same per-meter order.
+
+What else the worker announces after the commit (the verified copy on
+`verified/{id}/readings`, the integrators' consented copies) goes to the broker through
+the API's own connection (api/republish.py), exactly as an MQTT worker publishes it.
+Receipts are not forwarded: the submitter gets its receipt in the HTTP answer.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Final
 import structlog
 
 from meterproof.api.errors import ApiError
+from meterproof.api.republish import Republisher
 from meterproof.ingest.records import Message
 from meterproof.ingest.source import Delivery, Handler
 from meterproof.schemas import topics
@@ -41,7 +46,10 @@ _RECEIPTS_SUFFIX: Final = "/receipts"
 
 
 class HttpSource:
-    def __init__(self) -> None:
+    def __init__(self, republisher: Republisher | None = None) -> None:
+        """Without a `republisher`, announcements other than receipts are dropped (the
+        API then has no broker identity: `api_mqtt_identity` unset)."""
+        self._republisher = republisher
         self._deliver: Handler | None = None
         self._waiting: dict[str, deque[asyncio.Future[bytes]]] = defaultdict(deque)
 
@@ -68,9 +76,11 @@ class HttpSource:
         return 0
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        announced: list[tuple[str, bytes]] = []
         for topic, body in items:
             if not (topic.startswith(_RECEIPTS_PREFIX) and topic.endswith(_RECEIPTS_SUFFIX)):
-                continue  # a verified copy: see the module's decision
+                announced.append((topic, body))
+                continue
             meter_id = topic[len(_RECEIPTS_PREFIX) : -len(_RECEIPTS_SUFFIX)]
             queue = self._waiting.get(meter_id)
             if not queue:
@@ -81,13 +91,18 @@ class HttpSource:
                 del self._waiting[meter_id]
             if not future.done():
                 future.set_result(body)
+        if self._republisher is not None:
+            self._republisher.offer(announced)
 
-    def submit(self, meter_id: str, payloads: Sequence[bytes]) -> list[asyncio.Future[bytes]]:
-        """Deliver `payloads` as `meter_id` published them; each future is its receipt."""
+    def submit(
+        self, meter_id: str, payloads: Sequence[bytes], *, topic: str | None = None
+    ) -> list[asyncio.Future[bytes]]:
+        """Deliver `payloads` as `meter_id` published them (or on `topic`, whose receipts
+        are the meter's: a provider's); each future is its receipt."""
         if self._deliver is None:
             raise ApiError(503, "unavailable", "the submission pipeline is not running")
         loop = asyncio.get_running_loop()
-        topic = topics.readings(meter_id)
+        topic = topic or topics.readings(meter_id)
         futures: list[asyncio.Future[bytes]] = []
         for payload in payloads:
             future: asyncio.Future[bytes] = loop.create_future()

@@ -1,0 +1,148 @@
+"""The API worker's store: the ingest `ReadingStore`, unchanged, inside a transaction that
+also applies seed 003's nonce rule and keeps provider readings' signed bytes.
+
+`ReadingStore.commit_batch` runs its own transaction; opened inside this one it becomes a
+savepoint (psycopg nests them), so rules 7-9, the rows, the quarantines and what is added
+here commit together or not at all. Batches without provider readings go straight to it.
+
+Seed 003 asks a provider's nonce to be unused *and increasing*. Unused is rule 7 (the
+nonce is the reading's seq: the judge answers `duplicate` for the same signed reading and
+`seq_reused` for another); increasing is not a reading-v1 rule (a meter's outbox may
+deliver an old seq late), so it is checked here, under the same meter locks, before the
+judge: a provider nonce at or below the meter's highest stored seq, not itself stored,
+is refused `seq_reused` and recorded like every refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import psycopg
+import structlog
+from psycopg import AsyncConnection
+
+from meterproof.errors import UnavailableError
+from meterproof.ingest.judge import RateLimit
+from meterproof.ingest.records import Accepted, Candidate, Rejection
+from meterproof.ingest.security import QuarantinePolicy
+from meterproof.ingest.settings import IngestSettings
+from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
+from meterproof.ingest.worker import BatchStore, StoreFactory
+from meterproof.schemas import provider
+from meterproof.schemas.reading import RejectReason, b64url_decode
+
+log = structlog.get_logger("api.provider_store")
+
+#: The highest seq each meter has stored, retired ones (retention's watermark) included.
+_HIGHEST: Final = """
+SELECT u.meter_id, greatest(
+    (SELECT max(r.seq) FROM reading_log r WHERE r.meter_id = u.meter_id),
+    (SELECT w.max_seq FROM reading_watermarks w WHERE w.meter_id = u.meter_id))
+FROM unnest(%s::text[]) AS u(meter_id)
+"""
+#: Only for a (provider, meter) pair the providers table holds: a key someone added to a
+#: meter under a provider-like kid has no provider to keep bytes for (logged).
+_KEEP: Final = """
+INSERT INTO provider_readings (meter_id, seq, reading_hash, provider_id, signed_bytes, signature)
+SELECT u.meter_id, u.seq, u.reading_hash, u.provider_id, u.signed_bytes, u.signature
+FROM unnest(%s::text[], %s::numeric[], %s::bytea[], %s::text[], %s::bytea[], %s::bytea[])
+    AS u(meter_id, seq, reading_hash, provider_id, signed_bytes, signature)
+JOIN providers p ON p.provider_id = u.provider_id AND p.meter_id = u.meter_id
+"""
+
+
+def is_provider(candidate: Candidate) -> bool:
+    return provider.meter_of_topic(candidate.message.topic) is not None
+
+
+class ProviderStore:
+    """A `BatchStore` around `ReadingStore`, on the same connection."""
+
+    def __init__(self, conn: AsyncConnection[tuple[object, ...]], inner: ReadingStore) -> None:
+        self._conn = conn
+        self._inner = inner
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    async def commit_batch(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult:
+        if not any(is_provider(c) for c in candidates):
+            return await self._inner.commit_batch(candidates, rejections)
+        try:
+            async with self._conn.transaction():
+                refused = await self._not_increasing(candidates)
+                result = await self._inner.commit_batch(
+                    [c for c in candidates if id(c) not in refused],
+                    [*rejections, *refused.values()],
+                )
+                await self._keep(
+                    [o.candidate for o in result.outcomes
+                     if isinstance(o, Accepted) and is_provider(o.candidate)]
+                )  # fmt: skip
+        except psycopg.Error as exc:
+            raise UnavailableError("database", f"{type(exc).__name__}: {exc}") from exc
+        return BatchResult([*result.outcomes, *refused.values()], result.quarantined)
+
+    async def _not_increasing(self, candidates: Sequence[Candidate]) -> dict[int, Rejection]:
+        """Provider candidates whose nonce is not above their meter's highest, by id.
+        Every candidate's meter is locked first, in the store's own order (its
+        `stored_contexts`), so no other worker's transaction can interleave."""
+        contexts = await self._inner.stored_contexts(candidates)
+        meters = sorted({c.reading.meter_id for c in candidates if is_provider(c)})
+        async with self._conn.cursor() as cur:
+            await cur.execute(_HIGHEST, (meters,))
+            highest: dict[str, int | None] = {
+                str(m): None if h is None else int(h)  # type: ignore[call-overload]
+                for m, h in await cur.fetchall()
+            }
+        in_batch: set[tuple[str, int]] = set()
+        refused: dict[int, Rejection] = {}
+        for c, context in zip(candidates, contexts, strict=True):
+            r = c.reading
+            if not is_provider(c) or context.reading_hash is not None:
+                continue  # rule 7 decides: duplicate or seq_reused
+            last = highest.get(r.meter_id)
+            if last is not None and r.seq <= last and (r.meter_id, r.seq) not in in_batch:
+                refused[id(c)] = Rejection(
+                    c.message, RejectReason.SEQ_REUSED,
+                    f"nonce {r.seq} is not above the provider's last nonce {last}",
+                    r.meter_id, r.seq, c.reading_hash,
+                )  # fmt: skip
+                continue
+            in_batch.add((r.meter_id, r.seq))
+            highest[r.meter_id] = r.seq if last is None else max(last, r.seq)
+        return refused
+
+    async def _keep(self, accepted: Sequence[Candidate]) -> None:
+        if not accepted:
+            return
+        rows = [
+            [c.reading.meter_id for c in accepted],
+            [c.reading.seq for c in accepted],
+            [c.reading_hash for c in accepted],
+            [c.reading.kid for c in accepted],
+            [c.signing_bytes for c in accepted],
+            [b64url_decode(c.reading.sig) for c in accepted],
+        ]
+        async with self._conn.cursor() as cur:
+            await cur.execute(_KEEP, rows)
+            if cur.rowcount != len(accepted):
+                log.error("provider_bytes_not_kept", accepted=len(accepted), kept=cur.rowcount)
+
+
+def provider_store(settings: IngestSettings) -> StoreFactory:
+    """The API worker's store factory: `worker.postgres_store`'s, wrapped."""
+    limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
+    policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
+
+    async def connect() -> BatchStore:
+        try:
+            conn = await AsyncConnection.connect(settings.database_url, options=STORE_OPTIONS)
+        except (psycopg.Error, OSError) as exc:
+            raise UnavailableError("database", f"connect: {exc}") from exc
+        return ProviderStore(conn, ReadingStore(conn, limit=limit, policy=policy))
+
+    return connect
