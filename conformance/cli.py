@@ -161,6 +161,12 @@ def capture(
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep the PKI, broker log and meter output here  [default: a temporary folder]",
 )
+@click.option(
+    "--keep-database",
+    is_flag=True,
+    help="Keep the run's PostgreSQL cluster (stopped) to look at what the worker stored; "
+    "use with --run-dir.",
+)
 @click.option("--json", "json_out", is_flag=True, help="Print the report as JSON.")
 def meter(
     *,
@@ -178,16 +184,17 @@ def meter(
     connect_timeout: float,
     reconnect_wait: float,
     run_dir: Path | None,
+    keep_database: bool,
     json_out: bool,
 ) -> None:
-    """Run a meter against a private broker and judge what it does.
+    """Run a meter against a private stack and judge what it does.
 
     The kit creates a private CA, issues the meter's TLS identity (or accepts the vendor's:
     --vendor-cert, --vendor-ca, checked first and refused with a named reason, e.g.
     vendor_cert_untrusted) and a signing key (unless --public-key names the meter's own),
-    starts Mosquitto on a free loopback port,
-    registers the meter with its key in its own ingest side, and runs COMMAND with these
-    variables set:
+    starts a PostgreSQL cluster of its own and registers the meter there with its key,
+    starts Mosquitto with our TLS config on a free loopback port and one real ingest
+    worker, and runs COMMAND with these variables set:
 
     \b
       METERPROOF_CONFORMANCE_MQTT_HOST, _MQTT_PORT   the broker (mutual TLS 1.3)
@@ -201,9 +208,10 @@ def meter(
       METERPROOF_CONFORMANCE_STATE_DIR               a folder for the meter's state
       METERPROOF_STACK_ENV                           the same, for the reference meter
 
-    Then: normal operation (--normal), receipts withheld (--silence), the broker down
-    (--outage) and back, and a power cut (--power-cut): receipts withheld, the command
-    killed and started again. Progress goes to stderr, the report to stdout.
+    Then: normal operation (--normal), receipts withheld by pausing the worker
+    (--silence), the broker down (--outage) and back, and a power cut (--power-cut):
+    receipts withheld, the command killed and started again. The database is deleted at
+    the end unless --keep-database. Progress goes to stderr, the report to stdout.
 
     \b
     The reference meter, for comparison:
@@ -234,9 +242,13 @@ def meter(
     def progress(line: str) -> None:
         click.echo(f"conformance: {line}", err=True)
 
+    if keep_database and run_dir is None:
+        raise InputError("--keep-database needs --run-dir: a temporary folder is deleted")
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        obs = run_meter(spec, run_dir=run_dir, phases=phases, progress=progress)
+        obs = run_meter(
+            spec, run_dir=run_dir, phases=phases, progress=progress, keep_database=keep_database
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="meterproof-conformance-") as tmp:
             obs = run_meter(spec, run_dir=Path(tmp), phases=phases, progress=progress)
@@ -246,6 +258,7 @@ def meter(
         mode="meter",
         meter_id=obs.meter_id,
         readings_received=len(obs.published),
+        readings_stored=obs.stored,
     )
 
 

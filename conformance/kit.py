@@ -1,17 +1,22 @@
-"""A live run against a vendor's meter: a private broker, the meter's identity, the kit
-as the ingest side, and three phases, then an `Observation` for the checks.
+"""A live run against a vendor's meter on a private stack: our Mosquitto config with its
+TLS, a PostgreSQL cluster of the run's own with the meter registered, and a real ingest
+worker process (conformance/private.py); then an `Observation` for the checks.
 
-The kit does not run PostgreSQL or a worker: it subscribes to the meter's readings topic
-itself with an ingest identity and answers with the product's own decode/verify/judge
-stages (`answer.Answerer`), which lets it withhold receipts at will and know exactly
-which receipt it sent when. The phases:
+The kit watches through the broker with an identity of its own that may read the meter's
+readings and receipts topics (one ACL block added to the run's ACL file): it records
+every copy of every reading and every receipt the worker sent, when it saw them. It
+withholds receipts by pausing the worker. The phases:
 
 1. normal: receipts flow;
-2. silence: receipts are withheld, so an unreceipted reading must come again, unchanged;
-   then the withheld receipts are sent;
-3. outage: the broker stops (writing its sessions to disk), a plain TCP listener on its
-   port counts the meter's connection attempts and closes each at once, then the broker
-   starts again and the kit waits for the meter to reconnect and publish.
+2. silence: the worker paused, so an unreceipted reading must come again, unchanged;
+   then the worker resumes and receipts what waited (the copies as `duplicate`);
+3. outage: the worker paused and the broker stopped (writing its sessions to disk), a
+   plain TCP listener on its port counts the meter's connection attempts and closes each
+   at once, then the broker starts again, the worker resumes, and the kit waits for the
+   meter to reconnect and publish;
+4. power cut: the worker paused, the meter command killed (SIGKILL of its process
+   group) and started again on the same state; the worker resumes only after the
+   meter's outbox had its turn, so what it had not had receipted must have come again.
 
 Connect and subscribe records come from the broker's log, with `log_type subscribe`
 added to the rendered config; the log is tailed while the run goes, since its own
@@ -21,6 +26,7 @@ timestamps are whole seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -43,8 +49,7 @@ from meterproof.certs.bootstrap import init_pki
 from meterproof.certs.identities import issue_device
 from meterproof.certs.layout import DeviceFiles, PkiLayout
 from meterproof.certs.tls import client_context
-from meterproof.config import StackEnv
-from meterproof.conformance.answer import Answerer, describe
+from meterproof.config import StackEnv, new_share_group
 from meterproof.conformance.observations import (
     Connected,
     Observation,
@@ -54,6 +59,7 @@ from meterproof.conformance.observations import (
     Window,
     parse_log_line,
 )
+from meterproof.conformance.private import PrivateStack
 from meterproof.conformance.vendor import VendorIdentity, accept, trust_bundle
 from meterproof.errors import UnavailableError
 from meterproof.mosquitto.config import BrokerFiles, render
@@ -67,7 +73,9 @@ from meterproof.stack.process import LOOPBACK, free_port
 
 #: The variables a meter command is started with (docs/conformance.md, `--help`).
 ENV_PREFIX: Final = "METERPROOF_CONFORMANCE_"
-OBSERVER: Final = "ingest-0"
+#: The kit's watching identity: an ingest certificate (readings) that the run's ACL also
+#: lets read receipts; the worker is ingest-0.
+OBSERVER: Final = "ingest-1"
 _LOG_POLL_S: Final = 0.05
 _STOP_GRACE_S: Final = 5.0
 #: After a restart, how long the kit waits for the outbox once the meter publishes again.
@@ -128,20 +136,24 @@ class _Recorder:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def copy_to(self, obs: Observation) -> None:
+        with self.lock:
+            obs.published = list(self.published)
+            obs.connects = list(self.connects)
+            obs.subscribes = list(self.subscribes)
+            obs.receipts = list(self.receipts)
+            obs.attempts = list(self.attempts)
+
 
 class _Observer:
-    """The kit's ingest side on the broker: records each reading, answers or withholds."""
+    """The kit's eyes on the broker: every reading the meter publishes and every receipt
+    the worker sends it, with when the kit saw them."""
 
-    def __init__(
-        self, rec: _Recorder, answerer: Answerer, *, layout: PkiLayout, port: int, meter_id: str
-    ) -> None:
+    def __init__(self, rec: _Recorder, *, layout: PkiLayout, port: int, meter_id: str) -> None:
         self._rec = rec
-        self._answerer = answerer
-        self._topic = topics.readings(meter_id)
-        self._answering = True
-        self._held: list[tuple[str, bytes]] = []
+        self._readings = topics.readings(meter_id)
+        self._receipts = topics.receipts(meter_id)
         self._subscribed = threading.Event()
-        self._answering_lock = threading.Lock()
         self._layout = layout
         self._port = port
         self._client: mqtt.Client | None = None
@@ -167,43 +179,28 @@ class _Observer:
             raise UnavailableError("broker", "the kit's subscription was not acknowledged")
 
     def stop(self) -> None:
-        """Disconnect, keeping the session: readings published meanwhile wait for us."""
+        """Disconnect, keeping the session."""
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
 
-    def withhold(self) -> None:
-        with self._rec.lock:
-            self._answering = False
-
-    def forget(self) -> None:
-        """Answer from now on, and never what was withheld: as a worker that crashed
-        before its commit, so only the meter's own outbox can bring those back."""
-        with self._rec.lock:
-            self._answering = True
-            self._held = []
-
-    def resume(self) -> None:
-        """Answer everything withheld, in arrival order, then everything new."""
-        with self._rec.lock:
-            self._answering = True
-            held, self._held = self._held, []
-        for topic, payload in held:
-            self._answer(topic, payload)
-
     def _connected(
         self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
         if not reason.is_failure:
-            client.subscribe(self._topic, qos=1)
+            client.subscribe([(self._readings, 1), (self._receipts, 1)])
 
     def _message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         payload = bytes(message.payload)
         with self._rec.lock:
+            at = self._rec.now()
+            if message.topic == self._receipts:
+                self._rec.receipts.append(_receipt(at, payload))
+                return
             self._rec.published.append(
                 Published(
-                    self._rec.now(),
+                    at,
                     message.topic,
                     payload,
                     qos=message.qos,
@@ -211,20 +208,18 @@ class _Observer:
                     wall_ms=wall_ms(),
                 )
             )
-            if not self._answering:
-                self._held.append((message.topic, payload))
-                return
-        self._answer(message.topic, payload)
 
-    def _answer(self, topic: str, payload: bytes) -> None:
-        with self._answering_lock:  # paho's thread and `resume()` on the main one
-            body, outcome = self._answerer.answer(topic, payload, wall_ms())
-            if body is None or self._client is None:
-                return
-            self._client.publish(body[0], body[1], qos=1)
-        seq, digest, status = describe(outcome)
-        with self._rec.lock:
-            self._rec.receipts.append(ReceiptSent(self._rec.now(), seq, digest, status))
+
+def _receipt(at_s: float, body: bytes) -> ReceiptSent:
+    """A receipt as the report shows it: its reason when rejected, else its status."""
+    try:
+        fields = json.loads(body)
+        return ReceiptSent(
+            at_s, fields.get("seq"), fields.get("reading_hash"),
+            str(fields.get("reason") or fields.get("status")),
+        )  # fmt: skip
+    except (ValueError, AttributeError):
+        return ReceiptSent(at_s, None, None, "unreadable receipt")
 
 
 class _LogTail:
@@ -321,6 +316,9 @@ def _private_broker(
         lines = conf.splitlines(keepends=True)
         conf = "".join(line for line in lines if not line.startswith("crlfile "))
     files.conf.write_text(conf, encoding="utf-8")
+    with files.acl.open("a", encoding="utf-8") as acl:  # Mosquitto merges a user's blocks
+        acl.write(f"\n# The conformance kit watches receipts too.\nuser {OBSERVER}\n"
+                  f"topic read {topics.RECEIPTS_FILTER}\n")  # fmt: skip
     return BrokerServer(files, port=port, admin_port=free_port()), files
 
 
@@ -401,6 +399,20 @@ def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
     return predicate()
 
 
+def _settle(rec: _Recorder, *, quiet_s: float = 1.0, most_s: float = 15.0) -> None:
+    """Until the worker's receipts stop coming (it answers every copy, even a rejected
+    one), so what it stored is final."""
+    deadline = time.monotonic() + most_s
+    seen = -1
+    while time.monotonic() < deadline:
+        with rec.lock:
+            count = len(rec.receipts)
+        if count == seen:
+            return
+        seen = count
+        time.sleep(quiet_s)
+
+
 def _identities(meter: MeterCommand, layout: PkiLayout) -> tuple[str, Alg, PublicKey]:
     """The run's PKI and the meter's id, algorithm and signing key; a vendor identity is
     checked (and refused) before anything starts."""
@@ -408,7 +420,7 @@ def _identities(meter: MeterCommand, layout: PkiLayout) -> tuple[str, Alg, Publi
         meter_id = accept(meter.identity, meter.meter_id)
     else:
         meter_id = meter.meter_id or f"conformance-{uuid.uuid4().hex[:12]}"
-    init_pki(layout, ca_key="ec-p384", ingest_workers=1)
+    init_pki(layout, ca_key="ec-p384", ingest_workers=2)  # the worker and the observer
     alg = meter.key.alg if meter.key is not None else meter.alg
     issue_device(layout, meter_id, alg=alg, rsa_bits=2048)  # the signing key, if ours
     if meter.identity is not None:
@@ -418,15 +430,23 @@ def _identities(meter: MeterCommand, layout: PkiLayout) -> tuple[str, Alg, Publi
 
 
 def run_meter(
-    meter: MeterCommand, *, run_dir: Path, phases: Phases, progress: Progress
+    meter: MeterCommand,
+    *,
+    run_dir: Path,
+    phases: Phases,
+    progress: Progress,
+    keep_database: bool = False,
 ) -> Observation:
-    """Run the phases against the vendor's meter command; everything lives in `run_dir`."""
+    """Run the phases against the vendor's meter command; everything lives in `run_dir`
+    (the database cluster too, unless as root it had to live elsewhere: see
+    stack/postgres.py), and the cluster is deleted at the end unless `keep_database`."""
     run_dir = run_dir.absolute()
     layout = PkiLayout(run_dir / "pki")
     meter_id, alg, key = _identities(meter, layout)
     broker, files = _private_broker(run_dir, layout, meter.identity)
     env = StackEnv.defaults(run_dir=run_dir, pki_root=layout.root, mqtt_port=broker.port)
-    env.write(run_dir / "stack.env")
+    env.write(run_dir / "stack.env")  # for the reference meter: no database, no share group
+    stack = PrivateStack(run_dir, env.model_copy(update={"share_group": new_share_group()}))
     environment = meter_environment(
         env=env,
         layout=layout,
@@ -438,15 +458,16 @@ def run_meter(
     rec = _Recorder(time.monotonic())
     obs = Observation(meter_id, key, live=True)
     whose = "the vendor's CA" if meter.identity is not None else "the kit's CA"
-    progress(f"meter {meter_id} ({alg}, TLS identity from {whose}), broker {broker.url}, "
-             f"files in {run_dir}")  # fmt: skip
-    broker.start()
-    observer = _Observer(
-        rec, Answerer(meter_id, key), layout=layout, port=broker.port, meter_id=meter_id
-    )
+    progress(f"meter {meter_id} ({alg}, TLS identity from {whose}), files in {run_dir}")
+    observer = _Observer(rec, layout=layout, port=broker.port, meter_id=meter_id)
     tail = _LogTail(rec, files.log, meter_id)
-    tail.start()
     try:
+        stack.start_database(meter_id, key)
+        progress(f"PostgreSQL {stack.database.url} migrated, the meter registered")
+        broker.start()
+        tail.start()
+        stack.start_worker(broker_lost_exit_s=phases.outage_s + 60)
+        progress(f"broker {broker.url}, ingest worker subscribed (log {stack.worker_log})")
         observer.start()
         with (run_dir / "meter.log").open("wb") as log:
             process = _MeterProcess(meter.command, environment, log)
@@ -456,22 +477,21 @@ def run_meter(
                 if not _wait(lambda: bool(rec.published), phases.connect_timeout_s):
                     progress(f"no reading within {phases.connect_timeout_s:.0f} s; stopping")
                 else:
-                    _phases(rec, obs, observer=observer, broker=broker, process=process,
-                            phases=phases, progress=progress)  # fmt: skip
+                    _phases(rec, obs, observer=observer, broker=broker, stack=stack,
+                            process=process, phases=phases, progress=progress)  # fmt: skip
             finally:
                 process.stop()
+        _settle(rec)
+        obs.stored = stack.stored(meter_id)
+        progress(f"the worker stored {obs.stored} readings of the meter")
     finally:
         with contextlib.suppress(Exception):
             observer.stop()
         tail.stop()
+        stack.close(keep_database=keep_database)
         if broker.is_running():
             broker.stop()
-    with rec.lock:
-        obs.published = list(rec.published)
-        obs.connects = list(rec.connects)
-        obs.subscribes = list(rec.subscribes)
-        obs.receipts = list(rec.receipts)
-        obs.attempts = list(rec.attempts)
+    rec.copy_to(obs)
     return obs
 
 
@@ -481,6 +501,7 @@ def _phases(
     *,
     observer: _Observer,
     broker: BrokerServer,
+    stack: PrivateStack,
     process: _MeterProcess,
     phases: Phases,
     progress: Progress,
@@ -488,62 +509,80 @@ def _phases(
     progress(f"phase normal: {phases.normal_s:.0f} s, receipts flow")
     time.sleep(phases.normal_s)
     if phases.silence_s:
-        progress(f"phase silence: {phases.silence_s:.0f} s, receipts withheld")
+        progress(f"phase silence: {phases.silence_s:.0f} s, the worker paused")
         start = rec.now()
-        observer.withhold()
+        stack.pause()
         time.sleep(phases.silence_s)
         obs.silence = Window(start, rec.now())
-        observer.resume()
-        progress("receipts resumed")
+        stack.resume()
+        progress("the worker resumed")
         time.sleep(1.0)
     if phases.outage_s:
-        progress(f"phase outage: broker down {phases.outage_s:.0f} s, counting reconnects")
-        observer.stop()  # its own reconnects must not count as the meter's
-        broker.stop()
-        start = rec.now()
-        door = _Doorman(rec, broker.port)
-        time.sleep(phases.outage_s)
-        door.close()
-        broker.start()
-        obs.outage = Window(start, rec.now())
-        observer.start()
-        obs.reconnect_wait_s = phases.reconnect_wait_s
-        outage = obs.outage
-
-        def back() -> bool:
-            with rec.lock:
-                return any(c.at_s > outage.end_s for c in rec.connects) and any(
-                    p.at_s > outage.end_s for p in rec.published
-                )
-
-        progress("broker back; waiting for the meter to reconnect and publish")
-        if _wait(back, phases.reconnect_wait_s):
-            time.sleep(1.0)  # a moment for its receipt subscription and outbox
-        else:
-            progress(f"the meter did not come back within {phases.reconnect_wait_s:.0f} s")
+        _outage(rec, obs, observer=observer, broker=broker, stack=stack, phases=phases,
+                progress=progress)  # fmt: skip
     if phases.power_cut_s:
-        _power_cut(rec, obs, observer=observer, process=process, phases=phases,
-                   progress=progress)  # fmt: skip
+        _power_cut(rec, obs, stack=stack, process=process, phases=phases, progress=progress)
+
+
+def _outage(
+    rec: _Recorder,
+    obs: Observation,
+    *,
+    observer: _Observer,
+    broker: BrokerServer,
+    stack: PrivateStack,
+    phases: Phases,
+    progress: Progress,
+) -> None:
+    """The broker away: only the meter may knock on its port meanwhile, so the kit's
+    observer leaves and the worker is paused (its own reconnects must not count)."""
+    progress(f"phase outage: broker down {phases.outage_s:.0f} s, counting reconnects")
+    observer.stop()
+    stack.pause()
+    broker.stop()
+    start = rec.now()
+    door = _Doorman(rec, broker.port)
+    time.sleep(phases.outage_s)
+    door.close()
+    broker.start()
+    obs.outage = Window(start, rec.now())
+    stack.resume()
+    observer.start()
+    obs.reconnect_wait_s = phases.reconnect_wait_s
+    outage = obs.outage
+
+    def back() -> bool:
+        with rec.lock:
+            return any(c.at_s > outage.end_s for c in rec.connects) and any(
+                p.at_s > outage.end_s for p in rec.published
+            )
+
+    progress("broker back; waiting for the meter to reconnect and publish")
+    if _wait(back, phases.reconnect_wait_s):
+        time.sleep(1.0)  # a moment for its receipt subscription and outbox
+    else:
+        progress(f"the meter did not come back within {phases.reconnect_wait_s:.0f} s")
 
 
 def _power_cut(
     rec: _Recorder,
     obs: Observation,
     *,
-    observer: _Observer,
+    stack: PrivateStack,
     process: _MeterProcess,
     phases: Phases,
     progress: Progress,
 ) -> None:
     """Receipts withheld, then the meter's power cut and restored: what it had not had
-    receipted must come again (its outbox survived) and its seq must go on (section 11)."""
-    progress(f"phase power cut: receipts withheld {phases.power_cut_s:.0f} s, then SIGKILL")
+    receipted must come again (its outbox survived) and its seq must go on (section 11).
+    The worker resumes only after the meter's outbox had its turn: a receipt for a reading
+    the meter had published before the cut must not spare it the republish."""
+    progress(f"phase power cut: the worker paused {phases.power_cut_s:.0f} s, then SIGKILL")
     start = rec.now()
-    observer.withhold()
+    stack.pause()
     time.sleep(phases.power_cut_s)
     process.cut_power()
     cut = rec.now()
-    observer.forget()
     obs.power_cut = Window(start, cut)
     progress("power restored: the meter command starts again on the same state")
     process.start()
@@ -556,3 +595,5 @@ def _power_cut(
         time.sleep(REPUBLISH_WAIT_S)  # its outbox's turn, on the meter's own timer
     else:
         progress(f"no reading {phases.reconnect_wait_s:.0f} s after the restart")
+    stack.resume()
+    progress("the worker resumed")

@@ -95,6 +95,8 @@ class Observation:
     attempts: list[float] = field(default_factory=list)
     #: how long after the outage the kit waited for the meter to come back
     reconnect_wait_s: float = 0.0
+    #: readings of the meter the private stack's worker committed (None: a capture)
+    stored: int | None = None
 
 
 def parse_log_line(at_s: float, line: str) -> Connected | Subscribed | None:

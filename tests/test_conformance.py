@@ -302,6 +302,10 @@ def test_the_reference_meter_conforms(tmp_path: Path) -> None:
     failing = [c for c in report["checks"] if c["status"] != "pass"]  # type: ignore[union-attr]
     assert code == 0, failing
     assert report["passed"] is True
+    # The receipts were the real worker's, after its commits in the run's own database.
+    distinct = next(c for c in report["checks"] if c["check"] == "seq_ts")  # type: ignore[union-attr]
+    assert report["readings_stored"] == int(distinct["summary"].split()[0])  # type: ignore[index]
+    assert b"broker_subscribed" in (tmp_path / "run" / "ingest.log").read_bytes()
 
 
 #: Each defect of tests/conformance_meters/broken_meter.py and the checks it must fail
