@@ -72,3 +72,15 @@ def test_reason_table_names_every_reason_code() -> None:
     missing = {reason.value for reason in RejectReason} - table_codes
     assert not missing, f"reason codes missing from the spec's reason table: {missing}"
     assert {"accepted", "duplicate"} <= table_codes
+
+
+def test_the_spec_names_every_pairing_and_vendor_identity_refusal() -> None:
+    """Sections 1 and 16 list the reasons registry/pairing.py and conformance/vendor.py
+    refuse with: a vendor builds against this page, not against the code."""
+    found: set[str] = set()
+    for module in ("registry/pairing.py", "registry/wallets.py", "conformance/vendor.py"):
+        source = (ROOT / module).read_text(encoding="utf-8")
+        found |= set(re.findall(r'Error\(\s*"((?:pairing|vendor|invalid_period)[a-z_]*)"', source))
+    assert {"pairing_code_unknown", "vendor_cert_untrusted", "pairing_not_signed"} <= found
+    missing = {code for code in found if f"`{code}`" not in DOC}
+    assert not missing, f"refusals missing from docs/spec/reading-v1.md: {missing}"
