@@ -45,8 +45,8 @@ _PAGE: Final = 500
 _CLOSE: Final = {401: 4401, 403: 4403, 404: 4404}
 _OWNER_ROLES: Final = (Role.OPERATOR, Role.METER)
 
-#: What to send now; raises ApiError to close the stream.
-Poll = Callable[[], Awaitable[list[dict[str, Any]]]]
+#: What to send now, one JSON text per message; raises ApiError to close the stream.
+Poll = Callable[[], Awaitable[list[str]]]
 #: Given the caller, its first check and its poll.
 Start = Callable[[Principal], Awaitable[Poll]]
 
@@ -57,10 +57,9 @@ async def energy(websocket: WebSocket, meter_id: str) -> None:
 
     async def start(who: Principal) -> Poll:
         _check(audience, who, meter_id, wall_ms())
-        last = await reads.latest(pool, meter_id)
-        after = (last["ts"], last["seq"]) if last else (0, 0)
+        after = (await reads.latest(pool, meter_id)).last or (0, 0)
 
-        async def poll() -> list[dict[str, Any]]:
+        async def poll() -> list[str]:
             nonlocal after
             now = wall_ms()
             _check(audience, who, meter_id, now)
@@ -68,9 +67,12 @@ async def energy(websocket: WebSocket, meter_id: str) -> None:
                 pool, meter_id, from_ms=after[0], to_ms=now + 86_400_000, after=after,
                 limit=_PAGE,
             )  # fmt: skip
-            if page:
-                after = (page[-1]["ts"], page[-1]["seq"])
-            return [r for r in page if _allowed(audience, who, meter_id, r["ts"], now)]
+            after = page.last or after
+            return [
+                reads.finish([line]).decode()
+                for ts, line in zip(page.times, page.lines, strict=True)
+                if _allowed(audience, who, meter_id, ts, now)
+            ]
 
         return poll
 
@@ -84,13 +86,15 @@ async def status(websocket: WebSocket, meter_id: str) -> None:
     async def start(who: Principal) -> Poll:
         sent: str | None = None
 
-        async def poll() -> list[dict[str, Any]]:
+        async def poll() -> list[str]:
             nonlocal sent
             now = await reads.meter_status(pool, meter_id)
             if now is None:
                 raise ApiError(404, "unknown_meter", f"no meter {meter_id}")
             changed, sent = now != sent, now
-            return [{"meter_id": meter_id, "status": now, "at_ms": wall_ms()}] if changed else []
+            if not changed:
+                return []
+            return [_json({"meter_id": meter_id, "status": now, "at_ms": wall_ms()})]
 
         return poll
 
@@ -103,12 +107,12 @@ async def alerts(websocket: WebSocket, meter_id: str) -> None:
     async def start(who: Principal) -> Poll:
         after = await reads.last_event_id(pool, meter_id)
 
-        async def poll() -> list[dict[str, Any]]:
+        async def poll() -> list[str]:
             nonlocal after
             events = await reads.events_after(pool, meter_id, after, limit=_PAGE)
             if events:
                 after = events[-1]["id"]
-            return events
+            return [_json(e) for e in events]
 
         return poll
 
@@ -134,7 +138,7 @@ async def _serve(
         try:
             while not gone.done():
                 for message in await poll():
-                    await websocket.send_text(orjson.dumps(message).decode())
+                    await websocket.send_text(message)
                 await asyncio.wait({gone}, timeout=POLL_S)
         finally:
             gone.cancel()
@@ -146,6 +150,10 @@ async def _serve(
             await websocket.close(code=_CLOSE.get(refusal.status, 4400), reason=refusal.code)
     except WebSocketDisconnect:
         log.info("stream_closed", path=websocket.url.path)
+
+
+def _json(message: dict[str, Any]) -> str:
+    return orjson.dumps(message).decode()
 
 
 def _allowed(audience: Audience, who: Principal, meter_id: str, ts_ms: int, now_ms: int) -> bool:
