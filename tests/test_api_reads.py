@@ -1,0 +1,140 @@
+"""What the API's reads serve, against the real server process: readings rendered by
+PostgreSQL (api/reads.py) are exactly the verified readings submitted, in JSON and CSV,
+whole or page by page, and a hostile `kid` stored by other means still makes valid JSON
+and CSV. How fast they are is `meterproof bench api`'s business (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+from fixtures.api import ApiServer
+from ingest_harness import provision
+
+from meterproof.api.reads import FIELDS
+from meterproof.schemas.codec import encode_reading, sign_reading
+from meterproof.schemas.reading import VerifiedReading, b64url
+from meterproof.schemas.timestamps import ms_to_dt, wall_ms
+
+COUNT = 2_500
+
+
+@pytest.fixture(scope="module")
+def api_env() -> dict[str, str]:
+    return {"METERPROOF_RATE_MAX_READINGS": "1000000"}
+
+
+def _fields(meter_id: str, seq: int, ts: int) -> dict[str, Any]:
+    """Optional fields present on some readings only, negative values among them."""
+    fields: dict[str, Any] = {"meter_id": meter_id, "seq": seq, "ts": ts,
+                              "import_wh": 10_000 + seq * 7, "export_wh": seq}  # fmt: skip
+    if seq % 3:
+        fields |= {"power_w": -1_500 + seq, "voltage_mv": 230_100, "frequency_mhz": 49_990}
+    if seq % 5 == 0:
+        fields |= {"current_ma": 6_500, "power_factor_milli": -950}
+    return fields
+
+
+def _as_csv(readings: list[dict[str, Any]]) -> str:
+    """The CSV the route promises: FIELDS as columns, csv's minimal quoting, absent = empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(readings)
+    return out.getvalue()
+
+
+def _whole(http: httpx.Client, meter_id: str, limit: int, **params: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        answer = http.get(f"/api/meters/{meter_id}/history", params=query)
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        found += page["readings"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return found
+
+
+@pytest.mark.slow
+def test_reads_serve_exactly_the_verified_readings_submitted(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    start = wall_ms() - COUNT * 5_000
+    signed = [sign_reading(_fields(meter_id, i + 1, start + i * 5_000), key) for i in range(COUNT)]
+    hashes: list[str] = []
+    with api_server.meter_client(meter_id) as meter:
+        for i in range(0, COUNT, 1_000):
+            body = {"readings": [encode_reading(r).decode() for r in signed[i : i + 1_000]]}
+            answer = meter.post("/api/meters/energy/batch", json=body)
+            assert answer.status_code == 200, answer.text
+            receipts = answer.json()["receipts"]
+            assert [r["status"] for r in receipts] == ["accepted"] * len(receipts)
+            hashes += [r["reading_hash"] for r in receipts]
+
+    token = api_server.operator_token()
+    with api_server.client(headers={"Authorization": f"Bearer {token}"}) as http:
+        day = {"from": start, "to": start + COUNT * 5_000}
+        whole = _whole(http, meter_id, 20_000, **day)
+        assert _whole(http, meter_id, 1_000, **day) == whole  # three pages, by the cursor
+        assert len(whole) == COUNT
+        for served, sent, digest in zip(whole, signed, hashes, strict=True):
+            verified = VerifiedReading.model_validate(served)
+            assert verified.wire_dict() == {**sent.wire_dict(), "reading_hash": digest,
+                                            "verified_at": verified.verified_at}  # fmt: skip
+            assert served.keys() == verified.wire_dict().keys()  # absent stays absent
+            assert served["reading_hash"] == digest
+
+        as_csv = http.get(f"/api/meters/{meter_id}/history", params={**day, "format": "csv",
+                                                                      "limit": 20_000})  # fmt: skip
+        assert as_csv.headers["content-type"].startswith("text/csv")
+        assert as_csv.text == _as_csv(whole)
+
+        latest = http.get(f"/api/meters/{meter_id}/latest")
+        assert latest.status_code == 200
+        assert latest.json() == whole[-1]
+
+        aligned = {**day, "from": start // 900_000 * 900_000, "width": "15m"}
+        quarters = http.get(f"/api/meters/{meter_id}/rollups", params=aligned)
+        rows = quarters.json()["rollups"]
+        assert sum(r["readings"] for r in rows) == COUNT
+        assert sum(r["import_wh"] for r in rows) == (COUNT - 1) * 7  # first one has no predecessor
+
+
+@pytest.mark.slow
+def test_a_hostile_kid_still_renders_valid_json_and_csv(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    """Registered kids are [A-Za-z0-9._:-], but `readings.kid` holds any text: JSON's
+    escapes keep '+', '/' and '=' away from the page-wide base64url step, CSV quotes."""
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    kid, sig, ts = 'k+/="\n,é', bytes(range(64)), wall_ms() - 60_000
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO readings (meter_id, seq, ts, import_wh, export_wh, alg, kid, sig,"
+            " reading_hash, received_at, verified_at) VALUES (%s, 1, %s, 5, 0, 'EdDSA', %s, %s,"
+            " %s, now(), %s)",
+            (meter_id, ms_to_dt(ts), kid, sig, bytes(32), ms_to_dt(ts + 3)),
+        )
+    token = api_server.operator_token()
+    with api_server.client(headers={"Authorization": f"Bearer {token}"}) as http:
+        params = {"from": ts, "to": ts + 1}
+        page = orjson.loads(http.get(f"/api/meters/{meter_id}/history", params=params).content)
+        (reading,) = page["readings"]
+        assert (reading["kid"], reading["sig"], reading["ts"]) == (kid, b64url(sig), ts)
+        assert reading["verified_at"] == ts + 3
+        assert "power_w" not in reading
+        text = http.get(f"/api/meters/{meter_id}/history", params={**params, "format": "csv"}).text
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [(r["kid"], r["sig"], r["power_w"]) for r in rows] == [(kid, b64url(sig), "")]
