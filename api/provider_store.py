@@ -11,10 +11,17 @@ nonce is the reading's seq: the judge answers `duplicate` for the same signed re
 deliver an old seq late), so it is checked here, under the same meter locks, before the
 judge: a provider nonce at or below the meter's highest stored seq, not itself stored,
 is refused `seq_reused` and recorded like every refusal.
+
+Anyone can post a body naming a provider's meter: unlike a meter's own topic (broker ACL)
+or its certificate (the API), nothing proves who sent a provider reading until its
+signature verifies. So refusals decided before that (`UNATTRIBUTED`) are stored without
+the meter id (the topic still names it): they raise no security event on the meter and
+never count towards its quarantine, which a stranger could otherwise trigger at will.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Final
 
@@ -52,8 +59,21 @@ JOIN providers p ON p.provider_id = u.provider_id AND p.meter_id = u.meter_id
 """
 
 
-def is_provider(candidate: Candidate) -> bool:
-    return provider.meter_of_topic(candidate.message.topic) is not None
+#: Refusals of a provider reading that do not show its provider sent it.
+UNATTRIBUTED: Final = frozenset({
+    RejectReason.MALFORMED, RejectReason.TOPIC_MISMATCH, RejectReason.UNKNOWN_METER,
+    RejectReason.METER_NOT_ACTIVE, RejectReason.UNSUPPORTED_ALG, RejectReason.BAD_SIGNATURE,
+})  # fmt: skip
+
+
+def is_provider(item: Candidate | Rejection) -> bool:
+    return provider.meter_of_topic(item.message.topic) is not None
+
+
+def _unattributed(rejection: Rejection) -> Rejection:
+    if rejection.reason in UNATTRIBUTED and is_provider(rejection):
+        return dataclasses.replace(rejection, meter_id=None)
+    return rejection
 
 
 class ProviderStore:
@@ -69,6 +89,7 @@ class ProviderStore:
     async def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:
+        rejections = [_unattributed(j) for j in rejections]
         if not any(is_provider(c) for c in candidates):
             return await self._inner.commit_batch(candidates, rejections)
         try:
