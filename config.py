@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Final
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -31,11 +31,28 @@ DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 #: What a share-group name may contain: MQTT forbids / + # in it, and 16 characters of
 #: this alphabet are ~96 bits, more than a meter can guess at ~740 TLS handshakes/s.
 SHARE_GROUP_PATTERN: Final = r"^[A-Za-z0-9_-]{16,64}$"
+#: `host:port` pairs separated by commas (hosts without colons: no IPv6 literals here).
+BROKER_LIST_PATTERN: Final = r"^[^,:\s]+:\d{1,5}(,[^,:\s]+:\d{1,5})*$"
+
+#: Where a broker listens: (host, port).
+BrokerAddress = tuple[str, int]
 
 
 def stack_env_file() -> Path:
     """The stack env file every command reads: `METERPROOF_STACK_ENV`, else the default."""
     return Path(os.environ.get("METERPROOF_STACK_ENV") or STACK_ENV_FILE)
+
+
+def parse_brokers(value: str) -> tuple[BrokerAddress, ...]:
+    """`host:port,host:port` (BROKER_LIST_PATTERN) as addresses, every port checked."""
+    addresses = tuple((host, int(port)) for host, port in (i.split(":") for i in value.split(",")))
+    if not all(1 <= port <= 65535 for _, port in addresses):
+        raise ValueError(f"a port of {value!r} is outside 1..65535")
+    return addresses
+
+
+def format_brokers(addresses: tuple[BrokerAddress, ...]) -> str:
+    return ",".join(f"{host}:{port}" for host, port in addresses)
 
 
 def new_share_group() -> str:
@@ -52,6 +69,13 @@ class Settings(BaseSettings):
     pki_root: Path = Field(default=DEFAULT_PKI_ROOT, description="operator PKI folder")
     mqtt_host: str = Field(default="127.0.0.1", description="broker host for TLS clients")
     mqtt_port: int = Field(default=8883, ge=1, le=65535, description="mutual-TLS listener")
+    mqtt_brokers: str | None = Field(
+        default=None,
+        pattern=BROKER_LIST_PATTERN,
+        description="ordered `host:port,host:port` list of brokers that share one CA, CRL "
+        "and ACL (`stack up --ha`): meters fail over along it, workers subscribe on each; "
+        "unset, mqtt_host:mqtt_port is the only broker",
+    )
     database_url: str = Field(default=DEFAULT_DATABASE_URL, description="PostgreSQL URL")
     redis_url: str | None = Field(
         default=DEFAULT_REDIS_URL, description="Redis URL; None disables the replay fast path"
@@ -63,6 +87,19 @@ class Settings(BaseSettings):
         "2.0 lets any client join a shared subscription it can name, and takes readings "
         "away from the workers for it (mosquitto/meterproof.acl.tmpl); never give it to meters",
     )
+
+    @field_validator("mqtt_brokers")
+    @classmethod
+    def _ports_in_range(cls, value: str | None) -> str | None:
+        if value:
+            parse_brokers(value)
+        return value
+
+    def brokers(self) -> tuple[BrokerAddress, ...]:
+        """Every broker, in the order clients try them: `mqtt_brokers`, else the one."""
+        if not self.mqtt_brokers:
+            return ((self.mqtt_host, self.mqtt_port),)
+        return parse_brokers(self.mqtt_brokers)
 
     @classmethod
     def settings_customise_sources(
@@ -93,6 +130,18 @@ class StackEnv(Settings):
         default=1884, ge=1, le=65535, description="loopback-only plain listener, admin only"
     )
     redis_url: str = Field(default=DEFAULT_REDIS_URL, description="Redis URL")
+    mqtt_admin_ports: str | None = Field(
+        default=None,
+        pattern=r"^\d{1,5}(,\d{1,5})*$",
+        description="admin listener of each broker of `mqtt_brokers`, in the same order; "
+        "unset, mqtt_admin_port is the only one",
+    )
+
+    def admin_ports(self) -> tuple[int, ...]:
+        """The admin port of each broker of `brokers()`, in the same order."""
+        if not self.mqtt_admin_ports:
+            return (self.mqtt_admin_port,)
+        return tuple(int(port) for port in self.mqtt_admin_ports.split(","))
 
     def to_env_lines(self) -> list[str]:
         """`KEY=value` lines that a shell can source and pydantic-settings can read."""

@@ -16,6 +16,14 @@ packet id, and only that copy's PUBACK is unambiguous (the id may be reused once
 acknowledged). The broker's inflight window (`max_inflight_messages`, and
 `receive_maximum` here) bounds how many deliveries are pending, which bounds the worker's
 queue.
+
+With several brokers (`Settings.brokers`, `stack up --ha`) the worker's source is a
+`BrokerSet`: one `MqttSource` per broker, each with the shared subscription there, so
+whichever broker a meter is on, some worker takes its readings. Each delivery names its
+broker, and its PUBACK goes back on that broker's connection (same link rule as above).
+A meter's receipts go to the broker its latest reading arrived on (after a failover, the
+broker it moved to); verified readings and the integrators' copies go to every broker, so
+a bridge or an integrator connected to any broker receives them.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from typing import Any, Protocol
 import structlog
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
+from prometheus_client import Counter
 
+from meterproof.backoff import Backoff
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.ingest import _gmqtt, _wire
@@ -41,6 +51,11 @@ from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("ingest.source")
 
+PUBLISHES_DROPPED = Counter(
+    "meterproof_broker_down_publishes_dropped_total",
+    "Receipts and verified copies not sent to a broker that was down with its window full",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -50,6 +65,8 @@ class Delivery:
     message: Message
     mid: int | None
     link: int
+    #: Index of the broker it arrived from (in `Settings.brokers`); 0 with one broker.
+    broker: int = 0
 
 
 #: The worker's entry point: called synchronously for every delivery, in arrival order.
@@ -93,7 +110,10 @@ class MqttSource:
         session_expiry_s: int,
         receive_maximum: int,
         publish_window: int,
+        index: int = 0,
     ) -> None:
+        """`index` is this broker's place in the list, stamped on every delivery."""
+        self.index = index
         self._host = host
         self._port = port
         self._tls = tls
@@ -141,7 +161,12 @@ class MqttSource:
         # Subscribing again on a resumed session is harmless and covers a session the
         # broker lost (expired, or a broker without persistence).
         client.subscribe(self._topic, qos=1)
-        log.info("broker_connected", topic=self._topic, session_present=bool(flags))
+        log.info(
+            "broker_connected",
+            broker=f"{self._host}:{self._port}",
+            topic=self._topic,
+            session_present=bool(flags),
+        )
 
     def _on_subscribe(self, client: Client, mid: int, granted: Sequence[int], props: Any) -> None:  # noqa: ANN401
         if any(code >= 0x80 for code in granted):
@@ -152,7 +177,11 @@ class MqttSource:
 
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
         self._subscribed.clear()
-        log.warning("broker_disconnected", error=None if exc is None else str(exc))
+        log.warning(
+            "broker_disconnected",
+            broker=f"{self._host}:{self._port}",
+            error=None if exc is None else str(exc),
+        )
 
     def _on_publish(self, first: int, body: bytes, link: int | None = None) -> None:
         publish = _wire.parse_publish(first, body)
@@ -160,7 +189,8 @@ class MqttSource:
             self._dropped(publish, first, len(body))
             return
         message = Message(publish.topic, publish.payload, wall_ms())
-        self._deliver(Delivery(message, publish.packet_id, self._link if link is None else link))
+        link = self._link if link is None else link
+        self._deliver(Delivery(message, publish.packet_id, link, self.index))
 
     def _on_puback(self, first: int, body: bytes) -> None:
         """The broker took one of our publishes: its id and its place in the window are free."""
@@ -196,15 +226,29 @@ class MqttSource:
             return len(acks)
         return 0
 
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+    async def publish_many(
+        self, items: Sequence[tuple[str, bytes]], *, drop_when_down: bool = False
+    ) -> None:
         """QoS 1, within the outbound window, written in as few writes as the window allows;
         each packet is kept in the window's store, and gmqtt resends it after a reconnect
-        until the broker acknowledges it."""
+        until the broker acknowledges it.
+
+        `drop_when_down`: when the window is full and the broker is not connected, drop
+        the rest instead of waiting (a `BrokerSet` must not stall every broker's receipts
+        for one that is gone; the meters' republish covers a dropped receipt)."""
         chunk: list[bytes] = []
-        for topic, payload in items:
+        for i, (topic, payload) in enumerate(items):
             if self._window.full:
                 self._transport_write(b"".join(chunk))
                 chunk = []
+                if drop_when_down and not self.connected:
+                    PUBLISHES_DROPPED.inc(len(items) - i)
+                    log.warning(
+                        "broker_down_publishes_dropped",
+                        broker=f"{self._host}:{self._port}",
+                        count=len(items) - i,
+                    )
+                    return
                 await self._window.wait_for_room()
             mid = _gmqtt.next_packet_id(self._client)
             packet = _wire.publish_packet(topic.encode(), payload, mid)
@@ -217,17 +261,110 @@ class MqttSource:
         await self._client.disconnect()
 
 
-def mqtt_source(settings: IngestSettings) -> MqttSource:
-    """The worker's source as its settings describe it: its own certificate (TLS 1.3)."""
+class BrokerSet:
+    """A `Source` over one `MqttSource` per broker (see the module): deliveries from all,
+    each acknowledged on its own broker, receipts to the meter's broker, the rest to all.
+
+    A broker down when the worker starts is connected to in the background, with backoff,
+    as soon as it is back; connected means at least one broker delivers.
+    """
+
+    def __init__(self, sources: Sequence[MqttSource]) -> None:
+        if not sources:
+            raise ValueError("a broker set needs at least one broker")
+        self._sources = list(sources)
+        #: meter id -> index of the broker its latest reading came from
+        self._meter_broker: dict[str, int] = {}
+        self._connecting: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return any(source.connected for source in self._sources)
+
+    async def start(self, deliver: Handler) -> None:
+        """Connect to every broker; raise only when none accepts (as `MqttSource`)."""
+
+        def routed(delivery: Delivery) -> None:
+            meter_id = topics.meter_of_readings(delivery.message.topic)
+            if meter_id is not None:
+                self._meter_broker[meter_id] = delivery.broker
+            deliver(delivery)
+
+        results = await asyncio.gather(
+            *(source.start(routed) for source in self._sources), return_exceptions=True
+        )
+        failed = [(s, r) for s, r in zip(self._sources, results, strict=True) if r is not None]
+        if len(failed) == len(self._sources):
+            raise failed[0][1]
+        for source, error in failed:
+            log.warning("broker_unreachable_at_start", broker=source.index, error=str(error))
+            self._connecting.append(asyncio.create_task(self._keep_trying(source, routed)))
+
+    @staticmethod
+    async def _keep_trying(source: MqttSource, deliver: Handler) -> None:
+        backoff = Backoff(1.0, 10.0)
+        while True:
+            await asyncio.sleep(backoff.next_s())
+            try:
+                await source.start(deliver)
+            except OSError as exc:
+                log.debug("broker_still_unreachable", broker=source.index, error=str(exc))
+            else:
+                return
+
+    async def stop(self) -> None:
+        for task in self._connecting:
+            task.cancel()
+        await asyncio.gather(*self._connecting, return_exceptions=True)
+        await asyncio.gather(*(source.stop() for source in self._sources), return_exceptions=True)
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        by_broker: dict[int, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_broker.setdefault(delivery.broker, []).append(delivery)
+        return sum(self._sources[i].ack(batch) for i, batch in by_broker.items())
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Receipts (`meters/{id}/...`) to the broker of the meter's latest reading,
+        everything else to every broker; a broker that is down never holds up the others."""
+        per_broker: list[list[tuple[str, bytes]]] = [[] for _ in self._sources]
+        for topic, payload in items:
+            if topic.startswith(_METER_TOPICS):
+                meter_id = topic.split("/", 2)[1]
+                per_broker[self._meter_broker.get(meter_id, 0)].append((topic, payload))
+            else:
+                for each in per_broker:
+                    each.append((topic, payload))
+        await asyncio.gather(
+            *(
+                source.publish_many(batch, drop_when_down=True)
+                for source, batch in zip(self._sources, per_broker, strict=True)
+                if batch
+            )
+        )
+
+
+#: Topics of one meter (its receipts) begin so: they go to that meter's broker only.
+_METER_TOPICS = topics.of_meter("-").removesuffix("-/#")
+
+
+def mqtt_source(settings: IngestSettings) -> MqttSource | BrokerSet:
+    """The worker's source as its settings describe it: its own certificate (TLS 1.3);
+    with several brokers, one connection to each (`BrokerSet`)."""
     pki = PkiLayout(settings.pki_root)
     identity = pki.service(settings.identity)
-    return MqttSource(
-        host=settings.mqtt_host,
-        port=settings.mqtt_port,
-        tls=client_context(cert=identity.cert, key=identity.key, ca_cert=pki.ca_cert),
-        client_id=settings.client_id,
-        share_group=settings.share_group,
-        session_expiry_s=settings.session_expiry_s,
-        receive_maximum=settings.receive_maximum,
-        publish_window=settings.publish_window,
-    )
+    sources = [
+        MqttSource(
+            host=host,
+            port=port,
+            tls=client_context(cert=identity.cert, key=identity.key, ca_cert=pki.ca_cert),
+            client_id=settings.client_id,
+            share_group=settings.share_group,
+            session_expiry_s=settings.session_expiry_s,
+            receive_maximum=settings.receive_maximum,
+            publish_window=settings.publish_window,
+            index=index,
+        )
+        for index, (host, port) in enumerate(settings.brokers())
+    ]
+    return sources[0] if len(sources) == 1 else BrokerSet(sources)

@@ -13,6 +13,9 @@ Order of effects for one reading (the design; a crash between any two steps is s
 
 The MQTT session is persistent from the first connect (MQTT 5, `clean_start=False`,
 a session expiry), so receipts sent while the meter is offline wait for it at the broker.
+With several brokers (`Broker.others`) a lost broker sends the meter to the next one
+(`meter.network.Link`); the receipts of readings taken by the lost broker come back as
+`duplicate` once step 6's timer republishes them on the new one.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from meterproof.certs.layout import PkiLayout
-from meterproof.config import StackEnv
+from meterproof.config import BrokerAddress, Settings
 from meterproof.meter.delivery import Delivery, TokenBucket
 from meterproof.meter.identity import MeterIdentity, client_tls
 from meterproof.meter.measurement import Measurement
@@ -54,15 +57,25 @@ NO_MATCHING_SUBSCRIBERS: Final = 16
 
 @dataclass(frozen=True, slots=True)
 class Broker:
-    """Where to connect, and the one CA certificate a client trusts (the operator root)."""
+    """Where to connect, and the one CA certificate a client trusts (the operator root).
+
+    `others` are the brokers to move to, in order, when this one is lost (they share its
+    CA, CRL and ACL: `stack up --ha`); the outbox republishes what was not receipted.
+    """
 
     host: str
     port: int
     ca_cert: Path
+    others: tuple[BrokerAddress, ...] = ()
 
     @classmethod
-    def from_env(cls, env: StackEnv) -> Broker:
-        return cls(env.mqtt_host, env.mqtt_port, PkiLayout(env.pki_root).ca_cert)
+    def from_env(cls, env: Settings) -> Broker:
+        (host, port), *others = env.brokers()
+        return cls(host, port, PkiLayout(env.pki_root).ca_cert, tuple(others))
+
+    @property
+    def addresses(self) -> tuple[BrokerAddress, ...]:
+        return ((self.host, self.port), *self.others)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +196,11 @@ class MeterClient:
     def connected(self) -> bool:
         return self._link is not None and self._link.is_up
 
+    @property
+    def on_broker(self) -> BrokerAddress | None:
+        """The broker the meter is on (or tries next); None before `start`."""
+        return None if self._link is None else self._link.broker
+
     def start(self) -> None:
         """Begin connecting; readings submitted meanwhile wait in the outbox."""
         if self._link is not None:
@@ -202,8 +220,7 @@ class MeterClient:
         self._link = self.network.open(
             client,
             name=self.meter_id,
-            host=self.broker.host,
-            port=self.broker.port,
+            brokers=self.broker.addresses,
             listener=self,
             keepalive=self.settings.keepalive_s,
             properties=properties,

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
@@ -90,24 +90,26 @@ class Network:
         client: mqtt.Client,
         *,
         name: str,
-        host: str,
-        port: int,
+        brokers: Sequence[tuple[str, int]],
         listener: LinkListener,
         keepalive: int = 30,
         properties: Properties | None = None,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
     ) -> Link:
-        """Start connecting `client` (MQTT 5, `clean_start=False` from the first connect)."""
+        """Start connecting `client` to the first of `brokers` (MQTT 5, `clean_start=False`
+        from the first connect); see `Link` for how it moves along the list."""
         link = Link(
             self,
             client,
             name=name,
             listener=listener,
+            brokers=brokers,
+            keepalive=keepalive,
+            properties=properties,
             reconnect_min_s=reconnect_min_s,
             reconnect_max_s=reconnect_max_s,
         )
-        client.connect_async(host, port, keepalive, clean_start=False, properties=properties)
         self._links.add(link)
         link.connect_now()
         return link
@@ -139,7 +141,14 @@ class Network:
 
 
 class Link:
-    """One paho client on the loop: connects, reconnects with jittered backoff, closes."""
+    """One paho client on the loop: connects, reconnects with jittered backoff, closes.
+
+    With several brokers (an ordered list sharing one CA, CRL and ACL), a failed connect,
+    a refused CONNECT or a lost link moves the next attempt to the next broker of the list
+    (after the last, the first again), so a meter whose broker died is on the other within
+    one backoff step. paho keeps its in-flight publishes across the move and sends them
+    again on the new broker; the meter's outbox covers the rest.
+    """
 
     def __init__(
         self,
@@ -148,15 +157,25 @@ class Link:
         *,
         name: str,
         listener: LinkListener,
+        brokers: Sequence[tuple[str, int]],
+        keepalive: int,
+        properties: Properties | None,
         reconnect_min_s: float,
         reconnect_max_s: float,
     ) -> None:
         if not 0 < reconnect_min_s <= reconnect_max_s:
             raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
+        if not brokers:
+            raise ValueError("a link needs at least one broker")
         self.network = network
         self.client = client
         self.name = name
         self.listener = listener
+        self.brokers = tuple(brokers)
+        #: Index in `brokers` of the broker the link is on (or tries next).
+        self.current = 0
+        self._keepalive = keepalive
+        self._properties = properties
         self.state: LinkState = "idle"
         self._backoff = Backoff(initial=reconnect_min_s, maximum=reconnect_max_s)
         self._warned = False  # one warning per outage, not one per attempt
@@ -169,10 +188,29 @@ class Link:
         client.on_socket_unregister_write = self._done_writing
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
+        self._aim()
 
     @property
     def is_up(self) -> bool:
         return self.state == "up"
+
+    @property
+    def broker(self) -> tuple[str, int]:
+        return self.brokers[self.current]
+
+    def _aim(self) -> None:
+        """Point the client at `broker`; the next (re)connect goes there."""
+        host, port = self.broker
+        self.client.connect_async(
+            host, port, self._keepalive, clean_start=False, properties=self._properties
+        )
+
+    def _next_broker(self) -> None:
+        if len(self.brokers) > 1:
+            self.current = (self.current + 1) % len(self.brokers)
+            self._aim()
+            host, port = self.broker
+            log.info("mqtt.broker_next", client_id=self.name, broker=f"{host}:{port}")
 
     def connect_now(self) -> None:
         self._retry = None
@@ -225,6 +263,7 @@ class Link:
         level = log.debug if self._warned else log.warning
         level("mqtt.connect_failed", client_id=self.name, error=repr(error))
         self._warned = True
+        self._next_broker()
         self._schedule_retry()
 
     def _schedule_retry(self) -> None:
@@ -260,6 +299,7 @@ class Link:
             self._closed.set()
             return
         was_up = self.state == "up"
+        self._next_broker()  # lost or refused: the next attempt goes to the next broker
         self._schedule_retry()
         if was_up:
             log.info("mqtt.link_lost", client_id=self.name, reason=str(reason))

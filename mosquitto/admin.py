@@ -80,18 +80,41 @@ class BrokerAdminError(MeterproofError, OSError):
     """The broker is running but did not confirm an admin command."""
 
 
-def enforce_revocation(identity: str, env: StackEnv) -> None:
-    """Make the running broker refuse `identity` from now on and close its connections.
+def enforce_revocation(identity: str, env: StackEnv) -> int:
+    """Make every running broker of the stack refuse `identity` from now on and close its
+    connections there; return on how many brokers. A broker that is down loads the CRL
+    when started; when none runs, BrokerNotRunningError.
 
     Call after the CRL file has been rewritten. Idempotent: revoking twice is harmless.
     """
     if not IDENTITY_RE.fullmatch(identity):
         raise ValueError(f"invalid identity {identity!r}: 1-64 characters of [A-Za-z0-9._-]")
-    files = broker_files(env.run_dir)
-    os.kill(_broker_pid(files), signal.SIGHUP)
+    applied = 0
+    for files, admin_port in stack_brokers(env):
+        try:
+            os.kill(_broker_pid(files), signal.SIGHUP)
+        except BrokerNotRunningError:
+            continue
+        _kick(identity, files, admin_port)
+        applied += 1
+    if not applied:
+        raise BrokerNotRunningError(f"no broker of {env.run_dir} is running")
+    return applied
+
+
+def stack_brokers(env: StackEnv) -> list[tuple[BrokerFiles, int]]:
+    """Each broker of the stack (`StackEnv.brokers`) with its admin port, in order."""
+    ports = env.admin_ports()
+    if len(ports) != len(env.brokers()):
+        raise ValueError(f"{len(env.brokers())} brokers but admin ports {ports}")
+    return [(broker_files(env.run_dir, i), port) for i, port in enumerate(ports)]
+
+
+def _kick(identity: str, files: BrokerFiles, admin_port: int) -> None:
+    """Close `identity`'s connections on one broker (see (b) above)."""
     responses = dynsec_commands(
         files,
-        env.mqtt_admin_port,
+        admin_port,
         [
             {"command": "createClient", "username": identity},
             {"command": "deleteClient", "username": identity},
@@ -108,22 +131,37 @@ def revoke_on_running_broker(identity: str, stack_env: Path) -> str:
     tells the operator to run its command again (revoking twice is harmless)."""
     if not stack_env.exists():
         return f"no running stack ({stack_env} absent): the broker loads the CRL when started"
+    env = StackEnv.load(stack_env)
     try:
-        enforce_revocation(identity, StackEnv.load(stack_env))
+        applied = enforce_revocation(identity, env)
     except ConnectionRefusedError:
         return "the broker is not running: it loads the CRL when started"
-    return f"broker: {identity} disconnected and refused from now on"
+    brokers = len(env.brokers())
+    if brokers == 1:
+        return f"broker: {identity} disconnected and refused from now on"
+    said = f"{applied} of {brokers} brokers: {identity} disconnected and refused from now on"
+    return said if applied == brokers else f"{said} (a broker down loads the CRL when started)"
 
 
 def reload_identities(env: StackEnv, pki: PkiLayout) -> None:
-    """Render the broker files again from the PKI's folders and SIGHUP the running broker,
-    so identities issued since the last render (ingest workers, integrators) get their
-    rights. The files are rewritten even when the broker is down (BrokerNotRunningError):
-    it reads them when started."""
-    files = render(
-        run_dir=env.run_dir, pki=pki, tls_port=env.mqtt_port, admin_port=env.mqtt_admin_port
-    )
-    os.kill(_broker_pid(files), signal.SIGHUP)
+    """Render every broker's files again from the PKI's folders and SIGHUP the running
+    brokers, so identities issued since the last render (ingest workers, integrators) get
+    their rights. The files are rewritten even when a broker is down: it reads them when
+    started; BrokerNotRunningError when none runs."""
+    running = 0
+    for (index, (_, port)), admin_port in zip(
+        enumerate(env.brokers()), env.admin_ports(), strict=True
+    ):
+        files = render(
+            run_dir=env.run_dir, pki=pki, tls_port=port, admin_port=admin_port, index=index
+        )
+        try:
+            os.kill(_broker_pid(files), signal.SIGHUP)
+        except BrokerNotRunningError:
+            continue
+        running += 1
+    if not running:
+        raise BrokerNotRunningError(f"no broker of {env.run_dir} is running")
 
 
 def identities_on_running_broker(pki: PkiLayout, stack_env: Path) -> str:

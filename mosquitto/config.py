@@ -74,8 +74,12 @@ class BrokerFiles:
         return ["mosquitto", "-c", str(self.conf)]
 
 
-def broker_files(run_dir: Path) -> BrokerFiles:
-    directory = run_dir.absolute() / "mosquitto"
+def broker_files(run_dir: Path, index: int = 0) -> BrokerFiles:
+    """Broker `index` of a run dir: the first in `mosquitto/`, the others (`stack up --ha`)
+    in `mosquitto-<index>/`, each with its own persistence, log and pid file."""
+    if index < 0:
+        raise ValueError(f"a broker index is 0 or more, not {index}")
+    directory = run_dir.absolute() / ("mosquitto" if index == 0 else f"mosquitto-{index}")
     return BrokerFiles(
         directory=directory,
         conf=directory / "mosquitto.conf",
@@ -97,8 +101,13 @@ def render(
     bind: str = "127.0.0.1",
     cafile: Path | None = None,
     integrators: Sequence[str] | None = None,
+    index: int = 0,
 ) -> BrokerFiles:
     """Write the config, the ACL and (first time only) the admin account; return the paths.
+
+    Broker `index` > 0 is one more broker of the same run dir: same CA, CRL and ACL, and
+    the first broker's dynamic-security file and admin password, so one admin login and
+    one revocation command serve every broker.
 
     `cafile` defaults to the PKI's root and may hold a chain. `integrators` defaults to the
     folders under `<pki.root>/integrators/`. Without `admin_port` there is no admin
@@ -122,7 +131,7 @@ def render(
         integrators = _folder_names(pki.root / "integrators")
     services = sorted({*SERVICE_NAMES, *_folder_names(pki.root / "services")})
 
-    files = broker_files(run_dir)
+    files = broker_files(run_dir, index)
     files.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     files.directory.chmod(0o700)
     files.persistence_dir.mkdir(mode=0o700, exist_ok=True)
@@ -151,8 +160,14 @@ def render(
     _write_private(files.conf, conf)
     _write_private(files.acl, acl)
     if not (files.dynsec.is_file() and files.admin_password.is_file()):
-        password = secrets.token_urlsafe(32)
-        _write_private(files.dynsec, json.dumps(dynsec_config(password), indent=2) + "\n")
+        first = broker_files(run_dir)
+        if index > 0 and first.dynsec.is_file() and first.admin_password.is_file():
+            dynsec = first.dynsec.read_text(encoding="utf-8")
+            password = admin_password(first)
+        else:
+            password = secrets.token_urlsafe(32)
+            dynsec = json.dumps(dynsec_config(password), indent=2) + "\n"
+        _write_private(files.dynsec, dynsec)
         _write_private(files.admin_password, password + "\n")
     return files
 

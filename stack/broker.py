@@ -25,7 +25,6 @@ class BrokerServer(SpawnedServer):
     autosave.
     """
 
-    name = "mosquitto"
     program = "mosquitto"
 
     def __init__(
@@ -33,6 +32,8 @@ class BrokerServer(SpawnedServer):
     ) -> None:
         super().__init__(log=files.log, pid_file=files.pid, timeout=timeout)
         self.files = files
+        #: Named after its folder: `mosquitto`, then `mosquitto-1`... (`stack up --ha`).
+        self.name = files.directory.name
         self.port = port
         self.admin_port = admin_port
 

@@ -6,8 +6,11 @@ shells that sourced the file keep working across `down` and `up`.
 
 With `ha`, the database is `stack.ha.HaCluster` (etcd, two PostgreSQL nodes under
 Patroni) in RUN_DIR/ha instead of one PostgreSQL, and stack.env's database URL names both
-nodes. A run dir keeps the kind it was first brought up with: the cluster's record
-(RUN_DIR/ha/cluster.json) makes later `up`, `status` and `down` use the cluster.
+nodes; and there are HA_BROKERS brokers (RUN_DIR/mosquitto, RUN_DIR/mosquitto-1, ...)
+rendered from the same PKI, listed in order in stack.env's METERPROOF_MQTT_BROKERS (their
+admin listeners in METERPROOF_MQTT_ADMIN_PORTS). A run dir keeps the kind it was first
+brought up with: the cluster's record (RUN_DIR/ha/cluster.json) makes later `up`,
+`status` and `down` use the cluster.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 from meterproof.certs.bootstrap import DEFAULT_INGEST_WORKERS, init_pki
 from meterproof.certs.layout import PkiLayout
-from meterproof.config import DEFAULT_PKI_ROOT, StackEnv, new_share_group
+from meterproof.config import DEFAULT_PKI_ROOT, StackEnv, format_brokers, new_share_group
 from meterproof.db.migrate import migrate
 from meterproof.mosquitto.config import broker_files, render
 from meterproof.stack.broker import BrokerServer
@@ -28,6 +31,9 @@ from meterproof.stack.ha import HaCluster, describe
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import LOOPBACK, StackError, free_port, port_is_free
 from meterproof.stack.redis import RedisServer
+
+#: Brokers of `stack up --ha`: a meter whose broker is lost moves to the other.
+HA_BROKERS: Final = 2
 
 
 class Server(Protocol):
@@ -81,7 +87,8 @@ class LocalStack:
         return StackEnv.defaults(run_dir=self.run_dir, pki_root=DEFAULT_PKI_ROOT)
 
     def servers(self, env: StackEnv) -> tuple[PostgresServer, RedisServer, BrokerServer]:
-        """The single-PostgreSQL stack's servers, in start order; stop in reverse."""
+        """The single-PostgreSQL stack's servers, in start order (the first broker only:
+        `brokers` has them all); stop in reverse."""
         return (
             PostgresServer(directory=self.run_dir / "postgres", port=_url_port(env.database_url)),
             RedisServer(directory=self.run_dir / "redis", port=_url_port(env.redis_url)),
@@ -90,15 +97,23 @@ class LocalStack:
             ),
         )
 
+    def brokers(self, env: StackEnv) -> list[BrokerServer]:
+        """Every broker of `env`, in the clients' order (the first is `servers(env)[2]`)."""
+        return [
+            BrokerServer(broker_files(self.run_dir, i), port=port, admin_port=admin)
+            for i, ((_, port), admin) in enumerate(
+                zip(env.brokers(), env.admin_ports(), strict=True)
+            )
+        ]
+
     def database(self, env: StackEnv) -> PostgresServer | HaCluster:
         """The cluster when `ha` (recorded on free ports the first time), else the single
         PostgreSQL."""
         return HaCluster.create(self.ha_dir) if self.ha else self.servers(env)[0]
 
-    def _running_order(self, env: StackEnv) -> tuple[Server, RedisServer, BrokerServer]:
-        """What `up`, `down` and `status` walk: `servers` with the database chosen above."""
-        _, redis_, broker = self.servers(env)
-        return self.database(env), redis_, broker
+    def _running_order(self, env: StackEnv) -> list[Server]:
+        """What `up`, `down` and `status` walk: the database chosen above, Redis, brokers."""
+        return [self.database(env), self.servers(env)[1], *self.brokers(env)]
 
     def status(self) -> list[ServiceStatus]:
         """One line per process; a cluster's PostgreSQL nodes say which one is primary."""
@@ -123,15 +138,16 @@ class LocalStack:
             raise StackError(f"the single PostgreSQL of {self.run_dir} runs: `stack down` first")
         env = self._choose_ports(ports)
         init_pki(self.layout, ingest_workers=ingest_workers)
-        render(
-            run_dir=self.run_dir,
-            pki=self.layout,
-            tls_port=env.mqtt_port,
-            admin_port=env.mqtt_admin_port,
-        )
-        broker = self.servers(env)[2]
-        if broker.is_running():
-            broker.reload()
+        for index, broker in enumerate(self.brokers(env)):
+            render(
+                run_dir=self.run_dir,
+                pki=self.layout,
+                tls_port=broker.port,
+                admin_port=broker.admin_port,
+                index=index,
+            )
+            if broker.is_running():
+                broker.reload()
         env.write(self.env_file)
         self.compose_env_file.write_text(_compose_env(env), encoding="utf-8")
         return env
@@ -195,6 +211,16 @@ class LocalStack:
         broker_up = broker.is_running()
         mqtt = choose("mosquitto", wanted.mqtt, recorded.mqtt_port, broker_up)
         admin = choose("mosquitto admin", wanted.mqtt_admin, recorded.mqtt_admin_port, broker_up)
+        brokers, admins = [(LOOPBACK, mqtt)], [admin]
+        previous = self.brokers(recorded)
+        for i in range(1, HA_BROKERS if self.ha else 1):
+            # The recorded ports of broker i, or the conventional ones + 10 * i the first time.
+            known = previous[i] if i < len(previous) else None
+            up = known is not None and known.is_running()
+            tls_port = known.port if known else recorded.mqtt_port + 10 * i
+            admin_port = known.admin_port if known else recorded.mqtt_admin_port + 10 * i
+            brokers.append((LOOPBACK, choose(f"mosquitto-{i}", None, tls_port, up)))
+            admins.append(choose(f"mosquitto-{i} admin", None, admin_port, up))
         if isinstance(postgres, HaCluster):
             if wanted.postgres is not None:
                 raise StackError("--pg-port does not apply to the cluster: its ports are free ones")
@@ -208,6 +234,8 @@ class LocalStack:
             pki_root=self.layout.root,
             mqtt_port=mqtt,
             mqtt_admin_port=admin,
+            mqtt_brokers=format_brokers(tuple(brokers)) if len(brokers) > 1 else None,
+            mqtt_admin_ports=",".join(map(str, admins)) if len(admins) > 1 else None,
             database_url=database_url,
             redis_url=RedisServer(directory=redis_.directory, port=rd).url,
             share_group=recorded.share_group or new_share_group(),
