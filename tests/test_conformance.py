@@ -412,5 +412,6 @@ def test_a_meter_with_its_vendors_certificate_conforms(tmp_path: Path) -> None:
     failing = [c for c in report["checks"] if c["status"] != "pass"]  # type: ignore[union-attr]
     assert code == 0, failing
     assert report["meter_id"] == "acme-meter-7"
+    assert report["readings_stored"], "the worker stored nothing of the vendor's meter"
     log = (tmp_path / "run" / "mosquitto" / "mosquitto.log").read_text()
     assert "as acme-meter-7 (p5" in log
