@@ -148,14 +148,15 @@ def register_offer(conn: Conn, document: str, *, kid: str, signature: str) -> UU
     return pairing_id
 
 
-def claim(conn: Conn, code: str, account: AccountId) -> Challenge:
+def claim(conn: Conn, code: str, account: AccountId, *, meter_id: str | None = None) -> Challenge:
     """The owner's step: the code names the reader; spend it and issue the link challenge
     (its document names the pairing), which the reader and the wallet then both sign.
 
-    Refused: `pairing_code_unknown` (no reader shows it), `pairing_code_used` (entered
-    before), `pairing_code_expired`, and the meter's own refusals (`meter_not_accepting`).
+    Refused: `pairing_code_unknown` (no reader shows it, or, with `meter_id`, not that
+    reader: a code of another meter is not spent), `pairing_code_used` (entered before),
+    `pairing_code_expired`, and the meter's own refusals (`meter_not_accepting`).
     """
-    meter_id: str | None = None
+    expected = meter_id
     try:
         with conn.transaction(), conn.cursor() as cur:
             row = cur.execute(
@@ -163,8 +164,11 @@ def claim(conn: Conn, code: str, account: AccountId) -> Challenge:
                 " FROM pairing_codes WHERE code_sha256 = %s FOR UPDATE",
                 (code_sha256(code),),
             ).fetchone()
-            if row is None:
-                raise RefusedError("pairing_code_unknown", "no reader shows this pairing code")
+            if row is None or expected not in (None, row[1]):
+                raise RefusedError(
+                    "pairing_code_unknown",
+                    f"no reader{'' if expected is None else f' {expected}'} shows this code",
+                )
             pairing_id, meter_id, claimed_at, expires_at, expired = row
             if claimed_at is not None:
                 raise RefusedError(

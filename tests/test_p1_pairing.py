@@ -183,7 +183,14 @@ def test_unknown_used_and_expired_codes_are_refused_with_their_reasons(
     _refused(conn, "pairing_code_expired", lambda: pairing.claim(conn, short.code, owner.account))
 
     offer = _offer(conn, meter_id, reader_key, timedelta(minutes=5))
-    challenge = pairing.claim(conn, offer.shown, owner.account)
+    # Entered for another meter id: refused as unknown, and the code is not spent.
+    wrong = f"{meter_id}-other"
+    _refused(
+        conn,
+        "pairing_code_unknown",
+        lambda: pairing.claim(conn, offer.code, owner.account, meter_id=wrong),
+    )
+    challenge = pairing.claim(conn, offer.shown, owner.account, meter_id=meter_id)
     # Claimed but not yet signed by the reader: the wallet's signature is not enough.
     _refused(
         conn,
