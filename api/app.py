@@ -28,6 +28,8 @@ from meterproof.api.auth import TOKEN_PATH, Principal, Role, Scope, Token, Token
 from meterproof.api.edge import Edge
 from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
 from meterproof.api.limits import Limit, Limiter, limited
+from meterproof.api.provider_store import provider_store
+from meterproof.api.republish import Republisher
 from meterproof.api.settings import ApiSettings
 from meterproof.api.submit import HttpSource, receipts
 from meterproof.bridge.entry import entry_json
@@ -39,7 +41,7 @@ from meterproof.consent.policy import may_see
 from meterproof.db.rollups import Width, rollups_async
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.audience import REFUSALS, Audience
-from meterproof.ingest.worker import Worker, postgres_store
+from meterproof.ingest.worker import Worker
 from meterproof.registry import repository, wallets
 from meterproof.registry.accounts import AccountId
 from meterproof.registry.model import (
@@ -187,9 +189,18 @@ class Services:
             kwargs={"autocommit": True, "options": _SESSION},
         )  # fmt: skip
         self.audience = Audience(database_url=settings.database_url)
-        self.source = HttpSource()
+        self.republisher = (
+            None
+            if settings.api_mqtt_identity is None
+            else Republisher(
+                pki_root=settings.pki_root, identity=settings.api_mqtt_identity,
+                host=settings.mqtt_host, port=settings.mqtt_port,
+                max_pending=settings.api_republish_max_pending,
+            )
+        )  # fmt: skip
+        self.source = HttpSource(self.republisher)
         rules = settings.ingest_settings()
-        self.worker = Worker(rules, source=self.source, store_factory=postgres_store(rules))
+        self.worker = Worker(rules, source=self.source, store_factory=provider_store(rules))
 
 
 def _services(request: Request) -> Services:
@@ -826,6 +837,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         stop = asyncio.Event()
         consents = asyncio.create_task(services.audience.run(stop), name="consent-view")
         worker = asyncio.create_task(services.worker.run(), name="submissions")
+        republisher = services.republisher
+        republishing = (
+            None if republisher is None
+            else asyncio.create_task(republisher.run(stop), name="republish")
+        )  # fmt: skip
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(services.audience.loaded.wait(), 10)
         log.info("api_started", port=settings.api_port)
@@ -835,6 +851,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             stop.set()
             services.worker.stopping.set()
             await asyncio.gather(consents, worker, return_exceptions=True)
+            if republishing is not None:
+                await asyncio.gather(republishing, return_exceptions=True)
             await services.pool.close()
 
     app = FastAPI(
@@ -847,6 +865,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_middleware(Edge, max_body_bytes=settings.api_max_body_bytes)
 
     app.include_router(router)
+    from meterproof.api.provider import router as providers  # it imports this module
+
+    app.include_router(providers)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
