@@ -71,6 +71,21 @@ def stored_count(database_url: str) -> int | None:
     return int(row[0]) if row else None
 
 
+def meters_stored_since(database_url: str, since: float) -> int:
+    """How many meters have a reading stored after `since` (0 while the database does not
+    answer)."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=3) as conn:
+            row = conn.execute(
+                "SELECT count(DISTINCT meter_id) FROM reading_log"
+                " WHERE stored_at > to_timestamp(%s)",
+                (since,),
+            ).fetchone()
+    except psycopg.OperationalError:
+        return 0
+    return 0 if row is None else int(row[0])
+
+
 def stored_since(database_url: str, since: float) -> bool:
     """Some reading was stored after `since` (False while the database does not answer)."""
     try:

@@ -167,7 +167,15 @@ def _run(
         load_started = time.time()
         say(f"load: first readings stored; {len(plan.faults)} faults to inject")
         target = Target(
-            config, postgres, redis_, broker, ingest, bridge, state_root, env.database_url
+            config,
+            postgres,
+            redis_,
+            broker,
+            ingest,
+            bridge,
+            state_root,
+            env.database_url,
+            tuple(stack.brokers(env)),
         )
         _inject_all(
             Injector(target, load_started=load_started, rng=random.Random(config.seed)),  # noqa: S311

@@ -19,7 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from meterproof.chaos.backlog import ingest_caught_up, stored_since, unanchored_before
+from meterproof.chaos.backlog import (
+    ingest_caught_up,
+    meters_stored_since,
+    stored_since,
+    unanchored_before,
+)
 from meterproof.chaos.plan import (
     ETCD_DOWN_S,
     HA_KINDS,
@@ -159,6 +164,8 @@ class Target:
     bridge: ProductProcess
     state_root: Path
     database_url: str
+    #: Every broker, in the meters' order (`stack up --ha` has two; `broker` is the first).
+    brokers: tuple[BrokerServer, ...] = ()
 
 
 class Injector:
@@ -168,6 +175,7 @@ class Injector:
         self.load_started = load_started
         self.rng = rng
         self._victim: int | None = None
+        self._brokers_lost = 0
 
     def since_load(self, wall: float | None = None) -> float:
         return (time.time() if wall is None else wall) - self.load_started
@@ -228,6 +236,8 @@ class Injector:
             old = cluster.primary()
             new = cluster.switchover()
             return 0, f"{'-' if old is None else old.name} -> {new.name}"
+        if kind is FaultKind.BROKER_LOST:
+            return self._lose_broker()
         if kind is FaultKind.STANDBY_FREEZE:
             standby = cluster.standby()
             if standby is None:
@@ -263,6 +273,28 @@ class Injector:
             time.sleep(0.1)
         new = cluster.primary()
         return 1, f"{old.name} -> {'-' if new is None else new.name}"
+
+    def _lose_broker(self) -> tuple[int, str]:
+        """kill -9 of a broker: the first the first time (every meter starts there), then
+        the one they moved to. The fault lasts until every meter has a reading stored
+        after the kill, which for the meters of the lost broker means through the other:
+        its duration is the fleet's failover time. Then the broker is started again."""
+        brokers = self.t.brokers
+        if len(brokers) < 2:
+            return 0, "one broker only: nothing to fail over to"
+        victim = brokers[self._brokers_lost % len(brokers)]
+        self._brokers_lost += 1
+        killed_at = time.time()
+        victim.kill9()
+        deadline = killed_at + self.t.config.recovery_timeout_s
+        moved = 0
+        while time.time() < deadline:
+            moved = meters_stored_since(self.t.database_url, killed_at)
+            if moved >= self.t.config.meters:
+                break
+            time.sleep(_POLL_S)
+        victim.start()
+        return 1, f"{victim.name}; {moved} of {self.t.config.meters} meters stored through"
 
     def _kill_worker(self) -> tuple[int, str]:
         pids = sorted(worker_pids(self.t.ingest.pid))

@@ -30,12 +30,19 @@ class FaultKind(StrEnum):
     SWITCHOVER = "pg_switchover"
     ETCD_KILL = "etcd_member_kill9"
     STANDBY_FREEZE = "pg_standby_frozen"
+    BROKER_LOST = "broker_lost"
 
 
 #: The faults only a Patroni cluster (`--ha`) can take, and the one it cannot: stopping
 #: "the" PostgreSQL means something else when there are two.
 HA_KINDS: Final = frozenset(
-    {FaultKind.PRIMARY_KILL, FaultKind.SWITCHOVER, FaultKind.ETCD_KILL, FaultKind.STANDBY_FREEZE}
+    {
+        FaultKind.PRIMARY_KILL,
+        FaultKind.SWITCHOVER,
+        FaultKind.ETCD_KILL,
+        FaultKind.STANDBY_FREEZE,
+        FaultKind.BROKER_LOST,
+    }
 )
 SINGLE_KINDS: Final = frozenset({FaultKind.POSTGRES_STOP})
 
@@ -52,6 +59,9 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.ETCD_KILL: "kill -9 of one of three etcd members, started again 5 s later",
     FaultKind.STANDBY_FREEZE: "the synchronous standby's PostgreSQL stopped (SIGSTOP, "
     "connections open) for 15 s: a standby falling behind at its worst",
+    FaultKind.BROKER_LOST: "kill -9 of one of the two brokers (in turn: the one the meters "
+    "moved to last time), started again once every meter stored a reading through the other "
+    "(duration: kill -> that moment, the fleet's failover time)",
 }
 
 #: How a bridge fault kills: at a random moment, or (after that kill) once more at one of
@@ -153,6 +163,7 @@ HA_FULL_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.SWITCHOVER: 3,
     FaultKind.ETCD_KILL: 3,
     FaultKind.STANDBY_FREEZE: 2,
+    FaultKind.BROKER_LOST: 3,
 }
 HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     **{kind: n for kind, n in QUICK_COUNTS.items() if kind not in SINGLE_KINDS},
@@ -160,6 +171,7 @@ HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.SWITCHOVER: 1,
     FaultKind.ETCD_KILL: 1,
     FaultKind.STANDBY_FREEZE: 1,
+    FaultKind.BROKER_LOST: 1,
 }
 
 
@@ -232,6 +244,8 @@ def expected_cost_s(kind: FaultKind, config: CampaignConfig, variant: str = "-")
         FaultKind.ETCD_KILL: ETCD_DOWN_S + 5.0,
         # frozen, then caught up and made synchronous again
         FaultKind.STANDBY_FREEZE: STANDBY_FROZEN_S + 10.0,
+        # every meter through the other broker (a reconnect, then one interval), restart
+        FaultKind.BROKER_LOST: config.interval_s + 10.0,
     }
     return costs[kind]
 

@@ -87,8 +87,9 @@ def stack() -> None:
 @click.option(
     "--ha",
     is_flag=True,
-    help="PostgreSQL with automatic failover: three etcd members and two nodes under "
-    "Patroni (synchronous standby) on free ports in RUN_DIR/ha; kept once made.",
+    help="No single point of failure: PostgreSQL with automatic failover (three etcd "
+    "members and two nodes under Patroni, synchronous standby) on free ports in RUN_DIR/ha, "
+    "and a second broker (RUN_DIR/mosquitto-1); kept once made.",
 )
 @_stack_options
 def up(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
@@ -97,7 +98,9 @@ def up(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     A port not given is the one recorded in RUN_DIR/stack.env (the first time: 8883,
     1884, 5432, 6379) if that is free, else a free one. With --ha the database URL names
     both PostgreSQL nodes with target_session_attrs=read-write: clients reach whichever is
-    primary, and `stack status` shows which one that is.
+    primary, and `stack status` shows which one that is; METERPROOF_MQTT_BROKERS lists
+    both brokers (the second on 8893/1894 the first time, else free ports): meters fail
+    over along it, workers subscribe on each.
     """
     _, started = local.up(ports, ingest_workers=ingest_workers)
     if started:
@@ -172,5 +175,5 @@ def status(run_dir: Path) -> None:
 def _echo_status(local: LocalStack) -> bool:
     statuses = local.status()
     for service in statuses:
-        click.echo(f"{service.name:<10} {'up' if service.running else 'down':<5} {service.address}")
+        click.echo(f"{service.name:<11} {'up' if service.running else 'down':<5} {service.address}")
     return all(service.running for service in statuses)

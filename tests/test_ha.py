@@ -271,7 +271,19 @@ def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Pa
         status = stack("status", "--run-dir", run_dir)
         assert status.returncode == 0, status.stdout
         rows = {line.split()[0]: line for line in status.stdout.splitlines()}
-        assert set(rows) == {"etcd-0", "etcd-1", "etcd-2", "pg-0", "pg-1", "redis", "mosquitto"}
+        assert set(rows) == {
+            *("etcd-0", "etcd-1", "etcd-2", "pg-0", "pg-1", "redis"),
+            *("mosquitto", "mosquitto-1"),
+        }
+        # two brokers, both running, rendered from one PKI, listed in the clients' order
+        assert len(env.brokers()) == len(env.admin_ports()) == 2
+        assert env.brokers()[0] == ("127.0.0.1", env.mqtt_port)
+        for (_, port), name in zip(env.brokers(), ("mosquitto", "mosquitto-1"), strict=True):
+            assert f"mqtts://127.0.0.1:{port}" in rows[name]
+            assert rows[name].split()[1] == "up", rows[name]
+        assert (run_dir / "mosquitto" / "meterproof.acl").read_bytes() == (
+            run_dir / "mosquitto-1" / "meterproof.acl"
+        ).read_bytes()
         primary = cluster.primary()
         assert primary is not None
         assert "PRIMARY running" in rows[primary.name]
