@@ -11,7 +11,9 @@ import hashlib
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -29,7 +31,12 @@ from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
 from meterproof.bridge.rehash import reading_hash as rehash
 from meterproof.bridge.verify import verify as verify_ledger
-from meterproof.certs.layout import PkiLayout
+from meterproof.certs.identities import issue_integrator, load_identity
+from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.config import StackEnv
+from meterproof.consent import repository as consents
+from meterproof.consent.model import Scope
+from meterproof.mosquitto.admin import reload_identities
 from meterproof.schemas import provider
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.broker import BrokerServer
@@ -370,18 +377,25 @@ def test_a_provider_over_its_rate_gets_429(
 
 
 class Feed:
-    """A subscriber to `verified/#` with the bridge's identity (which may read it), in a
-    persistent session, so what is published while it is away is kept for it."""
+    """A subscriber to `topic_filter` (by default `verified/#` with the bridge's identity,
+    which may read it), in a persistent session, so what is published while it is away is
+    kept for it."""
 
-    def __init__(self, pki: PkiLayout, port: int) -> None:
-        identity = pki.service("bridge")
+    def __init__(
+        self, pki: PkiLayout, port: int, identity: IdentityFiles | None = None,
+        topic_filter: str = "verified/#",
+    ) -> None:  # fmt: skip
+        identity = identity or pki.service("bridge")
+        self.identity = identity
         end_session(pki, identity, port)
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self._subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bridge",
-                                   protocol=mqtt.MQTTv5)  # fmt: skip
+        client_id = identity.directory.name  # the broker makes the CN the client id anyway
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
         self._client.tls_set_context(tls_context(pki, identity.cert, identity.key))
-        self._client.on_connect = lambda c, *_: c.subscribe("verified/#", qos=1)
+        self._client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
         self._client.on_subscribe = lambda *_: self._subscribed.set()
         self._client.on_message = lambda _c, _u, m: self.messages.append(
             (m.topic, orjson.loads(m.payload))
@@ -393,10 +407,9 @@ class Feed:
         self._client.loop_start()
         assert self._subscribed.wait(10), "no SUBACK"
 
-    def hashes(self, meter: str) -> set[str]:
-        return {
-            m["reading_hash"] for t, m in list(self.messages) if t == f"verified/{meter}/readings"
-        }
+    def hashes(self, meter: str, prefix: str = "") -> set[str]:
+        topic = f"{prefix}verified/{meter}/readings"
+        return {m["reading_hash"] for t, m in list(self.messages) if t == topic}
 
     def close(self) -> None:
         self._client.disconnect()
@@ -408,7 +421,7 @@ def feed(api_server: ApiServer, broker: BrokerServer) -> Iterator[Feed]:
     subscriber = Feed(api_server.pki, broker.port)
     yield subscriber
     subscriber.close()
-    end_session(api_server.pki, api_server.pki.service("bridge"), broker.port)
+    end_session(api_server.pki, subscriber.identity, broker.port)
 
 
 def test_http_readings_arrive_on_the_mqtt_verified_feed(
@@ -430,6 +443,45 @@ def test_http_readings_arrive_on_the_mqtt_verified_feed(
     copy = next(m for t, m in feed.messages if m["reading_hash"] == provider_hash)
     assert copy["provider_id"] == p.provider_id  # the seed-003 body as received, verified
     assert _refused_none(api_server)
+
+
+def test_an_integrators_consented_feed_gets_http_readings(
+    api_server: ApiServer, make_meter_id: Callable[[], str], broker: BrokerServer,
+    stack_env: StackEnv,
+) -> None:  # fmt: skip
+    pki = api_server.pki
+    name = f"integ-{uuid.uuid4().hex[:8]}"
+    files = issue_integrator(pki, name)
+    reload_identities(stack_env, pki)
+    consented, other = _register(api_server, make_meter_id), _register(api_server, make_meter_id)
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        consents.add_integrator(conn, name, cert_serial=load_identity(files).serial)
+        consents.grant(conn, consents.GrantRequest(
+            integrator=name, meter_id=consented.meter, account=None,
+            scopes=frozenset({Scope.LIVE}), data_from=datetime(2026, 1, 1, tzinfo=UTC),
+            data_to=None, expires_at=None,
+        ), operator_reason="test")  # fmt: skip
+    prefix = f"integrators/{name}/"
+    feed = Feed(pki, broker.port, files, topic_filter=f"{prefix}verified/#")
+    try:
+        nonces = iter(range(1, 100))
+
+        def arrives() -> bool:  # until the API's consent view has heard of the grant
+            answer = _submit(api_server, consented.reading(1, next(nonces)))
+            assert answer.status_code == 202, answer.text
+            time.sleep(0.3)
+            return answer.json()["receipt"]["reading_hash"] in feed.hashes(consented.meter, prefix)
+
+        wait_until(arrives, what="the consented meter's reading on the integrator's feed")
+        unconsented = _submit(api_server, other.reading(1, 1))
+        assert unconsented.status_code == 202, unconsented.text
+        last = _submit(api_server, consented.reading(2, 100))  # published after the other
+        wait_until(lambda: last.json()["receipt"]["reading_hash"]
+                   in feed.hashes(consented.meter, prefix), what="the last reading")  # fmt: skip
+        assert not feed.hashes(other.meter, prefix)
+    finally:
+        feed.close()
+        end_session(pki, files, broker.port)
 
 
 @pytest.mark.slow
