@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import struct
 import threading
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import orjson
 import paho.mqtt.client as mqtt
 import psycopg
@@ -493,11 +495,20 @@ def test_readings_submitted_while_the_broker_is_away_are_published_when_it_is_ba
     try:
         answers = [_submit(api_server, p.reading(10 + n, n + 1)) for n in range(3)]
         assert [a.status_code for a in answers] == [202, 202, 202]  # HTTP does not wait for it
+        assert _pending(api_server) >= 3  # held until the broker acknowledges them
     finally:
         broker.start()
     hashes = {a.json()["receipt"]["reading_hash"] for a in answers}
     wait_until(lambda: hashes <= feed.hashes(p.meter), within_s=60,
                what="the three readings on the feed after the broker came back")  # fmt: skip
+    wait_until(lambda: _pending(api_server) == 0, what="nothing left queued")
+
+
+def _pending(api: ApiServer) -> float:
+    text = httpx.get(api.metrics_url, timeout=10).text
+    found = re.search(r"^meterproof_api_republish_pending (\S+)$", text, re.MULTILINE)
+    assert found is not None, "the API exports meterproof_api_republish_pending"
+    return float(found.group(1))
 
 
 def _refused_none(api: ApiServer) -> bool:
