@@ -1,7 +1,8 @@
 """One error body everywhere: RFC 9457 problem details, with a stable `code` (the
 pipeline's reason codes, the consent policy's refusals, the registry's refusal codes) and
 the request's `correlation_id`, which is also in the `X-Correlation-ID` header and in the
-log line of the refusal.
+log line of the refusal. Seed 003's endpoints answer with the seed's statuses and add its
+names as the extension members `error` and `reason` (api/provider.py); `code` stays ours.
 
 Every refusal is logged and counted (`meterproof_api_refusals_total{code}`); anything
 unexpected answers a bare 500 problem without a traceback and is logged with one."""
