@@ -24,8 +24,9 @@ HA_QUICK_REPORT = Path(".run/reliability-ha-quick.md")
 @click.option(
     "--ha",
     is_flag=True,
-    help="PostgreSQL as a Patroni cluster (`stack up --ha`): kill -9 of the primary, a "
-    "switchover, an etcd member lost and a frozen standby instead of the PostgreSQL stop "
+    help="The stack without a single point of failure (`stack up --ha`: PostgreSQL as a "
+    "Patroni cluster, two brokers): kill -9 of the primary, a switchover, an etcd member "
+    "lost, a frozen standby and a broker lost instead of the PostgreSQL stop "
     f"[--quick: 4 minutes; report {HA_FULL_REPORT}, --quick {HA_QUICK_REPORT}].",
 )
 @click.option(
