@@ -7,10 +7,10 @@ gathers what arrives during a commit into the next (measured at 3,000 readings/s
 publish -> receipt 57 ms with a fixed 25 ms linger). `not_before` bounds the transactions
 of a quiet stream as well: a transaction and what goes with it (its round trips, the
 acknowledgement and publish writes, the Redis look-up, two thread hand-offs) cost about
-5 ms of server CPU whatever its size, so with the store free at once a trickle of 1,000
-readings/s made ~4 readings per transaction and cost ~1,400 µs of server CPU per reading
-(docs/scaling.md, "Live path profile"). At most one transaction per linger and worker
-makes the cost follow the readings, for at most one linger of added latency."""
+3.6 ms of server CPU whatever its size, and with the store free at once a trickle of
+1,000 readings/s made 4-10 readings per transaction (docs/scaling.md, "Live path
+profile"). At most one transaction per linger and worker, for at most one linger of
+added latency."""
 
 from __future__ import annotations
 
