@@ -392,14 +392,34 @@ def connections(
 @click.option("--rounds", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--readings", type=click.IntRange(1_000, 1_000_000), default=100_000)
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.option(
+    "--live",
+    default=None,
+    help="Comma-separated offered readings/s: each round also runs each side's `bench load` "
+    "at these rates (15 s each, 2,000 meters) and compares server CPU per accepted reading.",
+)
 @click.pass_context
 def compare(
-    ctx: click.Context, *, baseline: Path, label: str, rounds: int, readings: int, workers: int
+    ctx: click.Context,
+    *,
+    baseline: Path,
+    label: str,
+    rounds: int,
+    readings: int,
+    workers: int,
+    live: str | None,
 ) -> None:
     """Backlog drains of --baseline and of this checkout, alternated round by round on this
-    machine, and the ratio of their means (drain rate, worker CPU per reading)."""
+    machine, and the ratio of their means (drain rate, worker CPU per reading); with
+    --live, live tiers too."""
     from meterproof.bench.compare import run_compare
 
+    try:
+        rates = [int(r) for r in live.split(",")] if live else []
+    except ValueError:
+        raise click.BadParameter(f"not a list of rates: {live!r}", param_hint="--live") from None
+    if any(r <= 0 for r in rates):
+        raise click.BadParameter("rates must be positive", param_hint="--live")
     _progress(f"== compare: {rounds} rounds of {readings:,} readings, {workers} worker(s)")
     figures = run_compare(
         baseline,
@@ -409,6 +429,7 @@ def compare(
         readings=readings,
         workers=workers,
         progress=_progress,
+        live=rates,
     )
     ratio = figures["ratio"]
     _progress(

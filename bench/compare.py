@@ -7,6 +7,10 @@ bench ingest` (its own venv, so each side runs its own code), in a fresh tempora
 so neither writes into a checkout. The ratio of the means is the comparison; the median of
 the rounds' ratios, and the load average before each run, show how much the machine's
 other work moved it.
+
+With `live` rates, each round also runs each side's `meterproof bench load` at those
+offered rates (no search): the server's CPU per accepted reading (workers, PostgreSQL,
+broker, Redis; the load generator excluded), per process group, is compared per rate.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import re
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from meterproof.errors import InputError, MeterproofError
 
 _RESULT = re.compile(r"raw results: (\S+\.json)")
+#: The process groups of a load tier that make up the server side.
+SERVER: Final = ("workers", "postgres", "broker", "redis")
 
 
 def command_of(checkout: Path) -> Path:
@@ -37,22 +43,55 @@ def command_of(checkout: Path) -> Path:
     return command
 
 
-def drain_once(command: Path, *, readings: int, workers: int, timeout_s: float) -> dict[str, Any]:
-    """One `bench ingest` drain in a fresh folder; its run's figures."""
+def _bench(command: Path, argv: Sequence[str], timeout_s: float) -> dict[str, Any]:
+    """One `meterproof bench ...` run in a fresh folder; its saved figures."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     with tempfile.TemporaryDirectory(prefix="meterproof-compare-") as tmp:
-        argv = [str(command), "bench", "ingest", "--readings", str(readings),
-                "--workers", str(workers), "--no-profile"]  # fmt: skip
         done = subprocess.run(
-            argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+            [str(command), "bench", *argv], cwd=tmp, env=env, capture_output=True, text=True,
+            timeout=timeout_s, check=False,
+        )  # fmt: skip
         found = _RESULT.search(done.stderr + done.stdout)
         if done.returncode or found is None:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise MeterproofError(f"{command} bench ingest failed ({done.returncode}): {tail[0]}")
-        data = json.loads((Path(tmp) / found.group(1)).read_text())
-    run: dict[str, Any] = data["figures"]["runs"][0]
+            raise MeterproofError(
+                f"{command} bench {argv[0]} failed ({done.returncode}): {tail[0]}"
+            )
+        figures: dict[str, Any] = json.loads((Path(tmp) / found.group(1)).read_text())["figures"]
+    return figures
+
+
+def drain_once(command: Path, *, readings: int, workers: int, timeout_s: float) -> dict[str, Any]:
+    """One `bench ingest` drain in a fresh folder; its run's figures."""
+    argv = ["ingest", "--readings", str(readings), "--workers", str(workers), "--no-profile"]
+    run: dict[str, Any] = _bench(command, argv, timeout_s)["runs"][0]
     return {k: v for k, v in run.items() if k != "samples"}
+
+
+def server_cost(tier: dict[str, Any]) -> dict[str, Any]:
+    """A load tier's server-side CPU in µs per accepted reading, per group and in all."""
+    cores = tier["cpu"]["cores"]
+    accepted = max(tier["accepted_per_s"], 1e-9)
+    groups = {g: cores.get(g, 0.0) * 1e6 / accepted for g in SERVER}
+    return {
+        "offered_per_s": tier["offered_per_s"],
+        "accepted_per_s": tier["accepted_per_s"],
+        "sustained": tier["sustained"],
+        "p99_ms": (tier.get("latency_ms") or {}).get("p99"),
+        "us_per_reading": groups,
+        "server_us_per_reading": sum(groups.values()),
+        "generator_us_per_reading": cores.get("generator", 0.0) * 1e6 / accepted,
+    }
+
+
+def load_once(
+    command: Path, *, rates: Sequence[int], seconds: float, meters: int, workers: int,
+    timeout_s: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One `bench load` at the given rates in a fresh folder; each tier's server cost."""
+    argv = ["load", "--rates", ",".join(str(r) for r in rates), "--seconds", f"{seconds:g}",
+            "--meters", str(meters), "--workers", str(workers), "--search", "0"]  # fmt: skip
+    return [server_cost(t) for t in _bench(command, argv, timeout_s)["tiers"]]
 
 
 def run_compare(
@@ -65,6 +104,9 @@ def run_compare(
     workers: int,
     progress: Callable[[str], None],
     timeout_s: float = 600.0,
+    live: Sequence[int] = (),
+    live_seconds: float = 15.0,
+    live_meters: int = 2_000,
 ) -> dict[str, Any]:
     """`rounds` x (baseline, current); the figures, each side's means and their ratio."""
     sides = {"baseline": command_of(baseline), "current": command_of(current)}
@@ -73,11 +115,24 @@ def run_compare(
         for side, command in sides.items():
             load = os.getloadavg()[0]  # what else the shared machine was doing
             run = drain_once(command, readings=readings, workers=workers, timeout_s=timeout_s)
-            runs[side].append({**run, "load_1m_before": load})
             progress(
                 f"   round {i}/{rounds} {side}: {run['drain_per_s']:,.0f} readings/s, "
                 f"{run['cpu_us_per_reading']:.1f} µs worker CPU per reading"
             )
+            if live:
+                run["live_load_1m_before"] = os.getloadavg()[0]
+                run["live"] = load_once(
+                    command, rates=live, seconds=live_seconds, meters=live_meters,
+                    workers=workers, timeout_s=timeout_s,
+                )  # fmt: skip
+                progress(
+                    f"   round {i}/{rounds} {side} live: "
+                    + ", ".join(
+                        f"{t['offered_per_s']:,}/s {t['server_us_per_reading']:,.0f} µs"
+                        for t in run["live"]
+                    )
+                )
+            runs[side].append({**run, "load_1m_before": load})
     means = {
         side: {
             "drain_per_s": statistics.fmean(r["drain_per_s"] for r in rs),
@@ -85,7 +140,7 @@ def run_compare(
         }
         for side, rs in runs.items()
     }
-    return {
+    figures: dict[str, Any] = {
         "label": label,
         "baseline": _describe(baseline),
         "current": _describe(current),
@@ -104,6 +159,45 @@ def run_compare(
             for key in ("drain_per_s", "cpu_us_per_reading")
         },
     }
+    if live:
+        figures["live"] = live_summary(runs, live, seconds=live_seconds, meters=live_meters)
+    return figures
+
+
+def live_summary(
+    runs: dict[str, list[dict[str, Any]]], rates: Sequence[int], *, seconds: float, meters: int
+) -> dict[str, Any]:
+    """Per offered rate: each side's mean server µs per accepted reading (and per group) over
+    the rounds, the ratio of the means, and the median of the rounds' ratios."""
+    per_rate = []
+    for k, rate in enumerate(rates):
+        tiers = {side: [r["live"][k] for r in rs] for side, rs in runs.items()}
+        server = {
+            side: statistics.fmean(t["server_us_per_reading"] for t in ts)
+            for side, ts in tiers.items()
+        }
+        mean = {
+            side: {
+                "server_us_per_reading": server[side],
+                "us_per_reading": {
+                    g: statistics.fmean(t["us_per_reading"][g] for t in ts) for g in SERVER
+                },
+                "sustained": sum(1 for t in ts if t["sustained"]),
+            }
+            for side, ts in tiers.items()
+        }
+        per_rate.append(
+            {
+                "offered_per_s": rate,
+                "means": mean,
+                "ratio": server["current"] / server["baseline"],
+                "median_round_ratio": statistics.median(
+                    c["server_us_per_reading"] / b["server_us_per_reading"]
+                    for b, c in zip(tiers["baseline"], tiers["current"], strict=True)
+                ),
+            }
+        )
+    return {"rates": list(rates), "seconds": seconds, "meters": meters, "per_rate": per_rate}
 
 
 def _describe(checkout: Path) -> str:
