@@ -25,7 +25,7 @@ from meterproof.cli.errors import Group
 from meterproof.cli.options import connect_database, database_option, stack_env_option
 from meterproof.config import StackEnv
 from meterproof.errors import first_line
-from meterproof.registry import repository, sources, wallets
+from meterproof.registry import pairing, repository, sources, wallets
 from meterproof.registry.accounts import AccountId
 from meterproof.registry.errors import InvalidInputError, UnknownMeterError
 from meterproof.registry.model import (
@@ -216,6 +216,11 @@ _WALLET_HELP = (
     help="Step 2: a file with the wallet's signature over the document (0x hex for eip155,"
     " base58 for solana).",
 )
+@click.option(
+    "--pairing-code",
+    help="Step 1 for a P1 reader: the code `meterproof p1 pair` shows; the reader signs the"
+    " document itself, so step 2 then needs no --kid or --meter-signature.",
+)
 @click.option("--kid", help="Step 2: the meter key that signed the document.")
 @click.option(
     "--meter-signature",
@@ -230,6 +235,7 @@ def link_wallet_command(
     wallet: str,
     challenge: UUID | None,
     signature: Any,  # noqa: ANN401 - click's text file
+    pairing_code: str | None,
     kid: str | None,
     meter_signature: Any,  # noqa: ANN401 - click's text file
     database_url: str | None,
@@ -245,17 +251,23 @@ def link_wallet_command(
     account = AccountId.parse(wallet)
     with connect_database(database_url) as conn:
         if challenge is None:
-            issued = wallets.issue_link_challenge(conn, meter_id, account)
+            issued = (
+                wallets.issue_link_challenge(conn, meter_id, account)
+                if pairing_code is None
+                else pairing.claim(conn, pairing_code, account, meter_id=meter_id)
+            )
+            signers = "" if pairing_code is None else " (the paired reader signs it itself)"
             click.echo(issued.document, nl=False)
-            click.echo(f"sign this with {account} and with the meter's key, then run again"
-                       f" with --challenge {issued.id}", err=True)  # fmt: skip
+            click.echo(f"sign this with {account}{signers or ' and with the meter key'}, then"
+                       f" run again with --challenge {issued.id}", err=True)  # fmt: skip
             return
-        if signature is None or meter_signature is None or kid is None:
-            raise InputError("step 2 needs --signature, --kid and --meter-signature")
+        if signature is None or (meter_signature is None) != (kid is None):
+            raise InputError("step 2 needs --signature, and --kid with --meter-signature"
+                             " unless a paired reader signed")  # fmt: skip
         link = wallets.link_wallet(
             conn, meter_id=meter_id, account=account, challenge_id=challenge,
             wallet_signature=signature.read(), meter_kid=kid,
-            meter_signature=meter_signature.read(),
+            meter_signature=None if meter_signature is None else meter_signature.read(),
         )  # fmt: skip
     click.echo(f"{link.meter_id}: linked to {link.account} at {link.linked_at:%Y-%m-%d %H:%M:%S%z}")
 

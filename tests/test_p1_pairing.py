@@ -235,3 +235,47 @@ def test_an_offer_is_bound_to_the_readers_key_and_a_reader_signs_only_its_own_li
         with pytest.raises(RefusedError) as caught:
             pairing.check_link_document(forged, meter_id=meter_id, pairing_id=mine.id)
         assert caught.value.code == "pairing_document_mismatch"
+
+
+def test_the_owner_pairs_through_meters_link_wallet(
+    tmp_path: Path, pki: PkiLayout, database_url: str, meter_id: str, reader_key: PrivateKey,
+    conn: Conn,
+) -> None:  # fmt: skip
+    """The owner's side as a person runs it: `meters link-wallet --pairing-code`, then the
+    wallet's signature alone in step 2, since the reader signed; the code is then spent."""
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-P", "-m", "meterproof", "meters", "link-wallet", meter_id, *args],
+            capture_output=True, text=True, check=False, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "METERPROOF_DATABASE_URL": database_url},
+        )  # fmt: skip
+        assert (done.returncode == 0) == ok, (args, done.stdout, done.stderr)
+        return done
+
+    reader = PairProcess(tmp_path, pki, database_url, meter_id, valid_for=120)
+    code = reader.code()
+    owner = EvmWallet.new()
+    step1 = run("--wallet", str(owner.account), "--pairing-code", code)
+    document = step1.stdout
+    assert "pairing: " in document
+    assert f"meter: {meter_id}\n" in document
+    assert "the paired reader signs it itself" in step1.stderr
+    status, output = reader.finish()
+    assert status == 0, output
+
+    challenge = next(
+        line.removeprefix("challenge: ")
+        for line in document.splitlines()
+        if line.startswith("challenge: ")
+    )
+    signature = tmp_path / "wallet.sig"
+    signature.write_text(owner.sign(document))
+    done = run("--wallet", str(owner.account), "--challenge", challenge, "--signature",
+               str(signature))  # fmt: skip
+    assert f"{meter_id}: linked to {owner.account}" in done.stdout
+    link = wallets.current_link(conn, meter_id)
+    assert link is not None
+    assert link.account == str(owner.account)
+    again = run("--wallet", str(owner.account), "--pairing-code", code, ok=False)
+    assert "pairing_code_used" in again.stderr
