@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meterproof.bench import report
-from meterproof.bench.compare import command_of, run_compare
+from meterproof.bench.compare import command_of, live_summary, run_compare, server_cost
 from meterproof.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +43,50 @@ def test_the_same_code_on_both_sides_drains_every_reading_and_renders(tmp_path: 
     text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## Before and after (same machine, alternating runs)" in text
     assert "same code: backlog drains of 1,000 readings with 1 worker" in text
+
+
+def _tier(offered: int, accepted: float, **cores: float) -> dict[str, object]:
+    return {
+        "offered_per_s": offered,
+        "accepted_per_s": accepted,
+        "sustained": True,
+        "latency_ms": {"p99": 20.0},
+        "cpu": {"cores": cores},
+    }
+
+
+def test_the_server_cost_of_a_tier_leaves_the_generator_out() -> None:
+    cost = server_cost(
+        _tier(1_000, 1_000.0, workers=0.4, postgres=0.2, broker=0.1, redis=0.02, generator=0.25)
+    )
+    assert cost["us_per_reading"] == pytest.approx(
+        {"workers": 400, "postgres": 200, "broker": 100, "redis": 20}
+    )
+    assert cost["server_us_per_reading"] == pytest.approx(720)
+    assert cost["generator_us_per_reading"] == pytest.approx(250)
+
+
+def test_live_rounds_compare_per_rate_by_the_ratio_of_the_means() -> None:
+    def run(workers: float) -> dict[str, object]:
+        return {"live": [server_cost(_tier(1_000, 1_000.0, workers=workers, postgres=0.1))]}
+
+    runs = {"baseline": [run(0.5), run(0.3)], "current": [run(0.2), run(0.2)]}
+    live = live_summary(runs, [1_000], seconds=15, meters=2_000)
+    (rate,) = live["per_rate"]
+    assert rate["means"]["baseline"]["server_us_per_reading"] == pytest.approx(500)
+    assert rate["means"]["current"]["server_us_per_reading"] == pytest.approx(300)
+    assert rate["ratio"] == pytest.approx(0.6)
+    assert rate["median_round_ratio"] == pytest.approx((300 / 600 + 300 / 400) / 2)
+
+
+@pytest.mark.slow
+def test_live_tiers_of_the_same_code_on_both_sides(tmp_path: Path) -> None:
+    figures = run_compare(
+        ROOT, ROOT, label="same code", rounds=1, readings=1_000, workers=1,
+        progress=lambda _: None, live=[200], live_seconds=2, live_meters=20,
+    )  # fmt: skip
+    for side in ("baseline", "current"):
+        (tier,) = figures["runs"][side][0]["live"]
+        assert tier["offered_per_s"] == 200
+        assert tier["server_us_per_reading"] > 0
+    assert figures["live"]["per_rate"][0]["ratio"] > 0
