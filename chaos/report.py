@@ -58,7 +58,7 @@ def render(result: CampaignResult, *, command: str) -> str:
         f"Produced by `{command}` (`make chaos` runs the full campaign); rewritten by every run.",
         "The campaign starts a private stack on loopback (Mosquitto with mutual TLS,",
         "PostgreSQL as a Patroni cluster (`stack up --ha`: 3 etcd members, a primary and a"
-        " synchronous standby),"
+        " synchronous standby; two brokers, meters and workers on both),"
         if c.ha
         else "PostgreSQL,",
         "Redis), the product as a user runs it (`meterproof ingest --workers "
