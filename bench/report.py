@@ -831,15 +831,30 @@ def _api(data: Data, found: dict[str, Data]) -> list[str]:
         f"Batch submission (`/api/meters/energy/batch`, {batch['clients']} meters at once, each "
         f"posting batches of {batch['batch']:,} and waiting for the receipts, which come after "
         f"the commit): **{_n(batch['per_s'])} readings/s** ({batch['readings']:,} readings in "
-        f"{batch['seconds']:.1f} s). The MQTT backlog drain of the same run "
+        f"{batch['seconds']:.1f} s; {batch.get('retries_503', 0)} batch(es) posted again after a "
+        f"503 `commit_timeout`, slowest answer {batch.get('slowest_answer_s', 0):.1f} s). "
+        "The MQTT backlog drain of the same run "
         f"({drain['readings']:,} readings, {_workers(drain['workers'])}): "
         f"**{_n(drain['drain_per_s'])} readings/s**, so the API takes "
         f"{batch['per_s'] / drain['drain_per_s']:.0%} of the drain's rate (the API process "
         "runs one ingest worker in-process).",
         "",
+        *_load_average(f, data["machine"]["cores"]),
         _measured(data),
         "",
     ]  # fmt: skip
+
+
+def _load_average(f: Data, cores: str) -> list[str]:
+    """The machine's 1-minute load average around the run: other work shares its cores."""
+    avg = f.get("load_avg_1m")
+    if avg is None:
+        return []
+    return [
+        f"1-minute load average of the machine ({cores} cores, shared with other work): "
+        f"{avg['before']:.1f} before the run, {avg['after']:.1f} after it.",
+        "",
+    ]
 
 
 SECTIONS: Final[dict[str, Callable[[Data, dict[str, Data]], list[str]]]] = {
