@@ -333,3 +333,48 @@ def test_the_api_keeps_answering_through_a_primary_kill(
     old.start()
     ha_cluster.wait_replicated(timeout=60)
     wait_until(lambda: ha_cluster.primary() is not None, what="a primary")
+
+
+def test_a_worker_started_while_a_broker_is_down_subscribes_there_once_it_is_back(
+    pki: PkiLayout,
+    broker_pair: list[BrokerServer],
+    broker_pair_env: StackEnv,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    """The worker starts on the broker that runs; a meter that only knows the other one
+    has its readings stored once that broker is back, without a worker restart."""
+    first, second = broker_pair
+    meter_id = make_meter_id()
+    provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki,
+        port=first.port,
+        database_url=database_url,
+        redis_url=None,
+        mqtt_brokers=broker_pair_env.mqtt_brokers,
+    )
+    end_session(pki, pki.service(settings.identity), second.port)
+    second.kill9()
+    only_second = Broker(LOOPBACK, second.port, pki.ca_cert)
+
+    async def scenario() -> int:
+        async with running_worker(settings), Network() as network:
+            meter = MeterClient(
+                MeterIdentity.load(pki.device(meter_id)),
+                broker=only_second,
+                state_dir=tmp_path,
+                network=network,
+                settings=FAST,
+            )
+            meter.start()
+            meter.submit(profile_for(meter_id).measure(wall_ms() - 60_000, random.Random(1)))
+            await asyncio.to_thread(second.start)
+            async with asyncio.timeout(60):
+                await meter.drain()
+            await meter.stop()
+            return meter.stats.accepted
+
+    assert asyncio.run(scenario()) == 1
+    assert stored_counts(database_url, [meter_id]) == {(meter_id, 1): 1}
