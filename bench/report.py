@@ -693,7 +693,44 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
             f"{median['cpu_us_per_reading']:.3f}."
         ),
         "",
+        *_compare_live(f),
         _measured(data),
+        "",
+    ]
+
+
+def _compare_live(f: Data) -> list[str]:
+    """The live tiers of `bench compare --live`, if it ran them."""
+    live = f.get("live")
+    if not live:
+        return []
+    groups = ("workers", "postgres", "broker", "redis")
+
+    def side(m: Data) -> str:
+        return (
+            f"{m['server_us_per_reading']:,.0f} ("
+            + ", ".join(f"{g} {m['us_per_reading'][g]:,.0f}" for g in groups)
+            + ")"
+        )
+
+    rounds = len(f["runs"]["baseline"])
+    rows = [
+        f"| {r['offered_per_s']:,} | {side(m['baseline'])} | {side(m['current'])} "
+        f"| {r['ratio']:.3f} | {r['median_round_ratio']:.3f} "
+        f"| {m['baseline']['sustained']} / {m['current']['sustained']} of {rounds} |"
+        for r in live["per_rate"]
+        for m in [r["means"]]
+    ]
+    return [
+        f"Live, in the same rounds (`--live`): each side's `bench load` at each offered rate "
+        f"({live['seconds']:g} s, {live['meters']:,} meters), server CPU per accepted reading in "
+        "µs (workers, PostgreSQL, broker, Redis; the load generator excluded), mean of the "
+        "rounds.",
+        "",
+        "| offered /s | baseline µs (by group) | current µs (by group) | current / baseline "
+        "| median of the rounds' ratios | rounds sustained (baseline / current) |",
+        "|---|---|---|---|---|---|",
+        *rows,
         "",
     ]
 

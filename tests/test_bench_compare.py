@@ -90,3 +90,32 @@ def test_live_tiers_of_the_same_code_on_both_sides(tmp_path: Path) -> None:
         assert tier["offered_per_s"] == 200
         assert tier["server_us_per_reading"] > 0
     assert figures["live"]["per_rate"][0]["ratio"] > 0
+
+
+def test_live_tiers_render_beside_the_drain(tmp_path: Path) -> None:
+    def run(workers: float) -> dict[str, object]:
+        return {
+            "drain_per_s": 100.0, "cpu_us_per_reading": 90.0, "load_1m_before": 1.0,
+            "live": [server_cost(_tier(1_000, 1_000.0, workers=workers, postgres=0.1))],
+        }  # fmt: skip
+
+    runs = {"baseline": [run(0.5)], "current": [run(0.3)]}
+    mean = {"drain_per_s": 100.0, "cpu_us_per_reading": 90.0}
+    figures = {
+        "label": "live", "baseline": "a", "current": "b", "readings": 1_000, "workers": 2,
+        "runs": runs, "means": {"baseline": mean, "current": mean},
+        "ratio": {"drain_per_s": 1.0, "cpu_us_per_reading": 1.0},
+        "live": live_summary(runs, [1_000], seconds=15, meters=2_000),
+    }  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    machine = {"date": "2026-12-04 00:00 UTC", "cpu": "x", "cores": "2", "memory": "1", "os": "y"}
+    (results / "compare-20261204T000000Z.json").write_text(
+        json.dumps({"suite": "compare", "quick": False, "machine": machine, "figures": figures})
+    )
+    text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| 1,000 | 600 (workers 500, postgres 100, broker 0, redis 0) " in text
+    assert (
+        "| 400 (workers 300, postgres 100, broker 0, redis 0) | 0.667 | 0.667 | 1 / 1 of 1 |"
+        in text
+    )
