@@ -94,6 +94,32 @@ async def rollups_async(
         return [_rollup(row) for row in await cur.fetchall()]
 
 
+#: Each interval as (start in unix ms, its JSON object as the API's `RollupOut`): a month
+#: of quarters is 2,880 rows, and Python values (datetime, Decimal) then a model per row
+#: cost ~25 ms of it, PostgreSQL's rendering ~2.
+_JSON_SQL: Final = """
+SELECT (date_part('epoch', r.start) * 1000)::bigint,
+       '{{"start_ms":' || (date_part('epoch', r.start) * 1000)::bigint || ',"import_wh":'
+       || r.import_wh || ',"export_wh":' || r.export_wh || ',"readings":' || r.readings || '}}'
+FROM ({query}) AS r (start, import_wh, export_wh, readings)
+ORDER BY r.start
+"""
+
+
+async def rollups_json(
+    conn: psycopg.AsyncConnection[Any],
+    meter_id: str,
+    width: Width | str,
+    from_ts: datetime,
+    to_ts: datetime,
+) -> list[tuple[int, str]]:
+    """`rollups` as (start in unix ms, the interval as a JSON object), oldest first."""
+    query, params = _query(meter_id, width, from_ts, to_ts)
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(_JSON_SQL.format(query=query), params)
+        return [(int(start), text) for start, text in await cur.fetchall()]
+
+
 def _query(
     meter_id: str, width: Width | str, from_ts: datetime, to_ts: datetime
 ) -> tuple[str, dict[str, Any]]:
