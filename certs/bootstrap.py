@@ -124,7 +124,7 @@ def init_pki(
         refresh_crl(layout)
     oracle_created = _ensure_oracle(layout)
     services = issue_ingest_workers(layout, ingest_workers)
-    singletons: tuple[ServiceName, ...] = ("bridge", "admin")
+    singletons: tuple[ServiceName, ...] = ("bridge", "api", "admin")
     for role in singletons:
         if not layout.service(role).directory.exists():
             issue_service(layout, role)

@@ -326,7 +326,7 @@ def issue_integrator_cmd(layout: PkiLayout, name: str, days: int, stack_env: Pat
 def issue_service_cmd(
     layout: PkiLayout, role: ServiceName, instances: int | None, days: int, stack_env: Path
 ) -> None:
-    """Issue a service identity: `bridge`, `admin`, or ingest workers (one each).
+    """Issue a service identity: `bridge`, `api`, `admin`, or ingest workers (one each).
 
     The broker makes a certificate's CN its client id, so a certificate is one connection:
     `meterproof ingest --workers N` needs ingest-0 .. ingest-<N-1>. Existing ingest

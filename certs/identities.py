@@ -27,14 +27,16 @@ from meterproof.schemas.reading import Alg
 from meterproof.schemas.signatures import generate_private_key
 
 Role = Literal["meter", "service", "integrator"]
-ServiceName = Literal["ingest", "bridge", "admin"]
+ServiceName = Literal["ingest", "bridge", "api", "admin"]
 #: Service roles. Each ingest worker has an identity of its own, `ingest-<instance>`: the
 #: broker makes the certificate CN the MQTT client id (use_username_as_clientid), so one
 #: certificate is one connection and one persistent session, and a meter cannot present a
-#: worker's client id. `bridge` and `admin` (operators' tools on the TLS listener) are one
-#: identity each. All these names are reserved even before they are issued; `ingest` alone
+#: worker's client id. `bridge`, `api` (the HTTP API's republisher: it may only publish
+#: what an ingest worker announces) and `admin` (operators' tools on the TLS listener) are
+#: one identity each. All these names are reserved even before they are issued; `ingest` alone
 #: is reserved too (earlier versions issued it; it has no topic rights any more).
 SERVICE_NAMES: Final[tuple[ServiceName, ...]] = get_args(ServiceName)
+API_IDENTITY: Final[ServiceName] = "api"
 INGEST_IDENTITY_RE: Final = re.compile(r"^ingest-(0|[1-9][0-9]{0,3})$")
 MAX_INGEST_INSTANCES: Final = 10_000
 DEFAULT_DAYS: Final = 825
@@ -235,7 +237,7 @@ def issue_device(
 def issue_service(
     layout: PkiLayout, role: ServiceName, *, instance: int | None = None, days: int = DEFAULT_DAYS
 ) -> IdentityFiles:
-    """Issue `bridge`, `admin`, or ingest worker `instance` (`ingest-<instance>`).
+    """Issue `bridge`, `api`, `admin`, or ingest worker `instance` (`ingest-<instance>`).
 
     Ingest needs an instance number: one certificate per worker process, so a worker that
     restarts finds its own session and no two workers can take over each other's.

@@ -26,7 +26,7 @@ from pathlib import Path
 from string import Template
 from typing import Final
 
-from meterproof.certs.identities import INGEST_IDENTITY_RE, SERVICE_NAMES
+from meterproof.certs.identities import API_IDENTITY, INGEST_IDENTITY_RE, SERVICE_NAMES
 from meterproof.certs.layout import IDENTITY_RE, PkiLayout
 from meterproof.schemas import topics
 
@@ -226,11 +226,14 @@ def dynsec_config(password: str) -> dict[str, object]:
 
 
 def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable[str]:
+    announced = [
+        f"topic write {topics.VERIFIED_ALL}",
+        f"topic write {topics.INTEGRATORS_VERIFIED_ALL}",
+    ]
     ingest = [
         f"topic read {topics.READINGS_FILTER}",
         f"topic write {topics.RECEIPTS_FILTER}",
-        f"topic write {topics.VERIFIED_ALL}",
-        f"topic write {topics.INTEGRATORS_VERIFIED_ALL}",
+        *announced,
     ]
     yield (
         "# The dynamic-security admin: its plugin role grants $CONTROL, this file nothing.\n"
@@ -248,6 +251,10 @@ def _acl_blocks(services: Iterable[str], integrators: Iterable[str]) -> Iterable
                     f"topic write {topics.LEDGER_ALL}",
                 ],
             )
+        elif name == API_IDENTITY:
+            # Receipts go back in the HTTP answer, and it reads nothing: a leaked API
+            # certificate can forge announcements (as a worker's can) but read no reading.
+            role, grants = "HTTP API: verified copies and integrators' feeds out", announced
         else:
             role, grants = "no topic rights", []
         yield "\n".join(

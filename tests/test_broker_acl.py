@@ -332,7 +332,7 @@ def _accepts(port: int) -> bool:
 def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     root = tmp_path_factory.mktemp("broker-acl")
     ca = ThrowawayCa(PkiLayout(root / "pki"))
-    for service in (INGEST, "ingest-1", "bridge", "admin", "ingest"):
+    for service in (INGEST, "ingest-1", "bridge", "api", "admin", "ingest"):
         ca.issue(ca.layout.service(service).directory, service)
     ca.issue(ca.layout.integrator(INTEGRATOR).directory, INTEGRATOR)
     tls_port, admin_port = _free_port(), _free_port()
@@ -557,6 +557,45 @@ def test_bridge_writes_ledger_only(mq: Broker) -> None:
         "meters/bridge/readings",
     ):
         assert bridge.publish(topic, b"x") == NOT_AUTHORIZED, topic
+
+
+def test_the_api_writes_verified_copies_and_integrator_feeds_and_reads_nothing(
+    mq: Broker,
+) -> None:
+    """The HTTP API republishes what its in-process worker announces: the verified copy
+    (the bridge reads it) and an integrator's consented copy. It may not receipt, forge a
+    meter's reading or an epoch, nor read anything at all."""
+    meter_id, identity = mq.meter("via-http")
+    api = mq.connected(mq.pki.service("api"))
+    api.subscribe("#", "meters/+/readings", "verified/#", "integrators/#", "ledger/#")
+    bridge = mq.connected(mq.pki.service("bridge"))
+    bridge.subscribe("verified/#")
+    integrator = mq.connected(mq.pki.integrator(INTEGRATOR))
+    integrator.subscribe(f"integrators/{INTEGRATOR}/verified/#")
+
+    verified = f"verified/{meter_id}/readings"
+    assert api.publish(verified, b"verified") == 0
+    assert (bridge.next_message().topic, bridge.messages.empty()) == (verified, True)
+    feed = f"integrators/{INTEGRATOR}/verified/{meter_id}/readings"
+    assert api.publish(feed, b"consented") == 0
+    message = integrator.next_message()
+    assert (message.topic, message.payload) == (feed, b"consented")
+    for topic in (
+        f"meters/{meter_id}/receipts",
+        f"meters/{meter_id}/readings",
+        "meters/api/readings",
+        "ledger/epochs",
+        f"integrators/{INTEGRATOR}/ledger",
+    ):
+        assert api.publish(topic, b"x") == NOT_AUTHORIZED, topic
+
+    meter = mq.connected(identity)
+    assert meter.publish(f"meters/{meter_id}/readings", b"r") in (0, 16)
+    ingest = mq.connected(mq.pki.service(INGEST))
+    assert ingest.publish(f"meters/{meter_id}/receipts", b"receipt") == 0
+    assert ingest.publish(verified, b"from a worker") == 0
+    assert bridge.publish("ledger/epochs", b"epoch") == 0
+    api.assert_no_message()
 
 
 def test_admin_certificate_cannot_command_the_broker(mq: Broker) -> None:

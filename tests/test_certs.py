@@ -103,7 +103,7 @@ def test_init_creates_everything_and_a_second_run_changes_no_ca_byte(tmp_path: P
     first = init_pki(layout)
     assert (first.ca_created, first.server_created, first.crl_written) == (True, True, True)
     assert first.oracle_created
-    assert first.services_created == ("ingest-0", "ingest-1", "bridge", "admin")
+    assert first.services_created == ("ingest-0", "ingest-1", "bridge", "api", "admin")
     root_key = _cert(layout.ca_cert).public_key()
     assert isinstance(root_key, rsa.RSAPublicKey)
     assert root_key.key_size == 4096
@@ -238,7 +238,7 @@ def test_private_keys_are_0600_and_directories_0700_even_with_umask_0(tmp_path: 
         os.umask(previous)
     private = {layout.ca_key, layout.issuing_key, layout.server_key, layout.oracle_key}
     private |= set(layout.root.rglob("*.key"))
-    assert len(private) == 4 + 4 + 2 + 1  # CA, server, oracle; services; meter; integrator
+    assert len(private) == 4 + 5 + 2 + 1  # CA, server, oracle; services; meter; integrator
     for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for path in [layout.root, *(p for p in layout.root.rglob("*") if p.is_dir())]:
@@ -309,7 +309,7 @@ def test_names_are_one_namespace_across_roles(pki: PkiLayout) -> None:
     issue_integrator(pki, "acme")
     with pytest.raises(IdentityConflictError, match="integrator"):
         issue_device(pki, "acme")
-    for service in ("ingest", "bridge", "admin", "ingest-0", "ingest-7", "ingest-9999"):
+    for service in ("ingest", "bridge", "api", "admin", "ingest-0", "ingest-7", "ingest-9999"):
         with pytest.raises(IdentityConflictError, match="reserved"):
             issue_device(pki, service)
         with pytest.raises(IdentityConflictError, match="reserved"):
@@ -357,7 +357,7 @@ def test_integrator_identity(pki: PkiLayout) -> None:
 
 
 def test_service_identities_are_client_certificates(pki: PkiLayout) -> None:
-    for name in ("ingest-0", "ingest-1", "bridge", "admin"):
+    for name in ("ingest-0", "ingest-1", "bridge", "api", "admin"):
         files = pki.service(name)
         assert _cn(_cert(files.cert)) == name
         assert load_identity(files).role == "service"
@@ -570,7 +570,7 @@ def test_no_private_key_material_in_any_output(tmp_path: Path) -> None:
     text = "".join(result.stdout + result.stderr for result in outputs)
     assert "PRIVATE KEY" not in text
     secrets = list(layout.root.rglob("*.key"))
-    assert len(secrets) == 4 + 5 + 2 * 5 + 1  # CA, server, oracle; services; meters; acme
+    assert len(secrets) == 4 + 6 + 2 * 5 + 1  # CA, server, oracle; services; meters; acme
     for path in secrets:
         body = path.read_text().splitlines()[1]
         assert body not in text
