@@ -189,12 +189,12 @@ class Services:
             kwargs={"autocommit": True, "options": _SESSION},
         )  # fmt: skip
         self.audience = Audience(database_url=settings.database_url)
+        identity = settings.republish_identity()
         self.republisher = (
             None
-            if settings.api_mqtt_identity is None
+            if identity is None
             else Republisher(
-                pki_root=settings.pki_root, identity=settings.api_mqtt_identity,
-                host=settings.mqtt_host, port=settings.mqtt_port,
+                pki_root=settings.pki_root, identity=identity, brokers=settings.brokers(),
                 max_pending=settings.api_republish_max_pending,
             )
         )  # fmt: skip

@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 
-from meterproof.certs.identities import INGEST_IDENTITY_RE
+from meterproof.certs.identities import API_IDENTITY, INGEST_IDENTITY_RE
+from meterproof.certs.layout import PkiLayout
 from meterproof.config import DEFAULT_RUN_DIR, Settings, new_share_group
 from meterproof.ingest.settings import IngestSettings
 
@@ -45,9 +46,10 @@ class ApiSettings(Settings):
     )
     api_mqtt_identity: str | None = Field(
         default=None,
-        pattern=INGEST_IDENTITY_RE.pattern,
-        description="an ingest worker identity no worker uses, to republish HTTP readings"
-        " on MQTT; None: they are not republished",
+        pattern=rf"^{API_IDENTITY}$|{INGEST_IDENTITY_RE.pattern}",
+        description=f"who republishes HTTP readings on every broker: `{API_IDENTITY}` or an"
+        " ingest worker identity no worker uses; unset: `api` when the PKI has it, else"
+        " they are not republished",
     )
     api_republish_max_pending: int = Field(
         default=100_000, ge=1, description="announcements queued while the broker is away"
@@ -55,6 +57,14 @@ class ApiSettings(Settings):
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
     )
+
+    def republish_identity(self) -> str | None:
+        """`api_mqtt_identity`, else `api` once issued (`certs init` issues it; a PKI made
+        before it existed gets it from the next `certs init` or `stack up`)."""
+        if self.api_mqtt_identity is not None:
+            return self.api_mqtt_identity
+        issued = PkiLayout(self.pki_root).service(API_IDENTITY).cert.is_file()
+        return API_IDENTITY if issued else None
 
     def ingest_settings(self) -> IngestSettings:
         """The in-process worker's settings: this process's addresses, the acceptance rules
