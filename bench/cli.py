@@ -301,6 +301,13 @@ def _unobserved(pid: int) -> AbstractContextManager[object]:
     help="Further tiers halving the gap between the highest sustained rate and the lowest "
     "unsustained one above it, then one at half the highest sustained (default 3; quick 0).",
 )
+@click.option(
+    "--profile/--no-profile",
+    default=False,
+    show_default=True,
+    help="Per tier: py-spy over the workers (stages, µs per reading) and PostgreSQL's top "
+    "statements (pg_stat_statements); in the raw JSON. py-spy takes CPU of its own.",
+)
 @click.pass_context
 def load(
     ctx: click.Context,
@@ -310,6 +317,7 @@ def load(
     meters: int | None,
     workers: int,
     search: int | None,
+    profile: bool,
 ) -> None:
     """Sustained tiers from connected meters: accepted rate, publish->receipt latency, CPU."""
     from meterproof.bench.load import run_tiers
@@ -331,6 +339,7 @@ def load(
             workers=workers,
             progress=_progress,
             search_steps=steps,
+            profile=profile,
         )
     for t in figures["tiers"]:
         lat = t.get("latency_ms") or {}

@@ -31,6 +31,13 @@ Returned keys:
   one above it, on a `resolution` grid) or "half of the highest sustained" (measured
   when no tier is within half a step of it: the latency target is judged there).
 - `max_sustained_per_s`: the highest offered rate whose tier was sustained (None if none).
+
+With `profile`, PostgreSQL is restarted with `pg_stat_statements` before the workers start,
+and each tier also carries `profile`: py-spy over the workers (`bench.profile`, the
+event loops' epoll waits left out), its stages sharing out the workers' CPU of the
+publishing window over the accepted readings, and `statements`, the top PostgreSQL
+statements of the tier by executor time (which includes waiting for locks). How it was
+read: docs/scaling.md, "Live path profile".
 """
 
 from __future__ import annotations
@@ -38,14 +45,48 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+import psycopg
 
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.control import BenchStack, Generators, measure
+from meterproof.bench.profile import attribute, py_spy
 
 Progress = Callable[[str], None]
 
 WARMUP_RATE = 2_000
+PROFILE_HZ: Final = 200
+_TOP_STATEMENTS: Final = """
+SELECT calls, round(total_exec_time::numeric, 1), rows,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
+FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12
+"""
+
+
+def _track_statements(bench: BenchStack) -> Callable[[str, list[str]], None]:
+    """Before the workers start: PostgreSQL restarted with pg_stat_statements loaded."""
+
+    def prepare(database_url: str, meter_ids: list[str]) -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        bench.stack.servers(bench.stack.recorded())[0].restart()
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    return prepare
+
+
+def _statements(database_url: str, *, reset: bool) -> list[dict[str, Any]]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if reset:
+            conn.execute("SELECT pg_stat_statements_reset()")
+            return []
+        rows = conn.execute(_TOP_STATEMENTS).fetchall()
+    return [
+        {"calls": calls, "exec_ms": float(ms), "rows": n, "query": query}
+        for calls, ms, n, query in rows
+    ]
 
 
 def max_seq(meters: int, processes: int, readings: Sequence[int]) -> int:
@@ -86,6 +127,7 @@ def run_tiers(
     search_steps: int = 0,
     resolution: int = 250,
     prepare: Callable[[str, list[str]], None] | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     if not rates or min(rates) <= 0 or seconds_per_tier <= 0 or meters < 2 or workers < 1:
         raise ValueError("need rates > 0, seconds_per_tier > 0, meters >= 2, workers >= 1")
@@ -96,7 +138,15 @@ def run_tiers(
     extra = [max(rates)] * (search_steps + (1 if search_steps else 0))
     phases = [meters, *(round(r * seconds_per_tier) for r in [*rates, *extra])]
     ts_base = plan.ts_base_ms(int(time.time() * 1000), max_seq(meters, processes, phases))
-    stack = BenchStack(run_dir, meters=meters, workers=workers, progress=progress, prepare=prepare)
+    stack = BenchStack(run_dir, meters=meters, workers=workers, progress=progress)
+    track = _track_statements(stack) if profile else None
+
+    def before_workers(database_url: str, meter_ids: list[str]) -> None:
+        for step in (track, prepare):
+            if step is not None:
+                step(database_url, meter_ids)
+
+    stack.prepare = before_workers
     with stack.running() as b:
         progress(f"connecting {meters:,} meters from {processes} generator processes")
         gens = Generators(
@@ -123,11 +173,32 @@ def run_tiers(
             )
 
             def tier(rate: int, probe: str) -> dict[str, Any]:
-                t = measure(
-                    b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
-                    progress=progress,
-                )  # fmt: skip
-                return {**t, "probe": probe}
+                if not profile:
+                    t = measure(
+                        b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
+                        progress=progress,
+                    )  # fmt: skip
+                    return {**t, "probe": probe}
+                url = b.env_required.database_url
+                _statements(url, reset=True)
+                out = run_dir / f"py-spy-{rate}-per-s.txt"
+                assert b.worker_proc is not None
+                with py_spy(b.worker_proc.pid, out, rate_hz=PROFILE_HZ):
+                    t = measure(
+                        b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
+                        progress=progress,
+                    )  # fmt: skip
+                with out.open(encoding="utf-8") as lines:
+                    stages = attribute(
+                        lines,
+                        rate_hz=PROFILE_HZ,
+                        readings=max(t["accepted"], 1),
+                        workers=workers,
+                        cpu_s=t["cpu"]["cores"]["workers"] * seconds_per_tier,
+                        skip_waits=True,
+                    )
+                found = {**stages.as_dict(), "statements": _statements(url, reset=False)}
+                return {**t, "probe": probe, "profile": found}
 
             tiers = [tier(rate, "given") for rate in rates]
             for _ in range(search_steps):

@@ -15,6 +15,7 @@ from meterproof.bench.connections import listener_max_connections
 from meterproof.bench.load import connect_summary, max_seq
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.control import Generators
+from meterproof.bench.profile import attribute
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
@@ -201,3 +202,19 @@ def test_half_rate_is_measured_unless_it_was_already() -> None:
     assert plan.half_rate(4_000, [1_000, 2_000, 5_000], 250) is None  # 2,000 is half
     assert plan.half_rate(5_000, [1_000], 250) == 2_500
     assert plan.half_rate(400, [], 250) is None  # rounds to nothing
+
+
+def test_a_live_profile_leaves_the_event_loops_epoll_waits_out() -> None:
+    """Under live load py-spy counted a waiting event loop as busy; those samples are not
+    charged to any stage when `skip_waits` is asked for."""
+    lines = [
+        "process 1;thread 1;run_forever (asyncio/base_events.py:1);"
+        "EpollSelector.select (selectors.py:468) 90",
+        "process 1;thread 1;verify_all (main/ingest/pipeline.py:40) 10",
+    ]
+    kept = attribute(lines, rate_hz=100, readings=10, workers=1, cpu_s=1.0, skip_waits=True)
+    every = attribute(lines, rate_hz=100, readings=10, workers=1, cpu_s=1.0)
+    assert kept.samples == 10
+    assert every.samples == 100
+    assert kept.total_us == pytest.approx(100_000)  # 1 s of CPU over 10 readings
+    assert {s.stage: s.samples for s in kept.stages}["verify"] == 10
