@@ -84,13 +84,13 @@ def bridge(
 ) -> None:
     """Anchor stored readings: claim them into epoch batches, seal each closed epoch into a
     signed ledger entry (Merkle root + GRID mints), submit it to the ledger exactly once and
-    publish a summary on ledger/epochs.
+    publish a summary on ledger/epochs of every broker (METERPROOF_MQTT_BROKERS).
 
     Settings come from METERPROOF_* variables, .run/stack.env and --config. SIGTERM ends
     the current pass and exits; a batch left pending is anchored by the next start.
     """
     from meterproof.bridge.oracle import load_oracle
-    from meterproof.bridge.publish import SummaryPublisher
+    from meterproof.bridge.publish import EveryBroker
     from meterproof.bridge.runner import Runner
     from meterproof.bridge.sinks import open_sink
     from meterproof.probes import serve_probes
@@ -112,9 +112,8 @@ def bridge(
         sink = open_sink(settings, trusted_key=oracle.public_key)
     except MeterproofError as exc:
         raise click.ClickException(str(exc)) from None
-    publisher = SummaryPublisher(
-        host=settings.mqtt_host,
-        port=settings.mqtt_port,
+    publisher = EveryBroker.of(
+        settings.brokers(),
         ca_cert=layout.ca_cert,
         identity=identity,
         client_id=settings.mqtt_client_id,

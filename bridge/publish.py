@@ -1,5 +1,5 @@
 """Epoch summaries on `ledger/epochs`: QoS 1, retained, over mutual TLS as the `bridge`
-service identity.
+service identity, on every broker (`EveryBroker`).
 
 A summary is a notification; the ledger is the record. So anchoring never waits for the
 broker: the publisher keeps only the latest summary and sends it whenever a connection is
@@ -10,7 +10,9 @@ retained one and read older epochs from the ledger (`meterproof ledger entries`)
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +154,54 @@ class SummaryPublisher:
             self._acked.append(mid)
             if mid == self._latest_mid:
                 self._delivered.set()
+
+
+class EveryBroker:
+    """One `SummaryPublisher` per broker of the list, each publishing every summary.
+
+    All brokers rather than the first and the next on its loss (as meters do): the summary
+    is retained, and a broker keeps its own retained message. Integrators reconnect to any
+    broker, so each must hold the latest one: published on one broker only, a late
+    subscriber on another would get an old summary (or none) until the bridge happened to
+    move there. The cost is one idle connection per broker for the one bridge process.
+    """
+
+    def __init__(self, publishers: Sequence[SummaryPublisher]) -> None:
+        if not publishers:
+            raise ValueError("publishing needs at least one broker")
+        self._publishers = tuple(publishers)
+
+    @classmethod
+    def of(
+        cls,
+        brokers: Sequence[tuple[str, int]],
+        *,
+        ca_cert: Path,
+        identity: IdentityFiles,
+        client_id: str,
+        topic: str,
+    ) -> EveryBroker:
+        return cls(
+            [
+                SummaryPublisher(host=host, port=port, ca_cert=ca_cert, identity=identity,
+                                 client_id=client_id, topic=topic)
+                for host, port in brokers
+            ]
+        )  # fmt: skip
+
+    def start(self) -> None:
+        for publisher in self._publishers:
+            publisher.start()
+
+    def publish(self, payload: bytes) -> None:
+        for publisher in self._publishers:
+            publisher.publish(payload)
+
+    def close(self, *, flush_s: float = 0.0) -> bool:
+        """Stop them all within `flush_s`; True if every broker acknowledged the latest."""
+        deadline = time.monotonic() + flush_s
+        delivered = True
+        for publisher in self._publishers:  # every one closed, even after a False
+            left = max(0.0, deadline - time.monotonic())
+            delivered = publisher.close(flush_s=left) and delivered
+        return delivered

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import itertools
 import subprocess
 import tempfile
 import threading
@@ -25,7 +26,7 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from paho.mqtt.enums import CallbackAPIVersion
 
-from meterproof.certs.layout import PkiLayout
+from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
 from meterproof.meter.fleet import ID_PREFIX
@@ -140,16 +141,13 @@ class ConsentDemo:
 
     def _subscribe(self) -> mqtt.Client:
         pki = PkiLayout(self._env.pki_root)
-        files = pki.integrator(INTEGRATOR)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=INTEGRATOR)
-        client.tls_set_context(client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert))
-        client.on_message = lambda _c, _u, m: self._received.update([m.topic])
-        client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(
-            [("verified/#", 1), (f"integrators/{INTEGRATOR}/verified/#", 1)]
+        return integrator_client(
+            self._env,
+            pki.integrator(INTEGRATOR),
+            [("verified/#", 1), (f"integrators/{INTEGRATOR}/verified/#", 1)],
+            on_message=lambda message: self._received.update([message.topic]),
+            stopping=self._stop,
         )
-        client.connect(self._env.mqtt_host, self._env.mqtt_port)
-        client.loop_start()
-        return client
 
     def _file(self, text: str) -> str:
         with tempfile.NamedTemporaryFile("w", dir=self._files.name, delete=False) as handle:
@@ -166,6 +164,38 @@ class ConsentDemo:
                 done.returncode, " ".join(args[:2]), done.stdout, done.stderr.strip()[-300:]
             )
         return done.stdout
+
+
+def integrator_client(
+    env: StackEnv,
+    files: IdentityFiles,
+    subscriptions: list[tuple[str, int]],
+    *,
+    on_message: collections.abc.Callable[[mqtt.MQTTMessage], None],
+    stopping: threading.Event,
+) -> mqtt.Client:
+    """An integrator's subscriber on the first broker of the stack's list that answers: a
+    lost or refused connection moves the next attempt to the next broker (after the last,
+    the first again), as an integrator of a `stack up --ha` stack reconnects to any. It
+    subscribes again on each; once `stopping` is set, a disconnect is final."""
+    pki = PkiLayout(env.pki_root)
+    brokers = env.brokers()
+    turn = itertools.count(1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=files.directory.name)
+    client.tls_set_context(client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert))
+    client.reconnect_delay_set(1, 5)
+    client.on_message = lambda _c, _u, message: on_message(message)
+    client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(subscriptions)
+
+    def next_broker(*_: object) -> None:
+        if not stopping.is_set():
+            client.connect_async(*brokers[next(turn) % len(brokers)])
+
+    client.on_connect_fail = next_broker
+    client.on_disconnect = next_broker
+    client.connect_async(*brokers[0])
+    client.loop_start()
+    return client
 
 
 def _personal_sign(owner: LocalAccount, document: str) -> str:

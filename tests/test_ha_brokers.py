@@ -12,6 +12,7 @@ import asyncio
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,15 +27,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_retention import anchor
 from waiting import async_wait_until, wait_until
 
+from meterproof.api.republish import Republisher
 from meterproof.bridge.cli import ledger
 from meterproof.bridge.oracle import load_oracle
+from meterproof.bridge.publish import EveryBroker
 from meterproof.certs.cli import certs
-from meterproof.certs.layout import PkiLayout
+from meterproof.certs.identities import issue_integrator
+from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.config import StackEnv
+from meterproof.demo.consent import integrator_client
 from meterproof.meter.client import Broker, ClientSettings, MeterClient
 from meterproof.meter.identity import MeterIdentity, client_tls
 from meterproof.meter.network import Network
 from meterproof.meter.profile import profile_for
+from meterproof.mosquitto.admin import reload_identities
 from meterproof.schemas import topics
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.broker import BrokerServer
@@ -43,6 +49,8 @@ from meterproof.stack.process import LOOPBACK, free_port
 from meterproof.stack.redis import RedisServer
 
 pytestmark = pytest.mark.slow
+#: mosquitto.conf.tmpl's autosave_interval: what a kill -9 keeps of the broker's sessions.
+AUTOSAVE_S = 10
 
 METERS = 20
 READINGS = 25
@@ -378,3 +386,200 @@ def test_a_worker_started_while_a_broker_is_down_subscribes_there_once_it_is_bac
 
     assert asyncio.run(scenario()) == 1
     assert stored_counts(database_url, [meter_id]) == {(meter_id, 1): 1}
+
+
+class _Session:
+    """A paho subscriber on one broker with a persistent session: what is published while
+    it is away (its broker restarted) waits for it on the broker, as for a worker."""
+
+    def __init__(self, pki: PkiLayout, files: IdentityFiles, port: int, topic: str) -> None:
+        self.pki, self.files, self.port = pki, files, port
+        self.messages: list[mqtt.MQTTMessage] = []
+        subscribed = threading.Event()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=files.directory.name, protocol=mqtt.MQTTv5
+        )
+        client.tls_set_context(client_tls(ca_cert=pki.ca_cert, cert=files.cert, key=files.key))
+        client.reconnect_delay_set(1, 1)
+        client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.on_message = lambda _c, _u, message: self.messages.append(message)
+        expiry = mqtt.Properties(mqtt.PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        expiry.SessionExpiryInterval = 3600
+        client.connect(LOOPBACK, port, clean_start=False, properties=expiry)
+        client.loop_start()
+        self.client = client
+        assert subscribed.wait(10), f"no SUBACK from the broker on {port}"
+
+    def payloads(self) -> set[bytes]:
+        return {bytes(message.payload) for message in list(self.messages)}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        end_session(self.pki, self.files, self.port)
+
+
+def test_the_api_republishes_on_every_broker_and_one_down_loses_nothing(
+    pki: PkiLayout, broker_pair: list[BrokerServer], broker_pair_env: StackEnv
+) -> None:
+    """The API's republisher as `api` on both brokers: with the second killed (-9), the
+    first gets everything at once (no stall), the second's queue holds everything, and once
+    the second is back it gets everything too (more than one chunk of 500).
+
+    What a broker had acknowledged when it was killed is not covered: Mosquitto saves its
+    state every autosave_interval, not per message, so a kill -9 loses messages it had
+    acknowledged and not yet delivered, whoever published them."""
+    second = broker_pair[1]
+    reader = pki.service("bridge")  # the ACL lets the bridge read verified/#
+    listeners = [_Session(pki, reader, b.port, topics.VERIFIED_ALL) for b in broker_pair]
+    time.sleep(AUTOSAVE_S + 1)  # the subscribers' sessions are saved: they survive a kill -9
+    republisher = Republisher(
+        pki_root=pki.root, identity="api", brokers=broker_pair_env.brokers(), max_pending=10_000
+    )
+
+    def batch(tag: str, n: int) -> list[tuple[str, bytes]]:
+        return [(topics.verified(f"m-{tag}"), f"{tag}-{i}".encode()) for i in range(n)]
+
+    before, during = batch("before", 20), batch("during", 1_200)
+
+    async def scenario() -> tuple[float, float]:
+        stop = asyncio.Event()
+        running = asyncio.create_task(republisher.run(stop))
+        try:
+            republisher.offer(before)
+            want = {body for _, body in before}
+            await async_wait_until(
+                lambda: all(want <= listener.payloads() for listener in listeners),
+                what="the first items on both brokers",
+            )
+            await asyncio.to_thread(second.kill9)
+            started = time.monotonic()
+            republisher.offer(during)
+            want = {body for _, body in during}
+            await async_wait_until(lambda: want <= listeners[0].payloads(),
+                                   what="everything on the broker that runs")  # fmt: skip
+            on_first = time.monotonic() - started
+            assert len(republisher.queues[1].pending) == len(during)  # held for the other
+            await asyncio.to_thread(second.start)
+            back = time.monotonic()
+            await async_wait_until(lambda: want <= listeners[1].payloads(), within_s=60,
+                                   what="everything on the broker that came back")  # fmt: skip
+            await async_wait_until(lambda: not republisher.queues[1].pending,
+                                   what="nothing left queued")  # fmt: skip
+            return on_first, time.monotonic() - back
+        finally:
+            stop.set()
+            await running
+
+    try:
+        on_first, after_restart = asyncio.run(scenario())
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert not republisher.queues[0].pending
+    print(
+        f"API republisher, second broker killed: {len(during)} items on the first in"
+        f" {on_first:.2f} s; on the second {after_restart:.2f} s after its restart"
+    )
+
+
+def test_the_bridge_summary_is_retained_on_every_broker(
+    pki: PkiLayout, broker_pair: list[BrokerServer], broker_pair_env: StackEnv
+) -> None:
+    """Published while the second broker is down, the summary is retained on the first at
+    once and on the second once it is back: a late subscriber on either gets it."""
+    first, second = broker_pair
+    name = f"integ-{uuid.uuid4().hex[:8]}"
+    integrator = issue_integrator(pki, name)
+    reload_identities(broker_pair_env, pki)
+    second.stop()
+    topic = f"ledger/epochs-{uuid.uuid4().hex[:8]}"
+    publisher = EveryBroker.of(
+        broker_pair_env.brokers(), ca_cert=pki.ca_cert, identity=pki.service("bridge"),
+        client_id="bridge", topic=topic,
+    )  # fmt: skip
+    publisher.start()
+    try:
+        publisher.publish(b"epoch 1")
+        wait_until(lambda: _retained(pki, integrator, first.port, topic) == b"epoch 1",
+                   what="the summary retained on the first broker")  # fmt: skip
+        second.start()
+        assert publisher.close(flush_s=45), "a broker never acknowledged the summary"
+    finally:
+        publisher.close()
+    for broker in broker_pair:
+        assert _retained(pki, integrator, broker.port, topic) == b"epoch 1", broker.name
+
+
+def _retained(pki: PkiLayout, files: IdentityFiles, port: int, topic: str) -> bytes | None:
+    """The retained message a subscriber that connects now gets within 5 s, if any."""
+    got: list[bytes] = []
+    arrived = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=files.directory.name)
+    client.tls_set_context(client_tls(ca_cert=pki.ca_cert, cert=files.cert, key=files.key))
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        got.append(bytes(message.payload))
+        arrived.set()
+
+    client.on_message = on_message
+    client.connect(LOOPBACK, port)
+    client.loop_start()
+    try:
+        arrived.wait(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0] if got else None
+
+
+def test_the_demo_integrator_reconnects_to_another_broker(
+    pki: PkiLayout, broker_pair: list[BrokerServer], broker_pair_env: StackEnv
+) -> None:
+    """The demo's integrator starts on the second broker while the first is down, and moves
+    back to the first when the second is killed; on each it receives its consented feed."""
+    first, second = broker_pair
+    name = f"integ-{uuid.uuid4().hex[:8]}"
+    files = issue_integrator(pki, name)
+    reload_identities(broker_pair_env, pki)
+    first.kill9()
+    received: list[str] = []
+    stopping = threading.Event()
+    feed = topics.integrator_feed(name)
+    client = integrator_client(broker_pair_env, files, [(feed, 1)],
+                               on_message=lambda m: received.append(m.payload.decode()),
+                               stopping=stopping)  # fmt: skip
+
+    def delivered(broker: BrokerServer, body: str) -> bool:
+        """Published as the API would on `broker`; True once the integrator has it."""
+        _publish_as_api(pki, broker.port, topics.integrator_verified(name, "m-1"), body)
+        time.sleep(0.5)
+        return body in received
+
+    try:
+        wait_until(lambda: delivered(second, "on the second"), within_s=30,
+                   what="the integrator on the second broker")  # fmt: skip
+        first.start()
+        second.kill9()
+        wait_until(lambda: delivered(first, "on the first"), within_s=30,
+                   what="the integrator back on the first broker")  # fmt: skip
+    finally:
+        stopping.set()
+        client.disconnect()
+        client.loop_stop()
+        second.start()
+
+
+def _publish_as_api(pki: PkiLayout, port: int, topic: str, body: str) -> None:
+    files = pki.service("api")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="api", protocol=mqtt.MQTTv5)
+    client.tls_set_context(client_tls(ca_cert=pki.ca_cert, cert=files.cert, key=files.key))
+    client.connect(LOOPBACK, port)
+    client.loop_start()
+    try:
+        client.publish(topic, body.encode(), qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
