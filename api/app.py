@@ -190,6 +190,8 @@ class Services:
         )  # fmt: skip
         self.audience = Audience(database_url=settings.database_url)
         identity = settings.republish_identity()
+        if identity is None:
+            log.warning("republish_off", reason="no `api` identity in the PKI: `certs init`")
         self.republisher = (
             None
             if identity is None

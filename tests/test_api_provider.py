@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,12 +28,15 @@ from fixtures.api import ApiServer, signed
 from ingest_harness import end_session, provision, tls_context
 from nacl.signing import SigningKey, VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
 from waiting import wait_until
 
+from meterproof.api.settings import ApiSettings
 from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
 from meterproof.bridge.rehash import reading_hash as rehash
 from meterproof.bridge.verify import verify as verify_ledger
+from meterproof.certs.bootstrap import init_pki
 from meterproof.certs.identities import issue_integrator, load_identity
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.config import StackEnv
@@ -498,6 +502,22 @@ def test_readings_submitted_while_the_broker_is_away_are_published_when_it_is_ba
     wait_until(lambda: hashes <= feed.hashes(p.meter), within_s=60,
                what="the three readings on the feed after the broker came back")  # fmt: skip
     wait_until(lambda: _pending(api_server) == 0, what="nothing left queued")
+
+
+def test_the_api_republishes_as_api_once_the_pki_has_it(tmp_path: Path) -> None:
+    """Unset, the identity is `api` when issued, else none (a PKI older than it); set, it
+    is the one named, which must be `api` or an ingest worker identity."""
+    pki = PkiLayout(tmp_path / "pki")
+    settings = ApiSettings(pki_root=pki.root)
+    assert settings.republish_identity() is None
+    init_pki(pki, ca_key="ec-p384")
+    assert settings.republish_identity() == "api"
+    assert ApiSettings(pki_root=pki.root, api_mqtt_identity="ingest-3").republish_identity() == (
+        "ingest-3"
+    )
+    for wrong in ("bridge", "admin", "api-1", "ingest-01", "meter-1"):
+        with pytest.raises(ValidationError):
+            ApiSettings(pki_root=pki.root, api_mqtt_identity=wrong)
 
 
 def _pending(api: ApiServer) -> float:
