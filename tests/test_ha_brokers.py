@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 from click.testing import CliRunner
-from fixtures.api import ApiServer
+from fixtures.api import ApiServer, signed
 from ingest_harness import end_session, provision, running_worker, stored_counts, worker_settings
 from paho.mqtt.enums import CallbackAPIVersion
 from test_retention import anchor
@@ -34,7 +34,7 @@ from meterproof.bridge.publish import EveryBroker
 from meterproof.certs.cli import certs
 from meterproof.certs.identities import issue_integrator
 from meterproof.certs.layout import IdentityFiles, PkiLayout
-from meterproof.config import StackEnv
+from meterproof.config import StackEnv, format_brokers
 from meterproof.demo.consent import integrator_client
 from meterproof.meter.client import Broker, ClientSettings, MeterClient
 from meterproof.meter.identity import MeterIdentity, client_tls
@@ -289,9 +289,38 @@ def _admitted(pki: PkiLayout, meter_id: str, port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def api_env(ha_cluster: HaCluster) -> dict[str, str]:
-    """This module's API process uses the Patroni cluster."""
-    return {"METERPROOF_DATABASE_URL": ha_cluster.url}
+def api_env(ha_cluster: HaCluster, broker_pair: list[BrokerServer]) -> dict[str, str]:
+    """This module's API process uses the Patroni cluster and the broker pair."""
+    return {
+        "METERPROOF_DATABASE_URL": ha_cluster.url,
+        "METERPROOF_MQTT_BROKERS": format_brokers(tuple((LOOPBACK, b.port) for b in broker_pair)),
+    }
+
+
+def test_the_api_republishes_http_readings_on_every_broker(
+    ha_cluster: HaCluster,
+    api_server: ApiServer,
+    pki: PkiLayout,
+    broker_pair_env: StackEnv,
+    broker_pair: list[BrokerServer],
+    make_meter_id: Callable[[], str],
+) -> None:
+    """`meterproof api` as a user starts it, with no identity setting: a reading submitted
+    over HTTPS is stored and its verified copy reaches a subscriber on each broker."""
+    meter_id = make_meter_id()
+    key = provision(pki, ha_cluster.url, meter_id)
+    listeners = [_Listener(pki, "bridge", b.port, topics.verified(meter_id)) for b in broker_pair]
+    try:
+        with api_server.meter_client(meter_id) as http:
+            answer = http.post(f"/api/meters/{meter_id}/energy",
+                               content=signed(meter_id, key, 1, wall_ms()))  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        wait_until(lambda: all(listener.count >= 1 for listener in listeners),
+                   what="the HTTP reading's verified copy on both brokers")  # fmt: skip
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert "republish_connected" in api_server.log.read_text()
 
 
 def test_the_api_keeps_answering_through_a_primary_kill(
