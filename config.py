@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         "away from the workers for it (mosquitto/meterproof.acl.tmpl); never give it to meters",
     )
 
+    @field_validator("mqtt_brokers", "mqtt_admin_ports", mode="before", check_fields=False)
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`METERPROOF_MQTT_BROKERS=` (set but empty) means the one broker, as unset does;
+        the same for StackEnv's `mqtt_admin_ports`."""
+        return None if value == "" else value
+
     @field_validator("mqtt_brokers")
     @classmethod
     def _ports_in_range(cls, value: str | None) -> str | None:

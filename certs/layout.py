@@ -117,7 +117,7 @@ class PkiLayout:
         return DeviceFiles(self.devices_dir / check_identity(meter_id))
 
     def service(self, name: str) -> IdentityFiles:
-        """A service identity: `ingest-<instance>` per ingest worker, `bridge`, `admin`."""
+        """A service identity: `ingest-<instance>` per ingest worker, `bridge`, `api`, `admin`."""
         return IdentityFiles(self.services_dir / check_identity(name))
 
     def integrator(self, name: str) -> IdentityFiles:

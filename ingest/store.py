@@ -49,8 +49,10 @@ log = structlog.get_logger("ingest.store")
 #: generic plan for the connection's life: planned while `reading_log` was nearly empty, it
 #: cost more with every row stored (measured from an empty database, batches of 15: the
 #: lock and context queries went from 38 to 135 us of backend CPU per reading over 24,000
-#: readings, until an autoanalyze; with this, 45-52 throughout).
-STORE_OPTIONS: Final = "-c plan_cache_mode=force_custom_plan"
+#: readings, until an autoanalyze; with this, 45-52 throughout). Custom plans of a large
+#: table cross the JIT cost threshold, and compiling them cost more than running them
+#: (batches of 307-494 ms at about a million rows with JIT on), so JIT is off.
+STORE_OPTIONS: Final = "-c plan_cache_mode=force_custom_plan -c jit=off"
 
 
 #: SQLSTATE classes of errors that the same rows would meet again on any retry: data

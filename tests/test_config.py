@@ -68,3 +68,16 @@ def test_the_toml_file_is_the_weakest_source(
     settings = BridgeSettings()
     assert settings.epoch_seconds == 60
     assert settings.database_url == "postgresql://env@127.0.0.1/x"
+
+
+def test_a_broker_list_set_empty_means_the_one_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor that writes every setting, unset ones as empty strings, starts a worker
+    on mqtt_host:mqtt_port; a malformed list is refused by name."""
+    monkeypatch.setenv("METERPROOF_MQTT_BROKERS", "")
+    monkeypatch.setenv("METERPROOF_MQTT_ADMIN_PORTS", "")
+    env = StackEnv(mqtt_host="10.0.0.7", mqtt_port=18883)
+    assert env.brokers() == (("10.0.0.7", 18883),)
+    assert env.admin_ports() == (env.mqtt_admin_port,)
+    monkeypatch.setenv("METERPROOF_MQTT_BROKERS", "a:1,b")
+    with pytest.raises(ValueError, match="mqtt_brokers"):
+        StackEnv()

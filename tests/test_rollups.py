@@ -259,7 +259,7 @@ def test_migration_0007_keeps_every_widths_rollups_of_0005(
                 ]
                 for w in Width
             }
-        assert [v for v in migrate(url) if v >= "0007"] == ["0007_quarter_rollups"]
+        assert "0007_quarter_rollups" in migrate(url)
         with psycopg.connect(url) as conn:
             assert {w: all_rollups(conn, meter_id, w) for w in Width} == before
         store_batches(url, [signed[250:], signed[100:200]])
