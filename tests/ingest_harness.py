@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -329,6 +329,10 @@ def stored_counts(database_url: str, meter_ids: list[str]) -> dict[tuple[str, in
 REPUBLISH_AFTER_S = 5.0
 
 
+#: A probe meter that cannot reconnect for this long fails the test instead of hanging it.
+OFFLINE_LIMIT_S: Final = 60.0
+
+
 async def stream_readings(
     meters: list[ProbeMeter], count: int, interval_s: float, t0: int
 ) -> dict[tuple[str, int], SignedReading]:
@@ -337,7 +341,10 @@ async def stream_readings(
     sent: dict[tuple[str, int], SignedReading] = {}
     for seq in range(1, count + 1):
         for m in meters:
-            while not m.connected:  # noqa: ASYNC110 - gmqtt offers a flag, not an event
+            offline_since = time.monotonic()
+            while not m.connected:  # gmqtt offers a flag, not an event
+                if time.monotonic() - offline_since > OFFLINE_LIMIT_S:
+                    raise AssertionError(f"{m.meter_id} offline for {OFFLINE_LIMIT_S} s")
                 await asyncio.sleep(0.05)
             reading = m.reading(seq, ts=t0 + seq * 1_000, imp=seq, exp=seq // 2)
             m.publish(reading)
