@@ -187,6 +187,25 @@ class Worker:
                 self.failed = True
                 self.stopping.set()
 
+    async def _start_source(self) -> None:
+        """A broker that refuses the first connection (not up yet, restarting) is tried
+        again with backoff, as a lost link is; the watchdog's `broker_lost_exit_s` bounds
+        the wait the same way."""
+        backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
+        while not self.stopping.is_set():
+            try:
+                await self._source.start(self._receive)
+            except OSError as exc:
+                t.DEPENDENCY_ERRORS.labels(dependency="broker").inc()
+                delay = backoff.next_s()
+                log.warning(
+                    "broker_unreachable_at_start", error=str(exc), retry_in_s=round(delay, 3)
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+            else:
+                return
+
     async def run(self) -> None:
         """Batches overlap: while one is in its transaction (on the store's own loop), the
         next is decoded and verified and the previous one announced. Transactions stay one
@@ -195,7 +214,7 @@ class Worker:
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
         audience = asyncio.create_task(self._audience.run(self.stopping), name="consent-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
-        await self._source.start(self._receive)
+        await self._start_source()
         log.info("worker_started", client_id=self.settings.client_id)
         committing: asyncio.Task[set[str]] | None = None
         try:

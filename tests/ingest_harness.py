@@ -278,6 +278,11 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Launch, and wait until the worker is subscribed."""
+        self.wait_for("broker_subscribed", self.launch())
+
+    def launch(self) -> int:
+        """Start the process; returns the log offset its lines begin at."""
         env = {**os.environ}
         for name, value in self.settings.model_dump(mode="json").items():
             env[f"METERPROOF_{name.upper()}"] = "" if value is None else str(value)
@@ -289,9 +294,9 @@ class WorkerProcess:
                 stdout=sink,
                 stderr=sink,
             )
-        self._wait_for("broker_subscribed", offset)
+        return offset
 
-    def _wait_for(self, event: str, offset: int) -> None:
+    def wait_for(self, event: str, offset: int) -> None:
         proc = self.proc
         assert proc is not None
         wait_until(

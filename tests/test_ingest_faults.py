@@ -170,3 +170,44 @@ def test_redis_down_the_database_path_carries_on(
         pki=pki, broker=broker, database_url=database_url, redis_url=redis_server.url,
         make_meter_id=make_meter_id, fault=outage,
     )  # fmt: skip
+
+
+def test_a_worker_started_before_its_broker_waits_for_it(
+    tmp_path: Path,
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """A worker whose broker refuses the first connection (a machine booting, the broker
+    restarting) retries with backoff instead of exiting, and then stores and receipts."""
+    meter_id = make_meter_id()
+    key = provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
+    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    broker.kill9()
+    try:
+        offset = worker.launch()
+        worker.wait_for("broker_unreachable_at_start", offset)
+        assert worker.proc is not None
+        assert worker.proc.poll() is None
+    finally:
+        broker.start()
+    try:
+        worker.wait_for("broker_subscribed", offset)
+
+        async def one_reading() -> list[dict[str, Any]]:
+            (meter,) = await _meters(pki, broker.port, [meter_id], {meter_id: key})
+            meter.publish(meter.reading(1, imp=10))
+            try:
+                return await meter.wait_receipts(1)
+            finally:
+                await meter.close()
+
+        (receipt,) = asyncio.run(one_reading())
+        assert receipt["status"] == "accepted"
+    finally:
+        assert worker.stop() == 0
