@@ -41,6 +41,7 @@ import httpx
 import orjson
 import psycopg
 
+from meterproof.api.ready import wait_ready
 from meterproof.bench.ingest import provision_meters, run_drain, up_on_free_ports
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
@@ -225,19 +226,7 @@ def api_process(
         secret,
     )
     try:
-        deadline = time.monotonic() + 60
-        with api.client() as http:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"meterproof api exited {proc.returncode}; see {log}")
-                try:
-                    if http.get("/health").json().get("submissions"):
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"meterproof api not ready in 60 s; see {log}")
-                time.sleep(0.2)
+        wait_ready(api.url, pki.ca_cert, proc, log, within_s=60)
         yield api
     except Exception:
         progress(f"meterproof api's log ends with:\n{_tail(log)}")

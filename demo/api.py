@@ -5,15 +5,12 @@ a reading's ledger proof), run by bash exactly as printed."""
 from __future__ import annotations
 
 import secrets
-import ssl
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from meterproof.api.ready import ApiNotReadyError, wait_ready
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
@@ -34,7 +31,7 @@ class ApiDemo:
         self.url = f"https://127.0.0.1:{API_PORT}"
 
     def start(self, running: ExitStack) -> bool:
-        """Start the API and wait (30 s at most) until it answers /health over TLS."""
+        """Start the API and wait (30 s at most) until its /health says submissions run."""
         proc = start_command(
             meterproof_argv("api"),
             command_environ(
@@ -46,17 +43,12 @@ class ApiDemo:
             self._logs / "api.log",
         )
         running.callback(stop_command, proc)
-        context = ssl.create_default_context(cafile=str(self._ca))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                health = f"{self.url}/health"  # https, ours
-                with urllib.request.urlopen(health, context=context, timeout=2):  # noqa: S310
-                    return True
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        self._say(f"    the API did not answer; see {self._logs / 'api.log'}")
-        return False
+        try:
+            wait_ready(self.url, self._ca, proc, self._logs / "api.log", within_s=30)
+        except ApiNotReadyError as exc:
+            self._say(f"    the API did not answer: {exc}")
+            return False
+        return True
 
     def curl_lines(self, meter_id: str, reading_hash: str) -> bool:
         """Print the lines, run them with bash, print what each answered (shortened)."""
