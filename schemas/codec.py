@@ -26,18 +26,11 @@ class MalformedPayload(ValueError):  # noqa: N818 - named for the spec's reason 
 
 def decode_reading(payload: bytes) -> SignedReading:
     """Parse and validate one payload, or raise `MalformedPayload` saying why."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise MalformedPayload(f"payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedPayload(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise MalformedPayload(f"expected a JSON object, got {type(obj).__name__}")
+    obj = load_object(payload)
     try:
         reading = SignedReading.model_validate(obj)
     except ValidationError as exc:
-        raise MalformedPayload(_first_error(exc)) from None
+        raise MalformedPayload(first_error(exc)) from None
     if _has_duplicate_key(payload, obj, reading):
         raise MalformedPayload("a key is given twice")
     return reading
@@ -59,6 +52,27 @@ def sign_reading(
     return unsigned.model_copy(update={"sig": sig})
 
 
+def load_object(payload: bytes) -> dict[str, Any]:
+    """The checks before a model sees a payload: the size limit, JSON, an object."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MalformedPayload(f"payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedPayload(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedPayload(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def keys_repeat(payload: bytes) -> bool:
+    """Whether any JSON object in `payload` gives a key twice (orjson keeps the last one
+    silently; two parsers must not disagree about what was signed)."""
+    keys_seen: list[str] = []
+    json.loads(payload, object_pairs_hook=lambda pairs: keys_seen.extend(k for k, _ in pairs))
+    return len(keys_seen) != len(set(keys_seen))
+
+
 def _has_duplicate_key(payload: bytes, obj: dict[str, Any], reading: SignedReading) -> bool:
     """In a validated reading every value is an int or a string (`meter_id`, `alg`, `sig`
     and, if present, `kid`), so without escapes each key and string value accounts for
@@ -66,12 +80,10 @@ def _has_duplicate_key(payload: bytes, obj: dict[str, Any], reading: SignedReadi
     if b"\\" not in payload:
         strings = 3 + (reading.kid is not None)
         return payload.count(b'"') != 2 * (len(obj) + strings)
-    keys_seen: list[str] = []
-    json.loads(payload, object_pairs_hook=lambda pairs: keys_seen.extend(k for k, _ in pairs))
-    return len(keys_seen) != len(set(keys_seen))
+    return keys_repeat(payload)
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
     """The location may be an unknown key the client chose: escaped when it holds anything
     unprintable (PostgreSQL `text` cannot store NUL, and a log line must stay one line), and
     shortened, because the detail is stored and logged for every rejection."""

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 from typing import Annotated, Any, Final
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from meterproof.schemas.codec import MalformedPayload
+from meterproof.schemas.codec import MalformedPayload, first_error, keys_repeat, load_object
 from meterproof.schemas.reading import (
-    MAX_PAYLOAD_BYTES,
     U64,
     U64_MAX,
     Alg,
@@ -176,23 +173,12 @@ def meter_of_topic(value: str) -> str | None:
 def parse(payload: bytes) -> ProviderReading:
     """One submit body, or `MalformedPayload` saying why (a key given twice included: two
     parsers must not disagree about what was signed)."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise MalformedPayload(f"payload is {len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedPayload(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise MalformedPayload(f"expected a JSON object, got {type(obj).__name__}")
+    obj = load_object(payload)
     try:
         reading = ProviderReading.model_validate(obj)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err["loc"]) or "payload"
-        raise MalformedPayload(f"{ascii(where)[1:-1][:80]}: {err['msg']}") from None
-    keys: list[str] = []
-    json.loads(payload, object_pairs_hook=lambda pairs: keys.extend(k for k, _ in pairs))
-    if len(keys) != len(set(keys)):
+        raise MalformedPayload(first_error(exc)) from None
+    if keys_repeat(payload):
         raise MalformedPayload("a key is given twice")
     return reading
 
