@@ -30,12 +30,10 @@ import structlog
 from psycopg import AsyncConnection
 
 from meterproof.errors import UnavailableError
-from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.records import Accepted, Candidate, Rejection
-from meterproof.ingest.security import QuarantinePolicy
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
-from meterproof.ingest.worker import BatchStore, StoreFactory
+from meterproof.ingest.store import BatchResult, ReadingStore
+from meterproof.ingest.worker import StoreFactory, postgres_store
 from meterproof.schemas import provider
 from meterproof.schemas.reading import RejectReason, b64url_decode
 
@@ -156,14 +154,4 @@ class ProviderStore:
 
 def provider_store(settings: IngestSettings) -> StoreFactory:
     """The API worker's store factory: `worker.postgres_store`'s, wrapped."""
-    limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
-    policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
-
-    async def connect() -> BatchStore:
-        try:
-            conn = await AsyncConnection.connect(settings.database_url, options=STORE_OPTIONS)
-        except (psycopg.Error, OSError) as exc:
-            raise UnavailableError("database", f"connect: {exc}") from exc
-        return ProviderStore(conn, ReadingStore(conn, limit=limit, policy=policy))
-
-    return connect
+    return postgres_store(settings, wrap=ProviderStore)

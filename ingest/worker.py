@@ -443,8 +443,12 @@ class Worker:
         )
 
 
-def postgres_store(settings: IngestSettings) -> StoreFactory:
-    """The store factory of a real worker: `ReadingStore` on its own connection."""
+def postgres_store(
+    settings: IngestSettings,
+    wrap: Callable[[AsyncConnection[tuple[object, ...]], ReadingStore], BatchStore] | None = None,
+) -> StoreFactory:
+    """The store factory of a real worker: `ReadingStore` on its own connection; `wrap`
+    puts another `BatchStore` around it on the same connection (the API's)."""
     limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
     policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
 
@@ -453,7 +457,8 @@ def postgres_store(settings: IngestSettings) -> StoreFactory:
             conn = await AsyncConnection.connect(settings.database_url, options=STORE_OPTIONS)
         except (psycopg.Error, OSError) as exc:
             raise UnavailableError("database", f"connect: {exc}") from exc
-        return ReadingStore(conn, limit=limit, policy=policy)
+        store = ReadingStore(conn, limit=limit, policy=policy)
+        return store if wrap is None else wrap(conn, store)
 
     return connect
 
