@@ -49,6 +49,7 @@ def test_receive_ack_reconnect_redeliver_and_publish_through_the_real_broker(
         pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
         publish_window=2,
     )  # fmt: skip
+    crashes_before = len(getattr(broker, "crashes", []))
 
     async def scenario() -> dict[str, Any]:
         got: list[Delivery] = []
@@ -113,5 +114,8 @@ def test_receive_ack_reconnect_redeliver_and_publish_through_the_real_broker(
     assert out["mids"][0] == out["mids"][1]  # the broker resends under the same id
     assert out["acks"] == (1, 0, 1)
     assert out["link_survived"]
-    assert out["receipts"] == [{"r": n} for n in range(5)]
+    if len(getattr(broker, "crashes", [])) == crashes_before:
+        assert out["receipts"] == [{"r": n} for n in range(5)]
+    else:  # Mosquitto died on its own and was restarted: QoS 1 may deliver a receipt twice
+        assert {r["r"] for r in out["receipts"]} == set(range(5))
     assert out["resumed"] == [b'{"n":3}']
