@@ -158,6 +158,7 @@ class MqttSource:
             on_puback=self._on_puback,
             on_broken=self._on_broken,
         )
+        replayed = _gmqtt.replay_unacknowledged(client, self._window) if flags else 0
         # Subscribing again on a resumed session is harmless and covers a session the
         # broker lost (expired, or a broker without persistence).
         client.subscribe(self._topic, qos=1)
@@ -166,6 +167,7 @@ class MqttSource:
             broker=f"{self._host}:{self._port}",
             topic=self._topic,
             session_present=bool(flags),
+            replayed=replayed,
         )
 
     def _on_subscribe(self, client: Client, mid: int, granted: Sequence[int], props: Any) -> None:  # noqa: ANN401
