@@ -1,0 +1,42 @@
+"""The test session's broker supervisor: a Mosquitto that dies on its own is started again
+and the crash is named; one a test stops stays stopped. A suite that leans on it to
+survive Mosquitto 2.0.11's crashes must know that it works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from fixtures.servers import SupervisedBroker
+from waiting import wait_until
+
+from meterproof.certs.layout import PkiLayout
+from meterproof.mosquitto.config import render
+from meterproof.stack.process import free_port
+
+
+def test_a_crashed_broker_is_started_again_and_a_stopped_one_is_not(
+    pki: PkiLayout, tmp_path: Path
+) -> None:
+    port, admin_port = free_port(), free_port()
+    files = render(run_dir=tmp_path, pki=pki, tls_port=port, admin_port=admin_port)
+    broker = SupervisedBroker(files, port=port, admin_port=admin_port)
+    broker.running = "the test of the supervisor"
+    try:
+        broker.start()
+        crashed = broker.pid()
+        assert crashed is not None
+        os.kill(crashed, signal.SIGSEGV)
+        wait_until(lambda: broker.crashes and broker.is_running(), what="started again")
+        assert broker.pid() != crashed
+        assert broker.crashes[0].endswith(" in the test of the supervisor")
+
+        broker.stop()
+        time.sleep(1.0)  # four of the watcher's looks (every 0.25 s)
+        assert not broker.is_running()
+        assert len(broker.crashes) == 1
+    finally:
+        broker.close()
+        broker.stop()
