@@ -8,6 +8,7 @@ at T0; the process tests run `python -m meterproof bridge` on the wall clock.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -42,7 +43,7 @@ from meterproof.bridge.ledger.local import LocalSink
 from meterproof.bridge.ledger.sink import SinkRejectedError
 from meterproof.bridge.mint import UNITS_PER_WH, Mint
 from meterproof.bridge.oracle import Oracle, load_oracle
-from meterproof.bridge.proof import build_proof, check_proof
+from meterproof.bridge.proof import _FIND, build_proof, check_proof
 from meterproof.bridge.publish import SummaryPublisher
 from meterproof.bridge.runner import Runner
 from meterproof.bridge.telemetry import SUBMISSIONS_FAILED
@@ -175,6 +176,17 @@ def test_roots_equal_an_independent_computation_and_proofs_verify(
     assert minted_per_meter(database_url) == {a: 4 * UNITS_PER_WH, b: 3 * UNITS_PER_WH}
     balances = query(database_url, "SELECT wallet, grid_units FROM ledger_balances")
     assert balances == [("wallet-1", 7 * UNITS_PER_WH)]
+
+
+def test_a_proof_finds_its_reading_through_the_hash_index(database_url: str) -> None:
+    """Migration 0012: with sequential scans priced out, the proof's lookup by hash plans
+    an index scan on reading_log_hash, not a scan of the whole log (the planner prefers a
+    scan on a table this small, so its choice alone would say nothing)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = conn.execute(f"EXPLAIN (FORMAT JSON) {_FIND}", (bytes(32),)).fetchone()
+    assert plan is not None
+    assert '"Index Name": "reading_log_hash"' in json.dumps(plan[0])
 
 
 def test_late_readings_are_anchored_once_in_a_later_batch(
