@@ -3,7 +3,7 @@
 -- for its meter and time, api/reads.py `owner_of`). reading_log had no index on it: every
 -- proof scanned the whole log. A hash index, since only equality is ever asked: it keeps
 -- a 4-byte hash code per row where a B-tree keeps all 32 bytes (docs/anchoring.md,
--- "Finding a reading by its hash", gives the sizes and the write cost measured).
+-- "Finding a reading by its hash", gives the sizes and the write and claim costs measured).
 --
 -- On a log that is already large this builds the index under a lock that holds back
 -- writers until it is done; stop the ingest workers first, or build it beforehand with
