@@ -12,7 +12,6 @@ import re
 import struct
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,12 +36,10 @@ from meterproof.bridge.proof import check_proof
 from meterproof.bridge.rehash import reading_hash as rehash
 from meterproof.bridge.verify import verify as verify_ledger
 from meterproof.certs.bootstrap import init_pki
-from meterproof.certs.identities import issue_integrator, load_identity
+from meterproof.certs.identities import load_identity
 from meterproof.certs.layout import IdentityFiles, PkiLayout
-from meterproof.config import StackEnv
 from meterproof.consent import repository as consents
 from meterproof.consent.model import Scope
-from meterproof.mosquitto.admin import reload_identities
 from meterproof.schemas import provider
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.broker import BrokerServer
@@ -449,12 +446,10 @@ def test_http_readings_arrive_on_the_mqtt_verified_feed(
 
 def test_an_integrators_consented_feed_gets_http_readings(
     api_server: ApiServer, make_meter_id: Callable[[], str], broker: BrokerServer,
-    stack_env: StackEnv,
+    integrator_name: str,
 ) -> None:  # fmt: skip
-    pki = api_server.pki
-    name = f"integ-{uuid.uuid4().hex[:8]}"
-    files = issue_integrator(pki, name)
-    reload_identities(stack_env, pki)
+    pki, name = api_server.pki, integrator_name
+    files = pki.integrator(name)
     consented, other = _register(api_server, make_meter_id), _register(api_server, make_meter_id)
     with psycopg.connect(api_server.database_url, autocommit=True) as conn:
         consents.add_integrator(conn, name, cert_serial=load_identity(files).serial)

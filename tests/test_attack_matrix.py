@@ -25,6 +25,7 @@ import psycopg
 import pytest
 import redis
 from click.testing import CliRunner
+from fixtures.servers import OwnBroker
 from ingest_harness import (
     ProbeMeter,
     WorkerProcess,
@@ -378,27 +379,29 @@ def _meter_connection(
 
 @pytest.mark.slow
 def test_certs_revoke_cuts_the_open_connection_and_refuses_the_next(
-    pki: PkiLayout, broker: BrokerServer, stack_env: StackEnv, make_meter_id: Callable[[], str]
+    pki: PkiLayout, own_broker: Callable[..., OwnBroker], make_meter_id: Callable[[], str]
 ) -> None:
     """The operator's path (`meterproof certs revoke`: CRL re-signed, SIGHUP, the
-    dynamic-security kick) against the stack's broker, not a test double of it."""
+    dynamic-security kick) against a real broker of the stack's config, not a test double."""
     meter_id, bystander_id = make_meter_id(), make_meter_id()
     provision(pki, None, meter_id)
     provision(pki, None, bystander_id)
-    client, closed = _meter_connection(pki.device(meter_id), pki, broker.port)
-    bystander, bystander_closed = _meter_connection(pki.device(bystander_id), pki, broker.port)
+    broker = own_broker()
+    port = broker.env.mqtt_port
+    client, closed = _meter_connection(pki.device(meter_id), pki, port)
+    bystander, bystander_closed = _meter_connection(pki.device(bystander_id), pki, port)
     assert client is not None
     assert bystander is not None
     try:
         result = CliRunner().invoke(
             certs_cli,
             ["--pki-root", str(pki.root), "revoke", meter_id,
-             "--stack-env", str(stack_env.run_dir / "stack.env")],
+             "--stack-env", str(broker.env.run_dir / "stack.env")],
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         assert "disconnected" in result.output
         assert closed.get(timeout=WAIT_S) == 0x98  # administrative action
-        again, _ = _meter_connection(pki.device(meter_id), pki, broker.port)
+        again, _ = _meter_connection(pki.device(meter_id), pki, port)
         assert again is None
         assert bystander_closed.empty()
     finally:

@@ -48,19 +48,14 @@ from meterproof.bridge.publish import SummaryPublisher
 from meterproof.bridge.runner import Runner
 from meterproof.bridge.telemetry import SUBMISSIONS_FAILED
 from meterproof.bridge.verify import verify
-from meterproof.certs.identities import issue_integrator
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
-from meterproof.mosquitto.config import render
 from meterproof.schemas.reading import SignedReading, b64url
 from meterproof.schemas.signatures import generate_private_key
 from meterproof.schemas.signing import reading_hash, signing_bytes
 from meterproof.schemas.timestamps import ms_to_dt, wall_ms
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.process import free_port
-
-INTEGRATOR = "ledger-reader"
-
 
 # ---------------------------------------------------------------------------------------
 # helpers (the fleet and the in-process bridge are in bridge_harness)
@@ -523,28 +518,12 @@ def test_kill_9_at_each_step_then_restart_anchors_everything_exactly_once(
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reader(pki: PkiLayout, broker: BrokerServer) -> PkiLayout:
-    """An integrator allowed to read ledger/#: issued, then the broker's ACL re-rendered and
-    reloaded, as an operator adds one (mosquitto/meterproof.acl.tmpl)."""
-    if not pki.integrator(INTEGRATOR).cert.exists():
-        issue_integrator(pki, INTEGRATOR)
-    render(
-        run_dir=broker.files.directory.parent,
-        pki=pki,
-        tls_port=broker.port,
-        admin_port=broker.admin_port,
-    )
-    broker.reload()
-    return pki
-
-
-def _retained_summary(pki: PkiLayout, port: int, timeout: float) -> dict[str, Any]:
-    """Subscribe as the integrator and return the first (retained) ledger/epochs message."""
-    files = pki.integrator(INTEGRATOR)
+def _retained_summary(pki: PkiLayout, integrator: str, port: int, timeout: float) -> dict[str, Any]:
+    """Subscribe as `integrator` and return the first (retained) ledger/epochs message."""
+    files = pki.integrator(integrator)
     context = client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert)
     got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{INTEGRATOR}-{time.time_ns()}")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{integrator}-{time.time_ns()}")
     client.tls_set_context(context)
     client.on_connect = lambda c, *_: c.subscribe("ledger/epochs", qos=1)
     client.on_message = lambda _c, _u, message: got.put(message)
@@ -564,7 +543,8 @@ def test_summary_is_retained_on_ledger_epochs_and_waits_for_a_broker_that_was_do
     database_url: str,
     make_meter_id: Callable[[], str],
     oracle: Oracle,
-    reader: PkiLayout,
+    pki: PkiLayout,
+    integrator_name: str,
     broker: BrokerServer,
 ) -> None:
     fleet, (a,) = make_fleet(database_url, make_meter_id, ["w"])
@@ -573,8 +553,8 @@ def test_summary_is_retained_on_ledger_epochs_and_waits_for_a_broker_that_was_do
     publisher = SummaryPublisher(
         host="127.0.0.1",
         port=broker.port,
-        ca_cert=reader.ca_cert,
-        identity=reader.service("bridge"),
+        ca_cert=pki.ca_cert,
+        identity=pki.service("bridge"),
         client_id=f"bridge-test-{time.time_ns()}",
         topic="ledger/epochs",
     )
@@ -587,7 +567,7 @@ def test_summary_is_retained_on_ledger_epochs_and_waits_for_a_broker_that_was_do
     assert query(database_url, "SELECT status FROM bridge_batches") == [("anchored",)]
     broker.start()
     assert publisher.close(flush_s=45)  # reconnected and the broker acknowledged it
-    summary = _retained_summary(reader, broker.port, timeout=10)  # a late subscriber
+    summary = _retained_summary(pki, integrator_name, broker.port, timeout=10)  # a late subscriber
     (entry_hash, root), *_ = query(
         database_url, "SELECT entry_hash, merkle_root FROM ledger_entries"
     )

@@ -6,14 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from consent_harness import EvmWallet
+from fixtures.servers import OwnBroker
 from ingest_harness import provision
 
 from meterproof.certs.layout import PkiLayout
-from meterproof.config import StackEnv
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +28,10 @@ def _field(document: str, key: str) -> str:
 
 
 def test_link_grant_list_and_revoke_through_the_commands(
-    pki: PkiLayout, stack_env: StackEnv, database_url: str, tmp_path: Path
+    pki: PkiLayout, own_broker: Callable[..., OwnBroker], database_url: str, tmp_path: Path
 ) -> None:
-    env_file = stack_env.run_dir / "stack.env"
+    # A broker of its own: adding and revoking an integrator each send SIGHUP.
+    env_file = own_broker().env.run_dir / "stack.env"
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(

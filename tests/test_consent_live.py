@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from fixtures.servers import OwnBroker
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 from ingest_harness import ProbeMeter, provision, running_worker, tls_context, worker_settings
@@ -26,7 +27,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.consent import repository as consents
 from meterproof.consent.model import Scope
-from meterproof.mosquitto.admin import enforce_revocation, reload_identities
+from meterproof.mosquitto.admin import enforce_revocation
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.redis import RedisServer
 
@@ -69,14 +70,17 @@ class IntegratorClient:
         return {topic.split("/")[3] for _, topic, _ in self.received}
 
 
-@pytest.fixture
-def integrator(pki: PkiLayout, stack_env: StackEnv, database_url: str) -> str:
-    name = f"integ-{uuid.uuid4().hex[:8]}"
-    files = issue_integrator(pki, name)
-    reload_identities(stack_env, pki)
+def _register(pki: PkiLayout, database_url: str, name: str) -> str:
+    """The integrator `name` (its certificate issued) registered in the consent registry."""
+    serial = load_identity(pki.integrator(name)).serial
     with psycopg.connect(database_url, autocommit=True) as conn:
-        consents.add_integrator(conn, name, cert_serial=load_identity(files).serial)
+        consents.add_integrator(conn, name, cert_serial=serial)
     return name
+
+
+@pytest.fixture
+def integrator(pki: PkiLayout, database_url: str, integrator_name: str) -> str:
+    return _register(pki, database_url, integrator_name)
 
 
 @dataclass
@@ -234,9 +238,19 @@ async def _expiry_in(scene: Scene) -> None:
 
 
 def test_revoking_the_integrator_cuts_its_connection_within_a_second(
-    servers: Servers, stack_env: StackEnv
+    pki: PkiLayout,
+    redis_server: RedisServer,
+    database_url: str,
+    own_broker: Callable[..., OwnBroker],
 ) -> None:
-    asyncio.run(_integrator_revoked(servers, stack_env))
+    # An integrator of its own (revoked for the rest of the session), known to the ACL of a
+    # broker of its own: revocation sends SIGHUP (see `own_broker`).
+    name = f"integ-{uuid.uuid4().hex[:8]}"
+    issue_integrator(pki, name)
+    _register(pki, database_url, name)
+    broker = own_broker()
+    servers = Servers(pki, broker.server, redis_server, database_url, name)
+    asyncio.run(_integrator_revoked(servers, broker.env))
 
 
 async def _integrator_revoked(servers: Servers, stack_env: StackEnv) -> None:

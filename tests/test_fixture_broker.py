@@ -1,6 +1,7 @@
 """The test session's broker supervisor: a Mosquitto that dies on its own is started again
-and the crash is named; one a test stops stays stopped. A suite that leans on it to
-survive Mosquitto 2.0.11's crashes must know that it works."""
+and the crash is named; one a test stops stays stopped; every SIGHUP is seen. A suite that
+leans on it to survive Mosquitto 2.0.11's crashes, and to keep their known cause away from
+the session broker, must know that it works."""
 
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ def test_a_crashed_broker_is_started_again_and_a_stopped_one_is_not(
         time.sleep(1.0)  # four of the watcher's looks (every 0.25 s)
         assert not broker.is_running()
         assert len(broker.crashes) == 1
+    finally:
+        broker.close()
+        broker.stop()
+
+
+def test_the_supervisor_sees_each_sighup_once(pki: PkiLayout, tmp_path: Path) -> None:
+    """What fails a test that sends the session broker SIGHUP (fixtures.servers)."""
+    port, admin_port = free_port(), free_port()
+    files = render(run_dir=tmp_path, pki=pki, tls_port=port, admin_port=admin_port)
+    broker = SupervisedBroker(files, port=port, admin_port=admin_port)
+    try:
+        broker.start()
+        assert broker.reloads_since_last_call() == 0
+        for _ in range(2):
+            broker.reload()
+            wait_until(lambda: broker.reloads_since_last_call() == 1, what="the SIGHUP logged")
+            assert broker.reloads_since_last_call() == 0
     finally:
         broker.close()
         broker.stop()

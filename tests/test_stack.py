@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -16,10 +16,12 @@ import psycopg
 import pytest
 import redis
 from click.testing import CliRunner
+from fixtures.servers import OwnBroker
 from waiting import wait_until
 
+from meterproof.certs.bootstrap import init_pki
 from meterproof.certs.cli import certs as certs_cli
-from meterproof.certs.identities import INGEST_IDENTITY_RE, ingest_identity, issue_device
+from meterproof.certs.identities import ingest_identity, issue_device
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
@@ -349,16 +351,20 @@ def test_stack_render_prepares_compose_without_starting(run_dir: Path):
 
 
 def test_issuing_a_worker_identity_reloads_the_running_brokers_acl(
-    broker: BrokerServer, pki: PkiLayout, stack_env: StackEnv, make_meter_id
+    own_broker: Callable[..., OwnBroker], tmp_path: Path, make_meter_id
 ):
     """The broker grants rights by CN from its rendered ACL: `certs issue-service` renders
-    it again and sends SIGHUP, so the new worker may read readings at once."""
-    issued = [p for p in pki.services_dir.iterdir() if INGEST_IDENTITY_RE.fullmatch(p.name)]
-    new = ingest_identity(len(issued))
+    it again and sends SIGHUP, so the new worker may read readings at once. A PKI and
+    broker of its own: the session's hand their ingest identities to other tests."""
+    pki = PkiLayout(tmp_path / "pki")
+    init_pki(pki, ca_key="ec-p384", ingest_workers=1)
+    own = own_broker(pki)
+    broker = own.server
+    new = ingest_identity(1)
     result = CliRunner().invoke(
         certs_cli,
         ["--pki-root", str(pki.root), "issue-service", "ingest",
-         "--instances", str(len(issued) + 1), "--stack-env", str(stack_env.run_dir / "stack.env")],
+         "--instances", "2", "--stack-env", str(own.env.run_dir / "stack.env")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"issued: {new}" in result.output
