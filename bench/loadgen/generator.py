@@ -191,6 +191,12 @@ class Generator:
         began = time.perf_counter()
         batch = []
         meters = [m for m in self.meters if m.client.is_connected]
+        if not meters:
+            disconnects = sum(m.disconnects for m in self.meters)
+            raise ConnectionError(
+                f"none of this generator's {len(self.meters)} meters is connected "
+                f"({disconnects} disconnects since the connect): is the broker up?"
+            )
         for k in range(count):
             meter = meters[k % len(meters)]
             seq = meter.next_seq
