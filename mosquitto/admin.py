@@ -35,6 +35,12 @@ Measured on Mosquitto 2.0.11 (Debian 12) with the rendered config (TLS listener 
 SIGHUP only raises a flag that the broker's loop handles before it reads the packets of a
 connection opened after the signal, so by the time the kick is processed the new CRL
 already refuses the reconnect (tests/test_broker_acl.py reconnects right after the cut).
+
+SIGHUP has a price on Mosquitto 2.0.11: the broker "disconnects" every offline persistent
+session once more, which puts it on its session-expiry list twice, and it crashes later
+when such a meter comes back or expires (docs/reliability.md, "Mosquitto crashes on its
+own"). Run brokers under a service manager that restarts them, or restart them in turn
+after a revocation or a new identity.
 """
 
 from __future__ import annotations
