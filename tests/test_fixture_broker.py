@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from fixtures.servers import SupervisedBroker
 from waiting import wait_until
 
@@ -18,43 +20,41 @@ from meterproof.mosquitto.config import render
 from meterproof.stack.process import free_port
 
 
+@pytest.fixture
+def supervised(pki: PkiLayout, tmp_path: Path) -> Iterator[SupervisedBroker]:
+    """A supervisor of its own around a broker of the session's config, started."""
+    port, admin_port = free_port(), free_port()
+    files = render(run_dir=tmp_path, pki=pki, tls_port=port, admin_port=admin_port)
+    broker = SupervisedBroker(files, port=port, admin_port=admin_port)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+        broker.stop()
+
+
 def test_a_crashed_broker_is_started_again_and_a_stopped_one_is_not(
-    pki: PkiLayout, tmp_path: Path
+    supervised: SupervisedBroker,
 ) -> None:
-    port, admin_port = free_port(), free_port()
-    files = render(run_dir=tmp_path, pki=pki, tls_port=port, admin_port=admin_port)
-    broker = SupervisedBroker(files, port=port, admin_port=admin_port)
+    broker = supervised
     broker.running = "the test of the supervisor"
-    try:
-        broker.start()
-        crashed = broker.pid()
-        assert crashed is not None
-        os.kill(crashed, signal.SIGSEGV)
-        wait_until(lambda: broker.crashes and broker.is_running(), what="started again")
-        assert broker.pid() != crashed
-        assert broker.crashes[0].endswith(" in the test of the supervisor")
+    crashed = broker.pid()
+    assert crashed is not None
+    os.kill(crashed, signal.SIGSEGV)
+    wait_until(lambda: broker.crashes and broker.is_running(), what="started again")
+    assert broker.pid() != crashed
+    assert broker.crashes[0].endswith(" in the test of the supervisor")
 
-        broker.stop()
-        time.sleep(1.0)  # four of the watcher's looks (every 0.25 s)
-        assert not broker.is_running()
-        assert len(broker.crashes) == 1
-    finally:
-        broker.close()
-        broker.stop()
+    broker.stop()
+    time.sleep(1.0)  # four of the watcher's looks (every 0.25 s)
+    assert not broker.is_running()
+    assert len(broker.crashes) == 1
 
 
-def test_the_supervisor_sees_each_sighup_once(pki: PkiLayout, tmp_path: Path) -> None:
+def test_the_supervisor_sees_each_sighup_once(supervised: SupervisedBroker) -> None:
     """What fails a test that sends the session broker SIGHUP (fixtures.servers)."""
-    port, admin_port = free_port(), free_port()
-    files = render(run_dir=tmp_path, pki=pki, tls_port=port, admin_port=admin_port)
-    broker = SupervisedBroker(files, port=port, admin_port=admin_port)
-    try:
-        broker.start()
-        assert broker.reloads_since_last_call() == 0
-        for _ in range(2):
-            broker.reload()
-            wait_until(lambda: broker.reloads_since_last_call() == 1, what="the SIGHUP logged")
-            assert broker.reloads_since_last_call() == 0
-    finally:
-        broker.close()
-        broker.stop()
+    assert supervised.reloads_since_last_call() == 0
+    supervised.reload()
+    wait_until(lambda: supervised.reloads_since_last_call() == 1, what="the SIGHUP logged")
+    assert supervised.reloads_since_last_call() == 0
