@@ -41,6 +41,11 @@ session once more, which puts it on its session-expiry list twice, and it crashe
 when such a meter comes back or expires (docs/reliability.md, "Mosquitto crashes on its
 own"). Run brokers under a service manager that restarts them, or restart them in turn
 after a revocation or a new identity.
+
+A SIGHUP that arrives while the broker is still handling the previous one is lost: sent
+as soon as the first one's `Reloading config.` was logged, the second was not handled in
+10 of 10 tries (2026-12-04). Two revocations in quick succession can therefore leave the
+second one's CRL unread until the next SIGHUP or restart; not handled here yet.
 """
 
 from __future__ import annotations
