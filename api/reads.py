@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, LiteralString
 
@@ -28,7 +28,7 @@ from meterproof.api.errors import ApiError
 from meterproof.errors import UnavailableError
 
 #: A wire millisecond as a timestamptz(3), exactly (no float division).
-_MS: Final[LiteralString] = "('epoch'::timestamptz + %s * interval '1 millisecond')"
+MS: Final[LiteralString] = "('epoch'::timestamptz + %s * interval '1 millisecond')"
 #: Columns in the order of the verified reading's fields: the CSV header.
 FIELDS: Final = (
     "meter_id", "seq", "ts", "import_wh", "export_wh", "power_w", "voltage_mv", "current_ma",
@@ -36,12 +36,12 @@ FIELDS: Final = (
 )  # fmt: skip
 #: unix ms of a timestamptz: exact for the whole milliseconds stored, and cheaper than
 #: extract()'s numeric.
-_TS_MS: Final[LiteralString] = "(date_part('epoch', ts) * 1000)::bigint"
+TS_MS: Final[LiteralString] = "(date_part('epoch', ts) * 1000)::bigint"
 _VERIFIED_MS: Final[LiteralString] = "(date_part('epoch', verified_at) * 1000)::bigint"
 #: Absent optional fields are left out, as on the wire. `||` with NULL is NULL.
-_JSON: Final[LiteralString] = (
+JSON_ROW: Final[LiteralString] = (
     """'{"v":1,"meter_id":' || to_json(meter_id) || ',"seq":' || seq"""
-    """ || ',"ts":' || """ + _TS_MS + """ || ',"import_wh":' || import_wh"""
+    """ || ',"ts":' || """ + TS_MS + """ || ',"import_wh":' || import_wh"""
     """ || ',"export_wh":' || export_wh"""
     """ || coalesce(',"power_w":' || power_w, '')"""
     """ || coalesce(',"voltage_mv":' || voltage_mv, '')"""
@@ -57,7 +57,7 @@ _JSON: Final[LiteralString] = (
 #: hold a comma, quote or line break. Here `kid` may hold '+', '/' or '=', so `sig` is
 #: made base64url in SQL.
 _CSV: Final[LiteralString] = (
-    "concat_ws(',', meter_id, seq, " + _TS_MS + ", import_wh, export_wh,"
+    "concat_ws(',', meter_id, seq, " + TS_MS + ", import_wh, export_wh,"
     " coalesce(power_w::text, ''), coalesce(voltage_mv::text, ''),"
     " coalesce(current_ma::text, ''), coalesce(frequency_mhz::text, ''),"
     " coalesce(power_factor_milli::text, ''), alg,"
@@ -72,13 +72,13 @@ _SELECT: Final[LiteralString] = (
     " WHERE meter_id = %s {keys}"
 )
 _LATEST: Final[LiteralString] = _SELECT.format(
-    ts=_TS_MS, row=_JSON, keys="ORDER BY ts DESC, seq DESC LIMIT 1"
+    ts=TS_MS, row=JSON_ROW, keys="ORDER BY ts DESC, seq DESC LIMIT 1"
 )
 _RANGE: Final[LiteralString] = (
-    f"AND ts >= {_MS} AND ts < {_MS} AND (ts, seq) > ({_MS}, %s::numeric) ORDER BY ts, seq LIMIT %s"
+    f"AND ts >= {MS} AND ts < {MS} AND (ts, seq) > ({MS}, %s::numeric) ORDER BY ts, seq LIMIT %s"
 )
-_HISTORY: Final = {"json": _SELECT.format(ts=_TS_MS, row=_JSON, keys=_RANGE),
-                   "csv": _SELECT.format(ts=_TS_MS, row=_CSV, keys=_RANGE)}  # fmt: skip
+_HISTORY: Final = {"json": _SELECT.format(ts=TS_MS, row=JSON_ROW, keys=_RANGE),
+                   "csv": _SELECT.format(ts=TS_MS, row=_CSV, keys=_RANGE)}  # fmt: skip
 #: base64 -> unpadded base64url over a whole page (see the module).
 _B64URL: Final = bytes.maketrans(b"+/", b"-_")
 
@@ -134,13 +134,13 @@ async def history(
     """Readings with from_ms <= ts < to_ms, after the cursor, in (ts, seq) order, each
     rendered as JSON, or as a CSV line in FIELDS' order."""
     after_ts, after_seq = after if after is not None else (from_ms - 1, 0)
-    query = _HISTORY["csv" if csv else "json"]
-    return await _page(pool, query, (meter_id, from_ms, to_ms, after_ts, after_seq, limit))
+    sql = _HISTORY["csv" if csv else "json"]
+    return await _page(pool, sql, (meter_id, from_ms, to_ms, after_ts, after_seq, limit))
 
 
 async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str, int] | None:
     """(meter id, ts in unix ms) of a stored reading, for the consent policy."""
-    rows = await _query(
+    rows = await query(
         pool,
         "SELECT meter_id, (extract(epoch FROM ts) * 1000)::bigint FROM reading_log"
         " WHERE reading_hash = %s LIMIT 1",
@@ -150,13 +150,13 @@ async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str,
 
 
 async def meter_status(pool: AsyncConnectionPool, meter_id: str) -> str | None:
-    rows = await _query(pool, "SELECT status::text FROM meters WHERE meter_id = %s", (meter_id,))
+    rows = await query(pool, "SELECT status::text FROM meters WHERE meter_id = %s", (meter_id,))
     return str(rows[0][0]) if rows else None
 
 
 async def last_event_id(pool: AsyncConnectionPool, meter_id: str) -> int:
     """The newest security event of the meter (0: none); uses (meter_id, at)'s index."""
-    rows = await _query(
+    rows = await query(
         pool,
         "SELECT id FROM security_events WHERE meter_id = %s ORDER BY at DESC, id DESC LIMIT 1",
         (meter_id,),
@@ -168,7 +168,7 @@ async def events_after(
     pool: AsyncConnectionPool, meter_id: str, after_id: int, *, limit: int
 ) -> list[dict[str, Any]]:
     """The meter's security events recorded after `after_id`, oldest first."""
-    rows = await _query(
+    rows = await query(
         pool,
         "SELECT id, type, severity::text, detail, (extract(epoch FROM at) * 1000)::bigint"
         " FROM security_events WHERE meter_id = %s AND id > %s ORDER BY id LIMIT %s",
@@ -180,18 +180,24 @@ async def events_after(
     ]
 
 
-async def _query(
-    pool: AsyncConnectionPool, query: LiteralString, params: Sequence[Any]
+async def query(
+    pool: AsyncConnectionPool,
+    sql: LiteralString,
+    params: Sequence[Any] | Mapping[str, Any],
+    *,
+    binary: bool = False,
 ) -> list[tuple[Any, ...]]:
+    """All rows of one read (`binary`: bytea as bytes, without hex); a database failure is
+    UnavailableError (503)."""
     try:
         async with pool.connection() as conn:
-            cur = await conn.execute(query, params)
+            cur = await conn.cursor(binary=binary).execute(sql, params)
             return await cur.fetchall()
     except psycopg.Error as exc:
         raise UnavailableError("database", f"read: {exc}") from exc
 
 
-async def _page(pool: AsyncConnectionPool, query: LiteralString, params: Sequence[Any]) -> Page:
-    rows = await _query(pool, query, params)
+async def _page(pool: AsyncConnectionPool, sql: LiteralString, params: Sequence[Any]) -> Page:
+    rows = await query(pool, sql, params)
     last = (int(rows[-1][0]), int(rows[-1][1])) if rows else None
     return Page([r[0] for r in rows], [r[2] for r in rows], last)

@@ -54,6 +54,14 @@ class ApiSettings(Settings):
     api_republish_max_pending: int = Field(
         default=100_000, ge=1, description="announcements queued while the broker is away"
     )
+    api_pages_interval_s: float = Field(
+        default=30.0, gt=0, le=3600, description="pause between history page renders once caught up"
+    )
+    api_pages_grace_s: float = Field(
+        default=60.0, ge=0, le=86_400,
+        description="a quarter's history page is rendered this long after the quarter ends",
+    )  # fmt: skip
+    api_pages_batch: int = Field(default=500, ge=1, le=100_000, description="quarters per render")
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
     )

@@ -41,7 +41,9 @@ import httpx
 import orjson
 import psycopg
 
+from meterproof.api.pages import QUARTER_MS
 from meterproof.api.ready import wait_ready
+from meterproof.api.settings import ApiSettings
 from meterproof.bench.ingest import provision_meters, run_drain, up_on_free_ports
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
@@ -56,7 +58,6 @@ Progress = Callable[[str], None]
 
 PER_DAY: Final = 17_280  #: readings of one meter-day, one every 5 s
 DAY_MS: Final = 86_400_000
-QUARTER_MS: Final = 900_000
 BATCH: Final = 1_000
 
 #: One slice of days: every meter's readings with seq in [lo, hi], interleaved in time as
@@ -81,7 +82,9 @@ WHERE ts >= %(a)s AND ts < %(b)s
 #: The slice's quarters as the trigger of migration 0007 makes them: each reading's
 #: register difference from its predecessor (the slice's first one's is in the slice
 #: before) in the quarter of its ts. Slices start on a quarter, so no quarter is split.
+#: The rollups, and the history pages' queue, as the triggers fill them (api/pages.py).
 _QUARTERS: Final = """
+WITH q AS (
 INSERT INTO meter_quarters (meter_id, bucket, import_wh, export_wh, readings)
 SELECT meter_id, date_bin(interval '15 minutes', ts, timestamptz '2000-01-01 00:00:00+00'),
        sum(di), sum(de), count(*)
@@ -91,6 +94,9 @@ FROM (SELECT meter_id, ts, coalesce(import_wh - lag(import_wh) OVER w, 0) AS di,
       WINDOW w AS (PARTITION BY meter_id ORDER BY ts, seq)) d
 WHERE ts >= %(a)s
 GROUP BY 1, 2
+RETURNING meter_id, bucket
+)
+INSERT INTO history_dirty (meter_id, bucket) SELECT meter_id, bucket FROM q
 """
 #: Bulk-load settings (PostgreSQL's "Populating a Database"), undone after the load.
 _LOAD_SETTINGS: Final = {
@@ -128,7 +134,7 @@ def load_history(
     start = ms_to_dt(t0)
     with psycopg.connect(env.database_url) as conn:
         conn.execute("SET session_replication_role = replica")  # no trigger, no FK check
-        conn.execute("TRUNCATE reading_log, meter_quarters")
+        conn.execute("TRUNCATE reading_log, meter_quarters, history_dirty, history_pages")
         conn.execute(
             "SELECT meterproof_ensure_partitions(%s, %s)",
             (start, ms_to_dt(t0 + (days + 2) * DAY_MS)),
@@ -295,6 +301,33 @@ def submit(api: ApiProcess, days: dict[str, list[str]]) -> dict[str, Any]:
             "slowest_answer_s": max(o[2] for o in outcomes)}  # fmt: skip
 
 
+#: Queued quarters the API's renderer takes now: closed, and past the grace delay.
+_RENDERABLE: Final = """
+SELECT count(*) FROM history_dirty WHERE bucket < now() - %s * interval '1 second'
+"""
+
+
+def wait_for_pages(
+    database_url: str, progress: Progress, *, within_s: float = 1800
+) -> dict[str, float]:
+    """Until the API's renderer has emptied the part of its queue it may take
+    (api/pages.py); the quarters it took and how long that was."""
+    closed_s = QUARTER_MS / 1000 + ApiSettings.model_fields["api_pages_grace_s"].default
+    began = time.perf_counter()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        first = last = -1
+        while last != 0:
+            row = conn.execute(_RENDERABLE, (closed_s,)).fetchone()
+            last = int(row[0]) if row else 0
+            first = last if first < 0 else first
+            if time.perf_counter() - began > within_s:
+                raise RuntimeError(f"{last:,} quarters still unrendered after {within_s:.0f} s")
+            time.sleep(0.5)
+    seconds = time.perf_counter() - began
+    progress(f"  {first:,} quarters rendered into history pages in {seconds:.1f} s")
+    return {"quarters": first, "seconds": seconds}
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     """p50 / p99 / max in ms (p99 of n samples: the one below which 99% of them fall)."""
     ordered = sorted(samples)
@@ -384,9 +417,12 @@ def run_api_bench(
             for m in writers
         }  # fmt: skip
         with api_process(stack, env, pki, run_dir, progress) as api:
+            progress("the API renders the loaded history's pages")
+            rendered = {"loaded": wait_for_pages(env.database_url, progress)}
             progress(f"batch submission: {clients} client(s), batches of {BATCH:,}")
             batch = submit(api, payloads)
             progress(f"  {batch['per_s']:,.0f} readings/s")
+            rendered["submitted"] = wait_for_pages(env.database_url, progress)
             progress(f"reads: latest x{reads * 10}, history and rollups x{reads}")
             read_figures = measure_reads(api, writers[0], loaded, n=reads)
         with psycopg.connect(env.database_url) as conn:
@@ -402,6 +438,7 @@ def run_api_bench(
         "stored": stored,
         "load": {**asdict(loaded), "per_s": loaded.readings / loaded.load_s},
         "batch": batch,
+        "pages": rendered,
         "reads": read_figures,
         "drain": {k: v for k, v in drain.as_dict().items() if k != "samples"},
     }

@@ -94,7 +94,8 @@ SELECT %(batch)s, count(*) FROM reading_log WHERE batch_id = %(batch)s
 RETURNING readings
 """
 #: One chunk: the rows of retired batches, from both tables (readings found by its unique
-#: key, which holds the partition key ts).
+#: key, which holds the partition key ts), and the history pages of their quarters
+#: (api/pages.py).
 _DELETE_CHUNK: Final = """
 WITH gone AS (
     DELETE FROM reading_log WHERE (meter_id, seq) IN (
@@ -105,6 +106,11 @@ WITH gone AS (
     DELETE FROM readings r USING gone g
     WHERE r.meter_id = g.meter_id AND r.seq = g.seq AND r.ts = g.ts
     RETURNING 1
+), unpaged AS (
+    -- a page of a quarter that lost readings would still match the quarter's count
+    DELETE FROM history_pages p USING gone g
+    WHERE p.meter_id = g.meter_id
+      AND p.bucket = date_bin(interval '15 minutes', g.ts, timestamptz '2000-01-01 00:00:00+00')
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM deleted)
 """

@@ -1,12 +1,14 @@
 """What the API's reads serve, against the real server process: readings rendered by
 PostgreSQL (api/reads.py) are exactly the verified readings submitted, in JSON and CSV,
-whole or page by page, and a hostile `kid` stored by other means still makes valid JSON
-and CSV. How fast they are is `meterproof bench api`'s business (docs/benchmarks.md)."""
+whole or page by page, read through history pages (api/pages.py) or row by row, and a
+hostile `kid` stored by other means still makes valid JSON and CSV. How fast they are is
+`meterproof bench api`'s business (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from fixtures.api import ApiServer
 from ingest_harness import provision
 
+from meterproof.api.pages import QUARTER_MS
 from meterproof.api.reads import FIELDS
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import VerifiedReading, b64url
@@ -27,7 +30,7 @@ COUNT = 2_500
 
 @pytest.fixture(scope="module")
 def api_env() -> dict[str, str]:
-    return {"METERPROOF_RATE_MAX_READINGS": "1000000"}
+    return {"METERPROOF_RATE_MAX_READINGS": "1000000", "METERPROOF_API_PAGES_INTERVAL_S": "0.5"}
 
 
 def _fields(meter_id: str, seq: int, ts: int) -> dict[str, Any]:
@@ -138,3 +141,82 @@ def test_a_hostile_kid_still_renders_valid_json_and_csv(
         text = http.get(f"/api/meters/{meter_id}/history", params={**params, "format": "csv"}).text
         rows = list(csv.DictReader(io.StringIO(text)))
         assert [(r["kid"], r["sig"], r["power_w"]) for r in rows] == [(kid, b64url(sig), "")]
+
+
+def _served_from_pages(api_server: ApiServer) -> float:
+    for line in httpx.get(api_server.metrics_url).text.splitlines():
+        if line.startswith('meterproof_api_history_reads_total{way="pages"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_for_pages(database_url: str, meter_id: str, quarters: int) -> None:
+    """Until the API's renderer has written `quarters` pages of the meter."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for _ in range(120):
+            row = conn.execute(
+                "SELECT count(*) FROM history_pages WHERE meter_id = %s", (meter_id,)
+            ).fetchone()
+            if row and row[0] >= quarters:
+                return
+            time.sleep(0.25)
+    pytest.fail(f"the renderer wrote {row[0] if row else 0} of {quarters} pages of {meter_id}")
+
+
+@pytest.mark.slow
+def test_history_pages_serve_what_rows_serve_and_never_hide_a_late_reading(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    """Three hours of readings ending an hour ago, every quarter closed: once rendered, a
+    whole-range read goes through pages, with ragged edges and from a cursor, and equals
+    the row-by-row read. A reading stored afterwards in a rendered quarter shows at once."""
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    start = (wall_ms() - 4 * 3_600_000) // QUARTER_MS * QUARTER_MS
+    count = 3 * 720  # one every 5 s, skipping every 7th so a late one can come in later
+    stamps = [start + i * 5_000 for i in range(count + count // 6) if i % 7 != 3][:count]
+    signed = [sign_reading(_fields(meter_id, i + 1, ts), key) for i, ts in enumerate(stamps)]
+    with api_server.meter_client(meter_id) as meter:
+        for i in range(0, count, 1_000):
+            body = {"readings": [encode_reading(r).decode() for r in signed[i : i + 1_000]]}
+            answer = meter.post("/api/meters/energy/batch", json=body)
+            assert answer.status_code == 200, answer.text
+    _wait_for_pages(api_server.database_url, meter_id, (stamps[-1] - start) // QUARTER_MS + 1)
+
+    token = api_server.operator_token()
+    with api_server.client(headers={"Authorization": f"Bearer {token}"}) as http:
+        ranges = [
+            {"from": start, "to": start + 4 * 3_600_000},  # whole quarters
+            {"from": start + 123_457, "to": stamps[-1] - 4 * 60_000 + 1},  # ragged edges
+        ]
+        wholes = []
+        for span in ranges:
+            before = _served_from_pages(api_server)
+            wholes.append(_whole(http, meter_id, 20_000, **span))
+            assert _served_from_pages(api_server) == before + 1
+            assert wholes[-1] == _whole(http, meter_id, 500, **span)  # rows, by the cursor
+            in_span = [t for t in stamps if span["from"] <= t < span["to"]]
+            assert [r["ts"] for r in wholes[-1]] == in_span
+
+        first = http.get(f"/api/meters/{meter_id}/history", params={**ranges[0], "limit": 700})
+        before = _served_from_pages(api_server)
+        rest = _whole(http, meter_id, 20_000, **ranges[0], cursor=first.json()["next_cursor"])
+        assert _served_from_pages(api_server) == before + 1
+        assert first.json()["readings"] + rest == wholes[0]
+
+        late_ts = stamps[0] + 3 * 5_000  # in the first quarter, whose page is rendered
+        fields = {
+            "meter_id": meter_id,
+            "seq": count + 1,
+            "ts": late_ts,
+            "import_wh": 10_024,
+            "export_wh": 3,
+        }  # between seq 3's and seq 4's registers
+        late = sign_reading(fields, key)
+        with api_server.meter_client(meter_id) as meter:
+            answer = meter.post(f"/api/meters/{meter_id}/energy", content=encode_reading(late))
+            assert answer.status_code == 200, answer.text
+        whole = _whole(http, meter_id, 20_000, **ranges[0])
+        assert [r["ts"] for r in whole[:5]] == [stamps[0], stamps[1], stamps[2], late_ts, stamps[3]]
+        assert whole[3]["seq"] == count + 1
+        assert len(whole) == count + 1

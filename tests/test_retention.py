@@ -16,9 +16,11 @@ import pytest
 from bridge_harness import T0, Clock, in_process, make_fleet, query
 from click.testing import CliRunner
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 from test_ingest_store import candidate
 from test_rollups import all_rollups, store_batches
 
+from meterproof.api.pages import Renderer
 from meterproof.bridge.oracle import Oracle, load_oracle
 from meterproof.bridge.verify import Report, verify
 from meterproof.certs.layout import PkiLayout
@@ -56,6 +58,16 @@ def run_prune(database_url: str, horizon_ms: int, lines: list[str] | None = None
         )
 
 
+async def render_pages(database_url: str) -> int:
+    """What the API's renderer would render: every queued closed quarter."""
+    async with AsyncConnectionPool(database_url, min_size=1, max_size=1) as pool:
+        renderer = Renderer(pool, interval_s=1, grace_s=0, batch=1_000)
+        rendered = 0
+        while picked := await renderer.render_once():
+            rendered += picked
+        return rendered
+
+
 def verified(database_url: str, oracle: Oracle) -> Report:
     with (
         psycopg.connect(database_url, autocommit=True) as a,
@@ -80,6 +92,7 @@ def test_only_anchored_batches_older_than_the_horizon_go_and_the_ledger_still_ve
         (6,)
     ]
     assert fleet.store([(a, 20, T0 + q + 120_000, 10, 105)]) == ["Accepted"]  # late, unclaimed
+    assert asyncio.run(render_pages(database_url)) == 12  # 6 quarters of 2 meters
     lines: list[str] = []
     report = run_prune(database_url, T0 + 3 * q, lines)
 
@@ -97,6 +110,10 @@ def test_only_anchored_batches_older_than_the_horizon_go_and_the_ledger_still_ve
     assert query(database_url, "SELECT count(*) FROM reading_log WHERE batch_id <= 3") == [(0,)]
     marks = dict(query(database_url, "SELECT meter_id, max_seq FROM reading_watermarks"))
     assert marks == {a: 3, b: 3}
+    # a page of a quarter that lost readings goes (a's second keeps its late one only)
+    assert query(database_url, "SELECT count(*) FROM history_pages WHERE bucket < %s",
+                 (ms_to_dt(T0 + 3 * q),)) == [(0,)]  # fmt: skip
+    assert query(database_url, "SELECT count(*) FROM history_pages") == [(6,)]
     first = verified(database_url, oracle)
     assert first.discrepancy is None, str(first.discrepancy)
     assert (first.entries, first.retired_entries, first.anchored_readings) == (6, 3, 6)
