@@ -50,7 +50,9 @@ SERVED = Counter(
 
 QUARTER_MS: Final = 900_000
 #: Queued quarters that started more than `closed_s` ago, oldest first, rendered and taken off
-#: the queue in one statement. A quarter without readings (all retired) gets no page.
+#: the queue in one statement. A quarter without readings (all retired) gets no page. The
+#: four replace() make `sig` base64url over the whole body: 4.4 us per reading in all,
+#: against 15.8 with one translate() (docs/api.md, "History pages").
 _RENDER: Final[LiteralString] = f"""
 WITH picked AS (
     DELETE FROM history_dirty WHERE (meter_id, bucket) IN (
@@ -63,8 +65,8 @@ WITH picked AS (
     SELECT k.meter_id, k.bucket, r.n, r.body FROM picked k
     CROSS JOIN LATERAL (
         SELECT count(*) AS n,
-               translate(string_agg({reads.JSON_ROW}, ',' ORDER BY ts, seq), E'+/=\\n', '-_')
-                   AS body
+               replace(replace(replace(replace(string_agg({reads.JSON_ROW}, ',' ORDER BY ts, seq),
+                       E'\\n', ''), '=', ''), '+', '-'), '/', '_') AS body
         FROM readings
         WHERE meter_id = k.meter_id AND ts >= k.bucket AND ts < k.bucket + interval '15 minutes'
     ) r

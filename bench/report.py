@@ -851,6 +851,7 @@ def _api(data: Data, found: dict[str, Data]) -> list[str]:
         "over HTTPS, one client on the same machine, an operator's token; each time runs from",
         "the request to the body's last byte. The day of history is the day just submitted,",
         "17,280 readings in one page (`limit=20000`; no cursor needed), checked complete.",
+        *_pages(f.get("pages")),
         "",
         "| read | n | p50 ms | p99 ms | target |",
         "|---|---|---|---|---|",
@@ -880,6 +881,20 @@ def _api(data: Data, found: dict[str, Data]) -> list[str]:
         _measured(data),
         "",
     ]  # fmt: skip
+
+
+def _pages(pages: Data | None) -> list[str]:
+    """How long the API's renderer took to turn the stored quarters into history pages."""
+    if pages is None:
+        return []
+    loaded, submitted = pages["loaded"], pages["submitted"]
+    return [
+        "JSON history reads of a whole range join the history pages the API process renders",
+        f"from closed quarters (api/pages.py): the loaded history's {loaded['quarters']:,} "
+        f"quarters took it {loaded['seconds']:.0f} s after its start, the submitted day's "
+        f"{submitted['quarters']:,} {submitted['seconds']:.0f} s after the submissions (its "
+        "passes are 30 s apart once caught up); CSV is read row by row.",
+    ]
 
 
 def _load_average(f: Data, cores: str) -> list[str]:
