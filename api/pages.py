@@ -27,6 +27,7 @@ that quarter is read as rows (correct, slower) until a later reading queues it a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from typing import Final, LiteralString
 
@@ -113,9 +114,9 @@ async def whole_range(
     after: tuple[int, int] | None,
     limit: int,
 ) -> bytes | None:
-    """Every reading with from_ms <= ts < to_ms after the cursor, as the JSON objects of
-    `reads.finish` in (ts, seq) order, comma-joined; None when the range may hold `limit` readings
-    or more, or no page serves it (then `reads.history` reads it)."""
+    """Every reading with from_ms <= ts < to_ms after the cursor: the JSON objects of
+    `reads.finish` in (ts, seq) order, comma-joined. None when the range may hold `limit`
+    readings or more, or no page serves it: then `reads.history` reads it."""
     quarters = await reads.query(
         pool, _QUARTERS, {"meter": meter_id, "from": from_ms, "to": to_ms, "limit": limit},
         binary=True,
@@ -148,14 +149,16 @@ async def whole_range(
         SERVED.labels(way="rows").inc()  # the counts were short (readings without a log row)
         return None
     SERVED.labels(way="pages").inc()
+    times = [int(row[0]) for row in rows]
     out: list[bytes] = []
     i = 0
-    for start, _, body in pages:  # rows before each page, then the page
-        while i < len(rows) and rows[i][0] < start:
-            out.append(reads.finish([rows[i][1]]))
-            i += 1
-        out.append(body)
-    out.extend(reads.finish([row[1]]) for row in rows[i:])
+    for start, _, body in [*pages, (to_ms, 0, b"")]:  # the rows before each page, the page
+        j = bisect.bisect_left(times, start, lo=i)
+        if j > i:
+            out.append(reads.finish([row[1] for row in rows[i:j]]))
+        if body:
+            out.append(body)
+        i = j
     return b",".join(out)
 
 

@@ -11,9 +11,12 @@ next to the MQTT drain of the same run.
    size and index depth. During the load PostgreSQL runs with `wal_level = minimal` and
    `fsync = off` in one transaction (tables created or truncated in it skip the WAL),
    then restarts with the stack's settings.
-2. `meterproof api` started as a user starts it, on the stack's settings. Meters submit
-   one more day of genuinely signed readings each through `/api/meters/energy/batch`
-   (batches of 1,000, one client per meter, concurrently), answered after the commit.
+2. `meterproof api` started as a user starts it, on the stack's settings; its renderer
+   turns the loaded quarters into history pages (api/pages.py; the loader queues them as
+   the trigger would), timed until its queue is empty. Meters submit one more day of
+   genuinely signed readings each through `/api/meters/energy/batch` (batches of 1,000,
+   one client per meter, concurrently), answered after the commit; the reads wait until
+   that day's closed quarters are rendered too.
 3. Reads over HTTPS with an operator's token, timed from the request to the last byte of
    the body: `latest`, one meter-day of `history` (the day just submitted: 17,280 readings
    in one page, JSON and CSV; the page limit allows a whole day), and a month of rollups

@@ -204,19 +204,19 @@ def test_history_pages_serve_what_rows_serve_and_never_hide_a_late_reading(
         assert _served_from_pages(api_server) == before + 1
         assert first.json()["readings"] + rest == wholes[0]
 
-        late_ts = stamps[0] + 3 * 5_000  # in the first quarter, whose page is rendered
-        fields = {
-            "meter_id": meter_id,
-            "seq": count + 1,
-            "ts": late_ts,
-            "import_wh": 10_024,
-            "export_wh": 3,
-        }  # between seq 3's and seq 4's registers
+        p = 902  # stamps[p] is seq p + 1; the slot after it was skipped, mid-range
+        late_ts = stamps[p] + 5_000
+        assert stamps[p + 1] == late_ts + 5_000
+        assert (late_ts - start) // QUARTER_MS == 5  # a quarter whose page is rendered
+        fields = {"meter_id": meter_id, "seq": count + 1, "ts": late_ts,
+                  "import_wh": 10_000 + (p + 1) * 7 + 3, "export_wh": p + 1}  # fmt: skip
         late = sign_reading(fields, key)
         with api_server.meter_client(meter_id) as meter:
             answer = meter.post(f"/api/meters/{meter_id}/energy", content=encode_reading(late))
             assert answer.status_code == 200, answer.text
+        before = _served_from_pages(api_server)
         whole = _whole(http, meter_id, 20_000, **ranges[0])
-        assert [r["ts"] for r in whole[:5]] == [stamps[0], stamps[1], stamps[2], late_ts, stamps[3]]
-        assert whole[3]["seq"] == count + 1
+        assert _served_from_pages(api_server) == before + 1  # its quarter from rows
+        assert [r["seq"] for r in whole] == [*range(1, p + 2), count + 1, *range(p + 2, count + 1)]
+        assert whole[p + 1]["ts"] == late_ts
         assert len(whole) == count + 1
