@@ -206,7 +206,8 @@ def api_process(
     stack: LocalStack, env: StackEnv, pki: PkiLayout, run_dir: Path, progress: Progress
 ) -> Iterator[ApiProcess]:
     """`meterproof api` on the stack, with the rate limits out of the way (a benchmark
-    submits a meter's day in seconds), until the block ends."""
+    submits a meter's day in seconds) and a pass of the history page renderer every
+    second, until the block ends."""
     port, secret = free_port(), secrets.token_urlsafe(24)
     environ = {
         **os.environ,
@@ -218,6 +219,7 @@ def api_process(
         "METERPROOF_API_METRICS_PORT": "0",
         "METERPROOF_LOG_LEVEL": "WARNING",
         "METERPROOF_RATE_MAX_READINGS": "10000000",
+        "METERPROOF_API_PAGES_INTERVAL_S": "1",  # the submitted day's pages without a wait
         **{f"METERPROOF_API_RATE_{k}_PER_MIN": "10000000"
            for k in ("AUTH", "SUBMISSION", "STATUS", "ANALYTICS")},
     }  # fmt: skip

@@ -892,8 +892,8 @@ def _pages(pages: Data | None) -> list[str]:
         "JSON history reads of a whole range join the history pages the API process renders",
         f"from closed quarters (api/pages.py): the loaded history's {loaded['quarters']:,} "
         f"quarters took it {loaded['seconds']:.0f} s after its start, the submitted day's "
-        f"{submitted['quarters']:,} {submitted['seconds']:.0f} s after the submissions (its "
-        "passes are 30 s apart once caught up); CSV is read row by row.",
+        f"{submitted['quarters']:,} {submitted['seconds']:.0f} s after the submissions (up to "
+        "one pause between its passes included); CSV is read row by row.",
     ]
 
 
