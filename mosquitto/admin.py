@@ -44,8 +44,10 @@ after a revocation or a new identity.
 
 A SIGHUP that arrives while the broker is still handling the previous one is lost: sent
 as soon as the first one's `Reloading config.` was logged, the second was not handled in
-10 of 10 tries (2026-12-04). Two revocations in quick succession can therefore leave the
-second one's CRL unread until the next SIGHUP or restart; not handled here yet.
+10 of 10 tries (2026-12-04). So two revocations in quick succession could leave the
+second one's CRL unread. `reload_broker` therefore watches the broker's log for a reload
+that began after its signal (Mosquitto logs `Reloading config.` before it reads any
+file again) and signals again when none did.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import queue
 import secrets
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -78,6 +81,10 @@ from meterproof.mosquitto.config import (
 COMMAND_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
 TIMEOUT: Final = 5.0
+#: What Mosquitto logs when it starts handling a SIGHUP, before it reads any file.
+RELOADING: Final = b"Reloading config."
+#: Without a new `RELOADING` line this long after a SIGHUP, the signal was lost.
+_RELOAD_RETRY_S: Final = 1.0
 _ALREADY_EXISTS: Final = "Client already exists"
 
 _T = TypeVar("_T")
@@ -103,7 +110,7 @@ def enforce_revocation(identity: str, env: StackEnv) -> int:
     applied = 0
     for files, admin_port in stack_brokers(env):
         try:
-            os.kill(_broker_pid(files), signal.SIGHUP)
+            reload_broker(files)
         except BrokerNotRunningError:
             continue
         _kick(identity, files, admin_port)
@@ -111,6 +118,38 @@ def enforce_revocation(identity: str, env: StackEnv) -> int:
     if not applied:
         raise BrokerNotRunningError(f"no broker of {env.run_dir} is running")
     return applied
+
+
+def reload_broker(files: BrokerFiles) -> None:
+    """SIGHUP the broker and return once a reload has begun after the signal, so it reads
+    every file written before this call; signal again when the SIGHUP was lost. Raises
+    BrokerNotRunningError when it is not running, BrokerAdminError when no reload began
+    within TIMEOUT."""
+    offset = files.log.stat().st_size if files.log.exists() else 0
+    deadline = time.monotonic() + TIMEOUT
+    signals = 0
+    while time.monotonic() < deadline:
+        os.kill(_broker_pid(files), signal.SIGHUP)
+        signals += 1
+        retry_at = min(deadline, time.monotonic() + _RELOAD_RETRY_S)
+        while time.monotonic() < retry_at:
+            if _reload_logged_after(files.log, offset):
+                return
+            time.sleep(0.02)
+    raise BrokerAdminError(
+        f"the broker logged no reload in {TIMEOUT:.0f} s after {signals} SIGHUP(s): {files.log}"
+    )
+
+
+def _reload_logged_after(log: Path, offset: int) -> bool:
+    """Whether a whole line after `offset` of the broker's log says a reload began."""
+    try:
+        with log.open("rb") as lines:
+            lines.seek(offset)
+            new = lines.read()
+    except FileNotFoundError:
+        return False
+    return RELOADING in new[: new.rfind(b"\n") + 1]
 
 
 def stack_brokers(env: StackEnv) -> list[tuple[BrokerFiles, int]]:
@@ -167,7 +206,7 @@ def reload_identities(env: StackEnv, pki: PkiLayout) -> None:
             run_dir=env.run_dir, pki=pki, tls_port=port, admin_port=admin_port, index=index
         )
         try:
-            os.kill(_broker_pid(files), signal.SIGHUP)
+            reload_broker(files)
         except BrokerNotRunningError:
             continue
         running += 1

@@ -8,8 +8,10 @@ carrying the chain). Every test uses identities and topics of its own.
 from __future__ import annotations
 
 import ipaddress
+import os
 import queue
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -35,7 +37,11 @@ from waiting import wait_until
 
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.config import StackEnv, new_share_group
-from meterproof.mosquitto.admin import BrokerNotRunningError, enforce_revocation
+from meterproof.mosquitto.admin import (
+    RELOADING,
+    BrokerNotRunningError,
+    enforce_revocation,
+)
 from meterproof.mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, render
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
@@ -638,6 +644,40 @@ def test_revocation_cuts_the_open_connection_and_refuses_reconnects(mq: Broker) 
     assert not mq.peer(identity).connect()
     assert bystander.disconnected.empty()
     assert bystander.publish(f"meters/{bystander_id}/readings", b"still here") in (0, 16)
+
+
+def _replace(path: Path, text: str) -> None:
+    """As `render` writes: a reload never reads half a file (it read "topi" once)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    part.replace(path)
+
+
+def test_a_revocation_during_the_previous_reload_is_not_lost(mq: Broker) -> None:
+    """Mosquitto drops a SIGHUP that arrives while it handles the previous one (in 10 of
+    10 tries sent as soon as that one's reload was logged), which would leave this
+    revocation's CRL unread: `reload_broker` signals again until a reload begins after
+    its call."""
+    _, first = mq.meter("revoked-first")
+    meter_id, identity = mq.meter("revoked-right-after")
+    meter = mq.connected(identity)
+    acl = mq.files.acl.read_text()
+    # a reload long enough to signal into: 20,000 more ACL users to read (none connects)
+    _replace(mq.files.acl, acl + "".join(f"user nobody-{i}\ntopic read x\n" for i in range(20_000)))
+    before = mq.files.log.read_bytes().count(RELOADING)
+    mq.ca.revoke(first)
+    try:
+        os.kill(int(mq.files.pid.read_text().split()[0]), signal.SIGHUP)  # the first one's
+        wait_until(lambda: mq.files.log.read_bytes().count(RELOADING) == before + 1,
+                   what="the first reload under way", within_s=5, every_s=0.001)  # fmt: skip
+        mq.ca.revoke(identity)
+        enforce_revocation(meter_id, mq.env)
+    finally:
+        _replace(mq.files.acl, acl)
+
+    assert mq.files.log.read_bytes().count(RELOADING) >= before + 2
+    assert meter.disconnected.get(timeout=WAIT).getName() == "Administrative action"
+    assert not mq.peer(identity).connect()
 
 
 def test_revocation_without_a_running_broker_says_so(tmp_path: Path) -> None:
