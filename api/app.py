@@ -370,15 +370,12 @@ async def history(
     end = to_ms if to_ms is not None else wall_ms() + 86_400_000
     after = None if cursor is None else reads.decode_cursor(cursor)
     csv = format == "csv"
+    span = reads.Span(meter_id, from_ms, end, after, limit)
     if not csv and _sees_all(who, meter_id):
-        readings = await pages.whole_range(
-            services.pool, meter_id, from_ms=from_ms, to_ms=end, after=after, limit=limit
-        )
+        readings = await pages.whole_range(services.pool, span)
         if readings is not None:  # everything in one answer: no cursor
             return _history_json(meter_id, readings, None)
-    page = await reads.history(
-        services.pool, meter_id, from_ms=from_ms, to_ms=end, after=after, limit=limit, csv=csv
-    )
+    page = await reads.history(services.pool, span, csv=csv)
     lines = page.lines
     if who.role is not Role.OPERATOR:  # the policy, per reading (a meter: its own only)
         visible = _visible(services, who, meter_id, page.times, empty_at=from_ms)

@@ -105,23 +105,16 @@ ORDER BY x.ts_ms, x.seq
 """  # noqa: S608 - built from this package's constants only
 
 
-async def whole_range(
-    pool: AsyncConnectionPool,
-    meter_id: str,
-    *,
-    from_ms: int,
-    to_ms: int,
-    after: tuple[int, int] | None,
-    limit: int,
-) -> bytes | None:
-    """Every reading with from_ms <= ts < to_ms after the cursor: the JSON objects of
-    `reads.finish` in (ts, seq) order, comma-joined. None when the range may hold `limit`
-    readings or more, or no page serves it: then `reads.history` reads it."""
+async def whole_range(pool: AsyncConnectionPool, span: reads.Span) -> bytes | None:
+    """Every reading of the span: the JSON objects of `reads.finish` in (ts, seq) order,
+    comma-joined. None when the range may hold `span.limit` readings or more, or no page
+    serves it: then `reads.history` reads it."""
+    from_ms, to_ms, limit = span.from_ms, span.to_ms, span.limit
     quarters = await reads.query(
-        pool, _QUARTERS, {"meter": meter_id, "from": from_ms, "to": to_ms, "limit": limit},
+        pool, _QUARTERS, {"meter": span.meter_id, "from": from_ms, "to": to_ms, "limit": limit},
         binary=True,
     )  # fmt: skip
-    after_ts, after_seq = after if after is not None else (from_ms - 1, 0)
+    after_ts, after_seq = span.after_key
     pages = [
         (int(start), int(count), body)
         for start, count, body in quarters
@@ -143,7 +136,7 @@ async def whole_range(
     rows = await reads.query(
         pool,
         _GAPS,
-        {"lo": lo, "hi": hi, "meter": meter_id, "after_ts": after_ts, "after_seq": after_seq},
+        {"lo": lo, "hi": hi, "meter": span.meter_id, "after_ts": after_ts, "after_seq": after_seq},
     )
     if len(rows) + sum(count for _, count, _ in pages) >= limit:
         SERVED.labels(way="rows").inc()  # the counts were short (readings without a log row)

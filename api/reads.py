@@ -121,21 +121,30 @@ async def latest(pool: AsyncConnectionPool, meter_id: str) -> Page:
     return await _page(pool, _LATEST, (meter_id,))
 
 
-async def history(
-    pool: AsyncConnectionPool,
-    meter_id: str,
-    *,
-    from_ms: int,
-    to_ms: int,
-    after: tuple[int, int] | None,
-    limit: int,
-    csv: bool = False,
-) -> Page:
-    """Readings with from_ms <= ts < to_ms, after the cursor, in (ts, seq) order, each
-    rendered as JSON, or as a CSV line in FIELDS' order."""
-    after_ts, after_seq = after if after is not None else (from_ms - 1, 0)
+@dataclass(frozen=True, slots=True)
+class Span:
+    """What a history read asks for: one meter's readings with from_ms <= ts < to_ms
+    after the cursor `after` (ts, seq), at most `limit` of them."""
+
+    meter_id: str
+    from_ms: int
+    to_ms: int
+    after: tuple[int, int] | None
+    limit: int
+
+    @property
+    def after_key(self) -> tuple[int, int]:
+        """The cursor's (ts, seq); without one, just before `from_ms`."""
+        return self.after if self.after is not None else (self.from_ms - 1, 0)
+
+
+async def history(pool: AsyncConnectionPool, span: Span, *, csv: bool = False) -> Page:
+    """The span's readings in (ts, seq) order, each rendered as JSON, or as a CSV line in
+    FIELDS' order."""
+    after_ts, after_seq = span.after_key
     sql = _HISTORY["csv" if csv else "json"]
-    return await _page(pool, sql, (meter_id, from_ms, to_ms, after_ts, after_seq, limit))
+    params = (span.meter_id, span.from_ms, span.to_ms, after_ts, after_seq, span.limit)
+    return await _page(pool, sql, params)
 
 
 async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str, int] | None:

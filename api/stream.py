@@ -63,10 +63,8 @@ async def energy(websocket: WebSocket, meter_id: str) -> None:
             nonlocal after
             now = wall_ms()
             _check(audience, who, meter_id, now)
-            page = await reads.history(
-                pool, meter_id, from_ms=after[0], to_ms=now + 86_400_000, after=after,
-                limit=_PAGE,
-            )  # fmt: skip
+            span = reads.Span(meter_id, after[0], now + 86_400_000, after, _PAGE)
+            page = await reads.history(pool, span)
             after = page.last or after
             return [
                 reads.finish([line]).decode()
