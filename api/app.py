@@ -28,7 +28,6 @@ from meterproof.api.auth import TOKEN_PATH, Principal, Role, Scope, Token, Token
 from meterproof.api.edge import Edge
 from meterproof.api.errors import PROBLEM_TYPE, ApiError, Problem, install
 from meterproof.api.limits import Limit, Limiter, limited
-from meterproof.api.pages import Renderer
 from meterproof.api.provider_store import provider_store
 from meterproof.api.republish import Republisher
 from meterproof.api.settings import ApiSettings
@@ -846,7 +845,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         stop = asyncio.Event()
         consents = asyncio.create_task(services.audience.run(stop), name="consent-view")
         worker = asyncio.create_task(services.worker.run(), name="submissions")
-        renderer = Renderer(
+        renderer = pages.Renderer(
             services.pool, interval_s=settings.api_pages_interval_s,
             grace_s=settings.api_pages_grace_s, batch=settings.api_pages_batch,
         )  # fmt: skip
