@@ -373,7 +373,9 @@ async def history(
     if not csv and _sees_all(who, meter_id):
         readings = await pages.whole_range(services.pool, span)
         if readings is not None:  # everything in one answer: no cursor
+            pages.SERVED.labels(way="pages").inc()
             return _history_json(meter_id, readings, None)
+    pages.SERVED.labels(way="rows").inc()
     page = await reads.history(services.pool, span, csv=csv)
     lines = page.lines
     if who.role is not Role.OPERATOR:  # the policy, per reading (a meter: its own only)

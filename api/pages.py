@@ -77,10 +77,10 @@ WITH picked AS (
 )
 SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM written)
 """  # noqa: S608 - built from this package's constants only
-#: The quarters of [from, to) with their counts; a fresh page's body only when the whole
-#: range fits in one answer.
 _FROM: Final = reads.MS.replace("%s", "%(from)s")
 _TO: Final = reads.MS.replace("%s", "%(to)s")
+#: The quarters of [from, to) with their counts; a fresh page's body only when the whole
+#: range fits in one answer.
 _QUARTERS: Final[LiteralString] = f"""
 SELECT (date_part('epoch', q.bucket) * 1000)::bigint, q.readings,
        CASE WHEN sum(q.readings) OVER () < %(limit)s THEN convert_to(p.body, 'UTF8') END
@@ -122,7 +122,6 @@ async def whole_range(pool: AsyncConnectionPool, span: reads.Span) -> bytes | No
         and start > after_ts
     ]  # fmt: skip
     if not pages:
-        SERVED.labels(way="rows").inc()
         return None
     lo, hi, cursor = [], [], from_ms
     for start, _, _ in pages:
@@ -139,9 +138,7 @@ async def whole_range(pool: AsyncConnectionPool, span: reads.Span) -> bytes | No
         {"lo": lo, "hi": hi, "meter": span.meter_id, "after_ts": after_ts, "after_seq": after_seq},
     )
     if len(rows) + sum(count for _, count, _ in pages) >= limit:
-        SERVED.labels(way="rows").inc()  # the counts were short (readings without a log row)
-        return None
-    SERVED.labels(way="pages").inc()
+        return None  # the counts were short (readings without a log row)
     times = [int(row[0]) for row in rows]
     out: list[bytes] = []
     i = 0
