@@ -35,7 +35,7 @@ from meterproof.backoff import Backoff
 from meterproof.errors import UnavailableError
 from meterproof.ingest import telemetry as t
 from meterproof.ingest.audience import Audience
-from meterproof.ingest.batcher import next_batch
+from meterproof.ingest.batcher import Batcher
 from meterproof.ingest.decode import Decoded
 from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.keys import KeyCache
@@ -141,7 +141,9 @@ class Worker:
         self._store_factory = store_factory
         # Unbounded here, bounded in fact: the broker sends at most `receive_maximum`
         # unacknowledged messages, and nothing leaves the queue unacknowledged for long.
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._queue: Batcher[Delivery] = Batcher(
+            max_size=settings.batch_max_size, linger_s=settings.batch_linger_ms / 1000
+        )
         self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
         self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
         self._audience = Audience(database_url=settings.database_url)
@@ -153,8 +155,6 @@ class Worker:
         self._store: BatchStore | None = None
         self._store_loop = _StoreLoop()
         self._announcing: asyncio.Task[None] | None = None
-        self._store_free = asyncio.Event()  # no transaction in flight: a batch need not linger
-        self._store_free.set()
         self._last_handed = 0.0  # loop time the last batch went to the store
         self.stopping = asyncio.Event()
         self.committed = 0
@@ -169,7 +169,7 @@ class Worker:
 
     def _receive(self, delivery: Delivery) -> None:
         """Called by the source for every delivery; its PUBACK follows the batch's commit."""
-        self._queue.put_nowait(delivery)
+        self._queue.put(delivery)
 
     async def _watch_broker(self) -> None:
         """gmqtt gives up on some refusals; a worker cut off for too long exits non-zero so
@@ -233,8 +233,8 @@ class Worker:
                             continue
                 committing = asyncio.create_task(self._commit(prepared))
                 self._last_handed = asyncio.get_running_loop().time()
-                self._store_free.clear()
-                committing.add_done_callback(lambda _: self._store_free.set())
+                self._queue.store_busy()
+                committing.add_done_callback(lambda _: self._queue.store_free())
         finally:
             if committing is not None:
                 await committing
@@ -246,13 +246,7 @@ class Worker:
     async def _next_batch(self) -> list[Delivery] | None:
         """The next batch, or None once stopping."""
         getter = asyncio.ensure_future(
-            next_batch(
-                self._queue,
-                max_size=self.settings.batch_max_size,
-                linger_s=self.settings.batch_linger_ms / 1000,
-                ready=self._store_free,
-                not_before=self._last_handed + self.settings.batch_linger_ms / 1000,
-            )
+            self._queue.next_batch(self._last_handed + self.settings.batch_linger_ms / 1000)
         )
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -260,7 +254,7 @@ class Worker:
         if not getter.done():
             getter.cancel()
             return None
-        t.QUEUE_DEPTH.set(self._queue.qsize())
+        t.QUEUE_DEPTH.set(len(self._queue))
         return getter.result()
 
     async def _shutdown(self, *listeners: asyncio.Task[None]) -> None:
@@ -268,7 +262,7 @@ class Worker:
         still queued was never committed and will be redelivered."""
         self.stopping.set()
         await self._source.stop()
-        dropped = self._queue.qsize()
+        dropped = len(self._queue)
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
@@ -349,7 +343,7 @@ class Worker:
                 "meter_quarantined", meter_id=meter_id, failures=self.settings.quarantine_failures
             )
         self.committed += len(batch)
-        t.QUEUE_DEPTH.set(self._queue.qsize())
+        t.QUEUE_DEPTH.set(len(self._queue))
         self._record(batch, outcomes, prepared.now_ms, time.perf_counter() - started)
         if self._announcing is not None:
             await self._announcing
