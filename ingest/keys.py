@@ -1,10 +1,16 @@
 """The key store: registry snapshots (status + signing keys) cached in-process.
 
-A hit costs a dict lookup; misses are fetched for a whole batch in one query. Entries live
-`ttl_s` at most, and a LISTEN on `meterproof_registry` (a trigger NOTIFYs on every status or
-key change) drops a meter's entry at once, so a quarantine or a revocation is honoured by
-every running worker within a second. If the LISTEN connection is lost, the whole cache is
-dropped and rebuilt, because notifications may have been missed meanwhile.
+A hit costs a dict lookup; misses are fetched for a whole batch in one query. A LISTEN on
+`meterproof_registry` (a trigger NOTIFYs on every status or key change) drops a meter's
+entry at once, so a quarantine or a revocation is honoured by every running worker within a
+second. If the LISTEN connection is lost, the whole cache is dropped and rebuilt, because
+notifications may have been missed meanwhile. A fetch during which any entry was dropped is
+used for its batch but not kept: its answer may predate the change that was notified.
+
+So the notifications keep the cache true, and `ttl_s` is only a bound on a cache that
+missed one anyway. It must be longer than a meter's reporting interval, or every reading
+of a fleet reporting each minute or quarter-hour pays a registry query and a key parse
+(docs/scaling.md, "Live path profile").
 """
 
 from __future__ import annotations
@@ -31,11 +37,17 @@ class KeyCache:
         self._url = database_url
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[float, MeterSnapshot | None]] = {}
+        self._drops = 0  # entries dropped so far: a fetch that saw it move keeps nothing
         self._conn: AsyncConnection[tuple[object, ...]] | None = None
         self.listening = asyncio.Event()
 
     def invalidate(self, meter_id: str) -> None:
         self._entries.pop(meter_id, None)
+        self._drops += 1
+
+    def _clear(self) -> None:
+        self._entries.clear()
+        self._drops += 1
 
     async def snapshots(self, meter_ids: Collection[str]) -> Mapping[str, MeterSnapshot | None]:
         now = time.monotonic()
@@ -48,11 +60,14 @@ class KeyCache:
             else:
                 missing.append(meter_id)
         if missing:
+            drops = self._drops
             fetched = await self._fetch(missing)
+            keep = drops == self._drops
             now = time.monotonic()
             for meter_id in missing:
                 snapshot = fetched.get(meter_id)
-                self._entries[meter_id] = (now + self.lifetime(), snapshot)
+                if keep:
+                    self._entries[meter_id] = (now + self.lifetime(), snapshot)
                 found[meter_id] = snapshot
         return found
 
@@ -78,7 +93,7 @@ class KeyCache:
             try:
                 async with await AsyncConnection.connect(self._url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    self._entries.clear()
+                    self._clear()
                     self.listening.set()
                     while not stop.is_set():
                         async for notice in conn.notifies(timeout=1.0):
@@ -88,7 +103,7 @@ class KeyCache:
                 DEPENDENCY_ERRORS.labels(dependency="database").inc()
                 log.warning("registry_listen_lost", error=str(exc), retry_in_s=retry_s)
             self.listening.clear()
-            self._entries.clear()
+            self._clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), retry_s)
 

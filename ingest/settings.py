@@ -43,7 +43,11 @@ class IngestSettings(Settings):
     quarantine_window_s: int = Field(default=600, gt=0)
 
     # caches
-    key_cache_ttl_s: float = Field(default=30.0, gt=0)
+    key_cache_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="bounds a missed registry notification; longer than a reporting interval",
+    )
     replay_ttl_s: int = Field(default=900, ge=1)
 
     # telemetry
