@@ -20,6 +20,10 @@ everything else still goes through gmqtt. What that needs of gmqtt, and nothing 
 - `Client._connection`: `_protocol._read_packet` (replaced per connection),
   `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`;
 - `PersistentStorage._messages`, to bound the outbound window.
+
+And one thing of asyncio's: under TLS, the socket transport beneath the TLS transport
+(`_ssl_protocol._transport`), whose reading `read_directly` pauses after each read (see
+there); without it, the TLS transport itself is paused, which saves less.
 """
 
 from __future__ import annotations
@@ -126,13 +130,23 @@ def read_directly(
     on_publish: PacketHandler,
     on_puback: PacketHandler,
     on_broken: Callable[[Drop], None],
+    pause_s: float = 0.0,
 ) -> None:
     """Split the current connection's incoming bytes here rather than in gmqtt. Call it
     from the CONNACK: it applies to that connection only. Bytes of a superseded connection
     are dropped as gmqtt drops them; a stream that cannot be split is reported to
-    `on_broken` and the link closed (gmqtt's answer to -1)."""
+    `on_broken` and the link closed (gmqtt's answer to -1).
+
+    With `pause_s`, the socket is not read again for that long after each read, so that
+    one wake-up of the loop (and one TLS read, one task step of gmqtt's reader) takes
+    several readings at a live trickle, where each would otherwise come alone. What
+    arrives meanwhile waits in the kernel's buffer; a backlog loses nothing by it, each
+    read then takes up to the reader's 64 KiB."""
     connection = client._connection
     handler = client._package_handler
+    transport: asyncio.BaseTransport = connection._protocol._transport
+    socket_transport = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    paused = _Pause(socket_transport or transport, pause_s) if pause_s > 0 else None
 
     def read_packets(data: bytes) -> int:
         if handler.current_connection is not connection:
@@ -150,9 +164,27 @@ def read_directly(
         if frames.broken is not None:
             on_broken(frames.broken)
             return -1
+        if paused is not None:
+            paused.start()
         return frames.consumed
 
     connection._protocol._read_packet = read_packets
+
+
+class _Pause:
+    """Stops a transport's reading for `seconds`, then resumes it. asyncio ignores a pause
+    of a closing transport and a resume of one not paused, so a link lost meanwhile or
+    the TLS layer's own flow control (which also pauses and resumes the socket) is safe."""
+
+    def __init__(self, transport: asyncio.BaseTransport, seconds: float) -> None:
+        self._transport = transport
+        self._seconds = seconds
+
+    def start(self) -> None:
+        transport = self._transport
+        if isinstance(transport, asyncio.ReadTransport) and transport.is_reading():
+            transport.pause_reading()
+            asyncio.get_running_loop().call_later(self._seconds, transport.resume_reading)
 
 
 def write_raw(client: Client, data: bytes) -> bool:

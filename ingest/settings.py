@@ -27,6 +27,12 @@ class IngestSettings(Settings):
     receive_maximum: int = Field(default=4000, ge=20, le=65535)
     publish_window: int = Field(default=1000, ge=1, le=65535)
     broker_lost_exit_s: float = Field(default=60.0, gt=0)
+    read_pause_ms: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="after each read from the broker, wait this long before the next; 0 off",
+    )
 
     # batching and backpressure
     batch_max_size: int = Field(default=1000, ge=1, le=50_000)

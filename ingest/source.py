@@ -110,10 +110,13 @@ class MqttSource:
         session_expiry_s: int,
         receive_maximum: int,
         publish_window: int,
+        read_pause_s: float = 0.0,
         index: int = 0,
     ) -> None:
-        """`index` is this broker's place in the list, stamped on every delivery."""
+        """`index` is this broker's place in the list, stamped on every delivery;
+        `read_pause_s`: see `ingest._gmqtt.read_directly`."""
         self.index = index
+        self._read_pause_s = read_pause_s
         self._host = host
         self._port = port
         self._tls = tls
@@ -157,6 +160,7 @@ class MqttSource:
             on_publish=lambda first, body: self._on_publish(first, body, link),
             on_puback=self._on_puback,
             on_broken=self._on_broken,
+            pause_s=self._read_pause_s,
         )
         replayed = _gmqtt.replay_unacknowledged(client, self._window) if flags else 0
         # Subscribing again on a resumed session is harmless and covers a session the
@@ -372,6 +376,7 @@ def mqtt_source(settings: IngestSettings) -> MqttSource | BrokerSet:
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
             publish_window=settings.publish_window,
+            read_pause_s=settings.read_pause_ms / 1000,
             index=index,
         )
         for index, (host, port) in enumerate(settings.brokers())

@@ -5,6 +5,7 @@ packet ids, the outbound window), so a gmqtt that changes them fails this file l
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import pytest
@@ -139,3 +140,40 @@ def _publishing_at_connack(source: Any, item: tuple[str, bytes]) -> Any:
             publishing.send(None)
 
     return on_connect
+
+
+@pytest.mark.parametrize("pause_ms", [0, 100])
+def test_a_read_pause_takes_a_trickle_several_readings_per_read(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str, pause_ms: int
+) -> None:
+    """Readings 10 ms apart: without the pause each is its own read (its own wake-up);
+    with 100 ms, one read takes those that arrived meanwhile. None is lost or reordered."""
+    provision(pki, None, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
+        read_pause_ms=pause_ms,
+    )  # fmt: skip
+
+    async def scenario() -> list[tuple[float, bytes]]:
+        loop = asyncio.get_running_loop()
+        got: list[tuple[float, bytes]] = []
+        source = mqtt_source(settings)
+        await source.start(lambda d: got.append((loop.time(), d.message.payload)))
+        await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+        meter = ProbeMeter(meter_id, None, pki, broker.port)
+        await meter.connect()
+        for n in range(20):
+            meter.publish(b'{"n":%d}' % n)
+            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: len(got) == 20, what="twenty deliveries")
+        await source.stop()
+        await meter.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert [payload for _, payload in got] == [b'{"n":%d}' % n for n in range(20)]
+    reads = 1 + sum(1 for (a, _), (b, _) in itertools.pairwise(got) if b - a > 0.003)
+    if pause_ms:
+        assert reads <= 6  # ~200 ms of arrivals in reads at least 100 ms apart
+    else:
+        assert reads >= 12
