@@ -140,8 +140,8 @@ def read_directly(
     With `pause_s`, the socket is not read again for that long after each read, so that
     one wake-up of the loop (and one TLS read, one task step of gmqtt's reader) takes
     several readings at a live trickle, where each would otherwise come alone. What
-    arrives meanwhile waits in the kernel's buffer; a backlog loses nothing by it, each
-    read then takes up to the reader's 64 KiB."""
+    arrives meanwhile waits in the kernel's buffer; a backlog loses little by it, as each
+    read then takes what the kernel gathered, up to the TLS layer's 256 KiB."""
     connection = client._connection
     handler = client._package_handler
     transport: asyncio.BaseTransport = connection._protocol._transport
