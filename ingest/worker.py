@@ -155,7 +155,6 @@ class Worker:
         self._store: BatchStore | None = None
         self._store_loop = _StoreLoop()
         self._announcing: asyncio.Task[None] | None = None
-        self._last_handed = 0.0  # loop time the last batch went to the store
         self.stopping = asyncio.Event()
         self.committed = 0
         self.failed = False
@@ -232,7 +231,6 @@ class Worker:
                         if prepared is None:
                             continue
                 committing = asyncio.create_task(self._commit(prepared))
-                self._last_handed = asyncio.get_running_loop().time()
                 self._queue.store_busy()
                 committing.add_done_callback(lambda _: self._queue.store_free())
         finally:
@@ -245,9 +243,7 @@ class Worker:
 
     async def _next_batch(self) -> list[Delivery] | None:
         """The next batch, or None once stopping."""
-        getter = asyncio.ensure_future(
-            self._queue.next_batch(self._last_handed + self.settings.batch_linger_ms / 1000)
-        )
+        getter = asyncio.ensure_future(self._queue.next_batch())
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
