@@ -4,13 +4,13 @@ first item, or once the store is free and the previous transaction started at le
 
 Lingering while the previous batch is still committing is group commit: a busy stream
 gathers what arrives during a commit into the next (measured at 3,000 readings/s: p99
-publish -> receipt 57 ms with a fixed 25 ms linger). `not_before` bounds the transactions
-of a quiet stream as well: a transaction and what goes with it (its round trips, the
-acknowledgement and publish writes, the Redis look-up, two thread hand-offs) cost about
-3.6 ms of server CPU whatever its size, and with the store free at once a trickle of
-1,000 readings/s made 4-10 readings per transaction (docs/scaling.md, "Live path
-profile"). At most one transaction per linger and worker, for at most one linger of
-added latency.
+publish -> receipt 57 ms with a fixed 25 ms linger). The linger after the previous batch
+bounds the transactions of a quiet stream as well: a transaction and what goes with it
+(its round trips, the acknowledgement and publish writes, the Redis look-up, two thread
+hand-offs) cost about 3.6 ms of server CPU whatever its size, and with the store free at
+once a trickle of 1,000 readings/s made 4-10 readings per transaction (docs/scaling.md,
+"Live path profile"). At most one transaction per linger and worker, for at most one
+linger of added latency.
 
 A lingering batch is woken only by what can close it: its deadline, the queue reaching
 `max_size`, or the store becoming free. A reading that arrives meanwhile is appended and
