@@ -37,7 +37,7 @@ from meterproof.bridge.ledger import local as ledger
 from meterproof.bridge.proof import ProofError, build_proof
 from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
-from meterproof.consent.policy import may_see
+from meterproof.consent.policy import may_see, sees_span
 from meterproof.db.rollups import Width, rollups_json
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.audience import REFUSALS, Audience
@@ -370,7 +370,7 @@ async def history(
     after = None if cursor is None else reads.decode_cursor(cursor)
     csv = format == "csv"
     span = reads.Span(meter_id, from_ms, end, after, limit)
-    if not csv and _sees_all(who, meter_id):
+    if not csv and _sees_all(services, who, span):
         readings = await pages.whole_range(services.pool, span)
         if readings is not None:  # everything in one answer: no cursor
             pages.SERVED.labels(way="pages").inc()
@@ -397,9 +397,16 @@ def _history_json(meter_id: str, readings: bytes, next_cursor: str | None) -> Re
     return Response(body, media_type="application/json")
 
 
-def _sees_all(who: Principal, meter_id: str) -> bool:
-    """Whether every reading of the meter is `who`'s to see: no per-reading policy."""
-    return who.role is Role.OPERATOR or (who.role is Role.METER and who.name == meter_id)
+def _sees_all(services: Services, who: Principal, span: reads.Span) -> bool:
+    """Whether every reading of the span is `who`'s to see, so none needs the policy's
+    decision of its own: an operator's, the meter's own, or an integrator's whose one
+    consent covers the whole span."""
+    if who.role is Role.INTEGRATOR:
+        return sees_span(
+            who.name, span.meter_id, span.from_ms, span.to_ms, ConsentScope.HISTORY,
+            view=services.audience.view, now_ms=wall_ms(),
+        )  # fmt: skip
+    return who.role is Role.OPERATOR or who.name == span.meter_id  # a meter: its own
 
 
 @_route(

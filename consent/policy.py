@@ -83,6 +83,30 @@ def may_see(
     return Decision(refusal=refusal)
 
 
+def sees_span(
+    integrator: str,
+    meter_id: str,
+    from_ms: int,
+    to_ms: int,
+    scope: Scope,
+    *,
+    view: ConsentView,
+    now_ms: int,
+) -> bool:
+    """Whether `may_see` allows every time in [from_ms, to_ms): one active, unexpired
+    consent covers the scope and the whole range, so a read of it needs no decision per
+    reading. False only means "ask per reading"; it refuses nothing."""
+    if not view.integrator_active(integrator):
+        return False
+    return any(
+        not grant.expired(now_ms)
+        and scope in grant.scopes
+        and grant.from_ms <= from_ms
+        and (grant.to_ms is None or to_ms <= grant.to_ms)
+        for grant in view.grants(integrator, meter_id)
+    )
+
+
 def live_audience(meter_id: str, ts_ms: int, view: ConsentView, now_ms: int) -> list[str]:
     """The integrators who receive this reading on their live feed, sorted."""
     return sorted(

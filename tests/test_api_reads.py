@@ -18,9 +18,12 @@ import psycopg
 import pytest
 from fixtures.api import ApiServer
 from ingest_harness import provision
+from waiting import wait_until
 
 from meterproof.api.pages import QUARTER_MS
 from meterproof.api.reads import FIELDS
+from meterproof.consent import repository as consent
+from meterproof.consent.model import Scope
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import VerifiedReading, b64url
 from meterproof.schemas.timestamps import ms_to_dt, wall_ms
@@ -150,6 +153,29 @@ def _served_from_pages(api_server: ApiServer) -> float:
     return 0.0
 
 
+def _consented(api_server: ApiServer, name: str, meter_id: str, data_from: int) -> str:
+    """A new integrator's token, once its history consent for the meter from `data_from`
+    on (open-ended) has reached the API's consent view."""
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        secret = consent.add_integrator(conn, name, cert_serial="0a1b")
+        consent.grant(
+            conn,
+            consent.GrantRequest(
+                integrator=name, meter_id=meter_id, account=None,
+                scopes=frozenset({Scope.HISTORY}), data_from=ms_to_dt(data_from),
+                data_to=None, expires_at=None,
+            ),
+            operator_reason="test",
+        )  # fmt: skip
+    token = api_server.token(name, secret)
+    with api_server.client(headers={"Authorization": f"Bearer {token}"}) as http:
+        wait_until(
+            lambda: http.get(f"/api/meters/{meter_id}/latest").status_code == 200,
+            what=f"{name}'s consent reaches the API's consent view",
+        )
+    return token
+
+
 def _wait_for_pages(database_url: str, meter_id: str, quarters: int) -> None:
     """Until the API's renderer has written `quarters` pages of the meter."""
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -203,6 +229,18 @@ def test_history_pages_serve_what_rows_serve_and_never_hide_a_late_reading(
         rest = _whole(http, meter_id, 20_000, **ranges[0], cursor=first.json()["next_cursor"])
         assert _served_from_pages(api_server) == before + 1
         assert first.json()["readings"] + rest == wholes[0]
+
+        # An integrator whose one consent covers the range reads it through pages too;
+        # one whose consent starts inside it is decided per reading, from rows.
+        readers = [("whole", start, "pages"), ("half", start + 7_200_000, "rows")]
+        for who, data_from, way in readers:
+            name = f"{who}-{meter_id[-12:]}"
+            integrator = _consented(api_server, name, meter_id, data_from)
+            before = _served_from_pages(api_server)
+            with api_server.client(headers={"Authorization": f"Bearer {integrator}"}) as reader:
+                seen = _whole(reader, meter_id, 20_000, **ranges[0])
+            assert _served_from_pages(api_server) == before + (way == "pages"), name
+            assert seen == [r for r in wholes[0] if r["ts"] >= data_from], name
 
         p = 902  # stamps[p] is seq p + 1; the slot after it was skipped, mid-range
         late_ts = stamps[p] + 5_000

@@ -7,7 +7,7 @@ from uuid import uuid4
 import pytest
 
 from meterproof.consent.model import Grant, Refusal, Scope
-from meterproof.consent.policy import ConsentView, live_audience, may_see
+from meterproof.consent.policy import ConsentView, live_audience, may_see, sees_span
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 HOUR = 3_600_000
@@ -86,3 +86,30 @@ def test_a_wallet_wide_consent_covers_the_meters_linked_now() -> None:
             for m in ("m1", "m2", "m3")] == [True, True, False]  # fmt: skip
     assert live_audience("m2", T0, view, T0) == ["acme"]
     assert live_audience("m2", T0 + HOUR, view, T0) == []  # outside the period
+
+
+@pytest.mark.parametrize(
+    ("grants", "span", "now", "whole"),
+    [
+        ([_grant()], (T0, T0 + HOUR), T0, True),  # exactly the period
+        ([_grant()], (T0 - 1, T0 + HOUR), T0, False),  # starts before it
+        ([_grant()], (T0, T0 + HOUR + 1), T0, False),  # ends after it
+        ([_grant(to_ms=None)], (T0 + HOUR, T0 + 99 * HOUR), T0, True),  # open-ended
+        ([_grant()], (T0, T0 + HOUR), T0 + 2 * HOUR, False),  # expired
+        ([_grant(scopes=frozenset({Scope.HISTORY}))], (T0, T0 + HOUR), T0, False),  # scope
+        ([_grant(to_ms=T0 + 1), _grant(from_ms=T0 + 1)], (T0, T0 + HOUR), T0, False),  # two
+    ],
+)
+def test_a_span_is_seen_whole_only_inside_one_covering_consent(
+    grants: list[Grant], span: tuple[int, int], now: int, whole: bool
+) -> None:
+    """When it says whole, `may_see` allows every time of the span; two consents that
+    cover it only together leave it to `may_see` per reading."""
+    view = _view(*grants)
+    assert sees_span("acme", "m1", *span, Scope.LIVE, view=view, now_ms=now) == whole
+    if whole:
+        for ts in (span[0], (span[0] + span[1]) // 2, span[1] - 1):
+            assert may_see("acme", "m1", ts, Scope.LIVE, view=view, now_ms=now).allowed
+    assert not sees_span("acme", "m1", *span, Scope.LIVE, view=_view(*grants, active=False),
+                         now_ms=now)  # fmt: skip
+    assert not sees_span("other", "m1", *span, Scope.LIVE, view=view, now_ms=now)
