@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         "unset, mqtt_host:mqtt_port is the only broker",
     )
     database_url: str = Field(default=DEFAULT_DATABASE_URL, description="PostgreSQL URL")
+    database_read_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL of the reads that may lag (the API's history and "
+        "rollups): a standby, with the primary named after it and "
+        "`target_session_attrs=prefer-standby` so they fall back to it (`stack up --ha` "
+        "sets it); unset, database_url serves them",
+    )
     redis_url: str | None = Field(
         default=DEFAULT_REDIS_URL, description="Redis URL; None disables the replay fast path"
     )

@@ -177,6 +177,8 @@ class WalletMeters(BaseModel):
 #: The reads' sessions: no JIT (with 10 million readings the planner's cost estimates
 #: pass jit_above_cost, and compiling took ~1 s of a meter-day's read, docs/api.md).
 _SESSION: Final = "-c jit=off"
+#: How long a connection of the lagging reads lives: a fallback to the primary lasts so long.
+_BACK_TO_STANDBY_S: Final = 60.0
 
 
 class Services:
@@ -187,6 +189,18 @@ class Services:
         self.pool = AsyncConnectionPool(
             settings.database_url, min_size=1, max_size=8, open=False,
             kwargs={"autocommit": True, "options": _SESSION},
+        )  # fmt: skip
+        #: History and rollups (docs/api.md, "Reads from a standby"). Each connection is
+        #: checked when taken, so one to a standby that went away is replaced (libpq then
+        #: falls back to the primary), and renewed after a minute, so reads that fell back
+        #: return to the standby once it is back.
+        self.lagging = (
+            self.pool if settings.database_read_url is None
+            else AsyncConnectionPool(
+                settings.database_read_url, min_size=1, max_size=8, open=False,
+                check=AsyncConnectionPool.check_connection, max_lifetime=_BACK_TO_STANDBY_S,
+                kwargs={"autocommit": True, "options": _SESSION},
+            )
         )  # fmt: skip
         self.audience = Audience(database_url=settings.database_url)
         identity = settings.republish_identity()
@@ -203,6 +217,9 @@ class Services:
         self.source = HttpSource(self.republisher)
         rules = settings.ingest_settings()
         self.worker = Worker(rules, source=self.source, store_factory=provider_store(rules))
+
+    def pools(self) -> list[AsyncConnectionPool]:
+        return [self.pool] if self.lagging is self.pool else [self.pool, self.lagging]
 
 
 def _services(request: Request) -> Services:
@@ -371,12 +388,12 @@ async def history(
     csv = format == "csv"
     span = reads.Span(meter_id, from_ms, end, after, limit)
     if not csv and _sees_all(services, who, span):
-        readings = await pages.whole_range(services.pool, span)
+        readings = await pages.whole_range(services.lagging, span)
         if readings is not None:  # everything in one answer: no cursor
             pages.SERVED.labels(way="pages").inc()
             return _history_json(meter_id, readings, None)
     pages.SERVED.labels(way="rows").inc()
-    page = await reads.history(services.pool, span, csv=csv)
+    page = await reads.history(services.lagging, span, csv=csv)
     lines = page.lines
     if who.role is not Role.OPERATOR:  # the policy, per reading (a meter: its own only)
         visible = _visible(services, who, meter_id, page.times, empty_at=from_ms)
@@ -748,7 +765,7 @@ async def meter_rollups(
     if not 0 < to_ms - from_ms <= _MAX_ROLLUP_MS:
         raise ApiError(422, "invalid_period", "to must be after from, by at most 366 days")
     services = _services(request)
-    async with services.pool.connection() as conn:
+    async with reads.connection(services.lagging) as conn:
         found = await rollups_json(conn, meter_id, width, _utc(from_ms), _utc(to_ms))
     intervals = [text for _, text in found]
     if who.role is not Role.OPERATOR:  # the policy, per interval (a meter: its own only)
@@ -850,7 +867,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.services = services
         app.state.tokens = Tokens(settings)
         app.state.limiter = Limiter(settings)
-        await services.pool.open()
+        for pool in services.pools():
+            await pool.open()
         stop = asyncio.Event()
         consents = asyncio.create_task(services.audience.run(stop), name="consent-view")
         worker = asyncio.create_task(services.worker.run(), name="submissions")
@@ -875,7 +893,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await asyncio.gather(consents, worker, rendering, return_exceptions=True)
             if republishing is not None:
                 await asyncio.gather(republishing, return_exceptions=True)
-            await services.pool.close()
+            for pool in services.pools():
+                await pool.close()
 
     app = FastAPI(
         title="meterproof",

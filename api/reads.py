@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, LiteralString
 
 import psycopg
+from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from meterproof.api.errors import ApiError
 from meterproof.errors import UnavailableError
+
+QUERIES = Counter(
+    "meterproof_api_read_queries_total",
+    "the API's read queries, by the server that answered",
+    ["server"],
+)
 
 #: A wire millisecond as a timestamptz(3), exactly (no float division).
 MS: Final[LiteralString] = "('epoch'::timestamptz + %s * interval '1 millisecond')"
@@ -189,6 +197,20 @@ async def events_after(
     ]
 
 
+@contextlib.asynccontextmanager
+async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of `pool` for one read, counted by the server that answers it (a
+    standby reached through `database_read_url`, or a primary); a database failure is
+    UnavailableError (503)."""
+    try:
+        async with pool.connection() as conn:
+            standby = conn.info.parameter_status("in_hot_standby") == "on"  # PostgreSQL 14+
+            QUERIES.labels(server="standby" if standby else "primary").inc()
+            yield conn
+    except psycopg.Error as exc:
+        raise UnavailableError("database", f"read: {exc}") from exc
+
+
 async def query(
     pool: AsyncConnectionPool,
     sql: LiteralString,
@@ -196,14 +218,10 @@ async def query(
     *,
     binary: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """All rows of one read (`binary`: bytea as bytes, without hex); a database failure is
-    UnavailableError (503)."""
-    try:
-        async with pool.connection() as conn:
-            cur = await conn.cursor(binary=binary).execute(sql, params)
-            return await cur.fetchall()
-    except psycopg.Error as exc:
-        raise UnavailableError("database", f"read: {exc}") from exc
+    """All rows of one read (`binary`: bytea as bytes, without hex)."""
+    async with connection(pool) as conn:
+        cur = await conn.cursor(binary=binary).execute(sql, params)
+        return await cur.fetchall()
 
 
 async def _page(pool: AsyncConnectionPool, sql: LiteralString, params: Sequence[Any]) -> Page:

@@ -371,12 +371,19 @@ class HaCluster:
     def url(self) -> str:
         return self.database_url(DATABASE)
 
-    def database_url(self, database: str) -> str:
-        """Both nodes; libpq keeps the first that accepts writes (see the module). The
-        timeout is per host: a node whose machine is gone (no refusal, no answer) costs
-        a client that long, not the kernel's minutes of TCP retries."""
+    @property
+    def read_url(self) -> str:
+        """The reads that may lag (`database_read_url`): both nodes, and libpq (here
+        psycopg) takes one in recovery while there is one, else the primary."""
+        return self.database_url(DATABASE, sessions="prefer-standby")
+
+    def database_url(self, database: str, *, sessions: str = "read-write") -> str:
+        """Both nodes; libpq keeps the first that accepts writes (see the module), or with
+        `sessions="prefer-standby"` one in recovery while there is one. The timeout is per
+        host: a node whose machine is gone (no refusal, no answer) costs a client that
+        long, not the kernel's minutes of TCP retries."""
         hosts = ",".join(f"{LOOPBACK}:{node.pg_port}" for node in self.nodes)
-        query = f"target_session_attrs=read-write&connect_timeout={CONNECT_TIMEOUT_S}"
+        query = f"target_session_attrs={sessions}&connect_timeout={CONNECT_TIMEOUT_S}"
         return f"postgresql://{ROLE}@{hosts}/{database}?{query}"
 
     def start(self) -> float:

@@ -221,10 +221,11 @@ class LocalStack:
             admin_port = known.admin_port if known else recorded.mqtt_admin_port + 10 * i
             brokers.append((LOOPBACK, choose(f"mosquitto-{i}", None, tls_port, up)))
             admins.append(choose(f"mosquitto-{i} admin", None, admin_port, up))
+        read_url = None
         if isinstance(postgres, HaCluster):
             if wanted.postgres is not None:
                 raise StackError("--pg-port does not apply to the cluster: its ports are free ones")
-            database_url = postgres.url
+            database_url, read_url = postgres.url, postgres.read_url
         else:
             pg = choose("postgres", wanted.postgres, postgres.port, postgres.is_running())
             database_url = PostgresServer(directory=postgres.directory, port=pg).url
@@ -237,6 +238,7 @@ class LocalStack:
             mqtt_brokers=format_brokers(tuple(brokers)) if len(brokers) > 1 else None,
             mqtt_admin_ports=",".join(map(str, admins)) if len(admins) > 1 else None,
             database_url=database_url,
+            database_read_url=read_url,
             redis_url=RedisServer(directory=redis_.directory, port=rd).url,
             share_group=recorded.share_group or new_share_group(),
         )

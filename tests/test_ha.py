@@ -267,6 +267,9 @@ def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Pa
             assert f"127.0.0.1:{node.pg_port}" in env.database_url
         with psycopg.connect(env.database_url) as conn:
             assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() != (0,)
+        assert env.database_read_url == cluster.read_url
+        with psycopg.connect(env.database_read_url) as conn:  # the standby's
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
 
         status = stack("status", "--run-dir", run_dir)
         assert status.returncode == 0, status.stdout

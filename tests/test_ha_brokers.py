@@ -293,6 +293,7 @@ def api_env(ha_cluster: HaCluster, broker_pair: list[BrokerServer]) -> dict[str,
     """This module's API process uses the Patroni cluster and the broker pair."""
     return {
         "METERPROOF_DATABASE_URL": ha_cluster.url,
+        "METERPROOF_DATABASE_READ_URL": ha_cluster.read_url,
         "METERPROOF_MQTT_BROKERS": format_brokers(tuple((LOOPBACK, b.port) for b in broker_pair)),
     }
 
@@ -321,6 +322,91 @@ def test_the_api_republishes_http_readings_on_every_broker(
         for listener in listeners:
             listener.close()
     assert "republish_connected" in api_server.log.read_text()
+
+
+def _read_queries(api: ApiServer) -> dict[str, float]:
+    """The API's read queries so far, by the server that answered them."""
+    found = {"standby": 0.0, "primary": 0.0}
+    for line in httpx.get(api.metrics_url).text.splitlines():
+        for server in found:
+            if line.startswith(f'meterproof_api_read_queries_total{{server="{server}"}}'):
+                found[server] = float(line.split()[-1])
+    return found
+
+
+def test_history_and_rollups_come_from_the_standby_and_from_the_primary_without_it(
+    ha_cluster: HaCluster,
+    api_server: ApiServer,
+    pki: PkiLayout,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """With `database_read_url` as `stack up --ha` writes it, history and rollups are
+    read on the standby: while its replay is paused, a reading stored since is in `latest`
+    (the primary) and not in history. With the standby stopped, the same API process
+    reads them on the primary, with no error in between."""
+    ha_cluster.wait_replicated()
+    standby = ha_cluster.standby()
+    assert standby is not None
+    meter_id = make_meter_id()
+    key = provision(pki, ha_cluster.url, meter_id)
+    t0 = wall_ms() - 60_000
+    token = api_server.operator_token()
+    with (
+        api_server.meter_client(meter_id) as meter,
+        api_server.client(headers={"Authorization": f"Bearer {token}"}) as http,
+    ):
+
+        def submit(seq: int) -> None:
+            body = signed(meter_id, key, seq, t0 + seq * 1_000, imp=seq)
+            answer = meter.post(f"/api/meters/{meter_id}/energy", content=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "accepted", answer.text
+
+        def history() -> list[int]:
+            answer = http.get(f"/api/meters/{meter_id}/history")
+            assert answer.status_code == 200, answer.text
+            return [reading["seq"] for reading in answer.json()["readings"]]
+
+        def rollups() -> int:
+            span = {"from": t0 - 3_600_000, "to": t0 + 3_600_000, "width": "1h"}
+            answer = http.get(f"/api/meters/{meter_id}/rollups", params=span)
+            assert answer.status_code == 200, answer.text
+            return sum(r["readings"] for r in answer.json()["rollups"])
+
+        def on_standby() -> bool:
+            """Both reads answered by the standby (a connection made while it was away
+            is renewed within a minute, Services.lagging)."""
+            before = _read_queries(api_server)
+            assert (history(), rollups()) == ([1], 1)
+            after = _read_queries(api_server)
+            return after["primary"] == before["primary"] and after["standby"] > before["standby"]
+
+        submit(1)
+        wait_until(lambda: history() == [1], what="the standby replays the first reading")
+        wait_until(on_standby, within_s=90, what="history and rollups read on the standby")
+
+        with psycopg.connect(standby.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_pause()")
+            try:
+                submit(2)
+                assert http.get(f"/api/meters/{meter_id}/latest").json()["seq"] == 2
+                assert history() == [1]
+                assert rollups() == 1
+            finally:
+                conn.execute("SELECT pg_wal_replay_resume()")
+        wait_until(lambda: history() == [1, 2], what="the standby replays the second reading")
+
+        standby.stop()
+        try:
+            before = _read_queries(api_server)
+            assert history() == [1, 2]  # no wait: the first read after the stop answers
+            assert rollups() == 2
+            after = _read_queries(api_server)
+            assert after["primary"] > before["primary"]
+            assert after["standby"] == before["standby"]
+        finally:
+            standby.start()
+            ha_cluster.wait_replicated(timeout=60)
 
 
 def test_the_api_keeps_answering_through_a_primary_kill(
