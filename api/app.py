@@ -387,10 +387,12 @@ async def history(
     after = None if cursor is None else reads.decode_cursor(cursor)
     csv = format == "csv"
     span = reads.Span(meter_id, from_ms, end, after, limit)
-    if not csv and _sees_all(services, who, span):
-        readings = await pages.whole_range(services.lagging, span)
+    if _sees_all(services, who, span):
+        readings = await pages.whole_range(services.lagging, span, csv=csv)
         if readings is not None:  # everything in one answer: no cursor
             pages.SERVED.labels(way="pages").inc()
+            if csv:
+                return Response(reads.as_csv(readings), media_type=_CSV)
             return _history_json(meter_id, readings, None)
     pages.SERVED.labels(way="rows").inc()
     page = await reads.history(services.lagging, span, csv=csv)
@@ -402,7 +404,7 @@ async def history(
     next_cursor = None if last is None else reads.encode_cursor(last)
     if csv:
         headers = {"X-Next-Cursor": next_cursor} if next_cursor else {}
-        return Response(reads.as_csv(lines), media_type=_CSV, headers=headers)
+        return Response(reads.as_csv(reads.csv_lines(lines)), media_type=_CSV, headers=headers)
     return _history_json(meter_id, reads.finish(lines), next_cursor)
 
 
@@ -875,6 +877,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         renderer = pages.Renderer(
             services.pool, interval_s=settings.api_pages_interval_s,
             grace_s=settings.api_pages_grace_s, batch=settings.api_pages_batch,
+            csv=settings.api_pages_csv,
         )  # fmt: skip
         rendering = asyncio.create_task(renderer.run(stop), name="history-pages")
         republisher = services.republisher

@@ -50,11 +50,15 @@ SERVED = Counter(
 )
 
 QUARTER_MS: Final = 900_000
-#: Queued quarters that started more than `closed_s` ago, oldest first, rendered and taken off
-#: the queue in one statement. A quarter without readings (all retired) gets no page. The
-#: four replace() make `sig` base64url over the whole body: 4.4 us per reading in all,
-#: against 15.8 with one translate() (docs/api.md, "History pages").
-_RENDER: Final[LiteralString] = f"""
+
+
+def _render(csv: LiteralString) -> LiteralString:
+    """Queued quarters that started more than `closed_s` ago, oldest first, rendered and
+    taken off the queue in one statement; `csv` is the page's CSV (or NULL). A quarter
+    without readings (all retired) gets no page. The four replace() make `sig` base64url
+    over the whole JSON body: 4.4 us per reading in all, against 15.8 with one translate()
+    (docs/api.md, "History pages")."""
+    return f"""
 WITH picked AS (
     DELETE FROM history_dirty WHERE (meter_id, bucket) IN (
         SELECT meter_id, bucket FROM history_dirty
@@ -62,56 +66,74 @@ WITH picked AS (
         ORDER BY bucket LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
     RETURNING meter_id, bucket
 ), written AS (
-    INSERT INTO history_pages AS p (meter_id, bucket, readings, body)
-    SELECT k.meter_id, k.bucket, r.n, r.body FROM picked k
+    INSERT INTO history_pages AS p (meter_id, bucket, readings, body, csv)
+    SELECT k.meter_id, k.bucket, r.n, r.body, r.csv FROM picked k
     CROSS JOIN LATERAL (
         SELECT count(*) AS n,
                replace(replace(replace(replace(string_agg({reads.JSON_ROW}, ',' ORDER BY ts, seq),
-                       E'\\n', ''), '=', ''), '+', '-'), '/', '_') AS body
+                       E'\\n', ''), '=', ''), '+', '-'), '/', '_') AS body,
+               {csv} AS csv
         FROM readings
         WHERE meter_id = k.meter_id AND ts >= k.bucket AND ts < k.bucket + interval '15 minutes'
     ) r
     WHERE r.n > 0
-    ON CONFLICT (meter_id, bucket) DO UPDATE SET readings = EXCLUDED.readings, body = EXCLUDED.body
+    ON CONFLICT (meter_id, bucket) DO UPDATE
+        SET readings = EXCLUDED.readings, body = EXCLUDED.body, csv = EXCLUDED.csv
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM written)
 """  # noqa: S608 - built from this package's constants only
+
+
+#: The renderer's statement, with the CSV of each page or without (`api_pages_csv`).
+_RENDER: Final = {
+    True: _render(f"string_agg({reads.CSV_ROW}, E'\\n' ORDER BY ts, seq)"),
+    False: _render("NULL::text"),
+}
 _FROM: Final = reads.MS.replace("%s", "%(from)s")
 _TO: Final = reads.MS.replace("%s", "%(to)s")
-#: The quarters of [from, to) with their counts; a fresh page's body only when the whole
-#: range fits in one answer.
-_QUARTERS: Final[LiteralString] = f"""
+#: The quarters of [from, to) with their counts; a fresh page's JSON (or CSV) only when
+#: the whole range fits in one answer.
+_QUARTERS: Final[LiteralString] = """
 SELECT (date_part('epoch', q.bucket) * 1000)::bigint, q.readings,
-       CASE WHEN sum(q.readings) OVER () < %(limit)s THEN convert_to(p.body, 'UTF8') END
+       CASE WHEN sum(q.readings) OVER () < %(limit)s THEN convert_to(p.{column}, 'UTF8') END
 FROM meter_quarters q
 LEFT JOIN history_pages p
        ON p.meter_id = q.meter_id AND p.bucket = q.bucket AND p.readings = q.readings
 WHERE q.meter_id = %(meter)s
-  AND q.bucket >= date_bin(interval '15 minutes', {_FROM}, timestamptz '2000-01-01 00:00:00+00')
-  AND q.bucket < {_TO}
+  AND q.bucket >= date_bin(interval '15 minutes', {from_}, timestamptz '2000-01-01 00:00:00+00')
+  AND q.bucket < {to}
 ORDER BY q.bucket
-"""  # noqa: S608 - built from this package's constants only
+"""
 #: The rows of the gaps between pages (disjoint, ascending), after the cursor.
 _GAPS: Final[LiteralString] = f"""
 SELECT x.ts_ms, x.line FROM unnest(%(lo)s::bigint[], %(hi)s::bigint[]) AS g (lo, hi)
 CROSS JOIN LATERAL (
-    SELECT {reads.TS_MS} AS ts_ms, seq, {reads.JSON_ROW} AS line FROM readings
+    SELECT {reads.TS_MS} AS ts_ms, seq, {{row}} AS line FROM readings
     WHERE meter_id = %(meter)s
       AND ts >= {reads.MS.replace("%s", "g.lo")} AND ts < {reads.MS.replace("%s", "g.hi")}
       AND (ts, seq) > ({reads.MS.replace("%s", "%(after_ts)s")}, %(after_seq)s::numeric)
 ) x
 ORDER BY x.ts_ms, x.seq
 """  # noqa: S608 - built from this package's constants only
+#: What a whole-range read asks, per format: (the quarters' query, the gaps' query).
+_READS: Final = {
+    False: (_QUARTERS.format(column="body", from_=_FROM, to=_TO), _GAPS.format(row=reads.JSON_ROW)),
+    True: (_QUARTERS.format(column="csv", from_=_FROM, to=_TO), _GAPS.format(row=reads.CSV_ROW)),
+}
 
 
-async def whole_range(pool: AsyncConnectionPool, span: reads.Span) -> bytes | None:
-    """Every reading of the span: the JSON objects of `reads.finish` in (ts, seq) order,
-    comma-joined. None when the range may hold `span.limit` readings or more, or no page
-    serves it: then `reads.history` reads it."""
+async def whole_range(
+    pool: AsyncConnectionPool, span: reads.Span, *, csv: bool = False
+) -> bytes | None:
+    """Every reading of the span in (ts, seq) order: the JSON objects of `reads.finish`,
+    comma-joined, or with `csv` the CSV lines of `reads.csv_lines`, newline-joined. None
+    when the range may hold `span.limit` readings or more, or no page serves it: then
+    `reads.history` reads it."""
     from_ms, to_ms, limit = span.from_ms, span.to_ms, span.limit
+    quarters_sql, gaps_sql = _READS[csv]
     quarters = await reads.query(
-        pool, _QUARTERS, {"meter": span.meter_id, "from": from_ms, "to": to_ms, "limit": limit},
+        pool, quarters_sql, {"meter": span.meter_id, "from": from_ms, "to": to_ms, "limit": limit},
         binary=True,
     )  # fmt: skip
     after_ts, after_seq = span.after_key
@@ -134,22 +156,23 @@ async def whole_range(pool: AsyncConnectionPool, span: reads.Span) -> bytes | No
         hi.append(to_ms)
     rows = await reads.query(
         pool,
-        _GAPS,
+        gaps_sql,
         {"lo": lo, "hi": hi, "meter": span.meter_id, "after_ts": after_ts, "after_seq": after_seq},
     )
     if len(rows) + sum(count for _, count, _ in pages) >= limit:
         return None  # the counts were short (readings without a log row)
     times = [int(row[0]) for row in rows]
+    finish, separator = (reads.csv_lines, b"\n") if csv else (reads.finish, b",")
     out: list[bytes] = []
     i = 0
     for start, _, body in [*pages, (to_ms, 0, b"")]:  # the rows before each page, the page
         j = bisect.bisect_left(times, start, lo=i)
         if j > i:
-            out.append(reads.finish([row[1] for row in rows[i:j]]))
+            out.append(finish([row[1] for row in rows[i:j]]))
         if body:
             out.append(body)
         i = j
-    return b",".join(out)
+    return separator.join(out)
 
 
 class Renderer:
@@ -158,8 +181,15 @@ class Renderer:
     and retried with backoff; the queue keeps the work."""
 
     def __init__(
-        self, pool: AsyncConnectionPool, *, interval_s: float, grace_s: float, batch: int
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        interval_s: float,
+        grace_s: float,
+        batch: int,
+        csv: bool = True,
     ) -> None:
+        self._render = _RENDER[csv]
         self._pool = pool
         self._interval_s = interval_s
         self._grace_s = grace_s
@@ -169,7 +199,7 @@ class Renderer:
         """One batch of closed quarters; returns how many left the queue."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                _RENDER, {"closed_s": QUARTER_MS / 1000 + self._grace_s, "limit": self._batch}
+                self._render, {"closed_s": QUARTER_MS / 1000 + self._grace_s, "limit": self._batch}
             )
             row = await cur.fetchone()
         picked, written = (int(row[0]), int(row[1])) if row else (0, 0)

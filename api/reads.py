@@ -64,7 +64,7 @@ JSON_ROW: Final[LiteralString] = (
 #: A CSV line in FIELDS' order, quoted where csv's minimal quoting would: only `kid` can
 #: hold a comma, quote or line break. Here `kid` may hold '+', '/' or '=', so `sig` is
 #: made base64url in SQL.
-_CSV: Final[LiteralString] = (
+CSV_ROW: Final[LiteralString] = (
     "concat_ws(',', meter_id, seq, " + TS_MS + ", import_wh, export_wh,"
     " coalesce(power_w::text, ''), coalesce(voltage_mv::text, ''),"
     " coalesce(current_ma::text, ''), coalesce(frequency_mhz::text, ''),"
@@ -86,7 +86,8 @@ _RANGE: Final[LiteralString] = (
     f"AND ts >= {MS} AND ts < {MS} AND (ts, seq) > ({MS}, %s::numeric) ORDER BY ts, seq LIMIT %s"
 )
 _HISTORY: Final = {"json": _SELECT.format(ts=TS_MS, row=JSON_ROW, keys=_RANGE),
-                   "csv": _SELECT.format(ts=TS_MS, row=_CSV, keys=_RANGE)}  # fmt: skip
+                   "csv": _SELECT.format(ts=TS_MS, row=CSV_ROW, keys=_RANGE)}  # fmt: skip
+_CSV_HEADER: Final = (",".join(FIELDS) + "\n").encode()
 #: base64 -> unpadded base64url over a whole page (see the module).
 _B64URL: Final = bytes.maketrans(b"+/", b"-_")
 
@@ -107,9 +108,14 @@ def finish(lines: Sequence[str]) -> bytes:
     return ",".join(lines).encode().translate(_B64URL, b"\n=")
 
 
-def as_csv(lines: Sequence[str]) -> bytes:
-    """CSV rows (complete already) under the header line."""
-    return "\n".join([",".join(FIELDS), *lines, ""]).encode()
+def csv_lines(lines: Sequence[str]) -> bytes:
+    """CSV rows (complete already), newline-joined, as bytes."""
+    return "\n".join(lines).encode()
+
+
+def as_csv(rows: bytes) -> bytes:
+    """Newline-joined CSV rows under the header line, each line ended."""
+    return b"".join((_CSV_HEADER, rows, b"\n" if rows else b""))
 
 
 def encode_cursor(last: tuple[int, int]) -> str:

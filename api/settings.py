@@ -62,6 +62,11 @@ class ApiSettings(Settings):
         description="a quarter's history page is rendered this long after the quarter ends",
     )  # fmt: skip
     api_pages_batch: int = Field(default=500, ge=1, le=100_000, description="quarters per render")
+    api_pages_csv: bool = Field(
+        default=True,
+        description="render each history page as CSV too (about as much storage again as the"
+        " JSON pages); off: CSV history is read row by row",
+    )
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
     )

@@ -223,6 +223,13 @@ def test_history_pages_serve_what_rows_serve_and_never_hide_a_late_reading(
             assert wholes[-1] == _whole(http, meter_id, 500, **span)  # rows, by the cursor
             in_span = [t for t in stamps if span["from"] <= t < span["to"]]
             assert [r["ts"] for r in wholes[-1]] == in_span
+            before = _served_from_pages(api_server)
+            as_csv = http.get(f"/api/meters/{meter_id}/history",
+                              params={**span, "limit": 20_000, "format": "csv"})  # fmt: skip
+            assert _served_from_pages(api_server) == before + 1
+            assert as_csv.status_code == 200, as_csv.text
+            assert as_csv.text == _as_csv(wholes[-1])
+            assert "x-next-cursor" not in as_csv.headers
 
         first = http.get(f"/api/meters/{meter_id}/history", params={**ranges[0], "limit": 700})
         before = _served_from_pages(api_server)
