@@ -57,3 +57,13 @@ def test_a_page_serves_csv_only_when_rendered_with_it(
     assert with_csv["csv"] == with_csv["rows_csv"]
     assert with_csv["csv"] is not None
     assert with_csv["csv"].count(b"\n") == QUARTERS * 3 - 1
+
+
+def test_pages_are_compressed_with_lz4(database_url: str) -> None:
+    """Migration 0014: lz4, not pglz, for both renderings (docs/api.md, "History pages")."""
+    assert query(
+        database_url,
+        "SELECT attname, attcompression FROM pg_attribute"
+        " WHERE attrelid = 'history_pages'::regclass AND attname IN ('body', 'csv')"
+        " ORDER BY attname",
+    ) == [("body", "l"), ("csv", "l")]
