@@ -889,11 +889,11 @@ def _pages(pages: Data | None) -> list[str]:
         return []
     loaded, submitted = pages["loaded"], pages["submitted"]
     return [
-        "JSON history reads of a whole range join the history pages the API process renders",
+        "History reads of a whole range (JSON and CSV) join the history pages the API renders",
         f"from closed quarters (api/pages.py): the loaded history's {loaded['quarters']:,} "
         f"quarters took it {loaded['seconds']:.0f} s after its start, the submitted day's "
         f"{submitted['quarters']:,} {submitted['seconds']:.0f} s after the submissions (up to "
-        "one pause between its passes included); CSV is read row by row.",
+        "one pause between its passes included).",
     ]
 
 
