@@ -334,14 +334,17 @@ def wait_for_pages(
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50 / p99 / max in ms (p99 of n samples: the one below which 99% of them fall)."""
+    """p50 / p99 / max in ms (p99 of n samples: the one below which 99% of them fall; of
+    100 samples that is the slowest), and the first sample's, the read that found the
+    caches cold."""
     ordered = sorted(samples)
 
     def at(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
     return {"n": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99),
-            "max_ms": round(ordered[-1] * 1000, 2)}  # fmt: skip
+            "max_ms": round(ordered[-1] * 1000, 2),
+            "first_ms": round(samples[0] * 1000, 2)}  # fmt: skip
 
 
 def timed(
@@ -367,7 +370,7 @@ def measure_reads(api: ApiProcess, meter_id: str, loaded: Loaded, *, n: int) -> 
     figures: dict[str, Any] = {}
     with api.client(headers={"Authorization": f"Bearer {token}"}) as http:
         base = f"/api/meters/{meter_id}"
-        figures["latest"], body = timed(http, f"{base}/latest", {}, n * 10)
+        figures["latest"], body = timed(http, f"{base}/latest", {}, n)
         if orjson.loads(body)["ts"] != loaded.end_ms + (PER_DAY - 1) * 5_000:
             raise RuntimeError(f"latest is not the last submitted reading: {body[:200]!r}")
         for fmt in ("json", "csv"):
@@ -428,7 +431,7 @@ def run_api_bench(
             batch = submit(api, payloads)
             progress(f"  {batch['per_s']:,.0f} readings/s")
             rendered["submitted"] = wait_for_pages(env.database_url, progress)
-            progress(f"reads: latest x{reads * 10}, history and rollups x{reads}")
+            progress(f"reads: latest, history and rollups x{reads} each")
             read_figures = measure_reads(api, writers[0], loaded, n=reads)
         with psycopg.connect(env.database_url) as conn:
             row = conn.execute("SELECT count(*) FROM readings").fetchone()
