@@ -6,9 +6,10 @@ pages").
 Rendering. Every stored batch queues the quarters it touched (`history_dirty`, filled by
 a trigger of migration 0013). `Renderer` takes queued quarters that closed at least
 `api_pages_grace_s` ago, oldest first, renders each from `readings` with the row of
-`reads.JSON_ROW` (finished as `reads.finish` finishes rows, once, there) and replaces its
-page, in one statement that also takes them off the queue; `FOR UPDATE SKIP LOCKED` lets
-several API processes share the queue.
+`reads.JSON_ROW` (finished as `reads.finish` finishes rows, once, there) and, unless
+`api_pages_csv` is off, the lines of `reads.CSV_ROW`, and replaces its page, in one
+statement that also takes them off the queue; `FOR UPDATE SKIP LOCKED` lets several API
+processes share the queue. Both are compressed with lz4 (migration 0014).
 
 Reading. A page is used only while its `readings` equals the quarter's count in
 `meter_quarters`, which the rollup trigger keeps in the transaction of every stored
@@ -17,7 +18,8 @@ it is rendered again that quarter is read row by row. So a page never hides a re
 shows one twice. A read goes through pages only when the whole range fits in one answer
 (the quarters' counts, an upper bound, below `limit`); otherwise `reads.history` pages
 through rows with its cursor. Quarters at the range's edges, the open quarter and stale
-ones are read as rows, from the same index range `reads.history` uses.
+ones are read as rows, from the same index range `reads.history` uses; so are a CSV
+read's quarters whose page has no CSV.
 
 A reading whose transaction commits while its quarter is being rendered may be left out
 of the page with the quarter already off the queue; the count makes that page stale, so
