@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     database_read_url: str | None = Field(
         default=None,
         description="PostgreSQL URL of the reads that may lag (the API's history and "
-        "rollups): a standby, with the primary named after it and "
+        "rollups): a standby, with the primary named too and "
         "`target_session_attrs=prefer-standby` so they fall back to it (`stack up --ha` "
         "sets it); unset, database_url serves them",
     )
