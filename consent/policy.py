@@ -99,10 +99,7 @@ def sees_span(
     if not view.integrator_active(integrator):
         return False
     return any(
-        not grant.expired(now_ms)
-        and scope in grant.scopes
-        and grant.from_ms <= from_ms
-        and (grant.to_ms is None or to_ms <= grant.to_ms)
+        not grant.expired(now_ms) and scope in grant.scopes and grant.covers_span(from_ms, to_ms)
         for grant in view.grants(integrator, meter_id)
     )
 

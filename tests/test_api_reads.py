@@ -147,10 +147,7 @@ def test_a_hostile_kid_still_renders_valid_json_and_csv(
 
 
 def _served_from_pages(api_server: ApiServer) -> float:
-    for line in httpx.get(api_server.metrics_url).text.splitlines():
-        if line.startswith('meterproof_api_history_reads_total{way="pages"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return api_server.sample("meterproof_api_history_reads_total", way="pages")
 
 
 def _consented(api_server: ApiServer, name: str, meter_id: str, data_from: int) -> str:

@@ -326,12 +326,10 @@ def test_the_api_republishes_http_readings_on_every_broker(
 
 def _read_queries(api: ApiServer) -> dict[str, float]:
     """The API's read queries so far, by the server that answered them."""
-    found = {"standby": 0.0, "primary": 0.0}
-    for line in httpx.get(api.metrics_url).text.splitlines():
-        for server in found:
-            if line.startswith(f'meterproof_api_read_queries_total{{server="{server}"}}'):
-                found[server] = float(line.split()[-1])
-    return found
+    return {
+        server: api.sample("meterproof_api_read_queries_total", server=server)
+        for server in ("standby", "primary")
+    }
 
 
 def test_history_and_rollups_come_from_the_standby_and_from_the_primary_without_it(
