@@ -83,6 +83,9 @@ RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
 TIMEOUT: Final = 5.0
 #: What Mosquitto logs when it starts handling a SIGHUP, before it reads any file.
 RELOADING: Final = b"Reloading config."
+#: What Mosquitto logs once its signal handlers are in place. Its TLS port accepts a
+#: moment before that, and a SIGHUP in between ends the process (the default action).
+RUNNING: Final = b" running\n"
 #: Without a new `RELOADING` line this long after a SIGHUP, the signal was lost.
 _RELOAD_RETRY_S: Final = 1.0
 _ALREADY_EXISTS: Final = "Client already exists"
@@ -133,7 +136,7 @@ def reload_broker(files: BrokerFiles) -> None:
         signals += 1
         retry_at = min(deadline, time.monotonic() + _RELOAD_RETRY_S)
         while time.monotonic() < retry_at:
-            if _reload_logged_after(files.log, offset):
+            if logged_after(files.log, offset, RELOADING):
                 return
             time.sleep(0.02)
     raise BrokerAdminError(
@@ -141,15 +144,15 @@ def reload_broker(files: BrokerFiles) -> None:
     )
 
 
-def _reload_logged_after(log: Path, offset: int) -> bool:
-    """Whether a whole line after `offset` of the broker's log says a reload began."""
+def logged_after(log: Path, offset: int, line: bytes) -> bool:
+    """Whether the whole lines after `offset` of the broker's log hold `line`."""
     try:
         with log.open("rb") as lines:
             lines.seek(offset)
             new = lines.read()
     except FileNotFoundError:
         return False
-    return RELOADING in new[: new.rfind(b"\n") + 1]
+    return line in new[: new.rfind(b"\n") + 1]
 
 
 def stack_brokers(env: StackEnv) -> list[tuple[BrokerFiles, int]]:

@@ -1,10 +1,12 @@
-"""Mosquitto, run from the files `mosquitto.config.render` wrote; ready once TLS accepts."""
+"""Mosquitto, run from the files `mosquitto.config.render` wrote; ready once TLS accepts
+and it logged that it runs (its signal handlers are in place)."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+from meterproof.mosquitto.admin import RUNNING, logged_after
 from meterproof.mosquitto.config import BrokerFiles
 from meterproof.stack.process import (
     LOOPBACK,
@@ -46,8 +48,12 @@ class BrokerServer(SpawnedServer):
             return 0.0
         check_ports_free(self.port, self.admin_port)
         argv = [executable("mosquitto"), "-c", str(self.files.conf)]
+        log = self.files.log
+        offset = log.stat().st_size if log.exists() else 0
         return self._launch(
-            argv, ready=lambda: port_accepts(self.port), what=f"mosquitto on port {self.port}"
+            argv,
+            ready=lambda: logged_after(log, offset, RUNNING) and port_accepts(self.port),
+            what=f"mosquitto on port {self.port}",
         )
 
     def kill9(self) -> None:
