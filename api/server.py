@@ -24,6 +24,7 @@ from meterproof.api.settings import ApiSettings
 from meterproof.certs.crl import read_revoked
 from meterproof.certs.layout import PkiLayout
 from meterproof.errors import InputError
+from meterproof.heap import keep_freed_memory
 from meterproof.probes import serve_probes
 
 log = structlog.get_logger("api.server")
@@ -112,6 +113,9 @@ def config(settings: ApiSettings) -> uvicorn.Config:
 
 async def serve(settings: ApiSettings) -> None:
     """Until SIGTERM/SIGINT (uvicorn's handlers): in-flight requests finish first."""
+    if settings.api_heap_keep_mib:
+        kept = keep_freed_memory(settings.api_heap_keep_mib << 20)
+        log.info("heap_kept" if kept else "heap_default", keep_mib=settings.api_heap_keep_mib)
     conf = config(settings)
     app = conf.app
     probes = serve_probes("127.0.0.1", settings.api_metrics_port, ready=lambda: _ready(app))

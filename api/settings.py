@@ -67,6 +67,13 @@ class ApiSettings(Settings):
         description="render each history page as CSV too (about as much storage again as the"
         " JSON pages); off: CSV history is read row by row",
     )
+    api_heap_keep_mib: int = Field(
+        default=64,
+        ge=0,
+        le=4096,
+        description="freed memory kept for the next large answer instead of being returned"
+        " to the kernel (glibc only; 0: glibc's defaults)",
+    )
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"
     )
