@@ -64,6 +64,8 @@ Progress = Callable[[str], None]
 PER_DAY: Final = 17_280  #: readings of one meter-day, one every 5 s
 DAY_MS: Final = 86_400_000
 BATCH: Final = 1_000
+#: What times the reads (`Reader`), as the report names it.
+READ_CLIENT: Final = "Python's `http.client`, one keep-alive connection"
 
 #: One slice of days: every meter's readings with seq in [lo, hi], interleaved in time as
 #: a fleet reports; values from the seq, so registers rise.
@@ -490,6 +492,7 @@ def run_api_bench(
         "batch": batch,
         "pages": rendered,
         "reads": read_figures,
+        "client": READ_CLIENT,
         "autovacuum_during_reads": vacuums,
         "drain": {k: v for k, v in drain.as_dict().items() if k != "samples"},
     }

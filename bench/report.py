@@ -850,7 +850,8 @@ def _api(data: Data, found: dict[str, Data]) -> list[str]:
         f"reading every 5 s for {load['days']} days, loaded straight into PostgreSQL in "
         f"{load['load_s']:.0f} s, {_n(load['per_s'])} readings/s, with reading_log and the",
         "15-minute rollups; then the day submitted below). The real `meterproof api` process "
-        "over HTTPS, one client on the same machine, an operator's token; each time runs from",
+        f"over HTTPS, one client on the same machine ({f.get('client', 'httpx')}), an "
+        "operator's token; each time runs from",
         "the request to the body's last byte. The day of history is the day just submitted,",
         "17,280 readings in one page (`limit=20000`; no cursor needed), checked complete.",
         *_pages(f.get("pages")),
