@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
 from uuid import UUID, uuid4
@@ -37,7 +38,7 @@ from meterproof.bridge.ledger import local as ledger
 from meterproof.bridge.proof import ProofError, build_proof
 from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
-from meterproof.consent.policy import may_see, sees_span
+from meterproof.consent.policy import may_see, seen_range
 from meterproof.db.rollups import Width, rollups_json
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.audience import REFUSALS, Audience
@@ -387,8 +388,9 @@ async def history(
     after = None if cursor is None else reads.decode_cursor(cursor)
     csv = format == "csv"
     span = reads.Span(meter_id, from_ms, end, after, limit)
-    if _sees_all(services, who, span):
-        readings = await pages.whole_range(services.lagging, span, csv=csv)
+    seen = _seen_span(services, who, span)
+    if seen is not None:
+        readings = await pages.whole_range(services.lagging, seen, csv=csv)
         if readings is not None:  # everything in one answer: no cursor
             pages.SERVED.labels(way="pages").inc()
             if csv:
@@ -416,16 +418,18 @@ def _history_json(meter_id: str, readings: bytes, next_cursor: str | None) -> Re
     return Response(body, media_type="application/json")
 
 
-def _sees_all(services: Services, who: Principal, span: reads.Span) -> bool:
-    """Whether every reading of the span is `who`'s to see, so none needs the policy's
-    decision of its own: an operator's, the meter's own, or an integrator's whose one
-    consent covers the whole span."""
+def _seen_span(services: Services, who: Principal, span: reads.Span) -> reads.Span | None:
+    """The part of the span whose readings are exactly those `who` may see of it, so none
+    needs the policy's decision of its own: all of it for an operator and for the meter
+    itself; for an integrator, the range its consents show whole (`seen_range`). None:
+    the read is decided per reading."""
     if who.role is Role.INTEGRATOR:
-        return sees_span(
+        seen = seen_range(
             who.name, span.meter_id, span.from_ms, span.to_ms, ConsentScope.HISTORY,
             view=services.audience.view, now_ms=wall_ms(),
         )  # fmt: skip
-    return who.role is Role.OPERATOR or who.name == span.meter_id  # a meter: its own
+        return None if seen is None else replace(span, from_ms=seen[0], to_ms=seen[1])
+    return span if who.role is Role.OPERATOR or who.name == span.meter_id else None
 
 
 @_route(

@@ -83,7 +83,7 @@ def may_see(
     return Decision(refusal=refusal)
 
 
-def sees_span(
+def seen_range(
     integrator: str,
     meter_id: str,
     from_ms: int,
@@ -92,16 +92,32 @@ def sees_span(
     *,
     view: ConsentView,
     now_ms: int,
-) -> bool:
-    """Whether `may_see` allows every time in [from_ms, to_ms): one active, unexpired
-    consent covers the scope and the whole range, so a read of it needs no decision per
-    reading. False only means "ask per reading"; it refuses nothing."""
+) -> tuple[int, int] | None:
+    """The one range of [from_ms, to_ms) whose every time `may_see` allows, when `may_see`
+    refuses every other time of it for its period alone; a read of the span then shows
+    exactly that range's readings, with no decision per reading. The integrator's active,
+    unexpired consents of `scope` on the meter, clipped to the span, must join into one
+    range: the whole span, or a part of it when the integrator has no other consent on
+    the meter (an expired or differently scoped one could outrank "period" as the
+    refusal, and that refuses the whole read). None only means "ask per reading"; it
+    refuses nothing."""
     if not view.integrator_active(integrator):
-        return False
-    return any(
-        not grant.expired(now_ms) and scope in grant.scopes and grant.covers_span(from_ms, to_ms)
-        for grant in view.grants(integrator, meter_id)
+        return None
+    grants = view.grants(integrator, meter_id)
+    usable = [g for g in grants if not g.expired(now_ms) and scope in g.scopes]
+    parts = sorted(
+        (max(g.from_ms, from_ms), to_ms if g.to_ms is None else min(g.to_ms, to_ms)) for g in usable
     )
+    joined: tuple[int, int] | None = None
+    for lo, hi in parts:
+        if lo >= hi:
+            continue
+        if joined is not None and lo > joined[1]:
+            return None  # a gap between two consents: two ranges
+        joined = (lo, hi) if joined is None else (joined[0], max(joined[1], hi))
+    if joined is None or (joined != (from_ms, to_ms) and len(usable) < len(grants)):
+        return None
+    return joined
 
 
 def live_audience(meter_id: str, ts_ms: int, view: ConsentView, now_ms: int) -> list[str]:

@@ -234,16 +234,16 @@ def test_history_pages_serve_what_rows_serve_and_never_hide_a_late_reading(
         assert _served_from_pages(api_server) == before + 1
         assert first.json()["readings"] + rest == wholes[0]
 
-        # An integrator whose one consent covers the range reads it through pages too;
-        # one whose consent starts inside it is decided per reading, from rows.
-        readers = [("whole", start, "pages"), ("half", start + 7_200_000, "rows")]
-        for who, data_from, way in readers:
+        # An integrator whose consent covers the range reads it through pages too, and so
+        # does one whose consent starts inside it: the part it covers, and nothing else.
+        for who, data_from in [("whole", start), ("half", start + 7_200_000 + 1_234)]:
             name = f"{who}-{meter_id[-12:]}"
             integrator = _consented(api_server, name, meter_id, data_from)
             before = _served_from_pages(api_server)
             with api_server.client(headers={"Authorization": f"Bearer {integrator}"}) as reader:
                 seen = _whole(reader, meter_id, 20_000, **ranges[0])
-            assert _served_from_pages(api_server) == before + (way == "pages"), name
+                assert seen == _whole(reader, meter_id, 500, **ranges[0]), name  # rows
+            assert _served_from_pages(api_server) == before + 1, name
             assert seen == [r for r in wholes[0] if r["ts"] >= data_from], name
 
         p = 902  # stamps[p] is seq p + 1; the slot after it was skipped, mid-range

@@ -7,7 +7,7 @@ from uuid import uuid4
 import pytest
 
 from meterproof.consent.model import Grant, Refusal, Scope
-from meterproof.consent.policy import ConsentView, live_audience, may_see, sees_span
+from meterproof.consent.policy import ConsentView, live_audience, may_see, seen_range
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 HOUR = 3_600_000
@@ -89,27 +89,38 @@ def test_a_wallet_wide_consent_covers_the_meters_linked_now() -> None:
 
 
 @pytest.mark.parametrize(
-    ("grants", "span", "now", "whole"),
+    ("grants", "span", "now", "seen"),
     [
-        ([_grant()], (T0, T0 + HOUR), T0, True),  # exactly the period
-        ([_grant()], (T0 - 1, T0 + HOUR), T0, False),  # starts before it
-        ([_grant()], (T0, T0 + HOUR + 1), T0, False),  # ends after it
-        ([_grant(to_ms=None)], (T0 + HOUR, T0 + 99 * HOUR), T0, True),  # open-ended
-        ([_grant()], (T0, T0 + HOUR), T0 + 2 * HOUR, False),  # expired
-        ([_grant(scopes=frozenset({Scope.HISTORY}))], (T0, T0 + HOUR), T0, False),  # scope
-        ([_grant(to_ms=T0 + 1), _grant(from_ms=T0 + 1)], (T0, T0 + HOUR), T0, False),  # two
+        ([_grant()], (T0, T0 + HOUR), T0, (T0, T0 + HOUR)),  # exactly the period
+        ([_grant()], (T0 - 1, T0 + HOUR), T0, (T0, T0 + HOUR)),  # starts before it
+        ([_grant()], (T0, T0 + HOUR + 1), T0, (T0, T0 + HOUR)),  # ends after it
+        ([_grant()], (T0 + 2 * HOUR, T0 + 3 * HOUR), T0, None),  # none of it
+        ([_grant(to_ms=None)], (T0 + HOUR, T0 + 99 * HOUR), T0, (T0 + HOUR, T0 + 99 * HOUR)),
+        ([_grant()], (T0, T0 + HOUR), T0 + 2 * HOUR, None),  # expired
+        ([_grant(scopes=frozenset({Scope.HISTORY}))], (T0, T0 + HOUR), T0, None),  # scope
+        ([_grant(to_ms=T0 + 1), _grant(from_ms=T0 + 1)], (T0, T0 + HOUR), T0, (T0, T0 + HOUR)),
+        ([_grant(to_ms=T0 + 1), _grant(from_ms=T0 + 2)], (T0, T0 + HOUR), T0, None),  # a gap
+        # another consent, expired: the whole span is still seen, a part of it is not
+        ([_grant(), _grant(expires_ms=T0)], (T0, T0 + HOUR), T0, (T0, T0 + HOUR)),
+        ([_grant(), _grant(expires_ms=T0)], (T0 - 1, T0 + HOUR), T0, None),
+        ([_grant(), _grant(scopes=frozenset({Scope.HISTORY}))], (T0 - 1, T0 + HOUR), T0, None),
     ],
 )
-def test_a_span_is_seen_whole_only_inside_one_covering_consent(
-    grants: list[Grant], span: tuple[int, int], now: int, whole: bool
+def test_a_span_is_seen_in_one_range_that_the_policy_allows_whole(
+    grants: list[Grant], span: tuple[int, int], now: int, seen: tuple[int, int] | None
 ) -> None:
-    """When it says whole, `may_see` allows every time of the span; two consents that
-    cover it only together leave it to `may_see` per reading."""
+    """When it names a range, `may_see` allows every time in it and refuses every other
+    time of the span for its period only, which leaves the reading out without refusing
+    the read; otherwise the read is left to `may_see` per reading."""
     view = _view(*grants)
-    assert sees_span("acme", "m1", *span, Scope.LIVE, view=view, now_ms=now) == whole
-    if whole:
-        for ts in (span[0], (span[0] + span[1]) // 2, span[1] - 1):
+    assert seen_range("acme", "m1", *span, Scope.LIVE, view=view, now_ms=now) == seen
+    if seen is not None:
+        for ts in (seen[0], (seen[0] + seen[1]) // 2, seen[1] - 1):
             assert may_see("acme", "m1", ts, Scope.LIVE, view=view, now_ms=now).allowed
-    assert not sees_span("acme", "m1", *span, Scope.LIVE, view=_view(*grants, active=False),
-                         now_ms=now)  # fmt: skip
-    assert not sees_span("other", "m1", *span, Scope.LIVE, view=view, now_ms=now)
+        for ts in (span[0], seen[0] - 1, seen[1], span[1] - 1):
+            if span[0] <= ts < span[1] and not seen[0] <= ts < seen[1]:
+                refused = may_see("acme", "m1", ts, Scope.LIVE, view=view, now_ms=now)
+                assert refused.refusal is Refusal.PERIOD, ts
+    assert seen_range("acme", "m1", *span, Scope.LIVE, view=_view(*grants, active=False),
+                      now_ms=now) is None  # fmt: skip
+    assert seen_range("other", "m1", *span, Scope.LIVE, view=view, now_ms=now) is None
