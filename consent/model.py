@@ -45,10 +45,6 @@ class Grant:
     def covers_time(self, ts_ms: int) -> bool:
         return self.from_ms <= ts_ms and (self.to_ms is None or ts_ms < self.to_ms)
 
-    def covers_span(self, from_ms: int, to_ms: int) -> bool:
-        """Every time of [from_ms, to_ms) is in the period."""
-        return self.from_ms <= from_ms and (self.to_ms is None or to_ms <= self.to_ms)
-
     def expired(self, now_ms: int) -> bool:
         return self.expires_ms is not None and self.expires_ms <= now_ms
 
