@@ -391,6 +391,67 @@ def connections(
 
 
 @bench.command()
+@click.option("--meters", type=click.IntRange(2, 150_000), default=None, help="50,000; quick 600.")
+@click.option(
+    "--brokers",
+    type=click.IntRange(2, 8),
+    default=3,
+    show_default=True,
+    help="Brokers on this machine; each meter uses the one a hash of its id names.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 600),
+    default=None,
+    help="s between a meter's readings (default 5).",
+)
+@click.option(
+    "--seconds", type=click.FloatRange(1, 600), default=None, help="Reporting phase (120; quick 3)."
+)
+@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.pass_context
+def shards(
+    ctx: click.Context,
+    *,
+    meters: int | None,
+    brokers: int,
+    interval: float | None,
+    seconds: float | None,
+    workers: int,
+) -> None:
+    """Concurrent mutual-TLS meters sharded over several brokers, each reporting on an
+    interval; every worker subscribes on each broker.
+
+    Not part of the full run: 50,000 meters take about 8 GB of generator memory and a
+    quarter of an hour. It reports the generators' memory per meter too.
+    """
+    from meterproof.bench.connections import run_connections
+
+    quick = _quick(ctx)
+    fleet = meters or (600 if quick else 50_000)
+    every = interval or 5.0
+    phase = seconds or (3.0 if quick else 120.0)
+    _progress(
+        f"== shards: {fleet:,} meters over {brokers} brokers, one reading each every {every:g} s"
+    )
+    with _run_dir() as tmp:
+        figures = run_connections(
+            tmp,
+            meters=fleet,
+            interval_s=every,
+            seconds=phase,
+            workers=workers,
+            progress=_progress,
+            brokers=brokers,
+        )
+    _progress(
+        f"   {figures['held']:,} of {fleet:,} held over {brokers} brokers "
+        f"{figures['connect']['per_broker']}, ingest kept up: {figures['ingest_kept_up']}"
+    )
+    _saved(ctx, "shards", figures)
+
+
+@bench.command()
 @click.option(
     "--baseline",
     type=click.Path(exists=True, file_okay=False, path_type=Path),

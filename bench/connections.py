@@ -1,26 +1,32 @@
-"""Many concurrent mutual-TLS meter sessions on one Mosquitto, each reporting on a fixed
-interval, with ingest keeping up.
+"""Many concurrent mutual-TLS meter sessions on one Mosquitto, or sharded over several,
+each reporting on a fixed interval, with ingest keeping up.
 
-Interface (stable; `meterproof bench connections` and the report call it):
+Interface (stable; `meterproof bench connections`, `bench shards` and the report call it):
 
     run_connections(run_dir: Path, *, meters: int, interval_s: float, seconds: float,
-                    workers: int, progress: Callable[[str], None]) -> dict[str, Any]
+                    workers: int, progress: Callable[[str], None],
+                    brokers: int = 1) -> dict[str, Any]
 
-A private stack in `run_dir` (stopped afterwards); `meters` device certificates issued and
-registered; the meters connect from `bench.loadgen` processes (at most 9,000 each: a
-process may open 20,000 files here), then every meter publishes one reading every
+A private stack in `run_dir` (stopped afterwards) with `brokers` brokers, every worker
+subscribed on each; `meters` device certificates issued and registered; the meters
+connect from `bench.loadgen` processes (at most 9,000 each: a process may open 20,000
+files here), each meter to the broker a hash of its id names
+(`bench.loadgen.plan.broker_index`), then every meter publishes one reading every
 `interval_s` for `seconds` (round-robin pacing: meters / interval_s readings/s).
 
 Returned keys:
-- `meters`, `generators`, `interval_s`, `seconds`, `workers`, `offered_per_s`.
-- `broker_limits`: `max_connections` (the TLS listener's, from the rendered config) and
-  `open_files` (the broker process's RLIMIT_NOFILE soft limit): whichever is lower caps
-  the sessions one broker holds.
-- `connect`: `meters`, `connected`, `seconds`, `handshakes_per_s`, `per_second`, `errors`
-  (kind -> count), `broker_cpu_s` and `broker_cpu_ms_per_handshake` during the ramp.
+- `meters`, `brokers`, `generators`, `interval_s`, `seconds`, `workers`, `offered_per_s`.
+- `broker_limits`: `max_connections` (the TLS listener's, from the rendered config; every
+  broker has the same) and `open_files` (the first broker process's RLIMIT_NOFILE soft
+  limit): whichever is lower caps the sessions one broker holds.
+- `connect`: `meters`, `connected`, `seconds`, `handshakes_per_s`, `per_second`,
+  `per_broker` (meters connected to each broker), `errors` (kind -> count),
+  `broker_cpu_s` (all brokers) and `broker_cpu_ms_per_handshake` during the ramp.
 - `broker_key`: `type` of the broker certificate's key and `signs_per_s` on one core
   (TLS 1.3 costs the server one signature per handshake, so this bounds handshakes/s).
-- `broker_memory`: `rss_before_mib`, `rss_after_mib`, `per_connection_kib`.
+- `broker_memory`: `rss_before_mib`, `rss_after_mib` (all brokers), `per_connection_kib`.
+- `generator_memory`: `rss_mib` of the generator processes once every meter connected
+  (their interpreters included) and `per_meter_kib`, that divided by the meters.
 - `warmup`, `reporting`: tier dicts as in `bench.load` (accepted/s, latency, backlog,
   CPU per process group, `connected` = sessions still up at the end, `disconnects`).
 - `held`: meters connected at the end of reporting; `ingest_kept_up`: the reporting
@@ -29,8 +35,9 @@ Returned keys:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +91,21 @@ def listener_max_connections(conf_text: str, port: int) -> int | None:
     return None
 
 
-def _rss(pid: int | None) -> int:
-    try:
-        return int(psutil.Process(pid).memory_info().rss) if pid else 0
-    except psutil.Error:
-        return 0
+def _rss(pids: Sequence[int | None]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += int(psutil.Process(pid).memory_info().rss) if pid else 0
+    return total
 
 
-def _cpu_s(pid: int | None) -> float:
-    try:
-        times = psutil.Process(pid).cpu_times() if pid else None
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system) if times else 0.0
+def _cpu_s(pids: Sequence[int | None]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times() if pid else None
+            total += float(times.user + times.system) if times else 0.0
+    return total
 
 
 def _open_files_limit(pid: int | None) -> int | None:
@@ -114,28 +123,35 @@ def run_connections(
     seconds: float,
     workers: int,
     progress: Callable[[str], None],
+    brokers: int = 1,
 ) -> dict[str, Any]:
-    if meters < 2 or interval_s <= 0 or seconds <= 0 or workers < 1:
-        raise ValueError("need meters >= 2, interval_s > 0, seconds > 0, workers >= 1")
+    if meters < 2 or interval_s <= 0 or seconds <= 0 or workers < 1 or brokers < 1:
+        raise ValueError(
+            "need meters >= 2, interval_s > 0, seconds > 0, workers >= 1, brokers >= 1"
+        )
     rate = meters / interval_s
     processes = plan.generator_count(meters)
     warm_rate = min(WARMUP_RATE, meters)
     phases = [meters, round(rate * seconds)]
     ts_base = plan.ts_base_ms(int(time.time() * 1000), max_seq(meters, processes, phases))
-    with BenchStack(run_dir, meters=meters, workers=workers, progress=progress).running() as b:
+    stack = BenchStack(run_dir, meters=meters, workers=workers, progress=progress, brokers=brokers)
+    with stack.running() as b:
         conf = broker_files(b.stack.run_dir).conf.read_text(encoding="utf-8")
-        pid = b.broker_pid()
+        pids = b.broker_pids()
         limits = {
             "max_connections": listener_max_connections(conf, b.env_required.mqtt_port),
-            "open_files": _open_files_limit(pid),
+            "open_files": _open_files_limit(pids[0]),
         }
         broker_key = broker_key_sign_rate(b.stack.layout)
         progress(
             f"broker key {broker_key['type']}: {broker_key['signs_per_s']:,} signatures/s; "
             f"limits {limits}"
         )
-        rss0, cpu0 = _rss(pid), _cpu_s(pid)
-        progress(f"connecting {meters:,} meters from {processes} generator processes")
+        rss0, cpu0 = _rss(pids), _cpu_s(pids)
+        progress(
+            f"connecting {meters:,} meters from {processes} generator processes "
+            f"to {len(pids)} broker(s)"
+        )
         gens = Generators(
             env=b.env_required,
             meter_ids=b.meter_ids,
@@ -145,22 +161,29 @@ def run_connections(
         )
         try:
             connect = connect_summary(gens.answers(timeout=1800))
-            broker_cpu = _cpu_s(pid) - cpu0
+            broker_cpu = _cpu_s(pids) - cpu0
             connect["broker_cpu_s"] = round(broker_cpu, 2)
             connect["broker_cpu_ms_per_handshake"] = (
                 round(broker_cpu * 1000 / connect["connected"], 3) if connect["connected"] else None
             )
-            rss1 = _rss(pid)
+            rss1 = _rss(pids)
             memory = {
                 "rss_before_mib": round(rss0 / 2**20, 1),
                 "rss_after_mib": round(rss1 / 2**20, 1),
                 "per_connection_kib": round((rss1 - rss0) / 1024 / max(connect["connected"], 1), 1),
             }
+            gen_rss = _rss(gens.pids)
+            gen_memory = {
+                "rss_mib": round(gen_rss / 2**20, 1),
+                "per_meter_kib": round(gen_rss / 1024 / meters, 1),
+            }
             progress(
                 f"  {connect['connected']:,} of {meters:,} connected in {connect['seconds']} s "
                 f"({connect['handshakes_per_s']:,.0f} handshakes/s, broker "
                 f"{connect['broker_cpu_ms_per_handshake']} ms CPU each, "
-                f"{memory['per_connection_kib']} KiB each); errors {connect['errors'] or 'none'}"
+                f"{memory['per_connection_kib']} KiB each; per broker {connect['per_broker']}; "
+                f"generators {gen_memory['per_meter_kib']} KiB per meter); "
+                f"errors {connect['errors'] or 'none'}"
             )
             warmup = measure(
                 b, gens, rate=warm_rate, seconds=meters / warm_rate, tag="warmup",
@@ -173,6 +196,7 @@ def run_connections(
             gens.stop()
     return {
         "meters": meters,
+        "brokers": len(pids),
         "generators": processes,
         "interval_s": interval_s,
         "seconds": seconds,
@@ -182,6 +206,7 @@ def run_connections(
         "connect": connect,
         "broker_key": broker_key,
         "broker_memory": memory,
+        "generator_memory": gen_memory,
         "warmup": warmup,
         "reporting": reporting,
         "held": reporting["connected"],

@@ -112,6 +112,7 @@ def connect_summary(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "contexts_s": round(max(a["contexts_s"] for a in answers), 2),
         "handshakes_per_s": round(connected / max(ended - began, 1e-9), 1),
         "per_second": plan.add_series([a["per_second"] for a in answers]),
+        "per_broker": plan.add_series([a["per_broker"] for a in answers]),
         "errors": errors,
     }
 

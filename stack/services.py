@@ -70,8 +70,16 @@ class ServiceStatus:
 class LocalStack:
     """The servers of one run dir; `pki_root` defaults to the recorded one, then certs/out."""
 
-    def __init__(self, *, run_dir: Path, pki_root: Path | None = None, ha: bool = False) -> None:
-        """`ha` asks for the Patroni cluster; a run dir that holds one uses it anyway."""
+    def __init__(
+        self, *, run_dir: Path, pki_root: Path | None = None, ha: bool = False, brokers: int = 1
+    ) -> None:
+        """`ha` asks for the Patroni cluster; a run dir that holds one uses it anyway.
+
+        `brokers` asks for that many brokers (at least HA_BROKERS with `ha`); a run dir
+        keeps as many as it recorded. Workers subscribe on each; which broker a meter uses
+        is the meter's choice (`stack up --ha`: the first, then the next on failure; the
+        sharded benchmark: a hash of its id).
+        """
         self.run_dir = run_dir.absolute()
         self.env_file = self.run_dir / "stack.env"
         self.compose_env_file = self.run_dir / "compose.env"
@@ -79,6 +87,7 @@ class LocalStack:
         self.ha = ha or HaCluster.record(self.ha_dir).exists()
         recorded = self.recorded()
         self.layout = PkiLayout((pki_root or recorded.pki_root).absolute())
+        self.broker_count = max(brokers, HA_BROKERS if self.ha else 1, len(recorded.brokers()))
 
     def recorded(self) -> StackEnv:
         """The addresses last written here, or the defaults when there are none."""
@@ -213,7 +222,7 @@ class LocalStack:
         admin = choose("mosquitto admin", wanted.mqtt_admin, recorded.mqtt_admin_port, broker_up)
         brokers, admins = [(LOOPBACK, mqtt)], [admin]
         previous = self.brokers(recorded)
-        for i in range(1, HA_BROKERS if self.ha else 1):
+        for i in range(1, self.broker_count):
             # The recorded ports of broker i, or the conventional ones + 10 * i the first time.
             known = previous[i] if i < len(previous) else None
             up = known is not None and known.is_running()

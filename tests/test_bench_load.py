@@ -123,15 +123,16 @@ def test_verdict_names_what_broke() -> None:
 def test_connect_summary_adds_processes_up() -> None:
     answers = [
         {"meters": 3, "connected": 3, "started": 10.0, "finished": 11.0, "contexts_s": 0.1,
-         "per_second": [2, 1], "errors": {}},
+         "per_second": [2, 1], "per_broker": [1, 2], "errors": {}},
         {"meters": 3, "connected": 2, "started": 10.5, "finished": 12.0, "contexts_s": 0.2,
-         "per_second": [2], "errors": {"ConnectionRefusedError": 1}},
+         "per_second": [2], "per_broker": [2, 0], "errors": {"ConnectionRefusedError": 1}},
     ]  # fmt: skip
     summary = connect_summary(answers)
     assert summary["connected"] == 5
     assert summary["seconds"] == 2.0
     assert summary["handshakes_per_s"] == 2.5
     assert summary["per_second"] == [4, 1]
+    assert summary["per_broker"] == [3, 2]
     assert summary["errors"] == {"ConnectionRefusedError": 1}
 
 

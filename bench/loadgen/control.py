@@ -114,8 +114,7 @@ class Generators:
                 {
                     "name": f"gen-{i}",
                     "pki_root": str(env.pki_root),
-                    "host": env.mqtt_host,
-                    "port": env.mqtt_port,
+                    "brokers": env.brokers(),
                     "ts_base_ms": ts_base_ms,
                     "out_dir": str(run_dir),
                     "meters": ids,
@@ -217,8 +216,9 @@ def _tree(pid: int | None) -> list[int]:
 
 
 class BenchStack:
-    """A private stack (PKI, broker, PostgreSQL, Redis) in `run_dir`, `meters` registered
-    device identities, and `meterproof ingest --workers N` running and ready."""
+    """A private stack (PKI, `brokers` brokers, PostgreSQL, Redis) in `run_dir`, `meters`
+    registered device identities, and `meterproof ingest --workers N` running and ready
+    (each worker subscribed on every broker)."""
 
     def __init__(
         self,
@@ -228,6 +228,7 @@ class BenchStack:
         workers: int,
         progress: Progress,
         prepare: Callable[[str, list[str]], None] | None = None,
+        brokers: int = 1,
     ) -> None:
         """`prepare(database_url, meter_ids)` runs before the workers start."""
         self.run_dir = run_dir
@@ -235,7 +236,9 @@ class BenchStack:
         self.workers = workers
         self.progress = progress
         self.meters = meters
-        self.stack = LocalStack(run_dir=run_dir / "stack", pki_root=run_dir / "pki")
+        self.stack = LocalStack(
+            run_dir=run_dir / "stack", pki_root=run_dir / "pki", brokers=brokers
+        )
         self.env: StackEnv | None = None
         self.meter_ids: list[str] = []
         self.worker_proc: subprocess.Popen[bytes] | None = None
@@ -310,13 +313,14 @@ class BenchStack:
             row = conn.execute("SELECT count(*) FROM reading_log").fetchone()
         return int(row[0]) if row else 0
 
-    def broker_pid(self) -> int | None:
-        return self.stack.servers(self.stack.recorded())[2].pid()
+    def broker_pids(self) -> list[int | None]:
+        """Each broker's pid, in `env.brokers()` order."""
+        return [broker.pid() for broker in self.stack.brokers(self.env_required)]
 
     def cpu_groups(self, generators: Generators) -> dict[str, Callable[[], list[int]]]:
-        postgres, redis_, broker = self.stack.servers(self.stack.recorded())
+        postgres, redis_, _ = self.stack.servers(self.stack.recorded())
         return {
-            "broker": lambda: _tree(broker.pid()),
+            "broker": lambda: [p for pid in self.broker_pids() for p in _tree(pid)],
             "postgres": lambda: _tree(
                 read_pid(postgres.data_dir / "postmaster.pid", program="postgres")
             ),

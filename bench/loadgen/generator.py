@@ -25,7 +25,7 @@ import orjson
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 
-from meterproof.bench.loadgen.plan import due, reading_ts
+from meterproof.bench.loadgen.plan import broker_index, due, reading_ts
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.ingest import _gmqtt, _wire
@@ -65,10 +65,14 @@ class Run:
 
 
 class Meter:
-    __slots__ = ("client", "disconnects", "key", "meter_id", "mid", "next_seq", "pending", "topic")
+    __slots__ = (
+        "broker", "client", "disconnects", "key", "meter_id", "mid", "next_seq", "pending",
+        "topic",
+    )  # fmt: skip
 
-    def __init__(self, meter_id: str, key: PrivateKey, client: Client) -> None:
+    def __init__(self, meter_id: str, key: PrivateKey, client: Client, broker: int) -> None:
         self.meter_id = meter_id
+        self.broker = broker
         self.key = key
         self.client = client
         self.topic = topics.readings(meter_id).encode()
@@ -89,8 +93,8 @@ class Meter:
 class Generator:
     def __init__(self, job: dict[str, Any]) -> None:
         self.pki = PkiLayout(Path(job["pki_root"]))
-        self.host: str = job["host"]
-        self.port: int = job["port"]
+        #: (host, port) of every broker; each meter connects to one, by `broker_index`.
+        self.brokers: list[tuple[str, int]] = [(h, p) for h, p in job["brokers"]]
         self.ts_base_ms: int = job["ts_base_ms"]
         self.out_dir = Path(job["out_dir"])
         self.name: str = job["name"]
@@ -102,7 +106,8 @@ class Generator:
     def _meter(self, meter_id: str) -> Meter:
         files = self.pki.device(meter_id)
         key = load_private_key("EdDSA", files.signing_key.read_bytes())
-        meter = Meter(meter_id, key, Client(meter_id, clean_session=True))
+        broker = broker_index(meter_id, len(self.brokers))
+        meter = Meter(meter_id, key, Client(meter_id, clean_session=True), broker)
 
         def on_receipt(first: int, body: bytes) -> None:
             publish = _wire.parse_publish(first, body)
@@ -156,19 +161,22 @@ class Generator:
         contexts_s = time.time() - began
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
         done: list[float] = []
+        per_broker = [0] * len(self.brokers)
         errors: Counter[str] = Counter()
 
         async def one(meter: Meter) -> None:
+            host, port = self.brokers[meter.broker]
             async with gate:
                 try:
                     await meter.client.connect(
-                        self.host,
-                        self.port,
+                        host,
+                        port,
                         ssl=contexts.pop(meter.meter_id),
                         version=MQTTv50,
                         keepalive=120,
                     )
                     done.append(time.time())
+                    per_broker[meter.broker] += 1
                 except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
                     errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
 
@@ -183,6 +191,7 @@ class Generator:
             "started": started,
             "finished": max(done, default=started),
             "per_second": _per_second(done, started),
+            "per_broker": per_broker,
             "errors": dict(errors.most_common(5)),
         }
 

@@ -3,6 +3,7 @@ the figures are summarised. No I/O, so each rule is tested with plain values."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ def share(total: int, parts: int) -> list[int]:
     """`total` split into `parts` integers differing by at most one, summing to `total`."""
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def broker_index(meter_id: str, brokers: int) -> int:
+    """The broker a meter lives on when meters are sharded over `brokers`: a stable hash of
+    its id (not round-robin), so its persistent session is always on the same one."""
+    digest = hashlib.sha256(meter_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % brokers
 
 
 def per_meter(readings: int, meters: int) -> int:
