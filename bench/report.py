@@ -595,6 +595,10 @@ def _load(data: Data, found: dict[str, Data]) -> list[str]:
     return [*lines, _measured(data), ""]
 
 
+#: The process groups of a live run, in the order the report lists their cores.
+_CORE_GROUPS: Final = ("broker", "postgres", "redis", "workers", "generator")
+
+
 def _connections(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
     c, mem, key = f["connect"], f.get("broker_memory") or {}, f.get("broker_key") or {}
@@ -659,6 +663,15 @@ def _connections(data: Data, found: dict[str, Data]) -> list[str]:
         f"| broker caps | max_connections {cap.get('max_connections')}, open files "
         f"{cap.get('open_files')} |",
         f"| reporting: accepted | {_n(rep['accepted_per_s'])} readings/s |",
+        *(
+            [
+                "| reporting: cores used (broker / PostgreSQL / Redis / workers / generators) | "
+                + " / ".join(f"{cores.get(g, 0):.2f}" for g in _CORE_GROUPS)
+                + f" of the machine's {rep['cpu']['machine_cores']:.2f} |"
+            ]
+            if (cores := (rep.get("cpu") or {}).get("cores"))
+            else []
+        ),
         "| reporting: publish -> receipt p50 / p95 / p99 | "
         + " / ".join(f"{lat[q]:,.0f}" if q in lat else "-" for q in ("p50", "p95", "p99"))
         + " ms |",

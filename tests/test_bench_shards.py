@@ -57,3 +57,4 @@ def test_meters_sharded_over_three_brokers_are_all_ingested(tmp_path: Path) -> N
     assert "`meterproof bench shards`: 30 meters" in text
     per_broker = " / ".join(f"{n:,}" for n in connect["per_broker"])
     assert f"| meters per broker | {per_broker} |" in text
+    assert "| reporting: cores used (broker / PostgreSQL / Redis / workers / generators) | " in text
