@@ -30,7 +30,7 @@ from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import StackError, free_port, pid_alive, port_accepts, read_pid
 from meterproof.stack.redis import RedisServer
-from meterproof.stack.services import LocalStack
+from meterproof.stack.services import LocalStack, Ports
 
 METERPROOF = str(Path(sys.executable).parent / "meterproof")
 
@@ -397,3 +397,17 @@ def _client(pki: PkiLayout, files: IdentityFiles) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.tls_set_context(client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert))
     return client
+
+
+def test_a_run_dir_keeps_the_brokers_it_was_prepared_with(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = LocalStack(run_dir=run_dir, pki_root=tmp_path / "pki", brokers=3).prepare(Ports())
+    assert len(env.brokers()) == len(env.admin_ports()) == 3
+    ports = {port for _, port in env.brokers()} | set(env.admin_ports())
+    assert len(ports) == 6  # a listener each, none shared
+    for index in range(3):
+        assert broker_files(run_dir, index).conf.exists()
+    # Asked again without a count, the run dir's record decides: `down` finds all three.
+    again = LocalStack(run_dir=run_dir)
+    assert again.broker_count == 3
+    assert [b.port for b in again.brokers(again.recorded())] == [p for _, p in env.brokers()]

@@ -1,5 +1,7 @@
 """One generator process: a slice of the fleet, each meter its own mutual-TLS MQTT 5
-connection (client id = certificate CN, clean start), subscribed to its receipts.
+connection (client id = certificate CN, clean start) to the broker its id hashes to
+(`plan.broker_index`; the only one unless the stack has several), subscribed to its
+receipts.
 
 Driven by JSON lines on stdin, answering JSON lines on stdout (see `bench.loadgen`):
 readings are signed in `prepare` (before the clock starts, so signing costs nothing during
@@ -65,14 +67,10 @@ class Run:
 
 
 class Meter:
-    __slots__ = (
-        "broker", "client", "disconnects", "key", "meter_id", "mid", "next_seq", "pending",
-        "topic",
-    )  # fmt: skip
+    __slots__ = ("client", "disconnects", "key", "meter_id", "mid", "next_seq", "pending", "topic")
 
-    def __init__(self, meter_id: str, key: PrivateKey, client: Client, broker: int) -> None:
+    def __init__(self, meter_id: str, key: PrivateKey, client: Client) -> None:
         self.meter_id = meter_id
-        self.broker = broker
         self.key = key
         self.client = client
         self.topic = topics.readings(meter_id).encode()
@@ -106,8 +104,7 @@ class Generator:
     def _meter(self, meter_id: str) -> Meter:
         files = self.pki.device(meter_id)
         key = load_private_key("EdDSA", files.signing_key.read_bytes())
-        broker = broker_index(meter_id, len(self.brokers))
-        meter = Meter(meter_id, key, Client(meter_id, clean_session=True), broker)
+        meter = Meter(meter_id, key, Client(meter_id, clean_session=True))
 
         def on_receipt(first: int, body: bytes) -> None:
             publish = _wire.parse_publish(first, body)
@@ -165,7 +162,8 @@ class Generator:
         errors: Counter[str] = Counter()
 
         async def one(meter: Meter) -> None:
-            host, port = self.brokers[meter.broker]
+            broker = broker_index(meter.meter_id, len(self.brokers))
+            host, port = self.brokers[broker]
             async with gate:
                 try:
                     await meter.client.connect(
@@ -176,7 +174,7 @@ class Generator:
                         keepalive=120,
                     )
                     done.append(time.time())
-                    per_broker[meter.broker] += 1
+                    per_broker[broker] += 1
                 except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
                     errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
 
