@@ -25,6 +25,7 @@ from meterproof.bench.backlog import (
     publish_backlog,
     signed_payloads,
 )
+from meterproof.bench.cpu import CpuSampler, server_groups
 from meterproof.certs import ingest_identity, issue_bulk
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
@@ -50,6 +51,9 @@ class DrainResult:
     ratio_to_count_only: float
     worker_cpu_s: float
     cpu_us_per_reading: float
+    #: µs of CPU per reading by group while draining: broker, postgres and redis sampled
+    #: as the live tiers sample them, workers as `cpu_us_per_reading`
+    server_us_per_reading: dict[str, float]
     #: (seconds since the workers were started, readings stored), for throughput over time
     samples: list[tuple[float, int]]
 
@@ -116,11 +120,14 @@ def _wait_stored(
     *,
     log: Path,
     progress: Progress,
+    tick: Callable[[], None],
 ) -> list[tuple[float, int]]:
-    """Poll the stored count until it reaches `total`; the samples make the throughput curve."""
+    """Poll the stored count until it reaches `total`, calling `tick` at every poll; the
+    samples make the throughput curve."""
     samples = [(0.0, 0)]
     last_report = started
     while (stored := _stored(database_url)) < total:
+        tick()
         now = time.perf_counter()
         samples.append((now - started, stored))
         if proc.poll() is not None:
@@ -208,13 +215,17 @@ def run_drain(
         started = time.perf_counter()
         log = run_dir / "workers.log"
         proc = _workers(env, workers, log)
+        servers = CpuSampler(server_groups(stack, env))
+        servers.start()
         samples: list[tuple[float, int]] = []
         try:
             with observe(proc.pid):
                 samples = _wait_stored(
-                    proc, env.database_url, total, started, log=log, progress=progress
-                )
+                    proc, env.database_url, total, started, log=log, progress=progress,
+                    tick=servers.sample,
+                )  # fmt: skip
             drain_s = samples[-1][0]
+            servers.sample()
             cpu_s = _tree_cpu_s(proc.pid)  # before SIGTERM: the shutdown is not the drain
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -224,6 +235,10 @@ def run_drain(
             count_only_s=count_s, count_only_per_s=total / count_s, drain_s=drain_s,
             drain_per_s=total / drain_s, ratio_to_count_only=count_s / drain_s,
             worker_cpu_s=cpu_s, cpu_us_per_reading=cpu_s * 1e6 / total,
+            server_us_per_reading={
+                g: round(s * 1e6 / total, 1)
+                for g, s in {**servers.cpu_seconds(), "workers": cpu_s}.items()
+            },
             samples=[(round(t, 3), n) for t, n in samples],
         )  # fmt: skip
     finally:

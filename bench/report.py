@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from meterproof.bench import plots
+from meterproof.bench.compare import server_cost
 from meterproof.bench.sampling import Verdict, at_least, at_most
 
 RESULTS: Final = Path("bench/results")
@@ -87,9 +88,9 @@ def _profile_validation_us(ingest: Data | None) -> float | None:
 TargetRow = tuple[str, str, Verdict]
 
 
-def _load_targets(load: Data | None) -> list[TargetRow]:
-    """Sustained 10,000/s, and p99 publish -> receipt < 50 ms at the tier nearest to half
-    of the highest sustained rate (at or below it)."""
+def _load_targets(load: Data | None, ingest: Data | None) -> list[TargetRow]:
+    """Sustained 10,000/s; p99 publish -> receipt < 50 ms at the tier nearest to half of
+    the highest sustained rate (at or below it); and issue 17's server CPU per reading."""
     if load is None:
         return []
     f = load["figures"]
@@ -112,7 +113,60 @@ def _load_targets(load: Data | None) -> list[TargetRow]:
                 at_most(p99, 50.0),
             )
         )
+    top = _highest_sustained(f["tiers"])
+    if top is not None and (server := _server_us(top)):
+        total = sum(server.values())
+        rows.append(
+            (
+                "server CPU (workers + PostgreSQL + broker + Redis) per accepted reading at "
+                "the highest sustained tier <= 150 µs (issue 17)",
+                f"{total:,.0f} µs at {_n(top['offered_per_s'])}/s ({_groups_us(server)})",
+                at_most(total, 150.0),
+            )
+        )
+    drain = _two_worker_drain(ingest)
+    trickle = [t for t in f["tiers"] if t["sustained"] and t["offered_per_s"] in (1_000, 2_000)]
+    if drain is not None and trickle:
+        drain_us = sum(drain["server_us_per_reading"].values())
+        ratios = {t["offered_per_s"]: sum(_server_us(t).values()) / drain_us for t in trickle}
+        measured = ", ".join(
+            f"{sum(_server_us(t).values()):,.0f} µs at {_n(t['offered_per_s'])}/s "
+            f"({ratios[t['offered_per_s']]:.1f}x)"
+            for t in sorted(trickle, key=lambda t: t["offered_per_s"])
+        )
+        rows.append(
+            (
+                "server CPU per reading at 1,000/s and 2,000/s within 2x of the backlog "
+                "drain's (issue 17)",
+                f"{measured}; drain {drain_us:,.0f} µs (2 workers, "
+                f"{ingest['machine']['date'] if ingest else '-'})",
+                at_most(max(ratios.values()), 2.0),
+            )
+        )
     return rows
+
+
+def _highest_sustained(tiers: list[Data]) -> Data | None:
+    held = [t for t in tiers if t.get("sustained")]
+    return max(held, key=lambda t: t["offered_per_s"]) if held else None
+
+
+def _server_us(tier: Data) -> dict[str, float]:
+    """CPU µs per accepted reading of the stack's own processes (the generator left out)."""
+    groups: dict[str, float] = server_cost(tier)["us_per_reading"]
+    return groups
+
+
+def _groups_us(per: dict[str, float]) -> str:
+    return ", ".join(f"{g} {v:,.0f}" for g, v in sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def _two_worker_drain(ingest: Data | None) -> Data | None:
+    """The 2-worker drain, when it measured the servers' CPU (results from 2026-12-05 on)."""
+    if ingest is None:
+        return None
+    runs = [r for r in ingest["figures"]["runs"] if r["workers"] == 2]
+    return runs[0] if runs and "server_us_per_reading" in runs[0] else None
 
 
 def targets(found: dict[str, Data]) -> list[TargetRow]:
@@ -166,7 +220,7 @@ def targets(found: dict[str, Data]) -> list[TargetRow]:
                 at_most(validation, 1_000.0),
             )
         )
-    rows += _load_targets(found.get("load"))
+    rows += _load_targets(found.get("load"), ingest)
     conns = found.get("connections")
     if conns is not None and conns["figures"]["meters"] >= 20_000:  # the target's size
         f = conns["figures"]
@@ -373,12 +427,17 @@ def _steady(run: Data) -> str:
     return _n((n1 - n0) / (t1 - t0))
 
 
+def _server_cell(run: Data) -> str:
+    per = run.get("server_us_per_reading")
+    return f"{sum(per.values()):,.0f} ({_groups_us(per)})" if per else "-"
+
+
 def _ingest(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
     rows = [
         f"| {run['workers']} | {run['readings']:,} | {_n(run['drain_per_s'])} | {_steady(run)} "
         f"| {_n(run['count_only_per_s'])} | {run['ratio_to_count_only']:.0%} "
-        f"| {run['drain_s']:.1f} s | {_cpu(run)} |"
+        f"| {run['drain_s']:.1f} s | {_cpu(run)} | {_server_cell(run)} |"
         for run in f["runs"]
     ]
     lines = [
@@ -393,10 +452,12 @@ def _ingest(data: Data, found: dict[str, Data]) -> list[str]:
         "acknowledged. Worker CPU is user + system time of the worker processes (startup",
         "included) over the readings drained. The steady rate counts from the first commit to",
         "the last, leaving the workers' start-up out; targets are judged on the headline rate.",
+        "Server CPU adds the broker's, PostgreSQL's and Redis's over the same time, sampled as",
+        "the live tiers sample them.",
         "",
         "| workers | readings | stored + acked /s | steady /s | count-only receive /s | ratio "
-        "| drain time | worker CPU µs / reading |",
-        "|---|---|---|---|---|---|---|---|",
+        "| drain time | worker CPU µs / reading | server CPU µs / reading |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
@@ -504,16 +565,12 @@ def _cpu_per_reading(tier: Data) -> dict[str, float]:
 
 def _load_ceiling(data: Data, ingest: Data | None) -> list[str]:
     """Why the machine stops where it does: everything's CPU per reading at the highest
-    sustained tier, against the cores there are."""
-    f = data["figures"]
-    held = [t for t in f["tiers"] if t.get("sustained")]
-    if not held:
-        return []
-    tier = max(held, key=lambda t: t["offered_per_s"])
-    per = _cpu_per_reading(tier)
+    sustained tier, against the cores there are, and the servers' part against the drain."""
+    tier = _highest_sustained(data["figures"]["tiers"])
+    per = {} if tier is None else _cpu_per_reading(tier)
     cores = int(data["machine"].get("cores") or 0)
     total = sum(per.values())
-    if not per or not cores or not total:
+    if tier is None or not cores or not total:
         return []
     ceiling = cores * 1e6 / total
     need = 10_000 * total / 1e6
@@ -523,14 +580,28 @@ def _load_ceiling(data: Data, ingest: Data | None) -> list[str]:
         f"reading cost {total:,.0f} µs of CPU in all ({parts}). {cores} cores give at most "
         f"{_n(ceiling)} readings/s at that cost; 10,000/s would need {need:.1f} cores, or "
         f"{1e6 * cores / 10_000:,.0f} µs per reading for everything together."
-        + (
-            f" The workers' part compares with {_best_drain(ingest)['cpu_us_per_reading']:,.0f}"
-            " µs per reading in the backlog drain."
-            if ingest is not None and "cpu_us_per_reading" in _best_drain(ingest)
-            else ""
-        ),
+        + _against_drain(tier, ingest),
         "",
     ]
+
+
+def _against_drain(tier: Data, ingest: Data | None) -> str:
+    """The same tier's servers (or, for drains that did not measure them, its workers)
+    next to the backlog drain's."""
+    drain = _two_worker_drain(ingest)
+    if drain is not None:
+        server, drained = _server_us(tier), drain["server_us_per_reading"]
+        return (
+            f" The servers' part, {sum(server.values()):,.0f} µs, compares with "
+            f"{sum(drained.values()):,.0f} µs per reading in the 2-worker backlog drain "
+            f"({_groups_us(drained)})."
+        )
+    if ingest is not None and "cpu_us_per_reading" in _best_drain(ingest):
+        return (
+            f" The workers' part compares with {_best_drain(ingest)['cpu_us_per_reading']:,.0f}"
+            " µs per reading in the backlog drain."
+        )
+    return ""
 
 
 def _load(data: Data, found: dict[str, Data]) -> list[str]:

@@ -200,3 +200,82 @@ def test_report_shows_only_measured_suites_and_the_targets_they_decide(tmp_path)
     assert (out.parent / "img" / "bench-throughput.png").stat().st_size > 0
     assert (out.parent / "img" / "bench-scaling.png").stat().st_size > 0
     assert not (out.parent / "img" / "bench-latency.png").exists()
+
+
+def _tier(offered: int, accepted: float, *, sustained: bool, cores: dict[str, float]) -> dict:
+    return {
+        "offered_per_s": offered, "published_per_s": offered, "accepted_per_s": accepted,
+        "sustained": sustained, "latency_ms": {"p50": 20.0, "p95": 30.0, "p99": 40.0},
+        "cpu": {"cores": cores},
+    }  # fmt: skip
+
+
+def test_issue_17_rows_set_the_servers_cpu_per_reading_against_the_drains(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    drain = {
+        **_drain_run(2, 10_000, 50_000),
+        "server_us_per_reading": {"broker": 20.0, "postgres": 60.0, "redis": 5.0, "workers": 115.0},
+    }
+    _write(results, "ingest", {"runs": [_drain_run(1, 5_000, 50_000), drain]})
+    server = {"broker": 0.1, "postgres": 0.2, "redis": 0.02, "workers": 0.38}  # 700 µs at 1,000/s
+    _write(
+        results,
+        "load",
+        {
+            "meters": 2_000, "generators": 2, "seconds_per_tier": 15.0, "workers": 2,
+            "max_sustained_per_s": 4_000,
+            "tiers": [
+                _tier(1_000, 1_000, sustained=True, cores={**server, "generator": 0.2}),
+                _tier(2_000, 2_000, sustained=True, cores={
+                    "broker": 0.1, "postgres": 0.3, "redis": 0.02, "workers": 0.38,
+                    "generator": 0.3,
+                }),  # 400 µs
+                _tier(4_000, 4_000, sustained=True, cores={
+                    "broker": 0.2, "postgres": 0.4, "redis": 0.04, "workers": 0.56,
+                    "generator": 0.5,
+                }),  # 300 µs: workers 140, postgres 100, broker 50, redis 10
+                _tier(8_000, 5_000, sustained=False, cores={
+                    "broker": 0.2, "postgres": 0.4, "redis": 0.04, "workers": 0.56,
+                    "generator": 0.5,
+                }),
+            ],
+        },
+    )  # fmt: skip
+    report.render(results, out)
+    text = out.read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    top = rows[
+        "server CPU (workers + PostgreSQL + broker + Redis) per accepted reading at the highest "
+        "sustained tier <= 150 µs (issue 17)"
+    ]
+    assert (
+        "300 µs at 4,000/s (workers 140, postgres 100, broker 50, redis 10) | **no** | 0.50" in top
+    )
+    trickle = rows[
+        "server CPU per reading at 1,000/s and 2,000/s within 2x of the backlog drain's (issue 17)"
+    ]
+    # against the drain's 200 µs: 1,000/s costs 3.5x, 2,000/s 2.0x; the worse decides
+    assert "700 µs at 1,000/s (3.5x), 400 µs at 2,000/s (2.0x); drain 200 µs" in trickle
+    assert "| **no** | 0.57 |" in trickle
+    assert "compares with 200 µs per reading in the 2-worker backlog drain" in text
+    assert "| 200 (workers 115, postgres 60, broker 20, redis 5) |" in text
+
+
+def test_drains_that_did_not_measure_the_servers_leave_the_trickle_row_out(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    _write(results, "ingest", {"runs": [_drain_run(2, 10_000, 50_000)]})
+    _write(
+        results,
+        "load",
+        {
+            "meters": 2_000, "generators": 2, "seconds_per_tier": 15.0, "workers": 2,
+            "max_sustained_per_s": 1_000,
+            "tiers": [
+                _tier(1_000, 1_000, sustained=True, cores={"workers": 0.3, "generator": 0.2}),
+            ],
+        },
+    )  # fmt: skip
+    report.render(results, out)
+    text = out.read_text()
+    assert "within 2x of the backlog drain's" not in text
+    assert "300 µs at 1,000/s (workers 300, postgres 0, broker 0, redis 0)" in text

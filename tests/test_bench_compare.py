@@ -29,6 +29,12 @@ def test_the_same_code_on_both_sides_drains_every_reading_and_renders(tmp_path: 
     for side in ("baseline", "current"):
         assert figures["runs"][side][0]["readings"] == 1_000
         assert figures["means"][side]["cpu_us_per_reading"] > 0
+        server = figures["runs"][side][0]["server_us_per_reading"]
+        assert set(server) == {"broker", "postgres", "redis", "workers"}
+        # a 1,000-reading drain is too short for the broker's and Redis's clock ticks
+        assert server["postgres"] > 0, server
+        run = figures["runs"][side][0]
+        assert server["workers"] == pytest.approx(run["cpu_us_per_reading"], abs=0.1)
     assert figures["ratio"]["drain_per_s"] == pytest.approx(
         figures["means"]["current"]["drain_per_s"] / figures["means"]["baseline"]["drain_per_s"]
     )

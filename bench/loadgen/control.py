@@ -16,17 +16,16 @@ import urllib.request
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import psutil  # type: ignore[import-untyped, unused-ignore]
 import psycopg
 
+from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
 from meterproof.bench.ingest import provision_meters
 from meterproof.bench.loadgen import plan
 from meterproof.config import StackEnv
-from meterproof.stack.process import port_is_free, read_pid
+from meterproof.stack.process import port_is_free
 from meterproof.stack.services import LocalStack, Ports
 
 Progress = Callable[[str], None]
@@ -145,76 +144,6 @@ class Generators:
             g.stop()
 
 
-@dataclass(slots=True)
-class CpuSampler:
-    """CPU seconds per process group between `start` and `stop`, sampled every second so
-    processes that appear meanwhile (PostgreSQL backends) count from when first seen."""
-
-    groups: dict[str, Callable[[], list[int]]]
-    first: dict[tuple[str, int], float] = field(default_factory=dict)
-    last: dict[tuple[str, int], float] = field(default_factory=dict)
-    names: dict[int, str] = field(default_factory=dict)
-    rss: dict[str, int] = field(default_factory=dict)
-    started: float = 0.0
-    machine0: Any = None
-
-    def sample(self) -> None:
-        for group, pids in self.groups.items():
-            rss = 0
-            for pid in pids():
-                try:
-                    proc = psutil.Process(pid)
-                    with proc.oneshot():
-                        times = proc.cpu_times()
-                        rss += proc.memory_info().rss
-                        self.names.setdefault(pid, proc.name())
-                except psutil.Error:
-                    continue
-                total = times.user + times.system
-                self.first.setdefault((group, pid), total)
-                self.last[(group, pid)] = total
-            self.rss[group] = rss
-
-    def start(self) -> None:
-        self.first.clear()
-        self.last.clear()
-        self.started = time.monotonic()
-        self.machine0 = psutil.cpu_times()
-        self.sample()
-
-    def summary(self) -> dict[str, Any]:
-        """Cores used per group (1.0 = one core busy), per process, and the whole machine's
-        (other users included: the machine is shared)."""
-        self.sample()
-        wall = max(time.monotonic() - self.started, 1e-9)
-        per_group = dict.fromkeys(self.groups, 0.0)
-        per_process: dict[str, float] = {}
-        for (group, pid), last in self.last.items():
-            used = (last - self.first[(group, pid)]) / wall
-            per_group[group] += used
-            per_process[f"{group}/{self.names.get(pid, '?')}[{pid}]"] = round(used, 3)
-        m0, m1 = self.machine0, psutil.cpu_times()
-        busy = (m1.user + m1.system + m1.nice + getattr(m1, "softirq", 0)) - (
-            m0.user + m0.system + m0.nice + getattr(m0, "softirq", 0)
-        )
-        return {
-            "cores": {g: round(per_group[g], 3) for g in self.groups},
-            "processes": per_process,
-            "machine_cores": round(busy / wall, 3),
-            "rss_mib": {g: round(v / 2**20, 1) for g, v in self.rss.items()},
-        }
-
-
-def _tree(pid: int | None) -> list[int]:
-    if pid is None:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [pid, *(c.pid for c in root.children(recursive=True))]
-    except psutil.Error:
-        return []
-
-
 class BenchStack:
     """A private stack (PKI, `brokers` brokers, PostgreSQL, Redis) in `run_dir`, `meters`
     registered device identities, and `meterproof ingest --workers N` running and ready
@@ -318,14 +247,9 @@ class BenchStack:
         return [broker.pid() for broker in self.stack.brokers(self.env_required)]
 
     def cpu_groups(self, generators: Generators) -> dict[str, Callable[[], list[int]]]:
-        postgres, redis_, _ = self.stack.servers(self.stack.recorded())
         return {
-            "broker": lambda: [p for pid in self.broker_pids() for p in _tree(pid)],
-            "postgres": lambda: _tree(
-                read_pid(postgres.data_dir / "postmaster.pid", program="postgres")
-            ),
-            "redis": lambda: _tree(redis_.pid()),
-            "workers": lambda: _tree(self.worker_proc.pid if self.worker_proc else None),
+            **server_groups(self.stack, self.env_required),
+            "workers": lambda: process_tree(self.worker_proc.pid if self.worker_proc else None),
             "generator": lambda: generators.pids,
         }
 

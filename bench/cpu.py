@@ -1,0 +1,112 @@
+"""CPU per process group while a benchmark runs: the live tiers and the backlog drain
+measure the stack's servers the same way, so their costs per reading compare."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil  # type: ignore[import-untyped, unused-ignore]
+
+from meterproof.config import StackEnv
+from meterproof.stack.process import read_pid
+from meterproof.stack.services import LocalStack
+
+#: A process group's pids as they are now (backends come and go).
+Group = Callable[[], list[int]]
+
+
+def process_tree(pid: int | None) -> list[int]:
+    """`pid` and its descendants; empty once it is gone."""
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def server_groups(stack: LocalStack, env: StackEnv) -> dict[str, Group]:
+    """The stack's servers as groups: every broker, PostgreSQL (postmaster and backends),
+    Redis."""
+    postgres, redis_, _ = stack.servers(env)
+    brokers = stack.brokers(env)
+    return {
+        "broker": lambda: [p for b in brokers for p in process_tree(b.pid())],
+        "postgres": lambda: process_tree(
+            read_pid(postgres.data_dir / "postmaster.pid", program="postgres")
+        ),
+        "redis": lambda: process_tree(redis_.pid()),
+    }
+
+
+@dataclass(slots=True)
+class CpuSampler:
+    """CPU seconds per process group from `start`, sampled as often as the caller calls
+    `sample` so that processes which appear meanwhile (PostgreSQL backends) count from
+    when first seen."""
+
+    groups: dict[str, Group]
+    first: dict[tuple[str, int], float] = field(default_factory=dict)
+    last: dict[tuple[str, int], float] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    rss: dict[str, int] = field(default_factory=dict)
+    started: float = 0.0
+    machine0: Any = None
+
+    def sample(self) -> None:
+        for group, pids in self.groups.items():
+            rss = 0
+            for pid in pids():
+                try:
+                    proc = psutil.Process(pid)
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        rss += proc.memory_info().rss
+                        self.names.setdefault(pid, proc.name())
+                except psutil.Error:
+                    continue
+                total = times.user + times.system
+                self.first.setdefault((group, pid), total)
+                self.last[(group, pid)] = total
+            self.rss[group] = rss
+
+    def start(self) -> None:
+        self.first.clear()
+        self.last.clear()
+        self.started = time.monotonic()
+        self.machine0 = psutil.cpu_times()
+        self.sample()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds per group from `start` to the last sample."""
+        per_group = dict.fromkeys(self.groups, 0.0)
+        for (group, pid), last in self.last.items():
+            per_group[group] += last - self.first[(group, pid)]
+        return per_group
+
+    def summary(self) -> dict[str, Any]:
+        """Cores used per group (1.0 = one core busy), per process, and the whole machine's
+        (other users included: the machine is shared)."""
+        self.sample()
+        wall = max(time.monotonic() - self.started, 1e-9)
+        per_group = {g: used / wall for g, used in self.cpu_seconds().items()}
+        per_process = {
+            f"{group}/{self.names.get(pid, '?')}[{pid}]": round(
+                (last - self.first[(group, pid)]) / wall, 3
+            )
+            for (group, pid), last in self.last.items()
+        }
+        m0, m1 = self.machine0, psutil.cpu_times()
+        busy = (m1.user + m1.system + m1.nice + getattr(m1, "softirq", 0)) - (
+            m0.user + m0.system + m0.nice + getattr(m0, "softirq", 0)
+        )
+        return {
+            "cores": {g: round(per_group[g], 3) for g in self.groups},
+            "processes": per_process,
+            "machine_cores": round(busy / wall, 3),
+            "rss_mib": {g: round(v / 2**20, 1) for g, v in self.rss.items()},
+        }
