@@ -46,8 +46,8 @@ def server_groups(stack: LocalStack, env: StackEnv) -> dict[str, Group]:
 @dataclass(slots=True)
 class CpuSampler:
     """CPU seconds per process group from `start`, sampled as often as the caller calls
-    `sample` so that processes which appear meanwhile (PostgreSQL backends) count from
-    when first seen."""
+    `sample`. A process that appears meanwhile (a PostgreSQL backend) was born in the
+    window, so all of its CPU counts; one that ends between samples loses its last part."""
 
     groups: dict[str, Group]
     first: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -56,6 +56,8 @@ class CpuSampler:
     rss: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     machine0: Any = None
+    #: False only for `start`'s own sample, which takes the baselines of what runs already
+    counting: bool = False
 
     def sample(self) -> None:
         for group, pids in self.groups.items():
@@ -70,7 +72,7 @@ class CpuSampler:
                 except psutil.Error:
                     continue
                 total = times.user + times.system
-                self.first.setdefault((group, pid), total)
+                self.first.setdefault((group, pid), 0.0 if self.counting else total)
                 self.last[(group, pid)] = total
             self.rss[group] = rss
 
@@ -79,7 +81,9 @@ class CpuSampler:
         self.last.clear()
         self.started = time.monotonic()
         self.machine0 = psutil.cpu_times()
+        self.counting = False
         self.sample()
+        self.counting = True
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds per group from `start` to the last sample."""

@@ -124,9 +124,9 @@ def _load_targets(load: Data | None, ingest: Data | None) -> list[TargetRow]:
                 at_most(total, 150.0),
             )
         )
-    drain = _two_worker_drain(ingest)
+    drain = _drain_with(ingest, f["workers"])
     trickle = [t for t in f["tiers"] if t["sustained"] and t["offered_per_s"] in (1_000, 2_000)]
-    if drain is not None and trickle:
+    if ingest is not None and drain is not None and trickle:
         drain_us = sum(drain["server_us_per_reading"].values())
         ratios = {t["offered_per_s"]: sum(_server_us(t).values()) / drain_us for t in trickle}
         measured = ", ".join(
@@ -138,8 +138,8 @@ def _load_targets(load: Data | None, ingest: Data | None) -> list[TargetRow]:
             (
                 "server CPU per reading at 1,000/s and 2,000/s within 2x of the backlog "
                 "drain's (issue 17)",
-                f"{measured}; drain {drain_us:,.0f} µs (2 workers, "
-                f"{ingest['machine']['date'] if ingest else '-'})",
+                f"{measured}; drain {drain_us:,.0f} µs ({_workers(drain['workers'])}, "
+                f"{ingest['machine']['date']})",
                 at_most(max(ratios.values()), 2.0),
             )
         )
@@ -161,12 +161,12 @@ def _groups_us(per: dict[str, float]) -> str:
     return ", ".join(f"{g} {v:,.0f}" for g, v in sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def _two_worker_drain(ingest: Data | None) -> Data | None:
-    """The 2-worker drain, when it measured the servers' CPU (results from 2026-12-05 on)."""
-    if ingest is None:
-        return None
-    runs = [r for r in ingest["figures"]["runs"] if r["workers"] == 2]
-    return runs[0] if runs and "server_us_per_reading" in runs[0] else None
+def _drain_with(ingest: Data | None, workers: int) -> Data | None:
+    """The drain with as many workers as the live tiers had, when it measured the servers'
+    CPU (results from 2026-12-05 on)."""
+    runs = [] if ingest is None else ingest["figures"]["runs"]
+    same = [r for r in runs if r["workers"] == workers and "server_us_per_reading" in r]
+    return same[0] if same else None
 
 
 def targets(found: dict[str, Data]) -> list[TargetRow]:
@@ -580,21 +580,21 @@ def _load_ceiling(data: Data, ingest: Data | None) -> list[str]:
         f"reading cost {total:,.0f} µs of CPU in all ({parts}). {cores} cores give at most "
         f"{_n(ceiling)} readings/s at that cost; 10,000/s would need {need:.1f} cores, or "
         f"{1e6 * cores / 10_000:,.0f} µs per reading for everything together."
-        + _against_drain(tier, ingest),
+        + _against_drain(tier, ingest, data["figures"]["workers"]),
         "",
     ]
 
 
-def _against_drain(tier: Data, ingest: Data | None) -> str:
+def _against_drain(tier: Data, ingest: Data | None, workers: int) -> str:
     """The same tier's servers (or, for drains that did not measure them, its workers)
-    next to the backlog drain's."""
-    drain = _two_worker_drain(ingest)
+    next to the backlog drain's with as many workers."""
+    drain = _drain_with(ingest, workers)
     if drain is not None:
         server, drained = _server_us(tier), drain["server_us_per_reading"]
         return (
             f" The servers' part, {sum(server.values()):,.0f} µs, compares with "
-            f"{sum(drained.values()):,.0f} µs per reading in the 2-worker backlog drain "
-            f"({_groups_us(drained)})."
+            f"{sum(drained.values()):,.0f} µs per reading in the backlog drain with "
+            f"{_workers(workers)} ({_groups_us(drained)})."
         )
     if ingest is not None and "cpu_us_per_reading" in _best_drain(ingest):
         return (

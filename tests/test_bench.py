@@ -257,7 +257,7 @@ def test_issue_17_rows_set_the_servers_cpu_per_reading_against_the_drains(tmp_pa
     # against the drain's 200 µs: 1,000/s costs 3.5x, 2,000/s 2.0x; the worse decides
     assert "700 µs at 1,000/s (3.5x), 400 µs at 2,000/s (2.0x); drain 200 µs" in trickle
     assert "| **no** | 0.57 |" in trickle
-    assert "compares with 200 µs per reading in the 2-worker backlog drain" in text
+    assert "compares with 200 µs per reading in the backlog drain with 2 workers" in text
     assert "| 200 (workers 115, postgres 60, broker 20, redis 5) |" in text
 
 
