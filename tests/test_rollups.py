@@ -141,6 +141,60 @@ def test_rollups_equal_a_brute_force_sum_over_the_raw_readings(
             assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
 
 
+@st.composite
+def gap_histories(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int]], list[list[int]]]:
+    """Like `histories`, but the last batch holds 2-3 readings whose span covers more
+    stored readings than the trigger's range way takes (8 per new reading, plus 32), so
+    that meter's readings take the per-reading way (migration 0015)."""
+    n = draw(st.integers(70, 90))
+    steps = draw(st.lists(st.integers(1, 200_000), min_size=n, max_size=n))
+    readings = []
+    ts, imp, exp = -1_800_000, draw(st.integers(0, 10**9)), 0
+    for seq, step in enumerate(steps, start=1):
+        ts += step
+        imp += draw(st.integers(0, 5_000))
+        exp += draw(st.integers(0, 5_000))
+        readings.append((seq, MIDNIGHT + ts, imp, exp))
+    late = {draw(st.integers(0, 4)), draw(st.integers(n - 5, n - 1))}
+    late |= set(draw(st.lists(st.integers(5, n - 6), max_size=1)))
+    early = draw(st.permutations([i for i in range(n) if i not in late]))
+    cuts = sorted(draw(st.lists(st.integers(1, len(early) - 1), max_size=2)))
+    batches = [early[a:b] for a, b in zip([0, *cuts], [*cuts, len(early)], strict=True)]
+    return readings, [*batches, sorted(late)]
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(gapped=gap_histories(), interleaved=histories())
+def test_rollups_of_both_ways_in_one_batch_equal_the_brute_force_sum(
+    gapped: tuple[list[tuple[int, int, int, int]], list[list[int]]],
+    interleaved: tuple[list[tuple[int, int, int, int]], list[list[int]]],
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """One meter's late batch fills gaps across many stored readings (the per-reading
+    way), another's lands between few stored ones (the range way), in the same COPYs."""
+    meters = [make_meter_id(), make_meter_id()]
+    register(database_url, *meters)
+    signed = [
+        [candidate(KEY, m, seq, ts, imp, exp) for seq, ts, imp, exp in history[0]]
+        for m, history in zip(meters, (gapped, interleaved), strict=True)
+    ]
+    # aligned at their ends, so the gapped meter's late batch shares the last COPY
+    n = max(len(gapped[1]), len(interleaved[1]))
+    a, b = ([[]] * (n - len(h[1])) + h[1] for h in (gapped, interleaved))
+    batches = [
+        [*(signed[0][i] for i in x), *(signed[1][i] for i in y)] for x, y in zip(a, b, strict=True)
+    ]
+    store_batches(database_url, batches)
+    with psycopg.connect(database_url) as conn:
+        for meter_id in meters:
+            for width in Width:
+                assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
+
+
 def test_a_difference_across_a_boundary_belongs_to_the_later_readings_interval(
     database_url: str, meter_id: str
 ) -> None:
