@@ -144,8 +144,8 @@ def test_rollups_equal_a_brute_force_sum_over_the_raw_readings(
 @st.composite
 def gap_histories(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int]], list[list[int]]]:
     """Like `histories`, but the last batch holds 2-3 readings whose span covers more
-    stored readings than the trigger's range way takes (8 per new reading, plus 32), so
-    that meter's readings take the per-reading way (migration 0015)."""
+    readings than the trigger's range way takes (8 per new reading, plus 32, new ones
+    included), so that meter's readings take the per-reading way (migration 0015)."""
     n = draw(st.integers(70, 90))
     steps = draw(st.lists(st.integers(1, 200_000), min_size=n, max_size=n))
     readings = []

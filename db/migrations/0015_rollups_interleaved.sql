@@ -8,13 +8,13 @@
 -- worker, and PostgreSQL's CPU per reading doubled (docs/scaling.md, "Rollups of
 -- interleaved readings").
 --
--- Now a meter takes the range way when few readings lie within the span of its new ones'
--- ts (at most 8 per new reading, plus 32). The chain is the readings in that span, new and
+-- Now a meter takes the range way when few readings, new ones included, lie within the
+-- span of its new ones' ts (at most 8 per new reading, plus 32). The chain is the readings in that span, new and
 -- stored, plus the first stored one after it. Its predecessor is the last stored reading
 -- before it (or the retired watermark). The rollups gain each chain reading's difference
 -- from its predecessor in the chain, less what the stored ones had contributed against
 -- theirs. A meter with many stored readings inside its span (a gap filled long after), or
--- a retired watermark inside it, still takes 0005's way.
+-- a retired watermark at or after the span's first ts, still takes 0005's way.
 --
 -- PL/pgSQL plans this statement once per session, for the size of its first batch. So
 -- every step starts from one row per meter (arrays, lateral index scans). A join of the
@@ -47,6 +47,7 @@ BEGIN
         LEFT JOIN LATERAL (
             SELECT w.ts, w.seq, w.import_wh, w.export_wh FROM reading_watermarks w
             WHERE w.meter_id = s.meter_id
+            LIMIT 1  -- at most one anyway; keeps it a probe per meter, never a join
         ) w ON true
         LEFT JOIN LATERAL (
             SELECT l.ts, l.seq, l.import_wh, l.export_wh FROM reading_log l
