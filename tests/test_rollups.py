@@ -89,6 +89,11 @@ def all_rollups(conn: psycopg.Connection[Any], meter_id: str, width: Width) -> l
     )
 
 
+def assert_matches_brute_force(conn: psycopg.Connection[Any], meter_id: str) -> None:
+    for width in Width:
+        assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
+
+
 #: Offsets from MIDNIGHT that sit on and next to 15-minute, hour and day boundaries.
 EDGES = [k * 900_000 + d for k in range(-2, 7) for d in (-1, 0, 1)]
 
@@ -137,8 +142,7 @@ def test_rollups_equal_a_brute_force_sum_over_the_raw_readings(
     assert kinds.count(Accepted) == len(readings)  # every copy after the first: Duplicate
     assert kinds.count(Duplicate) == sum(map(len, batches)) - len(readings)
     with psycopg.connect(database_url) as conn:
-        for width in Width:
-            assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
+        assert_matches_brute_force(conn, meter_id)
 
 
 @st.composite
@@ -191,8 +195,7 @@ def test_rollups_of_both_ways_in_one_batch_equal_the_brute_force_sum(
     store_batches(database_url, batches)
     with psycopg.connect(database_url) as conn:
         for meter_id in meters:
-            for width in Width:
-                assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
+            assert_matches_brute_force(conn, meter_id)
 
 
 def test_a_difference_across_a_boundary_belongs_to_the_later_readings_interval(
@@ -318,8 +321,7 @@ def test_migration_0007_keeps_every_widths_rollups_of_0005(
             assert {w: all_rollups(conn, meter_id, w) for w in Width} == before
         store_batches(url, [signed[250:], signed[100:200]])
         with psycopg.connect(url) as conn:
-            for width in Width:
-                assert all_rollups(conn, meter_id, width) == brute_force(conn, meter_id, width)
+            assert_matches_brute_force(conn, meter_id)
     finally:
         with psycopg.connect(postgres.database_url("postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
