@@ -217,7 +217,9 @@ class Services:
         )  # fmt: skip
         self.source = HttpSource(self.republisher)
         rules = settings.ingest_settings()
-        self.worker = Worker(rules, source=self.source, store_factory=provider_store(rules))
+        self.worker = Worker(
+            rules, source=self.source, store_factory=provider_store(rules), shares_load=False
+        )
 
     def pools(self) -> list[AsyncConnectionPool]:
         return [self.pool] if self.lagging is self.pool else [self.pool, self.lagging]

@@ -57,6 +57,9 @@ class HttpSource:
     def connected(self) -> bool:
         return self._deliver is not None
 
+    def subscribe(self, on: bool) -> None:
+        """Requests are no shared subscription: nothing to join or leave."""
+
     async def start(self, deliver: Handler) -> None:
         self._deliver = deliver
 

@@ -37,13 +37,20 @@ log = structlog.get_logger("ingest.cli")
     "`identity` setting (ingest-0); with --workers N, worker i is ingest-<n+i>.",
 )
 @click.option(
+    "--follow-load/--all-subscribed",
+    default=True,
+    show_default=True,
+    help="With --workers N and a redis_url: the first worker always takes readings, the "
+    "others only while it is busy (ingest/follow.py); fewer transactions at a trickle.",
+)
+@click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
     envvar="METERPROOF_CONFIG",
     help="TOML file of settings (see docs/ingest.sample.toml).",
 )
-def ingest(workers: int, identity: str | None, config: str | None) -> None:
+def ingest(workers: int, identity: str | None, follow_load: bool, config: str | None) -> None:
     """Verify, deduplicate and store readings; acknowledge, receipt and republish after commit.
 
     Settings come from METERPROOF_* variables, .run/stack.env, and --config. SIGTERM drains
@@ -64,7 +71,7 @@ def ingest(workers: int, identity: str | None, config: str | None) -> None:
     if workers == 1:
         asyncio.run(_run(settings))
         return
-    _supervise(settings, identities)
+    _supervise(settings, identities, follow=follow_load and settings.redis_url is not None)
 
 
 _HINTS = {
@@ -102,14 +109,16 @@ def _has_certificate(pki: PkiLayout, name: str) -> bool:
     return files.cert.is_file() and files.key.is_file()
 
 
-def _supervise(settings: IngestSettings, ids: list[str]) -> None:
-    """Start one worker per identity with metrics port base + i, restart any that dies,
-    stop all on SIGTERM."""
+def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> None:
+    """Start one worker per identity with metrics port base + i (all but the first
+    following the load if `follow`), restart any that dies, stop all on SIGTERM."""
     argv = [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", "1", "--identity"]
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i
         env = {**os.environ, "METERPROOF_METRICS_PORT": str(port)}
+        if follow:
+            env["METERPROOF_FOLLOW_LOAD"] = "true" if i else "false"
         return subprocess.Popen([*argv, ids[i]], env=env)
 
     procs = {cid: spawn(i) for i, cid in enumerate(ids)}

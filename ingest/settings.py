@@ -34,6 +34,20 @@ class IngestSettings(Settings):
         description="after each read from the broker, wait this long before the next; 0 off",
     )
 
+    # following the load (ingest.follow)
+    follow_load: bool = Field(
+        default=False,
+        description="take readings only while the group needs this worker; needs redis_url",
+    )
+    follow_join_busy: float = Field(
+        default=0.6, ge=0, description="a follower joins an anchor busy at least this share"
+    )
+    follow_leave_busy: float = Field(
+        default=0.6, ge=0, description="and leaves when all subscribed are less busy together"
+    )
+    follow_leave_after_s: float = Field(default=30.0, ge=0)
+    follow_tick_s: float = Field(default=1.0, gt=0, le=60)
+
     # batching and backpressure
     batch_max_size: int = Field(default=1000, ge=1, le=50_000)
     batch_linger_ms: int = Field(default=25, ge=0, le=10_000)
@@ -70,4 +84,6 @@ class IngestSettings(Settings):
     def _coherent(self) -> IngestSettings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be at least retry_initial_s")
+        if self.follow_load and not self.redis_url:
+            raise ValueError("follow_load needs redis_url: the workers share their load there")
         return self

@@ -79,7 +79,10 @@ class Source(Protocol):
 
     @property
     def connected(self) -> bool:
-        """Deliveries can arrive: connected and subscribed."""
+        """Connected, and subscribed (or left, if asked to: `subscribe`)."""
+
+    def subscribe(self, on: bool) -> None:
+        """Take a share of the readings, or stop taking new ones (`ingest.follow`)."""
 
     async def start(self, deliver: Handler) -> None:
         """Begin delivering, in arrival order, to `deliver`."""
@@ -112,10 +115,12 @@ class MqttSource:
         publish_window: int,
         read_pause_s: float = 0.0,
         index: int = 0,
+        subscribed: bool = True,
     ) -> None:
         """`index` is this broker's place in the list, stamped on every delivery;
-        `read_pause_s`: see `ingest._gmqtt.read_directly`."""
+        `read_pause_s`: see `ingest._gmqtt.read_directly`; `subscribed`: see `subscribe`."""
         self.index = index
+        self._wanted = subscribed
         self._read_pause_s = read_pause_s
         self._host = host
         self._port = port
@@ -137,13 +142,33 @@ class MqttSource:
         _gmqtt.take_over(self._client, on_publish=self._on_publish, on_puback=self._on_puback)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_unsubscribe
         self._client.on_disconnect = self._on_disconnect
         self._link = 0
-        self._subscribed = asyncio.Event()
+        self._link_up = False
+        self._settled = asyncio.Event()  # SUBACK or UNSUBACK of what `_wanted` asks
 
     @property
     def connected(self) -> bool:
-        return self._subscribed.is_set()
+        return self._settled.is_set()
+
+    def subscribe(self, on: bool) -> None:
+        """Join or leave the shared subscription. After leaving, the connection stays: the
+        deliveries the broker had already queued for this session still arrive, and are
+        handled and acknowledged as any other (docs/scaling.md, "Load-following
+        workers"), while new readings go to the workers still subscribed."""
+        if on == self._wanted:
+            return
+        self._wanted = on
+        if self._link_up:
+            self._settled.clear()
+            self._send_subscription(self._client)
+
+    def _send_subscription(self, client: Client) -> None:
+        if self._wanted:
+            client.subscribe(self._topic, qos=1)
+        else:
+            client.unsubscribe(self._topic)
 
     async def start(self, deliver: Handler) -> None:
         self._deliver = deliver
@@ -164,25 +189,36 @@ class MqttSource:
         )
         replayed = _gmqtt.replay_unacknowledged(client, self._window) if flags else 0
         # Subscribing again on a resumed session is harmless and covers a session the
-        # broker lost (expired, or a broker without persistence).
-        client.subscribe(self._topic, qos=1)
+        # broker lost (expired, or a broker without persistence); unsubscribing clears a
+        # subscription the session kept from before this worker left.
+        self._link_up = True
+        self._send_subscription(client)
         log.info(
             "broker_connected",
             broker=f"{self._host}:{self._port}",
             topic=self._topic,
             session_present=bool(flags),
             replayed=replayed,
+            subscribing=self._wanted,
         )
 
     def _on_subscribe(self, client: Client, mid: int, granted: Sequence[int], props: Any) -> None:  # noqa: ANN401
         if any(code >= 0x80 for code in granted):
             log.error("broker_refused_subscription", topic=self._topic, codes=list(granted))
             return
-        self._subscribed.set()
+        if self._wanted:
+            self._settled.set()
         log.info("broker_subscribed", topic=self._topic)
 
+    def _on_unsubscribe(self, client: Client, mid: int, codes: Sequence[int]) -> None:
+        # 0x11, "no subscription existed", is as good as a success here
+        if not self._wanted:
+            self._settled.set()
+        log.info("broker_unsubscribed", topic=self._topic, codes=list(codes))
+
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
-        self._subscribed.clear()
+        self._link_up = False
+        self._settled.clear()
         log.warning(
             "broker_disconnected",
             broker=f"{self._host}:{self._port}",
@@ -294,6 +330,10 @@ class BrokerSet:
     def connected(self) -> bool:
         return any(source.connected for source in self._sources)
 
+    def subscribe(self, on: bool) -> None:
+        for source in self._sources:
+            source.subscribe(on)
+
     async def start(self, deliver: Handler) -> None:
         """Connect to every broker; raise only when none accepts (as `MqttSource`)."""
 
@@ -378,6 +418,7 @@ def mqtt_source(settings: IngestSettings) -> MqttSource | BrokerSet:
             publish_window=settings.publish_window,
             read_pause_s=settings.read_pause_ms / 1000,
             index=index,
+            subscribed=not settings.follow_load,
         )
         for index, (host, port) in enumerate(settings.brokers())
     ]

@@ -37,6 +37,18 @@ from meterproof.ingest import telemetry as t
 from meterproof.ingest.audience import Audience
 from meterproof.ingest.batcher import Batcher
 from meterproof.ingest.decode import Decoded
+from meterproof.ingest.follow import (
+    FOLLOW_CHANGES,
+    STALE_TICKS,
+    STORE_BUSY,
+    SUBSCRIBED,
+    Change,
+    Follower,
+    FollowPolicy,
+    LoadBoard,
+    LoadMeter,
+    LoadReport,
+)
 from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.keys import KeyCache
 from meterproof.ingest.pipeline import decode_all, split_replayed, verify_all
@@ -133,8 +145,11 @@ class Worker:
         source: Source,
         store_factory: StoreFactory,
         clock: Callable[[], int] = wall_ms,
+        shares_load: bool = True,
     ) -> None:
-        """`clock` is the server time of rule 6 (unix ms); tests pin it to a vector's time."""
+        """`clock` is the server time of rule 6 (unix ms); tests pin it to a vector's time.
+        `shares_load`: on the shared subscription, so it reports its load to the others
+        and, if a follower, joins and leaves (`ingest.follow`); not so the API's worker."""
         self.settings = settings
         self._clock = clock
         self._source = source
@@ -154,6 +169,15 @@ class Worker:
         )
         self._store: BatchStore | None = None
         self._store_loop = _StoreLoop()
+        self._load = LoadMeter(window_s=STALE_TICKS * settings.follow_tick_s)
+        self._board = (
+            LoadBoard(
+                settings.redis_url, settings.share_group,
+                stale_s=STALE_TICKS * settings.follow_tick_s,
+            )
+            if settings.redis_url and shares_load
+            else None
+        )  # fmt: skip
         self._announcing: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.committed = 0
@@ -213,6 +237,7 @@ class Worker:
         listener = asyncio.create_task(self._keys.listen(self.stopping), name="registry-listen")
         audience = asyncio.create_task(self._audience.run(self.stopping), name="consent-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
+        following = asyncio.create_task(self._follow_load(), name="follow-load")
         await self._start_source()
         log.info("worker_started", client_id=self.settings.client_id)
         committing: asyncio.Task[set[str]] | None = None
@@ -232,14 +257,66 @@ class Worker:
                             continue
                 committing = asyncio.create_task(self._commit(prepared))
                 self._queue.store_busy()
-                committing.add_done_callback(lambda _: self._queue.store_free())
+                self._load.busy()
+                committing.add_done_callback(partial(self._store_free, len(batch)))
         finally:
             if committing is not None:
                 await committing
             if self._announcing is not None:
                 await self._announcing
             watchdog.cancel()
-            await self._shutdown(listener, audience)
+            await self._shutdown(listener, audience, following)
+
+    def _store_free(self, readings: int, _: object) -> None:
+        self._queue.store_free()
+        self._load.free(readings)
+
+    async def _follow_load(self) -> None:
+        """Each tick: this worker's load to the board, and, for a follower, the decision
+        to join or leave the shared subscription (`ingest.follow`)."""
+        settings = self.settings
+        follower = (
+            Follower(
+                FollowPolicy(
+                    settings.follow_join_busy, settings.follow_leave_busy,
+                    settings.follow_leave_after_s, STALE_TICKS * settings.follow_tick_s,
+                )
+            )
+            if settings.follow_load
+            else None
+        )  # fmt: skip
+        subscribed = not settings.follow_load
+        SUBSCRIBED.set(int(subscribed))
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), settings.follow_tick_s)
+            busy, rate = self._load.sample()
+            STORE_BUSY.set(busy)
+            if self._board is None:
+                continue
+            me = LoadReport(
+                settings.identity, follower is not None, subscribed, busy, rate, time.time()
+            )
+            others = await self._board.exchange(me)
+            if follower is None:
+                continue
+            if others is None:  # Redis is down: nobody can say the group is idle
+                change = None if subscribed else Change.NO_ANCHOR
+            else:
+                change = follower.decide(subscribed, me, others, me.at)
+            if change is None:
+                continue
+            subscribed = change is not Change.GROUP_IDLE
+            self._source.subscribe(subscribed)
+            SUBSCRIBED.set(int(subscribed))
+            FOLLOW_CHANGES.labels(reason=change.value).inc()
+            log.info(
+                "follower_joined" if subscribed else "follower_left",
+                reason=change.value,
+                busy=round(busy, 3),
+                rate=round(rate, 1),
+                others=[(r.identity, round(r.busy, 3), r.subscribed) for r in others or []],
+            )
 
     async def _next_batch(self) -> list[Delivery] | None:
         """The next batch, or None once stopping."""
@@ -264,6 +341,8 @@ class Worker:
         await asyncio.gather(*listeners, return_exceptions=True)
         await self._keys.close()
         await self._replay.close()
+        if self._board is not None:
+            await self._board.close()
         if self._store is not None:
             await self._store_loop.run(self._store.close())
         self._store_loop.close()
