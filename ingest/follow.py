@@ -130,16 +130,20 @@ class Follower:
     def __init__(self, policy: FollowPolicy) -> None:
         self._policy = policy
         self._idle_since: float | None = None
+        self._started: float | None = None
 
     def decide(
         self, subscribed: bool, me: LoadReport, others: Iterable[LoadReport], now: float
     ) -> Change | None:
-        """The change to make now, if any."""
+        """The change to make now, if any. An anchor that starts with this follower may
+        not have reported yet: missing it counts only from `stale_s` after the start."""
+        self._started = self._started if self._started is not None else now
         fresh = [r for r in others if now - r.at <= self._policy.stale_s]
         anchors = [r for r in fresh if not r.follower]
         if not subscribed:
             if not anchors:
-                return Change.NO_ANCHOR
+                silent = now - self._started >= self._policy.stale_s
+                return Change.NO_ANCHOR if silent else None
             if max(r.busy for r in anchors) >= self._policy.join_busy:
                 return Change.ANCHOR_BUSY
             return None

@@ -60,10 +60,13 @@ def test_a_follower_joins_a_busy_or_silent_anchor_and_leaves_an_idle_group_only_
     f = Follower(POLICY)
     assert f.decide(False, me, [report("a", busy=0.59)], 100.0) is None
     assert f.decide(False, me, [report("a", busy=0.6)], 100.0) is Change.ANCHOR_BUSY
-    assert f.decide(False, me, [], 100.0) is Change.NO_ANCHOR
-    assert f.decide(False, me, [report("a", busy=0.0, at=94.0)], 100.0) is Change.NO_ANCHOR
+    # no anchor: from 5 s after the follower's first decision (an anchor starting with it
+    # may not have reported yet)
+    assert f.decide(False, me, [], 104.9) is None
+    assert f.decide(False, me, [], 105.0) is Change.NO_ANCHOR
+    assert f.decide(False, me, [report("a", busy=0.0, at=99.0)], 105.0) is Change.NO_ANCHOR
     # another follower's report is no anchor's
-    assert f.decide(False, me, [report("g", busy=0.9, follower=True)], 100.0) is Change.NO_ANCHOR
+    assert f.decide(False, me, [report("g", busy=0.9, follower=True)], 105.0) is Change.NO_ANCHOR
 
     me = report("f", busy=0.1, follower=True)
     idle = [report("a", busy=0.1, at=t) for t in (100.0, 129.0, 130.0, 131.0)]
