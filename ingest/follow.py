@@ -110,7 +110,8 @@ class LoadMeter:
         start = now - self._window_s
         while self._spans and self._spans[0][1] <= start:
             self._spans.popleft()
-        spans = [*self._spans, *([(self._busy_since, now, 0)] if self._busy_since else [])]
+        flight = [] if self._busy_since is None else [(self._busy_since, now, 0)]
+        spans = [*self._spans, *flight]
         busy = sum(min(end, now) - max(begin, start) for begin, end, _ in spans)
         readings = sum(n for _, end, n in spans if end > start)
         return min(1.0, busy / self._window_s), readings / self._window_s

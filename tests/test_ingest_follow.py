@@ -22,6 +22,8 @@ from meterproof.ingest.follow import (
     LoadMeter,
     LoadReport,
 )
+from meterproof.ingest.settings import IngestSettings
+from meterproof.schemas.signatures import PrivateKey
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.redis import RedisServer
 
@@ -51,6 +53,11 @@ def test_the_load_meter_counts_busy_time_and_readings_inside_its_window() -> Non
     assert meter.sample() == pytest.approx((1.75 / 5, 40.0))  # 0.25 + 0.5 + 1.0
     now[0] = 60.0
     assert meter.sample() == pytest.approx((1.0, 0.0))  # one transaction has taken 51.75 s
+    fresh = LoadMeter(window_s=5.0, clock=lambda: now[0])
+    now[0] = 0.0
+    fresh.busy()  # in flight from time 0, which is a time like any other
+    now[0] = 1.0
+    assert fresh.sample() == pytest.approx((0.2, 0.0))
 
 
 def test_a_follower_joins_a_busy_or_silent_anchor_and_leaves_an_idle_group_only_after_a_while() -> (
@@ -96,8 +103,24 @@ def test_following_needs_redis(pki: PkiLayout, broker: BrokerServer) -> None:
 
 def _fleet(
     pki: PkiLayout, database_url: str, make_meter_id: Callable[[], str], n: int
-) -> dict[str, object]:
+) -> dict[str, PrivateKey]:
     return {m: provision(pki, database_url, m) for m in (make_meter_id() for _ in range(n))}
+
+
+def _anchor_and_follower(
+    pki: PkiLayout, broker: BrokerServer, redis: RedisServer, database_url: str,
+    tick_s: float, **follower: float,
+) -> tuple[IngestSettings, IngestSettings]:  # fmt: skip
+    """Two workers on one new share group; the second follows, with `follower` settings."""
+    common = {"pki": pki, "port": broker.port, "database_url": database_url,
+              "redis_url": redis.url, "follow_tick_s": tick_s}  # fmt: skip
+    anchor = worker_settings(**common)
+    return anchor, worker_settings(
+        **common,
+        share_group=anchor.share_group,
+        follow_load=True,
+        **follower,
+    )
 
 
 def test_an_idle_anchor_keeps_the_follower_out_and_a_missing_one_brings_it_in(
@@ -108,20 +131,14 @@ def test_an_idle_anchor_keeps_the_follower_out_and_a_missing_one_brings_it_in(
     make_meter_id: Callable[[], str],
 ) -> None:
     keys = _fleet(pki, database_url, make_meter_id, 2)
-    anchor = worker_settings(
-        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
-        follow_tick_s=0.1,
-    )  # fmt: skip
-    follower = worker_settings(
-        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
-        share_group=anchor.share_group, follow_load=True, follow_tick_s=0.1,
-        follow_leave_after_s=0.3,
-    )  # fmt: skip
+    anchor, follower = _anchor_and_follower(
+        pki, broker, redis_server, database_url, 0.1, follow_leave_after_s=0.3
+    )
     t0 = int(time.time() * 1000) - 3_600_000
     no_anchor = FOLLOW_CHANGES.labels(reason=Change.NO_ANCHOR.value)
 
     async def scenario() -> tuple[int, int, int]:
-        meters = [ProbeMeter(m, k, pki, broker.port) for m, k in keys.items()]  # type: ignore[arg-type]
+        meters = [ProbeMeter(m, k, pki, broker.port) for m, k in keys.items()]
         async with running_worker(follower) as f:
             async with running_worker(anchor) as a:
                 await asyncio.sleep(1.0)  # the anchor reports; the follower left if it joined
@@ -166,13 +183,8 @@ def test_a_follower_joining_and_leaving_over_and_over_loses_and_duplicates_nothi
     """Thresholds that always say "join" and always say "leave": the follower changes
     every few ticks while 4 meters send 400 readings."""
     keys = _fleet(pki, database_url, make_meter_id, 4)
-    anchor = worker_settings(
-        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
-        follow_tick_s=0.05,
-    )  # fmt: skip
-    follower = worker_settings(
-        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url,
-        share_group=anchor.share_group, follow_load=True, follow_tick_s=0.05,
+    anchor, follower = _anchor_and_follower(
+        pki, broker, redis_server, database_url, 0.05,
         follow_join_busy=0.0, follow_leave_busy=100.0, follow_leave_after_s=0.1,
     )  # fmt: skip
     t0 = int(time.time() * 1000) - 3_600_000
@@ -182,7 +194,7 @@ def test_a_follower_joining_and_leaving_over_and_over_loses_and_duplicates_nothi
     before = [c._value.get() for c in changes]
 
     async def scenario() -> tuple[int, int]:
-        meters = [ProbeMeter(m, k, pki, broker.port) for m, k in keys.items()]  # type: ignore[arg-type]
+        meters = [ProbeMeter(m, k, pki, broker.port) for m, k in keys.items()]
         async with running_worker(anchor) as a, running_worker(follower) as f:
             for m in meters:
                 await m.connect()
