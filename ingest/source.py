@@ -211,10 +211,14 @@ class MqttSource:
         log.info("broker_subscribed", topic=self._topic)
 
     def _on_unsubscribe(self, client: Client, mid: int, codes: Sequence[int]) -> None:
-        # 0x11, "no subscription existed", is as good as a success here
+        # 0x11, "no subscription existed", is as good as a success here. A refusal leaves
+        # this worker subscribed: it goes on taking readings, which loses nothing.
         if not self._wanted:
             self._settled.set()
-        log.info("broker_unsubscribed", topic=self._topic, codes=list(codes))
+        if any(code >= 0x80 for code in codes):
+            log.error("broker_refused_unsubscribe", topic=self._topic, codes=list(codes))
+        else:
+            log.info("broker_unsubscribed", topic=self._topic, codes=list(codes))
 
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
         self._link_up = False
