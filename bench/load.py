@@ -35,9 +35,12 @@ Returned keys:
 With `profile`, PostgreSQL is restarted with `pg_stat_statements` before the workers start,
 and each tier also carries `profile`: py-spy over the workers (`bench.profile`, the
 event loops' epoll waits left out), its stages sharing out the workers' CPU of the
-publishing window over the accepted readings, and `statements`, the top PostgreSQL
-statements of the tier by executor time (which includes waiting for locks). How it was
-read: docs/scaling.md, "Live path profile".
+publishing window over the accepted readings; `libraries`, the same CPU shared out by
+perf's samples of the workers over the shared objects they ran in
+(`bench.profile.LIBRARIES`; None, with `libraries_unavailable` saying why, when perf is
+missing or not permitted), which unlike py-spy leaves out time a thread waited for a core;
+and `statements`, the top PostgreSQL statements of the tier by executor time (which
+includes waiting for locks). How it was read: docs/scaling.md, "Live path profile".
 """
 
 from __future__ import annotations
@@ -49,14 +52,16 @@ from typing import Any, Final
 
 import psycopg
 
+from meterproof.bench.cpu import process_tree
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.control import BenchStack, Generators, measure
-from meterproof.bench.profile import attribute, py_spy
+from meterproof.bench.profile import attribute, perf_record, py_spy
 
 Progress = Callable[[str], None]
 
 WARMUP_RATE = 2_000
 PROFILE_HZ: Final = 200
+PERF_HZ: Final = 499  # not a multiple of the kernel's tick, so not in step with it
 _TOP_STATEMENTS: Final = """
 SELECT calls, round(total_exec_time::numeric, 1), rows,
        left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
@@ -184,21 +189,35 @@ def run_tiers(
                 _statements(url, reset=True)
                 out = run_dir / f"py-spy-{rate}-per-s.txt"
                 assert b.worker_proc is not None
-                with py_spy(b.worker_proc.pid, out, rate_hz=PROFILE_HZ):
+                with (
+                    py_spy(b.worker_proc.pid, out, rate_hz=PROFILE_HZ),
+                    perf_record(
+                        process_tree(b.worker_proc.pid),
+                        run_dir / f"perf-{rate}-per-s.data",
+                        rate_hz=PERF_HZ,
+                    ) as perf,
+                ):
                     t = measure(
                         b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
                         progress=progress,
                     )  # fmt: skip
+                cpu_s = t["cpu"]["cores"]["workers"] * seconds_per_tier
+                readings = max(t["accepted"], 1)
                 with out.open(encoding="utf-8") as lines:
                     stages = attribute(
                         lines,
                         rate_hz=PROFILE_HZ,
-                        readings=max(t["accepted"], 1),
+                        readings=readings,
                         workers=workers,
-                        cpu_s=t["cpu"]["cores"]["workers"] * seconds_per_tier,
+                        cpu_s=cpu_s,
                         skip_waits=True,
                     )
-                found = {**stages.as_dict(), "statements": _statements(url, reset=False)}
+                found = {
+                    **stages.as_dict(),
+                    "libraries": perf.costs(cpu_s=cpu_s, readings=readings),
+                    "libraries_unavailable": perf.error,
+                    "statements": _statements(url, reset=False),
+                }
                 return {**t, "probe": probe, "profile": found}
 
             tiers = [tier(rate, "given") for rate in rates]

@@ -15,6 +15,8 @@ are kept apart as "startup", not charged to readings.
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -198,16 +200,108 @@ def py_spy(pid: int, out: Path, *, rate_hz: int) -> Iterator[None]:
     try:
         yield
     finally:
-        if spy.poll() is None:
-            spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
+        _interrupt(spy)
     if not out.exists():
         error = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
         raise RuntimeError(f"py-spy wrote no profile: {error.strip()}")
+
+
+#: perf's shared objects grouped by what they do for a reading; the first fragment found in
+#: an object's name decides, anything else is "other".
+LIBRARIES: Final[tuple[tuple[str, str], ...]] = (
+    ("libpython", "interpreter"),
+    ("_sodium", "libsodium (signatures)"),
+    ("[kernel", "kernel"),
+    ("libcrypto", "OpenSSL (TLS)"),
+    ("libssl", "OpenSSL (TLS)"),
+    ("_ssl.", "OpenSSL (TLS)"),
+    ("_psycopg", "psycopg + libpq"),
+    ("pq.cpython", "psycopg + libpq"),
+    ("libpq", "psycopg + libpq"),
+    ("_pydantic_core", "pydantic-core"),
+    ("libc.so", "libc"),
+)
+_DSO_LINE: Final = re.compile(r"^\s*([0-9.]+)%\s+(\S.*?)\s*$")
+
+
+def library_costs(report: str, *, cpu_s: float, readings: int) -> dict[str, float]:
+    """`perf report --sort dso` (`  54.26%  libpython3.11.so.1.0`) -> µs of CPU per reading
+    by library, `cpu_s` shared out by the shares as `attribute` does with its samples."""
+    shares: dict[str, float] = {}
+    for line in report.splitlines():
+        found = _DSO_LINE.match(line)
+        if found is None:
+            continue
+        dso = found[2]
+        group = next((g for fragment, g in LIBRARIES if fragment in dso), "other")
+        shares[group] = shares.get(group, 0.0) + float(found[1]) / 100
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    return {g: round(share * cpu_s * 1e6 / max(readings, 1), 1) for g, share in ranked}
+
+
+@dataclass(slots=True)
+class PerfRun:
+    """A `perf record` of processes: the hardware clock samples only what runs on a core.
+    py-spy counts a thread that is runnable but not running (preempted in a system call
+    with the GIL held, say) as busy; perf does not, so the two together tell CPU from
+    waiting. `error` says why there is no recording (no perf, not permitted)."""
+
+    out: Path
+    error: str | None = None
+
+    def costs(self, *, cpu_s: float, readings: int) -> dict[str, float] | None:
+        if self.error is not None:
+            return None
+        report = subprocess.run(
+            ["perf", "report", "--input", str(self.out), "--sort", "dso", "--no-children",
+             "--call-graph", "none", "--stdio", "--quiet"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if report.returncode != 0 or not report.stdout.strip():
+            self.error = _first_line(report.stderr) or "perf report gave nothing"
+            return None
+        return library_costs(report.stdout, cpu_s=cpu_s, readings=readings)
+
+
+@contextmanager
+def perf_record(pids: Sequence[int], out: Path, *, rate_hz: int) -> Iterator[PerfRun]:
+    """Sample `pids` (every thread) until the block ends; without perf, or when the kernel
+    refuses it, the block runs anyway and the run says why."""
+    run = PerfRun(out)
+    if shutil.which("perf") is None:
+        run.error = "perf not found on PATH (Debian: linux-perf)"
+        yield run
+        return
+    perf = subprocess.Popen(
+        ["perf", "record", "--quiet", "--freq", str(rate_hz), "--pid",
+         ",".join(map(str, pids)), "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield run
+    finally:
+        _interrupt(perf)
+        said = perf.stderr.read().decode(errors="replace") if perf.stderr else ""
+        if perf.stderr:
+            perf.stderr.close()
+        # perf writes its file on SIGINT, then dies of it: that exit is a success
+        if perf.returncode not in (0, -signal.SIGINT) or not out.exists():
+            run.error = _first_line(said) or f"perf record exited {perf.returncode}"
+
+
+def _interrupt(recorder: subprocess.Popen[bytes]) -> None:
+    """SIGINT makes a recorder write out its file; one that hangs is killed."""
+    if recorder.poll() is None:
+        recorder.send_signal(signal.SIGINT)
+    try:
+        recorder.wait(30)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+        recorder.wait()
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 @dataclass(frozen=True, slots=True)

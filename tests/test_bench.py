@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from meterproof.bench import report
-from meterproof.bench.profile import attribute, classify, frames_of
+from meterproof.bench.profile import attribute, classify, frames_of, library_costs, perf_record
 from meterproof.bench.sampling import at_least, at_most, percentile, rates
 
 MACHINE = {
@@ -148,6 +152,68 @@ def test_profile_attribution_converts_samples_to_microseconds_per_reading():
     # scaled to measured CPU: 90 samples share 0.18 s, 2 ms each
     scaled = attribute(lines, rate_hz=100, readings=1_000, workers=1, cpu_s=0.18)
     assert {s.stage: s.us_per_reading for s in scaled.stages}["verify"] == pytest.approx(60.0)
+
+
+def test_library_costs_share_out_cpu_by_perfs_shared_objects():
+    report_text = """
+    54.00%  libpython3.11.so.1.0
+    23.00%  _sodium.abi3.so
+    10.00%  [kernel.kallsyms]
+     1.00%  libcrypto.so.3
+     1.00%  libssl.so.3
+     1.00%  _psycopg.cpython-311-x86_64-linux-gnu.so
+    10.00%  libfoo.so
+"""
+    # 2 s of CPU over 10,000 readings: 200 µs a reading, shared out by the percentages
+    costs = library_costs(report_text, cpu_s=2.0, readings=10_000)
+    assert costs == {
+        "interpreter": 108.0,
+        "libsodium (signatures)": 46.0,
+        "kernel": 20.0,
+        "other": 20.0,
+        "OpenSSL (TLS)": 4.0,
+        "psycopg + libpq": 2.0,
+    }
+    assert next(iter(costs)) == "interpreter"  # largest first
+
+
+_VERIFYING = """
+import os, time
+import nacl.bindings as b
+from nacl.signing import SigningKey
+key = SigningKey.generate()
+signed = key.sign(os.urandom(200))
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    b.crypto_sign_open(bytes(signed), bytes(key.verify_key))
+"""
+
+
+def test_perf_record_finds_where_a_real_process_spends_its_cpu(tmp_path):
+    """A process that checks signatures for 3 s: perf puts most of its CPU in libsodium."""
+    if shutil.which("perf") is None:
+        pytest.skip("perf is not installed (an optional tool: Debian's linux-perf)")
+    busy = subprocess.Popen([sys.executable, "-c", _VERIFYING])
+    try:
+        time.sleep(0.5)  # past the imports
+        with perf_record([busy.pid], tmp_path / "perf.data", rate_hz=499) as run:
+            time.sleep(2)
+    finally:
+        busy.wait(10)
+    costs = run.costs(cpu_s=2.0, readings=1)
+    assert run.error is None, run.error
+    assert costs is not None
+    assert max(costs, key=costs.__getitem__) == "libsodium (signatures)"
+    assert costs["libsodium (signatures)"] > 0.6 * sum(costs.values())
+
+
+def test_perf_record_says_why_without_perf(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no perf there
+    with perf_record([1], tmp_path / "perf.data", rate_hz=99) as run:
+        pass
+    assert run.costs(cpu_s=1.0, readings=1) is None
+    assert run.error is not None
+    assert "perf not found" in run.error
 
 
 def _write(results: Path, suite: str, figures: dict[str, object]) -> None:
