@@ -305,8 +305,9 @@ def _unobserved(pid: int) -> AbstractContextManager[object]:
     "--profile/--no-profile",
     default=False,
     show_default=True,
-    help="Per tier: py-spy over the workers (stages, µs per reading) and PostgreSQL's top "
-    "statements (pg_stat_statements); in the raw JSON. py-spy takes CPU of its own.",
+    help="Per tier: py-spy over the workers (stages, µs per reading), perf's split of their "
+    "CPU by library (when perf is installed) and PostgreSQL's top statements "
+    "(pg_stat_statements); in the raw JSON. py-spy takes CPU of its own.",
 )
 @click.pass_context
 def load(
