@@ -50,6 +50,7 @@ def describe() -> dict[str, str]:
         "meterproof": metadata.version("meterproof"),
         "pynacl": metadata.version("pynacl"),
         "gmqtt": metadata.version("gmqtt"),
+        "uvloop": metadata.version("uvloop"),
         "psycopg": metadata.version("psycopg"),
         "redis-py": metadata.version("redis"),
         "cryptography": metadata.version("cryptography"),

@@ -1051,8 +1051,9 @@ SECTIONS: Final[dict[str, Callable[[Data, dict[str, Data]], list[str]]]] = {
 
 _VERSIONS: Final = (
     ("Python", "python"), ("Mosquitto", "mosquitto"), ("PostgreSQL", "postgresql"),
-    ("Redis", "redis"), ("gmqtt", "gmqtt"), ("PyNaCl", "pynacl"), ("psycopg", "psycopg"),
-    ("redis-py", "redis-py"), ("cryptography", "cryptography"), ("meterproof", "meterproof"),
+    ("Redis", "redis"), ("gmqtt", "gmqtt"), ("uvloop (load generator)", "uvloop"),
+    ("PyNaCl", "pynacl"), ("psycopg", "psycopg"), ("redis-py", "redis-py"),
+    ("cryptography", "cryptography"), ("meterproof", "meterproof"),
 )  # fmt: skip
 
 

@@ -12,7 +12,6 @@ to its publish by (meter, seq) for the publish->receipt latency.
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import json
 import ssl
 import sys
@@ -39,11 +38,6 @@ from meterproof.schemas.signatures import PrivateKey, load_private_key
 #: that a slow broker does not time out a thousand of them at once.
 CONNECT_CONCURRENCY = 64
 TICK_S = 0.002
-#: asyncio's TLS protocol gives every connection a read buffer of `SSLProtocol.max_size`,
-#: 256 KiB in Python 3.11, zero-filled (so resident) when the connection is made: most of
-#: the generator's ~400 KiB per meter. A meter reads a receipt of ~150 bytes at a time;
-#: one TLS record (16 KiB of plaintext at most) is plenty. It bounds a read's chunk only.
-TLS_READ_CHUNK = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -297,7 +291,6 @@ def _reply(message: dict[str, Any]) -> None:
 
 async def serve(job: dict[str, Any]) -> None:
     """Connect, answer, then obey commands until `stop` (or stdin closes)."""
-    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_CHUNK  # this process only
     gen = Generator(job)
     _reply(await gen.connect())
     loop = asyncio.get_running_loop()
