@@ -35,7 +35,7 @@ from meterproof.ingest.verify import TimeBounds
 from meterproof.registry.snapshots import MeterSnapshot, RegisteredKey
 from meterproof.schemas.signatures import PublicKey
 from meterproof.schemas.timestamps import wall_ms
-from meterproof.stack.process import executable
+from meterproof.stack.process import end_child, executable
 
 #: (path fragment, function names or () for any, stage), tried on each frame from the leaf
 #: up; the first frame that matches a rule decides. A function name is the last part of
@@ -200,7 +200,7 @@ def py_spy(pid: int, out: Path, *, rate_hz: int) -> Iterator[None]:
     try:
         yield
     finally:
-        _interrupt(spy)
+        end_child(spy, signal.SIGINT, timeout=30)  # SIGINT: py-spy writes out its file
     if not out.exists():
         error = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
         raise RuntimeError(f"py-spy wrote no profile: {error.strip()}")
@@ -280,24 +280,13 @@ def perf_record(pids: Sequence[int], out: Path, *, rate_hz: int) -> Iterator[Per
     try:
         yield run
     finally:
-        _interrupt(perf)
+        end_child(perf, signal.SIGINT, timeout=30)
         said = perf.stderr.read().decode(errors="replace") if perf.stderr else ""
         if perf.stderr:
             perf.stderr.close()
         # perf writes its file on SIGINT, then dies of it: that exit is a success
         if perf.returncode not in (0, -signal.SIGINT) or not out.exists():
             run.error = _first_line(said) or f"perf record exited {perf.returncode}"
-
-
-def _interrupt(recorder: subprocess.Popen[bytes]) -> None:
-    """SIGINT makes a recorder write out its file; one that hangs is killed."""
-    if recorder.poll() is None:
-        recorder.send_signal(signal.SIGINT)
-    try:
-        recorder.wait(30)
-    except subprocess.TimeoutExpired:
-        recorder.kill()
-        recorder.wait()
 
 
 def _first_line(text: str) -> str:

@@ -41,7 +41,7 @@ from meterproof.config import StackEnv
 from meterproof.errors import MeterproofError
 from meterproof.meter.identity import discover
 from meterproof.stack.commands import command_environ, meterproof_argv
-from meterproof.stack.process import StackError, free_port
+from meterproof.stack.process import StackError, end_child, free_port
 from meterproof.stack.services import LocalStack, Ports
 
 Say = Callable[[str], None]
@@ -155,7 +155,7 @@ def _run(
             f" (~{config.meters / config.interval_s:.0f} readings/s)"
         )
         fleet = _start_fleet(env, config, state_root, logs)
-        running.callback(_end_fleet, fleet)
+        running.callback(end_child, fleet, signal.SIGTERM, timeout=30)
         if (
             not wait_until(
                 lambda: (stored_count(env.database_url) or 0) > 0 or fleet.poll() is not None,
@@ -224,16 +224,6 @@ def _start_fleet(
         return subprocess.Popen(argv, env=command_environ(env), stdout=out, stderr=err)
 
 
-def _end_fleet(fleet: subprocess.Popen[bytes]) -> None:
-    if fleet.poll() is None:
-        fleet.send_signal(signal.SIGTERM)
-        try:
-            fleet.wait(30)
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            fleet.wait()
-
-
 def _inject_all(
     injector: Injector,
     plan: Plan,
@@ -291,7 +281,7 @@ def _wait_fleet(
         fleet.wait(max(0.0, remaining) + config.settle_s + 30)
     except subprocess.TimeoutExpired:
         say("fleet: still running past its bound; stopping it")
-        _end_fleet(fleet)
+        end_child(fleet, signal.SIGTERM, timeout=30)
     text = (work_dir / "logs" / "fleet.json").read_text(encoding="utf-8").strip()
     try:
         summary: dict[str, Any] = json.loads(text.splitlines()[-1]) if text else {}

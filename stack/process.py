@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -200,6 +201,17 @@ def stop_process(pid: int, *, name: str, sig: signal.Signals, timeout: float, lo
                 f"{name} ignored {sig.name} for {timeout:.0f} s and was killed; {log_hint(log)}"
             )
         time.sleep(_POLL_S)
+
+
+def end_child(child: subprocess.Popen[bytes], sig: signal.Signals, *, timeout: float) -> None:
+    """Signal a child of ours that still runs and wait for it; kill it after `timeout`."""
+    if child.poll() is None:
+        child.send_signal(sig)
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 class SpawnedServer(ABC):

@@ -25,7 +25,7 @@ from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
 from meterproof.bench.ingest import provision_meters
 from meterproof.bench.loadgen import plan
 from meterproof.config import StackEnv
-from meterproof.stack.process import port_is_free
+from meterproof.stack.process import end_child, port_is_free
 from meterproof.stack.services import LocalStack, Ports
 
 Progress = Callable[[str], None]
@@ -191,12 +191,7 @@ class BenchStack:
             yield self
         finally:
             if self.worker_proc is not None:
-                self.worker_proc.send_signal(signal.SIGTERM)
-                try:
-                    self.worker_proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    self.worker_proc.kill()
-                    self.worker_proc.wait(10)
+                end_child(self.worker_proc, signal.SIGTERM, timeout=60)
             self.stack.down()
 
     @property
