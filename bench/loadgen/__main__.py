@@ -1,6 +1,6 @@
 """`python -P -m bench.loadgen JOB.json`: one generator process (see bench.loadgen).
 
-On uvloop: it cost the generator 19-27% less CPU per reading than asyncio's loop, and
+On uvloop: it cost the generator 18-26% less CPU per reading than asyncio's loop, and
 7% less memory per meter (docs/scaling.md, "A leaner load generator")."""
 
 from __future__ import annotations
