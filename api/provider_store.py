@@ -27,7 +27,7 @@ from typing import Final
 
 import psycopg
 import structlog
-from psycopg import AsyncConnection
+from psycopg import Connection
 
 from meterproof.errors import UnavailableError
 from meterproof.ingest.records import Accepted, Candidate, Rejection
@@ -77,27 +77,27 @@ def _unattributed(rejection: Rejection) -> Rejection:
 class ProviderStore:
     """A `BatchStore` around `ReadingStore`, on the same connection."""
 
-    def __init__(self, conn: AsyncConnection[tuple[object, ...]], inner: ReadingStore) -> None:
+    def __init__(self, conn: Connection[tuple[object, ...]], inner: ReadingStore) -> None:
         self._conn = conn
         self._inner = inner
 
-    async def close(self) -> None:
-        await self._inner.close()
+    def close(self) -> None:
+        self._inner.close()
 
-    async def commit_batch(
+    def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:
         rejections = [_unattributed(j) for j in rejections]
         if not any(is_provider(c) for c in candidates):
-            return await self._inner.commit_batch(candidates, rejections)
+            return self._inner.commit_batch(candidates, rejections)
         try:
-            async with self._conn.transaction():
-                refused = await self._not_increasing(candidates)
-                result = await self._inner.commit_batch(
+            with self._conn.transaction():
+                refused = self._not_increasing(candidates)
+                result = self._inner.commit_batch(
                     [c for c in candidates if id(c) not in refused],
                     [*rejections, *refused.values()],
                 )
-                await self._keep(
+                self._keep(
                     [o.candidate for o in result.outcomes
                      if isinstance(o, Accepted) and is_provider(o.candidate)]
                 )  # fmt: skip
@@ -105,17 +105,17 @@ class ProviderStore:
             raise UnavailableError("database", f"{type(exc).__name__}: {exc}") from exc
         return BatchResult([*result.outcomes, *refused.values()], result.quarantined)
 
-    async def _not_increasing(self, candidates: Sequence[Candidate]) -> dict[int, Rejection]:
+    def _not_increasing(self, candidates: Sequence[Candidate]) -> dict[int, Rejection]:
         """Provider candidates whose nonce is not above their meter's highest, by id.
         Every candidate's meter is locked first, in the store's own order (its
         `stored_contexts`), so no other worker's transaction can interleave."""
-        contexts = await self._inner.stored_contexts(candidates)
+        contexts = self._inner.stored_contexts(candidates)
         meters = sorted({c.reading.meter_id for c in candidates if is_provider(c)})
-        async with self._conn.cursor() as cur:
-            await cur.execute(_HIGHEST, (meters,))
+        with self._conn.cursor() as cur:
+            cur.execute(_HIGHEST, (meters,))
             highest: dict[str, int | None] = {
                 str(m): None if h is None else int(h)  # type: ignore[call-overload]
-                for m, h in await cur.fetchall()
+                for m, h in cur.fetchall()
             }
         in_batch: set[tuple[str, int]] = set()
         refused: dict[int, Rejection] = {}
@@ -135,7 +135,7 @@ class ProviderStore:
             highest[r.meter_id] = r.seq if last is None else max(last, r.seq)
         return refused
 
-    async def _keep(self, accepted: Sequence[Candidate]) -> None:
+    def _keep(self, accepted: Sequence[Candidate]) -> None:
         if not accepted:
             return
         rows = [
@@ -146,8 +146,8 @@ class ProviderStore:
             [c.signing_bytes for c in accepted],
             [b64url_decode(c.reading.sig) for c in accepted],
         ]
-        async with self._conn.cursor() as cur:
-            await cur.execute(_KEEP, rows)
+        with self._conn.cursor() as cur:
+            cur.execute(_KEEP, rows)
             if cur.rowcount != len(accepted):
                 log.error("provider_bytes_not_kept", accepted=len(accepted), kept=cur.rowcount)
 

@@ -20,16 +20,16 @@ import asyncio
 import contextlib
 import gc
 import signal
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import psycopg
 import structlog
-from psycopg import AsyncConnection
+from psycopg import Connection
 
 from meterproof.backoff import Backoff
 from meterproof.errors import UnavailableError
@@ -72,42 +72,39 @@ _YIELD_EVERY: Final = 64
 
 
 class BatchStore(Protocol):
-    """One transaction per batch: rules 7-9, the rows, the quarantines (`ReadingStore`)."""
+    """One transaction per batch: rules 7-9, the rows, the quarantines (`ReadingStore`).
+    Synchronous: it runs on the store's thread."""
 
-    async def commit_batch(
+    def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult: ...
 
-    async def close(self) -> None: ...
+    def close(self) -> None: ...
 
 
-#: Opens a store on the store's own loop; raises `UnavailableError` when it cannot.
-StoreFactory = Callable[[], Coroutine[Any, Any, BatchStore]]
+#: Opens a store (on the store's thread); raises `UnavailableError` when it cannot.
+StoreFactory = Callable[[], BatchStore]
 
 
-class _StoreLoop:
-    """PostgreSQL transactions on an event loop of their own, in a thread.
+class _StoreThread:
+    """PostgreSQL transactions in a thread of their own, one at a time.
 
     A transaction holds its meters' row locks, and every worker gets every meter's readings,
     so transactions of all workers queue on each other: the time a lock is held bounds the
     drain of all workers together. On the worker's loop, each of a transaction's round
     trips waited for the signature checks in hand (measured: locks held 55-120 ms per
     1,000 readings, two workers no faster than one). Here a round trip goes on as soon as
-    its answer is in; the signature checks release the GIL (libsodium through cffi).
+    its answer is in; libpq's waits and the signature checks release the GIL.
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="store", daemon=True)
-        self._thread.start()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
 
-    async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+    async def run(self, call: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._executor.shutdown(wait=True)
 
 
 class _NoReplayCache:
@@ -168,7 +165,7 @@ class Worker:
             else _NoReplayCache()
         )
         self._store: BatchStore | None = None
-        self._store_loop = _StoreLoop()
+        self._store_thread = _StoreThread()
         self._load = LoadMeter(window_s=STALE_TICKS * settings.follow_tick_s)
         self._board = (
             LoadBoard(
@@ -230,7 +227,7 @@ class Worker:
                 return
 
     async def run(self) -> None:
-        """Batches overlap: while one is in its transaction (on the store's own loop), the
+        """Batches overlap: while one is in its transaction (on the store's thread), the
         next is decoded and verified and the previous one announced. Transactions stay one
         at a time and in arrival order, so each judges against everything committed before
         it."""
@@ -344,8 +341,8 @@ class Worker:
         if self._board is not None:
             await self._board.close()
         if self._store is not None:
-            await self._store_loop.run(self._store.close())
-        self._store_loop.close()
+            await self._store_thread.run(self._store.close)
+        self._store_thread.close()
         log.info("worker_stopped", committed=self.committed, left_for_redelivery=dropped)
 
     async def _retrying(
@@ -432,19 +429,19 @@ class Worker:
         store = await self._get_store()
         commit_started = time.perf_counter()
         try:
-            result = await self._store_loop.run(
-                store.commit_batch(prepared.to_store, prepared.rejections)
+            result = await self._store_thread.run(
+                partial(store.commit_batch, prepared.to_store, prepared.rejections)
             )
         except UnavailableError:
             self._store = None
-            await self._store_loop.run(store.close())
+            await self._store_thread.run(store.close)
             raise
         t.COMMIT_SECONDS.observe(time.perf_counter() - commit_started)
         return result
 
     async def _get_store(self) -> BatchStore:
         if self._store is None:
-            self._store = await self._store_loop.run(self._store_factory())
+            self._store = await self._store_thread.run(self._store_factory)
         return self._store
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
@@ -514,16 +511,16 @@ class Worker:
 
 def postgres_store(
     settings: IngestSettings,
-    wrap: Callable[[AsyncConnection[tuple[object, ...]], ReadingStore], BatchStore] | None = None,
+    wrap: Callable[[Connection[tuple[object, ...]], ReadingStore], BatchStore] | None = None,
 ) -> StoreFactory:
     """The store factory of a real worker: `ReadingStore` on its own connection; `wrap`
     puts another `BatchStore` around it on the same connection (the API's)."""
     limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
     policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
 
-    async def connect() -> BatchStore:
+    def connect() -> BatchStore:
         try:
-            conn = await AsyncConnection.connect(settings.database_url, options=STORE_OPTIONS)
+            conn = Connection.connect(settings.database_url, options=STORE_OPTIONS)
         except (psycopg.Error, OSError) as exc:
             raise UnavailableError("database", f"connect: {exc}") from exc
         store = ReadingStore(conn, limit=limit, policy=policy)

@@ -4,14 +4,12 @@ a one-line `query`, and `rfc6962_root`, an independent Merkle root to check root
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
 
 from meterproof.bridge.ledger.local import LocalSink
 from meterproof.bridge.oracle import Oracle
@@ -43,20 +41,14 @@ class Fleet:
         """(meter_id, seq, ts_ms, import_wh, export_wh) -> outcome kind per reading."""
         candidates = [self.candidate(*r) for r in readings]
 
-        async def commit() -> list[str]:
-            conn = await AsyncConnection.connect(self.database_url, autocommit=True)
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
             store = ReadingStore(
                 conn,
                 limit=RateLimit(window_ms=1000, max_readings=100_000),
                 policy=QuarantinePolicy(),
             )
-            try:
-                result = await store.commit_batch(candidates, [])
-            finally:
-                await store.close()
-            return [type(o).__name__ for o in result.outcomes]
-
-        return asyncio.run(commit())
+            result = store.commit_batch(candidates, [])
+        return [type(o).__name__ for o in result.outcomes]
 
     def candidate(self, meter_id: str, seq: int, ts: int, imp: int, exp: int) -> Candidate:
         reading = sign_reading(

@@ -6,12 +6,10 @@ already stored, and windows fuller than the limit."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Callable
 
 import psycopg
-from psycopg import AsyncConnection
 
 from meterproof.ingest.judge import RateLimit, StoredPoint, context_of
 from meterproof.ingest.records import Candidate, Message
@@ -78,23 +76,16 @@ def test_database_contexts_equal_the_in_memory_ones(
         seq = rng.randrange(1, 60)  # about two in three already stored
         probes.append(candidate(key, meter_id, seq, ts, rng.randrange(90, 160), 20))
 
-    async def from_database() -> list[object]:
-        conn = await AsyncConnection.connect(database_url)
+    with psycopg.connect(database_url) as conn:
         store = ReadingStore(
             conn, limit=RateLimit(10_000, 100_000), policy=QuarantinePolicy()
         )  # stores every history reading
-        try:
-            result = await store.commit_batch(stored, [])
-            assert {type(o).__name__ for o in result.outcomes} == {"Accepted"}
-            async with conn.transaction():
-                return list(await ReadingStore(
-                    conn, limit=LIMIT, policy=QuarantinePolicy()
-                ).stored_contexts(probes))  # fmt: skip
-        finally:
-            await conn.close()
+        result = store.commit_batch(stored, [])
+        assert {type(o).__name__ for o in result.outcomes} == {"Accepted"}
+        with conn.transaction():
+            got = ReadingStore(conn, limit=LIMIT, policy=QuarantinePolicy()).stored_contexts(probes)
 
     expected = context_of(probes, seen=seen, history=history, limit=LIMIT)
-    got = asyncio.run(from_database())
     for probe, want, have in zip(probes, expected, got, strict=True):
         r = probe.reading
         assert have == want, f"{r.meter_id} seq {r.seq} ts {r.ts - T0}"

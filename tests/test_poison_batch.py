@@ -13,7 +13,6 @@ import orjson
 import psycopg
 import pytest
 from ingest_harness import ProbeMeter, provision, running_worker, stored_counts, worker_settings
-from psycopg import AsyncConnection
 from test_ingest_store import candidate
 
 from meterproof.certs.layout import PkiLayout
@@ -55,19 +54,10 @@ def setup(database_url: str, meters: Sequence[str], extra_sql: str = REFUSE) -> 
 def commit(
     database_url: str, candidates: Sequence[Candidate], rejections: Sequence[Rejection] = ()
 ) -> BatchResult:
-    return asyncio.run(commit_async(database_url, candidates, rejections))
-
-
-async def commit_async(
-    database_url: str, candidates: Sequence[Candidate], rejections: Sequence[Rejection] = ()
-) -> BatchResult:
     """One batch through a store of its own."""
-    conn = await AsyncConnection.connect(database_url)
-    try:
+    with psycopg.connect(database_url) as conn:
         store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
-        return await store.commit_batch(candidates, rejections)
-    finally:
-        await conn.close()
+        return store.commit_batch(candidates, rejections)
 
 
 def test_refused_readings_are_parked_and_the_rest_of_the_batch_commits(
@@ -181,21 +171,13 @@ def test_a_lost_connection_is_unavailable_and_the_batch_commits_after_it(
     setup(database_url, [meter_id], "SELECT 1")
     batch = [candidate(KEY, meter_id, s, T0 + s, s, s) for s in (1, 2)]
 
-    async def run() -> list[type]:
-        conn = await AsyncConnection.connect(database_url)
+    with psycopg.connect(database_url) as conn:
         store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
-        async with conn.cursor() as cur:
-            await cur.execute("SELECT pg_backend_pid()")
-            row = await cur.fetchone()
-        assert row is not None
         with psycopg.connect(database_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+            admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
         with pytest.raises(UnavailableError):
-            await store.commit_batch(batch, [])
-        await conn.close()
-        return [type(o) for o in (await commit_async(database_url, batch)).outcomes]
-
-    assert asyncio.run(run()) == [Accepted, Accepted]
+            store.commit_batch(batch, [])
+    assert [type(o) for o in commit(database_url, batch).outcomes] == [Accepted, Accepted]
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM rejected_readings").fetchone() == (0,)
 

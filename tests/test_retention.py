@@ -15,7 +15,6 @@ import psycopg
 import pytest
 from bridge_harness import T0, Clock, in_process, make_fleet, query
 from click.testing import CliRunner
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from test_ingest_store import candidate
 from test_rollups import all_rollups, store_batches
@@ -164,16 +163,10 @@ def test_the_prune_command_prints_progress_and_refuses_a_window_the_judge_needs(
 
 
 def _contexts(database_url: str, probes: list[Candidate], limit: RateLimit) -> list[Any]:
-    async def run() -> list[Any]:
-        conn = await AsyncConnection.connect(database_url)
-        try:
-            async with conn.transaction():
-                store = ReadingStore(conn, limit=limit, policy=QuarantinePolicy())
-                return list(await store.stored_contexts(probes))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        return list(
+            ReadingStore(conn, limit=limit, policy=QuarantinePolicy()).stored_contexts(probes)
+        )
 
 
 def _verdict(outcomes: list[Outcome]) -> list[tuple[str, str | None]]:

@@ -46,18 +46,12 @@ def register(database_url: str, *meter_ids: str) -> None:
 def store_batches(database_url: str, batches: Sequence[Sequence[Candidate]]) -> list[type]:
     """Each batch in its own transaction through the ingest store; the outcome types."""
 
-    async def run() -> list[type]:
-        conn = await AsyncConnection.connect(database_url)
+    with psycopg.connect(database_url) as conn:
         store = ReadingStore(conn, limit=RateLimit(1000, 1_000_000), policy=QuarantinePolicy())
-        try:
-            kinds: list[type] = []
-            for batch in batches:
-                kinds += [type(o) for o in (await store.commit_batch(batch, [])).outcomes]
-            return kinds
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+        kinds: list[type] = []
+        for batch in batches:
+            kinds += [type(o) for o in store.commit_batch(batch, []).outcomes]
+        return kinds
 
 
 def brute_force(conn: psycopg.Connection[Any], meter_id: str, width: Width) -> list[Rollup]:
