@@ -192,6 +192,40 @@ def test_rollups_of_both_ways_in_one_batch_equal_the_brute_force_sum(
             assert_matches_brute_force(conn, meter_id)
 
 
+def test_each_meters_way_in_one_copy_equals_the_brute_force_sum(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """One COPY in which meters take each of the trigger's ways (migration 0016): one new
+    reading after all stored ones (the short way, also for a first reading), one between
+    stored ones, one at a stored one's ts, two new readings (the range way)."""
+    latest, between, same_ts, first, two = meters = [make_meter_id() for _ in range(5)]
+    register(database_url, *meters)
+    stored = [
+        candidate(KEY, m, seq, MIDNIGHT + ts, 1_000 * seq, 10 * seq)
+        for m in (latest, between, same_ts, two)
+        for seq, ts in ((1, 0), (2, 600_000), (3, 1_200_000))
+    ]
+    late = [
+        candidate(KEY, latest, 4, MIDNIGHT + 1_800_000, 4_500, 41),
+        candidate(KEY, between, 4, MIDNIGHT + 300_000, 1_200, 12),
+        candidate(KEY, same_ts, 4, MIDNIGHT + 1_200_000, 3_300, 33),
+        candidate(KEY, first, 1, MIDNIGHT + 100_000, 7_000, 70),
+        candidate(KEY, two, 4, MIDNIGHT + 1_800_000, 4_000, 40),
+        candidate(KEY, two, 5, MIDNIGHT + 2_400_000, 5_000, 50),
+    ]
+    assert store_batches(database_url, [stored, late]) == [Accepted] * 18
+    with psycopg.connect(database_url) as conn:
+        for meter_id in meters:
+            assert_matches_brute_force(conn, meter_id)
+        latest_quarters = all_rollups(conn, latest, Width.QUARTER)
+    day = datetime.fromtimestamp(MIDNIGHT / 1000, UTC)
+    assert latest_quarters == [
+        Rollup(day, 1_000, 10, 2),
+        Rollup(day + timedelta(minutes=15), 1_000, 10, 1),
+        Rollup(day + timedelta(minutes=30), 1_500, 11, 1),
+    ]
+
+
 def test_a_difference_across_a_boundary_belongs_to_the_later_readings_interval(
     database_url: str, meter_id: str
 ) -> None:
