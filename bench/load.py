@@ -40,7 +40,10 @@ perf's samples of the workers over the shared objects they ran in
 (`bench.profile.LIBRARIES`; None, with `libraries_unavailable` saying why, when perf is
 missing or not permitted), which unlike py-spy leaves out time a thread waited for a core;
 and `statements`, the top PostgreSQL statements of the tier by executor time (which
-includes waiting for locks). How it was read: docs/scaling.md, "Live path profile".
+includes waiting for locks, and for a COPY the client's rows). Nested statements count
+too (`pg_stat_statements.track = all`): a trigger's body and a foreign key's check appear
+on their own lines, and their time is also inside the statement that fired them. How it
+was read: docs/scaling.md, "Live path profile".
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ PROFILE_HZ: Final = 200
 PERF_HZ: Final = 499  # not a multiple of the kernel's tick, so not in step with it
 _TOP_STATEMENTS: Final = """
 SELECT calls, round(total_exec_time::numeric, 1), rows,
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
-FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 300)
+FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 20
 """
 
 
@@ -78,6 +81,8 @@ def _track_statements(bench: BenchStack) -> Callable[[str, list[str]], None]:
         bench.stack.servers(bench.stack.recorded())[0].restart()
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+            conn.execute("SELECT pg_reload_conf()")
 
     return prepare
 
