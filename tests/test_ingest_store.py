@@ -78,7 +78,8 @@ def test_database_contexts_equal_the_in_memory_ones(
         seq = rng.randrange(1, 60)  # about two in three already stored
         probes.append(candidate(key, meter_id, seq, ts, rng.randrange(90, 160), 20))
 
-    with psycopg.connect(database_url) as conn:
+    # the workers' session (generic plans, no sequential scans): the plans judged here
+    with psycopg.connect(database_url, options=STORE_OPTIONS) as conn:
         store = ReadingStore(
             conn, limit=RateLimit(10_000, 100_000), policy=QuarantinePolicy()
         )  # stores every history reading
