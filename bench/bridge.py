@@ -19,13 +19,13 @@ from typing import Any, Final
 
 import psycopg
 
+from meterproof.bench.limits import COPY_LOG, LOG_TYPES
 from meterproof.bridge.batches import BatchStore
 from meterproof.bridge.epochs import Epoch, containing
 from meterproof.bridge.ledger.local import LocalSink
 from meterproof.bridge.oracle import Oracle
 from meterproof.bridge.rehash import reading_hash
 from meterproof.bridge.verify import verify
-from meterproof.ingest.store import COPY_LOG, LOG_TYPES
 from meterproof.schemas.signatures import Ed25519Public, generate_private_key
 from meterproof.schemas.timestamps import ms_to_dt, wall_ms
 

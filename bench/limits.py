@@ -3,7 +3,8 @@ figure can be read as a fraction of what the parts underneath it can do at all.
 
 Each limit runs one component alone, doing the very operation the pipeline needs from it:
 one core verifying signatures, the broker moving 200-byte QoS 1 messages over mutual TLS
-between its own command-line clients, PostgreSQL taking the pipeline's binary COPY rows,
+between its own command-line clients, PostgreSQL taking the pipeline's rows by binary COPY (its
+fastest way in: the ceiling for the store's one INSERT per batch),
 Redis answering the replay check's own lookup + remember, pipelined per batch.
 """
 
@@ -29,7 +30,6 @@ from meterproof.ingest.decode import Decoded
 from meterproof.ingest.pipeline import decode_all
 from meterproof.ingest.records import Message
 from meterproof.ingest.replay import RedisReplayCache
-from meterproof.ingest.store import COPY_LOG, COPY_READINGS, LOG_TYPES, READING_TYPES
 from meterproof.registry import repository
 from meterproof.registry.model import NewKey, NewMeter
 from meterproof.schemas import topics
@@ -37,6 +37,22 @@ from meterproof.schemas.reading import Alg, b64url_decode
 from meterproof.schemas.signatures import PrivateKey, PublicKey, generate_private_key
 from meterproof.schemas.timestamps import ms_to_dt
 from meterproof.stack.process import executable
+
+#: The rows the store writes, as binary COPY layouts (also `bench.bridge`'s).
+COPY_LOG: Final = (
+    "COPY reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh) "
+    "FROM STDIN (FORMAT BINARY)"
+)
+LOG_TYPES: Final = ["text", "numeric", "bytea", "timestamptz", "numeric", "numeric"]
+COPY_READINGS: Final = (
+    "COPY readings (meter_id, seq, ts, import_wh, export_wh, power_w, voltage_mv, current_ma,"
+    " frequency_mhz, power_factor_milli, alg, kid, sig, reading_hash, received_at, verified_at)"
+    " FROM STDIN (FORMAT BINARY)"
+)
+READING_TYPES: Final = [
+    "text", "numeric", "timestamptz", "numeric", "numeric", "int8", "int8", "int8", "int8",
+    "int8", "text", "text", "bytea", "bytea", "timestamptz", "timestamptz",
+]  # fmt: skip
 
 Progress = Callable[[str], None]
 PAYLOAD_BYTES: Final = 200

@@ -369,7 +369,7 @@ def _limits(data: Data, found: dict[str, Data]) -> list[str]:
     lines += [
         f"| database: binary COPY into `readings` | {_n(c['readings_per_s'])} rows/s | "
         f"{c['rows']:,} pipeline rows, {c['batch']:,} per transaction, fsync on |",
-        f"| database: `reading_log` + `readings` (what a reading costs the store) "
+        f"| database: `reading_log` + `readings` (the store's rows, by COPY) "
         f"| {_n(c['both_tables_per_s'])} readings/s | same rows, both COPYs per transaction |",
         f"| Redis: replay check (MGET + pipelined SET EX) | {_n(r['readings_per_s'])} readings/s "
         f"| `RedisReplayCache.lookup` + `remember`, {r['batch']:,} per batch "

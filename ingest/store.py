@@ -6,12 +6,19 @@ Order inside the transaction, which is the design:
   2. read what is stored around each candidate (`ingest.judge.StoredContext`): the hash
      under its (meter_id, seq), its nearest neighbours in ts, its rate window's count;
   3. judge (pure, `ingest.judge`);
-  4. write accepted readings (`reading_log` + `readings`), rejected readings and security
-     events with COPY; quarantine meters over the failure threshold;
+  4. write accepted readings (`reading_log` + `readings`, one statement), rejected readings
+     and security events; quarantine meters over the failure threshold;
   5. commit. Only after that does the worker acknowledge anything.
 `reading_log`'s primary key (meter_id, seq) stays the final judge of "seen": if it ever
 fires, the transaction rolls back and the batch is judged again (by the guard's second
 transaction, below).
+
+A batch without rejections is two round trips: BEGIN, the lock and the contexts in one
+pipeline; the rows and COMMIT in the next. Each round trip more cost the worker and
+PostgreSQL CPU whatever the batch's size, and under live load most batches hold a few
+readings (docs/scaling.md, "Two round trips a transaction"). So the store's connection
+runs in autocommit mode and the store writes BEGIN and COMMIT itself; called inside a
+caller's transaction (the API's `ProviderStore`), it writes on a savepoint of it instead.
 
 The poison-batch guard: an error a retry cannot fix (a constraint, a value the database
 refuses; `refused` says which by SQLSTATE) would otherwise come back on every retry of the
@@ -24,14 +31,15 @@ stays `UnavailableError`: retried by the worker, nothing acknowledged meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Final
 
 import psycopg
 import structlog
-from psycopg import Connection, sql
+from psycopg import Connection, Pipeline, sql
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from meterproof.errors import UnavailableError, first_line
@@ -127,21 +135,36 @@ LEFT JOIN LATERAL (
     ORDER BY r.ts LIMIT 1) a ON true
 ORDER BY c.i
 """
-#: The store's COPY layouts, public so benchmarks measure the very rows the store writes.
-COPY_LOG: Final = (
-    "COPY reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh) "
-    "FROM STDIN (FORMAT BINARY)"
+#: Both tables in one statement (a data-modifying CTE runs exactly once, to completion),
+#: from one array per column; timestamps travel as unix ms, as in `_CONTEXT`. One INSERT
+#: cost less than the two COPYs it replaced at every batch size measured, 1 to 1,000
+#: readings, and unlike COPY it can travel in a pipeline.
+_INSERT_ACCEPTED = """
+WITH r AS (
+    SELECT * FROM unnest(
+        %(meter_id)s::text::text[], %(seq)s::text::numeric[], %(hash)s::text::bytea[],
+        %(ts)s::text::int8[], %(import)s::text::numeric[], %(export)s::text::numeric[],
+        %(power)s::text::int8[], %(voltage)s::text::int8[], %(current)s::text::int8[],
+        %(frequency)s::text::int8[], %(power_factor)s::text::int8[], %(alg)s::text::text[],
+        %(kid)s::text::text[], %(sig)s::text::bytea[], %(received)s::text::int8[],
+        %(verified)s::text::int8[])
+    AS u(meter_id, seq, reading_hash, ts_ms, import_wh, export_wh, power_w, voltage_mv,
+        current_ma, frequency_mhz, power_factor_milli, alg, kid, sig, received_ms, verified_ms)
+), log AS (
+    INSERT INTO reading_log (meter_id, seq, reading_hash, ts, import_wh, export_wh)
+    SELECT meter_id, seq, reading_hash, timestamptz 'epoch' + ts_ms * interval '1 millisecond',
+        import_wh, export_wh
+    FROM r
 )
-LOG_TYPES: Final = ["text", "numeric", "bytea", "timestamptz", "numeric", "numeric"]
-COPY_READINGS: Final = (
-    "COPY readings (meter_id, seq, ts, import_wh, export_wh, power_w, voltage_mv, current_ma,"
-    " frequency_mhz, power_factor_milli, alg, kid, sig, reading_hash, received_at, verified_at)"
-    " FROM STDIN (FORMAT BINARY)"
-)
-READING_TYPES: Final = [
-    "text", "numeric", "timestamptz", "numeric", "numeric", "int8", "int8", "int8", "int8",
-    "int8", "text", "text", "bytea", "bytea", "timestamptz", "timestamptz",
-]  # fmt: skip
+INSERT INTO readings (meter_id, seq, ts, import_wh, export_wh, power_w, voltage_mv,
+    current_ma, frequency_mhz, power_factor_milli, alg, kid, sig, reading_hash, received_at,
+    verified_at)
+SELECT meter_id, seq, timestamptz 'epoch' + ts_ms * interval '1 millisecond', import_wh,
+    export_wh, power_w, voltage_mv, current_ma, frequency_mhz, power_factor_milli, alg, kid,
+    sig, reading_hash, timestamptz 'epoch' + received_ms * interval '1 millisecond',
+    timestamptz 'epoch' + verified_ms * interval '1 millisecond'
+FROM r
+"""
 _COPY_REJECTED = (
     "COPY rejected_readings (payload, topic, meter_id, seq, reading_hash, reason, detail,"
     " received_at) FROM STDIN (FORMAT BINARY)"
@@ -169,6 +192,25 @@ def _unavailable(exc: psycopg.Error) -> UnavailableError:
     return UnavailableError("database", f"{type(exc).__name__}: {exc}")
 
 
+#: Arrays travel as one text literal each, cast in SQL: psycopg dumps a list element by
+#: element (measured ~4 us per reading and column).
+def _numbers(values: Iterable[int | None]) -> str:
+    return "{" + ",".join(["NULL" if v is None else str(v) for v in values]) + "}"
+
+
+def _texts(values: Iterable[str | None]) -> str:
+    """Every element quoted, so none is read as NULL or split at a comma."""
+    return "{" + ",".join(["NULL" if v is None else _quoted(v) for v in values]) + "}"
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _byteas(values: Iterable[bytes]) -> str:
+    return "{" + ",".join(['"\\\\x' + v.hex() + '"' for v in values]) + "}"
+
+
 def storable_text(text: str) -> str:
     """PostgreSQL `text` cannot hold NUL; the broker refuses such topics, the store must
     not depend on it (a refused COPY would be retried for ever)."""
@@ -176,12 +218,13 @@ def storable_text(text: str) -> str:
 
 
 class ReadingStore:
-    """Owns one connection; the worker calls it from one thread, batch after batch.
+    """Owns one connection, in autocommit mode (the module says why); the worker calls it
+    from one thread, batch after batch.
 
     Synchronous, on the worker's store thread (`ingest.worker`): an async connection on an
     event loop of its own cost ~0.45 ms more client CPU per 15-reading transaction
     (measured: 1.35-1.45 against 0.89-1.02 ms), the loop's reader registrations and task
-    steps for each of the transaction's seven round trips. libpq's waits release the GIL."""
+    steps for each of the transaction's round trips. libpq's waits release the GIL."""
 
     def __init__(
         self,
@@ -190,6 +233,8 @@ class ReadingStore:
         limit: RateLimit,
         policy: QuarantinePolicy,
     ) -> None:
+        if not conn.autocommit:
+            raise ValueError("the store writes BEGIN and COMMIT itself: connect with autocommit")
         self._conn = conn
         self._limit = limit
         self._policy = policy
@@ -200,9 +245,12 @@ class ReadingStore:
     def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:
-        """One transaction; if the database refuses some of its rows, a second one that
-        parks them and commits the rest (the module's poison-batch guard)."""
+        """One transaction (a savepoint inside a caller's); if the database refuses some of
+        its rows, a second one that parks them and commits the rest (the module's
+        poison-batch guard)."""
         try:
+            if self._conn.info.transaction_status is TransactionStatus.IDLE:
+                return self._own_transaction(candidates, rejections)
             with self._conn.transaction():
                 return self._write(candidates, rejections)
         except psycopg.Error as exc:
@@ -223,16 +271,47 @@ class ReadingStore:
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
 
-    def _write(
+    def _own_transaction(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:
-        outcomes = self._judge(candidates) if candidates else []
-        judged_rejections = [o for o in outcomes if isinstance(o, Rejection)]
-        accepted = [o.candidate for o in outcomes if isinstance(o, Accepted)]
-        all_rejections = [*rejections, *judged_rejections]
-        self._write_accepted(accepted)
+        """`_write` between the BEGIN and COMMIT it sends; whatever fails in it, nothing of
+        the batch stays, and no lock outlives it."""
+        try:
+            return self._write(candidates, rejections, own_transaction=True)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):  # a lost connection has no transaction
+                self._conn.rollback()
+            raise
+
+    def _write(
+        self,
+        candidates: Sequence[Candidate],
+        rejections: Sequence[Rejection],
+        *,
+        own_transaction: bool = False,
+    ) -> BatchResult:
+        """Judge and write the batch. `own_transaction`: BEGIN and COMMIT go in the
+        pipelines too (two round trips without rejections); otherwise the caller holds the
+        transaction. Rejections are written by COPY, which a pipeline cannot carry."""
+        conn = self._conn
+        with conn.pipeline() as pipeline, conn.cursor() as cur:
+            if own_transaction:
+                cur.execute("BEGIN")
+            outcomes = (
+                judge(candidates, self._contexts(pipeline, candidates), limit=self._limit)
+                if candidates
+                else []
+            )
+            self._write_accepted(cur, [o.candidate for o in outcomes if isinstance(o, Accepted)])
+            all_rejections = [*rejections, *(o for o in outcomes if isinstance(o, Rejection))]
+            if own_transaction and not all_rejections:
+                cur.execute("COMMIT")
+                return BatchResult(outcomes, [])
         self._write_rejections(all_rejections)
-        return BatchResult(outcomes, self._quarantine(all_rejections))
+        quarantined = self._quarantine(all_rejections)
+        if own_transaction:
+            conn.execute("COMMIT")
+        return BatchResult(outcomes, quarantined)
 
     def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
         """Write the items on a savepoint; if the database refuses them, divide them."""
@@ -289,28 +368,29 @@ class ReadingStore:
         )
         return BatchResult([parked] if isinstance(item, Candidate) else [], [])
 
-    def _judge(self, candidates: Sequence[Candidate]) -> list[Outcome]:
-        return judge(candidates, self.stored_contexts(candidates), limit=self._limit)
-
     def stored_contexts(self, candidates: Sequence[Candidate]) -> list[StoredContext]:
         """Locks the candidates' meters (until the transaction ends) and reads what rules
         7-9 need of the stored readings, one context per candidate, in order."""
+        with self._conn.pipeline() as pipeline:
+            return self._contexts(pipeline, candidates)
+
+    def _contexts(self, pipeline: Pipeline, candidates: Sequence[Candidate]) -> list[StoredContext]:
+        """`stored_contexts` in the caller's pipeline, after whatever it has queued."""
         params = {
-            "meters": "{" + ",".join([c.reading.meter_id for c in candidates]) + "}",
-            "seqs": "{" + ",".join([str(c.reading.seq) for c in candidates]) + "}",
-            "ts": "{" + ",".join([str(c.reading.ts) for c in candidates]) + "}",
+            "meters": _texts([c.reading.meter_id for c in candidates]),
+            "seqs": _numbers([c.reading.seq for c in candidates]),
+            "ts": _numbers([c.reading.ts for c in candidates]),
             "window": self._limit.window_ms,
             "max": self._limit.max_readings,
         }
-        # One round trip for both statements: in a pipeline the server still runs them
-        # in turn, and under READ COMMITTED the context's snapshot is taken after the
-        # lock was granted, so it sees whatever the previous holder committed.
-        with self._conn.pipeline() as pipeline:
-            self._lock(candidates)
-            with self._conn.cursor() as cur:
-                cur.execute(_CONTEXT, params)
-                pipeline.sync()
-                rows = cur.fetchall()
+        # In one round trip the server still runs the statements in turn, and under READ
+        # COMMITTED the context's snapshot is taken after the lock was granted, so it sees
+        # whatever the previous holder committed.
+        self._lock(candidates)
+        with self._conn.cursor() as cur:
+            cur.execute(_CONTEXT, params)
+            pipeline.sync()
+            rows = cur.fetchall()
         return [
             StoredContext(
                 None if h is None else bytes(h),  # type: ignore[call-overload]
@@ -324,46 +404,36 @@ class ReadingStore:
     def _lock(self, candidates: Sequence[Candidate]) -> None:
         """`FOR UPDATE` on the candidates' meters, in meter id order, until the transaction
         ends; taking a lock again is free."""
-        # Arrays travel as literals: psycopg dumps a list element by element (measured ~4 us
-        # per reading). Meter ids are validated ([A-Za-z0-9._-]), so none needs escaping.
-        meters = "{" + ",".join(sorted({c.reading.meter_id for c in candidates})) + "}"
         with self._conn.cursor() as cur:
-            cur.execute(_LOCK, (meters,))
+            cur.execute(_LOCK, (_texts(sorted({c.reading.meter_id for c in candidates})),))
 
-    def _write_accepted(self, accepted: Sequence[Candidate]) -> None:
+    def _write_accepted(
+        self, cur: psycopg.Cursor[tuple[object, ...]], accepted: Sequence[Candidate]
+    ) -> None:
         if not accepted:
             return
-        # received_at and verified_at repeat across a batch (one clock read per batch, few
-        # distinct milliseconds of arrival): convert each distinct value once.
-        times: dict[int, datetime] = {}
-
-        def at(ms: int) -> datetime:
-            dt = times.get(ms)
-            if dt is None:
-                dt = times[ms] = ms_to_dt(ms)
-            return dt
-
-        stamps = [ms_to_dt(c.reading.ts) for c in accepted]
-        with self._conn.cursor() as cur:
-            with cur.copy(COPY_LOG) as copy:
-                copy.set_types(LOG_TYPES)
-                for c, ts in zip(accepted, stamps, strict=True):
-                    r = c.reading
-                    copy.write_row(
-                        (r.meter_id, r.seq, c.reading_hash, ts, r.import_wh, r.export_wh)
-                    )
-            with cur.copy(COPY_READINGS) as copy:
-                copy.set_types(READING_TYPES)
-                for c, ts in zip(accepted, stamps, strict=True):
-                    r = c.reading
-                    copy.write_row(
-                        (
-                            r.meter_id, r.seq, ts, r.import_wh, r.export_wh,
-                            r.power_w, r.voltage_mv, r.current_ma, r.frequency_mhz,
-                            r.power_factor_milli, r.alg, r.kid, b64url_decode(r.sig),
-                            c.reading_hash, at(c.message.received_at_ms), at(c.verified_at_ms),
-                        )
-                    )  # fmt: skip
+        readings = [c.reading for c in accepted]
+        cur.execute(
+            _INSERT_ACCEPTED,
+            {
+                "meter_id": _texts([r.meter_id for r in readings]),
+                "seq": _numbers([r.seq for r in readings]),
+                "hash": _byteas([c.reading_hash for c in accepted]),
+                "ts": _numbers([r.ts for r in readings]),
+                "import": _numbers([r.import_wh for r in readings]),
+                "export": _numbers([r.export_wh for r in readings]),
+                "power": _numbers([r.power_w for r in readings]),
+                "voltage": _numbers([r.voltage_mv for r in readings]),
+                "current": _numbers([r.current_ma for r in readings]),
+                "frequency": _numbers([r.frequency_mhz for r in readings]),
+                "power_factor": _numbers([r.power_factor_milli for r in readings]),
+                "alg": _texts([r.alg for r in readings]),
+                "kid": _texts([r.kid for r in readings]),
+                "sig": _byteas([b64url_decode(r.sig) for r in readings]),
+                "received": _numbers([c.message.received_at_ms for c in accepted]),
+                "verified": _numbers([c.verified_at_ms for c in accepted]),
+            },
+        )
 
     def _write_rejections(self, rejections: Sequence[Rejection]) -> None:
         if not rejections:

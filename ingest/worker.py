@@ -520,7 +520,7 @@ def postgres_store(
 
     def connect() -> BatchStore:
         try:
-            conn = Connection.connect(settings.database_url, options=STORE_OPTIONS)
+            conn = Connection.connect(settings.database_url, options=STORE_OPTIONS, autocommit=True)
         except (psycopg.Error, OSError) as exc:
             raise UnavailableError("database", f"connect: {exc}") from exc
         store = ReadingStore(conn, limit=limit, policy=policy)

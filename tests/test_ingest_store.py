@@ -20,6 +20,7 @@ from meterproof.ingest.store import STORE_OPTIONS, ReadingStore
 from meterproof.registry import repository
 from meterproof.registry.model import NewKey, NewMeter
 from meterproof.schemas.codec import sign_reading
+from meterproof.schemas.reading import I64_MIN, U64_MAX, b64url_decode
 from meterproof.schemas.signatures import PrivateKey, generate_private_key
 from meterproof.schemas.signing import reading_hash, signing_bytes
 
@@ -79,7 +80,7 @@ def test_database_contexts_equal_the_in_memory_ones(
         probes.append(candidate(key, meter_id, seq, ts, rng.randrange(90, 160), 20))
 
     # the workers' session (generic plans, no sequential scans): the plans judged here
-    with psycopg.connect(database_url, options=STORE_OPTIONS) as conn:
+    with psycopg.connect(database_url, autocommit=True, options=STORE_OPTIONS) as conn:
         store = ReadingStore(
             conn, limit=RateLimit(10_000, 100_000), policy=QuarantinePolicy()
         )  # stores every history reading
@@ -129,6 +130,66 @@ def test_the_store_keeps_plans_that_probe_by_index_however_empty_the_tables(
         assert "Seq Scan" not in plan, f"{name}:\n{plan}"
         assert "Hash" not in plan, f"{name}:\n{plan}"
         assert "Index" in plan, f"{name}:\n{plan}"
+
+
+def test_the_store_writes_every_column_as_given(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """The rows travel as one text array literal per column: quoting, NULLs, the largest
+    registers and raw bytes must come back exactly as the readings had them."""
+    key = generate_private_key("EdDSA")
+    meter_id = make_meter_id()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        repository.register(
+            conn, [NewMeter(meter_id, NewKey.parse("EdDSA", key.public_key().pem()))]
+        )
+    full = {
+        "meter_id": meter_id, "seq": 1, "ts": T0, "import_wh": U64_MAX, "export_wh": 0,
+        "power_w": I64_MIN, "voltage_mv": 230_000, "current_ma": -1, "frequency_mhz": 50_000,
+        "power_factor_milli": 999,
+    }  # fmt: skip
+    bare = {"meter_id": meter_id, "seq": 2, "ts": T0 - 1000, "import_wh": 1, "export_wh": 0}
+    readings = [
+        sign_reading(full, key, kid='a"b\\c,{d} NULL'),
+        sign_reading(bare, key),
+    ]
+    candidates = []
+    for i, reading in enumerate(readings):
+        signed = signing_bytes(reading)
+        message = Message(f"meters/{meter_id}/readings", b"", T0 + 10 + i)
+        candidates.append(Candidate(message, reading, signed, reading_hash(signed), T0 + 20 + i))
+
+    with psycopg.connect(database_url, autocommit=True, options=STORE_OPTIONS) as conn:
+        store = ReadingStore(conn, limit=LIMIT, policy=QuarantinePolicy())
+        assert [type(o).__name__ for o in store.commit_batch(candidates, []).outcomes] == [
+            "Accepted", "Accepted",
+        ]  # fmt: skip
+        stored = conn.execute(
+            "SELECT seq, (extract(epoch FROM ts) * 1000)::int8, import_wh, export_wh, power_w,"
+            " voltage_mv, current_ma, frequency_mhz, power_factor_milli, alg, kid, sig,"
+            " reading_hash, (extract(epoch FROM received_at) * 1000)::int8,"
+            " (extract(epoch FROM verified_at) * 1000)::int8"
+            " FROM readings WHERE meter_id = %s ORDER BY seq",
+            (meter_id,),
+        ).fetchall()
+        log = conn.execute(
+            "SELECT seq, reading_hash, (extract(epoch FROM ts) * 1000)::int8, import_wh,"
+            " export_wh FROM reading_log WHERE meter_id = %s ORDER BY seq",
+            (meter_id,),
+        ).fetchall()
+    assert stored == [
+        (
+            r.seq, r.ts, r.import_wh, r.export_wh, r.power_w, r.voltage_mv, r.current_ma,
+            r.frequency_mhz, r.power_factor_milli, r.alg, r.kid, b64url_decode(r.sig),
+            c.reading_hash, c.message.received_at_ms, c.verified_at_ms,
+        )
+        for c in candidates
+        for r in [c.reading]
+    ]  # fmt: skip
+    assert log == [
+        (c.reading.seq, c.reading_hash, c.reading.ts, c.reading.import_wh, c.reading.export_wh)
+        for c in candidates
+    ]
 
 
 def _numbered(query: str) -> str:

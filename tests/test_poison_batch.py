@@ -55,7 +55,7 @@ def commit(
     database_url: str, candidates: Sequence[Candidate], rejections: Sequence[Rejection] = ()
 ) -> BatchResult:
     """One batch through a store of its own."""
-    with psycopg.connect(database_url) as conn:
+    with psycopg.connect(database_url, autocommit=True) as conn:
         store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
         return store.commit_batch(candidates, rejections)
 
@@ -171,7 +171,7 @@ def test_a_lost_connection_is_unavailable_and_the_batch_commits_after_it(
     setup(database_url, [meter_id], "SELECT 1")
     batch = [candidate(KEY, meter_id, s, T0 + s, s, s) for s in (1, 2)]
 
-    with psycopg.connect(database_url) as conn:
+    with psycopg.connect(database_url, autocommit=True) as conn:
         store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
@@ -180,6 +180,31 @@ def test_a_lost_connection_is_unavailable_and_the_batch_commits_after_it(
     assert [type(o) for o in commit(database_url, batch).outcomes] == [Accepted, Accepted]
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM rejected_readings").fetchone() == (0,)
+
+
+def test_a_batch_that_fails_leaves_no_transaction_and_no_lock_behind(
+    database_url: str, meter_id: str
+) -> None:
+    """The store sends BEGIN itself: after a failure a retry may fix (here a lock wait that
+    timed out), its connection is out of that transaction, so the meter is free for other
+    workers and the same store commits the batch on its next try."""
+    setup(database_url, [meter_id], "SELECT 1")
+    batch = [candidate(KEY, meter_id, s, T0 + s, s, s) for s in (1, 2)]
+
+    with (
+        psycopg.connect(database_url, autocommit=True, options="-c lock_timeout=200") as conn,
+        psycopg.connect(database_url) as other,
+    ):
+        store = ReadingStore(conn, limit=RateLimit(60_000, 1000), policy=QuarantinePolicy())
+        other.execute("SELECT 1 FROM meters WHERE meter_id = %s FOR UPDATE", (meter_id,))
+        with pytest.raises(UnavailableError, match="LockNotAvailable"):
+            store.commit_batch(batch, [])
+        other.rollback()
+        assert conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
+        assert [type(o) for o in store.commit_batch(batch, []).outcomes] == [Accepted, Accepted]
+        other.execute("SELECT 1 FROM meters WHERE meter_id = %s FOR UPDATE NOWAIT", (meter_id,))
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM reading_log").fetchone() == (2,)
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ def test_the_prune_command_prints_progress_and_refuses_a_window_the_judge_needs(
 
 
 def _contexts(database_url: str, probes: list[Candidate], limit: RateLimit) -> list[Any]:
-    with psycopg.connect(database_url) as conn, conn.transaction():
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
         return list(
             ReadingStore(conn, limit=limit, policy=QuarantinePolicy()).stored_contexts(probes)
         )

@@ -46,7 +46,7 @@ def register(database_url: str, *meter_ids: str) -> None:
 def store_batches(database_url: str, batches: Sequence[Sequence[Candidate]]) -> list[type]:
     """Each batch in its own transaction through the ingest store; the outcome types."""
 
-    with psycopg.connect(database_url) as conn:
+    with psycopg.connect(database_url, autocommit=True) as conn:
         store = ReadingStore(conn, limit=RateLimit(1000, 1_000_000), policy=QuarantinePolicy())
         kinds: list[type] = []
         for batch in batches:
