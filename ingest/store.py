@@ -192,8 +192,8 @@ def _unavailable(exc: psycopg.Error) -> UnavailableError:
     return UnavailableError("database", f"{type(exc).__name__}: {exc}")
 
 
-#: Arrays travel as one text literal each, cast in SQL: psycopg dumps a list element by
-#: element (measured ~4 us per reading and column).
+# Arrays travel as one text literal each, cast in SQL: psycopg dumps a list element by
+# element (measured ~4 us per reading and column).
 def _numbers(values: Iterable[int | None]) -> str:
     return "{" + ",".join(["NULL" if v is None else str(v) for v in values]) + "}"
 
