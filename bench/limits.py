@@ -282,7 +282,7 @@ class RedisLimit:
 
 
 async def _replay_round(url: str, rows: Sequence[Decoded], batch: int) -> float:
-    cache = RedisReplayCache(url, ttl_s=900)
+    cache = RedisReplayCache(url, ttl_s=900, marks_max=0)  # every key asked: Redis's limit
     try:
         await cache.lookup([("warm-up", 0)])
         started = time.perf_counter()
@@ -300,8 +300,9 @@ async def _replay_round(url: str, rows: Sequence[Decoded], batch: int) -> float:
 
 
 def redis_limit(redis_url: str, rows: Sequence[Decoded], *, batch: int = 1_000) -> RedisLimit:
-    """ingest.replay's RedisReplayCache, as the worker calls it per batch: one MGET of the
-    batch's keys, then a pipeline of SET ... EX for each of them."""
+    """ingest.replay's RedisReplayCache asked about every key, as a worker after a
+    restart: per batch one round trip, the MGET of its keys with the previous batch's
+    SET ... EX (one script call)."""
     seconds = asyncio.run(_replay_round(redis_url, rows, batch))
     n = len(rows)
     return RedisLimit(n, batch, seconds, n / seconds, 2 * n / seconds)

@@ -7,11 +7,17 @@ final judge. Entries are written only after commit and expire after `ttl_s`, whi
 memory (~130 bytes a key: 20,000 meters at one reading per 5 s for 15 min is ~470 MB;
 lower the TTL for bigger fleets - only the memory of recent redeliveries is lost).
 
-What a batch remembers is sent with a later batch's look-up, in one round trip: under
-live load a worker makes a transaction every few readings, and the two round trips per
-batch were a sixth of the workers' sampled CPU at 1,000 readings/s (docs/scaling.md,
-"Live path profile"). A duplicate that arrives before its entry reached Redis is judged
-by the database, as on any miss.
+Only a reading this worker may have seen is asked about: one of a meter it has not seen
+since it started, or at or below the highest seq it has seen from that meter. Anything
+above is new to this worker; another worker (a shared subscription spreads a meter's
+readings) may have stored it, and then the database says so. Under live load almost every
+reading is above its meter's mark, and every batch made a Redis round trip for nothing:
+one per reading at a trickle (docs/scaling.md, "Redis asked only about what may be a
+duplicate").
+
+What a batch remembers is sent with a later batch's look-up, in one round trip, or on its
+own once the oldest entry has waited `REMEMBER_WITHIN_S`. A duplicate that arrives before
+its entry reached Redis is judged by the database, as on any miss.
 """
 
 from __future__ import annotations
@@ -61,18 +67,32 @@ class RedisReplayCache:
 
     #: Entries kept for the next look-up at most; past this `remember` sends them at once.
     PENDING_MAX: Final = 10_000
+    #: Entries wait at most this long for a look-up to carry them (checked at each call):
+    #: a redelivery or a republish comes seconds later, after its receipt was missed.
+    REMEMBER_WITHIN_S: Final = 1.0
 
     def __init__(
-        self, url: str, *, ttl_s: int, timeout_s: float = 0.5, cooldown_s: float = 5.0
+        self,
+        url: str,
+        *,
+        ttl_s: int,
+        marks_max: int = 500_000,
+        timeout_s: float = 0.5,
+        cooldown_s: float = 5.0,
     ) -> None:
+        """`marks_max`: meters whose highest seq is kept (~100 bytes each); past it the
+        marks start again from none. 0 keeps none, so every reading is asked about."""
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self._ttl_s = ttl_s
+        self._marks_max = marks_max
+        self._marks: dict[str, int] = {}
         self._cooldown_s = cooldown_s
         self._down_until = 0.0
         self._pending_keys: list[str] = []
         self._pending_values: list[bytes] = []
+        self._pending_since = 0.0
 
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -104,17 +124,53 @@ class RedisReplayCache:
         found = replies[-1] if keys else []
         return [v if isinstance(v, bytes) else None for v in found]
 
+    def _may_have_seen(self, keys: Sequence[tuple[str, int]]) -> list[int]:
+        """The positions of `keys` to ask Redis about, judged against the marks as they
+        were before these keys (a meter first seen here is asked about whole); then raises
+        the marks to what it saw."""
+        if not self._marks_max:
+            return list(range(len(keys)))
+        if len(self._marks) > self._marks_max:
+            self._marks.clear()
+        marks = self._marks
+        first_seen: set[str] = set()
+        ask: list[int] = []
+        for i, (meter_id, seq) in enumerate(keys):
+            mark = marks.get(meter_id)
+            if mark is None:
+                first_seen.add(meter_id)
+                marks[meter_id] = seq
+                ask.append(i)
+                continue
+            if seq <= mark or meter_id in first_seen:
+                ask.append(i)
+            if seq > mark:
+                marks[meter_id] = seq
+        return ask
+
+    def _overdue(self) -> bool:
+        return bool(self._pending_keys) and (
+            len(self._pending_keys) > self.PENDING_MAX
+            or time.monotonic() - self._pending_since >= self.REMEMBER_WITHIN_S
+        )
+
     async def lookup(self, keys: Sequence[tuple[str, int]]) -> list[bytes | None]:
-        if not keys and not self._pending_keys:
-            return []
-        return await self._send([_key(m, s) for m, s in keys])
+        found: list[bytes | None] = [None] * len(keys)
+        ask = self._may_have_seen(keys)
+        if ask or self._overdue():
+            replies = await self._send([_key(*keys[i]) for i in ask])
+            for i, reply in zip(ask, replies, strict=True):
+                found[i] = reply
+        return found
 
     async def remember(self, entries: Sequence[tuple[str, int, bytes]]) -> None:
-        """Kept for the next look-up (see the module), or sent now past `PENDING_MAX`."""
+        """Kept for a later look-up (see the module), or sent now if overdue."""
+        if entries and not self._pending_keys:
+            self._pending_since = time.monotonic()
         for meter_id, seq, digest in entries:
             self._pending_keys.append(_key(meter_id, seq))
             self._pending_values.append(digest[:_HASH_BYTES])
-        if len(self._pending_keys) > self.PENDING_MAX:
+        if self._overdue():
             await self._send([])
 
     async def close(self) -> None:

@@ -69,6 +69,11 @@ class IngestSettings(Settings):
         description="bounds a missed registry notification; longer than a reporting interval",
     )
     replay_ttl_s: int = Field(default=900, ge=1)
+    replay_marks_max: int = Field(
+        default=500_000,
+        ge=0,
+        description="meters whose highest seq is kept to skip Redis for new readings; 0 off",
+    )
 
     # telemetry
     metrics_host: str = "127.0.0.1"

@@ -160,7 +160,11 @@ class Worker:
         self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
         self._audience = Audience(database_url=settings.database_url)
         self._replay: ReplayCache = (
-            RedisReplayCache(settings.redis_url, ttl_s=settings.replay_ttl_s)
+            RedisReplayCache(
+                settings.redis_url,
+                ttl_s=settings.replay_ttl_s,
+                marks_max=settings.replay_marks_max,
+            )
             if settings.redis_url
             else _NoReplayCache()
         )

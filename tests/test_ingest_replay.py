@@ -82,3 +82,87 @@ def test_redis_down_costs_misses_not_errors(redis_server: RedisServer) -> None:
             await cache.close()
 
     assert asyncio.run(scenario()) == [None]
+
+
+def test_only_what_this_worker_may_have_seen_is_asked_about(redis_server: RedisServer) -> None:
+    """Redis holds seq 2 and 5 of one meter and seq 9 of another (remembered by another
+    worker). A meter seen for the first time is asked about; after seq 1, seq 5 is above
+    the meter's mark, so Redis is not asked and the database will judge it; seq 2 is then
+    below the mark (5), so it is asked about and found."""
+
+    async def scenario(marks_max: int) -> list[bytes | None]:
+        other = RedisReplayCache(redis_server.url, ttl_s=60)
+        await other.remember(
+            [("replay-e", 2, DIGEST), ("replay-e", 5, DIGEST), ("replay-f", 9, DIGEST)]
+        )
+        await other.close()
+        cache = RedisReplayCache(redis_server.url, ttl_s=60, marks_max=marks_max)
+        try:
+            return [
+                *await cache.lookup([("replay-e", 1), ("replay-f", 9)]),
+                *await cache.lookup([("replay-e", 5)]),
+                *await cache.lookup([("replay-e", 2)]),
+            ]
+        finally:
+            await cache.close()
+
+    found = asyncio.run(scenario(marks_max=100))
+    assert [_holds(v, DIGEST) for v in found] == [False, True, False, True]
+    assert found[2] is None
+    # with no marks kept, every reading is asked about
+    assert [_holds(v, DIGEST) for v in asyncio.run(scenario(marks_max=0))] == [
+        False, True, True, True,
+    ]  # fmt: skip
+
+
+def test_past_marks_max_the_marks_start_again(redis_server: RedisServer) -> None:
+    """Three meters' marks against a bound of two: the next look-up forgets them all, so
+    seq 5 of the first meter, above its old mark, is asked about again and found."""
+
+    async def scenario() -> list[bytes | None]:
+        other = RedisReplayCache(redis_server.url, ttl_s=60)
+        await other.remember([("replay-g", 5, DIGEST)])
+        await other.close()
+        cache = RedisReplayCache(redis_server.url, ttl_s=60, marks_max=2)
+        try:
+            await cache.lookup([("replay-g", 1), ("replay-h", 1), ("replay-i", 1)])
+            return await cache.lookup([("replay-g", 5)])
+        finally:
+            await cache.close()
+
+    assert _holds(asyncio.run(scenario())[0], DIGEST)
+
+
+def test_remembered_entries_wait_for_a_lookup_at_most_a_while(redis_server: RedisServer) -> None:
+    """Look-ups that ask Redis nothing do not carry the entries at once; the first call
+    once the oldest has waited `REMEMBER_WITHIN_S` does - a look-up, or a remember."""
+    wait_s = RedisReplayCache.REMEMBER_WITHIN_S
+
+    async def in_redis(*keys: tuple[str, int]) -> list[bool]:
+        other = RedisReplayCache(redis_server.url, ttl_s=60, marks_max=0)
+        try:
+            return [_holds(v, DIGEST) for v in await other.lookup(list(keys))]
+        finally:
+            await other.close()
+
+    async def scenario() -> list[list[bool]]:
+        cache = RedisReplayCache(redis_server.url, ttl_s=60)
+        try:
+            await cache.lookup([("replay-j", 1)])  # the meter is seen: its mark is 1
+            await cache.remember([("replay-j", 1, DIGEST)])
+            await cache.lookup([("replay-j", 2)])  # above the mark: nothing asked
+            early = await in_redis(("replay-j", 1))
+            await asyncio.sleep(wait_s)
+            await cache.lookup([("replay-j", 3)])
+            by_lookup = await in_redis(("replay-j", 1))
+            await cache.remember([("replay-j", 2, DIGEST)])
+            await cache.remember([])
+            held = await in_redis(("replay-j", 2))
+            await asyncio.sleep(wait_s)
+            await cache.remember([("replay-j", 3, DIGEST)])
+            by_remember = await in_redis(("replay-j", 2), ("replay-j", 3))
+            return [early, by_lookup, held, by_remember]
+        finally:
+            await cache.close()
+
+    assert asyncio.run(scenario()) == [[False], [True], [False], [True, True]]
