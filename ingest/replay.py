@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
+from meterproof.ingest.telemetry import DEPENDENCY_ERRORS, REPLAY_CHECKS
 
 _HASH_BYTES: Final = 16  # a truncated SHA-256 is plenty to tell "same reading" apart
 #: One call per batch: a pipeline of SET .. EX cost ~10 us of worker CPU per reading in
@@ -76,11 +76,11 @@ class RedisReplayCache:
         url: str,
         *,
         ttl_s: int,
-        marks_max: int = 500_000,
+        marks_max: int = 1_000_000,
         timeout_s: float = 0.5,
         cooldown_s: float = 5.0,
     ) -> None:
-        """`marks_max`: meters whose highest seq is kept (~100 bytes each); past it the
+        """`marks_max`: meters whose highest seq is kept (~140 bytes each); past it the
         marks start again from none. 0 keeps none, so every reading is asked about."""
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
@@ -157,6 +157,8 @@ class RedisReplayCache:
     async def lookup(self, keys: Sequence[tuple[str, int]]) -> list[bytes | None]:
         found: list[bytes | None] = [None] * len(keys)
         ask = self._may_have_seen(keys)
+        REPLAY_CHECKS.labels(asked="redis").inc(len(ask))
+        REPLAY_CHECKS.labels(asked="database").inc(len(keys) - len(ask))
         if ask or self._overdue():
             replies = await self._send([_key(*keys[i]) for i in ask])
             for i, reply in zip(ask, replies, strict=True):

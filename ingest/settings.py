@@ -70,7 +70,7 @@ class IngestSettings(Settings):
     )
     replay_ttl_s: int = Field(default=900, ge=1)
     replay_marks_max: int = Field(
-        default=500_000,
+        default=1_000_000,
         ge=0,
         description="meters whose highest seq is kept to skip Redis for new readings; 0 off",
     )

@@ -39,6 +39,12 @@ QUEUE_DEPTH = Gauge("meterproof_queue_depth_messages", "Messages received, not y
 DEPENDENCY_ERRORS = Counter(
     "meterproof_dependency_errors_total", "Failures of a dependency", ["dependency"]
 )
+REPLAY_CHECKS = Counter(
+    "meterproof_replay_checks_total",
+    "Verified readings, by who judged first whether they were seen: redis (this worker may"
+    " have seen it) or database (above its meter's highest seq here)",
+    ["asked"],
+)
 QUARANTINED = Counter("meterproof_meters_quarantined_total", "Meters quarantined by the worker")
 PACKETS_DROPPED = Counter(
     "meterproof_mqtt_packets_dropped_total",
@@ -50,5 +56,7 @@ for _reason in RejectReason:  # every label exists from the start, at zero
     REJECTED.labels(reason=_reason.value)
 for _dependency in ("database", "redis", "broker"):
     DEPENDENCY_ERRORS.labels(dependency=_dependency)
+for _asked in ("redis", "database"):
+    REPLAY_CHECKS.labels(asked=_asked)
 for _drop in Drop:
     PACKETS_DROPPED.labels(reason=_drop.value)

@@ -1,9 +1,12 @@
 """The replay cache against a real Redis: what a batch remembers travels with a later
-look-up, and nothing is lost to the cache's own buffering except what a cache may lose."""
+look-up, nothing is lost to the cache's own buffering except what a cache may lose, and
+Redis is asked only about readings this worker may have seen."""
 
 from __future__ import annotations
 
 import asyncio
+
+from prometheus_client import REGISTRY
 
 from meterproof.ingest.replay import RedisReplayCache, same_reading
 from meterproof.stack.redis import RedisServer
@@ -13,6 +16,15 @@ DIGEST = bytes(range(32))
 
 def _holds(cached: bytes | None, digest: bytes) -> bool:
     return cached is not None and same_reading(cached, digest)
+
+
+def _checks() -> tuple[float, float]:
+    """(asked Redis, left to the database) so far, from the worker's counter."""
+    redis, database = (
+        REGISTRY.get_sample_value("meterproof_replay_checks_total", {"asked": asked}) or 0.0
+        for asked in ("redis", "database")
+    )
+    return redis, database
 
 
 def test_what_is_remembered_is_found_by_the_next_lookup(redis_server: RedisServer) -> None:
@@ -106,9 +118,11 @@ def test_only_what_this_worker_may_have_seen_is_asked_about(redis_server: RedisS
         finally:
             await cache.close()
 
+    redis, database = _checks()
     found = asyncio.run(scenario(marks_max=100))
     assert [_holds(v, DIGEST) for v in found] == [False, True, False, True]
     assert found[2] is None
+    assert _checks() == (redis + 3, database + 1)
     # with no marks kept, every reading is asked about
     assert [_holds(v, DIGEST) for v in asyncio.run(scenario(marks_max=0))] == [
         False, True, True, True,

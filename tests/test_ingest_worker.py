@@ -383,5 +383,6 @@ def test_health_readiness_and_metrics_endpoints(
         "oracle_latency_seconds",
         "meterproof_batch_commit_seconds",
         "meterproof_queue_depth_messages",
+        "meterproof_replay_checks_total",
     ):
         assert name in metrics[1], name
