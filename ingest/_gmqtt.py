@@ -137,16 +137,17 @@ def read_directly(
     are dropped as gmqtt drops them; a stream that cannot be split is reported to
     `on_broken` and the link closed (gmqtt's answer to -1).
 
-    With `pause_s`, the socket is not read again for that long after each read, so that
-    one wake-up of the loop (and one TLS read, one task step of gmqtt's reader) takes
-    several readings at a live trickle, where each would otherwise come alone. What
-    arrives meanwhile waits in the kernel's buffer; a backlog loses little by it, as each
-    read then takes what the kernel gathered, up to the TLS layer's 256 KiB."""
+    With `pause_s`, the socket is not read again for that long after a read that found
+    the link busy (`ReadPause`), so that one wake-up of the loop (and one TLS read, one task
+    step of gmqtt's reader) takes several readings at a live trickle, where each would
+    otherwise come alone. What arrives meanwhile waits in the kernel's buffer; a backlog
+    loses little by it, as each read then takes what the kernel gathered, up to the TLS
+    layer's 256 KiB."""
     connection = client._connection
     handler = client._package_handler
     transport: asyncio.BaseTransport = connection._protocol._transport
     socket_transport = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
-    paused = _Pause(socket_transport or transport, pause_s) if pause_s > 0 else None
+    paused = ReadPause(socket_transport or transport, pause_s) if pause_s > 0 else None
 
     def read_packets(data: bytes) -> int:
         if handler.current_connection is not connection:
@@ -171,20 +172,34 @@ def read_directly(
     connection._protocol._read_packet = read_packets
 
 
-class _Pause:
-    """Stops a transport's reading for `seconds`, then resumes it. asyncio ignores a pause
-    of a closing transport and a resume of one not paused, so a link lost meanwhile or
-    the TLS layer's own flow control (which also pauses and resumes the socket) is safe."""
+class ReadPause:
+    """Stops a transport's reading for `seconds`, then resumes it, after a read that came
+    within `seconds` of the read before it or of the end of a pause: the link is busy, and
+    the pause gathers what comes next. After a quiet spell a read is not followed by a
+    pause. At a trickle the pause would gather nothing, while its timer and its two calls
+    to the poller woke the loop once more a reading.
+
+    asyncio ignores a pause of a closing transport and a resume of one not paused, so a
+    link lost meanwhile or the TLS layer's own flow control (which also pauses and
+    resumes the socket) is safe."""
 
     def __init__(self, transport: asyncio.BaseTransport, seconds: float) -> None:
         self._transport = transport
         self._seconds = seconds
+        self._busy_until = float("-inf")  # loop time before which a read finds it busy
 
     def start(self) -> None:
         transport = self._transport
-        if isinstance(transport, asyncio.ReadTransport) and transport.is_reading():
-            transport.pause_reading()
-            asyncio.get_running_loop().call_later(self._seconds, transport.resume_reading)
+        if not (isinstance(transport, asyncio.ReadTransport) and transport.is_reading()):
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._busy_until:
+            self._busy_until = now + self._seconds
+            return
+        transport.pause_reading()
+        loop.call_later(self._seconds, transport.resume_reading)
+        self._busy_until = now + 2 * self._seconds
 
 
 def write_raw(client: Client, data: bytes) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from typing import Any
 
 import pytest
@@ -140,6 +141,37 @@ def _publishing_at_connack(source: Any, item: tuple[str, bytes]) -> Any:
             publishing.send(None)
 
     return on_connect
+
+
+def test_a_read_stops_the_socket_only_when_the_link_is_busy() -> None:
+    """A read after a quiet spell leaves the socket read; a read within the pause of the
+    read before it, or of the end of a pause, stops it for the pause."""
+
+    async def scenario() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        pause = _gmqtt.ReadPause(transport, 0.05)
+        reading: list[bool] = []
+        try:
+            pause.start()  # the first read, after a quiet spell
+            reading.append(transport.is_reading())
+            pause.start()  # a read at once
+            reading.append(transport.is_reading())
+            await asyncio.sleep(0.07)
+            reading.append(transport.is_reading())  # the pause has ended
+            pause.start()  # a read at its end
+            reading.append(transport.is_reading())
+            await asyncio.sleep(0.2)
+            reading.append(transport.is_reading())
+            pause.start()  # a read after a quiet spell
+            reading.append(transport.is_reading())
+        finally:
+            transport.close()
+            theirs.close()
+        return reading
+
+    assert asyncio.run(scenario()) == [True, False, True, False, True, True]
 
 
 @pytest.mark.parametrize("pause_ms", [0, 100])
