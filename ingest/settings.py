@@ -31,7 +31,7 @@ class IngestSettings(Settings):
         default=5,
         ge=0,
         le=100,
-        description="after each read from the broker, wait this long before the next; 0 off",
+        description="after a read that finds the link busy, wait this long before the next; 0 off",
     )
 
     # following the load (ingest.follow)
