@@ -332,6 +332,11 @@ def _read_queries(api: ApiServer) -> dict[str, float]:
     }
 
 
+def _replay_paused(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    row = conn.execute("SELECT pg_get_wal_replay_pause_state()").fetchone()
+    return row is not None and row[0] == "paused"
+
+
 def test_history_and_rollups_come_from_the_standby_and_from_the_primary_without_it(
     ha_cluster: HaCluster,
     api_server: ApiServer,
@@ -386,6 +391,8 @@ def test_history_and_rollups_come_from_the_standby_and_from_the_primary_without_
         with psycopg.connect(standby.url, autocommit=True) as conn:
             conn.execute("SELECT pg_wal_replay_pause()")
             try:
+                # The call only asks for the pause; replay stops at its next record.
+                wait_until(lambda: _replay_paused(conn), what="the standby's replay is paused")
                 submit(2)
                 assert http.get(f"/api/meters/{meter_id}/latest").json()["seq"] == 2
                 assert history() == [1]
