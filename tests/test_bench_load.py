@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 from ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
+from waiting import wait_until
 
 from meterproof.bench.connections import listener_max_connections
 from meterproof.bench.load import connect_summary, max_seq
 from meterproof.bench.loadgen import plan
-from meterproof.bench.loadgen.control import Generators
+from meterproof.bench.loadgen.control import Generators, followers_subscribed, settle
 from meterproof.bench.profile import attribute
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.process import free_port
 
 
 def test_split_and_share_cover_everything_evenly() -> None:
@@ -184,6 +186,46 @@ def test_generator_processes_publish_and_match_every_receipt(
     assert sorted(stored_counts(database_url, meters)) == sorted(
         (m, s) for m in meters for s in (1, 2)
     )
+
+
+def test_a_tier_waits_for_the_followers_to_leave_and_says_so_when_they_do_not(
+    pki: PkiLayout, broker: BrokerServer, stack_env: StackEnv, database_url: str, tmp_path: Path
+) -> None:
+    """A follower with thresholds that always say "join", and "leave" after 2.5 s of an idle
+    group, read through its real /metrics: `settle` waits out its stay, and gives up at
+    its timeout with the follower counted as still subscribed."""
+    common = {"pki": pki, "port": broker.port, "database_url": database_url,
+              "redis_url": stack_env.redis_url, "follow_tick_s": 0.1}  # fmt: skip
+    anchor = worker_settings(**common, metrics_port=free_port())
+    follower = worker_settings(
+        **common, share_group=anchor.share_group, metrics_port=free_port(), follow_load=True,
+        follow_join_busy=0.0, follow_leave_after_s=2.5,
+    )  # fmt: skip
+    workers = [
+        WorkerProcess(s, tmp_path / f"worker-{i}.log") for i, s in enumerate([anchor, follower])
+    ]
+    ports = [follower.metrics_port]
+    try:
+        workers[0].start()
+        workers[1].wait_for("broker_connected", workers[1].launch())  # it subscribes later
+        wait_until(
+            lambda: followers_subscribed(ports) == 1, within_s=30, every_s=0.05, what="joins"
+        )
+        waited = settle(ports, timeout_s=30)
+        wait_until(
+            lambda: followers_subscribed(ports) == 1, within_s=30, every_s=0.05, what="rejoins"
+        )
+        gave_up = settle(ports, timeout_s=0.5)
+    finally:
+        for worker in workers:
+            if worker.proc is not None:
+                worker.stop()
+    assert waited["followers_at_start"] == 1
+    assert waited["followers_subscribed"] == 0
+    assert 1.5 <= waited["seconds"] < 30
+    assert gave_up == {"seconds": pytest.approx(0.5, abs=0.4), "followers_at_start": 1,
+                       "followers_subscribed": 1}  # fmt: skip
+    assert settle([], timeout_s=30)["seconds"] == 0  # one worker: nobody to wait for
 
 
 def test_the_search_halves_the_gap_above_the_highest_sustained_rate() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
 from meterproof.bench.ingest import provision_meters
@@ -171,6 +172,13 @@ class BenchStack:
         self.env: StackEnv | None = None
         self.meter_ids: list[str] = []
         self.worker_proc: subprocess.Popen[bytes] | None = None
+        self.metrics_base = 0
+
+    @property
+    def follower_ports(self) -> list[int]:
+        """The followers' /metrics ports: `ingest --workers N` anchors the first worker and
+        serves worker i on base + i (ingest/cli.py)."""
+        return [self.metrics_base + i for i in range(1, self.workers)]
 
     @contextlib.contextmanager
     def running(self) -> Iterator[BenchStack]:
@@ -202,7 +210,7 @@ class BenchStack:
 
     def _start_workers(self) -> None:
         assert self.env is not None
-        base = _free_port_run(self.workers)
+        base = self.metrics_base = _free_port_run(self.workers)
         environ = {**os.environ, **dict(line.split("=", 1) for line in self.env.to_env_lines())}
         environ["METERPROOF_METRICS_PORT"] = str(base)
         environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # a line per batch would cost CPU here
@@ -265,6 +273,42 @@ def _ready(port: int) -> bool:
         return False
 
 
+#: Longer than a follower's stay after the group went idle (follow_leave_after_s, 30 s).
+SETTLE_TIMEOUT_S = 90.0
+
+
+def followers_subscribed(ports: Sequence[int]) -> int:
+    """How many of the workers serving /metrics on `ports` take a share of the readings."""
+    subscribed = 0.0
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == "meterproof_ingest_subscribed":
+                subscribed += sum(s.value for s in family.samples)
+    return round(subscribed)
+
+
+def settle(ports: Sequence[int], *, timeout_s: float = SETTLE_TIMEOUT_S) -> dict[str, Any]:
+    """Wait until no follower takes readings, so that a tier starts from rest whatever
+    ran before it: a follower that an overload brought in stays for its
+    `follow_leave_after_s` after the group went idle, longer than a tier lasts, and
+    readings shared among more workers cost more (docs/scaling.md, "The tier the latency
+    target is judged at runs after the overload"). Returns the seconds waited, and the
+    followers still subscribed if `timeout_s` ran out first."""
+    began = time.monotonic()
+    subscribed = followers_subscribed(ports)
+    at_start = subscribed
+    while subscribed and time.monotonic() - began < timeout_s:
+        time.sleep(0.2)
+        subscribed = followers_subscribed(ports)
+    return {
+        "seconds": round(time.monotonic() - began, 1),
+        "followers_at_start": at_start,
+        "followers_subscribed": subscribed,
+    }
+
+
 def measure(
     bench: BenchStack,
     gens: Generators,
@@ -277,6 +321,12 @@ def measure(
 ) -> dict[str, Any]:
     """Offer `rate` readings/s for `seconds`; everything a tier reports (see bench.load)."""
     expected = round(rate * seconds)
+    settled = settle(bench.follower_ports)
+    if settled["followers_at_start"]:
+        progress(
+            f"  {tag}: waited {settled['seconds']} s for {settled['followers_at_start']} "
+            f"follower(s) to leave; {settled['followers_subscribed']} still subscribed"
+        )
     prepared = gens.prepare(expected, rate)
     sampler = CpuSampler(bench.cpu_groups(gens))
     stored_before = bench.stored()
@@ -357,6 +407,7 @@ def measure(
         "sign_s": round(max(p["sign_s"] for p in prepared), 1),
         "disconnects": sum(f["disconnects"] for f in finished),
         "connected": sum(f["connected"] for f in finished),
+        "settled": settled,
     }
     lat = result["latency_ms"]
     progress(
