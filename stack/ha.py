@@ -20,6 +20,7 @@ recorded in RUN_DIR/ha/cluster.json: it is the record that the run dir holds a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -71,12 +72,17 @@ _DCS: Final = {"ttl": 10, "loop_wait": 1, "retry_timeout": 4}
 
 
 def _http_json(
-    url: str, *, body: dict[str, Any] | None = None, timeout: float = _HTTP_TIMEOUT_S
+    url: str,
+    *,
+    body: dict[str, Any] | None = None,
+    method: str | None = None,
+    timeout: float = _HTTP_TIMEOUT_S,
 ) -> Any:  # noqa: ANN401 - JSON
-    """GET (or POST `body`) a loopback JSON endpoint; Patroni answers 503 with a body too."""
+    """GET (or POST `body`, or `method` it) a loopback JSON endpoint; Patroni answers 503
+    with a body too."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(  # noqa: S310 - our own http://127.0.0.1 URLs
-        url, data, {"Content-Type": "application/json"}
+        url, data, {"Content-Type": "application/json"}, method=method
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310
@@ -482,6 +488,26 @@ class HaCluster:
             raise StackError(f"switchover to {target.name}: Patroni said {answer!r}")
         self._wait(lambda: self.primary() is target, f"{target.name} to serve as primary")
         return target
+
+    @contextlib.contextmanager
+    def maintenance(self) -> Iterator[None]:
+        """Patroni's maintenance mode (`patronictl pause`) while inside: no failover, and
+        a standby's WAL replay paused by hand stays paused. Outside it Patroni resumes a
+        paused replay at its next loop (`loop_wait`, 1 s here), for PostgreSQL 14+'s own
+        pause on a changed parameter."""
+        self._set_maintenance(on=True)
+        try:
+            yield
+        finally:
+            self._set_maintenance(on=False)
+
+    def _set_maintenance(self, *, on: bool) -> None:
+        node = self.primary() or self.nodes[0]
+        _http_json(f"{node.rest_url}/config", body={"pause": on}, method="PATCH")
+        self._wait(
+            lambda: all(bool(n.state().get("pause")) is on for n in self.nodes),
+            f"every node {'in' if on else 'out of'} maintenance mode",
+        )
 
     def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 90.0) -> float:
         log = self.nodes[0].log if self.nodes[0].directory.exists() else self.etcd[0].log

@@ -388,10 +388,11 @@ def test_history_and_rollups_come_from_the_standby_and_from_the_primary_without_
         wait_until(lambda: history() == [1], what="the standby replays the first reading")
         wait_until(on_standby, within_s=90, what="history and rollups read on the standby")
 
-        with psycopg.connect(standby.url, autocommit=True) as conn:
+        # Patroni would resume the replay at its next loop; the call only asks for the
+        # pause, and replay stops at its next record.
+        with ha_cluster.maintenance(), psycopg.connect(standby.url, autocommit=True) as conn:
             conn.execute("SELECT pg_wal_replay_pause()")
             try:
-                # The call only asks for the pause; replay stops at its next record.
                 wait_until(lambda: _replay_paused(conn), what="the standby's replay is paused")
                 submit(2)
                 assert http.get(f"/api/meters/{meter_id}/latest").json()["seq"] == 2
