@@ -309,6 +309,16 @@ def settle(ports: Sequence[int], *, timeout_s: float = SETTLE_TIMEOUT_S) -> dict
     }
 
 
+def _settle(bench: BenchStack, tag: str, progress: Progress) -> dict[str, Any]:
+    settled = settle(bench.follower_ports)
+    if settled["followers_at_start"]:
+        progress(
+            f"  {tag}: waited {settled['seconds']} s for {settled['followers_at_start']} "
+            f"follower(s) to leave; {settled['followers_subscribed']} still subscribed"
+        )
+    return settled
+
+
 def measure(
     bench: BenchStack,
     gens: Generators,
@@ -321,12 +331,7 @@ def measure(
 ) -> dict[str, Any]:
     """Offer `rate` readings/s for `seconds`; everything a tier reports (see bench.load)."""
     expected = round(rate * seconds)
-    settled = settle(bench.follower_ports)
-    if settled["followers_at_start"]:
-        progress(
-            f"  {tag}: waited {settled['seconds']} s for {settled['followers_at_start']} "
-            f"follower(s) to leave; {settled['followers_subscribed']} still subscribed"
-        )
+    settled = _settle(bench, tag, progress)
     prepared = gens.prepare(expected, rate)
     sampler = CpuSampler(bench.cpu_groups(gens))
     stored_before = bench.stored()
@@ -344,10 +349,12 @@ def measure(
                 pending.remove(g)
         if cpu is None and time.time() > start_at + seconds:
             cpu = sampler.summary()  # the publishing window only, not the grace period
+            joined = followers_subscribed(bench.follower_ports)
         elif cpu is None:
             sampler.sample()
     if cpu is None:
         cpu = sampler.summary()
+        joined = followers_subscribed(bench.follower_ports)
     stored = bench.stored() - stored_before
     published = sum(f["published"] for f in finished)
     pub_series = plan.add_series([f["published_per_second"] for f in finished])
@@ -408,13 +415,15 @@ def measure(
         "disconnects": sum(f["disconnects"] for f in finished),
         "connected": sum(f["connected"] for f in finished),
         "settled": settled,
+        "followers_at_end": joined,
     }
     lat = result["latency_ms"]
     progress(
         f"  {tag}: offered {rate:,.0f}/s, published {result['published_per_s']:,.0f}/s, "
         f"accepted {result['accepted_per_s']:,.0f}/s, p50/p95/p99 "
         f"{_ms(lat['p50'])}/{_ms(lat['p95'])}/{_ms(lat['p99'])} ms, backlog growth "
-        f"{growth:,.0f}/s -> {'sustained' if verdict.sustained else verdict.why}"
+        f"{growth:,.0f}/s -> {'sustained' if verdict.sustained else verdict.why}; "
+        f"{joined} follower(s) subscribed at the window's end"
     )
     return result
 
