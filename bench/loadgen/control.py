@@ -290,12 +290,12 @@ def followers_subscribed(ports: Sequence[int]) -> int:
 
 
 def settle(ports: Sequence[int], *, timeout_s: float = SETTLE_TIMEOUT_S) -> dict[str, Any]:
-    """Wait until no follower takes readings, so that a tier starts from rest whatever
-    ran before it: a follower that an overload brought in stays for its
-    `follow_leave_after_s` after the group went idle, longer than a tier lasts, and
-    readings shared among more workers cost more (docs/scaling.md, "The tier the latency
-    target is judged at runs after the overload"). Returns the seconds waited, and the
-    followers still subscribed if `timeout_s` ran out first."""
+    """Wait until no follower takes readings, so that every tier starts from the same
+    state whatever ran before it: a follower that an overload brought in stays for its
+    `follow_leave_after_s` after the group went idle, longer than a tier lasts
+    (docs/scaling.md, "The tier the latency target is judged at runs after the
+    overload"). Returns the seconds waited, and the followers still subscribed if
+    `timeout_s` ran out first."""
     began = time.monotonic()
     subscribed = followers_subscribed(ports)
     at_start = subscribed
@@ -349,12 +349,12 @@ def measure(
                 pending.remove(g)
         if cpu is None and time.time() > start_at + seconds:
             cpu = sampler.summary()  # the publishing window only, not the grace period
-            joined = followers_subscribed(bench.follower_ports)
+            at_end = followers_subscribed(bench.follower_ports)
         elif cpu is None:
             sampler.sample()
     if cpu is None:
         cpu = sampler.summary()
-        joined = followers_subscribed(bench.follower_ports)
+        at_end = followers_subscribed(bench.follower_ports)
     stored = bench.stored() - stored_before
     published = sum(f["published"] for f in finished)
     pub_series = plan.add_series([f["published_per_second"] for f in finished])
@@ -415,7 +415,7 @@ def measure(
         "disconnects": sum(f["disconnects"] for f in finished),
         "connected": sum(f["connected"] for f in finished),
         "settled": settled,
-        "followers_at_end": joined,
+        "followers_at_end": at_end,
     }
     lat = result["latency_ms"]
     progress(
@@ -423,7 +423,7 @@ def measure(
         f"accepted {result['accepted_per_s']:,.0f}/s, p50/p95/p99 "
         f"{_ms(lat['p50'])}/{_ms(lat['p95'])}/{_ms(lat['p99'])} ms, backlog growth "
         f"{growth:,.0f}/s -> {'sustained' if verdict.sustained else verdict.why}; "
-        f"{joined} follower(s) subscribed at the window's end"
+        f"{at_end} follower(s) subscribed at the window's end"
     )
     return result
 
