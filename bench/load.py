@@ -26,7 +26,10 @@ Returned keys:
   receipted, per second), `sustained` and `verdict` (see `bench.loadgen.plan.sustained`),
   `cpu` (`cores` per group - broker, postgres, redis, workers, generator - where 1.0 is
   one core busy; `processes`; `machine_cores`; `rss_mib`), `generator_cpu_s`, `sign_s`,
-  `disconnects`, `connected`, and `probe`: "given" (one of `rates`), "search" (chosen by
+  `disconnects`, `connected`, `settled` (each tier starts once no load-following worker
+  is subscribed: `seconds` waited, `followers_at_start`, `followers_subscribed` if the
+  wait timed out; `bench.loadgen.control.settle`), `followers_at_end` (subscribed when
+  the publishing window ended), and `probe`: "given" (one of `rates`), "search" (chosen by
   `search_steps`: halfway between the highest sustained rate and the lowest unsustained
   one above it, on a `resolution` grid) or "half of the highest sustained" (measured
   when no tier is within half a step of it: the latency target is judged there).
