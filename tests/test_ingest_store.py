@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 import psycopg
+import pytest
 
 from meterproof.ingest import store
 from meterproof.ingest.judge import RateLimit, StoredPoint, context_of
@@ -48,23 +49,32 @@ def probe_ts(rng: random.Random, stored: list[int]) -> int:
     return base + offset if rng.random() < 0.8 else T0 + rng.randrange(-20_000, 80_000)
 
 
+@pytest.mark.parametrize(
+    "limit",
+    [LIMIT, RateLimit(LIMIT.window_ms, 60)],
+    ids=["limit-4", "limit-60-the-default"],
+)
 def test_database_contexts_equal_the_in_memory_ones(
-    database_url: str, make_meter_id: Callable[[], str]
+    database_url: str, make_meter_id: Callable[[], str], limit: RateLimit
 ) -> None:
     rng = random.Random(20261123)
     key = generate_private_key("EdDSA")
-    meters = [make_meter_id() for _ in range(4)]
+    meters = [make_meter_id() for _ in range(5)]
     with psycopg.connect(database_url, autocommit=True) as conn:
         repository.register(
             conn, [NewMeter(m, NewKey.parse("EdDSA", key.public_key().pem())) for m in meters]
         )
     # Histories: distinct ts per meter (which of two equal-ts neighbours is nearer is not
-    # defined), registers rising with ts, dense enough that windows overflow the limit.
+    # defined), registers rising with ts, dense enough that windows overflow the limit;
+    # the fourth meter's windows hold more readings than the default limit of 60.
     history: dict[str, list[StoredPoint]] = {}
     seen: dict[tuple[str, int], bytes] = {}
     stored: list[Candidate] = []
-    for meter_id in meters[:3]:  # the fourth has nothing stored
-        times = sorted(rng.sample(range(T0, T0 + 60_000, 250), 40))
+    for meter_id, span, grid, count in [
+        (meters[0], 60_000, 250, 40), (meters[1], 60_000, 250, 40),
+        (meters[2], 60_000, 250, 40), (meters[3], 12_000, 100, 100),
+    ]:  # fmt: skip  # the fifth has nothing stored
+        times = sorted(rng.sample(range(T0, T0 + span, grid), count))
         order = rng.sample(range(len(times)), len(times))  # seqs not in ts order
         for seq, i in enumerate(order, start=1):
             stored.append(candidate(key, meter_id, seq, times[i], 100 + i, 10 + i))
@@ -84,21 +94,23 @@ def test_database_contexts_equal_the_in_memory_ones(
         store = ReadingStore(
             conn, limit=RateLimit(10_000, 100_000), policy=QuarantinePolicy()
         )  # stores every history reading
-        result = store.commit_batch(stored, [])
-        assert {type(o).__name__ for o in result.outcomes} == {"Accepted"}
+        shuffled = rng.sample(stored, len(stored))  # in batches, out of ts order
+        for begin in range(0, len(shuffled), 37):
+            result = store.commit_batch(shuffled[begin : begin + 37], [])
+            assert {type(o).__name__ for o in result.outcomes} == {"Accepted"}
         with conn.transaction():
-            got = ReadingStore(conn, limit=LIMIT, policy=QuarantinePolicy()).stored_contexts(probes)
+            got = ReadingStore(conn, limit=limit, policy=QuarantinePolicy()).stored_contexts(probes)
 
-    expected = context_of(probes, seen=seen, history=history, limit=LIMIT)
+    expected = context_of(probes, seen=seen, history=history, limit=limit)
     for probe, want, have in zip(probes, expected, got, strict=True):
         r = probe.reading
         assert have == want, f"{r.meter_id} seq {r.seq} ts {r.ts - T0}"
     # the edges were reached, so the comparison meant something
-    assert any(c.in_window == LIMIT.max_readings for c in expected)
-    assert any(0 < c.in_window < LIMIT.max_readings for c in expected)
+    assert any(c.in_window == limit.max_readings for c in expected)
+    assert any(0 < c.in_window < limit.max_readings for c in expected)
     assert any(c.reading_hash is not None for c in expected)
     assert any(c.before is None for c in expected)
-    assert any(c.after is None for c in expected)
+    assert any(c.after is None and c.before is not None for c in expected)
 
 
 def test_the_store_keeps_plans_that_probe_by_index_however_empty_the_tables(
