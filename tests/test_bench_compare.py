@@ -20,11 +20,12 @@ def test_a_checkout_without_its_venv_is_refused_in_one_line(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_the_same_code_on_both_sides_drains_every_reading_and_renders(tmp_path: Path) -> None:
+def test_the_same_code_on_both_sides_drains_runs_live_tiers_and_renders(tmp_path: Path) -> None:
     lines: list[str] = []
     figures = run_compare(
-        ROOT, ROOT, label="same code", rounds=1, readings=1_000, workers=1, progress=lines.append
-    )
+        ROOT, ROOT, label="same code", rounds=1, readings=1_000, workers=1,
+        progress=lines.append, live=[200], live_seconds=2, live_meters=20,
+    )  # fmt: skip
     assert [len(figures["runs"][side]) for side in ("baseline", "current")] == [1, 1]
     for side in ("baseline", "current"):
         assert figures["runs"][side][0]["readings"] == 1_000
@@ -38,7 +39,12 @@ def test_the_same_code_on_both_sides_drains_every_reading_and_renders(tmp_path: 
     assert figures["ratio"]["drain_per_s"] == pytest.approx(
         figures["means"]["current"]["drain_per_s"] / figures["means"]["baseline"]["drain_per_s"]
     )
-    assert len(lines) == 2
+    for side in ("baseline", "current"):
+        (tier,) = figures["runs"][side][0]["live"]
+        assert tier["offered_per_s"] == 200
+        assert tier["server_us_per_reading"] > 0
+    assert figures["live"]["per_rate"][0]["ratio"] > 0
+    assert len(lines) == 4  # each side's drain, then its live tier
 
     results = tmp_path / "results"
     results.mkdir()
@@ -83,19 +89,6 @@ def test_live_rounds_compare_per_rate_by_the_ratio_of_the_means() -> None:
     assert rate["means"]["current"]["server_us_per_reading"] == pytest.approx(300)
     assert rate["ratio"] == pytest.approx(0.6)
     assert rate["median_round_ratio"] == pytest.approx((300 / 600 + 300 / 400) / 2)
-
-
-@pytest.mark.slow
-def test_live_tiers_of_the_same_code_on_both_sides(tmp_path: Path) -> None:
-    figures = run_compare(
-        ROOT, ROOT, label="same code", rounds=1, readings=1_000, workers=1,
-        progress=lambda _: None, live=[200], live_seconds=2, live_meters=20,
-    )  # fmt: skip
-    for side in ("baseline", "current"):
-        (tier,) = figures["runs"][side][0]["live"]
-        assert tier["offered_per_s"] == 200
-        assert tier["server_us_per_reading"] > 0
-    assert figures["live"]["per_rate"][0]["ratio"] > 0
 
 
 def test_live_tiers_render_beside_the_drain(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import pytest
 from click.testing import CliRunner
@@ -297,15 +298,34 @@ def _kit(command: str, run_dir: Path, *extra: str) -> tuple[int, dict[str, objec
 
 
 @pytest.mark.slow
-def test_the_reference_meter_conforms(tmp_path: Path) -> None:
-    code, report = _kit(REFERENCE, tmp_path / "run")
-    failing = [c for c in report["checks"] if c["status"] != "pass"]  # type: ignore[union-attr]
-    assert code == 0, failing
-    assert report["passed"] is True
-    # The receipts were the real worker's, after its commits in the run's own database.
-    distinct = next(c for c in report["checks"] if c["check"] == "seq_ts")  # type: ignore[union-attr]
-    assert report["readings_stored"] == int(distinct["summary"].split()[0])  # type: ignore[index]
-    assert b"broker_subscribed" in (tmp_path / "run" / "ingest.log").read_bytes()
+def test_the_reference_meter_conforms_with_the_kits_certificate_and_with_its_vendors(
+    tmp_path: Path,
+) -> None:
+    """Two runs side by side, each on its own stack: the kit's own identity, and one of a
+    separately made vendor CA, which the kit's broker trusts for that run (its CN is the
+    meter id)."""
+    acme = VendorCa.create(tmp_path / "acme")
+    cert, key = acme.issue(tmp_path / "devices", "acme-meter-7")
+    vendor = ["--vendor-cert", str(cert), "--vendor-ca", str(acme.path), "--vendor-key", str(key)]
+    runs: dict[str, list[str]] = {"kit": [], "vendor": vendor}
+
+    def run(name: str) -> tuple[int, dict[str, object]]:
+        return _kit(REFERENCE, tmp_path / name, *runs[name])
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = dict(zip(runs, pool.map(run, runs), strict=True))
+    for name, (code, report) in results.items():
+        checks = cast(list[dict[str, str]], report["checks"])
+        assert code == 0, (name, [c for c in checks if c["status"] != "pass"])
+        assert report["passed"] is True, name
+        # The receipts were the real worker's, after its commits in the run's own database.
+        distinct = next(c for c in checks if c["check"] == "seq_ts")
+        assert report["readings_stored"], name
+        assert report["readings_stored"] == int(distinct["summary"].split()[0]), name
+        assert b"broker_subscribed" in (tmp_path / name / "ingest.log").read_bytes()
+    assert results["vendor"][1]["meter_id"] == "acme-meter-7"
+    log = (tmp_path / "vendor" / "mosquitto" / "mosquitto.log").read_text()
+    assert "as acme-meter-7 (p5" in log
 
 
 #: Each defect of tests/conformance_meters/broken_meter.py and the checks it must fail
@@ -399,19 +419,3 @@ def test_a_vendor_identity_is_accepted_or_refused_with_a_named_reason(tmp_path: 
     assert refused.exit_code == 2, refused.output
     assert "vendor_cert_untrusted" in refused.output
     assert not (tmp_path / "run" / "mosquitto").exists()  # refused before anything started
-
-
-@pytest.mark.slow
-def test_a_meter_with_its_vendors_certificate_conforms(tmp_path: Path) -> None:
-    """The reference meter with a certificate of a separately made vendor CA: the kit's
-    broker trusts that CA for the run and the CN is the meter id."""
-    acme = VendorCa.create(tmp_path / "acme")
-    cert, key = acme.issue(tmp_path / "devices", "acme-meter-7")
-    vendor = ["--vendor-cert", str(cert), "--vendor-ca", str(acme.path), "--vendor-key", str(key)]
-    code, report = _kit(REFERENCE, tmp_path / "run", *vendor)
-    failing = [c for c in report["checks"] if c["status"] != "pass"]  # type: ignore[union-attr]
-    assert code == 0, failing
-    assert report["meter_id"] == "acme-meter-7"
-    assert report["readings_stored"], "the worker stored nothing of the vendor's meter"
-    log = (tmp_path / "run" / "mosquitto" / "mosquitto.log").read_text()
-    assert "as acme-meter-7 (p5" in log
