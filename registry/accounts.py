@@ -22,8 +22,6 @@ from typing import Final
 import base58
 import nacl.exceptions
 import nacl.signing
-from eth_account import Account
-from eth_account.messages import encode_defunct
 from eth_utils.address import to_checksum_address
 
 from meterproof.registry.errors import InvalidInputError
@@ -83,6 +81,11 @@ class AccountId:
         if self.namespace == EVM:
             if not _EVM_SIGNATURE.match(signature):
                 raise BadSignatureError("an EVM signature is 0x + 65 bytes of hex (personal_sign)")
+            # Imported here: eth-account takes ~0.45 s to import (py_ecc's pairing tables),
+            # which every ingest worker paid at start for a check only the API makes.
+            from eth_account import Account
+            from eth_account.messages import encode_defunct
+
             try:
                 signer = Account.recover_message(encode_defunct(text=text), signature=signature)
             except Exception as exc:  # eth-account raises several types for bad v/r/s
