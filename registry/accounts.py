@@ -82,7 +82,8 @@ class AccountId:
             if not _EVM_SIGNATURE.match(signature):
                 raise BadSignatureError("an EVM signature is 0x + 65 bytes of hex (personal_sign)")
             # Imported here: eth-account takes ~0.45 s to import (py_ecc's pairing tables),
-            # which every ingest worker paid at start for a check only the API makes.
+            # which every ingest worker paid at start for a check it never makes (wallet
+            # links and signed consents are checked by the API and the commands).
             from eth_account import Account
             from eth_account.messages import encode_defunct
 

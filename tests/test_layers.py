@@ -134,8 +134,9 @@ def test_only_meterproof_is_importable_from_outside_the_checkout(tmp_path: Path)
 
 @pytest.mark.slow
 def test_an_ingest_worker_starts_without_the_evm_signature_libraries() -> None:
-    """eth-account costs ~0.45 s of import (py_ecc's pairing tables) and only the API's
-    wallet links use it: a worker, started again after every crash, does not pay for it."""
+    """eth-account costs ~0.45 s of import (py_ecc's pairing tables) and only checks of
+    wallet links and signed consents use it: a worker, started again after every crash,
+    does not pay for it."""
     probe = "import sys, meterproof.ingest.worker\nprint('eth_account' in sys.modules)\n"
     done = subprocess.run(
         [sys.executable, "-P", "-c", probe], cwd=ROOT.parent, capture_output=True, check=True
