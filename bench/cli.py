@@ -309,6 +309,13 @@ def _unobserved(pid: int) -> AbstractContextManager[object]:
     "CPU by library (when perf is installed) and PostgreSQL's top statements "
     "(pg_stat_statements); in the raw JSON. py-spy takes CPU of its own.",
 )
+@click.option(
+    "--bridge/--no-bridge",
+    default=False,
+    show_default=True,
+    help="Run the ledger bridge too, claiming what the workers store every 5 s as in a "
+    "deployment; its CPU is a group of its own and its statements are PostgreSQL's.",
+)
 @click.pass_context
 def load(
     ctx: click.Context,
@@ -319,6 +326,7 @@ def load(
     workers: int,
     search: int | None,
     profile: bool,
+    bridge: bool,
 ) -> None:
     """Sustained tiers from connected meters: accepted rate, publish->receipt latency, CPU."""
     from meterproof.bench.load import run_tiers
@@ -341,6 +349,7 @@ def load(
             progress=_progress,
             search_steps=steps,
             profile=profile,
+            bridge=bridge,
         )
     for t in figures["tiers"]:
         lat = t.get("latency_ms") or {}

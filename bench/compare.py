@@ -28,8 +28,10 @@ from typing import Any, Final
 from meterproof.errors import InputError, MeterproofError
 
 _RESULT = re.compile(r"raw results: (\S+\.json)")
-#: The process groups of a load tier that make up the server side.
+#: The process groups of a load tier that make up the server side...
 SERVER: Final = ("workers", "postgres", "broker", "redis")
+#: ...and the ledger bridge's, in a tier where it ran beside the workers (`--bridge`).
+BRIDGE: Final = "bridge"
 
 
 def command_of(checkout: Path) -> Path:
@@ -72,7 +74,8 @@ def server_cost(tier: dict[str, Any]) -> dict[str, Any]:
     """A load tier's server-side CPU in µs per accepted reading, per group and in all."""
     cores = tier["cpu"]["cores"]
     accepted = max(tier["accepted_per_s"], 1e-9)
-    groups = {g: cores.get(g, 0.0) * 1e6 / accepted for g in SERVER}
+    server = (*SERVER, BRIDGE) if BRIDGE in cores else SERVER
+    groups = {g: cores.get(g, 0.0) * 1e6 / accepted for g in server}
     return {
         "offered_per_s": tier["offered_per_s"],
         "accepted_per_s": tier["accepted_per_s"],

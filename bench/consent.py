@@ -15,10 +15,10 @@ from typing import Any, Final
 
 import psycopg
 
+from meterproof.bench.compare import SERVER
+
 LIVE_RATE: Final = 1_000  #: readings/s offered by connected meters in the live runs
 LIVE_METERS: Final = 200
-#: The server side of a live run: what a deployment pays, the load generator excluded.
-SERVER: Final = ("workers", "postgres", "broker", "redis")
 INTEGRATORS: Final = 1_000
 CONSENTS: Final = 10_000
 _FROM: Final = datetime(2026, 1, 1, tzinfo=UTC)

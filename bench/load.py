@@ -6,33 +6,38 @@ Interface (stable; `meterproof bench load` and the report call it):
               workers: int, progress: Callable[[str], None]) -> dict[str, Any]
 
 Everything runs on a private stack in `run_dir` (stopped afterwards): broker, PostgreSQL,
-Redis, `meterproof ingest --workers N` with receipts and verified republish on, and the
-generator processes (`bench.loadgen`), all on this machine. Each meter has its own device
-certificate and connection. Readings are signed before a tier starts; a tier publishes them
-at the offered rate and times each one from publish to its receipt.
+Redis, `meterproof ingest --workers N` with receipts and verified republish on, the
+generator processes (`bench.loadgen`), and with `bridge` the ledger bridge (`meterproof
+bridge` with its defaults: a claim every 5 s, 900 s epochs, the local ledger), all on this
+machine. Each meter has its own device certificate and connection. Readings are signed
+before a tier starts; a tier publishes them at the offered rate and times each one from
+publish to its receipt.
 
 Returned keys:
-- `meters`, `workers`, `generators`, `seconds_per_tier`, `warmup` (one reading per meter
-  first, so key caches are warm; a tier dict as below), `connect` (see `connect_summary`).
+- `meters`, `workers`, `generators`, `seconds_per_tier`, `bridge`, `warmup` (one reading
+  per meter first, so key caches are warm; a tier dict as below), `connect` (see
+  `connect_summary`).
 - `tiers`: one dict per rate, in order:
   `offered_per_s`, `seconds`, `expected`, `published`, `published_per_s` (what the
   generator really sent), `receipted_in_window_per_s` (receipts that arrived while
   publishing), `accepted`, `accepted_per_s` (receipts with status accepted divided by
   `receipt_span_s`, the time from the start to the last receipt: the offered rate while
   the pipeline keeps up, its capacity when it does not), `stored` (new `reading_log`
-  rows in PostgreSQL), `statuses` and `reasons` (receipt counts), `unreceipted` (no
+  rows in PostgreSQL), `unclaimed_at_end` (all rows no bridge batch holds, after the
+  grace period), `statuses` and `reasons` (receipt counts), `unreceipted` (no
   receipt after the grace period), `latency_ms` (`p50`, `p95`, `p99`, `max`, `count`:
   publish -> receipt), `backlog` (`growth_per_s`, `end`, `max`, `series`: published -
   receipted, per second), `sustained` and `verdict` (see `bench.loadgen.plan.sustained`),
-  `cpu` (`cores` per group - broker, postgres, redis, workers, generator - where 1.0 is
-  one core busy; `processes`; `machine_cores`; `rss_mib`), `generator_cpu_s`, `sign_s`,
-  `disconnects`, `connected`, `settled` (each tier starts once no load-following worker
-  is subscribed: `seconds` waited, `followers_at_start`, `followers_subscribed` if the
-  wait timed out; `bench.loadgen.control.settle`), `followers_at_end` (subscribed when
-  the publishing window ended), and `probe`: "given" (one of `rates`), "search" (chosen by
-  `search_steps`: halfway between the highest sustained rate and the lowest unsustained
-  one above it, on a `resolution` grid) or "half of the highest sustained" (measured
-  when no tier is within half a step of it: the latency target is judged there).
+  `cpu` (`cores` per group - broker, postgres, redis, workers, bridge (with `bridge`),
+  generator - where 1.0 is one core busy; `processes`; `machine_cores`; `rss_mib`),
+  `generator_cpu_s`, `sign_s`, `disconnects`, `connected`, `settled` (each tier starts
+  once no load-following worker is subscribed: `seconds` waited, `followers_at_start`,
+  `followers_subscribed` if the wait timed out; `bench.loadgen.control.settle`),
+  `followers_at_end` (subscribed when the publishing window ended), and `probe`:
+  "given" (one of `rates`), "search" (chosen by `search_steps`: halfway between the
+  highest sustained rate and the lowest unsustained one above it, on a `resolution`
+  grid) or "half of the highest sustained" (measured when no tier is within half a step
+  of it: the latency target is judged there).
 - `max_sustained_per_s`: the highest offered rate whose tier was sustained (None if none).
 
 With `profile`, PostgreSQL is restarted with `pg_stat_statements` before the workers start,
@@ -142,6 +147,7 @@ def run_tiers(
     resolution: int = 250,
     prepare: Callable[[str, list[str]], None] | None = None,
     profile: bool = False,
+    bridge: bool = False,
 ) -> dict[str, Any]:
     if not rates or min(rates) <= 0 or seconds_per_tier <= 0 or meters < 2 or workers < 1:
         raise ValueError("need rates > 0, seconds_per_tier > 0, meters >= 2, workers >= 1")
@@ -152,7 +158,7 @@ def run_tiers(
     extra = [max(rates)] * (search_steps + (1 if search_steps else 0))
     phases = [meters, *(round(r * seconds_per_tier) for r in [*rates, *extra])]
     ts_base = plan.ts_base_ms(int(time.time() * 1000), max_seq(meters, processes, phases))
-    stack = BenchStack(run_dir, meters=meters, workers=workers, progress=progress)
+    stack = BenchStack(run_dir, meters=meters, workers=workers, progress=progress, bridge=bridge)
     track = _track_statements(stack) if profile else None
 
     def before_workers(database_url: str, meter_ids: list[str]) -> None:
@@ -252,6 +258,7 @@ def run_tiers(
         "workers": workers,
         "generators": processes,
         "seconds_per_tier": seconds_per_tier,
+        "bridge": bridge,
         "connect": connect,
         "warmup": warmup,
         "tiers": tiers,

@@ -345,3 +345,24 @@ def test_drains_that_did_not_measure_the_servers_leave_the_trickle_row_out(tmp_p
     text = out.read_text()
     assert "within 2x of the backlog drain's" not in text
     assert "300 µs at 1,000/s (workers 300, postgres 0, broker 0, redis 0)" in text
+
+
+def test_a_load_run_with_the_bridge_counts_it_on_the_servers_side(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    cores = {"broker": 0.1, "postgres": 0.2, "redis": 0.02, "workers": 0.38, "bridge": 0.05}
+    _write(
+        results,
+        "load",
+        {
+            "meters": 2_000, "generators": 2, "seconds_per_tier": 15.0, "workers": 2,
+            "max_sustained_per_s": 1_000, "bridge": True,
+            "tiers": [_tier(1_000, 1_000, sustained=True, cores={**cores, "generator": 0.2})],
+        },
+    )  # fmt: skip
+    report.render(results, out)
+    text = out.read_text()
+    assert (
+        "| server CPU (workers + PostgreSQL + broker + Redis + bridge) per accepted reading at "
+        "the highest sustained tier <= 150 µs (issue 17) | 750 µs at 1,000/s (workers 380, "
+        "postgres 200, broker 100, bridge 50, redis 20) |"
+    ) in text

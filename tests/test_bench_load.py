@@ -1,5 +1,6 @@
-"""The load generator's arithmetic, and one tiny end-to-end run of the real generator
-processes against the real broker and a real worker (no timing is asserted)."""
+"""The load generator's arithmetic, one tiny end-to-end run of the real generator
+processes against the real broker and a real worker, and one of a whole private stack with
+the ledger bridge beside the worker (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 from ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
 from waiting import wait_until
 
+from meterproof.bench.compare import server_cost
 from meterproof.bench.connections import listener_max_connections
-from meterproof.bench.load import connect_summary, max_seq
+from meterproof.bench.load import connect_summary, max_seq, run_tiers
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.control import Generators, followers_subscribed, settle
 from meterproof.bench.profile import attribute
@@ -261,3 +263,24 @@ def test_a_live_profile_leaves_the_event_loops_epoll_waits_out() -> None:
     assert every.samples == 100
     assert kept.total_us == pytest.approx(100_000)  # 1 s of CPU over 10 readings
     assert {s.stage: s.samples for s in kept.stages}["verify"] == 10
+
+
+@pytest.mark.slow
+def test_with_the_bridge_a_load_run_claims_what_it_stores_and_counts_the_bridges_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bench load --bridge`: a real `meterproof bridge` beside the workers claims the
+    stored readings into its open batch (every 0.2 s here, 5 s by default), and its
+    process is a CPU group of its own. Without the bridge no row would ever be claimed."""
+    monkeypatch.setenv("METERPROOF_CLAIM_INTERVAL_S", "0.2")
+    figures = run_tiers(
+        tmp_path, rates=[200], seconds_per_tier=2, meters=20, workers=1,
+        progress=lambda _: None, bridge=True,
+    )  # fmt: skip
+    [tier] = figures["tiers"]
+    assert figures["bridge"] is True
+    assert tier["stored"] == tier["accepted"] == 400
+    # the warmup's 20 and this tier's 400 are stored; the last 0.2 s may be unclaimed yet
+    assert tier["unclaimed_at_end"] < 100, tier["unclaimed_at_end"]
+    assert "bridge" in tier["cpu"]["cores"]
+    assert "bridge" in server_cost(tier)["us_per_reading"]

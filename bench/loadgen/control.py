@@ -17,11 +17,12 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, LiteralString
 
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
+from meterproof.bench.compare import BRIDGE
 from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
 from meterproof.bench.ingest import provision_meters
 from meterproof.bench.loadgen import plan
@@ -148,7 +149,8 @@ class Generators:
 class BenchStack:
     """A private stack (PKI, `brokers` brokers, PostgreSQL, Redis) in `run_dir`, `meters`
     registered device identities, and `meterproof ingest --workers N` running and ready
-    (each worker subscribed on every broker)."""
+    (each worker subscribed on every broker); with `bridge`, `meterproof bridge` as well,
+    with its defaults, claiming what the workers store as a deployment's bridge does."""
 
     def __init__(
         self,
@@ -159,9 +161,11 @@ class BenchStack:
         progress: Progress,
         prepare: Callable[[str, list[str]], None] | None = None,
         brokers: int = 1,
+        bridge: bool = False,
     ) -> None:
         """`prepare(database_url, meter_ids)` runs before the workers start."""
         self.run_dir = run_dir
+        self.bridge = bridge
         self.prepare = prepare
         self.workers = workers
         self.progress = progress
@@ -172,6 +176,7 @@ class BenchStack:
         self.env: StackEnv | None = None
         self.meter_ids: list[str] = []
         self.worker_proc: subprocess.Popen[bytes] | None = None
+        self.bridge_proc: subprocess.Popen[bytes] | None = None
         self.metrics_base = 0
 
     @property
@@ -196,8 +201,12 @@ class BenchStack:
                 f"  {time.perf_counter() - began:.1f} s; starting {self.workers} worker(s)"
             )
             self._start_workers()
+            if self.bridge:
+                self._start_bridge()
             yield self
         finally:
+            if self.bridge_proc is not None:
+                end_child(self.bridge_proc, signal.SIGTERM, timeout=60)
             if self.worker_proc is not None:
                 end_child(self.worker_proc, signal.SIGTERM, timeout=60)
             self.stack.down()
@@ -208,41 +217,47 @@ class BenchStack:
             raise RuntimeError("the stack is not running")
         return self.env
 
-    def _start_workers(self) -> None:
+    def _environ(self, metrics_port: int) -> dict[str, str]:
         assert self.env is not None
-        base = self.metrics_base = _free_port_run(self.workers)
         environ = {**os.environ, **dict(line.split("=", 1) for line in self.env.to_env_lines())}
-        environ["METERPROOF_METRICS_PORT"] = str(base)
+        environ["METERPROOF_METRICS_PORT"] = str(metrics_port)
         environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # a line per batch would cost CPU here
-        with (self.run_dir / "workers.log").open("ab") as sink:
-            self.worker_proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "meterproof",
-                    "ingest",
-                    "--workers",
-                    str(self.workers),
-                ],
-                env=environ,
+        return environ
+
+    def _command(self, args: Sequence[str], metrics_port: int, log: str) -> subprocess.Popen[bytes]:
+        with (self.run_dir / log).open("ab") as sink:
+            return subprocess.Popen(
+                [sys.executable, "-P", "-m", "meterproof", *args],
+                env=self._environ(metrics_port),
                 stdout=sink,
                 stderr=sink,
             )
-        deadline = time.monotonic() + 60
+
+    def _start_workers(self) -> None:
+        base = self.metrics_base = _free_port_run(self.workers)
+        self.worker_proc = self._command(
+            ["ingest", "--workers", str(self.workers)], base, "workers.log"
+        )
         for i in range(self.workers):
-            while not _ready(base + i):
-                if self.worker_proc.poll() is not None:
-                    raise RuntimeError(f"workers exited; see {self.run_dir / 'workers.log'}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker {i} not ready; see {self.run_dir / 'workers.log'}")
-                time.sleep(0.2)
+            _wait_ready(self.worker_proc, base + i, self.run_dir / "workers.log")
         time.sleep(0.5)  # the SUBACK of the shared subscription follows readiness
 
+    def _start_bridge(self) -> None:
+        port = _free_port_run(1)
+        self.bridge_proc = self._command(["bridge"], port, "bridge.log")
+        _wait_ready(self.bridge_proc, port, self.run_dir / "bridge.log")
+
     def stored(self) -> int:
+        return self._count("SELECT count(*) FROM reading_log")
+
+    def unclaimed(self) -> int:
+        """Stored readings no bridge batch has claimed yet."""
+        return self._count("SELECT count(*) FROM reading_log WHERE batch_id IS NULL")
+
+    def _count(self, query: LiteralString) -> int:
         assert self.env is not None
         with psycopg.connect(self.env.database_url) as conn:
-            row = conn.execute("SELECT count(*) FROM reading_log").fetchone()
+            row = conn.execute(query).fetchone()
         return int(row[0]) if row else 0
 
     def broker_pids(self) -> list[int | None]:
@@ -250,9 +265,12 @@ class BenchStack:
         return [broker.pid() for broker in self.stack.brokers(self.env_required)]
 
     def cpu_groups(self, generators: Generators) -> dict[str, Callable[[], list[int]]]:
+        bridge = self.bridge_proc
+        ledger = {BRIDGE: lambda: process_tree(bridge.pid)} if bridge is not None else {}
         return {
             **server_groups(self.stack, self.env_required),
             "workers": lambda: process_tree(self.worker_proc.pid if self.worker_proc else None),
+            **ledger,
             "generator": lambda: generators.pids,
         }
 
@@ -263,6 +281,17 @@ def _free_port_run(count: int) -> int:
         if all(port_is_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no run of free ports for the workers' /readyz")
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Until the process answers /readyz on `port` (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while not _ready(port):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited; see {log}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proc.args!r} not ready on :{port}; see {log}")
+        time.sleep(0.2)
 
 
 def _ready(port: int) -> bool:
@@ -356,6 +385,7 @@ def measure(
         cpu = sampler.summary()
         at_end = followers_subscribed(bench.follower_ports)
     stored = bench.stored() - stored_before
+    unclaimed = bench.unclaimed()
     published = sum(f["published"] for f in finished)
     pub_series = plan.add_series([f["published_per_second"] for f in finished])
     rec_series = plan.add_series([f["receipted_per_second"] for f in finished])
@@ -397,6 +427,7 @@ def measure(
         "accepted_per_s": round(statuses.get("accepted", 0) / span_s, 1),
         "receipt_span_s": round(span_s, 2),
         "stored": stored,
+        "unclaimed_at_end": unclaimed,
         "statuses": dict(statuses),
         "reasons": dict(reasons),
         "unreceipted": unreceipted,
