@@ -611,6 +611,19 @@ def _against_drain(tier: Data, ingest: Data | None, workers: int) -> str:
     return ""
 
 
+def _bridge_in_load(f: Data) -> str:
+    if f.get("bridge"):
+        return (
+            "The ledger bridge ran beside the workers with its defaults (a claim every 5 s), "
+            "as in a deployment; its claims are PostgreSQL's CPU."
+        )
+    return (
+        "No ledger bridge ran (as in the backlog drain): a deployment's bridge claims every "
+        "stored reading, which costs PostgreSQL more (`meterproof bench load --bridge`; "
+        'docs/scaling.md, "The ledger bridge in the live bench").'
+    )
+
+
 def _load(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
     rows = []
@@ -642,6 +655,7 @@ def _load(data: Data, found: dict[str, Data]) -> list[str]:
         "rate and the lowest unsustained one above it; (half) is half the highest sustained",
         "rate, where the latency target is judged. CPU is cores busy per process group (1.0 =",
         "one core) while publishing; the last column divides it by the accepted rate.",
+        _bridge_in_load(f),
         "",
         "| offered /s | published /s | accepted /s | latency p50 / p95 / p99 ms | sustained "
         "| CPU cores by group | CPU µs per accepted reading |",

@@ -324,6 +324,7 @@ def test_issue_17_rows_set_the_servers_cpu_per_reading_against_the_drains(tmp_pa
     assert "700 µs at 1,000/s (3.5x), 400 µs at 2,000/s (2.0x); drain 200 µs" in trickle
     assert "| **no** | 0.57 |" in trickle
     assert "compares with 200 µs per reading in the backlog drain with 2 workers" in text
+    assert "No ledger bridge ran (as in the backlog drain)" in text
     assert "| 200 (workers 115, postgres 60, broker 20, redis 5) |" in text
 
 
@@ -366,3 +367,5 @@ def test_a_load_run_with_the_bridge_counts_it_on_the_servers_side(tmp_path):
         "the highest sustained tier <= 150 µs (issue 17) | 750 µs at 1,000/s (workers 380, "
         "postgres 200, broker 100, bridge 50, redis 20) |"
     ) in text
+    assert "The ledger bridge ran beside the workers with its defaults" in text
+    assert "No ledger bridge ran" not in text
