@@ -280,7 +280,7 @@ def _free_port_run(count: int) -> int:
     for base in range(19_100, 30_000, 97):
         if all(port_is_free(base + i) for i in range(count)):
             return base
-    raise RuntimeError("no run of free ports for the workers' /readyz")
+    raise RuntimeError("no run of free ports for the /readyz of the workers or the bridge")
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
