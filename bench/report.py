@@ -160,7 +160,7 @@ _SERVER_NAMES: Final = {"postgres": "PostgreSQL", "redis": "Redis"}
 
 
 def _server_parts(per: dict[str, float]) -> str:
-    """ "workers + PostgreSQL + broker + Redis", and "+ bridge" when the bridge ran."""
+    """The server's groups as the target row names them, "+ bridge" when it ran."""
     return " + ".join(_SERVER_NAMES.get(g, g) for g in per)
 
 
@@ -612,6 +612,7 @@ def _against_drain(tier: Data, ingest: Data | None, workers: int) -> str:
 
 
 def _bridge_in_load(f: Data) -> str:
+    """Whether the run's figures include the ledger bridge's claims."""
     if f.get("bridge"):
         return (
             "The ledger bridge ran beside the workers with its defaults (a claim every 5 s), "
