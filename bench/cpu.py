@@ -1,5 +1,10 @@
 """CPU per process group while a benchmark runs: the live tiers and the backlog drain
-measure the stack's servers the same way, so their costs per reading compare."""
+measure the stack's servers the same way, so their costs per reading compare.
+
+Also each group's read(2) and write(2) calls (the kernel's `syscr` and `syscw`): Mosquitto
+reads and writes its TLS sockets that way, one write per packet, so its calls per reading
+show how many packets a reading costs it (docs/scaling.md, "What the 1,000/s tier still
+pays for"). Python's asyncio sockets use send and recv, which these counters leave out."""
 
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ class CpuSampler:
     groups: dict[str, Group]
     first: dict[tuple[str, int], float] = field(default_factory=dict)
     last: dict[tuple[str, int], float] = field(default_factory=dict)
+    io_first: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    io_last: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     rss: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
@@ -74,11 +81,24 @@ class CpuSampler:
                 total = times.user + times.system
                 self.first.setdefault((group, pid), 0.0 if self.counting else total)
                 self.last[(group, pid)] = total
+                self._sample_io(group, proc)
             self.rss[group] = rss
+
+    def _sample_io(self, group: str, proc: psutil.Process) -> None:
+        """Where the platform counts them (Linux; not macOS) and the process is ours."""
+        try:
+            io = proc.io_counters()
+        except (psutil.Error, AttributeError):
+            return
+        calls = (io.read_count, io.write_count)
+        self.io_first.setdefault((group, proc.pid), (0, 0) if self.counting else calls)
+        self.io_last[(group, proc.pid)] = calls
 
     def start(self) -> None:
         self.first.clear()
         self.last.clear()
+        self.io_first.clear()
+        self.io_last.clear()
         self.started = time.monotonic()
         self.machine0 = psutil.cpu_times()
         self.counting = False
@@ -92,9 +112,19 @@ class CpuSampler:
             per_group[group] += last - self.first[(group, pid)]
         return per_group
 
+    def rw_calls(self) -> dict[str, tuple[int, int]]:
+        """(read, write) calls per group from `start` to the last sample, for the groups
+        whose calls could be read."""
+        per_group: dict[str, tuple[int, int]] = {}
+        for (group, pid), (reads, writes) in self.io_last.items():
+            r0, w0 = self.io_first[(group, pid)]
+            r, w = per_group.get(group, (0, 0))
+            per_group[group] = (r + reads - r0, w + writes - w0)
+        return per_group
+
     def summary(self) -> dict[str, Any]:
         """Cores used per group (1.0 = one core busy), per process, and the whole machine's
-        (other users included: the machine is shared)."""
+        (other users included: the machine is shared); read and write calls per second."""
         self.sample()
         wall = max(time.monotonic() - self.started, 1e-9)
         per_group = {g: used / wall for g, used in self.cpu_seconds().items()}
@@ -113,4 +143,8 @@ class CpuSampler:
             "processes": per_process,
             "machine_cores": round(busy / wall, 3),
             "rss_mib": {g: round(v / 2**20, 1) for g, v in self.rss.items()},
+            "rw_calls_per_s": {
+                g: {"read": round(r / wall, 1), "write": round(w / wall, 1)}
+                for g, (r, w) in self.rw_calls().items()
+            },
         }

@@ -625,6 +625,25 @@ def _bridge_in_load(f: Data) -> str:
     )
 
 
+def _broker_calls(tiers: list[Data]) -> list[str]:
+    """The broker's read and write calls per accepted reading, tier by tier: one write is
+    one packet, so this shows what a reading costs it in packets (runs since 2026-12-06)."""
+    parts = []
+    for t in sorted(tiers, key=lambda t: t["offered_per_s"]):
+        calls = ((t.get("cpu") or {}).get("rw_calls_per_s") or {}).get("broker")
+        if calls and t["accepted_per_s"]:
+            r, w = (calls[k] / t["accepted_per_s"] for k in ("read", "write"))
+            parts.append(f"{_n(t['offered_per_s'])}/s {r:.1f} + {w:.1f}")
+    if not parts:
+        return []
+    return [
+        "The broker's read + write calls per accepted reading (one write per packet, as "
+        f"Mosquitto sends them): {'; '.join(parts)} "
+        '(docs/scaling.md, "What the 1,000/s tier still pays for").',
+        "",
+    ]
+
+
 def _load(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
     rows = []
@@ -671,6 +690,7 @@ def _load(data: Data, found: dict[str, Data]) -> list[str]:
             else ""
         ),
         "",
+        *_broker_calls(f["tiers"]),
         *_load_ceiling(data, found.get("ingest")),
     ]
     if any(t.get("latency_ms") for t in f["tiers"]):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from meterproof.bench import report
+from meterproof.bench.cpu import CpuSampler
 from meterproof.bench.profile import attribute, classify, frames_of, library_costs, perf_record
 from meterproof.bench.sampling import at_least, at_most, percentile, rates
 
@@ -207,6 +208,45 @@ def test_perf_record_finds_where_a_real_process_spends_its_cpu(tmp_path):
     assert costs["libsodium (signatures)"] > 0.6 * sum(costs.values())
 
 
+_WRITING = """
+import os, sys
+out = os.open(os.devnull, os.O_WRONLY)
+for _ in range(300):
+    os.write(out, b"x")
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+for _ in range(500):
+    os.write(out, b"x")
+sys.stdout.write("done\\n"); sys.stdout.flush()
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's syscr/syscw")
+def test_the_sampler_counts_a_process_write_calls_from_its_start_only():
+    """A real process writes 300 times before the sampler starts and 500 after: only the
+    500 (and its one line to us) count."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _WRITING], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        try:
+            assert child.stdout.readline() == "ready\n"
+            sampler = CpuSampler({"writer": lambda: [child.pid]})
+            sampler.start()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "done\n"
+            summary = sampler.summary()
+            reads, writes = sampler.rw_calls()["writer"]
+        finally:
+            child.kill()
+    assert 501 <= writes <= 505, writes
+    assert reads >= 1  # the line it waited for
+    assert summary["rw_calls_per_s"]["writer"]["write"] > 0
+
+
 def test_perf_record_says_why_without_perf(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no perf there
     with perf_record([1], tmp_path / "perf.data", rate_hz=99) as run:
@@ -369,3 +409,28 @@ def test_a_load_run_with_the_bridge_counts_it_on_the_servers_side(tmp_path):
     ) in text
     assert "The ledger bridge ran beside the workers with its defaults" in text
     assert "No ledger bridge ran" not in text
+
+
+def test_the_load_report_gives_the_brokers_calls_per_reading_where_they_were_counted(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    cores = {"broker": 0.1, "postgres": 0.2, "redis": 0.02, "workers": 0.38, "generator": 0.2}
+    counted = _tier(2_000, 2_000, sustained=True, cores=cores)
+    counted["cpu"]["rw_calls_per_s"] = {
+        "broker": {"read": 8_200.0, "write": 10_000.0},
+        "generator": {"read": 4_000.0, "write": 4_000.0},
+    }
+    _write(
+        results,
+        "load",
+        {
+            "meters": 2_000, "generators": 2, "seconds_per_tier": 15.0, "workers": 2,
+            "max_sustained_per_s": 2_000,
+            "tiers": [_tier(1_000, 1_000, sustained=True, cores=cores), counted],
+        },
+    )  # fmt: skip
+    report.render(results, out)
+    text = out.read_text()
+    assert (
+        "The broker's read + write calls per accepted reading (one write per packet, as "
+        "Mosquitto sends them): 2,000/s 4.1 + 5.0 (docs/scaling.md"
+    ) in text  # the 1,000/s tier of an older run has no counts and is left out
