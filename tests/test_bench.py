@@ -222,7 +222,6 @@ sys.stdin.readline()
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's syscr/syscw")
 def test_the_sampler_counts_a_process_write_calls_from_its_start_only():
     """A real process writes 300 times before the sampler starts and 500 after: only the
     500 (and its one line to us) count."""
