@@ -29,7 +29,8 @@ Returned keys:
   publish -> receipt), `backlog` (`growth_per_s`, `end`, `max`, `series`: published -
   receipted, per second), `sustained` and `verdict` (see `bench.loadgen.plan.sustained`),
   `cpu` (`cores` per group - broker, postgres, redis, workers, bridge (with `bridge`),
-  generator - where 1.0 is one core busy; `processes`; `machine_cores`; `rss_mib`),
+  generator - where 1.0 is one core busy; `processes`; `machine_cores`; `rss_mib`;
+  `rw_calls_per_s`, each group's read(2) and write(2) calls, see `bench.cpu`),
   `generator_cpu_s`, `sign_s`, `disconnects`, `connected`, `settled` (each tier starts
   once no load-following worker is subscribed: `seconds` waited, `followers_at_start`,
   `followers_subscribed` if the wait timed out; `bench.loadgen.control.settle`),
