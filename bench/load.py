@@ -34,7 +34,10 @@ Returned keys:
   `generator_cpu_s`, `sign_s`, `disconnects`, `connected`, `settled` (each tier starts
   once no load-following worker is subscribed: `seconds` waited, `followers_at_start`,
   `followers_subscribed` if the wait timed out; `bench.loadgen.control.settle`),
-  `followers_at_end` (subscribed when the publishing window ended), and `probe`:
+  `followers_at_end` (subscribed when the publishing window ended), `legs_ms` (the
+  accepted readings' latency split where the worker received, verified and stored them:
+  each leg's `p50`, `p99` and `slowest_mean` over the readings at or above the whole's
+  `p99_ms`; `bench.loadgen.legs`), and `probe`:
   "given" (one of `rates`), "search" (chosen by `search_steps`: halfway between the
   highest sustained rate and the lowest unsustained one above it, on a `resolution`
   grid) or "half of the highest sustained" (measured when no tier is within half a step
@@ -197,7 +200,7 @@ def run_tiers(
                 if not profile:
                     t = measure(
                         b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
-                        progress=progress,
+                        progress=progress, legs=True,
                     )  # fmt: skip
                     return {**t, "probe": probe}
                 url = b.env_required.database_url
@@ -214,7 +217,7 @@ def run_tiers(
                 ):
                     t = measure(
                         b, gens, rate=rate, seconds=seconds_per_tier, tag=f"{rate}-per-s",
-                        progress=progress,
+                        progress=progress, legs=True,
                     )  # fmt: skip
                 cpu_s = t["cpu"]["cores"]["workers"] * seconds_per_tier
                 readings = max(t["accepted"], 1)

@@ -644,6 +644,34 @@ def _broker_calls(tiers: list[Data]) -> list[str]:
     ]
 
 
+def _latency_legs(tiers: list[Data]) -> list[str]:
+    """Where each tier's publish -> receipt time went, by the worker's and the store's
+    timestamps (`bench.loadgen.legs`; runs since 2026-12-06)."""
+    measured = [t for t in tiers if (t.get("legs_ms") or {}).get("count")]
+    if not measured:
+        return []
+    rows = []
+    for t in sorted(measured, key=lambda t: t["offered_per_s"]):
+        split = t["legs_ms"]
+        cells = " | ".join(
+            f"{leg['p50']:.1f} / {leg['slowest_mean']:.1f}" for leg in split["legs"].values()
+        )
+        rows.append(f"| {_n(t['offered_per_s'])} | {split['p99_ms']:,.0f} | {cells} |")
+    names = " | ".join(measured[0]["legs_ms"]["legs"])
+    return [
+        "Where the time to a receipt goes, from the times the worker received, verified and "
+        "stored each accepted reading (ms; each leg's median / its mean over the slowest 1%, "
+        "the readings at or above the p99): *to the worker* is the broker's delivery, *in the "
+        "batch* the wait for the batch to close, *to the transaction* decode, verify and the "
+        "replay check, *commit and back* the transaction and the receipt's way back.",
+        "",
+        f"| offered /s | p99 | {names} |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _load(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
     rows = []
@@ -691,6 +719,7 @@ def _load(data: Data, found: dict[str, Data]) -> list[str]:
         ),
         "",
         *_broker_calls(f["tiers"]),
+        *_latency_legs(f["tiers"]),
         *_load_ceiling(data, found.get("ingest")),
     ]
     if any(t.get("latency_ms") for t in f["tiers"]):

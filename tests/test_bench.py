@@ -16,6 +16,7 @@ import pytest
 
 from meterproof.bench import report
 from meterproof.bench.cpu import CpuSampler
+from meterproof.bench.loadgen.legs import Times, summarise
 from meterproof.bench.profile import attribute, classify, frames_of, library_costs, perf_record
 from meterproof.bench.sampling import at_least, at_most, percentile, rates
 
@@ -422,3 +423,29 @@ def test_the_load_report_gives_the_brokers_calls_per_reading_where_they_were_cou
     report.render(results, out)
     calls = "The broker's read + write calls per accepted reading (one write per packet, as "
     assert calls + "Mosquitto sends them): 2,000/s 4.1 + 5.0 (docs/scaling.md" in out.read_text()
+
+
+def test_the_load_report_splits_each_tiers_latency_into_its_legs(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
+    cores = {"broker": 0.1, "postgres": 0.2, "redis": 0.02, "workers": 0.38, "generator": 0.2}
+    split = _tier(2_000, 2_000, sustained=True, cores=cores)
+    split["legs_ms"] = summarise([Times(0, 2, 12, 15, 25)] * 197 + [Times(0, 3, 53, 58, 70)] * 3)
+    older = _tier(1_000, 1_000, sustained=True, cores=cores)  # a tier without the legs
+    _write(results, "load", _load_run(2_000, [older, split]))
+    report.render(results, out)
+    text = out.read_text()
+    assert "| offered /s | p99 | to the worker | in the batch | to the transaction | " in text
+    assert "| 2,000 | 70 | 2.0 / 3.0 | 10.0 / 50.0 | 3.0 / 5.0 | 10.0 / 12.0 |" in text
+    assert "| 1,000 | " not in text.split("Where the time to a receipt goes")[1].split("\n\n")[1]
+
+
+def test_the_slowest_readings_legs_are_averaged_over_those_at_or_above_the_p99():
+    fast, slow = Times(0, 2, 12, 15, 25), Times(0, 3, 53, 58, 70)
+    assert fast.legs() == (2, 10, 3, 10)
+    assert sum(slow.legs()) == slow.total == 70
+    split = summarise([fast] * 197 + [slow] * 3)
+    assert (split["count"], split["slowest"], split["p99_ms"]) == (200, 3, 70)
+    assert split["legs"]["in the batch"] == {"p50": 10.0, "p99": 50.0, "slowest_mean": 50.0}
+    # with one slow reading in 200 the p99 (the 198th) is a fast one's: all 200 count
+    assert summarise([fast] * 199 + [slow])["legs"]["in the batch"]["slowest_mean"] == 10.2
+    assert summarise([]) == {"count": 0}

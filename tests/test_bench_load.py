@@ -4,10 +4,12 @@ the ledger bridge beside the worker (no timing is asserted)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
@@ -18,6 +20,7 @@ from meterproof.bench.connections import listener_max_connections
 from meterproof.bench.load import connect_summary, max_seq, run_tiers
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.control import Generators, followers_subscribed, settle
+from meterproof.bench.loadgen.legs import join_stored
 from meterproof.bench.profile import attribute
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
@@ -171,7 +174,7 @@ def test_generator_processes_publish_and_match_every_receipt(
         assert sum(a["connected"] for a in connected) == 4
         prepared = gens.prepare(8, 40)
         assert sum(p["count"] for p in prepared) == 8
-        gens.go(start_at=time.time() + 0.2, grace_s=20, tag="smoke/1")
+        gens.go(start_at=time.time() + 0.2, grace_s=20, tag="smoke/1", legs=True)
         done = gens.answers(timeout=60)
     finally:
         gens.stop()
@@ -188,6 +191,17 @@ def test_generator_processes_publish_and_match_every_receipt(
     assert sorted(stored_counts(database_url, meters)) == sorted(
         (m, s) for m in meters for s in (1, 2)
     )
+    receipts: dict[str, list[Any]] = {"meter_id": [], "seq": [], "sent": [], "receipt": []}
+    for d in done:
+        for key, values in json.loads(Path(d["legs_file"]).read_text()).items():
+            receipts[key] += values
+    times = join_stored(database_url, receipts)
+    # every reading found with its own row: the worker received, verified and stored it
+    # between its send and its receipt, to the worker's whole milliseconds
+    assert len(times) == 8
+    for t in times:
+        assert t.sent - 1 <= t.received <= t.verified <= t.stored <= t.receipt, t
+    assert sorted(t.total for t in times) == pytest.approx(sorted(latencies), abs=0.01)
 
 
 def test_a_tier_waits_for_the_followers_to_leave_and_says_so_when_they_do_not(
@@ -282,5 +296,6 @@ def test_with_the_bridge_a_load_run_claims_what_it_stores_and_counts_the_bridges
     assert tier["stored"] == tier["accepted"] == 400
     # the warmup's 20 and this tier's 400 are stored; the last 0.2 s may be unclaimed yet
     assert tier["unclaimed_at_end"] < 100, tier["unclaimed_at_end"]
+    assert tier["legs_ms"]["count"] == 400  # every accepted reading's latency split
     assert "bridge" in tier["cpu"]["cores"]
     assert "bridge" in server_cost(tier)["us_per_reading"]

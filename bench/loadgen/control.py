@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, LiteralString
 
+import orjson
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +27,7 @@ from meterproof.bench.compare import BRIDGE
 from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
 from meterproof.bench.ingest import provision_meters
 from meterproof.bench.loadgen import plan
+from meterproof.bench.loadgen.legs import join_stored, slowest_legs, summarise
 from meterproof.config import StackEnv
 from meterproof.stack.process import end_child, port_is_free
 from meterproof.stack.services import LocalStack, Ports
@@ -137,9 +139,11 @@ class Generators:
             g.send({"cmd": "prepare", "count": count, "rate": rate / len(self.procs)})
         return self.answers(timeout)
 
-    def go(self, *, start_at: float, grace_s: float, tag: str) -> None:
+    def go(self, *, start_at: float, grace_s: float, tag: str, legs: bool = False) -> None:
         for g in self.procs:
-            g.send({"cmd": "go", "start_at": start_at, "grace_s": grace_s, "tag": tag})
+            g.send(
+                {"cmd": "go", "start_at": start_at, "grace_s": grace_s, "tag": tag, "legs": legs}
+            )
 
     def stop(self) -> None:
         for g in self.procs:
@@ -357,15 +361,17 @@ def measure(
     tag: str,
     progress: Progress,
     grace_s: float = 30.0,
+    legs: bool = False,
 ) -> dict[str, Any]:
-    """Offer `rate` readings/s for `seconds`; everything a tier reports (see bench.load)."""
+    """Offer `rate` readings/s for `seconds`; everything a tier reports (see bench.load),
+    with `legs` its latency split by `bench.loadgen.legs`."""
     expected = round(rate * seconds)
     settled = _settle(bench, tag, progress)
     prepared = gens.prepare(expected, rate)
     sampler = CpuSampler(bench.cpu_groups(gens))
     stored_before = bench.stored()
     start_at = time.time() + 1.0
-    gens.go(start_at=start_at, grace_s=grace_s, tag=tag)
+    gens.go(start_at=start_at, grace_s=grace_s, tag=tag, legs=legs)
     time.sleep(max(0.0, start_at - time.time()))
     sampler.start()
     finished: list[dict[str, Any]] = []
@@ -400,16 +406,9 @@ def measure(
         growth_per_s=growth,
         unreceipted=unreceipted,
     )
-    latencies = array("f")
-    for f in finished:
-        path = Path(f["latencies_file"])
-        latencies.frombytes(path.read_bytes())
-        path.unlink()
-    statuses: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    for f in finished:
-        statuses.update(f["statuses"])
-        reasons.update(f["reasons"])
+    latencies = _latencies(finished)
+    split = _legs(bench.env_required.database_url, finished) if legs else None
+    statuses, reasons = _counts(finished, "statuses"), _counts(finished, "reasons")
     publish_s = max(f["publish_s"] for f in finished)
     # accepted/s over the time it took to receipt them: the offered rate while keeping up,
     # the pipeline's capacity when overloaded (the backlog drains after publishing stops)
@@ -448,6 +447,8 @@ def measure(
         "settled": settled,
         "followers_at_end": at_end,
     }
+    if split is not None:
+        result["legs_ms"] = split
     lat = result["latency_ms"]
     progress(
         f"  {tag}: offered {rate:,.0f}/s, published {result['published_per_s']:,.0f}/s, "
@@ -456,7 +457,35 @@ def measure(
         f"{growth:,.0f}/s -> {'sustained' if verdict.sustained else verdict.why}; "
         f"{at_end} follower(s) subscribed at the window's end"
     )
+    if split and split["count"]:
+        progress(f"    {slowest_legs(split)}")
     return result
+
+
+def _counts(finished: Sequence[dict[str, Any]], key: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for f in finished:
+        counts.update(f[key])
+    return counts
+
+
+def _latencies(finished: Sequence[dict[str, Any]]) -> array[float]:
+    latencies = array("f")
+    for f in finished:
+        path = Path(f["latencies_file"])
+        latencies.frombytes(path.read_bytes())
+        path.unlink()
+    return latencies
+
+
+def _legs(database_url: str, finished: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    receipts: dict[str, list[Any]] = {"meter_id": [], "seq": [], "sent": [], "receipt": []}
+    for f in finished:
+        path = Path(f["legs_file"])
+        for key, values in orjson.loads(path.read_bytes()).items():
+            receipts[key] += values
+        path.unlink()
+    return summarise(join_stored(database_url, receipts))
 
 
 def _ms(value: float | int | None) -> str:

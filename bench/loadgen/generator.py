@@ -52,12 +52,39 @@ class Run:
     latencies_ms: array[float] = field(default_factory=lambda: array("f"))
     unmatched: int = 0
     last_receipt: float = 0.0
+    #: With `go(legs=True)`, each receipt's meter, seq, and send and receipt times (wall
+    #: clock, ms) for `bench.loadgen.legs`.
+    legs: Legs | None = None
 
     def bump(self, series: list[int], now: float, n: int = 1) -> None:
         second = max(0, int(now - self.go))
         while len(series) <= second:
             series.append(0)
         series[second] += n
+
+
+@dataclass(slots=True)
+class Legs:
+    meter_ids: list[str] = field(default_factory=list)
+    seqs: array[int] = field(default_factory=lambda: array("q"))
+    sent_ms: array[float] = field(default_factory=lambda: array("d"))
+    receipt_ms: array[float] = field(default_factory=lambda: array("d"))
+
+    def add(self, meter_id: str, seq: int, sent_ms: float, receipt_ms: float) -> None:
+        self.meter_ids.append(meter_id)
+        self.seqs.append(seq)
+        self.sent_ms.append(sent_ms)
+        self.receipt_ms.append(receipt_ms)
+
+    def as_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "meter_id": self.meter_ids,
+                "seq": self.seqs.tolist(),
+                "sent": self.sent_ms.tolist(),
+                "receipt": self.receipt_ms.tolist(),
+            }
+        )
 
 
 class Meter:
@@ -131,12 +158,17 @@ class Generator:
         if run is None:
             return
         body = orjson.loads(payload)
-        sent = meter.pending.pop(body.get("seq"), None)
+        seq = body.get("seq")
+        sent = meter.pending.pop(seq, None)
         if sent is None:
             run.unmatched += 1  # a receipt for a redelivery already counted
             return
-        run.latencies_ms.append((now - sent) * 1000)
+        latency_ms = (now - sent) * 1000
+        run.latencies_ms.append(latency_ms)
         run.last_receipt = time.time()
+        if run.legs is not None:
+            receipt_ms = run.last_receipt * 1000
+            run.legs.add(meter.meter_id, seq, receipt_ms - latency_ms, receipt_ms)
         run.bump(run.receipted, run.last_receipt)
         run.statuses[body["status"]] += 1
         if body.get("reason"):
@@ -214,10 +246,12 @@ class Generator:
         self.rate = rate
         return {"event": "prepared", "count": count, "sign_s": time.perf_counter() - began}
 
-    async def go(self, start_at: float, grace_s: float, tag: str) -> dict[str, Any]:
+    async def go(
+        self, start_at: float, grace_s: float, tag: str, *, legs: bool = False
+    ) -> dict[str, Any]:
         batch, rate, total = self.batch, self.rate, len(self.batch)
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        run = self.run = Run(go=time.time())
+        run = self.run = Run(go=time.time(), legs=Legs() if legs else None)
         cpu0 = time.process_time()
         started = time.monotonic()
         sent = 0
@@ -241,6 +275,10 @@ class Generator:
         safe_tag = tag.replace("/", "_")
         latencies = self.out_dir / f"latency-{safe_tag}-{self.name}.f32"
         latencies.write_bytes(run.latencies_ms.tobytes())
+        legs_file = None
+        if run.legs is not None:
+            legs_file = self.out_dir / f"legs-{safe_tag}-{self.name}.json"
+            legs_file.write_bytes(run.legs.as_json())
         return {
             "event": "done",
             "published": sent,
@@ -254,6 +292,7 @@ class Generator:
             "unreceipted": unreceipted,
             "unmatched": run.unmatched,
             "latencies_file": str(latencies),
+            "legs_file": None if legs_file is None else str(legs_file),
             "cpu_s": time.process_time() - cpu0,
             "disconnects": sum(m.disconnects for m in self.meters),
             "connected": sum(1 for m in self.meters if m.client.is_connected),
@@ -302,7 +341,11 @@ async def serve(job: dict[str, Any]) -> None:
         if cmd["cmd"] == "prepare":
             _reply(gen.prepare(cmd["count"], cmd["rate"]))
         elif cmd["cmd"] == "go":
-            _reply(await gen.go(cmd["start_at"], cmd["grace_s"], cmd["tag"]))
+            _reply(
+                await gen.go(
+                    cmd["start_at"], cmd["grace_s"], cmd["tag"], legs=cmd.get("legs", False)
+                )
+            )
         elif cmd["cmd"] == "stop":
             break
     await gen.close()
