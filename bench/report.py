@@ -654,7 +654,7 @@ def _latency_legs(tiers: list[Data]) -> list[str]:
     for t in sorted(measured, key=lambda t: t["offered_per_s"]):
         split = t["legs_ms"]
         cells = " | ".join(
-            f"{leg['p50']:.1f} / {leg['slowest_mean']:.1f}" for leg in split["legs"].values()
+            f"{leg['p50']:,.1f} / {leg['slowest_mean']:,.1f}" for leg in split["legs"].values()
         )
         rows.append(f"| {_n(t['offered_per_s'])} | {split['p99_ms']:,.0f} | {cells} |")
     names = " | ".join(measured[0]["legs_ms"]["legs"])
