@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import psycopg
 
-from meterproof.bench.loadgen.plan import percentile
+from meterproof.bench.sampling import percentile
 
 LEGS: Final = ("to the worker", "in the batch", "to the transaction", "commit and back")
 
@@ -78,8 +78,7 @@ def summarise(times: Sequence[Times]) -> dict[str, Any]:
     the whole latency."""
     if not times:
         return {"count": 0}
-    p99 = percentile(sorted(t.total for t in times), 99)
-    assert p99 is not None
+    p99 = percentile([t.total for t in times], 99)
     slowest = [t.legs() for t in times if t.total >= p99]
     per_leg = list(zip(*(t.legs() for t in times), strict=True))
     return {
@@ -88,8 +87,8 @@ def summarise(times: Sequence[Times]) -> dict[str, Any]:
         "p99_ms": round(p99, 1),
         "legs": {
             name: {
-                "p50": round(_pct(values, 50), 1),
-                "p99": round(_pct(values, 99), 1),
+                "p50": round(percentile(values, 50), 1),
+                "p99": round(percentile(values, 99), 1),
                 "slowest_mean": round(sum(s[k] for s in slowest) / len(slowest), 1),
             }
             for k, (name, values) in enumerate(zip(LEGS, per_leg, strict=True))
@@ -101,9 +100,3 @@ def slowest_legs(split: dict[str, Any]) -> str:
     """One line for a person: where the slowest 1% of a `summarise` spent their time."""
     spent = ", ".join(f"{k} {v['slowest_mean']:.1f}" for k, v in split["legs"].items())
     return f"the slowest 1% (>= {split['p99_ms']:.1f} ms) spent, ms: {spent}"
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    found = percentile(sorted(values), q)
-    assert found is not None
-    return found

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from meterproof.bench import sampling
+
 #: Meter time between two readings of one meter. The worker limits a meter to 60 readings
 #: per 60 s of meter time (docs/spec/reading-v1.md, rule 9), so one per second is the
 #: densest honest pace.
@@ -76,14 +78,10 @@ def due(elapsed_s: float, rate: float, sent: int, total: int) -> int:
     return max(0, min(total, int(elapsed_s * rate)) - sent)
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of already sorted values (None when there are none)."""
-    if not sorted_values:
-        return None
-    if not 0 < q <= 100:
-        raise ValueError(f"q must be in (0, 100], not {q}")
-    rank = math.ceil(q / 100 * len(sorted_values))
-    return float(sorted_values[rank - 1])
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """`bench.sampling.percentile`, None when there are no values (a tier without
+    receipts)."""
+    return float(sampling.percentile(values, q)) if values else None
 
 
 def latency_summary(sorted_ms: Sequence[float]) -> dict[str, float | None]:
