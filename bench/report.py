@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from meterproof.bench import plots
 from meterproof.bench.compare import server_cost
+from meterproof.bench.loadgen.legs import LEGS
 from meterproof.bench.sampling import Verdict, at_least, at_most
 
 RESULTS: Final = Path("bench/results")
@@ -654,10 +655,10 @@ def _latency_legs(tiers: list[Data]) -> list[str]:
     for t in sorted(measured, key=lambda t: t["offered_per_s"]):
         split = t["legs_ms"]
         cells = " | ".join(
-            f"{leg['p50']:,.1f} / {leg['slowest_mean']:,.1f}" for leg in split["legs"].values()
+            f"{split['legs'][name]['p50']:,.1f} / {split['legs'][name]['slowest_mean']:,.1f}"
+            for name in LEGS
         )
         rows.append(f"| {_n(t['offered_per_s'])} | {split['p99_ms']:,.0f} | {cells} |")
-    names = " | ".join(measured[0]["legs_ms"]["legs"])
     return [
         "Where the time to a receipt goes, from the times the worker received, verified and "
         "stored each accepted reading (ms; each leg's median / its mean over the slowest 1%, "
@@ -665,8 +666,8 @@ def _latency_legs(tiers: list[Data]) -> list[str]:
         "batch* the wait for the batch to close, *to the transaction* decode, verify and the "
         "replay check, *commit and back* the transaction and the receipt's way back.",
         "",
-        f"| offered /s | p99 | {names} |",
-        "|---|---|---|---|---|---|",
+        f"| offered /s | p99 | {' | '.join(LEGS)} |",
+        "|---" * (len(LEGS) + 2) + "|",
         *rows,
         "",
     ]
