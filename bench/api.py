@@ -481,7 +481,7 @@ def run_api_bench(
             row = conn.execute("SELECT count(*) FROM readings").fetchone()
         stored = int(row[0]) if row else 0
     finally:
-        stack.down()
+        stack.down(purge=True)
     progress(f"MQTT drain of {drain_readings:,} readings, 2 workers, for the ratio")
     drain = run_drain(run_dir=run_dir / "drain", readings=drain_readings, workers=2,
                       progress=progress)  # fmt: skip

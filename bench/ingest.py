@@ -246,4 +246,4 @@ def run_drain(
             samples=[(round(t, 3), n) for t, n in samples],
         )  # fmt: skip
     finally:
-        stack.down()
+        stack.down(purge=True)

@@ -361,5 +361,5 @@ def run_limits(
             f"  {redis_.readings_per_s:,.0f} readings/s ({redis_.commands_per_s:,.0f} commands/s)"
         )
     finally:
-        stack.down()
+        stack.down(purge=True)
     return Limits(crypto, broker, copy, redis_)
