@@ -1,5 +1,5 @@
 """`python -m meterproof` runs the `meterproof` command (how workers are spawned)."""
 
-from meterproof.cli.main import main
+from meterproof.cli.main import run
 
-main()
+run()

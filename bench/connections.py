@@ -152,14 +152,13 @@ def run_connections(
             f"connecting {meters:,} meters from {processes} generator processes "
             f"to {len(pids)} broker(s)"
         )
-        gens = Generators(
+        with Generators(
             env=b.env_required,
             meter_ids=b.meter_ids,
             processes=processes,
             ts_base_ms=ts_base,
             run_dir=run_dir,
-        )
-        try:
+        ) as gens:
             connect = connect_summary(gens.answers(timeout=1800))
             broker_cpu = _cpu_s(pids) - cpu0
             connect["broker_cpu_s"] = round(broker_cpu, 2)
@@ -192,8 +191,6 @@ def run_connections(
             reporting = measure(
                 b, gens, rate=rate, seconds=seconds, tag="reporting", progress=progress
             )
-        finally:
-            gens.stop()
     return {
         "meters": meters,
         "brokers": len(pids),

@@ -173,14 +173,13 @@ def run_tiers(
     stack.prepare = before_workers
     with stack.running() as b:
         progress(f"connecting {meters:,} meters from {processes} generator processes")
-        gens = Generators(
+        with Generators(
             env=b.env_required,
             meter_ids=b.meter_ids,
             processes=processes,
             ts_base_ms=ts_base,
             run_dir=run_dir,
-        )
-        try:
+        ) as gens:
             connect = connect_summary(gens.answers(timeout=600))
             progress(
                 f"  {connect['connected']:,} connected in {connect['seconds']} s "
@@ -254,8 +253,6 @@ def run_tiers(
             )
             if half is not None:
                 tiers.append(tier(half, "half of the highest sustained"))
-        finally:
-            gens.stop()
     held = [t["offered_per_s"] for t in tiers if t["sustained"]]
     return {
         "meters": meters,

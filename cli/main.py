@@ -7,6 +7,8 @@ Each group lives in the package that does the work and is imported only when use
 from __future__ import annotations
 
 import importlib
+import signal
+from types import FrameType
 
 import click
 
@@ -68,3 +70,21 @@ def main(log_level: str) -> None:
     Run `meterproof COMMAND --help` for each command's options.
     """
     configure_logging(level=log_level)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM ends a command as Ctrl-C does. Python's default for it is to die at once,
+    which left a terminated `bench`, `demo` or `conformance` run's PostgreSQL, Redis,
+    Mosquitto and workers running without a parent, on ports the next run then finds
+    taken. SystemExit unwinds every `with` and `finally` that stops them. A second
+    SIGTERM ends the command at once; the services (ingest, bridge, api, meter) install
+    handlers of their own, which drain first."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
+
+
+def run() -> None:
+    """The `meterproof` executable and `python -m meterproof` (tests call `main`, whose
+    process keeps its own signal handling)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    main()

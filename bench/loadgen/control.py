@@ -83,10 +83,15 @@ class GeneratorProcess:
                 continue
             return answer
 
-    def stop(self) -> None:
+    def stop(self, *, at_once: bool = False) -> None:
+        """Ask the process to close its meters' connections and exit; `at_once` terminates
+        it instead (it reads the next command only after the tier in hand)."""
         if self.proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.send({"cmd": "stop"})
+            if at_once:
+                self.proc.terminate()
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    self.send({"cmd": "stop"})
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -145,9 +150,16 @@ class Generators:
                 {"cmd": "go", "start_at": start_at, "grace_s": grace_s, "tag": tag, "legs": legs}
             )
 
-    def stop(self) -> None:
+    def stop(self, *, at_once: bool = False) -> None:
         for g in self.procs:
-            g.stop()
+            g.stop(at_once=at_once)
+
+    def __enter__(self) -> Generators:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """A run that ends by an error or a signal does not wait for the tier in hand."""
+        self.stop(at_once=exc_type is not None)
 
 
 class BenchStack:
@@ -193,8 +205,8 @@ class BenchStack:
     def running(self) -> Iterator[BenchStack]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.chmod(0o755)  # PostgreSQL runs as its own unprivileged user
-        self.env, _ = self.stack.up(Ports(), ingest_workers=self.workers)
         try:
+            self.env, _ = self.stack.up(Ports(), ingest_workers=self.workers)
             self.progress(f"issuing and registering {self.meters:,} meter identities")
             began = time.perf_counter()
             keys = provision_meters(self.stack.layout, self.env.database_url, self.meters)
@@ -213,7 +225,7 @@ class BenchStack:
                 end_child(self.bridge_proc, signal.SIGTERM, timeout=60)
             if self.worker_proc is not None:
                 end_child(self.worker_proc, signal.SIGTERM, timeout=60)
-            self.stack.down()
+            self.stack.down(purge=True)
 
     @property
     def env_required(self) -> StackEnv:
