@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -26,8 +27,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from meterproof.errors import InputError, MeterproofError
+from meterproof.stack.process import end_child
 
 _RESULT = re.compile(r"raw results: (\S+\.json)")
+#: How long a side's run may take to stop its servers once told to.
+_STOP_S: Final = 120
 #: The process groups of a load tier that make up the server side...
 SERVER: Final = ("workers", "postgres", "broker", "redis")
 #: ...and the ledger bridge's, in a tier where it ran beside the workers (`--bridge`).
@@ -49,15 +53,26 @@ def _bench(command: Path, argv: Sequence[str], timeout_s: float) -> dict[str, An
     """One `meterproof bench ...` run in a fresh folder; its saved figures."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
     with tempfile.TemporaryDirectory(prefix="meterproof-compare-") as tmp:
-        done = subprocess.run(
-            [str(command), "bench", *argv], cwd=tmp, env=env, capture_output=True, text=True,
-            timeout=timeout_s, check=False,
-        )  # fmt: skip
-        found = _RESULT.search(done.stderr + done.stdout)
-        if done.returncode or found is None:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        with subprocess.Popen(
+            [str(command), "bench", *argv], cwd=tmp, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+        ) as child:  # fmt: skip
+            try:
+                stdout, stderr = child.communicate(timeout=timeout_s)
+            except BaseException as exc:
+                # One SIGTERM, ours (its own session keeps a terminal's Ctrl-C away), not
+                # subprocess.run's SIGKILL: the run stops the servers it started.
+                end_child(child, signal.SIGTERM, timeout=_STOP_S)
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise MeterproofError(
+                        f"{command} bench {argv[0]} did not end in {timeout_s:.0f} s"
+                    ) from None
+                raise
+        found = _RESULT.search(stderr + stdout)
+        if child.returncode or found is None:
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             raise MeterproofError(
-                f"{command} bench {argv[0]} failed ({done.returncode}): {tail[0]}"
+                f"{command} bench {argv[0]} failed ({child.returncode}): {tail[0]}"
             )
         figures: dict[str, Any] = json.loads((Path(tmp) / found.group(1)).read_text())["figures"]
     return figures

@@ -18,6 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from meterproof.errors import MeterproofError
 
@@ -203,7 +204,7 @@ def stop_process(pid: int, *, name: str, sig: signal.Signals, timeout: float, lo
         time.sleep(_POLL_S)
 
 
-def end_child(child: subprocess.Popen[bytes], sig: signal.Signals, *, timeout: float) -> None:
+def end_child(child: subprocess.Popen[Any], sig: signal.Signals, *, timeout: float) -> None:
     """Signal a child of ours that still runs and wait for it; kill it after `timeout`."""
     if child.poll() is None:
         child.send_signal(sig)

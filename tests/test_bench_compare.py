@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 
 from meterproof.bench import report
-from meterproof.bench.compare import command_of, live_summary, run_compare, server_cost
-from meterproof.errors import InputError
+from meterproof.bench.compare import command_of, live_summary, load_once, run_compare, server_cost
+from meterproof.errors import InputError, MeterproofError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,23 @@ def test_the_same_code_on_both_sides_drains_runs_live_tiers_and_renders(tmp_path
     text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## Before and after (same machine, alternating runs)" in text
     assert "same code: backlog drains of 1,000 readings with 1 worker" in text
+
+
+@pytest.mark.slow
+def test_a_side_that_overruns_is_stopped_by_sigterm_and_stops_its_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not subprocess.run's SIGKILL on timeout, which left the side's servers running."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the side's run makes its folder
+    with pytest.raises(MeterproofError, match=r"bench load did not end in 25 s"):
+        load_once(command_of(ROOT), rates=[50], seconds=600, meters=4, workers=1, timeout_s=25)
+    assert list(tmp_path.iterdir()) == []  # removed by the side's own way out
+    mine = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if any(str(tmp_path) in arg for arg in p.info["cmdline"] or ())
+    ]
+    assert mine == []
 
 
 def _tier(offered: int, accepted: float, **cores: float) -> dict[str, object]:
