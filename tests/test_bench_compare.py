@@ -64,8 +64,8 @@ def test_a_side_that_overruns_is_stopped_by_sigterm_and_stops_its_servers(
 ) -> None:
     """Not subprocess.run's SIGKILL on timeout, which left the side's servers running."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the side's run makes its folder
-    with pytest.raises(MeterproofError, match=r"bench load did not end in 25 s"):
-        load_once(command_of(ROOT), rates=[50], seconds=600, meters=4, workers=1, timeout_s=25)
+    with pytest.raises(MeterproofError, match=r"bench load did not end in 12 s"):
+        load_once(command_of(ROOT), rates=[50], seconds=600, meters=4, workers=1, timeout_s=12)
     assert list(tmp_path.iterdir()) == []  # removed by the side's own way out
     mine = [
         p.info["cmdline"]
