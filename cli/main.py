@@ -74,11 +74,11 @@ def main(log_level: str) -> None:
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     """SIGTERM ends a command as Ctrl-C does. Python's default for it is to die at once,
-    which left a terminated `bench`, `demo` or `conformance` run's PostgreSQL, Redis,
-    Mosquitto and workers running without a parent, on ports the next run then finds
-    taken. SystemExit unwinds every `with` and `finally` that stops them. A second
-    SIGTERM ends the command at once; the services (ingest, bridge, api, meter) install
-    handlers of their own, which drain first."""
+    which left a terminated `bench` or `conformance` run's PostgreSQL, Redis, Mosquitto
+    and workers, or a `demo`'s workers, bridge and API, running without a parent, on ports
+    the next run then finds taken. SystemExit unwinds every `with` and `finally` that
+    stops them. A second SIGTERM ends the command at once; the services (ingest, bridge,
+    api, meter) install handlers of their own, which drain first."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise SystemExit(128 + signum)
 
