@@ -9,6 +9,7 @@ zombies; a zombie left to an init that does not reap counts as stopped.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,12 +31,38 @@ class StackError(MeterproofError):
     """A server did not start or stop as asked: one line that names the log to read."""
 
 
+#: Where `free_port` draws from: above the well-known services, below the kernel's range
+#: for outgoing connections.
+_PORT_FLOOR = 20_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: Not `random`'s shared generator: a test that seeds it (hypothesis does) would make two
+#: test processes draw the same ports.
+_PORTS = random.SystemRandom()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A port the kernel just handed out; another process could still take it first."""
+    """A port nothing listens on now, for a server about to start there.
+
+    Outgoing connections take their local ports from the kernel's ephemeral range, so a
+    port handed out from it can be taken by a connection before the server binds it (with
+    the tests in two processes, PostgreSQL once failed to start on a port taken so).
+    Ports are drawn below that range instead, where only another server drawing the same
+    one at the same moment could take it; if the range leaves no room below it, the
+    kernel picks.
+    """
+    try:
+        ceiling = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ceiling = 0
+    if ceiling - _PORT_FLOOR >= 1_000:
+        for _ in range(100):
+            port = _PORTS.randrange(_PORT_FLOOR, ceiling)
+            if port_is_free(port, host):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        kernels: int = sock.getsockname()[1]
+        return kernels
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:

@@ -43,6 +43,7 @@ from meterproof.mosquitto.admin import (
     enforce_revocation,
 )
 from meterproof.mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, render
+from meterproof.stack.process import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 
@@ -322,12 +323,6 @@ class Broker:
         return peer
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _accepts(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
@@ -341,7 +336,7 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     for service in (INGEST, "ingest-1", "bridge", "api", "admin", "ingest"):
         ca.issue(ca.layout.service(service).directory, service)
     ca.issue(ca.layout.integrator(INTEGRATOR).directory, INTEGRATOR)
-    tls_port, admin_port = _free_port(), _free_port()
+    tls_port, admin_port = free_port(), free_port()
     run_dir = root / "run"
     files = render(run_dir=run_dir, pki=ca.layout, tls_port=tls_port, admin_port=admin_port)
     env = StackEnv(

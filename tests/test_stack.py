@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -28,7 +29,14 @@ from meterproof.config import StackEnv
 from meterproof.mosquitto.config import broker_files
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
-from meterproof.stack.process import StackError, free_port, pid_alive, port_accepts, read_pid
+from meterproof.stack.process import (
+    StackError,
+    free_port,
+    pid_alive,
+    port_accepts,
+    port_is_free,
+    read_pid,
+)
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack, Ports
 
@@ -129,6 +137,25 @@ def test_a_busy_port_is_refused_before_starting(tmp_path: Path):
         with pytest.raises(StackError, match="already in use"):
             server.start()
     assert not server.is_running()
+
+
+def test_free_ports_lie_below_the_range_outgoing_connections_use():
+    """A connection's own port can never be the one a server is about to bind."""
+    ceiling = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with socket.socket() as outgoing:
+        outgoing.bind(("127.0.0.1", 0))  # where the kernel puts a connection's end
+        assert outgoing.getsockname()[1] >= ceiling
+    ports = [free_port() for _ in range(50)]
+    assert all(20_000 <= port < ceiling and port_is_free(port) for port in ports)
+
+
+def test_free_ports_do_not_follow_a_seeded_random():
+    """Hypothesis seeds `random` in every test process alike; the ports must differ."""
+    drawn = []
+    for _ in range(2):
+        random.seed(17)
+        drawn.append([free_port() for _ in range(5)])
+    assert drawn[0] != drawn[1]
 
 
 def test_a_failed_start_quotes_the_server_log(tmp_path: Path):
