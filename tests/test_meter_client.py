@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fixtures.servers import OwnBroker
 from meter_harness import Delivered, FakeWorker, accept
 from waiting import WITHIN_S, async_wait_until
 
@@ -237,11 +238,16 @@ def test_buffers_while_the_broker_is_down_and_uploads_the_backlog(
 
 @pytest.mark.slow
 def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
-    pki: PkiLayout, broker: BrokerServer, worker: FakeWorker, meter_id: str, tmp_path: Path
+    pki: PkiLayout, own_broker: Callable[..., OwnBroker], meter_id: str, tmp_path: Path
 ) -> None:
     """The broker acknowledges readings queued for an offline worker, then dies before
-    saving them: only the meter's outbox and the missing receipts bring them home."""
-    worker.policy = accept
+    saving them: only the meter's outbox and the missing receipts bring them home.
+
+    A broker of the test's own: the session's would come back with the sessions of its
+    last save, other tests' among them, and the worker's identity may have had one."""
+    broker = own_broker().server
+    worker = FakeWorker(pki, broker.port, policy=accept)
+    worker.start()
 
     async def scenario() -> MeterClient:
         async with Network() as network:
@@ -260,8 +266,11 @@ def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
             await asyncio.to_thread(broker.kill9)
             await asyncio.to_thread(broker.start)
             await asyncio.to_thread(worker.start)
-            async with asyncio.timeout(WITHIN_S):
-                await meter.drain()
+            try:
+                async with asyncio.timeout(WITHIN_S):
+                    await meter.drain()
+            finally:
+                worker.stop()
             await meter.stop()
             return meter
 
@@ -272,11 +281,13 @@ def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
 
 @pytest.mark.slow
 def test_a_reading_no_worker_subscription_took_is_retried_before_the_receipt_timeout(
-    pki: PkiLayout, broker: BrokerServer, meter_id: str, tmp_path: Path
+    pki: PkiLayout, own_broker: Callable[..., OwnBroker], meter_id: str, tmp_path: Path
 ) -> None:
     """After a broker restart Mosquitto 2.0 has no shared subscription until a worker
     subscribes again, and answers PUBACK 16. The meter retries soon, not after the receipt
-    timeout (here far longer than the wait below)."""
+    timeout (here far longer than the wait below). A broker of the test's own: on the
+    session's, another test's worker session may still hold a subscription."""
+    broker = own_broker().server
     worker = FakeWorker(pki, broker.port, policy=accept)
     settings = replace(FAST, republish_after_s=120.0, max_republish_after_s=120.0)
 
