@@ -9,6 +9,9 @@ PY       := $(VENV)/bin/python
 MP       := $(VENV)/bin/meterproof
 APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv patroni etcd-server
 PYTEST_ARGS ?=
+# Test processes: the tests mostly wait on their servers, so two share 2 cores well.
+# 0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help setup system-packages test lint typecheck pytest demo bench chaos fuzz certs device-cert revoke stack-up stack-down clean
 
@@ -48,7 +51,7 @@ typecheck: setup ## mypy --strict on the meterproof package
 	$(VENV)/bin/mypy
 
 pytest: setup ## the test suite against real Mosquitto, PostgreSQL and Redis
-	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 
