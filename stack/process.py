@@ -44,8 +44,8 @@ def free_port(host: str = LOOPBACK) -> int:
     """A port nothing listens on now, for a server about to start there.
 
     Outgoing connections take their local ports from the kernel's ephemeral range, so a
-    port handed out from it can be taken by a connection before the server binds it (with
-    the tests in two processes, PostgreSQL once failed to start on a port taken so).
+    port handed out from it can be taken by a connection before the server binds it (a
+    port taken before its server started has been seen on these shared machines).
     Ports are drawn below that range instead, where only another server drawing the same
     one at the same moment could take it; if the range leaves no room below it, the
     kernel picks.

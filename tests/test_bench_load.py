@@ -4,12 +4,15 @@ the ledger bridge beside the worker (no timing is asserted)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
@@ -19,7 +22,12 @@ from meterproof.bench.compare import server_cost
 from meterproof.bench.connections import listener_max_connections
 from meterproof.bench.load import connect_summary, max_seq, run_tiers
 from meterproof.bench.loadgen import plan
-from meterproof.bench.loadgen.control import Generators, followers_subscribed, settle
+from meterproof.bench.loadgen.control import (
+    BenchStack,
+    Generators,
+    followers_subscribed,
+    settle,
+)
 from meterproof.bench.loadgen.legs import join_stored
 from meterproof.bench.profile import attribute
 from meterproof.certs.layout import PkiLayout
@@ -277,6 +285,36 @@ def test_a_live_profile_leaves_the_event_loops_epoll_waits_out() -> None:
     assert every.samples == 100
     assert kept.total_us == pytest.approx(100_000)  # 1 s of CPU over 10 readings
     assert {s.stage: s.samples for s in kept.stages}["verify"] == 10
+
+
+@pytest.mark.slow
+def test_two_bench_stacks_started_at_once_each_get_ports_of_their_own(tmp_path: Path) -> None:
+    """Two bench runs at once (two test processes, or two people on one machine): each
+    private stack and its workers on free ports of their own, never the conventional ones
+    a developer's stack may hold."""
+    stacks = [
+        BenchStack(tmp_path / name, meters=2, workers=2, progress=lambda _: None)
+        for name in ("one", "two")
+    ]
+    # The pool ends (both starts done) before the stacks are stopped, even when one fails.
+    with contextlib.ExitStack() as running, ThreadPoolExecutor(2) as pool:
+        for entered in pool.map(lambda s: running.enter_context(s.running()), stacks):
+            assert entered.worker_proc is not None
+            assert entered.worker_proc.poll() is None
+        envs = [s.env_required for s in stacks]
+        ports = [
+            {e.mqtt_port, e.mqtt_admin_port, _port(e.database_url), _port(e.redis_url)}
+            | {s.metrics_base, *s.follower_ports}
+            for s, e in zip(stacks, envs, strict=True)
+        ]
+    assert not ports[0] & ports[1], ports
+    assert not (ports[0] | ports[1]) & {8883, 1884, 5432, 6379}, ports
+
+
+def _port(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port
 
 
 @pytest.mark.slow

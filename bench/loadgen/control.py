@@ -25,12 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meterproof.bench.compare import BRIDGE
 from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
-from meterproof.bench.ingest import provision_meters
+from meterproof.bench.ingest import provision_meters, up_on_free_ports
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.legs import join_stored, slowest_legs, summarise
 from meterproof.config import StackEnv
-from meterproof.stack.process import end_child, port_is_free
-from meterproof.stack.services import LocalStack, Ports
+from meterproof.stack.process import end_child, free_port, port_is_free
+from meterproof.stack.services import LocalStack
 
 Progress = Callable[[str], None]
 
@@ -206,7 +206,7 @@ class BenchStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.chmod(0o755)  # PostgreSQL runs as its own unprivileged user
         try:
-            self.env, _ = self.stack.up(Ports(), ingest_workers=self.workers)
+            self.env = up_on_free_ports(self.stack, ingest_workers=self.workers)
             self.progress(f"issuing and registering {self.meters:,} meter identities")
             began = time.perf_counter()
             keys = provision_meters(self.stack.layout, self.env.database_url, self.meters)
@@ -292,9 +292,11 @@ class BenchStack:
 
 
 def _free_port_run(count: int) -> int:
-    """A base port with `count` free ports after it (worker i serves /readyz on base + i)."""
-    for base in range(19_100, 30_000, 97):
-        if all(port_is_free(base + i) for i in range(count)):
+    """A base port with `count` free ports after it (worker i serves /readyz on base + i),
+    drawn at random as `free_port` draws: two bench runs at once must not pick one run."""
+    for _ in range(100):
+        base = free_port()
+        if all(port_is_free(base + i) for i in range(1, count)):
             return base
     raise RuntimeError("no run of free ports for the /readyz of the workers or the bridge")
 
