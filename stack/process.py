@@ -61,8 +61,7 @@ def free_port(host: str = LOOPBACK) -> int:
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        kernels: int = sock.getsockname()[1]
-        return kernels
+        return int(sock.getsockname()[1])
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:

@@ -266,15 +266,15 @@ def test_after_a_broker_kill9_receipts_still_bring_every_reading_home(
             await asyncio.to_thread(broker.kill9)
             await asyncio.to_thread(broker.start)
             await asyncio.to_thread(worker.start)
-            try:
-                async with asyncio.timeout(WITHIN_S):
-                    await meter.drain()
-            finally:
-                worker.stop()
+            async with asyncio.timeout(WITHIN_S):
+                await meter.drain()
             await meter.stop()
             return meter
 
-    meter = asyncio.run(scenario())
+    try:
+        meter = asyncio.run(scenario())
+    finally:
+        worker.stop()
     assert worker.seqs(meter_id) == set(range(1, 11))
     assert meter.stats.accepted + meter.stats.duplicate == 10
 
