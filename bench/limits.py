@@ -94,7 +94,7 @@ def crypto_limits(*, seconds: float = 2.0) -> list[CryptoLimit]:
     through schemas.signatures: the same objects the worker verifies with."""
     message = signed_payloads("bench-crypto", generate_private_key(Alg.EDDSA), 1, t0_ms=0)[0]
     cases: list[tuple[Alg, str, PrivateKey]] = [
-        (Alg.EDDSA, "Ed25519 (PyNaCl)", generate_private_key(Alg.EDDSA)),
+        (Alg.EDDSA, "Ed25519 (solders: ed25519-dalek)", generate_private_key(Alg.EDDSA)),
         (Alg.ES256, "ECDSA P-256", generate_private_key(Alg.ES256)),
         (Alg.RS256, "RSA-4096", generate_private_key(Alg.RS256, rsa_bits=4096)),
     ]

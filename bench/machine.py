@@ -49,6 +49,7 @@ def describe() -> dict[str, str]:
         "redis": _first_line(["redis-server", "--version"]),
         "meterproof": metadata.version("meterproof"),
         "pynacl": metadata.version("pynacl"),
+        "solders": metadata.version("solders"),
         "gmqtt": metadata.version("gmqtt"),
         "uvloop": metadata.version("uvloop"),
         "psycopg": metadata.version("psycopg"),

@@ -52,6 +52,7 @@ RULES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("schemas/signatures.py", (), "verify"),
     ("ingest/keys.py", (), "verify"),  # the registry snapshot the signature is checked with
     ("nacl/", (), "verify"),
+    ("solders/", (), "verify"),
     ("ingest/replay.py", (), "replay check"),
     ("redis/", (), "replay check"),
     ("ingest/judge.py", (), "judge (rules 7-9)"),
@@ -211,6 +212,7 @@ def py_spy(pid: int, out: Path, *, rate_hz: int) -> Iterator[None]:
 LIBRARIES: Final[tuple[tuple[str, str], ...]] = (
     ("libpython", "interpreter"),
     ("_sodium", "libsodium (signatures)"),
+    ("solders", "ed25519-dalek (signatures)"),
     ("[kernel", "kernel"),
     ("libcrypto", "OpenSSL (TLS)"),
     ("libssl", "OpenSSL (TLS)"),

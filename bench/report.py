@@ -1125,7 +1125,8 @@ SECTIONS: Final[dict[str, Callable[[Data, dict[str, Data]], list[str]]]] = {
 _VERSIONS: Final = (
     ("Python", "python"), ("Mosquitto", "mosquitto"), ("PostgreSQL", "postgresql"),
     ("Redis", "redis"), ("gmqtt", "gmqtt"), ("uvloop (load generator)", "uvloop"),
-    ("PyNaCl", "pynacl"), ("psycopg", "psycopg"), ("redis-py", "redis-py"),
+    ("PyNaCl (signing)", "pynacl"), ("solders (Ed25519 checks)", "solders"),
+    ("psycopg", "psycopg"), ("redis-py", "redis-py"),
     ("cryptography", "cryptography"), ("meterproof", "meterproof"),
 )  # fmt: skip
 

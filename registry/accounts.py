@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Final
 
 import base58
-import nacl.exceptions
-import nacl.signing
 from eth_utils.address import to_checksum_address
 
 from meterproof.registry.errors import InvalidInputError
+from meterproof.schemas.signatures import Ed25519Public
 
 EVM: Final = "eip155"
 ED25519: Final = "solana"
@@ -94,11 +93,13 @@ class AccountId:
             if signer != self.address:
                 raise BadSignatureError(f"signed by {signer}, not by {self.address}")
             return
-        key = nacl.signing.VerifyKey(_b58(self.address, "address"))
+        raw = _b58(self.address, "address")
         try:
-            key.verify(text.encode("utf-8"), _b58(signature, "signature"))
-        except (nacl.exceptions.BadSignatureError, ValueError) as exc:
+            key = Ed25519Public(raw)
+        except ValueError as exc:  # not 32 bytes
             raise BadSignatureError(f"the Ed25519 signature does not verify for {self}") from exc
+        if not key.verify(_b58(signature, "signature"), text.encode("utf-8")):
+            raise BadSignatureError(f"the Ed25519 signature does not verify for {self}")
 
     @property
     def evm_address(self) -> str | None:
