@@ -94,7 +94,10 @@ class _StoreThread:
     drain of all workers together. On the worker's loop, each of a transaction's round
     trips waited for the signature checks in hand (measured: locks held 55-120 ms per
     1,000 readings, two workers no faster than one). Here a round trip goes on as soon as
-    its answer is in; libpq's waits and the signature checks release the GIL.
+    its answer is in: libpq's waits release the GIL. The signature checks (solders) hold
+    it, so while the loop checks a slice the thread may wait up to the interpreter's
+    switch interval (5 ms) for it; the drain still ran 1.2x faster with them than with
+    libsodium's, which released it (docs/scaling.md).
     """
 
     def __init__(self) -> None:
