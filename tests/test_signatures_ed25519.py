@@ -116,6 +116,13 @@ def _base(scalar: bytes) -> bytes:
     return sodium.crypto_scalarmult_ed25519_base_noclamp(scalar)
 
 
+def _honest(seed: bytes, message: bytes) -> tuple[bytes, bytes]:
+    """A key aB and its RFC 8032-shaped signature of `message` (scalars from `seed`)."""
+    a, r = _scalar(b"a" + seed), _scalar(b"r" + seed)
+    key = _base(a)
+    return key, _sign(a, r, message, key=key, nonce_point=_base(r))
+
+
 def _verdicts(key: bytes, signature: bytes, message: bytes) -> tuple[bool, bool]:
     """(ours, libsodium's)."""
     try:
@@ -133,9 +140,7 @@ messages = st.binary(max_size=300)
 @settings(max_examples=150, deadline=None)
 @given(seed=seeds, message=messages)
 def test_an_honest_signature_passes_both(seed: bytes, message: bytes) -> None:
-    a, r = _scalar(b"a" + seed), _scalar(b"r" + seed)
-    key = _base(a)
-    signature = _sign(a, r, message, key=key, nonce_point=_base(r))
+    key, signature = _honest(seed, message)
     assert _verdicts(key, signature, message) == (True, True)
 
 
@@ -190,9 +195,7 @@ def test_a_small_order_key_is_refused_by_both(j: int, nonce_j: int) -> None:
 @settings(max_examples=100, deadline=None)
 @given(seed=seeds, message=messages)
 def test_s_not_below_the_group_order_is_refused_by_both(seed: bytes, message: bytes) -> None:
-    a, r = _scalar(b"a" + seed), _scalar(b"r" + seed)
-    key = _base(a)
-    signature = _sign(a, r, message, key=key, nonce_point=_base(r))
+    key, signature = _honest(seed, message)
     s = int.from_bytes(signature[32:], "little") + L
     if s >= 2**256:
         return
@@ -215,9 +218,8 @@ def test_non_canonical_encodings_of_small_order_keys_are_refused_by_both() -> No
 def test_a_flipped_bit_of_the_signature_is_refused_by_both(
     seed: bytes, message: bytes, flip: int
 ) -> None:
-    a, r = _scalar(b"a" + seed), _scalar(b"r" + seed)
-    key = _base(a)
-    signature = bytearray(_sign(a, r, message, key=key, nonce_point=_base(r)))
+    key, honest = _honest(seed, message)
+    signature = bytearray(honest)
     signature[flip // 8] ^= 1 << (flip % 8)
     assert _verdicts(key, bytes(signature), message) == (False, False)
 
