@@ -196,16 +196,14 @@ def test_a_small_order_key_is_refused_by_both(j: int, nonce_j: int) -> None:
 @given(seed=seeds, message=messages)
 def test_s_not_below_the_group_order_is_refused_by_both(seed: bytes, message: bytes) -> None:
     key, signature = _honest(seed, message)
-    s = int.from_bytes(signature[32:], "little") + L
-    if s >= 2**256:
-        return
+    s = int.from_bytes(signature[32:], "little") + L  # below 2**254: S < L < 2**253
     mauled = signature[:32] + s.to_bytes(32, "little")
     assert _verdicts(key, mauled, message) == (False, False)
 
 
 def test_non_canonical_encodings_of_small_order_keys_are_refused_by_both() -> None:
-    """y + P for the y of the identity, order 2 and order 4 points (those below 19 that
-    fit in 255 bits), each with both sign bits."""
+    """y + P for y = 0 (the points of order 4) and y = 1 (the identity), each with both
+    sign bits: the small-order points whose y has a second encoding below 2**255."""
     for y in (0, 1):
         for sign in (0, 1 << 255):
             key = ((y + P) | sign).to_bytes(32, "little")
