@@ -49,7 +49,8 @@ import psycopg
 from meterproof.api.pages import QUARTER_MS
 from meterproof.api.ready import wait_ready
 from meterproof.api.settings import ApiSettings
-from meterproof.bench.ingest import provision_meters, run_drain, up_on_free_ports
+from meterproof.bench.ingest import run_drain
+from meterproof.bench.stacks import provision_meters, up_on_free_ports
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv

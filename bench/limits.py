@@ -329,7 +329,7 @@ def run_limits(
     progress: Progress,
 ) -> Limits:
     """Everything on a private stack (PKI, broker, PostgreSQL, Redis) in `run_dir`."""
-    from meterproof.bench.ingest import up_on_free_ports
+    from meterproof.bench.stacks import up_on_free_ports
     from meterproof.stack.services import LocalStack
 
     progress(f"crypto: verify/s on one core, {crypto_seconds:.1f} s per algorithm")

@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meterproof.bench.compare import BRIDGE
 from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
-from meterproof.bench.ingest import provision_meters, up_on_free_ports
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.legs import join_stored, slowest_legs, summarise
+from meterproof.bench.stacks import provision_meters, up_on_free_ports
 from meterproof.config import StackEnv
 from meterproof.stack.process import end_child, free_port, port_is_free
 from meterproof.stack.services import LocalStack
