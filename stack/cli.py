@@ -99,8 +99,8 @@ def up(local: LocalStack, ports: Ports, ingest_workers: int) -> None:
     1884, 5432, 6379) if that is free, else a free one. With --ha the database URL names
     both PostgreSQL nodes with target_session_attrs=read-write: clients reach whichever is
     primary, and `stack status` shows which one that is; METERPROOF_MQTT_BROKERS lists
-    both brokers (the second on 8893/1894 the first time, else free ports): meters fail
-    over along it, workers subscribe on each.
+    both brokers (the second, the first time, on the first one's ports + 10 if free, else
+    on free ones): meters fail over along it, workers subscribe on each.
     """
     _, started = local.up(ports, ingest_workers=ingest_workers)
     if started:

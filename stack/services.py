@@ -223,11 +223,11 @@ class LocalStack:
         brokers, admins = [(LOOPBACK, mqtt)], [admin]
         previous = self.brokers(recorded)
         for i in range(1, self.broker_count):
-            # The recorded ports of broker i, or the conventional ones + 10 * i the first time.
+            # The recorded ports of broker i, or the first broker's + 10 * i the first time.
             known = previous[i] if i < len(previous) else None
             up = known is not None and known.is_running()
-            tls_port = known.port if known else recorded.mqtt_port + 10 * i
-            admin_port = known.admin_port if known else recorded.mqtt_admin_port + 10 * i
+            tls_port = known.port if known else mqtt + 10 * i
+            admin_port = known.admin_port if known else admin + 10 * i
             brokers.append((LOOPBACK, choose(f"mosquitto-{i}", None, tls_port, up)))
             admins.append(choose(f"mosquitto-{i} admin", None, admin_port, up))
         read_url = None

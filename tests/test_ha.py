@@ -35,7 +35,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster
-from meterproof.stack.process import pid_alive
+from meterproof.stack.process import free_port, pid_alive
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack
 
@@ -256,7 +256,11 @@ def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Pa
     tmp_path.chmod(0o700)
     run_dir = tmp_path / "run"
     try:
-        up = stack("up", "--ha", "--run-dir", run_dir, "--pki-root", tmp_path / "pki")
+        mqtt, admin, redis = free_port(), free_port(), free_port()  # not a developer's stack's
+        up = stack(
+            "up", "--ha", "--run-dir", run_dir, "--pki-root", tmp_path / "pki",
+            "--mqtt-port", str(mqtt), "--mqtt-admin-port", str(admin), "--redis-port", str(redis),
+        )  # fmt: skip
         assert up.returncode == 0, up.stderr
         cluster = HaCluster.recorded(run_dir / "ha")
         assert cluster is not None
@@ -280,7 +284,12 @@ def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Pa
         }
         # two brokers, both running, rendered from one PKI, listed in the clients' order
         assert len(env.brokers()) == len(env.admin_ports()) == 2
-        assert env.brokers()[0] == ("127.0.0.1", env.mqtt_port)
+        assert env.brokers()[0] == ("127.0.0.1", mqtt)
+        assert env.admin_ports()[0] == admin
+        assert env.redis_url.startswith(f"redis://127.0.0.1:{redis}/")
+        # the second broker follows the first's ports, away from the conventional 8893/1894
+        assert env.brokers()[1][1] not in (8883, 8893)
+        assert env.admin_ports()[1] != 1894
         for (_, port), name in zip(env.brokers(), ("mosquitto", "mosquitto-1"), strict=True):
             assert f"mqtts://127.0.0.1:{port}" in rows[name]
             assert rows[name].split()[1] == "up", rows[name]
