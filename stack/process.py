@@ -65,12 +65,13 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether a server could listen there now (TIME_WAIT leftovers do not count)."""
+    """Whether a server could listen there now (TIME_WAIT leftovers do not count); never
+    for a number that is no port (a derived one, such as a broker's port + 10)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
+        except (OSError, OverflowError):
             return False
         return True
 

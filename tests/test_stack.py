@@ -149,6 +149,12 @@ def test_free_ports_lie_below_the_range_outgoing_connections_use():
     assert all(20_000 <= port < ceiling and port_is_free(port) for port in ports)
 
 
+def test_a_number_beyond_the_ports_is_not_a_free_port():
+    """A second broker's port is derived from the first's (+ 10); near the top of the
+    range that is no port, and `stack up` must pick a free one instead of failing."""
+    assert not port_is_free(65_535 + 10)
+
+
 def test_free_ports_do_not_follow_a_seeded_random():
     """Hypothesis seeds `random` in every test process alike; the ports must differ."""
     drawn = []
