@@ -51,7 +51,6 @@ RULES: Final[tuple[tuple[str, tuple[str, ...], str], ...]] = (
     ("ingest/verify.py", (), "verify"),
     ("schemas/signatures.py", (), "verify"),
     ("ingest/keys.py", (), "verify"),  # the registry snapshot the signature is checked with
-    ("nacl/", (), "verify"),
     ("solders/", (), "verify"),
     ("ingest/replay.py", (), "replay check"),
     ("redis/", (), "replay check"),
