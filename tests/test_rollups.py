@@ -226,6 +226,60 @@ def test_each_meters_way_in_one_copy_equals_the_brute_force_sum(
     ]
 
 
+@pytest.mark.parametrize("left", [3, 70], ids=["few-left", "many-left"])
+def test_the_short_ways_meters_and_the_rest_in_one_copy_equal_the_brute_force_sum(
+    left: int, database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """Migration 0017 takes the short way's meters first; the others follow by name when
+    few are left, and as all of the batch when many are (a backlog): either way no meter is
+    counted twice or left out. Each of the `left` meters' new reading lands between stored
+    ones; the short ones' readings come after all of theirs."""
+    short = [make_meter_id() for _ in range(5)]
+    between = [make_meter_id() for _ in range(left)]
+    register(database_url, *short, *between)
+    stored = [
+        candidate(KEY, m, seq, MIDNIGHT + ts, 1_000 * seq, 10 * seq)
+        for m in (*short, *between)
+        for seq, ts in ((1, 0), (2, 1_200_000))
+    ]
+    late = [
+        *(candidate(KEY, m, 3, MIDNIGHT + 1_800_000, 2_700, 27) for m in short),
+        *(candidate(KEY, m, 3, MIDNIGHT + 600_000, 1_400, 14) for m in between),
+    ]
+    kinds = store_batches(database_url, [stored, late])
+    assert kinds == [Accepted] * len(stored + late)
+    with psycopg.connect(database_url) as conn:
+        for meter_id in (*short, *between):
+            assert_matches_brute_force(conn, meter_id)
+
+
+def test_the_retired_watermark_is_the_predecessor_only_of_readings_after_it(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """Retention leaves each meter's latest retired reading as a watermark (migration
+    0005). A new reading after it counts its difference from it (the short way); one
+    before it has no predecessor, so it counts none, and stays off the short way."""
+    after_mark, before_mark = meters = [make_meter_id(), make_meter_id()]
+    register(database_url, *meters)
+    with psycopg.connect(database_url) as conn:
+        for meter_id in meters:  # what retiring (seq 1, 0 min) and (seq 2, 10 min) leaves
+            conn.execute(
+                "INSERT INTO reading_watermarks VALUES (%s, %s, 2, 200, 20, 2)",
+                (meter_id, datetime.fromtimestamp((MIDNIGHT + 600_000) / 1000, UTC)),
+            )
+    late = [
+        candidate(KEY, after_mark, 3, MIDNIGHT + 1_200_000, 260, 26),
+        candidate(KEY, before_mark, 5, MIDNIGHT + 300_000, 150, 15),
+    ]
+    assert store_batches(database_url, [late]) == [Accepted, Accepted]
+    day = datetime.fromtimestamp(MIDNIGHT / 1000, UTC)
+    with psycopg.connect(database_url) as conn:
+        assert all_rollups(conn, after_mark, Width.QUARTER) == [
+            Rollup(day + timedelta(minutes=15), 60, 6, 1)
+        ]
+        assert all_rollups(conn, before_mark, Width.QUARTER) == [Rollup(day, 0, 0, 1)]
+
+
 def test_a_difference_across_a_boundary_belongs_to_the_later_readings_interval(
     database_url: str, meter_id: str
 ) -> None:
