@@ -264,7 +264,8 @@ def test_the_retired_watermark_is_the_predecessor_only_of_readings_after_it(
     with psycopg.connect(database_url) as conn:
         for meter_id in meters:  # what retiring (seq 1, 0 min) and (seq 2, 10 min) leaves
             conn.execute(
-                "INSERT INTO reading_watermarks VALUES (%s, %s, 2, 200, 20, 2)",
+                "INSERT INTO reading_watermarks (meter_id, ts, seq, import_wh, export_wh,"
+                " max_seq) VALUES (%s, %s, 2, 200, 20, 2)",
                 (meter_id, datetime.fromtimestamp((MIDNIGHT + 600_000) / 1000, UTC)),
             )
     late = [
