@@ -237,8 +237,10 @@ class _LogTail:
         self._thread.start()
 
     def stop(self) -> None:
+        """Also when it never started (the broker did not): the run's own error stands."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         self._read()
 
     def _run(self) -> None:

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from meterproof.cli.main import main
 from meterproof.conformance.checks import Verdict, run_checks
+from meterproof.conformance.kit import _LogTail, _Recorder
 from meterproof.conformance.observations import (
     Connected,
     Observation,
@@ -419,3 +420,13 @@ def test_a_vendor_identity_is_accepted_or_refused_with_a_named_reason(tmp_path: 
     assert refused.exit_code == 2, refused.output
     assert "vendor_cert_untrusted" in refused.output
     assert not (tmp_path / "run" / "mosquitto").exists()  # refused before anything started
+
+
+def test_a_log_tail_that_never_started_stops_quietly(tmp_path: Path) -> None:
+    """A broker that fails to start leaves its log tail unstarted; stopping it in the
+    run's cleanup must not raise over the broker's own error (it raised RuntimeError,
+    "cannot join thread before it is started", and the port error was lost)."""
+    log = tmp_path / "broker.log"
+    log.write_text("")
+    tail = _LogTail(_Recorder(0.0), log, "m-1")
+    tail.stop()
