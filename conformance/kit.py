@@ -464,10 +464,12 @@ def run_meter(
     observer = _Observer(rec, layout=layout, port=broker.port, meter_id=meter_id)
     tail = _LogTail(rec, files.log, meter_id)
     try:
-        stack.start_database(meter_id, key)
-        progress(f"PostgreSQL {stack.database.url} migrated, the meter registered")
+        # the broker first: its port was drawn just now, and the database's start takes
+        # seconds in which another process may take a free port
         broker.start()
         tail.start()
+        stack.start_database(meter_id, key)
+        progress(f"PostgreSQL {stack.database.url} migrated, the meter registered")
         stack.start_worker(broker_lost_exit_s=phases.outage_s + 60)
         progress(f"broker {broker.url}, ingest worker subscribed (log {stack.worker_log})")
         observer.start()
