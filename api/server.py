@@ -98,7 +98,7 @@ def config(settings: ApiSettings) -> uvicorn.Config:
         ssl_ca_certs=str(pki.ca_cert),
         ssl_cert_reqs=ssl.CERT_OPTIONAL,
         http=_protocol(RevokedSerials(pki)),
-        ws="websockets",
+        ws="websockets-sansio",  # uvicorn's "auto" choice; "websockets" is the deprecated legacy
         lifespan="on",
         log_config=None,
         access_log=False,
