@@ -27,8 +27,8 @@ from eth_account.messages import encode_defunct
 from fixtures.api import OPERATOR_SECRET, ApiServer, signed
 from ingest_harness import provision
 from waiting import wait_until
+from websocket_harness import websocket
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 from meterproof.bridge.oracle import load_oracle
 from meterproof.bridge.proof import check_proof
@@ -502,12 +502,12 @@ def test_a_live_stream_follows_the_consent_and_closes_on_revocation(
     uri = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream/energy"
     tls = ssl.create_default_context(cafile=str(api_server.pki.ca_cert))
     with (
-        connect(uri, ssl=tls, additional_headers=_bearer(tokens[refused])) as nobody,
+        websocket(uri, tls=tls, headers=_bearer(tokens[refused])) as nobody,
         pytest.raises(ConnectionClosed) as closed,
     ):
         nobody.recv(timeout=5)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "no_consent")
-    with connect(uri, ssl=tls, additional_headers=_bearer(tokens[allowed])) as stream:
+    with websocket(uri, tls=tls, headers=_bearer(tokens[allowed])) as stream:
         with api_server.meter_client(meter_id) as meter:
             sent = meter.post(f"/api/meters/{meter_id}/energy", content=signed(meter_id, key, 1,
                               wall_ms()))  # fmt: skip
@@ -531,7 +531,10 @@ def test_status_and_alert_streams_follow_the_registry(
     files = api_server.pki.device(meter_id)
     tls = client_context(cert=files.cert, key=files.key, ca_cert=api_server.pki.ca_cert)
     base = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream"
-    with connect(f"{base}/status", ssl=tls) as status, connect(f"{base}/alerts", ssl=tls) as alerts:
+    with (
+        websocket(f"{base}/status", tls=tls) as status,
+        websocket(f"{base}/alerts", tls=tls) as alerts,
+    ):
         assert json.loads(status.recv(timeout=5))["status"] == "active"
         with api_server.client(headers=_bearer(api_server.operator_token())) as http:
             http.post(f"/api/meters/{meter_id}/quarantine", json={"reason": "tamper alarm"})
@@ -541,7 +544,7 @@ def test_status_and_alert_streams_follow_the_registry(
     other = make_meter_id()
     provision(api_server.pki, None, other)
     with (
-        connect(base.replace(meter_id, other) + "/alerts", ssl=tls) as foreign,
+        websocket(base.replace(meter_id, other) + "/alerts", tls=tls) as foreign,
         pytest.raises(ConnectionClosed) as closed,
     ):
         foreign.recv(timeout=5)
