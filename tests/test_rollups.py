@@ -225,15 +225,18 @@ def test_each_meters_way_in_one_copy_equals_the_brute_force_sum(
     ]
 
 
-@pytest.mark.parametrize("left", [3, 70], ids=["few-left", "many-left"])
+@pytest.mark.parametrize(
+    ("shorts", "left"), [(5, 3), (5, 70), (280, 70)], ids=["few-left", "many-left", "a-fifth-left"]
+)
 def test_the_short_ways_meters_and_the_rest_in_one_copy_equal_the_brute_force_sum(
-    left: int, database_url: str, make_meter_id: Callable[[], str]
+    shorts: int, left: int, database_url: str, make_meter_id: Callable[[], str]
 ) -> None:
     """Migration 0017 takes the short way's meters first; the others follow by name when
-    few are left, and as all of the batch when many are (a backlog): either way no meter is
-    counted twice or left out. Each of the `left` meters' new reading lands between stored
-    ones; the short ones' readings come after all of theirs."""
-    short = [make_meter_id() for _ in range(5)]
+    few are left (0018: up to 64, or more that are at most a fifth of the readings), and
+    as all of the batch when more are: either way no meter is counted twice or left out.
+    Each of the `left` meters' new reading lands between stored ones; the short ones'
+    readings come after all of theirs."""
+    short = [make_meter_id() for _ in range(shorts)]
     between = [make_meter_id() for _ in range(left)]
     register(database_url, *short, *between)
     stored = [
