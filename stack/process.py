@@ -8,6 +8,8 @@ zombies; a zombie left to an init that does not reap counts as stopped.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import random
 import re
@@ -17,7 +19,8 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,12 @@ _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 #: Not `random`'s shared generator: a test that seeds it (hypothesis does) would make two
 #: test processes draw the same ports.
 _PORTS = random.SystemRandom()
+#: The ports drawn or claimed lately, one file for the machine (not per TMPDIR: a process
+#: given its own TMPDIR must still see the others' draws), and how long a draw holds.
+_CLAIMS = Path("/tmp/meterproof-claimed-ports.json")  # noqa: S108 - shared on purpose
+CLAIM_S = 300.0
+#: The claims of this process when the file cannot be used.
+_claims_here: dict[int, float] = {}
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -46,9 +55,10 @@ def free_port(host: str = LOOPBACK) -> int:
     Outgoing connections take their local ports from the kernel's ephemeral range, so a
     port handed out from it can be taken by a connection before the server binds it (a
     port taken before its server started has been seen on these shared machines).
-    Ports are drawn below that range instead, where only another server drawing the same
-    one at the same moment could take it; if the range leaves no room below it, the
-    kernel picks.
+    Ports are drawn below that range instead, and claimed (`claim_port`), so that another
+    process drawing in the seconds before the server binds cannot get the same one (two
+    test processes doing so failed a clean-clone run). If the range leaves no room below
+    it, the kernel picks.
     """
     try:
         ceiling = int(_EPHEMERAL_RANGE.read_text().split()[0])
@@ -57,11 +67,49 @@ def free_port(host: str = LOOPBACK) -> int:
     if ceiling - _PORT_FLOOR >= 1_000:
         for _ in range(100):
             port = _PORTS.randrange(_PORT_FLOOR, ceiling)
-            if port_is_free(port, host):
+            if claim_port(port, host):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def claim_port(port: int, host: str = LOOPBACK) -> bool:
+    """Whether `port` is free and no process on this machine drew or claimed it in the last
+    CLAIM_S seconds; if so it is now claimed. For ports a caller derives (a second broker
+    on the first's port + 10) as much as for drawn ones: only servers that start within
+    CLAIM_S of the claim are protected, which all of ours do."""
+    with _claims() as claims:
+        if port in claims or not port_is_free(port, host):
+            return False
+        claims[port] = time.time() + CLAIM_S
+        return True
+
+
+@contextmanager
+def _claims() -> Iterator[dict[int, float]]:
+    """The unexpired claims, to read and add to, under an exclusive lock of the file; this
+    process's own when the file cannot be used (another user's, a read-only /tmp)."""
+    now = time.time()
+    try:
+        fd = os.open(_CLAIMS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        for port in [port for port, until in _claims_here.items() if until <= now]:
+            del _claims_here[port]
+        yield _claims_here
+        return
+    with os.fdopen(fd, "r+", encoding="utf-8") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            raw = json.loads(file.read() or "{}")
+            claims = {int(port): float(until) for port, until in raw.items()}
+        except (ValueError, TypeError, AttributeError):
+            claims = {}  # torn or foreign content: start again rather than refuse to draw
+        claims = {port: until for port, until in claims.items() if until > now}
+        yield claims
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(claims))
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:

@@ -29,7 +29,7 @@ from meterproof.mosquitto.config import broker_files, render
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster, describe
 from meterproof.stack.postgres import PostgresServer
-from meterproof.stack.process import LOOPBACK, StackError, free_port, port_is_free
+from meterproof.stack.process import LOOPBACK, StackError, claim_port, free_port, port_is_free
 from meterproof.stack.redis import RedisServer
 
 #: Brokers of `stack up --ha`: a meter whose broker is lost moves to the other.
@@ -226,8 +226,8 @@ class LocalStack:
             # The recorded ports of broker i, or the first broker's + 10 * i the first time.
             known = previous[i] if i < len(previous) else None
             up = known is not None and known.is_running()
-            tls_port = known.port if known else mqtt + 10 * i
-            admin_port = known.admin_port if known else admin + 10 * i
+            tls_port = known.port if known else _claimed_or_free(mqtt + 10 * i)
+            admin_port = known.admin_port if known else _claimed_or_free(admin + 10 * i)
             brokers.append((LOOPBACK, choose(f"mosquitto-{i}", None, tls_port, up)))
             admins.append(choose(f"mosquitto-{i} admin", None, admin_port, up))
         read_url = None
@@ -265,6 +265,11 @@ def _compose_env(env: StackEnv) -> str:
         "METERPROOF_GID": os.getegid(),
     }
     return "".join(f"{key}={value}\n" for key, value in values.items())
+
+
+def _claimed_or_free(port: int) -> int:
+    """`port` if this process may claim it (see `claim_port`), else a drawn one."""
+    return port if claim_port(port) else free_port()
 
 
 def _free_port_not_in(taken: set[int]) -> int:

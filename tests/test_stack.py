@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,10 +28,12 @@ from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
 from meterproof.mosquitto.config import broker_files
+from meterproof.stack import process
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import (
     StackError,
+    claim_port,
     free_port,
     pid_alive,
     port_accepts,
@@ -444,3 +447,60 @@ def test_a_run_dir_keeps_the_brokers_it_was_prepared_with(tmp_path: Path) -> Non
     again = LocalStack(run_dir=run_dir)
     assert again.broker_count == 3
     assert [b.port for b in again.brokers(again.recorded())] == [p for _, p in env.brokers()]
+
+
+def test_a_drawn_port_is_not_drawn_again_while_its_claim_holds():
+    """Hundreds of draws, none twice: at random alone, 400 draws among the ~12,800 ports
+    below the ephemeral range repeat one with a probability above 99 %."""
+    ports = [free_port() for _ in range(400)]
+    assert len(set(ports)) == len(ports)
+
+
+def test_two_processes_drawing_at_once_never_draw_the_same_port():
+    """What failed a clean-clone run: a drawn port was taken by another test process's
+    server before the drawing test's own server started on it."""
+    start = time.time() + 2  # both draw in the same second, after their imports
+    draw = (
+        "import sys, time\n"
+        "from meterproof.stack.process import free_port\n"
+        "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+        "print(*(free_port() for _ in range(200)))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", draw, str(start)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    first, second = ({int(p) for p in proc.communicate(timeout=60)[0].split()} for proc in procs)
+    assert len(first) == len(second) == 200
+    assert not first & second
+
+
+def test_draws_stay_distinct_when_the_claims_file_cannot_be_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(process, "_CLAIMS", tmp_path / "no-such-folder" / "claims.json")
+    ports = [free_port() for _ in range(400)]
+    assert len(set(ports)) == len(ports)
+
+
+def test_a_claimed_or_listening_port_cannot_be_claimed():
+    port = free_port()  # claimed by the draw
+    assert not claim_port(port)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert not claim_port(taken.getsockname()[1])
+
+
+def test_a_second_broker_does_not_take_a_port_another_process_claimed(tmp_path: Path):
+    """Its ports are the first's + 10 the first time, unless someone drew that port."""
+    mqtt, admin = free_port(), free_port()
+    claim_port(mqtt + 10)  # as another process drawing it for its own server would
+    local = LocalStack(run_dir=tmp_path / "run", pki_root=tmp_path / "pki", brokers=2)
+    env = local.prepare(Ports(mqtt=mqtt, mqtt_admin=admin), ingest_workers=1)
+    ports = [port for _, port in env.brokers()] + list(env.admin_ports())
+    assert ports[0] == mqtt
+    assert ports[1] != mqtt + 10
+    assert len(set(ports)) == 4

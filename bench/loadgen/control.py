@@ -29,7 +29,7 @@ from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.legs import join_stored, slowest_legs, summarise
 from meterproof.bench.stacks import provision_meters, up_on_free_ports
 from meterproof.config import StackEnv
-from meterproof.stack.process import end_child, free_port, port_is_free
+from meterproof.stack.process import claim_port, end_child, free_port
 from meterproof.stack.services import LocalStack
 
 Progress = Callable[[str], None]
@@ -296,7 +296,7 @@ def _free_port_run(count: int) -> int:
     drawn at random as `free_port` draws: two bench runs at once must not pick one run."""
     for _ in range(100):
         base = free_port()
-        if all(port_is_free(base + i) for i in range(1, count)):
+        if all(claim_port(base + i) for i in range(1, count)):
             return base
     raise RuntimeError("no run of free ports for the /readyz of the workers or the bridge")
 
