@@ -449,6 +449,16 @@ def test_a_run_dir_keeps_the_brokers_it_was_prepared_with(tmp_path: Path) -> Non
     assert [b.port for b in again.brokers(again.recorded())] == [p for _, p in env.brokers()]
 
 
+@pytest.fixture
+def claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A claims file of the test's own, so its hundreds of draws do not crowd the
+    machine's for the other test processes."""
+    path = tmp_path / "claims.json"
+    monkeypatch.setattr(process, "_CLAIMS", path)
+    return path
+
+
+@pytest.mark.usefixtures("claims")
 def test_a_drawn_port_is_not_drawn_again_while_its_claim_holds():
     """Hundreds of draws, none twice: at random alone, 400 draws among the ~12,800 ports
     below the ephemeral range repeat one with a probability above 99 %."""
@@ -456,19 +466,20 @@ def test_a_drawn_port_is_not_drawn_again_while_its_claim_holds():
     assert len(set(ports)) == len(ports)
 
 
-def test_two_processes_drawing_at_once_never_draw_the_same_port():
+def test_two_processes_drawing_at_once_never_draw_the_same_port(claims: Path):
     """What failed a clean-clone run: a drawn port was taken by another test process's
     server before the drawing test's own server started on it."""
     start = time.time() + 2  # both draw in the same second, after their imports
     draw = (
-        "import sys, time\n"
-        "from meterproof.stack.process import free_port\n"
+        "import pathlib, sys, time\n"
+        "from meterproof.stack import process\n"
+        "process._CLAIMS = pathlib.Path(sys.argv[2])\n"
         "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
-        "print(*(free_port() for _ in range(200)))\n"
+        "print(*(process.free_port() for _ in range(200)))\n"
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", draw, str(start)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", draw, str(start), str(claims)], stdout=subprocess.PIPE, text=True
         )
         for _ in range(2)
     ]
@@ -485,6 +496,7 @@ def test_draws_stay_distinct_when_the_claims_file_cannot_be_used(
     assert len(set(ports)) == len(ports)
 
 
+@pytest.mark.usefixtures("claims")
 def test_a_claimed_or_listening_port_cannot_be_claimed():
     port = free_port()  # claimed by the draw
     assert not claim_port(port)
@@ -494,6 +506,7 @@ def test_a_claimed_or_listening_port_cannot_be_claimed():
         assert not claim_port(taken.getsockname()[1])
 
 
+@pytest.mark.usefixtures("claims")
 def test_a_second_broker_does_not_take_a_port_another_process_claimed(tmp_path: Path):
     """Its ports are the first's + 10 the first time, unless someone drew that port."""
     mqtt, admin = free_port(), free_port()
