@@ -89,10 +89,11 @@ def claim_port(port: int, host: str = LOOPBACK) -> bool:
 @contextmanager
 def _claims() -> Iterator[dict[int, float]]:
     """The unexpired claims, to read and add to, under an exclusive lock of the file; this
-    process's own when the file cannot be used (another user's, a read-only /tmp)."""
+    process's own when the file cannot be used (another user's, a read-only /tmp, a
+    symbolic link: never followed, where anyone may plant one)."""
     now = time.time()
     try:
-        fd = os.open(_CLAIMS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(_CLAIMS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError:
         for port in [port for port, until in _claims_here.items() if until <= now]:
             del _claims_here[port]

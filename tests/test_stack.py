@@ -488,12 +488,21 @@ def test_two_processes_drawing_at_once_never_draw_the_same_port(claims: Path):
     assert not first & second
 
 
+@pytest.mark.parametrize("unusable", ["a missing folder", "a symbolic link"])
 def test_draws_stay_distinct_when_the_claims_file_cannot_be_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    unusable: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(process, "_CLAIMS", tmp_path / "no-such-folder" / "claims.json")
+    """A link is not followed: in /tmp anyone could point it at a file of root's."""
+    target = tmp_path / "not-ours"
+    target.write_text("kept")
+    claims = tmp_path / "no-such-folder" / "claims.json"
+    if unusable == "a symbolic link":
+        claims = tmp_path / "claims.json"
+        claims.symlink_to(target)
+    monkeypatch.setattr(process, "_CLAIMS", claims)
     ports = [free_port() for _ in range(400)]
     assert len(set(ports)) == len(ports)
+    assert target.read_text() == "kept"
 
 
 @pytest.mark.usefixtures("claims")
