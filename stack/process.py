@@ -56,9 +56,9 @@ def free_port(host: str = LOOPBACK) -> int:
     port handed out from it can be taken by a connection before the server binds it (a
     port taken before its server started has been seen on these shared machines).
     Ports are drawn below that range instead, and claimed (`claim_port`), so that another
-    process drawing in the seconds before the server binds cannot get the same one (two
-    test processes doing so failed a clean-clone run). If the range leaves no room below
-    it, the kernel picks.
+    process drawing in the seconds before the server binds cannot get the same one (a
+    port drawn in one test process and bound by another's server failed a clean-clone
+    run). If the range leaves no room below it, the kernel picks.
     """
     try:
         ceiling = int(_EPHEMERAL_RANGE.read_text().split()[0])
