@@ -271,3 +271,32 @@ def test_status_and_key_changes_notify_after_commit(database_url: str) -> None:
         assert list(listener.notifies(timeout=0.2, stop_after=1)) == []  # not a status change
         writer.execute("DELETE FROM meter_keys")
         assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["m1"]
+
+
+#: The SHA-256 of every migration as it landed, its first 16 hex digits. `migrate` refuses
+#: a database whose applied migration changed on disk, so an edit to a landed file (even
+#: to a comment: one slipped into 0017 and was undone) would stop every deployment at its
+#: next start. A new migration adds its line here; a landed one never changes its own.
+LANDED = {
+    "0001_registry": "c6907698b22e880e",
+    "0002_readings": "fcf7f0d42a9a6ac2",
+    "0003_ledger": "e27365965d504b99",
+    "0004_consent": "d3332f7bd6d3cf4a",
+    "0005_rollups_retention": "a9182410a3ce149d",
+    "0006_evm_transactions": "889c441fcb72a12a",
+    "0007_quarter_rollups": "dfeeeea4e618c7fa",
+    "0008_providers": "855712c49a75c39a",
+    "0010_readings_ts_order": "3ce338d19db63505",
+    "0011_reader_pairing": "5958dedd29a20b03",
+    "0012_reading_log_hash": "4a79d4ad9be32e47",
+    "0013_history_pages": "f3983fad5989436a",
+    "0014_history_pages_csv": "a4cf0b391b5b8b6e",
+    "0015_rollups_interleaved": "89a0d58a4bafb383",
+    "0016_rollups_single": "2421b1d881ed7da7",
+    "0017_rollups_short_way_first": "6f14867960b6667d",
+    "0018_rollups_left_over_by_share": "96d8ae8061108ec3",
+}
+
+
+def test_no_landed_migration_changes() -> None:
+    assert {m.version: m.sha256[:16] for m in load_migrations()} == LANDED

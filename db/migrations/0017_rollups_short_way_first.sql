@@ -59,9 +59,9 @@ BEGIN
         RETURN NULL;
     END IF;
     -- Every other meter: 0016's ways, which leave out the meters taken above (its
-    -- `single`, the same condition). Up to 64 are picked out of the batch by name; the
-    -- filter compares each new reading with every name, so with more left (a backlog's
-    -- interleaved readings) the whole batch goes through, as under 0016.
+    -- `single`, the same condition). A few are picked out of the batch by name; when many
+    -- are left (a backlog's interleaved readings), comparing each new reading with every
+    -- name would cost more than 0016's ways spend on the short way's meters.
     IF cardinality(left_over) > 64 THEN
         left_over := NULL;
     END IF;
