@@ -121,6 +121,10 @@ class RsaPublic:
     alg: Alg
 
     def verify(self, signature: bytes, message: bytes) -> bool:
+        # The spec fixes `sig` at the modulus length; OpenSSL's PSS check also takes a
+        # signature without its leading zero bytes, which a strict verifier refuses.
+        if len(signature) != (self.key.key_size + 7) // 8:
+            return False
         pad = _PSS if self.alg is Alg.PS256 else padding.PKCS1v15()
         try:
             self.key.verify(signature, message, pad, hashes.SHA256())

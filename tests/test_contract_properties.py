@@ -186,6 +186,21 @@ def test_key_is_bound_to_its_algorithm() -> None:
         load_public_key("HS256", ed_pem)
 
 
+@pytest.mark.parametrize("alg", [Alg.RS256, Alg.PS256])
+def test_an_rsa_signature_is_exactly_the_modulus_long(alg: Alg) -> None:
+    """A signature whose first byte is zero, sent without it, is refused: OpenSSL's PSS
+    check alone accepts it, and a third party re-verifying the reading would not."""
+    key = _key(alg)
+    message, sig = next(
+        (m, s) for m in (b"reading %d" % i for i in range(5_000)) if (s := key.sign(m))[0] == 0
+    )
+    public = key.public_key()
+    assert len(sig) == 256
+    assert public.verify(sig, message)
+    assert not public.verify(sig[1:], message)
+    assert not public.verify(b"\0" + sig, message)
+
+
 def test_rsa_key_size_bounds() -> None:
     with pytest.raises(InvalidKeyError, match="2048 to 4096"):
         generate_private_key(Alg.RS256, rsa_bits=1024)
