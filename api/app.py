@@ -71,12 +71,14 @@ def _route(
     limit: Limit,
     *,
     also: Sequence[str] = (),
+    by_address: bool = False,
     **extra: Any,  # noqa: ANN401 - FastAPI route options
 ) -> Callable[[_F], _F]:
-    """A route of `router`, tagged, and counted against its rate-limit class."""
+    """A route of `router`, tagged, and counted against its rate-limit class (per caller,
+    or per peer address: `api.limits.limited`)."""
     decorate: Callable[[_F], _F] = router.api_route(
         path, methods=[method], tags=[tag, *also],
-        dependencies=[Depends(limited(limit))], **extra,
+        dependencies=[Depends(limited(limit, by_address=by_address))], **extra,
     )  # fmt: skip
     return decorate
 
@@ -94,9 +96,9 @@ _MAX_BATCH: Final = 1000
 #: A meter-day at one reading every 5 s (17,280) fits one history page.
 _MAX_PAGE: Final = 20_000
 _CSV: Final = "text/csv"
-#: 9999-12-31T23:59:59.999Z: the latest time PostgreSQL's timestamptz holds with room.
-_MAX_MS: Final = 253_402_300_799_999
+_MAX_MS: Final = reads.MAX_MS
 _MAX_ROLLUP_MS: Final = 366 * 86_400_000
+_WIDTH_MS: Final = {Width.QUARTER: 900_000, Width.HOUR: 3_600_000, Width.DAY: 86_400_000}
 #: JWT audiences of the meter's registration token and of its key-proof challenge.
 _REGISTRATION: Final = "meterproof-registration"
 _REGISTRATION_TTL_S: Final = 7 * 86_400
@@ -215,7 +217,7 @@ class Services:
                 max_pending=settings.api_republish_max_pending,
             )
         )  # fmt: skip
-        self.source = HttpSource(self.republisher)
+        self.source = HttpSource(self.republisher, max_pending=settings.api_submit_max_pending)
         rules = settings.ingest_settings()
         self.worker = Worker(
             rules, source=self.source, store_factory=provider_store(rules), shares_load=False
@@ -300,6 +302,7 @@ async def health(request: Request) -> Health:
     TOKEN_PATH,
     "auth",
     Limit.AUTH,
+    by_address=True,  # whatever Authorization it carries: this is where secrets are guessed
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -563,13 +566,24 @@ class SecurityStatus(BaseModel):
 
 
 async def _set_status(
-    request: Request, meter_id: str, status: MeterStatus, reason: str
+    request: Request,
+    meter_id: str,
+    status: MeterStatus,
+    reason: str,
+    *,
+    only_from: MeterStatus | None = None,
 ) -> StatusChangeOut:
+    """`repository.set_status` (with `only_from`: only from that status, under the row's
+    lock; from another, nothing changes and the answer names the status it has)."""
     change = await _blocking(
         _services(request).settings,
-        lambda c: repository.set_status(c, meter_id, status, reason=reason),
+        lambda c: repository.set_status(c, meter_id, status, reason=reason, only_from=only_from),
     )
-    log.info("meter_status_set", meter_id=meter_id, old=change.old, new=change.new, via="api")
+    if only_from is not None and change.old is not only_from:
+        log.warning("meter_status_not_set", meter_id=meter_id, status=change.old, wanted=status,
+                    only_from=only_from, via="api")  # fmt: skip
+    else:
+        log.info("meter_status_set", meter_id=meter_id, old=change.old, new=change.new, via="api")
     return StatusChangeOut(
         meter_id=meter_id, previous=change.old.value, status=change.new.value,
         changed=change.changed,
@@ -704,7 +718,7 @@ async def prove_key(
     tokens: Tokens = request.app.state.tokens
     if tokens.check(proof.challenge, _KEY_PROOF, what="challenge")["sub"] != meter_id:
         raise ApiError(403, "wrong_challenge", "the challenge was issued to another meter")
-    async with services.pool.connection() as conn:
+    async with reads.connection(services.pool) as conn:
         found = (await fetch_snapshots(conn, [meter_id])).get(meter_id)
     key = next((k for k in found.keys if k.kid == proof.kid), None) if found else None
     if found is None or key is None or not key.valid_at(wall_ms()):
@@ -722,7 +736,11 @@ async def prove_key(
         claims = tokens.check(proof.registration_token, _REGISTRATION, what="registration")
         if claims["sub"] != meter_id:
             raise ApiError(403, "wrong_registration", "the token registers another meter")
-        changed = await _set_status(request, meter_id, MeterStatus.ACTIVE, "proved its key")
+        # Only from the status read above: an operator's quarantine (or decommission)
+        # since then stands, and the answer is the meter's status as it now is, as if it
+        # had come before the read.
+        changed = await _set_status(request, meter_id, MeterStatus.ACTIVE, "proved its key",
+                                    only_from=MeterStatus.PENDING_REGISTRATION)  # fmt: skip
         status = MeterStatus(changed.status)
     return AuthStatus(meter_id=meter_id, status=status, accepts_readings=status in ACCEPTING)
 
@@ -768,8 +786,9 @@ async def meter_rollups(
 ) -> Response:
     """Energy imported and exported per interval (15m, 1h, 1d) from register differences,
     from the rollups kept with every stored batch (db/rollups.py), never from raw
-    readings. Intervals starting in [from, to), at most 366 days; an integrator's pass
-    the consent policy at their start like history's readings."""
+    readings. Intervals starting in [from, to), at most 366 days. An integrator sees an
+    interval only when its consents show the whole of it: the policy's refusals answer
+    403 as in history, and one only partly inside the consented period is left out."""
     if not 0 < to_ms - from_ms <= _MAX_ROLLUP_MS:
         raise ApiError(422, "invalid_period", "to must be after from, by at most 366 days")
     services = _services(request)
@@ -777,12 +796,40 @@ async def meter_rollups(
         found = await rollups_json(conn, meter_id, width, _utc(from_ms), _utc(to_ms))
     intervals = [text for _, text in found]
     if who.role is not Role.OPERATOR:  # the policy, per interval (a meter: its own only)
-        visible = _visible(services, who, meter_id, [s for s, _ in found], empty_at=from_ms)
+        starts = [start for start, _ in found]
+        visible = _visible(services, who, meter_id, starts, empty_at=from_ms)
+        if who.role is Role.INTEGRATOR:
+            visible = _whole_intervals(
+                services, who, meter_id, starts, visible=visible, width=width
+            )
         intervals = [text for text, shown in zip(intervals, visible, strict=True) if shown]
     # Rendered by PostgreSQL (db/rollups.py): a month of quarters is 2,880 intervals.
     head = orjson.dumps({"meter_id": meter_id, "width": width})[:-1]
     body = head + b',"rollups":[' + ",".join(intervals).encode() + b"]}"
     return Response(body, media_type="application/json")
+
+
+def _whole_intervals(
+    services: Services,
+    who: Principal,
+    meter_id: str,
+    starts: list[int],
+    *,
+    visible: list[bool],
+    width: Width,
+) -> list[bool]:
+    """Of the intervals the policy allows at their start, those whose every time it allows:
+    an interval's energy is one number, so one that the consented period cuts would show
+    energy from outside it. `seen_range` is exact: the range it names is all allowed."""
+    step, now = _WIDTH_MS[width], wall_ms()
+    return [
+        shown
+        and seen_range(
+            who.name, meter_id, start, start + step, ConsentScope.HISTORY,
+            view=services.audience.view, now_ms=now,
+        ) == (start, start + step)
+        for start, shown in zip(starts, visible, strict=True)
+    ]  # fmt: skip
 
 
 def _utc(ms: int) -> datetime:

@@ -5,14 +5,18 @@ Tokens are HS256 JWTs signed with the server's key (`ApiSettings.token_key`), na
 client (`sub`), its role and its scopes; they are checked on every request, and an
 integrator's reads also pass the consent policy, which refuses a revoked integrator at
 once, whatever its token says. A meter is the CN of a client certificate the operator CA
-issued, verified by the TLS handshake: the same binding as on the broker."""
+issued, verified by the TLS handshake: the same binding as on the broker.
+
+A WebSocket stream outlives the check at its start, so it asks `still_valid` on every
+tick, which refuses a token past its `exp` and a meter certificate the operator has
+revoked since (the index `api.server` reads)."""
 
 from __future__ import annotations
 
 import hmac
 import time
 import uuid
-from collections.abc import Callable, Collection, Coroutine, MutableMapping
+from collections.abc import Callable, Collection, Container, Coroutine, MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -38,6 +42,14 @@ TOKEN_PATH: Final = "/api/auth/token"  # noqa: S105 - a path, not a secret
 PEER_CN: Final = "tls_peer_cn"
 #: ... and the CN of a certificate the CA's revoked index lists.
 PEER_REVOKED: Final = "tls_peer_revoked"
+#: ... the verified certificate's serial (lower-case hex, no leading zeros), and the
+#: revoked index (a `Container[str]` of such serials, reread when it changes), so a
+#: connection that outlives a revocation can ask again (`still_valid`).
+PEER_SERIAL: Final = "tls_peer_serial"
+REVOKED_SERIALS: Final = "tls_revoked_serials"
+#: The state key of the bearer token a request was verified as: the rate limiter and
+#: the route's dependency both need it, and it is verified once (`bearer_principal`).
+_VERIFIED: Final = "verified_bearer"
 
 
 class Role(StrEnum):
@@ -65,6 +77,8 @@ class Principal:
     role: Role
     name: str
     scopes: frozenset[str]
+    #: The token's `exp` (unix s); None for a meter's certificate.
+    expires_s: int | None = None
 
 
 class Token(BaseModel):
@@ -157,8 +171,9 @@ class Tokens:
         claims = self.check(token, AUDIENCE, what="token")
         try:
             return Principal(
-                Role(claims["role"]), str(claims["sub"]), frozenset(str(claims["scope"]).split())
-            )
+                Role(claims["role"]), str(claims["sub"]), frozenset(str(claims["scope"]).split()),
+                expires_s=int(claims["exp"]),
+            )  # fmt: skip
         except (KeyError, ValueError) as exc:
             raise ApiError(401, "invalid_token", str(exc), headers=_CHALLENGE) from None
 
@@ -192,12 +207,7 @@ def identify(
     """The caller of an HTTP request or a WebSocket (its ASGI `scope`): a bearer token,
     else a meter certificate's CN; refused unless one of `roles`, with `needed`."""
     if authorization:
-        kind, _, token = authorization.partition(" ")
-        if kind.lower() != "bearer" or not token:
-            raise ApiError(
-                401, "invalid_token", "use Authorization: Bearer <token>", headers=_CHALLENGE
-            )
-        who = tokens.principal(token.strip())
+        who = bearer_principal(tokens, scope, authorization)
     elif isinstance(cn := scope.get("state", {}).get(PEER_CN), str):
         who = Principal(Role.METER, cn, frozenset())
     elif PEER_REVOKED in scope.get("state", {}):
@@ -212,6 +222,42 @@ def identify(
     if needed is not None and who.role is not Role.METER and needed not in who.scopes:
         raise ApiError(403, "insufficient_scope", f"the token lacks scope {needed}")
     return who
+
+
+def bearer_principal(
+    tokens: Tokens, scope: MutableMapping[str, Any], authorization: str
+) -> Principal:
+    """The caller an `Authorization: Bearer <token>` value names, verified once per request
+    (kept in the request's state: the rate limiter asks before the route's dependency);
+    401 `invalid_token` or `token_expired` otherwise."""
+    state = scope.setdefault("state", {})
+    verified = state.get(_VERIFIED)
+    if verified is not None and verified[0] == authorization:
+        who: Principal = verified[1]
+        return who
+    kind, _, token = authorization.partition(" ")
+    if kind.lower() != "bearer" or not token:
+        raise ApiError(
+            401, "invalid_token", "use Authorization: Bearer <token>", headers=_CHALLENGE
+        )
+    who = tokens.principal(token.strip())
+    state[_VERIFIED] = (authorization, who)
+    return who
+
+
+def still_valid(who: Principal, scope: MutableMapping[str, Any]) -> None:
+    """Refuse a caller identified earlier on this connection (a WebSocket stream) whose
+    credentials no longer hold: 401 `token_expired` once its token's `exp` has passed (as
+    `Tokens.check` would answer a request now), 401 `certificate_revoked` once the operator
+    has revoked its meter certificate (as a new connection would be answered)."""
+    if who.expires_s is not None and time.time() >= who.expires_s:
+        raise ApiError(401, "token_expired", "the token expired", headers=_CHALLENGE)
+    if who.role is Role.METER:
+        state = scope.get("state", {})
+        revoked: Container[str] | None = state.get(REVOKED_SERIALS)
+        serial = state.get(PEER_SERIAL)
+        if revoked is not None and isinstance(serial, str) and serial in revoked:
+            raise ApiError(401, "certificate_revoked", "the client certificate is revoked")
 
 
 def require(

@@ -1,15 +1,19 @@
 """Rate limits per class of endpoint (seed 000's defaults, configurable), per caller.
 
-A fixed one-minute window per (class, caller), in this process: the caller is the meter
-of a client certificate, else the bearer token, else the client address (seed 003's
-submissions count per provider id, seed 003's 100 a minute by default). Every limited
+A fixed one-minute window per (class, caller), in this process: the caller is who a
+valid bearer token names (verified here, once per request: `auth.bearer_principal`), else
+the meter of a client certificate, else the peer address. A header that does not verify
+counts against its peer address, so made-up tokens neither escape the limit nor add
+windows; the token endpoint always counts by peer address, so guessing a client secret is
+slowed whatever else the request carries. Seed 003's submissions count per provider id
+(seed 003's 100 a minute by default) and, since that id is the body's own claim until
+the pipeline has verified the signature, per peer address too. Every limited
 answer carries `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds); a refused one is
 429 `rate_limited` (the pipeline's code for a meter over its rate) with `Retry-After`.
 Several API processes each count their own callers: the limit is per process."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Coroutine
@@ -18,7 +22,7 @@ from typing import Any, Final
 
 from fastapi import Request, Response
 
-from meterproof.api.auth import PEER_CN
+from meterproof.api.auth import PEER_CN, Tokens, bearer_principal
 from meterproof.api.errors import ApiError
 from meterproof.api.settings import ApiSettings
 from meterproof.schemas.reading import RejectReason
@@ -34,6 +38,7 @@ class Limit(StrEnum):
     STATUS = "status"  #: health, registry records
     ANALYTICS = "analytics"  #: latest, history, meters by wallet
     PROVIDER = "provider"  #: seed 003 reading submissions, per provider id
+    PROVIDER_ADDRESS = "provider_address"  #: ... and per client address
 
 
 def per_minute(settings: ApiSettings, kind: Limit) -> int:
@@ -43,6 +48,7 @@ def per_minute(settings: ApiSettings, kind: Limit) -> int:
         Limit.STATUS: settings.api_rate_status_per_min,
         Limit.ANALYTICS: settings.api_rate_analytics_per_min,
         Limit.PROVIDER: settings.api_rate_provider_per_min,
+        Limit.PROVIDER_ADDRESS: settings.api_rate_provider_address_per_min,
     }[kind]
 
 
@@ -73,21 +79,36 @@ class Limiter:
         return {**headers, "X-RateLimit-Remaining": str(limit - used - 1)}
 
 
-def _caller(request: Request) -> str:
-    cn = request.scope.get("state", {}).get(PEER_CN)
-    if isinstance(cn, str):
-        return f"meter:{cn}"
-    authorization = request.headers.get("authorization")
-    if authorization:
-        return "token:" + hashlib.sha256(authorization.encode()).hexdigest()[:32]
+def peer(request: Request) -> str:
+    """The caller's window key by its address (the TCP peer: no proxy headers are read)."""
     return f"address:{request.client.host if request.client else '-'}"
 
 
-def limited(kind: Limit) -> Callable[[Request, Response], Coroutine[Any, Any, None]]:
-    """A dependency counting the request against `kind`."""
+def _caller(request: Request) -> str:
+    authorization = request.headers.get("authorization")
+    if authorization:
+        tokens: Tokens = request.app.state.tokens
+        try:
+            who = bearer_principal(tokens, request.scope, authorization)
+        except ApiError:
+            pass  # refused by the route's own check; counted by where it comes from
+        else:
+            return f"{who.role}:{who.name}"
+    cn = request.scope.get("state", {}).get(PEER_CN)
+    if isinstance(cn, str):
+        return f"meter:{cn}"
+    return peer(request)
+
+
+def limited(
+    kind: Limit, *, by_address: bool = False
+) -> Callable[[Request, Response], Coroutine[Any, Any, None]]:
+    """A dependency counting the request against `kind`, per caller (`by_address`: per
+    peer address whatever the request carries)."""
 
     async def dependency(request: Request, response: Response) -> None:
         limiter: Limiter = request.app.state.limiter
-        response.headers.update(limiter.take(kind, _caller(request)))
+        caller = peer(request) if by_address else _caller(request)
+        response.headers.update(limiter.take(kind, caller))
 
     return dependency

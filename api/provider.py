@@ -11,15 +11,17 @@ one logged and counted; `error` and `reason` add the seed's names (docs/api.md).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Final
 
 import psycopg
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
+from meterproof.api import reads
 from meterproof.api.app import LedgerReader, RegistryWriter, _blocking, _consented, _services
 from meterproof.api.errors import ApiError
-from meterproof.api.limits import Limit, Limiter, limited
+from meterproof.api.limits import Limit, Limiter, limited, peer
 from meterproof.api.submit import receipts
 from meterproof.consent.model import Scope as ConsentScope
 from meterproof.registry import providers
@@ -135,15 +137,19 @@ async def register_provider(request: Request, who: RegistryWriter) -> ProviderRe
 )
 async def submit_reading(request: Request, response: Response) -> ReadingSubmitted:
     """A provider's signed reading, judged by the ingest pipeline and answered after its
-    commit. The signature is the authentication (seed 003): no token or certificate."""
+    commit. The signature is the authentication (seed 003): no token or certificate. The
+    body's provider id is only a claim until then, so the rate limit counts per client
+    address first, then per provider id; the answer's headers are the tighter window's."""
+    limiter: Limiter = request.app.state.limiter
+    by_address = limiter.take(Limit.PROVIDER_ADDRESS, peer(request))
     body = await request.body()
     try:
         reading = provider.parse(body)
     except MalformedPayload as exc:
         raise ApiError(400, RejectReason.MALFORMED.value, str(exc),
                        error="malformed_request") from None  # fmt: skip
-    limiter: Limiter = request.app.state.limiter
-    response.headers.update(limiter.take(Limit.PROVIDER, f"provider:{reading.provider_id}"))
+    by_provider = limiter.take(Limit.PROVIDER, f"provider:{reading.provider_id}")
+    response.headers.update(min(by_address, by_provider, key=_remaining))
     services = _services(request)
     meter = reading.meter_address
     (receipt,) = await receipts(
@@ -159,7 +165,7 @@ async def submit_reading(request: Request, response: Response) -> ReadingSubmitt
         status, error, reason = SEED_ANSWERS[receipt.reason]
         raise ApiError(status, receipt.reason.value, "the reading was refused",
                        receipt=answer, error=error, reason=reason)  # fmt: skip
-    async with services.pool.connection() as conn:
+    async with reads.connection(services.pool) as conn:
         credit = await providers.credit_wh(conn, meter, reading.nonce)
     return ReadingSubmitted(
         reading_hash=f"0x{receipt.reading_hash}",
@@ -167,6 +173,10 @@ async def submit_reading(request: Request, response: Response) -> ReadingSubmitt
         status="pending_settlement",
         receipt=receipt,
     )
+
+
+def _remaining(headers: Mapping[str, str]) -> int:
+    return int(headers["X-RateLimit-Remaining"])
 
 
 @router.get("/energy/reading/{reading_hash}", dependencies=[Depends(limited(Limit.ANALYTICS))])

@@ -35,6 +35,10 @@ QUERIES = Counter(
     ["server"],
 )
 
+#: 9999-12-31T23:59:59.999Z: the latest time PostgreSQL's timestamptz holds with room.
+MAX_MS: Final = 253_402_300_799_999
+#: A reading's seq is a u64 (reading-v1).
+MAX_SEQ: Final = 2**64 - 1
 #: A wire millisecond as a timestamptz(3), exactly (no float division).
 MS: Final[LiteralString] = "('epoch'::timestamptz + %s * interval '1 millisecond')"
 #: Columns in the order of the verified reading's fields: the CSV header.
@@ -123,11 +127,16 @@ def encode_cursor(last: tuple[int, int]) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[int, int]:
+    """The (ts, seq) of a reading a `next_cursor` names; 400 `invalid_cursor` for anything
+    else, numbers out of a reading's range included (the database would overflow on them)."""
     try:
-        ts, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split(":")
-        return int(ts), int(seq)
+        text_ts, text_seq = base64.urlsafe_b64decode(cursor.encode()).decode().split(":")
+        ts, seq = int(text_ts), int(text_seq)
     except (binascii.Error, UnicodeError, ValueError):
-        raise ApiError(400, "invalid_cursor", "use the next_cursor of a previous page") from None
+        ts = seq = -1  # not two numbers: refused below, as numbers out of range are
+    if not (0 <= ts <= MAX_MS and 0 <= seq <= MAX_SEQ):
+        raise ApiError(400, "invalid_cursor", "use the next_cursor of a previous page")
+    return ts, seq
 
 
 async def latest(pool: AsyncConnectionPool, meter_id: str) -> Page:

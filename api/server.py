@@ -7,7 +7,9 @@ verified certificate's CN into the connection's ASGI state, where `api.auth` rea
 WebSocket upgrade hands the same state to the WebSocket protocol. A certificate the
 operator revoked (`certs revoke`, the CA's revoked index) is marked instead, and its caller
 is refused `certificate_revoked`: the index is read again whenever it changes, so a
-revocation holds from the next connection on, as on the broker."""
+revocation holds from the next connection on, as on the broker. The state also carries
+the certificate's serial and the index, so an open WebSocket stream asks again on every
+tick and closes once its certificate is revoked (`api.auth.still_valid`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from meterproof.api.app import create_app
-from meterproof.api.auth import PEER_CN, PEER_REVOKED
+from meterproof.api.auth import PEER_CN, PEER_REVOKED, PEER_SERIAL, REVOKED_SERIALS
 from meterproof.api.settings import ApiSettings
 from meterproof.certs.crl import read_revoked
 from meterproof.certs.layout import PkiLayout
@@ -64,6 +66,8 @@ def _protocol(revoked: RevokedSerials) -> type[H11Protocol]:
                     log.warning("revoked_certificate_presented", cn=cn, serial=serial)
                 else:
                     state[PEER_CN] = cn
+                    state[PEER_SERIAL] = serial
+                    state[REVOKED_SERIALS] = revoked  # a stream asks again on every tick
             self.app_state = state
             super().connection_made(transport)
 

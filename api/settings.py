@@ -44,6 +44,16 @@ class ApiSettings(Settings):
     api_rate_provider_per_min: int = Field(
         default=100, ge=1, description="seed 003 reading submissions, per provider"
     )
+    api_rate_provider_address_per_min: int = Field(
+        default=1000, ge=1,
+        description="seed 003 reading submissions, per client address (the body's provider"
+        " id is unauthenticated until the pipeline verifies it)",
+    )  # fmt: skip
+    api_submit_max_pending: int = Field(
+        default=10_000, ge=1000,
+        description="submitted readings waiting for their receipt, at most (at least one"
+        " whole batch of 1000); more answer 503 `overloaded` with Retry-After",
+    )  # fmt: skip
     api_mqtt_identity: str | None = Field(
         default=None,
         pattern=rf"^{API_IDENTITY}$|{INGEST_IDENTITY_RE.pattern}",

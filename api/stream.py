@@ -9,7 +9,10 @@ operators, and integrators whose consent covers it (scope `live`): each reading 
 `may_see` for its own time, and on every tick the integrator's consent is asked again at
 the current time against the view reloaded on NOTIFY, so a revoked consent or integrator
 closes the stream (code 4403, the policy's reason) within POLL_S plus the view's reload.
-Status and alerts are for operators and the meter itself. A query per open stream per
+Status and alerts are for operators and the meter itself. Every tick of every stream also
+asks whether the caller's credentials still hold (`auth.still_valid`): a token past its
+`exp` closes it 4401 `token_expired`, a meter certificate revoked since it opened 4401
+`certificate_revoked`, as a request would be answered. A query per open stream per
 tick is the cost; many streams want the broker's per-integrator feed instead (docs/api.md).
 """
 
@@ -27,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.websockets import WebSocketDisconnect
 
 from meterproof.api import reads
-from meterproof.api.auth import Principal, Role, Scope, identify
+from meterproof.api.auth import Principal, Role, Scope, identify, still_valid
 from meterproof.api.errors import ApiError
 from meterproof.api.telemetry import REFUSALS
 from meterproof.consent.model import Refusal
@@ -135,6 +138,7 @@ async def _serve(
         gone = asyncio.create_task(websocket.receive())  # the client's close, or anything
         try:
             while not gone.done():
+                still_valid(who, websocket.scope)
                 for message in await poll():
                     await websocket.send_text(message)
                 await asyncio.wait({gone}, timeout=POLL_S)

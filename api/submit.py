@@ -12,6 +12,11 @@ outcomes in batch order), so the receipts of one meter resolve that meter's wait
 requests first in, first out. A request that timed out keeps its place: its receipt is
 still consumed, then dropped.
 
+What waits for a receipt is bounded (`max_pending`, `API_SUBMIT_MAX_PENDING`): the worker's
+queue has no bound of its own (on MQTT the broker's receive maximum bounds it), so past the
+bound a submission is refused before it reaches the worker, 503 `overloaded` with
+Retry-After, logged and counted like every refusal; nothing of it was stored.
+
 Seed-003 provider readings travel the same way on `providers/{meter}/readings`
 (`schemas.provider.topic`); the worker's decode stage knows that topic, and their receipts
 come back on the meter's receipts topic, in the same per-meter order.
@@ -45,13 +50,29 @@ _RECEIPTS_PREFIX: Final = "meters/"
 _RECEIPTS_SUFFIX: Final = "/receipts"
 
 
+#: Seconds a submission refused `overloaded` is told to wait: a batch commits in less.
+_RETRY_AFTER_S: Final = 1
+
+
 class HttpSource:
-    def __init__(self, republisher: Republisher | None = None) -> None:
+    def __init__(
+        self, republisher: Republisher | None = None, *, max_pending: int = 10_000
+    ) -> None:
         """Without a `republisher`, announcements other than receipts are dropped (the
-        API then has no broker identity: `api_mqtt_identity` unset)."""
+        API then has no broker identity: `api_mqtt_identity` unset). At most
+        `max_pending` readings wait for their receipt at once."""
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
         self._republisher = republisher
         self._deliver: Handler | None = None
         self._waiting: dict[str, deque[asyncio.Future[bytes]]] = defaultdict(deque)
+        self._max_pending = max_pending
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Readings delivered to the worker whose receipt has not come back yet."""
+        return self._pending
 
     @property
     def connected(self) -> bool:
@@ -73,6 +94,7 @@ class HttpSource:
                         ApiError(503, "unavailable", "the server stopped before the commit")
                     )
         self._waiting.clear()
+        self._pending = 0
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         """Nothing to acknowledge: the request is answered when its receipt arrives."""
@@ -90,6 +112,7 @@ class HttpSource:
                 log.error("receipt_without_request", meter_id=meter_id)
                 continue
             future = queue.popleft()
+            self._pending -= 1
             if not queue:
                 del self._waiting[meter_id]
             if not future.done():
@@ -101,15 +124,23 @@ class HttpSource:
         self, meter_id: str, payloads: Sequence[bytes], *, topic: str | None = None
     ) -> list[asyncio.Future[bytes]]:
         """Deliver `payloads` as `meter_id` published them (or on `topic`, whose receipts
-        are the meter's: a provider's); each future is its receipt."""
+        are the meter's: a provider's); each future is its receipt. 503 `overloaded`, with
+        nothing delivered, when they would take more than `max_pending` places."""
         if self._deliver is None:
             raise ApiError(503, "unavailable", "the submission pipeline is not running")
+        if self._pending + len(payloads) > self._max_pending:
+            raise ApiError(
+                503, "overloaded",
+                f"{self._pending} readings wait for their commit already; retry shortly",
+                headers={"Retry-After": str(_RETRY_AFTER_S)},
+            )  # fmt: skip
         loop = asyncio.get_running_loop()
         topic = topic or topics.readings(meter_id)
         futures: list[asyncio.Future[bytes]] = []
         for payload in payloads:
             future: asyncio.Future[bytes] = loop.create_future()
             self._waiting[meter_id].append(future)
+            self._pending += 1
             self._deliver(Delivery(Message(topic, payload, wall_ms()), None, 0))
             futures.append(future)
         return futures

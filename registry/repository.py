@@ -199,9 +199,14 @@ def set_status(
     *,
     reason: str | None = None,
     event_type: str = "status_changed",
+    only_from: MeterStatus | None = None,
 ) -> StatusChange:
     """Change the status and log it (severity from `STATUS_SEVERITY`); a no-op, without an
-    event, if the meter has that status already. Decommissioned is final."""
+    event, if the meter has that status already. Decommissioned is final. With
+    `only_from`, only a meter in that status changes, decided under the row's lock: from
+    any other, nothing is written and the change returned is (its status -> the same), so
+    a status set meanwhile (a quarantine) is never overwritten by a decision taken on an
+    older read."""
     if reason is not None:
         check_label("reason", reason)
     _check_event_type(event_type)
@@ -211,7 +216,10 @@ def set_status(
         ).fetchone()
         if row is None:
             raise UnknownMeterError(f"no meter {quoted(meter_id)} is registered")
-        change = StatusChange(meter_id, MeterStatus(row[0]), status)
+        current = MeterStatus(row[0])
+        if only_from is not None and current is not only_from:
+            return StatusChange(meter_id, current, current)
+        change = StatusChange(meter_id, current, status)
         if not change.changed:
             return change
         if change.old is MeterStatus.DECOMMISSIONED:

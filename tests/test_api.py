@@ -4,6 +4,7 @@ links, and bad input answered with a problem body and a stable code."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -39,6 +40,8 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
+from meterproof.registry import repository
+from meterproof.registry.model import MeterStatus
 from meterproof.schemas.reading import b64url
 from meterproof.schemas.timestamps import wall_ms
 
@@ -549,6 +552,184 @@ def test_status_and_alert_streams_follow_the_registry(
     ):
         foreign.recv(timeout=5)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, "not_this_meter")
+
+
+def test_a_stream_closes_when_its_token_expires(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    base = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream"
+    claims = jwt.decode(api_server.operator_token(), options={"verify_signature": False})
+    key = (api_server.log.parent / "token.key").read_text().strip().encode()
+    expires = int(time.time()) + 3
+    short = jwt.encode({**claims, "exp": expires}, key, algorithm="HS256")
+    tls = ssl.create_default_context(cafile=str(api_server.pki.ca_cert))
+    with websocket(f"{base}/status", tls=tls, headers=_bearer(short)) as stream:
+        assert json.loads(stream.recv(timeout=5))["status"] == "active"
+        with pytest.raises(ConnectionClosed) as closed:
+            stream.recv(timeout=10)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "token_expired")
+    assert time.time() >= expires
+    assert time.time() < expires + 2, "closed within a tick or two of the expiry"
+
+
+def test_a_meters_stream_closes_when_its_certificate_is_revoked(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    base = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream"
+    files = api_server.pki.device(meter_id)
+    own = client_context(cert=files.cert, key=files.key, ca_cert=api_server.pki.ca_cert)
+    with websocket(f"{base}/alerts", tls=own) as alerts:
+        with pytest.raises(TimeoutError):
+            alerts.recv(timeout=0.5)  # open, nothing to say
+        certs_crl.revoke(api_server.pki, meter_id)
+        with pytest.raises(ConnectionClosed) as closed:
+            alerts.recv(timeout=5)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "certificate_revoked")
+
+
+def test_an_integrator_sees_only_rollup_intervals_its_consent_covers_whole(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    hour = 3_600_000
+    day = wall_ms() // (24 * hour) * (24 * hour) - 24 * hour  # yesterday, 00:00 UTC
+    times = [8 * hour, 9 * hour, 10 * hour + hour // 2, 13 * hour, 15 * hour]
+    with api_server.meter_client(meter_id) as meter:
+        for seq, at in enumerate(times, start=1):
+            sent = meter.post(f"/api/meters/{meter_id}/energy",
+                              content=signed(meter_id, key, seq, day + at, 100 * seq))  # fmt: skip
+            assert sent.json()["status"] == "accepted", sent.text
+    name = f"noon-{meter_id[-12:]}"
+    token = _bearer(api_server.token(name, _integrator(api_server, name)))
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        consent.grant(
+            conn,
+            consent.GrantRequest(
+                integrator=name, meter_id=meter_id, account=None,
+                scopes=frozenset({Scope.HISTORY}),
+                data_from=datetime.fromtimestamp(day / 1000, UTC),
+                data_to=datetime.fromtimestamp((day + 12 * hour) / 1000, UTC),
+                expires_at=None,
+            ),
+            operator_reason="test",
+        )  # fmt: skip
+    path = f"/api/meters/{meter_id}/rollups"
+    whole_day = {"from": day, "to": day + 24 * hour}
+    with api_server.client() as http:
+        hours = wait_until(
+            lambda: (a := http.get(path, params={**whole_day, "width": "1h"}, headers=token))
+            .status_code == 200 and a,
+            what="the API's consent view has the grant",
+        )  # fmt: skip
+        days = http.get(path, params={**whole_day, "width": "1d"}, headers=token)
+    with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+        everything = http.get(path, params={**whole_day, "width": "1d"}).json()["rollups"]
+    assert [r["readings"] for r in everything] == [5], "the operator sees the whole day"
+    assert days.status_code == 200, days.text
+    assert days.json()["rollups"] == [], "the day runs past the consent's noon: hidden"
+    shown = [(r["start_ms"] - day, r["readings"]) for r in hours.json()["rollups"]]
+    assert shown == [(8 * hour, 1), (9 * hour, 1), (10 * hour, 1)], "the morning's hours"
+
+
+def test_an_out_of_range_cursor_is_invalid_not_unavailable(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id)
+    with api_server.client(headers=_bearer(api_server.operator_token())) as http:
+        for position in ("99999999999999999999:1", "1:99999999999999999999999", "-5:1",
+                         "253402300800000:0", "1:2:3", "x:1"):  # fmt: skip
+            cursor = base64.urlsafe_b64encode(position.encode()).decode()
+            answer = http.get(f"/api/meters/{meter_id}/history", params={"cursor": cursor})
+            _problem(answer, 400, "invalid_cursor")
+
+
+def test_a_database_failure_under_a_key_proof_answers_unavailable(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    """The API's pooled connections are cut (as a database restart would): the key proof's
+    read answers 503 `unavailable`, never a bare 500; the pool then replaces them."""
+    meter_id = make_meter_id()
+    key = provision(api_server.pki, api_server.database_url, meter_id)
+    with psycopg.connect(api_server.database_url) as conn:
+        row = conn.execute(
+            "SELECT k.kid FROM meter_keys k JOIN meters m ON m.id = k.meter"
+            " WHERE m.meter_id = %s", (meter_id,),
+        ).fetchone()  # fmt: skip
+    assert row is not None
+    path = f"/api/meters/{meter_id}/auth/challenge"
+    statuses = []
+    with api_server.meter_client(meter_id) as meter:
+        for _ in range(5):
+            challenge = meter.get(path).json()["challenge"]
+            proof = {"challenge": challenge, "kid": row[0],
+                     "signature": b64url(key.sign(challenge.encode()))}  # fmt: skip
+            _cut_connections(api_server.database_url)
+            answer = meter.post(path, json=proof)
+            statuses.append(answer.status_code)
+            if answer.status_code == 503:
+                _problem(answer, 503, "unavailable")
+                break
+    assert statuses[-1] == 503, statuses
+    assert set(statuses) <= {200, 503}, statuses
+    with api_server.meter_client(meter_id) as meter:
+        challenge = meter.get(path).json()["challenge"]
+        proof = {"challenge": challenge, "kid": row[0],
+                 "signature": b64url(key.sign(challenge.encode()))}  # fmt: skip
+        answer = wait_until(
+            lambda: (a := meter.post(path, json=proof)).status_code == 200 and a,
+            what="the pool reconnects",
+        )  # fmt: skip
+    assert answer.json()["status"] == "active"
+
+
+def _cut_connections(database_url: str) -> None:
+    """End every other session on the database: the API's pools, its worker's, its views'."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+def test_a_key_proof_never_overwrites_a_status_set_since_it_was_read(
+    api_server: ApiServer, make_meter_id: Callable[[], str]
+) -> None:
+    """prove_key activates only from pending_registration, decided under the row's lock:
+    a quarantine between its read and its write stands (the meter is told it is
+    quarantined, as if the quarantine had come first), and nothing is written."""
+    meter_id = make_meter_id()
+    provision(api_server.pki, api_server.database_url, meter_id,
+              status=MeterStatus.PENDING_REGISTRATION)  # fmt: skip
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        repository.set_status(conn, meter_id, MeterStatus.QUARANTINED, reason="tamper alarm")
+        events = len(repository.recent_events(conn, meter_id, limit=100))
+        change = repository.set_status(
+            conn, meter_id, MeterStatus.ACTIVE, reason="proved its key",
+            only_from=MeterStatus.PENDING_REGISTRATION,
+        )  # fmt: skip
+        assert (change.old, change.new, change.changed) == (
+            MeterStatus.QUARANTINED, MeterStatus.QUARANTINED, False,
+        )  # fmt: skip
+        record = repository.fetch_meter(conn, meter_id)
+        assert record is not None
+        assert record.status is MeterStatus.QUARANTINED
+        assert len(repository.recent_events(conn, meter_id, limit=100)) == events
+        other = make_meter_id()
+        provision(api_server.pki, api_server.database_url, other,
+                  status=MeterStatus.PENDING_REGISTRATION)  # fmt: skip
+        activated = repository.set_status(
+            conn, other, MeterStatus.ACTIVE, reason="proved its key",
+            only_from=MeterStatus.PENDING_REGISTRATION,
+        )  # fmt: skip
+        assert (activated.old, activated.new) == (
+            MeterStatus.PENDING_REGISTRATION, MeterStatus.ACTIVE,
+        )  # fmt: skip
 
 
 def test_foreign_expired_and_revoked_certificates_are_refused(
