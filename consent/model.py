@@ -2,7 +2,9 @@
 
 A consent (a "grant") lets one integrator see one meter's data, or the data of every meter
 currently linked to one wallet, for some scopes, for readings in a period, until it
-expires or is revoked. Times are unix milliseconds, as in readings.
+expires or is revoked. A consent that rests on a wallet's ownership covers a meter's
+readings only from the times that wallet owned it. Times are unix milliseconds, as in
+readings.
 """
 
 from __future__ import annotations
@@ -41,12 +43,40 @@ class Grant:
     from_ms: int
     to_ms: int | None  #: exclusive; None: open-ended
     expires_ms: int | None
+    granted_by: str | None = None  #: the owner's account that granted it; None: the operator
+    #: Bound to one meter: the periods [from, to) its owner held it (the account of a
+    #: wallet-wide consent, or the granter of a meter consent); None: not bounded.
+    owned: tuple[tuple[int, int | None], ...] | None = None
 
     def covers_time(self, ts_ms: int) -> bool:
-        return self.from_ms <= ts_ms and (self.to_ms is None or ts_ms < self.to_ms)
+        if ts_ms < self.from_ms or (self.to_ms is not None and ts_ms >= self.to_ms):
+            return False
+        if self.owned is None:
+            return True
+        for lo, hi in self.owned:  # noqa: SIM110 - no generator object per live reading
+            if lo <= ts_ms and (hi is None or ts_ms < hi):
+                return True
+        return False
+
+    @property
+    def owner(self) -> str | None:
+        """The account whose ownership of a meter bounds this consent: a wallet's consent
+        for all its meters rests on it whoever granted it; the operator's consent for one
+        meter rests on its recorded reason, not on an owner."""
+        return self.account if self.meter_id is None else self.granted_by
 
     def expired(self, now_ms: int) -> bool:
         return self.expires_ms is not None and self.expires_ms <= now_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A row of wallet_links: `account` owned the meter over [from_ms, to_ms)."""
+
+    meter_id: str
+    account: str
+    from_ms: int
+    to_ms: int | None  #: exclusive; None: the current link
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,15 +3,19 @@
 The MQTT live feed (ingest/audience.py) and the HTTP API's reads and streams all call
 `may_see`; none of them filters by itself. `ConsentView` is a snapshot of the active
 consents, resolved to meters through the *current* wallet links, so a meter that changes
-owner leaves the old owner's wallet-wide consents at once.
+owner leaves the old owner's wallet-wide consents at once; and bounded by the link
+history, so a consent that rests on a wallet's ownership shows a meter's readings only
+from the times that wallet owned it: neither a buyer's consent the seller's years, nor
+the seller's consent the buyer's.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Set
+from dataclasses import replace
 
-from meterproof.consent.model import Decision, Grant, Refusal, Scope
+from meterproof.consent.model import Decision, Grant, Link, Refusal, Scope
 
 _NOBODY: frozenset[str] = frozenset()
 
@@ -24,13 +28,18 @@ class ConsentView:
         *,
         integrators: Mapping[str, bool],
         grants: Iterable[Grant],
-        links: Mapping[str, str],
+        links: Iterable[Link],
     ) -> None:
-        """`integrators`: name -> active; `links`: meter id -> its current account."""
+        """`integrators`: name -> active; `links`: every link, past and current, of the
+        accounts the grants rest on. Each grant is bound here, per meter, to the periods
+        its owner held that meter, so `may_see` does no more work per reading."""
         self._integrators = dict(integrators)
-        meters_of: dict[str, list[str]] = defaultdict(list)
-        for meter_id, account in links.items():
-            meters_of[account].append(meter_id)
+        meters_of: dict[str, list[str]] = defaultdict(list)  # account -> meters linked now
+        held: dict[tuple[str, str], list[tuple[int, int | None]]] = defaultdict(list)
+        for link in links:
+            held[link.account, link.meter_id].append((link.from_ms, link.to_ms))
+            if link.to_ms is None:
+                meters_of[link.account].append(link.meter_id)
         self._grants: dict[tuple[str, str], list[Grant]] = defaultdict(list)
         self._audience: dict[str, set[str]] = defaultdict(set)
         for grant in grants:
@@ -38,8 +47,12 @@ class ConsentView:
                 meters = [grant.meter_id]
             else:
                 meters = meters_of.get(grant.account or "", [])
+            owner = grant.owner
             for meter_id in meters:
-                self._grants[grant.integrator, meter_id].append(grant)
+                bound = grant
+                if owner is not None:
+                    bound = replace(grant, owned=tuple(held.get((owner, meter_id), ())))
+                self._grants[grant.integrator, meter_id].append(bound)
                 if Scope.LIVE in grant.scopes and self._integrators.get(grant.integrator):
                     self._audience[meter_id].add(grant.integrator)
         self.size = sum(len(g) for g in self._grants.values())
@@ -57,7 +70,7 @@ class ConsentView:
         return self._audience.get(meter_id, _NOBODY)  # per reading: allocate nothing
 
 
-EMPTY = ConsentView(integrators={}, grants=(), links={})
+EMPTY = ConsentView(integrators={}, grants=(), links=())
 
 
 def may_see(
@@ -96,17 +109,19 @@ def seen_range(
     """The one range of [from_ms, to_ms) whose every time `may_see` allows, when `may_see`
     refuses every other time of it for its period alone; a read of the span then shows
     exactly that range's readings, with no decision per reading. The integrator's active,
-    unexpired consents of `scope` on the meter, clipped to the span, must join into one
-    range: the whole span, or a part of it when the integrator has no other consent on
-    the meter (an expired or differently scoped one could outrank "period" as the
-    refusal, and that refuses the whole read). None only means "ask per reading"; it
-    refuses nothing."""
+    unexpired consents of `scope` on the meter, each within its owner's periods and
+    clipped to the span, must join into one range: the whole span, or a part of it when
+    the integrator has no other consent on the meter (an expired or differently scoped
+    one could outrank "period" as the refusal, and that refuses the whole read). None
+    only means "ask per reading"; it refuses nothing."""
     if not view.integrator_active(integrator):
         return None
     grants = view.grants(integrator, meter_id)
     usable = [g for g in grants if not g.expired(now_ms) and scope in g.scopes]
     parts = sorted(
-        (max(g.from_ms, from_ms), to_ms if g.to_ms is None else min(g.to_ms, to_ms)) for g in usable
+        (max(lo, from_ms), to_ms if hi is None else min(hi, to_ms))
+        for g in usable
+        for lo, hi in _covered(g)
     )
     joined: tuple[int, int] | None = None
     for lo, hi in parts:
@@ -118,6 +133,18 @@ def seen_range(
     if joined is None or (joined != (from_ms, to_ms) and len(usable) < len(grants)):
         return None
     return joined
+
+
+def _covered(grant: Grant) -> list[tuple[int, int | None]]:
+    """The periods `covers_time` allows: the grant's own, within each its owner held."""
+    if grant.owned is None:
+        return [(grant.from_ms, grant.to_ms)]
+    return [(max(grant.from_ms, lo), _end(grant.to_ms, hi)) for lo, hi in grant.owned]
+
+
+def _end(a: int | None, b: int | None) -> int | None:
+    """The earlier of two exclusive ends, None being open."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def live_audience(meter_id: str, ts_ms: int, view: ConsentView, now_ms: int) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, LiteralString, NoReturn
 from uuid import UUID
 
@@ -22,7 +22,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from meterproof.consent.model import Grant, Scope
+from meterproof.consent.model import Grant, Link, Scope
 from meterproof.consent.policy import ConsentView
 from meterproof.registry import documents
 from meterproof.registry.accounts import AccountId, BadSignatureError
@@ -36,6 +36,7 @@ log = structlog.get_logger("consent")
 #: The NOTIFY channel of db/migrations/0004_consent.sql.
 CHANNEL: Final = "meterproof_consents"
 OPERATOR: Final = "operator"
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +333,9 @@ def show(conn: Conn, consent_id: UUID) -> Consent | None:
 
 
 def load_view(conn: Conn) -> ConsentView:
-    """The policy's snapshot: integrators, consents not ended, and the current links."""
+    """The policy's snapshot: integrators, consents not ended, and every link, past and
+    current, of the accounts those consents rest on (a wallet-wide consent's account, an
+    owner's meter consent's granter)."""
     integrators = {r[0]: r[1] == "active" for r in conn.execute(
         "SELECT name, status FROM integrators").fetchall()}  # fmt: skip
     grants = [
@@ -345,18 +348,22 @@ def load_view(conn: Conn) -> ConsentView:
             from_ms=_ms(r[5]),
             to_ms=None if r[6] is None else _ms(r[6]),
             expires_ms=None if r[7] is None else _ms(r[7]),
+            granted_by=None if r[8] == OPERATOR else r[8],
         )
         for r in conn.execute(
             "SELECT id, integrator, meter_id, account_id, scopes, data_from, data_to,"
-            " expires_at FROM consent_state WHERE ended IS NULL"
+            " expires_at, granted_by FROM consent_state WHERE ended IS NULL"
         ).fetchall()
     ]
-    links = dict(
-        conn.execute(
-            "SELECT l.meter_id, l.account_id FROM wallet_links l WHERE l.unlinked_at IS NULL"
-            " AND l.account_id IN (SELECT account_id FROM consents WHERE account_id IS NOT NULL)"
+    links = [
+        Link(r[0], r[1], _ms_ceil(r[2]), None if r[3] is None else _ms_ceil(r[3]))
+        for r in conn.execute(
+            "SELECT meter_id, account_id, linked_at, unlinked_at FROM wallet_links"
+            " WHERE account_id IN (SELECT coalesce(account_id, nullif(granted_by, %s))"
+            " FROM consent_state WHERE ended IS NULL)",
+            (OPERATOR,),
         ).fetchall()
-    )
+    ]
     return ConsentView(integrators=integrators, grants=grants, links=links)
 
 
@@ -491,3 +498,9 @@ def _describe(request: GrantRequest) -> dict[str, Any]:
 
 def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
+
+
+def _ms_ceil(at: datetime) -> int:
+    """The first whole millisecond at or after `at`, exactly: a link's bound, so a reading
+    (whole milliseconds) a microsecond before the link began or ended falls before it."""
+    return -(-(at - _EPOCH) // timedelta(microseconds=1) // 1000)

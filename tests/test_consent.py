@@ -15,7 +15,7 @@ from ingest_harness import provision
 from meterproof.certs.layout import PkiLayout
 from meterproof.consent import repository as consents
 from meterproof.consent.model import Refusal, Scope
-from meterproof.consent.policy import may_see
+from meterproof.consent.policy import live_audience, may_see
 from meterproof.registry import wallets
 from meterproof.registry.errors import RefusedError
 from meterproof.schemas.reading import b64url
@@ -322,6 +322,55 @@ def test_a_wallet_wide_consent_follows_the_current_links(
     link(conn, meter_b, key_b, buyer)  # meter B changes hands
     assert allowed(meter_a)
     assert not allowed(meter_b)
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def test_a_buyers_consent_shows_nothing_of_the_sellers_time(
+    conn: Conn, meters: dict[str, PrivateKey]
+) -> None:
+    """The buyer links the meter and grants from 2020, for the meter (acme) and for all
+    its meters (beta): neither sees a reading of the seller's time."""
+    (meter_a, key_a), _ = meters.items()
+    seller, buyer = EvmWallet.new(), Ed25519Wallet.new()
+    link(conn, meter_a, key_a, seller)
+    sold = _ms(link(conn, meter_a, key_a, buyer).linked_at)
+    early = datetime(2020, 1, 1, tzinfo=UTC)
+    _integrator(conn)
+    _integrator(conn, "beta")
+    owner_grant(conn, _request(meter_a, data_from=early), buyer)
+    owner_grant(conn, _request(None, integrator="beta", account=buyer.account, data_from=early),
+                buyer)  # fmt: skip
+    view = consents.load_view(conn)
+    now = wall_ms()
+    times = {"2020": _ms(early), "sold-1ms": sold - 1, "sold+1ms": sold + 1, "now": now}
+    for name in ("acme", "beta"):
+        seen = {at: may_see(name, meter_a, ts, Scope.HISTORY, view=view, now_ms=now).refusal
+                for at, ts in times.items()}  # fmt: skip
+        assert seen == {"2020": Refusal.PERIOD, "sold-1ms": Refusal.PERIOD,
+                        "sold+1ms": None, "now": None}, name  # fmt: skip
+
+
+def test_a_sellers_consent_ends_at_the_sale(conn: Conn, meters: dict[str, PrivateKey]) -> None:
+    """The seller's open-ended consent keeps the seller's time and shows nothing of the
+    buyer's, stored or live."""
+    (meter_a, key_a), _ = meters.items()
+    seller, buyer = EvmWallet.new(), EvmWallet.new()
+    bought = _ms(link(conn, meter_a, key_a, seller).linked_at)
+    _integrator(conn)
+    owner_grant(conn, _request(meter_a), seller)
+    sold = _ms(link(conn, meter_a, key_a, buyer).linked_at)
+    view = consents.load_view(conn)
+    now = wall_ms()
+    times = {"bought-1ms": bought - 1, "bought+1ms": bought + 1, "sold-1ms": sold - 1,
+             "sold+1ms": sold + 1, "now": now}  # fmt: skip
+    seen = {at: may_see("acme", meter_a, ts, Scope.HISTORY, view=view, now_ms=now).refusal
+            for at, ts in times.items()}  # fmt: skip
+    assert seen == {"bought-1ms": Refusal.PERIOD, "bought+1ms": None, "sold-1ms": None,
+                    "sold+1ms": Refusal.PERIOD, "now": Refusal.PERIOD}  # fmt: skip
+    assert live_audience(meter_a, now, view, now) == []
 
 
 def test_expiry_is_enforced_at_once_and_recorded_by_the_sweep(
