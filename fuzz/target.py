@@ -188,7 +188,7 @@ class PipelineTarget:
                 self._history.clear()
             self._seen[(r.meter_id, r.seq)] = outcome.candidate.reading_hash
             self._history.setdefault(r.meter_id, deque(maxlen=self._history_len)).append(
-                StoredPoint(r.ts, r.import_wh, r.export_wh)
+                StoredPoint(r.ts, r.import_wh, r.export_wh, r.seq)
             )
         return outcome
 

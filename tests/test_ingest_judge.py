@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping
 from functools import cache
 
@@ -66,7 +67,7 @@ def test_duplicate_and_seq_reused_against_the_store_and_within_a_batch() -> None
     out = decide(
         batch,
         seen={("m1", 1): stored.reading_hash},
-        history={"m1": [StoredPoint(T0, 10, 0)]},
+        history={"m1": [StoredPoint(T0, 10, 0, 1)]},
         limit=RateLimit(),
     )
     assert reasons(out) == ["duplicate", "seq_reused", "accepted", "duplicate", "seq_reused"]
@@ -74,7 +75,7 @@ def test_duplicate_and_seq_reused_against_the_store_and_within_a_batch() -> None
 
 
 def test_registers_never_decrease_in_ts_order_even_out_of_order() -> None:
-    history = {"m1": [StoredPoint(T0, 100, 50), StoredPoint(T0 + 20_000, 200, 60)]}
+    history = {"m1": [StoredPoint(T0, 100, 50, 1), StoredPoint(T0 + 20_000, 200, 60, 2)]}
     batch = [
         cand(10, T0 + 10_000, 150, 55),  # fits between: accepted (late arrival)
         cand(11, T0 + 12_000, 140, 55),  # below the one just accepted at T0+10s
@@ -110,7 +111,7 @@ def test_meters_are_independent() -> None:
     out = decide(
         [cand(1, T0, 5, 5, "a"), cand(1, T0, 1, 1, "b")],
         seen={},
-        history={"a": [StoredPoint(T0 - 1, 4, 4)], "b": [StoredPoint(T0 - 1, 2, 2)]},
+        history={"a": [StoredPoint(T0 - 1, 4, 4, 0)], "b": [StoredPoint(T0 - 1, 2, 2, 0)]},
         limit=RateLimit(),
     )
     assert reasons(out) == ["accepted", "register_decreased"]
@@ -118,7 +119,7 @@ def test_meters_are_independent() -> None:
 
 def test_stored_window_count_and_this_batch_add_up() -> None:
     limit = RateLimit(window_ms=10_000, max_readings=3)
-    history = {"m1": [StoredPoint(T0 - 9_000, 1, 1), StoredPoint(T0 - 5_000, 1, 1)]}
+    history = {"m1": [StoredPoint(T0 - 9_000, 1, 1, 1), StoredPoint(T0 - 5_000, 1, 1, 2)]}
     batch = [cand(10, T0, 1, 1), cand(11, T0 + 1, 1, 1), cand(12, T0 + 9_001, 1, 1)]
     # at T0: 2 stored in the window, accepted; T0+1: 2 stored + 1 of this batch, limited;
     # T0+9,001: the window (T0-999 .. T0+9,001] holds only T0 of this batch, accepted
@@ -136,3 +137,100 @@ def test_one_context_per_candidate_is_required() -> None:
             [StoredContext(None, 0, None, None)],
             limit=RateLimit(),
         )
+
+
+def test_rate_limit_counts_every_window_that_holds_the_reading() -> None:
+    """A window ending at the reading is not the only one: readings stored or accepted
+    after it count as well, in any window of the limit's length that holds it."""
+    limit = RateLimit(window_ms=10_000, max_readings=3)
+    falling = [cand(i, T0 - i, 100 - i, 0) for i in range(1, 6)]  # ts going down
+    assert reasons(decide(falling, seen={}, history={}, limit=limit)) == [
+        "accepted", "accepted", "accepted", "rate_limited", "rate_limited",
+    ]  # fmt: skip
+    # stored at +1 s, +2 s, +3 s: a late reading at 0 makes 4 in [0, 9.999 s]; at -7.001 s
+    # the windows holding it end by +2.998 s (two stored companions): accepted; at -7.5 s,
+    # [-7.5 s, 2.499 s] holds it, -7.001 s of this batch, +1 s and +2 s
+    history = {"m1": [StoredPoint(T0 + s * 1000, 10, 0, s) for s in (1, 2, 3)]}
+    late = [cand(4, T0, 10, 0), cand(5, T0 - 7_001, 10, 0), cand(6, T0 - 7_500, 10, 0)]
+    assert reasons(decide(late, seen={}, history=history, limit=limit)) == [
+        "rate_limited", "accepted", "rate_limited",
+    ]  # fmt: skip
+    # a reading a whole window after is in no window with it
+    history = {"m1": [StoredPoint(T0 + 10_000, 10, 0, s) for s in (1, 2, 3)]}
+    assert reasons(decide([cand(4, T0, 10, 0)], seen={}, history=history, limit=limit)) == [
+        "accepted"
+    ]
+
+
+def _over_some_window(times: list[int], ts: int, limit: RateLimit) -> bool:
+    """Rule 9 by brute force: some window of the limit's length holding `ts` would hold
+    more than the limit."""
+    return any(
+        sum(1 for t in [*times, ts] if start <= t < start + limit.window_ms) > limit.max_readings
+        for start in range(ts - limit.window_ms + 1, ts + 1)
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rate_limit_equals_a_brute_force_count_in_any_arrival_order(seed: int) -> None:
+    """Readings in random order, split at random between what is stored and batches of
+    arrival: each verdict equals the brute force over what was accepted before it."""
+    rng = random.Random(seed)
+    limit = RateLimit(window_ms=50, max_readings=rng.choice([1, 2, 4]))
+    times = [T0 + rng.randrange(0, 300) for _ in range(120)]
+    order = [cand(seq, ts, 7, 7) for seq, ts in enumerate(times, start=1)]
+    history: dict[str, list[StoredPoint]] = {"m1": []}
+    accepted: list[int] = []
+    verdicts: list[str] = []
+    expected: list[str] = []
+    while order:
+        size = rng.randrange(1, 12)
+        batch, order = order[:size], order[size:]
+        for c in batch:
+            over = _over_some_window(accepted, c.reading.ts, limit)
+            expected.append("rate_limited" if over else "accepted")
+            if not over:
+                accepted.append(c.reading.ts)
+        outcomes = decide(batch, seen={}, history=history, limit=limit)
+        verdicts += reasons(outcomes)
+        history["m1"] += [
+            StoredPoint(o.candidate.reading.ts, 7, 7, o.candidate.reading.seq)
+            for o in outcomes
+            if isinstance(o, Accepted)
+        ]
+    assert verdicts == expected
+    assert "rate_limited" in verdicts
+
+
+def test_readings_with_equal_ts_are_ordered_by_seq() -> None:
+    history = {"m1": [StoredPoint(T0, 500, 0, 1), StoredPoint(T0 + 2000, 700, 0, 5)]}
+    batch = [
+        cand(2, T0, 100, 0),  # after seq 1 at the same ts: below its 500
+        cand(3, T0 + 1000, 200, 0),  # after seq 1, seq 2 refused: below 500
+        cand(4, T0 + 2000, 800, 0),  # before seq 5 at the same ts: above its 700
+        cand(6, T0 + 2000, 700, 0),  # after seq 5: equal registers are fine
+        cand(7, T0 + 2000, 600, 0),  # after seq 6 of this batch: below its 700
+    ]
+    assert reasons(decide(batch, seen={}, history=history, limit=RateLimit())) == [
+        "register_decreased", "register_decreased", "register_decreased", "accepted",
+        "register_decreased",
+    ]  # fmt: skip
+
+
+def test_a_meter_halted_under_the_lock_has_its_readings_refused_first() -> None:
+    batch = [cand(1, T0, 1, 1), cand(1, T0, 1, 1, "gone"), cand(1, T0, 1, 1, "ok")]
+    contexts = [StoredContext(batch[0].reading_hash, 0, None, None)] + [
+        StoredContext(None, 0, None, None)
+    ] * 2
+    out = judge(batch, contexts, limit=RateLimit(), halted={"m1": "quarantined", "gone": None})
+    assert reasons(out) == ["meter_not_active", "unknown_meter", "accepted"]
+    assert [o.detail for o in out if isinstance(o, Rejection)] == [
+        "meter status is quarantined",
+        "meter is not registered",
+    ]
+
+
+def test_a_context_without_the_stored_readings_a_late_reading_needs_is_refused() -> None:
+    after = StoredPoint(T0 + 1, 5, 5, 2)
+    with pytest.raises(ValueError, match="need `around`"):
+        judge([cand(1, T0, 1, 1)], [StoredContext(None, 0, None, after)], limit=RateLimit())

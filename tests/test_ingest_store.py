@@ -2,24 +2,27 @@
 computes the same from readings in memory (the judge's own tests and the fuzzer use it).
 Here the two must agree, on a real database, for histories and candidates chosen to sit on
 every edge the rules have: equal ts, one ms either side, the rate window's both ends, seqs
-already stored, and windows fuller than the limit."""
+already stored, and windows fuller than the limit. Then rules 3, 8 and 9 through the
+store's transaction, on the edges a reading arriving out of order reaches."""
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 
 import psycopg
 import pytest
+from waiting import wait_until
 
 from meterproof.ingest import store
 from meterproof.ingest.judge import RateLimit, StoredPoint, context_of
-from meterproof.ingest.records import Candidate, Message
+from meterproof.ingest.records import Accepted, Candidate, Message, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy
 from meterproof.ingest.store import STORE_OPTIONS, ReadingStore
 from meterproof.registry import repository
-from meterproof.registry.model import NewKey, NewMeter
+from meterproof.registry.model import MeterStatus, NewKey, NewMeter
 from meterproof.schemas.codec import sign_reading
 from meterproof.schemas.reading import I64_MIN, U64_MAX, b64url_decode
 from meterproof.schemas.signatures import PrivateKey, generate_private_key
@@ -59,28 +62,33 @@ def test_database_contexts_equal_the_in_memory_ones(
 ) -> None:
     rng = random.Random(20261123)
     key = generate_private_key("EdDSA")
-    meters = [make_meter_id() for _ in range(5)]
+    meters = [make_meter_id() for _ in range(6)]
     with psycopg.connect(database_url, autocommit=True) as conn:
         repository.register(
             conn, [NewMeter(m, NewKey.parse("EdDSA", key.public_key().pem())) for m in meters]
         )
-    # Histories: distinct ts per meter (which of two equal-ts neighbours is nearer is not
-    # defined), registers rising with ts, dense enough that windows overflow the limit;
-    # the fourth meter's windows hold more readings than the default limit of 60.
+    # Histories: registers rising in (ts, seq) order, dense enough that windows overflow
+    # the limit; the fourth meter's windows hold more readings than the default limit of
+    # 60; the fifth has two or three readings at each of its ts (neighbours by seq).
     history: dict[str, list[StoredPoint]] = {}
     seen: dict[tuple[str, int], bytes] = {}
     stored: list[Candidate] = []
     for meter_id, span, grid, count in [
         (meters[0], 60_000, 250, 40), (meters[1], 60_000, 250, 40),
         (meters[2], 60_000, 250, 40), (meters[3], 12_000, 100, 100),
-    ]:  # fmt: skip  # the fifth has nothing stored
+    ]:  # fmt: skip  # the sixth has nothing stored
         times = sorted(rng.sample(range(T0, T0 + span, grid), count))
         order = rng.sample(range(len(times)), len(times))  # seqs not in ts order
         for seq, i in enumerate(order, start=1):
             stored.append(candidate(key, meter_id, seq, times[i], 100 + i, 10 + i))
+    times = sorted(rng.sample(range(T0, T0 + 60_000, 500), 15) * 3)[:40]
+    for i, seq in enumerate(sorted(rng.sample(range(1, 60), len(times)))):  # seqs in ts order
+        stored.append(candidate(key, meters[4], seq, times[i], 100 + i, 10 + i))
     for c in stored:
         r = c.reading
-        history.setdefault(r.meter_id, []).append(StoredPoint(r.ts, r.import_wh, r.export_wh))
+        history.setdefault(r.meter_id, []).append(
+            StoredPoint(r.ts, r.import_wh, r.export_wh, r.seq)
+        )
         seen[(r.meter_id, r.seq)] = c.reading_hash
     probes = []
     for _ in range(400):
@@ -111,6 +119,13 @@ def test_database_contexts_equal_the_in_memory_ones(
     assert any(c.reading_hash is not None for c in expected)
     assert any(c.before is None for c in expected)
     assert any(c.after is None and c.before is not None for c in expected)
+    # neighbours with the probe's own ts, before it and after it by seq; the stored ts
+    # either side, only where readings follow within a window
+    pairs = [(p.reading.ts, c) for p, c in zip(probes, expected, strict=True)]
+    assert any(c.before and c.before.ts_ms == ts for ts, c in pairs)
+    assert any(c.after and c.after.ts_ms == ts for ts, c in pairs)
+    assert any(c.around is None for c in expected)
+    assert any(c.around and c.around[-1] > ts for ts, c in pairs)
 
 
 def test_the_store_keeps_plans_that_probe_by_index_however_empty_the_tables(
@@ -128,13 +143,13 @@ def test_the_store_keeps_plans_that_probe_by_index_however_empty_the_tables(
         conn.execute("ANALYZE meters")
         conn.execute(f"PREPARE lock_meters(text) AS {_numbered(store._LOCK)}")
         conn.execute(
-            f"PREPARE context(text, text, text, int8, int8) AS {_numbered(store._CONTEXT)}"
+            f"PREPARE context(text, text, text, text, int8, int8) AS {_numbered(store._CONTEXT)}"
         )
         ids = "'{plan-1,plan-2,plan-3}'"
         plans = {
             "lock": conn.execute(f"EXPLAIN EXECUTE lock_meters({ids})").fetchall(),
             "context": conn.execute(
-                f"EXPLAIN EXECUTE context({ids}, '{{1,2,3}}', '{{1,2,3}}', 60000, 60)"
+                f"EXPLAIN EXECUTE context({ids}, '{{1,2,3}}', '{{1,2,3}}', NULL, 60000, 60)"
             ).fetchall(),
         }
     for name, rows in plans.items():
@@ -142,6 +157,10 @@ def test_the_store_keeps_plans_that_probe_by_index_however_empty_the_tables(
         assert "Seq Scan" not in plan, f"{name}:\n{plan}"
         assert "Hash" not in plan, f"{name}:\n{plan}"
         assert "Index" in plan, f"{name}:\n{plan}"
+    # rule 8's neighbours in (ts, seq) order: each row comparison is where the index
+    # descent starts (its Index Cond), not a filter on rows it reads
+    context = "\n".join(r[0] for r in plans["context"])
+    assert len(re.findall(r"Index Cond: .*ROW\(ts, ", context)) == 2, context
 
 
 def test_the_store_writes_every_column_as_given(
@@ -215,3 +234,188 @@ def _numbered(query: str) -> str:
         return f"${len(names) if name is None else names.index(name) + 1}"
 
     return re.sub(r"%(?:\((\w+)\))?s", number, query)
+
+
+def _registered(database_url: str, make_meter_id: Callable[[], str]) -> tuple[PrivateKey, str]:
+    key = generate_private_key("EdDSA")
+    meter_id = make_meter_id()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        repository.register(
+            conn, [NewMeter(meter_id, NewKey.parse("EdDSA", key.public_key().pem()))]
+        )
+    return key, meter_id
+
+
+def _commit(database_url: str, batch: Sequence[Candidate]) -> list[str]:
+    """One batch through a store of the workers' kind, with the default rate limit (60 in
+    60 s); each outcome as `accepted`, `duplicate` or its reason."""
+    with psycopg.connect(database_url, autocommit=True, options=STORE_OPTIONS) as conn:
+        store = ReadingStore(conn, limit=RateLimit(), policy=QuarantinePolicy(failures=10**6))
+        return [_named(o) for o in store.commit_batch(batch, []).outcomes]
+
+
+def _named(outcome: Outcome) -> str:
+    if isinstance(outcome, Rejection):
+        return outcome.reason.value
+    return "accepted" if isinstance(outcome, Accepted) else "duplicate"
+
+
+def _stored_ts(database_url: str, meter_id: str) -> list[int]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT (extract(epoch FROM ts) * 1000)::int8 FROM reading_log WHERE meter_id = %s"
+            " ORDER BY ts",
+            (meter_id,),
+        ).fetchall()
+    return [int(ts) for (ts,) in rows]
+
+
+def _fullest_window(times: Sequence[int], window_ms: int) -> int:
+    return max(sum(1 for t in times if s <= t < s + window_ms) for s in times)
+
+
+def test_a_meter_whose_ts_goes_down_is_rate_limited_like_one_whose_ts_goes_up(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """Rule 9 is about every window of meter time, not only the one ending at the reading:
+    100 readings 1 ms apart, newest first (in one batch, then one per batch), may only put
+    60 in any 60 s, as they would oldest first."""
+    key, meter_id = _registered(database_url, make_meter_id)
+    falling = [candidate(key, meter_id, s, T0 - s, 1000 - s, 0) for s in range(1, 101)]
+    assert _commit(database_url, falling) == ["accepted"] * 60 + ["rate_limited"] * 40
+    one_by_one = [candidate(key, meter_id, s, T0 - s, 1000 - s, 0) for s in range(101, 201)]
+    assert [_commit(database_url, [c])[0] for c in one_by_one] == ["rate_limited"] * 100
+    assert _fullest_window(_stored_ts(database_url, meter_id), 60_000) == 60
+
+    other_key, other = _registered(database_url, make_meter_id)
+    stepping = [candidate(other_key, other, s, T0 - s * 1000, 1000 - s, 0) for s in range(1, 200)]
+    for c in stepping:  # one a second, newest first: never over the limit
+        assert _commit(database_url, [c]) == ["accepted"]
+
+
+def test_a_late_reading_cannot_overfill_a_window_of_stored_readings(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """60 readings stored at 1 s .. 60 s; one arriving late at 0.5 s would make 61 in the
+    window 0.5 s .. 60.499 s. At -0.001 s every window holding it ends before 60 s, which
+    leaves it 59 stored companions: accepted. The window's ends are those of the count for a
+    reading in order, (ts - 60 s, ts]."""
+    key, meter_id = _registered(database_url, make_meter_id)
+    stored = [candidate(key, meter_id, s, T0 + s * 1000, 100 + s, 0) for s in range(1, 61)]
+    assert _commit(database_url, stored) == ["accepted"] * 60
+    assert _commit(database_url, [candidate(key, meter_id, 61, T0 + 500, 100, 0)]) == [
+        "rate_limited"
+    ]
+    assert _commit(database_url, [candidate(key, meter_id, 62, T0 - 1, 100, 0)]) == ["accepted"]
+    # and the same with the late readings in the batch that fills the window
+    key, meter_id = _registered(database_url, make_meter_id)
+    batch = [
+        *(candidate(key, meter_id, s, T0 + s * 1000, 100 + s, 0) for s in range(1, 61)),
+        candidate(key, meter_id, 61, T0 + 500, 100, 0),
+        candidate(key, meter_id, 62, T0 - 1, 100, 0),
+    ]
+    assert _commit(database_url, batch) == ["accepted"] * 60 + ["rate_limited", "accepted"]
+
+
+def test_readings_with_equal_ts_are_ordered_by_seq(
+    database_url: str, make_meter_id: Callable[[], str]
+) -> None:
+    """Rule 8 in (ts, seq) order: a reading with the ts of a stored one and a higher seq
+    comes after it, with a lower seq before it, and its registers are held to that place.
+    Accepting seq 2 below seq 1 would then let seq 3 be judged against seq 2: 500 -> 200."""
+    key, meter_id = _registered(database_url, make_meter_id)
+    assert _commit(database_url, [candidate(key, meter_id, 1, T0, 500, 0)]) == ["accepted"]
+    assert _commit(database_url, [candidate(key, meter_id, 2, T0, 100, 0)]) == [
+        "register_decreased"
+    ]
+    assert _commit(database_url, [candidate(key, meter_id, 3, T0 + 1000, 200, 0)]) == [
+        "register_decreased"
+    ]
+    assert _commit(database_url, [candidate(key, meter_id, 5, T0 + 2000, 700, 0)]) == ["accepted"]
+    # a lower seq at the same ts comes before: its registers must not exceed seq 5's
+    assert _commit(
+        database_url,
+        [candidate(key, meter_id, 4, T0 + 2000, 800, 0), candidate(key, meter_id, 6, T0, 500, 0)],
+    ) == ["register_decreased", "accepted"]
+    # within one batch too, and equal registers are fine
+    key, meter_id = _registered(database_url, make_meter_id)
+    assert _commit(
+        database_url,
+        [
+            candidate(key, meter_id, 1, T0, 500, 0),
+            candidate(key, meter_id, 2, T0, 100, 0),
+            candidate(key, meter_id, 3, T0, 500, 0),
+        ],
+    ) == ["accepted", "register_decreased", "accepted"]
+
+
+def _waiting_for_a_lock(database_url: str, application_name: str) -> bool:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock'",
+            (application_name,),
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (MeterStatus.QUARANTINED, "meter_not_active"),
+        (MeterStatus.DECOMMISSIONED, "meter_not_active"),
+        (MeterStatus.MAINTENANCE, "accepted"),
+    ],
+)
+def test_a_status_committed_while_the_batch_waits_for_the_lock_decides_rule_3(
+    database_url: str, make_meter_id: Callable[[], str], status: MeterStatus, outcome: str
+) -> None:
+    """The worker verified the readings while the meter was active (its cached snapshot);
+    another session changes the status and holds the meter's lock while the batch's
+    transaction waits for it. Once it commits, the batch must see the new status: a
+    quarantined or decommissioned meter's readings are refused and recorded as any
+    rejection (rejected row, security event), nothing is stored; maintenance still accepts."""
+    key, meter_id = _registered(database_url, make_meter_id)
+    batch = [candidate(key, meter_id, s, T0 + s * 1000, 100 + s, 0) for s in (1, 2)]
+    name = f"store-{meter_id}"[:63]
+    results: list[list[str]] = []
+    with psycopg.connect(database_url) as operator:
+        operator.execute(
+            "UPDATE meters SET status = %s::meter_status WHERE meter_id = %s",
+            (status.value, meter_id),
+        )
+
+        def store_batch() -> None:
+            with psycopg.connect(
+                database_url, autocommit=True, options=STORE_OPTIONS, application_name=name
+            ) as conn:
+                store = ReadingStore(conn, limit=RateLimit(), policy=QuarantinePolicy())
+                results.append([_named(o) for o in store.commit_batch(batch, []).outcomes])
+
+        worker = threading.Thread(target=store_batch)
+        worker.start()
+        wait_until(
+            lambda: _waiting_for_a_lock(database_url, name), what="the batch waits for the lock"
+        )
+        operator.commit()
+        worker.join(timeout=30)
+    assert results == [[outcome, outcome]]
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT count(*) FROM reading_log WHERE meter_id = %s", (meter_id,)
+        ).fetchone()
+        rejected = conn.execute(
+            "SELECT reason, detail FROM rejected_readings WHERE meter_id = %s ORDER BY seq",
+            (meter_id,),
+        ).fetchall()
+        events = conn.execute(
+            "SELECT type FROM security_events WHERE meter_id = %s AND type <> 'status_changed'"
+            " AND type <> 'registered'",
+            (meter_id,),
+        ).fetchall()
+    if outcome == "accepted":
+        assert (stored, rejected) == ((2,), [])
+    else:
+        assert stored == (0,)
+        assert rejected == [("meter_not_active", f"meter status is {status.value}")] * 2
+        assert events == [("inactive_meter_reading",)] * 2

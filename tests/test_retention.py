@@ -240,7 +240,7 @@ def test_the_judge_and_the_rollups_after_pruning_equal_those_of_the_full_history
     history: dict[str, list[StoredPoint]] = {}
     seen: dict[tuple[str, int], bytes] = {}
     for meter_id, seq, ts, imp, exp in stored:
-        history.setdefault(meter_id, []).append(StoredPoint(ts, imp, exp))
+        history.setdefault(meter_id, []).append(StoredPoint(ts, imp, exp, seq))
         seen[(meter_id, seq)] = fleet.candidate(meter_id, seq, ts, imp, exp).reading_hash
     probes = []
     for _ in range(300):
