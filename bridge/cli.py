@@ -208,7 +208,9 @@ def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
     )
     if chain is not None:
         click.echo(
-            f"OK chain: {chain.batches} anchors, {chain.wallets} wallets,"
+            f"OK chain: {chain.batches} anchors"
+            f"{f' ({chain.unmarked} not yet marked anchored)' if chain.unmarked else ''},"
+            f" {chain.wallets} wallets,"
             f" {format_grid(chain.direct_units)} GRID minted directly,"
             f" {format_grid(chain.claim_units)} in claim trees"
             f" ({format_grid(chain.claimed_units)} claimed),"

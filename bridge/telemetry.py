@@ -36,8 +36,14 @@ AWAITING_CONFIRMATION = Counter(
 RELEASES = Counter(
     "meterproof_grid_releases_total",
     "Claim leaves of meters without an EVM wallet at sealing, released to the wallet linked"
-    " since (`chain release`), by outcome",
+    " since (`chain release`), by outcome (deferred: the bridge's anchor was in flight)",
     ["outcome"],
+)
+REPLACEMENTS = Counter(
+    "meterproof_anchor_replacements_total",
+    "Anchoring transactions replaced by nonce with higher fees after evm_stall_s, by reason:"
+    " stalled (the node holds it, unmined) or not_in_pool (dropped, and its bytes refused)",
+    ["reason"],
 )
 BATCHES_PENDING = Gauge("meterproof_batches_pending", "Sealed batches not yet anchored")
 PENDING_CREDITS = Gauge(
@@ -51,5 +57,7 @@ ANCHORING_LAG = Histogram(
 
 for _code in get_args(ErrorCode):
     SUBMISSIONS_FAILED.labels(code=_code)
-for _outcome in ("released", "reverted"):
+for _outcome in ("released", "reverted", "deferred"):
     RELEASES.labels(outcome=_outcome)
+for _reason in ("stalled", "not_in_pool"):
+    REPLACEMENTS.labels(reason=_reason)

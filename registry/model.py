@@ -32,6 +32,11 @@ MAX_LOCATION_BYTES: Final = 4_096
 #: kids and wallet addresses: safe in a log line, a URL and a topic.
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 _HEX: Final = frozenset("0123456789abcdef")
+#: The EVM zero address: no one holds its key, and GRID (an OpenZeppelin ERC-20) refuses to
+#: mint to it (`ERC20InvalidReceiver`), so it can never own a meter or receive its GRID.
+EVM_ZERO_ADDRESS: Final = "0x" + "00" * 20
+#: The stable reason code of refusing it as a wallet, wherever a wallet is accepted.
+ZERO_WALLET: Final = "zero_wallet"
 
 
 class MeterStatus(StrEnum):
@@ -120,11 +125,25 @@ def check_kid(value: str) -> str:
 
 
 def check_wallet(value: str) -> str:
+    """An owner wallet as stored: CAIP-10 (or a legacy name) in the safe alphabet, and never
+    the EVM zero address (`zero_wallet`)."""
     if not 1 <= len(value) <= 128 or not set(value) <= _NAME_CHARS:
         raise InvalidInputError(
             f"invalid owner wallet {quoted(value)}: 1-128 characters of [A-Za-z0-9._:-]"
         )
+    if is_evm_zero_account(value):
+        raise InvalidInputError(
+            f"invalid owner wallet {quoted(value, 60)} ({ZERO_WALLET}): the EVM zero address"
+            " cannot receive GRID; leave the wallet unset (its GRID waits, claimable by meter"
+            " id) or give the owner's account"
+        )
     return value
+
+
+def is_evm_zero_account(value: str) -> bool:
+    """`eip155:<chain id>:0x00...00` (any case): the account GRID can never be minted to."""
+    namespace, _, rest = value.strip().partition(":")
+    return namespace == "eip155" and rest.rpartition(":")[2].lower() == EVM_ZERO_ADDRESS
 
 
 def check_fingerprint(value: str) -> str:

@@ -12,7 +12,8 @@ document already, and `link_wallet` takes its signature from the pairing.
 Links are history: a new link closes the current one (`unlinked_at`), never deletes it;
 `meters.owner_wallet`, which the bridge credits, follows the current link by trigger
 (db/migrations/0004_consent.sql). A refusal rolls back, then records a security event
-(`wallet_link_refused` with its reason code) and counts a metric.
+(`wallet_link_refused` with its reason code) and counts a metric. The EVM zero address is
+refused before any challenge is issued (`zero_wallet`): GRID can never be minted to it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from psycopg.types.json import Jsonb
 from meterproof.registry import documents
 from meterproof.registry.accounts import AccountId, BadSignatureError
 from meterproof.registry.errors import RefusedError
-from meterproof.registry.model import ACCEPTING, check_meter_id
+from meterproof.registry.model import ACCEPTING, ZERO_WALLET, check_meter_id, is_evm_zero_account
 from meterproof.registry.telemetry import CHANGES, REFUSALS
 from meterproof.schemas.reading import b64url_decode
 from meterproof.schemas.signatures import InvalidKeyError, load_public_key
@@ -73,6 +74,8 @@ def issue_challenge(
 ) -> Challenge:
     """Store a fresh challenge whose document is `fields` plus nonce, challenge id and
     expiry; the caller shows the document to whoever must sign it."""
+    if purpose == documents.LINK_WALLET:
+        owner_account(account)
     challenge_id = UUID(bytes=secrets.token_bytes(16), version=4)
     expires_at = datetime.now(UTC).replace(microsecond=0) + ttl
     document = documents.render(
@@ -97,16 +100,16 @@ def issue_link_challenge(conn: Conn, meter_id: str, account: AccountId) -> Chall
     """The document the wallet and the meter both sign to link `account` to `meter_id`."""
     try:
         accepting_meter(conn, check_meter_id(meter_id))
+        return issue_challenge(
+            conn,
+            purpose=documents.LINK_WALLET,
+            account=account,
+            meter_id=meter_id,
+            fields=[("meter", meter_id), ("wallet", str(account))],
+        )
     except RefusedError as refusal:
         record_refusal(conn, "link_wallet", refusal, meter_id=meter_id, account=str(account))
         raise
-    return issue_challenge(
-        conn,
-        purpose=documents.LINK_WALLET,
-        account=account,
-        meter_id=meter_id,
-        fields=[("meter", meter_id), ("wallet", str(account))],
-    )
 
 
 def take_challenge(
@@ -157,6 +160,7 @@ def link_wallet(
     issued the challenge (`pairing_not_signed` while the reader has not signed it)."""
     try:
         with conn.transaction(), conn.cursor() as cur:
+            owner_account(account)
             accepting_meter(conn, meter_id)
             challenge = take_challenge(
                 cur,
@@ -284,6 +288,16 @@ def record_refusal(
         account=account,
         detail=str(refusal),
     )
+
+
+def owner_account(account: AccountId) -> None:
+    """Refuse an account that can never own a meter's GRID: the EVM zero address (no one
+    holds its key, and GRID refuses to mint to it). Checked when a link challenge is issued
+    (a pairing code is not spent on it) and again when a link is made."""
+    if is_evm_zero_account(str(account)):
+        raise RefusedError(
+            ZERO_WALLET, f"{account} is the EVM zero address, which cannot receive GRID"
+        )
 
 
 def accepting_meter(conn: Conn, meter_id: str) -> None:

@@ -17,17 +17,20 @@ import pytest
 from bridge_harness import EPOCH_MS, T0, Clock, make_fleet, query, settings_for
 from fixtures.chain import Chain, sealed_entry
 
+from meterproof.bridge.batches import BatchStore
 from meterproof.bridge.evm.audit import ChainReport, audit_chain
 from meterproof.bridge.evm.claims import plan
 from meterproof.bridge.evm.client import Deployment, contracts, load_key
-from meterproof.bridge.evm.journal import Journal
+from meterproof.bridge.evm.journal import Journal, Sent
 from meterproof.bridge.evm.release import release_linked
 from meterproof.bridge.evm.sink import EvmSink
 from meterproof.bridge.mint import UNITS_PER_WH, Mint
 from meterproof.bridge.oracle import Oracle
 from meterproof.bridge.proof import build_proof
 from meterproof.bridge.runner import Runner
+from meterproof.bridge.telemetry import RELEASES
 from meterproof.bridge.verify import BRIDGE_RECORD, Report, verify
+from meterproof.errors import MeterproofError
 from meterproof.schemas.signatures import generate_private_key
 
 
@@ -121,6 +124,30 @@ def test_verify_finds_an_edited_mint_and_an_anchor_the_record_lacks(
     assert on_chain.discrepancy == "the chain's head is batch 3, the record's 2"
 
 
+def test_verify_counts_the_batch_on_chain_that_the_record_has_not_marked_anchored(
+    database_url: str, chain: Chain, ed25519_oracle: Oracle, anchored: dict[str, str]
+) -> None:
+    """Sent and N deep, not yet marked (the bridge stopped in between): batch 2, whose 20 Wh
+    went to Alice directly, is pending in the record, and GRID's Transfer events hold its
+    mint. It is checked and counted as an anchor; a second such batch is a discrepancy."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert BatchStore(conn).reopen(2) == 1
+    report, on_chain = _verify(database_url, ed25519_oracle, chain)
+    assert report.discrepancy is None, report.discrepancy
+    assert report.entries == 1
+    assert on_chain.discrepancy is None, on_chain.discrepancy
+    assert (on_chain.batches, on_chain.unmarked) == (2, 1)
+    assert on_chain.direct_units == on_chain.total_supply == 20 * UNITS_PER_WH
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert BatchStore(conn).reopen(1) == 1
+    _, on_chain = _verify(database_url, ed25519_oracle, chain)
+    assert on_chain.discrepancy == (
+        "batch 2: a second batch on chain that the record has not marked anchored"
+        " (one may be: sent, not yet marked)"
+    )
+
+
 def test_a_ledger_proof_is_accepted_by_the_contract_view(
     database_url: str, chain: Chain, anchored: dict[str, str]
 ) -> None:
@@ -159,6 +186,43 @@ def test_grid_of_a_meter_that_links_an_evm_wallet_later_is_released_to_it_once(
     assert on_chain.claimed_units == 7 * UNITS_PER_WH
 
 
+def test_a_release_waits_for_an_anchor_the_bridge_has_in_flight(
+    database_url: str, chain: Chain, anchored: dict[str, str]
+) -> None:
+    """The oracle account's next nonce is the bridge's while its journalled anchor waits to
+    be mined: a release sent now would take it, and one of the two would be dropped. So
+    `chain release` sends nothing (`anchor_in_flight`, counted as deferred) until it is."""
+    keys = chain.keys
+    nonce = chain.w3.eth.get_transaction_count(keys.oracle.address)
+    waiting = Sent(bytes(range(32)), nonce, 10**10, 10**9, b"\x02")  # signed, in the pool
+    Journal(database_url, timeout_s=2).record(
+        "epoch:3:root", chain_id=chain.deployment.chain_id, sender=keys.oracle.address,
+        sent=waiting,
+    )  # fmt: skip
+    deferred = RELEASES.labels(outcome="deferred")
+    before = deferred._value.get()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE meters SET owner_wallet = %s WHERE meter_id = %s",
+            (f"eip155:1337:{keys.bob.address}", anchored["c"]),
+        )
+        with pytest.raises(MeterproofError, match=r"anchor_in_flight: .* 0x000102.* \(nonce"):
+            release_linked(conn, chain.w3, chain.deployment, keys.oracle, timeout_s=30)
+        assert deferred._value.get() == before + 1
+        assert chain.w3.eth.get_transaction_count(keys.oracle.address) == nonce  # sent nothing
+        signed = keys.oracle.sign_transaction({
+            "to": keys.oracle.address, "value": 0, "gas": 21_000, "nonce": nonce,
+            "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 10**9,
+            "chainId": chain.deployment.chain_id,
+        })  # fmt: skip
+        chain.w3.eth.wait_for_transaction_receipt(
+            chain.w3.eth.send_raw_transaction(signed.raw_transaction)
+        )  # that nonce mined: nothing of the bridge's is in flight any more
+        (released,) = release_linked(conn, chain.w3, chain.deployment, keys.oracle, timeout_s=30)
+    assert (released.meter_id, released.to) == (anchored["c"], keys.bob.address)
+    assert chain.grid.functions.balanceOf(keys.bob.address).call() == 7 * UNITS_PER_WH
+
+
 def _environ(folder: Path, chain: Chain, database_url: str) -> dict[str, str]:
     """The bridge's settings for the `evm` sink, with its files in `folder`."""
     return {
@@ -170,6 +234,13 @@ def _environ(folder: Path, chain: Chain, database_url: str) -> dict[str, str]:
         "METERPROOF_EVM_CONTRACTS_FILE": str(folder / "contracts.json"),
         "METERPROOF_EVM_ORACLE_KEY_FILE": str(folder / "oracle.key"),
     }
+
+
+def _key_file(path: Path, key: str) -> Path:
+    """An EVM key file as `chain deploy` writes one: mode 0600."""
+    path.touch(mode=0o600)
+    path.write_text(key)
+    return path
 
 
 def _cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -187,7 +258,7 @@ def test_the_commands_verify_against_the_chain_and_check_a_proof_on_chain(
     tmp_path: Path,
 ) -> None:
     chain.deployment.save(tmp_path / "contracts.json")
-    (tmp_path / "oracle.key").write_text(chain.keys.oracle.key.to_0x_hex())
+    _key_file(tmp_path / "oracle.key", chain.keys.oracle.key.to_0x_hex())
     environ = _environ(tmp_path, chain, database_url)
     pem = tmp_path / "oracle.pub.pem"
     pem.write_bytes(ed25519_oracle.key.public_key().pem().encode())
@@ -217,8 +288,7 @@ def test_the_commands_verify_against_the_chain_and_check_a_proof_on_chain(
 def test_chain_deploy_writes_the_contracts_file_naming_a_new_oracle(
     database_url: str, chain: Chain, tmp_path: Path
 ) -> None:
-    admin_file = tmp_path / "admin.key"
-    admin_file.write_text(chain.keys.admin.key.to_0x_hex())
+    admin_file = _key_file(tmp_path / "admin.key", chain.keys.admin.key.to_0x_hex())
     done = _cli(_environ(tmp_path, chain, database_url), "chain", "deploy",
                 "--admin-key-file", str(admin_file))  # fmt: skip
     assert done.returncode == 0, done.stderr

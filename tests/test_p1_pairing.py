@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.registry import pairing, wallets
+from meterproof.registry.accounts import AccountId
 from meterproof.registry.errors import RefusedError
 from meterproof.schemas.reading import b64url, b64url_decode
 from meterproof.schemas.signatures import PrivateKey
@@ -279,3 +280,14 @@ def test_the_owner_pairs_through_meters_link_wallet(
     assert link.account == str(owner.account)
     again = run("--wallet", str(owner.account), "--pairing-code", code, ok=False)
     assert "pairing_code_used" in again.stderr
+
+
+def test_a_pairing_code_is_not_spent_on_the_evm_zero_address(
+    conn: Conn, meter_id: str, reader_key: PrivateKey
+) -> None:
+    """GRID can never be minted to the zero address: refused before the code is spent."""
+    zero = AccountId.parse("eip155:1337:0x" + "00" * 20)
+    offer = _offer(conn, meter_id, reader_key, timedelta(minutes=5))
+    _refused(conn, "zero_wallet", lambda: pairing.claim(conn, offer.code, zero))
+    assert conn.execute("SELECT count(*) FROM wallet_challenges").fetchone() == (0,)
+    pairing.claim(conn, offer.code, EvmWallet.new().account)  # still unspent

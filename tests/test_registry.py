@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -18,9 +19,15 @@ from meterproof.certs.bulk import issue_bulk, new_meter_ids, write_bulk_csv
 from meterproof.certs.crl import read_revoked
 from meterproof.certs.identities import issue_device, load_identity
 from meterproof.certs.layout import PkiLayout
-from meterproof.registry import repository
+from meterproof.registry import repository, wallets
+from meterproof.registry.accounts import AccountId
 from meterproof.registry.cli import meters
-from meterproof.registry.errors import InvalidInputError, StateError, UnknownMeterError
+from meterproof.registry.errors import (
+    InvalidInputError,
+    RefusedError,
+    StateError,
+    UnknownMeterError,
+)
 from meterproof.registry.model import (
     MeterStatus,
     NewKey,
@@ -29,6 +36,7 @@ from meterproof.registry.model import (
     Severity,
     default_kid,
 )
+from meterproof.registry.telemetry import REFUSALS
 from meterproof.schemas.signatures import generate_private_key
 from meterproof.stack.process import free_port
 
@@ -455,3 +463,54 @@ def test_a_new_key_is_stored_in_canonical_form() -> None:
     assert crlf.public_key_pem == pem
     with pytest.raises(InvalidInputError, match="canonical"):
         NewKey("ES256", pem.replace("\n", "\r\n"), "k")  # type: ignore[arg-type]
+
+
+ZERO_ACCOUNT = "eip155:1337:0x0000000000000000000000000000000000000000"
+
+
+def test_the_evm_zero_address_is_refused_as_an_owner_wallet(
+    cli: Callable[..., Result], conn: psycopg.Connection[Any], tmp_path: Path, meter_id: str
+) -> None:
+    """GRID (an ERC-20) refuses to mint to the zero address, so a meter registered with it
+    would stop anchoring on chain: refused at registration, one CSV row as one flag."""
+    key = str(_key_file(tmp_path))
+    args = ("register", meter_id, "--public-key", key, "--alg", "EdDSA")
+    for wallet in (ZERO_ACCOUNT, ZERO_ACCOUNT.replace("0x", "0X"), "eip155:1:0x" + "0" * 40):
+        assert "(zero_wallet)" in _one_line_error(cli(*args, "--owner-wallet", wallet), 2)
+    bulk = tmp_path / "bulk.csv"
+    pem = _pem().replace("\n", "\\n")
+    bulk.write_text(
+        f"meter_id,alg,public_key_pem,owner_wallet\n{meter_id},EdDSA,{pem},{ZERO_ACCOUNT}\n"
+    )
+    assert "line 2" in _one_line_error(cli("register", "--bulk", str(bulk)), 2)
+    with pytest.raises(InvalidInputError, match="zero_wallet"):
+        NewMeter(meter_id, NewKey.parse("EdDSA", _pem()), owner_wallet=ZERO_ACCOUNT)
+    assert _count(conn, "meters") == 0
+    assert cli(*args, "--owner-wallet", ZERO_ACCOUNT.replace("0x0", "0x1")).exit_code == 0
+
+
+def test_the_evm_zero_address_cannot_be_linked_to_a_meter(
+    conn: psycopg.Connection[Any], meter_id: str
+) -> None:
+    """Refused before a challenge is issued and again at the link, with its reason code
+    recorded as a security event and counted."""
+    repository.register(conn, [NewMeter(meter_id, NewKey.parse("EdDSA", _pem()))])
+    zero = AccountId.parse(ZERO_ACCOUNT)
+    counted = REFUSALS.labels(action="link_wallet", reason="zero_wallet")
+    before = counted._value.get()
+    with pytest.raises(RefusedError) as issued:
+        wallets.issue_link_challenge(conn, meter_id, zero)
+    with pytest.raises(RefusedError) as linked:
+        wallets.link_wallet(conn, meter_id=meter_id, account=zero, challenge_id=uuid4(),
+                            wallet_signature="0x" + "00" * 65)  # fmt: skip
+    assert (issued.value.code, linked.value.code) == ("zero_wallet", "zero_wallet")
+    assert counted._value.get() == before + 2
+    assert _count(conn, "wallet_challenges") == 0
+    events = conn.execute(
+        "SELECT type, detail->>'reason' FROM security_events WHERE meter_id = %s"
+        " AND type LIKE '%%_refused' ORDER BY id",
+        (meter_id,),
+    ).fetchall()
+    assert events == [("link_wallet_refused", "zero_wallet")] * 2
+    owner = conn.execute("SELECT owner_wallet FROM meters WHERE meter_id = %s", (meter_id,))
+    assert owner.fetchone() == (None,)

@@ -7,8 +7,9 @@ claim tree (root, leaf count, total) and the direct mints equal what the mint li
 Then GRID: minted per wallet (Transfer events from the zero address) equals the direct
 mints plus the claims and releases, every batch's claimed sum is what its Claimed events
 add up to and at most its claim total, and the total supply is all of it. The contract
-may hold one batch more than the record says is anchored (sent, not yet marked), never
-another one.
+may hold one batch more than the record says is anchored (sent, not yet marked): that
+pending batch is checked as an anchored one and its GRID counted (its direct mints are in
+GRID's Transfer events already); a second pending batch on chain is a discrepancy.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ _ZERO: Final = "0x" + "00" * 20
 
 @dataclass(slots=True)
 class ChainReport:
-    batches: int = 0
+    batches: int = 0  #: anchors checked, `unmarked` included
+    unmarked: int = 0  #: of which pending in the record: on chain, not yet marked (0 or 1)
     wallets: int = 0
     direct_units: int = 0
     claim_units: int = 0  #: committed to claim trees
@@ -99,37 +101,68 @@ def _audit(
         anchored_events[int(event["args"]["batch"])] += 1
     head = int(node_call(lambda: anchor.functions.head().call()))
     minted_expected: dict[str, int] = defaultdict(int)
-    last_anchored, pending = 0, set()
+    last_anchored = 0
     for status, entry in anchored_entries(conn):
         h = entry.header
+        if status == "pending" and h.batch > head:
+            continue  # sealed, not on chain yet
         stored = stored_batch(anchor, h.batch)
         if status == "pending":
-            pending.add(h.batch)
-            if h.batch <= head and bytes(stored[0]) != h.entry_hash:
-                raise _Found(f"batch {h.batch}: the chain holds another entry")
-            continue
-        last_anchored = h.batch
-        if bytes(stored[0]) != h.entry_hash:
-            raise _Found(
-                f"batch {h.batch}: anchored in the record, the chain holds {stored[0].hex()}"
-            )
-        if (bytes(stored[1]), stored[4]) != (h.merkle_root, h.reading_count):
-            raise _Found(f"batch {h.batch}: the chain's reading root or count differs")
-        if anchored_events.get(h.batch) != 1:
-            raise _Found(f"batch {h.batch}: {anchored_events.get(h.batch, 0)} Anchored events")
-        p = anchored_plan(entry, stored)
-        if p is None:
-            raise _Found(f"batch {h.batch}: the claim tree or direct mints differ from its mints")
-        for address, units in p.direct:
-            minted_expected[address] += units
-        report.direct_units += p.direct_total
-        report.claim_units += p.claim_total
-        if stored[7] > stored[6]:
-            raise _Found(f"batch {h.batch}: claimed {stored[7]} of a claim total {stored[6]}")
-        report.batches += 1
-    if head != last_anchored and head not in pending:
+            _unmarked(h, stored, last_anchored, report)
+        elif report.unmarked:
+            raise _Found(f"batch {h.batch}: anchored in the record after a pending batch")
+        else:
+            last_anchored = h.batch
+        _audit_batch(entry, stored, anchored_events.get(h.batch, 0), minted_expected, report)
+    if head != last_anchored + report.unmarked:
         raise _Found(f"the chain's head is batch {head}, the record's {last_anchored}")
     _audit_grid(anchor, grid, deployment, minted_expected, report)
+
+
+def _unmarked(h: Header, stored: Any, last_anchored: int, report: ChainReport) -> None:  # noqa: ANN401 - a web3 tuple
+    """A pending batch the chain holds: the one after the last anchored, sent and not yet
+    marked, with the same entry; any other is a discrepancy."""
+    if bytes(stored[0]) != h.entry_hash:
+        raise _Found(f"batch {h.batch}: the chain holds another entry")
+    if report.unmarked:
+        raise _Found(
+            f"batch {h.batch}: a second batch on chain that the record has not marked"
+            " anchored (one may be: sent, not yet marked)"
+        )
+    if h.batch != last_anchored + 1:
+        raise _Found(
+            f"batch {h.batch}: on chain and pending in the record, whose last anchored"
+            f" batch is {last_anchored}"
+        )
+    report.unmarked += 1
+
+
+def _audit_batch(
+    entry: Entry,
+    stored: Any,  # noqa: ANN401 - a web3 tuple
+    events: int,
+    minted_expected: dict[str, int],
+    report: ChainReport,
+) -> None:
+    """One anchor on chain against the record's entry and mints; its direct mints are
+    added to what GRID's Transfer events must show."""
+    h = entry.header
+    if bytes(stored[0]) != h.entry_hash:
+        raise _Found(f"batch {h.batch}: anchored in the record, the chain holds {stored[0].hex()}")
+    if (bytes(stored[1]), stored[4]) != (h.merkle_root, h.reading_count):
+        raise _Found(f"batch {h.batch}: the chain's reading root or count differs")
+    if events != 1:
+        raise _Found(f"batch {h.batch}: {events} Anchored events")
+    p = anchored_plan(entry, stored)
+    if p is None:
+        raise _Found(f"batch {h.batch}: the claim tree or direct mints differ from its mints")
+    for address, units in p.direct:
+        minted_expected[address] += units
+    report.direct_units += p.direct_total
+    report.claim_units += p.claim_total
+    if stored[7] > stored[6]:
+        raise _Found(f"batch {h.batch}: claimed {stored[7]} of a claim total {stored[6]}")
+    report.batches += 1
 
 
 def _audit_grid(

@@ -2,11 +2,11 @@
 or committed as an RFC 6962 claim tree whose leaves are claimed one by one.
 
 A mint's destination is the EVM address of the meter's CAIP-10 `owner_wallet` at sealing
-time. A meter without one (NULL, a `solana:` account, an unparseable legacy value) gets a
-leaf with the zero address and its meter id: the oracle releases it to the wallet linked
-later. Direct minting costs the oracle gas per wallet, a claim tree costs it one root, so
-small batches go direct and large ones to the tree (docs/anchoring.md section 12 has the
-measured gas of both).
+time. A meter without one (NULL, a `solana:` account, an unparseable legacy value, or the
+zero address itself, which GRID refuses to mint to) gets a leaf with the zero address and
+its meter id: the oracle releases it to the wallet linked later. Direct minting costs the
+oracle gas per wallet, a claim tree costs it one root, so small batches go direct and large
+ones to the tree (docs/anchoring.md section 12 has the measured gas of both).
 """
 
 from __future__ import annotations
@@ -24,13 +24,18 @@ ZERO_ADDRESS: Final = "0x" + "00" * 20
 
 
 def evm_destination(wallet: str | None) -> str | None:
-    """The 0x address GRID can be minted to, or None: it stays claimable by meter id."""
+    """The 0x address GRID can be minted to, or None: it stays claimable by meter id.
+
+    The zero address is None too: registration and wallet links refuse it, but a row
+    written around them (SQL, COPY) must not put it in `anchor`'s mints, where GRID's
+    `ERC20InvalidReceiver` would revert every attempt and hold every later batch."""
     if wallet is None:
         return None
     try:
-        return AccountId.parse(wallet).evm_address
+        address = AccountId.parse(wallet).evm_address
     except InvalidInputError:
         return None
+    return None if address == ZERO_ADDRESS else address
 
 
 @dataclass(frozen=True, slots=True)

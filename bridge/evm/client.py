@@ -8,12 +8,15 @@ EVM RPC (chain id, URL and confirmations are settings).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import requests
+from eth_abi.abi import decode
+from eth_abi.exceptions import DecodingError
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
@@ -26,6 +29,8 @@ from meterproof.errors import InputError, UnavailableError
 
 T = TypeVar("T")
 ZERO_HASH: Final = bytes(32)
+#: An EVM key file's mode: its owner reads and writes it, no one else.
+KEY_FILE_MODE: Final = 0o600
 
 
 class NodeUnavailableError(UnavailableError):
@@ -61,20 +66,33 @@ class Deployment:
 
 
 def load_key(path: Path) -> LocalAccount:
-    """A 0x-hex private key file (mode 0600): the oracle or the admin account."""
+    """A 0x-hex private key file, mode 0600: the oracle or the admin account. One that its
+    group or others may read is refused: whoever could read it may hold the account."""
     try:
-        account: LocalAccount = Account.from_key(path.read_text().strip())
-    except (OSError, ValueError) as exc:
+        with path.open() as handle:
+            mode = os.fstat(handle.fileno()).st_mode & 0o777
+            text = handle.read()
+    except OSError as exc:
+        raise InputError(f"EVM key {path}: {exc}") from None
+    if mode & 0o077:
+        raise InputError(
+            f"EVM key {path} has mode {mode:04o}: its group or others have access to it;"
+            f" `chmod 600 {path}` if no one else can have read it"
+        )
+    try:
+        account: LocalAccount = Account.from_key(text.strip())
+    except ValueError as exc:
         raise InputError(f"EVM key {path}: {exc}") from None
     return account
 
 
 def new_key(path: Path) -> LocalAccount:
-    """Create a key file that only its owner can read; refuses to overwrite one."""
+    """Create a key file that only its owner can read, mode 0600 from its first byte (as
+    certs/keys.py writes the PKI's keys); refuses to overwrite one or follow a link."""
     account: LocalAccount = Account.create()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("x") as out:
-        path.chmod(0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, KEY_FILE_MODE), "w") as out:
         out.write("0x" + bytes(account.key).hex() + "\n")
     return account
 
@@ -126,15 +144,28 @@ def contracts(w3: Web3, deployment: Deployment) -> tuple[Contract, Contract]:
 
 def revert_name(abi: Any, data: Any) -> str | None:  # noqa: ANN401 - web3's ABI and error data
     """The custom error a revert carries (`AlreadyAnchored`, `NotOracle`, ...), if ours."""
+    found = revert_error(abi, data)
+    return None if found is None else found[0]
+
+
+def revert_error(abi: Any, data: Any) -> tuple[str, tuple[Any, ...]] | None:  # noqa: ANN401 - web3's ABI and error data
+    """(name, arguments) of the custom error a revert carries, if `abi` declares it; the
+    arguments are empty when they do not decode. `data` is the revert data as web3.py
+    passes it on: hex, or the node's error object (ganache's `eth_estimateGas` puts the
+    revert data under `result`)."""
     if isinstance(data, dict):
-        data = data.get("data")
+        data = data.get("data") or data.get("result")
     if not isinstance(data, str) or len(data) < 10:
         return None
     selector = data[:10].lower()
     for item in abi:
         if item.get("type") == "error":
-            types = ",".join(i["type"] for i in item.get("inputs", []))
-            signature = f"{item['name']}({types})"
+            types = [i["type"] for i in item.get("inputs", [])]
+            signature = f"{item['name']}({','.join(types)})"
             if Web3.keccak(text=signature)[:4].to_0x_hex() == selector:
-                return str(item["name"])
+                try:
+                    args = tuple(decode(types, bytes.fromhex(data[10:])))
+                except (ValueError, DecodingError):
+                    args = ()
+                return str(item["name"]), args
     return None

@@ -1,16 +1,24 @@
 """The evm sink's record of the transactions it signed (table `evm_transactions`,
 db/migrations/0006): committed before each broadcast, so a bridge killed at any point
-knows what it may have sent, and under which nonce and fees."""
+knows what it may have sent, and under which nonce and fees.
+
+`sent_at` is the database's `now()` when the row was written, so a transaction's age is
+asked of the database too (`now() - sent_at`): one clock for both ends, whatever the
+bridge host's clock says and whichever host wrote the row.
+
+The oracle account also sends `chain release`'s transactions. Both pick its next nonce
+under one advisory lock (`nonce_lock_key`): the sink journals a transaction only while it
+can take the lock, `chain release` holds it from its check that no journalled transaction
+is in flight until its own is mined, so neither takes the other's nonce."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from psycopg.rows import tuple_row
-
-from meterproof.schemas.timestamps import dt_to_ms
 
 _RECORD: Final = """
 INSERT INTO evm_transactions (tx_hash, idempotency_key, chain_id, sender, nonce, max_fee_wei,
@@ -18,9 +26,31 @@ INSERT INTO evm_transactions (tx_hash, idempotency_key, chain_id, sender, nonce,
 ON CONFLICT (tx_hash) DO NOTHING
 """
 _SENT: Final = """
-SELECT tx_hash, nonce, max_fee_wei, priority_fee_wei, raw, sent_at FROM evm_transactions
+SELECT tx_hash, nonce, max_fee_wei, priority_fee_wei, raw,
+    extract(epoch FROM now() - sent_at)::float8 FROM evm_transactions
 WHERE idempotency_key = %s ORDER BY sent_at, nonce
 """
+
+
+_IN_FLIGHT: Final = """
+SELECT tx_hash, nonce FROM evm_transactions WHERE chain_id = %s AND sender = %s AND nonce >= %s
+ORDER BY sent_at DESC LIMIT 1
+"""
+
+
+def nonce_lock_key(chain_id: int, sender: str) -> int:
+    """The advisory lock key of `sender`'s nonces on `chain_id`."""
+    text = f"meterproof evm nonce {chain_id} {sender.lower()}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+def in_flight(
+    conn: psycopg.Connection[Any], *, chain_id: int, sender: str, mined_nonce: int
+) -> tuple[bytes, int] | None:
+    """(hash, nonce) of the newest journalled transaction of `sender` whose nonce is not
+    mined yet (`mined_nonce`: the account's transaction count at the latest block)."""
+    row = conn.execute(_IN_FLIGHT, (chain_id, sender, mined_nonce)).fetchone()
+    return None if row is None else (bytes(row[0]), int(row[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +60,7 @@ class Sent:
     max_fee_wei: int
     priority_fee_wei: int
     raw: bytes
-    sent_at_ms: int = 0
+    age_s: float = 0.0  #: since it was journalled, by the database's clock
 
 
 class Journal:
@@ -38,13 +68,24 @@ class Journal:
         self._url = database_url
         self._timeout = max(1, round(timeout_s))
 
-    def record(self, key: str, *, chain_id: int, sender: str, sent: Sent) -> None:
-        with psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout) as conn:
+    def record(self, key: str, *, chain_id: int, sender: str, sent: Sent) -> bool:
+        """Commit `sent` before it is broadcast; False, with nothing written, while `chain
+        release` holds the sender's nonce lock."""
+        with (
+            psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout) as conn,
+            conn.transaction(),
+        ):
+            locked = conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s)", (nonce_lock_key(chain_id, sender),)
+            ).fetchone()
+            if locked is None or not locked[0]:
+                return False
             conn.execute(
                 _RECORD,
                 (sent.tx_hash, key, chain_id, sender, sent.nonce, sent.max_fee_wei,
                  sent.priority_fee_wei, sent.raw),
             )  # fmt: skip
+        return True
 
     def sent(self, key: str) -> list[Sent]:
         """Every transaction signed for this key, oldest first."""
@@ -54,6 +95,6 @@ class Journal:
         ):
             rows = cur.execute(_SENT, (key,)).fetchall()
         return [
-            Sent(bytes(h), int(n), int(f), int(p), bytes(r), dt_to_ms(at))
-            for h, n, f, p, r, at in rows
+            Sent(bytes(h), int(n), int(f), int(p), bytes(r), float(age))
+            for h, n, f, p, r, age in rows
         ]

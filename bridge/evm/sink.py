@@ -7,18 +7,24 @@ journalled before it is broadcast, so after a crash the bridge rebroadcasts, wai
 replaces (same nonce, higher fees) what it already sent instead of sending anew; and the
 contract accepts one anchor per batch id, so any double send reverts with
 `AlreadyAnchored`, which the sink reads as "look it up", never as a failure.
+
+A journalled transaction is waited for `stall_s` (its age by the database's clock, which
+stamped it), then replaced, whether the node still holds it in its pool or not: one the
+node dropped and now refuses (underpriced, evicted, its nonce taken by another transaction
+of the account) is never sent again byte for byte forever.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
+import structlog
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import ContractLogicError, TransactionNotFound
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
@@ -30,7 +36,7 @@ from meterproof.bridge.evm.client import (
     NodeUnavailableError,
     contracts,
     node_call,
-    revert_name,
+    revert_error,
 )
 from meterproof.bridge.evm.journal import Journal, Sent
 from meterproof.bridge.faults import crash_point
@@ -40,6 +46,9 @@ from meterproof.bridge.ledger.sink import (
     SinkRejectedError,
     SinkUnavailableError,
 )
+from meterproof.bridge.telemetry import REPLACEMENTS
+
+log = structlog.get_logger("bridge.evm")
 
 _NAME: Final = "evm"
 #: Replacement fees: ganache and geth need at least +10% on both fee fields.
@@ -52,6 +61,14 @@ _REJECTED: Final = {
     "BadHeader": "invalid_entry",
     "BadCommitment": "invalid_entry",
 }
+#: How nodes answer the broadcast of a transaction they hold already (geth since 1.9.25 and
+#: its forks: "already known"; older geth: "known transaction: <hash>"; Nethermind:
+#: "AlreadyKnown"; OpenEthereum: "... was already imported."): nothing to do. Matched on
+#: the node's JSON-RPC error message only, never on a transport failure's text ("Name or
+#: service not known" is DNS failing, not the node answering).
+_ALREADY_KNOWN: Final = re.compile(
+    r"\balready known\b|^known transaction\b|\balready imported\b|^alreadyknown$", re.IGNORECASE
+)
 
 
 class EvmSink:
@@ -67,11 +84,15 @@ class EvmSink:
         stall_s: float,
         timeout_s: float,
         priority_fee_wei: int,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._w3 = w3
         self._deployment = deployment
-        self._anchor, _ = contracts(w3, deployment)
+        self._anchor, grid = contracts(w3, deployment)
+        #: GRID's errors (OpenZeppelin's ERC-20 ones, `NotMinter`) come out of anchor()
+        #: unchanged from `grid.mint`, so a revert is decoded against both ABIs.
+        grid_errors: list[Any] = [e for e in grid.abi if e.get("type") == "error"]
+        self._grid_errors = frozenset(str(e["name"]) for e in grid_errors)
+        self._errors_abi = [*self._anchor.abi, *grid_errors]
         self._oracle = oracle
         self._journal = journal
         self._confirmations = confirmations
@@ -79,7 +100,6 @@ class EvmSink:
         self._stall_s = stall_s
         self._timeout_s = timeout_s
         self._priority_fee = priority_fee_wei
-        self._clock = clock
         self._chain_checked = False
 
     @property
@@ -183,22 +203,50 @@ class EvmSink:
 
     def _send(self, entry: Entry, key: str) -> bytes:
         """The hash of the transaction now carrying this batch: one already sent and still
-        waiting, a rebroadcast of it, its replacement by nonce, or a new one."""
+        waiting (rebroadcast if the node lost it: a restart, a reorg), its replacement by
+        nonce once it is `stall_s` old, or a new one."""
         address = self._oracle.address
         mined_nonce = node_call(lambda: self._w3.eth.get_transaction_count(address, "latest"))
         sent = self._journal.sent(key)
         last = sent[-1] if sent else None
-        if last is not None and last.nonce >= mined_nonce:
-            try:
-                node_call(lambda: self._w3.eth.get_transaction(HexBytes(last.tx_hash)))
-            except TransactionNotFound:  # the node lost it (restart, reorg): same bytes again
+        if last is None or last.nonce < mined_nonce:
+            return self._sign_and_send(entry, key, mined_nonce, None)
+        pooled = self._pooled(last.tx_hash)
+        if last.age_s < self._stall_s:
+            if not pooled:
                 self._broadcast(last.raw)
-                return last.tx_hash
-            if (self._clock() * 1000 - last.sent_at_ms) / 1000 < self._stall_s:
-                return last.tx_hash
-            bumped = (_bumped(last.max_fee_wei), _bumped(last.priority_fee_wei))
-            return self._sign_and_send(entry, key, last.nonce, bumped)
-        return self._sign_and_send(entry, key, mined_nonce, None)
+            return last.tx_hash
+        fees = self._fees()  # never below what a new transaction pays now
+        fees = (
+            max(_bumped(last.max_fee_wei), fees[0]),
+            max(_bumped(last.priority_fee_wei), fees[1]),
+        )
+        reason = "stalled" if pooled else "not_in_pool"
+        REPLACEMENTS.labels(reason=reason).inc()
+        log.warning(
+            "anchor_replaced",
+            batch=entry.header.batch,
+            nonce=last.nonce,
+            replaced=f"0x{last.tx_hash.hex()}",
+            reason=reason,
+            age_s=round(last.age_s, 1),
+            max_fee_wei=fees[0],
+            priority_fee_wei=fees[1],
+        )
+        return self._sign_and_send(entry, key, last.nonce, fees)
+
+    def _pooled(self, tx_hash: bytes) -> bool:
+        """Whether the node holds the transaction (in its pool: its nonce is not mined)."""
+        try:
+            node_call(lambda: self._w3.eth.get_transaction(HexBytes(tx_hash)))
+        except TransactionNotFound:
+            return False
+        return True
+
+    def _fees(self) -> tuple[int, int]:
+        """(max fee, priority fee) of a new transaction: twice the base fee plus the tip."""
+        base = int(node_call(lambda: self._w3.eth.get_block("latest"))["baseFeePerGas"])
+        return 2 * base + self._priority_fee, self._priority_fee
 
     def _call(self, entry: Entry) -> Any:  # noqa: ANN401 - a web3 contract function
         p = self._plan(entry)
@@ -219,8 +267,7 @@ class EvmSink:
         except ContractLogicError as exc:
             raise self._reverted(entry, exc) from exc
         if fees is None:
-            base = int(node_call(lambda: self._w3.eth.get_block("latest"))["baseFeePerGas"])
-            fees = (2 * base + self._priority_fee, self._priority_fee)
+            fees = self._fees()
         tx = call.build_transaction(
             {
                 "from": self._oracle.address,
@@ -233,9 +280,12 @@ class EvmSink:
         )
         signed = self._oracle.sign_transaction(tx)
         sent = Sent(bytes(signed.hash), nonce, fees[0], fees[1], bytes(signed.raw_transaction))
-        self._journal.record(
+        if not self._journal.record(
             key, chain_id=self._deployment.chain_id, sender=self._oracle.address, sent=sent
-        )
+        ):
+            raise SinkUnavailableError(
+                "`chain release` is sending from the oracle account: anchoring waits for it"
+            )
         self._broadcast(sent.raw)
         crash_point("during_submit")  # sent, and no receipt seen yet
         return sent.tx_hash
@@ -244,13 +294,24 @@ class EvmSink:
         try:
             node_call(lambda: self._w3.eth.send_raw_transaction(raw))
         except NodeUnavailableError as exc:
-            if "already" not in str(exc).lower() and "known" not in str(exc).lower():
+            if not already_known(exc):
                 raise
 
     def _reverted(self, entry: Entry, exc: ContractLogicError) -> Exception:
-        name = revert_name(self._anchor.abi, exc.data)
+        found = revert_error(self._errors_abi, exc.data)
+        name = None if found is None else found[0]
         if name == "AlreadyAnchored":  # a double send: the chain has it, look it up
             return SinkPendingError(f"batch {entry.header.batch} is already anchored on chain")
+        if found is not None and name in self._grid_errors:
+            # GRID refuses one of the batch's mints (ERC20InvalidReceiver: the zero
+            # address). Sending it again cannot change that: a named, permanent failure
+            # (logged as an error, counted under invalid_entry), never skipped.
+            args = ", ".join(str(a) for a in found[1])
+            return SinkRejectedError(
+                "invalid_entry",
+                f"anchor() reverts with GRID's {name}({args}): the token refuses a mint of"
+                f" batch {entry.header.batch}",
+            )
         code = _REJECTED.get(name or "")
         if code is None:
             return SinkUnavailableError(f"anchor() reverted: {name or exc}")
@@ -293,6 +354,17 @@ class EvmSink:
             if found is None:
                 raise SinkUnavailableError(f"batch {batch} was mined, then left the chain")
             return found
+
+
+def already_known(exc: NodeUnavailableError) -> bool:
+    """Whether the node answered a broadcast with "I have this transaction already"."""
+    cause = exc.__cause__
+    if not isinstance(cause, Web3RPCError):
+        return False  # a transport failure: the node did not answer at all
+    response: Any = cause.rpc_response or {}
+    error = response.get("error")
+    message = error.get("message") if isinstance(error, dict) else cause.message
+    return bool(_ALREADY_KNOWN.search(str(message).strip()))
 
 
 def _batch_of(key: str) -> int:

@@ -20,7 +20,7 @@ ErrorCode = Literal[
     "unavailable",  # cannot reach the ledger or it timed out: retry
     "conflict",  # the key is recorded with a different entry
     "out_of_order",  # the entry does not extend the ledger's head
-    "invalid_entry",  # bad signature, untrusted oracle key or mint hash
+    "invalid_entry",  # bad signature, untrusted oracle key, mint hash, or a mint refused
     "unconfirmed",  # recorded, but not yet final (a chain: fewer than N blocks deep)
 ]
 
