@@ -141,14 +141,14 @@ async def submit_reading(request: Request, response: Response) -> ReadingSubmitt
     body's provider id is only a claim until then, so the rate limit counts per client
     address first, then per provider id; the answer's headers are the tighter window's."""
     limiter: Limiter = request.app.state.limiter
-    by_address = limiter.take(Limit.PROVIDER_ADDRESS, peer(request))
+    by_address = _take(limiter, Limit.PROVIDER_ADDRESS, peer(request))
     body = await request.body()
     try:
         reading = provider.parse(body)
     except MalformedPayload as exc:
         raise ApiError(400, RejectReason.MALFORMED.value, str(exc),
                        error="malformed_request") from None  # fmt: skip
-    by_provider = limiter.take(Limit.PROVIDER, f"provider:{reading.provider_id}")
+    by_provider = _take(limiter, Limit.PROVIDER, f"provider:{reading.provider_id}")
     response.headers.update(min(by_address, by_provider, key=_remaining))
     services = _services(request)
     meter = reading.meter_address
@@ -173,6 +173,15 @@ async def submit_reading(request: Request, response: Response) -> ReadingSubmitt
         status="pending_settlement",
         receipt=receipt,
     )
+
+
+def _take(limiter: Limiter, kind: Limit, caller: str) -> dict[str, str]:
+    """`Limiter.take`, its 429 carrying the seed's `error` name as every refusal here does."""
+    try:
+        return limiter.take(kind, caller)
+    except ApiError as exc:
+        exc.error = SEED_ANSWERS[RejectReason.RATE_LIMITED][1]
+        raise
 
 
 def _remaining(headers: Mapping[str, str]) -> int:

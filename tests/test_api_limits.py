@@ -92,7 +92,7 @@ def test_provider_submissions_are_limited_per_address_whatever_provider_they_nam
     assert [a.status_code for a in answers] == [422] * PROVIDER_ADDRESS_PER_MIN + [429]
     assert [a.json()["code"] for a in answers[:-1]] == ["unknown_meter"] * PROVIDER_ADDRESS_PER_MIN
     refused = answers[-1]
-    assert refused.json()["code"] == "rate_limited"
+    assert (refused.json()["code"], refused.json()["error"]) == ("rate_limited", "rate_limited")
     assert refused.headers["x-ratelimit-limit"] == str(PROVIDER_ADDRESS_PER_MIN)
 
 
