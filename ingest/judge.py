@@ -20,14 +20,18 @@ reading by less than a window, every window holding it holds only readings at or
 it, all of them in the window that ends at it: that one count is exact. It is the common
 case, each meter's readings arriving in rising ts. A reading that arrives before others
 of its meter (late, or a meter whose ts goes down) can fill a window that starts before it
-and ends after it; for such a reading only, the store brings the stored ts values within a
-window either side (`StoredContext.around`) and the judge counts every window holding it.
+and ends after it. For such a reading only, the store also counts the stored readings
+less than a window after it (`StoredContext.ahead`): when the readings within a window
+either side, stored and of the batch, cannot fill one window, it passes (a 2-worker drain
+of readings 5 s apart is all such readings: one worker stores what the other's batch
+holds before). Only where they could, the store brings their ts values
+(`StoredContext.around`, a second statement) and the judge counts every window holding it.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meterproof.ingest.records import Accepted, Candidate, Duplicate, Outcome, Rejection
@@ -72,10 +76,39 @@ class StoredContext:
     before: StoredPoint | None  # the stored reading just before it in (ts, seq) order
     after: StoredPoint | None  # the stored reading just after it in (ts, seq) order
     #: Only where the window ending at the candidate may not be the fullest one holding it
-    #: (`after` less than a window after it, or `overtaken`): the stored ts values in
-    #: (ts - window_ms, ts + window_ms), ascending; on each side of ts (at or before it,
-    #: after it) only the nearest `max_readings`, as more on one side already fill a window.
+    #: (`after` less than a window after it, or `overtaken`): the stored readings in
+    #: (ts, ts + window_ms), up to max_readings.
+    ahead: int | None = None
+    #: Only where, besides, `needs_around`: the stored ts values in (ts - window_ms, ts +
+    #: window_ms), ascending; on each side of ts (at or before it, after it) only the
+    #: nearest `max_readings`, as more on one side already fill a window.
     around: tuple[int, ...] | None = None
+
+
+def needs_around(in_window: int, ahead: int, near: int, limit: RateLimit) -> bool:
+    """Whether the stored readings within a window either side of a candidate (`in_window`
+    at or before it, `ahead` after it) and `near` other candidates of its meter in the
+    batch (`batch_near`) could fill a window with it: only then are their times needed."""
+    return in_window + ahead + near + 1 > limit.max_readings
+
+
+def batch_near(
+    meter_ids: Sequence[str], ts: Sequence[int], *, limit: RateLimit
+) -> Callable[[int], int]:
+    """For candidate i, how many other candidates of its meter have a ts within a window
+    either side of its own, (ts - window_ms, ts + window_ms), whatever their order."""
+    by_meter: dict[str, list[int]] = {}
+    for meter_id, t in zip(meter_ids, ts, strict=True):
+        by_meter.setdefault(meter_id, []).append(t)
+    for times in by_meter.values():
+        times.sort()
+    window = limit.window_ms
+
+    def near(i: int) -> int:
+        times, t = by_meter[meter_ids[i]], ts[i]
+        return bisect.bisect_left(times, t + window) - bisect.bisect_right(times, t - window) - 1
+
+    return near
 
 
 @dataclass(slots=True)
@@ -127,9 +160,9 @@ def context_of(
     store adapter gets the same from PostgreSQL, and a test holds the two equal."""
     timelines: dict[str, _Timeline] = {}
     contexts: list[StoredContext] = []
-    early = overtaken(
-        [c.reading.meter_id for c in candidates], [c.reading.ts for c in candidates], limit=limit
-    )
+    meter_ids, times = [c.reading.meter_id for c in candidates], [c.reading.ts for c in candidates]
+    early = overtaken(meter_ids, times, limit=limit)
+    near = batch_near(meter_ids, times, limit=limit)
     for n, c in enumerate(candidates):
         r = c.reading
         timeline = timelines.get(r.meter_id)
@@ -143,22 +176,26 @@ def context_of(
         after = points[last] if last < len(points) else None
         start = bisect.bisect_left(keys, (limit.window_start(r.ts),))
         end = bisect.bisect_left(keys, (r.ts + 1,))
-        around = None
+        in_window = min(limit.max_readings, end - start)
+        ahead = around = None
         if (early is not None and early[n]) or (
             after is not None and after.ts_ms < r.ts + limit.window_ms
         ):
             stop = bisect.bisect_left(keys, (r.ts + limit.window_ms,))
-            around = tuple(
-                k[0]
-                for k in keys[max(start, end - limit.max_readings) : end]
-                + keys[end : min(stop, end + limit.max_readings)]
-            )
+            ahead = min(limit.max_readings, stop - end)
+            if needs_around(in_window, ahead, near(n), limit):
+                around = tuple(
+                    k[0]
+                    for k in keys[max(start, end - limit.max_readings) : end]
+                    + keys[end : min(stop, end + limit.max_readings)]
+                )
         contexts.append(
             StoredContext(
                 seen.get((r.meter_id, r.seq)),
-                min(limit.max_readings, end - start),
+                in_window,
                 points[first - 1] if first else None,
                 after,
+                ahead,
                 around,
             )
         )
@@ -225,13 +262,17 @@ def _rate_limited(
     window = limit.window_ms
     start = bisect.bisect_left(keys, (limit.window_start(r_ts),), 0, at)
     end = at if at == len(keys) else bisect.bisect_left(keys, (r_ts + 1,), at)
-    if stored.around is None:
+    if stored.ahead is None:
         if (end < len(keys) and keys[end][0] < r_ts + window) or (
             stored.after is not None and stored.after.ts_ms < r_ts + window
         ):
-            raise ValueError(f"readings follow ts {r_ts} within the rate window: need `around`")
+            raise ValueError(f"readings follow ts {r_ts} within the rate window: need `ahead`")
         return stored.in_window + end - start >= limit.max_readings
     stop = bisect.bisect_left(keys, (r_ts + window,), end)
+    if stored.around is None:  # too few within a window either side to fill one
+        if needs_around(stored.in_window, stored.ahead, stop - start, limit):
+            raise ValueError(f"readings within a window of ts {r_ts} may fill it: need `around`")
+        return False
     times = sorted([*stored.around, *(k[0] for k in keys[start:stop]), r_ts])
     return _densest(times, r_ts, window) > limit.max_readings
 

@@ -9,7 +9,8 @@ Order inside the transaction, which is the design:
   2. read what is stored around each candidate (`ingest.judge.StoredContext`): the hash
      under its (meter_id, seq), its nearest neighbours in (ts, seq) order, its rate
      window's count, and for a candidate that arrived before stored or batch readings
-     close after it, the stored ts values either side (the rate rule's rare path);
+     close after it, how many are stored less than a window after it; their ts values
+     (a second statement) only where the readings near it could fill a window;
   3. judge (pure, `ingest.judge`);
   4. write accepted readings (`reading_log` + `readings`, one statement), rejected readings
      and security events; quarantine meters over the failure threshold;
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import psycopg
@@ -48,7 +49,15 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from meterproof.errors import UnavailableError, first_line
-from meterproof.ingest.judge import RateLimit, StoredContext, StoredPoint, judge, overtaken
+from meterproof.ingest.judge import (
+    RateLimit,
+    StoredContext,
+    StoredPoint,
+    batch_near,
+    judge,
+    needs_around,
+    overtaken,
+)
 from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy, event_for
 from meterproof.registry.model import ACCEPTING
@@ -115,8 +124,8 @@ WHERE m.status IS NULL OR m.status NOT IN ({accepting})
 #: which no candidate has, so rule 7 says seq_reused), and its latest retired reading in
 #: (ts, seq) order is the neighbour before any candidate later than it. The neighbours
 #: are row comparisons on (ts, seq), one descent of reading_log's (meter_id, ts, seq)
-#: index each. The last column (`StoredContext.around`) is a subquery under CASE, run
-#: only for a candidate with a stored reading less than a window after it or one of the
+#: index each. The last column (`StoredContext.ahead`) is a count under CASE, run only
+#: for a candidate with a stored reading less than a window after it or one of the
 #: batch's (`overtaken`; NULL for the whole batch in the common case). A seq travels as
 #: text: loaded as an int from it in a third of the time a numeric takes (~0.2 against
 #: ~0.5 us, psycopg's C loaders), once for nearly every reading.
@@ -135,18 +144,11 @@ SELECT coalesce(l.reading_hash, CASE WHEN c.seq <= h.max_seq THEN ''::bytea END)
           AND r.ts <= c.ts
         LIMIT %(max)s) w),
     b.ts_ms, b.import_wh, b.export_wh, b.seq::text, a.ts_ms, a.import_wh, a.export_wh, a.seq::text,
-    CASE WHEN c.overtaken OR a.ts_ms < c.ts_ms + %(window)s THEN ARRAY(
-        SELECT (extract(epoch FROM w.ts) * 1000)::int8 FROM (
-            (SELECT r.ts FROM reading_log r
-             WHERE r.meter_id = c.meter_id
-               AND r.ts > c.ts - %(window)s * interval '1 millisecond' AND r.ts <= c.ts
-             ORDER BY r.ts DESC LIMIT %(max)s)
-            UNION ALL
-            (SELECT r.ts FROM reading_log r
-             WHERE r.meter_id = c.meter_id
-               AND r.ts > c.ts AND r.ts < c.ts + %(window)s * interval '1 millisecond'
-             ORDER BY r.ts LIMIT %(max)s)
-        ) w ORDER BY w.ts) END
+    CASE WHEN c.overtaken OR a.ts_ms < c.ts_ms + %(window)s THEN (SELECT count(*) FROM (
+        SELECT FROM reading_log r
+        WHERE r.meter_id = c.meter_id
+          AND r.ts > c.ts AND r.ts < c.ts + %(window)s * interval '1 millisecond'
+        LIMIT %(max)s) w) END
 FROM c
 LEFT JOIN LATERAL (
     SELECT l.reading_hash FROM reading_log l WHERE l.meter_id = c.meter_id AND l.seq = c.seq
@@ -168,6 +170,27 @@ LEFT JOIN LATERAL (
     FROM reading_log r WHERE r.meter_id = c.meter_id AND (r.ts, r.seq) > (c.ts, c.seq)
     ORDER BY r.ts, r.seq LIMIT 1) a ON true
 ORDER BY c.i
+"""
+#: `StoredContext.around` of the candidates that need it (`ingest.judge.needs_around`): a
+#: second statement, for readings that arrive before stored ones of a meter dense enough
+#: to fill a window; none in the common case.
+_AROUND = """
+SELECT ARRAY(
+    SELECT (extract(epoch FROM w.ts) * 1000)::int8 FROM (
+        (SELECT r.ts FROM reading_log r
+         WHERE r.meter_id = c.meter_id
+           AND r.ts > c.ts - %(window)s * interval '1 millisecond' AND r.ts <= c.ts
+         ORDER BY r.ts DESC LIMIT %(max)s)
+        UNION ALL
+        (SELECT r.ts FROM reading_log r
+         WHERE r.meter_id = c.meter_id
+           AND r.ts > c.ts AND r.ts < c.ts + %(window)s * interval '1 millisecond'
+         ORDER BY r.ts LIMIT %(max)s)
+    ) w ORDER BY w.ts)
+FROM unnest(%(meters)s::text::text[], %(ts)s::text::int8[]) WITH ORDINALITY AS u(meter_id, ts_ms, i)
+CROSS JOIN LATERAL (
+    SELECT u.meter_id, timestamptz 'epoch' + u.ts_ms * interval '1 millisecond' AS ts) c
+ORDER BY u.i
 """
 #: Both tables in one statement (a data-modifying CTE runs exactly once, to completion),
 #: from one array per column; timestamps travel as unix ms, as in `_CONTEXT`. One INSERT
@@ -431,17 +454,41 @@ class ReadingStore:
             cur.execute(_CONTEXT, params)
             pipeline.sync()
             halted = {str(m): None if s is None else str(s) for m, s in lock.fetchall()}
-            rows = cur.fetchall()
+            contexts = [
+                StoredContext(
+                    None if h is None else bytes(h),  # type: ignore[call-overload]
+                    int(n),  # type: ignore[call-overload]
+                    None if bt is None else StoredPoint(bt, int(bi), int(be), int(bs)),  # type: ignore[arg-type,call-overload]
+                    None if at is None else StoredPoint(at, int(ai), int(ae), int(as_)),  # type: ignore[arg-type,call-overload]
+                    None if ahead is None else int(ahead),  # type: ignore[call-overload]
+                )
+                for h, n, bt, bi, be, bs, at, ai, ae, as_, ahead in cur.fetchall()
+            ]
+            dense = self._dense(contexts, meter_ids, times)
+            if dense:
+                cur.execute(_AROUND, {
+                    "meters": _texts([meter_ids[i] for i in dense]),
+                    "ts": _numbers([times[i] for i in dense]),
+                    "window": self._limit.window_ms, "max": self._limit.max_readings,
+                })  # fmt: skip
+                pipeline.sync()
+                for i, (around,) in zip(dense, cur.fetchall(), strict=True):
+                    contexts[i] = replace(contexts[i], around=tuple(around))  # type: ignore[arg-type]
+        return contexts, halted
+
+    def _dense(
+        self, contexts: Sequence[StoredContext], meter_ids: Sequence[str], times: Sequence[int]
+    ) -> list[int]:
+        """The candidates whose `around` the judge needs (`ingest.judge.needs_around`)."""
+        counted = [i for i, c in enumerate(contexts) if c.ahead is not None]
+        if not counted:
+            return []
+        near = batch_near(meter_ids, times, limit=self._limit)
         return [
-            StoredContext(
-                None if h is None else bytes(h),  # type: ignore[call-overload]
-                int(n),  # type: ignore[call-overload]
-                None if bt is None else StoredPoint(bt, int(bi), int(be), int(bs)),  # type: ignore[arg-type,call-overload]
-                None if at is None else StoredPoint(at, int(ai), int(ae), int(as_)),  # type: ignore[arg-type,call-overload]
-                None if around is None else tuple(around),  # type: ignore[arg-type]
-            )
-            for h, n, bt, bi, be, bs, at, ai, ae, as_, around in rows
-        ], halted
+            i
+            for i in counted
+            if needs_around(contexts[i].in_window, contexts[i].ahead or 0, near(i), self._limit)
+        ]
 
     def _lock(self, candidates: Sequence[Candidate]) -> None:
         """`FOR UPDATE` on the candidates' meters, in meter id order, until the transaction

@@ -232,5 +232,26 @@ def test_a_meter_halted_under_the_lock_has_its_readings_refused_first() -> None:
 
 def test_a_context_without_the_stored_readings_a_late_reading_needs_is_refused() -> None:
     after = StoredPoint(T0 + 1, 5, 5, 2)
+    limit = RateLimit(window_ms=10_000, max_readings=3)
+    with pytest.raises(ValueError, match="need `ahead`"):
+        judge([cand(1, T0, 1, 1)], [StoredContext(None, 0, None, after)], limit=limit)
+    # three stored within a window either side: with it, four, which could fill one
     with pytest.raises(ValueError, match="need `around`"):
-        judge([cand(1, T0, 1, 1)], [StoredContext(None, 0, None, after)], limit=RateLimit())
+        judge([cand(1, T0, 1, 1)], [StoredContext(None, 2, None, after, 1)], limit=limit)
+    out = judge([cand(1, T0, 1, 1)], [StoredContext(None, 1, None, after, 1)], limit=limit)
+    assert reasons(out) == ["accepted"]  # two stored within a window either side: too few
+
+
+def test_a_drain_split_over_two_workers_needs_no_stored_times() -> None:
+    """Readings 5 s apart dealt alternately to two workers, one of which stored its share
+    first: every reading of the other is late, and none is near enough a full window to
+    need the stored times (the second statement)."""
+    stored = [StoredPoint(T0 + s * 5_000, s, 0, s) for s in range(2, 200, 2)]
+    batch = [cand(s, T0 + s * 5_000, s, 0) for s in range(1, 200, 2)]
+    contexts = context_of(batch, seen={}, history={"m1": stored}, limit=RateLimit())
+    assert all(c.ahead is not None and c.around is None for c in contexts[:-1])
+    assert contexts[-1].ahead is None  # nothing stored after the last: the one count
+    assert set(reasons(judge(batch, contexts, limit=RateLimit()))) == {"accepted"}
+    dense = RateLimit(window_ms=60_000, max_readings=20)  # 24 within a window either side
+    contexts = context_of(batch, seen={}, history={"m1": stored}, limit=dense)
+    assert all(c.around is not None for c in contexts[6:-6])
