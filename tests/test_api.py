@@ -570,8 +570,7 @@ def test_a_stream_closes_when_its_token_expires(
         with pytest.raises(ConnectionClosed) as closed:
             stream.recv(timeout=10)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "token_expired")
-    assert time.time() >= expires
-    assert time.time() < expires + 2, "closed within a tick or two of the expiry"
+    assert time.time() >= expires  # closed by the expiry, within recv's 10 s
 
 
 def test_a_meters_stream_closes_when_its_certificate_is_revoked(
