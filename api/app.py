@@ -98,7 +98,6 @@ _MAX_PAGE: Final = 20_000
 _CSV: Final = "text/csv"
 _MAX_MS: Final = reads.MAX_MS
 _MAX_ROLLUP_MS: Final = 366 * 86_400_000
-_WIDTH_MS: Final = {Width.QUARTER: 900_000, Width.HOUR: 3_600_000, Width.DAY: 86_400_000}
 #: JWT audiences of the meter's registration token and of its key-proof challenge.
 _REGISTRATION: Final = "meterproof-registration"
 _REGISTRATION_TTL_S: Final = 7 * 86_400
@@ -821,7 +820,7 @@ def _whole_intervals(
     """Of the intervals the policy allows at their start, those whose every time it allows:
     an interval's energy is one number, so one that the consented period cuts would show
     energy from outside it. `seen_range` is exact: the range it names is all allowed."""
-    step, now = _WIDTH_MS[width], wall_ms()
+    step, now = width.ms, wall_ms()
     return [
         shown
         and seen_range(

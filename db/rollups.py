@@ -30,6 +30,14 @@ class Width(StrEnum):
     HOUR = "1h"
     DAY = "1d"
 
+    @property
+    def ms(self) -> int:
+        """The interval's length in milliseconds."""
+        return _WIDTH_MS[self]
+
+
+_WIDTH_MS: Final = {Width.QUARTER: 900_000, Width.HOUR: 3_600_000, Width.DAY: 86_400_000}
+
 
 @dataclass(frozen=True, slots=True)
 class Rollup:
