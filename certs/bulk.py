@@ -124,7 +124,12 @@ def read_meter_ids(path: Path) -> list[str]:
         reader = csv.DictReader(handle)
         if "meter_id" not in (reader.fieldnames or ()):
             raise PkiError(f"{path}: no `meter_id` column")
-        return [row["meter_id"].strip() for row in reader]
+        ids = []
+        for row in reader:
+            if row["meter_id"] is None:  # a row shorter than the header
+                raise PkiError(f"{path}, line {reader.line_num}: no `meter_id` cell")
+            ids.append(row["meter_id"].strip())
+        return ids
 
 
 def read_bulk_csv(path: Path) -> list[BulkRow]:

@@ -360,29 +360,33 @@ def _reload_broker(layout: PkiLayout, stack_env: Path) -> None:
 
 
 @certs.command("revoke")
-@click.argument("meter_id", callback=_identity)
+@click.argument("name", callback=_identity)
 @stack_env_option
 @pass_layout
-def revoke_cmd(layout: PkiLayout, meter_id: str, stack_env: Path) -> None:
-    """Revoke a meter's certificate: re-sign the CRL and make the running broker refuse it.
+def revoke_cmd(layout: PkiLayout, name: str, stack_env: Path) -> None:
+    """Revoke a meter's or a service's certificate: re-sign the CRL and make the running
+    broker refuse it.
 
-    Revoking twice is harmless; it retries the broker step.
+    NAME is a meter id or a service identity (a leaked `ingest-0`, `bridge`, `api`); to
+    replace a revoked service, move its folder away and run `certs issue-service`.
+    Integrators are revoked with `meterproof integrators revoke`, which ends their
+    consents too. Revoking twice is harmless; it retries the broker step.
     """
     with _one_line_errors():
-        result = crl.revoke(layout, meter_id)
+        result = crl.revoke_meter_or_service(layout, name)
     state = "was already revoked" if result.already_revoked else "revoked"
     click.echo(
-        f"meter {meter_id}: certificate {result.serial} {state}; CRL {result.crl} "
+        f"{name}: certificate {result.serial} {state}; CRL {result.crl} "
         f"valid until {result.next_update:%Y-%m-%d}"
     )
     from meterproof.mosquitto.admin import revoke_on_running_broker
 
     try:
-        click.echo(revoke_on_running_broker(meter_id, stack_env))
+        click.echo(revoke_on_running_broker(name, stack_env))
     except OSError as exc:
         raise click.ClickException(
             f"CRL updated, but the broker did not confirm ({exc}); "
-            f"run `meterproof certs revoke {meter_id}` again"
+            f"run `meterproof certs revoke {name}` again"
         ) from exc
 
 

@@ -22,8 +22,8 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from meterproof.certs.authority import Authority
-from meterproof.certs.errors import UnknownIdentityError
+from meterproof.certs.authority import CLOCK_SKEW, Authority
+from meterproof.certs.errors import PkiError, UnknownIdentityError
 from meterproof.certs.identities import load_identity
 from meterproof.certs.keys import PRIVATE_FILE_MODE, replace_file
 from meterproof.certs.layout import IdentityFiles, PkiLayout
@@ -40,7 +40,7 @@ class RevokedEntry:
 
 @dataclass(frozen=True, slots=True)
 class RevokeResult:
-    meter_id: str
+    name: str
     serial: str
     already_revoked: bool
     crl: Path
@@ -84,12 +84,14 @@ def _next_crl_number(layout: PkiLayout) -> int:
 
 
 def _write_crl(layout: PkiLayout, authority: Authority, entries: list[RevokedEntry]) -> datetime:
+    """`thisUpdate` is back-dated like a certificate's start: OpenSSL refuses every client
+    ("CRL is not yet valid") on a broker whose clock is behind the signer's."""
     now = datetime.now(UTC)
     next_update = now + CRL_VALIDITY
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(authority.cert.subject)
-        .last_update(now)
+        .last_update(now - CLOCK_SKEW)
         .next_update(next_update)
         .add_extension(x509.CRLNumber(_next_crl_number(layout)), critical=False)
         .add_extension(
@@ -137,8 +139,24 @@ def revoke(layout: PkiLayout, meter_id: str) -> RevokeResult:
     return revoke_identity(layout, files, meter_id)
 
 
+def revoke_meter_or_service(layout: PkiLayout, name: str) -> RevokeResult:
+    """`certs revoke`: a meter, or a service whose certificate leaked (it carries that
+    service's rights until revoked). An integrator is refused: `integrators revoke` also
+    ends its consents, which a revoked certificate alone would leave counting in the API.
+    """
+    for files in (layout.device(name), layout.service(name)):
+        if files.meta.exists():
+            return revoke_identity(layout, files, name)
+    if layout.integrator(name).meta.exists():
+        raise PkiError(
+            f"{name!r} is an integrator: `meterproof integrators revoke {name}` revokes its"
+            " certificate and ends its consents"
+        )
+    raise UnknownIdentityError(f"no meter or service {name!r} in {layout.root}")
+
+
 def revoke_identity(layout: PkiLayout, files: IdentityFiles, name: str) -> RevokeResult:
-    """`revoke` for any identity the CA issued (a meter, an integrator)."""
+    """`revoke` for any identity the CA issued (a meter, a service, an integrator)."""
     serial = load_identity(files).serial
     authority = Authority.load(layout)
     with _locked(layout):

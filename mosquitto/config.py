@@ -27,6 +27,7 @@ from string import Template
 from typing import Final
 
 from meterproof.certs.identities import API_IDENTITY, INGEST_IDENTITY_RE, SERVICE_NAMES
+from meterproof.certs.keys import PRIVATE_FILE_MODE, replace_file
 from meterproof.certs.layout import IDENTITY_RE, PkiLayout
 from meterproof.schemas import topics
 
@@ -286,9 +287,12 @@ def _checked(name: str) -> str:
 
 
 def _folder_names(directory: Path) -> list[str]:
+    """Every identity folder, dotted names too: the PKI issues `.acme` (the alphabet allows
+    a leading dot), and an identity left out of this file gets the meter patterns instead
+    of its own block."""
     if not directory.is_dir():
         return []
-    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in directory.iterdir() if p.is_dir())
 
 
 def _template(name: str) -> Template:
@@ -296,9 +300,7 @@ def _template(name: str) -> Template:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Atomic replace, 0600: a SIGHUP never reads half a file, nobody else reads secrets."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    tmp.replace(path)
+    """Atomic replace, 0600, through a temporary file of its own: a SIGHUP never reads half
+    a file, nobody else reads secrets, and two renders at once (`stack up` while an
+    operator issues an identity) never write into each other's file."""
+    replace_file(path, text.encode("utf-8"), mode=PRIVATE_FILE_MODE)

@@ -50,6 +50,7 @@ pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs
 WAIT = 5.0  # seconds; every wait in this module is bounded by it
 NOT_AUTHORIZED = 135
 INTEGRATOR = "integ-a"
+DOTTED_INTEGRATOR = ".integ-b"  # the identity alphabet allows a leading dot
 INGEST = "ingest-0"  # an ingest worker identity; "ingest" alone is the retired shared one
 
 
@@ -335,7 +336,8 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     ca = ThrowawayCa(PkiLayout(root / "pki"))
     for service in (INGEST, "ingest-1", "bridge", "api", "admin", "ingest"):
         ca.issue(ca.layout.service(service).directory, service)
-    ca.issue(ca.layout.integrator(INTEGRATOR).directory, INTEGRATOR)
+    for integrator in (INTEGRATOR, DOTTED_INTEGRATOR):
+        ca.issue(ca.layout.integrator(integrator).directory, integrator)
     tls_port, admin_port = free_port(), free_port()
     run_dir = root / "run"
     files = render(run_dir=run_dir, pki=ca.layout, tls_port=tls_port, admin_port=admin_port)
@@ -416,6 +418,32 @@ def test_render_refuses_names_that_would_inject_acl_lines(tmp_path: Path) -> Non
             admin_port=None,
             integrators=["acme\ntopic readwrite #"],
         )
+
+
+def test_concurrent_renders_never_mix_their_files(tmp_path: Path) -> None:
+    """`stack up` renders while an operator's `certs issue-integrator` renders too: each
+    ACL the broker may read is one render's whole file, and neither render fails."""
+    ca = ThrowawayCa(PkiLayout(tmp_path / "pki"))
+    lists = ([], [f"integ-{i}" for i in range(2_000)])
+    seen: set[str] = set()
+    failures: list[Exception] = []
+
+    def renders(integrators: list[str]) -> None:
+        for _ in range(40):
+            try:
+                files = render(run_dir=tmp_path / "run", pki=ca.layout, tls_port=18883,
+                               admin_port=None, integrators=integrators)  # fmt: skip
+                seen.add(files.acl.read_text())
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+    threads = [threading.Thread(target=renders, args=(names,)) for names in lists]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert len(seen) == 2, "an ACL mixed from two renders"
 
 
 def test_render_requires_the_pki(tmp_path: Path) -> None:
@@ -546,6 +574,24 @@ def test_integrator_reads_its_own_feed_and_ledger_and_publishes_nothing(mq: Brok
     assert bridge.publish("ledger/epochs", b"epoch") == 0
     assert integrator.next_message().topic == "ledger/epochs"
     integrator.assert_no_message()
+
+
+def test_an_integrator_with_a_dotted_name_gets_its_own_rights_not_a_meters(
+    mq: Broker,
+) -> None:
+    """The PKI issues `.name` integrators; rendered without a block of their own they
+    would get the meter patterns (publish readings as meter `.name`, no feed)."""
+    assert f"user {DOTTED_INTEGRATOR}\n" in mq.files.acl.read_text()
+    meter_id, _ = mq.meter("dotted")
+    integrator = mq.connected(mq.pki.integrator(DOTTED_INTEGRATOR))
+    integrator.subscribe(f"integrators/{DOTTED_INTEGRATOR}/verified/#")
+    ingest = mq.connected(mq.pki.service(INGEST))
+
+    for topic in (f"meters/{DOTTED_INTEGRATOR}/readings", f"meters/{meter_id}/readings"):
+        assert integrator.publish(topic, b"x") == NOT_AUTHORIZED, topic
+    feed = f"integrators/{DOTTED_INTEGRATOR}/verified/{meter_id}/readings"
+    assert ingest.publish(feed, b"consented") == 0
+    assert integrator.next_message().payload == b"consented"
 
 
 def test_bridge_writes_ledger_only(mq: Broker) -> None:

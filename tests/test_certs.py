@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -438,7 +439,23 @@ def test_revoking_an_unknown_meter_is_refused(pki: PkiLayout) -> None:
         revoke(pki, "acme")
     result = _run(pki, "revoke", "ghost")
     _assert_one_line_error(result)
-    assert "no meter 'ghost'" in result.stderr
+    assert "no meter or service 'ghost'" in result.stderr
+    result = _run(pki, "revoke", "acme")
+    _assert_one_line_error(result)
+    assert "`meterproof integrators revoke acme`" in result.stderr
+    assert not certs_crl.read_revoked(pki)
+
+
+def test_a_leaked_service_certificate_can_be_revoked(pki: PkiLayout, tmp_path: Path) -> None:
+    """A stolen worker or bridge certificate carries its rights until revoked, so the
+    operator's command takes service identities too, and the handshake then fails."""
+    assert _handshake(pki, pki.service("bridge"), server_hostname="127.0.0.1") == "bridge"
+    result = _run(pki, "revoke", "bridge", "--stack-env", str(tmp_path / "absent.env"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("bridge: certificate ")
+    serial = _cert(pki.service("bridge").cert).serial_number
+    assert _crl(pki).get_revoked_certificate_by_serial_number(serial) is not None
+    assert "revoked" in _handshake(pki, pki.service("bridge"), server_hostname="127.0.0.1")
 
 
 def test_revoke_cli_without_a_stack_only_updates_the_crl(pki: PkiLayout, tmp_path: Path) -> None:
@@ -527,6 +544,17 @@ def test_issue_bulk_from_csv_with_default_summary_path(pki: PkiLayout, tmp_path:
         ("n-1", "ES256"),
         ("s-1", "ES256"),
     ]
+
+
+def test_issue_bulk_from_a_csv_with_a_short_row_is_refused_with_its_line(
+    pki: PkiLayout, tmp_path: Path
+) -> None:
+    source = tmp_path / "ids.csv"
+    source.write_text("site,meter_id\nnorth,n-1\nsouth\n")
+    result = _run(pki, "issue-bulk", "--from-csv", str(source))
+    _assert_one_line_error(result)
+    assert "line 3: no `meter_id` cell" in result.stderr
+    assert not pki.device("n-1").directory.exists()
 
 
 @pytest.mark.parametrize("ids", [["a", "b", "a"], ["a", "taken"], ["a", "ingest"], ["a", "bad/id"]])
@@ -655,3 +683,26 @@ def test_openssl_refuses_revoked_expired_and_foreign_clients(
     }
     reason = {"revoked": "revoked", "expired": "expired", "foreign": "unable to get"}
     assert reason[case] in _handshake(pki, make[case]())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_verifier_whose_clock_is_behind_accepts_clients_right_after_a_revocation(
+    pki: PkiLayout,
+) -> None:
+    """A broker a minute behind the CA's host must not refuse every client with "CRL is
+    not yet valid" when the CRL a revocation just re-signed arrives."""
+    valid = issue_device(pki, "m1")
+    revoked = issue_device(pki, "m2")
+    revoke(pki, "m2")
+    behind = int((datetime.now(UTC) - timedelta(minutes=1)).timestamp())
+
+    def verify(files: IdentityFiles) -> str:
+        done = subprocess.run(
+            ["openssl", "verify", "-CAfile", pki.ca_cert, "-untrusted", pki.issuing_cert,
+             "-CRLfile", pki.crl, "-crl_check", "-attime", str(behind), files.cert],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        return done.stdout + done.stderr
+
+    assert ": OK" in verify(valid)
+    assert "certificate revoked" in verify(revoked)
