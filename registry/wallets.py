@@ -32,7 +32,13 @@ from psycopg.types.json import Jsonb
 from meterproof.registry import documents
 from meterproof.registry.accounts import AccountId, BadSignatureError
 from meterproof.registry.errors import RefusedError
-from meterproof.registry.model import ACCEPTING, ZERO_WALLET, check_meter_id, is_evm_zero_account
+from meterproof.registry.model import (
+    ACCEPTING,
+    ZERO_WALLET,
+    check_label,
+    check_meter_id,
+    is_evm_zero_account,
+)
 from meterproof.registry.telemetry import CHANGES, REFUSALS
 from meterproof.schemas.reading import b64url_decode
 from meterproof.schemas.signatures import InvalidKeyError, load_public_key
@@ -217,6 +223,7 @@ def link_wallet(
 def unlink_wallet(conn: Conn, meter_id: str, *, by: str, reason: str) -> WalletLink:
     """Close the meter's current link (an operator's act, with a reason); future mints stay
     claimable until a wallet is linked again."""
+    check_label("reason", reason)
     with conn.transaction():
         row = conn.execute(
             "UPDATE wallet_links SET unlinked_at = now(), unlinked_by = %s, unlink_reason = %s"

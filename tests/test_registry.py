@@ -12,6 +12,7 @@ from uuid import uuid4
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from consent_harness import Ed25519Wallet, link
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -514,3 +515,23 @@ def test_the_evm_zero_address_cannot_be_linked_to_a_meter(
     assert events == [("link_wallet_refused", "zero_wallet")] * 2
     owner = conn.execute("SELECT owner_wallet FROM meters WHERE meter_id = %s", (meter_id,))
     assert owner.fetchone() == (None,)
+
+
+def test_unlink_wallet_refuses_a_bad_reason_as_bad_input(
+    cli: Callable[..., Result], conn: psycopg.Connection[Any], meter_id: str
+) -> None:
+    """The reason is free text an operator typed: checked like every other one (exit 2,
+    one line), not left to the database's domain check (exit 1, "database error")."""
+    meter_key = generate_private_key("EdDSA")
+    repository.register(
+        conn, [NewMeter(meter_id, NewKey.parse("EdDSA", meter_key.public_key().pem()))]
+    )
+    wallet = Ed25519Wallet.new()
+    link(conn, meter_id, meter_key, wallet)
+    for reason in ("", "sold\x1b[2J"):
+        error = _one_line_error(cli("unlink-wallet", meter_id, "--reason", reason), 2)
+        assert "reason" in error
+    assert wallets.current_link(conn, meter_id) is not None
+    done = cli("unlink-wallet", meter_id, "--reason", "sold the house")
+    assert done.exit_code == 0, done.output
+    assert wallets.current_link(conn, meter_id) is None
