@@ -171,7 +171,9 @@ class MeterClient:
         self._state = SeqState(
             state_dir / "state.json", durable=self.settings.durable, block=self.settings.seq_block
         )
-        self._outbox = Outbox(state_dir / "outbox", durable=self.settings.durable)
+        self._outbox = Outbox(
+            state_dir / "outbox", meter_id=self.meter_id, durable=self.settings.durable
+        )
         newest = self._outbox.max_seq()
         if newest is not None:
             self._state.advance_past(newest)  # even if the state file was lost

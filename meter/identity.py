@@ -30,12 +30,28 @@ class MeterIdentity:
         try:
             meta = json.loads(files.meta.read_bytes())
             key_pem = files.signing_key.read_bytes()
+            # Whoever can read a key can sign readings (or log in) as this meter.
+            shared = [key for key in (files.signing_key, files.key) if key.stat().st_mode & 0o077]
         except (OSError, ValueError) as exc:
             raise IdentityError(f"{files.directory}: {exc}") from None
-        meter_id, alg = meta.get("meter_id"), meta.get("alg")
-        if meter_id != files.directory.name or alg is None:
-            raise IdentityError(f"{files.meta}: not the identity of meter {files.directory.name}")
-        return cls(meter_id, Alg(alg), files, load_private_key(alg, key_pem))
+        if shared:
+            raise IdentityError(
+                f"{shared[0]}: its group or others have access to it;"
+                f" `chmod 600 {shared[0]}` if no one else can have read it"
+            )
+        meter_id = files.directory.name
+        if not isinstance(meta, dict) or meta.get("meter_id") != meter_id:
+            raise IdentityError(f"{files.meta}: not the identity of meter {meter_id}")
+        try:
+            alg = Alg(meta["alg"])
+        except (KeyError, ValueError):
+            choices = ", ".join(Alg)
+            raise IdentityError(f"{files.meta}: alg {meta.get('alg')!r} is not {choices}") from None
+        try:
+            key = load_private_key(alg, key_pem)
+        except ValueError as exc:  # not a PEM key, or not one for `alg`
+            raise IdentityError(f"{files.signing_key}: {exc}") from None
+        return cls(meter_id, alg, files, key)
 
 
 def discover(layout: PkiLayout, *, limit: int | None = None) -> list[MeterIdentity]:

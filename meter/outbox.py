@@ -36,8 +36,13 @@ def hash_of(reading: SignedReading) -> str:
 
 
 class Outbox:
-    def __init__(self, directory: Path, *, durable: bool = True) -> None:
+    """The pending readings of `meter_id`: a folder holding another meter's is refused,
+    since republishing them under this meter's certificate would get them refused as
+    `topic_mismatch`, a final receipt that deletes them (a mixed-up `--state-dir`)."""
+
+    def __init__(self, directory: Path, *, meter_id: str, durable: bool = True) -> None:
         self.directory = directory
+        self.meter_id = meter_id
         self.durable = durable
         directory.mkdir(parents=True, exist_ok=True)
         self._entries = {entry.seq: entry for entry in self._load()}
@@ -90,4 +95,8 @@ class Outbox:
                 raise OutboxError(f"{path}: {exc}") from None
             if path.name != f"{reading.seq:020d}.json":
                 raise OutboxError(f"{path}: holds seq {reading.seq}")
+            if reading.meter_id != self.meter_id:
+                raise OutboxError(
+                    f"{path}: a reading of meter {reading.meter_id}, not {self.meter_id}"
+                )
             yield Pending(reading.seq, hash_of(reading), payload)

@@ -3,8 +3,11 @@ misbehaviours, fleet arithmetic. No broker here; see test_meter_client for that.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,27 +169,51 @@ def test_unreadable_state_is_refused_rather_than_guessed(tmp_path: Path, content
         SeqState(tmp_path / "state.json")
 
 
+_SHORT_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from meterproof.meter.files import atomic_write
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+try:
+    atomic_write(Path(sys.argv[1]), b'{"next_seq": 1000000000000}', durable=True)
+except OSError as exc:
+    sys.exit(exc.errno)
+"""
+
+
+def test_a_write_the_disk_cuts_short_fails_and_keeps_the_old_file(tmp_path: Path) -> None:
+    # A file size limit makes os.write return a short count without an error, as a
+    # filling disk does; the old state file must stay, whole, and no temp file remain.
+    path = tmp_path / "state.json"
+    SeqState(path).advance_past(41)
+    done = subprocess.run([sys.executable, "-c", _SHORT_WRITE, str(path)], check=False)
+    assert done.returncode == errno.EFBIG
+    assert SeqState(path).take() == 42
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # --- outbox -----------------------------------------------------------------------------
 
 
 def test_outbox_keeps_exact_payloads_until_a_matching_receipt(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "outbox")
+    outbox = Outbox(tmp_path / "outbox", meter_id="m-1")
     first, second = outbox.add(_reading(2)), outbox.add(_reading(1))
     assert [entry.seq for entry in outbox] == [1, 2]
     assert (tmp_path / "outbox" / f"{2:020d}.json").read_bytes() == first.payload
     assert decode_reading(first.payload) == _reading(2)
 
-    reloaded = Outbox(tmp_path / "outbox")
+    reloaded = Outbox(tmp_path / "outbox", meter_id="m-1")
     assert list(reloaded) == [second, first]
     assert reloaded.settle(2, "0" * 64) is None  # right seq, another reading
     assert reloaded.settle(2, first.reading_hash) == first
     assert reloaded.settle(2, first.reading_hash) is None  # a second receipt
-    assert [entry.seq for entry in Outbox(tmp_path / "outbox")] == [1]
+    assert [entry.seq for entry in Outbox(tmp_path / "outbox", meter_id="m-1")] == [1]
     assert reloaded.max_seq() == 1
 
 
 def test_outbox_refuses_a_second_pending_reading_with_the_same_seq(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "outbox")
+    outbox = Outbox(tmp_path / "outbox", meter_id="m-1")
     outbox.add(_reading(5))
     with pytest.raises(OutboxError, match="seq 5"):
         outbox.add(_reading(5, import_wh=2000))
@@ -196,11 +223,21 @@ def test_outbox_drops_interrupted_writes_and_refuses_foreign_files(tmp_path: Pat
     directory = tmp_path / "outbox"
     directory.mkdir()
     (directory / f"{3:020d}.json.tmp").write_bytes(b'{"half')
-    assert len(Outbox(directory)) == 0
+    assert len(Outbox(directory, meter_id="m-1")) == 0
     assert not list(directory.iterdir())
     (directory / f"{3:020d}.json").write_bytes(b"not json")
     with pytest.raises(OutboxError):
-        Outbox(directory)
+        Outbox(directory, meter_id="m-1")
+
+
+def test_outbox_refuses_another_meters_readings_and_keeps_them(tmp_path: Path) -> None:
+    # Loaded by another meter, they would be republished under its certificate, refused
+    # as topic_mismatch and deleted by that final receipt.
+    directory = tmp_path / "outbox"
+    Outbox(directory, meter_id="m-1").add(_reading(7))
+    with pytest.raises(OutboxError, match="a reading of meter m-1, not m-2"):
+        Outbox(directory, meter_id="m-2")
+    assert [entry.seq for entry in Outbox(directory, meter_id="m-1")] == [7]
 
 
 # --- delivery ---------------------------------------------------------------------------

@@ -188,6 +188,15 @@ def test_a_stream_that_ends_or_overflows_inside_a_telegram_is_truncated() -> Non
     assert [d.outcome for d in decoder.feed(good)] == [Outcome.ACCEPTED]
 
 
+@pytest.mark.parametrize("lost", [2, 4], ids=["crlf", "crc-digits-and-crlf"])
+def test_a_telegram_cut_in_its_last_line_does_not_swallow_the_next(lost: int) -> None:
+    first, second = dsmr5("260315143000W"), dsmr5("260315143010W")
+    decoded, garbage = decode_all(first[:-lost] + second)
+    assert [d.outcome for d in decoded] == [Outcome.TRUNCATED, Outcome.ACCEPTED]
+    assert decoded[1].sha256 == decode_plain(second).sha256
+    assert garbage == 0
+
+
 def test_a_crc_is_checked_whenever_present_and_required_from_dsmr4_on() -> None:
     old = dsmr22()
     with_bad_crc = old[:-2] + b"0000\r\n"
@@ -214,6 +223,7 @@ def reframed(old: str, new: str) -> bytes:
         ("1-0:2.8.2", "", Outcome.MISSING_REGISTER),
         ("0-0:1.0.0", "0-0:1.0.0(260315143000X)", Outcome.UNPARSABLE),
         ("1-0:1.7.0", "1-0:1.7.0(00.4125*kW)", Outcome.UNPARSABLE),  # finer than 1 W
+        ("1-0:1.8.2", "1-0:1.8.2(-00001.000*kWh)", Outcome.UNPARSABLE),  # the sum is positive
     ],
 )
 def test_registers_are_exact_in_their_units_or_refused(
@@ -292,12 +302,20 @@ def test_parse_exits_1_when_no_telegram_parsed() -> None:
     assert json.loads(lines[0])["error"] == "crc_mismatch"
 
 
-def test_parse_decrypts_a_smarty_recording_with_its_key(tmp_path: Path) -> None:
+def test_parse_decrypts_a_smarty_recording_with_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recording = tmp_path / "smarty.bin"
     recording.write_bytes(bytes.fromhex((FIXTURES / "smarty-encrypted.hex").read_text()))
     code, lines, _ = invoke("parse", "--json", "--smarty-key", SMARTY_KEY.hex(), str(recording))
     assert code == 0
     assert json.loads(lines[0])["import_wh"] == 3_116_007
+    # From the environment, so the key is not on a command line `ps` shows to everyone.
+    monkeypatch.setenv("METERPROOF_SMARTY_KEY", SMARTY_KEY.hex())
+    code, lines, _ = invoke("parse", "--json", str(recording))
+    assert code == 0
+    assert json.loads(lines[0])["import_wh"] == 3_116_007
+    monkeypatch.delenv("METERPROOF_SMARTY_KEY")
     code, _, err = invoke("parse", "--smarty-key", "abc", str(recording))
     assert code == 2
     assert len(err.strip().splitlines()) == 1
@@ -313,6 +331,49 @@ def test_run_needs_exactly_one_source() -> None:
     code, _, err = invoke("run", "--meter-id", "m-1", "--file", "/nonexistent/p1.txt")
     assert code == 2
     assert "does not exist" in err
+
+
+EDDSA_IDENTITY = '{"meter_id": "m-1", "alg": "EdDSA"}'
+
+
+@pytest.mark.parametrize(
+    ("meta", "key_alg", "mode", "blamed"),
+    [
+        ('{"meter_id": "m-1", "alg": "HS256"}', "EdDSA", 0o600, "identity.json"),
+        ('{"meter_id": "m-1"}', "EdDSA", 0o600, "identity.json"),
+        ('["m-1"]', "EdDSA", 0o600, "identity.json"),
+        ('{"meter_id": "m-1", "alg": "ES256"}', "EdDSA", 0o600, "signing.key"),
+        (EDDSA_IDENTITY, None, 0o600, "signing.key"),
+        (EDDSA_IDENTITY, "EdDSA", 0o640, "signing.key"),  # a copy made with umask 027
+        (EDDSA_IDENTITY, "EdDSA", 0o604, "signing.key"),
+    ],
+)
+def test_a_damaged_or_shared_reader_identity_is_one_line_and_exit_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    meta: str,
+    key_alg: str | None,
+    mode: int,
+    blamed: str,
+) -> None:
+    device = tmp_path / "pki" / "devices" / "m-1"
+    device.mkdir(parents=True)
+    (device / "identity.json").write_text(meta)
+    (device / "signing.key").write_bytes(
+        generate_private_key(key_alg).pem() if key_alg else b"not a key"
+    )
+    (device / "signing.key").chmod(mode)
+    (device / "tls.key").touch(0o600)
+    monkeypatch.setenv("METERPROOF_PKI_ROOT", str(tmp_path / "pki"))
+    monkeypatch.setenv("METERPROOF_RUN_DIR", str(tmp_path / "run"))
+    stack_env = tmp_path / "stack.env"
+    stack_env.touch()
+    recording = FIXTURES / "dsmr22.txt"
+    for args in (["run", "--file", str(recording)], ["pair"]):
+        code, _, err = invoke(*args, "--meter-id", "m-1", "--stack-env", str(stack_env))
+        assert code == 2, err
+        assert err.startswith(f"Error: {device / blamed}: ")
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_registers_stay_exact_where_a_float_would_not() -> None:
@@ -381,3 +442,24 @@ def test_the_reader_counts_every_outcome_and_journals_each_published_telegram(
 
 def split_telegrams(data: bytes) -> list[bytes]:
     return [b"/" + part[: part.index(b"!") + 7] for part in data.split(b"/")[1:]]
+
+
+def test_a_register_beyond_the_signed_range_is_refused_and_the_reader_goes_on(
+    tmp_path: Path,
+) -> None:
+    # A meter may print more digits than a u64/i64 holds; signing such a reading fails,
+    # which must cost this telegram, not the reader.
+    client = StubClient()
+    journal = TelegramJournal(tmp_path / "journal.jsonl", durable=False)
+    reader = P1Reader(client, TelegramDecoder(), journal, interval_s=0)  # type: ignore[arg-type]
+    too_big = [
+        Registers(t1="99999999999999999999.999"),
+        Registers(t1="9" * 5000 + ".000"),  # past int-to-str's limit for the detail too
+        Registers(power_in="9999999999999999999999.000"),
+        Registers(power_in="9223372036854775.807", power_out="-00000.001"),  # i64 max + 1
+    ]
+    for second, regs in enumerate(too_big):
+        reader.take(dsmr5(f"26031514300{second}W", regs))
+    reader.take(dsmr5("260315143009W"))
+    assert reader.stats.outcomes == {"unparsable": 4, "accepted": 1}
+    assert [reading.ts for reading in client.sent] == [WINTER_MS + 9000]

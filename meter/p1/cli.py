@@ -52,8 +52,10 @@ _version_option = click.option(
 _key_option = click.option(
     "--smarty-key",
     metavar="HEX",
+    envvar="METERPROOF_SMARTY_KEY",
     help="The meter's 16-byte AES key (32 hex digits, from the grid operator): the "
-    "telegrams are Smarty general-global-cipher frames.",
+    "telegrams are Smarty general-global-cipher frames. Prefer $METERPROOF_SMARTY_KEY: "
+    "other users see command lines (ps), not environments.",
 )
 
 

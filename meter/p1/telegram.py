@@ -34,6 +34,7 @@ from dsmr_parser.exceptions import DecryptionError, InvalidChecksumError, ParseE
 from dsmr_parser.parsers import TelegramParser
 
 from meterproof.meter.measurement import Measurement
+from meterproof.schemas.reading import I64_MAX, I64_MIN
 from meterproof.schemas.timestamps import dt_to_ms
 
 #: Longer than any real telegram (about 1 KB; 3 KB with M-Bus devices and messages):
@@ -191,12 +192,12 @@ class PlainFramer:
         self.garbage_bytes += start
         del buffer[:start]
         bang = buffer.find(b"!", 1)
+        end = -1 if bang < 0 else buffer.find(b"\n", bang)
         restart = buffer.find(b"/", 1)
-        if restart > 0 and (bang < 0 or restart < bang):
-            return self._cut(restart)
+        if restart > 0 and (end < 0 or restart < end):
+            return self._cut(restart)  # the next telegram began before this one ended
         if bang < 0:
             return self._cut(len(buffer)) if len(buffer) > MAX_TELEGRAM_BYTES else None
-        end = buffer.find(b"\n", bang)
         if end < 0:
             return self._cut(len(buffer)) if len(buffer) - bang > _MAX_TRAILER else None
         if end - bang > _MAX_TRAILER:
@@ -303,20 +304,23 @@ def _scaled(telegram: object, name: str, unit: str, factor: int) -> int | None:
     scaled = value * factor
     if scaled != scaled.to_integral_value():
         raise _RefusedError(Outcome.UNPARSABLE, f"{name} {value} {unit} is finer than 1/{factor}")
+    if abs(scaled) > I64_MAX:
+        # More digits than a signed field holds: signing it would fail and stop the
+        # reader (two energy tariffs of this size still add up within a u64).
+        raise _RefusedError(Outcome.UNPARSABLE, f"{name} is beyond a signed 64-bit integer")
     return int(scaled)
 
 
 def _energy(telegram: object, tariffs: tuple[str, str], total: str, obis: str) -> int:
     parts = [_scaled(telegram, name, "kWh", 1000) for name in tariffs]
     if None in parts:
-        whole = _scaled(telegram, total, "kWh", 1000)
-        if whole is None:
-            raise _RefusedError(Outcome.MISSING_REGISTER, f"no {obis} register")
-        parts = [whole]
-    wh = sum(part for part in parts if part is not None)
-    if wh < 0:
-        raise _RefusedError(Outcome.UNPARSABLE, f"{obis} is negative")
-    return wh
+        parts = [_scaled(telegram, total, "kWh", 1000)]
+    registers = [part for part in parts if part is not None]
+    if not registers:
+        raise _RefusedError(Outcome.MISSING_REGISTER, f"no {obis} register")
+    if min(registers) < 0:  # each one, not only the sum: a cumulative total is never below 0
+        raise _RefusedError(Outcome.UNPARSABLE, f"a register of {obis} is negative")
+    return sum(registers)
 
 
 def _phases(telegram: object, kind: str, unit: str) -> tuple[int, ...]:
@@ -341,6 +345,8 @@ def to_reading(telegram: object, version: Version) -> P1Reading:
     drawn = _scaled(telegram, "CURRENT_ELECTRICITY_USAGE", "kW", 1000)
     fed = _scaled(telegram, "CURRENT_ELECTRICITY_DELIVERY", "kW", 1000)
     power_w = None if drawn is None else drawn - (fed or 0)
+    if power_w is not None and not I64_MIN <= power_w <= I64_MAX:
+        raise _RefusedError(Outcome.UNPARSABLE, "1.7.0 - 2.7.0 is beyond a signed 64-bit W")
     return P1Reading(
         version=version,
         import_wh=import_wh,
