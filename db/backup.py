@@ -11,6 +11,7 @@ loaded, so restoring does not roll readings up a second time.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from meterproof.errors import (
     ConflictError,
@@ -53,7 +55,7 @@ def backup(database_url: str, out: Path) -> BackupResult:
     partial = out.with_name(f".{out.name}.partial")
     began = time.monotonic()
     try:
-        _run("pg_dump", "--format=custom", f"--file={partial}", f"--dbname={database_url}")
+        _run("pg_dump", "--format=custom", f"--file={partial}", database_url=database_url)
     except MeterproofError:
         partial.unlink(missing_ok=True)
         raise
@@ -80,17 +82,23 @@ def restore(archive: Path, database_url: str) -> float:
     began = time.monotonic()
     _run(
         "pg_restore", "--exit-on-error", "--single-transaction", "--no-owner",
-        "--no-privileges", f"--dbname={database_url}", str(archive),
+        "--no-privileges", str(archive), database_url=database_url,
     )  # fmt: skip
     return time.monotonic() - began
 
 
-def _run(tool: str, *args: str) -> None:
+def _run(tool: str, *args: str, database_url: str) -> None:
+    """Run `tool` on the database; the URL's password goes in the tool's environment
+    (PGPASSWORD), not in its arguments, which any local user can read (`ps`)."""
     executable = shutil.which(tool)
     if executable is None:
         raise NotFoundError(f"{tool} not found: install the PostgreSQL client tools")
+    params = conninfo_to_dict(database_url)
+    password = params.pop("password", None)
+    env = None if password is None else {**os.environ, "PGPASSWORD": str(password)}
+    argv = [executable, *args, f"--dbname={make_conninfo('', **params)}"]
     result: subprocess.CompletedProcess[Any] = subprocess.run(
-        [executable, *args], capture_output=True, text=True, check=False
+        argv, capture_output=True, text=True, check=False, env=env
     )
     if result.returncode != 0:
         said = [line for line in result.stderr.splitlines() if line.strip()]

@@ -4,7 +4,10 @@ server of its own, where `meterproof ledger verify` says OK and every table is a
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import psycopg
 import pytest
 from bridge_harness import T0, make_fleet, query
 from click.testing import CliRunner
+from psycopg import sql
 from test_retention import anchor, run_prune
 
 from meterproof.bridge.cli import ledger
@@ -34,11 +38,13 @@ def oracle(pki: PkiLayout) -> Oracle:
 
 @pytest.fixture
 def fresh_server() -> Iterator[PostgresServer]:
-    """A new, empty PostgreSQL cluster, removed afterwards."""
+    """A new, empty PostgreSQL cluster, removed afterwards (also when it fails to start)."""
     server = PostgresServer(directory=Path(tempfile.mkdtemp(prefix="meterproof-pg-restore-")))
-    server.start()
-    yield server
-    server.remove()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
 
 
 def contents(database_url: str) -> dict[str, list[tuple[object, ...]]]:
@@ -123,3 +129,43 @@ def test_a_failed_backup_leaves_no_file(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output.startswith("Error: pg_dump failed (1): ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_database_password_is_not_in_the_tools_arguments(
+    database_url: str, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any local user reads a process's arguments (`ps`): the password goes to pg_dump
+    and pg_restore in their environment. A shim in front of each records what it got."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for tool in ("pg_dump", "pg_restore"):
+        real = shutil.which(tool)
+        assert real is not None
+        shim = shims / tool
+        shim.write_text(
+            f'#!/bin/sh\necho "$*" >> {tmp_path}/argv\necho "$PGPASSWORD" >> {tmp_path}/env\n'
+            f'exec {real} "$@"\n'
+        )
+        shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    target = f"restore_{uuid.uuid4().hex}"
+    with psycopg.connect(postgres.database_url("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))
+    archive = tmp_path / "p.dump"
+    runner = CliRunner()
+    try:
+        for args, url in (
+            (["backup", "--out", str(archive)], database_url),
+            (["restore", str(archive)], postgres.database_url(target)),
+        ):
+            with_password = url.replace("meterproof@", "meterproof:s3cret-pw@", 1)
+            assert with_password != url
+            done = runner.invoke(db, [*args, "--database-url", with_password])
+            assert done.exit_code == 0, done.output
+    finally:
+        with psycopg.connect(postgres.database_url("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert len(argv) == 2
+    assert not [line for line in argv if "s3cret-pw" in line]
+    assert (tmp_path / "env").read_text() == "s3cret-pw\n" * 2
