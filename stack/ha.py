@@ -50,6 +50,7 @@ from meterproof.stack.process import (
     check_ports_free,
     executable,
     free_port,
+    pid_alive,
     port_accepts,
     read_pid,
     wait_for,
@@ -231,6 +232,23 @@ class PatroniNode(_Member):
             argv = [*setpriv, f"--regid={account.pw_gid}", "--clear-groups", "--", *argv]
         return self._launch(argv, ready=self._answers, what=f"patroni {self.name}")
 
+    def stop(self) -> None:
+        """SIGTERM to Patroni, which stops its PostgreSQL. Patroni starts the postmaster in
+        a session of its own (so that it outlives Patroni), so one left by a Patroni that
+        died is stopped here too: SIGINT, PostgreSQL's fast shutdown."""
+        super().stop()
+        pid = self.postmaster_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        wait_for(
+            lambda: not pid_alive(pid),
+            what=f"{self.name}: fast shutdown of the PostgreSQL its Patroni left",
+            timeout=self.timeout,
+            log=self.log,
+        )
+
     def state(self) -> dict[str, Any]:
         """GET /patroni: this node's role, state and timeline ({} when it does not answer)."""
         try:
@@ -388,15 +406,27 @@ class HaCluster:
 
     def start(self) -> float:
         """Start what is not running, wait for a primary with a synchronous standby, make
-        sure the database exists; return the seconds taken."""
+        sure the database exists; return the seconds taken. If that fails, what this call
+        started is stopped again (what ran before is left as it was)."""
         began = time.monotonic()
-        for member in self.etcd:
-            member.start()
-        self._wait(lambda: all(m.healthy() for m in self.etcd), "etcd quorum")
-        for node in self.nodes:
-            node.start()
-        self.wait_replicated()
-        ensure_database(self.database_url("postgres"))
+        started: list[_Member] = []
+
+        def start_all(members: Sequence[_Member]) -> None:
+            for member in members:
+                if not member.is_running():
+                    started.append(member)
+                    member.start()
+
+        try:
+            start_all(self.etcd)
+            self._wait(lambda: all(m.healthy() for m in self.etcd), "etcd quorum")
+            start_all(self.nodes)
+            self.wait_replicated()
+            ensure_database(self.database_url("postgres"))
+        except BaseException:
+            for member in reversed(started):
+                member.stop()
+            raise
         return time.monotonic() - began
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ zombies; a zombie left to an init that does not reap counts as stopped.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -327,10 +328,20 @@ class SpawnedServer(ABC):
         return read_pid(self.pid_file, program=self.program)
 
     def _launch(self, argv: Sequence[str], *, ready: Callable[[], bool], what: str) -> float:
+        """Spawn and wait until ready; a server that never got ready (or whose wait was
+        interrupted) is stopped again, so a failed start leaves nothing running."""
         pid = spawn(argv, log=self.log, pid_file=self.pid_file)
-        return wait_for(
-            ready, what=what, timeout=self.timeout, log=self.log, alive=lambda: pid_alive(pid)
-        )
+        try:
+            return wait_for(
+                ready, what=what, timeout=self.timeout, log=self.log, alive=lambda: pid_alive(pid)
+            )
+        except BaseException:
+            with contextlib.suppress(StackError):  # SIGKILLed then: the start's error is raised
+                stop_process(
+                    pid, name=self.name, sig=signal.SIGTERM, timeout=self.timeout, log=self.log
+                )
+            self.pid_file.unlink(missing_ok=True)
+            raise
 
     def _signal(self, sig: signal.Signals) -> None:
         pid = self.pid()

@@ -11,6 +11,7 @@ kill must be on the new primary, or its meter, holding a receipt, never sends it
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster
-from meterproof.stack.process import free_port, pid_alive
+from meterproof.stack.process import StackError, free_port, pid_alive
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack
 
@@ -248,6 +249,43 @@ def test_etcd_member_lost_under_load_changes_nothing(
     member.start()
     wait_until(lambda: all(m.healthy() for m in ha_cluster.etcd), what="etcd healthy again")
     ha_cluster.wait_replicated()
+
+
+def test_stopping_a_node_whose_patroni_died_stops_its_postgres_too(ha_cluster: HaCluster) -> None:
+    """Patroni runs its postmaster in a session of its own, so a Patroni that died (here
+    SIGKILL of its process group) leaves PostgreSQL running; `stop` (hence `stack down`)
+    must not leave it behind holding its port, or the next start finds the port taken."""
+    ha_cluster.wait_replicated(timeout=60)
+    standby = ha_cluster.standby()
+    assert standby is not None
+    postmaster = standby.postmaster_pid()
+    assert postmaster is not None
+    standby.kill()
+    assert pid_alive(postmaster), "PostgreSQL died with its Patroni: the premise is gone"
+    standby.stop()
+    assert not pid_alive(postmaster)
+    assert standby.postmaster_pid() is None
+    standby.start()
+    ha_cluster.wait_replicated()
+
+
+def test_a_cluster_that_cannot_start_leaves_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd starts, then Patroni is missing: one line, and the etcd members are stopped."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    etcd = shutil.which("etcd")
+    assert etcd is not None
+    (bin_dir / "etcd").symlink_to(etcd)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    cluster = HaCluster.create(tmp_path / "ha")
+    try:
+        with pytest.raises(StackError, match=r"^patroni not found on PATH"):
+            cluster.start()
+        assert not cluster.partly_running()
+    finally:
+        cluster.remove()
 
 
 def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Path) -> None:

@@ -181,6 +181,22 @@ def test_a_failed_start_quotes_the_server_log(tmp_path: Path):
     assert not server.is_running()
 
 
+class _NeverReadyRedis(RedisServer):
+    """A real redis-server whose readiness probe never passes (a server that hangs)."""
+
+    def _pong(self) -> bool:
+        return False
+
+
+def test_a_server_that_never_gets_ready_is_not_left_running(tmp_path: Path):
+    server = _NeverReadyRedis(directory=tmp_path, timeout=0.5)
+    with pytest.raises(StackError, match="not ready after"):
+        server.start()
+    assert not server.pid_file.exists()
+    assert not server.is_running()
+    assert port_is_free(server.port)  # nothing listens there any more
+
+
 def tables(url: str) -> set[str]:
     with psycopg.connect(url) as conn:
         return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables")}
