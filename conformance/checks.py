@@ -8,11 +8,12 @@ the run did not produce what it needs (a capture has no session; a phase was lef
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from meterproof.conformance.observations import Observation, Published
+from meterproof.conformance.observations import Observation, Published, Subscribed, Window
 from meterproof.registry.model import default_kid
 from meterproof.schemas import topics
 from meterproof.schemas.codec import MalformedPayload, decode_reading
@@ -191,18 +192,28 @@ def seq_and_ts(obs: Observation) -> Verdict:
 
 
 def receipt_handling(obs: Observation) -> Verdict:
-    """Sections 3, 10: subscribed to its receipts at QoS 1, and a receipted reading is
-    never published again."""
+    """Sections 3, 10: subscribed to its receipts at QoS 1 after every connect, and a
+    receipted reading is never published again."""
     if not obs.live:
         return Verdict("receipt_handling", "skip", "needs a live meter")
     findings = _Findings()
     own = topics.receipts(obs.meter_id or "")
-    qos = [s.qos for s in obs.subscribes if s.topic == own]
-    if not qos:
+    subscribed = [s for s in obs.subscribes if s.topic == own]
+    if not subscribed:
         findings.add(f"never subscribed to {own}")
-    elif min(qos) < 1:
-        findings.add(f"subscribed to {own} at QoS {min(qos)}, not 1")
-    receipted = {(r.seq, r.reading_hash): r.at_s for r in obs.receipts if r.seq is not None}
+    elif min(s.qos for s in subscribed) < 1:
+        findings.add(f"subscribed to {own} at QoS {min(s.qos for s in subscribed)}, not 1")
+    else:
+        _subscribed_after_each_connect(obs, subscribed, findings)
+    # From its first receipt on (the worker answers each later copy too, `duplicate`, so
+    # a copy is always followed by a receipt of its own), or from when the meter could
+    # first hear it, if the kit had it away from the broker then.
+    offline = _offline(obs)
+    receipted: dict[tuple[int, str | None], float] = {}
+    for r in obs.receipts:
+        if r.seq is not None:
+            named, heard = (r.seq, r.reading_hash), _heard(r.at_s, offline)
+            receipted[named] = min(heard, receipted.get(named, heard))
     for p in _parsed(obs):
         sent = receipted.get((p.reading.seq, p.digest))
         if sent is not None and p.published.at_s > sent + RECEIPT_GRACE_S:
@@ -213,6 +224,37 @@ def receipt_handling(obs: Observation) -> Verdict:
     if not receipted and not findings.count:
         return Verdict("receipt_handling", "skip", "no receipt named a reading (none parsed)")
     return findings.verdict("receipt_handling", f"{len(receipted)} receipts sent")
+
+
+def _offline(obs: Observation) -> list[Window]:
+    """When the kit kept the meter from the broker: from the outage's start, and from the
+    power cut, until the meter's first connect after each."""
+    away = []
+    if obs.outage is not None:
+        away.append((obs.outage.start_s, obs.outage.end_s))
+    if obs.power_cut is not None:
+        away.append((obs.power_cut.end_s, obs.power_cut.end_s))
+    return [
+        Window(start, min((c.at_s for c in obs.connects if c.at_s > back), default=math.inf))
+        for start, back in away
+    ]
+
+
+def _heard(at_s: float, offline: list[Window]) -> float:
+    """When a receipt sent at `at_s` could reach the meter: at once, or on its return."""
+    return next((w.end_s for w in offline if at_s in w), at_s)
+
+
+def _subscribed_after_each_connect(
+    obs: Observation, subscribed: list[Subscribed], findings: _Findings
+) -> None:
+    """Section 3: the receipts subscription is made again after every connect, since a
+    broker that lost the session lost the subscription too. The log's records carry the
+    time the kit read them, so one read early can share its connect's time."""
+    starts = sorted(c.at_s for c in obs.connects)
+    for start, end in zip(starts, [*starts[1:], math.inf], strict=True):
+        if not any(start <= s.at_s <= end for s in subscribed):
+            findings.add(f"connect at {start:.1f} s: did not subscribe to its receipts again")
 
 
 def republish(obs: Observation) -> Verdict:

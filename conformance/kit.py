@@ -44,6 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from meterproof.certs.bootstrap import init_pki
 from meterproof.certs.identities import issue_device
@@ -80,6 +81,12 @@ _LOG_POLL_S: Final = 0.05
 _STOP_GRACE_S: Final = 5.0
 #: After a restart, how long the kit waits for the outbox once the meter publishes again.
 REPUBLISH_WAIT_S: Final = 4.0
+#: How the kit hears the meter's readings as the meter sent them: at up to QoS 2, so a
+#: reading at QoS 0 or 2 keeps its QoS, with the retain flag as published (by default a
+#: broker clears it on delivery), and without retained copies on each (re)subscribe.
+READINGS_AS_SENT: Final = SubscribeOptions(
+    qos=2, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +196,9 @@ class _Observer:
         self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
         if not reason.is_failure:
-            client.subscribe([(self._readings, 1), (self._receipts, 1)])
+            client.subscribe(
+                [(self._readings, READINGS_AS_SENT), (self._receipts, SubscribeOptions(qos=1))]
+            )
 
     def _message(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         payload = bytes(message.payload)

@@ -11,11 +11,12 @@ from meterproof.conformance.checks import Verdict
 TITLES = {
     "signing_bytes": "signing bytes (spec 6)",
     "strict_json": "strict JSON (spec 4, 5)",
-    "key_binding": "algorithm and key binding (spec 7)",
+    "key_binding": "algorithm and key binding (spec 1, 2, 7)",
     "seq_ts": "seq and ts behaviour (spec 4, 9, 11)",
-    "receipt_handling": "receipt handling (spec 10)",
+    "receipt_handling": "receipt handling (spec 3, 10)",
     "republish": "republish after silence (spec 11)",
     "reconnect_backoff": "reconnect backoff (spec 12)",
+    "power_cut": "outbox and seq across a power cut (spec 11)",
     "session": "session settings (spec 3)",
 }
 

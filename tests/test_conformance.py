@@ -29,6 +29,7 @@ from meterproof.conformance.observations import (
     Window,
     parse_log_line,
 )
+from meterproof.conformance.report import TITLES, as_table
 from meterproof.conformance.vendor import IdentityRefusedError, VendorIdentity, accept
 from meterproof.schemas.codec import decode_reading, encode_reading, sign_reading
 from meterproof.schemas.reading import Alg
@@ -138,7 +139,10 @@ def _live(key: PrivateKey, **changes: object) -> Observation:
         published,
         live=True,
         connects=[Connected(0.5, METER, "5", False, 30), Connected(11.0, METER, "5", False, 30)],
-        subscribes=[Subscribed(0.6, METER, f"meters/{METER}/receipts", 1)],
+        subscribes=[
+            Subscribed(0.6, METER, f"meters/{METER}/receipts", 1),
+            Subscribed(11.0, METER, f"meters/{METER}/receipts", 1),
+        ],
         receipts=[
             ReceiptSent(1.1, 1, _digest(p[0]), "accepted"),
             ReceiptSent(6.1, 2, _digest(p[1]), "accepted"),
@@ -163,10 +167,24 @@ def test_a_conforming_live_run_passes(key: PrivateKey) -> None:
     assert all(v.passed for v in verdicts), [v for v in verdicts if not v.passed]
 
 
+def test_every_check_is_reported_with_its_spec_sections(key: PrivateKey) -> None:
+    """The table names the sections a verdict holds the meter to (power_cut had none)."""
+    table = as_table(run_checks(_live(key)))
+    for check in (v.check for v in run_checks(_live(key))):
+        assert check in TITLES, check
+        assert TITLES[check] in table
+        assert "(spec " in TITLES[check], check
+
+
 @pytest.mark.parametrize(
     ("changes", "check", "reason"),
     [
         ({"subscribes": []}, "receipt_handling", "never subscribed"),
+        (
+            {"subscribes": [Subscribed(0.6, METER, f"meters/{METER}/receipts", 1)]},
+            "receipt_handling",
+            "connect at 11.0 s: did not subscribe to its receipts again",
+        ),
         ({"silence": Window(6.0, 6.5)}, "republish", "no unreceipted reading"),
         ({"attempts": [7.0 + i * 0.05 for i in range(1, 60)]}, "reconnect_backoff", "tight"),
         ({"attempts": [7.5, 8.0, 8.5, 9.0, 9.5, 10.0]}, "reconnect_backoff", "do not back off"),
@@ -204,11 +222,33 @@ def test_receipt_handling_cannot_judge_without_a_parsed_receipt(key: PrivateKey)
 
 
 def test_a_receipted_reading_sent_again_fails_receipt_handling(key: PrivateKey) -> None:
+    """Judged from the first receipt: the worker receipts the late copy too (`duplicate`),
+    and that later receipt must not excuse it."""
     obs = _live(key)
-    obs.published.append(Published(20.0, TOPIC, obs.published[0].payload, wall_ms=NOW))
+    again = obs.published[0].payload
+    obs.published.append(Published(20.0, TOPIC, again, wall_ms=NOW))
+    obs.receipts.append(ReceiptSent(20.1, 1, _digest(again), "duplicate"))
     verdict = _by_check(run_checks(obs))["receipt_handling"]
     assert verdict.status == "fail"
     assert "seq 1 published again" in verdict.reasons[0]
+
+
+def test_a_receipt_sent_while_the_meter_was_away_counts_from_its_return(key: PrivateKey) -> None:
+    """The worker receipts seq 3 at 10.6 s, after the outage but before the meter's
+    reconnect at 14.0 s; the meter publishes its outbox on reconnecting, before it can
+    read the receipt queued for it. That copy is no defect; one 2 s later is."""
+    obs = _live(key)
+    p3 = obs.published[3].payload
+    obs.connects[1] = Connected(14.0, METER, "5", False, 30)
+    obs.subscribes[1] = Subscribed(14.0, METER, f"meters/{METER}/receipts", 1)
+    obs.published[3] = Published(10.5, TOPIC, p3, wall_ms=NOW)  # queued for the kit
+    obs.receipts[2] = ReceiptSent(10.6, 3, _digest(p3), "accepted")
+    obs.published.insert(4, Published(14.0, TOPIC, p3, wall_ms=NOW))
+    assert _by_check(run_checks(obs))["receipt_handling"].status == "pass"
+    obs.published.insert(5, Published(16.5, TOPIC, p3, wall_ms=NOW))
+    verdict = _by_check(run_checks(obs))["receipt_handling"]
+    assert verdict.status == "fail"
+    assert "seq 3 published again 2.5 s after its receipt" in verdict.reasons[0]
 
 
 def test_broker_log_lines_parse() -> None:
@@ -358,6 +398,39 @@ def test_each_broken_meter_is_named_by_its_check(tmp_path: Path) -> None:
         assert code == 1, defect
         reasons = {c["check"]: c["reasons"] for c in checks if c["status"] == "fail"}  # type: ignore[index]
         assert failed == DEFECTS[defect], (defect, reasons)
+
+
+#: Defects that normal operation shows, each with the check and the reason naming it.
+#: Each passed before: the broker clears the retain flag and lowers the QoS to the
+#: subscriber's on delivery, so the kit subscribes to see a reading as it was sent; and
+#: the worker receipts every copy, so a copy sent after a receipt is followed by one.
+NORMAL_DEFECTS = {
+    "retained": ("session", "published retained"),
+    "qos2": ("session", "published at QoS 2"),
+    "ignores-receipts": ("receipt_handling", "after its receipt"),
+}
+
+
+@pytest.mark.slow
+def test_defects_of_normal_operation_are_named(tmp_path: Path) -> None:
+    script = ROOT / "tests/conformance_meters/broken_meter.py"
+    only_normal = ["--normal", "6", "--silence", "0", "--outage", "0", "--power-cut", "0"]
+
+    def run(defect: str) -> tuple[int, dict[str, object]]:
+        command = f"{sys.executable} -P {script} --defect {defect}"
+        return _kit(command, tmp_path / defect, *only_normal)
+
+    with ThreadPoolExecutor(len(NORMAL_DEFECTS)) as pool:
+        results = dict(zip(NORMAL_DEFECTS, pool.map(run, NORMAL_DEFECTS), strict=True))
+    for defect, (code, report) in results.items():
+        check, reason = NORMAL_DEFECTS[defect]
+        verdicts = cast(list[dict[str, object]], report["checks"])
+        verdict = next(v for v in verdicts if v["check"] == check)
+        assert code == 1, defect
+        assert verdict["status"] == "fail", (defect, verdict)
+        assert reason in str(verdict["reasons"]), (defect, verdict)
+        failed = {v["check"] for v in verdicts if v["status"] == "fail"}
+        assert failed == {check}, (defect, verdicts)
 
 
 def test_a_reading_signed_anew_is_not_a_republish() -> None:

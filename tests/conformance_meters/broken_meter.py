@@ -35,7 +35,7 @@ from meterproof.schemas.timestamps import wall_ms
 
 DEFECTS = (
     "wrong-bytes", "float", "wrong-alg", "seq-reuse", "no-republish", "tight-reconnect",
-    "forgets-state",
+    "forgets-state", "retained", "qos2", "ignores-receipts",
 )  # fmt: skip
 REPUBLISH_AFTER_S = 2.0
 
@@ -94,6 +94,8 @@ def main() -> None:
         c.subscribe(f"meters/{meter_id}/receipts", qos=1)
 
     def receipt(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        if defect == "ignores-receipts":
+            return
         body = json.loads(message.payload)
         with lock:
             held = pending.get(body["seq"])
@@ -146,7 +148,7 @@ def main() -> None:
             if remember:  # saved before it is sent: a power cut cannot lose it
                 _save(state, next_seq[0], pending)
         for _, p in [*due, (seq, payload)]:
-            client.publish(topic, p, qos=1)
+            client.publish(topic, p, qos=2 if defect == "qos2" else 1, retain=defect == "retained")
         sent += 1
         if not (defect == "seq-reuse" and sent % 3 == 2):
             seq += 1  # seq-reuse: every third reading repeats the seq with new values
