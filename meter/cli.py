@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import click
 import structlog
@@ -270,21 +270,27 @@ def run(
 
 
 @meter.command("sign-document")
-@click.argument("document", type=click.File("r"))
+@click.argument("document", type=click.File("rb"))
 @click.option("--meter-id", required=True, callback=_meter_id, help="A meter of the PKI folder.")
 @stack_env_option
-def sign_document(*, document: Any, meter_id: str, stack_env: Path) -> None:  # noqa: ANN401
+def sign_document(*, document: BinaryIO, meter_id: str, stack_env: Path) -> None:
     """Sign a meterproof document (from `meters link-wallet`) with the meter's reading key.
 
     This is the meter's half of a wallet link: firmware (or a P1 reader) signs the exact
     UTF-8 bytes with the key it signs readings with. The base64url signature goes to
     stdout; the key id to pass as --kid goes to stderr.
     """
-    text = document.read()
-    if not text.startswith("meterproof "):
+    data = document.read()  # bytes, as read: a text read would turn CRLF into LF
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(
+            f"the document is not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from exc
+    if not data.startswith(b"meterproof "):
         raise click.ClickException("not a meterproof document (it starts 'meterproof ')")
     env = StackEnv.load(stack_env)
     with _one_line_errors():
         identity = MeterIdentity.load(PkiLayout(env.pki_root).device(meter_id))
-    click.echo(b64url(identity.key.sign(text.encode("utf-8"))))
+    click.echo(b64url(identity.key.sign(data)))
     click.echo(f"--kid {default_kid(identity.key.public_key().pem())}", err=True)

@@ -15,13 +15,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import psycopg
 import pytest
+from click.testing import CliRunner, Result
 from fixtures.servers import OwnBroker
+from ingest_harness import provision
 from meter_harness import Delivered, FakeWorker, accept
 from waiting import WITHIN_S, async_wait_until
 
 from meterproof.certs import issue_device
 from meterproof.certs.layout import PkiLayout
+from meterproof.cli.main import main
+from meterproof.config import StackEnv
 from meterproof.meter.client import (
     Broker,
     ClientSettings,
@@ -30,6 +35,8 @@ from meterproof.meter.client import (
 from meterproof.meter.identity import MeterIdentity
 from meterproof.meter.network import Network
 from meterproof.meter.profile import profile_for
+from meterproof.registry.errors import RefusedError
+from meterproof.registry.wallets import verify_meter_signature
 from meterproof.schemas.reading import Receipt, ReceiptStatus, RejectReason
 from meterproof.schemas.timestamps import wall_ms
 from meterproof.stack.broker import BrokerServer
@@ -316,3 +323,32 @@ def test_a_reading_no_worker_subscription_took_is_retried_before_the_receipt_tim
     meter = asyncio.run(scenario())
     assert meter.stats.accepted == 1
     assert meter.stats.republished >= 1
+
+
+def test_sign_document_signs_the_exact_bytes_even_with_crlf_line_ends(
+    pki: PkiLayout, database_url: str, meter_id: str, tmp_path: Path
+) -> None:
+    # A text read would turn CRLF into LF and sign other bytes than the file's.
+    provision(pki, database_url, meter_id)
+    env_file = tmp_path / "stack.env"
+    StackEnv(run_dir=tmp_path, pki_root=pki.root).write(env_file)
+    document = f"meterproof link-wallet v1\r\nmeter: {meter_id}\r\n"
+    (tmp_path / "link.txt").write_bytes(document.encode("utf-8"))
+    (tmp_path / "latin1.txt").write_bytes(b"meterproof link-wallet v1\nmeter: caf\xe9\n")
+
+    def sign(name: str) -> Result:
+        argv = ["meter", "sign-document", "--meter-id", meter_id, "--stack-env", str(env_file)]
+        return CliRunner().invoke(main, [*argv, str(tmp_path / name)])
+
+    signed = sign("link.txt")
+    assert signed.exit_code == 0, signed.output
+    kid = signed.stderr.strip().removeprefix("--kid ")
+    with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+        verify_meter_signature(cur, meter_id, kid, document, signed.stdout)
+        with pytest.raises(RefusedError, match="did not sign this"):
+            verify_meter_signature(
+                cur, meter_id, kid, document.replace("\r\n", "\n"), signed.stdout
+            )
+    refused = sign("latin1.txt")
+    assert refused.exit_code == 1
+    assert refused.stderr == "Error: the document is not UTF-8 text (byte 36 cannot be decoded)\n"

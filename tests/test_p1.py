@@ -25,11 +25,18 @@ from fixtures.p1.telegrams import (
     smarty,
 )
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from meterproof.cli.main import main
 from meterproof.meter.measurement import Measurement
 from meterproof.meter.outbox import hash_of
-from meterproof.meter.p1.reader import Gate, JournalEntry, P1Reader, TelegramJournal
+from meterproof.meter.p1.reader import (
+    MAX_FUTURE_MS,
+    Gate,
+    JournalEntry,
+    P1Reader,
+    TelegramJournal,
+)
 from meterproof.meter.p1.telegram import (
     MAX_TELEGRAM_BYTES,
     Decoded,
@@ -267,15 +274,27 @@ def m(ts: int, imp: int = 100, exp: int = 0) -> Measurement:
 
 def test_the_gate_publishes_one_reading_per_interval_never_going_backwards() -> None:
     gate = Gate(interval_ms=10_000)
-    assert gate.admit(m(1_000_000)) is Outcome.ACCEPTED
-    assert gate.admit(m(1_005_000, 101)) is Outcome.THINNED
-    assert gate.admit(m(999_000, 102)) is Outcome.TIME_BACKWARDS
-    assert gate.admit(m(1_010_000, 99)) is Outcome.REGISTER_DECREASED
-    assert gate.admit(m(1_010_000, 100, 5)) is Outcome.ACCEPTED
+    now = 1_010_000
+    assert gate.admit(m(1_000_000), now_ms=now) is Outcome.ACCEPTED
+    assert gate.admit(m(1_005_000, 101), now_ms=now) is Outcome.THINNED
+    assert gate.admit(m(999_000, 102), now_ms=now) is Outcome.TIME_BACKWARDS
+    assert gate.admit(m(1_010_000, 99), now_ms=now) is Outcome.REGISTER_DECREASED
+    assert gate.admit(m(1_010_000, 100, 5), now_ms=now) is Outcome.ACCEPTED
     every = Gate(interval_ms=0)
-    assert every.admit(m(1)) is Outcome.ACCEPTED
-    assert every.admit(m(1)) is Outcome.THINNED  # the same telegram time again
-    assert every.admit(m(2)) is Outcome.ACCEPTED
+    assert every.admit(m(1), now_ms=now) is Outcome.ACCEPTED
+    assert every.admit(m(1), now_ms=now) is Outcome.THINNED  # the same telegram time again
+    assert every.admit(m(2), now_ms=now) is Outcome.ACCEPTED
+
+
+def test_a_time_too_far_ahead_is_refused_without_holding_back_the_next_readings() -> None:
+    # One telegram from a meter clock that jumped forward: the ingest side would refuse it
+    # as timestamp_skew; were it the gate's last reading, every correct one after it
+    # would be refused as time_backwards until the reader restarts.
+    gate = Gate(interval_ms=0)
+    now = 1_000_000_000
+    assert gate.admit(m(now + MAX_FUTURE_MS + 1), now_ms=now) is Outcome.TIMESTAMP_SKEW
+    assert gate.admit(m(now), now_ms=now) is Outcome.ACCEPTED
+    assert gate.admit(m(now + MAX_FUTURE_MS, 101), now_ms=now) is Outcome.ACCEPTED  # the bound
 
 
 def invoke(*args: str) -> tuple[int, list[str], str]:
@@ -414,7 +433,7 @@ def test_the_reader_counts_every_outcome_and_journals_each_published_telegram(
 ) -> None:
     client = StubClient()
     journal = TelegramJournal(tmp_path / "journal.jsonl", durable=False)
-    reader = P1Reader(client, TelegramDecoder(), journal, interval_s=0, clock=lambda: 5)  # type: ignore[arg-type]
+    reader = P1Reader(client, TelegramDecoder(), journal, interval_s=0, clock=lambda: WINTER_MS)  # type: ignore[arg-type]
     before = {o: counted(o) for o in Outcome}
     garbage_before = REGISTRY.get_sample_value("meterproof_p1_garbage_bytes_total") or 0.0
     stream = [(FIXTURES / n).read_bytes() for n in ("garbage.txt", "broken-crc.txt", "dsmr22.txt")]
@@ -422,7 +441,7 @@ def test_the_reader_counts_every_outcome_and_journals_each_published_telegram(
         reader.take(data)
     reader.take(b"/cut short")
     reader.end_of_stream()
-    # garbage.txt's two telegrams, then dsmr22 (reader clock 5 ms: earlier than them)
+    # garbage.txt's two telegrams, then dsmr22 (the reader's clock: earlier than the last)
     assert reader.stats.outcomes == {
         "accepted": 2, "crc_mismatch": 1, "time_backwards": 1, "truncated": 1,
     }  # fmt: skip
@@ -463,3 +482,27 @@ def test_a_register_beyond_the_signed_range_is_refused_and_the_reader_goes_on(
     reader.take(dsmr5("260315143009W"))
     assert reader.stats.outcomes == {"unparsable": 4, "accepted": 1}
     assert [reading.ts for reading in client.sent] == [WINTER_MS + 9000]
+
+
+def _entry(seq: int) -> JournalEntry:
+    return JournalEntry(seq, f"{seq:064x}", f"{seq + 100:064x}", 1_000 * seq)
+
+
+def test_a_journal_line_torn_by_a_power_cut_costs_that_line_only(tmp_path: Path) -> None:
+    path = tmp_path / "p1-telegrams.jsonl"
+    journal = TelegramJournal(path, durable=False)
+    journal.record(_entry(1))
+    whole = len(path.read_bytes())
+    journal.record(_entry(2))
+    with path.open("r+b") as cut:  # the power went during seq 2's append
+        cut.truncate(whole + 40)
+    with capture_logs() as logs:
+        journal.record(_entry(3))
+        assert journal.entries() == [_entry(1), _entry(3)]
+    assert len(path.read_bytes().splitlines()) == 3  # seq 3 on a line of its own
+    events = {e["event"]: e for e in logs}
+    assert "p1.journal_torn_line" in events
+    assert (
+        events["p1.journal_lines_skipped"]["count"],
+        events["p1.journal_lines_skipped"]["lines"],
+    ) == (1, [2])

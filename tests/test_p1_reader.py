@@ -181,6 +181,49 @@ def test_a_reader_on_a_pseudo_terminal_stores_every_telegram_and_empties_its_out
     assert '"baudrate": 115200' in p1.log.read_text()  # DSMR 5's line settings
 
 
+@pytest.mark.slow
+def test_one_telegram_from_a_clock_far_ahead_is_refused_and_the_next_ones_are_stored(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    reader: Callable[[], Reader],
+) -> None:
+    # The meter's clock jumps an hour ahead for one telegram, then is right again: that
+    # one is refused (the ingest side would refuse it as timestamp_skew), and it must not
+    # make every correct telegram after it look as if time went backwards.
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
+    )
+    good = telegrams(4)
+    ahead = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    future = dsmr5(dsmr_time(ahead), Registers(t1="001581.000", t2="000000.000"))
+    master, slave = os.openpty()
+    p1 = reader()
+
+    async def scenario() -> None:
+        async with running_worker(settings):
+            p1.start("--serial", os.ttyname(slave))
+            await async_wait_until(lambda: p1.logged("p1.source_open"), what="port open")
+            for telegram in [future, *good]:
+                os.write(master, telegram)
+                await asyncio.sleep(PACE_S)
+            await until_stored(database_url, p1.meter_id, len(good))
+            await async_wait_until(lambda: p1.outbox() == [], what="every reading receipted")
+            assert await asyncio.to_thread(p1.stop) == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert_all_stored_once(database_url, p1, good, good)
+    log = p1.log.read_text()
+    assert '"reason": "timestamp_skew"' in log
+    assert "'timestamp_skew': 1" in log
+    assert "time_backwards" not in log
+
+
 @contextlib.asynccontextmanager
 async def ser2net(
     *streams: list[bytes], pace_s: float = PACE_S

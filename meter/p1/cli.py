@@ -164,7 +164,8 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Seq state, outbox and telegram journal  [default: <run dir>/meters/<meter id>]",
+    help="Seq state, outbox and telegram journal; keep it: a new empty one restarts seq at 1,"
+    " refused as seq_reused (docs/p1.md)  [default: <run dir>/meters/<meter id>]",
 )
 @click.option(
     "--metrics-port",

@@ -6,7 +6,8 @@ and a broker outage loses nothing. Order of effects for one telegram:
 
 1. decode it (`telegram.TelegramDecoder`): refused telegrams are counted and logged;
 2. the `Gate` drops readings sooner than --interval after the last published one, and
-   refuses a time or register that went backwards (the ingest side would reject them);
+   refuses a time too far ahead of the reader's clock, or a time or register that went
+   backwards (the ingest side would reject them);
 3. take a seq (persisted), sign, append seq + reading hash + the raw telegram's SHA-256
    to the telegram journal (`p1-telegrams.jsonl`, fsynced), then hand the reading to
    the client, which stores it in its outbox before publishing. The journal outlives the
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import structlog
 from prometheus_client import Counter as MetricCounter
@@ -54,13 +55,18 @@ SOURCE_DROPS = MetricCounter(
 )
 
 JOURNAL_NAME: Final = "p1-telegrams.jsonl"
+#: How far ahead of the clock a reading's `ts` may be: the ingest side's default
+#: (`max_future_s`, spec section 9 rule 6), which refuses later ones as `timestamp_skew`.
+MAX_FUTURE_MS: Final = 300_000
 
 
 @dataclass(slots=True)
 class Gate:
     """Which decoded readings are published: at most one per `interval_ms` of meter time,
     time and registers never going backwards (the first reading after a start is
-    compared with nothing: the ingest side judges it against what it stored)."""
+    compared with nothing: the ingest side judges it against what it stored). A time
+    further ahead of the reader's clock than `MAX_FUTURE_MS` is refused before it can
+    become the last one: it would hold back every correct reading after it."""
 
     interval_ms: int
     _last: Measurement | None = None
@@ -69,7 +75,9 @@ class Gate:
         if self.interval_ms < 0:
             raise ValueError(f"interval must not be negative, not {self.interval_ms} ms")
 
-    def admit(self, measurement: Measurement) -> Outcome:
+    def admit(self, measurement: Measurement, *, now_ms: int) -> Outcome:
+        if measurement.ts > now_ms + MAX_FUTURE_MS:
+            return Outcome.TIMESTAMP_SKEW
         last = self._last
         if last is not None:
             if measurement.ts < last.ts:
@@ -91,7 +99,9 @@ class JournalEntry:
 
 
 class TelegramJournal:
-    """One JSON line per published reading, appended before the reading is sent."""
+    """One JSON line per published reading, appended before the reading is sent. A power
+    cut during an append can leave a torn last line: the next append starts on a line of
+    its own, and reading skips (and logs) the torn line only."""
 
     def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = path
@@ -106,9 +116,12 @@ class TelegramJournal:
                 "telegram_sha256": entry.telegram_sha256,
                 "ts": entry.ts,
             }
-        )
-        with self.path.open("a", encoding="ascii") as journal:
-            journal.write(line + "\n")
+        ).encode("ascii")
+        with self.path.open("a+b") as journal:
+            if _torn(journal):
+                log.warning("p1.journal_torn_line", path=str(self.path))
+                line = b"\n" + line
+            journal.write(line + b"\n")
             journal.flush()
             if self.durable:
                 os.fsync(journal.fileno())
@@ -116,8 +129,41 @@ class TelegramJournal:
     def entries(self) -> list[JournalEntry]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="ascii").splitlines()
-        return [JournalEntry(**json.loads(line)) for line in lines if line]
+        entries: list[JournalEntry] = []
+        broken: list[int] = []
+        for number, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+            if not line:
+                continue
+            entry = _parse_entry(line)
+            if entry is None:
+                broken.append(number)
+            else:
+                entries.append(entry)
+        if broken:
+            log.warning(
+                "p1.journal_lines_skipped",
+                path=str(self.path),
+                count=len(broken),
+                lines=broken[:10],
+            )
+        return entries
+
+
+def _torn(journal: BinaryIO) -> bool:
+    """Whether the file's last line lacks its line feed (an append cut short)."""
+    end = journal.seek(0, os.SEEK_END)
+    if end == 0:
+        return False
+    journal.seek(end - 1)
+    return journal.read(1) != b"\n"
+
+
+def _parse_entry(line: bytes) -> JournalEntry | None:
+    """One journal line, or None when it is not a whole entry (a torn or damaged line)."""
+    try:
+        return JournalEntry(**json.loads(line))
+    except (ValueError, TypeError):
+        return None
 
 
 @dataclass(slots=True)
@@ -164,13 +210,16 @@ class P1Reader:
             GARBAGE.inc(garbage)
             self.stats.garbage_bytes += garbage
         for item in decoded:
-            outcome = item.outcome
+            outcome, detail = item.outcome, item.detail
             if item.reading is not None:
-                measurement = item.reading.measurement(self.clock())
-                outcome = self.gate.admit(measurement)
+                now = self.clock()
+                measurement = item.reading.measurement(now)
+                outcome = self.gate.admit(measurement, now_ms=now)
                 if outcome is Outcome.ACCEPTED:
                     self._publish(measurement, item.sha256)
-            self._count(outcome, item)
+                elif outcome is Outcome.TIMESTAMP_SKEW:
+                    detail = f"{(measurement.ts - now) // 1000} s ahead of the reader's clock"
+            self._count(outcome, item, detail)
 
     def _publish(self, measurement: Measurement, telegram_sha256: str) -> None:
         client = self.client
@@ -180,7 +229,7 @@ class P1Reader:
         client.send(reading)
         log.debug("p1.published", meter_id=client.meter_id, seq=reading.seq, reading_hash=digest)
 
-    def _count(self, outcome: Outcome, item: Decoded) -> None:
+    def _count(self, outcome: Outcome, item: Decoded, detail: str) -> None:
         self.stats.outcomes[outcome.value] += 1
         TELEGRAMS.labels(outcome=outcome.value).inc()
         if outcome is Outcome.ACCEPTED or outcome is Outcome.THINNED:
@@ -189,7 +238,7 @@ class P1Reader:
             "p1.telegram_refused",
             meter_id=self.client.meter_id,
             reason=outcome.value,
-            detail=item.detail,
+            detail=detail,
             telegram_sha256=item.sha256,
         )
 
