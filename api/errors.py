@@ -29,7 +29,7 @@ from meterproof.errors import (
     UnavailableError,
     first_line,
 )
-from meterproof.registry.errors import RefusedError
+from meterproof.registry.errors import RefusedError, StateError
 
 log = structlog.get_logger("api")
 
@@ -145,12 +145,14 @@ _TRANSLATED: Final = (
 
 
 def as_api_error(exc: MeterproofError) -> ApiError:
-    """The status and code of an error raised below the API; a registry refusal keeps its
-    own code."""
+    """The status and code of an error raised below the API; a registry refusal (403) or
+    state conflict (409) keeps its own code."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, RefusedError):
         return ApiError(403, exc.code, first_line(exc))
+    if isinstance(exc, StateError):
+        return ApiError(409, exc.code, first_line(exc))
     if isinstance(exc, UnavailableError):
         return ApiError(503, "unavailable", f"{exc.dependency} did not answer; retry later")
     for kind, status, code in _TRANSLATED:

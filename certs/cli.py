@@ -390,6 +390,46 @@ def revoke_cmd(layout: PkiLayout, name: str, stack_env: Path) -> None:
         ) from exc
 
 
+@certs.command("refresh-crl")
+@click.option(
+    "--force", is_flag=True, help="Re-sign and reload the broker even when the CRL is fresh."
+)
+@stack_env_option
+@pass_layout
+def refresh_crl_cmd(layout: PkiLayout, force: bool, stack_env: Path) -> None:
+    """Re-sign the CRL before it expires and make the running broker read the new one.
+
+    The CRL is valid for 30 days; once that has passed, OpenSSL refuses every client,
+    meters and services alike ("CRL has expired"). A revocation, `certs init` and
+    `stack up` re-sign it, but nothing else does while the stack runs: run this daily
+    from cron or a systemd timer, for example
+
+    \b
+      17 3 * * *  meterproof certs --pki-root /srv/pki refresh-crl --stack-env /srv/run/stack.env
+
+    It re-signs only a CRL with less than 15 days left, so running it again changes
+    nothing, and the broker gets a SIGHUP (Mosquitto 2.0.11 may crash on one later:
+    docs/reliability.md) only when the CRL was re-signed. Prints the CRL's nextUpdate.
+    --force re-signs and reloads anyway: the retry after the broker did not confirm.
+    """
+    with _one_line_errors():
+        signed = force or not crl.crl_is_fresh(layout)
+        until = crl.refresh_crl(layout) if signed else crl.next_update(layout)
+    state = "re-signed" if signed else "fresh, left as it is"
+    click.echo(f"CRL {layout.crl}: {state}; valid until {until:%Y-%m-%d %H:%M:%S %Z}")
+    if not signed:
+        return
+    from meterproof.mosquitto.admin import crl_on_running_broker
+
+    try:
+        click.echo(crl_on_running_broker(stack_env))
+    except OSError as exc:
+        raise click.ClickException(
+            f"CRL re-signed, but the broker did not confirm it read it ({exc}); "
+            "run `meterproof certs refresh-crl --force`"
+        ) from exc
+
+
 @certs.command("list")
 @pass_layout
 def list_cmd(layout: PkiLayout) -> None:

@@ -3,17 +3,15 @@
 The CRL is signed by the issuing CA, the issuer of every leaf, so one CRL covers them all
 (Mosquitto checks the client's own certificate only). It must be re-signed before its
 `nextUpdate`, or OpenSSL refuses every client with "CRL has expired": each revocation
-re-signs it, and `certs init` re-signs one that is past half its life. Nothing here talks
-to the broker; `certs revoke` does that after the CRL is on disk.
+re-signs it, and `certs init` and `certs refresh-crl` (daily, from cron or a timer)
+re-sign one that is past half its life. Nothing here talks to the broker; `certs revoke`
+and `certs refresh-crl` do that after the CRL is on disk.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from meterproof.certs.authority import CLOCK_SKEW, Authority
 from meterproof.certs.errors import PkiError, UnknownIdentityError
 from meterproof.certs.identities import load_identity
-from meterproof.certs.keys import PRIVATE_FILE_MODE, replace_file
+from meterproof.certs.keys import locked, replace_file
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 
 CRL_VALIDITY: Final = timedelta(days=30)
@@ -47,15 +45,9 @@ class RevokeResult:
     next_update: datetime
 
 
-@contextmanager
-def _locked(layout: PkiLayout) -> Iterator[None]:
+def _locked(layout: PkiLayout) -> AbstractContextManager[None]:
     """Two revocations at once must not both rewrite the index from the same old copy."""
-    fd = os.open(layout.ca_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return locked(layout.ca_dir / ".lock")
 
 
 def read_revoked(layout: PkiLayout) -> list[RevokedEntry]:
@@ -111,13 +103,17 @@ def _write_crl(layout: PkiLayout, authority: Authority, entries: list[RevokedEnt
     return next_update
 
 
+def next_update(layout: PkiLayout) -> datetime | None:
+    """The CRL's `nextUpdate`, after which OpenSSL refuses every client; None without a CRL."""
+    if not layout.crl.exists():
+        return None
+    return x509.load_pem_x509_crl(layout.crl.read_bytes()).next_update_utc
+
+
 def crl_is_fresh(layout: PkiLayout) -> bool:
     """Present and less than half of its validity used."""
-    if not layout.crl.exists():
-        return False
-    crl = x509.load_pem_x509_crl(layout.crl.read_bytes())
-    next_update = crl.next_update_utc
-    return next_update is not None and next_update - datetime.now(UTC) > CRL_VALIDITY / 2
+    until = next_update(layout)
+    return until is not None and until - datetime.now(UTC) > CRL_VALIDITY / 2
 
 
 def refresh_crl(layout: PkiLayout) -> datetime:

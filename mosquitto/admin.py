@@ -59,6 +59,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -110,17 +111,30 @@ def enforce_revocation(identity: str, env: StackEnv) -> int:
     """
     if not IDENTITY_RE.fullmatch(identity):
         raise ValueError(f"invalid identity {identity!r}: 1-64 characters of [A-Za-z0-9._-]")
-    applied = 0
+    running = _reload_running(env)
+    for files, admin_port in running:
+        _kick(identity, files, admin_port)
+    return len(running)
+
+
+def reload_crl(env: StackEnv) -> int:
+    """Make every running broker of the stack read the CRL file again (a re-signed one);
+    return on how many. BrokerNotRunningError when none runs."""
+    return len(_reload_running(env))
+
+
+def _reload_running(env: StackEnv) -> list[tuple[BrokerFiles, int]]:
+    """`reload_broker` on each broker of the stack; those running, with their admin port."""
+    running = []
     for files, admin_port in stack_brokers(env):
         try:
             reload_broker(files)
         except BrokerNotRunningError:
             continue
-        _kick(identity, files, admin_port)
-        applied += 1
-    if not applied:
+        running.append((files, admin_port))
+    if not running:
         raise BrokerNotRunningError(f"no broker of {env.run_dir} is running")
-    return applied
+    return running
 
 
 def reload_broker(files: BrokerFiles) -> None:
@@ -182,17 +196,33 @@ def revoke_on_running_broker(identity: str, stack_env: Path) -> str:
     """Apply a revocation already in the CRL to the stack recorded in `stack_env`, if any,
     and say what happened. Raises OSError when a running broker did not confirm: the caller
     tells the operator to run its command again (revoking twice is harmless)."""
+    return _crl_on_running_stack(
+        stack_env,
+        lambda env: enforce_revocation(identity, env),
+        f"{identity} disconnected and refused from now on",
+    )
+
+
+def crl_on_running_broker(stack_env: Path) -> str:
+    """`reload_crl` for the stack recorded in `stack_env`, if any; say what happened.
+    Raises OSError when a running broker did not confirm."""
+    return _crl_on_running_stack(stack_env, reload_crl, "the new CRL is in force")
+
+
+def _crl_on_running_stack(stack_env: Path, apply: Callable[[StackEnv], int], done: str) -> str:
+    """Run `apply` (which returns on how many brokers it acted) on the recorded stack and
+    say what happened; a broker that is down reads the CRL file when started."""
     if not stack_env.exists():
         return f"no running stack ({stack_env} absent): the broker loads the CRL when started"
     env = StackEnv.load(stack_env)
     try:
-        applied = enforce_revocation(identity, env)
+        applied = apply(env)
     except ConnectionRefusedError:
         return "the broker is not running: it loads the CRL when started"
     brokers = len(env.brokers())
     if brokers == 1:
-        return f"broker: {identity} disconnected and refused from now on"
-    said = f"{applied} of {brokers} brokers: {identity} disconnected and refused from now on"
+        return f"broker: {done}"
+    said = f"{applied} of {brokers} brokers: {done}"
     return said if applied == brokers else f"{said} (a broker down loads the CRL when started)"
 
 

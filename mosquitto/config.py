@@ -27,7 +27,7 @@ from string import Template
 from typing import Final
 
 from meterproof.certs.identities import API_IDENTITY, INGEST_IDENTITY_RE, SERVICE_NAMES
-from meterproof.certs.keys import PRIVATE_FILE_MODE, replace_file
+from meterproof.certs.keys import PRIVATE_FILE_MODE, locked, replace_file
 from meterproof.certs.layout import IDENTITY_RE, PkiLayout
 from meterproof.schemas import topics
 
@@ -160,9 +160,21 @@ def render(
     )
     _write_private(files.conf, conf)
     _write_private(files.acl, acl)
-    if not (files.dynsec.is_file() and files.admin_password.is_file()):
-        first = broker_files(run_dir)
-        if index > 0 and first.dynsec.is_file() and first.admin_password.is_file():
+    _ensure_admin_account(files, broker_files(run_dir))
+    return files
+
+
+def _ensure_admin_account(files: BrokerFiles, first: BrokerFiles) -> None:
+    """Write the dynamic-security file and the admin password unless both exist: broker 0
+    makes a new password, a later broker copies broker 0's. Under one lock per run dir:
+    two first renders at once (`stack up` while an operator issues an identity) would each
+    make a password, and the plugin file of one could end beside the password of the
+    other, which locks the admin (and so every revocation) out."""
+    first.directory.mkdir(mode=0o700, exist_ok=True)
+    with locked(first.directory / ".admin.lock"):
+        if files.dynsec.is_file() and files.admin_password.is_file():
+            return
+        if files != first and first.dynsec.is_file() and first.admin_password.is_file():
             dynsec = first.dynsec.read_text(encoding="utf-8")
             password = admin_password(first)
         else:
@@ -170,7 +182,6 @@ def render(
             dynsec = json.dumps(dynsec_config(password), indent=2) + "\n"
         _write_private(files.dynsec, dynsec)
         _write_private(files.admin_password, password + "\n")
-    return files
 
 
 def dynsec_plugin() -> Path:

@@ -2,7 +2,8 @@
 
 Errors are one line on stderr and never a traceback. Exit codes: 1 for a refused
 operation (unknown or already registered meter, decommissioned meter, database
-unreachable), 2 for bad input (malformed id, unknown status, bad key, bad CSV row).
+unreachable), 2 for bad input (malformed id, unknown status, bad key, bad CSV row, a
+refusal with a reason code such as `set-status M decommissioned`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from meterproof.config import StackEnv
 from meterproof.errors import first_line
 from meterproof.registry import pairing, repository, sources, wallets
 from meterproof.registry.accounts import AccountId
-from meterproof.registry.errors import InvalidInputError, UnknownMeterError
+from meterproof.registry.errors import InvalidInputError, RefusedError, UnknownMeterError
 from meterproof.registry.model import (
     KeyRecord,
     MeterRecord,
@@ -40,6 +41,7 @@ from meterproof.registry.model import (
     parse_location,
     quoted,
 )
+from meterproof.registry.telemetry import record_refusal
 from meterproof.schemas.reading import Alg
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -374,9 +376,18 @@ def set_status(meter_id: str, status: str, reason: str | None, database_url: str
     """Set METER_ID's STATUS; workers honour it within a second.
 
     Readings are accepted while the status is active, maintenance or firmware_update.
-    Decommissioned is final (use `decommission`, which also revokes the certificate).
+    STATUS decommissioned is refused: `decommission` sets it (final) and also revokes the
+    certificate, which would otherwise still open a broker connection.
     """
     with connect_database(database_url) as conn:
+        if status == MeterStatus.DECOMMISSIONED:
+            refusal = RefusedError(
+                "decommission_without_revocation",
+                f"set-status leaves the certificate valid; run `meterproof meters decommission"
+                f" {meter_id}`, which revokes it",
+            )
+            record_refusal(conn, "set_status", refusal, meter_id=meter_id, account=None)
+            raise refusal
         change = repository.set_status(conn, meter_id, MeterStatus(status), reason=reason)
     _echo_change(change.meter_id, change.old, change.new)
 

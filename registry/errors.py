@@ -25,7 +25,15 @@ class MeterExistsError(RegistryError, ConflictError):
 
 
 class StateError(RegistryError, ConflictError):
-    """The meter's state forbids the change (a decommissioned meter stays decommissioned)."""
+    """The meter's state forbids the change (a decommissioned meter stays decommissioned);
+    `code` is its stable reason code, as a `RefusedError`'s.
+
+    The refusal is recorded (`record_refusal`) and nothing else changed.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
 
 
 class RefusedError(RegistryError, InputError):

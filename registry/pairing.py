@@ -37,12 +37,11 @@ from meterproof.registry import documents
 from meterproof.registry.accounts import AccountId
 from meterproof.registry.errors import InvalidInputError, RefusedError
 from meterproof.registry.model import check_meter_id
-from meterproof.registry.telemetry import CHANGES
+from meterproof.registry.telemetry import CHANGES, record_refusal
 from meterproof.registry.wallets import (
     Challenge,
     accepting_meter,
     issue_challenge,
-    record_refusal,
     verify_meter_signature,
 )
 

@@ -3,6 +3,8 @@
 Every write runs in its own transaction (a savepoint if the caller has one open) and
 records the security event that explains it in that same transaction, so the log never
 misses a change nor shows one that did not happen. Every value travels as a parameter.
+A change the meter's state forbids (a decommissioned meter) is refused with a reason code
+(StateError) and, after the rollback, recorded like the registry's other refusals.
 Reads take any connection; lookups of an unknown meter return None or an empty list.
 """
 
@@ -40,6 +42,7 @@ from meterproof.registry.model import (
     check_label,
     quoted,
 )
+from meterproof.registry.telemetry import record_refusal
 from meterproof.schemas.reading import Alg
 
 Conn = psycopg.Connection[Any]
@@ -202,14 +205,32 @@ def set_status(
     only_from: MeterStatus | None = None,
 ) -> StatusChange:
     """Change the status and log it (severity from `STATUS_SEVERITY`); a no-op, without an
-    event, if the meter has that status already. Decommissioned is final. With
-    `only_from`, only a meter in that status changes, decided under the row's lock: from
-    any other, nothing is written and the change returned is (its status -> the same), so
-    a status set meanwhile (a quarantine) is never overwritten by a decision taken on an
-    older read."""
+    event, if the meter has that status already. Decommissioned is final: changing it is
+    refused `meter_decommissioned` (StateError, recorded). With `only_from`, only a meter
+    in that status changes, decided under the row's lock: from any other, nothing is
+    written and the change returned is (its status -> the same), so a status set
+    meanwhile (a quarantine) is never overwritten by a decision taken on an older read."""
     if reason is not None:
         check_label("reason", reason)
     _check_event_type(event_type)
+    try:
+        return _set_status(
+            conn, meter_id, status, reason=reason, event_type=event_type, only_from=only_from
+        )
+    except StateError as refusal:
+        record_refusal(conn, "set_status", refusal, meter_id=meter_id, account=None)
+        raise
+
+
+def _set_status(
+    conn: Conn,
+    meter_id: str,
+    status: MeterStatus,
+    *,
+    reason: str | None,
+    event_type: str,
+    only_from: MeterStatus | None,
+) -> StatusChange:
     with conn.transaction(), conn.cursor() as cur:
         row = cur.execute(
             "SELECT status::text FROM meters WHERE meter_id = %s FOR UPDATE", (meter_id,)
@@ -223,7 +244,7 @@ def set_status(
         if not change.changed:
             return change
         if change.old is MeterStatus.DECOMMISSIONED:
-            raise StateError(f"meter {quoted(meter_id)} is decommissioned; register a new id")
+            raise _decommissioned(meter_id)
         cur.execute(
             "UPDATE meters SET status = %s::meter_status WHERE meter_id = %s",
             (status.value, meter_id),
@@ -243,6 +264,14 @@ def rotate_key(conn: Conn, meter_id: str, key: NewKey, *, overlap: timedelta) ->
     so readings signed by either verify meanwhile and no reading falls into a gap."""
     if not timedelta(0) <= overlap <= MAX_OVERLAP:
         raise InvalidInputError(f"overlap must be 0 to {MAX_OVERLAP.days} days")
+    try:
+        return _rotate_key(conn, meter_id, key, overlap)
+    except StateError as refusal:
+        record_refusal(conn, "rotate_key", refusal, meter_id=meter_id, account=None)
+        raise
+
+
+def _rotate_key(conn: Conn, meter_id: str, key: NewKey, overlap: timedelta) -> KeyRotation:
     with conn.transaction(), conn.cursor() as cur:
         row = cur.execute(
             "SELECT id, status::text FROM meters WHERE meter_id = %s FOR UPDATE", (meter_id,)
@@ -251,7 +280,7 @@ def rotate_key(conn: Conn, meter_id: str, key: NewKey, *, overlap: timedelta) ->
             raise UnknownMeterError(f"no meter {quoted(meter_id)} is registered")
         meter, status = row
         if status == MeterStatus.DECOMMISSIONED:
-            raise StateError(f"meter {quoted(meter_id)} is decommissioned")
+            raise _decommissioned(meter_id)
         if cur.execute(
             "SELECT 1 FROM meter_keys WHERE meter = %s AND kid = %s", (meter, key.kid)
         ).fetchone():
@@ -327,6 +356,12 @@ def _insert_event(
     assert row is not None
     event_id: int = row[0]
     return event_id
+
+
+def _decommissioned(meter_id: str) -> StateError:
+    return StateError(
+        "meter_decommissioned", f"meter {quoted(meter_id)} is decommissioned; register a new id"
+    )
 
 
 def _check_event_type(value: str) -> None:

@@ -39,7 +39,7 @@ from meterproof.registry.model import (
     check_meter_id,
     is_evm_zero_account,
 )
-from meterproof.registry.telemetry import CHANGES, REFUSALS
+from meterproof.registry.telemetry import CHANGES, record_refusal
 from meterproof.schemas.reading import b64url_decode
 from meterproof.schemas.signatures import InvalidKeyError, load_public_key
 
@@ -271,30 +271,6 @@ def meters_of_wallet(conn: Conn, account: AccountId) -> list[str]:
         (str(account),),
     ).fetchall()
     return [r[0] for r in rows]
-
-
-def record_refusal(
-    conn: Conn, action: str, refusal: RefusedError, *, meter_id: str | None, account: str | None
-) -> None:
-    """The audit line, log line and metric of a refused change, after its rollback."""
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO security_events (type, severity, meter_id, detail)"
-            " VALUES (%s, 'medium', %s, %s)",
-            (
-                f"{action}_refused",
-                meter_id,
-                Jsonb({"reason": refusal.code, "account": account, "detail": str(refusal)}),
-            ),
-        )
-    REFUSALS.labels(action=action, reason=refusal.code).inc()
-    log.warning(
-        f"{action}_refused",
-        reason=refusal.code,
-        meter_id=meter_id,
-        account=account,
-        detail=str(refusal),
-    )
 
 
 def owner_account(account: AccountId) -> None:

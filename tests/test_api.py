@@ -422,7 +422,8 @@ def test_operators_quarantine_and_decommission_and_the_pipeline_follows(
         changes = [e["detail"] for e in status["events"] if e["type"] == "status_changed"]
         assert changes[0] == {"from": "active", "to": "quarantined", "reason": "tamper alarm"}
         assert http.post(f"/api/meters/{meter_id}/decommission", json=reason).json()["changed"]
-        _problem(http.post(f"/api/meters/{meter_id}/quarantine", json=reason), 409, "conflict")
+        _problem(http.post(f"/api/meters/{meter_id}/quarantine", json=reason), 409,
+                 "meter_decommissioned")  # fmt: skip
         _problem(http.post("/api/meters/nobody-here/quarantine", json=reason), 404, "not_found")
     readings = api_server.token("operator", OPERATOR_SECRET, "readings:read")
     with api_server.client(headers=_bearer(readings)) as http:

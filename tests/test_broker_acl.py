@@ -7,7 +7,11 @@ carrying the chain). Every test uses identities and topics of its own.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import ipaddress
+import json
 import os
 import queue
 import shutil
@@ -19,12 +23,14 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,14 +41,27 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from waiting import wait_until
 
+from meterproof.certs import crl
+from meterproof.certs.bootstrap import init_pki
+from meterproof.certs.cli import certs as certs_cli
+from meterproof.certs.identities import issue_device
 from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.config import StackEnv, new_share_group
+from meterproof.mosquitto import config as broker_config
 from meterproof.mosquitto.admin import (
     RELOADING,
+    RUNNING,
     BrokerNotRunningError,
     enforce_revocation,
+    logged_after,
 )
-from meterproof.mosquitto.config import ADMIN_USERNAME, BrokerFiles, admin_password, render
+from meterproof.mosquitto.config import (
+    ADMIN_USERNAME,
+    BrokerFiles,
+    admin_password,
+    broker_files,
+    render,
+)
 from meterproof.stack.process import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
@@ -338,30 +357,38 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         ca.issue(ca.layout.service(service).directory, service)
     for integrator in (INTEGRATOR, DOTTED_INTEGRATOR):
         ca.issue(ca.layout.integrator(integrator).directory, integrator)
+    with _running_broker(ca.layout, root / "run") as (files, env):
+        yield Broker(ca, files, env)
+
+
+@contextmanager
+def _running_broker(pki: PkiLayout, run_dir: Path) -> Iterator[tuple[BrokerFiles, StackEnv]]:
+    """Mosquitto with the files `render` writes for `pki`, on free ports, until the block
+    ends; the env names it as `stack.env` would."""
     tls_port, admin_port = free_port(), free_port()
-    run_dir = root / "run"
-    files = render(run_dir=run_dir, pki=ca.layout, tls_port=tls_port, admin_port=admin_port)
+    files = render(run_dir=run_dir, pki=pki, tls_port=tls_port, admin_port=admin_port)
     env = StackEnv(
-        run_dir=run_dir, pki_root=ca.layout.root, mqtt_port=tls_port, mqtt_admin_port=admin_port
+        run_dir=run_dir, pki_root=pki.root, mqtt_port=tls_port, mqtt_admin_port=admin_port
     )
     with (files.directory / "stderr.log").open("wb") as stderr:
         process = subprocess.Popen(
             files.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
         )
-    broker = Broker(ca, files, env)
 
-    def listening() -> bool:
+    def running() -> bool:
+        """Both ports accept, and the signal handlers are in place (a SIGHUP before them
+        ends the process)."""
         assert process.poll() is None, (files.directory / "stderr.log").read_text()
-        return _accepts(tls_port) and _accepts(admin_port)
+        return _accepts(tls_port) and _accepts(admin_port) and logged_after(files.log, 0, RUNNING)
 
     try:
         try:
-            wait_until(listening, what="the broker listening on both ports", within_s=10)
+            wait_until(running, what="the broker running on both ports", within_s=10)
         except AssertionError as exc:
             if files.log.exists():
                 exc.add_note(files.log.read_text())
             raise
-        yield broker
+        yield files, env
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -444,6 +471,59 @@ def test_concurrent_renders_never_mix_their_files(tmp_path: Path) -> None:
         thread.join()
     assert failures == []
     assert len(seen) == 2, "an ACL mixed from two renders"
+
+
+def _renders_at_once(run_dir: Path, pki: PkiLayout) -> None:
+    start = threading.Barrier(2)
+
+    def first_render() -> None:
+        start.wait()
+        render(run_dir=run_dir, pki=pki, tls_port=18883, admin_port=18884)
+
+    threads = [threading.Thread(target=first_render) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _admin_password_opens_dynsec(files: BrokerFiles) -> bool:
+    """Whether the plugin file's admin hash is of `admin.password` (the plugin's PBKDF2)."""
+    clients = json.loads(files.dynsec.read_text())["clients"]
+    [admin] = [client for client in clients if client["username"] == ADMIN_USERNAME]
+    digest = hashlib.pbkdf2_hmac(
+        "sha512",
+        admin_password(files).encode(),
+        base64.b64decode(admin["salt"]),
+        admin["iterations"],
+    )
+    return base64.b64encode(digest).decode() == admin["password"]
+
+
+def test_concurrent_first_renders_agree_on_the_admin_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first renders of a run dir at once (`stack up` while an operator issues an
+    identity) each made a password, and the plugin file of one could end beside the
+    other's password (2 to 16 in 100 tries), locking the admin, and so every revocation,
+    out. Each render is held where it makes the account until the other gets there too
+    (at most a second): one password may be made, whatever the timing."""
+    ca = ThrowawayCa(PkiLayout(tmp_path / "pki"))
+    both_there = threading.Barrier(2, timeout=1.0)
+    made: list[str] = []
+    make = broker_config.dynsec_config
+
+    def held_dynsec_config(password: str) -> dict[str, object]:
+        made.append(password)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_there.wait()
+        return make(password)
+
+    monkeypatch.setattr(broker_config, "dynsec_config", held_dynsec_config)
+    _renders_at_once(tmp_path / "run", ca.layout)
+    files = broker_files(tmp_path / "run")
+    assert made == [admin_password(files)]
+    assert _admin_password_opens_dynsec(files)
 
 
 def test_render_requires_the_pki(tmp_path: Path) -> None:
@@ -719,6 +799,43 @@ def test_a_revocation_during_the_previous_reload_is_not_lost(mq: Broker) -> None
     assert mq.files.log.read_bytes().count(RELOADING) >= before + 2
     assert meter.disconnected.get(timeout=WAIT).getName() == "Administrative action"
     assert not mq.peer(identity).connect()
+
+
+def test_refresh_crl_brings_back_the_clients_an_expired_crl_locked_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack that outlives its CRL (30 days without a revocation or a `stack up`) refuses
+    every client: `certs refresh-crl`, run daily, re-signs it and has the running broker
+    read it, so a valid meter connects again and a revoked one still does not."""
+    pki = PkiLayout(tmp_path / "pki")
+    init_pki(pki, ca_key="ec-p384", ingest_workers=1)
+    meter, revoked = issue_device(pki, "m-valid"), issue_device(pki, "m-revoked")
+    crl.revoke(pki, "m-revoked")
+    monkeypatch.setattr(crl, "CRL_VALIDITY", timedelta(minutes=-1))  # expired a minute ago
+    crl.refresh_crl(pki)
+    monkeypatch.undo()
+    with _running_broker(pki, tmp_path / "run") as (_files, env):
+        peers: list[Peer] = []
+
+        def connects(identity: IdentityFiles) -> bool:
+            peers.append(Peer(port=env.mqtt_port, ca=pki.ca_cert, identity=identity,
+                              client_id=f"t-{uuid.uuid4().hex[:12]}"))  # fmt: skip
+            return peers[-1].connect()
+
+        try:
+            assert not connects(meter), "an expired CRL refuses every client"
+            env_file = tmp_path / "stack.env"
+            env.write(env_file)
+            args = ["--pki-root", str(pki.root), "refresh-crl", "--stack-env", str(env_file)]
+            result = CliRunner().invoke(certs_cli, args)
+            assert result.exit_code == 0, result.output
+            assert "re-signed; valid until " in result.output
+            assert "broker: the new CRL is in force" in result.output
+            assert connects(meter)
+            assert not connects(revoked)
+        finally:
+            for peer in peers:
+                peer.close()
 
 
 def test_revocation_without_a_running_broker_says_so(tmp_path: Path) -> None:

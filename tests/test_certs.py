@@ -397,8 +397,10 @@ def test_bad_options_are_refused_with_one_line(
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["init"], ["issue"], ["issue-bulk"], ["issue-integrator"], ["revoke"], ["list"]]
-)
+    "command",
+    [[], ["init"], ["issue"], ["issue-bulk"], ["issue-integrator"], ["revoke"], ["refresh-crl"],
+     ["list"]],
+)  # fmt: skip
 def test_every_command_explains_itself(command: list[str]) -> None:
     result = CliRunner().invoke(certs_cli, [*command, "--help"])
     assert result.exit_code == 0
@@ -466,6 +468,49 @@ def test_revoke_cli_without_a_stack_only_updates_the_crl(pki: PkiLayout, tmp_pat
     again = _run(pki, "revoke", "m1", "--stack-env", str(tmp_path / "absent.env"))
     assert again.exit_code == 0
     assert "already revoked" in again.stdout
+
+
+def _crl_number(layout: PkiLayout) -> int:
+    return _crl(layout).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_refresh_crl_re_signs_only_a_crl_past_half_its_life(
+    pki: PkiLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run daily from cron: a fresh CRL is left alone (no new number, no broker signal),
+    one past half its life is re-signed for the full validity, --force always re-signs.
+    (tests/test_broker_acl.py has a real broker read the new one.)"""
+    no_stack = ("--stack-env", str(tmp_path / "absent.env"))
+    fresh = pki.crl.read_bytes()
+    result = _run(pki, "refresh-crl", *no_stack)
+    assert result.exit_code == 0, result.output
+    until = _crl(pki).next_update_utc
+    assert until is not None
+    assert (
+        result.stdout
+        == f"CRL {pki.crl}: fresh, left as it is; valid until {until:%Y-%m-%d %H:%M:%S} UTC\n"
+    )
+    assert pki.crl.read_bytes() == fresh
+
+    monkeypatch.setattr(certs_crl, "CRL_VALIDITY", timedelta(days=1))
+    refresh_crl(pki)
+    monkeypatch.undo()
+    number = _crl_number(pki)
+    result = _run(pki, "refresh-crl", *no_stack)
+    assert result.exit_code == 0, result.output
+    assert "re-signed; valid until" in result.stdout
+    assert "no running stack" in result.stdout
+    assert _crl_number(pki) == number + 1
+    until = _crl(pki).next_update_utc
+    assert until is not None
+    assert until - datetime.now(UTC) > CRL_VALIDITY - timedelta(minutes=1)
+
+    assert _run(pki, "refresh-crl", *no_stack).exit_code == 0
+    assert _crl_number(pki) == number + 1
+    forced = _run(pki, "refresh-crl", "--force", *no_stack)
+    assert forced.exit_code == 0, forced.output
+    assert "re-signed" in forced.stdout
+    assert _crl_number(pki) == number + 2
 
 
 def _fake_admin(monkeypatch: pytest.MonkeyPatch, effect: BaseException | None) -> list[object]:

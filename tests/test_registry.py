@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from consent_harness import Ed25519Wallet, link
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from structlog.testing import capture_logs
 
 from meterproof.certs.bulk import issue_bulk, new_meter_ids, write_bulk_csv
 from meterproof.certs.crl import read_revoked
@@ -327,6 +328,81 @@ def test_decommission_revokes_the_certificate_and_is_final(
     assert "is decommissioned" in _one_line_error(cli("set-status", meter_id, "active"), 1)
     with pytest.raises(StateError):
         repository.rotate_key(conn, meter_id, NewKey.parse("EdDSA", _pem()), overlap=timedelta(0))
+
+
+def test_changing_a_decommissioned_meter_is_a_recorded_refusal_with_a_reason_code(
+    cli: Callable[..., Result], conn: psycopg.Connection[Any], meter_id: str
+) -> None:
+    """Like every other registry refusal: a stable reason code in the error, the security
+    event, the log line and the metric; the CLI still ends with exit 1 (state)."""
+    repository.register(conn, [NewMeter(meter_id, NewKey.parse("EdDSA", _pem()))])
+    repository.set_status(conn, meter_id, MeterStatus.DECOMMISSIONED, reason="removed")
+    counted = {
+        action: REFUSALS.labels(action=action, reason="meter_decommissioned")
+        for action in ("set_status", "rotate_key")
+    }
+    before = {action: metric._value.get() for action, metric in counted.items()}
+    with capture_logs() as logs:
+        with pytest.raises(StateError) as quarantined:
+            repository.set_status(conn, meter_id, MeterStatus.QUARANTINED)
+        with pytest.raises(StateError) as rotated:
+            repository.rotate_key(
+                conn, meter_id, NewKey.parse("EdDSA", _pem()), overlap=timedelta(0)
+            )
+    assert (quarantined.value.code, rotated.value.code) == ("meter_decommissioned",) * 2
+    assert [(e["event"], e["reason"], e["meter_id"]) for e in logs] == [
+        ("set_status_refused", "meter_decommissioned", meter_id),
+        ("rotate_key_refused", "meter_decommissioned", meter_id),
+    ]
+    assert {a: m._value.get() - before[a] for a, m in counted.items()} == {
+        "set_status": 1,
+        "rotate_key": 1,
+    }
+    assert _refusal_events(conn, meter_id) == [
+        ("set_status_refused", "meter_decommissioned"),
+        ("rotate_key_refused", "meter_decommissioned"),
+    ]
+    error = _one_line_error(cli("set-status", meter_id, "active"), 1)
+    assert "meter_decommissioned: " in error
+    meter = repository.fetch_meter(conn, meter_id)
+    assert meter is not None
+    assert meter.status is MeterStatus.DECOMMISSIONED
+
+
+def _refusal_events(conn: psycopg.Connection[Any], meter_id: str) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        "SELECT type, detail->>'reason' FROM security_events WHERE meter_id = %s"
+        " AND type LIKE '%%_refused' ORDER BY id",
+        (meter_id,),
+    ).fetchall()
+    return [(str(kind), str(reason)) for kind, reason in rows]
+
+
+def test_set_status_refuses_decommissioned_and_names_decommission(
+    cli: Callable[..., Result], conn: psycopg.Connection[Any], pki: PkiLayout, meter_id: str
+) -> None:
+    """`set-status M decommissioned` made the status final but left the certificate
+    valid, so the meter could still log in to the broker: only `decommission` revokes."""
+    issue_device(pki, meter_id)
+    assert cli("register", meter_id, "--from-pki").exit_code == 0
+    counted = REFUSALS.labels(action="set_status", reason="decommission_without_revocation")
+    before = counted._value.get()
+    with capture_logs() as logs:
+        result = cli("set-status", meter_id, "decommissioned", "--reason", "removed")
+    error = _one_line_error(result, 2)
+    assert "decommission_without_revocation" in error
+    assert f"`meterproof meters decommission {meter_id}`" in error
+    assert counted._value.get() == before + 1
+    assert [(e["event"], e["reason"]) for e in logs] == [
+        ("set_status_refused", "decommission_without_revocation")
+    ]
+    assert _refusal_events(conn, meter_id) == [
+        ("set_status_refused", "decommission_without_revocation")
+    ]
+    meter = repository.fetch_meter(conn, meter_id)
+    assert meter is not None
+    assert meter.status is MeterStatus.ACTIVE
+    assert load_identity(pki.device(meter_id)).serial not in {e.serial for e in read_revoked(pki)}
 
 
 def test_decommission_without_a_certificate_only_changes_the_status(
