@@ -56,8 +56,8 @@ class InputError(click.ClickException):
 class _EnumChoice(click.Choice[str]):
     """A choice whose refusal is one line (click's own prints the usage block too)."""
 
-    def __init__(self, enum: type[StrEnum]) -> None:
-        super().__init__([member.value for member in enum])
+    def __init__(self, enum: type[StrEnum], *, without: StrEnum | None = None) -> None:
+        super().__init__([member.value for member in enum if member is not without])
 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
@@ -107,7 +107,13 @@ def meters() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Register every meter of a CSV (the summary `certs issue-bulk` writes), all or none.",
 )
-@click.option("--status", type=_EnumChoice(MeterStatus), default="active", show_default=True)
+@click.option(
+    "--status",
+    # Decommissioned is reached only through `decommission`, which revokes the certificate.
+    type=_EnumChoice(MeterStatus, without=MeterStatus.DECOMMISSIONED),
+    default="active",
+    show_default=True,
+)
 @click.option(
     "--security-level", type=_EnumChoice(SecurityLevel), default="standard", show_default=True
 )

@@ -405,6 +405,19 @@ def test_set_status_refuses_decommissioned_and_names_decommission(
     assert load_identity(pki.device(meter_id)).serial not in {e.serial for e in read_revoked(pki)}
 
 
+def test_register_refuses_a_decommissioned_status(
+    cli: Callable[..., Result], conn: psycopg.Connection[Any], pki: PkiLayout, meter_id: str
+) -> None:
+    """A meter registered decommissioned would keep a valid certificate: that status is
+    reached only through `decommission`, which revokes it (bulk CSVs take --status too)."""
+    issue_device(pki, meter_id)
+    result = cli("register", meter_id, "--from-pki", "--status", "decommissioned")
+    error = _one_line_error(result, 2)
+    assert "invalid status 'decommissioned'" in error
+    assert "decommissioned" not in error.split("one of", 1)[1]
+    assert repository.fetch_meter(conn, meter_id) is None
+
+
 def test_decommission_without_a_certificate_only_changes_the_status(
     cli: Callable[..., Result], tmp_path: Path
 ) -> None:
