@@ -50,17 +50,30 @@ class BackupResult:
 
 
 def backup(database_url: str, out: Path) -> BackupResult:
-    """Dump the database to `out` (custom format, compressed). Written beside it first and
-    renamed when complete, so a file with that name is always a whole backup."""
+    """Dump the database to `out` (custom format, compressed). Written beside it first,
+    fsynced and renamed when complete, the rename fsynced too, so a file with that name
+    is always a whole backup, also after a power cut. A dump that fails or is interrupted
+    (Ctrl-C) leaves no partial file behind."""
     partial = out.with_name(f".{out.name}.partial")
     began = time.monotonic()
     try:
         _run("pg_dump", "--format=custom", f"--file={partial}", database_url=database_url)
-    except MeterproofError:
+        _fsync(partial)
+    except BaseException:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(out)
+    _fsync(out.parent)
     return BackupResult(out, out.stat().st_size, time.monotonic() - began)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def restore(archive: Path, database_url: str) -> float:

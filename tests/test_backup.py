@@ -21,6 +21,7 @@ from test_retention import anchor, run_prune
 from meterproof.bridge.cli import ledger
 from meterproof.bridge.oracle import Oracle, load_oracle
 from meterproof.certs.layout import PkiLayout
+from meterproof.db.backup import backup
 from meterproof.db.cli import db
 from meterproof.stack.postgres import PostgresServer
 
@@ -169,3 +170,44 @@ def test_the_database_password_is_not_in_the_tools_arguments(
     assert len(argv) == 2
     assert not [line for line in argv if "s3cret-pw" in line]
     assert (tmp_path / "env").read_text() == "s3cret-pw\n" * 2
+
+
+def test_an_interrupted_backup_leaves_no_partial_file(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while pg_dump runs: a pg_dump shim writes the dump, then sends SIGINT to
+    us and exits, as a terminal's Ctrl-C ends both, so the KeyboardInterrupt arrives
+    while we wait for the tool. It goes on up, and the `.partial` file does not stay."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    real = shutil.which("pg_dump")
+    assert real is not None
+    shim = shims / "pg_dump"
+    shim.write_text(f'#!/bin/sh\n{real} "$@" || exit\nkill -INT $PPID\nexit 130\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "dumps" / "b.dump"
+    out.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        backup(database_url, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_finished_backup_is_on_the_disk_before_it_is_reported(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut after `backup` returned must find the whole archive under its name: its
+    data is flushed before the rename, the folder's entry after it (the real fsyncs,
+    recorded on the way)."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recorded(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    out = tmp_path / "b.dump"
+    done = backup(database_url, out)
+    assert synced == [str(tmp_path / ".b.dump.partial"), str(tmp_path)]
+    assert done.size_bytes == out.stat().st_size > 0
