@@ -364,6 +364,8 @@ class HaCluster:
             PatroniNode(directory=self.directory / f"pg-{i}", index=i, ports=ports, os_user=user)
             for i in range(PG_NODES)
         ]
+        #: What the last `start` started (`stop_started`).
+        self._started: list[_Member] = []
 
     @staticmethod
     def record(directory: Path) -> Path:
@@ -409,12 +411,12 @@ class HaCluster:
         sure the database exists; return the seconds taken. If that fails, what this call
         started is stopped again (what ran before is left as it was)."""
         began = time.monotonic()
-        started: list[_Member] = []
+        self._started = []
 
         def start_all(members: Sequence[_Member]) -> None:
             for member in members:
                 if not member.is_running():
-                    started.append(member)
+                    self._started.append(member)
                     member.start()
 
         try:
@@ -424,18 +426,30 @@ class HaCluster:
             self.wait_replicated()
             ensure_database(self.database_url("postgres"))
         except BaseException:
-            for member in reversed(started):
-                member.stop()
+            self.stop_started()
             raise
         return time.monotonic() - began
 
+    def stop_started(self) -> None:
+        """Stop again the members the last `start` started, leaving those that ran before
+        it as they were: what a start that failed, or a `stack up` that failed after it,
+        undoes."""
+        started, self._started = self._started, []
+        self._stop(started)
+
     def stop(self) -> None:
+        """Every node and etcd member, in `_stop`'s order."""
+        self._stop([*self.nodes, *self.etcd])
+
+    def _stop(self, members: Sequence[_Member]) -> None:
         """Patroni stops its PostgreSQL on SIGTERM; the standby first, so the primary
         does not fail over to it, then etcd."""
-        for node in sorted(self.nodes, key=lambda n: n.state().get("role") in PRIMARY_ROLES):
+        nodes = [node for node in self.nodes if node in members]
+        for node in sorted(nodes, key=lambda n: n.state().get("role") in PRIMARY_ROLES):
             node.stop()
         for member in reversed(self.etcd):
-            member.stop()
+            if member in members:
+                member.stop()
 
     def kill(self) -> None:
         """Every process of the cluster killed at once, as in a power cut."""
@@ -454,8 +468,11 @@ class HaCluster:
         )
 
     def partly_running(self) -> bool:
-        """Some process of the cluster runs (one may have been killed)."""
-        return any(server.is_running() for server in [*self.etcd, *self.nodes])
+        """Some process of the cluster runs (one may have been killed), a PostgreSQL that
+        a dead Patroni left running included: `stack down` stops that too, and says so."""
+        return any(server.is_running() for server in [*self.etcd, *self.nodes]) or any(
+            node.postmaster_pid() is not None for node in self.nodes
+        )
 
     def remove(self) -> None:
         """Stop, then delete every node's data (which may live outside the run dir)."""

@@ -18,6 +18,7 @@ fits neither is refused before initdb, in one line that says what to change.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -92,18 +93,26 @@ class PostgresServer:
         return self.directory.resolve()
 
     def start(self) -> float:
-        """initdb when the cluster is new, then start it; return the seconds taken."""
+        """initdb when the cluster is new, then start it; return the seconds taken. A
+        start that fails (or is interrupted) after the postmaster was spawned, as when
+        `pg_ctl -w` gives up waiting or the database cannot be made, stops it again, so a
+        failed start leaves nothing running."""
         if self.is_running():
             return 0.0
         check_ports_free(self.port)
         began = time.monotonic()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
-        self._pg_ctl(
-            "start", "-w", "-t", f"{self.timeout:.0f}", "-l", str(self.home / self.log.name),
-            "-o", f"-p {self.port}",
-        )  # fmt: skip
-        self._ensure_database()
+        try:
+            self._pg_ctl(
+                "start", "-w", "-t", f"{self.timeout:.0f}", "-l", str(self.home / self.log.name),
+                "-o", f"-p {self.port}",
+            )  # fmt: skip
+            self._ensure_database()
+        except BaseException:
+            with contextlib.suppress(StackError):  # the start's error is the one to raise
+                self.stop()
+            raise
         return time.monotonic() - began
 
     def stop(self) -> None:

@@ -166,7 +166,8 @@ class LocalStack:
     ) -> tuple[StackEnv, dict[str, float]]:
         """Prepare, start what is not running, migrate; return the seconds each start took.
 
-        If anything fails, the servers this call started are stopped again.
+        If anything fails, or the call is interrupted (Ctrl-C), what this call started is
+        stopped again: of a cluster that was partly running, only the members it started.
         """
         env = self.prepare(ports, ingest_workers=ingest_workers)
         servers = self._running_order(env)
@@ -178,9 +179,9 @@ class LocalStack:
                     seconds[server.name] = server.start()
                     started.append(server)
             migrate(servers[0].url)
-        except Exception:
+        except BaseException:
             for running in reversed(started):
-                running.stop()
+                _stop_started(running)
             raise
         return env, seconds
 
@@ -251,6 +252,14 @@ class LocalStack:
             redis_url=RedisServer(directory=redis_.directory, port=rd).url,
             share_group=recorded.share_group or new_share_group(),
         )
+
+
+def _stop_started(server: Server) -> None:
+    """Undo a `start` of `server`: of a cluster, only the members that start started."""
+    if isinstance(server, HaCluster):
+        server.stop_started()
+    else:
+        server.stop()
 
 
 def _compose_env(env: StackEnv) -> str:

@@ -34,11 +34,12 @@ from waiting import async_wait_until, wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
+from meterproof.stack import services
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster
 from meterproof.stack.process import StackError, free_port, pid_alive
 from meterproof.stack.redis import RedisServer
-from meterproof.stack.services import LocalStack
+from meterproof.stack.services import LocalStack, Ports
 
 pytestmark = pytest.mark.slow
 
@@ -286,6 +287,55 @@ def test_a_cluster_that_cannot_start_leaves_nothing_running(
         assert not cluster.partly_running()
     finally:
         cluster.remove()
+
+
+def test_down_stops_the_postgres_that_dead_patronis_left(tmp_path: Path) -> None:
+    """Every etcd member and every Patroni killed, each node's PostgreSQL (in a session of
+    its own) still runs: `stack down` must see it, stop it and say so, not answer
+    "nothing was running" and leave it on its port and data."""
+    run_dir = tmp_path / "run"
+    cluster = HaCluster.create(run_dir / "ha")
+    try:
+        cluster.start()
+        postmasters = [node.postmaster_pid() for node in cluster.nodes]
+        for server in [*cluster.nodes, *cluster.etcd]:
+            server.kill()
+        assert all(pid is not None and pid_alive(pid) for pid in postmasters), "the premise"
+        down = stack("down", "--run-dir", run_dir)
+        assert (down.returncode, down.stdout) == (0, "stopped postgres-ha\n"), down.stderr
+        assert not any(pid is not None and pid_alive(pid) for pid in postmasters)
+    finally:
+        cluster.remove()
+
+
+def test_up_failing_after_restarting_part_of_a_cluster_stops_that_part_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An etcd member was lost; `up` starts it again and the cluster is whole, then a
+    later step fails (the migration here): `up` stops what it started, the member, and
+    leaves the nodes and members that ran before running."""
+    run_dir = tmp_path / "run"
+    ports = Ports(mqtt=free_port(), mqtt_admin=free_port(), redis=free_port())
+    try:
+        LocalStack(run_dir=run_dir, pki_root=tmp_path / "pki", ha=True).up(ports)
+        cluster = HaCluster.recorded(run_dir / "ha")
+        assert cluster is not None
+        lost = cluster.etcd[2]
+        lost.kill()
+
+        def failing(database_url: str) -> list[str]:
+            raise StackError("the migration failed")
+
+        monkeypatch.setattr(services, "migrate", failing)
+        with pytest.raises(StackError, match="the migration failed"):
+            LocalStack(run_dir=run_dir).up(Ports())
+        assert not lost.is_running()
+        assert all(server.is_running() for server in [*cluster.etcd[:2], *cluster.nodes])
+        assert [s.name for s in LocalStack(run_dir=run_dir).status() if not s.running] == [
+            lost.name
+        ]
+    finally:
+        LocalStack(run_dir=run_dir).down(purge=True)
 
 
 def test_stack_up_ha_writes_both_nodes_and_status_names_the_primary(tmp_path: Path) -> None:

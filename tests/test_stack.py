@@ -28,7 +28,7 @@ from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
 from meterproof.mosquitto.config import broker_files
-from meterproof.stack import process
+from meterproof.stack import process, services
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import (
@@ -197,6 +197,23 @@ def test_a_server_that_never_gets_ready_is_not_left_running(tmp_path: Path):
     assert port_is_free(server.port)  # nothing listens there any more
 
 
+@pytest.mark.slow
+def test_a_postgres_start_that_fails_once_the_server_runs_stops_it(tmp_path: Path):
+    """pg_ctl saw the server start, then making the database fails (pg_hba.conf here
+    turns every connection away): the server is stopped again, not left on its port."""
+    server = PostgresServer(directory=tmp_path / "postgres")
+    try:
+        server.start()
+        server.stop()
+        (server.data_dir / "pg_hba.conf").write_text("host all all 127.0.0.1/32 reject\n")
+        with pytest.raises(psycopg.OperationalError, match="rejects connection"):
+            server.start()
+        assert not server.is_running()
+        assert port_is_free(server.port)
+    finally:
+        server.remove()
+
+
 def tables(url: str) -> set[str]:
     with psycopg.connect(url) as conn:
         return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables")}
@@ -363,6 +380,35 @@ def test_stack_up_stops_what_it_started_when_a_server_fails(run_dir: Path):
     status = stack("status", "--run-dir", run_dir)
     assert status.returncode == 1
     assert [line.split()[1] for line in status.stdout.splitlines()] == ["down"] * 3
+
+
+@pytest.mark.slow
+def test_stack_up_interrupted_while_migrating_stops_what_it_started(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C (KeyboardInterrupt) once every server runs: it goes on up, and the servers
+    `up` started are stopped again, as on any failure."""
+
+    def interrupted(database_url: str) -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services, "migrate", interrupted)
+    ports = free_ports()
+    local = LocalStack(run_dir=run_dir, pki_root=run_dir.parent / "pki")
+    wanted = Ports(
+        mqtt=ports["--mqtt-port"],
+        mqtt_admin=ports["--mqtt-admin-port"],
+        postgres=ports["--pg-port"],
+        redis=ports["--redis-port"],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        local.up(wanted)
+    assert [(s.name, s.running) for s in local.status()] == [
+        ("postgres", False),
+        ("redis", False),
+        ("mosquitto", False),
+    ]
+    assert not any(port_accepts(port) for port in ports.values())
 
 
 @pytest.mark.slow
