@@ -22,6 +22,7 @@ from typing import Any, Final
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from meterproof.durable import fsync_path
 from meterproof.errors import (
     ConflictError,
     MeterproofError,
@@ -58,22 +59,13 @@ def backup(database_url: str, out: Path) -> BackupResult:
     began = time.monotonic()
     try:
         _run("pg_dump", "--format=custom", f"--file={partial}", database_url=database_url)
-        _fsync(partial)
+        fsync_path(partial)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(out)
-    _fsync(out.parent)
+    fsync_path(out.parent)
     return BackupResult(out, out.stat().st_size, time.monotonic() - began)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (a rename), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def restore(archive: Path, database_url: str) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from meterproof.durable import fsync_path
+
 
 def atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one.
@@ -25,7 +27,7 @@ def atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
         os.close(fd)
     tmp.replace(path)
     if durable:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -34,12 +36,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
