@@ -27,6 +27,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.chaos.audit import Audit, run_audit
 from meterproof.chaos.backlog import stored_count, unanchored_before
 from meterproof.chaos.faults import (
+    KILLING_KINDS,
     FaultRecord,
     Injector,
     ProductProcess,
@@ -75,6 +76,19 @@ class CampaignResult:
         sent, generated = self.fleet.get("sent"), self.audit and self.audit.store.generated
         if self.audit is not None and sent != generated:
             out.append(f"the fleet reports {sent} readings sent, the audit expected {generated}")
+        return out + self._faults_missed()
+
+    def _faults_missed(self) -> list[str]:
+        """A clean audit proves nothing about a fault that never happened: one skipped (the
+        fleet ended first) or one that found nothing to hit."""
+        out = []
+        if (skipped := len(self.plan.faults) - len(self.faults)) > 0:
+            out.append(f"{skipped} of {len(self.plan.faults)} planned faults not injected")
+        out += [
+            f"{f.kind.value} at {f.began_s:.1f} s hit nothing: {f.note}"
+            for f in self.faults
+            if f.kind in KILLING_KINDS and not f.kills
+        ]
         return out
 
     @property

@@ -68,7 +68,8 @@ def chaos(
     `ledger verify` passes and that minted totals follow the registers.
 
     Progress goes to stderr; the figures to the report. Exit status 0 when the audit is
-    clean, 1 on any loss, duplicate, unanchored reading, mint mismatch or verify failure.
+    clean, 1 on any loss, duplicate, unanchored reading, mint mismatch or verify failure,
+    or a planned fault that did not happen (skipped, or a kill that found no process).
     """
     from meterproof.chaos.campaign import run_campaign
     from meterproof.chaos.plan import PlanError, full_config, make_plan, quick_config

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from meterproof.chaos.backlog import (
     ingest_caught_up,
@@ -41,6 +42,18 @@ from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
 
 _POLL_S = 0.25
+#: The kinds that kill at least once whenever they hit something: one with no kill found
+#: nothing to hit (no live worker, no primary, one broker only).
+KILLING_KINDS: Final = frozenset(
+    {
+        FaultKind.WORKER_KILL,
+        FaultKind.BROKER_KILL,
+        FaultKind.BRIDGE_KILL,
+        FaultKind.PRIMARY_KILL,
+        FaultKind.ETCD_KILL,
+        FaultKind.BROKER_LOST,
+    }
+)
 #: How long a broker killed with -9 stays down, as a service manager would restart it.
 BROKER_DOWN_S = 1.0
 

@@ -9,21 +9,12 @@ from pathlib import Path
 from typing import Final
 
 from meterproof.chaos.campaign import CampaignResult
-from meterproof.chaos.faults import FaultRecord
+from meterproof.chaos.faults import KILLING_KINDS, FaultRecord
 from meterproof.chaos.plan import DESCRIPTION, FaultKind
 
 
 def _count(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else "-"
-
-
-_KILLS = (
-    FaultKind.WORKER_KILL,
-    FaultKind.BROKER_KILL,
-    FaultKind.BRIDGE_KILL,
-    FaultKind.PRIMARY_KILL,
-    FaultKind.ETCD_KILL,
-)
 
 
 def _seconds(values: Sequence[float]) -> str:
@@ -39,7 +30,7 @@ def _fault_rows(faults: Sequence[FaultRecord], counts: dict[FaultKind, int]) -> 
         if not mine and not counts.get(kind):
             continue  # a kind of the other stack (single PostgreSQL or cluster)
         recovered = [f.recovery_s for f in mine if f.recovery_s is not None]
-        events = sum(f.kills for f in mine) if kind in _KILLS else len(mine)
+        events = sum(f.kills for f in mine) if kind in KILLING_KINDS else len(mine)
         outage = [f.ended_s - f.began_s for f in mine]
         rows.append(
             f"| {kind.value} | {DESCRIPTION[kind]} | {counts.get(kind, 0)} | {len(mine)} |"
@@ -66,7 +57,7 @@ def render(result: CampaignResult, *, command: str) -> str:
         f"with {c.epoch_s}-second epochs) and a simulated fleet (`meterproof simulate`), injects",
         "the planned faults one at a time at seeded random moments under that steady load, lets",
         "everything settle, and audits. It exits non-zero on any loss, duplicate, unanchored",
-        "reading, mint mismatch or `ledger verify` failure.",
+        "reading, mint mismatch, `ledger verify` failure or planned fault that did not happen.",
         "",
         f"## Run: {verdict}",
         "",

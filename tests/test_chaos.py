@@ -12,14 +12,17 @@ import pytest
 
 from meterproof.bridge.mint import UNITS_PER_WH
 from meterproof.chaos.audit import (
+    AnchorCheck,
     Audit,
     MintCheck,
+    StoreCheck,
     check_anchoring,
     check_store,
     compare,
     expected_mints,
 )
-from meterproof.chaos.campaign import run_campaign
+from meterproof.chaos.campaign import CampaignResult, run_campaign
+from meterproof.chaos.faults import FaultRecord
 from meterproof.chaos.plan import (
     FULL_COUNTS,
     HA_KINDS,
@@ -167,6 +170,34 @@ def test_audit_finds_a_gap_and_a_duplicate_across_partitions(
     assert "1 duplicate rows" in problems
     assert "3 stored readings not anchored" in problems
     assert not audit.clean
+
+
+def test_a_clean_audit_does_not_pass_a_campaign_whose_faults_did_not_happen() -> None:
+    """The audit checks the readings; whether the faults it survived happened is the
+    campaign's to check: a fault skipped because the fleet ended, or a kill that found
+    no process, would otherwise pass as a campaign with every fault kind."""
+    config = quick_config()
+    plan = make_plan(config)
+    audit = Audit(
+        StoreCheck(generated=10, stored=10, lost=0, duplicated=0, unexpected=0, inconsistent=0),
+        AnchorCheck(10, 0, 1, 0, 0, 1, 10),
+        MintCheck(0, 0, 0),
+        True,
+        "OK",
+    )
+
+    def record(kind: FaultKind, kills: int, note: str = "") -> FaultRecord:
+        return FaultRecord(kind, "-", 0.0, 1.0, 2.0, 1.0, kills, note)
+
+    every = [record(f.kind, 1) for f in plan.faults]
+    result = CampaignResult(config, plan, {}, datetime.now(UTC), fleet={"sent": 10}, audit=audit)
+    result.faults = every
+    assert result.problems() == []
+    result.faults = every[:-2]
+    assert result.problems() == [f"2 of {len(plan.faults)} planned faults not injected"]
+    result.faults = [*every[:-1], record(FaultKind.WORKER_KILL, 0, "no live worker to kill")]
+    assert result.problems() == ["worker_kill9 at 1.0 s hit nothing: no live worker to kill"]
+    assert not result.ok
 
 
 # ---------------------------------------------------------------------------------------
