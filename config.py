@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import tomllib
 from pathlib import Path
 from typing import Final
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -22,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from meterproof.errors import MeterproofError
 
 DEFAULT_RUN_DIR: Final = Path(".run")
 STACK_ENV_FILE: Final = DEFAULT_RUN_DIR / "stack.env"
@@ -53,6 +56,19 @@ def parse_brokers(value: str) -> tuple[BrokerAddress, ...]:
 
 def format_brokers(addresses: tuple[BrokerAddress, ...]) -> str:
     return ",".join(f"{host}:{port}" for host, port in addresses)
+
+
+class SettingsError(MeterproofError):
+    """A setting, or the TOML file of `METERPROOF_CONFIG`, is invalid: the process refuses
+    to start, with one line naming it."""
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """The first error as one line naming the setting (a check across settings names none)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    said = first["msg"].removeprefix("Value error, ")
+    return f"invalid setting {where}: {said}" if where else f"invalid settings: {said}"
 
 
 def new_share_group() -> str:
@@ -132,8 +148,19 @@ class Settings(BaseSettings):
         sources = [init_settings, env_settings, dotenv_settings]
         toml = os.environ.get("METERPROOF_CONFIG")
         if toml:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+            sources.append(_toml_source(settings_cls, Path(toml)))
         return tuple(sources)
+
+
+def _toml_source(settings_cls: type[BaseSettings], path: Path) -> TomlConfigSettingsSource:
+    """pydantic-settings skips a missing file and lets a syntax error escape as a
+    traceback: a typo in the name would run on defaults unnoticed."""
+    if not path.is_file():
+        raise SettingsError(f"METERPROOF_CONFIG names {str(path)[:200]!r}: no such file")
+    try:
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"METERPROOF_CONFIG {str(path)[:200]!r}: {exc}") from None
 
 
 class StackEnv(Settings):
@@ -177,8 +204,12 @@ class StackEnv(Settings):
 
     @classmethod
     def load(cls, path: Path | None = None) -> StackEnv:
-        """Environment variables win over the file; the file wins over defaults."""
-        return cls() if path is None else cls(_env_file=path)
+        """Environment variables win over the file; the file wins over defaults. An invalid
+        value is one line naming the setting, not a traceback, in every command."""
+        try:
+            return cls() if path is None else cls(_env_file=path)
+        except ValidationError as exc:
+            raise SettingsError(invalid_settings(exc)) from None
 
     @classmethod
     def read(cls, path: Path) -> StackEnv:

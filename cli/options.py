@@ -12,7 +12,13 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import ValidationError
 
-from meterproof.config import DEFAULT_PKI_ROOT, Settings, StackEnv, stack_env_file
+from meterproof.config import (
+    DEFAULT_PKI_ROOT,
+    Settings,
+    StackEnv,
+    invalid_settings,
+    stack_env_file,
+)
 from meterproof.errors import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,12 +49,7 @@ def load_settings(cls: type[S], **overrides: Any) -> S:  # noqa: ANN401 - click 
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        said = first["msg"].removeprefix("Value error, ")  # a check across settings: no loc
-        raise click.ClickException(
-            f"invalid setting {where}: {said}" if where else f"invalid settings: {said}"
-        ) from None
+        raise click.ClickException(invalid_settings(exc)) from None
 
 
 def database_option(command: F) -> F:

@@ -7,8 +7,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from meterproof.bridge.settings import BridgeSettings
+from meterproof.cli.main import main
 from meterproof.config import Settings, StackEnv, new_share_group
 from meterproof.ingest.settings import IngestSettings
 
@@ -81,3 +83,31 @@ def test_a_broker_list_set_empty_means_the_one_broker(monkeypatch: pytest.Monkey
     monkeypatch.setenv("METERPROOF_MQTT_BROKERS", "a:1,b")
     with pytest.raises(ValueError, match="mqtt_brokers"):
         StackEnv()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "line"),
+    [
+        (
+            "METERPROOF_MQTT_PORT",
+            "abc",
+            "Error: invalid setting mqtt_port: Input should be a valid",
+        ),
+        ("METERPROOF_CONFIG", "{toml}", "Error: METERPROOF_CONFIG '{toml}': Invalid value"),
+        ("METERPROOF_CONFIG", "{missing}", "Error: METERPROOF_CONFIG names '{missing}': no such"),
+    ],
+)
+def test_a_bad_setting_or_config_file_is_one_line_in_every_command(
+    tmp_path: Path, name: str, value: str, line: str
+) -> None:
+    """Commands that read only the stack's addresses (`db`, `meters`, `simulate`) refuse a
+    bad value as the services do, and a config file that is missing or not TOML is never
+    a traceback nor silently ignored."""
+    toml = tmp_path / "bad.toml"
+    toml.write_text("epoch_seconds = [\n")
+    paths = {"toml": str(toml), "missing": str(tmp_path / "nope.toml")}
+    env = {"METERPROOF_STACK_ENV": str(tmp_path / "none.env"), name: value.format(**paths)}
+    result = CliRunner().invoke(main, ["db", "migrate"], env=env)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(line.format(**paths)), result.output
+    assert result.output.count("\n") == 1

@@ -21,6 +21,21 @@ def test_json_lines_when_stderr_is_not_a_terminal() -> None:
     assert (line["event"], line["level"], line["size"]) == ("batch_retry", "warning", 3)
 
 
+def test_a_librarys_logging_lines_are_json_too() -> None:
+    """psycopg's pool, uvicorn and asyncio log through `logging`, not structlog."""
+    probe = (
+        "from meterproof.cli.logs import configure_logging; import logging; "
+        "configure_logging(); pool = logging.getLogger('psycopg.pool'); "
+        "pool.info('chatter'); pool.warning('error connecting in %r', 'pool-1')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", probe], capture_output=True, check=True, timeout=30
+    )
+    line = json.loads(done.stderr)
+    assert (line["event"], line["level"]) == ("error connecting in 'pool-1'", "warning")
+    assert line["logger"] == "psycopg.pool"
+
+
 def test_readable_lines_on_a_terminal() -> None:
     parent, child = os.openpty()
     try:
