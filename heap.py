@@ -21,12 +21,14 @@ _M_MMAP_THRESHOLD: Final = -3
 #: glibc refuses an mmap threshold above this (HEAP_MAX_SIZE / 2 on 64-bit): larger blocks
 #: are still mapped and unmapped each time.
 _MMAP_THRESHOLD_MAX: Final = 32 * 1024 * 1024
+#: mallopt takes a C int: a larger value would wrap (4 GiB to 0, a trim on every free).
+_INT_MAX: Final = 2**31 - 1
 
 
 def keep_freed_memory(keep_bytes: int) -> bool:
-    """Blocks up to 32 MiB come from the heap, and up to `keep_bytes` of free heap top is
-    kept. False where the C library has no `mallopt` (not glibc) or refused a value:
-    nothing changed, and the process runs as before."""
+    """Blocks up to 32 MiB come from the heap, and up to `keep_bytes` (at most 2 GiB - 1,
+    what mallopt can take) of free heap top is kept. False where the C library has no
+    `mallopt` (not glibc) or refused a value: the process runs as before."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -34,5 +36,6 @@ def keep_freed_memory(keep_bytes: int) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, keep_bytes)
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        and mallopt(_M_TRIM_THRESHOLD, min(keep_bytes, _INT_MAX))
     )

@@ -55,8 +55,12 @@ def serve_probes(host: str, port: int, *, ready: Callable[[], bool]) -> Probes |
             ok = ready()
             start("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [b"ready\n" if ok else b"not ready\n"]
-        body: Iterable[bytes] = metrics(environ, start)
-        return body
+        if path == "/metrics":
+            body: Iterable[bytes] = metrics(environ, start)
+            return body
+        # not metrics for any path: a probe aimed at a mistyped path would pass forever
+        start("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: /healthz, /readyz or /metrics\n"]
 
     try:
         server = make_server(host, port, app, handler_class=_QuietHandler)

@@ -10,7 +10,13 @@ from meterproof.demo.run import DemoOptions, run_demo
 
 
 @click.command()
-@click.option("--meters", type=click.IntRange(1, 5000), default=100, show_default=True)
+@click.option(
+    "--meters",
+    type=click.IntRange(1, 5000),
+    default=100,
+    show_default=True,
+    help="Simulated meters, issued and registered for this run.",
+)
 @click.option(
     "--readings",
     type=click.IntRange(1, 1000),
@@ -32,7 +38,13 @@ from meterproof.demo.run import DemoOptions, run_demo
     show_default=True,
     help="Share of meters sending bad signatures, replays, skewed clocks, rollbacks.",
 )
-@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 8),
+    default=2,
+    show_default=True,
+    help="Ingest worker processes (each with its own certificate, ingest-<n>).",
+)
 @click.option(
     "--epoch",
     "epoch_s",

@@ -333,6 +333,8 @@ def fuzz(
     growth beyond --max-rss-growth-mb; each failure is printed as a reproducer. With
     --target wire: on an escaped exception or a framing invariant broken (see fuzz/wire.py).
     """
+    if json_out is not None:  # now, not after minutes of fuzzing that would be lost
+        json_out.parent.mkdir(parents=True, exist_ok=True)
     report: Report | WireReport
     if target == "wire":
         report = run_wire_campaign(inputs=payloads, engine=engine, seed=seed)

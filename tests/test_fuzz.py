@@ -96,7 +96,7 @@ def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 def test_the_command_passes_on_the_real_path(tmp_path) -> None:
-    out = tmp_path / "report.json"
+    out = tmp_path / "reports" / "report.json"  # a folder not there yet
     result = CliRunner().invoke(
         fuzz_cli.fuzz, ["--payloads", "1000", "--engine", "mutate", "--json", str(out)]
     )

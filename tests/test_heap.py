@@ -12,8 +12,8 @@ from fixtures.api import ApiServer
 _ROUNDS = """
 import resource, sys
 from meterproof.heap import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory(64 << 20)
+if int(sys.argv[1]):
+    assert keep_freed_memory(int(sys.argv[1]) << 20)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def round_():  # three 7 MiB buffers alive at once, as a meter-day answer's copies are
@@ -28,18 +28,27 @@ print((faults() - before) / 20)
 """
 
 
-def _faults_per_round(mode: str) -> float:
+def _faults_per_round(keep_mib: int) -> float:
     """In a process of its own: the test session's allocator stays as it was."""
     out = subprocess.run(
-        [sys.executable, "-P", "-c", _ROUNDS, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-P", "-c", _ROUNDS, str(keep_mib)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(out.stdout)
 
 
 def test_freed_buffers_are_reused_without_page_faults() -> None:
-    default, kept = _faults_per_round("default"), _faults_per_round("keep")
+    default, kept = _faults_per_round(0), _faults_per_round(64)
     assert default > 1_000  # 21 MiB a round: thousands of 4 KiB pages faulted in again
     assert kept < 50
+
+
+def test_more_than_mallopt_can_take_keeps_as_much_as_it_can() -> None:
+    """mallopt takes a C int: 4 GiB (the API setting's maximum) wrapped to 0, a trim on
+    every free, the opposite of what was asked."""
+    assert _faults_per_round(4096) < 50
 
 
 def test_the_api_keeps_freed_memory(api_server: ApiServer) -> None:

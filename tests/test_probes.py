@@ -30,6 +30,8 @@ def test_readiness_follows_the_process_and_metrics_are_served() -> None:
         status, body = _get(probes.port, "/metrics")
         assert status == 200
         assert b"# TYPE" in body
+        for mistyped in ("/", "/health", "/ready", "/healthz/x"):
+            assert _get(probes.port, mistyped)[0] == 404, mistyped
     finally:
         probes.close()
 
