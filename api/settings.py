@@ -80,9 +80,9 @@ class ApiSettings(Settings):
     api_heap_keep_mib: int = Field(
         default=64,
         ge=0,
-        le=4096,
+        le=2047,  # glibc's trim threshold is a C int of bytes
         description="freed memory kept for the next large answer instead of being returned"
-        " to the kernel (glibc only; 0: glibc's defaults)",
+        " to the kernel (glibc only, at most 2047; 0: glibc's defaults)",
     )
     api_metrics_port: int = Field(
         default=9118, ge=0, le=65535, description="/metrics on loopback; 0 disables it"

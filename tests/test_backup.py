@@ -132,6 +132,21 @@ def test_a_failed_backup_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_restore_into_an_unreachable_server_is_exit_1_as_every_db_command(
+    tmp_path: Path,
+) -> None:
+    """`db restore` answered an unreachable server with 75 (a worker's "try later"),
+    where the README and the other `db` commands give 1."""
+    archive = tmp_path / "b.dump"
+    archive.write_bytes(b"a dump")
+    result = CliRunner().invoke(
+        db, ["restore", str(archive), "--database-url", "postgresql://nobody@127.0.0.1:1/x"]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: database unreachable: ")
+    assert result.output.count("\n") == 1
+
+
 def test_the_database_password_is_not_in_the_tools_arguments(
     database_url: str, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,11 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 from fixtures.api import ApiServer
+from pydantic import ValidationError
+
+from meterproof.api.settings import ApiSettings
 
 _ROUNDS = """
 import resource, sys
@@ -58,3 +62,10 @@ def test_the_api_keeps_freed_memory(api_server: ApiServer) -> None:
     assert {"event": "heap_kept", "keep_mib": 64}.items() <= next(
         line for line in started if line["event"].startswith("heap_")
     ).items()
+
+
+def test_the_api_refuses_a_keep_glibc_cannot_hold() -> None:
+    """Past 2047 MiB the setting would be cut down in silence: refused at start instead."""
+    assert ApiSettings(api_heap_keep_mib=2047).api_heap_keep_mib == 2047
+    with pytest.raises(ValidationError, match="api_heap_keep_mib"):
+        ApiSettings(api_heap_keep_mib=2048)
