@@ -50,14 +50,14 @@ typecheck: setup ## mypy --strict on the meterproof package
 	@mkdir -p .run/typecheck && ln -sfn ../.. .run/typecheck/meterproof
 	$(VENV)/bin/mypy
 
-pytest: setup ## the test suite against real Mosquitto, PostgreSQL and Redis
+pytest: setup ## the test suite against real servers (Mosquitto, PostgreSQL, Redis, Patroni/etcd, ganache)
 	@$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests
 
-demo: setup ## local stack + PKI + registry + workers + a simulated fleet, then a summary
+demo: setup ## local stack + PKI + registry + workers + bridge + a simulated fleet, then a summary
 	$(MP) demo
 
 bench: setup ## the benchmark suite; writes docs/benchmarks.md
@@ -66,11 +66,11 @@ bench: setup ## the benchmark suite; writes docs/benchmarks.md
 chaos: setup ## the fault campaign; writes docs/reliability.md
 	$(MP) chaos
 
-fuzz: setup ## 100,000+ generated and mutated payloads through decode and verify
+fuzz: setup ## 100,000+ generated and mutated payloads through decode, verify and judge
 	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q atheris || echo "atheris unavailable: running without it" >&2
 	$(MP) fuzz
 
-certs: setup ## root CA, broker certificate, empty CRL (never overwrites a CA)
+certs: setup ## the PKI: CA, broker certificate, CRL, oracle key, service identities (creates only what is missing)
 	$(MP) certs init
 
 device-cert: setup ## make device-cert METER=<id> [ALG=EdDSA]
@@ -81,7 +81,7 @@ revoke: setup ## make revoke METER=<id>
 	@test -n "$(METER)" || { echo "usage: make revoke METER=<meter id>" >&2; exit 2; }
 	$(MP) certs revoke "$(METER)"
 
-stack-up: setup ## start Mosquitto, PostgreSQL and Redis on loopback (.run/)
+stack-up: setup ## start Mosquitto, PostgreSQL and Redis on loopback (.run/), migrated; creates the PKI if missing
 	$(MP) stack up
 
 stack-down: setup ## stop the local stack

@@ -137,7 +137,13 @@ def limits(ctx: click.Context) -> None:
 
 
 @bench.command()
-@click.option("--meters", type=click.IntRange(10, 100_000), default=1_000, show_default=True)
+@click.option(
+    "--meters",
+    type=click.IntRange(10, 100_000),
+    default=1_000,
+    show_default=True,
+    help="Fleet size: a device certificate and a registry row for each.",
+)
 @click.pass_context
 def registration(ctx: click.Context, meters: int) -> None:
     """Certificates + registry rows for a fleet, as the two commands and in-process."""
@@ -292,8 +298,20 @@ def _unobserved(pid: int) -> AbstractContextManager[object]:
     help="Comma-separated offered readings/s (default 1000,2000,5000,10000; 1000,2000 quick).",
 )
 @click.option("--seconds", type=click.FloatRange(1, 600), default=None, help="Per tier.")
-@click.option("--meters", type=click.IntRange(2, 20_000), default=None)
-@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.option(
+    "--meters",
+    type=click.IntRange(2, 20_000),
+    default=None,
+    help="Meters connected over mutual TLS, publishing the offered rate in turn "
+    "(2,000; quick 200).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 8),
+    default=2,
+    show_default=True,
+    help="Ingest worker processes.",
+)
 @click.option(
     "--search",
     type=click.IntRange(0, 6),
@@ -376,7 +394,13 @@ def _reporting_options(command: Callable[..., None]) -> Callable[..., None]:
                 default=None,
                 help="Reporting phase (120; quick 3).",
             ),
-            click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True),
+            click.option(
+                "--workers",
+                type=click.IntRange(1, 8),
+                default=2,
+                show_default=True,
+                help="Ingest worker processes; each subscribes on every broker.",
+            ),
         )
     ):
         command = option(command)
@@ -475,9 +499,28 @@ def shards(
     help="Another checkout (e.g. `git worktree add /tmp/base <commit>`) with its own .venv.",
 )
 @click.option("--label", default="", help="What changed, for the report.")
-@click.option("--rounds", type=click.IntRange(1, 10), default=3, show_default=True)
-@click.option("--readings", type=click.IntRange(1_000, 1_000_000), default=100_000)
-@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 10),
+    default=3,
+    show_default=True,
+    help="Each a drain of the baseline, then of this checkout: more rounds, steadier means, "
+    "longer runs.",
+)
+@click.option(
+    "--readings",
+    type=click.IntRange(1_000, 1_000_000),
+    default=100_000,
+    show_default=True,
+    help="Backlog size of each drain.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 8),
+    default=2,
+    show_default=True,
+    help="Ingest worker processes in each drain (and each --live run).",
+)
 @click.option(
     "--live",
     default=None,

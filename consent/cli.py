@@ -45,7 +45,13 @@ def integrators() -> None:
 
 @integrators.command("add")
 @click.argument("name", callback=_name)
-@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=365,
+    show_default=True,
+    help="Validity of a new certificate in days (one issued before is reused as it is).",
+)
 @pki_root_option
 @stack_env_option
 @database_option
@@ -164,7 +170,9 @@ def _scopes(_ctx: click.Context, _param: click.Parameter, value: str) -> frozens
 def _grant_options(command: Any) -> Any:  # noqa: ANN401 - a click decorator stack
     for option in reversed(
         [
-            click.option("--integrator", required=True, callback=_name),
+            click.option(
+                "--integrator", required=True, callback=_name, help="The integrator given access."
+            ),
             click.option("--meter", "meter_id", help="One meter."),
             click.option("--wallet", help="Every meter currently linked to this account."),
             click.option(
@@ -173,6 +181,7 @@ def _grant_options(command: Any) -> Any:  # noqa: ANN401 - a click decorator sta
                 default="live,history,ledger",
                 show_default=True,
                 callback=_scopes,
+                help="Comma-separated: live, history, ledger.",
             ),
             click.option(
                 "--from",
@@ -318,8 +327,12 @@ def revoke_command(
 
 
 @consent.command("list")
-@click.option("--integrator", callback=_name)
-@click.option("--meter", "meter_id")
+@click.option("--integrator", callback=_name, help="Only this integrator's consents.")
+@click.option(
+    "--meter",
+    "meter_id",
+    help="Only consents covering this meter, directly or through its current wallet.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
 @database_option
 def list_command(

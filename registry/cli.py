@@ -113,16 +113,23 @@ def meters() -> None:
     type=_EnumChoice(MeterStatus, without=MeterStatus.DECOMMISSIONED),
     default="active",
     show_default=True,
+    help="Starting status (with --bulk, every row's); readings are accepted while it is "
+    "active, maintenance or firmware_update.",
 )
 @click.option(
-    "--security-level", type=_EnumChoice(SecurityLevel), default="standard", show_default=True
+    "--security-level",
+    type=_EnumChoice(SecurityLevel),
+    default="standard",
+    show_default=True,
+    help="Class recorded for the operator (with --bulk, every row's); `meters list` filters "
+    "on it, no check depends on it.",
 )
 @click.option("--owner-wallet", help="The ledger account credited for this meter's export.")
 @click.option("--serial", help="Device serial number.")
-@click.option("--manufacturer")
-@click.option("--model")
-@click.option("--firmware-version")
-@click.option("--hardware-revision")
+@click.option("--manufacturer", help="Device manufacturer (recorded only).")
+@click.option("--model", help="Device model (recorded only).")
+@click.option("--firmware-version", help="Installed firmware version (recorded only).")
+@click.option("--hardware-revision", help="Device hardware revision (recorded only).")
 @click.option(
     "--location",
     help='Installation site as a JSON object, e.g. \'{"building": "E1", '
@@ -307,8 +314,18 @@ def wallet_history_command(*, meter_id: str, database_url: str | None) -> None:
 
 @meters.command("list")
 @click.option("--status", type=_EnumChoice(MeterStatus), help="Only meters with this status.")
-@click.option("--security-level", type=_EnumChoice(SecurityLevel))
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--security-level",
+    type=_EnumChoice(SecurityLevel),
+    help="Only meters with this security level.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="At most this many meters, the first by meter id.",
+)
 @click.option("--wallet", help="Only meters currently linked to this CAIP-10 account.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array instead of a table.")
 @database_option
@@ -344,7 +361,13 @@ def list_command(
 
 @meters.command()
 @click.argument("meter_id", callback=_meter_id)
-@click.option("--events", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option(
+    "--events",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many of the latest security events to show (0: none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
 @database_option
 def show(meter_id: str, events: int, as_json: bool, database_url: str | None) -> None:
@@ -419,7 +442,12 @@ def quarantine(meter_id: str, reason: str | None, database_url: str | None) -> N
     required=True,
     help="The new key, a SubjectPublicKeyInfo PEM file.",
 )
-@click.option("--alg", type=_EnumChoice(Alg), required=True)
+@click.option(
+    "--alg",
+    type=_EnumChoice(Alg),
+    required=True,
+    help="The algorithm the new key is registered for; the key must be of its type.",
+)
 @click.option("--kid", help="Key id [default: 16 hex digits of SHA-256 of the key's DER].")
 @click.option(
     "--overlap-hours",
