@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from meterproof.api.settings import ApiSettings
 from meterproof.cli.options import load_settings
+from meterproof.config import invalid_settings
 
 
 @click.command()
@@ -37,9 +38,7 @@ def api(host: str | None, port: int | None, config: str | None) -> None:
     try:
         settings.ingest_settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
+        raise click.ClickException(invalid_settings(exc)) from None
     from meterproof.api.server import serve
 
     asyncio.run(serve(settings))

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 import click
 import orjson
 import psycopg
-from pydantic import ValidationError
 
 from meterproof.bridge.settings import BridgeSettings
 from meterproof.certs.layout import PkiLayout
 from meterproof.cli.errors import Group
+from meterproof.cli.options import load_settings
 from meterproof.errors import MeterproofError, first_line
 from meterproof.schemas.signatures import InvalidKeyError
 
@@ -29,12 +29,7 @@ _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def _settings(**overrides: Any) -> BridgeSettings:  # noqa: ANN401 - click option values
     """Command-line values win over the environment, `.run/stack.env` and the TOML file."""
-    try:
-        return BridgeSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise click.ClickException(f"invalid setting {where}: {first['msg']}") from None
+    return load_settings(BridgeSettings, **overrides)
 
 
 def _connect(url: str) -> psycopg.Connection[Any]:
@@ -310,7 +305,13 @@ def balances_command(as_json: bool, database_url: str | None) -> None:
 
 
 @ledger.command("entries")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=20,
+    show_default=True,
+    help="How many of the newest entries to show (oldest of them first).",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON with headers, signatures and mints.")
 @_database_option
 def entries_command(limit: int, as_json: bool, database_url: str | None) -> None:
