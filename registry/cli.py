@@ -347,9 +347,13 @@ def list_command(
                 security_level=None if security_level is None else SecurityLevel(security_level),
                 limit=limit,
             )
-        else:
-            linked = wallets.meters_of_wallet(conn, AccountId.parse(wallet))[:limit]
-            found = [m for m in map(partial(repository.fetch_meter, conn), linked) if m]
+        else:  # a wallet holds a household's meters, not a fleet: filtered here
+            linked = wallets.meters_of_wallet(conn, AccountId.parse(wallet))
+            found = [
+                m
+                for m in map(partial(repository.fetch_meter, conn), linked)
+                if m and status in (None, m.status) and security_level in (None, m.security_level)
+            ][:limit]
     if as_json:
         click.echo(json.dumps([_json(m) for m in found], indent=2))
         return

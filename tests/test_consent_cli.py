@@ -65,6 +65,9 @@ def test_link_grant_list_and_revoke_through_the_commands(
         "--kid", signed.stderr.strip().removeprefix("--kid "),
         "--meter-signature", file("meter.sig", signed.stdout))  # fmt: skip
     assert meter_id in run("meters", "list", "--wallet", wallet).stdout
+    # The filters apply to a wallet's meters too (they were dropped without a word).
+    assert meter_id in run("meters", "list", "--wallet", wallet, "--status", "active").stdout
+    assert run("meters", "list", "--wallet", wallet, "--status", "maintenance").stdout == ""
 
     grant = ("--integrator", integrator, "--meter", meter_id, "--scope", "live,history")
     consent = run("consent", "request", *grant, "--signer", wallet).stdout
