@@ -16,10 +16,14 @@ everything else still goes through gmqtt. What that needs of gmqtt, and nothing 
   its `_resend_qos_callback`, because gmqtt replays the unacknowledged publishes in a task
   it starts at the CONNACK: a publish made before that task runs was sent twice (seen in
   one run in seven of `tests/test_ingest_source.py`). The source replays them itself, in
-  the CONNACK's own call (`replay_unacknowledged`);
+  the CONNACK's own call (`replay_unacknowledged`); and its `_clear_qos_callback`,
+  because gmqtt discards them when the broker has lost the session: they are sent again
+  as new publishes instead;
 - `Client._connection`: `_protocol._read_packet` (replaced per connection),
   `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`;
-- `PersistentStorage._messages`, to bound the outbound window.
+- `PersistentStorage._messages`, to bound the outbound window, and the id generator's
+  `_max`, where gmqtt keeps the broker's Receive Maximum from the CONNACK
+  (`broker_receive_maximum`).
 
 And one thing of asyncio's: under TLS, the socket transport beneath the TLS transport
 (`_ssl_protocol._transport`), whose reading `read_directly` pauses after each read (see
@@ -53,6 +57,8 @@ _REQUIRED: Final = (
     (IdGenerator, "free_id"),
 )
 _missing = [f"{cls.__name__}.{name}" for cls, name in _REQUIRED if not hasattr(cls, name)]
+if not hasattr(IdGenerator(), "_max"):  # an instance's attribute: `broker_receive_maximum`
+    _missing.append("IdGenerator._max")
 if _missing:  # pragma: no cover - only a gmqtt other than the pinned one gets here
     raise ImportError(f"gmqtt lacks what ingest._gmqtt uses: {', '.join(_missing)}")
 
@@ -65,15 +71,31 @@ class OutboundWindow(PersistentStorage):  # type: ignore[misc]
     Once the broker's Receive Maximum worth of ids is in flight, gmqtt raises OverflowError
     and Mosquitto disconnects a client that exceeds the window (measured in a backlog drain
     announcing 2 publishes per reading). `wait_for_room` lets the worker wait for PUBACKs.
+    `limit` is what the settings ask; `fit` narrows it to what each connection's broker
+    allows.
     """
+
+    #: Ids gmqtt's allocator keeps back from the broker's Receive Maximum: its last one,
+    #: which it never hands out, and a SUBSCRIBE and an UNSUBSCRIBE (`ingest.follow`).
+    RESERVED_IDS: Final = 3
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         if not hasattr(self, "_messages"):  # pragma: no cover - another gmqtt
             raise ImportError("gmqtt's PersistentStorage no longer keeps _messages")
+        self._asked = limit
         self.limit = limit
         self._room = asyncio.Event()
         self._room.set()
+
+    def fit(self, receive_maximum: int) -> None:
+        """At most `limit` publishes in flight, and fewer than the broker's Receive
+        Maximum: a `publish_window` above it would leave gmqtt without an id to give."""
+        self.limit = max(1, min(self._asked, receive_maximum - self.RESERVED_IDS))
+        if len(self._messages) >= self.limit:
+            self._room.clear()
+        else:
+            self._room.set()
 
     def push_message(self, mid: int, raw_package: bytes) -> None:
         super().push_message(mid, raw_package)
@@ -84,10 +106,6 @@ class OutboundWindow(PersistentStorage):  # type: ignore[misc]
         super().remove_message_by_mid(mid)
         if len(self._messages) < self.limit:
             self._room.set()
-
-    def clear(self) -> None:
-        super().clear()
-        self._room.set()
 
     @property
     def full(self) -> bool:
@@ -100,24 +118,34 @@ class OutboundWindow(PersistentStorage):  # type: ignore[misc]
 def take_over(client: Client, *, on_publish: PacketHandler, on_puback: PacketHandler) -> None:
     """PUBLISH and PUBACK that gmqtt parses itself go to the two handlers too (gmqtt reads
     a connection's first bytes, CONNACK and whatever follows it in the same read), and
-    gmqtt's own replay after a resumed session is switched off: the caller replays with
+    gmqtt's own replay after a resumed session, and its discarding of the unacknowledged
+    publishes after a lost one, are switched off: the caller replays with
     `replay_unacknowledged` from its CONNACK callback."""
     handler = client._package_handler
-    if not hasattr(handler, "_resend_qos_callback"):  # pragma: no cover - another gmqtt
-        raise ImportError("gmqtt's package handler no longer has _resend_qos_callback")
+    for name in ("_resend_qos_callback", "_clear_qos_callback"):
+        if not hasattr(handler, name):  # pragma: no cover - another gmqtt
+            raise ImportError(f"gmqtt's package handler no longer has {name}")
     handler._handle_publish_packet = on_publish
     handler._handle_puback_packet = on_puback
     handler._resend_qos_callback = _replayed_by_the_caller
+    handler._clear_qos_callback = _kept_for_the_caller
 
 
 async def _replayed_by_the_caller() -> None:
     """gmqtt's replay task, with nothing left to do."""
 
 
+def _kept_for_the_caller() -> None:
+    """gmqtt's discarding of the unacknowledged publishes, left undone."""
+
+
 def replay_unacknowledged(client: Client, window: OutboundWindow) -> int:
     """Send every publish the broker has not acknowledged again, on the current connection
-    and before anything else can be published on it; returns how many. Call it from the
-    CONNACK of a resumed session (a new one has cleared the window)."""
+    and before anything else can be published on it; returns how many. Call it from every
+    CONNACK: on a resumed session they finish their flow; on a session the broker lost
+    (expired, or gone in a crash) they are new publishes, under ids that session never
+    used, so the receipts and verified readings of committed batches still go out and
+    their ids are freed by the PUBACKs."""
     packets = [package for _mid, package in window.get_all()]
     if packets:
         client._connection.send_package(b"".join(packets))
@@ -216,6 +244,13 @@ def next_packet_id(client: Client) -> int:
     """An outbound packet id from gmqtt's own allocator, so it never collides with the
     SUBSCRIBE ids gmqtt allocates."""
     value: int = client._package_handler.id_generator.next_id()
+    return value
+
+
+def broker_receive_maximum(client: Client) -> int:
+    """The broker's Receive Maximum for the current connection: gmqtt applies its
+    CONNACK's (65,535 when it names none) to the id generator before `on_connect`."""
+    value: int = client._package_handler.id_generator._max
     return value
 
 

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 import click
 import structlog
@@ -68,6 +68,7 @@ def ingest(workers: int, identity: str | None, follow_load: bool, config: str | 
             f"invalid setting {where}: {first['msg']}{_HINTS.get(where, '')}"
         ) from None
     identities = _identities(settings, workers)
+    _check_metrics_ports(settings, workers)
     if workers == 1:
         asyncio.run(_run(settings))
         return
@@ -96,6 +97,21 @@ def _identities(settings: IngestSettings, workers: int) -> list[str]:
             f"--instances {first + workers}`"
         )
     return names
+
+
+#: The highest TCP port.
+_LAST_PORT: Final = 65535
+
+
+def _check_metrics_ports(settings: IngestSettings, workers: int) -> None:
+    """Worker i serves /metrics on metrics_port + i (`_supervise`): one past the last port
+    would refuse its settings at every restart."""
+    last = settings.metrics_port + workers - 1
+    if settings.metrics_port and last > _LAST_PORT:
+        raise click.ClickException(
+            f"--workers {workers} would serve /metrics on ports {settings.metrics_port} to "
+            f"{last}, past {_LAST_PORT}: lower metrics_port, or set it to 0 to disable /metrics"
+        )
 
 
 async def _run(settings: IngestSettings) -> None:

@@ -53,7 +53,8 @@ log = structlog.get_logger("ingest.source")
 
 PUBLISHES_DROPPED = Counter(
     "meterproof_broker_down_publishes_dropped_total",
-    "Receipts and verified copies not sent to a broker that was down with its window full",
+    "Receipts and verified copies not sent to a broker that was down with its window full"
+    " (one of several brokers, or the only one when the worker stopped)",
 )
 
 
@@ -187,7 +188,10 @@ class MqttSource:
             on_broken=self._on_broken,
             pause_s=self._read_pause_s,
         )
-        replayed = _gmqtt.replay_unacknowledged(client, self._window) if flags else 0
+        # The unacknowledged publishes go again whether the session was resumed or lost:
+        # discarded, they were receipts and verified readings of committed batches.
+        self._window.fit(_gmqtt.broker_receive_maximum(client))
+        replayed = _gmqtt.replay_unacknowledged(client, self._window)
         # Subscribing again on a resumed session is harmless and covers a session the
         # broker lost (expired, or a broker without persistence); unsubscribing clears a
         # subscription the session kept from before this worker left.
@@ -259,7 +263,13 @@ class MqttSource:
         log.error("mqtt_packet_dropped", reason=reason.value, first_byte=first, size=size)
 
     def _transport_write(self, data: bytes) -> bool:
-        return _gmqtt.write_raw(self._client, data)
+        """Only once the current connection's CONNACK is handled: from a reconnect's
+        CONNECT until then, gmqtt's connection is the new one while `_link` is still the
+        old one's, and the broker resends the old link's deliveries before it reads what
+        comes after the CONNECT, so an old delivery's PUBACK there acknowledges its id
+        twice, the second time perhaps another message's. A publish not written stays in
+        the window, which the CONNACK replays."""
+        return self._link_up and _gmqtt.write_raw(self._client, data)
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         """PUBACK (success) every delivery of the current link in one write; call only once
@@ -276,32 +286,38 @@ class MqttSource:
         self, items: Sequence[tuple[str, bytes]], *, drop_when_down: bool = False
     ) -> None:
         """QoS 1, within the outbound window, written in as few writes as the window allows;
-        each packet is kept in the window's store, and gmqtt resends it after a reconnect
-        until the broker acknowledges it.
+        each packet is kept in the window's store and sent again at every CONNACK until the
+        broker acknowledges it, also to a session the broker lost (`_on_connect`).
 
         `drop_when_down`: when the window is full and the broker is not connected, drop
         the rest instead of waiting (a `BrokerSet` must not stall every broker's receipts
-        for one that is gone; the meters' republish covers a dropped receipt)."""
+        for one that is gone; the meters' republish covers a dropped receipt). Those not
+        written when the wait for room is cancelled (a stopping worker) are dropped too."""
         chunk: list[bytes] = []
         for i, (topic, payload) in enumerate(items):
             if self._window.full:
                 self._transport_write(b"".join(chunk))
                 chunk = []
                 if drop_when_down and not self.connected:
-                    PUBLISHES_DROPPED.inc(len(items) - i)
-                    log.warning(
-                        "broker_down_publishes_dropped",
-                        broker=f"{self._host}:{self._port}",
-                        count=len(items) - i,
-                    )
+                    self._dropped_publishes(len(items) - i)
                     return
-                await self._window.wait_for_room()
+                try:
+                    await self._window.wait_for_room()
+                except asyncio.CancelledError:
+                    self._dropped_publishes(len(items) - i)
+                    raise
             mid = _gmqtt.next_packet_id(self._client)
             packet = _wire.publish_packet(topic.encode(), payload, mid)
             self._window.push_message(mid, packet)
             chunk.append(packet)
         if chunk:
             self._transport_write(b"".join(chunk))
+
+    def _dropped_publishes(self, count: int) -> None:
+        PUBLISHES_DROPPED.inc(count)
+        log.warning(
+            "broker_down_publishes_dropped", broker=f"{self._host}:{self._port}", count=count
+        )
 
     async def stop(self) -> None:
         """A link that breaks while it closes (the TLS shutdown meets data the broker

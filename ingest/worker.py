@@ -69,6 +69,8 @@ log = structlog.get_logger("ingest.worker")
 _T = TypeVar("_T")
 #: Readings decoded or verified between two turns of the event loop (~3 ms of CPU).
 _YIELD_EVERY: Final = 64
+#: How long a stopping worker still waits for the announcement in flight (`_announced`).
+_ANNOUNCE_GRACE_S: Final = 5.0
 
 
 class BatchStore(Protocol):
@@ -266,8 +268,7 @@ class Worker:
         finally:
             if committing is not None:
                 await committing
-            if self._announcing is not None:
-                await self._announcing
+            await self._announced()
             watchdog.cancel()
             await self._shutdown(listener, audience, following)
 
@@ -424,8 +425,7 @@ class Worker:
         self.committed += len(batch)
         t.QUEUE_DEPTH.set(len(self._queue))
         self._record(batch, outcomes, prepared.now_ms, time.perf_counter() - started)
-        if self._announcing is not None:
-            await self._announcing
+        await self._announced()
         self._announcing = asyncio.create_task(self._announce(outcomes))
         return set(result.quarantined)
 
@@ -450,6 +450,28 @@ class Worker:
         if self._store is None:
             self._store = await self._store_thread.run(self._store_factory)
         return self._store
+
+    async def _announced(self) -> None:
+        """Wait for the announcement in flight; once stopping, for `_ANNOUNCE_GRACE_S` at
+        most, then give it up: with the broker gone and the outbound window full it would
+        wait for ever, and neither SIGTERM nor the watchdog could end the worker. Its batch
+        is committed: a lost receipt brings the meter's republish, answered `duplicate`;
+        a lost verified copy is not sent again (counted by the source, as a kill -9 would
+        lose it uncounted)."""
+        announcing = self._announcing
+        if announcing is None:
+            return
+        if not announcing.done() and not self.stopping.is_set():
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({announcing, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+        if announcing.done():
+            await announcing  # its error, if any
+            return
+        try:
+            await asyncio.wait_for(announcing, _ANNOUNCE_GRACE_S)
+        except TimeoutError:
+            log.warning("announcement_abandoned", grace_s=_ANNOUNCE_GRACE_S)
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
         """Receipts, verified readings and the integrators' consented copies of a committed

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from ingest_harness import (
     ProbeMeter,
@@ -17,12 +18,15 @@ from ingest_harness import (
     audit_exactly_once,
     provision,
     running_worker,
+    stored_counts,
     stream_readings,
     until_stored,
     worker_settings,
 )
+from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
+from meterproof.ingest.source import PUBLISHES_DROPPED
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
@@ -211,3 +215,57 @@ def test_a_worker_started_before_its_broker_waits_for_it(
         assert receipt["status"] == "accepted"
     finally:
         assert worker.stop() == 0
+
+
+def test_sigterm_with_the_broker_gone_and_the_outbound_window_full_still_stops(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """A batch committed after its broker died has receipts the window cannot take: the
+    worker still stops on SIGTERM (the reading stays stored, its receipt is lost and the
+    meter's republish brings a `duplicate`)."""
+    meter_id = make_meter_id()
+    key = provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=None, publish_window=1
+    )
+    dropped_before = PUBLISHES_DROPPED._value.get()
+
+    async def scenario() -> float:
+        (meter,) = await _meters(pki, broker.port, [meter_id], {meter_id: key})
+        try:
+            async with running_worker(settings) as worker:
+                with psycopg.connect(database_url) as holder:  # the commit waits for it
+                    holder.execute(
+                        "SELECT 1 FROM meters WHERE meter_id = %s FOR UPDATE", (meter_id,)
+                    )
+                    meter.publish(meter.reading(1, imp=1))
+                    await async_wait_until(
+                        lambda: _lock_waiters(database_url) > 0, what="the batch waits"
+                    )
+                    await asyncio.to_thread(broker.kill9)
+                # receipt and verified reading: two publishes for a window of one
+                await async_wait_until(
+                    lambda: worker.committed == 1, what="committed after the broker died"
+                )
+                started = time.monotonic()
+                worker.stopping.set()
+            return time.monotonic() - started
+        finally:
+            await asyncio.to_thread(broker.start)
+            await meter.close()
+
+    assert asyncio.run(scenario()) < 15
+    assert stored_counts(database_url, [meter_id]) == {(meter_id, 1): 1}
+    assert PUBLISHES_DROPPED._value.get() - dropped_before == 1  # the verified reading
+
+
+def _lock_waiters(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0

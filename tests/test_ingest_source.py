@@ -10,7 +10,7 @@ import socket
 from typing import Any
 
 import pytest
-from ingest_harness import ProbeMeter, provision, worker_settings
+from ingest_harness import ProbeMeter, end_session, provision, worker_settings
 from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
@@ -24,7 +24,7 @@ from meterproof.stack.broker import BrokerServer
 
 
 def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
-    async def scenario() -> tuple[bool, bool, bool]:
+    async def scenario() -> tuple[bool, ...]:
         window = OutboundWindow(limit=2)
         window.push_message(1, b"a")
         await asyncio.wait_for(window.wait_for_room(), 0.1)
@@ -35,11 +35,15 @@ def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
         window.remove_message_by_mid(1)
         await asyncio.wait_for(waiter, 0.1)
         window.push_message(3, b"c")
-        window.clear()  # a new clean session: nothing is in flight any more
+        window.fit(receive_maximum=4)  # a broker that allows fewer, less gmqtt's reserve
+        narrowed = window.full and window.limit == 1
+        window.remove_message_by_mid(2)
+        still_full = window.full
+        window.remove_message_by_mid(3)
         await asyncio.wait_for(window.wait_for_room(), 0.1)
-        return blocked, waiter.done(), window.is_empty
+        return blocked, waiter.done(), narrowed, still_full, window.is_empty
 
-    assert asyncio.run(scenario()) == (True, True, True)
+    assert asyncio.run(scenario()) == (True, True, True, True, True)
 
 
 @pytest.mark.slow
@@ -209,3 +213,120 @@ def test_a_read_pause_takes_a_trickle_several_readings_per_read(
         assert reads <= 6  # ~200 ms of arrivals in reads at least 100 ms apart
     else:
         assert reads >= 12
+
+
+@pytest.mark.slow
+def test_a_window_wider_than_the_broker_allows_waits_instead_of_running_out_of_ids(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str
+) -> None:
+    """The broker's Receive Maximum (its max_inflight_messages, 10,000 here) bounds the
+    publishes in flight whatever `publish_window` says: past it gmqtt has no packet id
+    left to give, and Mosquitto would disconnect a client that exceeded it."""
+    provision(pki, None, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
+        publish_window=20_000,
+    )  # fmt: skip
+    count = 10_050
+
+    async def scenario() -> tuple[int, int]:
+        source = mqtt_source(settings)
+        await source.start(lambda _: None)
+        await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+        try:
+            await asyncio.wait_for(
+                source.publish_many([(f"verified/{meter_id}/readings", b"{}")] * count), 30
+            )
+            limit = source._window.limit
+            await async_wait_until(lambda: source._window.is_empty, what="every PUBACK")
+        finally:
+            await source.stop()
+        return limit, count
+
+    limit, _ = asyncio.run(scenario())
+    assert limit < 10_000
+
+
+@pytest.mark.slow
+def test_publishes_in_flight_when_the_broker_lost_the_session_are_sent_again(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str
+) -> None:
+    """Receipts written but not acknowledged when the link broke go out again after the
+    reconnect even when the broker no longer has the session (Session Present 0: it
+    expired, or went in a crash). Discarding them, as gmqtt does, lost them, and kept
+    their packet ids in use for ever."""
+    provision(pki, None, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
+        publish_window=3,
+    )  # fmt: skip
+
+    async def scenario() -> tuple[list[dict[str, Any]], int]:
+        source = mqtt_source(settings)
+        await source.start(lambda _: None)
+        await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+        meter = ProbeMeter(meter_id, None, pki, broker.port)
+        await meter.connect()
+        source._client.set_config({"reconnect_delay": 3})  # time to end the session
+        assert _gmqtt.write_raw(source._client, b"\x00\x00")  # the broker ends the link
+        await source.publish_many([(topics.receipts(meter_id), b'{"r":%d}' % n) for n in (1, 2)])
+        await asyncio.to_thread(end_session, pki, pki.service(settings.identity), broker.port)
+        try:
+            receipts = await meter.wait_receipts(2, within_s=15)
+            await async_wait_until(lambda: source._window.is_empty, what="every PUBACK")
+            in_use = len(source._client._package_handler.id_generator._used_ids)
+        finally:
+            await source.stop()
+            await meter.close()
+        return receipts, in_use
+
+    receipts, in_use = asyncio.run(scenario())
+    assert receipts == [{"r": 1}, {"r": 2}]
+    assert in_use == 0
+
+
+@pytest.mark.slow
+def test_nothing_is_acknowledged_on_a_new_link_before_its_connack(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str
+) -> None:
+    """Between a reconnect's CONNECT and its CONNACK, gmqtt's connection is already the new
+    one while the deliveries in hand are the old link's: a PUBACK written then would reach
+    a session whose ids need not be the old link's. The delivery is acknowledged through
+    its redelivery instead."""
+    provision(pki, None, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None
+    )
+
+    async def scenario() -> tuple[list[int], list[Delivery]]:
+        got: list[Delivery] = []
+        early: list[int] = []
+        source = mqtt_source(settings)
+        await source.start(got.append)
+        await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+        meter = ProbeMeter(meter_id, None, pki, broker.port)
+        await meter.connect()
+        meter.publish(b'{"n":1}')
+        await async_wait_until(lambda: got, what="the delivery")
+        client = source._client
+        create = client._create_connection
+
+        async def creating(*args: Any, **kwargs: Any) -> Any:
+            connection = await create(*args, **kwargs)
+            # runs once the reconnect has written its CONNECT, before the CONNACK is read
+            asyncio.get_running_loop().call_soon(lambda: early.append(source.ack(got[:1])))
+            return connection
+
+        client._create_connection = creating
+        try:
+            assert _gmqtt.write_raw(client, b"\x00\x00")  # the broker ends the link
+            await async_wait_until(lambda: len(got) == 2, what="the redelivery", within_s=10)
+            source.ack(got[1:])
+        finally:
+            await source.stop()
+            await meter.close()
+        return early, got
+
+    early, got = asyncio.run(scenario())
+    assert early == [0]
+    assert [(d.message.payload, d.link) for d in got] == [(b'{"n":1}', 1), (b'{"n":1}', 2)]

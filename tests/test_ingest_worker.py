@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +26,7 @@ from ingest_harness import (
 from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import new_share_group
 from meterproof.ingest import telemetry
 from meterproof.ingest.records import Message
 from meterproof.ingest.settings import IngestSettings
@@ -386,3 +390,31 @@ def test_health_readiness_and_metrics_endpoints(
         "meterproof_replay_checks_total",
     ):
         assert name in metrics[1], name
+
+
+@pytest.mark.slow
+def test_workers_whose_metrics_ports_would_pass_65535_are_refused_at_start(
+    pki: PkiLayout, tmp_path: Path
+) -> None:
+    """Worker i serves /metrics on metrics_port + i: one past 65535 refused its settings at
+    every restart, and the supervisor restarted it for ever."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
+    env |= {
+        "METERPROOF_PKI_ROOT": str(pki.root),
+        "METERPROOF_SHARE_GROUP": new_share_group(),
+        "METERPROOF_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+        "METERPROOF_MQTT_PORT": "1",
+        "METERPROOF_METRICS_PORT": "65535",
+        "METERPROOF_BROKER_LOST_EXIT_S": "3",
+    }
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert b"65536" in done.stderr
+    assert done.stderr.count(b"\n") == 1
