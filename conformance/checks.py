@@ -17,15 +17,12 @@ from meterproof.conformance.observations import Observation, Published, Subscrib
 from meterproof.registry.model import default_kid
 from meterproof.schemas import topics
 from meterproof.schemas.codec import MalformedPayload, decode_reading
-from meterproof.schemas.reading import SignedReading, b64url_decode
+from meterproof.schemas.reading import MAX_AGE_MS, MAX_FUTURE_MS, SignedReading, b64url_decode
 from meterproof.schemas.signing import reading_hash, signing_bytes
 
 Status = Literal["pass", "fail", "skip"]
 
 MAX_REASONS: Final = 5
-#: reading-v1 section 9, rule 6: the server's default bounds.
-MAX_FUTURE_MS: Final = 300_000
-MAX_AGE_MS: Final = 7 * 24 * 3600 * 1000
 #: A receipt takes this long to reach the meter and stop a republish already under way.
 RECEIPT_GRACE_S: Final = 2.0
 #: Copies of one reading closer than this are a republish storm, not a timer.

@@ -22,6 +22,8 @@ from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import (
     I64_MAX,
     I64_MIN,
+    MAX_AGE_MS,
+    MAX_FUTURE_MS,
     MAX_PAYLOAD_BYTES,
     OPTIONAL_FIELDS,
     U64_MAX,
@@ -32,8 +34,6 @@ from meterproof.schemas.reading import (
 )
 
 DAY_MS: Final = 24 * 3600 * 1000
-MAX_FUTURE_MS: Final = 300_000
-MAX_AGE_MS: Final = 7 * DAY_MS
 FIELDS: Final = frozenset(
     {"v", "meter_id", "seq", "ts", "import_wh", "export_wh", "alg", "sig", "kid", *OPTIONAL_FIELDS}
 )

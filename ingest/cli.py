@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from meterproof.certs.identities import ingest_identity, ingest_instance
 from meterproof.certs.layout import PkiLayout
+from meterproof.config import invalid_settings
 from meterproof.ingest.settings import IngestSettings
 
 log = structlog.get_logger("ingest.cli")
@@ -62,11 +63,8 @@ def ingest(workers: int, identity: str | None, follow_load: bool, config: str | 
         overrides: dict[str, Any] = {"identity": identity} if identity else {}
         settings = IngestSettings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise click.ClickException(
-            f"invalid setting {where}: {first['msg']}{_HINTS.get(where, '')}"
-        ) from None
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise click.ClickException(invalid_settings(exc) + _HINTS.get(where, "")) from None
     identities = _identities(settings, workers)
     _check_metrics_ports(settings, workers)
     if workers == 1:

@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 
 from meterproof.certs.identities import INGEST_IDENTITY_RE
 from meterproof.config import SHARE_GROUP_PATTERN, Settings
+from meterproof.schemas.reading import MAX_AGE_MS, MAX_FUTURE_MS
 
 
 class IngestSettings(Settings):
@@ -55,8 +56,8 @@ class IngestSettings(Settings):
     retry_max_s: float = Field(default=5.0, gt=0)
 
     # acceptance rules (docs/spec/reading-v1.md section 9)
-    max_future_s: int = Field(default=300, ge=0)
-    max_age_s: int = Field(default=7 * 24 * 3600, gt=0)
+    max_future_s: int = Field(default=MAX_FUTURE_MS // 1000, ge=0)
+    max_age_s: int = Field(default=MAX_AGE_MS // 1000, gt=0)
     rate_window_s: int = Field(default=60, gt=0)
     rate_max_readings: int = Field(default=60, ge=1)
     quarantine_failures: int = Field(default=5, ge=1)

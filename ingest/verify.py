@@ -15,13 +15,13 @@ from meterproof.ingest.decode import Decoded
 from meterproof.ingest.records import Candidate, Rejection
 from meterproof.registry.model import ACCEPTING
 from meterproof.registry.snapshots import MeterSnapshot
-from meterproof.schemas.reading import RejectReason, b64url_decode
+from meterproof.schemas.reading import MAX_AGE_MS, MAX_FUTURE_MS, RejectReason, b64url_decode
 
 
 @dataclass(frozen=True, slots=True)
 class TimeBounds:
-    max_future_ms: int = 300_000
-    max_age_ms: int = 7 * 24 * 3600 * 1000
+    max_future_ms: int = MAX_FUTURE_MS
+    max_age_ms: int = MAX_AGE_MS
     #: Seed 003: a provider's timestamp within +-300 s of the server's clock.
     provider_skew_ms: int = 300_000
 

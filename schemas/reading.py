@@ -19,6 +19,10 @@ MAX_PAYLOAD_BYTES: Final = 4096
 U64_MAX: Final = 2**64 - 1
 I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1
+#: Section 9 rule 6: how far a reading's `ts` may be ahead of the receiver's clock, and
+#: behind it, by default (the ingest workers' `max_future_s` and `max_age_s`).
+MAX_FUTURE_MS: Final = 300_000
+MAX_AGE_MS: Final = 7 * 24 * 3600 * 1000
 
 #: The optional signed fields in signing-mask bit order (docs/spec/reading-v1.md section 6).
 OPTIONAL_FIELDS: Final = (

@@ -31,7 +31,6 @@ from meterproof.cli.main import main
 from meterproof.meter.measurement import Measurement
 from meterproof.meter.outbox import hash_of
 from meterproof.meter.p1.reader import (
-    MAX_FUTURE_MS,
     Gate,
     JournalEntry,
     P1Reader,
@@ -47,7 +46,7 @@ from meterproof.meter.p1.telegram import (
     decode_plain,
 )
 from meterproof.schemas.codec import sign_reading
-from meterproof.schemas.reading import SignedReading
+from meterproof.schemas.reading import MAX_FUTURE_MS, SignedReading
 from meterproof.schemas.signatures import generate_private_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "p1"

@@ -42,6 +42,7 @@ from meterproof.meter.outbox import hash_of
 from meterproof.meter.p1.sources import Source
 from meterproof.meter.p1.telegram import Decoded, Outcome, TelegramDecoder
 from meterproof.probes import serve_probes
+from meterproof.schemas.reading import MAX_FUTURE_MS
 from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("meter.p1")
@@ -55,9 +56,6 @@ SOURCE_DROPS = MetricCounter(
 )
 
 JOURNAL_NAME: Final = "p1-telegrams.jsonl"
-#: How far ahead of the clock a reading's `ts` may be: the ingest side's default
-#: (`max_future_s`, spec section 9 rule 6), which refuses later ones as `timestamp_skew`.
-MAX_FUTURE_MS: Final = 300_000
 
 
 @dataclass(slots=True)

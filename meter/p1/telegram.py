@@ -86,7 +86,7 @@ class Outcome(StrEnum):
     # The reader's own, after a telegram decoded fine (see `reader.Gate`):
     #: sooner after the last published reading than --interval: not published, by design
     THINNED = "thinned"
-    #: more than `reader.MAX_FUTURE_MS` ahead of the reader's clock (the ingest side's code)
+    #: more than `MAX_FUTURE_MS` (schemas) ahead of the reader's clock: the ingest side's code
     TIMESTAMP_SKEW = "timestamp_skew"
     TIME_BACKWARDS = "time_backwards"
     REGISTER_DECREASED = "register_decreased"
