@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -203,8 +204,14 @@ def test_an_interrupted_backup_leaves_no_partial_file(
     monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "dumps" / "b.dump"
     out.parent.mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        backup(database_url, out)
+    # Python's own Ctrl-C handler: an earlier test of this process may have left another
+    # (a supervisor's, a server's), which would turn the SIGINT into nothing.
+    kept = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backup(database_url, out)
+    finally:
+        signal.signal(signal.SIGINT, kept)
     assert list(out.parent.iterdir()) == []
 
 
