@@ -30,6 +30,7 @@ from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
+from meterproof.ingest.settings import IngestSettings
 from meterproof.meter.p1.reader import JOURNAL_NAME
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.process import free_port
@@ -145,6 +146,32 @@ async def until_stored(database_url: str, meter_id: str, count: int, within_s: f
     )
 
 
+def through_a_pty(
+    p1: Reader, settings: IngestSettings, database_url: str, sent: list[bytes], *, stored: int
+) -> None:
+    """With a worker running, write `sent` into a real pseudo-terminal the reader reads,
+    one every PACE_S; return once `stored` readings are stored and receipted and the
+    reader stopped cleanly."""
+    master, slave = os.openpty()
+
+    async def scenario() -> None:
+        async with running_worker(settings):
+            p1.start("--serial", os.ttyname(slave))
+            await async_wait_until(lambda: p1.logged("p1.source_open"), what="port open")
+            for telegram in sent:
+                os.write(master, telegram)
+                await asyncio.sleep(PACE_S)
+            await until_stored(database_url, p1.meter_id, stored)
+            await async_wait_until(lambda: p1.outbox() == [], what="every reading receipted")
+            assert await asyncio.to_thread(p1.stop) == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 @pytest.mark.slow
 def test_a_reader_on_a_pseudo_terminal_stores_every_telegram_and_empties_its_outbox(
     pki: PkiLayout,
@@ -157,25 +184,8 @@ def test_a_reader_on_a_pseudo_terminal_stores_every_telegram_and_empties_its_out
         pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
     )
     sent = telegrams(8)
-    master, slave = os.openpty()
     p1 = reader()
-
-    async def scenario() -> None:
-        async with running_worker(settings):
-            p1.start("--serial", os.ttyname(slave))
-            await async_wait_until(lambda: p1.logged("p1.source_open"), what="port open")
-            for telegram in sent:
-                os.write(master, telegram)
-                await asyncio.sleep(PACE_S)
-            await until_stored(database_url, p1.meter_id, len(sent))
-            await async_wait_until(lambda: p1.outbox() == [], what="every reading receipted")
-            assert await asyncio.to_thread(p1.stop) == 0
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        os.close(master)
-        os.close(slave)
+    through_a_pty(p1, settings, database_url, sent, stored=len(sent))
     assert_all_stored_once(database_url, p1, sent, sent)
     assert "published 8" in p1.log.read_text()
     assert '"baudrate": 115200' in p1.log.read_text()  # DSMR 5's line settings
@@ -198,25 +208,8 @@ def test_one_telegram_from_a_clock_far_ahead_is_refused_and_the_next_ones_are_st
     good = telegrams(4)
     ahead = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
     future = dsmr5(dsmr_time(ahead), Registers(t1="001581.000", t2="000000.000"))
-    master, slave = os.openpty()
     p1 = reader()
-
-    async def scenario() -> None:
-        async with running_worker(settings):
-            p1.start("--serial", os.ttyname(slave))
-            await async_wait_until(lambda: p1.logged("p1.source_open"), what="port open")
-            for telegram in [future, *good]:
-                os.write(master, telegram)
-                await asyncio.sleep(PACE_S)
-            await until_stored(database_url, p1.meter_id, len(good))
-            await async_wait_until(lambda: p1.outbox() == [], what="every reading receipted")
-            assert await asyncio.to_thread(p1.stop) == 0
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        os.close(master)
-        os.close(slave)
+    through_a_pty(p1, settings, database_url, [future, *good], stored=len(good))
     assert_all_stored_once(database_url, p1, good, good)
     log = p1.log.read_text()
     assert '"reason": "timestamp_skew"' in log
