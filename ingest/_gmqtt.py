@@ -23,7 +23,10 @@ everything else still goes through gmqtt. What that needs of gmqtt, and nothing 
   `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`;
 - `PersistentStorage._messages`, to bound the outbound window, and the id generator's
   `_max`, where gmqtt keeps the broker's Receive Maximum from the CONNACK
-  (`broker_receive_maximum`).
+  (`broker_receive_maximum`);
+- the package handler's `_is_retryable_connack`, so that a refused first connection is
+  retried by the caller alone (`refusals_left_to_the_caller`), and `MQTTConnectError`'s
+  `_code`, the refusal's reason code (`refusal_code`).
 
 And one thing of asyncio's: under TLS, the socket transport beneath the TLS transport
 (`_ssl_protocol._transport`), whose reading `read_directly` pauses after each read (see
@@ -37,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from gmqtt import Client
+from gmqtt import Client, MQTTConnectError
 from gmqtt.mqtt.handler import MqttPackageHandler
 from gmqtt.mqtt.package import Package
 from gmqtt.mqtt.protocol import MQTTProtocol
@@ -53,12 +56,15 @@ _REQUIRED: Final = (
     (MqttPackageHandler, "_handle_publish_packet"),
     (MqttPackageHandler, "_handle_puback_packet"),
     (MqttPackageHandler, "current_connection"),
+    (MqttPackageHandler, "_is_retryable_connack"),
     (IdGenerator, "next_id"),
     (IdGenerator, "free_id"),
 )
 _missing = [f"{cls.__name__}.{name}" for cls, name in _REQUIRED if not hasattr(cls, name)]
 if not hasattr(IdGenerator(), "_max"):  # an instance's attribute: `broker_receive_maximum`
     _missing.append("IdGenerator._max")
+if not hasattr(MQTTConnectError(0), "_code"):  # `refusal_code`
+    _missing.append("MQTTConnectError._code")
 if _missing:  # pragma: no cover - only a gmqtt other than the pinned one gets here
     raise ImportError(f"gmqtt lacks what ingest._gmqtt uses: {', '.join(_missing)}")
 
@@ -137,6 +143,28 @@ async def _replayed_by_the_caller() -> None:
 
 def _kept_for_the_caller() -> None:
     """gmqtt's discarding of the unacknowledged publishes, left undone."""
+
+
+def refusals_left_to_the_caller(client: Client, *, until: Callable[[], bool]) -> None:
+    """Until `until()` is true (the caller's first accepted connection), a refused CONNACK
+    only makes `Client.connect` raise it (`refusal_code`): the caller decides whether to
+    try again, with its own backoff. gmqtt would otherwise connect again by itself 1 s
+    later, a second connection under the same client id racing the caller's next attempt.
+    Afterwards gmqtt's own judgement applies to the refusals of its reconnects. (gmqtt
+    logs such a refusal as "permanent": it only means gmqtt does not retry it.)"""
+    handler = client._package_handler
+    retryable = handler._is_retryable_connack
+
+    def judged(result: int) -> bool:
+        return until() and bool(retryable(result))
+
+    handler._is_retryable_connack = judged
+
+
+def refusal_code(exc: MQTTConnectError) -> int:
+    """The reason code of the CONNACK gmqtt raised for (10: one it could not parse)."""
+    code: int = exc._code
+    return code
 
 
 def replay_unacknowledged(client: Client, window: OutboundWindow) -> int:

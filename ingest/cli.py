@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import click
 import structlog
 from pydantic import ValidationError
 
+from meterproof.backoff import Backoff
 from meterproof.certs.identities import ingest_identity, ingest_instance
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import invalid_settings
@@ -123,9 +125,56 @@ def _has_certificate(pki: PkiLayout, name: str) -> bool:
     return files.cert.is_file() and files.key.is_file()
 
 
+#: A worker that died is started again after 0.2 s, then after twice as long each time it
+#: dies again soon after its start, up to 30 s (a broker that refuses it): never in a tight
+#: loop. One that ran for `_RAN_WELL_S` before it died (killed, or cut off from its broker
+#: for `broker_lost_exit_s`) is started again after 0.2 s.
+_RESTART_INITIAL_S: Final = 0.2
+_RESTART_MAX_S: Final = 30.0
+_RAN_WELL_S: Final = 10.0
+
+
+class _Restarts:
+    """When each worker that died may start again (`_RESTART_INITIAL_S`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started: dict[str, float] = {}
+        self._backoff: dict[str, Backoff] = {}
+        self._due: dict[str, float] = {}
+
+    def started(self, identity: str) -> None:
+        self._started[identity] = self._clock()
+
+    def died(self, identity: str) -> float:
+        """Schedules the restart; returns how long until it."""
+        backoff = self._backoff.setdefault(
+            identity, Backoff(_RESTART_INITIAL_S, _RESTART_MAX_S, jitter=lambda: 1.0)
+        )
+        now = self._clock()
+        if now - self._started[identity] >= _RAN_WELL_S:
+            backoff.reset()
+        delay = backoff.next_s()
+        self._due[identity] = now + delay
+        return delay
+
+    def due(self) -> list[str]:
+        """The workers whose restart is due now, each returned once."""
+        now = self._clock()
+        ready = [identity for identity, at in self._due.items() if at <= now]
+        for identity in ready:
+            del self._due[identity]
+        return ready
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._due)
+
+
 def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> None:
     """Start one worker per identity with metrics port base + i (all but the first
-    following the load if `follow`), restart any that dies, stop all on SIGTERM."""
+    following the load if `follow`), restart any that dies (`_Restarts`), stop all on
+    SIGTERM."""
     argv = [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", "1", "--identity"]
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
@@ -133,8 +182,10 @@ def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> Non
         env = {**os.environ, "METERPROOF_METRICS_PORT": str(port)}
         if follow:
             env["METERPROOF_FOLLOW_LOAD"] = "true" if i else "false"
+        restarts.started(ids[i])
         return subprocess.Popen([*argv, ids[i]], env=env)
 
+    restarts = _Restarts()
     procs = {cid: spawn(i) for i, cid in enumerate(ids)}
     stopping = False
 
@@ -146,14 +197,22 @@ def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> Non
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while procs:
+    while procs or (restarts.pending and not stopping):
         for cid, proc in list(procs.items()):
             code = proc.poll()
             if code is None:
                 continue
-            if stopping:
-                del procs[cid]
-            else:
-                log.error("worker_died_restarting", identity=cid, exit_code=code)
-                procs[cid] = spawn(ids.index(cid))
+            del procs[cid]
+            if not stopping:
+                delay = restarts.died(cid)
+                log.error(
+                    "worker_died_restarting",
+                    identity=cid,
+                    exit_code=code,
+                    restart_in_s=round(delay, 3),
+                )
+        for cid in [] if stopping else restarts.due():
+            procs[cid] = spawn(ids.index(cid))
+            if stopping:  # SIGTERM came while it was starting: `stop` did not see it
+                procs[cid].send_signal(signal.SIGTERM)
         time.sleep(0.2)

@@ -32,16 +32,17 @@ import asyncio
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
-from gmqtt import Client
+from gmqtt import Client, MQTTConnectError
 from gmqtt.mqtt.constants import MQTTv50
 from prometheus_client import Counter
 
 from meterproof.backoff import Backoff
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
+from meterproof.errors import MeterproofError, UnavailableError
 from meterproof.ingest import _gmqtt, _wire
 from meterproof.ingest.records import Message
 from meterproof.ingest.settings import IngestSettings
@@ -56,6 +57,29 @@ PUBLISHES_DROPPED = Counter(
     "Receipts and verified copies not sent to a broker that was down with its window full"
     " (one of several brokers, or the only one when the worker stopped)",
 )
+
+
+#: CONNACK reason codes that no new attempt can change: this client, its identity or its
+#: CONNECT is refused (MQTT 5: malformed packet, protocol error, unsupported protocol
+#: version, client identifier not valid, bad user name or password, not authorized,
+#: banned, bad authentication method, topic name invalid, packet too large, payload
+#: format invalid, retain or QoS not supported; MQTT 3.1.1's 1, 2, 4 and 5, should gmqtt
+#: fall back to it). Any other refusal (server unavailable or busy, quota or connection
+#: rate exceeded, use another server, an unspecified error) may pass: tried again.
+PERMANENT_REFUSALS: Final = frozenset(
+    {1, 2, 4, 5, 0x81, 0x82, 0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x99, 0x9A, 0x9B}
+)
+
+
+class BrokerRefusedError(MeterproofError):
+    """The broker answered the CONNECT with a refusal; `code` is its CONNACK reason code.
+    A permanent one (`PERMANENT_REFUSALS`) needs an operator; any other, another try."""
+
+    def __init__(self, broker: str, code: int) -> None:
+        super().__init__(f"broker {broker} refused the connection: reason code {code:#04x}")
+        self.code = code
+        self.permanent = code in PERMANENT_REFUSALS
+        self.exit_code = 1 if self.permanent else UnavailableError.exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +110,9 @@ class Source(Protocol):
         """Take a share of the readings, or stop taking new ones (`ingest.follow`)."""
 
     async def start(self, deliver: Handler) -> None:
-        """Begin delivering, in arrival order, to `deliver`."""
+        """Begin delivering, in arrival order, to `deliver`; `OSError` when the broker
+        cannot be reached, `BrokerRefusedError` when it refuses. A worker stopping before
+        it returns cancels it."""
 
     async def stop(self) -> None:
         """No more deliveries and no more acknowledgements."""
@@ -141,6 +167,7 @@ class MqttSource:
         )
         self._client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
         _gmqtt.take_over(self._client, on_publish=self._on_publish, on_puback=self._on_puback)
+        _gmqtt.refusals_left_to_the_caller(self._client, until=lambda: self._link > 0)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_unsubscribe = self._on_unsubscribe
@@ -172,10 +199,20 @@ class MqttSource:
             client.unsubscribe(self._topic)
 
     async def start(self, deliver: Handler) -> None:
+        """Connect; raises `OSError` when the broker cannot be reached and
+        `BrokerRefusedError` when it refuses, either time with nothing left behind (no
+        connection, and no retry of gmqtt's own: trying again is the caller's choice).
+        Once connected, gmqtt re-establishes a lost link by itself."""
         self._deliver = deliver
-        await self._client.connect(
-            self._host, self._port, ssl=self._tls, version=MQTTv50, keepalive=30
-        )
+        try:
+            await self._client.connect(
+                self._host, self._port, ssl=self._tls, version=MQTTv50, keepalive=30
+            )
+        except MQTTConnectError as exc:
+            await self.stop()
+            raise BrokerRefusedError(
+                f"{self._host}:{self._port}", _gmqtt.refusal_code(exc)
+            ) from exc
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:  # noqa: ANN401
         # A new link: deliveries of the previous one are redelivered on this one.
@@ -380,7 +417,7 @@ class BrokerSet:
             await asyncio.sleep(backoff.next_s())
             try:
                 await source.start(deliver)
-            except OSError as exc:
+            except (OSError, BrokerRefusedError) as exc:
                 log.debug("broker_still_unreachable", broker=source.index, error=str(exc))
             else:
                 return

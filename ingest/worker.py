@@ -57,7 +57,7 @@ from meterproof.ingest.records import Accepted, Candidate, Duplicate, Outcome, R
 from meterproof.ingest.replay import RedisReplayCache, ReplayCache
 from meterproof.ingest.security import QuarantinePolicy
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.source import Delivery, Source, mqtt_source
+from meterproof.ingest.source import BrokerRefusedError, Delivery, Source, mqtt_source
 from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
 from meterproof.ingest.verify import TimeBounds
 from meterproof.probes import serve_probes
@@ -110,6 +110,14 @@ class _StoreThread:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _start_failed(backoff: Backoff, event: str, **detail: object) -> float:
+    """Count and log a failed start of the source; returns the wait before the next."""
+    t.DEPENDENCY_ERRORS.labels(dependency="broker").inc()
+    delay = backoff.next_s()
+    log.warning(event, **detail, retry_in_s=round(delay, 3))
+    return delay
 
 
 class _NoReplayCache:
@@ -187,7 +195,9 @@ class Worker:
         self._announcing: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.committed = 0
-        self.failed = False
+        #: Non-zero once the worker gave up: 75 (EX_TEMPFAIL) when cut off from its broker
+        #: for too long, 1 when the broker refused it for good (`_start_source`).
+        self.exit_code = 0
 
     def ready(self) -> bool:
         return (
@@ -213,27 +223,46 @@ class Worker:
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > self.settings.broker_lost_exit_s:
                 log.error("broker_unreachable_exiting", after_s=self.settings.broker_lost_exit_s)
-                self.failed = True
+                self.exit_code = UnavailableError.exit_code
                 self.stopping.set()
 
     async def _start_source(self) -> None:
-        """A broker that refuses the first connection (not up yet, restarting) is tried
-        again with backoff, as a lost link is; the watchdog's `broker_lost_exit_s` bounds
-        the wait the same way."""
+        """A broker that cannot be reached or refuses the first connection for now (not up
+        yet, restarting, busy) is tried again with backoff, as a lost link is; the
+        watchdog's `broker_lost_exit_s` bounds the wait the same way. A refusal no retry
+        can change (this worker not authorised, banned) ends the worker, `exit_code` 1:
+        restarting it at once would be refused the same way. Stopping ends a start in
+        progress too: a broker that takes the connection and never answers would hold it
+        until the TLS handshake timed out (60 s)."""
         backoff = Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
         while not self.stopping.is_set():
             try:
-                await self._source.start(self._receive)
+                await self._unless_stopping(self._source.start(self._receive))
+            except BrokerRefusedError as exc:
+                if exc.permanent:
+                    log.error("broker_refused_exiting", reason_code=exc.code, error=str(exc))
+                    self.exit_code = exc.exit_code
+                    self.stopping.set()
+                    return
+                delay = _start_failed(backoff, "broker_refused_at_start", reason_code=exc.code)
             except OSError as exc:
-                t.DEPENDENCY_ERRORS.labels(dependency="broker").inc()
-                delay = backoff.next_s()
-                log.warning(
-                    "broker_unreachable_at_start", error=str(exc), retry_in_s=round(delay, 3)
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay)
+                delay = _start_failed(backoff, "broker_unreachable_at_start", error=str(exc))
             else:
                 return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+
+    async def _unless_stopping(self, work: Awaitable[None]) -> None:
+        """`work`, cancelled if the worker begins stopping first."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return
+        task.result()
 
     async def run(self) -> None:
         """Batches overlap: while one is in its transaction (on the store's thread), the
@@ -244,10 +273,11 @@ class Worker:
         audience = asyncio.create_task(self._audience.run(self.stopping), name="consent-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
         following = asyncio.create_task(self._follow_load(), name="follow-load")
-        await self._start_source()
-        log.info("worker_started", client_id=self.settings.client_id)
         committing: asyncio.Task[set[str]] | None = None
         try:
+            await self._start_source()
+            if not self.stopping.is_set():
+                log.info("worker_started", client_id=self.settings.client_id)
             while not self.stopping.is_set():
                 batch = await self._next_batch()
                 if batch is None:
@@ -575,5 +605,5 @@ async def run_worker(settings: IngestSettings) -> None:
     finally:
         if probes is not None:
             probes.close()
-    if worker.failed:
-        raise SystemExit(75)  # EX_TEMPFAIL: try again
+    if worker.exit_code:
+        raise SystemExit(worker.exit_code)

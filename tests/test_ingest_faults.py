@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -215,6 +217,36 @@ def test_a_worker_started_before_its_broker_waits_for_it(
         assert receipt["status"] == "accepted"
     finally:
         assert worker.stop() == 0
+
+
+def test_sigterm_while_the_broker_never_answers_stops_the_worker_at_once(
+    tmp_path: Path, pki: PkiLayout, broker: BrokerServer, database_url: str
+) -> None:
+    """A broker that takes the connection and never answers held the worker's first start
+    until the TLS handshake timed out (60 s), and SIGTERM (or the watchdog) waited as long.
+    Stopping now ends the start, and the worker exits as usual."""
+    settings = worker_settings(pki=pki, port=broker.port, database_url=database_url, redis_url=None)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(20)
+        worker = WorkerProcess(
+            settings.model_copy(update={"mqtt_port": silent.getsockname()[1]}),
+            tmp_path / "worker.log",
+        )
+        offset = worker.launch()
+        assert worker.proc is not None
+        try:
+            link, _ = silent.accept()  # the worker's ClientHello waits there for an answer
+            with link:
+                started = time.monotonic()
+                worker.proc.send_signal(signal.SIGTERM)
+                code = worker.proc.wait(10)
+                took = time.monotonic() - started
+        finally:
+            if worker.proc.poll() is None:
+                worker.kill9()
+    assert code == 0
+    assert took < 5, took
+    assert b"worker_stopped" in worker.log.read_bytes()[offset:]
 
 
 def test_sigterm_with_the_broker_gone_and_the_outbound_window_full_still_stops(

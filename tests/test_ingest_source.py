@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 import pytest
+from gmqtt import Client
 from ingest_harness import ProbeMeter, end_session, provision, worker_settings
 from waiting import async_wait_until
 
@@ -17,7 +18,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.ingest import _gmqtt
 from meterproof.ingest._gmqtt import OutboundWindow
 from meterproof.ingest._wire import Drop
-from meterproof.ingest.source import Delivery, mqtt_source
+from meterproof.ingest.source import BrokerRefusedError, Delivery, mqtt_source
 from meterproof.ingest.telemetry import PACKETS_DROPPED
 from meterproof.schemas import topics
 from meterproof.stack.broker import BrokerServer
@@ -330,3 +331,46 @@ def test_nothing_is_acknowledged_on_a_new_link_before_its_connack(
     early, got = asyncio.run(scenario())
     assert early == [0]
     assert [(d.message.payload, d.link) for d in got] == [(b'{"n":1}', 1), (b'{"n":1}', 2)]
+
+
+@pytest.mark.parametrize(
+    ("code", "permanent"),
+    [
+        (0x87, True),  # not authorized
+        (0x86, True),  # bad user name or password
+        (0x8A, True),  # banned
+        (0x85, True),  # client identifier not valid
+        (0x84, True),  # unsupported protocol version
+        (5, True),  # MQTT 3.1.1: not authorised
+        (0x88, False),  # server unavailable
+        (0x89, False),  # server busy
+        (0x97, False),  # quota exceeded
+        (0x9C, False),  # use another server
+        (0x9F, False),  # connection rate exceeded
+        (3, False),  # MQTT 3.1.1: server unavailable
+        (10, False),  # gmqtt: a CONNACK it could not parse
+    ],
+)
+def test_refusals_no_retry_can_change_are_told_from_those_that_may_pass(
+    code: int, permanent: bool
+) -> None:
+    refused = BrokerRefusedError("127.0.0.1:8883", code)
+    assert (refused.code, refused.permanent) == (code, permanent)
+    assert refused.exit_code == (1 if permanent else 75)
+    assert f"{code:#04x}" in str(refused)
+
+
+def test_a_refused_first_connection_is_left_to_the_caller_to_retry() -> None:
+    """Before the first accepted connection, gmqtt must not reconnect by itself after a
+    refusal that may pass (server busy): the worker retries with its backoff, and a
+    connection of gmqtt's own a second later would race it under the same client id.
+    Afterwards gmqtt's judgement applies again. (Mosquitto 2.0.11 refuses only with codes
+    no retry changes, so no real broker here sends a "server busy".)"""
+    client = Client("ingest-0")
+    accepted = False
+    _gmqtt.refusals_left_to_the_caller(client, until=lambda: accepted)
+    judged = client._package_handler._is_retryable_connack
+    assert not judged(0x89)
+    accepted = True
+    assert judged(0x89)
+    assert not judged(0x87)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,23 @@ from ingest_harness import (
     stored_counts,
     worker_settings,
 )
-from waiting import async_wait_until
+from structlog.testing import capture_logs
+from waiting import async_wait_until, wait_until
 
+from meterproof.certs.identities import ingest_identity
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import new_share_group
 from meterproof.ingest import telemetry
+from meterproof.ingest.cli import _Restarts
 from meterproof.ingest.records import Message
 from meterproof.ingest.settings import IngestSettings
 from meterproof.ingest.source import Delivery, Handler, MqttSource, mqtt_source
+from meterproof.ingest.worker import Worker, postgres_store
+from meterproof.mosquitto.config import render
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.process import free_port
 from meterproof.stack.redis import RedisServer
 
 VECTORS = Path(__file__).parent.parent / "schemas" / "vectors"
@@ -418,3 +425,115 @@ def test_workers_whose_metrics_ports_would_pass_65535_are_refused_at_start(
     assert done.returncode == 1
     assert b"65536" in done.stderr
     assert done.stderr.count(b"\n") == 1
+
+
+def test_a_worker_that_keeps_dying_is_restarted_later_each_time() -> None:
+    """The supervisor's restarts double from 0.2 s to 30 s (it restarted at once, for
+    ever: a broker that refused the workers had them started five times a second), and
+    start from 0.2 s again once a worker ran for 10 s (a kill -9, a broker lost for a
+    minute)."""
+    now = [0.0]
+    restarts = _Restarts(clock=lambda: now[0])
+    delays = []
+    for _ in range(10):
+        restarts.started("ingest-0")
+        now[0] += 1.0
+        delays.append(restarts.died("ingest-0"))
+        assert restarts.due() == []
+        now[0] += delays[-1]
+        assert restarts.due() == ["ingest-0"]
+        assert restarts.due() == []
+    assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0]
+    restarts.started("ingest-0")
+    now[0] += 10.0
+    assert restarts.died("ingest-0") == 0.2
+
+
+@pytest.fixture
+def refusing_broker(pki: PkiLayout, tmp_path: Path) -> Iterator[BrokerServer]:
+    """The project's broker (mutual TLS, ACL) refusing every client id that does not begin
+    with `meter-`: an ingest worker gets CONNACK 0x87, not authorized (Mosquitto 2.0.11's
+    deprecated `clientid_prefixes`; none of its options refuses with a code that may pass,
+    such as server busy)."""
+    port, admin_port = free_port(), free_port()
+    files = render(run_dir=tmp_path / "run", pki=pki, tls_port=port, admin_port=admin_port)
+    with files.conf.open("a") as conf:
+        conf.write("clientid_prefixes meter-\n")
+    server = BrokerServer(files, port=port, admin_port=admin_port)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_broker_that_refuses_the_worker_for_good_ends_it_after_one_attempt(
+    pki: PkiLayout, refusing_broker: BrokerServer, database_url: str
+) -> None:
+    """No retry can change "not authorized": the worker ends with exit code 1 and one log
+    line naming the reason code, after one attempt (gmqtt does not connect again by
+    itself). gmqtt's error escaped the worker before, a traceback with its tasks left
+    running."""
+    settings = worker_settings(
+        pki=pki, port=refusing_broker.port, database_url=database_url, redis_url=None,
+        identity=ingest_identity(0),
+    )  # fmt: skip
+    log = refusing_broker.files.log
+    offset = log.stat().st_size
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            settings, source=mqtt_source(settings), store_factory=postgres_store(settings)
+        )
+        await asyncio.wait_for(worker.run(), 20)
+        await asyncio.sleep(2)  # gmqtt's own reconnect would come 1 s after the refusal
+        return worker
+
+    with capture_logs() as logs:
+        worker = asyncio.run(scenario())
+    assert worker.exit_code == 1
+    (refused,) = [e for e in logs if e["event"] == "broker_refused_exiting"]
+    assert refused["reason_code"] == 0x87
+    assert "worker_started" not in [e["event"] for e in logs]
+    assert log.read_bytes()[offset:].count(b"New connection from") == 1
+
+
+@pytest.mark.slow
+def test_workers_refused_by_their_broker_are_restarted_with_backoff(
+    pki: PkiLayout, refusing_broker: BrokerServer, database_url: str, tmp_path: Path
+) -> None:
+    """`--workers 2` against a broker that refuses them: each worker exits 1 with the reason
+    code, the supervisor starts it again later each time, and SIGTERM ends it all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
+    env |= {
+        "METERPROOF_PKI_ROOT": str(pki.root),
+        "METERPROOF_SHARE_GROUP": new_share_group(),
+        "METERPROOF_DATABASE_URL": database_url,
+        "METERPROOF_MQTT_PORT": str(refusing_broker.port),
+        "METERPROOF_METRICS_PORT": "0",
+    }
+    out = tmp_path / "ingest.log"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", "2"],
+            env=env, cwd=tmp_path, stdout=sink, stderr=sink,
+        )  # fmt: skip
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+
+    def restarts() -> list[dict[str, Any]]:
+        return [e for e in lines() if e["event"] == "worker_died_restarting"]
+
+    try:
+        wait_until(lambda: len(restarts()) >= 6, what="three restarts of each", within_s=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0
+    assert "Traceback" not in out.read_text()
+    refusals = [e for e in lines() if e["event"] == "broker_refused_exiting"]
+    assert {e["reason_code"] for e in refusals} == {0x87}
+    for identity in (ingest_identity(0), ingest_identity(1)):
+        mine = [e for e in restarts() if e["identity"] == identity]
+        assert [e["exit_code"] for e in mine[:3]] == [1, 1, 1]
+        assert [e["restart_in_s"] for e in mine[:3]] == [0.2, 0.4, 0.8]
