@@ -36,6 +36,24 @@ def test_a_librarys_logging_lines_are_json_too() -> None:
     assert line["logger"] == "psycopg.pool"
 
 
+def test_configuring_again_reaches_the_loggers_already_in_use() -> None:
+    """A module's logger is bound once (`cache_logger_on_first_use`): a second
+    `configure_logging` in the same process (a second command run in it, as the tests do)
+    gave it a list of processors that `capture_logs` no longer reached, and the tests that
+    read a refusal's log line saw nothing in CI."""
+    probe = (
+        "from meterproof.cli.logs import configure_logging; import structlog; "
+        "from structlog.testing import capture_logs; configure_logging(); "
+        "log = structlog.get_logger('t'); log.info('bound'); configure_logging(); "
+        "cap = capture_logs(); logs = cap.__enter__(); log.warning('refused'); "
+        "cap.__exit__(None, None, None); print([e['event'] for e in logs])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", probe], capture_output=True, check=True, timeout=30
+    )
+    assert done.stdout.decode().strip() == "['refused']"
+
+
 def test_readable_lines_on_a_terminal() -> None:
     parent, child = os.openpty()
     try:

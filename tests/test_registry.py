@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from uuid import uuid4
 
 import psycopg
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 from consent_harness import Ed25519Wallet, link
 from cryptography.hazmat.primitives import serialization
@@ -23,7 +21,7 @@ from meterproof.certs.bulk import issue_bulk, new_meter_ids, write_bulk_csv
 from meterproof.certs.crl import read_revoked
 from meterproof.certs.identities import issue_device, load_identity
 from meterproof.certs.layout import PkiLayout
-from meterproof.registry import repository, telemetry, wallets
+from meterproof.registry import repository, wallets
 from meterproof.registry.accounts import AccountId
 from meterproof.registry.cli import meters
 from meterproof.registry.errors import (
@@ -76,20 +74,6 @@ def _count(conn: psycopg.Connection[Any], table: str) -> int:
     row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     assert row is not None
     return int(row[0])
-
-
-@contextmanager
-def refusal_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """The registry's refusal log lines, through a logger of their own: the module's may
-    have been bound by an earlier test of this process after `cli.logs` configured
-    structlog to cache loggers on first use, which `capture_logs` cannot reach."""
-    kept = telemetry.log
-    with capture_logs() as logs:
-        telemetry.log = structlog.get_logger("registry")
-        try:
-            yield logs
-        finally:
-            telemetry.log = kept
 
 
 def _one_line_error(result: Result, code: int) -> str:
@@ -358,7 +342,7 @@ def test_changing_a_decommissioned_meter_is_a_recorded_refusal_with_a_reason_cod
         for action in ("set_status", "rotate_key")
     }
     before = {action: metric._value.get() for action, metric in counted.items()}
-    with refusal_logs() as logs:
+    with capture_logs() as logs:
         with pytest.raises(StateError) as quarantined:
             repository.set_status(conn, meter_id, MeterStatus.QUARANTINED)
         with pytest.raises(StateError) as rotated:
@@ -403,7 +387,7 @@ def test_set_status_refuses_decommissioned_and_names_decommission(
     assert cli("register", meter_id, "--from-pki").exit_code == 0
     counted = REFUSALS.labels(action="set_status", reason="decommission_without_revocation")
     before = counted._value.get()
-    with refusal_logs() as logs:
+    with capture_logs() as logs:
         result = cli("set-status", meter_id, "decommissioned", "--reason", "removed")
     error = _one_line_error(result, 2)
     assert "decommission_without_revocation" in error
