@@ -46,7 +46,7 @@ from meterproof.errors import MeterproofError, UnavailableError
 from meterproof.ingest import _gmqtt, _wire
 from meterproof.ingest.records import Message
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.telemetry import PACKETS_DROPPED
+from meterproof.ingest.telemetry import BROKER_REFUSALS, PACKETS_DROPPED
 from meterproof.schemas import topics
 from meterproof.schemas.timestamps import wall_ms
 
@@ -80,6 +80,15 @@ class BrokerRefusedError(MeterproofError):
         self.code = code
         self.permanent = code in PERMANENT_REFUSALS
         self.exit_code = 1 if self.permanent else UnavailableError.exit_code
+
+
+def _lasting_refusal(error: BaseException) -> int | None:
+    """The reason code of a refusal no retry can change, None for any other failure."""
+    return error.code if isinstance(error, BrokerRefusedError) and error.permanent else None
+
+
+def _count_refusal(packet: str, code: int) -> None:
+    BROKER_REFUSALS.labels(packet=packet, reason_code=f"{code:#04x}").inc()
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +219,9 @@ class MqttSource:
             )
         except MQTTConnectError as exc:
             await self.stop()
-            raise BrokerRefusedError(
-                f"{self._host}:{self._port}", _gmqtt.refusal_code(exc)
-            ) from exc
+            code = _gmqtt.refusal_code(exc)
+            _count_refusal("connack", code)
+            raise BrokerRefusedError(f"{self._host}:{self._port}", code) from exc
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:  # noqa: ANN401
         # A new link: deliveries of the previous one are redelivered on this one.
@@ -244,8 +253,11 @@ class MqttSource:
         )
 
     def _on_subscribe(self, client: Client, mid: int, granted: Sequence[int], props: Any) -> None:  # noqa: ANN401
-        if any(code >= 0x80 for code in granted):
-            log.error("broker_refused_subscription", topic=self._topic, codes=list(granted))
+        refused = [code for code in granted if code >= 0x80]
+        for code in refused:
+            _count_refusal("suback", code)
+            log.error("broker_refused_subscription", topic=self._topic, reason_code=code)
+        if refused:
             return
         if self._wanted:
             self._settled.set()
@@ -407,18 +419,35 @@ class BrokerSet:
         if len(failed) == len(self._sources):
             raise failed[0][1]
         for source, error in failed:
-            log.warning("broker_unreachable_at_start", broker=source.index, error=str(error))
-            self._connecting.append(asyncio.create_task(self._keep_trying(source, routed)))
+            if _lasting_refusal(error) is None:  # a lasting one: `_keep_trying` tells it
+                log.warning("broker_unreachable_at_start", broker=source.index, error=str(error))
+            self._connecting.append(asyncio.create_task(self._keep_trying(source, routed, error)))
 
     @staticmethod
-    async def _keep_trying(source: MqttSource, deliver: Handler) -> None:
+    async def _keep_trying(source: MqttSource, deliver: Handler, error: BaseException) -> None:
+        """Connect, with backoff, to a broker that failed the first time (`error`). A
+        refusal no retry can change (this worker not authorised there, banned) needs an
+        operator, yet is still tried (the ACL may be fixed meanwhile): a warning whenever
+        its reason code first appears or changes, not at every attempt (each is counted,
+        `MqttSource.start`). Any other failure is a debug line."""
         backoff = Backoff(1.0, 10.0)
+        told: int | None = None
         while True:
+            refused = _lasting_refusal(error)
+            if refused is not None and refused != told:
+                log.warning(
+                    "broker_refused_retrying",
+                    broker=source.index,
+                    reason_code=refused,
+                    error=str(error),
+                )
+            told = refused
             await asyncio.sleep(backoff.next_s())
             try:
                 await source.start(deliver)
             except (OSError, BrokerRefusedError) as exc:
                 log.debug("broker_still_unreachable", broker=source.index, error=str(exc))
+                error = exc
             else:
                 return
 

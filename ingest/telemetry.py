@@ -46,6 +46,12 @@ REPLAY_CHECKS = Counter(
     ["asked"],
 )
 QUARANTINED = Counter("meterproof_meters_quarantined_total", "Meters quarantined by the worker")
+BROKER_REFUSALS = Counter(
+    "meterproof_broker_refusals_total",
+    "Refusals of this worker by a broker: of a connection attempt (packet=connack) or of the"
+    " readings' subscription (packet=suback), by MQTT reason code (one byte: bounded)",
+    ["packet", "reason_code"],
+)
 PACKETS_DROPPED = Counter(
     "meterproof_mqtt_packets_dropped_total",
     "MQTT packets (or the rest of a stream) dropped as malformed, by reason",

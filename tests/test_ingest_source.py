@@ -7,21 +7,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from gmqtt import Client
 from ingest_harness import ProbeMeter, end_session, provision, worker_settings
+from structlog.testing import capture_logs
 from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.ingest import _gmqtt
 from meterproof.ingest._gmqtt import OutboundWindow
 from meterproof.ingest._wire import Drop
-from meterproof.ingest.source import BrokerRefusedError, Delivery, mqtt_source
-from meterproof.ingest.telemetry import PACKETS_DROPPED
+from meterproof.ingest.source import BrokerRefusedError, BrokerSet, Delivery, mqtt_source
+from meterproof.ingest.telemetry import BROKER_REFUSALS, PACKETS_DROPPED
+from meterproof.mosquitto.config import BrokerFiles, render
 from meterproof.schemas import topics
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.process import LOOPBACK, free_port
 
 
 def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
@@ -374,3 +379,114 @@ def test_a_refused_first_connection_is_left_to_the_caller_to_retry() -> None:
     accepted = True
     assert judged(0x89)
     assert not judged(0x87)
+
+
+@pytest.fixture
+def misconfigured_broker(
+    pki: PkiLayout, tmp_path: Path
+) -> Iterator[Callable[[Callable[[BrokerFiles], None]], BrokerServer]]:
+    """Start a broker of the project's rendered config, changed by the test before it
+    starts (`edit(files)`); stopped after the test."""
+    started: list[BrokerServer] = []
+
+    def start(edit: Callable[[BrokerFiles], None]) -> BrokerServer:
+        port, admin_port = free_port(), free_port()
+        run_dir = tmp_path / f"run-{len(started)}"
+        files = render(run_dir=run_dir, pki=pki, tls_port=port, admin_port=admin_port)
+        edit(files)
+        server = BrokerServer(files, port=port, admin_port=admin_port)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _refusing_ingest_clients(files: BrokerFiles) -> None:
+    """Every client id but `meter-...` refused: CONNACK 0x87, not authorized (Mosquitto
+    2.0.11's deprecated `clientid_prefixes`, as `tests/test_ingest_worker.py`)."""
+    with files.conf.open("a") as conf:
+        conf.write("clientid_prefixes meter-\n")
+
+
+def _without_topic_acl(files: BrokerFiles) -> None:
+    """No `acl_file`: the dynamic-security plugin alone judges, and it denies by default
+    (`mosquitto.config.dynsec_config`), SUBSCRIBE included (acl_file grants every
+    subscription, so a broker with it never refuses one)."""
+    conf = files.conf.read_text().splitlines(keepends=True)
+    files.conf.write_text("".join(line for line in conf if not line.startswith("acl_file ")))
+
+
+def _refusals(packet: str, code: int) -> float:
+    value: float = BROKER_REFUSALS.labels(packet=packet, reason_code=f"{code:#04x}")._value.get()
+    return value
+
+
+@pytest.mark.slow
+def test_a_broker_of_several_that_refuses_for_good_is_told_once_counted_and_retried(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    misconfigured_broker: Callable[[Callable[[BrokerFiles], None]], BrokerServer],
+) -> None:
+    """One broker of two refuses the worker (not authorized): the worker runs on the other
+    and keeps trying it with backoff (an operator may fix its ACL), each refused attempt
+    counted by reason code, and one warning naming the code, not one per attempt. It was
+    a debug line at each attempt, and counted nowhere."""
+    refusing = misconfigured_broker(_refusing_ingest_clients)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
+        mqtt_brokers=f"{LOOPBACK}:{broker.port},{LOOPBACK}:{refusing.port}",
+    )  # fmt: skip
+    before = _refusals("connack", 0x87)
+
+    async def scenario() -> bool:
+        source = mqtt_source(settings)
+        assert isinstance(source, BrokerSet)
+        await source.start(lambda delivery: None)
+        await async_wait_until(
+            lambda: _refusals("connack", 0x87) - before >= 3,
+            what="the first attempt and two retries refused",
+        )
+        connected = source.connected
+        await source.stop()
+        return connected
+
+    with capture_logs() as logs:
+        assert asyncio.run(scenario())
+    told = [e for e in logs if e["event"] == "broker_refused_retrying"]
+    assert [(e["log_level"], e["broker"], e["reason_code"]) for e in told] == [("warning", 1, 0x87)]
+    assert "broker_unreachable_at_start" not in [e["event"] for e in logs]
+
+
+@pytest.mark.slow
+def test_a_refused_subscription_is_counted_and_logged_with_its_reason_code(
+    pki: PkiLayout,
+    misconfigured_broker: Callable[[Callable[[BrokerFiles], None]], BrokerServer],
+) -> None:
+    """A broker that takes the connection but refuses the readings' subscription (here
+    one whose topic ACL is missing) leaves the worker connected and idle: the refusal is
+    counted by reason code and logged with it, and the source does not call itself
+    connected (`/readyz` says so)."""
+    refusing = misconfigured_broker(_without_topic_acl)
+    settings = worker_settings(
+        pki=pki, port=refusing.port, database_url="postgresql://unused", redis_url=None
+    )
+    before = _refusals("suback", 0x87)
+
+    async def scenario() -> bool:
+        source = mqtt_source(settings)
+        await source.start(lambda delivery: None)
+        await async_wait_until(
+            lambda: _refusals("suback", 0x87) > before, what="the refused SUBACK counted"
+        )
+        connected = source.connected
+        await source.stop()
+        return connected
+
+    with capture_logs() as logs:
+        assert not asyncio.run(scenario())
+    assert _refusals("suback", 0x87) == before + 1
+    (refused,) = [e for e in logs if e["event"] == "broker_refused_subscription"]
+    assert (refused["log_level"], refused["reason_code"]) == ("error", 0x87)
