@@ -80,15 +80,17 @@ class CampaignResult:
 
     def _faults_missed(self) -> list[str]:
         """A clean audit proves nothing about a fault that never happened: one skipped (the
-        fleet ended first) or one that found nothing to hit."""
+        fleet ended first) or one that found nothing to hit; nor about one the product
+        did not recover from in time (the next fault then lands on an unrecovered one)."""
         out = []
         if (skipped := len(self.plan.faults) - len(self.faults)) > 0:
             out.append(f"{skipped} of {len(self.plan.faults)} planned faults not injected")
-        out += [
-            f"{f.kind.value} at {f.began_s:.1f} s hit nothing: {f.note}"
-            for f in self.faults
-            if f.kind in KILLING_KINDS and not f.kills
-        ]
+        for f in self.faults:
+            if not f.hit or (f.kind in KILLING_KINDS and not f.kills):
+                out.append(f"{f.name} at {f.began_s:.1f} s did not happen: {f.note}")
+            if f.recovery_s is None:
+                timeout = self.config.recovery_timeout_s
+                out.append(f"{f.name} at {f.began_s:.1f} s not recovered within {timeout:g} s")
         return out
 
     @property
@@ -259,9 +261,8 @@ def _inject_all(
         record = injector.run(fault)
         result.faults.append(record)
         recovery = "not recovered" if record.recovery_s is None else f"{record.recovery_s:.1f} s"
-        variant = "" if record.variant == "-" else f" ({record.variant})"
         say(
-            f"[{record.began_s:6.1f}s] {n}/{len(plan.faults)} {record.kind.value}{variant}:"
+            f"[{record.began_s:6.1f}s] {n}/{len(plan.faults)} {record.name}:"
             f" {record.ended_s - record.began_s:.1f} s, recovery {recovery}"
             + (f"; {record.note}" if record.note else "")
         )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from meterproof.chaos.backlog import (
     ingest_caught_up,
@@ -72,6 +72,22 @@ class FaultRecord:
     #: SIGKILLs this fault delivered (a crash-point bridge fault kills twice).
     kills: int = 0
     note: str = ""
+    #: False when the fault did not take the effect it exists for, which no kill count
+    #: shows: no standby to freeze, a bridge that never reached its crash point.
+    hit: bool = True
+
+    @property
+    def name(self) -> str:
+        """The kind, and the variant where there is one: "bridge_kill9 (before_submit)"."""
+        return self.kind.value if self.variant == "-" else f"{self.kind.value} ({self.variant})"
+
+
+class Effect(NamedTuple):
+    """What an injection did, as its record keeps it."""
+
+    kills: int
+    note: str = ""
+    hit: bool = True
 
 
 def worker_pids(supervisor_pid: int) -> list[int]:
@@ -199,7 +215,7 @@ class Injector:
             # without one there is nothing to fail over to.
             self._cluster().wait_replicated(timeout=self.t.config.recovery_timeout_s)
         began = time.time()
-        kills, note = self._inject_ha(fault.kind) if fault.kind in HA_KINDS else self._inject(fault)
+        effect = self._inject_ha(fault.kind) if fault.kind in HA_KINDS else self._inject(fault)
         ended = time.time()
         recovery = self._wait_recovered(fault.kind, ended)
         return FaultRecord(
@@ -209,38 +225,39 @@ class Injector:
             began_s=round(self.since_load(began), 2),
             ended_s=round(self.since_load(ended), 2),
             recovery_s=None if recovery is None else round(recovery, 2),
-            kills=kills,
-            note=note,
+            kills=effect.kills,
+            note=effect.note,
+            hit=effect.hit,
         )
 
-    def _inject(self, fault: PlannedFault) -> tuple[int, str]:
+    def _inject(self, fault: PlannedFault) -> Effect:
         t = self.t
         match fault.kind:
             case FaultKind.WORKER_KILL:
                 return self._kill_worker()
             case FaultKind.BROKER_RESTART:
                 t.broker.restart()
-                return 0, ""
+                return Effect(0)
             case FaultKind.BROKER_KILL:
                 t.broker.kill9()
                 time.sleep(BROKER_DOWN_S)
                 t.broker.start()
-                return 1, ""
+                return Effect(1)
             case FaultKind.POSTGRES_STOP:
                 t.postgres.stop()
                 time.sleep(fault.outage_s)
                 t.postgres.start()
-                return 0, ""
+                return Effect(0)
             case FaultKind.REDIS_STOP:
                 t.redis.stop()
                 time.sleep(fault.outage_s)
                 t.redis.start()
-                return 0, ""
+                return Effect(0)
             case FaultKind.BRIDGE_KILL:
                 return self._kill_bridge(fault.variant)
         raise ValueError(f"{fault.kind} is not a fault of the single-PostgreSQL stack")
 
-    def _inject_ha(self, kind: FaultKind) -> tuple[int, str]:
+    def _inject_ha(self, kind: FaultKind) -> Effect:
         """The cluster's faults; their note names the node or member hit."""
         cluster = self._cluster()
         if kind is FaultKind.PRIMARY_KILL:
@@ -248,53 +265,53 @@ class Injector:
         if kind is FaultKind.SWITCHOVER:
             old = cluster.primary()
             new = cluster.switchover()
-            return 0, f"{'-' if old is None else old.name} -> {new.name}"
+            return Effect(0, f"{'-' if old is None else old.name} -> {new.name}")
         if kind is FaultKind.BROKER_LOST:
             return self._lose_broker()
         if kind is FaultKind.STANDBY_FREEZE:
             standby = cluster.standby()
             if standby is None:
-                return 0, "no standby to freeze"
+                return Effect(0, "no standby to freeze", hit=False)
             standby.freeze()
             try:
                 time.sleep(STANDBY_FROZEN_S)
             finally:
                 standby.thaw()
-            return 0, standby.name
+            return Effect(0, standby.name)
         member = self.rng.choice(cluster.etcd)
         member.kill()
         time.sleep(ETCD_DOWN_S)
         member.start()
-        return 1, member.name
+        return Effect(1, member.name)
 
     def _cluster(self) -> HaCluster:
         if not isinstance(self.t.postgres, HaCluster):
             raise TypeError("an HA fault needs the Patroni cluster (--ha)")
         return self.t.postgres
 
-    def _kill_primary(self, cluster: HaCluster) -> tuple[int, str]:
+    def _kill_primary(self, cluster: HaCluster) -> Effect:
         """kill -9 of the primary's postmaster; the fault lasts until a reading is stored
         after the kill, which can only be on the new primary: its duration is the
         failover time as the pipeline sees it."""
         old = cluster.primary()
         if old is None:
-            return 0, "no primary to kill"
+            return Effect(0, "no primary to kill")
         killed_at = time.time()
         old.kill_postgres()
         deadline = killed_at + self.t.config.recovery_timeout_s
         while time.time() < deadline and not stored_since(self.t.database_url, killed_at):
             time.sleep(0.1)
         new = cluster.primary()
-        return 1, f"{old.name} -> {'-' if new is None else new.name}"
+        return Effect(1, f"{old.name} -> {'-' if new is None else new.name}")
 
-    def _lose_broker(self) -> tuple[int, str]:
+    def _lose_broker(self) -> Effect:
         """kill -9 of a broker: the first the first time (every meter starts there), then
         the one they moved to. The fault lasts until every meter has a reading stored
         after the kill, which for the meters of the lost broker means through the other:
         its duration is the fleet's failover time. Then the broker is started again."""
         brokers = self.t.brokers
         if len(brokers) < 2:
-            return 0, "one broker only: nothing to fail over to"
+            return Effect(0, "one broker only: nothing to fail over to")
         victim = brokers[self._brokers_lost % len(brokers)]
         self._brokers_lost += 1
         killed_at = time.time()
@@ -307,33 +324,35 @@ class Injector:
                 break
             time.sleep(_POLL_S)
         victim.start()
-        return 1, f"{victim.name}; {moved} of {self.t.config.meters} meters stored through"
+        return Effect(1, f"{victim.name}; {moved} of {self.t.config.meters} meters stored through")
 
-    def _kill_worker(self) -> tuple[int, str]:
+    def _kill_worker(self) -> Effect:
         pids = sorted(worker_pids(self.t.ingest.pid))
         if not pids:
-            return 0, "no live worker to kill"
+            return Effect(0, "no live worker to kill")
         victim = self._victim = self.rng.choice(pids)
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        return 1, f"worker {pids.index(victim)} of {len(pids)}"
+        return Effect(1, f"worker {pids.index(victim)} of {len(pids)}")
 
-    def _kill_bridge(self, variant: str) -> tuple[int, str]:
+    def _kill_bridge(self, variant: str) -> Effect:
         """A SIGKILL now; for a crash-point variant, a restart armed to SIGKILL itself at
-        that step of anchoring (the next sealed epoch reaches it), then a clean restart."""
-        bridge, kills, note = self.t.bridge, 1, ""
+        that step of anchoring (the next sealed epoch reaches it), then a clean restart; one
+        that never reached its crash point did not exercise it (not hit)."""
+        bridge, effect = self.t.bridge, Effect(1)
         bridge.kill9()
         if variant != "random":
             bridge.start(METERPROOF_BRIDGE_CRASH_AT=variant)
             c = self.t.config
             code = bridge.wait_exit(c.epoch_s + c.seal_delay_s + 30)
             if code == -signal.SIGKILL:
-                kills, note = 2, f"then killed itself at {variant}"
+                effect = Effect(2, f"then killed itself at {variant}")
             else:
                 bridge.kill9()
-                kills, note = 2, f"did not reach {variant} in time (exit {code}); killed"
+                note = f"did not reach {variant} in time (exit {code}); killed"
+                effect = Effect(2, note, hit=False)
         bridge.start()
-        return kills, note
+        return effect
 
     def _recovered(self, kind: FaultKind, ended: float) -> bool:
         t = self.t

@@ -3,6 +3,8 @@ purpose, and a small campaign with every fault kind against a real stack of its 
 
 from __future__ import annotations
 
+import random
+import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +24,7 @@ from meterproof.chaos.audit import (
     expected_mints,
 )
 from meterproof.chaos.campaign import CampaignResult, run_campaign
-from meterproof.chaos.faults import FaultRecord
+from meterproof.chaos.faults import FaultRecord, Injector, ProductProcess, Target
 from meterproof.chaos.plan import (
     FULL_COUNTS,
     HA_KINDS,
@@ -196,8 +198,62 @@ def test_a_clean_audit_does_not_pass_a_campaign_whose_faults_did_not_happen() ->
     result.faults = every[:-2]
     assert result.problems() == [f"2 of {len(plan.faults)} planned faults not injected"]
     result.faults = [*every[:-1], record(FaultKind.WORKER_KILL, 0, "no live worker to kill")]
-    assert result.problems() == ["worker_kill9 at 1.0 s hit nothing: no live worker to kill"]
+    assert result.problems() == ["worker_kill9 at 1.0 s did not happen: no live worker to kill"]
     assert not result.ok
+
+
+def test_a_clean_audit_does_not_pass_a_fault_without_its_effect_or_its_recovery() -> None:
+    """A fault can take place yet miss what it exists to exercise (no standby to freeze, a
+    bridge that never reached its crash point), or leave the product unrecovered past the
+    timeout: each is a problem of the campaign, whatever the audit says."""
+    config = quick_config(ha=True)
+    plan = make_plan(config)
+    audit = Audit(
+        StoreCheck(generated=10, stored=10, lost=0, duplicated=0, unexpected=0, inconsistent=0),
+        AnchorCheck(10, 0, 1, 0, 0, 1, 10),
+        MintCheck(0, 0, 0),
+        True,
+        "OK",
+    )
+    every = [FaultRecord(f.kind, f.variant, 0.0, 1.0, 2.0, 1.0, 2) for f in plan.faults]
+    result = CampaignResult(config, plan, {}, datetime.now(UTC), fleet={"sent": 10}, audit=audit)
+    result.faults = every
+    assert result.problems() == []
+
+    no_standby = FaultRecord(
+        FaultKind.STANDBY_FREEZE, "-", 0.0, 1.0, 1.0, 0.0, 0, "no standby to freeze", hit=False
+    )
+    missed_crash = FaultRecord(
+        FaultKind.BRIDGE_KILL, "before_submit", 0.0, 3.0, 40.0, 1.0, 2,
+        "did not reach before_submit in time (exit None); killed", hit=False,
+    )  # fmt: skip
+    unrecovered = FaultRecord(FaultKind.REDIS_STOP, "-", 0.0, 50.0, 52.0, None)
+    result.faults = [*every[:-3], no_standby, missed_crash, unrecovered]
+    assert result.problems() == [
+        "pg_standby_frozen at 1.0 s did not happen: no standby to freeze",
+        "bridge_kill9 (before_submit) at 3.0 s did not happen:"
+        " did not reach before_submit in time (exit None); killed",
+        f"redis_stop at 50.0 s not recovered within {config.recovery_timeout_s:g} s",
+    ]
+    assert not result.ok
+
+
+@pytest.mark.parametrize(("honours_crash_point", "hit"), [(True, True), (False, False)])
+def test_a_bridge_that_never_reaches_its_crash_point_is_recorded_as_not_hit(
+    tmp_path: Path, honours_crash_point: bool, hit: bool
+) -> None:
+    """The armed restart must die of its own SIGKILL at the crash point; one that exits
+    otherwise (or not at all in time) never ran that step of anchoring."""
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    code = f"import os\nif os.environ.get('METERPROOF_BRIDGE_CRASH_AT'): {crash}"
+    argv = [sys.executable, "-c", code if honours_crash_point else "pass"]
+    bridge = ProductProcess("bridge", argv, {}, tmp_path / "bridge.log")
+    bridge.start()
+    target = Target(quick_config(), None, None, None, None, bridge, tmp_path, "")
+    injector = Injector(target, load_started=0.0, rng=random.Random(1))
+    effect = injector._kill_bridge("before_submit")
+    bridge.kill9()
+    assert (effect.kills, effect.hit) == (2, hit)
 
 
 # ---------------------------------------------------------------------------------------
