@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fixtures.servers import refusing_ingest_clients
 from gmqtt import Client
 from ingest_harness import ProbeMeter, end_session, provision, worker_settings
 from structlog.testing import capture_logs
@@ -23,10 +23,10 @@ from meterproof.ingest._gmqtt import OutboundWindow
 from meterproof.ingest._wire import Drop
 from meterproof.ingest.source import BrokerRefusedError, BrokerSet, Delivery, mqtt_source
 from meterproof.ingest.telemetry import BROKER_REFUSALS, PACKETS_DROPPED
-from meterproof.mosquitto.config import BrokerFiles, render
+from meterproof.mosquitto.config import BrokerFiles
 from meterproof.schemas import topics
 from meterproof.stack.broker import BrokerServer
-from meterproof.stack.process import LOOPBACK, free_port
+from meterproof.stack.process import LOOPBACK
 
 
 def test_window_blocks_at_its_limit_and_reopens_on_puback() -> None:
@@ -381,36 +381,6 @@ def test_a_refused_first_connection_is_left_to_the_caller_to_retry() -> None:
     assert not judged(0x87)
 
 
-@pytest.fixture
-def misconfigured_broker(
-    pki: PkiLayout, tmp_path: Path
-) -> Iterator[Callable[[Callable[[BrokerFiles], None]], BrokerServer]]:
-    """Start a broker of the project's rendered config, changed by the test before it
-    starts (`edit(files)`); stopped after the test."""
-    started: list[BrokerServer] = []
-
-    def start(edit: Callable[[BrokerFiles], None]) -> BrokerServer:
-        port, admin_port = free_port(), free_port()
-        run_dir = tmp_path / f"run-{len(started)}"
-        files = render(run_dir=run_dir, pki=pki, tls_port=port, admin_port=admin_port)
-        edit(files)
-        server = BrokerServer(files, port=port, admin_port=admin_port)
-        started.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-def _refusing_ingest_clients(files: BrokerFiles) -> None:
-    """Every client id but `meter-...` refused: CONNACK 0x87, not authorized (Mosquitto
-    2.0.11's deprecated `clientid_prefixes`, as `tests/test_ingest_worker.py`)."""
-    with files.conf.open("a") as conf:
-        conf.write("clientid_prefixes meter-\n")
-
-
 def _without_topic_acl(files: BrokerFiles) -> None:
     """No `acl_file`: the dynamic-security plugin alone judges, and it denies by default
     (`mosquitto.config.dynsec_config`), SUBSCRIBE included (acl_file grants every
@@ -434,7 +404,7 @@ def test_a_broker_of_several_that_refuses_for_good_is_told_once_counted_and_retr
     and keeps trying it with backoff (an operator may fix its ACL), each refused attempt
     counted by reason code, and one warning naming the code, not one per attempt. It was
     a debug line at each attempt, and counted nowhere."""
-    refusing = misconfigured_broker(_refusing_ingest_clients)
+    refusing = misconfigured_broker(refusing_ingest_clients)
     settings = worker_settings(
         pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
         mqtt_brokers=f"{LOOPBACK}:{broker.port},{LOOPBACK}:{refusing.port}",

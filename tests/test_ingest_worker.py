@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from fixtures.servers import refusing_ingest_clients
 from ingest_harness import (
     ProbeMeter,
     provision,
@@ -36,7 +37,7 @@ from meterproof.ingest.records import Message
 from meterproof.ingest.settings import IngestSettings
 from meterproof.ingest.source import Delivery, Handler, MqttSource, mqtt_source
 from meterproof.ingest.worker import Worker, postgres_store
-from meterproof.mosquitto.config import render
+from meterproof.mosquitto.config import BrokerFiles
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus
 from meterproof.stack.broker import BrokerServer
@@ -354,7 +355,6 @@ def test_health_readiness_and_metrics_endpoints(
     from urllib.request import urlopen
 
     from meterproof.probes import serve_probes
-    from meterproof.stack.process import free_port
 
     port = free_port()
     settings = worker_settings(
@@ -450,19 +450,11 @@ def test_a_worker_that_keeps_dying_is_restarted_later_each_time() -> None:
 
 
 @pytest.fixture
-def refusing_broker(pki: PkiLayout, tmp_path: Path) -> Iterator[BrokerServer]:
-    """The project's broker (mutual TLS, ACL) refusing every client id that does not begin
-    with `meter-`: an ingest worker gets CONNACK 0x87, not authorized (Mosquitto 2.0.11's
-    deprecated `clientid_prefixes`; none of its options refuses with a code that may pass,
-    such as server busy)."""
-    port, admin_port = free_port(), free_port()
-    files = render(run_dir=tmp_path / "run", pki=pki, tls_port=port, admin_port=admin_port)
-    with files.conf.open("a") as conf:
-        conf.write("clientid_prefixes meter-\n")
-    server = BrokerServer(files, port=port, admin_port=admin_port)
-    server.start()
-    yield server
-    server.stop()
+def refusing_broker(
+    misconfigured_broker: Callable[[Callable[[BrokerFiles], None]], BrokerServer],
+) -> BrokerServer:
+    """The project's broker refusing the ingest identities: CONNACK 0x87, not authorized."""
+    return misconfigured_broker(refusing_ingest_clients)
 
 
 @pytest.mark.slow
