@@ -174,19 +174,24 @@ def test_audit_finds_a_gap_and_a_duplicate_across_partitions(
     assert not audit.clean
 
 
-def test_a_clean_audit_does_not_pass_a_campaign_whose_faults_did_not_happen() -> None:
-    """The audit checks the readings; whether the faults it survived happened is the
-    campaign's to check: a fault skipped because the fleet ended, or a kill that found
-    no process, would otherwise pass as a campaign with every fault kind."""
-    config = quick_config()
-    plan = make_plan(config)
-    audit = Audit(
+def _clean_audit() -> Audit:
+    """An audit of 10 readings that found nothing wrong."""
+    return Audit(
         StoreCheck(generated=10, stored=10, lost=0, duplicated=0, unexpected=0, inconsistent=0),
         AnchorCheck(10, 0, 1, 0, 0, 1, 10),
         MintCheck(0, 0, 0),
         True,
         "OK",
     )
+
+
+def test_a_clean_audit_does_not_pass_a_campaign_whose_faults_did_not_happen() -> None:
+    """The audit checks the readings; whether the faults it survived happened is the
+    campaign's to check: a fault skipped because the fleet ended, or a kill that found
+    no process, would otherwise pass as a campaign with every fault kind."""
+    config = quick_config()
+    plan = make_plan(config)
+    audit = _clean_audit()
 
     def record(kind: FaultKind, kills: int, note: str = "") -> FaultRecord:
         return FaultRecord(kind, "-", 0.0, 1.0, 2.0, 1.0, kills, note)
@@ -208,13 +213,7 @@ def test_a_clean_audit_does_not_pass_a_fault_without_its_effect_or_its_recovery(
     timeout: each is a problem of the campaign, whatever the audit says."""
     config = quick_config(ha=True)
     plan = make_plan(config)
-    audit = Audit(
-        StoreCheck(generated=10, stored=10, lost=0, duplicated=0, unexpected=0, inconsistent=0),
-        AnchorCheck(10, 0, 1, 0, 0, 1, 10),
-        MintCheck(0, 0, 0),
-        True,
-        "OK",
-    )
+    audit = _clean_audit()
     every = [FaultRecord(f.kind, f.variant, 0.0, 1.0, 2.0, 1.0, 2) for f in plan.faults]
     result = CampaignResult(config, plan, {}, datetime.now(UTC), fleet={"sent": 10}, audit=audit)
     result.faults = every
