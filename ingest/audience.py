@@ -79,7 +79,7 @@ class Audience:
                     self._url, autocommit=True
                 ) as listener:
                     await listener.execute(f"LISTEN {repository.CHANNEL}")
-                    with await asyncio.to_thread(_connect, self._url) as conn:
+                    with await _connected(self._url) as conn:
                         await self._reload(conn)
                         swept = time.monotonic()
                         while not stop.is_set():
@@ -110,3 +110,19 @@ class Audience:
 
 def _connect(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=True)
+
+
+async def _connected(url: str) -> psycopg.Connection[Any]:
+    """A connection made on a thread. Cancelled meanwhile (the worker stopping), the thread
+    still finishes it: it is closed when it comes, not left open for the collector."""
+    job = asyncio.ensure_future(asyncio.to_thread(_connect, url))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_close_late)
+        raise
+
+
+def _close_late(job: asyncio.Future[psycopg.Connection[Any]]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        job.result().close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +21,7 @@ from fixtures.servers import OwnBroker
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 from ingest_harness import ProbeMeter, provision, running_worker, tls_context, worker_settings
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from waiting import async_wait_until
 
 from meterproof.certs import crl
@@ -27,6 +30,7 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
 from meterproof.consent import repository as consents
 from meterproof.consent.model import Scope
+from meterproof.ingest.audience import Audience
 from meterproof.mosquitto.admin import enforce_revocation
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.redis import RedisServer
@@ -276,3 +280,45 @@ async def _integrator_revoked_in(scene: Scene, pki: PkiLayout, stack_env: StackE
     await scene.publish_both()
     await asyncio.sleep(0.3)
     assert len(scene.integrator.received) == count
+
+
+def test_a_consent_listener_stopped_while_it_connects_leaves_no_connection_open(
+    database_url: str,
+) -> None:
+    """The worker's consent view connects on a thread; a worker refused by its broker at
+    once stopped it mid-connect, and the connection the thread then made was dropped open
+    (a ResourceWarning in CI). It is closed when it comes now. Every connection here first
+    tries a port that takes TCP and never answers (2 s), so the thread's is still on its way
+    when the listener's is up and the task is cancelled."""
+    name = f"audience-{uuid.uuid4().hex[:8]}"
+    params = conninfo_to_dict(database_url)
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        params.update(
+            host="127.0.0.1,127.0.0.1",
+            port=f"{hole.getsockname()[1]},{params['port']}",
+            connect_timeout=2,
+            application_name=name,
+        )
+        url = make_conninfo("", **params)
+
+        def ours() -> int:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+                ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        async def scenario() -> None:
+            task = asyncio.create_task(Audience(database_url=url).run(asyncio.Event()))
+            await async_wait_until(lambda: ours() == 1, what="the listener connected")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(3)  # the thread's connection arrives meanwhile
+            gc.collect()
+            assert ours() == 0
+
+        asyncio.run(scenario())
