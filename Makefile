@@ -7,7 +7,7 @@ SHELL := /bin/bash
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 MP       := $(VENV)/bin/meterproof
-APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv patroni etcd-server
+APT_PKGS := mosquitto mosquitto-clients redis-server postgresql python3-venv patroni etcd-server openssl
 PYTEST_ARGS ?=
 # Test processes: the tests mostly wait on their servers, so two share 2 cores well.
 # 0 runs the suite in one process.
@@ -18,7 +18,7 @@ PYTEST_WORKERS ?= 2
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-system-packages: ## apt-get install what is missing (mosquitto, redis, postgresql, patroni, etcd, venv)
+system-packages: ## apt-get install what is missing (mosquitto, redis, postgresql, patroni, etcd, venv, openssl)
 	@missing=""; for p in $(APT_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \

@@ -730,7 +730,6 @@ def test_openssl_refuses_revoked_expired_and_foreign_clients(
     assert reason[case] in _handshake(pki, make[case]())
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_a_verifier_whose_clock_is_behind_accepts_clients_right_after_a_revocation(
     pki: PkiLayout,
 ) -> None:
