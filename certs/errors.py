@@ -19,3 +19,8 @@ class IdentityConflictError(PkiError, ConflictError):
 
 class UnknownIdentityError(PkiError, NotFoundError):
     """No identity of that name was issued by this PKI."""
+
+
+class SharedKeyError(PkiError):
+    """A private key file its group or others have access to: whoever could read it may
+    hold what it proves (a meter, an account). Its message leaves the path to the caller."""

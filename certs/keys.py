@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 
+from meterproof.certs.errors import SharedKeyError
+
 PRIVATE_FILE_MODE: Final = 0o600
 PUBLIC_FILE_MODE: Final = 0o644
 DIR_MODE: Final = 0o700
@@ -61,6 +63,15 @@ def write_new_file(path: Path, data: bytes, *, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def refuse_shared(path: Path, mode: int) -> None:
+    """SharedKeyError when `mode`, a private key file's, opens it to its group or others."""
+    if mode & 0o077:
+        raise SharedKeyError(
+            f"has mode {mode & 0o777:04o}: its group or others have access to it;"
+            f" `chmod 600 {path}` if no one else can have read it"
+        )
 
 
 @contextlib.contextmanager

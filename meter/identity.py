@@ -7,6 +7,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from meterproof.certs.errors import SharedKeyError
+from meterproof.certs.keys import refuse_shared
 from meterproof.certs.layout import DeviceFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.errors import InputError
@@ -30,15 +32,14 @@ class MeterIdentity:
         try:
             meta = json.loads(files.meta.read_bytes())
             key_pem = files.signing_key.read_bytes()
-            # Whoever can read a key can sign readings (or log in) as this meter.
-            shared = [key for key in (files.signing_key, files.key) if key.stat().st_mode & 0o077]
+            modes = [(p, p.stat().st_mode) for p in (files.signing_key, files.key)]
         except (OSError, ValueError) as exc:
             raise IdentityError(f"{files.directory}: {exc}") from None
-        if shared:
-            raise IdentityError(
-                f"{shared[0]}: its group or others have access to it;"
-                f" `chmod 600 {shared[0]}` if no one else can have read it"
-            )
+        for path, mode in modes:  # whoever can read one can sign, or log in, as this meter
+            try:
+                refuse_shared(path, mode)
+            except SharedKeyError as exc:
+                raise IdentityError(f"{path}: {exc}") from None
         meter_id = files.directory.name
         if not isinstance(meta, dict) or meta.get("meter_id") != meter_id:
             raise IdentityError(f"{files.meta}: not the identity of meter {meter_id}")

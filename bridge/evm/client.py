@@ -25,6 +25,8 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Excepti
 from web3.types import TxReceipt
 
 from meterproof.bridge.evm.compile import load_artifact
+from meterproof.certs.errors import SharedKeyError
+from meterproof.certs.keys import refuse_shared
 from meterproof.errors import InputError, UnavailableError
 
 T = TypeVar("T")
@@ -74,11 +76,10 @@ def load_key(path: Path) -> LocalAccount:
             text = handle.read()
     except OSError as exc:
         raise InputError(f"EVM key {path}: {exc}") from None
-    if mode & 0o077:
-        raise InputError(
-            f"EVM key {path} has mode {mode:04o}: its group or others have access to it;"
-            f" `chmod 600 {path}` if no one else can have read it"
-        )
+    try:
+        refuse_shared(path, mode)
+    except SharedKeyError as exc:
+        raise InputError(f"EVM key {path} {exc}") from None
     try:
         account: LocalAccount = Account.from_key(text.strip())
     except ValueError as exc:
