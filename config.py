@@ -15,6 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Final
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -24,7 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from meterproof.errors import MeterproofError
+from meterproof.errors import MeterproofError, first_line
 
 DEFAULT_RUN_DIR: Final = Path(".run")
 STACK_ENV_FILE: Final = DEFAULT_RUN_DIR / "stack.env"
@@ -61,6 +63,16 @@ def format_brokers(addresses: tuple[BrokerAddress, ...]) -> str:
 class SettingsError(MeterproofError):
     """A setting, or the TOML file of `METERPROOF_CONFIG`, is invalid: the process refuses
     to start, with one line naming it."""
+
+
+def libpq_parsable(url: str) -> str:
+    """`url` if libpq can parse it, else ValueError with libpq's reason: a typo is bad
+    input found at the start, not an unreachable database found later."""
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise ValueError(first_line(exc)) from None
+    return url
 
 
 def invalid_settings(exc: ValidationError) -> str:
@@ -117,6 +129,11 @@ class Settings(BaseSettings):
         """`METERPROOF_MQTT_BROKERS=` (set but empty) means the one broker, as unset does;
         the same for StackEnv's `mqtt_admin_ports`."""
         return None if value == "" else value
+
+    @field_validator("database_url", "database_read_url")
+    @classmethod
+    def _libpq_parsable(cls, value: str | None) -> str | None:
+        return None if value is None else libpq_parsable(value)
 
     @field_validator("mqtt_brokers")
     @classmethod

@@ -19,7 +19,7 @@ import psycopg
 from meterproof.bridge.settings import BridgeSettings
 from meterproof.certs.layout import PkiLayout
 from meterproof.cli.errors import Group
-from meterproof.cli.options import load_settings
+from meterproof.cli.options import database_option, load_settings
 from meterproof.errors import MeterproofError, first_line
 from meterproof.schemas.signatures import InvalidKeyError
 
@@ -137,15 +137,6 @@ def ledger() -> None:
     check a proof offline, list entries and GRID balances."""
 
 
-def _database_option(command: F) -> F:
-    return click.option(
-        "--database-url",
-        envvar="METERPROOF_DATABASE_URL",
-        default=None,
-        help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
-    )(command)
-
-
 def _oracle_option(command: F) -> F:
     return click.option(
         "--oracle-pub",
@@ -168,7 +159,7 @@ def _trusted_key(oracle_pub: Path | None, *, required: bool) -> bytes | None:
 
 
 @ledger.command("verify")
-@_database_option
+@database_option
 @_oracle_option
 def verify_command(database_url: str | None, oracle_pub: Path | None) -> None:
     """Recompute every root, the hash chain, every signature, every mint and balance from
@@ -232,7 +223,7 @@ def _audit_chain(conn: psycopg.Connection[Any], settings: BridgeSettings) -> Any
 @click.option(
     "-o", "--output", type=click.File("wb"), default="-", help="Write the JSON here [stdout]."
 )
-@_database_option
+@database_option
 def proof_command(reading_hash: str, output: Any, database_url: str | None) -> None:  # noqa: ANN401
     """The RFC 6962 audit path of READING_HASH (64 hex digits) to its batch root, with the
     signed ledger entry, as JSON; check it with `ledger check-proof`."""
@@ -274,7 +265,7 @@ def check_proof_command(file: Any, oracle_pub: Path | None) -> None:  # noqa: AN
 
 @ledger.command("balances")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
-@_database_option
+@database_option
 def balances_command(as_json: bool, database_url: str | None) -> None:
     """GRID per wallet in the local ledger (1 GRID = 1 kWh exported, 18 decimals)."""
     from meterproof.bridge.ledger.local import balances
@@ -313,7 +304,7 @@ def balances_command(as_json: bool, database_url: str | None) -> None:
     help="How many of the newest entries to show (oldest of them first).",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON with headers, signatures and mints.")
-@_database_option
+@database_option
 def entries_command(limit: int, as_json: bool, database_url: str | None) -> None:
     """The most recent ledger entries, and the oracle public key that signs them."""
     from meterproof.bridge.entry import entry_json

@@ -17,6 +17,7 @@ from meterproof.config import (
     Settings,
     StackEnv,
     invalid_settings,
+    libpq_parsable,
     stack_env_file,
 )
 from meterproof.errors import first_line
@@ -56,8 +57,17 @@ def database_option(command: F) -> F:
     return click.option(
         "--database-url",
         envvar="METERPROOF_DATABASE_URL",
+        callback=_parsable_url,
         help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
     )(command)
+
+
+def _parsable_url(_ctx: click.Context, _param: click.Parameter, url: str | None) -> str | None:
+    """A URL libpq cannot parse is bad input (exit 2), not an unreachable database."""
+    try:
+        return None if url is None else libpq_parsable(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @contextmanager

@@ -18,11 +18,7 @@ def db() -> None:
 
 
 @db.command("migrate")
-@click.option(
-    "--database-url",
-    envvar="METERPROOF_DATABASE_URL",
-    help="PostgreSQL URL [env METERPROOF_DATABASE_URL; default: the running stack's].",
-)
+@database_option
 def migrate_command(database_url: str | None) -> None:
     """Apply pending migrations and print the versions applied; safe to re-run."""
     applied = migrate(database_url or StackEnv.load().database_url)

@@ -113,3 +113,23 @@ def _without_help(command: click.Command, path: str, ctx: click.Context) -> list
 def test_every_command_and_option_says_what_it_does_in_its_help() -> None:
     missing = _without_help(main, "", click.Context(main, info_name="meterproof"))
     assert not missing, sorted(missing)
+
+
+def _taking_a_database_url(command: click.Command, path: list[str]) -> list[list[str]]:
+    found = [path] if any("--database-url" in p.opts for p in command.params) else []
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None
+            found += _taking_a_database_url(sub, [*path, name])
+    return found
+
+
+def test_a_database_url_libpq_cannot_parse_is_bad_input_for_every_command() -> None:
+    commands = _taking_a_database_url(main, [])
+    assert len(commands) > 10
+    for path in commands:
+        result = CliRunner().invoke(main, [*path, "--database-url", "not a url"])
+        assert result.exit_code == 2, (path, result.output)
+        assert "Invalid value for '--database-url'" in result.output, (path, result.output)

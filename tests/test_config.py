@@ -111,3 +111,11 @@ def test_a_bad_setting_or_config_file_is_one_line_in_every_command(
     assert result.exit_code == 1, result.output
     assert result.output.startswith(line.format(**paths)), result.output
     assert result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["database_url", "database_read_url"])
+def test_a_database_url_libpq_cannot_parse_is_refused_by_name(name: str) -> None:
+    """A typo is found when the settings are built, not as an unreachable database later."""
+    with pytest.raises(ValueError, match=f'{name}\n.*missing "=" after "not"'):
+        Settings(**{name: "not a url"})
+    assert getattr(Settings(**{name: "host=db.example port=5433"}), name).endswith("5433")
