@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from meterproof.demo.run import DemoOptions, run_demo
+from meterproof.stack.cli import run_dir_option
 
 
 @click.command()
@@ -60,13 +61,7 @@ from meterproof.demo.run import DemoOptions, run_demo
     show_default=True,
     help="Ledger: the PostgreSQL ledger, or GRID contracts on a local EVM dev node (ganache).",
 )
-@click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".run"),
-    show_default=True,
-    help="Where the local stack keeps its state.",
-)
+@run_dir_option
 def demo(  # noqa: PLR0917 - click passes each option as a parameter
     meters: int, readings: int, interval: float, misbehave: float, workers: int,
          epoch_s: int, sink: str, run_dir: Path) -> None:  # fmt: skip

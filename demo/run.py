@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from meterproof.config import StackEnv
+from meterproof.config import DEFAULT_RUN_DIR, StackEnv
 from meterproof.demo.api import ApiDemo
 from meterproof.demo.consent import ConsentDemo
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
@@ -41,7 +41,7 @@ class DemoOptions:
     misbehave: float = 0.05
     workers: int = 2
     epoch_s: int = 10
-    run_dir: Path = Path(".run")
+    run_dir: Path = DEFAULT_RUN_DIR
     sink: str = "local"  #: or "evm": anchor on a local EVM dev node (demo/chain.py)
 
 
@@ -158,10 +158,10 @@ def run_demo(options: DemoOptions, say: Say) -> int:
         consent_ok = consent.summary()
         ledger_ok = _ledger_summary(env, say, chain) if anchored else False
         if not anchored:
-            say("    not every reading was anchored in time; see .run/logs/bridge.log")
+            say(f"    not every reading was anchored in time; see {logs / 'bridge.log'}")
         newest = _newest_anchored(env.database_url)
         api_ok = api_up and newest is not None and api.curl_lines(*newest)
-    _next_steps(env, say)
+    _next_steps(env, options.run_dir, say)
     passed = fleet["exit_code"] == 0 and anchored and ledger_ok and consent_ok and api_ok
     return 0 if passed else 1
 
@@ -198,24 +198,23 @@ def _ledger_summary(env: StackEnv, say: Say, chain: DevChain | None) -> bool:
         say(f"      {line}")
     verify = cli("ledger", "verify")
     say(f"    ledger verify: {verify.stdout.strip() or verify.stderr.strip()}")
-    with psycopg.connect(env.database_url) as conn:
-        row = conn.execute(
-            "SELECT encode(l.reading_hash, 'hex') FROM reading_log l JOIN bridge_batches b"
-            " ON b.batch = l.batch_id WHERE b.status = 'anchored' ORDER BY l.stored_at DESC LIMIT 1"
-        ).fetchone()
-    if row is None:
+    newest = _newest_anchored(env.database_url)
+    if newest is None:
         return False
+    reading_hash = newest[1]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as proof_file:
-        proof = cli("ledger", "proof", str(row[0]))
+        proof = cli("ledger", "proof", reading_hash)
         proof_file.write(proof.stdout)
     checked = cli("ledger", "check-proof", proof_file.name)
     Path(proof_file.name).unlink()
     verdict = checked.stdout.strip() or checked.stderr.strip()
-    say(f"    proof of reading {str(row[0])[:16]}..: {verdict}")
+    say(f"    proof of reading {reading_hash[:16]}..: {verdict}")
     return verify.returncode == 0 and checked.returncode == 0
 
 
-def _next_steps(env: StackEnv, say: Say) -> None:
+def _next_steps(env: StackEnv, run_dir: Path, say: Say) -> None:
+    logs = run_dir / "logs"
+    down = "" if run_dir == DEFAULT_RUN_DIR else f" --run-dir {run_dir}"
     say("where to look next:")
     say(f"    metrics   curl http://127.0.0.1:{WORKER_METRICS}/metrics  (bridge :{BRIDGE_METRICS})")
     say(f"    database  psql '{env.database_url}'  (tables: readings, rejected_readings, ...)")
@@ -223,5 +222,5 @@ def _next_steps(env: StackEnv, say: Say) -> None:
     say("              ledger/epochs, meters/<id>/receipts; docs/consent.md")
     say("    HTTP API  stops with the demo; `METERPROOF_API_OPERATOR_SECRET=... meterproof api`")
     say("              serves it again (https://127.0.0.1:8443/docs), docs/api.md")
-    say("    logs      .run/logs/ingest.log, .run/logs/bridge.log, .run/logs/api.log")
-    say("    the stack keeps running: `meterproof stack down` stops it")
+    say(f"    logs      {logs / 'ingest.log'}, {logs / 'bridge.log'}, {logs / 'api.log'}")
+    say(f"    the stack keeps running: `meterproof stack down{down}` stops it")
