@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from meterproof.ingest.decode import Decoded
 from meterproof.ingest.records import Candidate, Rejection
-from meterproof.registry.model import ACCEPTING
+from meterproof.registry.model import ACCEPTING, quoted
 from meterproof.registry.snapshots import MeterSnapshot
 from meterproof.schemas.reading import MAX_AGE_MS, MAX_FUTURE_MS, RejectReason, b64url_decode
 
@@ -51,9 +51,11 @@ def verify(  # noqa: PLR0911 - one return per acceptance rule, in the spec's ord
         and k.valid_at(now_ms)
         and (reading.kid is None or k.kid == reading.kid)
     ]
-    if not keys:
-        kid = f" kid {reading.kid!r}" if reading.kid is not None else ""
-        return reject(RejectReason.UNSUPPORTED_ALG, f"no valid {reading.alg!r}{kid} key registered")
+    if not keys:  # alg and kid are the sender's text, of any length: quoted short
+        kid = f" kid {quoted(reading.kid)}" if reading.kid is not None else ""
+        return reject(
+            RejectReason.UNSUPPORTED_ALG, f"no valid {quoted(reading.alg)}{kid} key registered"
+        )
     signature = b64url_decode(reading.sig)
     if not any(k.key.verify(signature, decoded.signing_bytes) for k in keys):
         return reject(RejectReason.BAD_SIGNATURE, f"signature does not verify ({reading.alg})")

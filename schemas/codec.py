@@ -45,8 +45,9 @@ def sign_reading(
     fields: dict[str, Any], key: PrivateKey, *, kid: str | None = None
 ) -> SignedReading:
     """Build a signed reading from its signed fields (meter_id, seq, ts, registers, ...)."""
+    named: dict[str, str] = {} if kid is None else {"kid": kid}  # even "": it is sent as given
     unsigned = SignedReading.model_validate(
-        {"v": 1, **fields, "alg": key.alg.value, "sig": "AA", **({"kid": kid} if kid else {})}
+        {"v": 1, **fields, "alg": key.alg.value, "sig": "AA", **named}
     )
     sig = b64url(key.sign(signing_bytes(unsigned)))
     return unsigned.model_copy(update={"sig": sig})

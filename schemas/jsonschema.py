@@ -1,7 +1,10 @@
 """Generate the checked-in JSON Schema files from the models.
 
 `python -m schemas.jsonschema` rewrites them; a test fails when they drift, so the files
-integrators read are always the ones the code enforces.
+integrators read are always the ones the code enforces. JSON Schema cannot state all of
+docs/spec/reading-v1.md section 5 (to it `1.0` is an integer; it has no word for a key
+given twice, a non-canonical base64url `sig` or the 4,096-byte limit): a payload the
+schema accepts may still be `malformed`.
 """
 
 from __future__ import annotations

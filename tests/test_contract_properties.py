@@ -149,6 +149,14 @@ def test_duplicate_key_is_found_with_escapes_present() -> None:
         decode_reading(body.encode())
 
 
+def test_an_empty_kid_is_signed_and_decoded_as_given() -> None:
+    """The contract lets `kid` be empty (it then names no key): the signer keeps it."""
+    fields = {"meter_id": "m-1", "seq": 7, "ts": 1, "import_wh": 2, "export_wh": 3}
+    reading = sign_reading(fields, _key(Alg.EDDSA), kid="")
+    assert reading.kid == ""
+    assert decode_reading(encode_reading(reading)) == reading
+
+
 def test_explicit_null_is_malformed_and_absent_is_fine() -> None:
     wire = _valid_wire()
     decode_reading(json.dumps(wire).encode())

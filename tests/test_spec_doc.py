@@ -84,3 +84,14 @@ def test_the_spec_names_every_pairing_and_vendor_identity_refusal() -> None:
     assert {"pairing_code_unknown", "vendor_cert_untrusted", "pairing_not_signed"} <= found
     missing = {code for code in found if f"`{code}`" not in DOC}
     assert not missing, f"refusals missing from docs/spec/reading-v1.md: {missing}"
+
+
+def test_payload_table_states_the_string_limits_the_model_enforces() -> None:
+    """Section 4's range column is what the model enforces, as the shared contract sets it:
+    `kid` at most 64 characters with no hidden minimum, `alg` without a length limit."""
+    props = SignedReading.model_json_schema()["properties"]
+    assert "maxLength" not in props["alg"]
+    assert "minLength" not in props["kid"]
+    row = re.search(r"^\| `kid` \| string \| no \| at most (\d+) characters \|", DOC, re.MULTILINE)
+    assert row is not None, "section 4 must give kid's range"
+    assert int(row.group(1)) == props["kid"]["maxLength"]
