@@ -504,8 +504,8 @@ def shards(
     type=click.IntRange(1, 10),
     default=3,
     show_default=True,
-    help="Each a drain of the baseline, then of this checkout: more rounds, steadier means, "
-    "longer runs.",
+    help="Each a drain of the baseline and one of this checkout, the baseline first in odd "
+    "rounds and second in even ones: more rounds, steadier means, longer runs.",
 )
 @click.option(
     "--readings",

@@ -2,11 +2,11 @@
 
 A shared machine's speed moves by tens of percent from minute to minute, so a figure
 from yesterday says little about today's change. Here each round drains the same backlog
-with the baseline checkout and then with this one, each through its own `meterproof
-bench ingest` (its own venv, so each side runs its own code), in a fresh temporary folder
-so neither writes into a checkout. The ratio of the means is the comparison; the median of
-the rounds' ratios, and the load average before each run, show how much the machine's
-other work moved it.
+with the baseline checkout and with this one (the baseline first in odd rounds, second in
+even ones), each through its own `meterproof bench ingest` (its own venv, so each side
+runs its own code), in a fresh temporary folder so neither writes into a checkout. The
+ratio of the means is the comparison; the median and the range of the rounds' ratios, and
+the load average before each run, show how much the machine's other work moved it.
 
 With `live` rates, each round also runs each side's `meterproof bench load` at those
 offered rates (no search): the server's CPU per accepted reading (workers, PostgreSQL,
@@ -112,6 +112,19 @@ def load_once(
     return [server_cost(t) for t in _bench(command, argv, timeout_s)["tiers"]]
 
 
+def round_order(round_no: int) -> tuple[str, str]:
+    """Which side runs first in round `round_no` (from 1): baseline first in odd rounds,
+    current first in even ones (ABBA), so whatever favours the first or the second run
+    of a round (caches, a neighbour's cycle, the machine warming) falls on both sides."""
+    return ("baseline", "current") if round_no % 2 else ("current", "baseline")
+
+
+def round_ratios(runs: dict[str, list[dict[str, Any]]], key: str) -> list[float]:
+    """Each round's current / baseline of `key`: their spread is the machine's noise."""
+    pairs = zip(runs["baseline"], runs["current"], strict=True)
+    return [c[key] / b[key] for b, c in pairs]
+
+
 def run_compare(
     baseline: Path,
     current: Path,
@@ -130,7 +143,8 @@ def run_compare(
     sides = {"baseline": command_of(baseline), "current": command_of(current)}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for i in range(1, rounds + 1):
-        for side, command in sides.items():
+        for side in round_order(i):
+            command = sides[side]
             load = os.getloadavg()[0]  # what else the shared machine was doing
             run = drain_once(command, readings=readings, workers=workers, timeout_s=timeout_s)
             progress(
@@ -158,6 +172,7 @@ def run_compare(
         }
         for side, rs in runs.items()
     }
+    ratios = {key: round_ratios(runs, key) for key in ("drain_per_s", "cpu_us_per_reading")}
     figures: dict[str, Any] = {
         "label": label,
         "baseline": _describe(baseline),
@@ -170,12 +185,8 @@ def run_compare(
             key: means["current"][key] / means["baseline"][key]
             for key in ("drain_per_s", "cpu_us_per_reading")
         },
-        "median_round_ratio": {
-            key: statistics.median(
-                c[key] / b[key] for b, c in zip(runs["baseline"], runs["current"], strict=True)
-            )
-            for key in ("drain_per_s", "cpu_us_per_reading")
-        },
+        "median_round_ratio": {key: statistics.median(r) for key, r in ratios.items()},
+        "round_ratio_range": {key: [min(r), max(r)] for key, r in ratios.items()},
     }
     if live:
         figures["live"] = live_summary(runs, live, seconds=live_seconds, meters=live_meters)
@@ -186,7 +197,7 @@ def live_summary(
     runs: dict[str, list[dict[str, Any]]], rates: Sequence[int], *, seconds: float, meters: int
 ) -> dict[str, Any]:
     """Per offered rate: each side's mean server µs per accepted reading (and per group) over
-    the rounds, the ratio of the means, and the median of the rounds' ratios."""
+    the rounds, the ratio of the means, and the median and range of the rounds' ratios."""
     per_rate = []
     for k, rate in enumerate(rates):
         tiers = {side: [r["live"][k] for r in rs] for side, rs in runs.items()}
@@ -204,15 +215,14 @@ def live_summary(
             }
             for side, ts in tiers.items()
         }
+        ratios = round_ratios(tiers, "server_us_per_reading")
         per_rate.append(
             {
                 "offered_per_s": rate,
                 "means": mean,
                 "ratio": server["current"] / server["baseline"],
-                "median_round_ratio": statistics.median(
-                    c["server_us_per_reading"] / b["server_us_per_reading"]
-                    for b, c in zip(tiers["baseline"], tiers["current"], strict=True)
-                ),
+                "median_round_ratio": statistics.median(ratios),
+                "round_ratio_range": [min(ratios), max(ratios)],
             }
         )
     return {"rates": list(rates), "seconds": seconds, "meters": meters, "per_rate": per_rate}

@@ -30,7 +30,7 @@ Returned keys:
 - `warmup`, `reporting`: tier dicts as in `bench.load` (accepted/s, latency, backlog,
   CPU per process group, `connected` = sessions still up at the end, `disconnects`).
 - `held`: meters connected at the end of reporting; `ingest_kept_up`: the reporting
-  phase was sustained (no backlog growth, every reading receipted).
+  phase was sustained (no backlog growth, every reading receipted and stored).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ class CpuSampler:
 
     def summary(self) -> dict[str, Any]:
         """Cores used per group (1.0 = one core busy), per process, and the whole machine's
-        (other users included: the machine is shared); read and write calls per second."""
+        (other users included: the machine is shared); read and write calls per second;
+        `seconds`, the window they are averaged over."""
         self.sample()
         wall = max(time.monotonic() - self.started, 1e-9)
         per_group = {g: used / wall for g, used in self.cpu_seconds().items()}
@@ -139,6 +140,7 @@ class CpuSampler:
             m0.user + m0.system + m0.nice + getattr(m0, "softirq", 0)
         )
         return {
+            "seconds": round(wall, 2),
             "cores": {g: round(per_group[g], 3) for g in self.groups},
             "processes": per_process,
             "machine_cores": round(busy / wall, 3),

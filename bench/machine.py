@@ -9,6 +9,9 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from meterproof.stack.postgres import pg_bin
+from meterproof.stack.process import StackError
+
 
 def _first_line(argv: list[str]) -> str:
     try:
@@ -30,6 +33,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _postgres_version() -> str:
+    """Of the `postgres` the stack runs (`pg_bin`'s choice), not of a fixed major."""
+    try:
+        return _first_line([pg_bin("postgres"), "--version"])
+    except StackError:
+        return "not found"
+
+
 def describe() -> dict[str, str]:
     mem_kib = 0
     try:
@@ -40,12 +51,14 @@ def describe() -> dict[str, str]:
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
-        "cores": str(os.cpu_count()),
+        # the cores this process and the servers it starts may run on (a container's
+        # cpuset), not the host's count: the report divides by them
+        "cores": str(len(os.sched_getaffinity(0))),
         "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
         "os": platform.platform(),
         "python": platform.python_version(),
         "mosquitto": _first_line(["mosquitto", "-h"]),
-        "postgresql": _first_line(["/usr/lib/postgresql/15/bin/postgres", "--version"]),
+        "postgresql": _postgres_version(),
         "redis": _first_line(["redis-server", "--version"]),
         "meterproof": metadata.version("meterproof"),
         "pynacl": metadata.version("pynacl"),

@@ -858,7 +858,7 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
         f"| {_load_before(b)} / {_load_before(c)} |"
         for i, (b, c) in enumerate(zip(f["runs"]["baseline"], f["runs"]["current"], strict=True), 1)
     ]
-    median = f.get("median_round_ratio")
+    median, spread = f.get("median_round_ratio"), f.get("round_ratio_range")
     means, ratio = f["means"], f["ratio"]
     return [
         "## Before and after (same machine, alternating runs)",
@@ -887,12 +887,24 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
             if median is None
             else f" Median of the rounds' ratios: {median['drain_per_s']:.3f} and "
             f"{median['cpu_us_per_reading']:.3f}."
+        )
+        + (
+            ""
+            if spread is None
+            else f" The rounds' ratios ranged over {_range(spread['drain_per_s'])} and "
+            f"{_range(spread['cpu_us_per_reading'])}."
         ),
         "",
         *_compare_live(f),
         _measured(data),
         "",
     ]
+
+
+def _range(low_high: list[float]) -> str:
+    """The lowest and highest of the rounds' ratios."""
+    low, high = low_high
+    return f"{low:.3f}-{high:.3f}"
 
 
 def _compare_live(f: Data) -> list[str]:
@@ -912,8 +924,9 @@ def _compare_live(f: Data) -> list[str]:
     rounds = len(f["runs"]["baseline"])
     rows = [
         f"| {r['offered_per_s']:,} | {side(m['baseline'])} | {side(m['current'])} "
-        f"| {r['ratio']:.3f} | {r['median_round_ratio']:.3f} "
-        f"| {m['baseline']['sustained']} / {m['current']['sustained']} of {rounds} |"
+        f"| {r['ratio']:.3f} | {r['median_round_ratio']:.3f}"
+        + ("" if "round_ratio_range" not in r else f" ({_range(r['round_ratio_range'])})")
+        + f" | {m['baseline']['sustained']} / {m['current']['sustained']} of {rounds} |"
         for r in live["per_rate"]
         for m in [r["means"]]
     ]
@@ -924,7 +937,7 @@ def _compare_live(f: Data) -> list[str]:
         "rounds.",
         "",
         "| offered /s | baseline µs (by group) | current µs (by group) | current / baseline "
-        "| median of the rounds' ratios | rounds sustained (baseline / current) |",
+        "| median (range) of the rounds' ratios | rounds sustained (baseline / current) |",
         "|---|---|---|---|---|---|",
         *rows,
         "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from meterproof.bench import report
 from meterproof.bench.cpu import CpuSampler
 from meterproof.bench.loadgen.legs import Times, summarise
+from meterproof.bench.machine import describe
 from meterproof.bench.profile import attribute, classify, frames_of, library_costs, perf_record
 from meterproof.bench.sampling import at_least, at_most, percentile, rates
 
@@ -449,3 +451,25 @@ def test_the_slowest_readings_legs_are_averaged_over_those_at_or_above_the_p99()
     # with one slow reading in 200 the p99 (the 198th) is a fast one's: all 200 count
     assert summarise([fast] * 199 + [slow])["legs"]["in the batch"]["slowest_mean"] == 10.2
     assert summarise([]) == {"count": 0}
+
+
+def test_the_machine_header_names_the_postgres_the_stack_runs(tmp_path, monkeypatch):
+    """Not a fixed /usr/lib/postgresql/15: the stack takes `postgres` from PATH first, then
+    Debian's highest major (stack.postgres.pg_bin)."""
+    fake = tmp_path / "postgres"
+    fake.write_text("#!/bin/sh\necho 'postgres (PostgreSQL) 99.1'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert describe()["postgresql"] == "postgres (PostgreSQL) 99.1"
+
+
+def test_the_machine_header_counts_the_cores_the_bench_may_use():
+    """The report divides by `cores` ("N cores give at most ..."): in a container limited
+    to a cpuset that is the cpuset, not the host's CPU count."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        cores = describe()["cores"]
+    finally:
+        os.sched_setaffinity(0, before)
+    assert cores == "1"

@@ -9,7 +9,13 @@ import psutil
 import pytest
 
 from meterproof.bench import report
-from meterproof.bench.compare import command_of, live_summary, load_once, run_compare, server_cost
+from meterproof.bench.compare import (
+    command_of,
+    live_summary,
+    load_once,
+    run_compare,
+    server_cost,
+)
 from meterproof.errors import InputError, MeterproofError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +139,58 @@ def test_live_tiers_render_beside_the_drain(tmp_path: Path) -> None:
     text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert "| 1,000 | 600 (workers 500, postgres 100, broker 0, redis 0) " in text
     assert (
-        "| 400 (workers 300, postgres 100, broker 0, redis 0) | 0.667 | 0.667 | 1 / 1 of 1 |"
-        in text
+        "| 400 (workers 300, postgres 100, broker 0, redis 0) | 0.667 | 0.667 (0.667-0.667) "
+        "| 1 / 1 of 1 |" in text
     )
+
+
+def _checkout(root: Path, side: str, order: Path, drain_per_s: float) -> Path:
+    """A checkout whose `meterproof bench ingest` notes that it ran and saves one drain."""
+    command = root / side / ".venv" / "bin" / "meterproof"
+    command.parent.mkdir(parents=True)
+    figures = {"figures": {"runs": [{"drain_per_s": drain_per_s, "cpu_us_per_reading": 50.0}]}}
+    command.write_text(
+        f"#!/bin/sh\necho {side} >> {order}\n"
+        f"echo '{json.dumps(figures)}' > r.json\necho 'raw results: r.json' >&2\n"
+    )
+    command.chmod(0o755)
+    return command.parents[2]
+
+
+def test_rounds_alternate_which_side_drains_first_and_report_the_ratios_spread(
+    tmp_path: Path,
+) -> None:
+    """Baseline-then-current in every round put whatever favours a round's first (or
+    second) run on one side only; the median of the rounds' ratios is no spread."""
+    order = tmp_path / "order"
+    baseline = _checkout(tmp_path, "baseline", order, 100.0)
+    current = _checkout(tmp_path, "current", order, 110.0)
+    figures = run_compare(
+        baseline, current, label="", rounds=4, readings=1_000, workers=1,
+        progress=lambda _: None,
+    )  # fmt: skip
+    assert order.read_text().split() == ["baseline", "current", "current", "baseline"] * 2
+    assert figures["ratio"]["drain_per_s"] == pytest.approx(1.1)
+    assert figures["round_ratio_range"]["drain_per_s"] == pytest.approx([1.1, 1.1])
+
+
+def test_the_report_shows_the_range_of_the_rounds_ratios(tmp_path: Path) -> None:
+    def run(drain_per_s: float) -> dict[str, object]:
+        return {"drain_per_s": drain_per_s, "cpu_us_per_reading": 90.0, "load_1m_before": 1.0}
+
+    runs = {"baseline": [run(100.0), run(100.0)], "current": [run(90.0), run(120.0)]}
+    figures = {
+        "label": "", "baseline": "a", "current": "b", "readings": 1_000, "workers": 2,
+        "runs": runs, "means": {"baseline": runs["baseline"][0], "current": run(105.0)},
+        "ratio": {"drain_per_s": 1.05, "cpu_us_per_reading": 1.0},
+        "median_round_ratio": {"drain_per_s": 1.05, "cpu_us_per_reading": 1.0},
+        "round_ratio_range": {"drain_per_s": [0.9, 1.2], "cpu_us_per_reading": [1.0, 1.0]},
+    }  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    machine = {"date": "2026-12-04 00:00 UTC", "cpu": "x", "cores": "2", "memory": "1", "os": "y"}
+    (results / "compare-20261204T000000Z.json").write_text(
+        json.dumps({"suite": "compare", "quick": False, "machine": machine, "figures": figures})
+    )
+    text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "The rounds' ratios ranged over 0.900-1.200 and 1.000-1.000." in text

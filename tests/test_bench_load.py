@@ -26,6 +26,7 @@ from meterproof.bench.loadgen.control import (
     BenchStack,
     Generators,
     followers_subscribed,
+    measure,
     settle,
 )
 from meterproof.bench.loadgen.legs import join_stored
@@ -115,24 +116,30 @@ def test_backlog_is_published_minus_receipted_and_its_growth_shows_overload() ->
 
 
 def test_verdict_names_what_broke() -> None:
-    ok = plan.sustained(
-        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=3, unreceipted=0
-    )
-    assert ok.sustained
-    slow_gen = plan.sustained(
-        offered_per_s=1000, published=9_000, expected=10_000, growth_per_s=0, unreceipted=0
-    )
+    def verdict(**given: int) -> plan.Verdict:
+        healthy = {"offered_per_s": 1000, "published": 10_000, "expected": 10_000,
+                   "growth_per_s": 3, "unreceipted": 0, "stored": 10_000}  # fmt: skip
+        return plan.sustained(**{**healthy, **given})
+
+    assert verdict().sustained
+    slow_gen = verdict(published=9_000, stored=9_000)
     assert not slow_gen.sustained
     assert "generator" in slow_gen.why
-    growing = plan.sustained(
-        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=11, unreceipted=0
-    )
+    growing = verdict(growth_per_s=11)
     assert not growing.sustained
     assert "backlog" in growing.why
-    lost = plan.sustained(
-        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=0, unreceipted=1
-    )
-    assert not lost.sustained
+    assert not verdict(unreceipted=1).sustained
+
+
+def test_a_tier_whose_readings_were_receipted_but_not_stored_was_not_sustained() -> None:
+    """Rejections are receipted as quickly as acceptances: a tier whose readings all came
+    back `rejected` (a clock skew, a rate rule) kept no backlog, yet ingest stored none."""
+    rejected = plan.sustained(
+        offered_per_s=1000, published=10_000, expected=10_000, growth_per_s=0, unreceipted=0,
+        stored=9_999,
+    )  # fmt: skip
+    assert not rejected.sustained
+    assert rejected.why == "only 9999 of 10000 published readings stored"
 
 
 def test_connect_summary_adds_processes_up() -> None:
@@ -337,3 +344,71 @@ def test_with_the_bridge_a_load_run_claims_what_it_stores_and_counts_the_bridges
     assert tier["legs_ms"]["count"] == 400  # every accepted reading's latency split
     assert "bridge" in tier["cpu"]["cores"]
     assert "bridge" in server_cost(tier)["us_per_reading"]
+
+
+class _Bench:
+    """What `measure` asks of a BenchStack, without a stack: one worker (no followers)."""
+
+    follower_ports: tuple[int, ...] = ()
+
+    def stored(self) -> int:
+        return 0
+
+    def unclaimed(self) -> int:
+        return 0
+
+    def cpu_groups(self, generators: object) -> dict[str, Any]:
+        return {}
+
+
+class _Generator:
+    """Answers `go` `done_after_s` after its window ends, and until then blocks in `reply`
+    for the timeout asked, as a GeneratorProcess does."""
+
+    def __init__(self, run_dir: Path, name: str, done_after_s: float) -> None:
+        self.latencies = run_dir / f"latency-{name}.f32"
+        self.done_after_s = done_after_s
+        self.done_at = 0.0
+
+    def reply(self, timeout: float) -> dict[str, Any]:
+        wait = self.done_at - time.time()
+        if wait > timeout:
+            time.sleep(timeout)
+            raise TimeoutError
+        time.sleep(max(0.0, wait))
+        self.latencies.write_bytes(array("f", [5.0]).tobytes())
+        return {
+            "published": 1, "published_per_second": [1], "receipted_per_second": [1],
+            "unreceipted": 0, "latencies_file": str(self.latencies), "statuses": {"accepted": 1},
+            "reasons": {}, "publish_s": 1.0, "go": time.time(), "last_receipt": time.time(),
+            "cpu_s": 0.0, "disconnects": 0, "connected": 1,
+        }  # fmt: skip
+
+
+class _Generators:
+    def __init__(self, procs: list[_Generator], seconds: float) -> None:
+        self.procs = procs
+        self.seconds = seconds
+
+    def prepare(self, total: int, rate: float) -> list[dict[str, Any]]:
+        return [{"sign_s": 0.0} for _ in self.procs]
+
+    def go(self, *, start_at: float, grace_s: float, tag: str, legs: bool = False) -> None:
+        for g in self.procs:
+            g.done_at = start_at + self.seconds + g.done_after_s
+
+    def answers(self, timeout: float) -> list[dict[str, Any]]:
+        return [g.reply(timeout) for g in self.procs]
+
+
+def test_a_tiers_cpu_is_averaged_over_its_publishing_window_only(tmp_path: Path) -> None:
+    """Generators answer only after their grace period; waiting a second on each of them
+    in turn took the CPU summary up to a second per generator after the window ended, so
+    the cores of a tier that kept up were averaged over idle time too."""
+    seconds = 2.5
+    gens = _Generators([_Generator(tmp_path, f"g{i}", 1.5) for i in range(2)], seconds)
+    tier = measure(
+        _Bench(), gens, rate=2 / seconds, seconds=seconds, tag="t",  # type: ignore[arg-type]
+        progress=lambda _: None,
+    )  # fmt: skip
+    assert tier["cpu"]["seconds"] == pytest.approx(seconds, abs=0.25)

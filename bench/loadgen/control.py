@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import signal
@@ -388,22 +389,14 @@ def measure(
     gens.go(start_at=start_at, grace_s=grace_s, tag=tag, legs=legs)
     time.sleep(max(0.0, start_at - time.time()))
     sampler.start()
-    finished: list[dict[str, Any]] = []
-    cpu: dict[str, Any] | None = None
-    pending = list(gens.procs)
-    while pending:
-        for g in list(pending):
-            with contextlib.suppress(TimeoutError):
-                finished.append(g.reply(timeout=1.0))
-                pending.remove(g)
-        if cpu is None and time.time() > start_at + seconds:
-            cpu = sampler.summary()  # the publishing window only, not the grace period
-            at_end = followers_subscribed(bench.follower_ports)
-        elif cpu is None:
-            sampler.sample()
-    if cpu is None:
-        cpu = sampler.summary()
-        at_end = followers_subscribed(bench.follower_ports)
+    # The publishing window only, not the grace period: a generator answers after its
+    # grace, so waiting for answers here would stretch the window over idle time.
+    while (left := start_at + seconds - time.time()) > 0:
+        time.sleep(min(1.0, left))
+        sampler.sample()
+    cpu = sampler.summary()
+    at_end = followers_subscribed(bench.follower_ports)
+    finished = gens.answers(timeout=math.inf)  # a generator that exits raises
     stored = bench.stored() - stored_before
     unclaimed = bench.unclaimed()
     published = sum(f["published"] for f in finished)
@@ -419,6 +412,7 @@ def measure(
         expected=expected,
         growth_per_s=growth,
         unreceipted=unreceipted,
+        stored=stored,
     )
     latencies = _latencies(finished)
     split = _legs(bench.env_required.database_url, finished) if legs else None

@@ -138,18 +138,27 @@ class Verdict:
 
 
 def sustained(
-    *, offered_per_s: float, published: int, expected: int, growth_per_s: float, unreceipted: int
+    *,
+    offered_per_s: float,
+    published: int,
+    expected: int,
+    growth_per_s: float,
+    unreceipted: int,
+    stored: int,
 ) -> Verdict:
     """A rate is sustained when the generator offered it (98% published), the backlog did
-    not grow by more than 1% of the rate per second, and every published reading got its
-    receipt by the end of the grace period."""
+    not grow by more than 1% of the rate per second, every published reading got its
+    receipt by the end of the grace period, and every one was stored: a receipt that
+    rejects is quick too, so receipts alone do not show that ingest kept up."""
     if published < 0.98 * expected:
         return Verdict(False, f"generator published only {published} of {expected}")
     if growth_per_s > 0.01 * offered_per_s:
         return Verdict(False, f"backlog grew by {growth_per_s:.0f} readings/s")
     if unreceipted:
         return Verdict(False, f"{unreceipted} readings without a receipt after the grace period")
-    return Verdict(True, "no backlog growth, every reading receipted")
+    if stored < published:
+        return Verdict(False, f"only {stored} of {published} published readings stored")
+    return Verdict(True, "no backlog growth, every reading receipted and stored")
 
 
 def next_probe(results: Sequence[tuple[int, bool]], resolution: int) -> int | None:
