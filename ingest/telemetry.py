@@ -66,3 +66,8 @@ for _asked in ("redis", "database"):
     REPLAY_CHECKS.labels(asked=_asked)
 for _drop in Drop:
     PACKETS_DROPPED.labels(reason=_drop.value)
+VERIFIED_AGAIN = Counter(
+    "meterproof_readings_verified_again_total",
+    "Readings judged duplicate (same hash) whose verified copies were sent again: their first"
+    " may have been lost with a worker that died or stopped after the commit",
+)

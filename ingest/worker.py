@@ -1,9 +1,13 @@
 """One ingest worker process: source -> decode -> verify -> replay -> store -> ack/publish.
 
 The order of effects is the design, written down once, here:
-    store -> commit -> PUBACK -> receipt -> verified republish -> mark seen in Redis.
+    store -> commit -> PUBACK -> verified copies -> receipt -> mark seen in Redis.
 Nothing is acknowledged before the commit that makes its outcome durable; a crash at any
 point leaves unacknowledged messages, which the broker redelivers and the store recognises.
+A reading's receipt follows its verified copies: a meter without its receipt publishes
+the reading again, and a reading judged `duplicate` is announced again as an accepted one
+is, so a copy lost with a worker (a kill -9 after its commit, an announcement given up
+when stopping) goes out with the republish (`_announce`).
 
 Backpressure: the broker sends at most the session's `receive_maximum` unacknowledged
 messages, and a message is acknowledged only after its batch commits; when the database is
@@ -485,9 +489,9 @@ class Worker:
         """Wait for the announcement in flight; once stopping, for `_ANNOUNCE_GRACE_S` at
         most, then give it up: with the broker gone and the outbound window full it would
         wait for ever, and neither SIGTERM nor the watchdog could end the worker. Its batch
-        is committed: a lost receipt brings the meter's republish, answered `duplicate`;
-        a lost verified copy is not sent again (counted by the source, as a kill -9 would
-        lose it uncounted)."""
+        is committed: a lost receipt brings the meter's republish, answered `duplicate`
+        with its verified copies again; each copy is written before its receipt, on the
+        same link, so one given up here took its receipt with it (counted by the source)."""
         announcing = self._announcing
         if announcing is None:
             return
@@ -504,29 +508,46 @@ class Worker:
             log.warning("announcement_abandoned", grace_s=_ANNOUNCE_GRACE_S)
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
-        """Receipts, verified readings and the integrators' consented copies of a committed
-        batch, then Redis learns it."""
+        """Each stored reading's verified copies, then its receipt; then Redis learns the
+        batch. A duplicate (same hash) is announced again: its first copies may have been
+        lost after the commit, and its receipt ends the meter's republishing, so they are
+        written before it. Its `verified_at` is this verification's time."""
         items: list[tuple[str, bytes]] = []
         now_ms = self._clock()
+        again = 0
         for o in outcomes:
+            if isinstance(o, Accepted):
+                self._add_copies(items, o.candidate, now_ms)
+            elif isinstance(o, Duplicate):
+                self._add_copies(items, o.candidate, now_ms)
+                again += 1
+                log.debug(
+                    "verified_again",
+                    meter_id=o.candidate.reading.meter_id,
+                    seq=o.candidate.reading.seq,
+                    reading_hash=o.candidate.reading_hash.hex(),
+                )
             r = receipt(o)
             if r is not None:
                 items.append(r)
-            if isinstance(o, Accepted):
-                topic, body = verified(o.candidate)
-                items.append((topic, body))
-                meter_id, ts = o.candidate.reading.meter_id, o.candidate.reading.ts
-                items.extend(
-                    (topics.integrator_verified(name, meter_id), body)
-                    for name in self._audience.of(meter_id, ts, now_ms)
-                )
         await self._source.publish_many(items)
+        t.VERIFIED_AGAIN.inc(again)
         await self._replay.remember(
             [
                 (o.candidate.reading.meter_id, o.candidate.reading.seq, o.candidate.reading_hash)
                 for o in outcomes
                 if isinstance(o, Accepted | Duplicate)
             ]
+        )
+
+    def _add_copies(self, items: list[tuple[str, bytes]], c: Candidate, now_ms: int) -> None:
+        """The verified copy for services and one per integrator whose consent covers it."""
+        topic, body = verified(c)
+        items.append((topic, body))
+        meter_id = c.reading.meter_id
+        items.extend(
+            (topics.integrator_verified(name, meter_id), body)
+            for name in self._audience.of(meter_id, c.reading.ts, now_ms)
         )
 
     def _record(
