@@ -90,7 +90,8 @@ class CampaignResult:
                 out.append(f"{f.name} at {f.began_s:.1f} s did not happen: {f.note}")
             if f.recovery_s is None:
                 timeout = self.config.recovery_timeout_s
-                out.append(f"{f.name} at {f.began_s:.1f} s not recovered within {timeout:g} s")
+                line = f"{f.name} at {f.began_s:.1f} s not recovered within {timeout:g} s"
+                out.append(f"{line}: {f.note}" if f.note else line)
         return out
 
     @property

@@ -69,9 +69,10 @@ def chaos(
 
     Progress goes to stderr; the figures to the report. Exit status 0 when the audit is
     clean, 1 on any loss, duplicate, unanchored reading, mint mismatch or verify failure,
-    or a planned fault that did not happen (skipped, a kill that found no process, no
-    standby to freeze, a bridge that never reached its crash point) or was not recovered
-    within the recovery timeout.
+    or a planned fault that did not happen (skipped, a kill or stop that found its process
+    already down, no standby to freeze, a bridge that never reached its crash point) or
+    was not recovered within the recovery timeout (a primary kill with no reading stored
+    after it, a lost broker after which not every meter came through the other).
     """
     from meterproof.chaos.campaign import run_campaign
     from meterproof.chaos.plan import PlanError, full_config, make_plan, quick_config

@@ -39,6 +39,7 @@ from meterproof.stack.broker import BrokerServer
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from meterproof.stack.ha import HaCluster
 from meterproof.stack.postgres import PostgresServer
+from meterproof.stack.process import SpawnedServer
 from meterproof.stack.redis import RedisServer
 
 _POLL_S = 0.25
@@ -73,7 +74,8 @@ class FaultRecord:
     kills: int = 0
     note: str = ""
     #: False when the fault did not take the effect it exists for, which no kill count
-    #: shows: no standby to freeze, a bridge that never reached its crash point.
+    #: shows: no standby to freeze, a bridge that never reached its crash point, a server
+    #: to stop or restart that was already down.
     hit: bool = True
 
     @property
@@ -88,6 +90,29 @@ class Effect(NamedTuple):
     kills: int
     note: str = ""
     hit: bool = True
+    #: False when a fault that lasts until the pipeline shows its failover (a primary
+    #: killed, a broker lost) ended at the recovery timeout instead: not recovered, however
+    #: soon the backlog drains afterwards.
+    recovered: bool = True
+
+
+def sigkill(server: SpawnedServer) -> int:
+    """kill -9 of a server of the stack; the kills delivered: 0 when it was not running
+    (it died unseen), which is no fault injected."""
+    if not server.is_running():
+        return 0
+    server.kill()
+    return 1
+
+
+def outage(server: SpawnedServer | PostgresServer | HaCluster, down_s: float) -> Effect:
+    """A clean stop, `down_s` down, a start: one that found the server down stopped
+    nothing (not hit)."""
+    running = server.is_running()
+    server.stop()
+    time.sleep(down_s)
+    server.start()
+    return Effect(0) if running else Effect(0, "it was not running", hit=False)
 
 
 def worker_pids(supervisor_pid: int) -> list[int]:
@@ -218,6 +243,8 @@ class Injector:
         effect = self._inject_ha(fault.kind) if fault.kind in HA_KINDS else self._inject(fault)
         ended = time.time()
         recovery = self._wait_recovered(fault.kind, ended)
+        if not effect.recovered:
+            recovery = None
         return FaultRecord(
             kind=fault.kind,
             variant=fault.variant,
@@ -236,23 +263,16 @@ class Injector:
             case FaultKind.WORKER_KILL:
                 return self._kill_worker()
             case FaultKind.BROKER_RESTART:
-                t.broker.restart()
-                return Effect(0)
+                return outage(t.broker, 0.0)
             case FaultKind.BROKER_KILL:
-                t.broker.kill9()
+                kills = sigkill(t.broker)
                 time.sleep(BROKER_DOWN_S)
                 t.broker.start()
-                return Effect(1)
+                return Effect(kills, "" if kills else "the broker was not running")
             case FaultKind.POSTGRES_STOP:
-                t.postgres.stop()
-                time.sleep(fault.outage_s)
-                t.postgres.start()
-                return Effect(0)
+                return outage(t.postgres, fault.outage_s)
             case FaultKind.REDIS_STOP:
-                t.redis.stop()
-                time.sleep(fault.outage_s)
-                t.redis.start()
-                return Effect(0)
+                return outage(t.redis, fault.outage_s)
             case FaultKind.BRIDGE_KILL:
                 return self._kill_bridge(fault.variant)
         raise ValueError(f"{fault.kind} is not a fault of the single-PostgreSQL stack")
@@ -279,10 +299,10 @@ class Injector:
                 standby.thaw()
             return Effect(0, standby.name)
         member = self.rng.choice(cluster.etcd)
-        member.kill()
+        kills = sigkill(member)
         time.sleep(ETCD_DOWN_S)
         member.start()
-        return Effect(1, member.name)
+        return Effect(kills, member.name if kills else f"{member.name} was not running")
 
     def _cluster(self) -> HaCluster:
         if not isinstance(self.t.postgres, HaCluster):
@@ -298,11 +318,17 @@ class Injector:
             return Effect(0, "no primary to kill")
         killed_at = time.time()
         old.kill_postgres()
-        deadline = killed_at + self.t.config.recovery_timeout_s
-        while time.time() < deadline and not stored_since(self.t.database_url, killed_at):
-            time.sleep(0.1)
+        timeout = self.t.config.recovery_timeout_s
+        stored = wait_until(
+            lambda: stored_since(self.t.database_url, killed_at), timeout_s=timeout, poll_s=0.1
+        )
         new = cluster.primary()
-        return Effect(1, f"{old.name} -> {'-' if new is None else new.name}")
+        note = f"{old.name} -> {'-' if new is None else new.name}"
+        if not stored:
+            return Effect(
+                1, f"{note}; no reading stored within {timeout:g} s of the kill", recovered=False
+            )
+        return Effect(1, note)
 
     def _lose_broker(self) -> Effect:
         """kill -9 of a broker: the first the first time (every meter starts there), then
@@ -314,45 +340,64 @@ class Injector:
             return Effect(0, "one broker only: nothing to fail over to")
         victim = brokers[self._brokers_lost % len(brokers)]
         self._brokers_lost += 1
+        meters, timeout = self.t.config.meters, self.t.config.recovery_timeout_s
         killed_at = time.time()
-        victim.kill9()
-        deadline = killed_at + self.t.config.recovery_timeout_s
+        if not sigkill(victim):
+            victim.start()
+            return Effect(0, f"{victim.name} was not running")
         moved = 0
-        while time.time() < deadline:
+        while time.time() < killed_at + timeout:
             moved = meters_stored_since(self.t.database_url, killed_at)
-            if moved >= self.t.config.meters:
+            if moved >= meters:
                 break
             time.sleep(_POLL_S)
         victim.start()
-        return Effect(1, f"{victim.name}; {moved} of {self.t.config.meters} meters stored through")
+        if moved < meters:
+            note = f"{meters - moved} of {meters} meters did not come through the other broker"
+            return Effect(1, f"{victim.name}; {note} within {timeout:g} s", recovered=False)
+        return Effect(1, f"{victim.name}; {moved} of {meters} meters stored through")
 
     def _kill_worker(self) -> Effect:
         pids = sorted(worker_pids(self.t.ingest.pid))
         if not pids:
             return Effect(0, "no live worker to kill")
         victim = self._victim = self.rng.choice(pids)
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:  # it died on its own since it was listed: no kill
+            return Effect(0, f"worker {pids.index(victim)} of {len(pids)} had exited")
         return Effect(1, f"worker {pids.index(victim)} of {len(pids)}")
 
     def _kill_bridge(self, variant: str) -> Effect:
         """A SIGKILL now; for a crash-point variant, a restart armed to SIGKILL itself at
         that step of anchoring (the next sealed epoch reaches it), then a clean restart; one
-        that never reached its crash point did not exercise it (not hit)."""
-        bridge, effect = self.t.bridge, Effect(1)
-        bridge.kill9()
+        that never reached its crash point did not exercise it (not hit). Only the kills
+        delivered count: an exit of the bridge's own is recorded as such, not as a kill."""
+        bridge, kills, hit = self.t.bridge, 0, True
+        notes: list[str] = []
+        if bridge.restart_if_dead(restart=False):
+            notes.append(f"had exited on its own (exit {bridge.unexpected_exits[-1]})")
+        else:
+            bridge.kill9()
+            kills += 1
         if variant != "random":
             bridge.start(METERPROOF_BRIDGE_CRASH_AT=variant)
             c = self.t.config
             code = bridge.wait_exit(c.epoch_s + c.seal_delay_s + 30)
             if code == -signal.SIGKILL:
-                effect = Effect(2, f"then killed itself at {variant}")
-            else:
+                kills += 1
+                notes.append(f"then killed itself at {variant}")
+            elif code is None:
                 bridge.kill9()
-                note = f"did not reach {variant} in time (exit {code}); killed"
-                effect = Effect(2, note, hit=False)
+                kills += 1
+                notes.append(f"did not reach {variant} in time; killed")
+                hit = False
+            else:
+                bridge.restart_if_dead(restart=False)
+                notes.append(f"exited on its own before {variant} (exit {code})")
+                hit = False
         bridge.start()
-        return effect
+        return Effect(kills, "; ".join(notes), hit)
 
     def _recovered(self, kind: FaultKind, ended: float) -> bool:
         t = self.t

@@ -54,14 +54,16 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.REDIS_STOP: "Redis stopped, started after the outage",
     FaultKind.BRIDGE_KILL: "kill -9 of the bridge at a random moment or at a crash point",
     FaultKind.PRIMARY_KILL: "kill -9 of the PostgreSQL primary's postmaster; Patroni fails "
-    "over to the synchronous standby (duration: kill -> first reading stored after it)",
+    "over to the synchronous standby (duration: kill -> first reading stored after it; none "
+    "within the recovery timeout: not recovered)",
     FaultKind.SWITCHOVER: "planned switchover to the standby through Patroni's REST API",
     FaultKind.ETCD_KILL: "kill -9 of one of three etcd members, started again 5 s later",
     FaultKind.STANDBY_FREEZE: "the synchronous standby's PostgreSQL stopped (SIGSTOP, "
     "connections open) for 15 s: a standby falling behind at its worst",
     FaultKind.BROKER_LOST: "kill -9 of one of the two brokers (in turn: the one the meters "
     "moved to last time), started again once every meter stored a reading through the other "
-    "(duration: kill -> that moment, the fleet's failover time)",
+    "(duration: kill -> that moment, the fleet's failover time; not reached within the "
+    "recovery timeout: not recovered)",
 }
 
 #: How a bridge fault kills: at a random moment, or (after that kill) once more at one of

@@ -173,7 +173,9 @@ _HOW = [
     "the primary, switchover, an etcd member lost, a frozen standby) in place of the",
     "PostgreSQL stop (`--ha --quick`: <= 4 minutes, report in `.run/reliability-ha-quick.md`).",
     "`tests/test_chaos.py` runs a smaller campaign with every fault kind of the single",
-    "PostgreSQL inside `make test`; `tests/test_ha.py` each cluster fault under a worker.",
+    "PostgreSQL inside `make test`; `tests/test_ha.py` each cluster fault under a worker;",
+    "`tests/test_chaos_ha.py` how the campaign counts the cluster's faults (a failover that",
+    "never shows, a server already down) against the real cluster.",
     "",
 ]
 

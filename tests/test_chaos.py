@@ -24,7 +24,7 @@ from meterproof.chaos.audit import (
     expected_mints,
 )
 from meterproof.chaos.campaign import CampaignResult, run_campaign
-from meterproof.chaos.faults import FaultRecord, Injector, ProductProcess, Target
+from meterproof.chaos.faults import Effect, FaultRecord, Injector, ProductProcess, Target
 from meterproof.chaos.plan import (
     FULL_COUNTS,
     HA_KINDS,
@@ -32,12 +32,14 @@ from meterproof.chaos.plan import (
     CampaignConfig,
     FaultKind,
     PlanError,
+    PlannedFault,
     expected_cost_s,
     full_config,
     make_plan,
     quick_config,
 )
 from meterproof.chaos.report import KEPT_MARKER, render, write
+from meterproof.stack.redis import RedisServer
 
 # ---------------------------------------------------------------------------------------
 # plan
@@ -227,32 +229,80 @@ def test_a_clean_audit_does_not_pass_a_fault_without_its_effect_or_its_recovery(
         "did not reach before_submit in time (exit None); killed", hit=False,
     )  # fmt: skip
     unrecovered = FaultRecord(FaultKind.REDIS_STOP, "-", 0.0, 50.0, 52.0, None)
-    result.faults = [*every[:-3], no_standby, missed_crash, unrecovered]
+    no_failover = FaultRecord(
+        FaultKind.PRIMARY_KILL, "-", 0.0, 60.0, 90.0, None, 1,
+        "pg-0 -> -; no reading stored within 30 s of the kill",
+    )  # fmt: skip
+    result.faults = [*every[:-4], no_standby, missed_crash, unrecovered, no_failover]
     assert result.problems() == [
         "pg_standby_frozen at 1.0 s did not happen: no standby to freeze",
         "bridge_kill9 (before_submit) at 3.0 s did not happen:"
         " did not reach before_submit in time (exit None); killed",
         f"redis_stop at 50.0 s not recovered within {config.recovery_timeout_s:g} s",
+        f"pg_primary_kill9 at 60.0 s not recovered within {config.recovery_timeout_s:g} s:"
+        " pg-0 -> -; no reading stored within 30 s of the kill",
     ]
     assert not result.ok
 
 
-@pytest.mark.parametrize(("honours_crash_point", "hit"), [(True, True), (False, False)])
-def test_a_bridge_that_never_reaches_its_crash_point_is_recorded_as_not_hit(
-    tmp_path: Path, honours_crash_point: bool, hit: bool
+#: A stand-in bridge: it lives until killed, unless MODE makes it exit by itself at start
+#: ("dies") or, once armed with a crash point, either die there of its own SIGKILL
+#: ("honours") or exit 3 before reaching it ("crashes").
+_BRIDGE = """
+import os, signal, sys, time
+mode, armed = os.environ["MODE"], os.environ.get("METERPROOF_BRIDGE_CRASH_AT")
+if mode == "dies":
+    sys.exit(4)
+if armed and mode == "honours":
+    os.kill(os.getpid(), signal.SIGKILL)
+if armed:
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "variant", "kills", "hit", "note", "exits"),
+    [
+        ("honours", "before_submit", 2, True, "then killed itself at before_submit", []),
+        # the armed restart's own exit is no kill: one SIGKILL, not two
+        ("crashes", "before_submit", 1, False, "exited on its own before before_submit (exit 3)",
+         [3]),
+        # nothing to kill: the bridge had died before the fault
+        ("dies", "random", 0, True, "had exited on its own (exit 4)", [4]),
+    ],
+)  # fmt: skip
+def test_a_bridge_fault_counts_only_the_kills_it_delivered(
+    tmp_path: Path, mode: str, variant: str, kills: int, hit: bool, note: str, exits: list[int]
 ) -> None:
     """The armed restart must die of its own SIGKILL at the crash point; one that exits
-    otherwise (or not at all in time) never ran that step of anchoring."""
-    crash = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
-    code = f"import os\nif os.environ.get('METERPROOF_BRIDGE_CRASH_AT'): {crash}"
-    argv = [sys.executable, "-c", code if honours_crash_point else "pass"]
-    bridge = ProductProcess("bridge", argv, {}, tmp_path / "bridge.log")
+    otherwise never ran that step of anchoring, and a bridge that exited by itself was not
+    killed: its exit is recorded as one nobody asked for."""
+    argv = [sys.executable, "-c", _BRIDGE]
+    bridge = ProductProcess("bridge", argv, {"MODE": mode}, tmp_path / "bridge.log")
     bridge.start()
+    if mode == "dies":
+        assert bridge.wait_exit(30) == 4
     target = Target(quick_config(), None, None, None, None, bridge, tmp_path, "")
     injector = Injector(target, load_started=0.0, rng=random.Random(1))
-    effect = injector._kill_bridge("before_submit")
-    bridge.kill9()
-    assert (effect.kills, effect.hit) == (2, hit)
+    try:
+        effect = injector._kill_bridge(variant)
+    finally:
+        bridge.kill9()
+    assert (effect.kills, effect.hit, effect.note) == (kills, hit, note)
+    assert bridge.unexpected_exits == exits
+
+
+def test_a_stop_that_finds_its_server_down_did_not_happen(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis down before the fault: the fault stopped nothing, so it exercised nothing."""
+    redis_server.stop()
+    target = Target(quick_config(), None, redis_server, None, None, None, tmp_path, "")
+    injector = Injector(target, load_started=0.0, rng=random.Random(1))
+    effect = injector._inject(PlannedFault(FaultKind.REDIS_STOP, 0.0, outage_s=0.1))
+    assert effect == Effect(0, "it was not running", hit=False)
+    assert redis_server.is_running()
 
 
 # ---------------------------------------------------------------------------------------
