@@ -1,5 +1,6 @@
 """Every use of gmqtt's private internals, in one place, for gmqtt 0.8 (pinned in
-pyproject; `tests/test_ingest_source.py` runs each of them against a real broker).
+pyproject; `tests/test_ingest_source.py` runs each of them against a real broker, and
+`tests/test_ingest_startup_silent.py` `abort` against a broker that never answers).
 
 gmqtt's own way to delay a PUBACK (`optimistic_acknowledgement=False`) runs the handler
 as one task per message and writes one PUBACK per message: measured, about 20 us of
@@ -20,13 +21,15 @@ everything else still goes through gmqtt. What that needs of gmqtt, and nothing 
   because gmqtt discards them when the broker has lost the session: they are sent again
   as new publishes instead;
 - `Client._connection`: `_protocol._read_packet` (replaced per connection),
-  `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`;
+  `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`, and
+  `_transport`, to cut off a link whose broker does not answer its close (`abort`);
 - `PersistentStorage._messages`, to bound the outbound window, and the id generator's
   `_max`, where gmqtt keeps the broker's Receive Maximum from the CONNACK
   (`broker_receive_maximum`);
 - the package handler's `_is_retryable_connack`, so that a refused first connection is
-  retried by the caller alone (`refusals_left_to_the_caller`), and `MQTTConnectError`'s
-  `_code`, the refusal's reason code (`refusal_code`).
+  retried by the caller alone, and the refusals of gmqtt's own reconnects reach the
+  caller (`refusals_left_to_the_caller`), and `MQTTConnectError`'s `_code`, the
+  refusal's reason code (`refusal_code`).
 
 And one thing of asyncio's: under TLS, the socket transport beneath the TLS transport
 (`_ssl_protocol._transport`), whose reading `read_directly` pauses after each read (see
@@ -145,18 +148,25 @@ def _kept_for_the_caller() -> None:
     """gmqtt's discarding of the unacknowledged publishes, left undone."""
 
 
-def refusals_left_to_the_caller(client: Client, *, until: Callable[[], bool]) -> None:
+def refusals_left_to_the_caller(
+    client: Client, *, until: Callable[[], bool], afterwards: Callable[[int, bool], None]
+) -> None:
     """Until `until()` is true (the caller's first accepted connection), a refused CONNACK
     only makes `Client.connect` raise it (`refusal_code`): the caller decides whether to
     try again, with its own backoff. gmqtt would otherwise connect again by itself 1 s
     later, a second connection under the same client id racing the caller's next attempt.
-    Afterwards gmqtt's own judgement applies to the refusals of its reconnects. (gmqtt
+    Afterwards gmqtt's own judgement applies to the refusals of its reconnects, and each
+    is told to `afterwards(reason_code, retried)`: gmqtt raises nothing for them. (gmqtt
     logs such a refusal as "permanent": it only means gmqtt does not retry it.)"""
     handler = client._package_handler
     retryable = handler._is_retryable_connack
 
     def judged(result: int) -> bool:
-        return until() and bool(retryable(result))
+        if not until():
+            return False
+        retried = bool(retryable(result))
+        afterwards(result, retried)
+        return retried
 
     handler._is_retryable_connack = judged
 
@@ -256,6 +266,14 @@ class ReadPause:
         transport.pause_reading()
         loop.call_later(self._seconds, transport.resume_reading)
         self._busy_until = now + 2 * self._seconds
+
+
+def abort(client: Client) -> None:
+    """Close the client's connection at once, without waiting for the broker to answer
+    the TLS close_notify (asyncio waits up to 30 s for that)."""
+    connection = client._connection
+    if connection is not None:
+        connection._transport.abort()
 
 
 def write_raw(client: Client, data: bytes) -> bool:

@@ -174,19 +174,11 @@ class _Restarts:
 def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> None:
     """Start one worker per identity with metrics port base + i (all but the first
     following the load if `follow`), restart any that dies (`_Restarts`), stop all on
-    SIGTERM."""
+    SIGTERM. The handlers come before the first worker: a SIGTERM that came between them
+    ended the supervisor alone (`cli.main`), its first workers left running."""
     argv = [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", "1", "--identity"]
-
-    def spawn(i: int) -> subprocess.Popen[bytes]:
-        port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i
-        env = {**os.environ, "METERPROOF_METRICS_PORT": str(port)}
-        if follow:
-            env["METERPROOF_FOLLOW_LOAD"] = "true" if i else "false"
-        restarts.started(ids[i])
-        return subprocess.Popen([*argv, ids[i]], env=env)
-
     restarts = _Restarts()
-    procs = {cid: spawn(i) for i, cid in enumerate(ids)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -195,8 +187,21 @@ def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> Non
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
 
+    def spawn(i: int) -> None:
+        port = settings.metrics_port + i if settings.metrics_port else 0  # worker i: base + i
+        env = {**os.environ, "METERPROOF_METRICS_PORT": str(port)}
+        if follow:
+            env["METERPROOF_FOLLOW_LOAD"] = "true" if i else "false"
+        restarts.started(ids[i])
+        procs[ids[i]] = proc = subprocess.Popen([*argv, ids[i]], env=env)
+        if stopping:  # SIGTERM came while it was starting: `stop` did not see it
+            proc.send_signal(signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for i in range(len(ids)):
+        if not stopping:
+            spawn(i)
     while procs or (restarts.pending and not stopping):
         for cid, proc in list(procs.items()):
             code = proc.poll()
@@ -212,7 +217,5 @@ def _supervise(settings: IngestSettings, ids: list[str], *, follow: bool) -> Non
                     restart_in_s=round(delay, 3),
                 )
         for cid in [] if stopping else restarts.due():
-            procs[cid] = spawn(ids.index(cid))
-            if stopping:  # SIGTERM came while it was starting: `stop` did not see it
-                procs[cid].send_signal(signal.SIGTERM)
+            spawn(ids.index(cid))
         time.sleep(0.2)

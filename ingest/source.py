@@ -82,6 +82,21 @@ class BrokerRefusedError(MeterproofError):
         self.exit_code = 1 if self.permanent else UnavailableError.exit_code
 
 
+#: The backoff of what the source tries again by itself: a broker that failed the first
+#: connection (`BrokerSet`), a refused subscription (`MqttSource`).
+_RETRY_INITIAL_S: Final = 1.0
+_RETRY_MAX_S: Final = 10.0
+#: How long a connection attempt may take, TLS to CONNACK (and gmqtt's wait for the
+#: broker to acknowledge the publishes sent again): gmqtt waits for a CONNACK for ever, so
+#: a broker that took the connection and never answered held up a `BrokerSet`'s start.
+_CONNECT_S: Final = 20.0
+#: How long a stop waits for the broker to answer the TLS close before it cuts the link.
+_CLOSE_S: Final = 2.0
+#: The subscription as the logs show it: the group's name is a secret (a client that can
+#: name it takes a share of the readings), and logs are read more widely than stack.env.
+_SHOWN_TOPIC: Final = topics.shared("<share_group>", topics.READINGS_FILTER)
+
+
 def _lasting_refusal(error: BaseException) -> int | None:
     """The reason code of a refusal no retry can change, None for any other failure."""
     return error.code if isinstance(error, BrokerRefusedError) and error.permanent else None
@@ -176,7 +191,9 @@ class MqttSource:
         )
         self._client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
         _gmqtt.take_over(self._client, on_publish=self._on_publish, on_puback=self._on_puback)
-        _gmqtt.refusals_left_to_the_caller(self._client, until=lambda: self._link > 0)
+        _gmqtt.refusals_left_to_the_caller(
+            self._client, until=lambda: self._link > 0, afterwards=self._refused_reconnect
+        )
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_unsubscribe = self._on_unsubscribe
@@ -184,6 +201,8 @@ class MqttSource:
         self._link = 0
         self._link_up = False
         self._settled = asyncio.Event()  # SUBACK or UNSUBACK of what `_wanted` asks
+        self._resubscribing = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
+        self._resubscribe: asyncio.TimerHandle | None = None
 
     @property
     def connected(self) -> bool:
@@ -199,24 +218,43 @@ class MqttSource:
         self._wanted = on
         if self._link_up:
             self._settled.clear()
-            self._send_subscription(self._client)
+            self._send_subscription()
 
-    def _send_subscription(self, client: Client) -> None:
-        if self._wanted:
-            client.subscribe(self._topic, qos=1)
-        else:
+    def _send_subscription(self) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE, as `_wanted` asks; it supersedes a retry still due.
+        gmqtt keeps every subscription it is given, for ever: the one it has is sent again."""
+        self._cancel_resubscribe()
+        client = self._client
+        if not self._wanted:
             client.unsubscribe(self._topic)
+        elif client.subscriptions:
+            client.resubscribe(client.subscriptions[0])
+        else:
+            client.subscribe(self._topic, qos=1)
+
+    def _cancel_resubscribe(self) -> None:
+        if self._resubscribe is not None:
+            self._resubscribe.cancel()
+            self._resubscribe = None
 
     async def start(self, deliver: Handler) -> None:
-        """Connect; raises `OSError` when the broker cannot be reached and
-        `BrokerRefusedError` when it refuses, either time with nothing left behind (no
-        connection, and no retry of gmqtt's own: trying again is the caller's choice).
-        Once connected, gmqtt re-establishes a lost link by itself."""
+        """Connect; raises `OSError` when the broker cannot be reached or does not answer
+        within `_CONNECT_S` and `BrokerRefusedError` when it refuses, each time with
+        nothing left behind (no connection, and no retry of gmqtt's own: trying again is
+        the caller's choice). Once connected, gmqtt re-establishes a lost link by itself."""
         self._deliver = deliver
         try:
-            await self._client.connect(
-                self._host, self._port, ssl=self._tls, version=MQTTv50, keepalive=30
+            await asyncio.wait_for(
+                self._client.connect(
+                    self._host, self._port, ssl=self._tls, version=MQTTv50, keepalive=30
+                ),
+                _CONNECT_S,
             )
+        except TimeoutError:
+            await self.stop()
+            raise TimeoutError(
+                f"broker {self._host}:{self._port} did not answer within {_CONNECT_S:g} s"
+            ) from None
         except MQTTConnectError as exc:
             await self.stop()
             code = _gmqtt.refusal_code(exc)
@@ -242,11 +280,11 @@ class MqttSource:
         # broker lost (expired, or a broker without persistence); unsubscribing clears a
         # subscription the session kept from before this worker left.
         self._link_up = True
-        self._send_subscription(client)
+        self._send_subscription()
         log.info(
             "broker_connected",
             broker=f"{self._host}:{self._port}",
-            topic=self._topic,
+            topic=_SHOWN_TOPIC,
             session_present=bool(flags),
             replayed=replayed,
             subscribing=self._wanted,
@@ -254,14 +292,43 @@ class MqttSource:
 
     def _on_subscribe(self, client: Client, mid: int, granted: Sequence[int], props: Any) -> None:  # noqa: ANN401
         refused = [code for code in granted if code >= 0x80]
-        for code in refused:
-            _count_refusal("suback", code)
-            log.error("broker_refused_subscription", topic=self._topic, reason_code=code)
         if refused:
+            self._refused_subscription(refused)
             return
+        self._resubscribing.reset()
         if self._wanted:
             self._settled.set()
-        log.info("broker_subscribed", topic=self._topic)
+        log.info("broker_subscribed", topic=_SHOWN_TOPIC)
+
+    def _refused_subscription(self, codes: Sequence[int]) -> None:
+        """Each refusal is counted and logged by reason code, and the SUBSCRIBE is sent
+        again on this link with backoff: an operator may fix the broker's ACL meanwhile.
+        It was sent again only on the next link, which never came to a broker that kept
+        the connection: the worker stayed idle until `broker_lost_exit_s` ended it."""
+        delay = self._resubscribing.next_s() if self._wanted else None  # or it left since
+        for code in codes:
+            _count_refusal("suback", code)
+            log.error(
+                "broker_refused_subscription",
+                broker=f"{self._host}:{self._port}",
+                topic=_SHOWN_TOPIC,
+                reason_code=code,
+                retry_in_s=None if delay is None else round(delay, 1),
+            )
+        if delay is not None:
+            loop = asyncio.get_running_loop()
+            self._resubscribe = loop.call_later(delay, self._send_subscription)
+
+    def _refused_reconnect(self, code: int, retried: bool) -> None:
+        """gmqtt's own reconnect was refused (it raises nothing then): counted and logged
+        as a refused first connection is (`start`)."""
+        _count_refusal("connack", code)
+        log.error(
+            "broker_refused_reconnect",
+            broker=f"{self._host}:{self._port}",
+            reason_code=code,
+            retrying=retried,
+        )
 
     def _on_unsubscribe(self, client: Client, mid: int, codes: Sequence[int]) -> None:
         # 0x11, "no subscription existed", is as good as a success here. A refusal leaves
@@ -269,13 +336,14 @@ class MqttSource:
         if not self._wanted:
             self._settled.set()
         if any(code >= 0x80 for code in codes):
-            log.error("broker_refused_unsubscribe", topic=self._topic, codes=list(codes))
+            log.error("broker_refused_unsubscribe", topic=_SHOWN_TOPIC, codes=list(codes))
         else:
-            log.info("broker_unsubscribed", topic=self._topic, codes=list(codes))
+            log.info("broker_unsubscribed", topic=_SHOWN_TOPIC, codes=list(codes))
 
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
         self._link_up = False
         self._settled.clear()
+        self._cancel_resubscribe()
         log.warning(
             "broker_disconnected",
             broker=f"{self._host}:{self._port}",
@@ -370,9 +438,15 @@ class MqttSource:
 
     async def stop(self) -> None:
         """A link that breaks while it closes (the TLS shutdown meets data the broker
-        still sent) is closed all the same; anything unacknowledged is redelivered."""
+        still sent) is closed all the same, and one whose broker does not answer the close
+        within `_CLOSE_S` is cut (one that never sent its CONNACK held a stop for asyncio's
+        30 s); anything unacknowledged is redelivered."""
+        self._cancel_resubscribe()
         try:
-            await self._client.disconnect()
+            await asyncio.wait_for(self._client.disconnect(), _CLOSE_S)
+        except TimeoutError:
+            _gmqtt.abort(self._client)
+            log.info("broker_link_cut_on_close", broker=f"{self._host}:{self._port}")
         except OSError as exc:
             log.info(
                 "broker_link_broke_on_close", broker=f"{self._host}:{self._port}", error=str(exc)
@@ -430,7 +504,7 @@ class BrokerSet:
         operator, yet is still tried (the ACL may be fixed meanwhile): a warning whenever
         its reason code first appears or changes, not at every attempt (each is counted,
         `MqttSource.start`). Any other failure is a debug line."""
-        backoff = Backoff(1.0, 10.0)
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         told: int | None = None
         while True:
             refused = _lasting_refusal(error)

@@ -21,8 +21,15 @@ from meterproof.certs.layout import PkiLayout
 from meterproof.ingest import _gmqtt
 from meterproof.ingest._gmqtt import OutboundWindow
 from meterproof.ingest._wire import Drop
-from meterproof.ingest.source import BrokerRefusedError, BrokerSet, Delivery, mqtt_source
+from meterproof.ingest.source import (
+    BrokerRefusedError,
+    BrokerSet,
+    Delivery,
+    MqttSource,
+    mqtt_source,
+)
 from meterproof.ingest.telemetry import BROKER_REFUSALS, PACKETS_DROPPED
+from meterproof.mosquitto.admin import dynsec_commands
 from meterproof.mosquitto.config import BrokerFiles
 from meterproof.schemas import topics
 from meterproof.stack.broker import BrokerServer
@@ -369,16 +376,21 @@ def test_a_refused_first_connection_is_left_to_the_caller_to_retry() -> None:
     """Before the first accepted connection, gmqtt must not reconnect by itself after a
     refusal that may pass (server busy): the worker retries with its backoff, and a
     connection of gmqtt's own a second later would race it under the same client id.
-    Afterwards gmqtt's judgement applies again. (Mosquitto 2.0.11 refuses only with codes
-    no retry changes, so no real broker here sends a "server busy".)"""
+    Afterwards gmqtt's judgement applies again, and each refusal is told to the caller.
+    (Mosquitto 2.0.11 refuses only with codes no retry changes, so no real broker here
+    sends a "server busy".)"""
     client = Client("ingest-0")
     accepted = False
-    _gmqtt.refusals_left_to_the_caller(client, until=lambda: accepted)
+    told: list[tuple[int, bool]] = []
+    _gmqtt.refusals_left_to_the_caller(
+        client, until=lambda: accepted, afterwards=lambda code, again: told.append((code, again))
+    )
     judged = client._package_handler._is_retryable_connack
     assert not judged(0x89)
     accepted = True
     assert judged(0x89)
     assert not judged(0x87)
+    assert told == [(0x89, True), (0x87, False)]
 
 
 def _without_topic_acl(files: BrokerFiles) -> None:
@@ -430,33 +442,100 @@ def test_a_broker_of_several_that_refuses_for_good_is_told_once_counted_and_retr
     assert "broker_unreachable_at_start" not in [e["event"] for e in logs]
 
 
+def _allowing_subscriptions(broker: BrokerServer, identity: str) -> None:
+    """An operator fixing the running broker's ACL: the dynamic-security plugin made to
+    know `identity` (it defers on a client it does not know, and with no acl_file to
+    defer to that is a refusal), and its default for SUBSCRIBE turned to allow."""
+    allow = [{"acltype": "subscribe", "allow": True}]
+    commands: list[dict[str, Any]] = [
+        {"command": "createClient", "username": identity},
+        {"command": "setDefaultACLAccess", "acls": allow},
+    ]
+    answers = dynsec_commands(broker.files, broker.admin_port, commands)
+    assert all("error" not in answer for answer in answers), answers
+
+
 @pytest.mark.slow
-def test_a_refused_subscription_is_counted_and_logged_with_its_reason_code(
+def test_a_refused_subscription_is_counted_logged_and_retried_on_the_same_link(
     pki: PkiLayout,
     misconfigured_broker: Callable[[Callable[[BrokerFiles], None]], BrokerServer],
 ) -> None:
     """A broker that takes the connection but refuses the readings' subscription (here
-    one whose topic ACL is missing) leaves the worker connected and idle: the refusal is
-    counted by reason code and logged with it, and the source does not call itself
-    connected (`/readyz` says so)."""
+    one whose topic ACL is missing): every refusal is counted by reason code and logged
+    with it, the source does not call itself connected (`/readyz` says so), and the
+    SUBSCRIBE is sent again with backoff on the same link, so the worker takes its share
+    as soon as the ACL is fixed. It was sent again only on a new link, which a broker that
+    keeps the connection never brings: the worker sat idle until `broker_lost_exit_s`.
+    No line names the share group, a secret (each named it in its topic)."""
     refusing = misconfigured_broker(_without_topic_acl)
     settings = worker_settings(
         pki=pki, port=refusing.port, database_url="postgresql://unused", redis_url=None
     )
     before = _refusals("suback", 0x87)
 
-    async def scenario() -> bool:
+    async def scenario() -> tuple[bool, bool, int, int]:
         source = mqtt_source(settings)
+        assert isinstance(source, MqttSource)
         await source.start(lambda delivery: None)
-        await async_wait_until(
-            lambda: _refusals("suback", 0x87) > before, what="the refused SUBACK counted"
-        )
-        connected = source.connected
-        await source.stop()
-        return connected
+        try:
+            await async_wait_until(
+                lambda: _refusals("suback", 0x87) - before >= 2,
+                what="the SUBSCRIBE refused, sent again, refused again",
+            )
+            idle = source.connected
+            await asyncio.to_thread(_allowing_subscriptions, refusing, settings.identity)
+            await async_wait_until(lambda: source.connected, what="subscribed once allowed")
+            return idle, source.connected, source._link, len(source._client.subscriptions)
+        finally:
+            await source.stop()
 
     with capture_logs() as logs:
-        assert not asyncio.run(scenario())
-    assert _refusals("suback", 0x87) == before + 1
-    (refused,) = [e for e in logs if e["event"] == "broker_refused_subscription"]
-    assert (refused["log_level"], refused["reason_code"]) == ("error", 0x87)
+        idle, subscribed, link, kept = asyncio.run(scenario())
+    assert (idle, subscribed, link, kept) == (False, True, 1, 1)
+    refused = [e for e in logs if e["event"] == "broker_refused_subscription"]
+    assert len(refused) == _refusals("suback", 0x87) - before
+    assert {(e["log_level"], e["reason_code"]) for e in refused} == {("error", 0x87)}
+    assert all(e["retry_in_s"] > 0 for e in refused)
+    assert {"broker_connected", "broker_subscribed"} <= {e["event"] for e in logs}
+    assert not [e for e in logs if settings.share_group in str(e)]
+
+
+def _accepting(files: BrokerFiles) -> None:
+    """The project's broker as rendered: a reconnect test edits it between two runs."""
+
+
+@pytest.mark.slow
+def test_a_refused_reconnect_is_counted_and_logged_with_its_reason_code(
+    pki: PkiLayout,
+    misconfigured_broker: Callable[[Callable[[BrokerFiles], None]], BrokerServer],
+) -> None:
+    """After the first connection gmqtt reconnects by itself, and raises nothing when the
+    broker refuses it: the refusal is counted and logged by reason code all the same (it
+    was counted only for the first connection)."""
+    server = misconfigured_broker(_accepting)
+    settings = worker_settings(
+        pki=pki, port=server.port, database_url="postgresql://unused", redis_url=None
+    )
+    before = _refusals("connack", 0x87)
+
+    async def scenario() -> None:
+        source = mqtt_source(settings)
+        await source.start(lambda delivery: None)
+        try:
+            await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+            await asyncio.to_thread(server.stop)
+            refusing_ingest_clients(server.files)
+            await asyncio.to_thread(server.start)
+            await async_wait_until(
+                lambda: _refusals("connack", 0x87) > before, what="the reconnect refused"
+            )
+        finally:
+            await source.stop()
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    assert _refusals("connack", 0x87) == before + 1  # gmqtt does not retry "not authorized"
+    (refused,) = [e for e in logs if e["event"] == "broker_refused_reconnect"]
+    assert (refused["log_level"], refused["reason_code"], refused["retrying"]) == (
+        "error", 0x87, False
+    )  # fmt: skip
