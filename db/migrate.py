@@ -2,7 +2,8 @@
 
 Each file is applied in its own transaction and recorded in `schema_migrations` with its
 SHA-256, so a re-run is a no-op and an edited, renamed or deleted applied file is an
-error instead of a silent divergence between databases. Runners started at the same time
+error instead of a silent divergence between databases; so is a database that a newer
+meterproof migrated past this one's files. Runners started at the same time
 (several workers, `stack up`) queue on a transaction-scoped advisory lock, and each
 re-reads what is applied after taking it.
 
@@ -28,7 +29,8 @@ _FILE_RE: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
 class MigrationError(MeterproofError):
-    """The migration files and the database disagree; nothing was applied."""
+    """The migration files and the database disagree, or a migration failed: that one is
+    not applied (the ones before it in the same run are)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +104,14 @@ def _apply_next(conn: psycopg.Connection[Any], migrations: list[Migration]) -> s
 
 def _check_applied(applied: dict[str, str], migrations: list[Migration]) -> None:
     files = {m.version: m for m in migrations}
+    newest_file = max(files, default="")
     for version, digest in sorted(applied.items()):
         migration = files.get(version)
+        if migration is None and version[:4] > newest_file[:4]:
+            raise MigrationError(
+                f"the database has migration {version}, newer than this meterproof's newest"
+                f" ({newest_file}): run the meterproof that applied it, or a newer one"
+            )
         if migration is None:
             raise MigrationError(
                 f"applied migration {version} has no file (renamed or deleted?); "

@@ -132,6 +132,7 @@ class RetentionSettings(Settings):
     retain_days: int = Field(
         default=30,
         ge=1,
+        le=36_500,  # a century: "keep for ever" typed as days stays a date
         description="raw readings older than this many days are removed once anchored; "
         "more than the workers' max_age_s + rate_window_s + an hour (8 days by default)",
     )
@@ -243,6 +244,9 @@ def _drop_partitions(
         table = sql.Identifier(name)
         try:
             with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                if cur.execute("SELECT to_regclass(%s)", (name,)).fetchone() == (None,):
+                    continue  # a pruner running beside this one dropped it since the list
                 cur.execute("SET LOCAL lock_timeout = '5s'")
                 # the parent first, as inserts take them, so the two cannot deadlock
                 cur.execute(

@@ -106,6 +106,21 @@ def test_an_applied_migration_without_a_file_is_an_error(empty_url: str) -> None
         migrate(empty_url)
 
 
+def test_a_database_newer_than_the_code_is_named_as_such(empty_url: str) -> None:
+    """Not "renamed or deleted": an older meterproof (a rollback, a worker not yet
+    upgraded) meets a migration it has never heard of."""
+    migrate(empty_url)
+    newest = load_migrations()[-1].version
+    with _connect(empty_url) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, sha256) VALUES ('9999_next', 'x')")
+    with pytest.raises(MigrationError) as raised:
+        migrate(empty_url)
+    assert str(raised.value) == (
+        f"the database has migration 9999_next, newer than this meterproof's newest"
+        f" ({newest}): run the meterproof that applied it, or a newer one"
+    )
+
+
 def test_migrate_command_prints_versions_and_reports_an_unreachable_database(
     empty_url: str, postgres: PostgresServer
 ) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -151,6 +153,12 @@ def test_the_prune_command_prints_progress_and_refuses_a_window_the_judge_needs(
     )
     assert raised.exit_code == 1
     assert "(10.04 days)" in raised.output
+    forever = runner.invoke(
+        db, ["prune", "--database-url", database_url, "--retain-days", "1000000"]
+    )
+    assert forever.output == (
+        "Error: invalid setting retain_days: Input should be less than or equal to 36500\n"
+    )
     zero = runner.invoke(db, ["prune", "--database-url", database_url, "--chunk-rows", "0"])
     assert zero.output.startswith("Error: invalid setting prune_chunk_rows: ")
     ok = runner.invoke(
@@ -303,3 +311,34 @@ def test_daily_partitions_emptied_by_retention_are_dropped(
     assert f"dropped empty partition {first}" in lines
     present = query(database_url, "SELECT to_regclass(%s), to_regclass(%s)", (first, second))
     assert present == [(None, second)]
+
+
+@pytest.mark.slow
+def test_two_pruners_at_once_drop_each_empty_partition_once(database_url: str) -> None:
+    """Both list the same partitions, then queue on the table lock; the second must not
+    fail on the partition the first dropped meanwhile (a cron run meeting a manual one)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT meterproof_ensure_partitions(%s, %s)", (ms_to_dt(T0), ms_to_dt(T0 + 24 * HOUR))
+        )
+    reports: list[PruneReport] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            reports.append(run_prune(database_url, T0 + 10 * 24 * HOUR))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with psycopg.connect(database_url) as holder:
+        holder.execute("LOCK TABLE readings IN ACCESS SHARE MODE")  # both queue behind it
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        holder.commit()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    dropped = sorted(name for report in reports for name in report.dropped_partitions)
+    assert dropped == [f"readings_{ms_to_dt(T0 + d * 24 * HOUR):%Y%m%d}" for d in (0, 1)]
