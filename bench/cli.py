@@ -278,7 +278,7 @@ def _drain(size: int, workers: int, *, profiled: bool) -> tuple[DrainResult, dic
             rate_hz=rate,
             readings=result.readings,
             workers=workers,
-            cpu_s=result.worker_cpu_s,
+            cpu_s=result.worker_cpu_s + result.startup_cpu_s["workers"],  # py-spy's span
         )
     _progress(
         f"   {profile.total_us:.0f} µs of worker CPU per reading: "
@@ -541,7 +541,7 @@ def compare(
     """Backlog drains of --baseline and of this checkout, alternated round by round on this
     machine, and the ratio of their means (drain rate, worker CPU per reading); with
     --live, live tiers too."""
-    from meterproof.bench.compare import run_compare
+    from meterproof.bench.compare import CompareIncompleteError, run_compare
 
     try:
         rates = [int(r) for r in live.split(",")] if live else []
@@ -550,16 +550,20 @@ def compare(
     if any(r <= 0 for r in rates):
         raise click.BadParameter("rates must be positive", param_hint="--live")
     _progress(f"== compare: {rounds} rounds of {readings:,} readings, {workers} worker(s)")
-    figures = run_compare(
-        baseline,
-        Path.cwd(),
-        label=label,
-        rounds=rounds,
-        readings=readings,
-        workers=workers,
-        progress=_progress,
-        live=rates,
-    )
+    try:
+        figures = run_compare(
+            baseline,
+            Path.cwd(),
+            label=label,
+            rounds=rounds,
+            readings=readings,
+            workers=workers,
+            progress=_progress,
+            live=rates,
+        )
+    except CompareIncompleteError as exc:
+        _saved(ctx, "compare", exc.figures)  # the finished rounds, marked incomplete
+        raise
     ratio = figures["ratio"]
     _progress(
         f"   current/baseline: drain {ratio['drain_per_s']:.3f}, "

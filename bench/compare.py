@@ -10,7 +10,11 @@ the load average before each run, show how much the machine's other work moved i
 
 With `live` rates, each round also runs each side's `meterproof bench load` at those
 offered rates (no search): the server's CPU per accepted reading (workers, PostgreSQL,
-broker, Redis; the load generator excluded), per process group, is compared per rate.
+broker, Redis; the load generator excluded), per process group, is compared per rate over
+the rounds both sides sustained.
+
+A round that fails ends the run (non-zero), its finished rounds kept: `CompareIncompleteError`
+carries their figures, marked `incomplete`, for the command to save.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from meterproof.errors import InputError, MeterproofError
+from meterproof.errors import InputError, MeterproofError, first_line
 from meterproof.stack.process import end_child
 
 _RESULT = re.compile(r"raw results: (\S+\.json)")
@@ -125,6 +129,15 @@ def round_ratios(runs: dict[str, list[dict[str, Any]]], key: str) -> list[float]
     return [c[key] / b[key] for b, c in pairs]
 
 
+class CompareIncompleteError(MeterproofError):
+    """A round failed; `figures` are those of the rounds that finished before it (both
+    sides), marked `incomplete` with the error, so a long run's finished rounds are kept."""
+
+    def __init__(self, message: str, figures: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
 def run_compare(
     baseline: Path,
     current: Path,
@@ -139,40 +152,10 @@ def run_compare(
     live_seconds: float = 15.0,
     live_meters: int = 2_000,
 ) -> dict[str, Any]:
-    """`rounds` x (baseline, current); the figures, each side's means and their ratio."""
+    """`rounds` x (baseline, current); the figures, each side's means and their ratio.
+    Raises `CompareIncompleteError` when a round fails."""
     sides = {"baseline": command_of(baseline), "current": command_of(current)}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    for i in range(1, rounds + 1):
-        for side in round_order(i):
-            command = sides[side]
-            load = os.getloadavg()[0]  # what else the shared machine was doing
-            run = drain_once(command, readings=readings, workers=workers, timeout_s=timeout_s)
-            progress(
-                f"   round {i}/{rounds} {side}: {run['drain_per_s']:,.0f} readings/s, "
-                f"{run['cpu_us_per_reading']:.1f} µs worker CPU per reading"
-            )
-            if live:
-                run["live_load_1m_before"] = os.getloadavg()[0]
-                run["live"] = load_once(
-                    command, rates=live, seconds=live_seconds, meters=live_meters,
-                    workers=workers, timeout_s=timeout_s,
-                )  # fmt: skip
-                progress(
-                    f"   round {i}/{rounds} {side} live: "
-                    + ", ".join(
-                        f"{t['offered_per_s']:,}/s {t['server_us_per_reading']:,.0f} µs"
-                        for t in run["live"]
-                    )
-                )
-            runs[side].append({**run, "load_1m_before": load})
-    means = {
-        side: {
-            "drain_per_s": statistics.fmean(r["drain_per_s"] for r in rs),
-            "cpu_us_per_reading": statistics.fmean(r["cpu_us_per_reading"] for r in rs),
-        }
-        for side, rs in runs.items()
-    }
-    ratios = {key: round_ratios(runs, key) for key in ("drain_per_s", "cpu_us_per_reading")}
     figures: dict[str, Any] = {
         "label": label,
         "baseline": _describe(baseline),
@@ -180,52 +163,130 @@ def run_compare(
         "readings": readings,
         "workers": workers,
         "runs": runs,
+    }
+    try:
+        for i in range(1, rounds + 1):
+            done = {}
+            for side in round_order(i):
+                done[side] = _side_run(
+                    sides[side], f"round {i}/{rounds} {side}", readings=readings,
+                    workers=workers, timeout_s=timeout_s, live=live, live_seconds=live_seconds,
+                    live_meters=live_meters, progress=progress,
+                )  # fmt: skip
+            for side, run in done.items():
+                runs[side].append(run)
+    except Exception as exc:
+        finished = len(runs["baseline"])
+        figures["incomplete"] = {"error": first_line(exc), "rounds": finished, "of": rounds}
+        if finished:
+            figures |= _results(runs, live, seconds=live_seconds, meters=live_meters)
+        raise CompareIncompleteError(
+            f"round {finished + 1} of {rounds} failed ({finished} finished): {first_line(exc)}",
+            figures,
+        ) from exc
+    return figures | _results(runs, live, seconds=live_seconds, meters=live_meters)
+
+
+def _side_run(
+    command: Path, what: str, *, readings: int, workers: int, timeout_s: float,
+    live: Sequence[int], live_seconds: float, live_meters: int, progress: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """One side's drain in a round, and its live tiers if asked."""
+    load = os.getloadavg()[0]  # what else the shared machine was doing
+    run = drain_once(command, readings=readings, workers=workers, timeout_s=timeout_s)
+    progress(
+        f"   {what}: {run['drain_per_s']:,.0f} readings/s, "
+        f"{run['cpu_us_per_reading']:.1f} µs worker CPU per reading"
+    )
+    if live:
+        run["live_load_1m_before"] = os.getloadavg()[0]
+        run["live"] = load_once(
+            command, rates=live, seconds=live_seconds, meters=live_meters, workers=workers,
+            timeout_s=timeout_s,
+        )  # fmt: skip
+        progress(
+            f"   {what} live: "
+            + ", ".join(
+                f"{t['offered_per_s']:,}/s {t['server_us_per_reading']:,.0f} µs"
+                for t in run["live"]
+            )
+        )
+    return {**run, "load_1m_before": load}
+
+
+def _results(
+    runs: dict[str, list[dict[str, Any]]], live: Sequence[int], *, seconds: float, meters: int
+) -> dict[str, Any]:
+    """Each side's means over `runs` (at least one round), their ratio, the median and the
+    range of the rounds' ratios; with `live`, `live_summary`."""
+    keys = ("drain_per_s", "cpu_us_per_reading")
+    means = {
+        side: {key: statistics.fmean(r[key] for r in rs) for key in keys}
+        for side, rs in runs.items()
+    }
+    ratios = {key: round_ratios(runs, key) for key in keys}
+    results: dict[str, Any] = {
         "means": means,
-        "ratio": {
-            key: means["current"][key] / means["baseline"][key]
-            for key in ("drain_per_s", "cpu_us_per_reading")
-        },
+        "ratio": {key: means["current"][key] / means["baseline"][key] for key in keys},
         "median_round_ratio": {key: statistics.median(r) for key, r in ratios.items()},
         "round_ratio_range": {key: [min(r), max(r)] for key, r in ratios.items()},
     }
     if live:
-        figures["live"] = live_summary(runs, live, seconds=live_seconds, meters=live_meters)
-    return figures
+        results["live"] = live_summary(runs, live, seconds=seconds, meters=meters)
+    return results
 
 
 def live_summary(
     runs: dict[str, list[dict[str, Any]]], rates: Sequence[int], *, seconds: float, meters: int
 ) -> dict[str, Any]:
-    """Per offered rate: each side's mean server µs per accepted reading (and per group) over
-    the rounds, the ratio of the means, and the median and range of the rounds' ratios."""
-    per_rate = []
-    for k, rate in enumerate(rates):
-        tiers = {side: [r["live"][k] for r in rs] for side, rs in runs.items()}
-        server = {
-            side: statistics.fmean(t["server_us_per_reading"] for t in ts)
-            for side, ts in tiers.items()
-        }
-        mean = {
+    """Per offered rate: each side's mean server µs per accepted reading (and per group),
+    the ratio of the means, and the median and range of the rounds' ratios, over the rounds
+    both sides sustained: an overloaded tier's cost per reading is the backlog's, not the
+    rate's. How many rounds that left out is said; with none left, no ratio."""
+    return {
+        "rates": list(rates),
+        "seconds": seconds,
+        "meters": meters,
+        "per_rate": [_live_rate(runs, k, rate) for k, rate in enumerate(rates)],
+    }
+
+
+def _live_rate(runs: dict[str, list[dict[str, Any]]], k: int, rate: int) -> dict[str, Any]:
+    """`live_summary` of the `k`-th rate."""
+    every = {side: [r["live"][k] for r in rs] for side, rs in runs.items()}
+    both = [
+        i
+        for i, (b, c) in enumerate(zip(every["baseline"], every["current"], strict=True))
+        if b["sustained"] and c["sustained"]
+    ]
+    tiers = {side: [ts[i] for i in both] for side, ts in every.items()}
+    out: dict[str, Any] = {
+        "offered_per_s": rate,
+        "sustained": {side: sum(1 for t in ts if t["sustained"]) for side, ts in every.items()},
+        "rounds_compared": len(both),
+        "rounds_left_out": len(every["baseline"]) - len(both),
+    }
+    if not both:
+        return out
+    server = {
+        side: statistics.fmean(t["server_us_per_reading"] for t in ts) for side, ts in tiers.items()
+    }
+    ratios = round_ratios(tiers, "server_us_per_reading")
+    return {
+        **out,
+        "means": {
             side: {
                 "server_us_per_reading": server[side],
                 "us_per_reading": {
                     g: statistics.fmean(t["us_per_reading"][g] for t in ts) for g in SERVER
                 },
-                "sustained": sum(1 for t in ts if t["sustained"]),
             }
             for side, ts in tiers.items()
-        }
-        ratios = round_ratios(tiers, "server_us_per_reading")
-        per_rate.append(
-            {
-                "offered_per_s": rate,
-                "means": mean,
-                "ratio": server["current"] / server["baseline"],
-                "median_round_ratio": statistics.median(ratios),
-                "round_ratio_range": [min(ratios), max(ratios)],
-            }
-        )
-    return {"rates": list(rates), "seconds": seconds, "meters": meters, "per_rate": per_rate}
+        },
+        "ratio": server["current"] / server["baseline"],
+        "median_round_ratio": statistics.median(ratios),
+        "round_ratio_range": [min(ratios), max(ratios)],
+    }
 
 
 def _describe(checkout: Path) -> str:

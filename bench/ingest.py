@@ -1,13 +1,17 @@
 """Backlog drain: N pre-signed Ed25519 readings queued for the workers' persistent sessions,
 then the workers started; readings stored and acknowledged per second, next to the rate at
 which a count-only subscriber drains the very same backlog (a second share group gets the
-same messages), measured in the same run on the same broker."""
+same messages), measured in the same run on the same broker.
+
+The drain's figures (rate, and CPU per reading of the workers and of the servers) count from
+the moment every worker is ready (/readyz) to the last commit, as a live tier counts its
+window only: the workers' start-up (imports, TLS, connects) is kept apart, in `ready_s` and
+`startup_cpu_s`, and the readings already stored by then are left out of the rate."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,8 +29,14 @@ from meterproof.bench.backlog import (
     publish_backlog,
     signed_payloads,
 )
-from meterproof.bench.cpu import CpuSampler, server_groups
-from meterproof.bench.stacks import provision_meters, up_on_free_ports
+from meterproof.bench.cpu import CpuSampler, Group, server_groups
+from meterproof.bench.stacks import (
+    free_port_run,
+    provision_meters,
+    stop_workers,
+    up_on_free_ports,
+    wait_ready,
+)
 from meterproof.certs import ingest_identity
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
@@ -44,14 +54,23 @@ class DrainResult:
     publish_s: float
     count_only_s: float
     count_only_per_s: float
+    #: seconds from starting the worker processes until every one was ready
+    ready_s: float
+    #: readings the first workers had stored by then: left out of the figures below
+    stored_at_ready: int
+    #: from every worker ready to the last commit
     drain_s: float
+    #: (readings - stored_at_ready) / drain_s
     drain_per_s: float
     ratio_to_count_only: float
+    #: the workers' CPU seconds over `drain_s`
     worker_cpu_s: float
     cpu_us_per_reading: float
-    #: µs of CPU per reading by group while draining: broker, postgres and redis sampled
-    #: as the live tiers sample them, workers as `cpu_us_per_reading`
+    #: µs of CPU per reading by group over `drain_s`: broker, postgres and redis sampled as
+    #: the live tiers sample them, workers as `cpu_us_per_reading`
     server_us_per_reading: dict[str, float]
+    #: CPU seconds by group (as above) over `ready_s`, the start-up left out of the figures
+    startup_cpu_s: dict[str, float]
     #: (seconds since the workers were started, readings stored), for throughput over time
     samples: list[tuple[float, int]]
 
@@ -64,14 +83,16 @@ def _stored(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     return int(row[0]) if row else 0
 
 
-def _workers(env: StackEnv, workers: int, log: Path) -> subprocess.Popen[bytes]:
+def _workers(env: StackEnv, workers: int, log: Path, metrics_port: int) -> subprocess.Popen[bytes]:
+    """Worker i answers /readyz on `metrics_port` + i."""
     environ = {**os.environ, **dict(line.split("=", 1) for line in env.to_env_lines())}
-    environ["METERPROOF_METRICS_PORT"] = "0"
+    environ["METERPROOF_METRICS_PORT"] = str(metrics_port)
     environ["METERPROOF_LOG_LEVEL"] = "WARNING"  # one line per batch would cost CPU here
     with log.open("ab") as sink:
         return subprocess.Popen(
             [sys.executable, "-P", "-m", "meterproof", "ingest", "--workers", str(workers)],
             env=environ, stdout=sink, stderr=sink,
+            start_new_session=True,  # a group of its own, for `stop_workers`
         )  # fmt: skip
 
 
@@ -98,6 +119,21 @@ def _tree_cpu_s(pid: int) -> float:
         grew = not children <= tree
         tree |= children
     return sum(stats[p][1] for p in tree if p in stats)
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """Readings stored and CPU seconds by group (servers and workers) at one moment."""
+
+    stored: int
+    cpu_s: dict[str, float]
+
+
+def _mark(
+    proc: subprocess.Popen[bytes], conn: psycopg.Connection[tuple[Any, ...]], servers: CpuSampler
+) -> _Mark:
+    servers.sample()
+    return _Mark(_stored(conn), {**servers.cpu_seconds(), "workers": _tree_cpu_s(proc.pid)})
 
 
 def _wait_stored(
@@ -128,6 +164,38 @@ def _wait_stored(
         time.sleep(0.2)
     samples.append((time.perf_counter() - started, stored))
     return samples
+
+
+def _timed_drain(
+    env: StackEnv,
+    workers: int,
+    poll: psycopg.Connection[tuple[Any, ...]],
+    groups: dict[str, Group],
+    total: int,
+    *,
+    log: Path,
+    progress: Progress,
+    observe: Callable[[int], AbstractContextManager[object]],
+) -> tuple[float, _Mark, _Mark, list[tuple[float, int]]]:
+    """Start the workers and wait until `total` readings are stored; stop them. Returns the
+    seconds until every worker was ready, what was stored and spent by then and at the end,
+    and the stored count sampled from the start."""
+    base = free_port_run(workers)
+    servers = CpuSampler(groups)
+    servers.start()
+    started = time.perf_counter()
+    proc = _workers(env, workers, log, base)
+    try:
+        with observe(proc.pid):
+            for i in range(workers):
+                wait_ready(proc, base + i, log, poll_s=0.05)
+            ready_s, ready = time.perf_counter() - started, _mark(proc, poll, servers)
+            samples = _wait_stored(
+                proc, poll, total, started, log=log, progress=progress, tick=servers.sample
+            )
+            return ready_s, ready, _mark(proc, poll, servers), samples  # before the SIGTERM
+    finally:
+        stop_workers(proc)
 
 
 def run_drain(
@@ -185,32 +253,27 @@ def run_drain(
         # the poll's backend counts rows for the harness, not for the pipeline
         poller = poll.info.backend_pid
         groups["postgres"] = lambda: [p for p in postgres() if p != poller]
-        started = time.perf_counter()
-        log = run_dir / "workers.log"
-        proc = _workers(env, workers, log)
-        servers = CpuSampler(groups)
-        servers.start()
-        samples: list[tuple[float, int]] = []
-        try:
-            with poll, observe(proc.pid):
-                samples = _wait_stored(
-                    proc, poll, total, started, log=log, progress=progress, tick=servers.sample
-                )
-            drain_s = samples[-1][0]
-            servers.sample()
-            cpu_s = _tree_cpu_s(proc.pid)  # before SIGTERM: the shutdown is not the drain
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        proc_log = run_dir / "workers.log"
+        with poll:
+            ready_s, ready, end, samples = _timed_drain(
+                env, workers, poll, groups, total, log=proc_log, progress=progress,
+                observe=observe,
+            )  # fmt: skip
+        drained, drain_s = total - ready.stored, samples[-1][0] - ready_s
+        if drained <= 0 or drain_s <= 0:
+            raise RuntimeError(
+                f"all {total:,} readings were stored before the workers were ready: "
+                "give a larger backlog"
+            )
+        window = {g: s - ready.cpu_s[g] for g, s in end.cpu_s.items()}
         return DrainResult(
             readings=total, meters=meters, workers=workers, publish_s=published.seconds,
-            count_only_s=count_s, count_only_per_s=total / count_s, drain_s=drain_s,
-            drain_per_s=total / drain_s, ratio_to_count_only=count_s / drain_s,
-            worker_cpu_s=cpu_s, cpu_us_per_reading=cpu_s * 1e6 / total,
-            server_us_per_reading={
-                g: round(s * 1e6 / total, 1)
-                for g, s in {**servers.cpu_seconds(), "workers": cpu_s}.items()
-            },
+            count_only_s=count_s, count_only_per_s=total / count_s, ready_s=round(ready_s, 3),
+            stored_at_ready=ready.stored, drain_s=drain_s, drain_per_s=drained / drain_s,
+            ratio_to_count_only=(drained / drain_s) / (total / count_s),
+            worker_cpu_s=window["workers"], cpu_us_per_reading=window["workers"] * 1e6 / drained,
+            server_us_per_reading={g: round(s * 1e6 / drained, 1) for g, s in window.items()},
+            startup_cpu_s={g: round(s, 3) for g, s in ready.cpu_s.items()},
             samples=[(round(t, 3), n) for t, n in samples],
         )  # fmt: skip
     finally:

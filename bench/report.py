@@ -13,7 +13,7 @@ from typing import Any, Final
 from meterproof.bench import plots
 from meterproof.bench.compare import server_cost
 from meterproof.bench.loadgen.legs import LEGS
-from meterproof.bench.sampling import Verdict, at_least, at_most
+from meterproof.bench.sampling import Verdict, at_least, at_most, below
 
 RESULTS: Final = Path("bench/results")
 REPORT: Final = Path("docs/benchmarks.md")
@@ -111,7 +111,7 @@ def _load_targets(load: Data | None, ingest: Data | None) -> list[TargetRow]:
             (
                 "p99 publish -> receipt < 50 ms at half the highest sustained rate",
                 f"{p99:,.0f} ms at {_n(tier['offered_per_s'])}/s",
-                at_most(p99, 50.0),
+                below(p99, 50.0),
             )
         )
     top = _highest_sustained(f["tiers"])
@@ -214,7 +214,7 @@ def targets(found: dict[str, Data]) -> list[TargetRow]:
                 f"{f['meters']:,} registrations (certificates + registry rows) < 2 s",
                 f"{f['commands_total_s']:.2f} s as two commands "
                 f"({f['inprocess_total_s']:.2f} s in-process)",
-                at_most(f["commands_total_s"], 2.0),
+                below(f["commands_total_s"], 2.0),
             )
         )
     validation = _validation_us(found.get("limits"))
@@ -225,7 +225,7 @@ def targets(found: dict[str, Data]) -> list[TargetRow]:
             (
                 "validation (decode + verify + checks) < 1 ms of CPU per reading",
                 f"{validation:,.0f} µs in-process{also}",
-                at_most(validation, 1_000.0),
+                below(validation, 1_000.0),
             )
         )
     rows += _load_targets(found.get("load"), ingest)
@@ -273,14 +273,14 @@ def targets(found: dict[str, Data]) -> list[TargetRow]:
             (
                 f"seal + anchor of {f['readings']:,} readings < 10 s (issue 4)",
                 f"{f['seal_and_anchor_s']:.1f} s",
-                at_most(f["seal_and_anchor_s"], 10.0),
+                below(f["seal_and_anchor_s"], 10.0),
             )
         )
         rows.append(
             (
                 f"ledger verify of {f['readings']:,} readings < 30 s (issue 4)",
                 f"{f['verify_s']:.1f} s",
-                at_most(f["verify_s"], 30.0),
+                below(f["verify_s"], 30.0),
             )
         )
     rows += _api_targets(found.get("api"))
@@ -303,17 +303,17 @@ def _api_targets(api: Data | None) -> list[TargetRow]:
                 "API: history of one meter-day (17,280 readings) p99 < 50 ms, 10 million stored",
                 f"{day['p99_ms']:,.0f} ms as JSON in one page "
                 f"(CSV: {reads['history_csv']['p99_ms']:,.0f} ms); {stored}",
-                at_most(day["p99_ms"], 50.0),
+                below(day["p99_ms"], 50.0),
             ),
             (
                 "API: latest p99 < 10 ms, 10 million stored",
                 f"{latest['p99_ms']:.1f} ms; {stored}",
-                at_most(latest["p99_ms"], 10.0),
+                below(latest["p99_ms"], 10.0),
             ),
             (
                 "API: rollups for a month of one meter < 50 ms",
                 f"{month:.1f} ms, the slowest width's p99",
-                at_most(month, 50.0),
+                below(month, 50.0),
             ),
         ]
     batch = f["batch"]
@@ -425,9 +425,41 @@ def _cpu(run: Data) -> str:
     return f"{run['cpu_us_per_reading']:,.0f}" if "cpu_us_per_reading" in run else "-"
 
 
+def _drain_window(runs: list[Data]) -> list[str]:
+    """What the drain's time and CPU count: from every worker ready (results from
+    2026-12-07 on, which hold `ready_s`), or from starting them (older ones)."""
+    if all("ready_s" in r for r in runs):
+        return [
+            "workers start. The drain time runs from the moment every worker answers /readyz",
+            "until every reading is committed in PostgreSQL (fsync on) and acknowledged; the",
+            "readings stored before that moment are left out of the rate, as the live tiers",
+            "count their publishing window only. Worker CPU is user + system time of the",
+            "worker processes over the same time, per reading drained in it; their start-up",
+            "(imports, TLS, connects) is left out:",
+            f"{_startup(runs)}.",
+            "The steady rate counts from the first commit to the last; targets are judged on",
+            "the headline rate.",
+        ]
+    return [
+        "workers start. The drain time runs from starting the worker processes (imports and",
+        "connects included) until every reading is committed in PostgreSQL (fsync on) and",
+        "acknowledged. Worker CPU is user + system time of the worker processes (startup",
+        "included) over the readings drained. The steady rate counts from the first commit to",
+        "the last, leaving the workers' start-up out; targets are judged on the headline rate.",
+    ]
+
+
+def _startup(runs: list[Data]) -> str:
+    return ", ".join(
+        f"{r['ready_s']:.1f} s until ready and {r['startup_cpu_s']['workers']:.1f} s of CPU "
+        f"with {_workers(r['workers'])}"
+        for r in runs
+    )
+
+
 def _steady(run: Data) -> str:
-    """Stored per second from the first commit to the last: the drain without the workers'
-    start-up (imports, TLS handshakes, cache warm-up), which the headline rate includes."""
+    """Stored per second from the first commit to the last: the drain without the time
+    until the first commit (the workers' start-up, cache warm-up)."""
     samples = [(t, n) for t, n in run.get("samples") or [] if n > 0]
     if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
         return "-"
@@ -455,11 +487,7 @@ def _ingest(data: Data, found: dict[str, Data]) -> list[str]:
         "QoS 1) is queued in Mosquitto for the workers' persistent sessions and, through a",
         "second share group, for a count-only gmqtt subscriber that acknowledges on arrival",
         "(the raw receive limit). The count-only subscriber drains its copy first; then the",
-        "workers start. The drain time runs from starting the worker processes (imports and",
-        "connects included) until every reading is committed in PostgreSQL (fsync on) and",
-        "acknowledged. Worker CPU is user + system time of the worker processes (startup",
-        "included) over the readings drained. The steady rate counts from the first commit to",
-        "the last, leaving the workers' start-up out; targets are judged on the headline rate.",
+        *_drain_window(f["runs"]),
         "Server CPU adds the broker's, PostgreSQL's and Redis's over the same time, sampled as",
         "the live tiers sample them.",
         "",
@@ -852,15 +880,7 @@ def _load_before(run: Data) -> str:
 
 def _compare(data: Data, found: dict[str, Data]) -> list[str]:
     f = data["figures"]
-    rows = [
-        f"| {i} | {b['drain_per_s']:,.0f} | {c['drain_per_s']:,.0f} "
-        f"| {b['cpu_us_per_reading']:.1f} | {c['cpu_us_per_reading']:.1f} "
-        f"| {_load_before(b)} / {_load_before(c)} |"
-        for i, (b, c) in enumerate(zip(f["runs"]["baseline"], f["runs"]["current"], strict=True), 1)
-    ]
-    median, spread = f.get("median_round_ratio"), f.get("round_ratio_range")
-    means, ratio = f["means"], f["ratio"]
-    return [
+    head = [
         "## Before and after (same machine, alternating runs)",
         "",
         f"{f['label'] or 'A change'}: backlog drains of {f['readings']:,} readings with "
@@ -871,6 +891,20 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
         f"- baseline: {f['baseline']}",
         f"- current: {f['current']}",
         "",
+        *_incomplete(f),
+    ]
+    if "means" not in f:  # no round finished
+        return [*head, _measured(data), ""]
+    rows = [
+        f"| {i} | {b['drain_per_s']:,.0f} | {c['drain_per_s']:,.0f} "
+        f"| {b['cpu_us_per_reading']:.1f} | {c['cpu_us_per_reading']:.1f} "
+        f"| {_load_before(b)} / {_load_before(c)} |"
+        for i, (b, c) in enumerate(zip(f["runs"]["baseline"], f["runs"]["current"], strict=True), 1)
+    ]
+    median, spread = f.get("median_round_ratio"), f.get("round_ratio_range")
+    means, ratio = f["means"], f["ratio"]
+    return [
+        *head,
         "| round | baseline /s | current /s | baseline worker CPU µs / reading "
         "| current worker CPU µs / reading | load average before (baseline / current) |",
         "|---|---|---|---|---|---|",
@@ -901,6 +935,18 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
     ]
 
 
+def _incomplete(f: Data) -> list[str]:
+    """What stopped a compare before its last round, if something did."""
+    stopped = f.get("incomplete")
+    if not stopped:
+        return []
+    return [
+        f"**Incomplete**: {stopped['rounds']} of {stopped['of']} rounds finished; the next "
+        f"failed: {stopped['error']}",
+        "",
+    ]
+
+
 def _range(low_high: list[float]) -> str:
     """The lowest and highest of the rounds' ratios."""
     low, high = low_high
@@ -922,23 +968,37 @@ def _compare_live(f: Data) -> list[str]:
         )
 
     rounds = len(f["runs"]["baseline"])
-    rows = [
-        f"| {r['offered_per_s']:,} | {side(m['baseline'])} | {side(m['current'])} "
-        f"| {r['ratio']:.3f} | {r['median_round_ratio']:.3f}"
-        + ("" if "round_ratio_range" not in r else f" ({_range(r['round_ratio_range'])})")
-        + f" | {m['baseline']['sustained']} / {m['current']['sustained']} of {rounds} |"
-        for r in live["per_rate"]
-        for m in [r["means"]]
-    ]
+
+    def row(r: Data) -> str:
+        m = r.get("means")
+        held = r.get("sustained")
+        if held is None:  # results from before rounds were left out: in each side's means
+            held = {k: r["means"][k]["sustained"] for k in ("baseline", "current")}
+        cells = (
+            "- | - | none: no round sustained on both sides | -"
+            if m is None
+            else f"{side(m['baseline'])} | {side(m['current'])} | {r['ratio']:.3f} "
+            f"| {r['median_round_ratio']:.3f}"
+            + ("" if "round_ratio_range" not in r else f" ({_range(r['round_ratio_range'])})")
+        )
+        left = r.get("rounds_left_out")
+        return (
+            f"| {r['offered_per_s']:,} | {cells} | {held['baseline']} / {held['current']} of "
+            f"{rounds} | {'- (every round averaged)' if left is None else left} |"
+        )
+
+    rows = [row(r) for r in live["per_rate"]]
     return [
         f"Live, in the same rounds (`--live`): each side's `bench load` at each offered rate "
         f"({live['seconds']:g} s, {live['meters']:,} meters), server CPU per accepted reading in "
         "µs (workers, PostgreSQL, broker, Redis; the load generator excluded), mean of the "
-        "rounds.",
+        "rounds both sides sustained (an overloaded tier's cost per reading is its backlog's);",
+        "the others are left out.",
         "",
         "| offered /s | baseline µs (by group) | current µs (by group) | current / baseline "
-        "| median (range) of the rounds' ratios | rounds sustained (baseline / current) |",
-        "|---|---|---|---|---|---|",
+        "| median (range) of the rounds' ratios | rounds sustained (baseline / current) "
+        "| rounds left out |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

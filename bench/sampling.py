@@ -52,5 +52,15 @@ def at_least(measured: float, target: float) -> Verdict:
 
 
 def at_most(measured: float, target: float) -> Verdict:
-    """Lower is better (a time, a cost): ratio = target / measured."""
-    return Verdict(measured < target, target / measured if measured > 0 else math.inf)
+    """`<=` (a target "<= 150 µs", "within 2x"); lower is better (a time, a cost): ratio =
+    target / measured."""
+    return Verdict(measured <= target, _lower_ratio(measured, target))
+
+
+def below(measured: float, target: float) -> Verdict:
+    """`<` (a target "< 50 ms"), as `at_most` otherwise."""
+    return Verdict(measured < target, _lower_ratio(measured, target))
+
+
+def _lower_ratio(measured: float, target: float) -> float:
+    return target / measured if measured > 0 else math.inf

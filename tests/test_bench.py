@@ -20,7 +20,7 @@ from meterproof.bench.cpu import CpuSampler
 from meterproof.bench.loadgen.legs import Times, summarise
 from meterproof.bench.machine import describe
 from meterproof.bench.profile import attribute, classify, frames_of, library_costs, perf_record
-from meterproof.bench.sampling import at_least, at_most, percentile, rates
+from meterproof.bench.sampling import at_least, at_most, below, percentile, rates
 
 MACHINE = {
     "date": "2026-11-23 04:00 UTC",
@@ -61,6 +61,15 @@ def test_verdicts_ratio_above_one_means_better():
     assert at_most(1.5, 2.0).met is True
     assert at_most(4.0, 2.0).ratio == 0.5
     assert at_most(0.0, 2.0).ratio == math.inf
+
+
+def test_each_verdict_compares_as_its_targets_label_says():
+    """ "<= 150 µs" and "within 2x" are met at the target itself; "< 50 ms" is not."""
+    assert at_most(150.0, 150.0).met is True
+    assert at_most(2.0, 2.0).met is True
+    assert below(50.0, 50.0).met is False
+    assert below(49.9, 50.0).met is True
+    assert below(4.0, 2.0).ratio == 0.5
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,22 @@ from pathlib import Path
 
 import psutil
 import pytest
+from click.testing import CliRunner
 
 from meterproof.bench import report
 from meterproof.bench.compare import (
+    CompareIncompleteError,
     command_of,
     live_summary,
     load_once,
     run_compare,
     server_cost,
 )
+from meterproof.cli.main import main as meterproof
 from meterproof.errors import InputError, MeterproofError
 
 ROOT = Path(__file__).resolve().parents[1]
+MACHINE = {"date": "2026-12-04 00:00 UTC", "cpu": "x", "cores": "2", "memory": "1", "os": "y"}
 
 
 def test_a_checkout_without_its_venv_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -140,17 +144,68 @@ def test_live_tiers_render_beside_the_drain(tmp_path: Path) -> None:
     assert "| 1,000 | 600 (workers 500, postgres 100, broker 0, redis 0) " in text
     assert (
         "| 400 (workers 300, postgres 100, broker 0, redis 0) | 0.667 | 0.667 (0.667-0.667) "
-        "| 1 / 1 of 1 |" in text
+        "| 1 / 1 of 1 | 0 |" in text
     )
 
 
-def _checkout(root: Path, side: str, order: Path, drain_per_s: float) -> Path:
-    """A checkout whose `meterproof bench ingest` notes that it ran and saves one drain."""
+def _live_runs(
+    baseline: list[tuple[float, bool]], current: list[tuple[float, bool]]
+) -> dict[str, list[dict[str, object]]]:
+    """Rounds of one 1,000/s tier: (worker cores, sustained) per side and round."""
+
+    def run(workers: float, sustained: bool) -> dict[str, object]:
+        tier = {**_tier(1_000, 1_000.0, workers=workers, postgres=0.1), "sustained": sustained}
+        return {
+            "drain_per_s": 100.0, "cpu_us_per_reading": 90.0, "load_1m_before": 1.0,
+            "live": [server_cost(tier)],
+        }  # fmt: skip
+
+    return {"baseline": [run(*r) for r in baseline], "current": [run(*r) for r in current]}
+
+
+def test_live_rounds_either_side_did_not_sustain_are_left_out_and_counted() -> None:
+    """An overloaded tier's µs per accepted reading is the backlog's cost, not the rate's:
+    averaged in, round 2's 2,000 µs would have made the current side look 1.6x worse."""
+    runs = _live_runs([(0.5, True), (0.5, True)], [(0.4, True), (1.9, False)])
+    (rate,) = live_summary(runs, [1_000], seconds=15, meters=2_000)["per_rate"]
+    assert rate["ratio"] == pytest.approx(500 / 600)
+    assert rate["means"]["current"]["server_us_per_reading"] == pytest.approx(500)
+    assert rate["round_ratio_range"] == pytest.approx([500 / 600, 500 / 600])
+    assert (rate["rounds_compared"], rate["rounds_left_out"]) == (1, 1)
+    assert rate["sustained"] == {"baseline": 2, "current": 1}
+
+
+def test_with_no_round_sustained_on_both_sides_no_ratio_is_given(tmp_path: Path) -> None:
+    runs = _live_runs([(0.5, True), (0.5, False)], [(0.4, False), (0.4, True)])
+    live = live_summary(runs, [1_000], seconds=15, meters=2_000)
+    (rate,) = live["per_rate"]
+    assert "ratio" not in rate
+    assert (rate["rounds_compared"], rate["rounds_left_out"]) == (0, 2)
+    mean = {"drain_per_s": 100.0, "cpu_us_per_reading": 90.0}
+    figures = {
+        "label": "live", "baseline": "a", "current": "b", "readings": 1_000, "workers": 2,
+        "runs": runs, "means": {"baseline": mean, "current": mean},
+        "ratio": {"drain_per_s": 1.0, "cpu_us_per_reading": 1.0}, "live": live,
+    }  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "compare-20261204T000000Z.json").write_text(
+        json.dumps({"suite": "compare", "quick": False, "machine": MACHINE, "figures": figures})
+    )
+    text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| 1,000 | - | - | none: no round sustained on both sides | - | 1 / 1 of 2 | 2 |" in text
+
+
+def _checkout(root: Path, side: str, order: Path, drain_per_s: float, *, fails_on: int = 0) -> Path:
+    """A checkout whose `meterproof bench ingest` notes that it ran and saves one drain;
+    its `fails_on`-th run fails instead."""
     command = root / side / ".venv" / "bin" / "meterproof"
     command.parent.mkdir(parents=True)
     figures = {"figures": {"runs": [{"drain_per_s": drain_per_s, "cpu_us_per_reading": 50.0}]}}
     command.write_text(
         f"#!/bin/sh\necho {side} >> {order}\n"
+        f"if [ $(grep -c {side} {order}) -eq {fails_on} ]; then\n"
+        "  echo 'the broker did not start' >&2; exit 1\nfi\n"
         f"echo '{json.dumps(figures)}' > r.json\necho 'raw results: r.json' >&2\n"
     )
     command.chmod(0o755)
@@ -194,3 +249,49 @@ def test_the_report_shows_the_range_of_the_rounds_ratios(tmp_path: Path) -> None
     )
     text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert "The rounds' ratios ranged over 0.900-1.200 and 1.000-1.000." in text
+
+
+def test_a_failed_round_keeps_the_finished_ones_saved_and_marked_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2's first run (the current side's second) fails: round 1 is saved, marked
+    incomplete with the error, and the command still exits non-zero."""
+    order = tmp_path / "order"
+    baseline = _checkout(tmp_path, "baseline", order, 100.0)
+    current = _checkout(tmp_path, "current", order, 110.0, fails_on=2)
+    monkeypatch.chdir(current)
+    result = CliRunner().invoke(
+        meterproof, ["bench", "compare", "--baseline", str(baseline), "--rounds", "3",
+                     "--readings", "1000", "--workers", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "round 2 of 3 failed (1 finished)" in result.output
+    assert "the broker did not start" in result.output
+    (saved,) = (current / "bench" / "results").glob("compare-*.json")
+    figures = json.loads(saved.read_text())["figures"]
+    assert figures["incomplete"]["rounds"] == 1
+    assert "the broker did not start" in figures["incomplete"]["error"]
+    assert [len(figures["runs"][side]) for side in ("baseline", "current")] == [1, 1]
+    assert figures["ratio"]["drain_per_s"] == pytest.approx(1.1)
+    text = (current / "docs" / "benchmarks.md").read_text()
+    assert "**Incomplete**: 1 of 3 rounds finished; the next failed:" in text
+
+
+def test_a_compare_whose_first_round_failed_is_saved_and_rendered(tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    baseline = _checkout(tmp_path, "baseline", order, 100.0, fails_on=1)
+    current = _checkout(tmp_path, "current", order, 110.0)
+    with pytest.raises(CompareIncompleteError, match="round 1 of 2 failed") as failed:
+        run_compare(
+            baseline, current, label="", rounds=2, readings=1_000, workers=1,
+            progress=lambda _: None,
+        )  # fmt: skip
+    figures = failed.value.figures
+    assert "means" not in figures
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "compare-20261204T000000Z.json").write_text(
+        json.dumps({"suite": "compare", "quick": False, "machine": MACHINE, "figures": figures})
+    )
+    text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "**Incomplete**: 0 of 2 rounds finished" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 from ingest_harness import WorkerProcess, provision, stored_counts, worker_settings
 from waiting import wait_until
@@ -412,3 +413,19 @@ def test_a_tiers_cpu_is_averaged_over_its_publishing_window_only(tmp_path: Path)
         progress=lambda _: None,
     )  # fmt: skip
     assert tier["cpu"]["seconds"] == pytest.approx(seconds, abs=0.25)
+
+
+def test_generators_that_fail_to_start_leave_none_running(tmp_path: Path) -> None:
+    """The second generator cannot start (its job file's path is a folder): the first,
+    already started, is stopped, not left waiting for commands."""
+    (tmp_path / "gen-1.json").mkdir()
+    env = StackEnv(pki_root=tmp_path / "pki")
+    with pytest.raises(IsADirectoryError):
+        Generators(env=env, meter_ids=[], processes=2, ts_base_ms=0, run_dir=tmp_path)
+    job = str(tmp_path / "gen-0.json")
+    running = [
+        p.pid
+        for p in psutil.process_iter(["cmdline", "status"])
+        if job in (p.info["cmdline"] or ()) and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+    assert running == []

@@ -28,9 +28,15 @@ from meterproof.bench.compare import BRIDGE
 from meterproof.bench.cpu import CpuSampler, process_tree, server_groups
 from meterproof.bench.loadgen import plan
 from meterproof.bench.loadgen.legs import join_stored, slowest_legs, summarise
-from meterproof.bench.stacks import provision_meters, up_on_free_ports
+from meterproof.bench.stacks import (
+    free_port_run,
+    provision_meters,
+    stop_workers,
+    up_on_free_ports,
+    wait_ready,
+)
 from meterproof.config import StackEnv
-from meterproof.stack.process import claim_port, end_child, free_port
+from meterproof.stack.process import end_child
 from meterproof.stack.services import LocalStack
 
 Progress = Callable[[str], None]
@@ -49,13 +55,17 @@ class GeneratorProcess:
         job_file = run_dir / f"{self.name}.json"
         job_file.write_text(json.dumps(job), encoding="utf-8")
         self._log = (run_dir / f"{self.name}.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "meterproof.bench.loadgen", str(job_file)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "meterproof.bench.loadgen", str(job_file)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                text=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
         assert self.proc.stdout is not None
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(
@@ -118,20 +128,22 @@ class Generators:
         ts_base_ms: int,
         run_dir: Path,
     ) -> None:
-        self.procs = [
-            GeneratorProcess(
-                {
+        """Starts them all, or none: those started before one that failed are stopped."""
+        self.procs: list[GeneratorProcess] = []
+        try:
+            for i, ids in enumerate(plan.split(list(meter_ids), processes)):
+                job = {
                     "name": f"gen-{i}",
                     "pki_root": str(env.pki_root),
                     "brokers": env.brokers(),
                     "ts_base_ms": ts_base_ms,
                     "out_dir": str(run_dir),
                     "meters": ids,
-                },
-                run_dir,
-            )
-            for i, ids in enumerate(plan.split(list(meter_ids), processes))
-        ]
+                }
+                self.procs.append(GeneratorProcess(job, run_dir))
+        except BaseException:
+            self.stop(at_once=True)
+            raise
 
     @property
     def pids(self) -> list[int]:
@@ -225,7 +237,7 @@ class BenchStack:
             if self.bridge_proc is not None:
                 end_child(self.bridge_proc, signal.SIGTERM, timeout=60)
             if self.worker_proc is not None:
-                end_child(self.worker_proc, signal.SIGTERM, timeout=60)
+                stop_workers(self.worker_proc)
             self.stack.down(purge=True)
 
     @property
@@ -248,21 +260,22 @@ class BenchStack:
                 env=self._environ(metrics_port),
                 stdout=sink,
                 stderr=sink,
+                start_new_session=True,  # a group of its own, for `stop_workers`
             )
 
     def _start_workers(self) -> None:
-        base = self.metrics_base = _free_port_run(self.workers)
+        base = self.metrics_base = free_port_run(self.workers)
         self.worker_proc = self._command(
             ["ingest", "--workers", str(self.workers)], base, "workers.log"
         )
         for i in range(self.workers):
-            _wait_ready(self.worker_proc, base + i, self.run_dir / "workers.log")
+            wait_ready(self.worker_proc, base + i, self.run_dir / "workers.log")
         time.sleep(0.5)  # the SUBACK of the shared subscription follows readiness
 
     def _start_bridge(self) -> None:
-        port = _free_port_run(1)
+        port = free_port_run(1)
         self.bridge_proc = self._command(["bridge"], port, "bridge.log")
-        _wait_ready(self.bridge_proc, port, self.run_dir / "bridge.log")
+        wait_ready(self.bridge_proc, port, self.run_dir / "bridge.log")
 
     def stored(self) -> int:
         return self._count("SELECT count(*) FROM reading_log")
@@ -290,35 +303,6 @@ class BenchStack:
             **ledger,
             "generator": lambda: generators.pids,
         }
-
-
-def _free_port_run(count: int) -> int:
-    """A base port with `count` free ports after it (worker i serves /readyz on base + i),
-    drawn at random as `free_port` draws: two bench runs at once must not pick one run."""
-    for _ in range(100):
-        base = free_port()
-        if all(claim_port(base + i) for i in range(1, count)):
-            return base
-    raise RuntimeError("no run of free ports for the /readyz of the workers or the bridge")
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Until the process answers /readyz on `port` (60 s at most)."""
-    deadline = time.monotonic() + 60
-    while not _ready(port):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited; see {log}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{proc.args!r} not ready on :{port}; see {log}")
-        time.sleep(0.2)
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
 
 
 #: Longer than a follower's stay after the group went idle (follow_leave_after_s, 30 s).
