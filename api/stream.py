@@ -12,8 +12,10 @@ closes the stream (code 4403, the policy's reason) within POLL_S plus the view's
 Status and alerts are for operators and the meter itself. Every tick of every stream also
 asks whether the caller's credentials still hold (`auth.still_valid`): a token past its
 `exp` closes it 4401 `token_expired`, a meter certificate revoked since it opened 4401
-`certificate_revoked`, as a request would be answered. A query per open stream per
-tick is the cost; many streams want the broker's per-integrator feed instead (docs/api.md).
+`certificate_revoked`, as a request would be answered. A poll that finds the database
+away (a failover) closes it 4503 `unavailable`, as a request gets 503: the client opens it
+again. A query per open stream per tick is the cost; many streams want the broker's
+per-integrator feed instead (docs/api.md).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from starlette.websockets import WebSocketDisconnect
 
 from meterproof.api import reads
 from meterproof.api.auth import Principal, Role, Scope, identify, still_valid
-from meterproof.api.errors import ApiError
+from meterproof.api.errors import ApiError, as_api_error
 from meterproof.api.telemetry import REFUSALS
 from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
 from meterproof.consent.policy import may_see
+from meterproof.errors import MeterproofError
 from meterproof.ingest.audience import REFUSALS as CONSUMER_REFUSALS
 from meterproof.ingest.audience import Audience
 from meterproof.schemas.timestamps import wall_ms
@@ -45,7 +48,7 @@ log = structlog.get_logger("api.stream")
 POLL_S: Final = 0.2
 _PAGE: Final = 500
 #: WebSocket close codes: 4000 + the HTTP status the same refusal gets.
-_CLOSE: Final = {401: 4401, 403: 4403, 404: 4404}
+_CLOSE: Final = {401: 4401, 403: 4403, 404: 4404, 503: 4503}
 _OWNER_ROLES: Final = (Role.OPERATOR, Role.METER)
 
 #: What to send now, one JSON text per message; raises ApiError to close the stream.
@@ -144,7 +147,8 @@ async def _serve(
                 await asyncio.wait({gone}, timeout=POLL_S)
         finally:
             gone.cancel()
-    except ApiError as refusal:
+    except MeterproofError as exc:  # a refusal, or the database away (as a request: 503)
+        refusal = as_api_error(exc)
         REFUSALS.labels(code=refusal.code).inc()
         log.warning("stream_refused", path=websocket.url.path, code=refusal.code,
                     detail=refusal.detail)  # fmt: skip

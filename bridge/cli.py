@@ -61,7 +61,8 @@ def _connect(url: str) -> psycopg.Connection[Any]:
 @click.option(
     "--once",
     is_flag=True,
-    help="One pass (claim, seal what is due, anchor what is pending, publish), then exit.",
+    help="One pass (claim, seal what is due, anchor what is pending, publish), then exit;"
+    " exit 1 if the database could not be reached.",
 )
 @click.option(
     "--config",
@@ -118,8 +119,11 @@ def bridge(
     runner = Runner(settings, sink=sink, oracle=oracle, publisher=publisher)
     if once:
         runner.run_once()
+        reached = runner.ready()
         runner.close()
         publisher.close(flush_s=5.0)
+        if not reached:  # nothing claimed, sealed or anchored: not a pass that succeeded
+            raise click.ClickException("database unreachable: nothing was done (see the log)")
         return
     probes = serve_probes(settings.metrics_host, settings.metrics_port, ready=runner.ready)
     stop = threading.Event()

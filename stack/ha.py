@@ -235,8 +235,14 @@ class PatroniNode(_Member):
     def stop(self) -> None:
         """SIGTERM to Patroni, which stops its PostgreSQL. Patroni starts the postmaster in
         a session of its own (so that it outlives Patroni), so one left by a Patroni that
-        died is stopped here too: SIGINT, PostgreSQL's fast shutdown."""
-        super().stop()
+        died, or that had to be killed, is stopped here too: SIGINT, PostgreSQL's fast
+        shutdown."""
+        try:
+            super().stop()
+        finally:
+            self._stop_postmaster()
+
+    def _stop_postmaster(self) -> None:
         pid = self.postmaster_pid()
         if pid is None:
             return
@@ -443,13 +449,18 @@ class HaCluster:
 
     def _stop(self, members: Sequence[_Member]) -> None:
         """Patroni stops its PostgreSQL on SIGTERM; the standby first, so the primary
-        does not fail over to it, then etcd."""
+        does not fail over to it, then etcd. One that fails to stop (killed after its
+        timeout) does not keep the others running: the first failure is raised after."""
         nodes = [node for node in self.nodes if node in members]
-        for node in sorted(nodes, key=lambda n: n.state().get("role") in PRIMARY_ROLES):
-            node.stop()
-        for member in reversed(self.etcd):
-            if member in members:
+        ordered = sorted(nodes, key=lambda n: n.state().get("role") in PRIMARY_ROLES)
+        failures: list[StackError] = []
+        for member in [*ordered, *(m for m in reversed(self.etcd) if m in members)]:
+            try:
                 member.stop()
+            except StackError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def kill(self) -> None:
         """Every process of the cluster killed at once, as in a power cut."""

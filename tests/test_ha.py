@@ -11,7 +11,11 @@ kill must be on the new primary, or its meter, holding a receipt, never sends it
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +256,29 @@ def test_etcd_member_lost_under_load_changes_nothing(
     ha_cluster.wait_replicated()
 
 
+def test_a_bridge_pass_that_finds_no_primary_fails(
+    ha_cluster: HaCluster, pki: PkiLayout, tmp_path: Path
+) -> None:
+    """`bridge --once` in a failover's window, when the only node that answers is a
+    standby (libpq refuses it for `target_session_attrs=read-write`): the pass did
+    nothing, so it exits 1 with one line, not 0 as if it had anchored."""
+    ha_cluster.wait_replicated()
+    standby = ha_cluster.standby()
+    assert standby is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERPROOF_")}
+    env["METERPROOF_PKI_ROOT"] = str(pki.root)
+    env["METERPROOF_DATABASE_URL"] = (
+        f"postgresql://meterproof@127.0.0.1:{free_port()},127.0.0.1:{standby.pg_port}"
+        "/meterproof?target_session_attrs=read-write&connect_timeout=3"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "meterproof", "bridge", "--once"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("Error: database unreachable"), done.stderr
+
+
 def test_stopping_a_node_whose_patroni_died_stops_its_postgres_too(ha_cluster: HaCluster) -> None:
     """Patroni runs its postmaster in a session of its own, so a Patroni that died (here
     SIGKILL of its process group) leaves PostgreSQL running; `stop` (hence `stack down`)
@@ -304,6 +331,28 @@ def test_down_stops_the_postgres_that_dead_patronis_left(tmp_path: Path) -> None
         down = stack("down", "--run-dir", run_dir)
         assert (down.returncode, down.stdout) == (0, "stopped postgres-ha\n"), down.stderr
         assert not any(pid is not None and pid_alive(pid) for pid in postmasters)
+    finally:
+        cluster.remove()
+
+
+def test_a_member_that_will_not_stop_leaves_nothing_else_running(tmp_path: Path) -> None:
+    """A Patroni that ignores SIGTERM (here stopped with SIGSTOP) is killed after its
+    timeout and `stop` says so; the PostgreSQL it leaves, the other node and the etcd
+    members are stopped all the same, not left running on their ports and data."""
+    cluster = HaCluster.create(tmp_path / "ha")
+    try:
+        cluster.start()
+        standby = cluster.standby()
+        assert standby is not None
+        patroni = standby.pid()
+        assert patroni is not None
+        standby.timeout = 3.0
+        os.kill(patroni, signal.SIGSTOP)
+        with pytest.raises(StackError, match="ignored SIGTERM"):
+            cluster.stop()
+        running = [m.name for m in [*cluster.etcd, *cluster.nodes] if m.is_running()]
+        left = [n.name for n in cluster.nodes if n.postmaster_pid() is not None]
+        assert (running, left) == ([], [])
     finally:
         cluster.remove()
 

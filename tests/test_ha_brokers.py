@@ -9,6 +9,7 @@ API process keeps answering through a kill -9 of the PostgreSQL primary.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -26,6 +27,8 @@ from ingest_harness import end_session, provision, running_worker, stored_counts
 from paho.mqtt.enums import CallbackAPIVersion
 from test_retention import anchor
 from waiting import async_wait_until, wait_until
+from websocket_harness import websocket
+from websockets.exceptions import ConnectionClosed
 
 from meterproof.api.republish import Republisher
 from meterproof.bridge.cli import ledger
@@ -34,6 +37,7 @@ from meterproof.bridge.publish import EveryBroker
 from meterproof.certs.cli import certs
 from meterproof.certs.identities import issue_integrator
 from meterproof.certs.layout import IdentityFiles, PkiLayout
+from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv, format_brokers
 from meterproof.demo.consent import integrator_client
 from meterproof.meter.client import Broker, ClientSettings, MeterClient
@@ -462,6 +466,37 @@ def test_the_api_keeps_answering_through_a_primary_kill(
     old.start()
     ha_cluster.wait_replicated(timeout=60)
     wait_until(lambda: ha_cluster.primary() is not None, what="a primary")
+
+
+def test_a_stream_closes_with_a_reason_when_the_primary_is_lost(
+    ha_cluster: HaCluster,
+    api_server: ApiServer,
+    pki: PkiLayout,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """A stream whose poll finds the database gone (here the primary killed) closes
+    4503 `unavailable`, as a request answers 503, and the client reopens it; not with an
+    unhandled exception in the API's log and close code 1011 without a reason."""
+    ha_cluster.wait_replicated()
+    meter_id = make_meter_id()
+    provision(pki, ha_cluster.url, meter_id)
+    old = ha_cluster.primary()
+    assert old is not None
+    files = pki.device(meter_id)
+    tls = client_context(cert=files.cert, key=files.key, ca_cert=pki.ca_cert)
+    uri = api_server.url.replace("https://", "wss://") + f"/api/meters/{meter_id}/stream/status"
+    try:
+        with websocket(uri, tls=tls) as stream:
+            assert json.loads(stream.recv(timeout=5))["status"] == "active"
+            old.kill_postgres()
+            with pytest.raises(ConnectionClosed) as closed:
+                stream.recv(timeout=30)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4503, "unavailable")
+        assert "Exception in ASGI application" not in api_server.log.read_text()
+    finally:
+        wait_until(lambda: ha_cluster.primary() not in (None, old), what="a new primary")
+        old.start()
+        ha_cluster.wait_replicated(timeout=60)
 
 
 def test_a_worker_started_while_a_broker_is_down_subscribes_there_once_it_is_back(
