@@ -602,10 +602,20 @@ def test_issue_bulk_from_a_csv_with_a_short_row_is_refused_with_its_line(
     assert not pki.device("n-1").directory.exists()
 
 
-@pytest.mark.parametrize("ids", [["a", "b", "a"], ["a", "taken"], ["a", "ingest"], ["a", "bad/id"]])
-def test_issue_bulk_checks_every_id_before_issuing_any(pki: PkiLayout, ids: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("ids", "error", "match"),
+    [
+        (["a", "b", "a"], PkiError, "'a' appears more than once"),
+        (["a", "taken"], IdentityConflictError, "'taken' already exists as a meter identity"),
+        (["a", "ingest"], IdentityConflictError, "'ingest' is reserved for a service identity"),
+        (["a", "bad/id"], ValueError, "invalid identity 'bad/id'"),
+    ],
+)
+def test_issue_bulk_checks_every_id_before_issuing_any(
+    pki: PkiLayout, ids: list[str], error: type[Exception], match: str
+) -> None:
     issue_device(pki, "taken")
-    with pytest.raises((PkiError, ValueError)):  # ValueError: outside the alphabet
+    with pytest.raises(error, match=match):
         issue_bulk(pki, ids)
     assert not pki.device("a").directory.exists()
 

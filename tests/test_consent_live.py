@@ -48,6 +48,7 @@ class IntegratorClient:
     received: list[tuple[float, str, bytes]] = field(default_factory=list)
     client: Client | None = None
     disconnected_at: float | None = None
+    subacks: int = 0
 
     async def connect(self, pki: PkiLayout, port: int) -> None:
         files = pki.integrator(self.name)
@@ -55,13 +56,18 @@ class IntegratorClient:
         client.set_config({"reconnect_retries": 0})
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         await client.connect(
             "127.0.0.1", port, ssl=tls_context(pki, files.cert, files.key), version=MQTTv50
         )
         client.subscribe("verified/#", qos=1)
         client.subscribe(f"integrators/{self.name}/verified/#", qos=1)
         self.client = client
-        await asyncio.sleep(0.2)  # both SUBACKs in
+        # Subscribed before anything is published: "nothing arrives" must mean refused.
+        await async_wait_until(lambda: self.subacks == 2, what=f"{self.name}'s two SUBACKs")
+
+    def _on_subscribe(self, _c: Client, _mid: int, _qos: Any, _p: Any) -> None:
+        self.subacks += 1
 
     def _on_message(self, _c: Client, topic: str, payload: bytes, _qos: int, _p: Any) -> int:
         self.received.append((time.monotonic(), topic, payload))

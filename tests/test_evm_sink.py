@@ -474,6 +474,10 @@ def _bridge_process(
     return subprocess.Popen([*argv, "--seal-delay", "0.1", "--claim-interval", "0.1"], env=env)
 
 
+#: A pass's failure, recorded once it is over: nothing before the crash set it.
+_FIRST_ERROR = "SELECT last_error FROM bridge_batches WHERE batch = 1 AND last_error IS NOT NULL"
+
+
 def _unanchored(database_url: str) -> int:
     ((n,),) = query(
         database_url,
@@ -515,9 +519,12 @@ def test_kill_9_at_each_step_then_restart_anchors_every_batch_once_on_chain(
     fleet.store([(a, 3, now, 7, 190), (b, 2, closed + 700, 1, 4), (b, 3, now + 50, 2, 9)])
     proc = _bridge_process(database_url, pki, chain, tmp_path, crash_at=None)
     try:
-        if crash_at == "during_submit":
-            time.sleep(1.5)  # the restarted bridge finds its transaction waiting: no resend
-            assert query(database_url, "SELECT count(*) FROM evm_transactions") == [(1,)]
+        if crash_at == "during_submit":  # the restarted bridge waits for it: no resend
+            ((error,),) = wait_until(
+                lambda: query(database_url, _FIRST_ERROR), what="a pass ended", within_s=30
+            )
+            ((journalled,),) = query(database_url, "SELECT tx_hash FROM evm_transactions")
+            assert error == f"unavailable: transaction 0x{bytes(journalled).hex()} not mined yet"
             chain.node.rpc("miner_start")
             chain.node.rpc("evm_mine")
         wait_until(lambda: _unanchored(database_url) == 0, what="all anchored", within_s=30)
@@ -573,7 +580,9 @@ def test_the_stall_limit_is_measured_on_the_databases_clock(
             wait_until(lambda: query(database_url, count)[0][0] >= 2, what="replaced",
                        within_s=10)  # fmt: skip
         else:  # several passes, all well within the 60 s stall limit
-            time.sleep(3)
+            attempts = "SELECT attempts FROM bridge_batches WHERE batch = 1"
+            wait_until(lambda: query(database_url, attempts)[0][0] >= 4, what="three passes",
+                       within_s=30)  # fmt: skip
             assert query(database_url, count) == [(1,)]
         chain.node.rpc("miner_start")
         chain.node.rpc("evm_mine")

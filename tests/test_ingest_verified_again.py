@@ -85,16 +85,22 @@ class Listener:
     topic: str
     received: list[bytes] = field(default_factory=list)
     client: Client | None = None
+    subscribed: bool = False
 
     async def connect(self, port: int, pki: PkiLayout) -> None:
         client = Client(self.identity.directory.name, clean_session=True)
         client.set_config({"reconnect_retries": 0})
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         ctx = tls_context(pki, self.identity.cert, self.identity.key)
         await client.connect("127.0.0.1", port, ssl=ctx, version=MQTTv50)
         client.subscribe(self.topic, qos=1)
         self.client = client
-        await asyncio.sleep(0.2)  # the SUBACK in
+        # Subscribed before anything is published: "none arrives" must mean none was sent.
+        await async_wait_until(lambda: self.subscribed, what=f"the SUBACK for {self.topic}")
+
+    def _on_subscribe(self, _c: Client, _mid: int, _qos: Any, _p: Any) -> None:
+        self.subscribed = True
 
     def _on_message(self, _c: Client, _topic: str, payload: bytes, _qos: int, _p: Any) -> int:
         self.received.append(payload)

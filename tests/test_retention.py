@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ from click.testing import CliRunner
 from psycopg_pool import AsyncConnectionPool
 from test_ingest_store import candidate
 from test_rollups import all_rollups, store_batches
+from waiting import wait_until
 
 from meterproof.api.pages import Renderer
 from meterproof.bridge.oracle import Oracle, load_oracle
@@ -313,6 +313,17 @@ def test_daily_partitions_emptied_by_retention_are_dropped(
     assert present == [(None, second)]
 
 
+def _waiting_locks(database_url: str) -> int:
+    """Lock requests of this database's sessions still waiting: a pruner queued behind the
+    table lock, the other behind its advisory lock."""
+    ((n,),) = query(
+        database_url,
+        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    return int(n)
+
+
 @pytest.mark.slow
 def test_two_pruners_at_once_drop_each_empty_partition_once(database_url: str) -> None:
     """Both list the same partitions, then queue on the table lock; the second must not
@@ -335,7 +346,8 @@ def test_two_pruners_at_once_drop_each_empty_partition_once(database_url: str) -
         threads = [threading.Thread(target=run) for _ in range(2)]
         for thread in threads:
             thread.start()
-        time.sleep(1.5)
+        wait_until(lambda: _waiting_locks(database_url) == 2, within_s=4,
+                   what="both pruners queued, before the 5 s lock_timeout")  # fmt: skip
         holder.commit()
     for thread in threads:
         thread.join()
