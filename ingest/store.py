@@ -33,6 +33,11 @@ transaction, bisected on savepoints until the refused readings stand alone; each
 parked in `rejected_readings` as `store_refused` (with its raw bytes and the database's
 message) and the rest commits. Anything else (a lost connection, a shutdown, a deadlock)
 stays `UnavailableError`: retried by the worker, nothing acknowledged meanwhile.
+
+A COMMIT whose answer is lost with its connection (the network, a failover) may have
+committed. The worker retries the batch on a new connection, where it must not be judged
+again: its own readings would be `duplicate`, its rejections written twice. So the store
+looks for one row the batch wrote first (`CommitInDoubt`), on that retry only.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Final
 
 import psycopg
@@ -58,7 +64,7 @@ from meterproof.ingest.judge import (
     needs_around,
     overtaken,
 )
-from meterproof.ingest.records import Accepted, Candidate, Outcome, Rejection
+from meterproof.ingest.records import Accepted, Candidate, Message, Outcome, Rejection
 from meterproof.ingest.security import QuarantinePolicy, event_for
 from meterproof.registry.model import ACCEPTING
 from meterproof.schemas.reading import RejectReason, b64url_decode
@@ -245,6 +251,93 @@ RETURNING meter_id
 """).format(accepting=sql.SQL(", ").join(sql.Literal(s.value) for s in sorted(ACCEPTING)))
 
 
+#: Whether a batch in doubt is stored (`CommitInDoubt`): its accepted reading with the
+#: times this worker received and verified it (another worker's copy has its own), or
+#: its rejected message as received.
+_WROTE_READING = """
+SELECT EXISTS (SELECT FROM readings WHERE meter_id = %s AND seq = %s::numeric AND ts = %s
+    AND received_at = %s AND verified_at = %s)
+"""
+_WROTE_REJECTION = """
+SELECT EXISTS (SELECT FROM rejected_readings WHERE meter_id = %s AND received_at = %s
+    AND payload = %s)
+"""
+_WROTE_UNNAMED = """
+SELECT EXISTS (SELECT FROM rejected_readings WHERE meter_id IS NULL AND received_at = %s
+    AND payload = %s)
+"""
+
+
+def _wrote(witness: Candidate | Rejection) -> tuple[str, tuple[object, ...]]:
+    """The query and parameters that find `witness` as the batch in doubt wrote it."""
+    received = ms_to_dt(witness.message.received_at_ms)
+    if isinstance(witness, Candidate):
+        r = witness.reading
+        return _WROTE_READING, (
+            r.meter_id,
+            r.seq,
+            ms_to_dt(r.ts),
+            received,
+            ms_to_dt(witness.verified_at_ms),
+        )
+    if witness.meter_id is None:
+        return _WROTE_UNNAMED, (received, witness.message.payload)
+    return _WROTE_REJECTION, (witness.meter_id, received, witness.message.payload)
+
+
+def _witness(result: BatchResult, rejections: Sequence[Rejection]) -> Candidate | Rejection | None:
+    """A row the batch wrote, if any: its first accepted reading, else its first rejection."""
+    for o in result.outcomes:
+        if isinstance(o, Accepted):
+            return o.candidate
+    if rejections:
+        return rejections[0]
+    return next((o for o in result.outcomes if isinstance(o, Rejection)), None)
+
+
+def _messages(items: Iterable[Candidate | Rejection]) -> list[Message]:
+    return [i.message for i in items]
+
+
+class CommitInDoubt:
+    """A batch whose COMMIT went out on a connection lost before the answer came: stored or
+    not, nobody knows. The worker retries it on a new connection as any batch whose store
+    failed; judged again, it found its own readings stored (`duplicate` receipts, not
+    counted as accepted) and wrote its rejections a second time (rows and security
+    events, which the quarantine counts). So the stores of one worker share this
+    (`ingest.worker.postgres_store`), and the one given that batch again first asks
+    whether it is stored (`_wrote`): then its outcomes stand. One query, on that retry
+    only."""
+
+    def __init__(self) -> None:
+        self._messages: list[Message] = []
+        self._result: BatchResult | None = None
+        self._witness: Candidate | Rejection | None = None
+
+    def keep(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection], result: BatchResult
+    ) -> None:
+        """`result`, whose COMMIT got no answer; a batch that wrote nothing is judged the
+        same again, and is not kept."""
+        witness = _witness(result, rejections)
+        if witness is not None:
+            self._messages = _messages(chain(candidates, rejections))
+            self._result, self._witness = result, witness
+
+    def take(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> tuple[BatchResult, Candidate | Rejection] | None:
+        """The batch in doubt and what shows it stored, if it is this batch (the worker
+        gives a batch up only when stopping); no longer kept either way."""
+        result, witness, messages = self._result, self._witness, self._messages
+        self._messages, self._result, self._witness = [], None, None
+        if result is None or witness is None:
+            return None
+        if messages != _messages(chain(candidates, rejections)):
+            return None
+        return result, witness
+
+
 def _unavailable(exc: psycopg.Error) -> UnavailableError:
     return UnavailableError("database", f"{type(exc).__name__}: {exc}")
 
@@ -289,12 +382,17 @@ class ReadingStore:
         *,
         limit: RateLimit,
         policy: QuarantinePolicy,
+        in_doubt: CommitInDoubt | None = None,
     ) -> None:
+        """`in_doubt`: shared with the stores of the worker's later connections."""
         if not conn.autocommit:
             raise ValueError("the store writes BEGIN and COMMIT itself: connect with autocommit")
         self._conn = conn
         self._limit = limit
         self._policy = policy
+        self._in_doubt = CommitInDoubt() if in_doubt is None else in_doubt
+        #: What the COMMIT in flight commits (`commit_batch`); None before it is sent.
+        self._committing: BatchResult | None = None
 
     def close(self) -> None:
         self._conn.close()
@@ -304,29 +402,68 @@ class ReadingStore:
     ) -> BatchResult:
         """One transaction (a savepoint inside a caller's); if the database refuses some of
         its rows, a second one that parks them and commits the rest (the module's
-        poison-batch guard)."""
+        poison-batch guard). The batch of a COMMIT left unanswered is looked for first
+        (`CommitInDoubt`)."""
+        landed = self._landed(candidates, rejections)
+        if landed is not None:
+            return landed
+        self._committing = None
         try:
-            if self._conn.info.transaction_status is TransactionStatus.IDLE:
+            return self._commit(candidates, rejections)
+        except psycopg.Error as exc:
+            if self._committing is not None and self._conn.broken:
+                self._in_doubt.keep(candidates, rejections, self._committing)
+            raise _unavailable(exc) from exc
+
+    def _commit(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult:
+        own = self._conn.info.transaction_status is TransactionStatus.IDLE
+        try:
+            if own:
                 return self._own_transaction(candidates, rejections)
             with self._conn.transaction():
                 return self._write(candidates, rejections)
         except psycopg.Error as exc:
             if not refused(exc):
-                raise _unavailable(exc) from exc
+                raise
             refusal = exc
+        self._committing = None  # refused: not committed
         log.warning(
             "batch_refused_bisecting",
             sqlstate=refusal.sqlstate,
             error=first_line(refusal),
             size=len(candidates) + len(rejections),
         )
+        with self._conn.transaction():
+            # every meter now, in order: halves locking theirs in turn could deadlock
+            self._lock(candidates)
+            result = self._divide([*candidates, *rejections], refusal)
+            if own:
+                self._committing = result  # the block's end sends the COMMIT
+        return result
+
+    def _landed(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult | None:
+        """The outcomes of the batch in doubt if this is it and it is stored, else None.
+        Under its meters' locks: a backend that has not yet seen its client go (waiting
+        for a synchronous standby) holds them until its commit is seen or undone."""
+        doubt = self._in_doubt.take(candidates, rejections)
+        if doubt is None:
+            return None
+        result, witness = doubt
         try:
-            with self._conn.transaction():
-                # every meter now, in order: halves locking theirs in turn could deadlock
-                self._lock(candidates)
-                return self._divide([*candidates, *rejections], refusal)
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                if candidates:
+                    self._lock(candidates)
+                cur.execute(*_wrote(witness))
+                found = cur.fetchone() == (True,)
         except psycopg.Error as exc:
+            self._in_doubt.keep(candidates, rejections, result)
             raise _unavailable(exc) from exc
+        log.warning("commit_answer_lost", stored=found, size=len(candidates) + len(rejections))
+        return result if found else None
 
     def _own_transaction(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
@@ -361,13 +498,15 @@ class ReadingStore:
             self._write_accepted(cur, [o.candidate for o in outcomes if isinstance(o, Accepted)])
             all_rejections = [*rejections, *(o for o in outcomes if isinstance(o, Rejection))]
             if own_transaction and not all_rejections:
+                self._committing = result = BatchResult(outcomes, [])
                 cur.execute("COMMIT")
-                return BatchResult(outcomes, [])
+                return result
         self._write_rejections(all_rejections)
-        quarantined = self._quarantine(all_rejections)
+        result = BatchResult(outcomes, self._quarantine(all_rejections))
         if own_transaction:
+            self._committing = result
             conn.execute("COMMIT")
-        return BatchResult(outcomes, quarantined)
+        return result
 
     def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
         """Write the items on a savepoint; if the database refuses them, divide them."""

@@ -36,7 +36,7 @@ import structlog
 from psycopg import Connection
 
 from meterproof.backoff import Backoff
-from meterproof.errors import UnavailableError
+from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest import telemetry as t
 from meterproof.ingest.audience import Audience
 from meterproof.ingest.batcher import Batcher
@@ -62,7 +62,7 @@ from meterproof.ingest.replay import RedisReplayCache, ReplayCache
 from meterproof.ingest.security import QuarantinePolicy
 from meterproof.ingest.settings import IngestSettings
 from meterproof.ingest.source import BrokerRefusedError, Delivery, Source, mqtt_source
-from meterproof.ingest.store import STORE_OPTIONS, BatchResult, ReadingStore
+from meterproof.ingest.store import STORE_OPTIONS, BatchResult, CommitInDoubt, ReadingStore
 from meterproof.ingest.verify import TimeBounds
 from meterproof.probes import serve_probes
 from meterproof.schemas import topics
@@ -75,6 +75,8 @@ _T = TypeVar("_T")
 _YIELD_EVERY: Final = 64
 #: How long a stopping worker still waits for the announcement in flight (`_announced`).
 _ANNOUNCE_GRACE_S: Final = 5.0
+#: sysexits' EX_SOFTWARE: the exit code of a worker ended by an error of its own (`_failed`).
+_EX_SOFTWARE: Final = 70
 
 
 class BatchStore(Protocol):
@@ -142,7 +144,6 @@ class _Prepared:
     """A batch after the stages that need no lock: decoded, verified, looked up in Redis."""
 
     batch: list[Delivery]
-    now_ms: int
     rejections: list[Rejection]
     fast: list[Duplicate]
     to_store: list[Candidate]
@@ -200,7 +201,8 @@ class Worker:
         self.stopping = asyncio.Event()
         self.committed = 0
         #: Non-zero once the worker gave up: 75 (EX_TEMPFAIL) when cut off from its broker
-        #: for too long, 1 when the broker refused it for good (`_start_source`).
+        #: for too long, 1 when the broker refused it for good (`_start_source`), 70 after
+        #: an error of its own (`_failed`).
         self.exit_code = 0
 
     def ready(self) -> bool:
@@ -277,7 +279,7 @@ class Worker:
         audience = asyncio.create_task(self._audience.run(self.stopping), name="consent-listen")
         watchdog = asyncio.create_task(self._watch_broker(), name="broker-watchdog")
         following = asyncio.create_task(self._follow_load(), name="follow-load")
-        committing: asyncio.Task[set[str]] | None = None
+        committing: asyncio.Task[set[str] | None] | None = None
         try:
             await self._start_source()
             if not self.stopping.is_set():
@@ -291,20 +293,42 @@ class Worker:
                     continue
                 if committing is not None:
                     quarantined = await committing
+                    if quarantined is None:  # failed: `_unless_failed`
+                        break
                     if quarantined & prepared.meters():  # verified before the quarantine
                         prepared = await self._retrying(partial(self._prepare, batch), batch)
                         if prepared is None:
                             continue
-                committing = asyncio.create_task(self._commit(prepared))
+                committing = asyncio.create_task(self._unless_failed(self._commit(prepared)))
                 self._queue.store_busy()
                 self._load.busy()
                 committing.add_done_callback(partial(self._store_free, len(batch)))
+        except Exception as exc:  # noqa: BLE001 - any error ends the worker, as `_failed` says
+            self._failed(exc)
         finally:
             if committing is not None:
                 await committing
-            await self._announced()
+            await self._unless_failed(self._announced())
             watchdog.cancel()
             await self._shutdown(listener, audience, following)
+
+    async def _unless_failed(self, work: Awaitable[_T]) -> _T | None:
+        """`work`'s result, or None once it failed (`_failed`)."""
+        try:
+            return await work
+        except Exception as exc:  # noqa: BLE001 - any error ends the worker, as `_failed` says
+            self._failed(exc)
+            return None
+
+    def _failed(self, exc: Exception) -> None:
+        """An error no retry is for (a bug; an adapter's error it did not translate) ends
+        the worker at once, `exit_code` 70 and one log line, through the usual shutdown
+        (the source disconnected, the store and the caches closed), also when no batch
+        follows to notice it. Its batch was acknowledged only if committed; the broker
+        redelivers the rest to the next worker on the session."""
+        log.error("worker_failed", error=f"{type(exc).__name__}: {first_line(exc)}", exc_info=exc)
+        self.exit_code = _EX_SOFTWARE
+        self.stopping.set()
 
     def _store_free(self, readings: int, _: object) -> None:
         self._queue.store_free()
@@ -432,7 +456,7 @@ class Worker:
             [(c.reading.meter_id, c.reading.seq) for c in candidates]
         )
         fast, to_store = split_replayed(candidates, cached)
-        return _Prepared(batch, now_ms, rejections, fast, to_store)
+        return _Prepared(batch, rejections, fast, to_store)
 
     async def _commit(self, prepared: _Prepared) -> set[str]:
         """The order of effects: commit -> PUBACK -> receipts and verified -> Redis.
@@ -458,7 +482,8 @@ class Worker:
             )
         self.committed += len(batch)
         t.QUEUE_DEPTH.set(len(self._queue))
-        self._record(batch, outcomes, prepared.now_ms, time.perf_counter() - started)
+        # oracle latency runs to the commit: a batch retried for minutes took them too
+        self._record(batch, outcomes, self._clock(), time.perf_counter() - started)
         await self._announced()
         self._announcing = asyncio.create_task(self._announce(outcomes))
         return set(result.quarantined)
@@ -597,13 +622,14 @@ def postgres_store(
     puts another `BatchStore` around it on the same connection (the API's)."""
     limit = RateLimit(settings.rate_window_s * 1000, settings.rate_max_readings)
     policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
+    in_doubt = CommitInDoubt()  # a batch whose COMMIT lost its answer, for the next connection
 
     def connect() -> BatchStore:
         try:
             conn = Connection.connect(settings.database_url, options=STORE_OPTIONS, autocommit=True)
         except (psycopg.Error, OSError) as exc:
             raise UnavailableError("database", f"connect: {exc}") from exc
-        store = ReadingStore(conn, limit=limit, policy=policy)
+        store = ReadingStore(conn, limit=limit, policy=policy, in_doubt=in_doubt)
         return store if wrap is None else wrap(conn, store)
 
     return connect

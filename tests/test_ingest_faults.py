@@ -4,11 +4,12 @@ the broker, PostgreSQL and Redis, audited by (meter_id, seq) in the database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.ingest.source import PUBLISHES_DROPPED
+from meterproof.ingest.telemetry import ACCEPTED
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
@@ -301,3 +303,128 @@ def _lock_waiters(database_url: str) -> int:
             " WHERE datname = current_database() AND wait_event_type = 'Lock'"
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+class _CommitCutter:
+    """A TCP proxy in front of PostgreSQL. Armed, it cuts the store's connection at its
+    next COMMIT: passed on, once `committed()` says the server has it, with the answer
+    held back (a reply lost to the network or a failover); or held back itself."""
+
+    def __init__(self, port: int, committed: Callable[[], bool], *, deliver: bool) -> None:
+        self._port = port
+        self._committed = committed
+        self._deliver = deliver
+        self._links: list[asyncio.StreamWriter] = []
+        self.armed = False
+        self.cuts = 0
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[int]:
+        """The proxy's port, while it serves; every link closed after."""
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield int(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            for link in self._links:
+                link.close()
+            await server.wait_closed()
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
+        self._links += [to_client, to_server]
+        cut = asyncio.Event()
+
+        async def answers() -> None:
+            while data := await upstream.read(65536):
+                if cut.is_set():
+                    return
+                to_client.write(data)
+
+        relay = asyncio.create_task(answers())
+        store = False  # only the store's connection: its startup names STORE_OPTIONS
+        with contextlib.suppress(OSError):
+            while data := await client.read(65536):
+                store = store or b"plan_cache_mode" in data
+                if store and self.armed and b"COMMIT\x00" in data:
+                    self.armed = False
+                    cut.set()
+                    if self._deliver:
+                        to_server.write(data)
+                        await async_wait_until(
+                            lambda: asyncio.to_thread(self._committed), what="committed"
+                        )
+                    self.cuts += 1
+                    break
+                to_server.write(data)
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+        to_client.close()
+        to_server.close()
+
+
+def _written(database_url: str, meter_id: str) -> tuple[int, int, int]:
+    """Rows of the meter's readings, rejected readings and bad-signature events."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM readings WHERE meter_id = %(m)s),"
+            " (SELECT count(*) FROM rejected_readings WHERE meter_id = %(m)s),"
+            " (SELECT count(*) FROM security_events"
+            "  WHERE meter_id = %(m)s AND type = 'bad_signature')",
+            {"m": meter_id},
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+@pytest.mark.parametrize(
+    ("deliver", "good"),
+    [(True, True), (True, False), (False, True)],
+    ids=["committed", "committed-rejections-only", "not-committed"],
+)
+def test_a_commit_whose_answer_was_lost_is_not_written_or_counted_twice(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    postgres: PostgresServer,
+    database_url: str,
+    meter_id: str,
+    deliver: bool,
+    good: bool,
+) -> None:
+    """The batch commits, the answer is lost, the worker retries on a new connection:
+    the retry found its own readings stored and called them `duplicate` (receipt, not
+    counted as accepted, no latency), and wrote the batch's rejections again (the rows,
+    the security events, and so the quarantine's count, twice). A COMMIT that never
+    reached the server is written by the retry, once."""
+    key = provision(pki, database_url, meter_id)
+    cutter = _CommitCutter(
+        postgres.port, lambda: any(_written(database_url, meter_id)), deliver=deliver
+    )
+
+    async def scenario() -> tuple[list[tuple[Any, ...]], float]:
+        async with cutter.serving() as port:
+            via_proxy = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+            settings = worker_settings(
+                pki=pki, port=broker.port, database_url=via_proxy, redis_url=None,
+                batch_linger_ms=500, retry_initial_s=0.1,
+            )  # fmt: skip
+            accepted = ACCEPTED._value.get()
+            async with running_worker(settings):
+                (meter,) = await _meters(pki, broker.port, [meter_id], {meter_id: key})
+                cutter.armed = True
+                if good:
+                    meter.publish(meter.reading(1, imp=1))
+                meter.publish(meter.reading(2, imp=2).model_copy(update={"export_wh": 10**6}))
+                receipts = await meter.wait_receipts(1 + good)
+                await meter.close()
+        statuses = [(r["seq"], r["status"], r["reason"]) for r in receipts]
+        return statuses, ACCEPTED._value.get() - accepted
+
+    statuses, accepted = asyncio.run(scenario())
+    forged = (2, "rejected", "bad_signature")
+    assert (cutter.cuts, statuses, accepted, _written(database_url, meter_id)) == (
+        1,
+        [(1, "accepted", None), forged] if good else [forged],
+        1 if good else 0,
+        (1 if good else 0, 1, 1),
+    )

@@ -529,3 +529,46 @@ def test_workers_refused_by_their_broker_are_restarted_with_backoff(
         mine = [e for e in restarts() if e["identity"] == identity]
         assert [e["exit_code"] for e in mine[:3]] == [1, 1, 1]
         assert [e["restart_in_s"] for e in mine[:3]] == [0.2, 0.4, 0.8]
+
+
+def test_oracle_latency_runs_to_the_commit_not_to_the_verification(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    database_url: str,
+    meter_id: str,
+) -> None:
+    """`oracle_latency_seconds` is from a reading's ts to its commit; it was measured to
+    the batch's verification, so the time a batch waited for the database (a lock, an
+    outage and its retries) never showed in it."""
+    key = provision(pki, database_url, meter_id)
+    settings = worker_settings(pki=pki, port=broker.port, database_url=database_url, redis_url=None)
+    held_s = 2.0
+
+    async def scenario() -> float:
+        before = telemetry.ORACLE_LATENCY._sum.get()
+        async with running_worker(settings):
+            meter = ProbeMeter(meter_id, key, pki, broker.port)
+            await meter.connect()
+            with psycopg.connect(database_url) as holder:  # the commit waits for it
+                holder.execute("SELECT 1 FROM meters WHERE meter_id = %s FOR UPDATE", (meter_id,))
+                meter.publish(meter.reading(1, imp=1))
+                await async_wait_until(
+                    lambda: asyncio.to_thread(_waiting_for_a_lock, database_url),
+                    what="the batch waits",
+                )
+                await asyncio.sleep(held_s)
+            (receipt,) = await meter.wait_receipts(1)
+            await meter.close()
+        assert receipt["status"] == "accepted"
+        return telemetry.ORACLE_LATENCY._sum.get() - before
+
+    assert asyncio.run(scenario()) >= held_s
+
+
+def _waiting_for_a_lock(database_url: str) -> bool:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return row is not None and row[0] > 0
