@@ -78,6 +78,11 @@ class HttpSource:
     def connected(self) -> bool:
         return self._deliver is not None
 
+    @property
+    def refused(self) -> int | None:
+        """Requests are no subscription: nothing to refuse."""
+        return None
+
     def subscribe(self, on: bool) -> None:
         """Requests are no shared subscription: nothing to join or leave."""
 

@@ -130,6 +130,11 @@ class Source(Protocol):
     def connected(self) -> bool:
         """Connected, and subscribed (or left, if asked to: `subscribe`)."""
 
+    @property
+    def refused(self) -> int | None:
+        """The reason code with which a broker that is connected refuses the subscription
+        now, else None: why a connected worker is not `connected`."""
+
     def subscribe(self, on: bool) -> None:
         """Take a share of the readings, or stop taking new ones (`ingest.follow`)."""
 
@@ -203,10 +208,15 @@ class MqttSource:
         self._settled = asyncio.Event()  # SUBACK or UNSUBACK of what `_wanted` asks
         self._resubscribing = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         self._resubscribe: asyncio.TimerHandle | None = None
+        self._refused: int | None = None  # the SUBACK's refusal on this link (`refused`)
 
     @property
     def connected(self) -> bool:
         return self._settled.is_set()
+
+    @property
+    def refused(self) -> int | None:
+        return self._refused
 
     def subscribe(self, on: bool) -> None:
         """Join or leave the shared subscription. After leaving, the connection stays: the
@@ -293,8 +303,10 @@ class MqttSource:
     def _on_subscribe(self, client: Client, mid: int, granted: Sequence[int], props: Any) -> None:  # noqa: ANN401
         refused = [code for code in granted if code >= 0x80]
         if refused:
+            self._refused = refused[0]
             self._refused_subscription(refused)
             return
+        self._refused = None
         self._resubscribing.reset()
         if self._wanted:
             self._settled.set()
@@ -342,6 +354,7 @@ class MqttSource:
 
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:  # noqa: ANN401
         self._link_up = False
+        self._refused = None
         self._settled.clear()
         self._cancel_resubscribe()
         log.warning(
@@ -472,6 +485,10 @@ class BrokerSet:
     @property
     def connected(self) -> bool:
         return any(source.connected for source in self._sources)
+
+    @property
+    def refused(self) -> int | None:
+        return next((s.refused for s in self._sources if s.refused is not None), None)
 
     def subscribe(self, on: bool) -> None:
         for source in self._sources:

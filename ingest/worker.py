@@ -228,7 +228,12 @@ class Worker:
                 continue
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > self.settings.broker_lost_exit_s:
-                log.error("broker_unreachable_exiting", after_s=self.settings.broker_lost_exit_s)
+                after_s, refused = self.settings.broker_lost_exit_s, self._source.refused
+                if refused is None:
+                    log.error("broker_unreachable_exiting", after_s=after_s)
+                else:  # connected, its subscription refused all along: not unreachable
+                    log.error("broker_refused_subscription_exiting", reason_code=refused,
+                              after_s=after_s)  # fmt: skip
                 self.exit_code = UnavailableError.exit_code
                 self.stopping.set()
 

@@ -29,6 +29,7 @@ from meterproof.ingest.source import (
     mqtt_source,
 )
 from meterproof.ingest.telemetry import BROKER_REFUSALS, PACKETS_DROPPED
+from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.mosquitto.admin import dynsec_commands
 from meterproof.mosquitto.config import BrokerFiles
 from meterproof.schemas import topics
@@ -539,3 +540,34 @@ def test_a_refused_reconnect_is_counted_and_logged_with_its_reason_code(
     assert (refused["log_level"], refused["reason_code"], refused["retrying"]) == (
         "error", 0x87, False
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_worker_whose_subscription_stays_refused_exits_saying_so(
+    pki: PkiLayout,
+    misconfigured_broker: Callable[[Callable[[BrokerFiles], None]], BrokerServer],
+    database_url: str,
+) -> None:
+    """Connected the whole time, its subscription refused: after `broker_lost_exit_s` the
+    worker exits 75 naming the refusal's reason code, not "unreachable" (what an operator
+    reading that line would look for is the broker's ACL, not the network)."""
+    refusing = misconfigured_broker(_without_topic_acl)
+    settings = worker_settings(
+        pki=pki, port=refusing.port, database_url=database_url, redis_url=None,
+        broker_lost_exit_s=2,
+    )  # fmt: skip
+
+    async def scenario() -> int:
+        worker = Worker(
+            settings, source=mqtt_source(settings), store_factory=postgres_store(settings)
+        )
+        await asyncio.wait_for(worker.run(), 30)
+        return worker.exit_code
+
+    with capture_logs() as logs:
+        code = asyncio.run(scenario())
+    assert code == 75
+    events = [e["event"] for e in logs]
+    assert "broker_unreachable_exiting" not in events
+    (exiting,) = [e for e in logs if e["event"] == "broker_refused_subscription_exiting"]
+    assert (exiting["reason_code"], exiting["after_s"]) == (0x87, 2)

@@ -58,6 +58,10 @@ class Announcing:
     def connected(self) -> bool:
         return self._real.connected
 
+    @property
+    def refused(self) -> int | None:
+        return self._real.refused
+
     def subscribe(self, on: bool) -> None:
         self._real.subscribe(on)
 

@@ -69,6 +69,10 @@ class WithUnroutable:
     def connected(self) -> bool:
         return self._real.connected
 
+    @property
+    def refused(self) -> int | None:
+        return self._real.refused
+
     async def start(self, deliver: Handler) -> None:
         self._deliver = deliver
         await self._real.start(deliver)
