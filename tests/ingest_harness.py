@@ -264,6 +264,7 @@ async def running_worker(
     await async_wait_until(lambda: task.done() or worker.ready(), what="worker ready")
     if task.done():
         task.result()  # the worker failed to start: raise its error here
+        raise RuntimeError(f"the worker ended at start, exit code {worker.exit_code}")
     try:
         yield worker
     finally:
