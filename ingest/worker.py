@@ -313,7 +313,7 @@ class Worker:
         finally:
             if committing is not None:
                 await committing
-            await self._unless_failed(self._announced())
+            await self._announced()
             watchdog.cancel()
             await self._shutdown(listener, audience, following)
 
@@ -491,7 +491,14 @@ class Worker:
         self._record(batch, outcomes, self._clock(), time.perf_counter() - started)
         await self._announced()
         self._announcing = asyncio.create_task(self._announce(outcomes))
+        self._announcing.add_done_callback(self._announce_done)
         return set(result.quarantined)
+
+    def _announce_done(self, task: asyncio.Task[None]) -> None:
+        """An announcement that failed ends the worker now (`_failed`): no batch may come
+        after it to notice, and its receipts were never sent."""
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._failed(error if isinstance(error, Exception) else RuntimeError(error))
 
     async def _store_batch(self, prepared: _Prepared) -> BatchResult:
         """Only this path closes the store's connection after a failure: the next batch,
@@ -529,13 +536,13 @@ class Worker:
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({announcing, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-        if announcing.done():
-            await announcing  # its error, if any
-            return
-        try:
-            await asyncio.wait_for(announcing, _ANNOUNCE_GRACE_S)
-        except TimeoutError:
+        if not announcing.done():  # stopping: the grace
+            await asyncio.wait({announcing}, timeout=_ANNOUNCE_GRACE_S)
+        if not announcing.done():
+            announcing.cancel()
+            await asyncio.wait({announcing})
             log.warning("announcement_abandoned", grace_s=_ANNOUNCE_GRACE_S)
+        # an error of its own has ended the worker already (`_announce_done`)
 
     async def _announce(self, outcomes: Sequence[Outcome]) -> None:
         """Each stored reading's verified copies, then its receipt; then Redis learns the

@@ -4,7 +4,7 @@ not translate) stops cleanly and non-zero, and what it had not committed comes b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -14,7 +14,7 @@ from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.ingest.records import Candidate, Rejection
-from meterproof.ingest.source import mqtt_source
+from meterproof.ingest.source import Delivery, Handler, Source, mqtt_source
 from meterproof.ingest.store import BatchResult, ReadingStore
 from meterproof.ingest.worker import BatchStore, Worker, postgres_store
 from meterproof.stack.broker import BrokerServer
@@ -93,4 +93,74 @@ def test_a_batch_that_fails_for_a_bug_ends_the_worker_cleanly_and_loses_nothing(
     assert events.index("worker_failed") < events.index("worker_stopped")
     assert closed == [True], "the store's connection is closed"
     assert [(r["seq"], r["status"]) for r in receipts] == [(1, "accepted")]
+    assert stored_counts(database_url, [meter_id]) == {(meter_id, 1): 1}
+
+
+class _FailingAnnouncer:
+    """The real MQTT source, whose announcements fail for a bug (an untranslated error)."""
+
+    def __init__(self, real: Source) -> None:
+        self._real = real
+
+    @property
+    def connected(self) -> bool:
+        return self._real.connected
+
+    @property
+    def refused(self) -> int | None:
+        return self._real.refused
+
+    def subscribe(self, on: bool) -> None:
+        self._real.subscribe(on)
+
+    async def start(self, deliver: Handler) -> None:
+        await self._real.start(deliver)
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        return self._real.ack(deliveries)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        raise RuntimeError("announcement bug")
+
+    async def stop(self) -> None:
+        await self._real.stop()
+
+
+def test_a_failed_announcement_ends_the_worker_once(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    redis_server: RedisServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """The batch is committed; its announcement fails: one `worker_failed` line (the
+    failed task was awaited again at shutdown and told twice), exit code 70."""
+    meter_id = make_meter_id()
+    key = provision(pki, database_url, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url=database_url, redis_url=redis_server.url
+    )
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            settings,
+            source=_FailingAnnouncer(mqtt_source(settings)),
+            store_factory=postgres_store(settings),
+        )
+        run = asyncio.create_task(worker.run())
+        meter = ProbeMeter(meter_id, key, pki, broker.port)
+        try:
+            await async_wait_until(worker.ready, what="worker ready")
+            await meter.connect()
+            meter.publish(meter.reading(1, imp=1))
+            await asyncio.wait_for(run, 20)  # ends by itself
+        finally:
+            await meter.close()
+        return worker
+
+    with capture_logs() as logs:
+        worker = asyncio.run(scenario())
+    assert worker.exit_code == 70
+    failed = [e for e in logs if e["event"] == "worker_failed"]
+    assert [e["error"] for e in failed] == ["RuntimeError: announcement bug"]
     assert stored_counts(database_url, [meter_id]) == {(meter_id, 1): 1}
