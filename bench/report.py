@@ -915,7 +915,8 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
         f"| **{means['current']['cpu_us_per_reading']:.1f}** | |",
         "",
         f"Current / baseline, ratio of the means: drain rate {ratio['drain_per_s']:.3f}, worker "
-        f"CPU per reading {ratio['cpu_us_per_reading']:.3f}."
+        f"CPU per reading {ratio['cpu_us_per_reading']:.3f}"
+        + (f", both drains counted {f['drain_counted']}." if "drain_counted" in f else ".")
         + (
             ""
             if median is None

@@ -16,6 +16,7 @@ from meterproof.bench.compare import (
     live_summary,
     load_once,
     run_compare,
+    same_accounting,
     server_cost,
 )
 from meterproof.cli.main import main as meterproof
@@ -295,3 +296,22 @@ def test_a_compare_whose_first_round_failed_is_saved_and_rendered(tmp_path: Path
     )
     text = report.render(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert "**Incomplete**: 0 of 2 rounds finished" in text
+
+
+def test_a_baseline_from_before_readiness_is_compared_on_its_own_accounting() -> None:
+    """A baseline drain counted from the workers' start (no `ready_s`) against one counted
+    from readiness: both on the older accounting, or the current side would look cheaper
+    by the workers' start-up alone; two runs that both tell readiness stay as they are."""
+    old = {"readings": 10_000, "drain_per_s": 2_000.0, "cpu_us_per_reading": 200.0}
+    new = {
+        "readings": 10_000, "ready_s": 1.0, "drain_s": 4.0, "drain_per_s": 2_500.0,
+        "worker_cpu_s": 1.5, "cpu_us_per_reading": 150.0, "startup_cpu_s": {"workers": 0.5},
+    }  # fmt: skip
+    runs, counted = same_accounting({"baseline": [old], "current": [new]})
+    assert counted == "from the workers' start"
+    assert runs["baseline"] == [old]
+    (current,) = runs["current"]
+    assert current["drain_per_s"] == pytest.approx(10_000 / 5.0)
+    assert current["cpu_us_per_reading"] == pytest.approx(2.0 * 1e6 / 10_000)
+    alike, counted = same_accounting({"baseline": [new], "current": [new]})
+    assert (alike, counted) == ({"baseline": [new], "current": [new]}, "from readiness")
