@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -39,7 +39,7 @@ from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import new_share_group
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.source import Source, mqtt_source
+from meterproof.ingest.source import Delivery, Handler, Source, mqtt_source
 from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus, NewKey, NewMeter
@@ -243,6 +243,37 @@ def worker_settings(
     if "identity" not in overrides:
         values["identity"] = fresh_ingest_identity(pki, port)
     return IngestSettings.model_validate(values)
+
+
+class PassThroughSource:
+    """The real MQTT source with every call passed on: a test's source overrides only what
+    it changes (what the worker announces, what it acknowledges)."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self._real = mqtt_source(settings)
+
+    @property
+    def connected(self) -> bool:
+        return self._real.connected
+
+    @property
+    def refused(self) -> int | None:
+        return self._real.refused
+
+    def subscribe(self, on: bool) -> None:
+        self._real.subscribe(on)
+
+    async def start(self, deliver: Handler) -> None:
+        await self._real.start(deliver)
+
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        return self._real.ack(deliveries)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        await self._real.publish_many(items)
+
+    async def stop(self) -> None:
+        await self._real.stop()
 
 
 @contextlib.asynccontextmanager

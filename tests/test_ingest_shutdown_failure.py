@@ -4,17 +4,24 @@ not translate) stops cleanly and non-zero, and what it had not committed comes b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from ingest_harness import ProbeMeter, provision, running_worker, stored_counts, worker_settings
+from ingest_harness import (
+    PassThroughSource,
+    ProbeMeter,
+    provision,
+    running_worker,
+    stored_counts,
+    worker_settings,
+)
 from structlog.testing import capture_logs
 from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.ingest.records import Candidate, Rejection
-from meterproof.ingest.source import Delivery, Handler, Source, mqtt_source
+from meterproof.ingest.source import mqtt_source
 from meterproof.ingest.store import BatchResult, ReadingStore
 from meterproof.ingest.worker import BatchStore, Worker, postgres_store
 from meterproof.stack.broker import BrokerServer
@@ -96,34 +103,11 @@ def test_a_batch_that_fails_for_a_bug_ends_the_worker_cleanly_and_loses_nothing(
     assert stored_counts(database_url, [meter_id]) == {(meter_id, 1): 1}
 
 
-class _FailingAnnouncer:
+class _FailingAnnouncer(PassThroughSource):
     """The real MQTT source, whose announcements fail for a bug (an untranslated error)."""
-
-    def __init__(self, real: Source) -> None:
-        self._real = real
-
-    @property
-    def connected(self) -> bool:
-        return self._real.connected
-
-    @property
-    def refused(self) -> int | None:
-        return self._real.refused
-
-    def subscribe(self, on: bool) -> None:
-        self._real.subscribe(on)
-
-    async def start(self, deliver: Handler) -> None:
-        await self._real.start(deliver)
-
-    def ack(self, deliveries: Iterable[Delivery]) -> int:
-        return self._real.ack(deliveries)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         raise RuntimeError("announcement bug")
-
-    async def stop(self) -> None:
-        await self._real.stop()
 
 
 def test_a_failed_announcement_ends_the_worker_once(
@@ -144,7 +128,7 @@ def test_a_failed_announcement_ends_the_worker_once(
     async def scenario() -> Worker:
         worker = Worker(
             settings,
-            source=_FailingAnnouncer(mqtt_source(settings)),
+            source=_FailingAnnouncer(settings),
             store_factory=postgres_store(settings),
         )
         run = asyncio.create_task(worker.run())

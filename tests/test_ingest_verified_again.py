@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +20,7 @@ import pytest
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 from ingest_harness import (
+    PassThroughSource,
     ProbeMeter,
     provision,
     running_worker,
@@ -36,7 +37,6 @@ from meterproof.consent import repository as consents
 from meterproof.consent.model import Scope
 from meterproof.ingest import telemetry
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.source import Delivery, Handler, MqttSource, mqtt_source
 from meterproof.schemas import topics
 from meterproof.schemas.codec import encode_reading
 from meterproof.stack.broker import BrokerServer
@@ -45,40 +45,20 @@ from meterproof.stack.redis import RedisServer
 pytestmark = pytest.mark.slow
 
 
-class Announcing:
+class Announcing(PassThroughSource):
     """The real source; records what the worker announces, or, `stalled`, takes none of
     it (a broker that stopped acknowledging publishes, the outbound window full)."""
 
     def __init__(self, settings: IngestSettings, *, stalled: bool) -> None:
-        self._real: MqttSource = mqtt_source(settings)
+        super().__init__(settings)
         self._stalled = stalled
         self.announced: list[tuple[str, bytes]] = []
-
-    @property
-    def connected(self) -> bool:
-        return self._real.connected
-
-    @property
-    def refused(self) -> int | None:
-        return self._real.refused
-
-    def subscribe(self, on: bool) -> None:
-        self._real.subscribe(on)
-
-    async def start(self, deliver: Handler) -> None:
-        await self._real.start(deliver)
-
-    def ack(self, deliveries: Iterable[Delivery]) -> int:
-        return self._real.ack(deliveries)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         if self._stalled:
             await asyncio.Event().wait()  # until the stopping worker gives it up
         self.announced += items
-        await self._real.publish_many(items)
-
-    async def stop(self) -> None:
-        await self._real.stop()
+        await super().publish_many(items)
 
 
 @dataclass

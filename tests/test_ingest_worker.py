@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from fixtures.servers import refusing_ingest_clients
 from ingest_harness import (
+    PassThroughSource,
     ProbeMeter,
     provision,
     puback_reason,
@@ -35,7 +36,7 @@ from meterproof.ingest import telemetry
 from meterproof.ingest.cli import _Restarts
 from meterproof.ingest.records import Message
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.source import Delivery, Handler, MqttSource, mqtt_source
+from meterproof.ingest.source import Delivery, Handler, mqtt_source
 from meterproof.ingest.worker import Worker, postgres_store
 from meterproof.mosquitto.config import BrokerFiles
 from meterproof.registry import repository
@@ -56,26 +57,18 @@ def _events(database_url: str, meter_id: str) -> Counter[str]:
     return Counter(str(r[0]) for r in rows)
 
 
-class WithUnroutable:
+class WithUnroutable(PassThroughSource):
     """The real source, plus messages on topics the broker lets no identity publish on,
     delivered as a compromised broker could (QoS 0: nothing to acknowledge)."""
 
     def __init__(self, settings: IngestSettings) -> None:
-        self._real: MqttSource = mqtt_source(settings)
+        super().__init__(settings)
         self._deliver: Handler | None = None
         self.committed: list[Delivery] = []
 
-    @property
-    def connected(self) -> bool:
-        return self._real.connected
-
-    @property
-    def refused(self) -> int | None:
-        return self._real.refused
-
     async def start(self, deliver: Handler) -> None:
         self._deliver = deliver
-        await self._real.start(deliver)
+        await super().start(deliver)
 
     def inject(self, message: Message) -> Delivery:
         assert self._deliver is not None
@@ -86,13 +79,7 @@ class WithUnroutable:
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         batch = list(deliveries)
         self.committed += batch  # the worker acknowledges only what it committed
-        return self._real.ack(batch)
-
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        await self._real.publish_many(items)
-
-    async def stop(self) -> None:
-        await self._real.stop()
+        return super().ack(batch)
 
 
 @pytest.mark.slow
