@@ -2,7 +2,9 @@
 
 1. Nothing escapes: the target returns an outcome the worker can acknowledge.
 2. A rejection carries one of the spec's reason codes.
-3. Where the generator knows what the spec requires (`Case.expect`), the outcome is one of it.
+3. Where the generator knows what the spec requires (`Case.expect`), the outcome is one of it;
+   for a reading that passes rules 1-6, exactly the outcome of rules 7-9 as `judged`
+   decides them here, from what the store holds, without the code under test.
 4. An accepted payload reads the same to a second parser (the standard library's `json`,
    strictly): two parsers must never disagree about what was signed.
 5. What the store would write for the outcome, PostgreSQL can hold (else: a poison message).
@@ -15,12 +17,22 @@ import base64
 import json
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 
-from meterproof.fuzz.target import SPEC_REASONS, Target, label, unstorable
+from meterproof.fuzz.target import (
+    JUDGED,
+    SPEC_REASONS,
+    MemoryStore,
+    Target,
+    label,
+    signed_values,
+    unstorable,
+)
+from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.records import Accepted, Message
 
 MIB: Final = 1024 * 1024
@@ -47,7 +59,7 @@ class Failure:
         return (
             f"[{self.kind}] from {self.origin}\n  topic:   {self.topic!r}\n"
             f"  payload: {self.payload[:600]!r}{' ...' if len(self.payload) > 600 else ''}\n"
-            f"  base64:  {base64.b64encode(self.payload).decode()[:2000]}\n"
+            f"  base64:  {base64.b64encode(self.payload).decode()}\n"  # whole: it reproduces
             f"  {self.detail.strip()[-1500:]}"
         )
 
@@ -173,13 +185,17 @@ class Counting(Generic[TallyT]):
 
 class Checker(Counting[Tally]):
     """Runs cases through `target` and keeps the tally; `keep` reproducers per failure
-    kind and origin are kept, every failure is counted."""
+    kind and origin are kept, every failure is counted. `store` is what the target judges
+    against (and `limit` its rate limit): given it, a case that passes rules 1-6 expects
+    exactly the outcome `judged` derives, not just any outcome of rules 7-9."""
 
     def __init__(
         self,
         target: Target,
         *,
         received_at_ms: int,
+        store: MemoryStore | None = None,
+        limit: RateLimit | None = None,
         keep: int = 3,
         sample_every: int = 1_000,
         warmup: int = 2_000,
@@ -187,10 +203,15 @@ class Checker(Counting[Tally]):
         super().__init__(Tally(), keep=keep, sample_every=sample_every, warmup=warmup)
         self.target = target
         self._received_at_ms = received_at_ms
+        self._store = store
+        self._limit = limit or RateLimit()
 
     def check(self, case: Case) -> str | None:
         """The outcome's label, or None when the case failed (and is counted)."""
         self._count(case.origin)
+        if case.expect == JUDGED and self._store is not None:  # before the target stores it
+            wire = json.loads(case.payload)
+            case = replace(case, expect=frozenset({judged(self._store, wire, self._limit)}))
         message = Message(case.topic, case.payload, self._received_at_ms)
         try:
             outcome = self.target(message)
@@ -217,6 +238,32 @@ class Checker(Counting[Tally]):
         if self._keeps(kind, case.origin):
             self.tally.examples.append(Failure(kind, case.origin, case.topic, case.payload, detail))
         return None  # the checker's answer for "this case failed"
+
+
+def judged(store: MemoryStore, wire: Mapping[str, Any], limit: RateLimit) -> str:
+    """Rules 7-9 of docs/spec/reading-v1.md section 9 for a reading (`wire`, as the
+    standard library parses it) that passes rules 1-6, from what `store` holds: written
+    out plainly here, not by `ingest.judge`, so that a wrong judge is caught."""
+    meter_id, seq, ts = wire["meter_id"], wire["seq"], wire["ts"]
+    stored = store.values.get((meter_id, seq))
+    if stored is not None:
+        return "duplicate" if stored == signed_values(wire) else "seq_reused"
+    points = sorted(store.history.get(meter_id, ()), key=lambda p: (p.ts_ms, p.seq))
+    before = [p for p in points if (p.ts_ms, p.seq) < (ts, seq)]
+    after = [p for p in points if (p.ts_ms, p.seq) > (ts, seq)]
+    imp, exp = wire["import_wh"], wire["export_wh"]
+    if before and (imp < before[-1].import_wh or exp < before[-1].export_wh):
+        return "register_decreased"
+    if after and (imp > after[0].import_wh or exp > after[0].export_wh):
+        return "register_decreased"
+    # The windows holding ts end in [ts, ts + window); the fullest ends at ts or at a
+    # stored ts in that range (between those the count only falls).
+    times = [p.ts_ms for p in points]
+    ends = {ts, *(t for t in times if ts <= t < ts + limit.window_ms)}
+    for end in ends:
+        if 1 + sum(end - limit.window_ms < t <= end for t in times) > limit.max_readings:
+            return "rate_limited"
+    return "accepted"
 
 
 def _second_parser_disagrees(payload: bytes, outcome: Accepted) -> str | None:

@@ -120,9 +120,12 @@ def run_campaign(
     feed a broken one to prove the checker catches it)."""
     started = time.perf_counter()
     fleet = load_fleet()
+    pipeline = PipelineTarget(fleet)
     checker = Checker(
-        target or PipelineTarget(fleet),
+        target or pipeline,
         received_at_ms=fleet.now_ms,
+        store=pipeline.store if target is None else None,
+        limit=pipeline.limit,
         warmup=min(2_000, max(payloads // 10, 1)),
     )
     have_atheris = atheris_available()
@@ -308,7 +311,9 @@ def _memory_and_failures(report: CampaignReport[Any], bound_mib: float) -> list[
 @click.option("--engine", type=click.Choice(ENGINES), default="all", show_default=True,
               help="all: 40% hypothesis, 40% byte mutation, 20% atheris if installed.")  # fmt: skip
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True,
-              help="Same seed, same inputs (atheris: same libFuzzer seed).")  # fmt: skip
+              help="Same seed, same corruptions and mutations (atheris: same libFuzzer "
+              "seed); ES256 and PS256 signatures are randomised, so their bytes differ "
+              "between runs: a failure's reproducer holds its exact bytes.")  # fmt: skip
 @click.option("--max-rss-growth-mb", type=click.FloatRange(min=1), default=64.0, show_default=True,
               help="Fail if RSS grows more than this after the warm-up.")  # fmt: skip
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),

@@ -3,7 +3,7 @@
 `Fleet` is a registry in memory built from the spec's vector keys (so every run is
 deterministic and needs no key generation); `PipelineTarget` runs one message through
 `ingest.pipeline.check` (decode, verify: the worker's own composition) and `judge`
-against it, keeping a bounded in-memory "store" so that
+against a bounded in-memory store (`MemoryStore`) of the readings it accepted, so that
 duplicates, reused seqs, register and rate rules are reachable too.
 """
 
@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from meterproof.ingest.judge import RateLimit, StoredPoint, context_of, judge
 from meterproof.ingest.pipeline import check
-from meterproof.ingest.records import Accepted, Duplicate, Message, Outcome, Rejection
+from meterproof.ingest.records import (
+    Accepted,
+    Candidate,
+    Duplicate,
+    Message,
+    Outcome,
+    Rejection,
+)
 from meterproof.ingest.security import event_for
 from meterproof.ingest.store import storable_text
 from meterproof.ingest.verify import TimeBounds
 from meterproof.registry.snapshots import MeterSnapshot, RegisteredKey
-from meterproof.schemas.reading import Alg
+from meterproof.schemas.reading import OPTIONAL_FIELDS, Alg
 from meterproof.schemas.signatures import PrivateKey, load_private_key, load_public_key
 
 VECTORS: Final = Path(__file__).resolve().parent.parent / "schemas" / "vectors"
@@ -153,10 +160,45 @@ def load_fleet() -> Fleet:
     return fleet
 
 
+#: What a signature covers besides `meter_id`, in a fixed order: two readings of a meter
+#: with equal values here are the same reading (rule 7's `duplicate`).
+SIGNED: Final = ("seq", "ts", "import_wh", "export_wh", *OPTIONAL_FIELDS)
+
+
+def signed_values(fields: Mapping[str, object]) -> tuple[object, ...]:
+    """The values of `SIGNED` in `fields` (None where an optional is left out)."""
+    return tuple(fields.get(name) for name in SIGNED)
+
+
+@dataclass(slots=True)
+class MemoryStore:
+    """The fuzzer's database: the accepted readings, at most `max_seen` seqs (then it
+    starts empty again) and the last `history_len` points per meter, so memory is bounded
+    by construction and any growth the fuzzer measures comes from the code under test.
+    `values` is what the checker's own rules 7-9 read (`checker.judged`)."""
+
+    max_seen: int = 20_000
+    history_len: int = 64
+    seen: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    values: dict[tuple[str, int], tuple[object, ...]] = field(default_factory=dict)
+    history: dict[str, deque[StoredPoint]] = field(default_factory=dict)
+
+    def add(self, candidate: Candidate) -> None:
+        r = candidate.reading
+        if len(self.seen) >= self.max_seen:
+            self.seen.clear()
+            self.values.clear()
+            self.history.clear()
+        self.seen[(r.meter_id, r.seq)] = candidate.reading_hash
+        self.values[(r.meter_id, r.seq)] = signed_values(r.wire_dict())
+        self.history.setdefault(r.meter_id, deque(maxlen=self.history_len)).append(
+            StoredPoint(r.ts, r.import_wh, r.export_wh, r.seq)
+        )
+
+
 class PipelineTarget:
-    """One message through the worker's stages; the "store" keeps at most `max_seen` seqs
-    and `history_len` points per meter, so memory is bounded by construction and any growth
-    the fuzzer measures comes from the code under test."""
+    """One message through the worker's stages, judged against `store` (rules 7-9), where
+    an accepted reading is then stored."""
 
     def __init__(
         self,
@@ -164,32 +206,22 @@ class PipelineTarget:
         *,
         bounds: TimeBounds | None = None,
         limit: RateLimit | None = None,
-        max_seen: int = 20_000,
-        history_len: int = 64,
+        store: MemoryStore | None = None,
     ) -> None:
         self._fleet = fleet
         self._bounds = bounds or TimeBounds()
-        self._limit = limit or RateLimit()
-        self._max_seen = max_seen
-        self._history_len = history_len
-        self._seen: dict[tuple[str, int], bytes] = {}
-        self._history: dict[str, deque[StoredPoint]] = {}
+        self.limit = limit or RateLimit()
+        self.store = store or MemoryStore()
 
     def __call__(self, message: Message) -> Outcome:
         checked = check(message, self._fleet.meters, now_ms=self._fleet.now_ms, bounds=self._bounds)
         if isinstance(checked, Rejection):
             return checked
-        stored = context_of([checked], seen=self._seen, history=self._history, limit=self._limit)
-        outcome = judge([checked], stored, limit=self._limit)[0]
+        store = self.store
+        stored = context_of([checked], seen=store.seen, history=store.history, limit=self.limit)
+        outcome = judge([checked], stored, limit=self.limit)[0]
         if isinstance(outcome, Accepted):
-            r = outcome.candidate.reading
-            if len(self._seen) >= self._max_seen:
-                self._seen.clear()
-                self._history.clear()
-            self._seen[(r.meter_id, r.seq)] = outcome.candidate.reading_hash
-            self._history.setdefault(r.meter_id, deque(maxlen=self._history_len)).append(
-                StoredPoint(r.ts, r.import_wh, r.export_wh, r.seq)
-            )
+            store.add(outcome.candidate)
         return outcome
 
 

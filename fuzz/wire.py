@@ -5,8 +5,10 @@ PUBACK parsing). It is the first code that touches bytes from the network.
 Invariants, per input:
 1. Nothing escapes: no exception from the splitter or either parser.
 2. The splitter loses and invents nothing: its packets, re-framed, are exactly the bytes
-   it consumed; unless the stream is broken, what is left starts a packet still to come
-   (split again, it yields nothing); the same bytes fed in three reads, as gmqtt's buffer
+   it consumed; it breaks the stream (the link is lost) only at a Remaining Length that
+   cannot be read; unless the stream is broken, what is left starts a packet still to
+   come (split again, it yields nothing), and a reading's PUBLISH sent after the packets
+   it consumed still comes through; the same bytes fed in three reads, as gmqtt's buffer
    grows, give the same packets.
 3. A parsed PUBLISH has a non-empty topic without NUL or wildcards, a packet id exactly
    when its QoS needs one (never 0), and a payload that ends its body; one without
@@ -46,7 +48,7 @@ class WireFailure:
         return (
             f"[{self.kind}] from {self.origin}\n  bytes:   {self.data[:300]!r}"
             f"{' ...' if len(self.data) > 300 else ''}\n"
-            f"  base64:  {base64.b64encode(self.data).decode()[:2000]}\n"
+            f"  base64:  {base64.b64encode(self.data).decode()}\n"  # whole: it reproduces
             f"  {self.detail.strip()[-1500:]}"
         )
 
@@ -176,13 +178,38 @@ class WireChecker(Counting[WireTally]):
         return None
 
 
+def _unreadable_length(header: bytes) -> bool:
+    """Whether the Remaining Length that `header` starts with cannot be read (the only
+    reason to lose the link): four bytes that each call for one more, or not the shortest
+    form (a last byte of 0)."""
+    for i, byte in enumerate(header[:4]):
+        if byte < 0x80:
+            return i > 0 and byte == 0
+    return len(header) >= 4
+
+
+def _link_problem(data: bytes, frames: wire.Frames) -> str | None:
+    """The link is lost only at an unreadable length; kept, it goes on after these bytes."""
+    if frames.broken is not None:
+        if _unreadable_length(data[frames.consumed + 1 :]):
+            return None
+        return f"the link is lost ({frames.broken.value}) at a readable Remaining Length"
+    if wire.split(data[frames.consumed :]) != wire.Frames([], 0):
+        return "the rest holds a packet the first pass left"
+    after = wire.split(data[: frames.consumed] + _READING)
+    if after.packets != [*frames.packets, *wire.split(_READING).packets]:
+        return "a well-formed PUBLISH after these packets does not come through"
+    return None
+
+
 def _split_problem(data: bytes, frames: wire.Frames) -> str | None:
     if not 0 <= frames.consumed <= len(data):
         return f"consumed {frames.consumed} of {len(data)} bytes"
     if b"".join(_framed(f, b) for f, b in frames.packets) != data[: frames.consumed]:
         return "the packets do not re-frame to the bytes consumed"
-    if frames.broken is None and wire.split(data[frames.consumed :]) != wire.Frames([], 0):
-        return "the rest holds a packet the first pass left"
+    link_problem = _link_problem(data, frames)
+    if link_problem is not None:
+        return link_problem
     cuts = sorted({len(data) // 3, len(data) * 2 // 3})
     buffer, packets = b"", []
     for start, stop in zip([0, *cuts], [*cuts, len(data)], strict=True):
@@ -215,14 +242,19 @@ def _string(raw: bytes) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
+_PAYLOAD: Final = (
+    b'{"v":1,"meter_id":"123e4567-e89b-12d3-a456-426614174000","seq":1,'
+    b'"ts":1767225600000,"import_wh":1,"export_wh":0,"alg":"EdDSA","sig":"' + b"A" * 86 + b'"}'
+)
+#: A reading's QoS 1 PUBLISH: after any whole packets, hostile or not, it still comes through.
+_READING: Final = wire.publish_packet(_TOPICS[0], _PAYLOAD, 1)
+
+
 def seed_streams() -> list[bytes]:
     """Well-formed streams of the shapes a worker sees, for mutation and for atheris."""
-    reading = (
-        b'{"v":1,"meter_id":"123e4567-e89b-12d3-a456-426614174000","seq":1,'
-        b'"ts":1767225600000,"import_wh":1,"export_wh":0,"alg":"EdDSA","sig":"' + b"A" * 86 + b'"}'
-    )
+    reading = _PAYLOAD
     topic = _TOPICS[0]
-    publish = wire.publish_packet(topic, reading, 1)
+    publish = _READING
     properties = b"\x01\x01" + b"\x0b\x05" + b"\x26" + _string(b"k") + _string(b"v")
     with_properties = _framed(
         0x3A, _string(topic) + b"\x00\x02" + bytes((len(properties),)) + properties + reading

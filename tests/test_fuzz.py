@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import base64
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import find, settings
+from hypothesis import strategies as st
 
 from meterproof.fuzz import cli as fuzz_cli
-from meterproof.fuzz.checker import MIB
+from meterproof.fuzz import target as fuzz_target
+from meterproof.fuzz.checker import MIB, Case, Checker
 from meterproof.fuzz.cli import run_campaign, run_wire_campaign
 from meterproof.fuzz.engines import atheris_available
-from meterproof.fuzz.target import SPEC_REASONS, PipelineTarget, load_fleet, unstorable
+from meterproof.fuzz.generate import Generators, op_sig_tamper
+from meterproof.fuzz.target import (
+    JUDGED,
+    SPEC_REASONS,
+    PipelineTarget,
+    label,
+    load_fleet,
+    unstorable,
+)
 from meterproof.ingest import _wire
 from meterproof.ingest._wire import Drop, Publish
-from meterproof.ingest.records import Message, Rejection
+from meterproof.ingest.judge import RateLimit, StoredContext, judge
+from meterproof.ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
+from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import RejectReason
 
 
@@ -67,6 +85,38 @@ def test_the_checker_catches_a_broken_target(kind: str, failure: str) -> None:
         assert "KeyError: 'boom from a broken stage'" in example.detail
 
 
+def _judge_never_accepting(
+    candidates: Sequence[Candidate], contexts: Sequence[StoredContext], *, limit: RateLimit
+) -> list[Outcome]:
+    return [
+        Duplicate(o.candidate) if isinstance(o, Accepted) else o
+        for o in judge(candidates, contexts, limit=limit)
+    ]
+
+
+def _judge_blind_to_registers(
+    candidates: Sequence[Candidate], contexts: Sequence[StoredContext], *, limit: RateLimit
+) -> list[Outcome]:
+    blind = [dataclasses.replace(c, before=None, after=None) for c in contexts]
+    return judge(candidates, blind, limit=limit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "broken", [_judge_never_accepting, _judge_blind_to_registers], ids=["never", "registers"]
+)
+def test_the_checker_catches_a_wrong_judge(
+    monkeypatch: pytest.MonkeyPatch, broken: Callable[..., list[Outcome]]
+) -> None:
+    """Rules 7-9 have one right answer for a valid reading, from what is stored: any
+    outcome of those rules is not enough."""
+    monkeypatch.setattr(fuzz_target, "judge", broken)
+    report = run_campaign(payloads=1_000, engine="hypothesis", seed=3, echo=False)
+    assert report.tally.failures["unexpected"] > 0
+    example = next(f for f in report.tally.examples if f.kind == "unexpected")
+    assert "spec says ['accepted']" in example.detail or "register_decreased" in example.detail
+
+
 @pytest.mark.slow
 def test_the_memory_check_catches_a_leak() -> None:
     kept: list[bytes] = []
@@ -83,8 +133,7 @@ def test_the_memory_check_catches_a_leak() -> None:
 
 @pytest.mark.slow
 def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.MonkeyPatch) -> None:
-    broken = _broken("raise")
-    monkeypatch.setattr(fuzz_cli, "PipelineTarget", lambda fleet: broken)
+    monkeypatch.setattr(fuzz_cli, "run_campaign", partial(run_campaign, target=_broken("raise")))
     result = CliRunner().invoke(
         fuzz_cli.fuzz, ["--payloads", "200", "--engine", "mutate", "--seed", "5", "--show", "1"]
     )
@@ -95,7 +144,26 @@ def test_the_command_exits_1_and_prints_the_reproducer(monkeypatch: pytest.Monke
 
 
 @pytest.mark.slow
-def test_the_command_passes_on_the_real_path(tmp_path) -> None:
+def test_the_printed_reproducer_holds_the_whole_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = PipelineTarget(load_fleet())
+
+    def target(message: Message) -> object:
+        if len(message.payload) > 2_500:
+            raise KeyError("boom on a big payload")
+        return real(message)
+
+    monkeypatch.setattr(fuzz_cli, "run_campaign", partial(run_campaign, target=target))
+    result = CliRunner().invoke(
+        fuzz_cli.fuzz, ["--payloads", "500", "--engine", "mutate", "--seed", "5", "--show", "1"]
+    )
+    assert result.exit_code == 1
+    printed = re.search(r"base64:  (\S+)", result.output)
+    assert printed is not None
+    assert len(base64.b64decode(printed.group(1))) > 2_500
+
+
+@pytest.mark.slow
+def test_the_command_passes_on_the_real_path(tmp_path: Path) -> None:
     out = tmp_path / "reports" / "report.json"  # a folder not there yet
     result = CliRunner().invoke(
         fuzz_cli.fuzz, ["--payloads", "1000", "--engine", "mutate", "--json", str(out)]
@@ -163,6 +231,16 @@ def _parse_letting_wildcards_in(first: int, body: bytes) -> Publish | Drop:
     return parsed
 
 
+def _split_losing_the_link_on_qos_3(data: bytes) -> _wire.Frames:
+    """A PUBLISH with QoS 3 is a packet to drop, not a reason to lose the link."""
+    frames, consumed = _real_split(data), 0
+    for n, (first, body) in enumerate(frames.packets):
+        if first & 0xF6 == 0x36:
+            return _wire.Frames(frames.packets[:n], consumed, Drop.LENGTH)
+        consumed += 1 + len(_wire.encode_varint(len(body))) + len(body)
+    return frames
+
+
 _real_split = _wire.split
 _real_parse = _wire.parse_publish
 
@@ -171,6 +249,7 @@ _real_parse = _wire.parse_publish
     ("name", "broken", "failure"),
     [
         ("split", _split_losing_a_byte, "split"),
+        ("split", _split_losing_the_link_on_qos_3, "split"),
         ("parse_publish", _parse_raising, "exception"),
         ("parse_publish", _parse_letting_wildcards_in, "publish"),
     ],
@@ -185,7 +264,7 @@ def test_the_wire_checker_catches_broken_framing(
     assert "base64:" in example.reproducer()
 
 
-def test_the_wire_command_passes_on_the_real_framing(tmp_path) -> None:
+def test_the_wire_command_passes_on_the_real_framing(tmp_path: Path) -> None:
     out = tmp_path / "wire.json"
     result = CliRunner().invoke(
         fuzz_cli.fuzz,
@@ -194,3 +273,32 @@ def test_the_wire_command_passes_on_the_real_framing(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "dropped, by reason:" in result.output
     assert '"target": "wire"' in out.read_text()
+
+
+def test_the_generators_send_an_empty_sig() -> None:
+    """docs/spec/reading-v1.md section 5: an empty `sig` encodes no bytes and fails as
+    `bad_signature`; the generators must send one and expect that."""
+    generators = Generators(load_fleet(), seed=1)
+    tampered = st.composite(lambda draw: op_sig_tamper(draw, generators))()
+    case = find(tampered, lambda c: b'"sig":""' in c.payload, settings=settings(database=None))
+    assert case.expect == frozenset({"bad_signature"})
+    outcome = PipelineTarget(generators.fleet)(Message(case.topic, case.payload, 0))
+    assert label(outcome) == "bad_signature"
+
+
+def test_the_checker_s_rules_7_to_9_agree_with_the_judge_on_a_burst() -> None:
+    """Generated readings spread their ts, so rule 9 is not reached by the campaign; a
+    burst of one meter reaches it, and the checker's own rules must say what the judge says."""
+    fleet = load_fleet()
+    signer = next(s for s in fleet.signers if not s.slow)
+    pipeline = PipelineTarget(fleet)
+    checker = Checker(
+        pipeline, received_at_ms=fleet.now_ms, store=pipeline.store, limit=pipeline.limit
+    )
+    for seq in [*range(62), 3]:
+        fields = {"meter_id": signer.meter_id, "seq": seq, "ts": fleet.now_ms - 100 + seq,
+                  "import_wh": seq, "export_wh": 0}  # fmt: skip
+        payload = encode_reading(sign_reading(fields, signer.key))
+        checker.check(Case(f"meters/{signer.meter_id}/readings", payload, "test:burst", JUDGED))
+    assert not checker.tally.failures, checker.tally.examples
+    assert checker.tally.outcomes == {"accepted": 60, "rate_limited": 2, "duplicate": 1}
