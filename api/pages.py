@@ -21,6 +21,11 @@ through rows with its cursor. Quarters at the range's edges, the open quarter an
 ones are read as rows, from the same index range `reads.history` uses; so are a CSV
 read's quarters whose page has no CSV.
 
+Retention (db/retention.py) deletes the pages of the quarters it removes readings from,
+but a render that started before that delete committed may write one after it. So a page
+is also used only when its quarter starts after the meter's latest retired reading (its
+watermark): older quarters are read as rows.
+
 A reading whose transaction commits while its quarter is being rendered may be left out
 of the page with the quarter already off the queue; the count makes that page stale, so
 that quarter is read as rows (correct, slower) until a later reading queues it again.
@@ -95,13 +100,18 @@ _RENDER: Final = {
 _FROM: Final = reads.MS.replace("%s", "%(from)s")
 _TO: Final = reads.MS.replace("%s", "%(to)s")
 #: The quarters of [from, to) with their counts; a fresh page's JSON (or CSV) only when
-#: the whole range fits in one answer.
+#: the whole range fits in one answer. Fresh: its count is the quarter's, and its quarter
+#: starts after the meter's latest retired reading (`reading_watermarks`, written before
+#: retention deletes anything): retention leaves the counts, so a page rendered from
+#: readings it deleted meanwhile would still match.
 _QUARTERS: Final[LiteralString] = """
 SELECT (date_part('epoch', q.bucket) * 1000)::bigint, q.readings,
        CASE WHEN sum(q.readings) OVER () < %(limit)s THEN convert_to(p.{column}, 'UTF8') END
 FROM meter_quarters q
+LEFT JOIN reading_watermarks w ON w.meter_id = q.meter_id
 LEFT JOIN history_pages p
        ON p.meter_id = q.meter_id AND p.bucket = q.bucket AND p.readings = q.readings
+      AND (w.ts IS NULL OR p.bucket > w.ts)
 WHERE q.meter_id = %(meter)s
   AND q.bucket >= date_bin(interval '15 minutes', {from_}, timestamptz '2000-01-01 00:00:00+00')
   AND q.bucket < {to}

@@ -4,6 +4,9 @@ also applies seed 003's nonce rule and keeps provider readings' signed bytes.
 `ReadingStore.commit_batch` runs its own transaction; opened inside this one it becomes a
 savepoint (psycopg nests them), so rules 7-9, the rows, the quarantines and what is added
 here commit together or not at all. Batches without provider readings go straight to it.
+Its poison-batch guard parks what the database refuses of its rows inside that savepoint;
+what it refuses of the rows added here (the kept bytes) gets the same guard here, so one
+refused reading is answered `store_refused` and never holds up the API's worker.
 
 Seed 003 asks a provider's nonce to be unused *and increasing*. Unused is rule 7 (the
 nonce is the reading's seq: the judge answers `duplicate` for the same signed reading and
@@ -29,10 +32,10 @@ import psycopg
 import structlog
 from psycopg import Connection
 
-from meterproof.errors import UnavailableError
+from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.records import Accepted, Candidate, Rejection
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.store import BatchResult, ReadingStore
+from meterproof.ingest.store import BatchResult, ReadingStore, refused
 from meterproof.ingest.worker import StoreFactory, postgres_store
 from meterproof.schemas import provider
 from meterproof.schemas.reading import RejectReason, b64url_decode
@@ -91,19 +94,96 @@ class ProviderStore:
         if not any(is_provider(c) for c in candidates):
             return self._inner.commit_batch(candidates, rejections)
         try:
-            with self._conn.transaction():
-                refused = self._not_increasing(candidates)
-                result = self._inner.commit_batch(
-                    [c for c in candidates if id(c) not in refused],
-                    [*rejections, *refused.values()],
-                )
-                self._keep(
-                    [o.candidate for o in result.outcomes
-                     if isinstance(o, Accepted) and is_provider(o.candidate)]
-                )  # fmt: skip
+            return self._commit(candidates, rejections)
         except psycopg.Error as exc:
             raise UnavailableError("database", f"{type(exc).__name__}: {exc}") from exc
-        return BatchResult([*result.outcomes, *refused.values()], result.quarantined)
+
+    def _commit(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult:
+        """One transaction. The inner store parks what the database refuses of its own
+        rows; if it refuses what this store adds (the kept bytes), the store's poison-batch
+        guard runs over this store's writes: a second transaction bisects the batch on
+        savepoints, parks each refused reading `store_refused` and commits the rest."""
+        try:
+            with self._conn.transaction():
+                return self._write(candidates, rejections)
+        except psycopg.Error as exc:
+            if not refused(exc):
+                raise
+            refusal = exc
+        log.warning(
+            "batch_refused_bisecting",
+            sqlstate=refusal.sqlstate,
+            error=first_line(refusal),
+            size=len(candidates) + len(rejections),
+        )
+        with self._conn.transaction():
+            # every meter now, in order: halves locking theirs in turn could deadlock
+            self._inner.stored_contexts(candidates)
+            return self._divide([*candidates, *rejections], refusal)
+
+    def _write(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
+    ) -> BatchResult:
+        """The batch inside the caller's transaction: nonces, the inner store, the bytes."""
+        stale = self._not_increasing(candidates)
+        result = self._inner.commit_batch(
+            [c for c in candidates if id(c) not in stale], [*rejections, *stale.values()]
+        )
+        self._keep(
+            [o.candidate for o in result.outcomes
+             if isinstance(o, Accepted) and is_provider(o.candidate)]
+        )  # fmt: skip
+        return BatchResult([*result.outcomes, *stale.values()], result.quarantined)
+
+    def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
+        """Write the items on a savepoint; if the database refuses them, divide them."""
+        try:
+            with self._conn.transaction():
+                return self._write(
+                    [i for i in items if isinstance(i, Candidate)],
+                    [i for i in items if isinstance(i, Rejection)],
+                )
+        except psycopg.Error as exc:
+            if not refused(exc):
+                raise
+            return self._divide(items, exc)
+
+    def _divide(
+        self, items: Sequence[Candidate | Rejection], refusal: psycopg.Error
+    ) -> BatchResult:
+        """Park a single refused candidate, else write each half on its own, in arrival
+        order (a later half is judged against an earlier one as a later batch would be)."""
+        if len(items) == 1:
+            (item,) = items
+            if isinstance(item, Rejection):
+                raise refusal  # not refused here: the inner store parks its own rows
+            return self._park(item, refusal)
+        half = len(items) // 2
+        first, second = self._bisect(items[:half]), self._bisect(items[half:])
+        return BatchResult(
+            [*first.outcomes, *second.outcomes], [*first.quarantined, *second.quarantined]
+        )
+
+    def _park(self, item: Candidate, exc: psycopg.Error) -> BatchResult:
+        """Store a refused candidate as the inner store parks one: a rejection
+        `store_refused` with the database's message, which is also its outcome."""
+        r = item.reading
+        parked = Rejection(
+            item.message, RejectReason.STORE_REFUSED,
+            f"SQLSTATE {exc.sqlstate}: {first_line(exc)}", r.meter_id, r.seq, item.reading_hash,
+        )  # fmt: skip
+        self._inner.commit_batch([], [parked])
+        log.error(
+            "reading_parked",
+            meter_id=r.meter_id,
+            seq=r.seq,
+            reading_hash=item.reading_hash.hex(),
+            sqlstate=exc.sqlstate,
+            error=first_line(exc),
+        )
+        return BatchResult([parked], [])
 
     def _not_increasing(self, candidates: Sequence[Candidate]) -> dict[int, Rejection]:
         """Provider candidates whose nonce is not above their meter's highest, by id.
@@ -118,14 +198,14 @@ class ProviderStore:
                 for m, h in cur.fetchall()
             }
         in_batch: set[tuple[str, int]] = set()
-        refused: dict[int, Rejection] = {}
+        stale: dict[int, Rejection] = {}
         for c, context in zip(candidates, contexts, strict=True):
             r = c.reading
             if not is_provider(c) or context.reading_hash is not None:
                 continue  # rule 7 decides: duplicate or seq_reused
             last = highest.get(r.meter_id)
             if last is not None and r.seq <= last and (r.meter_id, r.seq) not in in_batch:
-                refused[id(c)] = Rejection(
+                stale[id(c)] = Rejection(
                     c.message, RejectReason.SEQ_REUSED,
                     f"nonce {r.seq} is not above the provider's last nonce {last}",
                     r.meter_id, r.seq, c.reading_hash,
@@ -133,7 +213,7 @@ class ProviderStore:
                 continue
             in_batch.add((r.meter_id, r.seq))
             highest[r.meter_id] = r.seq if last is None else max(last, r.seq)
-        return refused
+        return stale
 
     def _keep(self, accepted: Sequence[Candidate]) -> None:
         if not accepted:

@@ -12,7 +12,9 @@ import re
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from fixtures.api import ApiServer, signed
 from ingest_harness import end_session, provision, tls_context
 from nacl.signing import SigningKey, VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
+from psycopg import sql
 from pydantic import ValidationError
 from waiting import wait_until
 
@@ -372,6 +375,61 @@ def test_a_provider_over_its_rate_gets_429(
     _problem(refused, 429, "rate_limited")
     assert int(refused.headers["retry-after"]) > 0
     assert refused.headers["x-ratelimit-limit"] == str(RATE_PER_MIN)
+
+
+#: What an operator's trigger may do: refuse one meter's nonce 13 (SQLSTATE P0001).
+_REFUSE_13 = """
+CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.meter_id = {meter} AND NEW.seq = 13 THEN RAISE EXCEPTION 'nonce 13 refused'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER {function} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {function}();
+"""
+
+
+@pytest.mark.parametrize("table", ["readings", "provider_readings"])
+def test_a_reading_the_database_refuses_is_answered_store_refused_and_the_rest_commits(
+    api_server: ApiServer, make_meter_id: Callable[[], str], table: str
+) -> None:
+    """The poison-batch guard (ingest/store.py) on the provider path, whether the database
+    refuses the reading's rows or its kept bytes: that reading is parked and answered
+    `store_refused`, as on MQTT; the rest of its batch and later readings commit."""
+    p, q = _register(api_server, make_meter_id), _register(api_server, make_meter_id)
+    function = sql.Identifier(f"refuse_{uuid.uuid4().hex}")
+    refuse = sql.SQL(_REFUSE_13).format(
+        function=function, meter=sql.Literal(p.meter), table=sql.Identifier(table)
+    )
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        conn.execute(refuse)
+    now_s = wall_ms() // 1000
+    try:
+        with ThreadPoolExecutor(2) as pool:  # at once: most likely one batch
+            refused, other = pool.map(
+                lambda body: _submit(api_server, body),
+                [p.reading(100, 13, timestamp=now_s - 30), q.reading(100, 1, timestamp=now_s - 30)],
+            )
+        later = _submit(api_server, p.reading(110, 14, timestamp=now_s - 20))
+    finally:
+        with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP FUNCTION {} CASCADE").format(function))
+    got = _problem(refused, 422, "store_refused", "meter_anomaly")
+    assert (got["receipt"]["status"], got["receipt"]["reason"]) == ("rejected", "store_refused")
+    assert other.status_code == 202, other.text
+    assert later.status_code == 202, later.text
+    assert _stored(api_server, p.meter) == [(14, 110_000, p.provider_id)]
+    assert _stored(api_server, q.meter) == [(1, 100_000, q.provider_id)]
+    with psycopg.connect(api_server.database_url, autocommit=True) as conn:
+        kept = conn.execute(
+            "SELECT meter_id, seq FROM provider_readings WHERE meter_id = ANY(%s)",
+            ([p.meter, q.meter],),
+        ).fetchall()
+        parked = conn.execute(
+            "SELECT reason, seq, detail FROM rejected_readings WHERE meter_id = %s", (p.meter,)
+        ).fetchall()
+    assert sorted(kept) == sorted([(p.meter, 14), (q.meter, 1)])
+    assert [(reason, seq) for reason, seq, _ in parked] == [("store_refused", 13)]
+    assert parked[0][2].startswith("SQLSTATE P0001: nonce 13 refused")
 
 
 # -- the MQTT verified feed ---------------------------------------------------------------
