@@ -312,7 +312,7 @@ def _memory_and_failures(report: CampaignReport[Any], bound_mib: float) -> list[
               help="all: 40% hypothesis, 40% byte mutation, 20% atheris if installed.")  # fmt: skip
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True,
               help="Same seed, same corruptions and mutations (atheris: same libFuzzer "
-              "seed); ES256 and PS256 signatures are randomised, so their bytes differ "
+              "seed); PS256 signatures are randomised (its salt), so their bytes differ "
               "between runs: a failure's reproducer holds its exact bytes.")  # fmt: skip
 @click.option("--max-rss-growth-mb", type=click.FloatRange(min=1), default=64.0, show_default=True,
               help="Fail if RSS grows more than this after the warm-up.")  # fmt: skip

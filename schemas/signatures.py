@@ -166,7 +166,11 @@ class EcdsaP256Private:
     alg: Alg = Alg.ES256
 
     def sign(self, message: bytes) -> bytes:
-        r, s = decode_dss_signature(self.key.sign(message, ec.ECDSA(hashes.SHA256())))
+        """RFC 6979: the nonce derived from the key and the message, never from a random
+        source a device may lack (a repeated nonce gives the key away); one reading, one
+        signature."""
+        signing = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
+        r, s = decode_dss_signature(self.key.sign(message, signing))
         return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
 
     def public_key(self) -> PublicKey:

@@ -7,6 +7,7 @@ import json
 from functools import cache
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from meterproof.schemas.reading import (
     b64url_decode,
 )
 from meterproof.schemas.signatures import (
+    EcdsaP256Private,
     InvalidKeyError,
     PrivateKey,
     generate_private_key,
@@ -218,3 +220,15 @@ def test_rsa_key_size_bounds() -> None:
 def test_checked_in_json_schema_matches_the_models(name: str) -> None:
     on_disk = (SCHEMA_DIR / name).read_text(encoding="utf-8")
     assert on_disk == render(MODELS[name]), "run `python -m schemas.jsonschema`"
+
+
+def test_es256_signs_as_rfc_6979_says() -> None:
+    """The nonce comes from the key and the message (RFC 6979 appendix A.2.5, P-256 with
+    SHA-256, message "sample"): a device with a poor random source cannot give its key
+    away by repeating one."""
+    key = ec.derive_private_key(
+        0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721, ec.SECP256R1()
+    )
+    r = "EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716"
+    s = "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8"
+    assert EcdsaP256Private(key).sign(b"sample").hex().upper() == r + s
