@@ -20,6 +20,13 @@ or its certificate (the API), nothing proves who sent a provider reading until i
 signature verifies. So refusals decided before that (`UNATTRIBUTED`) are stored without
 the meter id (the topic still names it): they raise no security event on the meter and
 never count towards its quarantine, which a stranger could otherwise trigger at will.
+
+This store sends the COMMIT of a provider batch, so it keeps a batch whose COMMIT lost its
+answer with its connection in the inner store's `CommitInDoubt` (shared by the worker's
+connections), and asks it first when the worker retries: judged again, the batch found
+its own readings stored (`duplicate`: a provider answered 422 `nonce_reused`,
+`same_reading`, for the reading its own request stored) and wrote its rejections and their
+security events a second time.
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ class ProviderStore:
     def __init__(self, conn: Connection[tuple[object, ...]], inner: ReadingStore) -> None:
         self._conn = conn
         self._inner = inner
+        #: What the COMMIT in flight commits (`commit_batch`); None before it is sent.
+        self._committing: BatchResult | None = None
 
     def close(self) -> None:
         self._inner.close()
@@ -93,9 +102,15 @@ class ProviderStore:
         rejections = [_unattributed(j) for j in rejections]
         if not any(is_provider(c) for c in candidates):
             return self._inner.commit_batch(candidates, rejections)
+        stored = self._inner.landed(candidates, rejections)
+        if stored is not None:
+            return stored
+        self._committing = None
         try:
             return self._commit(candidates, rejections)
         except psycopg.Error as exc:
+            if self._committing is not None and self._conn.broken:
+                self._inner.commit_lost(candidates, rejections, self._committing)
             raise UnavailableError("database", f"{type(exc).__name__}: {exc}") from exc
 
     def _commit(
@@ -107,11 +122,13 @@ class ProviderStore:
         savepoints, parks each refused reading `store_refused` and commits the rest."""
         try:
             with self._conn.transaction():
-                return self._write(candidates, rejections)
+                self._committing = result = self._write(candidates, rejections)
+            return result
         except psycopg.Error as exc:
             if not refused(exc):
                 raise
             refusal = exc
+        self._committing = None  # refused: not committed
         log.warning(
             "batch_refused_bisecting",
             sqlstate=refusal.sqlstate,
@@ -121,7 +138,8 @@ class ProviderStore:
         with self._conn.transaction():
             # every meter now, in order: halves locking theirs in turn could deadlock
             self._inner.stored_contexts(candidates)
-            return self._divide([*candidates, *rejections], refusal)
+            self._committing = result = self._divide([*candidates, *rejections], refusal)
+        return result
 
     def _write(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]

@@ -37,7 +37,9 @@ stays `UnavailableError`: retried by the worker, nothing acknowledged meanwhile.
 A COMMIT whose answer is lost with its connection (the network, a failover) may have
 committed. The worker retries the batch on a new connection, where it must not be judged
 again: its own readings would be `duplicate`, its rejections written twice. So the store
-looks for one row the batch wrote first (`CommitInDoubt`), on that retry only.
+looks for one row the batch wrote first (`CommitInDoubt`), on that retry only. A caller
+that sends the COMMIT itself (the API's `ProviderStore`) does the same through `landed`
+and `commit_lost`.
 """
 
 from __future__ import annotations
@@ -404,16 +406,23 @@ class ReadingStore:
         its rows, a second one that parks them and commits the rest (the module's
         poison-batch guard). The batch of a COMMIT left unanswered is looked for first
         (`CommitInDoubt`)."""
-        landed = self._landed(candidates, rejections)
-        if landed is not None:
-            return landed
+        stored = self.landed(candidates, rejections)
+        if stored is not None:
+            return stored
         self._committing = None
         try:
             return self._commit(candidates, rejections)
         except psycopg.Error as exc:
             if self._committing is not None and self._conn.broken:
-                self._in_doubt.keep(candidates, rejections, self._committing)
+                self.commit_lost(candidates, rejections, self._committing)
             raise _unavailable(exc) from exc
+
+    def commit_lost(
+        self, candidates: Sequence[Candidate], rejections: Sequence[Rejection], result: BatchResult
+    ) -> None:
+        """The batch's COMMIT went out and its connection was lost before the answer: kept
+        for `landed` on the next connection. For a caller that commits the batch itself."""
+        self._in_doubt.keep(candidates, rejections, result)
 
     def _commit(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
@@ -443,12 +452,14 @@ class ReadingStore:
                 self._committing = result  # the block's end sends the COMMIT
         return result
 
-    def _landed(
+    def landed(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult | None:
         """The outcomes of the batch in doubt if this is it and it is stored, else None.
         Under its meters' locks: a backend that has not yet seen its client go (waiting
-        for a synchronous standby) holds them until its commit is seen or undone."""
+        for a synchronous standby) holds them until its commit is seen or undone. A caller
+        that commits the batch itself asks first, outside its transaction, with the batch
+        it gave `commit_lost`."""
         doubt = self._in_doubt.take(candidates, rejections)
         if doubt is None:
             return None
