@@ -245,6 +245,64 @@ def worker_settings(
     return IngestSettings.model_validate(values)
 
 
+class CommitCutter:
+    """A TCP proxy in front of PostgreSQL. Armed, it cuts the store's connection at its
+    next COMMIT: passed on, once `committed()` says the server has it, with the answer
+    held back (a reply lost to the network or a failover); or held back itself."""
+
+    def __init__(self, port: int, committed: Callable[[], bool], *, deliver: bool) -> None:
+        self._port = port
+        self._committed = committed
+        self._deliver = deliver
+        self._links: list[asyncio.StreamWriter] = []
+        self.armed = False
+        self.cuts = 0
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[int]:
+        """The proxy's port, while it serves; every link closed after."""
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield int(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            for link in self._links:
+                link.close()
+            await server.wait_closed()
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
+        self._links += [to_client, to_server]
+        cut = asyncio.Event()
+
+        async def answers() -> None:
+            while data := await upstream.read(65536):
+                if cut.is_set():
+                    return
+                to_client.write(data)
+
+        relay = asyncio.create_task(answers())
+        store = False  # only the store's connection: its startup names STORE_OPTIONS
+        with contextlib.suppress(OSError):
+            while data := await client.read(65536):
+                store = store or b"plan_cache_mode" in data
+                if store and self.armed and b"COMMIT\x00" in data:
+                    self.armed = False
+                    cut.set()
+                    if self._deliver:
+                        to_server.write(data)
+                        await async_wait_until(
+                            lambda: asyncio.to_thread(self._committed), what="committed"
+                        )
+                    self.cuts += 1
+                    break
+                to_server.write(data)
+        relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+        to_client.close()
+        to_server.close()
+
+
 class PassThroughSource:
     """The real MQTT source with every call passed on: a test's source overrides only what
     it changes (what the worker announces, what it acknowledges)."""

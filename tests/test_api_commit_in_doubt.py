@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import orjson
 import psycopg
 import pytest
+from ingest_harness import CommitCutter
 from nacl.signing import SigningKey
 from test_api_provider import Provider
-from test_ingest_faults import _CommitCutter
 
 from meterproof.api.provider_store import provider_store
 from meterproof.config import new_share_group
@@ -102,7 +102,7 @@ def test_a_provider_batch_whose_commit_answer_was_lost_is_not_judged_again(
         finally:
             store.close()
     before = _written(database_url, meter_id)
-    cutter = _CommitCutter(
+    cutter = CommitCutter(
         postgres.port, lambda: _written(database_url, meter_id) != before, deliver=deliver
     )
 

@@ -4,18 +4,18 @@ the broker, PostgreSQL and Redis, audited by (meter_id, seq) in the database."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from ingest_harness import (
+    CommitCutter,
     ProbeMeter,
     WorkerProcess,
     audit_exactly_once,
@@ -305,64 +305,6 @@ def _lock_waiters(database_url: str) -> int:
     return int(row[0]) if row else 0
 
 
-class _CommitCutter:
-    """A TCP proxy in front of PostgreSQL. Armed, it cuts the store's connection at its
-    next COMMIT: passed on, once `committed()` says the server has it, with the answer
-    held back (a reply lost to the network or a failover); or held back itself."""
-
-    def __init__(self, port: int, committed: Callable[[], bool], *, deliver: bool) -> None:
-        self._port = port
-        self._committed = committed
-        self._deliver = deliver
-        self._links: list[asyncio.StreamWriter] = []
-        self.armed = False
-        self.cuts = 0
-
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[int]:
-        """The proxy's port, while it serves; every link closed after."""
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        try:
-            yield int(server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            for link in self._links:
-                link.close()
-            await server.wait_closed()
-
-    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
-        self._links += [to_client, to_server]
-        cut = asyncio.Event()
-
-        async def answers() -> None:
-            while data := await upstream.read(65536):
-                if cut.is_set():
-                    return
-                to_client.write(data)
-
-        relay = asyncio.create_task(answers())
-        store = False  # only the store's connection: its startup names STORE_OPTIONS
-        with contextlib.suppress(OSError):
-            while data := await client.read(65536):
-                store = store or b"plan_cache_mode" in data
-                if store and self.armed and b"COMMIT\x00" in data:
-                    self.armed = False
-                    cut.set()
-                    if self._deliver:
-                        to_server.write(data)
-                        await async_wait_until(
-                            lambda: asyncio.to_thread(self._committed), what="committed"
-                        )
-                    self.cuts += 1
-                    break
-                to_server.write(data)
-        relay.cancel()
-        await asyncio.gather(relay, return_exceptions=True)
-        to_client.close()
-        to_server.close()
-
-
 def _written(database_url: str, meter_id: str) -> tuple[int, int, int]:
     """Rows of the meter's readings, rejected readings and bad-signature events."""
     with psycopg.connect(database_url) as conn:
@@ -397,7 +339,7 @@ def test_a_commit_whose_answer_was_lost_is_not_written_or_counted_twice(
     the security events, and so the quarantine's count, twice). A COMMIT that never
     reached the server is written by the retry, once."""
     key = provision(pki, database_url, meter_id)
-    cutter = _CommitCutter(
+    cutter = CommitCutter(
         postgres.port, lambda: any(_written(database_url, meter_id)), deliver=deliver
     )
 
