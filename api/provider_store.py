@@ -42,7 +42,7 @@ from psycopg import Connection
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.records import Accepted, Candidate, Rejection
 from meterproof.ingest.settings import IngestSettings
-from meterproof.ingest.store import BatchResult, ReadingStore, refused
+from meterproof.ingest.store import BatchResult, PoisonGuard, ReadingStore, refused
 from meterproof.ingest.worker import StoreFactory, postgres_store
 from meterproof.schemas import provider
 from meterproof.schemas.reading import RejectReason, b64url_decode
@@ -138,7 +138,8 @@ class ProviderStore:
         with self._conn.transaction():
             # every meter now, in order: halves locking theirs in turn could deadlock
             self._inner.stored_contexts(candidates)
-            self._committing = result = self._divide([*candidates, *rejections], refusal)
+            guard = PoisonGuard(self._conn, self._write, self._park)
+            self._committing = result = guard.divide([*candidates, *rejections], refusal)
         return result
 
     def _write(
@@ -155,38 +156,13 @@ class ProviderStore:
         )  # fmt: skip
         return BatchResult([*result.outcomes, *stale.values()], result.quarantined)
 
-    def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
-        """Write the items on a savepoint; if the database refuses them, divide them."""
-        try:
-            with self._conn.transaction():
-                return self._write(
-                    [i for i in items if isinstance(i, Candidate)],
-                    [i for i in items if isinstance(i, Rejection)],
-                )
-        except psycopg.Error as exc:
-            if not refused(exc):
-                raise
-            return self._divide(items, exc)
-
-    def _divide(
-        self, items: Sequence[Candidate | Rejection], refusal: psycopg.Error
-    ) -> BatchResult:
-        """Park a single refused candidate, else write each half on its own, in arrival
-        order (a later half is judged against an earlier one as a later batch would be)."""
-        if len(items) == 1:
-            (item,) = items
-            if isinstance(item, Rejection):
-                raise refusal  # not refused here: the inner store parks its own rows
-            return self._park(item, refusal)
-        half = len(items) // 2
-        first, second = self._bisect(items[:half]), self._bisect(items[half:])
-        return BatchResult(
-            [*first.outcomes, *second.outcomes], [*first.quarantined, *second.quarantined]
-        )
-
-    def _park(self, item: Candidate, exc: psycopg.Error) -> BatchResult:
+    def _park(self, item: Candidate | Rejection, exc: psycopg.Error) -> BatchResult:
         """Store a refused candidate as the inner store parks one: a rejection
-        `store_refused` with the database's message, which is also its outcome."""
+        `store_refused` with the database's message, which is also its outcome. A
+        rejection alone is not refused by what this store adds: the inner store parks
+        its own rows, so the refusal stands."""
+        if isinstance(item, Rejection):
+            raise exc
         r = item.reading
         parked = Rejection(
             item.message, RejectReason.STORE_REFUSED,

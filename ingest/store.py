@@ -45,7 +45,7 @@ and `commit_lost`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Final
@@ -340,6 +340,47 @@ class CommitInDoubt:
         return result, witness
 
 
+#: A store's writes of a batch inside the caller's transaction, and its parking of one
+#: refused item (`PoisonGuard`).
+Write = Callable[[Sequence[Candidate], Sequence[Rejection]], BatchResult]
+Park = Callable[[Candidate | Rejection, psycopg.Error], BatchResult]
+
+
+@dataclass(frozen=True, slots=True)
+class PoisonGuard:
+    """The module's poison-batch guard over a store's `write` (this one's, the API's): a
+    refused batch is written in halves on savepoints until each refused item stands alone
+    and is `park`ed. Halves go in arrival order, so a later half is judged against an
+    earlier one exactly as a later batch would be."""
+
+    conn: Connection[tuple[object, ...]]
+    write: Write
+    park: Park
+
+    def divide(self, items: Sequence[Candidate | Rejection], refusal: psycopg.Error) -> BatchResult:
+        """Park a single refused item, else write each half on its own."""
+        if len(items) == 1:
+            return self.park(items[0], refusal)
+        half = len(items) // 2
+        first, second = self._bisect(items[:half]), self._bisect(items[half:])
+        return BatchResult(
+            [*first.outcomes, *second.outcomes], [*first.quarantined, *second.quarantined]
+        )
+
+    def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
+        """Write the items on a savepoint; if the database refuses them, divide them."""
+        try:
+            with self.conn.transaction():
+                return self.write(
+                    [i for i in items if isinstance(i, Candidate)],
+                    [i for i in items if isinstance(i, Rejection)],
+                )
+        except psycopg.Error as exc:
+            if not refused(exc):
+                raise
+            return self.divide(items, exc)
+
+
 def _unavailable(exc: psycopg.Error) -> UnavailableError:
     return UnavailableError("database", f"{type(exc).__name__}: {exc}")
 
@@ -447,7 +488,8 @@ class ReadingStore:
         with self._conn.transaction():
             # every meter now, in order: halves locking theirs in turn could deadlock
             self._lock(candidates)
-            result = self._divide([*candidates, *rejections], refusal)
+            guard = PoisonGuard(self._conn, self._write, self._park)
+            result = guard.divide([*candidates, *rejections], refusal)
             if own:
                 self._committing = result  # the block's end sends the COMMIT
         return result
@@ -518,33 +560,6 @@ class ReadingStore:
             self._committing = result
             conn.execute("COMMIT")
         return result
-
-    def _bisect(self, items: Sequence[Candidate | Rejection]) -> BatchResult:
-        """Write the items on a savepoint; if the database refuses them, divide them."""
-        try:
-            with self._conn.transaction():
-                return self._write(
-                    [i for i in items if isinstance(i, Candidate)],
-                    [i for i in items if isinstance(i, Rejection)],
-                )
-        except psycopg.Error as exc:
-            if not refused(exc):
-                raise
-            return self._divide(items, exc)
-
-    def _divide(
-        self, items: Sequence[Candidate | Rejection], refusal: psycopg.Error
-    ) -> BatchResult:
-        """Park a single refused item, else write each half on its own. Halves go in
-        arrival order, so a later half is judged against an earlier one exactly as a later
-        batch would be."""
-        if len(items) == 1:
-            return self._park(items[0], refusal)
-        half = len(items) // 2
-        first, second = self._bisect(items[:half]), self._bisect(items[half:])
-        return BatchResult(
-            [*first.outcomes, *second.outcomes], [*first.quarantined, *second.quarantined]
-        )
 
     def _park(self, item: Candidate | Rejection, exc: psycopg.Error) -> BatchResult:
         """Keep a refused item's raw bytes in `rejected_readings` as `store_refused`. A
