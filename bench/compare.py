@@ -214,6 +214,10 @@ def _side_run(
     return {**run, "load_1m_before": load}
 
 
+#: How a baseline from before the readiness accounting counts its drain (`same_accounting`).
+OLDER_ACCOUNTING: Final = "from the workers' start"
+
+
 def _start_up_included(run: dict[str, Any]) -> dict[str, Any]:
     """A drain counted from the workers' readiness (`ready_s`) put on the accounting of a
     checkout from before it: from the workers' start, their start-up included."""
@@ -236,7 +240,7 @@ def same_accounting(
     if all("ready_s" in r for rs in runs.values() for r in rs):
         return runs, "from readiness"
     alike = {side: [_start_up_included(r) for r in rs] for side, rs in runs.items()}
-    return alike, "from the workers' start"
+    return alike, OLDER_ACCOUNTING
 
 
 def _results(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from meterproof.bench import plots
-from meterproof.bench.compare import server_cost
+from meterproof.bench.compare import OLDER_ACCOUNTING, server_cost
 from meterproof.bench.loadgen.legs import LEGS
 from meterproof.bench.sampling import Verdict, at_least, at_most, below
 
@@ -917,6 +917,13 @@ def _compare(data: Data, found: dict[str, Data]) -> list[str]:
         f"Current / baseline, ratio of the means: drain rate {ratio['drain_per_s']:.3f}, worker "
         f"CPU per reading {ratio['cpu_us_per_reading']:.3f}"
         + (f", both drains counted {f['drain_counted']}." if "drain_counted" in f else ".")
+        + (
+            " The baseline's bench predates that accounting, so its start-up differs too"
+            " (no probe server, no readiness polls): for a fair drain, give the baseline"
+            " this checkout's `bench/`."
+            if f.get("drain_counted") == OLDER_ACCOUNTING
+            else ""
+        )
         + (
             ""
             if median is None
