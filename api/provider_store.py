@@ -129,17 +129,9 @@ class ProviderStore:
                 raise
             refusal = exc
         self._committing = None  # refused: not committed
-        log.warning(
-            "batch_refused_bisecting",
-            sqlstate=refusal.sqlstate,
-            error=first_line(refusal),
-            size=len(candidates) + len(rejections),
-        )
+        guard = PoisonGuard(self._conn, self._write, self._park, self._inner.stored_contexts)
         with self._conn.transaction():
-            # every meter now, in order: halves locking theirs in turn could deadlock
-            self._inner.stored_contexts(candidates)
-            guard = PoisonGuard(self._conn, self._write, self._park)
-            self._committing = result = guard.divide([*candidates, *rejections], refusal)
+            self._committing = result = guard.rescue(candidates, rejections, refusal)
         return result
 
     def _write(

@@ -356,6 +356,26 @@ class PoisonGuard:
     conn: Connection[tuple[object, ...]]
     write: Write
     park: Park
+    #: Locks the batch's meters, in order, for the transaction (halves locking theirs in
+    #: turn could deadlock).
+    lock: Callable[[Sequence[Candidate]], object]
+
+    def rescue(
+        self,
+        candidates: Sequence[Candidate],
+        rejections: Sequence[Rejection],
+        refusal: psycopg.Error,
+    ) -> BatchResult:
+        """The batch whose transaction the database refused, in the caller's new one:
+        every meter locked first, then divided."""
+        log.warning(
+            "batch_refused_bisecting",
+            sqlstate=refusal.sqlstate,
+            error=first_line(refusal),
+            size=len(candidates) + len(rejections),
+        )
+        self.lock(candidates)
+        return self.divide([*candidates, *rejections], refusal)
 
     def divide(self, items: Sequence[Candidate | Rejection], refusal: psycopg.Error) -> BatchResult:
         """Park a single refused item, else write each half on its own."""
@@ -479,17 +499,9 @@ class ReadingStore:
                 raise
             refusal = exc
         self._committing = None  # refused: not committed
-        log.warning(
-            "batch_refused_bisecting",
-            sqlstate=refusal.sqlstate,
-            error=first_line(refusal),
-            size=len(candidates) + len(rejections),
-        )
+        guard = PoisonGuard(self._conn, self._write, self._park, self._lock)
         with self._conn.transaction():
-            # every meter now, in order: halves locking theirs in turn could deadlock
-            self._lock(candidates)
-            guard = PoisonGuard(self._conn, self._write, self._park)
-            result = guard.divide([*candidates, *rejections], refusal)
+            result = guard.rescue(candidates, rejections, refusal)
             if own:
                 self._committing = result  # the block's end sends the COMMIT
         return result
