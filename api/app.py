@@ -717,8 +717,9 @@ async def prove_key(
     tokens: Tokens = request.app.state.tokens
     if tokens.check(proof.challenge, _KEY_PROOF, what="challenge")["sub"] != meter_id:
         raise ApiError(403, "wrong_challenge", "the challenge was issued to another meter")
-    async with reads.connection(services.pool) as conn:
-        found = (await fetch_snapshots(conn, [meter_id])).get(meter_id)
+    found = (await reads.read(services.pool, lambda c: fetch_snapshots(c, [meter_id]))).get(
+        meter_id
+    )
     key = next((k for k in found.keys if k.kid == proof.kid), None) if found else None
     if found is None or key is None or not key.valid_at(wall_ms()):
         raise ApiError(403, "unknown_kid", f"{meter_id} has no key {proof.kid!r} valid now")

@@ -165,8 +165,7 @@ async def submit_reading(request: Request, response: Response) -> ReadingSubmitt
         status, error, reason = SEED_ANSWERS[receipt.reason]
         raise ApiError(status, receipt.reason.value, "the reading was refused",
                        receipt=answer, error=error, reason=reason)  # fmt: skip
-    async with reads.connection(services.pool) as conn:
-        credit = await providers.credit_wh(conn, meter, reading.nonce)
+    credit = await reads.read(services.pool, lambda c: providers.credit_wh(c, meter, reading.nonce))
     return ReadingSubmitted(
         reading_hash=f"0x{receipt.reading_hash}",
         credit_amount_kwh=(credit or 0) // provider.WH_PER_KWH,

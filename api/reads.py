@@ -18,11 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, LiteralString
+from typing import Any, Final, LiteralString, TypeVar
 
 import psycopg
+import structlog
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
@@ -34,6 +35,17 @@ QUERIES = Counter(
     "the API's read queries, by the server that answered",
     ["server"],
 )
+READS_AGAIN = Counter(
+    "meterproof_api_reads_again_total",
+    "reads tried again on another connection: the pool's was closed by its server",
+)
+
+log = structlog.get_logger("api.reads")
+_T = TypeVar("_T")
+#: A read tried again on another connection waits at most this long for one: a primary
+#: that is up connects in milliseconds; one still away answers 503 now, not after the
+#: pool's 30 s.
+_AGAIN_WAIT_S: Final = 1.0
 
 #: 9999-12-31T23:59:59.999Z: the latest time PostgreSQL's timestamptz holds with room.
 MAX_MS: Final = 253_402_300_799_999
@@ -213,17 +225,60 @@ async def events_after(
 
 
 @contextlib.asynccontextmanager
-async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection of `pool` for one read, counted by the server that answers it (a
-    standby reached through `database_read_url`, or a primary); a database failure is
-    UnavailableError (503)."""
+async def connection(
+    pool: AsyncConnectionPool, *, wait_s: float | None = None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of `pool` for one read (waiting `wait_s`, default the pool's timeout),
+    counted by the server that answers it (a standby reached through `database_read_url`,
+    or a primary); a database failure is UnavailableError (503)."""
     try:
-        async with pool.connection() as conn:
+        async with pool.connection(timeout=wait_s) as conn:
             standby = conn.info.parameter_status("in_hot_standby") == "on"  # PostgreSQL 14+
             QUERIES.labels(server="standby" if standby else "primary").inc()
             yield conn
     except psycopg.Error as exc:
         raise UnavailableError("database", f"read: {exc}") from exc
+
+
+class _ClosedError(Exception):
+    """The pooled connection a read took had been closed by its server."""
+
+
+async def read(
+    pool: AsyncConnectionPool, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
+) -> _T:
+    """`work` (reads only) on a connection of `pool`, again on another while the one taken
+    turns out closed by its server. After a failover the pool still holds connections to
+    the old primary, each of which would fail one request or stream poll; checking every
+    connection as it is taken would cost a round trip on every read instead. At most the
+    pool's size of them can be stale; a read tried again waits `_AGAIN_WAIT_S` at most for
+    a connection, so while no primary answers it fails (503) at once, as before."""
+    wait_s: float | None = None
+    for _ in range(pool.max_size):
+        try:
+            return await _on_connection(pool, work, wait_s)
+        except _ClosedError as gone:
+            READS_AGAIN.inc()
+            log.warning("read_again", reason="connection_closed", error=str(gone.__cause__))
+            wait_s = _AGAIN_WAIT_S
+    try:
+        return await _on_connection(pool, work, wait_s)
+    except _ClosedError as gone:
+        raise UnavailableError("database", f"read: {gone.__cause__}") from gone
+
+
+async def _on_connection(
+    pool: AsyncConnectionPool,
+    work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
+    wait_s: float | None,
+) -> _T:
+    async with connection(pool, wait_s=wait_s) as conn:
+        try:
+            return await work(conn)
+        except psycopg.OperationalError as exc:
+            if conn.broken:
+                raise _ClosedError from exc
+            raise
 
 
 async def query(
@@ -234,9 +289,12 @@ async def query(
     binary: bool = False,
 ) -> list[tuple[Any, ...]]:
     """All rows of one read (`binary`: bytea as bytes, without hex)."""
-    async with connection(pool) as conn:
+
+    async def rows(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
         cur = await conn.cursor(binary=binary).execute(sql, params)
         return await cur.fetchall()
+
+    return await read(pool, rows)
 
 
 async def _page(pool: AsyncConnectionPool, sql: LiteralString, params: Sequence[Any]) -> Page:
