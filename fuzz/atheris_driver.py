@@ -22,7 +22,7 @@ with atheris.instrument_imports(include=["meterproof.schemas", "meterproof.inges
     import meterproof.schemas.codec  # noqa: F401 - imported here to be instrumented
 
 from meterproof.fuzz.checker import Case, Checker
-from meterproof.fuzz.target import PipelineTarget, fleet_topics, load_fleet
+from meterproof.fuzz.target import PipelineTarget, atheris_input, fleet_topics, load_fleet
 from meterproof.fuzz.wire import WireChecker
 
 
@@ -32,8 +32,7 @@ def _pipeline(warmup: int) -> tuple[Callable[[bytes], object], Callable[[], dict
     checker = Checker(PipelineTarget(fleet), received_at_ms=fleet.now_ms, warmup=warmup)
 
     def one_input(data: bytes) -> object:
-        topic = topics[data[0] % len(topics)] if data else topics[0]
-        return checker.check(Case(topic, data[1:], "atheris:libfuzzer"))
+        return checker.check(Case(*atheris_input(topics, data), "atheris:libfuzzer"))
 
     def summary() -> dict[str, Any]:
         checker.finish()

@@ -9,16 +9,23 @@
    strictly): two parsers must never disagree about what was signed.
 5. What the store would write for the outcome, PostgreSQL can hold (else: a poison message).
 Memory is sampled as it goes; growth after the warm-up beyond a bound is a failure too.
+An input that runs past the per-input time limit (`InputClock`) is a failure that stops
+the run, as a timeout stops libFuzzer.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import signal
+import threading
+import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
+from types import FrameType
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
@@ -36,7 +43,70 @@ from meterproof.ingest.judge import RateLimit
 from meterproof.ingest.records import Accepted, Message
 
 MIB: Final = 1024 * 1024
-KINDS: Final = ("exception", "unknown_reason", "unexpected", "disagreement", "unstorable")
+KINDS: Final = (
+    "exception", "unknown_reason", "unexpected", "disagreement", "unstorable", "timeout",
+    "crash", "oom", "leak",  # the last three: libFuzzer's, from the atheris child
+)  # fmt: skip
+R = TypeVar("R")
+
+
+class InputTimeout(BaseException):
+    """One input ran past the per-input limit. Raised by SIGALRM wherever the main thread
+    is, so a BaseException: no `except Exception` on the way (the code under test's, the
+    checker's, hypothesis's) may take it for an ordinary outcome."""
+
+
+class InputClock:
+    """The per-input time limit (`--input-timeout`): SIGALRM `seconds` after an input
+    starts; 0 is no limit.
+
+    A timer in this process, not a process per input: one `setitimer` call to arm and one
+    to disarm, nothing a 100,000-input run can measure. It interrupts a hang in Python code
+    (or in a call that returns to the interpreter on a signal, like `sleep`); a hang inside
+    one C call is interrupted only when that call returns. Signals reach the main thread
+    only, so the clock is entered there. On exit the previous handler, and a timer that
+    was running before (pytest-timeout's), are put back.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._armed = False
+        self._outer: tuple[Any, float, float, float] | None = None
+
+    def __enter__(self) -> InputClock:
+        if self.seconds:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("a per-input time limit needs the main thread (0: no limit)")
+            handler = signal.signal(signal.SIGALRM, self._expire)
+            delay, interval = signal.setitimer(signal.ITIMER_REAL, 0)
+            self._outer = (handler, delay, interval, time.monotonic())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._outer is None:
+            return
+        handler, delay, interval, since = self._outer
+        self._outer = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if handler is None else handler)
+        if delay:
+            left = max(delay - (time.monotonic() - since), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, interval)
+
+    def start(self) -> None:
+        if self._outer is not None:
+            self._armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def stop(self) -> None:
+        if self._outer is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._armed = False  # after: a signal already on its way finds it disarmed
+
+    def _expire(self, signum: int, frame: FrameType | None) -> None:
+        if self._armed:
+            self._armed = False
+            raise InputTimeout(f"no outcome within {self.seconds:g} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +224,21 @@ TallyT = TypeVar("TallyT", bound=_Counts)
 class Counting(Generic[TallyT]):
     """What a checker does around its invariants: counts each input by engine (its
     origin's prefix), samples RSS every `sample_every` inputs, and keeps `keep` reproducers
-    per failure kind and origin (the failures themselves are all counted by the checker)."""
+    per failure kind and origin (the failures themselves are all counted by the checker).
+    With a `clock`, each input runs within its limit (`_timed`)."""
 
-    def __init__(self, tally: TallyT, *, keep: int, sample_every: int, warmup: int) -> None:
+    def __init__(
+        self,
+        tally: TallyT,
+        *,
+        keep: int,
+        sample_every: int,
+        warmup: int,
+        clock: InputClock | None = None,
+    ) -> None:
         self.tally = tally
         self.memory = Memory(warmup=warmup)
+        self._clock = clock
         self._keep = keep
         self._kept: Counter[tuple[str, str]] = Counter()
         self._sample_every = sample_every
@@ -173,6 +253,27 @@ class Counting(Generic[TallyT]):
         tally.engines[origin.split(":", 1)[0]] += 1
         if tally.inputs % self._sample_every == 0:
             self.memory.sample(tally.inputs)
+
+    def _timed(self, work: Callable[[], R], timed_out: Callable[[str], object]) -> R:
+        """`work()` within the clock's limit. Past it, `timed_out(detail)` records the input
+        as a failure (the traceback shows where it was) and `InputTimeout` goes on up: the
+        run stops there. The outer `try` also holds `stop()`, so a signal that lands while
+        disarming is still this input's."""
+        clock = self._clock
+        if clock is None:
+            return work()
+        try:
+            clock.start()
+            try:
+                return work()
+            finally:
+                clock.stop()
+        except InputTimeout:
+            timed_out(
+                f"no outcome within {clock.seconds:g} s (--input-timeout): the run stopped "
+                f"at this input\n{traceback.format_exc()}"
+            )
+            raise
 
     def _keeps(self, kind: str, origin: str) -> bool:
         """Whether this failure's reproducer is kept (the first `keep` of its kind and origin)."""
@@ -199,16 +300,21 @@ class Checker(Counting[Tally]):
         keep: int = 3,
         sample_every: int = 1_000,
         warmup: int = 2_000,
+        clock: InputClock | None = None,
     ) -> None:
-        super().__init__(Tally(), keep=keep, sample_every=sample_every, warmup=warmup)
+        super().__init__(Tally(), keep=keep, sample_every=sample_every, warmup=warmup, clock=clock)
         self.target = target
         self._received_at_ms = received_at_ms
         self._store = store
         self._limit = limit or RateLimit()
 
     def check(self, case: Case) -> str | None:
-        """The outcome's label, or None when the case failed (and is counted)."""
+        """The outcome's label, or None when the case failed (and is counted); raises
+        `InputTimeout` (counted too) when it ran past the clock's limit."""
         self._count(case.origin)
+        return self._timed(partial(self._check, case), partial(self.fail, "timeout", case))
+
+    def _check(self, case: Case) -> str | None:
         if case.expect == JUDGED and self._store is not None:  # before the target stores it
             wire = json.loads(case.payload)
             case = replace(case, expect=frozenset({judged(self._store, wire, self._limit)}))
@@ -217,22 +323,24 @@ class Checker(Counting[Tally]):
             outcome = self.target(message)
             name = label(outcome)
         except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
-            return self._fail("exception", case, traceback.format_exc())
+            return self.fail("exception", case, traceback.format_exc())
         if name not in SPEC_REASONS and name not in ("accepted", "duplicate"):
-            return self._fail("unknown_reason", case, f"outcome {name!r} is not a spec reason")
+            return self.fail("unknown_reason", case, f"outcome {name!r} is not a spec reason")
         if case.expect is not None and name not in case.expect:
-            return self._fail("unexpected", case, f"got {name}, spec says {sorted(case.expect)}")
+            return self.fail("unexpected", case, f"got {name}, spec says {sorted(case.expect)}")
         if isinstance(outcome, Accepted):
             disagreement = _second_parser_disagrees(case.payload, outcome)
             if disagreement is not None:
-                return self._fail("disagreement", case, disagreement)
+                return self.fail("disagreement", case, disagreement)
         refused = unstorable(outcome)
         if refused is not None:
-            return self._fail("unstorable", case, f"{name}: {refused}")
+            return self.fail("unstorable", case, f"{name}: {refused}")
         self.tally.outcomes[name] += 1
         return name
 
-    def _fail(self, kind: str, case: Case, detail: str) -> str | None:
+    def fail(self, kind: str, case: Case, detail: str) -> str | None:
+        """Count `case` as a `kind` failure (and keep it): the checker's own findings, and
+        the input libFuzzer stopped on in the atheris child."""
         self.tally.failures[kind] += 1
         self.tally.outcomes[f"FAILED:{kind}"] += 1
         if self._keeps(kind, case.origin):

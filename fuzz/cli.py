@@ -14,8 +14,18 @@ from typing import Any, Generic, TypeVar
 
 import click
 
-from meterproof.fuzz.checker import MIB, Checker, Memory, Tally
+from meterproof.fuzz.checker import (
+    MIB,
+    Case,
+    Checker,
+    Failure,
+    InputClock,
+    InputTimeout,
+    Memory,
+    Tally,
+)
 from meterproof.fuzz.engines import (
+    ARTIFACTS,
     atheris_available,
     run_atheris,
     run_hypothesis_chunks,
@@ -23,9 +33,16 @@ from meterproof.fuzz.engines import (
     run_vectors,
 )
 from meterproof.fuzz.generate import Generators
-from meterproof.fuzz.target import PipelineTarget, Target, fleet_topics, load_fleet
+from meterproof.fuzz.target import (
+    PipelineTarget,
+    Target,
+    atheris_input,
+    fleet_topics,
+    load_fleet,
+)
 from meterproof.fuzz.wire import (
     WireChecker,
+    WireFailure,
     WireTally,
     run_wire_mutations,
     seed_streams,
@@ -34,6 +51,7 @@ from meterproof.fuzz.wire import (
 
 ENGINES = ("all", "hypothesis", "mutate", "atheris")
 TARGETS = ("pipeline", "wire")
+INPUT_TIMEOUT_S = 5.0
 
 
 TallyT = TypeVar("TallyT", Tally, WireTally)
@@ -47,8 +65,9 @@ class CampaignReport(ABC, Generic[TallyT]):
     tally: TallyT
     memory: Memory
     seconds: float
-    atheris: str  # "yes", "no (not installed)", "not asked"
+    atheris: str  # "yes", "no (not installed)", "no (the run stopped at a timeout)", "not asked"
     atheris_memory: dict[str, Any] | None = None
+    atheris_problem: str | None = None  # the child failed with no input to show for it
 
     def memory_failures(self, bound_mib: float) -> list[str]:
         out = []
@@ -58,10 +77,16 @@ class CampaignReport(ABC, Generic[TallyT]):
             out.append(f"atheris RSS grew {self.atheris_memory['growth'] / MIB:.1f} MiB")
         return out
 
+    def problems(self, bound_mib: float) -> list[str]:
+        """What fails the run besides the tally's failures (each with its input)."""
+        memory = [f"memory: {problem}" for problem in self.memory_failures(bound_mib)]
+        return memory + ([f"atheris: {self.atheris_problem}"] if self.atheris_problem else [])
+
     def to_json(self, bound_mib: float) -> dict[str, Any]:
         return {
             **self._lead_json(),
             "atheris": self.atheris,
+            "atheris_problem": self.atheris_problem,
             "memory_bound_mib": bound_mib,
             "memory": self.memory.to_json(),
             "atheris_memory": self.atheris_memory,
@@ -96,16 +121,41 @@ def split(payloads: int, engine: str, *, with_atheris: bool) -> dict[str, int]:
     return {"hypothesis": hyp, "mutate": payloads - hyp - ath, "atheris": ath}
 
 
+def _atheris_state(
+    engine: str, shares: dict[str, int], *, have_atheris: bool, stopped: bool
+) -> str:
+    """What the report says of atheris: whether its share ran and, if not, why."""
+    if shares.get("atheris"):
+        return "no (the run stopped at a timeout)" if stopped else "yes"
+    return "no (not installed)" if engine == "all" and not have_atheris else "not asked"
+
+
 def _run_atheris(
-    tally: Tally | WireTally, *, target: str, corpus: list[bytes], count: int, seed: int
-) -> dict[str, Any]:
-    """atheris's share, in its subprocess: its tally is added to `tally`; returns its memory."""
-    result = run_atheris(
-        target=target, corpus=corpus, count=count, seed=seed, timeout_s=120 + count / 100
+    tally: Tally | WireTally,
+    found: Callable[[str, bytes, str], object],
+    *,
+    target: str,
+    corpus: list[bytes],
+    count: int,
+    seed: int,
+    input_timeout: float,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """atheris's share, in its subprocess: its tally is added to `tally`, and each input
+    libFuzzer stopped on (a crash, a timeout) to the failures by `found(kind, input,
+    detail)`. Returns its memory figures and why it failed with no input, if it did."""
+    run = run_atheris(
+        target=target,
+        corpus=corpus,
+        count=count,
+        seed=seed,
+        input_timeout=input_timeout,
+        timeout_s=120 + count / 100,
     )
-    tally.merge(result["tally"])
-    memory: dict[str, Any] = result["memory"]
-    return memory
+    if run.summary is not None:
+        tally.merge(run.summary["tally"])
+    for kind, data in run.findings:
+        found(kind, data, f"libFuzzer stopped on it (exit {run.returncode}):\n{run.log_tail}")
+    return (run.summary["memory"] if run.summary else None), run.problem()
 
 
 def run_campaign(
@@ -115,23 +165,26 @@ def run_campaign(
     seed: int,
     target: Target | None = None,
     echo: bool = True,
+    input_timeout: float = INPUT_TIMEOUT_S,
 ) -> Report:
     """The whole run, in-process except atheris; `target` replaces the pipeline (tests
-    feed a broken one to prove the checker catches it)."""
+    feed a broken one to prove the checker catches it). An input past `input_timeout`
+    seconds is a failure that stops the run there."""
     started = time.perf_counter()
     fleet = load_fleet()
     pipeline = PipelineTarget(fleet)
+    clock = InputClock(input_timeout)
     checker = Checker(
         target or pipeline,
         received_at_ms=fleet.now_ms,
         store=pipeline.store if target is None else None,
         limit=pipeline.limit,
         warmup=min(2_000, max(payloads // 10, 1)),
+        clock=clock,
     )
     have_atheris = atheris_available()
     shares = split(payloads, engine, with_atheris=have_atheris)
-    atheris_state = "not asked"
-    if "atheris" in shares and shares["atheris"] and not have_atheris:
+    if shares.get("atheris") and not have_atheris:
         raise click.UsageError("atheris is not installed (pip install atheris)")
 
     def progress() -> None:
@@ -144,48 +197,57 @@ def run_campaign(
                 err=True,
             )
 
-    run_vectors(checker, fleet)
     generators = Generators(fleet, seed=seed)
     seeds = [(t, p) for t, p, _ in fleet.vector_cases]
     seeds += generators.seed_payloads(random.Random(seed), per_signer=4)  # noqa: S311 - reproducible inputs
-    if shares.get("hypothesis"):
-        if echo:
-            click.echo(f"hypothesis: {shares['hypothesis']:,} structured cases", err=True)
-        run_hypothesis_chunks(
-            generators.cases(),
-            checker.check,
-            lambda: checker.tally.inputs,
-            count=shares["hypothesis"],
-            seed=seed,
-            progress=_every(progress, 20),
-        )
-    if shares.get("mutate"):
-        if echo:
-            click.echo(f"mutate: {shares['mutate']:,} byte-level mutations", err=True)
-        run_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+    stopped = False
+    with clock:
+        try:
+            run_vectors(checker, fleet)
+            if shares.get("hypothesis"):
+                if echo:
+                    click.echo(f"hypothesis: {shares['hypothesis']:,} structured cases", err=True)
+                run_hypothesis_chunks(
+                    generators.cases(),
+                    checker.check,
+                    lambda: checker.tally.inputs,
+                    count=shares["hypothesis"],
+                    seed=seed,
+                    progress=_every(progress, 20),
+                )
+            if shares.get("mutate"):
+                if echo:
+                    click.echo(f"mutate: {shares['mutate']:,} byte-level mutations", err=True)
+                run_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+        except InputTimeout:  # the input is a failure already; nothing after it runs
+            stopped = True
     checker.finish()
-    atheris_memory = None
-    if shares.get("atheris"):
+    atheris_memory, atheris_problem = None, None
+    if shares.get("atheris") and not stopped:
         if echo:
             click.echo(f"atheris: {shares['atheris']:,} libFuzzer inputs (subprocess)", err=True)
         topics = fleet_topics(fleet)
-        atheris_memory = _run_atheris(
+
+        def found(kind: str, data: bytes, detail: str) -> None:
+            checker.fail(kind, Case(*atheris_input(topics, data), "atheris:libfuzzer"), detail)
+
+        atheris_memory, atheris_problem = _run_atheris(
             checker.tally,
+            found,
             target="pipeline",
             corpus=[bytes([topics.index(topic)]) + payload for topic, payload in seeds],
             count=shares["atheris"],
             seed=seed,
+            input_timeout=input_timeout,
         )
-        atheris_state = "yes"
-    elif engine == "all":
-        atheris_state = "no (not installed)" if not have_atheris else "not asked"
     return Report(
         checker.tally,
         checker.memory,
         time.perf_counter() - started,
-        atheris_state,
+        _atheris_state(engine, shares, have_atheris=have_atheris, stopped=stopped),
         atheris_memory,
-        shares,
+        atheris_problem,
+        shares=shares,
     )
 
 
@@ -195,10 +257,19 @@ class WireReport(CampaignReport[WireTally]):
         return {"target": "wire", "seconds": round(self.seconds, 2)}
 
 
-def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True) -> WireReport:
-    """Raw connection bytes through the framing: the same engines and split as payloads."""
+def run_wire_campaign(
+    *,
+    inputs: int,
+    engine: str,
+    seed: int,
+    echo: bool = True,
+    input_timeout: float = INPUT_TIMEOUT_S,
+) -> WireReport:
+    """Raw connection bytes through the framing: the same engines, split and per-input
+    time limit as payloads."""
     started = time.perf_counter()
-    checker = WireChecker(warmup=min(2_000, max(inputs // 10, 1)))
+    clock = InputClock(input_timeout)
+    checker = WireChecker(warmup=min(2_000, max(inputs // 10, 1)), clock=clock)
     have_atheris = atheris_available()
     shares = split(inputs, engine, with_atheris=have_atheris)
     if shares.get("atheris") and not have_atheris:
@@ -214,29 +285,45 @@ def run_wire_campaign(*, inputs: int, engine: str, seed: int, echo: bool = True)
             )
 
     seeds = seed_streams()
-    for stream in seeds:
-        checker.check(stream, "seeds:wire")
-    if shares.get("hypothesis"):
-        run_hypothesis_chunks(
-            wire_streams(),
-            lambda data: checker.check(data, "hypothesis:stream"),
-            lambda: checker.tally.inputs,
-            count=shares["hypothesis"],
-            seed=seed,
-            progress=_every(progress, 20),
-        )
-    if shares.get("mutate"):
-        run_wire_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+    stopped = False
+    with clock:
+        try:
+            for stream in seeds:
+                checker.check(stream, "seeds:wire")
+            if shares.get("hypothesis"):
+                run_hypothesis_chunks(
+                    wire_streams(),
+                    lambda data: checker.check(data, "hypothesis:stream"),
+                    lambda: checker.tally.inputs,
+                    count=shares["hypothesis"],
+                    seed=seed,
+                    progress=_every(progress, 20),
+                )
+            if shares.get("mutate"):
+                run_wire_mutations(
+                    checker, seeds, count=shares["mutate"], seed=seed, progress=progress
+                )
+        except InputTimeout:  # the input is a failure already; nothing after it runs
+            stopped = True
     checker.finish()
-    atheris_state = "no (not installed)" if engine == "all" and not have_atheris else "not asked"
-    atheris_memory = None
-    if shares.get("atheris"):
-        atheris_memory = _run_atheris(
-            checker.tally, target="wire", corpus=seeds, count=shares["atheris"], seed=seed
+    atheris_memory, atheris_problem = None, None
+    if shares.get("atheris") and not stopped:
+        atheris_memory, atheris_problem = _run_atheris(
+            checker.tally,
+            lambda kind, data, detail: checker.fail(kind, "atheris:libfuzzer", data, detail),
+            target="wire",
+            corpus=seeds,
+            count=shares["atheris"],
+            seed=seed,
+            input_timeout=input_timeout,
         )
-        atheris_state = "yes"
     return WireReport(
-        checker.tally, checker.memory, time.perf_counter() - started, atheris_state, atheris_memory
+        checker.tally,
+        checker.memory,
+        time.perf_counter() - started,
+        _atheris_state(engine, shares, have_atheris=have_atheris, stopped=stopped),
+        atheris_memory,
+        atheris_problem,
     )
 
 
@@ -316,6 +403,10 @@ def _memory_and_failures(report: CampaignReport[Any], bound_mib: float) -> list[
               "between runs: a failure's reproducer holds its exact bytes.")  # fmt: skip
 @click.option("--max-rss-growth-mb", type=click.FloatRange(min=1), default=64.0, show_default=True,
               help="Fail if RSS grows more than this after the warm-up.")  # fmt: skip
+@click.option("--input-timeout", type=click.FloatRange(min=0), default=INPUT_TIMEOUT_S,
+              show_default=True, help="Seconds one input may take: past it the run stops "
+              "with a `timeout` failure and that input's reproducer (atheris: libFuzzer's "
+              "-timeout, in whole seconds rounded up). 0: no limit.")  # fmt: skip
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the report as JSON here.")  # fmt: skip
 @click.option("--show", type=click.IntRange(0, 1000), default=10, show_default=True,
@@ -327,6 +418,7 @@ def fuzz(
     engine: str,
     seed: int,
     max_rss_growth_mb: float,
+    input_timeout: float,
     json_out: Path | None,
     show: int,
 ) -> None:
@@ -334,25 +426,33 @@ def fuzz(
 
     Fails (exit 1) on an escaped exception, a rejection whose reason is not the spec's, an
     outcome other than the one the spec requires for a generated case, an accepted payload a
-    second JSON parser reads differently, an outcome PostgreSQL could not store, or RSS
-    growth beyond --max-rss-growth-mb; each failure is printed as a reproducer. With
+    second JSON parser reads differently, an outcome PostgreSQL could not store, an input
+    that runs past --input-timeout (the run stops there), an input the atheris child
+    crashed or timed out on, an atheris child that exits non-zero without naming one, or
+    RSS growth beyond --max-rss-growth-mb; each failure is printed as a reproducer. With
     --target wire: on an escaped exception or a framing invariant broken (see fuzz/wire.py).
     """
     if json_out is not None:  # now, not after minutes of fuzzing that would be lost
         json_out.parent.mkdir(parents=True, exist_ok=True)
     report: Report | WireReport
     if target == "wire":
-        report = run_wire_campaign(inputs=payloads, engine=engine, seed=seed)
+        report = run_wire_campaign(
+            inputs=payloads, engine=engine, seed=seed, input_timeout=input_timeout
+        )
         click.echo(wire_summary(report, max_rss_growth_mb))
     else:
-        report = run_campaign(payloads=payloads, engine=engine, seed=seed)
+        report = run_campaign(
+            payloads=payloads, engine=engine, seed=seed, input_timeout=input_timeout
+        )
         click.echo(summary(report, max_rss_growth_mb))
     if json_out is not None:
         json_out.write_text(json.dumps(report.to_json(max_rss_growth_mb), indent=2) + "\n")
-    problems = report.memory_failures(max_rss_growth_mb)
-    for failure in report.tally.examples[:show]:
+    problems = report.problems(max_rss_growth_mb)
+    examples: list[Failure | WireFailure] = [*report.tally.examples]
+    # What stopped a run (a timeout, libFuzzer's crash) first: --show must not hide it.
+    for failure in sorted(examples, key=lambda f: f.kind not in ARTIFACTS)[:show]:
         click.echo(failure.reproducer(), err=True)
     for problem in problems:
-        click.echo(f"memory: {problem}", err=True)
+        click.echo(problem, err=True)
     if report.tally.failures or problems:
         raise SystemExit(1)

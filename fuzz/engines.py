@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -161,16 +163,55 @@ def atheris_available() -> bool:
     return importlib.util.find_spec("atheris") is not None
 
 
+#: libFuzzer's names for the input it stopped on, as its artifact files start.
+ARTIFACTS: Final = ("crash", "timeout", "oom", "leak")
+
+
+@dataclass(frozen=True, slots=True)
+class AtherisRun:
+    """What the atheris child left. `summary` (its tally and memory) is there when it
+    exited through Python, which it also does after an uncaught exception; `findings` are
+    the inputs libFuzzer stopped on, read from its artifacts, as (kind, bytes);
+    `returncode` is None when the child ran past its time for the whole run and was killed."""
+
+    returncode: int | None
+    summary: dict[str, Any] | None
+    findings: list[tuple[str, bytes]]
+    log_tail: str
+
+    def problem(self) -> str | None:
+        """Why the run failed without an input to show for it, if it did (a finding is a
+        failure of its own, with its input)."""
+        if self.findings:
+            return None
+        if self.returncode is None:
+            return f"ran past its time and was killed; its log ends:\n{self.log_tail}"
+        if self.returncode or self.summary is None:
+            return (
+                f"exited {self.returncode} without naming an input; its log ends:\n{self.log_tail}"
+            )
+        return None
+
+
 def run_atheris(
-    *, target: str, corpus: list[bytes], count: int, seed: int, timeout_s: float
-) -> dict[str, Any]:
+    *,
+    target: str,
+    corpus: list[bytes],
+    count: int,
+    seed: int,
+    input_timeout: float,
+    timeout_s: float,
+) -> AtherisRun:
     """libFuzzer exits the process when done, so it runs in a child that writes its tally
     and memory figures as JSON on the way out (`-atheris_runs` exits through Python).
     `target` is `pipeline` (first byte: the topic, rest: the payload) or `wire` (raw
-    connection bytes); `corpus` are its seed inputs."""
+    connection bytes); `corpus` are its seed inputs. libFuzzer's own `-timeout` is the
+    per-input limit there (whole seconds; 0: none); its artifacts go to a temporary folder,
+    not the working one, and are read back as findings."""
     with tempfile.TemporaryDirectory(prefix="meterproof-atheris-") as tmp:
-        seeds = Path(tmp) / "corpus"
+        seeds, artifacts = Path(tmp) / "corpus", Path(tmp) / "artifacts"
         seeds.mkdir()
+        artifacts.mkdir()
         for i, data in enumerate(corpus):
             (seeds / f"seed-{i:04d}").write_bytes(data)
         summary = Path(tmp) / "summary.json"
@@ -178,12 +219,24 @@ def run_atheris(
         argv = [sys.executable, "-P", "-m", "meterproof.fuzz.atheris_driver", "--target", target,
                 "--summary", str(summary), "--warmup", str(min(2_000, max(count // 10, 1))),
                 "--", str(seeds), f"-atheris_runs={count}", f"-seed={seed}", "-max_len=8192",
-                "-rss_limit_mb=2048", "-timeout=30", "-print_final_stats=1"]  # fmt: skip
+                "-rss_limit_mb=2048", f"-timeout={math.ceil(input_timeout)}",
+                f"-artifact_prefix={artifacts}/", "-print_final_stats=1"]  # fmt: skip
+        returncode: int | None
         with log.open("wb") as sink:
-            proc = subprocess.run(argv, stdout=sink, stderr=sink, timeout=timeout_s, check=False)
-        if not summary.exists():
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"atheris exited {proc.returncode} without a summary:\n{tail}")
-        result: dict[str, Any] = json.loads(summary.read_text())
-        result["returncode"] = proc.returncode
-        return result
+            try:
+                returncode = subprocess.run(
+                    argv, stdout=sink, stderr=sink, timeout=timeout_s, check=False
+                ).returncode
+            except subprocess.TimeoutExpired:  # run() has killed it
+                returncode = None
+        findings = [
+            (path.name.partition("-")[0], path.read_bytes())
+            for path in sorted(artifacts.iterdir())
+            if path.name.partition("-")[0] in ARTIFACTS
+        ]
+        return AtherisRun(
+            returncode,
+            json.loads(summary.read_text()) if summary.exists() else None,
+            findings,
+            log.read_text(errors="replace")[-3000:],
+        )

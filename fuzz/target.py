@@ -273,3 +273,9 @@ def fleet_topics(fleet: Fleet) -> list[str]:
     return sorted(
         {t for t, _, _ in fleet.vector_cases} | {f"meters/{m}/readings" for m in fleet.meters}
     )
+
+
+def atheris_input(topics: list[str], data: bytes) -> tuple[str, bytes]:
+    """An atheris input as the pipeline reads it: the first byte picks one of `topics`
+    (`fleet_topics`), the rest is the payload."""
+    return (topics[data[0] % len(topics)] if data else topics[0]), data[1:]

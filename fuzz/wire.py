@@ -14,7 +14,8 @@ Invariants, per input:
    when its QoS needs one (never 0), and a payload that ends its body; one without
    properties re-encodes to the very bytes it came from.
 4. A parsed PUBACK has a non-zero packet id and a reason code the specification allows.
-Every drop is counted by reason; memory is sampled as in the payload campaign.
+Every drop is counted by reason; memory is sampled and each input's time bounded as in
+the payload campaign.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import random
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 from hypothesis import strategies as st
 
-from meterproof.fuzz.checker import Counting
+from meterproof.fuzz.checker import Counting, InputClock
 from meterproof.fuzz.engines import Progress, mutate
 from meterproof.ingest import _wire as wire
 from meterproof.ingest._wire import Drop, Puback, Publish
 
-KINDS: Final = ("exception", "split", "publish", "puback")
+KINDS: Final = ("exception", "split", "publish", "puback", "timeout", "crash", "oom", "leak")
 _WILDCARDS: Final = ("\x00", "+", "#")
 
 
@@ -128,23 +130,42 @@ class WireChecker(Counting[WireTally]):
     """Runs raw inputs through the framing and keeps the tally; `keep` reproducers per
     failure kind and origin are kept, every failure is counted."""
 
-    def __init__(self, *, keep: int = 3, sample_every: int = 1_000, warmup: int = 2_000) -> None:
-        super().__init__(WireTally(), keep=keep, sample_every=sample_every, warmup=warmup)
+    def __init__(
+        self,
+        *,
+        keep: int = 3,
+        sample_every: int = 1_000,
+        warmup: int = 2_000,
+        clock: InputClock | None = None,
+    ) -> None:
+        super().__init__(
+            WireTally(), keep=keep, sample_every=sample_every, warmup=warmup, clock=clock
+        )
 
     def check(self, data: bytes, origin: str) -> bool:
-        """True when every invariant held (a failure is counted and kept)."""
+        """True when every invariant held (a failure is counted and kept); raises
+        `InputTimeout` (counted too) when the input ran past the clock's limit."""
         self._count(origin)
-        try:
-            problem = self._examine(data)
-        except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
-            problem = ("exception", traceback.format_exc())
+        timed_out = partial(self.fail, "timeout", origin, data)
+        problem = self._timed(partial(self._problem, data), timed_out)
         if problem is None:
             return True
         kind, detail = problem
+        self.fail(kind, origin, data, detail)
+        return False
+
+    def fail(self, kind: str, origin: str, data: bytes, detail: str) -> None:
+        """Count `data` as a `kind` failure (and keep it): the checker's own findings, and
+        the input libFuzzer stopped on in the atheris child."""
         self.tally.failures[kind] += 1
         if self._keeps(kind, origin):
             self.tally.examples.append(WireFailure(kind, origin, data, detail))
-        return False
+
+    def _problem(self, data: bytes) -> tuple[str, str] | None:
+        try:
+            return self._examine(data)
+        except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
+            return "exception", traceback.format_exc()
 
     def _examine(self, data: bytes) -> tuple[str, str] | None:
         frames = wire.split(data)

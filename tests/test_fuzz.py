@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import re
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from meterproof.fuzz import cli as fuzz_cli
 from meterproof.fuzz import target as fuzz_target
-from meterproof.fuzz.checker import MIB, Case, Checker
+from meterproof.fuzz.checker import MIB, Case, Checker, Failure
 from meterproof.fuzz.cli import run_campaign, run_wire_campaign
 from meterproof.fuzz.engines import atheris_available
 from meterproof.fuzz.generate import Generators, op_sig_tamper
@@ -302,3 +304,123 @@ def test_the_checker_s_rules_7_to_9_agree_with_the_judge_on_a_burst() -> None:
         checker.check(Case(f"meters/{signer.meter_id}/readings", payload, "test:burst", JUDGED))
     assert not checker.tally.failures, checker.tally.examples
     assert checker.tally.outcomes == {"accepted": 60, "rate_limited": 2, "duplicate": 1}
+
+
+def _hanging_at(n: int, hung: list[Message]) -> Callable[[Message], object]:
+    """The real pipeline, except that the `n`-th message hangs (kept in `hung`)."""
+    real = PipelineTarget(load_fleet())
+    calls = [0]
+
+    def target(message: Message) -> object:
+        calls[0] += 1
+        if calls[0] == n:
+            hung.append(message)
+            time.sleep(60)  # far past the limit: the run must not wait for it
+        return real(message)
+
+    return target
+
+
+@pytest.mark.slow
+def test_an_input_past_the_time_limit_stops_the_run_with_its_reproducer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Through hypothesis, whose runner must let the timeout through (the wire test below
+    goes through byte mutation)."""
+    hung: list[Message] = []
+    monkeypatch.setattr(
+        fuzz_cli, "run_campaign", partial(run_campaign, target=_hanging_at(60, hung))
+    )
+    out = tmp_path / "report.json"
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        fuzz_cli.fuzz,
+        ["--payloads", "300", "--engine", "hypothesis", "--input-timeout", "0.5", "--show", "1",
+         "--json", str(out)],
+    )  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 1, result.output
+    assert "[timeout] from hypothesis:" in result.output
+    assert "no outcome within 0.5 s (--input-timeout)" in result.output
+    assert "time.sleep(60)" in result.output  # where it hung
+    report = json.loads(out.read_text())
+    assert report["failures"] == {"timeout": 1}
+    assert report["inputs"] == 60, "the run stops at the input that hung"
+    (saved,) = [Failure.from_json(f) for f in report["examples"]]
+    assert (saved.topic, saved.payload) == (hung[0].topic, hung[0].payload)
+
+
+@pytest.mark.slow
+def test_a_wire_input_past_the_time_limit_stops_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = [0]
+
+    def split_hanging_once(data: bytes) -> _wire.Frames:
+        calls[0] += 1
+        if calls[0] == 100:
+            time.sleep(60)
+        return _real_split(data)
+
+    monkeypatch.setattr(_wire, "split", split_hanging_once)
+    report = run_wire_campaign(inputs=1_000, engine="mutate", seed=3, echo=False, input_timeout=0.5)
+    assert report.tally.failures == {"timeout": 1}
+    assert report.tally.inputs < 100
+    (example,) = report.tally.examples
+    assert example.kind == "timeout"
+    assert "base64:" in example.reproducer()
+
+
+#: Loaded by the atheris child (PYTHONPATH): the framing under test crashes or hangs on
+#: the 200th split, or the child dies before fuzzing; the test picks one by FUZZ_FAULT.
+_CHILD_FAULT = """
+import os, time
+from meterproof.ingest import _wire
+
+class InjectedCrash(BaseException):
+    pass
+
+_real, _calls = _wire.split, [0]
+
+def split(data):
+    _calls[0] += 1
+    if _calls[0] == 200:
+        if os.environ["FUZZ_FAULT"] == "crash":
+            raise InjectedCrash("boom in the child")
+        time.sleep(60)
+    return _real(data)
+
+if os.environ.get("FUZZ_FAULT") == "exit":
+    os._exit(3)
+if os.environ.get("FUZZ_FAULT"):
+    _wire.split = split
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not atheris_available(), reason="atheris is not installed")
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("crash", ["[crash] from atheris:libfuzzer", "InjectedCrash: boom in the child"]),
+        ("hang", ["[timeout] from atheris:libfuzzer", "libFuzzer: timeout"]),
+        ("exit", ["atheris: exited 3 without naming an input"]),
+    ],
+)
+def test_an_atheris_child_that_fails_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fault: str, expected: list[str]
+) -> None:
+    """The child's exit status is read: a crash or a hang there is a failure with its
+    input, reproduced from libFuzzer's artifact (left in no working folder)."""
+    (tmp_path / "sitecustomize.py").write_text(_CHILD_FAULT)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FUZZ_FAULT", fault)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        fuzz_cli.fuzz,
+        ["--target", "wire", "--payloads", "2000", "--engine", "atheris", "--input-timeout", "1"],
+    )
+    assert result.exit_code == 1, result.output
+    for text in expected:
+        assert text in result.output
+    if fault != "exit":
+        assert re.search(r"base64:  \S+", result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sitecustomize.py"]
