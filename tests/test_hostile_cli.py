@@ -4,13 +4,19 @@ working folder, no SQL run from the value. NUL is left out: an argv cannot carry
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fixtures.isolation import fresh_database
 
 from meterproof.cli.main import main
+from meterproof.stack.postgres import PostgresServer
 
 HOSTILE = {
     "sql": "x'; DROP TABLE meters; --",
@@ -31,7 +37,6 @@ IDS = [
     "meters register ok-meter --alg EdDSA --public-key key.pem --kid {v} --database-url {db}",
     "meters register ok-meter --alg EdDSA --public-key key.pem --owner-wallet {v}"
     " --database-url {db}",
-    "meters register ok-meter --alg EdDSA --public-key key.pem --serial {v} --database-url {db}",
     "meters show {v} --database-url {db}",
     "meters set-status {v} active --database-url {db}",
     "meters set-status ok-meter {v} --database-url {db}",
@@ -45,6 +50,11 @@ IDS = [
     "db prune --database-url {v}",
     "db prune --retain-days {v} --chunk-rows {v} --database-url {db}",
     "db backup --database-url {v} --out b.dump",
+]
+#: Free text the registry keeps as given (an AMI label: control characters and over-long
+#: values refused, the rest stored verbatim through parameters, never as SQL or a path).
+FREE_TEXT = [
+    "meters register ok-meter --alg EdDSA --public-key key.pem --serial {v} --database-url {db}",
 ]
 PATHS = [
     "certs --pki-root {v} list",
@@ -73,23 +83,51 @@ def _tables(db: str) -> int:
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki) -> Path:
-    """A working folder of its own, with a public key file to register and the stack's
-    defaults pointing nowhere real."""
+    """A working folder of its own, with an Ed25519 public key to register (so a register
+    case is refused for its hostile value, not for the key) and the stack's defaults
+    pointing nowhere real."""
     work = tmp_path / "work" / "here"
     work.mkdir(parents=True)
     (work / "key.pem").write_bytes(
-        next(iter(pki.root.glob("**/signing-key.pub.pem")), pki.ca_cert).read_bytes()
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     )
+    # The CA of its own (a copy of the session's): `certs` commands reach their name
+    # checks, and anything a hostile name wrote would land inside this folder or outside it.
+    shutil.copytree(pki.ca_dir, work / "pki" / "ca")
     monkeypatch.chdir(work)
-    for name in ("METERPROOF_DATABASE_URL", "METERPROOF_PKI_ROOT", "METERPROOF_CONFIG"):
+    for name in ("METERPROOF_DATABASE_URL", "METERPROOF_CONFIG"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("METERPROOF_PKI_ROOT", str(work / "pki"))
     return work
 
 
+@pytest.fixture(scope="module")
+def unnamed_database_url(postgres: PostgresServer, migrated_template: str) -> Iterator[str]:
+    """A migrated database the module's commands are not given: no value can reach it, so
+    one serves them all (its table count still shows that no SQL ran)."""
+    yield from fresh_database(postgres, migrated_template)
+
+
+def _database_url(template: str, request: pytest.FixtureRequest) -> str:
+    """A database of the test's own when the command is given one ({db}), else the
+    module's: cloning one per test was most of this module's time."""
+    fixture = "database_url" if "{db}" in template else "unnamed_database_url"
+    return str(request.getfixturevalue(fixture))
+
+
 def _check(
-    template: str, value_name: str, database_url: str, workdir: Path, *, may_succeed: bool = False
-) -> None:
+    template: str,
+    value_name: str,
+    request: pytest.FixtureRequest,
+    workdir: Path,
+    *,
+    may_succeed: bool = False,
+) -> str:
+    """Runs the command with the hostile value; returns the database it was given."""
     value = HOSTILE[value_name]
+    database_url = _database_url(template, request)
     outside = workdir.parent.parent
     before_outside = sorted(outside.rglob("*"))
     tables = _tables(database_url)
@@ -109,20 +147,35 @@ def _check(
     assert after_outside == [p for p in before_outside if workdir not in (p, *p.parents)]
     assert not Path("/tmp/meterproof-pwned").exists()
     assert _tables(database_url) == tables
+    return database_url
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("value_name", list(HOSTILE))
 @pytest.mark.parametrize("template", IDS)
 def test_hostile_ids_and_values(
-    template: str, value_name: str, database_url: str, workdir: Path
+    template: str, value_name: str, request: pytest.FixtureRequest, workdir: Path
 ) -> None:
-    _check(template, value_name, database_url, workdir)
+    _check(template, value_name, request, workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value_name", list(HOSTILE))
+@pytest.mark.parametrize("template", FREE_TEXT)
+def test_hostile_free_text_is_refused_or_kept_verbatim(
+    template: str, value_name: str, request: pytest.FixtureRequest, workdir: Path
+) -> None:
+    database_url = _check(template, value_name, request, workdir, may_succeed=True)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT serial FROM meters WHERE meter_id = 'ok-meter'").fetchone()
+    assert row is None or row[0] == HOSTILE[value_name], row
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("value_name", ["traversal", "long", "control"])
 @pytest.mark.parametrize("template", PATHS)
-def test_hostile_paths(template: str, value_name: str, database_url: str, workdir: Path) -> None:
+def test_hostile_paths(
+    template: str, value_name: str, request: pytest.FixtureRequest, workdir: Path
+) -> None:
     """An operator's own path may point anywhere (an empty folder is not an error)."""
-    _check(template, value_name, database_url, workdir, may_succeed=True)
+    _check(template, value_name, request, workdir, may_succeed=True)
