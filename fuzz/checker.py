@@ -322,6 +322,7 @@ class Checker(Counting[Tally]):
         try:
             outcome = self.target(message)
             name = label(outcome)
+            refused = unstorable(outcome)  # the store's own code too: the security event
         except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
             return self.fail("exception", case, traceback.format_exc())
         if name not in SPEC_REASONS and name not in ("accepted", "duplicate"):
@@ -332,7 +333,6 @@ class Checker(Counting[Tally]):
             disagreement = _second_parser_disagrees(case.payload, outcome)
             if disagreement is not None:
                 return self.fail("disagreement", case, disagreement)
-        refused = unstorable(outcome)
         if refused is not None:
             return self.fail("unstorable", case, f"{name}: {refused}")
         self.tally.outcomes[name] += 1

@@ -30,7 +30,7 @@ from meterproof.fuzz.target import (
     load_fleet,
     unstorable,
 )
-from meterproof.ingest import _wire
+from meterproof.ingest import _wire, security
 from meterproof.ingest._wire import Drop, Publish
 from meterproof.ingest.judge import RateLimit, StoredContext, judge
 from meterproof.ingest.records import Accepted, Candidate, Duplicate, Message, Outcome, Rejection
@@ -101,6 +101,22 @@ def _judge_blind_to_registers(
 ) -> list[Outcome]:
     blind = [dataclasses.replace(c, before=None, after=None) for c in contexts]
     return judge(candidates, blind, limit=limit)
+
+
+def test_an_exception_in_what_the_store_would_write_is_a_failure_with_its_reproducer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal whose security event cannot be built (here: `bad_signature` dropped from
+    the events' table, as a new reason added without one would be) is an `exception`
+    failure of that input; it stopped the run with a traceback and no reproducer."""
+    events = dict(security.EVENTS)
+    del events[RejectReason.BAD_SIGNATURE]
+    monkeypatch.setattr(security, "EVENTS", events)
+    report = run_campaign(payloads=200, engine="mutate", seed=3, echo=False)
+    assert report.tally.failures["exception"] > 0
+    example = next(f for f in report.tally.examples if f.kind == "exception")
+    assert "KeyError" in example.detail
+    assert "bad_signature" in example.detail
 
 
 @pytest.mark.slow
