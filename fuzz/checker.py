@@ -284,6 +284,25 @@ class Counting(Generic[TallyT]):
         return True
 
 
+def _broken_invariant(case: Case, outcome: object, name: str) -> tuple[str, Case, str] | None:
+    """The first invariant `outcome` breaks, in the module's order, as `fail`'s arguments.
+    What the store would write is worked out last, by the store's own code (the refusal's
+    security event): an exception there is a finding of this input too."""
+    if name not in SPEC_REASONS and name not in ("accepted", "duplicate"):
+        return "unknown_reason", case, f"outcome {name!r} is not a spec reason"
+    if case.expect is not None and name not in case.expect:
+        return "unexpected", case, f"got {name}, spec says {sorted(case.expect)}"
+    if isinstance(outcome, Accepted):
+        disagreement = _second_parser_disagrees(case.payload, outcome)
+        if disagreement is not None:
+            return "disagreement", case, disagreement
+    try:
+        refused = unstorable(outcome)
+    except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
+        return "exception", case, traceback.format_exc()
+    return None if refused is None else ("unstorable", case, f"{name}: {refused}")
+
+
 class Checker(Counting[Tally]):
     """Runs cases through `target` and keeps the tally; `keep` reproducers per failure
     kind and origin are kept, every failure is counted. `store` is what the target judges
@@ -322,19 +341,11 @@ class Checker(Counting[Tally]):
         try:
             outcome = self.target(message)
             name = label(outcome)
-            refused = unstorable(outcome)  # the store's own code too: the security event
         except Exception:  # noqa: BLE001 - an escaped exception is the finding itself
             return self.fail("exception", case, traceback.format_exc())
-        if name not in SPEC_REASONS and name not in ("accepted", "duplicate"):
-            return self.fail("unknown_reason", case, f"outcome {name!r} is not a spec reason")
-        if case.expect is not None and name not in case.expect:
-            return self.fail("unexpected", case, f"got {name}, spec says {sorted(case.expect)}")
-        if isinstance(outcome, Accepted):
-            disagreement = _second_parser_disagrees(case.payload, outcome)
-            if disagreement is not None:
-                return self.fail("disagreement", case, disagreement)
-        if refused is not None:
-            return self.fail("unstorable", case, f"{name}: {refused}")
+        failure = _broken_invariant(case, outcome, name)
+        if failure is not None:
+            return self.fail(*failure)
         self.tally.outcomes[name] += 1
         return name
 
