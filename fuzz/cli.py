@@ -158,6 +158,17 @@ def _run_atheris(
     return (run.summary["memory"] if run.summary else None), run.problem()
 
 
+def _stopped_by_timeout(clock: InputClock, engines: Callable[[], None]) -> bool:
+    """The in-process engines under the per-input clock; True when an input ran past it
+    (that input is a failure already, and nothing after it runs)."""
+    with clock:
+        try:
+            engines()
+        except InputTimeout:
+            return True
+    return False
+
+
 def run_campaign(
     *,
     payloads: int,
@@ -200,27 +211,26 @@ def run_campaign(
     generators = Generators(fleet, seed=seed)
     seeds = [(t, p) for t, p, _ in fleet.vector_cases]
     seeds += generators.seed_payloads(random.Random(seed), per_signer=4)  # noqa: S311 - reproducible inputs
-    stopped = False
-    with clock:
-        try:
-            run_vectors(checker, fleet)
-            if shares.get("hypothesis"):
-                if echo:
-                    click.echo(f"hypothesis: {shares['hypothesis']:,} structured cases", err=True)
-                run_hypothesis_chunks(
-                    generators.cases(),
-                    checker.check,
-                    lambda: checker.tally.inputs,
-                    count=shares["hypothesis"],
-                    seed=seed,
-                    progress=_every(progress, 20),
-                )
-            if shares.get("mutate"):
-                if echo:
-                    click.echo(f"mutate: {shares['mutate']:,} byte-level mutations", err=True)
-                run_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
-        except InputTimeout:  # the input is a failure already; nothing after it runs
-            stopped = True
+
+    def in_process() -> None:
+        run_vectors(checker, fleet)
+        if shares.get("hypothesis"):
+            if echo:
+                click.echo(f"hypothesis: {shares['hypothesis']:,} structured cases", err=True)
+            run_hypothesis_chunks(
+                generators.cases(),
+                checker.check,
+                lambda: checker.tally.inputs,
+                count=shares["hypothesis"],
+                seed=seed,
+                progress=_every(progress, 20),
+            )
+        if shares.get("mutate"):
+            if echo:
+                click.echo(f"mutate: {shares['mutate']:,} byte-level mutations", err=True)
+            run_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+
+    stopped = _stopped_by_timeout(clock, in_process)
     checker.finish()
     atheris_memory, atheris_problem = None, None
     if shares.get("atheris") and not stopped:
@@ -285,26 +295,23 @@ def run_wire_campaign(
             )
 
     seeds = seed_streams()
-    stopped = False
-    with clock:
-        try:
-            for stream in seeds:
-                checker.check(stream, "seeds:wire")
-            if shares.get("hypothesis"):
-                run_hypothesis_chunks(
-                    wire_streams(),
-                    lambda data: checker.check(data, "hypothesis:stream"),
-                    lambda: checker.tally.inputs,
-                    count=shares["hypothesis"],
-                    seed=seed,
-                    progress=_every(progress, 20),
-                )
-            if shares.get("mutate"):
-                run_wire_mutations(
-                    checker, seeds, count=shares["mutate"], seed=seed, progress=progress
-                )
-        except InputTimeout:  # the input is a failure already; nothing after it runs
-            stopped = True
+
+    def in_process() -> None:
+        for stream in seeds:
+            checker.check(stream, "seeds:wire")
+        if shares.get("hypothesis"):
+            run_hypothesis_chunks(
+                wire_streams(),
+                lambda data: checker.check(data, "hypothesis:stream"),
+                lambda: checker.tally.inputs,
+                count=shares["hypothesis"],
+                seed=seed,
+                progress=_every(progress, 20),
+            )
+        if shares.get("mutate"):
+            run_wire_mutations(checker, seeds, count=shares["mutate"], seed=seed, progress=progress)
+
+    stopped = _stopped_by_timeout(clock, in_process)
     checker.finish()
     atheris_memory, atheris_problem = None, None
     if shares.get("atheris") and not stopped:
