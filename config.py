@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=DEFAULT_REDIS_URL, description="Redis URL; None disables the replay fast path"
     )
+    database_timeout_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="a database that answers nothing this long (a host lost without a "
+        "reset, a stalled disk) is given up: the worker's transaction, key lookup and "
+        "registry and consent listens go on over a new connection (db/silence.py)",
+    )
     share_group: str | None = Field(
         default=None,
         pattern=SHARE_GROUP_PATTERN,

@@ -204,7 +204,9 @@ class Services:
                 kwargs={"autocommit": True, "options": _SESSION},
             )
         )  # fmt: skip
-        self.audience = Audience(database_url=settings.database_url)
+        self.audience = Audience(
+            database_url=settings.database_url, timeout_s=settings.database_timeout_s
+        )
         identity = settings.republish_identity()
         if identity is None:
             log.warning("republish_off", reason="no `api` identity in the PKI: `certs init`")

@@ -96,6 +96,9 @@ class ProviderStore:
     def close(self) -> None:
         self._inner.close()
 
+    def abort(self) -> None:
+        self._inner.abort()
+
     def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]
     ) -> BatchResult:

@@ -7,7 +7,10 @@ commit without any integrator reconnecting. Expiry and the consented period are 
 per reading by `may_see`, from the view in hand. Notifications that arrive while a
 reload runs are folded into one more reload. If the LISTEN connection is lost, the view
 is reloaded after reconnecting, since changes may have been missed meanwhile; until then
-the old view stays, and nothing new is published anyway while the database is down.
+the old view stays, and nothing new is published anyway while the database is down. A
+database that goes silent instead (a host lost without a reset) closes nothing: the expiry
+sweep, a round trip every `EXPIRY_SWEEP_S`, then goes unanswered, is given up after
+`timeout_s` (`meterproof.db.silence`), and the listen is made again with it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Final
+from collections.abc import Awaitable
+from functools import partial
+from typing import Any, Final, TypeVar
 
 import psycopg
 import structlog
@@ -24,9 +29,12 @@ from prometheus_client import Counter, Gauge
 from meterproof.consent import repository
 from meterproof.consent.model import Scope
 from meterproof.consent.policy import EMPTY, ConsentView, may_see
+from meterproof.db.silence import answered, bounded, cut
 from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
 
 log = structlog.get_logger("ingest.audience")
+
+_T = TypeVar("_T")
 
 #: How often expired consents get their audit event (the policy refuses them at once).
 EXPIRY_SWEEP_S: Final = 5.0
@@ -50,8 +58,11 @@ RELOAD_SECONDS: Final = Gauge(
 
 
 class Audience:
-    def __init__(self, *, database_url: str) -> None:
-        self._url = database_url
+    def __init__(self, *, database_url: str, timeout_s: float) -> None:
+        """`timeout_s`: how long the listen or a reload may go unanswered
+        (`meterproof.db.silence`)."""
+        self._url = bounded(database_url, timeout_s)
+        self._timeout_s = timeout_s
         self.view: ConsentView = EMPTY
         self.loaded = asyncio.Event()
 
@@ -78,7 +89,7 @@ class Audience:
                 async with await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True
                 ) as listener:
-                    await listener.execute(f"LISTEN {repository.CHANNEL}")
+                    await self._answered(listener.execute(f"LISTEN {repository.CHANNEL}"), listener)
                     with await _connected(self._url) as conn:
                         await self._reload(conn)
                         swept = time.monotonic()
@@ -89,7 +100,9 @@ class Audience:
                             if changed:
                                 await self._reload(conn)
                             if time.monotonic() - swept > EXPIRY_SWEEP_S:
-                                await asyncio.to_thread(repository.record_expiries, conn)
+                                await self._answered(
+                                    asyncio.to_thread(repository.record_expiries, conn), conn
+                                )
                                 swept = time.monotonic()
                     return
             except psycopg.Error as exc:
@@ -98,9 +111,16 @@ class Audience:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), retry_s)
 
+    async def _answered(
+        self, job: Awaitable[_T], conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
+    ) -> _T:
+        return await answered(
+            job, within_s=self._timeout_s, cut_off=partial(cut, conn), wait="consent_view"
+        )
+
     async def _reload(self, conn: psycopg.Connection[Any]) -> None:
         started = time.perf_counter()
-        self.view = await asyncio.to_thread(repository.load_view, conn)
+        self.view = await self._answered(asyncio.to_thread(repository.load_view, conn), conn)
         elapsed = time.perf_counter() - started
         RELOAD_SECONDS.set(elapsed)
         VIEW_SIZE.set(self.view.size)

@@ -20,11 +20,13 @@ import contextlib
 import random
 import time
 from collections.abc import Collection, Mapping
+from functools import partial
 
 import psycopg
 import structlog
 from psycopg import AsyncConnection
 
+from meterproof.db.silence import ListenProbe, answered, bounded, cut
 from meterproof.errors import UnavailableError
 from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
 from meterproof.registry.snapshots import CHANNEL, MeterSnapshot, fetch_snapshots
@@ -33,12 +35,18 @@ log = structlog.get_logger("ingest.keys")
 
 
 class KeyCache:
-    def __init__(self, *, database_url: str, ttl_s: float) -> None:
-        self._url = database_url
+    def __init__(self, *, database_url: str, ttl_s: float, timeout_s: float) -> None:
+        """`timeout_s`: how long a lookup or the listen may go unanswered
+        (`meterproof.db.silence`)."""
+        self._url = bounded(database_url, timeout_s)
         self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
         self._entries: dict[str, tuple[float, MeterSnapshot | None]] = {}
         self._drops = 0  # entries dropped so far: a fetch that saw it move keeps nothing
         self._conn: AsyncConnection[tuple[object, ...]] | None = None
+        #: The listen was lost: the lookups' connection, to the same server, is made again
+        #: too, or after a failover from a silent primary the next lookup would wait on it.
+        self._renew = False
         self.listening = asyncio.Event()
 
     def invalidate(self, meter_id: str) -> None:
@@ -79,9 +87,17 @@ class KeyCache:
 
     async def _fetch(self, meter_ids: list[str]) -> dict[str, MeterSnapshot]:
         try:
+            if self._renew and self._conn is not None:
+                await self._conn.close()
             if self._conn is None or self._conn.closed:
-                self._conn = await AsyncConnection.connect(self._url, autocommit=True)
-            return await fetch_snapshots(self._conn, meter_ids)
+                self._renew = False
+                self._conn = await self._connect()
+            return await answered(
+                fetch_snapshots(self._conn, meter_ids),
+                within_s=self._timeout_s,
+                cut_off=partial(cut, self._conn),
+                wait="key_lookup",
+            )
         except psycopg.Error as exc:
             if self._conn is not None:
                 await self._conn.close()
@@ -91,21 +107,32 @@ class KeyCache:
         """Run until `stop`: invalidate on every notification, reconnect after a loss."""
         while not stop.is_set():
             try:
-                async with await AsyncConnection.connect(self._url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                async with await self._connect() as conn:
+                    await answered(
+                        conn.execute(f"LISTEN {CHANNEL}"),
+                        within_s=self._timeout_s,
+                        cut_off=partial(cut, conn),
+                        wait="registry_listen",
+                    )
                     self._clear()
                     self.listening.set()
+                    probe = ListenProbe(conn, within_s=self._timeout_s, wait="registry_listen")
                     while not stop.is_set():
                         async for notice in conn.notifies(timeout=1.0):
                             self.invalidate(notice.payload)
+                        await probe.when_due()
                     return
             except psycopg.Error as exc:
                 DEPENDENCY_ERRORS.labels(dependency="database").inc()
                 log.warning("registry_listen_lost", error=str(exc), retry_in_s=retry_s)
             self.listening.clear()
             self._clear()
+            self._renew = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), retry_s)
+
+    async def _connect(self) -> AsyncConnection[tuple[object, ...]]:
+        return await AsyncConnection.connect(self._url, autocommit=True)
 
     async def close(self) -> None:
         if self._conn is not None:

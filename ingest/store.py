@@ -56,6 +56,7 @@ from psycopg import Connection, Pipeline, sql
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from meterproof.db.silence import cut
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.judge import (
     RateLimit,
@@ -459,6 +460,11 @@ class ReadingStore:
 
     def close(self) -> None:
         self._conn.close()
+
+    def abort(self) -> None:
+        """From another thread: the transaction in hand fails now, as on a lost connection
+        (`meterproof.db.silence`)."""
+        cut(self._conn)
 
     def commit_batch(
         self, candidates: Sequence[Candidate], rejections: Sequence[Rejection]

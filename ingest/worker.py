@@ -36,6 +36,7 @@ import structlog
 from psycopg import Connection
 
 from meterproof.backoff import Backoff
+from meterproof.db.silence import answered, bounded
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest import telemetry as t
 from meterproof.ingest.audience import Audience
@@ -88,6 +89,9 @@ class BatchStore(Protocol):
     ) -> BatchResult: ...
 
     def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Called from the worker's loop while `commit_batch` waits: end that wait now."""
 
 
 #: Opens a store (on the store's thread); raises `UnavailableError` when it cannot.
@@ -175,8 +179,14 @@ class Worker:
             max_size=settings.batch_max_size, linger_s=settings.batch_linger_ms / 1000
         )
         self._bounds = TimeBounds(settings.max_future_s * 1000, settings.max_age_s * 1000)
-        self._keys = KeyCache(database_url=settings.database_url, ttl_s=settings.key_cache_ttl_s)
-        self._audience = Audience(database_url=settings.database_url)
+        self._keys = KeyCache(
+            database_url=settings.database_url,
+            ttl_s=settings.key_cache_ttl_s,
+            timeout_s=settings.database_timeout_s,
+        )
+        self._audience = Audience(
+            database_url=settings.database_url, timeout_s=settings.database_timeout_s
+        )
         self._replay: ReplayCache = (
             RedisReplayCache(
                 settings.redis_url,
@@ -507,8 +517,13 @@ class Worker:
         store = await self._get_store()
         commit_started = time.perf_counter()
         try:
-            result = await self._store_thread.run(
-                partial(store.commit_batch, prepared.to_store, prepared.rejections)
+            result = await answered(
+                self._store_thread.run(
+                    partial(store.commit_batch, prepared.to_store, prepared.rejections)
+                ),
+                within_s=self.settings.database_timeout_s,
+                cut_off=store.abort,
+                wait="transaction",
             )
         except UnavailableError:
             self._store = None
@@ -636,9 +651,11 @@ def postgres_store(
     policy = QuarantinePolicy(settings.quarantine_failures, settings.quarantine_window_s)
     in_doubt = CommitInDoubt()  # a batch whose COMMIT lost its answer, for the next connection
 
+    url = bounded(settings.database_url, settings.database_timeout_s)
+
     def connect() -> BatchStore:
         try:
-            conn = Connection.connect(settings.database_url, options=STORE_OPTIONS, autocommit=True)
+            conn = Connection.connect(url, options=STORE_OPTIONS, autocommit=True)
         except (psycopg.Error, OSError) as exc:
             raise UnavailableError("database", f"connect: {exc}") from exc
         store = ReadingStore(conn, limit=limit, policy=policy, in_doubt=in_doubt)

@@ -303,6 +303,51 @@ class CommitCutter:
         to_server.close()
 
 
+class SilentProxy:
+    """A TCP proxy in front of PostgreSQL whose `silence()` stops every link open now in
+    both directions and keeps it open, as a host lost without a reset (a paused VM, a
+    partition) or a stalled server does: what is sent is taken by the kernel and never
+    answered. Links opened after it relay again: a failover's new primary."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._links: list[tuple[asyncio.StreamWriter, asyncio.Event]] = []
+
+    def silence(self) -> None:
+        for _, open_ in self._links:
+            open_.clear()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[int]:
+        """The proxy's port, while it serves; every link closed after."""
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        try:
+            yield int(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            for writer, open_ in self._links:
+                open_.set()
+                writer.close()
+            await server.wait_closed()
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
+        open_ = asyncio.Event()
+        open_.set()
+        self._links += [(to_client, open_), (to_server, open_)]
+
+        async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    await open_.wait()
+                    if sink.is_closing():
+                        return
+                    sink.write(data)
+            sink.close()
+
+        await asyncio.gather(relay(client, to_server), relay(upstream, to_client))
+
+
 class PassThroughSource:
     """The real MQTT source with every call passed on: a test's source overrides only what
     it changes (what the worker announces, what it acknowledges)."""

@@ -20,7 +20,14 @@ import pytest
 from fixtures.servers import OwnBroker
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
-from ingest_harness import ProbeMeter, provision, running_worker, tls_context, worker_settings
+from ingest_harness import (
+    ProbeMeter,
+    SilentProxy,
+    provision,
+    running_worker,
+    tls_context,
+    worker_settings,
+)
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from waiting import async_wait_until
 
@@ -33,6 +40,7 @@ from meterproof.consent.model import Scope
 from meterproof.ingest.audience import Audience
 from meterproof.mosquitto.admin import enforce_revocation
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -318,7 +326,9 @@ def test_a_consent_listener_stopped_while_it_connects_leaves_no_connection_open(
             return int(row[0])
 
         async def scenario() -> None:
-            task = asyncio.create_task(Audience(database_url=url).run(asyncio.Event()))
+            task = asyncio.create_task(
+                Audience(database_url=url, timeout_s=30).run(asyncio.Event())
+            )
             await async_wait_until(lambda: ours() == 1, what="the listener connected")
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -328,3 +338,43 @@ def test_a_consent_listener_stopped_while_it_connects_leaves_no_connection_open(
             assert ours() == 0
 
         asyncio.run(scenario())
+
+
+def test_a_consent_revoked_while_the_listen_went_silent_stops_the_live_copies(
+    pki: PkiLayout, postgres: PostgresServer, database_url: str, integrator: str, meter_id: str
+) -> None:
+    """The consent view's connections go silent (a primary's host lost without a reset),
+    then the owner revokes: the notification never came, and the integrator went on
+    getting the meter's live copies for as long as the worker ran. The listen is probed,
+    found silent and made again, and the view loaded again with it."""
+    provision(pki, database_url, meter_id)
+    proxy = SilentProxy(postgres.port)
+
+    def audience_of(audience: Audience) -> list[str]:
+        now = int(time.time() * 1000)
+        return audience.of(meter_id, now, now)
+
+    async def scenario() -> None:
+        async with proxy.serving() as port:
+            via = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+            audience, stop = Audience(database_url=via, timeout_s=1), asyncio.Event()
+            task = asyncio.create_task(audience.run(stop))
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                request = consents.GrantRequest(
+                    integrator=integrator, meter_id=meter_id, account=None,
+                    scopes=frozenset({Scope.LIVE}), data_from=datetime(2026, 1, 1, tzinfo=UTC),
+                    data_to=None, expires_at=None,
+                )  # fmt: skip
+                made = consents.grant(conn, request, operator_reason="test")
+                await async_wait_until(
+                    lambda: audience_of(audience) == [integrator], what="the grant in the view"
+                )
+                proxy.silence()
+                consents.revoke(conn, made.id, operator_reason="owner asked")
+            await async_wait_until(
+                lambda: audience_of(audience) == [], what="the revocation in the view", within_s=10
+            )
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(scenario())

@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from ingest_harness import (
     CommitCutter,
     ProbeMeter,
+    SilentProxy,
     WorkerProcess,
     audit_exactly_once,
     provision,
@@ -31,6 +33,9 @@ from waiting import async_wait_until
 from meterproof.certs.layout import PkiLayout
 from meterproof.ingest.source import PUBLISHES_DROPPED
 from meterproof.ingest.telemetry import ACCEPTED
+from meterproof.registry.model import NewKey
+from meterproof.registry.repository import rotate_key
+from meterproof.schemas.signatures import generate_private_key
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.redis import RedisServer
@@ -370,3 +375,87 @@ def test_a_commit_whose_answer_was_lost_is_not_written_or_counted_twice(
         1 if good else 0,
         (1 if good else 0, 1, 1),
     )
+
+
+def _via(proxy_port: int, postgres: PostgresServer, database_url: str) -> str:
+    return database_url.replace(f":{postgres.port}/", f":{proxy_port}/") + "?sslmode=disable"
+
+
+def test_a_database_that_goes_silent_holds_no_reading_for_ever(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    postgres: PostgresServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """Every connection the worker holds stops answering and stays open (a primary's host
+    lost without a reset; a failover's new primary takes new connections): the store's
+    transaction and a new meter's key lookup waited on their sockets for ever, nothing
+    stored, no receipt, and the worker did not stop either. Each is given up after
+    `database_timeout_s` and tried again on a new connection."""
+    known, new = make_meter_id(), make_meter_id()
+    keys = {m: provision(pki, database_url, m) for m in (known, new)}
+    proxy = SilentProxy(postgres.port)
+
+    async def scenario() -> list[list[tuple[int, str]]]:
+        async with proxy.serving() as port:
+            settings = worker_settings(
+                pki=pki, port=broker.port, database_url=_via(port, postgres, database_url),
+                redis_url=None, retry_initial_s=0.1, database_timeout_s=1,
+            )  # fmt: skip
+            async with running_worker(settings):
+                first, second = await _meters(pki, broker.port, [known, new], keys)
+                first.publish(first.reading(1, imp=1))
+                await first.wait_receipts(1)
+                proxy.silence()
+                first.publish(first.reading(2, imp=2))
+                second.publish(second.reading(1, imp=1))
+                receipts = [await m.wait_receipts(n) for m, n in ((first, 2), (second, 1))]
+                await first.close()
+                await second.close()
+        return [[(r["seq"], r["status"]) for r in got] for got in receipts]
+
+    assert asyncio.run(scenario()) == [[(1, "accepted"), (2, "accepted")], [(1, "accepted")]]
+    assert stored_counts(database_url, [known, new]) == {(known, 1): 1, (known, 2): 1, (new, 1): 1}
+
+
+def test_a_key_retired_while_the_registry_listen_went_silent_is_refused(
+    pki: PkiLayout,
+    broker: BrokerServer,
+    postgres: PostgresServer,
+    database_url: str,
+    meter_id: str,
+) -> None:
+    """The worker's LISTEN connection goes silent, then the meter's key is retired: the
+    notification never came, and the cached key verified the meter's readings until the
+    cache's TTL (an hour by default). The listen is probed, found silent and made again,
+    and the cache dropped with it."""
+    key = provision(pki, database_url, meter_id)
+    proxy = SilentProxy(postgres.port)
+
+    async def scenario() -> list[tuple[int, str, str | None]]:
+        async with proxy.serving() as port:
+            settings = worker_settings(
+                pki=pki, port=broker.port, database_url=_via(port, postgres, database_url),
+                redis_url=None, retry_initial_s=0.1, database_timeout_s=1,
+            )  # fmt: skip
+            async with running_worker(settings):
+                (meter,) = await _meters(pki, broker.port, [meter_id], {meter_id: key})
+                meter.publish(meter.reading(1, imp=1))
+                await meter.wait_receipts(1)
+                proxy.silence()
+                with psycopg.connect(database_url, autocommit=True) as conn:
+                    new_pem = generate_private_key("EdDSA").public_key().pem()
+                    rotate_key(conn, meter_id, NewKey.parse("EdDSA", new_pem), overlap=timedelta(0))
+                seq = 1
+                deadline = time.monotonic() + 15
+                while meter.receipts[-1]["status"] == "accepted" and time.monotonic() < deadline:
+                    seq += 1
+                    meter.publish(meter.reading(seq, imp=seq))
+                    await meter.wait_receipts(seq)
+                    await asyncio.sleep(0.5)
+                await meter.close()
+        return [(r["seq"], r["status"], r.get("reason")) for r in meter.receipts]
+
+    receipts = asyncio.run(scenario())
+    assert receipts[-1][1:] == ("rejected", "bad_signature"), receipts

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 
 import psycopg
-from ingest_harness import provision
+from ingest_harness import SilentProxy, provision
 from waiting import async_wait_until
 
 from meterproof.certs.layout import PkiLayout
@@ -15,6 +17,7 @@ from meterproof.ingest.keys import KeyCache
 from meterproof.registry import repository
 from meterproof.registry.model import MeterStatus
 from meterproof.registry.snapshots import MeterSnapshot
+from meterproof.stack.postgres import PostgresServer
 
 
 class _ChangedDuringFetch(KeyCache):
@@ -22,7 +25,7 @@ class _ChangedDuringFetch(KeyCache):
     is stored, and waits until the notification has reached the cache."""
 
     def __init__(self, *, database_url: str, meter_id: str) -> None:
-        super().__init__(database_url=database_url, ttl_s=3600)
+        super().__init__(database_url=database_url, ttl_s=3600, timeout_s=30)
         self._meter_id = meter_id
         self.changed = False
 
@@ -64,3 +67,47 @@ def test_a_change_notified_during_a_fetch_is_not_hidden_by_its_answer(
     during, after = asyncio.run(scenario())
     assert during == "active"  # the batch in hand was judged by the answer it asked for
     assert after == "quarantined"  # the next one asks again
+
+
+def test_after_a_lost_listen_the_lookups_connection_is_made_again(
+    pki: PkiLayout,
+    postgres: PostgresServer,
+    database_url: str,
+    make_meter_id: Callable[[], str],
+) -> None:
+    """The server goes silent; the listen's probe finds it lost and the listen is made
+    again (a failover's new primary), which drops the cache. The next lookup went to the
+    lookups' own connection, still on the silent server, and waited `timeout_s` there;
+    with the default, every reading stood 30 s more after the failover. That connection
+    is made again with the listen."""
+    first, second = make_meter_id(), make_meter_id()
+    for meter_id in (first, second):
+        provision(pki, database_url, meter_id)
+    proxy = SilentProxy(postgres.port)
+
+    async def scenario() -> tuple[MeterSnapshot | None, float]:
+        async with proxy.serving() as port:
+            via = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+            cache = KeyCache(database_url=via, ttl_s=3600, timeout_s=4)
+            stop = asyncio.Event()
+            listener = asyncio.create_task(cache.listen(stop))
+            try:
+                await asyncio.wait_for(cache.listening.wait(), 10)
+                assert (await cache.snapshots([first]))[first] is not None
+                proxy.silence()
+                await async_wait_until(
+                    lambda: not cache.listening.is_set(), what="the listen lost", within_s=20
+                )
+                await asyncio.wait_for(cache.listening.wait(), 10)
+                started = time.monotonic()
+                found = (await cache.snapshots([second]))[second]
+                return found, time.monotonic() - started
+            finally:
+                stop.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+                await cache.close()
+
+    found, took_s = asyncio.run(scenario())
+    assert found is not None
+    assert took_s < 2, f"the lookup waited {took_s:.1f} s on the silent connection"
