@@ -170,6 +170,7 @@ class EtcdMember(_Member):
         argv += ["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer]
         argv += ["--initial-cluster", self._cluster, "--initial-cluster-state", "new"]
         argv += ["--initial-cluster-token", f"{SCOPE}-{self._cluster_id()}"]
+        argv += ["--enable-v2=true"]  # Patroni's `etcd` (v2) store: PatroniNode._config says why
         return self._launch(
             argv, ready=lambda: port_accepts(self.client_port), what=f"{self.name} on {self.url}"
         )
@@ -297,6 +298,24 @@ class PatroniNode(_Member):
         for each in [pid, *map(int, children.split())]:
             os.kill(each, sig)
 
+    def pause(self) -> None:
+        """SIGSTOP of Patroni and its PostgreSQL, as when the machine is paused (a VM
+        suspended, a partition): nothing dies, no connection is closed, nothing answers,
+        and its leader key runs out after the TTL. `resume` lets it go on: Patroni finds
+        the key gone and makes its PostgreSQL a standby."""
+        self._signal_postgres(signal.SIGSTOP)
+        self._signal_patroni(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_patroni(signal.SIGCONT)
+        self._signal_postgres(signal.SIGCONT)
+
+    def _signal_patroni(self, sig: signal.Signals) -> None:
+        pid = self.pid()
+        if pid is None:
+            raise StackError(f"{self.name}: Patroni is not running")
+        os.kill(pid, sig)
+
     def crash(self) -> None:
         """kill -9 of Patroni and its PostgreSQL at once, as when the machine dies: its
         leader key, if it held it, stays in etcd until its TTL runs out."""
@@ -319,7 +338,7 @@ class PatroniNode(_Member):
                 "listen": f"{LOOPBACK}:{self.rest_port}",
                 "connect_address": f"{LOOPBACK}:{self.rest_port}",
             },
-            "etcd3": {"hosts": self._etcd, "protocol": "http"},
+            "etcd": {"hosts": self._etcd, "protocol": "http"},
             "bootstrap": {
                 "dcs": {
                     **_DCS,
