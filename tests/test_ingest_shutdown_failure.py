@@ -47,6 +47,9 @@ class _Broken:
         self._store.close()
         self._closed.append(True)
 
+    def abort(self) -> None:
+        self._store.abort()
+
 
 def test_a_batch_that_fails_for_a_bug_ends_the_worker_cleanly_and_loses_nothing(
     pki: PkiLayout,
