@@ -188,9 +188,10 @@ class Services:
 
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
-        self.pool = AsyncConnectionPool(
-            settings.database_url, min_size=1, max_size=8, open=False,
-            kwargs={"autocommit": True, "options": _SESSION},
+        within_s = settings.database_timeout_s
+        self.pool = reads.ReadPool(
+            settings.database_url, answer_within_s=within_s, min_size=1, max_size=8,
+            open=False, kwargs={"autocommit": True, "options": _SESSION},
         )  # fmt: skip
         #: History and rollups (docs/api.md, "Reads from a standby"). Each connection is
         #: checked when taken, so one to a standby that went away is replaced (libpq then
@@ -198,10 +199,10 @@ class Services:
         #: return to the standby once it is back.
         self.lagging = (
             self.pool if settings.database_read_url is None
-            else AsyncConnectionPool(
-                settings.database_read_url, min_size=1, max_size=8, open=False,
-                check=AsyncConnectionPool.check_connection, max_lifetime=_BACK_TO_STANDBY_S,
-                kwargs={"autocommit": True, "options": _SESSION},
+            else reads.ReadPool(
+                settings.database_read_url, answer_within_s=within_s, min_size=1, max_size=8,
+                open=False, check=AsyncConnectionPool.check_connection,
+                max_lifetime=_BACK_TO_STANDBY_S, kwargs={"autocommit": True, "options": _SESSION},
             )
         )  # fmt: skip
         self.audience = Audience(
@@ -224,7 +225,7 @@ class Services:
             rules, source=self.source, store_factory=provider_store(rules), shares_load=False
         )
 
-    def pools(self) -> list[AsyncConnectionPool]:
+    def pools(self) -> list[reads.ReadPool]:
         return [self.pool] if self.lagging is self.pool else [self.pool, self.lagging]
 
 

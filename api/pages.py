@@ -41,7 +41,6 @@ from typing import Final, LiteralString
 import psycopg
 import structlog
 from prometheus_client import Counter
-from psycopg_pool import AsyncConnectionPool
 
 from meterproof.api import reads
 from meterproof.backoff import Backoff
@@ -135,9 +134,7 @@ _READS: Final = {
 }
 
 
-async def whole_range(
-    pool: AsyncConnectionPool, span: reads.Span, *, csv: bool = False
-) -> bytes | None:
+async def whole_range(pool: reads.ReadPool, span: reads.Span, *, csv: bool = False) -> bytes | None:
     """Every reading of the span in (ts, seq) order: the JSON objects of `reads.finish`,
     comma-joined, or with `csv` the CSV lines of `reads.csv_lines`, newline-joined. None
     when the range may hold `span.limit` readings or more, or no page serves it: then
@@ -194,7 +191,7 @@ class Renderer:
 
     def __init__(
         self,
-        pool: AsyncConnectionPool,
+        pool: reads.ReadPool,
         *,
         interval_s: float,
         grace_s: float,

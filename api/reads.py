@@ -20,6 +20,7 @@ import binascii
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, LiteralString, TypeVar
 
 import psycopg
@@ -28,6 +29,7 @@ from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from meterproof.api.errors import ApiError
+from meterproof.db.silence import bounded, cut, deadline
 from meterproof.errors import UnavailableError
 
 QUERIES = Counter(
@@ -108,6 +110,24 @@ _CSV_HEADER: Final = (",".join(FIELDS) + "\n").encode()
 _B64URL: Final = bytes.maketrans(b"+/", b"-_")
 
 
+class ReadPool(AsyncConnectionPool):
+    """The API's pools, whose reads a server gone silent (a primary's machine paused or cut
+    off) cannot hold: a read still waiting after `answer_within_s` has its connection cut
+    under it (`meterproof.db.silence`) and fails as on a closed one, so `read` tries it
+    again on another; and the pool is drained, since every connection it holds may lead to
+    the same silent server and each would wait that long again."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        answer_within_s: float,
+        **kwargs: Any,  # noqa: ANN401 - the pool's own options, passed on
+    ) -> None:
+        super().__init__(bounded(conninfo, answer_within_s), **kwargs)
+        self.answer_within_s = answer_within_s
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """Readings in (ts, seq) order: each one's time (unix ms), for the consent policy,
@@ -151,7 +171,7 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
     return ts, seq
 
 
-async def latest(pool: AsyncConnectionPool, meter_id: str) -> Page:
+async def latest(pool: ReadPool, meter_id: str) -> Page:
     """The meter's reading with the highest (ts, seq), rendered as JSON (or none)."""
     return await _page(pool, _LATEST, (meter_id,))
 
@@ -173,7 +193,7 @@ class Span:
         return self.after if self.after is not None else (self.from_ms - 1, 0)
 
 
-async def history(pool: AsyncConnectionPool, span: Span, *, csv: bool = False) -> Page:
+async def history(pool: ReadPool, span: Span, *, csv: bool = False) -> Page:
     """The span's readings in (ts, seq) order, each rendered as JSON, or as a CSV line in
     FIELDS' order."""
     after_ts, after_seq = span.after_key
@@ -182,7 +202,7 @@ async def history(pool: AsyncConnectionPool, span: Span, *, csv: bool = False) -
     return await _page(pool, sql, params)
 
 
-async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str, int] | None:
+async def owner_of(pool: ReadPool, reading_hash: bytes) -> tuple[str, int] | None:
     """(meter id, ts in unix ms) of a stored reading, for the consent policy."""
     rows = await query(
         pool,
@@ -193,12 +213,12 @@ async def owner_of(pool: AsyncConnectionPool, reading_hash: bytes) -> tuple[str,
     return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
 
-async def meter_status(pool: AsyncConnectionPool, meter_id: str) -> str | None:
+async def meter_status(pool: ReadPool, meter_id: str) -> str | None:
     rows = await query(pool, "SELECT status::text FROM meters WHERE meter_id = %s", (meter_id,))
     return str(rows[0][0]) if rows else None
 
 
-async def last_event_id(pool: AsyncConnectionPool, meter_id: str) -> int:
+async def last_event_id(pool: ReadPool, meter_id: str) -> int:
     """The newest security event of the meter (0: none); uses (meter_id, at)'s index."""
     rows = await query(
         pool,
@@ -209,7 +229,7 @@ async def last_event_id(pool: AsyncConnectionPool, meter_id: str) -> int:
 
 
 async def events_after(
-    pool: AsyncConnectionPool, meter_id: str, after_id: int, *, limit: int
+    pool: ReadPool, meter_id: str, after_id: int, *, limit: int
 ) -> list[dict[str, Any]]:
     """The meter's security events recorded after `after_id`, oldest first."""
     rows = await query(
@@ -226,7 +246,7 @@ async def events_after(
 
 @contextlib.asynccontextmanager
 async def connection(
-    pool: AsyncConnectionPool, *, wait_s: float | None = None
+    pool: ReadPool, *, wait_s: float | None = None
 ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A connection of `pool` for one read (waiting `wait_s`, default the pool's timeout),
     counted by the server that answers it (a standby reached through `database_read_url`,
@@ -235,7 +255,13 @@ async def connection(
         async with pool.connection(timeout=wait_s) as conn:
             standby = conn.info.parameter_status("in_hot_standby") == "on"  # PostgreSQL 14+
             QUERIES.labels(server="standby" if standby else "primary").inc()
-            yield conn
+            cut_off = partial(cut, conn)
+            with deadline(within_s=pool.answer_within_s, cut_off=cut_off, wait="api_read") as d:
+                try:
+                    yield conn
+                finally:
+                    if d.fired:
+                        await pool.drain()
     except psycopg.Error as exc:
         raise UnavailableError("database", f"read: {exc}") from exc
 
@@ -244,9 +270,7 @@ class _ClosedError(Exception):
     """The pooled connection a read took had been closed by its server."""
 
 
-async def read(
-    pool: AsyncConnectionPool, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
-) -> _T:
+async def read(pool: ReadPool, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]) -> _T:
     """`work` (reads only) on a connection of `pool`, again on another while the one taken
     turns out closed by its server. After a failover the pool still holds connections to
     the old primary, each of which would fail one request or stream poll; checking every
@@ -268,7 +292,7 @@ async def read(
 
 
 async def _on_connection(
-    pool: AsyncConnectionPool,
+    pool: ReadPool,
     work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
     wait_s: float | None,
 ) -> _T:
@@ -282,7 +306,7 @@ async def _on_connection(
 
 
 async def query(
-    pool: AsyncConnectionPool,
+    pool: ReadPool,
     sql: LiteralString,
     params: Sequence[Any] | Mapping[str, Any],
     *,
@@ -297,7 +321,7 @@ async def query(
     return await read(pool, rows)
 
 
-async def _page(pool: AsyncConnectionPool, sql: LiteralString, params: Sequence[Any]) -> Page:
+async def _page(pool: ReadPool, sql: LiteralString, params: Sequence[Any]) -> Page:
     rows = await query(pool, sql, params)
     last = (int(rows[-1][0]), int(rows[-1][1])) if rows else None
     return Page([r[0] for r in rows], [r[2] for r in rows], last)

@@ -28,7 +28,6 @@ from typing import Any, Final
 import orjson
 import structlog
 from fastapi import WebSocket
-from psycopg_pool import AsyncConnectionPool
 from starlette.websockets import WebSocketDisconnect
 
 from meterproof.api import reads
@@ -59,7 +58,7 @@ Start = Callable[[Principal], Awaitable[Poll]]
 
 async def energy(websocket: WebSocket, meter_id: str) -> None:
     audience: Audience = websocket.app.state.services.audience
-    pool: AsyncConnectionPool = websocket.app.state.services.pool
+    pool: reads.ReadPool = websocket.app.state.services.pool
 
     async def start(who: Principal) -> Poll:
         _check(audience, who, meter_id, wall_ms())
@@ -85,7 +84,7 @@ async def energy(websocket: WebSocket, meter_id: str) -> None:
 
 
 async def status(websocket: WebSocket, meter_id: str) -> None:
-    pool: AsyncConnectionPool = websocket.app.state.services.pool
+    pool: reads.ReadPool = websocket.app.state.services.pool
 
     async def start(who: Principal) -> Poll:
         sent: str | None = None
@@ -106,7 +105,7 @@ async def status(websocket: WebSocket, meter_id: str) -> None:
 
 
 async def alerts(websocket: WebSocket, meter_id: str) -> None:
-    pool: AsyncConnectionPool = websocket.app.state.services.pool
+    pool: reads.ReadPool = websocket.app.state.services.pool
 
     async def start(who: Principal) -> Poll:
         after = await reads.last_event_id(pool, meter_id)

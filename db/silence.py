@@ -21,7 +21,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -65,25 +66,41 @@ def cut(conn: psycopg.BaseConnection[Any]) -> None:
             sock.close()
 
 
-async def answered(
-    job: Awaitable[_T], *, within_s: float, cut_off: Callable[[], None], wait: str
-) -> _T:
-    """`job`'s result. If it is still waiting after `within_s`, `cut_off` ends its
-    connection and the job fails as on a lost one; `wait` names it in the log and the
-    metric. A timer, not a cancellation: a transaction's thread cannot be cancelled, and a
-    cancelled psycopg wait on a silent server sends a cancel request first (seconds more).
-    """
-    timer = asyncio.get_running_loop().call_later(within_s, _silent, cut_off, wait, within_s)
+@dataclass
+class Deadline:
+    """What `deadline` yields: `fired` once the connection was cut."""
+
+    fired: bool = False
+
+
+@contextlib.contextmanager
+def deadline(*, within_s: float, cut_off: Callable[[], None], wait: str) -> Iterator[Deadline]:
+    """While inside, in an event loop: if still inside after `within_s`, `cut_off` ends the
+    connection, and the wait on it fails as on a lost one; `wait` names it in the log and
+    the metric. A timer, not a cancellation: a transaction's thread cannot be cancelled,
+    and a cancelled psycopg wait on a silent server sends a cancel request first (seconds
+    more)."""
+    state = Deadline()
+
+    def expire() -> None:
+        state.fired = True
+        SILENT.labels(wait=wait).inc()
+        log.error("database_silent", wait=wait, waited_s=within_s)
+        cut_off()
+
+    timer = asyncio.get_running_loop().call_later(within_s, expire)
     try:
-        return await job
+        yield state
     finally:
         timer.cancel()
 
 
-def _silent(cut_off: Callable[[], None], wait: str, within_s: float) -> None:
-    SILENT.labels(wait=wait).inc()
-    log.error("database_silent", wait=wait, waited_s=within_s)
-    cut_off()
+async def answered(
+    job: Awaitable[_T], *, within_s: float, cut_off: Callable[[], None], wait: str
+) -> _T:
+    """`job`'s result, under a `deadline`."""
+    with deadline(within_s=within_s, cut_off=cut_off, wait=wait):
+        return await job
 
 
 class ListenProbe:

@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import Callable
 
 from bridge_harness import T0, make_fleet, query
-from psycopg_pool import AsyncConnectionPool
 
 from meterproof.api import pages, reads
 
@@ -21,7 +20,7 @@ async def _render_and_read(
     """Queue every quarter, render them with or without CSV, then read the whole range
     through pages both ways and, as CSV, row by row."""
     span = reads.Span(meter_id, T0, T0 + QUARTERS * pages.QUARTER_MS, None, 1_000)
-    async with AsyncConnectionPool(database_url, min_size=1, max_size=1) as pool:
+    async with reads.ReadPool(database_url, answer_within_s=30, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO history_dirty SELECT meter_id, bucket FROM meter_quarters"

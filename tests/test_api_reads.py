@@ -6,6 +6,7 @@ hostile `kid` stored by other means still makes valid JSON and CSV. How fast the
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
@@ -17,16 +18,19 @@ import orjson
 import psycopg
 import pytest
 from fixtures.api import ApiServer
-from ingest_harness import provision
+from ingest_harness import SilentProxy, provision
 from waiting import wait_until
 
+from meterproof.api import reads
 from meterproof.api.pages import QUARTER_MS
 from meterproof.api.reads import FIELDS
 from meterproof.consent import repository as consent
 from meterproof.consent.model import Scope
+from meterproof.db.silence import SILENT
 from meterproof.schemas.codec import encode_reading, sign_reading
 from meterproof.schemas.reading import VerifiedReading, b64url
 from meterproof.schemas.timestamps import ms_to_dt, wall_ms
+from meterproof.stack.postgres import PostgresServer
 
 COUNT = 2_500
 
@@ -262,3 +266,31 @@ def test_history_pages_serve_what_rows_serve_and_never_hide_a_late_reading(
         assert [r["seq"] for r in whole] == [*range(1, p + 2), count + 1, *range(p + 2, count + 1)]
         assert whole[p + 1]["ts"] == late_ts
         assert len(whole) == count + 1
+
+
+def test_a_read_on_a_server_gone_silent_is_cut_and_read_again(
+    postgres: PostgresServer, database_url: str
+) -> None:
+    """Every connection of the pool stops being answered and stays open (a primary's
+    machine paused; new connections reach a new primary): a read waited on its socket for
+    good. It is cut after `answer_within_s` and read again on a new connection; the pool
+    is drained, so no other read waits on one of the silent connections it held."""
+    proxy = SilentProxy(postgres.port)
+    cuts = SILENT.labels(wait="api_read")
+
+    async def scenario() -> tuple[list[tuple[Any, ...]], float, float]:
+        async with proxy.serving() as port:
+            via = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+            async with reads.ReadPool(via, answer_within_s=2, min_size=4, max_size=4) as pool:
+                await pool.wait()
+                assert await reads.query(pool, "SELECT 1", ()) == [(1,)]
+                proxy.silence()
+                before, started = cuts._value.get(), time.monotonic()
+                rows = await asyncio.wait_for(reads.query(pool, "SELECT 2", ()), 30)
+                took_s = time.monotonic() - started
+                again = await asyncio.wait_for(reads.query(pool, "SELECT 3", ()), 30)
+                assert again == [(3,)]
+                return rows, took_s, cuts._value.get() - before
+
+    rows, took_s, cut = asyncio.run(scenario())
+    assert (rows, cut) == ([(2,)], 1), f"read again after {took_s:.1f} s"

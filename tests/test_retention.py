@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from bridge_harness import T0, Clock, in_process, make_fleet, query
 from click.testing import CliRunner
-from psycopg_pool import AsyncConnectionPool
 from test_ingest_store import candidate
 from test_rollups import all_rollups, store_batches
 from waiting import wait_until
@@ -62,7 +61,7 @@ def run_prune(database_url: str, horizon_ms: int, lines: list[str] | None = None
 
 async def render_pages(database_url: str) -> int:
     """What the API's renderer would render: every queued closed quarter."""
-    async with AsyncConnectionPool(database_url, min_size=1, max_size=1) as pool:
+    async with reads.ReadPool(database_url, answer_within_s=30, min_size=1, max_size=1) as pool:
         renderer = Renderer(pool, interval_s=1, grace_s=0, batch=1_000)
         rendered = 0
         while picked := await renderer.render_once():
@@ -140,7 +139,7 @@ def test_only_anchored_batches_older_than_the_horizon_go_and_the_ledger_still_ve
 
 async def _through_pages_and_rows(span: reads.Span, database_url: str) -> tuple[Any, bytes]:
     """The span as CSV through pages (None: no page serves it) and row by row."""
-    async with AsyncConnectionPool(database_url, min_size=1, max_size=1) as pool:
+    async with reads.ReadPool(database_url, answer_within_s=30, min_size=1, max_size=1) as pool:
         rows = await reads.history(pool, span, csv=True)
         return await pages.whole_range(pool, span, csv=True), reads.csv_lines(rows.lines)
 
