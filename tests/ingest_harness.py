@@ -245,34 +245,50 @@ def worker_settings(
     return IngestSettings.model_validate(values)
 
 
-class CommitCutter:
-    """A TCP proxy in front of PostgreSQL. Armed, it cuts the store's connection at its
-    next COMMIT: passed on, once `committed()` says the server has it, with the answer
-    held back (a reply lost to the network or a failover); or held back itself."""
+class _Proxy:
+    """A TCP proxy on a free loopback port in front of the PostgreSQL on `port`."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @contextlib.asynccontextmanager
+    async def serving(self, database_url: str) -> AsyncIterator[str]:
+        """`database_url` through the proxy (without TLS: it reads the protocol), while it
+        serves; every link closed after."""
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = int(server.sockets[0].getsockname()[1])
+        try:
+            yield database_url.replace(f":{self._port}/", f":{port}/") + "?sslmode=disable"
+        finally:
+            server.close()
+            self._release()
+            for writer in self._writers:
+                writer.close()
+            await server.wait_closed()
+
+    def _release(self) -> None:
+        """Let links held back go, before they are closed."""
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class CommitCutter(_Proxy):
+    """Armed, it cuts the store's connection at its next COMMIT: passed on, once
+    `committed()` says the server has it, with the answer held back (a reply lost to the
+    network or a failover); or held back itself."""
 
     def __init__(self, port: int, committed: Callable[[], bool], *, deliver: bool) -> None:
-        self._port = port
+        super().__init__(port)
         self._committed = committed
         self._deliver = deliver
-        self._links: list[asyncio.StreamWriter] = []
         self.armed = False
         self.cuts = 0
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[int]:
-        """The proxy's port, while it serves; every link closed after."""
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        try:
-            yield int(server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            for link in self._links:
-                link.close()
-            await server.wait_closed()
-
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
-        self._links += [to_client, to_server]
+        self._writers += [to_client, to_server]
         cut = asyncio.Event()
 
         async def answers() -> None:
@@ -303,38 +319,30 @@ class CommitCutter:
         to_server.close()
 
 
-class SilentProxy:
-    """A TCP proxy in front of PostgreSQL whose `silence()` stops every link open now in
-    both directions and keeps it open, as a host lost without a reset (a paused VM, a
-    partition) or a stalled server does: what is sent is taken by the kernel and never
-    answered. Links opened after it relay again: a failover's new primary."""
+class SilentProxy(_Proxy):
+    """`silence()` stops every link open now in both directions and keeps it open, as a
+    host lost without a reset (a paused VM, a partition) or a stalled server does: what is
+    sent is taken by the kernel and never answered. Links opened after it relay again: a
+    failover's new primary."""
 
     def __init__(self, port: int) -> None:
-        self._port = port
-        self._links: list[tuple[asyncio.StreamWriter, asyncio.Event]] = []
+        super().__init__(port)
+        self._open: list[asyncio.Event] = []
 
     def silence(self) -> None:
-        for _, open_ in self._links:
+        for open_ in self._open:
             open_.clear()
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[int]:
-        """The proxy's port, while it serves; every link closed after."""
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        try:
-            yield int(server.sockets[0].getsockname()[1])
-        finally:
-            server.close()
-            for writer, open_ in self._links:
-                open_.set()
-                writer.close()
-            await server.wait_closed()
+    def _release(self) -> None:
+        for open_ in self._open:
+            open_.set()
 
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
         open_ = asyncio.Event()
         open_.set()
-        self._links += [(to_client, open_), (to_server, open_)]
+        self._open.append(open_)
+        self._writers += [to_client, to_server]
 
         async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):

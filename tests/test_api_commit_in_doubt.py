@@ -107,8 +107,7 @@ def test_a_provider_batch_whose_commit_answer_was_lost_is_not_judged_again(
     )
 
     async def scenario() -> BatchResult:
-        async with cutter.serving() as port:
-            via_proxy = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+        async with cutter.serving(database_url) as via_proxy:
             factory = provider_store(settings.model_copy(update={"database_url": via_proxy}))
             first = await asyncio.to_thread(factory)
             cutter.armed = True

@@ -279,18 +279,19 @@ def test_a_read_on_a_server_gone_silent_is_cut_and_read_again(
     cuts = SILENT.labels(wait="api_read")
 
     async def scenario() -> tuple[list[tuple[Any, ...]], float, float]:
-        async with proxy.serving() as port:
-            via = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
-            async with reads.ReadPool(via, answer_within_s=2, min_size=4, max_size=4) as pool:
-                await pool.wait()
-                assert await reads.query(pool, "SELECT 1", ()) == [(1,)]
-                proxy.silence()
-                before, started = cuts._value.get(), time.monotonic()
-                rows = await asyncio.wait_for(reads.query(pool, "SELECT 2", ()), 30)
-                took_s = time.monotonic() - started
-                again = await asyncio.wait_for(reads.query(pool, "SELECT 3", ()), 30)
-                assert again == [(3,)]
-                return rows, took_s, cuts._value.get() - before
+        async with (
+            proxy.serving(database_url) as via,
+            reads.ReadPool(via, answer_within_s=2, min_size=4, max_size=4) as pool,
+        ):
+            await pool.wait()
+            assert await reads.query(pool, "SELECT 1", ()) == [(1,)]
+            proxy.silence()
+            before, started = cuts._value.get(), time.monotonic()
+            rows = await asyncio.wait_for(reads.query(pool, "SELECT 2", ()), 30)
+            took_s = time.monotonic() - started
+            again = await asyncio.wait_for(reads.query(pool, "SELECT 3", ()), 30)
+            assert again == [(3,)]
+            return rows, took_s, cuts._value.get() - before
 
     rows, took_s, cut = asyncio.run(scenario())
     assert (rows, cut) == ([(2,)], 1), f"read again after {took_s:.1f} s"

@@ -355,8 +355,7 @@ def test_a_consent_revoked_while_the_listen_went_silent_stops_the_live_copies(
         return audience.of(meter_id, now, now)
 
     async def scenario() -> None:
-        async with proxy.serving() as port:
-            via = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+        async with proxy.serving(database_url) as via:
             audience, stop = Audience(database_url=via, timeout_s=1), asyncio.Event()
             task = asyncio.create_task(audience.run(stop))
             with psycopg.connect(database_url, autocommit=True) as conn:

@@ -4,11 +4,12 @@ the broker, PostgreSQL and Redis, audited by (meter_id, seq) in the database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -349,8 +350,7 @@ def test_a_commit_whose_answer_was_lost_is_not_written_or_counted_twice(
     )
 
     async def scenario() -> tuple[list[tuple[Any, ...]], float]:
-        async with cutter.serving() as port:
-            via_proxy = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+        async with cutter.serving(database_url) as via_proxy:
             settings = worker_settings(
                 pki=pki, port=broker.port, database_url=via_proxy, redis_url=None,
                 batch_linger_ms=500, retry_initial_s=0.1,
@@ -377,8 +377,19 @@ def test_a_commit_whose_answer_was_lost_is_not_written_or_counted_twice(
     )
 
 
-def _via(proxy_port: int, postgres: PostgresServer, database_url: str) -> str:
-    return database_url.replace(f":{postgres.port}/", f":{proxy_port}/") + "?sslmode=disable"
+@contextlib.asynccontextmanager
+async def _worker_behind(
+    proxy: SilentProxy, pki: PkiLayout, broker: BrokerServer, database_url: str
+) -> AsyncIterator[None]:
+    """A worker whose every database connection goes through `proxy`; it gives a wait on
+    the database up after 1 s."""
+    async with proxy.serving(database_url) as via:
+        settings = worker_settings(
+            pki=pki, port=broker.port, database_url=via, redis_url=None, retry_initial_s=0.1,
+            database_timeout_s=1,
+        )  # fmt: skip
+        async with running_worker(settings):
+            yield
 
 
 def test_a_database_that_goes_silent_holds_no_reading_for_ever(
@@ -398,21 +409,16 @@ def test_a_database_that_goes_silent_holds_no_reading_for_ever(
     proxy = SilentProxy(postgres.port)
 
     async def scenario() -> list[list[tuple[int, str]]]:
-        async with proxy.serving() as port:
-            settings = worker_settings(
-                pki=pki, port=broker.port, database_url=_via(port, postgres, database_url),
-                redis_url=None, retry_initial_s=0.1, database_timeout_s=1,
-            )  # fmt: skip
-            async with running_worker(settings):
-                first, second = await _meters(pki, broker.port, [known, new], keys)
-                first.publish(first.reading(1, imp=1))
-                await first.wait_receipts(1)
-                proxy.silence()
-                first.publish(first.reading(2, imp=2))
-                second.publish(second.reading(1, imp=1))
-                receipts = [await m.wait_receipts(n) for m, n in ((first, 2), (second, 1))]
-                await first.close()
-                await second.close()
+        async with _worker_behind(proxy, pki, broker, database_url):
+            first, second = await _meters(pki, broker.port, [known, new], keys)
+            first.publish(first.reading(1, imp=1))
+            await first.wait_receipts(1)
+            proxy.silence()
+            first.publish(first.reading(2, imp=2))
+            second.publish(second.reading(1, imp=1))
+            receipts = [await m.wait_receipts(n) for m, n in ((first, 2), (second, 1))]
+            await first.close()
+            await second.close()
         return [[(r["seq"], r["status"]) for r in got] for got in receipts]
 
     assert asyncio.run(scenario()) == [[(1, "accepted"), (2, "accepted")], [(1, "accepted")]]
@@ -434,27 +440,22 @@ def test_a_key_retired_while_the_registry_listen_went_silent_is_refused(
     proxy = SilentProxy(postgres.port)
 
     async def scenario() -> list[tuple[int, str, str | None]]:
-        async with proxy.serving() as port:
-            settings = worker_settings(
-                pki=pki, port=broker.port, database_url=_via(port, postgres, database_url),
-                redis_url=None, retry_initial_s=0.1, database_timeout_s=1,
-            )  # fmt: skip
-            async with running_worker(settings):
-                (meter,) = await _meters(pki, broker.port, [meter_id], {meter_id: key})
-                meter.publish(meter.reading(1, imp=1))
-                await meter.wait_receipts(1)
-                proxy.silence()
-                with psycopg.connect(database_url, autocommit=True) as conn:
-                    new_pem = generate_private_key("EdDSA").public_key().pem()
-                    rotate_key(conn, meter_id, NewKey.parse("EdDSA", new_pem), overlap=timedelta(0))
-                seq = 1
-                deadline = time.monotonic() + 15
-                while meter.receipts[-1]["status"] == "accepted" and time.monotonic() < deadline:
-                    seq += 1
-                    meter.publish(meter.reading(seq, imp=seq))
-                    await meter.wait_receipts(seq)
-                    await asyncio.sleep(0.5)
-                await meter.close()
+        async with _worker_behind(proxy, pki, broker, database_url):
+            (meter,) = await _meters(pki, broker.port, [meter_id], {meter_id: key})
+            meter.publish(meter.reading(1, imp=1))
+            await meter.wait_receipts(1)
+            proxy.silence()
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                new_pem = generate_private_key("EdDSA").public_key().pem()
+                rotate_key(conn, meter_id, NewKey.parse("EdDSA", new_pem), overlap=timedelta(0))
+            seq = 1
+            deadline = time.monotonic() + 15
+            while meter.receipts[-1]["status"] == "accepted" and time.monotonic() < deadline:
+                seq += 1
+                meter.publish(meter.reading(seq, imp=seq))
+                await meter.wait_receipts(seq)
+                await asyncio.sleep(0.5)
+            await meter.close()
         return [(r["seq"], r["status"], r.get("reason")) for r in meter.receipts]
 
     receipts = asyncio.run(scenario())

@@ -86,8 +86,7 @@ def test_after_a_lost_listen_the_lookups_connection_is_made_again(
     proxy = SilentProxy(postgres.port)
 
     async def scenario() -> tuple[MeterSnapshot | None, float]:
-        async with proxy.serving() as port:
-            via = database_url.replace(f":{postgres.port}/", f":{port}/") + "?sslmode=disable"
+        async with proxy.serving(database_url) as via:
             cache = KeyCache(database_url=via, ttl_s=3600, timeout_s=4)
             stop = asyncio.Event()
             listener = asyncio.create_task(cache.listen(stop))
