@@ -29,7 +29,9 @@ from meterproof.chaos.backlog import (
 from meterproof.chaos.plan import (
     ETCD_DOWN_S,
     HA_KINDS,
+    PRIMARY_PAUSED_S,
     STANDBY_FROZEN_S,
+    WORKER_DATABASE_TIMEOUT_S,
     CampaignConfig,
     FaultKind,
     PlannedFault,
@@ -187,7 +189,11 @@ class ProductProcess:
 
 
 def ingest_process(env: StackEnv, config: CampaignConfig, log: Path) -> ProductProcess:
-    environ = command_environ(env, METERPROOF_METRICS_PORT="0")
+    environ = command_environ(
+        env,
+        METERPROOF_METRICS_PORT="0",
+        METERPROOF_DATABASE_TIMEOUT_S=str(WORKER_DATABASE_TIMEOUT_S),
+    )
     return ProductProcess(
         "ingest", meterproof_argv("ingest", "--workers", str(config.workers)), environ, log
     )
@@ -280,24 +286,35 @@ class Injector:
     def _inject_ha(self, kind: FaultKind) -> Effect:
         """The cluster's faults; their note names the node or member hit."""
         cluster = self._cluster()
-        if kind is FaultKind.PRIMARY_KILL:
-            return self._kill_primary(cluster)
-        if kind is FaultKind.SWITCHOVER:
-            old = cluster.primary()
-            new = cluster.switchover()
-            return Effect(0, f"{'-' if old is None else old.name} -> {new.name}")
-        if kind is FaultKind.BROKER_LOST:
-            return self._lose_broker()
-        if kind is FaultKind.STANDBY_FREEZE:
-            standby = cluster.standby()
-            if standby is None:
-                return Effect(0, "no standby to freeze", hit=False)
-            standby.freeze()
-            try:
-                time.sleep(STANDBY_FROZEN_S)
-            finally:
-                standby.thaw()
-            return Effect(0, standby.name)
+        match kind:
+            case FaultKind.PRIMARY_KILL:
+                effect = self._kill_primary(cluster)
+            case FaultKind.PRIMARY_PAUSE:
+                effect = self._pause_primary(cluster)
+            case FaultKind.SWITCHOVER:
+                old = cluster.primary()
+                new = cluster.switchover()
+                effect = Effect(0, f"{'-' if old is None else old.name} -> {new.name}")
+            case FaultKind.BROKER_LOST:
+                effect = self._lose_broker()
+            case FaultKind.STANDBY_FREEZE:
+                effect = self._freeze_standby(cluster)
+            case _:
+                effect = self._kill_etcd_member(cluster)
+        return effect
+
+    def _freeze_standby(self, cluster: HaCluster) -> Effect:
+        standby = cluster.standby()
+        if standby is None:
+            return Effect(0, "no standby to freeze", hit=False)
+        standby.freeze()
+        try:
+            time.sleep(STANDBY_FROZEN_S)
+        finally:
+            standby.thaw()
+        return Effect(0, standby.name)
+
+    def _kill_etcd_member(self, cluster: HaCluster) -> Effect:
         member = self.rng.choice(cluster.etcd)
         kills = sigkill(member)
         time.sleep(ETCD_DOWN_S)
@@ -308,6 +325,36 @@ class Injector:
         if not isinstance(self.t.postgres, HaCluster):
             raise TypeError("an HA fault needs the Patroni cluster (--ha)")
         return self.t.postgres
+
+    def _pause_primary(self, cluster: HaCluster) -> Effect:
+        """SIGSTOP of the primary's PostgreSQL and Patroni for `PRIMARY_PAUSED_S`, then
+        SIGCONT. The note gives the time from the pause to the first reading stored after
+        it, which can only be on the new primary; none stored while it was paused means
+        the pipeline waited for the silent node (only the resets of its demotion would
+        have freed it): not recovered."""
+        old = cluster.primary()
+        if old is None:
+            return Effect(0, "no primary to pause", hit=False)
+        paused_at = time.time()
+        old.pause()
+        try:
+            stored = wait_until(
+                lambda: stored_since(self.t.database_url, paused_at),
+                timeout_s=PRIMARY_PAUSED_S,
+                poll_s=0.1,
+            )
+            stored_s = time.time() - paused_at
+            time.sleep(max(0.0, PRIMARY_PAUSED_S - stored_s))
+        finally:
+            old.resume()
+        new = cluster.primary()
+        note = f"{old.name} -> {'-' if new is None else new.name}"
+        if not stored:
+            return Effect(
+                0, f"{note}; no reading stored while it was paused ({PRIMARY_PAUSED_S:g} s)",
+                recovered=False,
+            )  # fmt: skip
+        return Effect(0, f"{note}; first reading stored {stored_s:.1f} s after the pause")
 
     def _kill_primary(self, cluster: HaCluster) -> Effect:
         """kill -9 of the primary's postmaster; the fault lasts until a reading is stored

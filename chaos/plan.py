@@ -30,6 +30,7 @@ class FaultKind(StrEnum):
     SWITCHOVER = "pg_switchover"
     ETCD_KILL = "etcd_member_kill9"
     STANDBY_FREEZE = "pg_standby_frozen"
+    PRIMARY_PAUSE = "pg_primary_paused"
     BROKER_LOST = "broker_lost"
 
 
@@ -41,6 +42,7 @@ HA_KINDS: Final = frozenset(
         FaultKind.SWITCHOVER,
         FaultKind.ETCD_KILL,
         FaultKind.STANDBY_FREEZE,
+        FaultKind.PRIMARY_PAUSE,
         FaultKind.BROKER_LOST,
     }
 )
@@ -60,6 +62,11 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.ETCD_KILL: "kill -9 of one of three etcd members, started again 5 s later",
     FaultKind.STANDBY_FREEZE: "the synchronous standby's PostgreSQL stopped (SIGSTOP, "
     "connections open) for 15 s: a standby falling behind at its worst",
+    FaultKind.PRIMARY_PAUSE: "the primary's PostgreSQL and Patroni stopped (SIGSTOP, "
+    "connections open: a machine paused) for 20 s, past the leader key's TTL; Patroni "
+    "fails over, the workers give up their waits on it after their database_timeout_s "
+    "(10 s here) (duration: pause -> first reading stored after it; none before the "
+    "resume: not recovered)",
     FaultKind.BROKER_LOST: "kill -9 of one of the two brokers (in turn: the one the meters "
     "moved to last time), started again once every meter stored a reading through the other "
     "(duration: kill -> that moment, the fleet's failover time; not reached within the "
@@ -78,6 +85,12 @@ SETUP_ALLOWANCE_S: Final = 20.0
 ETCD_DOWN_S: Final = 5.0
 #: How long the standby stays frozen: longer than Patroni takes to drop it (~10 s).
 STANDBY_FROZEN_S: Final = 15.0
+#: How long the primary stays paused: past the leader key's TTL (10 s) and the workers'
+#: `database_timeout_s` (`WORKER_DATABASE_TIMEOUT_S`), so the failover must happen and
+#: the pipeline must find the new primary while the old one is still silent.
+PRIMARY_PAUSED_S: Final = 20.0
+#: The workers' `database_timeout_s` in a campaign, below the pause.
+WORKER_DATABASE_TIMEOUT_S: Final = 10.0
 AUDIT_ALLOWANCE_S: Final = 15.0
 
 
@@ -165,6 +178,7 @@ HA_FULL_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.SWITCHOVER: 3,
     FaultKind.ETCD_KILL: 3,
     FaultKind.STANDBY_FREEZE: 2,
+    FaultKind.PRIMARY_PAUSE: 2,
     FaultKind.BROKER_LOST: 3,
 }
 HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
@@ -173,6 +187,7 @@ HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.SWITCHOVER: 1,
     FaultKind.ETCD_KILL: 1,
     FaultKind.STANDBY_FREEZE: 1,
+    FaultKind.PRIMARY_PAUSE: 1,
     FaultKind.BROKER_LOST: 1,
 }
 
@@ -184,10 +199,10 @@ def full_config(*, ha: bool = False, **changes: object) -> CampaignConfig:
 
 
 def quick_config(*, ha: bool = False, **changes: object) -> CampaignConfig:
-    """Every fault kind at least once in 3 minutes (4 with the cluster's three more);
+    """Every fault kind at least once in 3 minutes (4.5 with the cluster's faults);
     shorter PostgreSQL outage, smaller fleet."""
     base = CampaignConfig(
-        duration_s=240 if ha else 180,
+        duration_s=270 if ha else 180,
         counts=HA_QUICK_COUNTS if ha else QUICK_COUNTS,
         ha=ha,
         meters=100,
@@ -246,6 +261,8 @@ def expected_cost_s(kind: FaultKind, config: CampaignConfig, variant: str = "-")
         FaultKind.ETCD_KILL: ETCD_DOWN_S + 5.0,
         # frozen, then caught up and made synchronous again
         FaultKind.STANDBY_FREEZE: STANDBY_FROZEN_S + 10.0,
+        # paused, then resumed as the new primary's standby and made synchronous again
+        FaultKind.PRIMARY_PAUSE: PRIMARY_PAUSED_S + 15.0,
         # every meter through the other broker (a reconnect, then one interval), restart
         FaultKind.BROKER_LOST: config.interval_s + 10.0,
     }

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from meterproof.chaos.faults import FaultRecord, Injector, Target
-from meterproof.chaos.plan import FaultKind, PlannedFault, quick_config
+from meterproof.chaos.plan import PRIMARY_PAUSED_S, FaultKind, PlannedFault, quick_config
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster
 
@@ -111,3 +111,19 @@ def test_a_primary_kill_without_a_reading_stored_after_it_is_not_recovered(
     assert record.recovery_s is None
     assert f"no reading stored within {TIMEOUT_S:g} s of the kill" in record.note
     ha_cluster.wait_replicated()
+
+
+def test_a_primary_pause_without_a_reading_stored_while_paused_is_not_recovered(
+    ha_cluster: HaCluster, broker_pair: list[BrokerServer], tmp_path: Path
+) -> None:
+    """No worker runs, so nothing is stored while the primary is paused: the failover never
+    shows in the pipeline, which is no recovery. The paused node is resumed all the same
+    and comes back as the new primary's standby."""
+    with psycopg.connect(ha_cluster.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE reading_log, meters CASCADE")
+    old = ha_cluster.primary()
+    record = _run(_injector(ha_cluster, broker_pair, tmp_path), FaultKind.PRIMARY_PAUSE)
+    assert (record.kills, record.recovery_s) == (0, None)
+    assert f"no reading stored while it was paused ({PRIMARY_PAUSED_S:g} s)" in record.note
+    ha_cluster.wait_replicated(timeout=60)
+    assert ha_cluster.primary() is not old
