@@ -345,9 +345,9 @@ class Injector:
             )
             stored_s = time.time() - paused_at
             time.sleep(max(0.0, PRIMARY_PAUSED_S - stored_s))
+            new = cluster.primary()  # before the resume: until its demotion, both say so
         finally:
             old.resume()
-        new = cluster.primary()
         note = f"{old.name} -> {'-' if new is None else new.name}"
         if not stored:
             return Effect(
