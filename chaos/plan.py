@@ -65,8 +65,8 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.PRIMARY_PAUSE: "the primary's PostgreSQL and Patroni stopped (SIGSTOP, "
     "connections open: a machine paused) for 20 s, past the leader key's TTL; Patroni "
     "fails over, the workers give up their waits on it after their database_timeout_s "
-    "(10 s here) (duration: pause -> first reading stored after it; none before the "
-    "resume: not recovered)",
+    "(10 s here) (duration: the pause; the note: pause -> first reading stored after it; "
+    "none stored while paused: not recovered)",
     FaultKind.BROKER_LOST: "kill -9 of one of the two brokers (in turn: the one the meters "
     "moved to last time), started again once every meter stored a reading through the other "
     "(duration: kill -> that moment, the fleet's failover time; not reached within the "

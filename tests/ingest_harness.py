@@ -7,6 +7,7 @@ and a secret share group, as in production."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -245,12 +246,14 @@ def worker_settings(
     return IngestSettings.model_validate(values)
 
 
-class _Proxy:
+class _Proxy(abc.ABC):
     """A TCP proxy on a free loopback port in front of the PostgreSQL on `port`."""
 
     def __init__(self, port: int) -> None:
         self._port = port
         self._writers: list[asyncio.StreamWriter] = []
+        #: Each link a proxy may hold back, open while set; all opened before closing.
+        self._gates: list[asyncio.Event] = []
 
     @contextlib.asynccontextmanager
     async def serving(self, database_url: str) -> AsyncIterator[str]:
@@ -262,16 +265,15 @@ class _Proxy:
             yield database_url.replace(f":{self._port}/", f":{port}/") + "?sslmode=disable"
         finally:
             server.close()
-            self._release()
+            for gate in self._gates:
+                gate.set()
             for writer in self._writers:
                 writer.close()
             await server.wait_closed()
 
-    def _release(self) -> None:
-        """Let links held back go, before they are closed."""
-
+    @abc.abstractmethod
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        """One client's link: what the proxy does with it is what it is for."""
 
 
 class CommitCutter(_Proxy):
@@ -325,23 +327,15 @@ class SilentProxy(_Proxy):
     sent is taken by the kernel and never answered. Links opened after it relay again: a
     failover's new primary."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self._open: list[asyncio.Event] = []
-
     def silence(self) -> None:
-        for open_ in self._open:
-            open_.clear()
-
-    def _release(self) -> None:
-        for open_ in self._open:
-            open_.set()
+        for gate in self._gates:
+            gate.clear()
 
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
         open_ = asyncio.Event()
         open_.set()
-        self._open.append(open_)
+        self._gates.append(open_)
         self._writers += [to_client, to_server]
 
         async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
