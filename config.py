@@ -121,7 +121,8 @@ class Settings(BaseSettings):
         le=3600,
         description="a database that answers nothing this long (a host lost without a "
         "reset, a stalled disk) is given up: the worker's transaction, key lookup and "
-        "registry and consent listens go on over a new connection (db/silence.py)",
+        "registry and consent listens, the bridge's transactions and the API's reads and "
+        "requests go on over a new connection or fail as on a lost one (db/silence.py)",
     )
     share_group: str | None = Field(
         default=None,

@@ -17,7 +17,10 @@ bridges on one database take turns instead of racing.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import psycopg
@@ -29,6 +32,7 @@ from meterproof.bridge.epochs import Epoch, next_epoch
 from meterproof.bridge.ledger.sink import Receipt
 from meterproof.bridge.mint import MeterBatch, MeterState, Mint, mint_batch
 from meterproof.bridge.oracle import Oracle
+from meterproof.db.silence import cut, deadline
 from meterproof.schemas.merkle import merkle_root
 from meterproof.schemas.timestamps import dt_to_ms, ms_to_dt
 
@@ -148,10 +152,23 @@ class Anchored:
 
 class BatchStore:
     """The bridge's tables over one autocommit connection; each call is one explicit
-    transaction, so nothing is left open between passes."""
+    transaction, so nothing is left open between passes. With `within_s`, a transaction
+    the server leaves unanswered that long has its connection cut (`meterproof.db.silence`)
+    and fails as on a lost one: a primary gone silent holds no pass."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, *, within_s: float | None = None) -> None:
         self._conn = conn
+        self._within_s = within_s
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        bound: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext()
+            if self._within_s is None
+            else deadline(within_s=self._within_s, cut_off=partial(cut, self._conn), wait="bridge")
+        )
+        with bound, self._conn.transaction():
+            yield
 
     def advance(self, now_ms: int, *, epoch_ms: int, delay_ms: int, oracle: Oracle) -> Step:
         """Claim into the open batch (opening one when readings wait) and seal every batch
@@ -159,7 +176,7 @@ class BatchStore:
         claimed = 0
         sealed: list[Entry] = []
         while True:
-            with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
+            with self._transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
                 head = cur.execute(_HEAD).fetchone()
                 if head is not None and head[3] == "open":
@@ -289,7 +306,7 @@ class BatchStore:
 
     def first_pending(self) -> Pending | None:
         """The oldest sealed batch the sink has not acknowledged: the only one that may go."""
-        with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
+        with self._transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
             row = cur.execute(_FIRST_PENDING).fetchone()
             if row is None:
                 return None
@@ -307,19 +324,19 @@ class BatchStore:
 
     def count_attempt(self, batch: int) -> None:
         """Committed before each submission: a batch with attempts may be in the sink."""
-        with self._conn.transaction():
+        with self._transaction():
             self._conn.execute(
                 "UPDATE bridge_batches SET attempts = attempts + 1 WHERE batch = %s", (batch,)
             )
 
     def record_failure(self, batch: int, error: str) -> None:
-        with self._conn.transaction():
+        with self._transaction():
             self._conn.execute(
                 "UPDATE bridge_batches SET last_error = %s WHERE batch = %s", (error, batch)
             )
 
     def mark_anchored(self, batch: int, receipt: Receipt) -> None:
-        with self._conn.transaction():
+        with self._transaction():
             self._conn.execute(
                 "UPDATE bridge_batches SET status = 'anchored', anchored_at = now(),"
                 " receipt = %s, last_error = NULL WHERE batch = %s AND status = 'pending'",
@@ -328,7 +345,7 @@ class BatchStore:
 
     def recently_anchored(self, limit: int) -> list[tuple[int, str]]:
         """(batch, idempotency key) of the newest `limit` anchored batches, oldest first."""
-        with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
+        with self._transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
             rows = cur.execute(
                 "SELECT batch, idempotency_key FROM bridge_batches WHERE status = 'anchored'"
                 " ORDER BY batch DESC LIMIT %s",
@@ -339,7 +356,7 @@ class BatchStore:
     def reopen(self, batch: int) -> int:
         """Back to pending from `batch` on (the sink lost them: a reorg drops a suffix of
         the chain); attempts are kept, so each is looked up before it is sent again."""
-        with self._conn.transaction():
+        with self._transaction():
             done = self._conn.execute(
                 "UPDATE bridge_batches SET status = 'pending', receipt = NULL,"
                 " anchored_at = NULL WHERE batch >= %s AND status = 'anchored'",
@@ -349,7 +366,7 @@ class BatchStore:
 
     def pending_count(self) -> tuple[int, int]:
         """(pending batches, GRID units they will mint)."""
-        with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
+        with self._transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
             row = cur.execute(
                 "SELECT count(*), coalesce(sum(minted_units), 0) FROM bridge_batches"
                 " WHERE status = 'pending'"
@@ -358,7 +375,7 @@ class BatchStore:
         return int(row[0]), int(row[1])
 
     def latest_anchored(self) -> Anchored | None:
-        with self._conn.transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
+        with self._transaction(), self._conn.cursor(row_factory=tuple_row) as cur:
             row = cur.execute(
                 "SELECT batch, header, signature, receipt, sealed_at, anchored_at"
                 " FROM bridge_batches WHERE status = 'anchored' ORDER BY batch DESC LIMIT 1"

@@ -10,7 +10,9 @@ The order of effects is the design:
 After a crash anywhere, a pending batch with attempts is first looked up in the sink
 (`fetch`) and only resubmitted when the sink does not have it; the sink deduplicates on
 the key anyway. A failing sink or database delays everything behind it, with exponential
-backoff and jitter, and loses or reorders nothing.
+backoff and jitter, and loses or reorders nothing; one gone silent (a paused or cut-off
+primary) fails the pass after `database_timeout_s` (`meterproof.db.silence`) as if it
+had closed the connection.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import psycopg
@@ -51,6 +54,7 @@ from meterproof.bridge.telemetry import (
     SUBMISSIONS_FAILED,
 )
 from meterproof.db.migrate import ensure_partitions
+from meterproof.db.silence import bounded, cut, deadline
 from meterproof.errors import first_line
 from meterproof.schemas.timestamps import wall_ms
 
@@ -140,15 +144,20 @@ class Runner:
 
     def _store(self) -> BatchStore:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._settings.database_url, autocommit=True)
-        return BatchStore(self._conn)
+            self._conn = psycopg.connect(
+                bounded(self._settings.database_url, self._settings.database_timeout_s),
+                autocommit=True,
+            )
+        return BatchStore(self._conn, within_s=self._settings.database_timeout_s)
 
     def _ensure_partitions(self) -> None:
         now = self._clock()
         if self._partitions_at_ms is not None and now < self._partitions_at_ms:
             return
         assert self._conn is not None
-        created = ensure_partitions(self._conn)
+        within_s, cut_off = self._settings.database_timeout_s, partial(cut, self._conn)
+        with deadline(within_s=within_s, cut_off=cut_off, wait="bridge"):
+            created = ensure_partitions(self._conn)
         if created:
             log.info("partitions_created", count=created)
         self._partitions_at_ms = now + _PARTITIONS_EVERY_MS

@@ -29,7 +29,7 @@ def open_sink(settings: BridgeSettings, *, trusted_key: bytes) -> LedgerSink:
         connect(settings.evm_rpc_url, timeout_s=settings.sink_timeout_s),
         deployment,
         oracle=load_key(settings.evm_oracle_key_file),
-        journal=Journal(settings.database_url, timeout_s=settings.sink_timeout_s),
+        journal=Journal(settings.database_url, timeout_s=settings.database_timeout_s),
         confirmations=settings.evm_confirmations,
         direct_max=settings.evm_direct_max,
         stall_s=settings.evm_stall_s,

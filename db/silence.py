@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -75,24 +76,49 @@ class Deadline:
 
 @contextlib.contextmanager
 def deadline(*, within_s: float, cut_off: Callable[[], None], wait: str) -> Iterator[Deadline]:
-    """While inside, in an event loop: if still inside after `within_s`, `cut_off` ends the
-    connection, and the wait on it fails as on a lost one; `wait` names it in the log and
-    the metric. A timer, not a cancellation: a transaction's thread cannot be cancelled,
-    and a cancelled psycopg wait on a silent server sends a cancel request first (seconds
-    more)."""
+    """While inside: if still inside after `within_s`, `cut_off` ends the connection, and
+    the wait on it fails as on a lost one; `wait` names it in the log and the metric. A
+    timer, not a cancellation: a transaction's thread cannot be cancelled, and a cancelled
+    psycopg wait on a silent server sends a cancel request first (seconds more). The timer
+    is the event loop's where one runs, else a timer thread (the bridge, a synchronous
+    route's thread); either way no cut comes after the block ends."""
     state = Deadline()
+    guard = threading.Lock()
+    inside = True
 
     def expire() -> None:
-        state.fired = True
-        SILENT.labels(wait=wait).inc()
-        log.error("database_silent", wait=wait, waited_s=within_s)
-        cut_off()
+        with guard:
+            if not inside:
+                return
+            state.fired = True
+            SILENT.labels(wait=wait).inc()
+            log.error("database_silent", wait=wait, waited_s=within_s)
+            cut_off()
 
-    timer = asyncio.get_running_loop().call_later(within_s, expire)
+    timer: asyncio.TimerHandle | threading.Timer
+    try:
+        timer = asyncio.get_running_loop().call_later(within_s, expire)
+    except RuntimeError:  # no event loop in this thread
+        timer = threading.Timer(within_s, expire)
+        timer.daemon = True
+        timer.start()
     try:
         yield state
     finally:
+        with guard:
+            inside = False
         timer.cancel()
+
+
+@contextlib.contextmanager
+def connected(url: str, *, within_s: float, wait: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to `url` for one piece of work in this thread, no wait of
+    which (the connect included) lasts past `within_s` on a silent server."""
+    with (
+        psycopg.connect(bounded(url, within_s), autocommit=True) as conn,
+        deadline(within_s=within_s, cut_off=partial(cut, conn), wait=wait),
+    ):
+        yield conn
 
 
 async def answered(

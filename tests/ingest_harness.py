@@ -324,17 +324,24 @@ class CommitCutter(_Proxy):
 class SilentProxy(_Proxy):
     """`silence()` stops every link open now in both directions and keeps it open, as a
     host lost without a reset (a paused VM, a partition) or a stalled server does: what is
-    sent is taken by the kernel and never answered. Links opened after it relay again: a
-    failover's new primary."""
+    sent is taken by the kernel and never answered. Links opened after it relay again (a
+    failover's new primary), unless `new_links` too: a server that accepts connections and
+    never answers their startup."""
 
-    def silence(self) -> None:
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self._new_links_silent = False
+
+    def silence(self, *, new_links: bool = False) -> None:
+        self._new_links_silent = new_links
         for gate in self._gates:
             gate.clear()
 
     async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         upstream, to_server = await asyncio.open_connection("127.0.0.1", self._port)
         open_ = asyncio.Event()
-        open_.set()
+        if not self._new_links_silent:
+            open_.set()
         self._gates.append(open_)
         self._writers += [to_client, to_server]
 

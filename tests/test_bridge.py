@@ -8,6 +8,7 @@ at T0; the process tests run `python -m meterproof bridge` on the wall clock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -34,6 +35,7 @@ from bridge_harness import (
     rfc6962_root,
     settings_for,
 )
+from ingest_harness import SilentProxy
 from paho.mqtt.enums import CallbackAPIVersion
 from waiting import wait_until
 
@@ -50,11 +52,13 @@ from meterproof.bridge.telemetry import SUBMISSIONS_FAILED
 from meterproof.bridge.verify import verify
 from meterproof.certs.layout import PkiLayout
 from meterproof.certs.tls import client_context
+from meterproof.db.silence import SILENT
 from meterproof.schemas.reading import SignedReading, b64url
 from meterproof.schemas.signatures import generate_private_key
 from meterproof.schemas.signing import reading_hash, signing_bytes
 from meterproof.schemas.timestamps import ms_to_dt, wall_ms
 from meterproof.stack.broker import BrokerServer
+from meterproof.stack.postgres import PostgresServer
 from meterproof.stack.process import free_port
 
 # ---------------------------------------------------------------------------------------
@@ -342,6 +346,50 @@ def test_sink_down_delays_anchoring_and_batches_land_in_order(
     assert [bytes(e[1]) for e in entries[1:]] == [bytes(e[2]) for e in entries[:-1]]
     assert [e[3] for e in entries] == sorted(e[3] for e in entries)
     assert query(database_url, "SELECT DISTINCT status FROM bridge_batches") == [("anchored",)]
+    verify_ok(database_url, oracle)
+
+
+def test_a_silent_database_fails_the_pass_and_anchoring_resumes_on_new_connections(
+    postgres: PostgresServer, database_url: str, make_meter_id: Callable[[], str], oracle: Oracle
+) -> None:
+    """The primary stops answering and keeps the bridge's connections open (its machine
+    paused; new connections reach a new primary): a pass waited on its socket for good. It
+    fails after `database_timeout_s`, the ledger's next call after twice its timeout, and
+    the batch sealed meanwhile is anchored on new connections, once."""
+    fleet, (a,) = make_fleet(database_url, make_meter_id, ["w"])
+    fleet.store([(a, 0, T0, 0, 0)])
+    proxy = SilentProxy(postgres.port)
+    bridge_cuts, ledger_cuts = SILENT.labels(wait="bridge"), SILENT.labels(wait="ledger")
+    before = bridge_cuts._value.get(), ledger_cuts._value.get()
+
+    async def scenario() -> tuple[float, int]:
+        async with proxy.serving(database_url) as via:
+            clock = Clock(T0 + EPOCH_MS)
+            runner = in_process(via, oracle, clock, database_timeout_s=1)
+            try:
+                await asyncio.to_thread(runner.run_once)  # batch 1, over both connections
+                fleet.store([(a, 1, T0 + EPOCH_MS, 0, 10)])
+                clock.now += EPOCH_MS
+                proxy.silence()
+                started = time.monotonic()
+                await asyncio.wait_for(asyncio.to_thread(runner.run_once), 20)
+                failed_s = time.monotonic() - started
+                assert not runner.ready()
+                for passes in range(1, 10):
+                    clock.now += EPOCH_MS  # past every backoff
+                    await asyncio.wait_for(asyncio.to_thread(runner.run_once), 20)
+                    if len(query(database_url, "SELECT 1 FROM ledger_entries")) == 2:
+                        return failed_s, passes
+                raise AssertionError("batch 2 not anchored")
+            finally:
+                await asyncio.to_thread(runner.close)
+
+    failed_s, passes = asyncio.run(scenario())
+    assert 0.5 < failed_s < 5, failed_s
+    assert passes <= 2
+    assert (bridge_cuts._value.get() - before[0], ledger_cuts._value.get() - before[1]) == (1, 1)
+    assert query(database_url, "SELECT DISTINCT status FROM bridge_batches") == [("anchored",)]
+    assert_each_reading_anchored_once(database_url)
     verify_ok(database_url, oracle)
 
 

@@ -20,6 +20,8 @@ from typing import Any, Final
 import psycopg
 from psycopg.rows import tuple_row
 
+from meterproof.db.silence import connected
+
 _RECORD: Final = """
 INSERT INTO evm_transactions (tx_hash, idempotency_key, chain_id, sender, nonce, max_fee_wei,
     priority_fee_wei, raw) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
@@ -64,15 +66,18 @@ class Sent:
 
 
 class Journal:
+    """Each call on a connection of its own, none waiting on the database longer than
+    `timeout_s` (a server gone silent: `meterproof.db.silence`)."""
+
     def __init__(self, database_url: str, *, timeout_s: float) -> None:
         self._url = database_url
-        self._timeout = max(1, round(timeout_s))
+        self._timeout_s = timeout_s
 
     def record(self, key: str, *, chain_id: int, sender: str, sent: Sent) -> bool:
         """Commit `sent` before it is broadcast; False, with nothing written, while `chain
         release` holds the sender's nonce lock."""
         with (
-            psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout) as conn,
+            connected(self._url, within_s=self._timeout_s, wait="journal") as conn,
             conn.transaction(),
         ):
             locked = conn.execute(
@@ -90,7 +95,7 @@ class Journal:
     def sent(self, key: str) -> list[Sent]:
         """Every transaction signed for this key, oldest first."""
         with (
-            psycopg.connect(self._url, autocommit=True, connect_timeout=self._timeout) as conn,
+            connected(self._url, within_s=self._timeout_s, wait="journal") as conn,
             conn.cursor(row_factory=tuple_row) as cur,
         ):
             rows = cur.execute(_SENT, (key,)).fetchall()

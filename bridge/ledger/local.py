@@ -2,7 +2,9 @@
 
 It behaves like a remote ledger on purpose: its own connection and transactions, so the
 bridge gets no help from sharing a database. Every statement runs under `lock_timeout` and
-`statement_timeout`: a ledger that cannot answer in time is "unavailable". One append is
+`statement_timeout`: a ledger that cannot answer in time is "unavailable"; a server gone
+silent, which answers nothing, not even those timeouts, has the connection cut after twice
+the time (`meterproof.db.silence`) with the same outcome. One append is
 one transaction that takes the appender lock, deduplicates on the idempotency key, checks
 that the entry extends the head (batch = head + 1, prev_hash = head's entry hash), that the
 trusted oracle key signed it and that its mint list matches the header, then writes the
@@ -12,7 +14,10 @@ on entries and mints.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import psycopg
@@ -23,9 +28,13 @@ from meterproof.bridge.entry import GENESIS, Entry, Header
 from meterproof.bridge.faults import crash_point
 from meterproof.bridge.ledger.sink import Receipt, SinkRejectedError, SinkUnavailableError
 from meterproof.bridge.mint import Mint
+from meterproof.db.silence import cut, deadline
 from meterproof.schemas.timestamps import dt_to_ms
 
 _NAME: Final = "local"
+#: A transaction still unanswered after this many of its statements' timeouts is on a
+#: server that answers nothing: the server's own timeouts come first while it is there.
+_SILENT_AFTER_TIMEOUTS: Final = 2
 _BY_KEY: Final = (
     "SELECT seq, entry_hash, recorded_at FROM ledger_entries WHERE idempotency_key = %s"
 )
@@ -73,7 +82,7 @@ class LocalSink:
             )
         try:
             conn = self._connection()
-            with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            with self._bounded(conn), conn.cursor(row_factory=tuple_row) as cur:
                 cur.execute("LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE")
                 existing = cur.execute(_BY_KEY, (idempotency_key,)).fetchone()
                 if existing is not None:
@@ -141,7 +150,7 @@ class LocalSink:
     def fetch(self, idempotency_key: str) -> Receipt | None:
         try:
             conn = self._connection()
-            with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            with self._bounded(conn), conn.cursor(row_factory=tuple_row) as cur:
                 row = cur.execute(_BY_KEY, (idempotency_key,)).fetchone()
         except psycopg.Error as exc:
             self._drop()
@@ -150,6 +159,16 @@ class LocalSink:
 
     def close(self) -> None:
         self._drop()
+
+    @contextlib.contextmanager
+    def _bounded(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """One transaction, cut if the server stays silent past its own timeouts."""
+        within_s = _SILENT_AFTER_TIMEOUTS * self._timeout_ms / 1000
+        with (
+            deadline(within_s=within_s, cut_off=partial(cut, conn), wait="ledger"),
+            conn.transaction(),
+        ):
+            yield
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
