@@ -40,6 +40,7 @@ from meterproof.consent.model import Refusal
 from meterproof.consent.model import Scope as ConsentScope
 from meterproof.consent.policy import may_see, seen_range
 from meterproof.db.rollups import Width, rollups_json
+from meterproof.db.silence import connected
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest.audience import REFUSALS, Audience
 from meterproof.ingest.worker import Worker
@@ -236,11 +237,13 @@ def _services(request: Request) -> Services:
 
 async def _blocking(settings: ApiSettings, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
     """A synchronous psycopg function (registry, wallets, ledger, proofs) on a connection of
-    its own, in a thread: the event loop keeps serving meanwhile."""
+    its own, in a thread: the event loop keeps serving meanwhile. A server that leaves it
+    unanswered `database_timeout_s` has the connection cut: 503, not a request held."""
+    url, within_s = settings.database_url, settings.database_timeout_s
 
     def run() -> _T:
         try:
-            with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            with connected(url, within_s=within_s, wait="api_request") as conn:
                 return work(conn)
         except psycopg.Error as exc:
             raise UnavailableError("database", str(exc)) from exc

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Collection, Container, Coroutine, MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel
 from meterproof.api.errors import ApiError
 from meterproof.api.settings import ApiSettings
 from meterproof.consent.repository import secret_digest
+from meterproof.db.silence import bounded, cut, deadline
 from meterproof.errors import UnavailableError
 
 ISSUER: Final = "meterproof"
@@ -160,7 +162,9 @@ class Tokens:
             ):
                 return Role.OPERATOR
             raise ApiError(401, "invalid_client", "unknown client or wrong secret")
-        row = await _integrator_secret(self._settings.database_url, client)
+        row = await _integrator_secret(
+            self._settings.database_url, client, within_s=self._settings.database_timeout_s
+        )
         if row is None or not hmac.compare_digest(bytes(row[0]), secret_digest(secret)):
             raise ApiError(401, "invalid_client", "unknown client or wrong secret")
         if row[1] != "active":
@@ -185,13 +189,18 @@ def _names(role: Role) -> str:
     return " ".join(sorted(GRANTABLE[role]))
 
 
-async def _integrator_secret(database_url: str, name: str) -> tuple[bytes, str] | None:
+async def _integrator_secret(
+    database_url: str, name: str, *, within_s: float
+) -> tuple[bytes, str] | None:
+    """The integrator's secret digest and status; a server silent for `within_s` is 503."""
+    url = bounded(database_url, within_s)
     try:
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT secret_sha256, status FROM integrators WHERE name = %s", (name,)
-            )
-            row = await cur.fetchone()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            with deadline(within_s=within_s, cut_off=partial(cut, conn), wait="api_request"):
+                cur = await conn.execute(
+                    "SELECT secret_sha256, status FROM integrators WHERE name = %s", (name,)
+                )
+                row = await cur.fetchone()
     except psycopg.Error as exc:
         raise UnavailableError("database", f"integrator lookup: {exc}") from exc
     return None if row is None else (bytes(row[0]), str(row[1]))

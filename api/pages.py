@@ -206,7 +206,7 @@ class Renderer:
 
     async def render_once(self) -> int:
         """One batch of closed quarters; returns how many left the queue."""
-        async with self._pool.connection() as conn:
+        async with self._pool.answering(wait="history_pages") as conn:
             cur = await conn.execute(
                 self._render, {"closed_s": QUARTER_MS / 1000 + self._grace_s, "limit": self._batch}
             )

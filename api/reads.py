@@ -127,6 +127,22 @@ class ReadPool(AsyncConnectionPool):
         super().__init__(bounded(conninfo, answer_within_s), **kwargs)
         self.answer_within_s = answer_within_s
 
+    @contextlib.asynccontextmanager
+    async def answering(
+        self, *, wait: str, wait_s: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection (waiting `wait_s` for one, default the pool's) whose work is cut
+        after `answer_within_s`, the pool drained then; `wait` names it in the log."""
+        async with self.connection(timeout=wait_s) as conn:
+            with deadline(
+                within_s=self.answer_within_s, cut_off=partial(cut, conn), wait=wait
+            ) as d:
+                try:
+                    yield conn
+                finally:
+                    if d.fired:
+                        await self.drain()
+
 
 @dataclass(frozen=True, slots=True)
 class Page:
@@ -252,16 +268,10 @@ async def connection(
     counted by the server that answers it (a standby reached through `database_read_url`,
     or a primary); a database failure is UnavailableError (503)."""
     try:
-        async with pool.connection(timeout=wait_s) as conn:
+        async with pool.answering(wait="api_read", wait_s=wait_s) as conn:
             standby = conn.info.parameter_status("in_hot_standby") == "on"  # PostgreSQL 14+
             QUERIES.labels(server="standby" if standby else "primary").inc()
-            cut_off = partial(cut, conn)
-            with deadline(within_s=pool.answer_within_s, cut_off=cut_off, wait="api_read") as d:
-                try:
-                    yield conn
-                finally:
-                    if d.fired:
-                        await pool.drain()
+            yield conn
     except psycopg.Error as exc:
         raise UnavailableError("database", f"read: {exc}") from exc
 

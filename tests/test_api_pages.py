@@ -1,15 +1,22 @@
 """History pages (api/pages.py) with and without their CSV, on real PostgreSQL: a page
 rendered without CSV serves JSON reads only, and CSV reads of its quarters fall back to
-rows; rendered with CSV, a page serves the same bytes a row-by-row CSV read gives."""
+rows; rendered with CSV, a page serves the same bytes a row-by-row CSV read gives. And the
+renderer on a server gone silent."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
+import psycopg
+import pytest
 from bridge_harness import T0, make_fleet, query
+from ingest_harness import SilentProxy
 
 from meterproof.api import pages, reads
+from meterproof.db.silence import SILENT
+from meterproof.stack.postgres import PostgresServer
 
 QUARTERS = 4
 
@@ -66,3 +73,35 @@ def test_pages_are_compressed_with_lz4(database_url: str) -> None:
         " WHERE attrelid = 'history_pages'::regclass AND attname IN ('body', 'csv')"
         " ORDER BY attname",
     ) == [("body", "l"), ("csv", "l")]
+
+
+def test_a_render_on_a_server_gone_silent_is_cut_and_the_next_one_runs(
+    postgres: PostgresServer, database_url: str
+) -> None:
+    """The pool's connections stop being answered and stay open (a primary's machine
+    paused; new connections reach a new primary): a render waited on its socket for good,
+    and queued quarters stayed unrendered. It fails after `answer_within_s`, and the pool
+    is drained, so the next render runs on a new connection."""
+    proxy = SilentProxy(postgres.port)
+    cuts = SILENT.labels(wait="history_pages")
+
+    async def scenario() -> tuple[float, int]:
+        async with (
+            proxy.serving(database_url) as via,
+            reads.ReadPool(via, answer_within_s=1, min_size=2, max_size=2) as pool,
+        ):
+            await pool.wait()
+            renderer = pages.Renderer(pool, interval_s=1, grace_s=0, batch=10)
+            assert await renderer.render_once() == 0
+            proxy.silence()
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError):
+                await asyncio.wait_for(renderer.render_once(), 20)
+            failed_s = time.monotonic() - started
+            return failed_s, await asyncio.wait_for(renderer.render_once(), 20)
+
+    before = cuts._value.get()
+    failed_s, picked = asyncio.run(scenario())
+    assert 0.5 < failed_s < 5, failed_s
+    assert picked == 0
+    assert cuts._value.get() - before == 1
