@@ -298,6 +298,11 @@ class Link:
         if self.state == "closing":
             self._closed.set()
             return
+        if self.state == "down":
+            # paho 2.1's loop_misc reports a keepalive timeout twice (its keepalive check,
+            # then its unanswered-ping check): the second would move the link on again,
+            # back to the silent broker, and start a second connect of the same client.
+            return
         was_up = self.state == "up"
         self._next_broker()  # lost or refused: the next attempt goes to the next broker
         self._schedule_retry()
