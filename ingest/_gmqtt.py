@@ -21,8 +21,9 @@ everything else still goes through gmqtt. What that needs of gmqtt, and nothing 
   because gmqtt discards them when the broker has lost the session: they are sent again
   as new publishes instead;
 - `Client._connection`: `_protocol._read_packet` (replaced per connection),
-  `_last_data_in` (gmqtt's keepalive reads it), `send_package`, `put_package`, and
-  `_transport`, to cut off a link whose broker does not answer its close (`abort`);
+  `_last_data_in` (gmqtt's keepalive reads it; so does `last_heard`), `send_package`,
+  `put_package`, and `_transport`, to cut off a link whose broker does not answer its
+  close or falls silent (`abort`);
 - `PersistentStorage._messages`, to bound the outbound window, and the id generator's
   `_max`, where gmqtt keeps the broker's Receive Maximum from the CONNACK
   (`broker_receive_maximum`);
@@ -266,6 +267,13 @@ class ReadPause:
         transport.pause_reading()
         loop.call_later(self._seconds, transport.resume_reading)
         self._busy_until = now + 2 * self._seconds
+
+
+def last_heard(client: Client) -> float:
+    """When (`time.monotonic`) the client's connection last received anything; 0.0
+    without a connection."""
+    connection = client._connection
+    return 0.0 if connection is None else float(connection._last_data_in)
 
 
 def abort(client: Client) -> None:

@@ -28,6 +28,14 @@ class IngestSettings(Settings):
     receive_maximum: int = Field(default=4000, ge=20, le=65535)
     publish_window: int = Field(default=1000, ge=1, le=65535)
     broker_lost_exit_s: float = Field(default=60.0, gt=0)
+    broker_silent_s: float = Field(
+        default=10.0,
+        ge=1,
+        le=300,
+        description="a broker that answers nothing this long while the worker's publish "
+        "window to it is full (its machine paused or cut off) has its link cut; with "
+        "several brokers, what was waiting for it is dropped (the meters republish)",
+    )
     read_pause_ms: int = Field(
         default=5,
         ge=0,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -52,6 +53,11 @@ from meterproof.schemas.timestamps import wall_ms
 
 log = structlog.get_logger("ingest.source")
 
+BROKERS_SILENT = Counter(
+    "meterproof_broker_silent",
+    "Links cut because their broker answered nothing for broker_silent_s with the publish"
+    " window full",
+)
 PUBLISHES_DROPPED = Counter(
     "meterproof_broker_down_publishes_dropped_total",
     "Receipts and verified copies not sent to a broker that was down with its window full"
@@ -169,13 +175,16 @@ class MqttSource:
         session_expiry_s: int,
         receive_maximum: int,
         publish_window: int,
+        silent_s: float = 10.0,
         read_pause_s: float = 0.0,
         index: int = 0,
         subscribed: bool = True,
     ) -> None:
         """`index` is this broker's place in the list, stamped on every delivery;
-        `read_pause_s`: see `ingest._gmqtt.read_directly`; `subscribed`: see `subscribe`."""
+        `silent_s`: see `publish_many`; `read_pause_s`: see `ingest._gmqtt.read_directly`;
+        `subscribed`: see `subscribe`."""
         self.index = index
+        self._silent_s = silent_s
         self._wanted = subscribed
         self._read_pause_s = read_pause_s
         self._host = host
@@ -419,10 +428,15 @@ class MqttSource:
         each packet is kept in the window's store and sent again at every CONNACK until the
         broker acknowledges it, also to a session the broker lost (`_on_connect`).
 
-        `drop_when_down`: when the window is full and the broker is not connected, drop
-        the rest instead of waiting (a `BrokerSet` must not stall every broker's receipts
-        for one that is gone; the meters' republish covers a dropped receipt). Those not
-        written when the wait for room is cancelled (a stopping worker) are dropped too."""
+        A broker that answers nothing for `silent_s` while the window is full (its machine
+        paused or cut off: no connection closes, so gmqtt's own close after two keepalives
+        waits for good on the unsent bytes) has its link cut, and gmqtt connects again.
+
+        `drop_when_down`: when the window is full and the broker is not connected, or falls
+        silent, drop the rest instead of waiting (a `BrokerSet` must not stall every
+        broker's receipts for one that is gone; the meters' republish covers a dropped
+        receipt). Those not written when the wait for room is cancelled (a stopping
+        worker) are dropped too."""
         chunk: list[bytes] = []
         for i, (topic, payload) in enumerate(items):
             if self._window.full:
@@ -432,7 +446,11 @@ class MqttSource:
                     self._dropped_publishes(len(items) - i)
                     return
                 try:
-                    await self._window.wait_for_room()
+                    if not await self._room_unless_silent():
+                        if drop_when_down:
+                            self._dropped_publishes(len(items) - i)
+                            return
+                        await self._window.wait_for_room()
                 except asyncio.CancelledError:
                     self._dropped_publishes(len(items) - i)
                     raise
@@ -442,6 +460,29 @@ class MqttSource:
             chunk.append(packet)
         if chunk:
             self._transport_write(b"".join(chunk))
+
+    async def _room_unless_silent(self) -> bool:
+        """Wait for room in the window: True once there is; False, with the link cut, once
+        the broker has sent nothing for `silent_s` since the wait began."""
+        began = time.monotonic()
+        while True:
+            heard = max(began, _gmqtt.last_heard(self._client))
+            left = heard + self._silent_s - time.monotonic()
+            if left <= 0:
+                BROKERS_SILENT.inc()
+                log.error(
+                    "broker_silent",
+                    broker=f"{self._host}:{self._port}",
+                    silent_s=self._silent_s,
+                    window=self._window.limit,
+                )
+                _gmqtt.abort(self._client)
+                return False
+            try:
+                await asyncio.wait_for(self._window.wait_for_room(), left)
+            except TimeoutError:
+                continue
+            return True
 
     def _dropped_publishes(self, count: int) -> None:
         PUBLISHES_DROPPED.inc(count)
@@ -593,6 +634,7 @@ def mqtt_source(settings: IngestSettings) -> MqttSource | BrokerSet:
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
             publish_window=settings.publish_window,
+            silent_s=settings.broker_silent_s,
             read_pause_s=settings.read_pause_ms / 1000,
             index=index,
             subscribed=not settings.follow_load,

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 from fixtures.servers import refusing_ingest_clients
 from gmqtt import Client
@@ -22,6 +24,7 @@ from meterproof.ingest import _gmqtt
 from meterproof.ingest._gmqtt import OutboundWindow
 from meterproof.ingest._wire import Drop
 from meterproof.ingest.source import (
+    BROKERS_SILENT,
     BrokerRefusedError,
     BrokerSet,
     Delivery,
@@ -259,6 +262,58 @@ def test_a_window_wider_than_the_broker_allows_waits_instead_of_running_out_of_i
 
     limit, _ = asyncio.run(scenario())
     assert limit < 10_000
+
+
+@pytest.mark.slow
+def test_a_broker_gone_silent_with_the_window_full_has_its_link_cut_and_gets_everything_after(
+    pki: PkiLayout, broker: BrokerServer, meter_id: str
+) -> None:
+    """The broker stops answering and closes nothing (SIGSTOP: its machine paused). With
+    the window full the worker waited for a PUBACK for good: gmqtt's own close after two
+    keepalives waits on the bytes the broker does not read. After `broker_silent_s` the
+    link is cut; with this one broker the rest waits, and once the broker is back every
+    receipt reaches the meter."""
+    provision(pki, None, meter_id)
+    settings = worker_settings(
+        pki=pki, port=broker.port, database_url="postgresql://unused", redis_url=None,
+        publish_window=3, broker_silent_s=2,
+    )  # fmt: skip
+    cuts = BROKERS_SILENT._value.get()
+
+    async def scenario() -> tuple[set[bytes], float]:
+        source = mqtt_source(settings)
+        await source.start(lambda _: None)
+        await async_wait_until(lambda: source.connected, what="subscribed (SUBACK)")
+        meter = ProbeMeter(meter_id, None, pki, broker.port)
+        await meter.connect()
+        broker.pause()
+        try:
+            publishing = asyncio.ensure_future(
+                source.publish_many(
+                    [(topics.receipts(meter_id), b'{"r":%d}' % n) for n in range(10)]
+                )
+            )
+            await async_wait_until(
+                lambda: BROKERS_SILENT._value.get() > cuts, what="cut", within_s=15
+            )
+            assert not publishing.done()  # the one broker: the rest waits for it
+        finally:
+            broker.resume()
+        resumed = time.monotonic()
+        try:
+            await asyncio.wait_for(publishing, 30)
+            published_s = time.monotonic() - resumed
+            receipts = await meter.wait_receipts(10, within_s=30)
+            await async_wait_until(lambda: source._window.is_empty, what="every PUBACK")
+        finally:
+            await source.stop()
+            await meter.close()
+        return {orjson.dumps(r) for r in receipts}, published_s
+
+    receipts, published_s = asyncio.run(scenario())
+    assert receipts == {b'{"r":%d}' % n for n in range(10)}
+    assert BROKERS_SILENT._value.get() - cuts == 1
+    assert published_s < 30
 
 
 @pytest.mark.slow
