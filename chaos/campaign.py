@@ -230,6 +230,7 @@ def _start_fleet(
         "--readings", str(config.readings_per_meter),
         "--interval", str(config.interval_s),
         "--republish-after", str(config.republish_after_s),
+        "--keepalive", str(config.meter_keepalive_s),
         "--receipt-timeout", str(config.settle_s),
         "--seed", str(config.seed),
         "--state-dir", str(state_root),

@@ -26,8 +26,8 @@ HA_QUICK_REPORT = Path(".run/reliability-ha-quick.md")
     is_flag=True,
     help="The stack without a single point of failure (`stack up --ha`: PostgreSQL as a "
     "Patroni cluster, two brokers): kill -9 of the primary, a paused primary, a "
-    "switchover, an etcd member lost, a frozen standby and a broker lost instead of the "
-    f"PostgreSQL stop [--quick: 4.5 minutes; report {HA_FULL_REPORT}, --quick "
+    "switchover, an etcd member lost, a frozen standby, a broker lost and a paused broker "
+    f"instead of the PostgreSQL stop [--quick: 5 minutes; report {HA_FULL_REPORT}, --quick "
     f"{HA_QUICK_REPORT}].",
 )
 @click.option(
@@ -73,8 +73,8 @@ def chaos(
     or a planned fault that did not happen (skipped, a kill or stop that found its process
     already down, no standby to freeze, a bridge that never reached its crash point) or
     was not recovered within the recovery timeout (a primary kill with no reading stored
-    after it, a paused primary with none stored while it was paused, a lost broker after
-    which not every meter came through the other).
+    after it, a paused primary with none stored while it was paused, a lost or paused
+    broker after which not every meter came through the other).
     """
     from meterproof.chaos.campaign import run_campaign
     from meterproof.chaos.plan import PlanError, full_config, make_plan, quick_config

@@ -235,7 +235,7 @@ class Injector:
         self.load_started = load_started
         self.rng = rng
         self._victim: int | None = None
-        self._brokers_lost = 0
+        self._broker_faults = 0
 
     def since_load(self, wall: float | None = None) -> float:
         return (time.time() if wall is None else wall) - self.load_started
@@ -297,6 +297,8 @@ class Injector:
                 effect = Effect(0, f"{'-' if old is None else old.name} -> {new.name}")
             case FaultKind.BROKER_LOST:
                 effect = self._lose_broker()
+            case FaultKind.BROKER_PAUSE:
+                effect = self._pause_broker()
             case FaultKind.STANDBY_FREEZE:
                 effect = self._freeze_standby(cluster)
             case _:
@@ -378,31 +380,63 @@ class Injector:
         return Effect(1, note)
 
     def _lose_broker(self) -> Effect:
-        """kill -9 of a broker: the first the first time (every meter starts there), then
-        the one they moved to. The fault lasts until every meter has a reading stored
-        after the kill, which for the meters of the lost broker means through the other:
-        its duration is the fleet's failover time. Then the broker is started again."""
-        brokers = self.t.brokers
-        if len(brokers) < 2:
+        """kill -9 of a broker (`_next_broker_hit`). The fault lasts until every meter has
+        a reading stored after the kill, which for the meters of the lost broker means
+        through the other: its duration is the fleet's failover time. Then the broker is
+        started again."""
+        victim = self._next_broker_hit()
+        if victim is None:
             return Effect(0, "one broker only: nothing to fail over to")
-        victim = brokers[self._brokers_lost % len(brokers)]
-        self._brokers_lost += 1
-        meters, timeout = self.t.config.meters, self.t.config.recovery_timeout_s
         killed_at = time.time()
         if not sigkill(victim):
             victim.start()
             return Effect(0, f"{victim.name} was not running")
+        try:
+            return self._fleet_through_other(victim, since=killed_at, kills=1)
+        finally:
+            victim.start()
+
+    def _pause_broker(self) -> Effect:
+        """SIGSTOP of a broker (`_next_broker_hit`): no connection closes, so the meters
+        leave it by their keepalive and the workers cut their link to it after
+        `broker_silent_s`. The fault lasts until every meter has a reading stored after
+        the pause; then the broker is resumed."""
+        victim = self._next_broker_hit()
+        if victim is None:
+            return Effect(0, "one broker only: nothing to fail over to", hit=False)
+        if not victim.is_running():
+            return Effect(0, f"{victim.name} was not running", hit=False)
+        paused_at = time.time()
+        victim.pause()
+        try:
+            return self._fleet_through_other(victim, since=paused_at, kills=0)
+        finally:
+            victim.resume()
+
+    def _next_broker_hit(self) -> BrokerServer | None:
+        """The broker a broker fault hits: the first the first time (every meter starts
+        there), then the one they moved to; None with one broker."""
+        brokers = self.t.brokers
+        if len(brokers) < 2:
+            return None
+        victim = brokers[self._broker_faults % len(brokers)]
+        self._broker_faults += 1
+        return victim
+
+    def _fleet_through_other(self, victim: BrokerServer, *, since: float, kills: int) -> Effect:
+        """Wait until every meter has a reading stored after `since`, within the recovery
+        timeout; not recovered otherwise."""
+        meters, timeout = self.t.config.meters, self.t.config.recovery_timeout_s
         moved = 0
-        while time.time() < killed_at + timeout:
-            moved = meters_stored_since(self.t.database_url, killed_at)
+        while time.time() < since + timeout:
+            moved = meters_stored_since(self.t.database_url, since)
             if moved >= meters:
                 break
             time.sleep(_POLL_S)
-        victim.start()
         if moved < meters:
             note = f"{meters - moved} of {meters} meters did not come through the other broker"
-            return Effect(1, f"{victim.name}; {note} within {timeout:g} s", recovered=False)
-        return Effect(1, f"{victim.name}; {moved} of {meters} meters stored through")
+            return Effect(kills, f"{victim.name}; {note} within {timeout:g} s", recovered=False)
+        return Effect(kills, f"{victim.name}; {moved} of {meters} meters stored through")
 
     def _kill_worker(self) -> Effect:
         pids = sorted(worker_pids(self.t.ingest.pid))

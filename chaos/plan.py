@@ -32,6 +32,7 @@ class FaultKind(StrEnum):
     STANDBY_FREEZE = "pg_standby_frozen"
     PRIMARY_PAUSE = "pg_primary_paused"
     BROKER_LOST = "broker_lost"
+    BROKER_PAUSE = "broker_paused"
 
 
 #: The faults only a Patroni cluster (`--ha`) can take, and the one it cannot: stopping
@@ -44,6 +45,7 @@ HA_KINDS: Final = frozenset(
         FaultKind.STANDBY_FREEZE,
         FaultKind.PRIMARY_PAUSE,
         FaultKind.BROKER_LOST,
+        FaultKind.BROKER_PAUSE,
     }
 )
 SINGLE_KINDS: Final = frozenset({FaultKind.POSTGRES_STOP})
@@ -70,6 +72,11 @@ DESCRIPTION: Final[Mapping[FaultKind, str]] = {
     FaultKind.BROKER_LOST: "kill -9 of one of the two brokers (in turn: the one the meters "
     "moved to last time), started again once every meter stored a reading through the other "
     "(duration: kill -> that moment, the fleet's failover time; not reached within the "
+    "recovery timeout: not recovered)",
+    FaultKind.BROKER_PAUSE: "one of the two brokers stopped (SIGSTOP, connections open: a "
+    "machine paused; in turn with broker_lost), resumed once every meter stored a reading "
+    "through the other: the meters leave it by their keepalive, the workers cut their link "
+    "to it after broker_silent_s (duration: pause -> that moment; not reached within the "
     "recovery timeout: not recovered)",
 }
 
@@ -118,6 +125,8 @@ class CampaignConfig:
     seal_delay_s: float = 1.0
     claim_interval_s: float = 0.5
     republish_after_s: float = 10.0
+    #: The fleet's MQTT keepalive: how soon a meter leaves a broker gone silent.
+    meter_keepalive_s: int = 5
     #: PostgreSQL as a Patroni cluster (`stack up --ha`): the HA faults instead of the stop.
     ha: bool = False
 
@@ -180,6 +189,7 @@ HA_FULL_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.STANDBY_FREEZE: 2,
     FaultKind.PRIMARY_PAUSE: 2,
     FaultKind.BROKER_LOST: 3,
+    FaultKind.BROKER_PAUSE: 2,
 }
 HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     **{kind: n for kind, n in QUICK_COUNTS.items() if kind not in SINGLE_KINDS},
@@ -189,6 +199,7 @@ HA_QUICK_COUNTS: Final[Mapping[FaultKind, int]] = {
     FaultKind.STANDBY_FREEZE: 1,
     FaultKind.PRIMARY_PAUSE: 1,
     FaultKind.BROKER_LOST: 1,
+    FaultKind.BROKER_PAUSE: 1,
 }
 
 
@@ -199,10 +210,10 @@ def full_config(*, ha: bool = False, **changes: object) -> CampaignConfig:
 
 
 def quick_config(*, ha: bool = False, **changes: object) -> CampaignConfig:
-    """Every fault kind at least once in 3 minutes (4.5 with the cluster's faults);
+    """Every fault kind at least once in 3 minutes (5 with the cluster's faults);
     shorter PostgreSQL outage, smaller fleet."""
     base = CampaignConfig(
-        duration_s=270 if ha else 180,
+        duration_s=300 if ha else 180,
         counts=HA_QUICK_COUNTS if ha else QUICK_COUNTS,
         ha=ha,
         meters=100,
@@ -265,6 +276,9 @@ def expected_cost_s(kind: FaultKind, config: CampaignConfig, variant: str = "-")
         FaultKind.PRIMARY_PAUSE: PRIMARY_PAUSED_S + 15.0,
         # every meter through the other broker (a reconnect, then one interval), restart
         FaultKind.BROKER_LOST: config.interval_s + 10.0,
+        # the same, once the meters' keepalive gave up on the silent broker (a ping, then
+        # as long again)
+        FaultKind.BROKER_PAUSE: 2 * config.meter_keepalive_s + config.interval_s + 10.0,
     }
     return costs[kind]
 

@@ -122,6 +122,15 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 )
 @_receipt_timeout_option
 @_republish_after_option(15.0)
+@click.option(
+    "--keepalive",
+    type=click.IntRange(min=5, max=65535),
+    default=30,
+    show_default=True,
+    help="MQTT keepalive in seconds: a broker that sends nothing this long is pinged, and "
+    "one that answers nothing for as long again (its machine paused or cut off) is left "
+    "for the next broker of the list.",
+)
 @_state_dir_option
 @click.option("--seed", type=int, help="Reproducible start offsets, noise and misbehavers.")
 @click.option(
@@ -144,6 +153,7 @@ def simulate(
     register: bool,
     receipt_timeout: float,
     republish_after: float,
+    keepalive: int,
     state_dir: Path | None,
     seed: int | None,
     progress_every: float,
@@ -172,6 +182,7 @@ def simulate(
             misbehave=misbehave,
             receipt_timeout_s=receipt_timeout,
             republish_after_s=republish_after,
+            keepalive_s=keepalive,
             progress_every_s=progress_every,
             seed=seed,
         )

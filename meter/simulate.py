@@ -65,6 +65,8 @@ class FleetConfig:
     receipt_timeout_s: float = 30.0
     #: A meter republishes a reading with no receipt this long after its PUBACK.
     republish_after_s: float = 15.0
+    #: MQTT keepalive: a broker silent this long is pinged, and left after as long again.
+    keepalive_s: int = 30
     progress_every_s: float = 5.0
     prosumer_share: float = 0.4
     seed: int | None = None
@@ -82,14 +84,17 @@ class FleetConfig:
             raise ValueError(f"receipt timeout must not be negative: {self.receipt_timeout_s}")
         if self.progress_every_s <= 0:
             raise ValueError(f"progress interval must be positive, not {self.progress_every_s}")
-        self.client_settings()  # validates republish_after_s
+        self.client_settings()  # validates republish_after_s and keepalive_s
 
     def client_settings(self) -> ClientSettings:
         # Not durable: the state survives a crash of the simulator (atomic renames), and
         # fsyncing hundreds of files a second would only measure the disk. Seqs reserved
         # in blocks: one state write per 100 readings instead of one per reading.
         return ClientSettings(
-            republish_after_s=self.republish_after_s, durable=False, seq_block=100
+            republish_after_s=self.republish_after_s,
+            keepalive_s=self.keepalive_s,
+            durable=False,
+            seq_block=100,
         )
 
 

@@ -74,7 +74,7 @@ def test_quick_plan_covers_every_kind_within_three_minutes() -> None:
 
 def test_ha_quick_plan_swaps_the_postgres_stop_for_the_clusters_faults() -> None:
     config = quick_config(ha=True)
-    assert config.duration_s <= 270
+    assert config.duration_s <= 300
     counts = make_plan(config).counts()
     assert {kind for kind, n in counts.items() if n >= 1} == set(FaultKind) - SINGLE_KINDS
     assert make_plan(full_config(ha=True)).counts()[FaultKind.PRIMARY_KILL] >= 3

@@ -71,6 +71,34 @@ def test_a_broker_lost_without_every_meter_through_the_other_is_not_recovered(
     assert record.note.endswith("2 of 2 meters stored through")
 
 
+def test_a_broker_paused_without_every_meter_through_the_other_is_not_recovered(
+    ha_cluster: HaCluster, broker_pair: list[BrokerServer], tmp_path: Path
+) -> None:
+    """The paused broker is resumed whether or not the fleet came through, and it kills
+    nothing."""
+    with psycopg.connect(ha_cluster.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE reading_log, meters CASCADE")
+    _store_later(ha_cluster, METERS - 1)
+    first = broker_pair[0]
+    record = _run(_injector(ha_cluster, broker_pair, tmp_path), FaultKind.BROKER_PAUSE)
+    assert _state(first) != "T", "the paused broker is resumed"
+    assert (record.kills, record.recovery_s) == (0, None)
+    assert "1 of 2 meters did not come through the other broker" in record.note
+
+    _store_later(ha_cluster, 1)
+    record = _run(_injector(ha_cluster, broker_pair, tmp_path), FaultKind.BROKER_PAUSE)
+    assert record.recovery_s is not None
+    assert record.note == f"{first.name}; 2 of 2 meters stored through"
+    assert _state(first) != "T"
+
+
+def _state(broker: BrokerServer) -> str:
+    """The broker's process state letter (T: stopped)."""
+    pid = broker.pid()
+    assert pid is not None
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_fault_that_finds_its_server_down_did_not_happen(
     ha_cluster: HaCluster, broker_pair: list[BrokerServer], tmp_path: Path
 ) -> None:
