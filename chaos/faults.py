@@ -37,11 +37,12 @@ from meterproof.chaos.plan import (
     PlannedFault,
 )
 from meterproof.config import StackEnv
+from meterproof.errors import first_line
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.commands import command_environ, meterproof_argv, start_command, stop_command
 from meterproof.stack.ha import HaCluster
 from meterproof.stack.postgres import PostgresServer
-from meterproof.stack.process import SpawnedServer
+from meterproof.stack.process import SpawnedServer, StackError
 from meterproof.stack.redis import RedisServer
 
 _POLL_S = 0.25
@@ -77,7 +78,7 @@ class FaultRecord:
     note: str = ""
     #: False when the fault did not take the effect it exists for, which no kill count
     #: shows: no standby to freeze, a bridge that never reached its crash point, a server
-    #: to stop or restart that was already down.
+    #: to stop or restart that was already down, a cluster without a synchronous standby.
     hit: bool = True
 
     @property
@@ -243,8 +244,16 @@ class Injector:
     def run(self, fault: PlannedFault) -> FaultRecord:
         if fault.kind in HA_KINDS:
             # The last failover's crashed node back as the synchronous standby first:
-            # without one there is nothing to fail over to.
-            self._cluster().wait_replicated(timeout=self.t.config.recovery_timeout_s)
+            # without one there is nothing to fail over to, and the fault is not injected
+            # (the campaign goes on to its audit, and fails on the fault not done).
+            try:
+                self._cluster().wait_replicated(timeout=self.t.config.recovery_timeout_s)
+            except StackError as exc:
+                now = round(self.since_load(), 2)
+                note = f"not injected: {first_line(exc)}"
+                return FaultRecord(
+                    fault.kind, fault.variant, fault.at_s, now, now, None, note=note, hit=False
+                )
         began = time.time()
         effect = self._inject_ha(fault.kind) if fault.kind in HA_KINDS else self._inject(fault)
         ended = time.time()

@@ -99,6 +99,24 @@ def _state(broker: BrokerServer) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def test_a_cluster_fault_without_a_synchronous_standby_is_not_injected(
+    ha_cluster: HaCluster, broker_pair: list[BrokerServer], tmp_path: Path
+) -> None:
+    """A cluster whose standby is not back within the recovery timeout gets no fault (there
+    is nothing to fail over to), recorded as not done: the campaign goes on to its audit
+    instead of ending there, as it did."""
+    standby = ha_cluster.standby()
+    assert standby is not None
+    standby.stop()
+    try:
+        record = _run(_injector(ha_cluster, broker_pair, tmp_path), FaultKind.SWITCHOVER)
+    finally:
+        standby.start()
+    assert (record.hit, record.kills, record.recovery_s) == (False, 0, None)
+    assert record.note.startswith("not injected: a primary and its synchronous standby")
+    ha_cluster.wait_replicated(timeout=60)
+
+
 def test_a_fault_that_finds_its_server_down_did_not_happen(
     ha_cluster: HaCluster, broker_pair: list[BrokerServer], tmp_path: Path
 ) -> None:
