@@ -3,7 +3,6 @@ and it logged that it runs (its signal handlers are in place)."""
 
 from __future__ import annotations
 
-import os
 import signal
 
 from meterproof.mosquitto.admin import RUNNING, logged_after
@@ -11,7 +10,6 @@ from meterproof.mosquitto.config import BrokerFiles
 from meterproof.stack.process import (
     LOOPBACK,
     SpawnedServer,
-    StackError,
     check_ports_free,
     executable,
     port_accepts,
@@ -62,20 +60,13 @@ class BrokerServer(SpawnedServer):
 
     def reload(self) -> None:
         """SIGHUP: re-reads the CRL and ACL for new connections (open ones stay up)."""
-        self._send(signal.SIGHUP)
+        self.send(signal.SIGHUP)
 
     def pause(self) -> None:
         """SIGSTOP, as when its machine is paused or cut off: nothing dies, no connection
         closes, and nothing is answered (the kernel still takes what fits in the sockets'
         buffers). `resume` lets it go on; `stop` needs it resumed first."""
-        self._send(signal.SIGSTOP)
+        self.send(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._send(signal.SIGCONT)
-
-    def _send(self, sig: signal.Signals) -> None:
-        """`sig` to the running broker, which goes on running (unlike `stop`/`kill`)."""
-        pid = self.pid()
-        if pid is None:
-            raise StackError(f"mosquitto is not running (no live pid in {self.files.pid})")
-        os.kill(pid, sig)
+        self.send(signal.SIGCONT)

@@ -304,17 +304,11 @@ class PatroniNode(_Member):
         and its leader key runs out after the TTL. `resume` lets it go on: Patroni finds
         the key gone and makes its PostgreSQL a standby."""
         self._signal_postgres(signal.SIGSTOP)
-        self._signal_patroni(signal.SIGSTOP)
+        self.send(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal_patroni(signal.SIGCONT)
+        self.send(signal.SIGCONT)
         self._signal_postgres(signal.SIGCONT)
-
-    def _signal_patroni(self, sig: signal.Signals) -> None:
-        pid = self.pid()
-        if pid is None:
-            raise StackError(f"{self.name}: Patroni is not running")
-        os.kill(pid, sig)
 
     def crash(self) -> None:
         """kill -9 of Patroni and its PostgreSQL at once, as when the machine dies: its

@@ -343,6 +343,15 @@ class SpawnedServer(ABC):
             self.pid_file.unlink(missing_ok=True)
             raise
 
+    def send(self, sig: signal.Signals) -> None:
+        """`sig` to the running server, which goes on running (unlike `stop` and `kill`):
+        a reload, a pause, a resume."""
+        pid = self.pid()
+        if pid is None:
+            raise StackError(f"{self.name}: {self.program} is not running (no live pid in"
+                             f" {self.pid_file})")  # fmt: skip
+        os.kill(pid, sig)
+
     def _signal(self, sig: signal.Signals) -> None:
         pid = self.pid()
         if pid is not None:
