@@ -175,7 +175,7 @@ class MqttSource:
         session_expiry_s: int,
         receive_maximum: int,
         publish_window: int,
-        silent_s: float = 10.0,
+        silent_s: float,
         read_pause_s: float = 0.0,
         index: int = 0,
         subscribed: bool = True,

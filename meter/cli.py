@@ -24,7 +24,7 @@ from meterproof.cli.errors import Group, one_line
 from meterproof.cli.options import stack_env_option
 from meterproof.config import StackEnv
 from meterproof.errors import MeterproofError
-from meterproof.meter.client import Broker, ClientSettings
+from meterproof.meter.client import DEFAULT_KEEPALIVE_S, Broker, ClientSettings
 from meterproof.meter.fleet import issue_fleet, parse_alg_mix, pki_fleet
 from meterproof.meter.identity import MeterIdentity
 from meterproof.meter.registry import register_command, stack_registrar
@@ -125,7 +125,7 @@ def _meter_id(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @click.option(
     "--keepalive",
     type=click.IntRange(min=5, max=65535),
-    default=30,
+    default=DEFAULT_KEEPALIVE_S,
     show_default=True,
     help="MQTT keepalive in seconds: a broker that sends nothing this long is pinged, and "
     "one that answers nothing for as long again (its machine paused or cut off) is left "

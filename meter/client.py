@@ -51,6 +51,7 @@ from meterproof.schemas.reading import Receipt, ReceiptStatus, SignedReading
 log = structlog.get_logger("meter.client")
 
 DEFAULT_SESSION_EXPIRY_S: Final = 86_400
+DEFAULT_KEEPALIVE_S: Final = 30
 #: MQTT 5 PUBACK reason: the broker accepted the message but no subscription matched it.
 NO_MATCHING_SUBSCRIBERS: Final = 16
 
@@ -82,7 +83,7 @@ class Broker:
 class ClientSettings:
     """Every knob with its default, checked when built so a bad value fails at start."""
 
-    keepalive_s: int = 30
+    keepalive_s: int = DEFAULT_KEEPALIVE_S
     #: How long the broker keeps the session (and receipts for it) while the meter is away.
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
     #: Republish a reading that has no receipt this long after its PUBACK; doubles per

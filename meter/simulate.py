@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import structlog
 
-from meterproof.meter.client import Broker, ClientSettings, MeterClient
+from meterproof.meter.client import DEFAULT_KEEPALIVE_S, Broker, ClientSettings, MeterClient
 from meterproof.meter.identity import MeterIdentity
 from meterproof.meter.measurement import Measurement
 from meterproof.meter.misbehave import (
@@ -66,7 +66,7 @@ class FleetConfig:
     #: A meter republishes a reading with no receipt this long after its PUBACK.
     republish_after_s: float = 15.0
     #: MQTT keepalive: a broker silent this long is pinged, and left after as long again.
-    keepalive_s: int = 30
+    keepalive_s: int = DEFAULT_KEEPALIVE_S
     progress_every_s: float = 5.0
     prosumer_share: float = 0.4
     seed: int | None = None

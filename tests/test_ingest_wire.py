@@ -267,7 +267,7 @@ def _source() -> tuple[MqttSource, list[Delivery]]:
     deliveries: list[Delivery] = []
     source = MqttSource(
         host="127.0.0.1", port=1, tls=ssl.create_default_context(), client_id="wire-test",
-        share_group="g", session_expiry_s=60, receive_maximum=20, publish_window=1,
+        share_group="g", session_expiry_s=60, receive_maximum=20, publish_window=1, silent_s=10,
     )  # fmt: skip
     source._deliver = deliveries.append
     return source, deliveries
