@@ -635,12 +635,14 @@ class _Session:
         end_session(self.pki, self.files, self.port)
 
 
+@pytest.mark.parametrize("fault", ["kill9", "pause"])
 def test_the_api_republishes_on_every_broker_and_one_down_loses_nothing(
-    pki: PkiLayout, broker_pair: list[BrokerServer], broker_pair_env: StackEnv
+    fault: str, pki: PkiLayout, broker_pair: list[BrokerServer], broker_pair_env: StackEnv
 ) -> None:
-    """The API's republisher as `api` on both brokers: with the second killed (-9), the
-    first gets everything at once (no stall), the second's queue holds everything, and once
-    the second is back it gets everything too (more than one chunk of 500).
+    """The API's republisher as `api` on both brokers: with the second killed (-9) or
+    paused (SIGSTOP: its connections stay open, nothing answers), the first gets everything
+    at once (no stall), the second's queue holds everything, and once the second is back
+    (started, or resumed) it gets everything too (more than one chunk of 500).
 
     What a broker had acknowledged when it was killed is not covered: Mosquitto saves its
     state every autosave_interval, not per message, so a kill -9 loses messages it had
@@ -668,7 +670,7 @@ def test_the_api_republishes_on_every_broker_and_one_down_loses_nothing(
                 lambda: all(want <= listener.payloads() for listener in listeners),
                 what="the first items on both brokers",
             )
-            await asyncio.to_thread(second.kill9)
+            await asyncio.to_thread(second.pause if fault == "pause" else second.kill9)
             started = time.monotonic()
             republisher.offer(during)
             want = {body for _, body in during}
@@ -676,7 +678,7 @@ def test_the_api_republishes_on_every_broker_and_one_down_loses_nothing(
                                    what="everything on the broker that runs")  # fmt: skip
             on_first = time.monotonic() - started
             assert len(republisher.queues[1].pending) == len(during)  # held for the other
-            await asyncio.to_thread(second.start)
+            await asyncio.to_thread(second.resume if fault == "pause" else second.start)
             back = time.monotonic()
             await async_wait_until(lambda: want <= listeners[1].payloads(), within_s=60,
                                    what="everything on the broker that came back")  # fmt: skip
@@ -694,8 +696,8 @@ def test_the_api_republishes_on_every_broker_and_one_down_loses_nothing(
             listener.close()
     assert not republisher.queues[0].pending
     print(
-        f"API republisher, second broker killed: {len(during)} items on the first in"
-        f" {on_first:.2f} s; on the second {after_restart:.2f} s after its restart"
+        f"API republisher, second broker {fault}: {len(during)} items on the first in"
+        f" {on_first:.2f} s; on the second {after_restart:.2f} s after it was back"
     )
 
 
