@@ -16,7 +16,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped, unused-ignore]
 
 from meterproof.config import StackEnv
-from meterproof.stack.process import read_pid
+from meterproof.pidfile import read_pid
 from meterproof.stack.services import LocalStack
 
 #: A process group's pids as they are now (backends come and go).

@@ -78,6 +78,7 @@ from meterproof.mosquitto.config import (
     broker_files,
     render,
 )
+from meterproof.pidfile import read_pid
 
 COMMAND_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = "$CONTROL/dynamic-security/v1/response"
@@ -326,12 +327,8 @@ def _get(source: queue.Queue[_T], what: str) -> _T:
 
 
 def _broker_pid(files: BrokerFiles) -> int:
-    """The pid in the pid file, if that process is still a mosquitto (not a recycled pid)."""
-    try:
-        pid = int(files.pid.read_text(encoding="ascii").split()[0])
-        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, IndexError, ValueError):
-        raise BrokerNotRunningError(f"no running broker recorded in {files.pid}") from None
-    if comm != "mosquitto":
-        raise BrokerNotRunningError(f"pid {pid} in {files.pid} is {comm!r}, not mosquitto")
+    """The pid in the pid file, if that process is still the broker it names."""
+    pid = read_pid(files.pid, program="mosquitto")
+    if pid is None:
+        raise BrokerNotRunningError(f"no running broker recorded in {files.pid}")
     return pid

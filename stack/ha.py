@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from meterproof.pidfile import pid_alive, read_pid
 from meterproof.stack.postgres import (
     DATABASE,
     ROLE,
@@ -50,9 +51,7 @@ from meterproof.stack.process import (
     check_ports_free,
     executable,
     free_port,
-    pid_alive,
     port_accepts,
-    read_pid,
     wait_for,
 )
 

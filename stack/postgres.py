@@ -32,6 +32,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from meterproof.pidfile import read_pid
 from meterproof.stack.process import (
     LOOPBACK,
     StackError,
@@ -39,7 +40,6 @@ from meterproof.stack.process import (
     executable,
     free_port,
     log_hint,
-    read_pid,
 )
 
 ROLE = "meterproof"

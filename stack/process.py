@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from meterproof.errors import MeterproofError
+from meterproof.pidfile import pid_alive, read_pid
 
 LOOPBACK = "127.0.0.1"
 _POLL_S = 0.02
@@ -211,56 +212,6 @@ def spawn(argv: Sequence[str], *, log: Path, pid_file: Path) -> int:
         os.close(fd)
     pid_file.write_text(f"{pid}\n", encoding="utf-8")
     return pid
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs; reaps it when it is our exited child."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not ours: ask the kernel below
-    else:
-        return done == 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_dead_zombie(pid)
-
-
-def _is_dead_zombie(pid: int) -> bool:
-    """An exited process nobody reaped (this machine's init does not reap orphans).
-
-    Only once its last thread is gone: a leader turns zombie while threads that still
-    hold its sockets are exiting.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-        threads = sum(1 for _ in Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] == "Z" and threads == 1
-
-
-def read_pid(pid_file: Path, *, program: str) -> int | None:
-    """The running pid recorded in `pid_file`, if it still belongs to `program`.
-
-    The program check stops a stale file (after a reboot) from naming a stranger. Not
-    for a pid just spawned: the kernel resumes the parent before it renames the child.
-    """
-    try:
-        pid = int(pid_file.read_text(encoding="ascii").split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
-    if not pid_alive(pid):
-        return None
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
-    except OSError:
-        return pid
-    return pid if program.startswith(comm) else None
 
 
 def stop_process(pid: int, *, name: str, sig: signal.Signals, timeout: float, log: Path) -> None:

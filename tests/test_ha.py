@@ -39,10 +39,11 @@ from waiting import async_wait_until, wait_until
 
 from meterproof.certs.layout import PkiLayout
 from meterproof.config import StackEnv
+from meterproof.pidfile import pid_alive
 from meterproof.stack import services
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster
-from meterproof.stack.process import StackError, free_port, pid_alive
+from meterproof.stack.process import StackError, free_port
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack, Ports
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Lower layers first; a module may import its own layer and those before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("contract", {"schemas"}),
-    ("neutral", {"config", "errors", "backoff", "heap", "probes", "durable", "cli"}),
+    ("neutral", {"config", "errors", "backoff", "heap", "probes", "durable", "pidfile", "cli"}),
     ("infrastructure", {"certs", "mosquitto", "registry", "db", "consent"}),
     ("product", {"meter", "ingest", "bridge", "api"}),
     ("tools", {"stack", "bench", "chaos", "fuzz", "demo", "conformance", "__main__"}),

@@ -28,6 +28,7 @@ from meterproof.certs.layout import IdentityFiles, PkiLayout
 from meterproof.certs.tls import client_context
 from meterproof.config import StackEnv
 from meterproof.mosquitto.config import broker_files
+from meterproof.pidfile import pid_alive, read_pid
 from meterproof.stack import process, services
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.postgres import PostgresServer
@@ -35,10 +36,8 @@ from meterproof.stack.process import (
     StackError,
     claim_port,
     free_port,
-    pid_alive,
     port_accepts,
     port_is_free,
-    read_pid,
 )
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack, Ports
