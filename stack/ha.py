@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from meterproof.pidfile import pid_alive, read_pid
 from meterproof.stack.postgres import (
+    AUTHENTICATION_TIMEOUT,
     DATABASE,
     ROLE,
     default_os_user,
@@ -358,7 +359,10 @@ class PatroniNode(_Member):
                     "superuser": {"username": ROLE},
                     "replication": {"username": REPLICATION_ROLE},
                 },
-                "parameters": {"unix_socket_directories": ""},
+                "parameters": {
+                    "unix_socket_directories": "",
+                    "authentication_timeout": AUTHENTICATION_TIMEOUT,
+                },
                 "pg_hba": trust,
             },
         }

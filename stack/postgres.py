@@ -28,6 +28,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import psycopg
 from psycopg import sql
@@ -44,10 +45,18 @@ from meterproof.stack.process import (
 
 ROLE = "meterproof"
 DATABASE = "meterproof"
+#: How long a connection may take to send its startup packet and authenticate (the
+#: default is 60 s). A shutting-down server waits for the children that answer
+#: connections queued while it was paused, and those wait for the client this long: a
+#: client that gave up without closing its socket (psycopg's timed-out attempts stay open
+#: until garbage collection) held a Patroni demotion for 48 s (docs/reliability.md).
+AUTHENTICATION_TIMEOUT: Final = "5s"
 _SETTINGS = f"""
 # meterproof stack: loopback TCP only (no Unix socket); durability at the defaults.
 listen_addresses = '{LOOPBACK}'
 unix_socket_directories = ''
+# A client that has not authenticated by then is not going to (stack/postgres.py).
+authentication_timeout = '{AUTHENTICATION_TIMEOUT}'
 """
 _HBA = f"host all all {LOOPBACK}/32 trust\n"
 _UNPRIVILEGED_USER = "postgres"

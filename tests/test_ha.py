@@ -43,6 +43,7 @@ from meterproof.pidfile import pid_alive
 from meterproof.stack import services
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.ha import HaCluster
+from meterproof.stack.postgres import AUTHENTICATION_TIMEOUT
 from meterproof.stack.process import StackError, free_port
 from meterproof.stack.redis import RedisServer
 from meterproof.stack.services import LocalStack, Ports
@@ -296,6 +297,18 @@ def test_a_bridge_pass_that_finds_no_primary_fails(
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines()[-1].startswith("Error: database unreachable"), done.stderr
+
+
+def test_every_node_bounds_how_long_a_connection_may_take_to_authenticate(
+    ha_cluster: HaCluster,
+) -> None:
+    """Patroni's nodes run with the stack's authentication_timeout: what bounds how long
+    connections queued while a node was paused hold up its demotion (the behaviour is
+    PostgreSQL's, checked in test_stack.py)."""
+    for node in ha_cluster.nodes:
+        with psycopg.connect(node.url, connect_timeout=5) as conn:
+            row = conn.execute("SHOW authentication_timeout").fetchone()
+        assert row == (AUTHENTICATION_TIMEOUT,), (node.name, row)
 
 
 def test_stopping_a_node_whose_patroni_died_stops_its_postgres_too(ha_cluster: HaCluster) -> None:
