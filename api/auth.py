@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from meterproof.api.errors import ApiError
 from meterproof.api.settings import ApiSettings
 from meterproof.consent.repository import secret_digest
+from meterproof.db.connect import connect_async
 from meterproof.db.silence import bounded, cut, deadline
 from meterproof.errors import UnavailableError
 
@@ -195,7 +196,7 @@ async def _integrator_secret(
     """The integrator's secret digest and status; a server silent for `within_s` is 503."""
     url = bounded(database_url, within_s)
     try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        async with await connect_async(url, autocommit=True) as conn:
             with deadline(within_s=within_s, cut_off=partial(cut, conn), wait="api_request"):
                 cur = await conn.execute(
                     "SELECT secret_sha256, status FROM integrators WHERE name = %s", (name,)

@@ -53,6 +53,7 @@ from meterproof.bridge.telemetry import (
     READINGS_CLAIMED,
     SUBMISSIONS_FAILED,
 )
+from meterproof.db.connect import connect_sync
 from meterproof.db.migrate import ensure_partitions
 from meterproof.db.silence import bounded, cut, deadline
 from meterproof.errors import first_line
@@ -144,7 +145,7 @@ class Runner:
 
     def _store(self) -> BatchStore:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(
+            self._conn = connect_sync(
                 bounded(self._settings.database_url, self._settings.database_timeout_s),
                 autocommit=True,
             )

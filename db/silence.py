@@ -32,6 +32,8 @@ import structlog
 from prometheus_client import Counter
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from meterproof.db.connect import connect_sync
+
 log = structlog.get_logger("db.silence")
 
 _T = TypeVar("_T")
@@ -115,7 +117,7 @@ def connected(url: str, *, within_s: float, wait: str) -> Iterator[psycopg.Conne
     """An autocommit connection to `url` for one piece of work in this thread, no wait of
     which (the connect included) lasts past `within_s` on a silent server."""
     with (
-        psycopg.connect(bounded(url, within_s), autocommit=True) as conn,
+        connect_sync(bounded(url, within_s), autocommit=True) as conn,
         deadline(within_s=within_s, cut_off=partial(cut, conn), wait=wait),
     ):
         yield conn

@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from meterproof.consent import repository
 from meterproof.consent.model import Scope
 from meterproof.consent.policy import EMPTY, ConsentView, may_see
+from meterproof.db.connect import connect_async, connect_sync
 from meterproof.db.silence import answered, bounded, cut
 from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
 
@@ -86,9 +87,7 @@ class Audience:
         a loss."""
         while not stop.is_set():
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True
-                ) as listener:
+                async with await connect_async(self._url, autocommit=True) as listener:
                     await self._answered(listener.execute(f"LISTEN {repository.CHANNEL}"), listener)
                     with await _connected(self._url) as conn:
                         await self._reload(conn)
@@ -129,7 +128,7 @@ class Audience:
 
 
 def _connect(url: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(url, autocommit=True)
+    return connect_sync(url, autocommit=True)
 
 
 async def _connected(url: str) -> psycopg.Connection[Any]:

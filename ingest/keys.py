@@ -26,6 +26,7 @@ import psycopg
 import structlog
 from psycopg import AsyncConnection
 
+from meterproof.db.connect import connect_async
 from meterproof.db.silence import ListenProbe, answered, bounded, cut
 from meterproof.errors import UnavailableError
 from meterproof.ingest.telemetry import DEPENDENCY_ERRORS
@@ -132,7 +133,7 @@ class KeyCache:
                 await asyncio.wait_for(stop.wait(), retry_s)
 
     async def _connect(self) -> AsyncConnection[tuple[object, ...]]:
-        return await AsyncConnection.connect(self._url, autocommit=True)
+        return await connect_async(self._url, autocommit=True)
 
     async def close(self) -> None:
         if self._conn is not None:

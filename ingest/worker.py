@@ -36,6 +36,7 @@ import structlog
 from psycopg import Connection
 
 from meterproof.backoff import Backoff
+from meterproof.db.connect import connect_sync
 from meterproof.db.silence import answered, bounded
 from meterproof.errors import UnavailableError, first_line
 from meterproof.ingest import telemetry as t
@@ -655,7 +656,7 @@ def postgres_store(
 
     def connect() -> BatchStore:
         try:
-            conn = Connection.connect(url, options=STORE_OPTIONS, autocommit=True)
+            conn = connect_sync(url, options=STORE_OPTIONS, autocommit=True)
         except (psycopg.Error, OSError) as exc:
             raise UnavailableError("database", f"connect: {exc}") from exc
         store = ReadingStore(conn, limit=limit, policy=policy, in_doubt=in_doubt)

@@ -48,8 +48,9 @@ DATABASE = "meterproof"
 #: How long a connection may take to send its startup packet and authenticate (the
 #: default is 60 s). A shutting-down server waits for the children that answer
 #: connections queued while it was paused, and those wait for the client this long: a
-#: client that gave up without closing its socket (psycopg's timed-out attempts stay open
-#: until garbage collection) held a Patroni demotion for 48 s (docs/reliability.md).
+#: client that gave up without closing its socket (psycopg leaves a timed-out attempt open
+#: until garbage collection; `db/connect.py`) held a Patroni demotion for 48 s
+#: (docs/reliability.md).
 AUTHENTICATION_TIMEOUT: Final = "5s"
 _SETTINGS = f"""
 # meterproof stack: loopback TCP only (no Unix socket); durability at the defaults.

@@ -28,6 +28,7 @@ from meterproof.bridge.entry import GENESIS, Entry, Header
 from meterproof.bridge.faults import crash_point
 from meterproof.bridge.ledger.sink import Receipt, SinkRejectedError, SinkUnavailableError
 from meterproof.bridge.mint import Mint
+from meterproof.db.connect import connect_sync
 from meterproof.db.silence import cut, deadline
 from meterproof.schemas.timestamps import dt_to_ms
 
@@ -173,7 +174,7 @@ class LocalSink:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             timeout = f"{self._timeout_ms}ms"
-            self._conn = psycopg.connect(
+            self._conn = connect_sync(
                 self._url,
                 autocommit=True,
                 connect_timeout=max(1, round(self._timeout_ms / 1000)),
