@@ -127,6 +127,17 @@ class ReadPool(AsyncConnectionPool):
         super().__init__(bounded(conninfo, answer_within_s), **kwargs)
         self.answer_within_s = answer_within_s
 
+    async def _connect(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - the signature it overrides
+    ) -> psycopg.AsyncConnection[Any]:
+        """The pool's connect, whose failure leaves no socket open, as `db.connect`'s:
+        without its traceback the error no longer holds the failed attempt."""
+        try:
+            return await super()._connect(timeout)
+        except psycopg.Error as exc:
+            raise exc.with_traceback(None) from None
+
     @contextlib.asynccontextmanager
     async def answering(
         self, *, wait: str, wait_s: float | None = None

@@ -1,4 +1,5 @@
-"""A connection attempt that timed out leaves no socket open (`meterproof.db.connect`).
+"""A connection attempt that timed out leaves no socket open (`meterproof.db.connect`, and
+the API's read pool).
 
 The server here takes TCP and never answers, as a paused one does; what matters is
 whether its end of each attempt sees the client go at once. The garbage collector is off
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
+from meterproof.api.reads import ReadPool
 from meterproof.db.connect import connect_async, connect_sync
 from meterproof.stack.process import LOOPBACK
 
@@ -82,13 +84,14 @@ def test_psycopg_leaves_a_timed_out_attempt_open_until_garbage_collection(mute: 
     assert mute.client_gone() == [True, True]
 
 
-@pytest.mark.parametrize("how", ["sync", "async"])
+@pytest.mark.parametrize("how", ["sync", "async", "api_pool"])
 def test_a_timed_out_attempt_is_closed_when_the_error_is_raised(mute: _Mute, how: str) -> None:
-    attempt: Callable[[], object] = (
-        (lambda: connect_sync(_url(mute), connect_timeout=1))
-        if how == "sync"
-        else (lambda: asyncio.run(connect_async(_url(mute), connect_timeout=1)))
-    )
+    pool = ReadPool(_url(mute), answer_within_s=1, open=False)  # its connect only
+    attempt: Callable[[], object] = {
+        "sync": lambda: connect_sync(_url(mute), connect_timeout=1),
+        "async": lambda: asyncio.run(connect_async(_url(mute), connect_timeout=1)),
+        "api_pool": lambda: asyncio.run(pool._connect(timeout=1)),
+    }[how]
     with pytest.raises(psycopg.errors.ConnectionTimeout, match="connection timeout expired"):
         attempt()
     assert mute.client_gone() == [True, True]
