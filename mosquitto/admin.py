@@ -143,7 +143,7 @@ def reload_broker(files: BrokerFiles) -> None:
     every file written before this call; signal again when the SIGHUP was lost. Raises
     BrokerNotRunningError when it is not running, BrokerAdminError when no reload began
     within TIMEOUT."""
-    offset = files.log.stat().st_size if files.log.exists() else 0
+    offset = log_end(files.log)
     deadline = time.monotonic() + TIMEOUT
     signals = 0
     while time.monotonic() < deadline:
@@ -157,6 +157,11 @@ def reload_broker(files: BrokerFiles) -> None:
     raise BrokerAdminError(
         f"the broker logged no reload in {TIMEOUT:.0f} s after {signals} SIGHUP(s): {files.log}"
     )
+
+
+def log_end(log: Path) -> int:
+    """Where the broker's next log line will start: the offset for `logged_after`."""
+    return log.stat().st_size if log.exists() else 0
 
 
 def logged_after(log: Path, offset: int, line: bytes) -> bool:

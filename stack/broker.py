@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 
-from meterproof.mosquitto.admin import RUNNING, logged_after
+from meterproof.mosquitto.admin import RUNNING, log_end, logged_after
 from meterproof.mosquitto.config import BrokerFiles
 from meterproof.stack.process import (
     LOOPBACK,
@@ -47,7 +47,7 @@ class BrokerServer(SpawnedServer):
         check_ports_free(self.port, self.admin_port)
         argv = [executable("mosquitto"), "-c", str(self.files.conf)]
         log = self.files.log
-        offset = log.stat().st_size if log.exists() else 0
+        offset = log_end(log)
         return self._launch(
             argv,
             ready=lambda: logged_after(log, offset, RUNNING) and port_accepts(self.port),

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.ha import log_size, restart_if_reloaded
+from fixtures.ha import restart_if_reloaded
 from fixtures.servers import SupervisedBroker
 from waiting import wait_until
 
 from meterproof.certs.layout import PkiLayout
-from meterproof.mosquitto.admin import RELOADING, logged_after
+from meterproof.mosquitto.admin import RELOADING, log_end, logged_after
 from meterproof.mosquitto.config import render
 from meterproof.stack.broker import BrokerServer
 from meterproof.stack.process import free_port
@@ -73,7 +73,7 @@ def test_a_pair_broker_is_restarted_after_a_test_that_sent_it_sighup(
     broker = BrokerServer(files, port=port, admin_port=admin_port)
     broker.start()
     try:
-        since, pid = log_size(broker), broker.pid()
+        since, pid = log_end(files.log), broker.pid()
         assert not restart_if_reloaded(broker, since)  # no SIGHUP: left alone
         assert broker.pid() == pid
         broker.reload()
